@@ -1,0 +1,240 @@
+"""The report as data: one validated ``sparsec.report/1`` dict, with load, save and extend.
+
+A ``Report`` holds its own deep copy of the dict the pipeline returns, validated against
+``schema.json`` on construction and on load, so every renderer can trust its fields. Saving is
+atomic (temporary file in the same folder, then ``os.replace``): a crash never leaves half a
+report. ``extend`` joins the reports of the subgraphs torch.compile produces at graph breaks
+into one; how the totals and end-to-end figures combine is written on that method.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from sparsec.errors import ReportError
+from sparsec.report.validate import SCHEMA_ID, schema_errors
+
+_MAX_LISTED_ERRORS = 5
+
+
+class Report:
+    """A validated rewrite report; see DESIGN.md "Report" for the fields."""
+
+    def __init__(self, data: dict, *, source: str | None = None):
+        self._data = copy.deepcopy(data)
+        _raise_if_invalid(self._data, source or "report")
+
+    # -- access ---------------------------------------------------------------------------------
+    @property
+    def layers(self) -> list[dict]:
+        return self._data["layers"]
+
+    @property
+    def totals(self) -> dict:
+        return self._data["totals"]
+
+    @property
+    def end_to_end(self) -> dict:
+        return self._data["end_to_end"]
+
+    @property
+    def fingerprint(self) -> dict:
+        return self._data["fingerprint"]
+
+    @property
+    def warnings(self) -> list[str]:
+        return self._data.get("warnings", [])
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self._data.get(key, default)
+
+    def to_dict(self) -> dict:
+        """A deep copy of the report's data, safe to change."""
+        return copy.deepcopy(self._data)
+
+    def __repr__(self) -> str:
+        t = self.totals
+        return (f"Report(entry={self['entry']!r}, fingerprint={self.fingerprint['name']!r}, "
+                f"layers={t['layers']}, rewritten={t['rewritten']})")
+
+    # -- files ----------------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report: ``.json`` as data, ``.html`` as the self-contained HTML report."""
+        path = Path(path)
+        suffix = path.suffix.lower()
+        if suffix == ".json":
+            text = json.dumps(self._data, indent=2, allow_nan=False) + "\n"
+        elif suffix in (".html", ".htm"):
+            from sparsec.report.html import render_html
+
+            text = render_html(self)
+        else:
+            raise ReportError(f"{path}: a report is written as .json (data) or .html (page); "
+                              f"got {path.suffix or 'no suffix'!r}")
+        write_atomic(path, text)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Report":
+        """Read and validate a ``.json`` report; ReportError names the file and the bad field."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ReportError(f"{path}: no such report file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ReportError(f"{path}: cannot read the report ({exc})") from None
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            hint = " (an HTML report cannot be read back; pass the .json)" if text.lstrip().startswith("<") else ""
+            raise ReportError(f"{path}: not valid JSON at line {exc.lineno} column {exc.colno}: "
+                              f"{exc.msg}{hint}") from None
+        return cls(data, source=str(path))
+
+    # -- graph breaks ---------------------------------------------------------------------------
+    def extend(self, other: "Report") -> "Report":
+        """Append ``other``'s layers (a later compiled subgraph) to this report, in place.
+
+        Returns ``self`` so that ``report = report.extend(next_graph)`` and chaining both work;
+        ``other`` is not changed. Layers are appended, never merged or overwritten, even when a
+        name repeats. Each layer's ``graph`` index is kept unique: this report's layers without
+        one count as graph 0, and ``other``'s indices are shifted past this report's largest.
+
+        Combination rules (all associative, so extending graph by graph equals one big extend):
+        - totals: counts and predicted times are summed, ``predicted_speedup`` is recomputed as
+          summed dense time over summed predicted time, and ``measured_speedup`` is the
+          harmonic mean weighted by each part's predicted dense time (the same "total dense time
+          over total rewritten time" rule applied to measured figures); null if either is null.
+        - end_to_end: speedups combine as in totals, weighted by each part's totals dense time;
+          ``measured_error`` and ``heldout_error`` are summed, the first-order bound on the
+          relative error of subgraphs run one after another; null if either is null.
+        - warnings are joined without repeats; entry, fingerprint, device and error budget
+          must agree, since one compilation uses one of each.
+        """
+        if not isinstance(other, Report):
+            raise TypeError(f"extend takes a Report, got {type(other).__name__}")
+        for key in ("schema", "entry", "error_budget", "device"):
+            if self.get(key) != other.get(key):
+                raise ReportError(f"cannot extend a report with one of another {key}: "
+                                  f"{self.get(key)!r} vs {other.get(key)!r}")
+        if self.fingerprint != other.fingerprint:
+            raise ReportError("cannot extend a report with one planned on another fingerprint: "
+                              f"{self.fingerprint['name']!r} vs {other.fingerprint['name']!r}")
+        combined = copy.deepcopy(self._data)
+        own = [dict(layer, graph=layer.get("graph", 0)) for layer in combined["layers"]]
+        offset = 1 + max((layer["graph"] for layer in own), default=-1)
+        theirs = [dict(copy.deepcopy(layer), graph=offset + layer.get("graph", 0))
+                  for layer in other.layers]
+        combined["layers"] = own + theirs
+        combined["totals"] = combine_totals(self.totals, other.totals)
+        combined["end_to_end"] = combine_end_to_end(self.end_to_end, self.totals,
+                                                    other.end_to_end, other.totals)
+        warnings = list(dict.fromkeys([*self.warnings, *other.warnings]))
+        if warnings or "warnings" in combined:
+            combined["warnings"] = warnings
+        _raise_if_invalid(combined, "extended report")
+        self._data = combined
+        return self
+
+
+def as_report(value: "Report | dict | str | os.PathLike") -> "Report":
+    """Accept a Report, a report dict or a path to a ``.json`` report."""
+    if isinstance(value, Report):
+        return value
+    if isinstance(value, dict):
+        return Report(value)
+    if isinstance(value, (str, os.PathLike)):
+        return Report.load(value)
+    raise TypeError(f"expected a Report, a dict or a path, got {type(value).__name__}")
+
+
+def combine_totals(a: dict, b: dict) -> dict:
+    """Totals of two parts run one after the other (see ``Report.extend``)."""
+    out = {**a, **b}
+    out["layers"] = a["layers"] + b["layers"]
+    out["rewritten"] = a["rewritten"] + b["rewritten"]
+    out["predicted_us_dense"] = _sum_or_none(a["predicted_us_dense"], b["predicted_us_dense"])
+    out["predicted_us"] = _sum_or_none(a["predicted_us"], b["predicted_us"])
+    out["predicted_speedup"] = _ratio(out["predicted_us_dense"], out["predicted_us"])
+    out["measured_speedup"] = weighted_speedup(
+        [(a["predicted_us_dense"], a["measured_speedup"]), (b["predicted_us_dense"], b["measured_speedup"])])
+    return out
+
+
+def combine_end_to_end(a: dict, a_totals: dict, b: dict, b_totals: dict) -> dict:
+    """End-to-end figures of two subgraphs run one after the other (see ``Report.extend``)."""
+    out = {**a, **b}
+    wa, wb = a_totals["predicted_us_dense"], b_totals["predicted_us_dense"]
+    for key in ("predicted_speedup", "measured_speedup"):
+        out[key] = weighted_speedup([(wa, a[key]), (wb, b[key])])
+    for key in ("measured_error", "heldout_error"):
+        out[key] = _sum_or_none(a[key], b[key])
+    return out
+
+
+def weighted_speedup(parts: Iterable[tuple[float | None, float | None]]) -> float | None:
+    """Speedup of parts run in sequence: sum of dense times over sum of dense/speedup.
+
+    Each part is ``(dense_time, speedup)``. Unknown (None) anywhere makes the result unknown,
+    because a missing part would silently bias the whole; parts with zero dense time add
+    nothing.
+    """
+    dense, rewritten = 0.0, 0.0
+    for weight, speedup in parts:
+        if weight is None or speedup is None:
+            return None
+        if weight == 0:
+            continue
+        if speedup <= 0:
+            return None
+        dense += weight
+        rewritten += weight / speedup
+    return dense / rewritten if rewritten > 0 else None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    path = Path(path)
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        raise ReportError(f"{path}: folder {folder} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _raise_if_invalid(data: Any, source: str) -> None:
+    if isinstance(data, dict) and data.get("schema") not in (None, SCHEMA_ID):
+        found = data.get("schema")
+        hint = " (this is a plan, not a report)" if str(found).startswith("sparsec.plan") else ""
+        if str(found).startswith("sparsec.report/"):
+            hint = " (written by a newer sparsec; upgrade to read it)"
+        raise ReportError(f"{source}: schema is {found!r}, expected {SCHEMA_ID!r}{hint}")
+    errors = schema_errors(data)
+    if errors:
+        shown = "; ".join(errors[:_MAX_LISTED_ERRORS])
+        more = f" (and {len(errors) - _MAX_LISTED_ERRORS} more)" if len(errors) > _MAX_LISTED_ERRORS else ""
+        raise ReportError(f"{source}: not a valid {SCHEMA_ID} report: {shown}{more}")
+
+
+def _sum_or_none(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else a + b
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None or den <= 0 else num / den

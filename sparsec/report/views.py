@@ -1,0 +1,149 @@
+"""Figures derived from a report that the terminal, HTML and diff renderers all show.
+
+Renderers never compute anything themselves: the device-mismatch warning, a rejected
+candidate's declared sparsity and speedup, and the error-budget breakdown come from here, so
+the terminal and the page cannot disagree. Number formatting lives here for the same reason.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sparsec.formats import FormatError, parse_spec
+
+DASH = "–"
+
+
+def fingerprint_label(report) -> str:
+    fp = report.fingerprint
+    parts = [fp["name"]]
+    if fp.get("device"):
+        parts.append(f"measured on {fp['device']}")
+    if fp.get("hash"):
+        parts.append(f"hash {str(fp['hash'])[:12]}")
+    return ", ".join(parts)
+
+
+def device_mismatch(report) -> str | None:
+    """A warning when the fingerprint was measured on another device than the model ran on."""
+    ran_on = report.get("device")
+    measured_on = report.fingerprint.get("device")
+    if not ran_on or not measured_on:
+        return None
+    if _normalise(ran_on) == _normalise(measured_on):
+        return None
+    return (f"fingerprint {report.fingerprint['name']!r} was measured on {measured_on}, but the "
+            f"model ran on {ran_on}: predictions may not hold here; run "
+            f"'sparsec fingerprint measure' on this device")
+
+
+def all_warnings(report) -> list[str]:
+    """The report's warnings plus the device-mismatch warning if the writer did not add one."""
+    warnings = list(report.warnings)
+    mismatch = device_mismatch(report)
+    ran_on, measured_on = report.get("device"), report.fingerprint.get("device")
+    already_said = any(ran_on in w and measured_on in w for w in warnings) if mismatch else True
+    if not already_said:
+        warnings.insert(0, mismatch)
+    return warnings
+
+
+def is_rewritten(layer: dict) -> bool:
+    return layer["format"] != "dense"
+
+
+def layer_key(layer: dict) -> tuple[int, str]:
+    return (layer.get("graph", 0), layer["name"])
+
+
+def rejected_candidates(layer: dict) -> list[dict]:
+    return [c for c in layer["candidates"] if c.get("rejected_because") is not None]
+
+
+def candidate_sparsity(layer: dict, candidate: dict) -> float | None:
+    """Declared sparsity of a candidate: its own field if present, else from its format name."""
+    if candidate.get("declared_sparsity") is not None:
+        return candidate["declared_sparsity"]
+    try:
+        n, k = layer["shape"]
+        return parse_spec(candidate["format"]).declared_sparsity(n, k)
+    except (FormatError, ValueError, ZeroDivisionError):
+        return None
+
+
+def candidate_speedup(layer: dict, candidate: dict) -> float | None:
+    dense, us = layer.get("predicted_us_dense"), candidate.get("predicted_us")
+    if dense is None or not us:
+        return None
+    return dense / us
+
+
+@dataclass(frozen=True)
+class BudgetShare:
+    name: str
+    format: str
+    predicted_error: float | None
+    measured_error: float | None
+
+
+@dataclass(frozen=True)
+class BudgetSpend:
+    """How the error budget was spent: per rewritten layer, then end to end."""
+
+    budget: float
+    shares: list[BudgetShare]
+    predicted_sum: float | None
+    measured_error: float | None
+    heldout_error: float | None
+
+    def fraction(self, value: float | None) -> float | None:
+        if value is None or self.budget <= 0:
+            return None
+        return value / self.budget
+
+
+def budget_spend(report) -> BudgetSpend:
+    shares = [BudgetShare(layer["name"], layer["format"], layer.get("predicted_error"),
+                          layer.get("measured_error"))
+              for layer in report.layers if is_rewritten(layer)]
+    known = [s.predicted_error for s in shares if s.predicted_error is not None]
+    e2e = report.end_to_end
+    return BudgetSpend(budget=report["error_budget"], shares=shares,
+                       predicted_sum=sum(known) if known else (0.0 if not shares else None),
+                       measured_error=e2e.get("measured_error"), heldout_error=e2e.get("heldout_error"))
+
+
+# -- number formatting ----------------------------------------------------------------------------
+def fmt_speedup(x: Any) -> str:
+    return DASH if x is None else f"{x:.2f}x"
+
+
+def fmt_fraction(x: Any) -> str:
+    return DASH if x is None else f"{100 * x:.0f}%"
+
+
+def fmt_error(x: Any) -> str:
+    if x is None:
+        return DASH
+    if x == 0:
+        return "0"
+    return f"{100 * x:.2f}%" if x >= 1e-4 else f"{x:.1e}"
+
+
+def fmt_us(x: Any) -> str:
+    if x is None:
+        return DASH
+    return f"{x:,.0f} us" if x >= 100 else f"{x:.1f} us"
+
+
+def fmt_shape(shape: list[int]) -> str:
+    return "x".join(str(v) for v in shape)
+
+
+def fmt_tokens(x: Any) -> str:
+    return DASH if x is None else f"{x:,}"
+
+
+def _normalise(device: str) -> str:
+    return " ".join(str(device).casefold().split())
