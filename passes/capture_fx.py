@@ -1,0 +1,259 @@
+"""Capture linear layers from an FX graph (as Dynamo hands it, or from symbolic tracing).
+
+Dynamo lifts parameters into graph inputs: placeholders whose example value is an
+``nn.Parameter``. Those, ``get_attr`` tensors, and pure view/cast chains over them (``w.T``,
+``w.t()[:, :k]``) count as constants. Every ``F.linear`` / ``nn.Linear`` / ``addmm`` / ``mm`` /
+``matmul`` whose weight folds to a constant 2-D tensor becomes a Site; everything else that looks
+like one is listed as skipped with the reason, and left as it was.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from sparsec.sites import Site, Skipped
+
+LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
+MATMUL_TARGETS = {torch.matmul, torch.mm, operator.matmul, torch.Tensor.matmul, torch.Tensor.mm}
+ADDMM_TARGETS = {torch.addmm, torch.Tensor.addmm}
+MATMUL_METHODS = {"matmul", "mm", "__matmul__"}
+FOLDABLE_METHODS = {
+    "t", "transpose", "permute", "contiguous", "view", "reshape", "to", "float", "half",
+    "bfloat16", "detach", "clone", "__getitem__", "expand", "squeeze", "unsqueeze",
+}
+FOLDABLE_FUNCTIONS = {
+    getattr, operator.getitem, torch.t, torch.transpose, torch.permute, torch.reshape,
+    torch.zeros, torch.ones, torch.full, torch.squeeze, torch.unsqueeze,
+}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+class ConstantFolder:
+    """Resolves nodes that depend only on parameters, buffers and literals to real tensors."""
+
+    def __init__(self, gm: fx.GraphModule, example_inputs):
+        self.gm = gm
+        self.values: dict[fx.Node, object] = {}
+        self.sources: dict[fx.Node, str] = {}
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, value in zip(placeholders, example_inputs or []):
+            if isinstance(value, torch.nn.Parameter) or _is_module_state(node):
+                self.values[node] = value
+                self.sources[node] = _source_name(node)
+
+    def resolve(self, node) -> tuple[bool, object]:
+        if not isinstance(node, fx.Node):
+            return True, node
+        if node in self.values:
+            return True, self.values[node]
+        ok, value = self._fold(node)
+        if ok:
+            self.values[node] = value
+        return ok, value
+
+    def source(self, node: fx.Node) -> str | None:
+        """The qualified name of the parameter a constant node was folded from, if one."""
+        seen = node
+        while isinstance(seen, fx.Node):
+            if seen in self.sources:
+                return self.sources[seen]
+            args = [a for a in seen.args if isinstance(a, fx.Node)]
+            if len(args) < 1:
+                return None
+            seen = args[0]
+        return None
+
+    def _fold(self, node: fx.Node):
+        if node.op == "get_attr":
+            value = _fetch_attr(self.gm, node.target)
+            if isinstance(value, torch.Tensor):
+                self.sources[node] = str(node.target)
+                return True, value
+            return False, None
+        if node.op == "call_function" and node.target in FOLDABLE_FUNCTIONS:
+            fn = node.target
+        elif node.op == "call_method" and node.target in FOLDABLE_METHODS:
+            fn = None
+        else:
+            return False, None
+        args, kwargs = [], {}
+        for a in node.args:
+            ok, v = self._resolve_arg(a)
+            if not ok:
+                return False, None
+            args.append(v)
+        for k, a in node.kwargs.items():
+            ok, v = self._resolve_arg(a)
+            if not ok:
+                return False, None
+            kwargs[k] = v
+        with torch.no_grad():
+            try:
+                if fn is None:
+                    return True, getattr(args[0], node.target)(*args[1:], **kwargs)
+                return True, fn(*args, **kwargs)
+            except Exception:  # a fold that fails is simply not a constant
+                return False, None
+
+    def _resolve_arg(self, a):
+        if isinstance(a, fx.Node):
+            return self.resolve(a)
+        if isinstance(a, (list, tuple)):
+            out = []
+            for item in a:
+                ok, v = self._resolve_arg(item)
+                if not ok:
+                    return False, None
+                out.append(v)
+            return True, type(a)(out)
+        return True, a
+
+
+def _is_module_state(node: fx.Node) -> bool:
+    ga = node.meta.get("grapharg")
+    source = getattr(ga, "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    return isinstance(name, str) and ("_parameters[" in name or "_buffers[" in name)
+
+
+def _source_name(node: fx.Node) -> str:
+    ga = node.meta.get("grapharg")
+    source = getattr(ga, "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    return qualified_name(name) if isinstance(name, str) else node.name
+
+
+def qualified_name(dynamo_source: str) -> str:
+    """``L['self']._modules['enc']._modules['0']._parameters['weight']`` -> ``enc.0.weight``."""
+    s = re.sub(r"^L\['[^']+'\]\.?", "", dynamo_source)
+    s = re.sub(r"\._(?:modules|parameters|buffers)\['([^']+)'\]", r".\1", "." + s)
+    s = re.sub(r"\[(\d+)\]", r".\1", s)
+    s = re.sub(r"\['([^']+)'\]", r".\1", s)
+    return s.strip(".")
+
+
+def _fetch_attr(gm: fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return None
+        obj = getattr(obj, part)
+    return obj
+
+
+def layer_name(weight_source: str | None, node: fx.Node) -> str:
+    if weight_source:
+        return weight_source[: -len(".weight")] if weight_source.endswith(".weight") else weight_source
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return qualified_name(list(stack.values())[-1][0])
+    return node.name
+
+
+def capture(gm: fx.GraphModule, example_inputs, graph: int = 0) -> tuple[list[Site], list[Skipped], dict[str, fx.Node]]:
+    """Sites of ``gm`` (weights as real tensors), what was skipped, and each site's node."""
+    folder = ConstantFolder(gm, example_inputs)
+    sites: list[Site] = []
+    skipped: list[Skipped] = []
+    nodes: dict[str, fx.Node] = {}
+    names: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        match = _match_linear(gm, node)
+        if match is None:
+            continue
+        op, x, w_node, b_node, transposed = match
+        ok_w, w = folder.resolve(w_node)
+        if isinstance(w_node, torch.Tensor):
+            ok_w, w = True, w_node
+        if node.op == "call_module":
+            source = f"{node.target}.weight"
+        else:
+            source = folder.source(w_node) if isinstance(w_node, fx.Node) else None
+        name = layer_name(source, node)
+        if not ok_w or not isinstance(w, torch.Tensor):
+            if _is_tensor_valued(w_node):
+                skipped.append(Skipped(name, op, "no constant weight: both operands are computed at run time"))
+            continue
+        reason = None
+        if w.dim() != 2:
+            reason = f"weight is {w.dim()}-D; only 2-D weights are rewritten"
+        elif w.dtype not in SUPPORTED_DTYPES:
+            reason = f"weight dtype {w.dtype} not supported; float32, float16 and bfloat16 are"
+        elif w.is_sparse or w.layout != torch.strided:
+            reason = f"weight layout {w.layout} is already not dense"
+        bias = None
+        if reason is None and b_node is not None:
+            ok_b, bias = folder.resolve(b_node)
+            if not ok_b or not isinstance(bias, torch.Tensor):
+                reason = "bias is computed at run time"
+            elif bias.dim() != 1 or bias.shape[0] != (w.shape[1] if transposed else w.shape[0]):
+                reason = f"bias of shape {tuple(bias.shape)} is broadcast, not one value per output"
+        if reason is None and _activation_rank(x) not in (None, 2, 3, 4):
+            reason = "activation must be 2-D or 3-D (…, K)"
+        if reason is not None:
+            skipped.append(Skipped(name, op, reason))
+            continue
+        weight = w.detach().T if transposed else w.detach()
+        count = names.get(name, 0)
+        names[name] = count + 1
+        unique = name if count == 0 else f"{name}#{count + 1}"
+        sites.append(
+            Site(
+                name=unique,
+                op=op,
+                weight=weight,
+                bias=None if bias is None else bias.detach(),
+                dtype=weight.dtype,
+                input_key=f"g{graph}:{x.name}" if isinstance(x, fx.Node) else f"g{graph}:{unique}",
+                graph=graph,
+            )
+        )
+        nodes[unique] = node
+    return sites, skipped, nodes
+
+
+def _is_tensor_valued(node) -> bool:
+    if not isinstance(node, fx.Node):
+        return False
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val is None or isinstance(val, torch.Tensor)
+
+
+def _activation_rank(x) -> int | None:
+    if not isinstance(x, fx.Node):
+        return None
+    val = x.meta.get("example_value", x.meta.get("val"))
+    return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _match_linear(gm: fx.GraphModule, node: fx.Node):
+    """(op, x, weight, bias, weight_is_K_by_N) for a linear-like node, else None."""
+    if node.op == "call_function" and node.target in LINEAR_TARGETS:
+        x = node.args[0]
+        w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        b = node.args[2] if len(node.args) > 2 else node.kwargs.get("bias")
+        return "linear", x, w, b, False
+    if node.op == "call_module":
+        mod = _fetch_attr(gm, node.target)
+        if isinstance(mod, torch.nn.Linear) and len(node.args) == 1:
+            return "linear", node.args[0], mod.weight, mod.bias, False
+        return None
+    is_mm = (node.op == "call_function" and node.target in MATMUL_TARGETS) or (
+        node.op == "call_method" and node.target in MATMUL_METHODS
+    )
+    if is_mm and len(node.args) == 2 and not node.kwargs:
+        op = "mm" if node.target in (torch.mm, torch.Tensor.mm, "mm") else "matmul"
+        return op, node.args[0], node.args[1], None, True
+    is_addmm = (node.op == "call_function" and node.target in ADDMM_TARGETS) or (
+        node.op == "call_method" and node.target == "addmm"
+    )
+    if is_addmm and len(node.args) == 3 and all(node.kwargs.get(k, 1) == 1 for k in ("beta", "alpha")):
+        return "addmm", node.args[1], node.args[2], node.args[0], True
+    return None

@@ -1,0 +1,81 @@
+"""Run an FX graph on real inputs while watching, or swapping, the weights of its sites.
+
+Calibration records each site's input activations into Gram statistics; evaluation runs the
+graph with some weights replaced by their approximations and measures, at every site, the
+layer's own output error on the activations it really receives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from sparsec.sites import Site, SiteStats
+
+
+class SiteInterpreter(fx.Interpreter):
+    """Interprets ``gm``; at each site node computes ``x @ W.T + b`` itself."""
+
+    def __init__(self, gm, nodes: dict[str, fx.Node], sites: dict[str, Site], *, stats=None, replacements=None, local=None):
+        super().__init__(gm)
+        self.by_node = {node: sites[name] for name, node in nodes.items()}
+        self.stats = stats
+        self.replacements = replacements or {}
+        self.local = local
+
+    def run_node(self, n):
+        site = self.by_node.get(n)
+        if site is None:
+            return super().run_node(n)
+        x = self._activation(n)
+        if self.stats is not None:
+            self.stats[site.input_key].add(x.detach().reshape(-1, x.shape[-1]))
+        weight = self.replacements.get(site.name)
+        if weight is None:
+            return F.linear(x, site.weight.to(x.dtype), _bias(site, x))
+        out = F.linear(x, weight, _bias(site, x))
+        if self.local is not None:
+            ref = F.linear(x, site.weight.to(x.dtype), _bias(site, x))
+            acc = self.local.setdefault(site.name, [0.0, 0.0])
+            acc[0] += float(torch.sum((out.double() - ref.double()) ** 2))
+            acc[1] += float(torch.sum(ref.double() ** 2))
+        return out
+
+    def _activation(self, n: fx.Node) -> torch.Tensor:
+        x_node = n.args[1] if (n.op == "call_function" and n.target in (torch.addmm,)) or (n.op == "call_method" and n.target == "addmm") else n.args[0]
+        return self.env[x_node] if isinstance(x_node, fx.Node) else x_node
+
+
+def _bias(site: Site, x: torch.Tensor):
+    return None if site.bias is None else site.bias.to(x.dtype)
+
+
+def flatten_outputs(out) -> list[torch.Tensor]:
+    """Floating-point tensors of a graph's output, in a stable order."""
+    if isinstance(out, torch.Tensor):
+        return [out.detach()] if out.is_floating_point() else []
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in flatten_outputs(item)]
+    if isinstance(out, dict):
+        return [t for k in sorted(out, key=str) for t in flatten_outputs(out[k])]
+    return []
+
+
+def relative_l2(outputs: list[list[torch.Tensor]], references: list[list[torch.Tensor]]) -> float:
+    """||out - ref|| / ||ref|| over every output of every calibration call, in float64."""
+    num = den = 0.0
+    for outs, refs in zip(outputs, references):
+        for o, r in zip(outs, refs):
+            num += float(torch.sum((o.double() - r.double()) ** 2))
+            den += float(torch.sum(r.double() ** 2))
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return (num / den) ** 0.5
+
+
+def empty_stats(sites: list[Site]) -> dict[str, SiteStats]:
+    stats: dict[str, SiteStats] = {}
+    for s in sites:
+        stats.setdefault(s.input_key, SiteStats.empty(s.K))
+    return stats

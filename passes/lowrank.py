@@ -1,0 +1,69 @@
+"""Low-rank factoring: W (N x K) ~= U (N x R) @ V (R x K).
+
+The default is activation-aware truncated SVD (as in SVD-LLM): the weight is whitened by the
+Cholesky factor S of the calibration Gram matrix (X^T X = S S^T), so that truncating the SVD of
+W S minimises the layer's output error on the calibration activations, not the weight error.
+Plain SVD of W is kept as the baseline it must beat.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsec.formats import LowRank
+from sparsec.sites import SiteStats
+
+DAMPING = 1e-6
+
+
+class LowRankHandler:
+    family = "lowrank"
+    methods = ("activation-aware", "plain")
+    default_method = "activation-aware"
+
+    def grid(self, N: int, K: int) -> list[LowRank]:
+        """Ranks worth trying: powers of two and their 1.5x midpoints that store fewer values than W."""
+        limit = (N * K) / float(N + K)
+        ranks, r = [], 8
+        while r < limit:
+            ranks.append(r)
+            half = r + r // 2
+            if half < limit and half < 2 * r:
+                ranks.append(half)
+            r *= 2
+        return [LowRank(rank) for rank in sorted(set(ranks)) if rank < min(N, K)]
+
+    def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
+        """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
+        method = method or self.default_method
+        if method not in self.methods:
+            raise ValueError(f"unknown low-rank method {method!r}; known: {', '.join(self.methods)}")
+        W = weight.detach().to(torch.float64)
+        if method == "plain" or stats is None:
+            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
+            return [((U[:, : s.rank] * S[: s.rank]) @ Vh[: s.rank]).float() for s in specs]
+        root, inv_root = whitening(stats)
+        U, S, Vh = torch.linalg.svd(W @ root, full_matrices=False)
+        out = []
+        for s in specs:
+            out.append(((U[:, : s.rank] * S[: s.rank]) @ (Vh[: s.rank] @ inv_root)).float())
+        return out
+
+
+def whitening(stats: SiteStats) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S^-1) with S lower-triangular and S S^T = X^T X (+ relative damping so S is invertible)."""
+    G = stats.gram.to(torch.float64)
+    K = G.shape[0]
+    scale = float(torch.diagonal(G).mean()) if K else 1.0
+    eye = torch.eye(K, dtype=G.dtype)
+    damp = DAMPING * (scale if scale > 0 else 1.0)
+    for _ in range(6):
+        S, info = torch.linalg.cholesky_ex(G + damp * eye)
+        if int(info) == 0:
+            inv = torch.linalg.solve_triangular(S, eye, upper=False)
+            return S, inv
+        damp *= 100.0
+    raise ArithmeticError("calibration Gram matrix could not be factored even with damping")
+
+
+HANDLER = LowRankHandler()

@@ -1,0 +1,21 @@
+"""Format family -> the pass that prunes or factors a weight into it.
+
+Each handler offers ``grid(N, K)`` (the specs worth trying for that shape), ``methods`` with a
+``default_method``, and ``approximate(specs, weight, stats, method)`` returning one dense float32
+reconstruction per spec that has exactly the format's structure, so codegen packs it losslessly.
+"""
+
+from __future__ import annotations
+
+from sparsec.passes import lowrank
+
+HANDLERS = {
+    lowrank.HANDLER.family: lowrank.HANDLER,
+}
+
+
+def handler_for(family: str):
+    try:
+        return HANDLERS[family]
+    except KeyError:
+        raise KeyError(f"no pass implements format family {family!r}") from None

@@ -1,0 +1,46 @@
+"""Lower chosen formats into an FX graph: each rewritten site becomes a packed linear module.
+
+The user's graph module is copied first; the copy gets one ``PackedLinear`` submodule per
+rewritten site (packed weights as buffers, built from the approximation, never from the user's
+tensor in place), and the site's node calls it. The rest of the graph is untouched, so the dense
+remainder can be handed to inductor as before.
+"""
+
+from __future__ import annotations
+
+import torch.fx as fx
+
+from sparsec.candidates import Layer
+
+
+def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[Layer]) -> fx.GraphModule:
+    from sparsec.codegen import PackedLinear, pack
+
+    chosen = [layer for layer in layers if layer.chosen is not None and not layer.chosen.is_dense]
+    if not chosen:
+        return gm
+    graph = fx.Graph()
+    node_map: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, node_map))
+    new_gm = fx.GraphModule(gm, graph)
+    for i, layer in enumerate(chosen):
+        site = layer.site
+        node = node_map[nodes[site.name]]
+        approx = layer.chosen.approx.to(device=site.weight.device, dtype=site.dtype)
+        bias = None if site.bias is None else site.bias.detach().clone()
+        module = PackedLinear(pack(layer.chosen.spec, approx), bias)
+        attr = f"sparsec_{i}_{_safe(site.name)}"
+        new_gm.add_submodule(attr, module)
+        x = node.args[1] if site.op == "addmm" else node.args[0]
+        with new_gm.graph.inserting_before(node):
+            replacement = new_gm.graph.call_module(attr, (x,))
+        replacement.meta = dict(node.meta)
+        node.replace_all_uses_with(replacement)
+        new_gm.graph.erase_node(node)
+    new_gm.graph.eliminate_dead_code()
+    new_gm.recompile()
+    return new_gm
+
+
+def _safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() else "_" for ch in name)[:60]

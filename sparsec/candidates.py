@@ -1,0 +1,66 @@
+"""What the planner weighs for one layer: its candidates, each with predicted error and time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsec.formats import Dense, FormatSpec
+from sparsec.sites import Site, SiteStats
+
+
+@dataclass
+class Candidate:
+    spec: FormatSpec
+    approx: torch.Tensor | None  # float32 N x K reconstruction with the format's exact structure
+    method: str | None
+    predicted_error: float
+    predicted_us: float | None = None
+    kernel: str | None = None
+    note: str = ""
+    rejected_because: str | None = None
+
+    @property
+    def fmt(self) -> str:
+        return str(self.spec)
+
+    @property
+    def is_dense(self) -> bool:
+        return isinstance(self.spec, Dense)
+
+
+@dataclass
+class Layer:
+    """One site with everything the pipeline learned and decided about it."""
+
+    site: Site
+    stats: SiteStats
+    dense: Candidate
+    candidates: list[Candidate] = field(default_factory=list)
+    chosen: Candidate | None = None
+    forced_by: str | None = None
+    requested: str = "auto"
+    reason: str = ""
+    measured_error: float | None = None
+    measured_us: float | None = None
+    measured_us_dense: float | None = None
+    budget_left: float | None = None  # layer error still affordable given every other choice
+
+    @property
+    def name(self) -> str:
+        return self.site.name
+
+    @property
+    def tokens(self) -> int:
+        return self.stats.tokens
+
+    def saving(self, cand: Candidate) -> float:
+        if cand.predicted_us is None or self.dense.predicted_us is None:
+            return 0.0
+        return self.dense.predicted_us - cand.predicted_us
+
+    def speedup(self, cand: Candidate) -> float | None:
+        if not cand.predicted_us or self.dense.predicted_us is None:
+            return None
+        return self.dense.predicted_us / cand.predicted_us

@@ -1,0 +1,255 @@
+"""Weight formats: one validated, serialisable config per format, found through a registry.
+
+A format spec is the single name a plan, a report, a fingerprint and a kernel all agree on:
+``dense``, ``2:4``, ``block:B:D`` (BxB blocks, fraction D of blocks kept), ``lowrank:R`` and
+``monarch:NB`` (NB blocks per factor). ``parse_spec`` turns the text into a frozen dataclass and
+``str(spec)`` turns it back, so plans and reports round-trip exactly.
+
+Each spec also answers the two questions the planner asks before any arithmetic: can a weight of
+shape N x K take this format at all (``check``, which returns the reason it cannot), and how much
+of the weight does it declare away (``declared_sparsity``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+__all__ = [
+    "FormatSpec",
+    "Dense",
+    "TwoFour",
+    "Block",
+    "LowRank",
+    "Monarch",
+    "FAMILIES",
+    "STRUCTURED_FAMILIES",
+    "parse_spec",
+    "FormatError",
+]
+
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+class FormatError(ValueError):
+    """A format name that does not parse or names impossible parameters."""
+
+
+@dataclass(frozen=True)
+class FormatSpec:
+    family: ClassVar[str] = ""
+
+    def __str__(self) -> str:  # pragma: no cover - every subclass overrides
+        return self.family
+
+    def check(self, N: int, K: int) -> str | None:
+        """Why a weight of N outputs by K inputs cannot take this format, or None if it can."""
+        return None
+
+    def stored_params(self, N: int, K: int) -> int:
+        """Number of weight values the format keeps (metadata excluded)."""
+        return N * K
+
+    def declared_sparsity(self, N: int, K: int) -> float:
+        """Fraction of the dense weight's values the format does not store."""
+        return max(0.0, 1.0 - self.stored_params(N, K) / float(N * K))
+
+    @classmethod
+    def parse_args(cls, args: list[str]) -> "FormatSpec":
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class Dense(FormatSpec):
+    family: ClassVar[str] = "dense"
+
+    def __str__(self) -> str:
+        return "dense"
+
+    @classmethod
+    def parse_args(cls, args):
+        if args:
+            raise FormatError("'dense' takes no parameters")
+        return cls()
+
+
+@dataclass(frozen=True)
+class TwoFour(FormatSpec):
+    """Two of every four consecutive input weights kept (NVIDIA's semi-structured sparsity)."""
+
+    family: ClassVar[str] = "2:4"
+
+    def __str__(self) -> str:
+        return "2:4"
+
+    def check(self, N, K):
+        if K % 4:
+            return f"K={K} is not divisible by 4, which 2:4 needs"
+        return None
+
+    def stored_params(self, N, K):
+        return N * K // 2
+
+    @classmethod
+    def parse_args(cls, args):
+        if args:
+            raise FormatError("'2:4' takes no parameters")
+        return cls()
+
+
+@dataclass(frozen=True)
+class Block(FormatSpec):
+    """Block-sparse: the weight tiled in B x B blocks, a fraction ``density`` of them kept."""
+
+    family: ClassVar[str] = "block"
+    block: int
+    density: float
+
+    def __post_init__(self):
+        if self.block not in BLOCK_SIZES:
+            raise FormatError(f"block size {self.block} not supported; use one of {BLOCK_SIZES}")
+        if not (0.0 < self.density <= 1.0):
+            raise FormatError(f"block kept fraction {self.density} must be in (0, 1]")
+
+    def __str__(self) -> str:
+        return f"block:{self.block}:{_fmt_float(self.density)}"
+
+    def check(self, N, K):
+        bad = [f"{name}={v}" for name, v in (("N", N), ("K", K)) if v % self.block]
+        if bad:
+            return f"{' and '.join(bad)} not divisible by block {self.block}"
+        return None
+
+    def kept_blocks(self, N: int, K: int) -> int:
+        total = (N // self.block) * (K // self.block)
+        return max(1, int(round(self.density * total)))
+
+    def stored_params(self, N, K):
+        return self.kept_blocks(N, K) * self.block * self.block
+
+    @classmethod
+    def parse_args(cls, args):
+        if len(args) != 2:
+            raise FormatError("block format is 'block:B:D', e.g. 'block:64:0.25'")
+        return cls(block=_parse_int(args[0], "block size"), density=_parse_float(args[1], "kept fraction"))
+
+
+@dataclass(frozen=True)
+class LowRank(FormatSpec):
+    """W ~= U @ V with U: N x R and V: R x K."""
+
+    family: ClassVar[str] = "lowrank"
+    rank: int
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise FormatError(f"rank {self.rank} must be at least 1")
+
+    def __str__(self) -> str:
+        return f"lowrank:{self.rank}"
+
+    def check(self, N, K):
+        if self.rank >= min(N, K):
+            return f"rank {self.rank} is not below min(N, K)={min(N, K)}"
+        return None
+
+    def stored_params(self, N, K):
+        return self.rank * (N + K)
+
+    @classmethod
+    def parse_args(cls, args):
+        if len(args) != 1:
+            raise FormatError("low-rank format is 'lowrank:R', e.g. 'lowrank:256'")
+        return cls(rank=_parse_int(args[0], "rank"))
+
+
+@dataclass(frozen=True)
+class Monarch(FormatSpec):
+    """W = blockdiag(R) @ P @ blockdiag(L): two block-diagonal factors of NB blocks each.
+
+    The layout every part of sparsec shares, for W of N outputs by K inputs, p = K/NB, n = N/NB:
+    ``L`` is (NB, p, p) and maps input block b (x[b*p:(b+1)*p]) to z[b] = L[b] @ x_b;
+    ``P`` reads the (NB, p) intermediate as (p, NB) transposed and regroups it into NB
+    contiguous chunks of p (so chunk c sees every first-stage block when NB divides p);
+    ``R`` is (NB, n, p) and maps chunk c to outputs y[c*n:(c+1)*n]. Stores (K + N) K / NB values.
+    """
+
+    family: ClassVar[str] = "monarch"
+    nblocks: int
+
+    def __post_init__(self):
+        if self.nblocks < 2:
+            raise FormatError(f"monarch needs at least 2 blocks, got {self.nblocks}")
+
+    def __str__(self) -> str:
+        return f"monarch:{self.nblocks}"
+
+    def check(self, N, K):
+        nb = self.nblocks
+        if N % nb:
+            return f"N={N} not divisible by {nb} monarch blocks"
+        if K % (nb * nb):
+            return f"K={K} not divisible by {nb}x{nb}={nb * nb}, which monarch:{nb} needs to mix every input"
+        return None
+
+    def stored_params(self, N, K):
+        nb = self.nblocks
+        return nb * (K // nb) * (K // nb) + nb * (N // nb) * (K // nb)
+
+    @classmethod
+    def parse_args(cls, args):
+        if len(args) != 1:
+            raise FormatError("monarch format is 'monarch:NB', e.g. 'monarch:64'")
+        return cls(nblocks=_parse_int(args[0], "block count"))
+
+
+FAMILIES: dict[str, type[FormatSpec]] = {
+    cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch)
+}
+STRUCTURED_FAMILIES = ("2:4", "block", "lowrank", "monarch")
+
+
+def parse_spec(text: "str | FormatSpec") -> FormatSpec:
+    """Parse a format name such as ``block:64:0.25``; raise FormatError naming what is wrong."""
+    if isinstance(text, FormatSpec):
+        return text
+    if not isinstance(text, str) or not text.strip():
+        raise FormatError(f"format must be a non-empty string, got {text!r}")
+    text = text.strip()
+    if text == "2:4":
+        return TwoFour()
+    family, *args = text.split(":")
+    cls = FAMILIES.get(family)
+    if cls is None:
+        known = ", ".join(["dense", "2:4", "block:B:D", "lowrank:R", "monarch:NB"])
+        raise FormatError(f"unknown format {text!r}; known formats: {known}")
+    return cls.parse_args(args)
+
+
+def family_of(text: str) -> str:
+    """The family ('block', 'lowrank', ...) of a format name, or the name itself for 'auto'."""
+    if text in ("auto", "2:4", "dense"):
+        return text
+    return text.split(":")[0]
+
+
+def _parse_int(s: str, what: str) -> int:
+    try:
+        return int(s)
+    except ValueError:
+        raise FormatError(f"{what} {s!r} is not an integer") from None
+
+
+def _parse_float(s: str, what: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise FormatError(f"{what} {s!r} is not a number") from None
+    if not math.isfinite(v):
+        raise FormatError(f"{what} {s!r} is not finite")
+    return v
+
+
+def _fmt_float(v: float) -> str:
+    return f"{v:g}"

@@ -1,0 +1,112 @@
+"""The options every entry shares (DESIGN.md, "The three user entries"), validated once.
+
+The torch.compile backend, ``sparsec.optimize`` and the CLI all turn what the user gave into one
+``Options`` value, so that a misspelt key or an impossible value is refused with a message that
+names it before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sparsec.errors import OptionError
+from sparsec.formats import STRUCTURED_FAMILIES, family_of
+
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+@dataclass
+class Options:
+    fingerprint: Any = "auto"
+    error_budget: float = 0.01
+    calibration: list | None = None
+    heldout: list | None = None
+    formats: tuple[str, ...] = STRUCTURED_FAMILIES
+    plan: Any = None
+    report: str | None = None
+    measure: bool = False
+    mode: str = "default"
+    lower: bool = True
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def cost_mode(self) -> str:
+        """Which launch regime the cost model prices: CUDA-graph replay or eager launches."""
+        return "graph" if self.mode == "reduce-overhead" else "eager"
+
+
+KNOWN = {
+    "fingerprint",
+    "error_budget",
+    "calibration",
+    "heldout",
+    "formats",
+    "plan",
+    "report",
+    "measure",
+    "mode",
+}
+
+
+def parse_options(options: dict | None = None, *, mode: str | None = None, lower: bool = True, **kwargs) -> Options:
+    """Validate user options into an Options value; raise OptionError naming the bad key."""
+    merged: dict[str, Any] = dict(options or {})
+    for key, value in kwargs.items():
+        if key in merged and merged[key] is not value:
+            raise OptionError(f"option {key!r} given twice")
+        merged[key] = value
+    if mode is not None:
+        merged.setdefault("mode", mode)
+    internal = {k: v for k, v in merged.items() if k.startswith("_")}
+    unknown = sorted(k for k in merged if k not in KNOWN and not k.startswith("_"))
+    if unknown:
+        raise OptionError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(KNOWN))}")
+
+    out = Options(lower=lower, extra=internal)
+    if "fingerprint" in merged:
+        fp = merged["fingerprint"]
+        if not isinstance(fp, (str, os.PathLike)) and not hasattr(fp, "predict"):
+            raise OptionError("option 'fingerprint' must be a shipped name ('h200', 'h100', 'cpu'), a JSON path or 'auto'")
+        out.fingerprint = os.fspath(fp) if isinstance(fp, os.PathLike) else fp
+    if "error_budget" in merged:
+        b = merged["error_budget"]
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= float(b) < 1.0):
+            raise OptionError(f"option 'error_budget' must be a number in [0, 1), e.g. 0.01 for 1%; got {b!r}")
+        out.error_budget = float(b)
+    for key in ("calibration", "heldout"):
+        if merged.get(key) is not None:
+            data = merged[key]
+            if not isinstance(data, (list, tuple)) or not data:
+                raise OptionError(f"option {key!r} must be a non-empty list of model inputs (one tuple of arguments per call)")
+            setattr(out, key, [item if isinstance(item, (tuple, list, dict)) else (item,) for item in data])
+    if "formats" in merged:
+        fmts = merged["formats"]
+        if isinstance(fmts, str):
+            fmts = [fmts]
+        families = []
+        for f in fmts:
+            fam = family_of(str(f))
+            if fam not in STRUCTURED_FAMILIES:
+                raise OptionError(f"option 'formats' names {f!r}; allowed: {', '.join(STRUCTURED_FAMILIES)}")
+            families.append(fam)
+        out.formats = tuple(dict.fromkeys(families))
+    if merged.get("plan") is not None:
+        plan = merged["plan"]
+        if not isinstance(plan, (str, os.PathLike, dict)) and not hasattr(plan, "to_dict"):
+            raise OptionError("option 'plan' must be a path to a plan JSON file or a plan dict")
+        out.plan = os.fspath(plan) if isinstance(plan, os.PathLike) else plan
+    if merged.get("report") is not None:
+        rep = os.fspath(merged["report"])
+        if not rep.endswith((".json", ".html")):
+            raise OptionError(f"option 'report' must end in .json or .html, got {rep!r}")
+        out.report = rep
+    if "measure" in merged:
+        out.measure = bool(merged["measure"])
+    if merged.get("mode") is not None:
+        if merged["mode"] not in MODES:
+            raise OptionError(f"mode {merged['mode']!r} not supported; use one of {', '.join(MODES)}")
+        out.mode = merged["mode"]
+    return out
+

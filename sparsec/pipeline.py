@@ -1,0 +1,343 @@
+"""The pass order, as one flat function of named steps (DESIGN.md, "The pipeline").
+
+    capture -> calibrate -> candidates -> cost -> select -> verify -> lower -> report
+
+The pipeline knows neither FX nor ONNX. A front-end supplies the graph-specific parts through
+the small ``Frontend`` protocol: what the sites are, their calibration statistics, the end-to-end
+error of a set of weight replacements, and how to lower the chosen formats.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from sparsec.candidates import Candidate, Layer
+from sparsec.formats import Dense, FormatError, parse_spec
+from sparsec.options import Options
+from sparsec.plan import Plan
+from sparsec.sites import Site, SiteStats, Skipped, relative_output_error
+
+log = logging.getLogger("sparsec")
+
+
+class Frontend(Protocol):
+    entry: str
+    graph: int
+
+    def capture(self) -> tuple[list[Site], list[Skipped]]: ...
+
+    def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]: ...
+
+    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]: ...
+
+    def has_heldout(self) -> bool: ...
+
+    def lower(self, layers: list[Layer]) -> Any: ...
+
+    def device_name(self) -> str: ...
+
+
+@dataclass
+class Outcome:
+    layers: list[Layer]
+    skipped: list[Skipped]
+    plan: Plan
+    report: dict
+    lowered: Any = None
+    history: list[str] = field(default_factory=list)
+
+
+def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome:
+    """Plan, verify and (if asked) lower one graph."""
+    sites, skipped = capture(frontend)
+    stats = calibrate(frontend, sites)
+    forced = Plan.coerce(options.plan) if options.plan is not None else None
+    layers = candidates(sites, stats, options, forced)
+    cost(layers, fingerprint, options)
+    alloc = select(layers, options, fingerprint)
+    e2e = verify(frontend, layers, alloc, options)
+    lowered = lower(frontend, layers) if options.lower else None
+    plan = plan_of(layers, fingerprint, options)
+    report = report_of(frontend, layers, skipped, e2e, fingerprint, options)
+    return Outcome(layers, skipped, plan, report, lowered, list(alloc.history) if alloc else [])
+
+
+# -- capture ----------------------------------------------------------------------------------
+
+
+def capture(frontend: Frontend) -> tuple[list[Site], list[Skipped]]:
+    sites, skipped = frontend.capture()
+    log.debug("captured %d sites, skipped %d", len(sites), len(skipped))
+    return sites, skipped
+
+
+# -- calibrate --------------------------------------------------------------------------------
+
+
+def calibrate(frontend: Frontend, sites: list[Site]) -> dict[str, SiteStats]:
+    return frontend.calibrate(sites) if sites else {}
+
+
+# -- candidates -------------------------------------------------------------------------------
+
+
+def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options, forced: Plan | None) -> list[Layer]:
+    """Per site and allowed format: an approximation with the format's structure and its error."""
+    from sparsec.passes.registry import HANDLERS
+
+    layers = []
+    for site in sites:
+        st = stats[site.input_key]
+        layer = Layer(site=site, stats=st, dense=Candidate(Dense(), None, None, 0.0))
+        requested, key = forced.resolve(site.name) if forced is not None else ("auto", None)
+        layer.requested, layer.forced_by = requested, key if requested != "auto" else None
+        weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+        if requested == "auto":
+            specs_by_family = {}
+            for family in options.formats:
+                handler = HANDLERS.get(family)
+                if handler is None:
+                    continue
+                specs_by_family[family] = handler.grid(site.N, site.K)
+        else:
+            spec = parse_spec(requested)
+            specs_by_family = {} if isinstance(spec, Dense) else {spec.family: [spec]}
+        for family, specs in specs_by_family.items():
+            handler = HANDLERS.get(family)
+            usable, refused = [], []
+            for spec in specs:
+                why = spec.check(site.N, site.K)
+                (refused if why else usable).append((spec, why))
+            for spec, why in refused:
+                layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=why))
+            if handler is None:
+                for spec, _ in usable:
+                    layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=f"no pass implements {family} yet"))
+                continue
+            if not usable:
+                continue
+            approx = handler.approximate([s for s, _ in usable], weight, st)
+            for (spec, _), w_hat in zip(usable, approx):
+                err = relative_output_error(weight, w_hat, st, site.bias)
+                layer.candidates.append(Candidate(spec, w_hat, handler.default_method, err))
+        layers.append(layer)
+    return layers
+
+
+# -- cost -------------------------------------------------------------------------------------
+
+
+def cost(layers: list[Layer], fingerprint, options: Options) -> None:
+    """Predicted time of dense and every candidate at (M, N, K, dtype, mode), from the fingerprint."""
+    mode = options.cost_mode
+    for layer in layers:
+        site, M = layer.site, max(layer.tokens, 1)
+        dense = fingerprint.predict_detail("dense", M, site.N, site.K, dtype=site.dtype_name, mode=mode)
+        layer.dense.predicted_us, layer.dense.kernel = dense.us, dense.kernel
+        for cand in layer.candidates:
+            if cand.rejected_because:
+                continue
+            why = fingerprint.can_predict(cand.fmt, site.dtype_name)
+            if why is None:
+                why = _kernel_refusal(cand, site)
+            if why is not None:
+                cand.rejected_because = why
+                continue
+            pred = fingerprint.predict_detail(cand.fmt, M, site.N, site.K, dtype=site.dtype_name, mode=mode)
+            cand.predicted_us, cand.kernel, cand.note = pred.us, pred.kernel, pred.note
+            if layer.requested == "auto" and cand.predicted_us >= layer.dense.predicted_us:
+                cand.rejected_because = (
+                    f"predicted {layer.dense.predicted_us / cand.predicted_us:.2f}x of dense "
+                    f"on {fingerprint.name} at M={M} ({cand.kernel}): slower than dense"
+                )
+
+
+def _kernel_refusal(cand: Candidate, site: Site) -> str | None:
+    from sparsec import codegen
+
+    check = getattr(codegen, "check", None)
+    if check is None:
+        return None
+    return check(cand.spec, site.N, site.K, dtype=site.dtype, device=site.weight.device)
+
+
+# -- select -----------------------------------------------------------------------------------
+
+
+def select(layers: list[Layer], options: Options, fingerprint):
+    """Forced layers take what the plan names; the rest share the budget left (knapsack)."""
+    from sparsec.passes import select as knapsack
+
+    auto, forced_cost = [], 0.0
+    for layer in layers:
+        if layer.requested == "auto":
+            auto.append(layer)
+            continue
+        layer.chosen = _forced_choice(layer)
+        forced_cost += layer.chosen.predicted_error ** 2 if not layer.chosen.is_dense else 0.0
+    budget_left = math.sqrt(max(options.error_budget ** 2 - forced_cost, 0.0))
+    viable = {l.name: [c for c in l.candidates if c.rejected_because is None] for l in auto}
+    alloc = knapsack.allocate(auto, viable, budget_left)
+    for h in alloc.hulls:
+        h.layer.chosen = h.current
+    return alloc
+
+
+def _forced_choice(layer: Layer) -> Candidate:
+    spec = parse_spec(layer.requested)
+    if isinstance(spec, Dense):
+        return layer.dense
+    for cand in layer.candidates:
+        if cand.spec == spec and cand.rejected_because is None:
+            return cand
+    return layer.dense
+
+
+# -- verify -----------------------------------------------------------------------------------
+
+
+@dataclass
+class EndToEnd:
+    measured_error: float | None = None
+    heldout_error: float | None = None
+    local: dict[str, float] = field(default_factory=dict)
+
+
+def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> EndToEnd:
+    """Measure the rewritten graph's output error; back off auto layers until within budget."""
+    from sparsec.passes import select as knapsack
+
+    def measure():
+        reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
+        return frontend.evaluate(reps) if reps else (0.0, {})
+
+    error, local = measure()
+    recalibrated = False
+    while error > options.error_budget and any(h.index > 0 for h in alloc.hulls):
+        amp = knapsack.calibrate_amplification(alloc, error)
+        if not recalibrated and amp > alloc.amplification * 1.05:
+            recalibrated = True
+            budget = alloc.budget
+            new = knapsack.allocate([h.layer for h in alloc.hulls], {h.layer.name: h.points[1:] for h in alloc.hulls}, budget, amp)
+            alloc.hulls, alloc.amplification = new.hulls, amp
+            alloc.history.append(f"end-to-end error {error:.3%} over budget: layer errors amplify {amp:.2f}x here; re-allocated")
+        elif knapsack.back_off(alloc) is None:
+            break
+        for h in alloc.hulls:
+            h.layer.chosen = h.current
+        error, local = measure()
+    result = EndToEnd(measured_error=error, local=local)
+    if frontend.has_heldout():
+        reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
+        result.heldout_error = frontend.evaluate(reps, heldout=True)[0] if reps else 0.0
+    for layer in layers:
+        layer.measured_error = local.get(layer.name, 0.0 if layer.chosen is None or layer.chosen.is_dense else None)
+    return result
+
+
+# -- lower ------------------------------------------------------------------------------------
+
+
+def lower(frontend: Frontend, layers: list[Layer]):
+    return frontend.lower(layers)
+
+
+# -- plan and report --------------------------------------------------------------------------
+
+
+def plan_of(layers: list[Layer], fingerprint, options: Options) -> Plan:
+    return Plan(
+        layers={l.name: (l.chosen.fmt if l.chosen is not None else "dense") for l in layers},
+        fingerprint=fingerprint.name,
+        error_budget=options.error_budget,
+    )
+
+
+def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, options: Options) -> dict:
+    from sparsec.reasons import candidate_rejections, layer_reason
+
+    spent = sum((l.chosen.predicted_error ** 2) for l in layers if l.chosen is not None and not l.chosen.is_dense)
+    for layer in layers:
+        own = layer.chosen.predicted_error ** 2 if layer.chosen is not None and not layer.chosen.is_dense else 0.0
+        layer.budget_left = math.sqrt(max(options.error_budget ** 2 - (spent - own), 0.0))
+    rows = []
+    for layer in layers:
+        site, chosen = layer.site, layer.chosen or layer.dense
+        candidate_rejections(layer, options, fingerprint)
+        rows.append(
+            {
+                "name": site.name,
+                "op": site.op,
+                "graph": site.graph,
+                "shape": [site.N, site.K],
+                "tokens": layer.tokens,
+                "dtype": site.dtype_name,
+                "format": chosen.fmt,
+                "declared_sparsity": round(chosen.spec.declared_sparsity(site.N, site.K), 6),
+                "predicted_us_dense": _num(layer.dense.predicted_us),
+                "predicted_us": _num(chosen.predicted_us),
+                "predicted_speedup": _num(layer.speedup(chosen)),
+                "predicted_error": _num(chosen.predicted_error),
+                "measured_error": _num(layer.measured_error),
+                "measured_speedup": _ratio(layer.measured_us_dense, layer.measured_us),
+                "kernel": chosen.kernel,
+                "method": chosen.method,
+                "reason": layer_reason(layer, options, fingerprint),
+                "candidates": [
+                    {
+                        "format": c.fmt,
+                        "predicted_us": _num(c.predicted_us),
+                        "predicted_error": _num(c.predicted_error),
+                        "predicted_speedup": _num(layer.speedup(c)),
+                        "declared_sparsity": round(c.spec.declared_sparsity(site.N, site.K), 6),
+                        "rejected_because": c.rejected_because if c is not chosen else None,
+                    }
+                    for c in layer.candidates
+                ],
+            }
+        )
+    dense_total = sum(r["predicted_us_dense"] or 0.0 for r in rows)
+    chosen_total = sum(r["predicted_us"] or 0.0 for r in rows)
+    rewritten = sum(1 for r in rows if r["format"] != "dense")
+    speedup = (dense_total / chosen_total) if chosen_total > 0 else None
+    return {
+        "schema": "sparsec.report/1",
+        "entry": frontend.entry,
+        "device": frontend.device_name(),
+        "fingerprint": {"name": fingerprint.name, "device": fingerprint.device.get("name"), "hash": fingerprint.hash},
+        "error_budget": options.error_budget,
+        "mode": options.mode,
+        "layers": rows,
+        "skipped": [{"name": s.name, "op": s.op, "reason": s.reason, "graph": frontend.graph} for s in skipped],
+        "totals": {
+            "layers": len(rows),
+            "rewritten": rewritten,
+            "predicted_us_dense": _num(dense_total),
+            "predicted_us": _num(chosen_total),
+            "predicted_speedup": _num(speedup),
+            "measured_speedup": None,
+        },
+        "end_to_end": {
+            "measured_error": _num(e2e.measured_error),
+            "heldout_error": _num(e2e.heldout_error),
+            "predicted_speedup": _num(speedup),
+            "measured_speedup": None,
+        },
+        "warnings": [],
+    }
+
+
+def _num(v):
+    if v is None:
+        return None
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _ratio(a, b):
+    return _num(a / b) if a and b else None

@@ -1,0 +1,104 @@
+"""Sites: the weight-bearing layers a front-end found, and what calibration learned about them.
+
+A Site is front-end neutral: the FX and ONNX captures both reduce a layer to ``y = x @ W.T + b``
+with W of shape (N, K), a name a person recognises, and the identity of the tensor feeding it
+(layers reading the same input, such as q/k/v, share one Gram matrix and form a group).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class Site:
+    name: str
+    op: str
+    weight: torch.Tensor  # (N, K), the user's tensor: read, never written
+    bias: torch.Tensor | None
+    dtype: torch.dtype
+    input_key: str
+    graph: int = 0
+
+    @property
+    def N(self) -> int:
+        return int(self.weight.shape[0])
+
+    @property
+    def K(self) -> int:
+        return int(self.weight.shape[1])
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+
+@dataclass
+class Skipped:
+    """An op that looked weight-bearing but was left as it was, and why."""
+
+    name: str
+    op: str
+    reason: str
+
+
+@dataclass
+class SiteStats:
+    """Second-order statistics of a site's input activations over the calibration data.
+
+    ``gram`` is X^T X and ``total`` is the column sum of X, both accumulated in float64 (or
+    float32 for very wide inputs), so that a candidate's output error on every calibration
+    token can be computed without keeping the activations.
+    """
+
+    gram: torch.Tensor
+    total: torch.Tensor
+    rows: int = 0
+    calls: list[int] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        """Rows per call (the M a kernel sees), the median over calibration calls."""
+        if not self.calls:
+            return 0
+        ordered = sorted(self.calls)
+        return int(ordered[len(ordered) // 2])
+
+    def add(self, x2d: torch.Tensor) -> None:
+        if self.rows == 0 and self.gram.device != x2d.device:
+            self.gram, self.total = self.gram.to(x2d.device), self.total.to(x2d.device)
+        x = x2d.to(self.gram.dtype)
+        self.gram.addmm_(x.T, x)
+        self.total.add_(x.sum(0))
+        self.rows += int(x.shape[0])
+        self.calls.append(int(x.shape[0]))
+
+    @classmethod
+    def empty(cls, K: int) -> "SiteStats":
+        dtype = torch.float64 if K <= 8192 else torch.float32
+        return cls(gram=torch.zeros(K, K, dtype=dtype), total=torch.zeros(K, dtype=dtype))
+
+
+def output_energy(weight: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None) -> float:
+    """Sum over calibration tokens of ||x W^T + b||^2."""
+    W = weight.to(stats.gram.dtype)
+    energy = float(torch.sum((W @ stats.gram) * W))
+    if bias is not None:
+        b = bias.to(stats.gram.dtype)
+        energy += 2.0 * float(b @ (W @ stats.total)) + stats.rows * float(b @ b)
+    return max(energy, 0.0)
+
+
+def relative_output_error(
+    weight: torch.Tensor, approx: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None
+) -> float:
+    """The layer's relative L2 output error on the calibration activations when W becomes approx."""
+    diff = weight.to(stats.gram.dtype) - approx.to(stats.gram.dtype)
+    num = float(torch.sum((diff @ stats.gram) * diff))
+    den = output_energy(weight, stats, bias)
+    if den <= 0.0:
+        return 0.0 if num <= 0.0 else math.inf
+    return math.sqrt(max(num, 0.0) / den)
