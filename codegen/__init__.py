@@ -1,0 +1,12 @@
+"""sparsec.codegen: Triton kernels for structured linear layers, with plain-torch references.
+
+Public API: ``pack``, ``linear``, ``check``, ``Packed``, ``PackedLinear`` (docs/kernels.md).
+Importing registers each format's handler and its ``torch.ops.sparsec.*`` custom ops.
+"""
+
+from . import block, dense, lowrank, monarch, twofour  # noqa: F401  (register the formats)
+from .api import check, linear, pack
+from .module import PackedLinear
+from .packed import Packed
+
+__all__ = ["pack", "linear", "check", "Packed", "PackedLinear"]

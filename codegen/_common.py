@@ -1,0 +1,148 @@
+"""Helpers every format's kernel file shares: input flattening, dtype rules, lazy Triton kernels.
+
+Why lazy kernels: ``triton.jit`` decides at decoration time whether a kernel is compiled for the
+GPU or run by the CPU interpreter (``TRITON_INTERPRET=1``). Decorating at first launch, once per
+mode, lets the same process (and the test-suite) pick the mode through the environment without
+caring about import order.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Sequence
+
+import torch
+
+from sparsec.errors import SparsecError
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INTEGER_DTYPES = (torch.int8, torch.uint8, torch.int16, torch.int32, torch.int64)
+
+
+def interpret_mode() -> bool:
+    """True when Triton kernels run on the CPU interpreter."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_usable(x: torch.Tensor) -> bool:
+    """Whether the Triton path can run for this input: CUDA tensors, or any tensor when interpreting."""
+    return x.is_cuda or interpret_mode()
+
+
+def dtype_reason(dtype: torch.dtype | None) -> str | None:
+    if dtype is None or dtype in SUPPORTED_DTYPES:
+        return None
+    return f"dtype {str(dtype).replace('torch.', '')} is not supported; use float16, bfloat16 or float32"
+
+
+def device_reason(device: torch.device | str | None, dtype: torch.dtype | None = None) -> str | None:
+    """Why the Triton kernels cannot run on this device (None when they can, or it is not CUDA)."""
+    if device is None:
+        return None
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if not torch.cuda.is_available():
+        return "CUDA is not available in this process"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"GPU capability {major}.{minor} is below 8.0 (Ampere), which the Triton kernels need"
+    return None
+
+
+def flatten_input(x: torch.Tensor, K: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """View ``x`` (..., K) as 2-D (M, K) without copying where strides allow; return the lead shape."""
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise SparsecError(f"input of shape {tuple(x.shape)} does not end in K={K}, the weight's input size")
+    lead = tuple(x.shape[:-1])
+    return x.reshape(-1, K), lead
+
+
+def match_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast a floating tensor to ``dtype`` (e.g. under autocast); integer metadata is left alone."""
+    if t.is_floating_point() and t.dtype != dtype:
+        return t.to(dtype)
+    return t
+
+
+def check_input(x: torch.Tensor) -> None:
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise SparsecError(dtype_reason(x.dtype))
+
+
+def check_bias(bias: torch.Tensor | None, N: int) -> None:
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N):
+        raise SparsecError(f"bias of shape {tuple(bias.shape)} does not match N={N} outputs")
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, int(n) - 1).bit_length()
+
+
+def m_bucket(M: int) -> int:
+    """Autotune key for the token count: powers of two, so a new M rarely triggers a re-tune."""
+    return min(next_pow2(max(1, M)), 8192)
+
+
+def tl_dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs use tf32 tensor cores (fp32 accumulation); 16-bit inputs are exact products."""
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+class LazyKernel:
+    """A Triton kernel decorated at first use, once for the GPU compiler and once for the interpreter.
+
+    ``configs`` is None for a plain ``triton.jit`` kernel, else a list of ``triton.Config`` that
+    ``prune`` (configs, named_args) filters for the launch's shape; under the interpreter only
+    the first surviving config is kept, since timing configs there measures nothing.
+    """
+
+    def __init__(self, fn: Callable, configs: Sequence | None = None, key: Sequence[str] = (),
+                 prune: Callable | None = None, reset_to_zero: Sequence[str] = ()):
+        self.fn = fn
+        self.configs = configs
+        self.key = list(key)
+        self.prune = prune
+        self.reset_to_zero = list(reset_to_zero)
+        self._built: dict[bool, object] = {}
+
+    def _prune(self, configs, named_args, **kwargs):
+        kept = [c for c in configs if self.prune is None or self.prune(c, named_args)]
+        if not kept:
+            kept = list(configs[:1])
+        if interpret_mode():
+            kept = kept[:1]
+        return kept
+
+    def __getitem__(self, grid):
+        mode = interpret_mode()
+        kernel = self._built.get(mode)
+        if kernel is None:
+            import triton
+
+            kernel = triton.jit(self.fn)
+            if self.configs is not None:
+                kwargs = dict(configs=list(self.configs), key=self.key,
+                              prune_configs_by={"early_config_prune": self._prune})
+                if self.reset_to_zero:
+                    kwargs["reset_to_zero"] = self.reset_to_zero
+                kernel = triton.autotune(**kwargs)(kernel)
+            self._built[mode] = kernel
+        return kernel[grid]
+
+
+def expect_tensor(tensors: dict, name: str, shape: tuple[int, ...], floating: bool) -> torch.Tensor:
+    """The tensor ``name`` of a pre-packed weight, checked for shape and kind (values or indices)."""
+    t = tensors[name]
+    if tuple(t.shape) != tuple(shape):
+        raise SparsecError(f"packed tensor '{name}' has shape {tuple(t.shape)}, expected {tuple(shape)}")
+    if floating and not t.is_floating_point():
+        raise SparsecError(f"packed tensor '{name}' must hold floating-point values, got {t.dtype}")
+    if not floating and t.dtype not in INTEGER_DTYPES:
+        raise SparsecError(f"packed tensor '{name}' must hold integers, got {t.dtype}")
+    return t
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    """Precision for packing arithmetic (SVD, norms): at least fp32, float64 kept."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32

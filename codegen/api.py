@@ -1,0 +1,76 @@
+"""The public kernel API: pack a weight into a format, run a linear layer on it, ask what fits.
+
+Usable without the compiler::
+
+    packed = pack("block:64:0.25", weight)
+    y = linear(x, packed, bias)                 # Triton on CUDA / under TRITON_INTERPRET=1
+    why = check("monarch:8", 1000, 4096, torch.bfloat16, "cuda")   # reason text, or None
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsec.errors import SparsecError
+from sparsec.formats import FormatError, FormatSpec, parse_spec
+
+from ._common import check_bias, flatten_input
+from .packed import Packed, handler_for
+
+
+def _spec(spec: "str | FormatSpec") -> FormatSpec:
+    try:
+        return parse_spec(spec)
+    except FormatError as e:
+        raise SparsecError(str(e)) from None
+
+
+def pack(spec: "str | FormatSpec", weight: torch.Tensor) -> Packed:
+    """Store ``weight`` (N, K) in format ``spec``, on its device and in its dtype.
+
+    A weight that already has the structure packs losslessly; any other is projected by the
+    format's simplest rule (magnitude for 2:4 and block, truncated SVD for lowrank, per-block
+    SVD for monarch). ``weight`` is never modified.
+    """
+    spec = _spec(spec)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
+        raise SparsecError("weight must be a 2-D floating-point tensor of shape (N outputs, K inputs)")
+    N, K = weight.shape
+    reason = spec.check(N, K)
+    if reason:
+        raise SparsecError(f"cannot pack a {N}x{K} weight as {spec}: {reason}")
+    with torch.no_grad():
+        tensors = handler_for(spec).pack(spec, weight.detach())
+    return Packed(spec, (N, K), tensors)
+
+
+def check(spec: "str | FormatSpec", N: int, K: int, dtype: torch.dtype | None = None,
+          device: "torch.device | str | None" = None) -> str | None:
+    """Why this format's kernel cannot take an N x K weight in ``dtype`` on ``device``; None if it can."""
+    spec = _spec(spec)
+    return handler_for(spec).check(spec, int(N), int(K), dtype, device)
+
+
+def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, impl: str = "auto") -> torch.Tensor:
+    """y = x @ W^T + bias for the packed W; ``x`` is (..., K), y is (..., N) in x's dtype.
+
+    ``impl``: "auto" (Triton on CUDA tensors and under TRITON_INTERPRET=1, the reference
+    otherwise; see docs/kernels.md for each format's large-M choice), "triton", "reference", or
+    a format-specific one ("cusparselt" for 2:4).
+    """
+    if not isinstance(packed, Packed):
+        raise SparsecError(f"linear() needs a Packed weight from sparsec.codegen.pack, got {type(packed).__name__}")
+    handler = packed.handler
+    N, K = packed.shape
+    x2d, lead = flatten_input(x, K)
+    check_bias(bias, N)
+    if impl == "auto":
+        impl = handler.auto_impl(x2d, packed)
+    if impl == "reference":
+        y = handler.reference(x2d, packed, bias)
+    elif impl in handler.impls:
+        y = handler.fast(x2d, packed, bias, impl)
+    else:
+        known = ", ".join(["auto", *dict.fromkeys(("reference", *handler.impls))])
+        raise SparsecError(f"impl {impl!r} is not available for {packed.spec}; use one of: {known}")
+    return y.reshape(*lead, N)

@@ -1,0 +1,49 @@
+"""``PackedLinear``: an nn.Module computing ``linear(x, packed, bias)`` from buffers it owns.
+
+The packed tensors are buffers (they follow ``.to()``, ``state_dict`` and torch.compile's
+parameter lifting); the Packed handed to ``linear`` is rebuilt from them on every call, which is
+a few attribute reads and traces away under Dynamo.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .api import linear
+from .packed import Packed
+
+
+class PackedLinear(nn.Module):
+    def __init__(self, packed: Packed, bias: torch.Tensor | None = None, impl: str = "auto"):
+        super().__init__()
+        self.spec = packed.spec
+        self.shape = packed.shape
+        self.crossover_m = packed.crossover_m
+        self.impl = impl
+        self._names = tuple(packed.tensors())
+        for name, t in packed.tensors().items():
+            self.register_buffer(name, t)
+        self._aux_names = tuple(packed.aux)
+        for name, t in packed.aux.items():
+            self.register_buffer(f"aux_{name}", t, persistent=False)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def packed(self) -> Packed:
+        return Packed(self.spec, self.shape, {n: getattr(self, n) for n in self._names}, self.crossover_m,
+                      {n: getattr(self, f"aux_{n}") for n in self._aux_names})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.packed, self.bias, self.impl)
+
+    def extra_repr(self) -> str:
+        return f"{self.spec}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
