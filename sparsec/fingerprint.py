@@ -1,0 +1,392 @@
+"""Load a hardware fingerprint and predict the time of a linear layer in any format from it.
+
+A fingerprint (``sparsec.fingerprint/1``, see docs/fingerprint.md) is what one device was
+measured to realise: ceilings, granules, and the time of every kernel family over a grid of
+shapes. ``load_fingerprint`` finds one by name, path or "auto", validates it and returns a
+``Fingerprint`` whose ``predict`` is the only cost question the planner asks.
+
+Prediction is interpolation of measured times in log space (see ``fingerprint_interp``), never a
+FLOP count. A format with no measurements of its own but built from measured operations is
+composed from them (low rank = two dense GEMMs) and says so in the prediction's note.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from sparsec.errors import FingerprintError
+from sparsec.fingerprint_device import (
+    current_device_kind,
+    current_device_name,
+    device_slug,
+    slugify,
+    user_fingerprint_dir,
+)
+from sparsec.fingerprint_interp import ShapeGrid, loglog
+from sparsec.fingerprint_schema import SchemaViolation, validate_fingerprint
+from sparsec.formats import Block, FormatError, LowRank, Monarch, parse_spec
+
+__all__ = [
+    "Fingerprint",
+    "Prediction",
+    "load_fingerprint",
+    "resolve_fingerprint_path",
+    "list_fingerprints",
+    "normalize_dtype",
+    "MODES",
+]
+
+MODES = ("eager", "graph")
+_DTYPE_ALIASES = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16",
+    "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32",
+}
+# dtypes whose kernels move the same bytes; one may stand in for the other, with a note.
+_SAME_WIDTH = {"bfloat16": "float16", "float16": "bfloat16"}
+# Log-log slope bounds of time against a format parameter outside its measured range:
+# more kept blocks or a larger rank never make a layer faster, nor more than proportionally
+# slower; more Monarch blocks never make it slower, nor more than proportionally faster.
+_PARAM_SLOPES = {"block": (0.0, 1.0), "lowrank": (0.0, 1.0), "monarch": (-1.0, 0.0)}
+
+
+def normalize_dtype(dtype) -> str:
+    """'bfloat16' / 'float16' / 'float32' from a torch.dtype or a common name of one."""
+    text = str(dtype).removeprefix("torch.").lower()
+    try:
+        return _DTYPE_ALIASES[text]
+    except KeyError:
+        raise FingerprintError(
+            f"dtype {dtype!r} is not one a fingerprint describes; use bfloat16, float16 or float32"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Predicted time of one linear layer: microseconds, the kernel that realises it, and a note
+    saying how the number was obtained when it was not plain interpolation ('' otherwise)."""
+
+    us: float
+    kernel: str
+    note: str = ""
+
+
+@dataclass
+class _Table:
+    """Measurements of one family at one (dtype, mode): a shape grid per parameter key."""
+
+    grids: dict[tuple, ShapeGrid]
+    kernels: dict[tuple, str]
+
+
+class Fingerprint:
+    """A validated fingerprint. ``data`` is the JSON document; ``source`` the file it came from."""
+
+    def __init__(self, data: dict, source: str = "<dict>"):
+        try:
+            validate_fingerprint(data)
+        except SchemaViolation as exc:
+            raise FingerprintError(
+                f"fingerprint {source} is invalid: field {exc.where}: {exc.problem}; "
+                "measure it again with 'sparsec fingerprint measure' or restore the file"
+            ) from None
+        self.data = data
+        self.source = source
+        self.name: str = data["name"]
+        self.device: dict = data["device"]
+        self.hash: str = hashlib.sha256(
+            json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        ).hexdigest()[:12]
+        self._tables = self._index(data["kernels"])
+
+    def __repr__(self) -> str:
+        return f"Fingerprint({self.name!r}, device={self.device['name']!r}, hash={self.hash})"
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.data.get("complete"))
+
+    # ----------------------------------------------------------------- index
+    @staticmethod
+    def _param_key(family: str, e: dict) -> tuple:
+        if family == "block":
+            return (e["block"], float(e["density"]))
+        if family == "lowrank":
+            return (round(e["rank"] / min(e["N"], e["K"]), 6),)
+        if family == "monarch":
+            return (e["nblocks"],)
+        return ()
+
+    def _index(self, kernels: dict) -> dict[str, dict[tuple[str, str], _Table]]:
+        points: dict = {}
+        names: dict = {}
+        for family, entries in kernels.items():
+            for e in entries:
+                where = (family, e["dtype"], e["mode"])
+                key = self._param_key(family, e)
+                points.setdefault(where, {}).setdefault(key, []).append((e["M"], e["N"], e["K"], e["us"]))
+                names.setdefault(where, {}).setdefault(key, Counter())[e["kernel"]] += 1
+        tables: dict = {}
+        for (family, dtype, mode), by_key in points.items():
+            grids = {k: ShapeGrid(v) for k, v in by_key.items()}
+            kern = {k: names[(family, dtype, mode)][k].most_common(1)[0][0] for k in by_key}
+            tables.setdefault(family, {})[(dtype, mode)] = _Table(grids, kern)
+        return tables
+
+    # ------------------------------------------------------------- questions
+    def families(self) -> list[str]:
+        """Kernel families with at least one measurement."""
+        return sorted(self._tables)
+
+    def _lookup(self, family: str, dtype: str, mode: str) -> tuple[_Table | None, list[str], str]:
+        """The table to use for (family, dtype, mode), notes on any stand-in, or a reason."""
+        tables = self._tables.get(family, {})
+        notes = []
+        use_mode = mode
+        if mode == "graph" and self.device["kind"] == "cpu" and not any(m == "graph" for _, m in tables):
+            use_mode = "eager"
+            notes.append("CPU has no CUDA graphs; eager time used")
+        if (dtype, use_mode) in tables:
+            return tables[(dtype, use_mode)], notes, ""
+        alt = _SAME_WIDTH.get(dtype)
+        if alt and (alt, use_mode) in tables:
+            notes.append(f"{alt} measurements used for {dtype} (same width)")
+            return tables[(alt, use_mode)], notes, ""
+        where = self.device["kind"] if self.device["kind"] == "cpu" else self.name
+        if not tables:
+            return None, notes, f"no {family} measurements on {where}"
+        have = sorted({f"{d} {m}" for d, m in tables})
+        return None, notes, (
+            f"no {family} measurements for {dtype} in {use_mode} mode on {where} (measured: {', '.join(have)})"
+        )
+
+    def can_predict(self, format, dtype="bfloat16", mode: str = "eager") -> str | None:
+        """Why ``predict`` cannot answer for this format and dtype, or None if it can."""
+        try:
+            spec = parse_spec(format)
+            dtype = normalize_dtype(dtype)
+        except (FormatError, FingerprintError) as exc:
+            return str(exc)
+        if mode not in MODES:
+            return f"mode {mode!r} is not one of {', '.join(MODES)}"
+        table, _, reason = self._lookup(spec.family, dtype, mode)
+        if table is not None:
+            return None
+        if isinstance(spec, LowRank):
+            dense, _, dense_reason = self._lookup("dense", dtype, mode)
+            if dense is not None:
+                return None
+            return f"{reason}, and {dense_reason} to compose it from"
+        return reason
+
+    def predict(self, format, M: int, N: int, K: int, dtype="bfloat16", mode: str = "eager") -> float:
+        """Predicted microseconds of y = x W^T, x [M, K], W [N, K] stored in ``format``."""
+        return self.predict_detail(format, M, N, K, dtype=dtype, mode=mode).us
+
+    def predict_detail(self, format, M: int, N: int, K: int, dtype="bfloat16", mode: str = "eager") -> Prediction:
+        """Like ``predict`` but also names the kernel and how the number was obtained."""
+        try:
+            spec = parse_spec(format)
+        except FormatError as exc:
+            raise FingerprintError(str(exc)) from None
+        dtype = normalize_dtype(dtype)
+        for dim, v in (("M", M), ("N", N), ("K", K)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise FingerprintError(f"{dim} must be a positive integer, got {v!r}")
+        if mode not in MODES:
+            raise FingerprintError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+        reason = self.can_predict(spec, dtype, mode)
+        if reason:
+            raise FingerprintError(f"cannot predict {spec} on fingerprint {self.name!r}: {reason}")
+        table, notes, _ = self._lookup(spec.family, dtype, mode)
+        if table is None:  # only low rank gets here: compose it from two dense GEMMs
+            return self._compose_lowrank(spec, M, N, K, dtype, mode)
+        edge: set[str] = set()
+        log_us, kernel = self._interpolate(spec, table, M, N, K, edge, notes)
+        return Prediction(math.exp(log_us), kernel, "; ".join(notes + sorted(edge)))
+
+    def _interpolate(self, spec, table: _Table, M, N, K, edge: set[str], notes: list[str]) -> tuple[float, str]:
+        keys = list(table.grids)
+        if isinstance(spec, Block):
+            sizes = sorted({k[0] for k in keys})
+            block = min(sizes, key=lambda b: (abs(math.log2(b / spec.block)), b))
+            if block != spec.block:
+                notes.append(f"block {block} measurements used for block {spec.block}")
+            keys = sorted((k for k in keys if k[0] == block), key=lambda k: k[1])
+            params = [k[1] for k in keys]
+            query, label = spec.density, "kept fraction"
+        elif isinstance(spec, LowRank):
+            keys.sort()
+            params = [k[0] for k in keys]
+            query, label = spec.rank / min(N, K), "rank fraction"
+        elif isinstance(spec, Monarch):
+            keys.sort()
+            params = [k[0] for k in keys]
+            query, label = spec.nblocks, "monarch blocks"
+        else:
+            grid = table.grids[()]
+            return grid.log_us(M, N, K, edge), table.kernels[()]
+        logs = [table.grids[k].log_us(M, N, K, edge) for k in keys]
+        log_us, side = loglog(params, logs, query, _PARAM_SLOPES[spec.family])
+        if side:
+            bound = params[0] if side == "below" else params[-1]
+            edge.add(f"{label} {query:g} {side} measured {bound:g}; extrapolated")
+        nearest = min(range(len(keys)), key=lambda i: abs(math.log(params[i] / query)))
+        return log_us, table.kernels[keys[nearest]]
+
+    def _compose_lowrank(self, spec: LowRank, M, N, K, dtype, mode) -> Prediction:
+        R = spec.rank
+        first = self.predict_detail("dense", M, R, K, dtype, mode)
+        second = self.predict_detail("dense", M, N, R, dtype, mode)
+        parts = [f"composed from two dense GEMMs ({M}x{K}->{R}, {M}x{R}->{N}); no lowrank measurements"]
+        parts += [n for n in dict.fromkeys(first.note.split("; ") + second.note.split("; ")) if n]
+        return Prediction(first.us + second.us, f"{first.kernel} x2", "; ".join(parts))
+
+    def matches_current_device(self) -> str | None:
+        """A warning when this fingerprint was not measured on the device this process runs on."""
+        kind = current_device_kind()
+        here = current_device_name(kind)
+        fp_kind, fp_name = self.device["kind"], self.device["name"]
+        if fp_kind != kind:
+            return (
+                f"fingerprint {self.name!r} describes a {fp_kind} device ({fp_name}) but this process "
+                f"runs on {kind} ({here}); predicted times are for {fp_name}"
+            )
+        if slugify(fp_name) != slugify(here):
+            return (
+                f"fingerprint {self.name!r} was measured on {fp_name} but this device is {here}; "
+                "measure this one with 'sparsec fingerprint measure'"
+            )
+        if kind == "cpu" and self.device.get("cores") and self.device["cores"] != _cores_here():
+            return (
+                f"fingerprint {self.name!r} was measured with {self.device['cores']} CPU cores but this "
+                f"process may use {_cores_here()}; times will differ"
+            )
+        return None
+
+
+def _cores_here() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------ finding files
+def _shipped():
+    from sparsec import fingerprints
+
+    return fingerprints
+
+
+def _user_files() -> list[Path]:
+    d = user_fingerprint_dir()
+    return sorted(d.glob("*.json")) if d.is_dir() else []
+
+
+def _looks_like_path(name) -> bool:
+    return isinstance(name, Path) or name.endswith(".json") or os.sep in name or "/" in name
+
+
+def resolve_fingerprint_path(name_or_path="auto") -> Path:
+    """The file a name, path or "auto" stands for; FingerprintError if there is none."""
+    if not isinstance(name_or_path, (str, Path)) or not str(name_or_path).strip():
+        raise FingerprintError(
+            f"fingerprint must be a name, a path to a .json file or 'auto', got {name_or_path!r}"
+        )
+    if _looks_like_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if not path.is_file():
+            raise FingerprintError(f"fingerprint file {path} does not exist")
+        return path
+    name = str(name_or_path).strip()
+    if name == "auto":
+        return _resolve_auto()
+    shipped = _shipped().shipped_path(name)
+    if shipped:
+        return shipped
+    for p in _user_files():
+        if p.stem == name:
+            return p
+    user = ", ".join(p.stem for p in _user_files()) or "none"
+    raise FingerprintError(
+        f"unknown fingerprint {name!r}: shipped are {', '.join(_shipped().shipped_names()) or 'none'}; "
+        f"yours (in {user_fingerprint_dir()}) are {user}; or pass the path of a .json file"
+    )
+
+
+def _resolve_auto() -> Path:
+    kind = current_device_kind()
+    mine = user_fingerprint_dir() / f"{device_slug(kind)}.json"
+    if mine.is_file():
+        return mine
+    shipped = _shipped()
+    if kind == "cuda":
+        tokens = set(slugify(current_device_name(kind)).split("-"))
+        for name in shipped.shipped_names():
+            if name != "cpu" and name in tokens:
+                return shipped.shipped_path(name)
+    cpu = shipped.shipped_path("cpu")
+    if cpu is None:
+        raise FingerprintError(
+            "no fingerprint for this device: none measured here and none shipped; "
+            "run 'sparsec fingerprint measure'"
+        )
+    return cpu
+
+
+def _read(path: Path) -> dict:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise FingerprintError(f"cannot read fingerprint {path}: {exc.strerror}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FingerprintError(
+            f"fingerprint {path} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}): "
+            "the file is truncated or corrupted; measure again with 'sparsec fingerprint measure' "
+            "or restore it"
+        ) from None
+    if not isinstance(data, dict):
+        raise FingerprintError(f"fingerprint {path} is invalid: the document must be a JSON object")
+    return data
+
+
+def load_fingerprint(name_or_path="auto") -> Fingerprint:
+    """Load a fingerprint: a shipped name ('h200', 'h100', 'cpu'), a user one by name, a path to
+    a JSON file, or 'auto' (this device's own measurement if present, else the shipped one for
+    this GPU, else 'cpu'). A Fingerprint or a fingerprint dict is accepted as is (validated)."""
+    if isinstance(name_or_path, Fingerprint):
+        return name_or_path
+    if isinstance(name_or_path, dict):
+        return Fingerprint(name_or_path)
+    path = resolve_fingerprint_path(name_or_path)
+    return Fingerprint(_read(path), str(path))
+
+
+def list_fingerprints() -> list[dict]:
+    """Shipped and user fingerprints: name, origin, path, and (if readable) device and state."""
+    rows = []
+    shipped = _shipped()
+    for origin, paths in (
+        ("shipped", [shipped.shipped_path(n) for n in shipped.shipped_names()]),
+        ("user", _user_files()),
+    ):
+        for p in paths:
+            row = {"name": p.stem, "origin": origin, "path": str(p), "device": None,
+                   "created": None, "complete": None, "hash": None, "error": None}
+            try:
+                fp = load_fingerprint(p)
+                row.update(device=fp.device["name"], created=fp.data["created"],
+                           complete=fp.complete, hash=fp.hash)
+            except FingerprintError as exc:
+                row["error"] = str(exc)
+            rows.append(row)
+    return rows
