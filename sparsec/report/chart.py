@@ -124,39 +124,50 @@ def _mark(kind: str, layer_index: int, cx: float, cy: float, colour: str, tip: s
         pts = f"{cx:.1f},{cy - r:.1f} {cx + r:.1f},{cy:.1f} {cx:.1f},{cy + r:.1f} {cx - r:.1f},{cy:.1f}"
         return f'<polygon {common} points="{pts}" fill="{colour}">{title}</polygon>'
     if kind == "candidate rejected":
-        return f'<circle {common} cx="{cx:.1f}" cy="{cy:.1f}" r="5" stroke="{colour}">{title}</circle>'
+        return f'<circle {common} cx="{cx:.1f}" cy="{cy:.1f}" r="5" style="stroke:{colour}">{title}</circle>'
     return f'<circle {common} cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{colour}">{title}</circle>'
 
 
-BW, BH = 520, 86
+BW, BH = 520, 92
+_BAR_Y, _BAR_H = 22, 22
 
 
 def budget_bar(spend: v.BudgetSpend) -> str:
-    """A bar of the budget: each rewritten layer's predicted error stacked, then the measured
-    end-to-end (and held-out) error as markers against the budget line."""
-    known = [s for s in spend.shares if s.predicted_error]
-    top = max([spend.budget, spend.predicted_sum or 0, spend.measured_error or 0,
-               spend.heldout_error or 0]) or 1.0
-    scale = (BW - 20) / (top * 1.05)
+    """The budget as a bar in error units: the rewritten layers' combined predicted error, split
+    by each layer's share of it, against the budget line, with the measured end-to-end (and
+    held-out) error as markers below."""
+    combined = spend.predicted_combined or 0.0
+    top = max([spend.budget, combined, spend.measured_error or 0, spend.heldout_error or 0]) or 1.0
+    scale = (BW - 20) / (top * 1.08)
     out = [f'<svg id="budget-svg" class="budget" viewBox="0 0 {BW} {BH}" role="img" '
-           f'aria-label="error budget use">']
-    out.append(f'<rect class="budget-track" x="10" y="18" width="{BW - 20}" height="22"/>')
+           f'aria-label="error budget use">',
+           f'<rect class="budget-track" x="10" y="{_BAR_Y}" width="{BW - 20}" height="{_BAR_H}"/>']
     x = 10.0
-    for share in known:
-        width = share.predicted_error * scale
-        tip = f"{share.name} — {share.format}: predicted error {v.fmt_error(share.predicted_error)}"
-        out.append(f'<rect class="budget-share" x="{x:.1f}" y="18" width="{max(width, 0.5):.1f}" height="22" '
+    for share in spend.shares:
+        if not share.share:
+            continue
+        width = share.share * combined * scale
+        tip = (f"{share.name} — {share.format}: predicted error {v.fmt_error(share.predicted_error)}, "
+               f"{v.fmt_fraction(share.share)} of the combined predicted error")
+        out.append(f'<rect class="budget-share" x="{x:.1f}" y="{_BAR_Y}" width="{width:.1f}" height="{_BAR_H}" '
                    f'fill="{family_colour(share.format)}"><title>{escape(tip)}</title></rect>')
         x += width
     bx = 10 + spend.budget * scale
-    out.append(f'<line class="budget-limit" x1="{bx:.1f}" x2="{bx:.1f}" y1="10" y2="48"/>'
-               f'<text class="tick" x="{bx:.1f}" y="9" text-anchor="middle">budget {v.fmt_error(spend.budget)}</text>')
-    for label, value, row in (("measured", spend.measured_error, 62), ("held out", spend.heldout_error, 78)):
+    out.append(f'<line class="budget-limit" x1="{bx:.1f}" x2="{bx:.1f}" y1="{_BAR_Y - 8}" y2="{_BAR_Y + _BAR_H + 6}"/>'
+               f'<text class="tick" x="{bx:.1f}" y="{_BAR_Y - 11}" text-anchor="middle">'
+               f'budget {v.fmt_error(spend.budget)}</text>')
+    if spend.shares:
+        out.append(f'<text class="tick" x="12" y="{_BAR_Y - 11}">predicted {v.fmt_error(spend.predicted_combined)}'
+                   f'</text>')
+    for label, value, row in (("measured", spend.measured_error, 64), ("held out", spend.heldout_error, 82)):
         if value is None:
             continue
         mx = 10 + value * scale
-        out.append(f'<path class="budget-marker" d="M{mx:.1f},{row - 12} l-5,-7 h10 z"/>'
-                   f'<text class="tick" x="{min(mx + 8, BW - 150):.1f}" y="{row - 10}">{label} end to end '
+        anchor = "end" if mx > BW / 2 else "start"
+        tx = mx - 9 if anchor == "end" else mx + 9
+        out.append(f'<path class="budget-marker" d="M{mx:.1f},{row - 9} l-5,6 h10 z"/>'
+                   f'<line class="budget-stem" x1="{mx:.1f}" x2="{mx:.1f}" y1="{_BAR_Y + _BAR_H}" y2="{row - 9}"/>'
+                   f'<text class="tick" x="{tx:.1f}" y="{row}" text-anchor="{anchor}">{label} end to end '
                    f'{v.fmt_error(value)}</text>')
     out.append("</svg>")
     return "".join(out)

@@ -36,7 +36,6 @@ COLUMNS = (
     ("measured_speedup", "meas ×", "measured speedup over dense (– if not timed)"),
     ("predicted_error", "pred err", "predicted relative L2 error of the layer's output"),
     ("measured_error", "meas err", "measured relative L2 error of the layer's output"),
-    ("kernel", "kernel", "kernel that runs the layer"),
     ("reason", "reason", "why this format"),
     ("candidates", "candidates", "formats considered"),
 )
@@ -57,6 +56,7 @@ def render_html(report) -> str:
         _budget_section(report),
         "</div>",
         _layer_section(report),
+        _skipped_section(report),
         f'<footer>written {escape(report["created"])} by sparsec {escape(report["sparsec_version"])}'
         f' · schema {escape(report["schema"])}</footer>',
         '<div id="render-status" hidden></div>',
@@ -143,15 +143,15 @@ def _budget_section(report) -> str:
     rows = "".join(
         f"<tr><td class=\"name\">{escape(s.name)}</td><td>{escape(s.format)}</td>"
         f"<td class=\"num\">{escape(v.fmt_error(s.predicted_error))}</td>"
-        f"<td class=\"num\">{escape(v.fmt_fraction(spend.fraction(s.predicted_error)))}</td></tr>"
+        f"<td class=\"num\">{escape(v.fmt_fraction(s.share))}</td></tr>"
         for s in sorted(spend.shares, key=lambda s: -(s.predicted_error or 0)))
     if not rows:
         rows = '<tr><td colspan="4">no layer was rewritten: nothing spent</td></tr>'
     lines = [f"Budget: relative L2 error of the outputs against dense, at most {v.fmt_error(spend.budget)}."]
-    if spend.predicted_sum is not None:
-        lines.append(f"Per-layer predicted errors of the rewritten layers add up to "
-                     f"{v.fmt_error(spend.predicted_sum)} ({v.fmt_fraction(spend.fraction(spend.predicted_sum))} "
-                     f"of the budget).")
+    if spend.predicted_combined is not None and spend.shares:
+        lines.append(f"The rewritten layers' predicted errors combine (root sum of squares, as the planner "
+                     f"budgets them) to {v.fmt_error(spend.predicted_combined)}, "
+                     f"{v.fmt_fraction(spend.fraction(spend.predicted_combined))} of the budget.")
     if spend.measured_error is not None:
         lines.append(f"Measured end to end on calibration data: {v.fmt_error(spend.measured_error)} "
                      f"({v.fmt_fraction(spend.fraction(spend.measured_error))}).")
@@ -162,7 +162,8 @@ def _budget_section(report) -> str:
     return ('<section id="budget" class="panel"><h2>Error budget</h2>'
             f'<p class="hint">{text}</p>{chart.budget_bar(spend)}'
             '<table class="small"><thead><tr><th>layer</th><th>format</th><th>pred err</th>'
-            f'<th>of budget</th></tr></thead><tbody>{rows}</tbody></table></section>')
+            '<th title="share of the combined predicted error, in squares: shares add up to 100%">share</th>'
+            f'</tr></thead><tbody>{rows}</tbody></table></section>')
 
 
 def _layer_section(report) -> str:
@@ -182,8 +183,19 @@ def _layer_section(report) -> str:
     return ('<section id="layers" class="panel"><h2>Layers</h2>'
             '<p class="hint">Click a column to sort; click a layer\'s candidates to see every format '
             "considered and why it was not chosen.</p>"
-            f'<table id="layer-table" class="layers"><thead><tr>{head}</tr></thead>'
-            f'<tbody>{"".join(rows)}</tbody></table></section>')
+            f'<div class="scroll"><table id="layer-table" class="layers"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(rows)}</tbody></table></div></section>')
+
+
+def _skipped_section(report) -> str:
+    items = v.skipped(report)
+    if not items:
+        return ""
+    lis = "".join(f'<li><span class="name">{escape(x["name"])}</span>'
+                  + (f" ({escape(x['op'])})" if x.get("op") else "") + f": {escape(x['reason'])}</li>"
+                  for x in items)
+    return ('<section id="skipped" class="panel"><h2>Not considered</h2>'
+            f'<p class="hint">Weight-bearing operations left as they were, and why.</p><ul>{lis}</ul></section>')
 
 
 def _cell(text: str, sort: object, cls: str = "") -> str:
@@ -194,7 +206,6 @@ def _cell(text: str, sort: object, cls: str = "") -> str:
 
 def _layer_cells(i: int, layer: dict) -> dict[str, str]:
     n, k = layer["shape"]
-    speed_cls = lambda x: "num" if x is None else ("num good" if x > 1 else "num bad" if x < 1 else "num")  # noqa: E731
     rejected = len(v.rejected_candidates(layer))
     return {
         "index": _cell(str(i), i, "num"),
@@ -203,26 +214,35 @@ def _layer_cells(i: int, layer: dict) -> dict[str, str]:
         "shape": _cell(v.fmt_shape(layer["shape"]), n * k, "num"),
         "tokens": _cell(v.fmt_tokens(layer["tokens"]), layer["tokens"], "num"),
         "format": (f'<td data-sort="{escape(layer["format"])}"><span class="fmt" style="border-color:'
-                   f'{chart.family_colour(layer["format"])}">{escape(layer["format"])}</span></td>'),
+                   f'{chart.family_colour(layer["format"])}" title="kernel: {escape(layer["kernel"] or "dense")}">'
+                   f'{escape(layer["format"])}</span></td>'),
         "declared": _cell(v.fmt_fraction(layer["declared_sparsity"]), layer["declared_sparsity"], "num"),
         "dense_us": _cell(v.fmt_us(layer["predicted_us_dense"]), layer["predicted_us_dense"], "num"),
         "predicted_us": _cell(v.fmt_us(layer["predicted_us"]), layer["predicted_us"], "num"),
         "predicted_speedup": _cell(v.fmt_speedup(layer["predicted_speedup"]), layer["predicted_speedup"],
-                                   speed_cls(layer["predicted_speedup"])),
+                                   _speed_class(layer["predicted_speedup"])),
         "measured_speedup": _cell(v.fmt_speedup(layer["measured_speedup"]), layer["measured_speedup"],
-                                  speed_cls(layer["measured_speedup"])),
+                                  _speed_class(layer["measured_speedup"])),
         "predicted_error": _cell(v.fmt_error(layer["predicted_error"]), layer["predicted_error"], "num"),
         "measured_error": _cell(v.fmt_error(layer["measured_error"]), layer["measured_error"], "num"),
-        "kernel": _cell(layer["kernel"] or v.DASH, layer["kernel"], "kernel"),
         "reason": _cell(layer["reason"], layer["reason"], "reason"),
         "candidates": (f'<td data-sort="{len(layer["candidates"])}"><button class="toggle" type="button" '
                        f'aria-expanded="false">{len(layer["candidates"])} ({rejected} rejected)</button></td>'),
     }
 
 
+def _speed_class(x: float | None) -> str:
+    if x is None or x == 1:
+        return "num"
+    return "num good" if x > 1 else "num bad"
+
+
 def _candidate_table(layer: dict) -> str:
+    runs_as = (f'<p class="hint">runs as <code>{escape(layer["kernel"])}</code> · op {escape(layer["op"])} · '
+               f'{escape(layer["dtype"])}</p>' if layer["kernel"]
+               else f'<p class="hint">op {escape(layer["op"])} · {escape(layer["dtype"])}</p>')
     if not layer["candidates"]:
-        return '<p class="hint">no candidates were considered for this layer</p>'
+        return runs_as + '<p class="hint">no candidates were considered for this layer</p>'
     rows = []
     for cand in layer["candidates"]:
         chosen = cand.get("rejected_because") is None
@@ -234,6 +254,6 @@ def _candidate_table(layer: dict) -> str:
             f'<td class="num">{escape(v.fmt_speedup(v.candidate_speedup(layer, cand)))}</td>'
             f'<td class="num">{escape(v.fmt_error(cand.get("predicted_error")))}</td>'
             f"<td>{escape(status)}</td></tr>")
-    return ('<table class="candidates"><thead><tr><th>format</th><th>declared</th><th>predicted</th>'
+    return (runs_as + '<table class="candidates"><thead><tr><th>format</th><th>declared</th><th>predicted</th>'
             '<th>pred ×</th><th>pred err</th><th>decision</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -107,7 +108,8 @@ class Report:
         Returns ``self`` so that ``report = report.extend(next_graph)`` and chaining both work;
         ``other`` is not changed. Layers are appended, never merged or overwritten, even when a
         name repeats. Each layer's ``graph`` index is kept unique: this report's layers without
-        one count as graph 0, and ``other``'s indices are shifted past this report's largest.
+        one count as graph 0; ``other``'s indices are kept when they already come after this
+        report's (the backend numbered its graphs), and shifted past them otherwise.
 
         Combination rules (all associative, so extending graph by graph equals one big extend):
         - totals: counts and predicted times are summed, ``predicted_speedup`` is recomputed as
@@ -115,10 +117,13 @@ class Report:
           harmonic mean weighted by each part's predicted dense time (the same "total dense time
           over total rewritten time" rule applied to measured figures); null if either is null.
         - end_to_end: speedups combine as in totals, weighted by each part's totals dense time;
-          ``measured_error`` and ``heldout_error`` are summed, the first-order bound on the
-          relative error of subgraphs run one after another; null if either is null.
-        - warnings are joined without repeats; entry, fingerprint, device and error budget
-          must agree, since one compilation uses one of each.
+          ``measured_error`` and ``heldout_error`` combine as the root sum of squares, the rule
+          the planner uses for the errors of independent rewrites; null if either is null.
+          Each subgraph is planned against the whole budget, so the combined error can exceed
+          it: the report then shows that rather than hiding it.
+        - ``skipped`` and ``warnings`` are joined (warnings without repeats); entry,
+          fingerprint, device and error budget must agree, since one compilation uses one of
+          each.
         """
         if not isinstance(other, Report):
             raise TypeError(f"extend takes a Report, got {type(other).__name__}")
@@ -130,11 +135,12 @@ class Report:
             raise ReportError("cannot extend a report with one planned on another fingerprint: "
                               f"{self.fingerprint['name']!r} vs {other.fingerprint['name']!r}")
         combined = copy.deepcopy(self._data)
-        own = [dict(layer, graph=layer.get("graph", 0)) for layer in combined["layers"]]
-        offset = 1 + max((layer["graph"] for layer in own), default=-1)
-        theirs = [dict(copy.deepcopy(layer), graph=offset + layer.get("graph", 0))
-                  for layer in other.layers]
-        combined["layers"] = own + theirs
+        shift = _graph_shift(self._data, other._data)
+        combined["layers"] = ([dict(x, graph=x.get("graph", 0)) for x in combined["layers"]]
+                              + [dict(copy.deepcopy(x), graph=shift + x.get("graph", 0)) for x in other.layers])
+        if "skipped" in combined or "skipped" in other._data:
+            combined["skipped"] = ([dict(x, graph=x.get("graph", 0)) for x in combined.get("skipped", [])]
+                                   + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("skipped", [])])
         combined["totals"] = combine_totals(self.totals, other.totals)
         combined["end_to_end"] = combine_end_to_end(self.end_to_end, self.totals,
                                                     other.end_to_end, other.totals)
@@ -144,6 +150,16 @@ class Report:
         _raise_if_invalid(combined, "extended report")
         self._data = combined
         return self
+
+
+def _graph_shift(mine: dict, theirs: dict) -> int:
+    """How much to add to ``theirs``' graph indices so they follow ``mine``'s."""
+    def indices(data):
+        return [x.get("graph", 0) for x in [*data["layers"], *data.get("skipped", [])]]
+
+    own_max = max(indices(mine), default=-1)
+    their_min = min(indices(theirs), default=0)
+    return 0 if their_min > own_max else own_max + 1 - their_min
 
 
 def as_report(value: "Report | dict | str | os.PathLike") -> "Report":
@@ -177,7 +193,7 @@ def combine_end_to_end(a: dict, a_totals: dict, b: dict, b_totals: dict) -> dict
     for key in ("predicted_speedup", "measured_speedup"):
         out[key] = weighted_speedup([(wa, a[key]), (wb, b[key])])
     for key in ("measured_error", "heldout_error"):
-        out[key] = _sum_or_none(a[key], b[key])
+        out[key] = None if a[key] is None or b[key] is None else math.hypot(a[key], b[key])
     return out
 
 

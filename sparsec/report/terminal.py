@@ -17,7 +17,10 @@ from sparsec.report.model import as_report
 def render_table(report) -> Group:
     """A rich renderable: header, one row per layer, totals, end-to-end figures, warnings."""
     report = as_report(report)
-    parts = [_header(report), _layer_table(report), _totals(report)]
+    parts = [_header(report), _layer_table(report)]
+    parts += [Text(f"not considered: {x['name']}" + (f" ({x['op']})" if x.get("op") else "") + f": {x['reason']}",
+                   style="dim") for x in v.skipped(report)]
+    parts.append(_totals(report))
     parts += [Text(f"warning: {w}", style="bold yellow") for w in v.all_warnings(report)]
     return Group(*parts)
 

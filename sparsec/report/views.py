@@ -7,6 +7,7 @@ the terminal and the page cannot disagree. Number formatting lives here for the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,10 +74,19 @@ def candidate_sparsity(layer: dict, candidate: dict) -> float | None:
 
 
 def candidate_speedup(layer: dict, candidate: dict) -> float | None:
+    """Predicted speedup of a candidate: its own field if present, else dense time over its time."""
+    if candidate.get("predicted_speedup") is not None:
+        return candidate["predicted_speedup"]
     dense, us = layer.get("predicted_us_dense"), candidate.get("predicted_us")
     if dense is None or not us:
         return None
     return dense / us
+
+
+def combine_errors(errors) -> float:
+    """Relative errors of independent rewrites combined the way the planner budgets them:
+    root sum of squares."""
+    return math.sqrt(sum(e * e for e in errors))
 
 
 @dataclass(frozen=True)
@@ -85,6 +95,7 @@ class BudgetShare:
     format: str
     predicted_error: float | None
     measured_error: float | None
+    share: float | None  # of the combined predicted error, in squared terms (shares add to 1)
 
 
 @dataclass(frozen=True)
@@ -93,25 +104,35 @@ class BudgetSpend:
 
     budget: float
     shares: list[BudgetShare]
-    predicted_sum: float | None
+    predicted_combined: float | None
     measured_error: float | None
     heldout_error: float | None
 
     def fraction(self, value: float | None) -> float | None:
+        """``value`` as a fraction of the budget (both relative L2 errors)."""
         if value is None or self.budget <= 0:
             return None
         return value / self.budget
 
 
 def budget_spend(report) -> BudgetSpend:
-    shares = [BudgetShare(layer["name"], layer["format"], layer.get("predicted_error"),
-                          layer.get("measured_error"))
-              for layer in report.layers if is_rewritten(layer)]
-    known = [s.predicted_error for s in shares if s.predicted_error is not None]
+    rewritten = [layer for layer in report.layers if is_rewritten(layer)]
+    known = [layer["predicted_error"] for layer in rewritten if layer.get("predicted_error") is not None]
+    total_sq = sum(e * e for e in known)
+    shares = [BudgetShare(layer["name"], layer["format"], layer.get("predicted_error"), layer.get("measured_error"),
+                          None if layer.get("predicted_error") is None or total_sq == 0
+                          else layer["predicted_error"] ** 2 / total_sq)
+              for layer in rewritten]
+    unknown = len(known) < len(rewritten)
     e2e = report.end_to_end
     return BudgetSpend(budget=report["error_budget"], shares=shares,
-                       predicted_sum=sum(known) if known else (0.0 if not shares else None),
+                       predicted_combined=None if unknown else combine_errors(known),
                        measured_error=e2e.get("measured_error"), heldout_error=e2e.get("heldout_error"))
+
+
+def skipped(report) -> list[dict]:
+    """Weight-bearing ops the pipeline did not consider, each with its reason."""
+    return list(report.get("skipped") or [])
 
 
 # -- number formatting ----------------------------------------------------------------------------

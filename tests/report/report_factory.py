@@ -9,6 +9,7 @@ can be checked against figures computed here independently.
 
 from __future__ import annotations
 
+import math
 import random
 
 from sparsec.formats import family_of, parse_spec
@@ -120,21 +121,22 @@ def make_report(*, seed: int = 0, blocks: int = 2, tokens: int = 16, error_budge
                 prefix: str = "model.layers") -> dict:
     """A whole report for ``blocks`` Llama-3-8B-shaped decoder blocks at ``tokens`` rows."""
     rng = random.Random(seed)
-    left = error_budget
+    spent_sq = 0.0  # errors of independent rewrites add in squares, as the planner budgets them
     layers = []
     shapes = [(f"{prefix}.{b}.{suffix}", n, k) for b in range(blocks) for suffix, n, k in LLAMA_BLOCK]
     shapes.append(("lm_head", 1000, 4096))  # N=1000: block 64 and monarch cannot take it
     if hostile:
         shapes += [(name, 512, 512) for name in HOSTILE_NAMES]
     for name, n, k in shapes:
+        left = math.sqrt(max(error_budget ** 2 - spent_sq, 0.0))
         layer, used = make_layer(name, n, k, tokens, left, rng, measured=measured)
-        left -= used
+        spent_sq += used ** 2
         layers.append(layer)
     dense = sum(x["predicted_us_dense"] for x in layers)
     pred = sum(x["predicted_us"] for x in layers)
     meas_time = sum(x["predicted_us_dense"] / x["measured_speedup"] for x in layers) if measured else None
     other_us = dense * 0.15  # attention, norms: untouched work end to end
-    e2e_meas_err = sum(x["predicted_error"] for x in layers) * rng.uniform(0.6, 0.9)
+    e2e_meas_err = math.sqrt(spent_sq) * rng.uniform(0.6, 0.9)
     warnings = ["calibration data was generated: pass real inputs for a trustworthy error"]
     return {
         "schema": "sparsec.report/1", "created": "2026-05-09T10:00:00Z", "sparsec_version": "0.1.0",
