@@ -107,7 +107,8 @@ class LazyKernel:
         self._built: dict[bool, object] = {}
 
     def _prune(self, configs, named_args, **kwargs):
-        kept = [c for c in configs if self.prune is None or self.prune(c, named_args)]
+        args = {**named_args, **kwargs}
+        kept = [c for c in configs if self.prune is None or self.prune(c, args)]
         if not kept:
             kept = list(configs[:1])
         if interpret_mode():

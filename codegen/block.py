@@ -6,15 +6,25 @@ Layout for W (N, K), NR = N/B block rows, NC = K/B block columns, nnzb kept bloc
   row_ptr (NR+1,) int32 kept blocks of block row i are row_ptr[i]:row_ptr[i+1];
   order   (NR,) int32   block rows by decreasing kept count: the kernel's work list, so the
                         longest rows start first and short or empty rows fill in behind them.
+
+The Triton kernel launches one program per (work item, token tile), a work item being a slice of
+BLOCK_N output rows of one block row (BLOCK_N divides B, so a wide block row feeds several
+programs and a weight of few block rows still fills the GPU). A program walks its row's kept
+blocks only; an empty row's programs just write the bias (or zeros), so no program is idle.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import triton
+import triton.language as tl
 
 from sparsec.errors import SparsecError
 
-from ._common import compute_dtype, expect_tensor, match_dtype
+from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_bucket, match_dtype,
+                      tl_dot_precision)
 from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
@@ -25,11 +35,90 @@ def work_order(row_ptr: torch.Tensor) -> torch.Tensor:
     return torch.sort(counts, descending=True, stable=True).indices.to(torch.int32)
 
 
+def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, M, N, K,
+                  stride_xm, stride_xk, stride_ym, stride_yn,
+                  M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    SUB: tl.constexpr = B // BLOCK_N
+    pid_w = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    row = tl.load(order_ptr + pid_w // SUB)
+    sub = pid_w % SUB
+    start = tl.load(rowptr_ptr + row)
+    end = tl.load(rowptr_ptr + row + 1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = sub * BLOCK_N + tl.arange(0, BLOCK_N)   # output rows inside the block row
+    offs_c = tl.arange(0, B)                           # input columns inside a block
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_ptrs = val_ptr + start.to(tl.int64) * (B * B) + offs_r[:, None] * B + offs_c[None, :]
+    c_ptr = col_ptr + start
+    for _ in range(start, end):
+        col = tl.load(c_ptr)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (col * B + offs_c)[None, :] * stride_xk,
+                    mask=mask_m[:, None], other=0.0)
+        w = tl.load(w_ptrs)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        w_ptrs += B * B
+        c_ptr += 1
+    offs_n = row * B + offs_r
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def _configs():
+    out = []
+    for bn in (16, 32, 64):
+        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn}, num_warps=4, num_stages=4))
+    for bm, bn, w in ((64, 64, 4), (128, 64, 4), (128, 128, 8), (64, 128, 4), (64, 32, 4), (128, 32, 4)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=3))
+    return out
+
+
+def _keep(config, args) -> bool:
+    """BLOCK_N must divide the block; BLOCK_M 16 up to M=16, then no larger than M's bucket."""
+    kw = config.kwargs
+    if kw["BLOCK_N"] > args["B"]:
+        return False
+    bucket = args["M_BUCKET"]
+    return kw["BLOCK_M"] == 16 if bucket <= 16 else 16 < kw["BLOCK_M"] <= max(64, bucket)
+
+
+_KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B"], prune=_keep)
+
+
+def block_triton(x, values, col_idx, row_ptr, order, bias, N):
+    M, K = x.shape
+    B = values.shape[1]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+
+    def grid(meta):
+        return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
+
+    _KERNEL[grid](x, values, col_idx, row_ptr, order, y if bias is None else bias, y, M, N, K,
+                  x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
+                  HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype))
+    return y
+
+
+@torch.library.custom_op("sparsec::block_linear", mutates_args=())
+def block_linear_op(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+                    order: torch.Tensor, bias: Optional[torch.Tensor], n_out: int) -> torch.Tensor:
+    """y = x @ W^T + bias for the BSR weight (values, col_idx, row_ptr) walked in ``order``."""
+    return block_triton(x, values, col_idx, row_ptr, order, bias, n_out)
+
+
+@block_linear_op.register_fake
+def _(x, values, col_idx, row_ptr, order, bias, n_out):
+    return x.new_empty(x.shape[0], n_out)
+
+
 class BlockKernels(FormatKernels):
     family = "block"
     names = ("values", "col_idx", "row_ptr", "order")
     derived = ("order",)
-    impls = ("reference",)
 
     def pack(self, spec, weight):
         N, K = weight.shape
@@ -90,14 +179,22 @@ class BlockKernels(FormatKernels):
         cols = t["col_idx"].to(torch.int64)
         M = x2d.shape[0]
         xb = x2d.reshape(M, K // B, B)
-        y = x2d.new_zeros(M, nr, B)
+        y = x2d.new_zeros(M, nr, B, dtype=torch.float32 if x2d.dtype in (torch.float16, torch.bfloat16) else None)
         step = max(1, _REFERENCE_CHUNK_ELEMS // max(1, nnzb * B))
         for m0 in range(0, M, step):
             xg = xb[m0:m0 + step, cols, :].transpose(0, 1)               # [nnzb, m, B]
             part = torch.bmm(xg, values.transpose(1, 2))                  # [nnzb, m, B]
-            y[m0:m0 + step].index_add_(1, rows, part.transpose(0, 1))
+            y[m0:m0 + step].index_add_(1, rows, part.transpose(0, 1).to(y.dtype))
         y = y.reshape(M, N)
-        return y if bias is None else y + bias.to(x2d.dtype)
+        if bias is not None:
+            y = y + bias.to(y.dtype)
+        return y.to(x2d.dtype)
+
+    def fast(self, x2d, packed, bias, impl):
+        check_input(x2d)
+        t = packed.tensors()
+        return block_linear_op(x2d, match_dtype(t["values"], x2d.dtype), t["col_idx"], t["row_ptr"], t["order"],
+                               None if bias is None else bias.to(x2d.dtype), packed.shape[0])
 
 
 register(BlockKernels())

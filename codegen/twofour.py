@@ -5,17 +5,38 @@ Layout for W (N, K), G = K/4 groups per row:
   meta   (N, ceil(G/2)) uint8: a 4-bit code per group (bits 0-1: first position, bits 2-3:
          second), group 2i in the low nibble of byte i. A 128-column tile of a row is 64 values
          and 16 metadata bytes, each one 16-byte-aligned load when K is a multiple of 128.
+
+Two implementations:
+- ``triton``: loads the packed tile and expands it to the dense tile in registers before the
+  tensor-core dot; it reads half the weight bytes, so it wins where the layer is memory-bound
+  (small M).
+- ``cusparselt``: torch's cuSPARSELt binding (``torch._cslt_sparse_mm``) on a compressed copy
+  kept in ``Packed.aux``; it uses the sparse tensor cores and wins where the layer is
+  compute-bound (large M). Its algorithm id is searched once per shape and cached; during CUDA
+  graph capture an unsearched shape uses the default algorithm, so capture never runs a search.
+``auto`` on the GPU picks ``cusparselt`` from ``crossover_m`` tokens on (the Packed's, set by a
+planner from the fingerprint, else DEFAULT_CROSSOVER_M), when cuSPARSELt can take the shape and
+dtype; ``triton`` otherwise.
 """
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from sparsec.errors import SparsecError
 
-from ._common import expect_tensor, match_dtype
+from ._common import LazyKernel, check_input, expect_tensor, m_bucket, match_dtype, tl_dot_precision
 from .packed import FormatKernels, register
+
+DEFAULT_CROSSOVER_M = 1024  # cuSPARSELt from here on when no planner set one (docs/kernels.md)
+CSLT_DTYPES = (torch.float16, torch.bfloat16)
+CSLT_ALIGN = 16     # cuSPARSELt needs N and K multiples of 16 for 16-bit types
+CSLT_M_ALIGN = 8    # and the dense operand's token count padded to a multiple of 8
 
 
 def encode_positions(pos: torch.Tensor) -> torch.Tensor:
@@ -43,10 +64,153 @@ def expand(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
     return dense.reshape(N, K)
 
 
+def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
+                    stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
+                    M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    G: tl.constexpr = BLOCK_K // 4
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                    mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
+        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                     mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+        code = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_N, G))
+        p0 = code & 3
+        p1 = code >> 2
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+        zero = tl.zeros_like(v0)
+        # positions are ordered (p0 < p1), so column 0 can only be p0's and column 3 only p1's
+        d0 = tl.where(p0 == 0, v0, zero)
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+        d3 = tl.where(p1 == 3, v1, zero)
+        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _configs():
+    out = []
+    for bn in (16, 32, 64):  # small M: narrow N tiles so enough programs stream the weight
+        for bk in (128, 256):
+            out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=4))
+    for bm, bn, bk, w in ((32, 64, 128, 4), (64, 64, 128, 4), (64, 128, 64, 8), (128, 128, 64, 8), (128, 64, 64, 4)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3))
+    return out
+
+
+def _keep(config, args) -> bool:
+    """Tiles sized to the token count: BLOCK_M 16 up to M=16, then no larger than M's bucket."""
+    kw = config.kwargs
+    bucket = args["M_BUCKET"]
+    if kw["BLOCK_K"] > max(32, triton.next_power_of_2(args["K"])):
+        return False
+    if bucket <= 16:
+        return kw["BLOCK_M"] == 16
+    return 16 < kw["BLOCK_M"] <= bucket
+
+
+_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K"], prune=_keep)
+
+
+def twofour_triton(x, values, meta, bias):
+    M, K = x.shape
+    N = values.shape[0]
+    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+
+    def grid(meta_):
+        return (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
+
+    _KERNEL[grid](x, values, meta, y if bias is None else bias, y, M, N, K, meta.shape[1],
+                  x.stride(0), x.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1),
+                  m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype))
+    return y
+
+
+@torch.library.custom_op("sparsec::twofour_linear", mutates_args=())
+def twofour_linear_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
+                      bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """y = x @ W^T + bias, W the 2:4 weight in the packed layout above, expanded on chip."""
+    return twofour_triton(x, values, meta, bias)
+
+
+@twofour_linear_op.register_fake
+def _(x, values, meta, bias):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
+_ALG_IDS: dict[tuple, int] = {}
+
+
+def _cslt_alg(compressed, xt, bias, key) -> int:
+    alg = _ALG_IDS.get(key)
+    if alg is None:
+        if torch.cuda.is_current_stream_capturing():
+            return 0
+        alg = int(torch._cslt_sparse_mm_search(compressed, xt, bias=bias, transpose_result=True))
+        _ALG_IDS[key] = alg
+    return alg
+
+
+@torch.library.custom_op("sparsec::twofour_linear_cusparselt", mutates_args=())
+def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor],
+                    n_out: int) -> torch.Tensor:
+    """y = x @ W^T + bias through cuSPARSELt; ``compressed`` is ``torch._cslt_compress(W)``."""
+    M, K = x.shape
+    pad = (-M) % CSLT_M_ALIGN
+    xp = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+    key = (n_out, K, M + pad, x.dtype, bias is not None, x.device.index)
+    alg = _cslt_alg(compressed, xp.t(), bias, key)
+    y = torch._cslt_sparse_mm(compressed, xp.t(), bias=bias, transpose_result=True, alg_id=alg)
+    return y[:M] if pad else y
+
+
+@twofour_cslt_op.register_fake
+def _(x, compressed, bias, n_out):
+    return x.new_empty(x.shape[0], n_out)
+
+
+def cslt_reason(N: int, K: int, dtype, device) -> str | None:
+    """Why cuSPARSELt cannot serve this weight (None if it can)."""
+    if dtype not in CSLT_DTYPES:
+        return f"cuSPARSELt here takes float16/bfloat16, not {str(dtype).replace('torch.', '')}"
+    if N % CSLT_ALIGN or K % CSLT_ALIGN:
+        return f"cuSPARSELt needs N and K multiples of {CSLT_ALIGN}, got {N}x{K}"
+    if device is None or torch.device(device).type != "cuda":
+        return "cuSPARSELt runs on CUDA devices only"
+    if not (hasattr(torch.backends, "cusparselt") and torch.backends.cusparselt.is_available()):
+        return "this torch build has no cuSPARSELt"
+    return None
+
+
+def cslt_compressed(packed) -> torch.Tensor:
+    """The cuSPARSELt copy of the weight, made once and kept in ``packed.aux``."""
+    c = packed.aux.get("cslt")
+    if c is None:
+        c = torch._cslt_compress(packed.to_dense().contiguous())
+        packed.aux["cslt"] = c
+    return c
+
+
 class TwoFourKernels(FormatKernels):
     family = "2:4"
     names = ("values", "meta")
-    impls = ("reference",)
+    impls = ("triton", "cusparselt")
 
     def pack(self, spec, weight):
         N, K = weight.shape
@@ -73,6 +237,27 @@ class TwoFourKernels(FormatKernels):
         t = packed.tensors()
         w = expand(match_dtype(t["values"], x2d.dtype), t["meta"], packed.shape[1])
         return F.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+
+    def auto_impl(self, x2d, packed):
+        impl = super().auto_impl(x2d, packed)
+        if impl == "triton" and x2d.is_cuda:
+            crossover = packed.crossover_m if packed.crossover_m is not None else DEFAULT_CROSSOVER_M
+            if x2d.shape[0] >= crossover and cslt_reason(*packed.shape, x2d.dtype, x2d.device) is None:
+                return "cusparselt"
+        return impl
+
+    def fast(self, x2d, packed, bias, impl):
+        check_input(x2d)
+        b = None if bias is None else bias.to(x2d.dtype)
+        if impl == "cusparselt":
+            reason = cslt_reason(*packed.shape, x2d.dtype, x2d.device)
+            if reason:
+                raise SparsecError(f"impl 'cusparselt' cannot run: {reason}")
+            if packed.dtype != x2d.dtype:
+                raise SparsecError(f"impl 'cusparselt' needs x in the weight's dtype {packed.dtype}, got {x2d.dtype}")
+            return twofour_cslt_op(x2d, cslt_compressed(packed), b, packed.shape[0])
+        t = packed.tensors()
+        return twofour_linear_op(x2d, match_dtype(t["values"], x2d.dtype), t["meta"], b)
 
 
 register(TwoFourKernels())
