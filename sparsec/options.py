@@ -67,7 +67,7 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
     out = Options(lower=lower, extra=internal)
     if "fingerprint" in merged:
         fp = merged["fingerprint"]
-        if not isinstance(fp, (str, os.PathLike)) and not hasattr(fp, "predict"):
+        if not isinstance(fp, (str, os.PathLike)) and not hasattr(fp, "predict_detail"):
             raise OptionError("option 'fingerprint' must be a shipped name ('h200', 'h100', 'cpu'), a JSON path or 'auto'")
         out.fingerprint = os.fspath(fp) if isinstance(fp, os.PathLike) else fp
     if "error_budget" in merged:

@@ -1,0 +1,96 @@
+"""The FX front-end: one Dynamo subgraph (or traced module) seen through the pipeline's protocol."""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from sparsec.candidates import Layer
+from sparsec.passes import capture_fx, rewrite_fx
+from sparsec.passes.interpret_fx import SiteInterpreter, empty_stats, flatten_outputs, relative_l2
+from sparsec.sites import Site, SiteStats, Skipped
+
+
+class FxFrontend:
+    def __init__(self, gm: fx.GraphModule, example_inputs, calibration: list[list], heldout: list[list] | None = None,
+                 *, graph: int = 0, entry: str = "torch.compile", mode: str = "default", inner: str = "auto"):
+        self.gm = gm
+        self.example_inputs = list(example_inputs)
+        self.calibration = calibration
+        self.heldout = heldout or []
+        self.graph = graph
+        self.entry = entry
+        self.mode = mode
+        self.inner = inner
+        self.sites: dict[str, Site] = {}
+        self.nodes: dict[str, fx.Node] = {}
+        self._references: list[list[torch.Tensor]] = []
+        self._heldout_references: list[list[torch.Tensor]] | None = None
+
+    # -- protocol ---------------------------------------------------------------------------
+
+    def capture(self) -> tuple[list[Site], list[Skipped]]:
+        sites, skipped, nodes = capture_fx.capture(self.gm, self.example_inputs, self.graph)
+        self.sites = {s.name: s for s in sites}
+        self.nodes = nodes
+        return sites, skipped
+
+    def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
+        stats = empty_stats(sites)
+        self._references = []
+        with torch.no_grad():
+            for args in self.calibration:
+                out = SiteInterpreter(self.gm, self.nodes, self.sites, stats=stats).run(*args)
+                self._references.append(flatten_outputs(out))
+        return stats
+
+    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
+        data = self.heldout if heldout else self.calibration
+        refs = self._heldout_refs() if heldout else self._references
+        local: dict[str, list[float]] = {}
+        outs = []
+        with torch.no_grad():
+            for args in data:
+                out = SiteInterpreter(self.gm, self.nodes, self.sites, replacements=replacements, local=local).run(*args)
+                outs.append(flatten_outputs(out))
+        per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in local.items()}
+        return relative_l2(outs, refs), per_layer
+
+    def has_heldout(self) -> bool:
+        return bool(self.heldout)
+
+    def lower(self, layers: list[Layer]):
+        rewritten = rewrite_fx.rewrite(self.gm, self.nodes, layers)
+        if self._use_inductor():
+            from torch._inductor.compile_fx import compile_fx
+
+            patches = {"triton.cudagraphs": self.mode == "reduce-overhead"}
+            return compile_fx(rewritten, self.example_inputs, config_patches=patches)
+        return rewritten
+
+    def device_name(self) -> str:
+        dev = self._device()
+        if dev.type == "cuda":
+            return torch.cuda.get_device_name(dev)
+        return dev.type
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    def _device(self) -> torch.device:
+        for t in self.example_inputs:
+            if isinstance(t, torch.Tensor):
+                return t.device
+        return torch.device("cpu")
+
+    def _use_inductor(self) -> bool:
+        if self.inner == "eager":
+            return False
+        if self.inner == "inductor":
+            return True
+        return self._device().type == "cuda"
+
+    def _heldout_refs(self):
+        if self._heldout_references is None:
+            with torch.no_grad():
+                self._heldout_references = [flatten_outputs(self.gm(*args)) for args in self.heldout]
+        return self._heldout_references

@@ -1,0 +1,49 @@
+"""Shared fixtures: a clean Dynamo cache per test, and small fingerprints for planner scenarios."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsec.fingerprint import Prediction
+from sparsec.formats import parse_spec
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+class ScaledFingerprint:
+    """A planner-scenario fingerprint: time proportional to stored values, times a per-family factor.
+
+    Lets a test pose "low rank is predicted slower than dense here" without depending on the
+    numbers measured on any particular machine.
+    """
+
+    device = {"name": "scenario"}
+    hash = "scenario"
+
+    def __init__(self, name="scenario", factors=None, launch_us=2.0):
+        self.name = name
+        self.factors = factors or {}
+        self.launch_us = launch_us
+
+    def can_predict(self, fmt, dtype="float32", mode="eager"):
+        return None
+
+    def matches_current_device(self):
+        return None
+
+    def predict_detail(self, fmt, M, N, K, dtype="float32", mode="eager"):
+        spec = parse_spec(fmt)
+        work = M * spec.stored_params(N, K) + spec.stored_params(N, K)
+        factor = self.factors.get(spec.family, 1.0)
+        return Prediction(self.launch_us + factor * work / 1e4, f"scenario-{spec.family}")
+
+
+@pytest.fixture
+def scenario_fp():
+    return ScaledFingerprint

@@ -1,0 +1,146 @@
+"""sparsec.optimize end to end on CPU: planted structure, random weights, plans, determinism."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from sparsec.errors import OptionError, PlanError
+
+
+def planted_lowrank_mlp(d=512, rank=32, layers=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mods = []
+    for _ in range(layers):
+        lin = nn.Linear(d, d)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(d, rank, generator=g) @ torch.randn(rank, d, generator=g) / d ** 0.5)
+            lin.bias.copy_(torch.randn(d, generator=g) * 0.1)
+        mods += [lin, nn.GELU()]
+    return nn.Sequential(*mods[:-1])
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_planted_low_rank_layers_all_become_low_rank_losslessly(scenario_fp):
+    torch.manual_seed(1)
+    model = planted_lowrank_mlp()
+    before = snapshot(model)
+    x = torch.randn(4096, 512)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01)
+    formats = [layer["format"] for layer in result.report.layers]
+    assert len(formats) == 3
+    assert all(f.startswith("lowrank:") for f in formats), formats
+    # exact rank 32 is in the grid and is the cheapest lossless choice
+    assert all(int(f.split(":")[1]) == 32 for f in formats), formats
+    with torch.no_grad():
+        y_ref, y = model(x), result.module(x)
+    err = float((y - y_ref).norm() / y_ref.norm())
+    assert err < 1e-4, err  # float32 arithmetic on an exactly rank-32 weight: rounding only
+    assert result.report.end_to_end["measured_error"] < 1e-4
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), f"parameter {k} was modified"
+
+
+def test_gaussian_weights_at_tiny_budget_stay_dense_with_reasons(scenario_fp):
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128))
+    x = torch.randn(512, 256)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.001)
+    assert [l["format"] for l in result.report.layers] == ["dense", "dense"]
+    for layer in result.report.layers:
+        assert "kept dense" in layer["reason"] and "budget" in layer["reason"], layer["reason"]
+        assert all(c["rejected_because"] for c in layer["candidates"])
+    assert torch.equal(result.module(x), model(x))
+
+
+def test_candidate_predicted_slower_than_dense_is_never_chosen(scenario_fp):
+    torch.manual_seed(3)
+    model = planted_lowrank_mlp(d=256, rank=16, layers=1)
+    x = torch.randn(256, 256)
+    slow = scenario_fp(name="slowrank", factors={"lowrank": 50.0})
+    result = sparsec.optimize(model, (x,), fingerprint=slow, error_budget=0.05)
+    layer = result.report.layers[0]
+    assert layer["format"] == "dense"
+    assert "predicted slower than dense on slowrank" in layer["reason"]
+    assert all("slower than dense" in c["rejected_because"] for c in layer["candidates"])
+
+
+def test_forced_plan_with_patterns_and_default_is_applied_and_verified(scenario_fp, tmp_path):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+    x = torch.randn(300, 128)
+    plan = {"schema": "sparsec.plan/1", "layers": {"2": "dense", "re:[04]": "lowrank:16", "_default": "auto"}}
+    path = tmp_path / "plan.json"
+    path.write_text(json.dumps(plan))
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), plan=str(path), error_budget=0.0)
+    got = {l["name"]: l["format"] for l in result.report.layers}
+    assert got == {"0": "lowrank:16", "2": "dense", "4": "lowrank:16"}
+    # a forced plan is not vetoed by the budget: verify reports the error instead
+    assert result.report.end_to_end["measured_error"] > 0.0
+    assert "forced by plan entry 're:[04]'" in result.report.layers[0]["reason"]
+
+
+def test_forced_format_the_shape_cannot_take_is_refused_with_reason(scenario_fp):
+    model = nn.Sequential(nn.Linear(100, 96))
+    x = torch.randn(64, 100)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), plan={"layers": {"0": "lowrank:128"}})
+    layer = result.report.layers[0]
+    assert layer["format"] == "dense"
+    assert "rank 128 is not below min(N, K)=96" in layer["reason"]
+
+
+def test_same_inputs_give_the_same_plan_byte_for_byte(scenario_fp, tmp_path):
+    torch.manual_seed(5)
+    model = planted_lowrank_mlp(d=256, rank=24, layers=2)
+    x = torch.randn(1024, 256)
+    a = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.02, lower=False)
+    torch._dynamo.reset()
+    b = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.02, lower=False)
+    a.plan.save(tmp_path / "a.json")
+    b.plan.save(tmp_path / "b.json")
+    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert a.module is None
+
+
+def test_plan_and_report_round_trip(scenario_fp, tmp_path):
+    torch.manual_seed(6)
+    model = planted_lowrank_mlp(d=128, rank=8, layers=2)
+    result = sparsec.optimize(model, (torch.randn(256, 128),), fingerprint=scenario_fp(), lower=False)
+    result.plan.save(tmp_path / "plan.json")
+    result.report.save(tmp_path / "report.json")
+    assert sparsec.Plan.load(tmp_path / "plan.json").to_dict() == result.plan.to_dict()
+    assert sparsec.Report.load(tmp_path / "report.json").to_dict() == result.report.to_dict()
+    # the saved plan replays to the same formats
+    replay = sparsec.optimize(model, (torch.randn(256, 128),), fingerprint=scenario_fp(), plan=str(tmp_path / "plan.json"), lower=False)
+    assert replay.plan.layers == result.plan.layers
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 1.5e-2)])
+def test_half_precision_models_are_captured_and_lowered(scenario_fp, dtype, tol):
+    # tolerance: one rounding of the rank-16 factors and activations in the half type
+    # (fp16 eps ~ 1e-3, bf16 eps ~ 8e-3) on top of an exactly low-rank weight
+    torch.manual_seed(7)
+    model = planted_lowrank_mlp(d=256, rank=16, layers=2).to(dtype)
+    x = torch.randn(1024, 256, dtype=dtype)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.05)
+    assert all(l["format"].startswith("lowrank:") for l in result.report.layers)
+    assert all(l["dtype"] == str(dtype).replace("torch.", "") for l in result.report.layers)
+    y, ref = result.module(x).float(), model(x).float()
+    assert float((y - ref).norm() / ref.norm()) < tol
+
+
+def test_bad_options_are_refused_by_name():
+    model = nn.Linear(8, 8)
+    with pytest.raises(OptionError, match="unknown option.*'budget'"):
+        sparsec.optimize(model, (torch.randn(2, 8),), budget=0.1)
+    with pytest.raises(OptionError, match="error_budget"):
+        sparsec.optimize(model, (torch.randn(2, 8),), error_budget=2.0)
+    with pytest.raises(PlanError, match="unknown format 'sparse:3'"):
+        sparsec.optimize(model, (torch.randn(2, 8),), plan={"layers": {"_default": "sparse:3"}})

@@ -1,0 +1,128 @@
+"""The torch.compile backend: registration, real models, graph breaks, reports."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sparsec.backend import sparsec_backend
+
+
+def test_backend_is_registered_without_importing_sparsec():
+    code = "import torch._dynamo as d, sys; print('sparsec' in d.list_backends()); print('sparsec' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["True", "False"]
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block: fused qkv, attention between activations, MLP."""
+
+    def __init__(self, d=128, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        B, T, D = x.shape
+        q, k, v = self.qkv(self.norm1(x)).reshape(B, T, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (D // self.heads) ** 0.5, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(B, T, D))
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+def test_transformer_block_compiles_and_matches(scenario_fp):
+    torch.manual_seed(0)
+    model = Block().eval()
+    x = torch.randn(4, 32, 128)
+    options = {"fingerprint": scenario_fp(), "error_budget": 0.02}
+    compiled = torch.compile(model, backend="sparsec", options=options)
+    with torch.no_grad():
+        y, ref = compiled(x), model(x)
+    assert float((y - ref).norm() / ref.norm()) <= 0.02 * 1.05
+    from sparsec.backend import session_for
+
+    report = session_for(options, None).report
+    names = [l["name"] for l in report.layers]
+    assert names == ["qkv", "proj", "fc1", "fc2"]
+    assert all(l["tokens"] == 128 and l["shape"][1] in (128, 512) for l in report.layers)
+    # attention products have no constant weight: left alone, and said so
+    skipped = report.to_dict()["skipped"]
+    assert skipped and all("no constant weight" in s["reason"] for s in skipped)
+
+
+class Broken(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 32)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_graph_break_subgraphs_are_each_planned_into_one_report(scenario_fp, tmp_path):
+    torch.manual_seed(1)
+    model = Broken()
+    x = torch.randn(256, 64)
+    path = tmp_path / "report.json"
+    options = {"fingerprint": scenario_fp(), "report": str(path), "error_budget": 0.05}
+    compiled = torch.compile(model, backend="sparsec", options=options)
+    with torch.no_grad():
+        y, ref = compiled(x), model(x)
+    assert float((y - ref).norm() / ref.norm()) < 0.1  # two layers, each within the 5% budget
+    data = json.loads(path.read_text())
+    assert [(l["name"], l["graph"]) for l in data["layers"]] == [("a", 0), ("b", 1)]
+
+
+class Ops(nn.Module):
+    """Every spelling of a linear layer the capture must recognise."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(32, 48) / 7)  # used as x @ w1 (K x N)
+        self.w2 = nn.Parameter(torch.randn(40, 32) / 6)  # used as addmm(b2, x, w2.t())
+        self.b2 = nn.Parameter(torch.randn(40))
+        self.w3 = nn.Parameter(torch.randn(40, 40) / 6)  # used as torch.mm(x, w3.T)
+        self.w4 = nn.Parameter(torch.randn(24, 40) / 6)  # used as F.linear without bias
+
+    def forward(self, x):
+        h = torch.matmul(x, self.w1.T.T[:32])
+        h = torch.addmm(self.b2, h[:, :32], self.w2.t())
+        h = torch.mm(h, self.w3.T)
+        return F.linear(h, self.w4)
+
+
+def test_every_linear_spelling_is_captured_with_its_weight_orientation(scenario_fp):
+    torch.manual_seed(2)
+    model = Ops()
+    x = torch.randn(16, 32)
+    options = {"fingerprint": scenario_fp(), "error_budget": 0.0, "plan": {"layers": {"_default": "lowrank:8"}}}
+    compiled = torch.compile(model, backend="sparsec", options=options)
+    with torch.no_grad():
+        compiled(x)
+    from sparsec.backend import session_for
+
+    report = session_for(options, None).report
+    got = {l["name"]: (l["op"], l["shape"]) for l in report.layers}
+    assert got == {
+        "w1": ("matmul", [48, 32]),
+        "w2": ("addmm", [40, 32]),
+        "w3": ("mm", [40, 40]),
+        "w4": ("linear", [24, 40]),
+    }
+
+
+def test_backend_called_directly_returns_callable_matching_graph(scenario_fp):
+    gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8)))
+    x = torch.randn(10, 16)
+    fn = sparsec_backend(gm, [x], options={"fingerprint": scenario_fp(), "error_budget": 0.0})
+    assert torch.allclose(fn(x), gm(x))
