@@ -51,12 +51,12 @@ class Session:
         mismatch = self.fingerprint.matches_current_device()
         if mismatch and not any(mismatch in w for w in outcome.report["warnings"]):
             outcome.report["warnings"].append(mismatch)
-        self.outcomes.append(outcome)
-        self._merge(outcome)
         if self.options.measure and self.options.lower:
             from sparsec.measure import measure_outcome
 
             measure_outcome(self, outcome, gm, example_inputs)
+        self.outcomes.append(outcome)
+        self._merge(outcome)
         if self.options.report:
             self.report.save(self.options.report)
         from sparsec.logs import summary_line

@@ -144,3 +144,16 @@ def test_bad_options_are_refused_by_name():
         sparsec.optimize(model, (torch.randn(2, 8),), error_budget=2.0)
     with pytest.raises(PlanError, match="unknown format 'sparse:3'"):
         sparsec.optimize(model, (torch.randn(2, 8),), plan={"layers": {"_default": "sparse:3"}})
+
+
+def test_measure_fills_realised_speedups_next_to_predicted(scenario_fp):
+    torch.manual_seed(8)
+    model = planted_lowrank_mlp(d=512, rank=16, layers=2)
+    x = torch.randn(2048, 512)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, measure=True)
+    for layer in result.report.layers:
+        assert layer["format"].startswith("lowrank:")
+        assert layer["measured_speedup"] is not None and layer["measured_speedup"] > 0
+        assert layer["predicted_speedup"] is not None
+    assert result.report.end_to_end["measured_speedup"] > 0
+    assert result.report.totals["measured_speedup"] > 0

@@ -1,0 +1,71 @@
+"""``measure: True``: time what was chosen, on this device, so predicted and realised stand side by side.
+
+Each rewritten layer is timed against dense at its own token count (random activations, rotated
+buffers, median after warm-up, CUDA-graph replay when the mode is ``reduce-overhead``), and the
+whole subgraph is timed rewritten against its dense self compiled the same way (inductor on
+CUDA, eager on CPU). The results fill ``measured_speedup`` per layer, in the totals and end to end.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from sparsec.fingerprint_timing import Clock, TimingPolicy, rotation_count
+
+ROTATION_BYTES = 256 << 20
+
+
+def measure_outcome(session, outcome, gm, example_inputs) -> None:
+    from sparsec.codegen import linear, pack
+
+    device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    clock = Clock(device, TimingPolicy())
+    graph_mode = device.type == "cuda" and session.options.mode == "reduce-overhead"
+    timed_dense = timed = 0.0
+    for layer in outcome.layers:
+        if layer.chosen is None or layer.chosen.is_dense:
+            continue
+        site = layer.site
+        w = site.weight.detach().to(device=device, dtype=site.dtype)
+        b = None if site.bias is None else site.bias.detach().to(device=device, dtype=site.dtype)
+        packed = pack(layer.chosen.spec, layer.chosen.approx.to(device=device, dtype=site.dtype))
+        M = max(layer.tokens, 1)
+        per_call = (M * site.K + site.N * site.K) * w.element_size()
+        xs = [torch.randn(M, site.K, device=device, dtype=site.dtype) for _ in range(rotation_count(per_call, ROTATION_BYTES, cap=8))]
+        with torch.no_grad():
+            layer.measured_us_dense = _time(clock, [lambda x=x: F.linear(x, w, b) for x in xs], graph_mode)
+            layer.measured_us = _time(clock, [lambda x=x: linear(x, packed, b) for x in xs], graph_mode)
+        timed_dense += layer.measured_us_dense
+        timed += layer.measured_us
+    by_name = {l.name: l for l in outcome.layers}
+    for row in outcome.report["layers"]:
+        layer = by_name[row["name"]]
+        if layer.measured_us and layer.measured_us_dense:
+            row["measured_speedup"] = layer.measured_us_dense / layer.measured_us
+            row["measured_us"], row["measured_us_dense"] = layer.measured_us, layer.measured_us_dense
+        elif row["format"] == "dense":
+            row["measured_speedup"] = 1.0
+    if timed:
+        outcome.report["totals"]["measured_speedup"] = timed_dense / timed
+    if outcome.lowered is not None:
+        dense = _dense_callable(gm, example_inputs, device, session.options.mode)
+        with torch.no_grad():
+            dense_us = _time(clock, [lambda: dense(*example_inputs)], False)
+            sparse_us = _time(clock, [lambda: outcome.lowered(*example_inputs)], False)
+        outcome.report["end_to_end"]["measured_speedup"] = dense_us / sparse_us
+        outcome.report["end_to_end"]["measured_us"] = sparse_us
+        outcome.report["end_to_end"]["measured_us_dense"] = dense_us
+
+
+def _time(clock: Clock, calls, graph_mode: bool) -> float:
+    single = clock.warm(calls)
+    return clock.graph(calls, single) if graph_mode else clock.eager(calls, single)
+
+
+def _dense_callable(gm, example_inputs, device, mode):
+    if device.type != "cuda":
+        return gm
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, list(example_inputs), config_patches={"triton.cudagraphs": mode == "reduce-overhead"})
