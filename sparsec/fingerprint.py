@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +78,20 @@ class Prediction:
 
 @dataclass
 class _Table:
-    """Measurements of one family at one (dtype, mode): a shape grid per parameter key."""
+    """Measurements of one family at one (dtype, mode): per parameter key, a shape grid for each
+    kernel implementation measured there (the fastest one at the query answers)."""
 
-    grids: dict[tuple, ShapeGrid]
-    kernels: dict[tuple, str]
+    grids: dict[tuple, dict[str, ShapeGrid]]
+
+    def log_us(self, key: tuple, M: int, N: int, K: int, edge: set[str]) -> tuple[float, str]:
+        best = None
+        for kernel, grid in sorted(self.grids[key].items()):
+            notes: set[str] = set()
+            t = grid.log_us(M, N, K, notes)
+            if best is None or t < best[0]:
+                best = (t, kernel, notes)
+        edge |= best[2]
+        return best[0], best[1]
 
 
 class Fingerprint:
@@ -125,19 +134,18 @@ class Fingerprint:
 
     def _index(self, kernels: dict) -> dict[str, dict[tuple[str, str], _Table]]:
         points: dict = {}
-        names: dict = {}
         for family, entries in kernels.items():
             for e in entries:
-                where = (family, e["dtype"], e["mode"])
-                key = self._param_key(family, e)
-                points.setdefault(where, {}).setdefault(key, []).append((e["M"], e["N"], e["K"], e["us"]))
-                names.setdefault(where, {}).setdefault(key, Counter())[e["kernel"]] += 1
-        tables: dict = {}
-        for (family, dtype, mode), by_key in points.items():
-            grids = {k: ShapeGrid(v) for k, v in by_key.items()}
-            kern = {k: names[(family, dtype, mode)][k].most_common(1)[0][0] for k in by_key}
-            tables.setdefault(family, {})[(dtype, mode)] = _Table(grids, kern)
-        return tables
+                table = points.setdefault(family, {}).setdefault((e["dtype"], e["mode"]), {})
+                by_kernel = table.setdefault(self._param_key(family, e), {})
+                by_kernel.setdefault(e["kernel"], []).append((e["M"], e["N"], e["K"], e["us"]))
+        return {
+            family: {
+                where: _Table({key: {k: ShapeGrid(v) for k, v in kern.items()} for key, kern in by_key.items()})
+                for where, by_key in tables.items()
+            }
+            for family, tables in points.items()
+        }
 
     # ------------------------------------------------------------- questions
     def families(self) -> list[str]:
@@ -230,15 +238,14 @@ class Fingerprint:
             params = [k[0] for k in keys]
             query, label = spec.nblocks, "monarch blocks"
         else:
-            grid = table.grids[()]
-            return grid.log_us(M, N, K, edge), table.kernels[()]
-        logs = [table.grids[k].log_us(M, N, K, edge) for k in keys]
-        log_us, side = loglog(params, logs, query, _PARAM_SLOPES[spec.family])
+            return table.log_us((), M, N, K, edge)
+        answers = [table.log_us(k, M, N, K, edge) for k in keys]
+        log_us, side = loglog(params, [a[0] for a in answers], query, _PARAM_SLOPES[spec.family])
         if side:
             bound = params[0] if side == "below" else params[-1]
             edge.add(f"{label} {query:g} {side} measured {bound:g}; extrapolated")
         nearest = min(range(len(keys)), key=lambda i: abs(math.log(params[i] / query)))
-        return log_us, table.kernels[keys[nearest]]
+        return log_us, answers[nearest][1]
 
     def _compose_lowrank(self, spec: LowRank, M, N, K, dtype, mode) -> Prediction:
         R = spec.rank

@@ -1,0 +1,164 @@
+"""``sparsec fingerprint``: measure this device, show a fingerprint, list the known ones.
+
+``show`` puts a device's sparsity on one screen: its ceilings and granules, then per format
+setting the crossover table: for each measured weight shape, the smallest M from which the
+format is faster than dense (and stays so over the measured M), eager and under CUDA graphs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["register", "crossover_table"]
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fingerprint", help="measure, show or list hardware fingerprints",
+                              description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="fingerprint_command", metavar="ACTION")
+    sub.required = True
+
+    m = sub.add_parser("measure", help="measure this device (GPU if present, else CPU)")
+    m.add_argument("-o", "--output", type=Path, default=None,
+                   help="output JSON (default: your fingerprint of this device, which 'auto' uses)")
+    m.add_argument("--name", default=None, help="fingerprint name (default: the output file's stem)")
+    m.add_argument("--budget-s", type=float, default=None,
+                   help="stop after this many seconds with a partial, resumable file (default 420 GPU, 540 CPU)")
+    m.add_argument("--grid", choices=["cuda", "cpu", "tiny"], default=None,
+                   help="measurement grid (default: this device's); 'tiny' checks the harness in seconds")
+    m.add_argument("--fresh", action="store_true", help="start over instead of resuming a partial file")
+    m.set_defaults(func=_measure)
+
+    s = sub.add_parser("show", help="device, ceilings and crossover tables of a fingerprint")
+    s.add_argument("fingerprint", nargs="?", default="auto", help="name (h200, h100, cpu), path, or auto")
+    s.add_argument("--dtype", default=None, help="dtype of the tables (default: bfloat16 on GPU, float32 on CPU)")
+    s.set_defaults(func=_show)
+
+    ls = sub.add_parser("list", help="shipped fingerprints and your own")
+    ls.set_defaults(func=_list)
+
+
+def _measure(args) -> int:
+    from sparsec.fingerprint_measure import measure
+
+    measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name)
+    return 0
+
+
+def _variants(fp, family: str, dtype: str) -> list[str]:
+    """Format strings of the measured settings of ``family`` (block/monarch by parameter;
+    low rank by rank fraction, shown as the rank of each shape)."""
+    seen = {}
+    for e in fp.data["kernels"].get(family, []):
+        if e["dtype"] != dtype:
+            continue
+        if family == "block":
+            seen[f"block:{e['block']}:{e['density']:g}"] = None
+        elif family == "monarch":
+            seen[f"monarch:{e['nblocks']}"] = None
+        elif family == "lowrank":
+            seen[f"lowrank@{e['rank'] / min(e['N'], e['K']):g}"] = None
+        else:
+            seen[family] = None
+    return list(seen)
+
+
+def _spec_for(variant: str, N: int, K: int) -> str:
+    if variant.startswith("lowrank@"):
+        return f"lowrank:{max(1, round(float(variant.split('@')[1]) * min(N, K)))}"
+    return variant
+
+
+def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, int, int | None, float]]:
+    """Per measured (N, K): the first measured M from which ``variant`` beats dense at every
+    larger measured M (None if never), and its best speed-up over dense."""
+    from sparsec.fingerprint import FingerprintError
+
+    dense = {(e["N"], e["K"], e["M"]) for e in fp.data["kernels"].get("dense", [])
+             if e["dtype"] == dtype and e["mode"] == mode}
+    shapes = sorted({(n, k) for n, k, _ in dense}, key=lambda s: (s[0] * s[1], s[0]))
+    rows = []
+    for N, K in shapes:
+        spec = _spec_for(variant, N, K)
+        from sparsec.formats import parse_spec
+
+        if parse_spec(spec).check(N, K):
+            continue
+        Ms = sorted(m for n, k, m in dense if (n, k) == (N, K))
+        try:
+            speed = [fp.predict("dense", M, N, K, dtype, mode) / fp.predict(spec, M, N, K, dtype, mode) for M in Ms]
+        except FingerprintError:
+            return []
+        first = None
+        for M, s in zip(reversed(Ms), reversed(speed)):
+            if s > 1.0:
+                first = M
+            else:
+                break
+        rows.append((N, K, first, max(speed)))
+    return rows
+
+
+def _show(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sparsec.fingerprint import load_fingerprint, normalize_dtype
+
+    fp = load_fingerprint(args.fingerprint)
+    d, m, g = fp.device, fp.data["measured"], fp.data.get("granules", {})
+    console = Console()
+    state = "complete" if fp.complete else "PARTIAL (resume with 'sparsec fingerprint measure -o ...')"
+    console.print(f"[bold]{fp.name}[/bold]  {d['name']} ({d['kind']})  hash {fp.hash}  {state}")
+    console.print(f"source {fp.source}; measured {fp.data['created']} on {fp.data.get('measured_on', '?')}",
+                  markup=False)
+    sw = fp.data["software"]
+    console.print("software: " + ", ".join(f"{k} {v}" for k, v in sw.items() if v))
+    peaks = ", ".join(f"{k} {v:g}" for k, v in m["peak_tflops"].items())
+    launch = m["launch_us"]
+    console.print(f"copy {m['copy_GBps']} GB/s; peak TFLOP/s: {peaks or '-'}; launch {launch['eager']} us eager, "
+                  f"{launch['graph'] if launch['graph'] is not None else '-'} us graph")
+    tile = g.get("tile", {})
+    console.print(f"granules: cache line {g.get('cache_line_bytes')} B; tile M/N/K "
+                  f"{tile.get('M')}/{tile.get('N')}/{tile.get('K')}; dispatch M {g.get('dispatch_M', {})}")
+    skipped = fp.data.get("skipped", {})
+    if skipped:
+        console.print(f"not measured: {len(skipped)} item(s), e.g. " + "; ".join(
+            f"{k}: {v}" for k, v in list(skipped.items())[:3]), markup=False)
+    dtype = normalize_dtype(args.dtype or ("bfloat16" if d["kind"] == "cuda" else "float32"))
+    modes = ("eager", "graph") if d["kind"] == "cuda" else ("eager",)
+    for family in ("2:4", "block", "lowrank", "monarch"):
+        for variant in _variants(fp, family, dtype):
+            tables = {mode: crossover_table(fp, variant, dtype, mode) for mode in modes}
+            if not any(tables.values()):
+                continue
+            t = Table(title=f"{variant} vs dense, {dtype}: from which M it is faster", title_justify="left")
+            t.add_column("N x K")
+            for mode in modes:
+                t.add_column(f"{mode}: from M")
+                t.add_column(f"{mode}: best")
+            rows = {mode: {(n, k): (first, best) for n, k, first, best in tables[mode]} for mode in modes}
+            for N, K in sorted({s for r in rows.values() for s in r}, key=lambda s: (s[0] * s[1], s[0])):
+                cells = []
+                for mode in modes:
+                    first, best = rows[mode].get((N, K), (None, None))
+                    cells += ["never" if first is None else str(first), "-" if best is None else f"{best:.2f}x"]
+                t.add_row(f"{N}x{K}", *cells)
+            console.print(t)
+    return 0
+
+
+def _list(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from sparsec.fingerprint import list_fingerprints
+
+    t = Table(title="fingerprints", title_justify="left")
+    for col in ("name", "origin", "device", "created", "state", "path"):
+        t.add_column(col)
+    for r in list_fingerprints():
+        state = r["error"] if r["error"] else ("complete" if r["complete"] else "partial")
+        t.add_row(r["name"], r["origin"], r["device"] or "-", r["created"] or "-", state, r["path"])
+    Console(width=200).print(t)
+    return 0

@@ -1,0 +1,249 @@
+"""The kernel families a fingerprint measures, each as: which weights to build, how to call it.
+
+* ``dense``: ``torch.nn.functional.linear`` (cuBLAS on CUDA, torch's CPU GEMM otherwise).
+* ``2:4`` through torch's cuSPARSELt ops (``torch._cslt_compress`` / ``torch._cslt_sparse_mm``),
+  with the input padding torch's semi-structured tensor applies (M to a multiple of 8).
+* every implementation ``sparsec.codegen`` registers for 2:4, block, lowrank and monarch, called
+  through ``codegen.linear(x, packed, impl=...)``. On CUDA the plain-torch "reference" is only
+  measured for a family that has no other implementation; on CPU it is what runs.
+
+Weights are random (never zero) in the format's layout; low-rank and Monarch factors are drawn
+directly rather than projected from a dense weight (an SVD per shape would dominate the run and
+does not change the kernel's time). Before a family is timed its output is checked against the
+dense equivalent, so a kernel that computes the wrong thing is reported, not measured.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Variant", "Family", "discover_families", "PARAM_GRID"]
+
+# Format parameters measured for each family: block size x kept fraction, rank as a fraction of
+# min(N, K), Monarch block count. The first entry of each list is measured first (priority).
+PARAM_GRID = {
+    "block": [(64, 0.25), (64, 0.5), (32, 0.25), (128, 0.25), (16, 0.25), (64, 0.125),
+              (32, 0.5), (128, 0.5), (16, 0.5), (32, 0.125), (128, 0.125), (16, 0.125)],
+    "lowrank": [0.25, 0.125, 0.5, 0.0625],
+    "monarch": [4, 16, 8],
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One format setting of a family: the spec text and the parameters an entry records."""
+
+    spec: str
+    params: dict = field(default_factory=dict)
+    priority: int = 0
+
+    def key(self) -> str:
+        return self.spec
+
+
+@dataclass
+class Family:
+    """A kernel implementation of one format family."""
+
+    family: str  # format family recorded in the fingerprint
+    kernel: str  # implementation name recorded with every entry
+    build: Callable  # (variant, N, K, dtype, device, gen) -> (weight object, dense equivalent)
+    run: Callable  # (x, weight object) -> y
+    dtypes: tuple[str, ...]
+    variants: Callable  # (N, K) -> list[Variant]
+
+    def label(self) -> str:
+        return f"{self.family} [{self.kernel}]"
+
+
+def _randn(shape, dtype, device, gen, scale=1.0):
+    t = torch.randn(*shape, generator=gen, device=device, dtype=torch.float32) * scale
+    return t.to(dtype)
+
+
+# ------------------------------------------------------------------------ dense
+def _dense_build(variant, N, K, dtype, device, gen):
+    w = _randn((N, K), dtype, device, gen, 1 / math.sqrt(K))
+    return w, w
+
+
+def _dense_run(x, w):
+    return F.linear(x, w)
+
+
+def dense_family(device: torch.device) -> Family:
+    cuda = device.type == "cuda"
+    return Family(
+        family="dense",
+        kernel="cublas" if cuda else "torch-cpu",
+        build=_dense_build,
+        run=_dense_run,
+        dtypes=("bfloat16", "float16", "float32") if cuda else ("float32", "bfloat16"),
+        variants=lambda N, K: [Variant("dense")],
+    )
+
+
+# -------------------------------------------------------------- torch's 2:4
+def _prune_2_4(w: torch.Tensor) -> torch.Tensor:
+    N, K = w.shape
+    g = w.reshape(N, K // 4, 4)
+    keep = g.abs().topk(2, dim=-1).indices
+    mask = torch.zeros_like(g, dtype=torch.bool).scatter_(-1, keep, True)
+    return (g * mask).reshape(N, K)
+
+
+def _cslt_build(variant, N, K, dtype, device, gen):
+    w = _prune_2_4(_randn((N, K), dtype, device, gen, 1 / math.sqrt(K / 2)))
+    return torch._cslt_compress(w), w
+
+
+def _cslt_run(x, wc):
+    M = x.shape[0]
+    pad = (-M) % 8  # torch's semi-structured tensor pads the dense operand to a multiple of 8
+    if pad:
+        x = F.pad(x, (0, 0, 0, pad))
+    y = torch._cslt_sparse_mm(wc, x.t(), transpose_result=True)
+    return y[:M] if pad else y
+
+
+def cusparselt_family(device: torch.device) -> tuple[Family | None, str | None]:
+    if device.type != "cuda":
+        return None, "cuSPARSELt needs a CUDA device"
+    if not hasattr(torch, "_cslt_compress") or not hasattr(torch, "_cslt_sparse_mm"):
+        return None, "this torch has no cuSPARSELt ops (torch._cslt_compress)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return None, "cuSPARSELt needs compute capability 8.0 or newer"
+    fam = Family(
+        family="2:4",
+        kernel="cusparselt",
+        build=_cslt_build,
+        run=_cslt_run,
+        dtypes=("bfloat16",),
+        variants=lambda N, K: [Variant("2:4")],
+    )
+    return fam, None
+
+
+# ----------------------------------------------------------- sparsec.codegen
+def _codegen_variants(family: str, cuda: bool) -> Callable:
+    from sparsec.formats import parse_spec
+
+    def variants(N, K):
+        out = []
+        if family == "2:4":
+            out = [Variant("2:4")]
+        elif family == "block":
+            out = [Variant(f"block:{b}:{d:g}", {"block": b, "density": d}, i) for i, (b, d) in enumerate(PARAM_GRID["block"])]
+        elif family == "lowrank":
+            for i, f in enumerate(PARAM_GRID["lowrank"]):
+                r = max(1, round(f * min(N, K)))
+                out.append(Variant(f"lowrank:{r}", {"rank": r}, i))
+        elif family == "monarch":
+            out = [Variant(f"monarch:{nb}", {"nblocks": nb}, i) for i, nb in enumerate(PARAM_GRID["monarch"])]
+        return [v for v in out if parse_spec(v.spec).check(N, K) is None]
+
+    return variants
+
+
+def _codegen_build(variant, N, K, dtype, device, gen):
+    from sparsec import codegen
+    from sparsec.formats import parse_spec
+
+    spec = parse_spec(variant.spec)
+    if spec.family == "lowrank":
+        R = spec.rank
+        tensors = {"u": _randn((N, R), dtype, device, gen, 1 / math.sqrt(R)),
+                   "v": _randn((R, K), dtype, device, gen, 1 / math.sqrt(K))}
+        packed = codegen.Packed.from_tensors(spec, (N, K), tensors)
+    elif spec.family == "monarch":
+        nb = spec.nblocks
+        p, n = K // nb, N // nb
+        tensors = {"L": _randn((nb, p, p), dtype, device, gen, 1 / math.sqrt(p)),
+                   "R": _randn((nb, n, p), dtype, device, gen, 1 / math.sqrt(p))}
+        packed = codegen.Packed.from_tensors(spec, (N, K), tensors)
+    else:
+        w = _randn((N, K), dtype, device, gen, 1 / math.sqrt(K))
+        packed = codegen.pack(spec, w)
+    return packed, None  # dense equivalent is computed lazily (only for the correctness check)
+
+
+def codegen_families(device: torch.device) -> tuple[list[Family], dict[str, str]]:
+    """One Family per (format family, implementation) that sparsec.codegen offers here."""
+    skipped: dict[str, str] = {}
+    try:
+        from sparsec import codegen
+        from sparsec.codegen.packed import handler_for
+        from sparsec.formats import parse_spec
+    except Exception as exc:  # noqa: BLE001 - any import failure means: not measurable here
+        return [], {"sparsec.codegen": f"import failed: {type(exc).__name__}: {exc}"}
+    cuda = device.type == "cuda"
+    fams = []
+    probe = {"2:4": "2:4", "block": "block:64:0.25", "lowrank": "lowrank:8", "monarch": "monarch:4"}
+    for family, spec_text in probe.items():
+        try:
+            handler = handler_for(parse_spec(spec_text))
+        except Exception as exc:  # noqa: BLE001
+            skipped[f"{family} [sparsec]"] = f"no codegen handler: {exc}"
+            continue
+        impls = [i for i in handler.impls if i != "reference"]
+        if "cusparselt" in impls:
+            impls.remove("cusparselt")
+            skipped[f"{family} [sparsec-cusparselt]"] = "same library as torch's cuSPARSELt 2:4, measured directly"
+        if not cuda:
+            if impls:
+                skipped[f"{family} [sparsec-{'/'.join(impls)}]"] = "Triton kernels need a CUDA device"
+            impls = ["reference"]
+        elif not impls:
+            impls = ["reference"]
+        for impl in impls:
+            fams.append(Family(
+                family=family,
+                kernel=f"sparsec-{impl}-{family}",
+                build=_codegen_build,
+                run=lambda x, packed, impl=impl: codegen.linear(x, packed, impl=impl),
+                dtypes=("bfloat16",) if cuda else ("float32",),
+                variants=_codegen_variants(family, cuda),
+            ))
+    return fams, skipped
+
+
+def discover_families(device: torch.device) -> tuple[list[Family], dict[str, str]]:
+    """Every family measurable on ``device``, in measuring order, and what was skipped and why."""
+    fams = [dense_family(device)]
+    skipped: dict[str, str] = {}
+    cslt, why = cusparselt_family(device)
+    if cslt:
+        fams.append(cslt)
+    else:
+        skipped["2:4 [cusparselt]"] = why
+    more, why_more = codegen_families(device)
+    skipped.update(why_more)
+    return fams + more, skipped
+
+
+def dense_equivalent(weight, dense) -> torch.Tensor:
+    """The dense (N, K) weight a built weight object stands for."""
+    if dense is not None:
+        return dense
+    return weight.to_dense()
+
+
+def check_output(fam: Family, weight, dense, N: int, K: int, dtype: torch.dtype, device, gen) -> str | None:
+    """Why ``fam`` computes a wrong y = x W^T for this weight, or None when it is right."""
+    x = _randn((8, K), dtype, device, gen)
+    y = fam.run(x, weight).float()
+    ref = x.float() @ dense_equivalent(weight, dense).float().t()
+    if tuple(y.shape) != tuple(ref.shape):
+        return f"output shape {tuple(y.shape)}, expected {tuple(ref.shape)}"
+    err = ((y - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+    # 16-bit inputs and outputs: accumulated rounding stays well under 2%; fp32 (tf32 on GPU)
+    # under 1%. A kernel outside these is wrong, not imprecise.
+    tol = 1e-2 if dtype == torch.float32 else 2e-2
+    if not err <= tol:
+        return f"relative error {err:.3g} of y against the dense equivalent exceeds {tol:g}"
+    return None

@@ -1,0 +1,385 @@
+"""``sparsec fingerprint measure``: measure this device and write a ``sparsec.fingerprint/1`` file.
+
+Order of work: device ceilings and granules first (seconds), then the kernel grid as jobs (one
+family implementation x dtype x format setting x weight shape, swept over every M, eager and,
+on CUDA, graph-replayed). Jobs run most useful first: dense in the main dtype, torch's 2:4,
+each sparsec family at its central setting, then the other settings, then the other dtypes.
+
+The output file is rewritten atomically every few seconds with ``complete: false`` and the list
+of finished jobs, so an interrupted or over-budget run loses at most the job in progress, and
+the same command resumes it. Nothing in a fingerprint is typed in: every number comes from here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+from sparsec.errors import FingerprintError
+from sparsec.fingerprint_device import describe_device, device_slug, software_versions, user_fingerprint_dir
+from sparsec.fingerprint_families import PARAM_GRID, Family, Variant, check_output, discover_families
+from sparsec.fingerprint_probes import (
+    cache_line_granule,
+    copy_bandwidth,
+    dispatch_granule,
+    launch_overhead,
+    peak_tflops,
+    sig,
+    tile_granules,
+)
+from sparsec.fingerprint_schema import SchemaViolation, validate_fingerprint
+from sparsec.fingerprint_timing import Clock, TimingPolicy, rotation_count
+
+__all__ = ["Grid", "GRIDS", "measure", "default_output"]
+
+SCHEMA = "sparsec.fingerprint/1"
+SAVE_EVERY_S = 5.0
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Which shapes, token counts and format settings a measurement covers."""
+
+    name: str
+    Ms: tuple[int, ...]
+    shapes: tuple[tuple[int, int], ...]
+    max_variants: int  # format settings per family (in PARAM_GRID priority order)
+    policy: TimingPolicy
+    peak_sizes: tuple[int, ...]
+    copy_bytes: int
+    granule_base: int
+    cache_rows: int
+
+    def describe(self) -> dict:
+        return {"name": self.name, "M": list(self.Ms), "shapes": [list(s) for s in self.shapes],
+                "max_variants": self.max_variants, "params": PARAM_GRID}
+
+
+def _shapes(sizes, aspect_sizes):
+    square = [(s, s) for s in sizes]
+    wide = [(4 * k, k) for k in aspect_sizes]
+    tall = [(k, 4 * k) for k in aspect_sizes]
+    return tuple(square + wide + tall)
+
+
+GRIDS = {
+    # Sized for one 10-minute call on an H100/H200 including probes (see docs/fingerprint.md).
+    "cuda": Grid("cuda", tuple(2**i for i in range(15)),
+                 _shapes((512, 1024, 2048, 4096, 8192, 16384), (512, 1024, 2048, 4096)),
+                 max_variants=12, policy=TimingPolicy(repeats=15, min_repeats=5, point_budget_s=0.03),
+                 peak_sizes=(4096, 8192), copy_bytes=1 << 30, granule_base=4096, cache_rows=1 << 20),
+    # A 2-core CPU: powers of 4 in M, shapes to 4096, two settings per family.
+    "cpu": Grid("cpu", (1, 4, 16, 64, 256, 1024),
+                _shapes((512, 1024, 2048, 4096), (256, 1024)),
+                max_variants=2, policy=TimingPolicy(repeats=7, min_repeats=3, min_sample_s=2e-3, point_budget_s=0.08),
+                peak_sizes=(1024, 2048), copy_bytes=1 << 28, granule_base=1024, cache_rows=1 << 18),
+    # Seconds, for tests of the harness itself.
+    "tiny": Grid("tiny", (1, 8), ((256, 256), (512, 128)), max_variants=1,
+                 policy=TimingPolicy(repeats=3, min_repeats=2, warmup=1, min_sample_s=1e-4, point_budget_s=0.002),
+                 peak_sizes=(128,), copy_bytes=1 << 20, granule_base=128, cache_rows=1 << 10),
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    fam: Family
+    dtype: str
+    variant: Variant
+    shape: tuple[int, int]
+    tier: int
+
+    @property
+    def key(self) -> str:
+        N, K = self.shape
+        return f"{self.fam.family}|{self.fam.kernel}|{self.dtype}|{self.variant.spec}|{N}x{K}"
+
+
+def default_output() -> Path:
+    return user_fingerprint_dir() / f"{device_slug()}.json"
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def _atomic_write(path: Path, doc: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=1)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def plan_jobs(fams: list[Family], grid: Grid) -> list[Job]:
+    jobs = []
+    for fam in fams:
+        for di, dtype in enumerate(fam.dtypes):
+            for N, K in grid.shapes:
+                variants = sorted(fam.variants(N, K), key=lambda v: v.priority)[: grid.max_variants]
+                for v in variants:
+                    if fam.family == "dense":
+                        tier = 2 if di else 0  # other dtypes after the central sparse settings
+                    else:
+                        tier = 1 + v.priority
+                    jobs.append(Job(fam, dtype, v, (N, K), tier))
+    return sorted(jobs, key=lambda j: j.tier)  # stable: family order, then shapes ascending
+
+
+def _bytes_of(obj) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    return int(getattr(obj, "nbytes", 0))
+
+
+class _OverBudget(Exception):
+    pass
+
+
+class Harness:
+    """Runs the jobs of one measurement, keeping the document and the output file current."""
+
+    def __init__(self, out: Path, grid: Grid, budget_s: float, doc: dict, console):
+        self.out, self.grid, self.budget_s, self.doc, self.console = out, grid, budget_s, doc, console
+        self.device = torch.device("cuda" if doc["device"]["kind"] == "cuda" else "cpu")
+        self.clock = Clock(self.device, grid.policy)
+        self.t0 = time.monotonic()
+        self.before = doc["method"].get("seconds") or 0.0  # measuring time of earlier, resumed runs
+        self.last_save = 0.0
+        self.rotation_bytes = doc["method"]["rotation_bytes"]
+        self.failures: dict[str, int] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def save(self, force=False) -> None:
+        if force or time.monotonic() - self.last_save > SAVE_EVERY_S:
+            self.doc["created"] = _now()
+            _atomic_write(self.out, self.doc)
+            self.last_save = time.monotonic()
+
+    def check_budget(self) -> None:
+        if self.elapsed() > self.budget_s:
+            raise _OverBudget()
+
+    def run_job(self, job: Job, gen: torch.Generator, advance) -> list[dict]:
+        fam, (N, K) = job.fam, job.shape
+        dtype = getattr(torch, job.dtype)
+        weight, dense = fam.build(job.variant, N, K, dtype, self.device, gen)
+        wrong = check_output(fam, weight, dense, N, K, dtype, self.device, gen)
+        if wrong:
+            raise RuntimeError(f"wrong results: {wrong}")
+        del dense
+        esize = torch.empty((), dtype=dtype).element_size()
+        wbytes = _bytes_of(weight)
+        weights = [weight]
+        entries = []
+        for M in self.grid.Ms:
+            self.check_budget()
+            r = rotation_count(wbytes + (M * K + M * N) * esize, self.rotation_bytes)
+            while len(weights) < r:
+                weights.append(fam.build(job.variant, N, K, dtype, self.device, gen)[0])
+            xs = [torch.randn(M, K, generator=gen, device=self.device, dtype=torch.float32).to(dtype) for _ in range(r)]
+            calls = [lambda x=x, w=w: fam.run(x, w) for x, w in zip(xs, weights)]
+            try:
+                single = self.clock.warm(calls)
+                times = {"eager": self.clock.eager(calls, single)}
+                if self.clock.cuda:
+                    times["graph"] = self.clock.graph(calls, single)
+            except torch.cuda.OutOfMemoryError:
+                self.doc["skipped"][f"{job.key} M>={M}"] = "out of device memory"
+                del xs, calls
+                torch.cuda.empty_cache()
+                advance(len(self.grid.Ms) - self.grid.Ms.index(M))
+                break
+            for mode, us in times.items():
+                e = {"M": M, "N": N, "K": K, "dtype": job.dtype, "mode": mode, "us": sig(us), "kernel": fam.kernel}
+                e.update(job.variant.params)
+                entries.append(e)
+            del xs, calls
+            advance(1)
+        return entries
+
+    def run(self, jobs: list[Job]) -> bool:
+        """Run jobs not yet done; True when all are done."""
+        from rich.markup import escape
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        done = set(self.doc["grid"]["done"])
+        todo = [j for j in jobs if j.key not in done]
+        points = len(todo) * len(self.grid.Ms)
+        gen = torch.Generator(device=self.device).manual_seed(int(time.time()) & 0xFFFF)
+        last_note = time.monotonic()
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("points"),
+                      TimeElapsedColumn(), console=self.console, transient=False) as bar:
+            task = bar.add_task("kernels", total=points)
+            for job in todo:
+                bar.update(task, description=escape(f"{job.fam.label()} {job.variant.spec} {job.dtype} {job.shape[0]}x{job.shape[1]}"))
+                advance = lambda n: bar.advance(task, n)  # noqa: E731
+                label = f"{job.fam.kernel}|{job.dtype}"
+                if self.failures.get(label, 0) >= 2:
+                    self.doc["skipped"][job.key] = f"{job.fam.kernel} failed twice for {job.dtype}; not tried again"
+                    self.doc["grid"]["done"].append(job.key)
+                    advance(len(self.grid.Ms))
+                    continue
+                try:
+                    entries = self.run_job(job, gen, advance)
+                except _OverBudget:
+                    self.console.print(f"time budget of {self.budget_s:g} s used; partial result saved")
+                    return False
+                except Exception as exc:  # noqa: BLE001 - one kernel's failure must not end the run
+                    self.failures[label] = self.failures.get(label, 0) + 1
+                    self.doc["skipped"][job.key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                    entries = []
+                    if self.device.type == "cuda":
+                        torch.cuda.empty_cache()
+                self.doc["kernels"].setdefault(job.fam.family, []).extend(entries)
+                self.doc["grid"]["done"].append(job.key)
+                self.save()
+                if time.monotonic() - last_note > 30 and not self.console.is_terminal:
+                    self.console.print(f"[{self.elapsed():.0f} s] {bar.tasks[0].completed}/{points} points")
+                    last_note = time.monotonic()
+        return True
+
+
+def _new_document(name: str, grid: Grid, kind: str, policy: TimingPolicy, timer: str) -> dict:
+    device = describe_device(kind)
+    software = software_versions(kind)
+    from sparsec import __version__
+
+    software["sparsec"] = __version__
+    if kind == "cuda":
+        rotation = 2 * (device["l2_bytes"] or 64 << 20)
+        on = f"1 GPU ({device['name']}, {device['sms']} SMs)"
+    else:
+        rotation = 2 * (_cpu_llc_bytes() or 32 << 20)
+        on = f"a {device['cores']}-core CPU machine ({device['name']})"
+    method = policy.describe(timer)
+    method.update(rotation_bytes=rotation, seconds=0.0, float32_matmul=torch.get_float32_matmul_precision())
+    return {
+        "schema": SCHEMA, "name": name, "created": _now(), "complete": False, "measured_on": on,
+        "device": device, "software": software,
+        "measured": {"copy_GBps": None, "peak_tflops": {}, "launch_us": {"eager": None, "graph": None}},
+        "granules": {}, "kernels": {}, "skipped": {},
+        "grid": {**grid.describe(), "done": []},
+        "method": method,
+    }
+
+
+def _cpu_llc_bytes() -> int | None:
+    """Size of the largest CPU cache level in sysfs (the last-level cache), in bytes."""
+    best = None
+    for p in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = p.read_text().strip().upper()
+        scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit():
+            best = max(best or 0, int(digits) * scale)
+    return best
+
+
+def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool) -> dict | None:
+    if fresh or not out.exists():
+        return None
+    try:
+        doc = json.loads(out.read_text())
+        validate_fingerprint(doc)
+    except (json.JSONDecodeError, SchemaViolation, OSError) as exc:
+        raise FingerprintError(
+            f"{out} exists but is not a readable fingerprint ({exc}); pass --fresh to overwrite it"
+        ) from None
+    if doc.get("complete"):
+        raise FingerprintError(f"{out} is already a complete fingerprint; pass --fresh to measure again")
+    here = describe_device(kind)["name"]
+    if doc["device"]["name"] != here:
+        raise FingerprintError(
+            f"{out} is a partial fingerprint of {doc['device']['name']}, not of this {here}; "
+            "use another -o or pass --fresh")
+    wanted = json.loads(json.dumps({**grid.describe(), "done": doc.get("grid", {}).get("done", [])}))
+    if doc.get("grid") != wanted:
+        raise FingerprintError(f"{out} was measured with a different grid; pass --fresh to start over")
+    return doc
+
+
+def _probes(h: Harness) -> None:
+    clock, grid, m = h.clock, h.grid, h.doc["measured"]
+    if m["copy_GBps"] is not None:
+        return  # resumed: the probes ran already
+    h.console.print("measuring copy bandwidth, peak GEMM rates, launch overhead and granules ...")
+    cuda = clock.cuda
+    m["copy_GBps"] = copy_bandwidth(clock, grid.copy_bytes)
+    m["peak_tflops"] = peak_tflops(clock, list(grid.peak_sizes),
+                                   ["bfloat16", "float16", "float32", "tf32"] if cuda else ["float32", "bfloat16"])
+    m["launch_us"] = launch_overhead(clock)
+    tile, tile_probe = tile_granules(clock, grid.granule_base, torch.bfloat16 if cuda else torch.float32)
+    line, line_probe = cache_line_granule(clock, grid.cache_rows)
+    h.doc["granules"] = {"cache_line_bytes": line, "tile": tile, "dispatch_M": {},
+                         "probe": {"tile": tile_probe, "cache_line": line_probe}}
+    h.save(force=True)
+
+
+def _finish(h: Harness) -> None:
+    dense = h.doc["kernels"].get("dense", [])
+    main = "bfloat16" if h.clock.cuda else "float32"
+    shapes = sorted({(e["N"], e["K"]) for e in dense}, key=lambda s: abs(math.log2(s[0] * s[1] / 4096**2)))
+    if shapes:
+        h.doc["granules"]["dispatch_M"] = {
+            mode: dispatch_granule(dense, main, mode, shapes[0]) for mode in (("eager", "graph") if h.clock.cuda else ("eager",))
+        }
+        h.doc["granules"]["probe"]["dispatch"] = {"dtype": main, "shape": list(shapes[0]), "within": 0.10}
+
+
+def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float | None = None,
+            fresh: bool = False, name: str | None = None, console=None) -> Path:
+    """Measure this device into ``out`` (default: the user fingerprint of this device); returns the path."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    g = GRIDS[grid or kind]
+    out = Path(out) if out else default_output()
+    budget_s = budget_s if budget_s is not None else (420.0 if kind == "cuda" else 540.0)
+    fams, skipped = discover_families(torch.device(kind))
+    if kind == "cuda":
+        torch.cuda.init()
+    clock = Clock(torch.device(kind), g.policy)
+    doc = _load_partial(out, g, kind, fresh)
+    if doc is None:
+        doc = _new_document(name or out.stem, g, kind, g.policy, clock.timer_name)
+    else:
+        console.print(f"resuming {out}: {len(doc['grid']['done'])} jobs already measured")
+    doc["skipped"].update(skipped)
+    h = Harness(out, g, budget_s, doc, console)
+    for fam_key, why in skipped.items():
+        console.print(f"skipping {fam_key}: {why}", markup=False)
+    try:
+        _probes(h)
+        jobs = plan_jobs(fams, g)
+        complete = h.run(jobs)
+    finally:
+        doc["method"]["seconds"] = round(h.before + h.elapsed(), 1)
+        h.save(force=True)
+    if complete:
+        _finish(h)
+        doc["complete"] = True
+        doc["grid"]["done"] = sorted(doc["grid"]["done"])
+        h.save(force=True)
+        validate_fingerprint(doc)
+        console.print(f"fingerprint written to {out} ({sum(len(v) for v in doc['kernels'].values())} points, "
+                      f"{doc['method']['seconds']:g} s)")
+    else:
+        console.print(f"partial fingerprint in {out}; run the same command again to resume")
+    return out

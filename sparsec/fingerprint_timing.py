@@ -1,0 +1,140 @@
+"""Timing a kernel the way a model runs it: back to back, on rotated buffers, eager or graph-replayed.
+
+A measurement is given a list of calls, each running the same layer on its own input and weight
+copy, so that cycling through them touches more memory than the last-level cache holds (a small
+layer whose weight stays cached would otherwise look faster than it runs inside a model).
+
+* eager: one sample is a batch of ``inner`` back-to-back calls; its time, divided by ``inner``,
+  is the realised time per call (host dispatch overlaps the previous kernels, as in a model).
+* graph (CUDA only): the same batch captured once in a CUDA graph; a sample is one replay.
+
+The reported figure is the median of the samples after warm-up. ``inner`` is chosen so a sample
+lasts at least ``min_sample_s`` (timer resolution), and the sample count is cut, never below
+``min_repeats``, so one point costs about ``point_budget_s`` at most.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+__all__ = ["TimingPolicy", "Clock", "rotation_count"]
+
+Call = Callable[[], object]
+
+
+@dataclass(frozen=True)
+class TimingPolicy:
+    repeats: int = 15  # samples per point when time allows
+    min_repeats: int = 5  # never fewer
+    warmup: int = 2  # passes over the rotated calls before timing (autotuning happens here)
+    min_sample_s: float = 5e-4
+    point_budget_s: float = 0.04
+    max_inner: int = 1000
+
+    def describe(self, timer: str) -> dict:
+        return {
+            "repeats": self.repeats,
+            "statistic": (
+                f"median over {self.min_repeats}..{self.repeats} samples; a sample is the mean time per "
+                f"call of a back-to-back batch lasting >= {self.min_sample_s * 1e3:g} ms"
+            ),
+            "timer": timer,
+            "warmup": self.warmup,
+        }
+
+
+def rotation_count(bytes_per_call: int, rotation_bytes: int, cap: int = 32) -> int:
+    """How many buffer copies make one pass touch at least ``rotation_bytes``."""
+    return max(1, min(cap, math.ceil(rotation_bytes / max(1, bytes_per_call))))
+
+
+class Clock:
+    """Times rotated calls on one device; ``graph`` is available on CUDA only."""
+
+    def __init__(self, device: torch.device, policy: TimingPolicy):
+        self.device = device
+        self.policy = policy
+        self.cuda = device.type == "cuda"
+
+    @property
+    def timer_name(self) -> str:
+        return "torch.cuda.Event around the batch (graph: around one replay)" if self.cuda else "time.perf_counter"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def _batch_seconds(self, calls: Sequence[Call], inner: int) -> float:
+        r = len(calls)
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for i in range(inner):
+                calls[i % r]()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / 1e3
+        t0 = time.perf_counter()
+        for i in range(inner):
+            calls[i % r]()
+        return time.perf_counter() - t0
+
+    def _plan(self, single_s: float) -> tuple[int, int]:
+        p = self.policy
+        inner = max(1, min(p.max_inner, math.ceil(p.min_sample_s / max(single_s, 1e-9))))
+        samples = int(p.point_budget_s / max(single_s * inner, 1e-9))
+        return inner, max(p.min_repeats, min(p.repeats, samples))
+
+    def warm(self, calls: Sequence[Call]) -> float:
+        """Run every call ``warmup`` times; return a rough seconds-per-call estimate."""
+        for _ in range(max(1, self.policy.warmup - 1)):
+            for c in calls:
+                c()
+        self.sync()
+        n = max(len(calls), 3)
+        return self._batch_seconds(calls, n) / n
+
+    def eager(self, calls: Sequence[Call], single_s: float) -> float:
+        """Median microseconds per call, eager, back to back."""
+        inner, samples = self._plan(single_s)
+        self.sync()
+        return statistics.median(self._batch_seconds(calls, inner) / inner for _ in range(samples)) * 1e6
+
+    def graph(self, calls: Sequence[Call], single_s: float) -> float:
+        """Median microseconds per call when a batch of calls is replayed as one CUDA graph."""
+        if not self.cuda:
+            raise RuntimeError("CUDA graphs need a CUDA device")
+        inner, samples = self._plan(single_s)
+        inner = max(inner, len(calls))
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for c in calls:
+                c()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        self.sync()
+        g = torch.cuda.CUDAGraph()
+        r = len(calls)
+        with torch.cuda.graph(g):
+            for i in range(inner):
+                calls[i % r]()
+        try:
+            g.replay()
+            self.sync()
+            times = []
+            for _ in range(samples):
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                g.replay()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3 / inner)
+            return statistics.median(times) * 1e6
+        finally:
+            del g
