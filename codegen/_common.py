@@ -8,6 +8,7 @@ caring about import order.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, Sequence
 
@@ -89,6 +90,43 @@ def tl_dot_precision(dtype: torch.dtype) -> str:
     return "tf32" if dtype == torch.float32 else "ieee"
 
 
+_LANGUAGE_SWAPS: dict | None = None
+
+
+@contextlib.contextmanager
+def _interpretable_language():
+    """Make triton.language's own jit helpers (zeros, sum, cdiv...) callable by the interpreter.
+
+    Triton decorates those helpers once, when it is first imported; if that happened before
+    TRITON_INTERPRET=1 was set, they are GPU-only objects the interpreter refuses to call. For
+    the duration of an interpreted launch they are swapped for interpreted twins, then restored.
+    """
+    global _LANGUAGE_SWAPS
+    import sys
+
+    from triton.runtime.jit import JITFunction
+
+    if _LANGUAGE_SWAPS is None:
+        from triton.runtime.interpreter import InterpretedFunction
+
+        twins: dict = {}
+        _LANGUAGE_SWAPS = []
+        for mod_name, mod in list(sys.modules.items()):
+            if not mod_name.startswith("triton.language") or mod is None:
+                continue
+            for name, v in list(vars(mod).items()):
+                if isinstance(v, JITFunction):
+                    twin = twins.setdefault(id(v), InterpretedFunction(v.fn))
+                    _LANGUAGE_SWAPS.append((mod, name, v, twin))
+    for mod, name, _, twin in _LANGUAGE_SWAPS:
+        setattr(mod, name, twin)
+    try:
+        yield
+    finally:
+        for mod, name, orig, _ in _LANGUAGE_SWAPS:
+            setattr(mod, name, orig)
+
+
 class LazyKernel:
     """A Triton kernel decorated at first use, once for the GPU compiler and once for the interpreter.
 
@@ -117,6 +155,17 @@ class LazyKernel:
 
     def __getitem__(self, grid):
         mode = interpret_mode()
+        if mode:
+            launch = self._build(mode)[grid]
+
+            def run_interpreted(*args, **kwargs):
+                with _interpretable_language():
+                    return launch(*args, **kwargs)
+
+            return run_interpreted
+        return self._build(mode)[grid]
+
+    def _build(self, mode: bool):
         kernel = self._built.get(mode)
         if kernel is None:
             import triton
@@ -129,7 +178,7 @@ class LazyKernel:
                     kwargs["reset_to_zero"] = self.reset_to_zero
                 kernel = triton.autotune(**kwargs)(kernel)
             self._built[mode] = kernel
-        return kernel[grid]
+        return kernel
 
 
 def expect_tensor(tensors: dict, name: str, shape: tuple[int, ...], floating: bool) -> torch.Tensor:

@@ -46,7 +46,7 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
     sub = pid_w % SUB
     start = tl.load(rowptr_ptr + row)
     end = tl.load(rowptr_ptr + row + 1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x K may pass 2**31
     offs_r = sub * BLOCK_N + tl.arange(0, BLOCK_N)   # output rows inside the block row
     offs_c = tl.arange(0, B)                           # input columns inside a block
     mask_m = offs_m < M

@@ -47,7 +47,7 @@ def _fused_kernel(x_ptr, u_ptr, v_ptr, y_ptr, M, N, K, R,
     pid_r = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x K may pass 2**31
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_r = offs_r < R

@@ -24,10 +24,24 @@ class PackedLinear(nn.Module):
         self._names = tuple(packed.tensors())
         for name, t in packed.tensors().items():
             self.register_buffer(name, t)
-        self._aux_names = tuple(packed.aux)
-        for name, t in packed.aux.items():
-            self.register_buffer(f"aux_{name}", t, persistent=False)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self._aux_names: tuple[str, ...] = ()
+        self._refresh_aux()
+
+    def _refresh_aux(self) -> None:
+        """(Re)build derived tensors for the current device, e.g. cuSPARSELt's copy once on CUDA."""
+        for name in self._aux_names:
+            delattr(self, f"aux_{name}")
+        bare = Packed(self.spec, self.shape, {n: getattr(self, n) for n in self._names}, self.crossover_m)
+        aux = bare.handler.prepare(bare, self.impl)
+        for name, t in aux.items():
+            self.register_buffer(f"aux_{name}", t, persistent=False)
+        self._aux_names = tuple(aux)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_aux()
+        return out
 
     @property
     def in_features(self) -> int:

@@ -30,6 +30,7 @@ from .packed import FormatKernels, register
 
 DEFAULT_CROSSOVER_M = 16  # fused below this M: its programs each re-read all of x
 FUSED_TILE_ELEMS = 8192   # bound on the fused kernel's (BLOCK_M x p x BLOCK_Q) product tile
+FUSED_MAX_P = 256         # the fused kernel holds a (BLOCK_N x p) tile of R in registers
 
 
 def monarch_dims(spec, shape) -> tuple[int, int, int, int]:
@@ -78,7 +79,7 @@ def _bd_gemm_kernel(a_ptr, w_ptr, b_ptr, c_ptr, M, NOUT, KIN, NB,
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     blk = tl.program_id(2)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x K may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < NOUT
@@ -153,7 +154,7 @@ def _fused_kernel(x_ptr, l_ptr, r_ptr, b_ptr, y_ptr, M, NB, P, NOUT, RB,
     c = pid // n_tiles
     nt = pid % n_tiles
     pid_m = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x K may pass 2**31
     mask_m = offs_m < M
     offs_l = tl.arange(0, P_PAD)          # position inside chunk c
     mask_l = offs_l < P
@@ -255,9 +256,12 @@ class MonarchKernels(FormatKernels):
     def fast(self, x2d, packed, bias, impl):
         check_input(x2d)
         t = packed.tensors()
+        p = packed.shape[1] // packed.spec.nblocks
         if impl == "triton":
             crossover = packed.crossover_m if packed.crossover_m is not None else DEFAULT_CROSSOVER_M
-            impl = "fused" if x2d.shape[0] < crossover else "two_launch"
+            impl = "fused" if (x2d.shape[0] < crossover and p <= FUSED_MAX_P) else "two_launch"
+        elif impl == "fused" and p > FUSED_MAX_P:
+            raise SparsecError(f"impl 'fused' needs K/NB <= {FUSED_MAX_P}, got {p}; use 'two_launch'")
         return monarch_linear_op(x2d, match_dtype(t["L"], x2d.dtype), match_dtype(t["R"], x2d.dtype),
                                  None if bias is None else bias.to(x2d.dtype), impl == "fused")
 

@@ -71,6 +71,10 @@ class FormatKernels:
         return (spec.check(N, K) or dtype_reason(dtype) or device_reason(device, dtype)
                 or self.kernel_reason(spec, N, K, dtype, device))
 
+    def prepare(self, packed: "Packed", impl: str) -> dict[str, torch.Tensor]:
+        """Derived tensors a module should hold so ``impl`` never builds them per call."""
+        return {}
+
     def auto_impl(self, x2d: torch.Tensor, packed: "Packed") -> str:
         """Which implementation 'auto' picks for this input (see docs/kernels.md)."""
         from ._common import triton_usable

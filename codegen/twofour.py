@@ -71,7 +71,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 4
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x K may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -185,6 +185,22 @@ def _(x, compressed, bias, n_out):
     return x.new_empty(x.shape[0], n_out)
 
 
+def crossover_from_timings(rows) -> int | None:
+    """The crossover M a planner stores in ``Packed.crossover_m`` from measured timings.
+
+    ``rows``: (M, triton_us, cusparselt_us) for one weight shape and dtype. Returns the smallest
+    measured M from which cuSPARSELt is faster at that M and every larger one measured, or None
+    (Triton everywhere) when it never is; a single faster M amid slower ones is not trusted.
+    """
+    best = None
+    for M, triton_us, cslt_us in sorted(rows, key=lambda r: r[0], reverse=True):
+        if cslt_us < triton_us:
+            best = M
+        else:
+            break
+    return best
+
+
 def cslt_reason(N: int, K: int, dtype, device) -> str | None:
     """Why cuSPARSELt cannot serve this weight (None if it can)."""
     if dtype not in CSLT_DTYPES:
@@ -237,6 +253,12 @@ class TwoFourKernels(FormatKernels):
         t = packed.tensors()
         w = expand(match_dtype(t["values"], x2d.dtype), t["meta"], packed.shape[1])
         return F.linear(x2d, w, None if bias is None else bias.to(x2d.dtype))
+
+    def prepare(self, packed, impl):
+        """On CUDA, the cuSPARSELt copy for 'auto' and 'cusparselt' (it costs ~half the dense weight)."""
+        if impl in ("auto", "cusparselt") and cslt_reason(*packed.shape, packed.dtype, packed.device) is None:
+            return {"cslt": cslt_compressed(packed)}
+        return {}
 
     def auto_impl(self, x2d, packed):
         impl = super().auto_impl(x2d, packed)

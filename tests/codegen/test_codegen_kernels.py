@@ -1,0 +1,87 @@
+"""Every Triton kernel against its plain-torch reference, on the CPU interpreter.
+
+Inputs cover M = 1, odd M, a multi-tile M, 3-D input and non-contiguous input, with and without
+bias, in fp32 and fp16 (the interpreter is not exact for bf16, which runs on the GPU bench).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsec.codegen import linear, pack
+
+# (spec, N, K, impl): shapes chosen so tiles have tails in N, K or the Monarch block size
+KERNELS = [
+    ("2:4", 48, 80, "triton"),
+    ("block:16:0.3", 64, 96, "triton"),
+    ("block:32:0.5", 64, 64, "triton"),
+    ("lowrank:12", 40, 72, "fused"),
+    ("lowrank:12", 40, 72, "gemm2"),
+    ("monarch:4", 48, 64, "fused"),
+    ("monarch:4", 48, 64, "two_launch"),
+    ("monarch:2", 40, 16, "fused"),
+    ("monarch:2", 40, 16, "two_launch"),
+]
+
+# fp32: the interpreter multiplies exactly, so only summation order differs (~1e-6 relative).
+# fp16: inputs are exact, accumulation is fp32; the output and at most one on-chip intermediate
+# (low-rank t, Monarch chunk) are rounded to fp16 (unit roundoff 4.9e-4), hence 4e-3 of scale.
+TOL = {torch.float32: 1e-4, torch.float16: 4e-3}
+
+
+def make_input(case: str, K: int, gen: torch.Generator, dtype) -> torch.Tensor:
+    if case == "M1":
+        return torch.randn(1, K, generator=gen).to(dtype)
+    if case == "odd":
+        return torch.randn(7, K, generator=gen).to(dtype)
+    if case == "tiles":
+        return torch.randn(40, K, generator=gen).to(dtype)
+    if case == "3d":
+        return torch.randn(2, 3, K, generator=gen).to(dtype)
+    if case == "strided":  # every other column of a wider tensor: stride 2 along K
+        return torch.randn(5, 2 * K, generator=gen).to(dtype)[:, ::2]
+    if case == "transposed":  # column-major 2-D input
+        return torch.randn(K, 5, generator=gen).to(dtype).t()
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("spec,N,K,impl", KERNELS, ids=[f"{s}-{i}" for s, _, _, i in KERNELS])
+def test_kernel_matches_reference(spec, N, K, impl, dtype, gen):
+    packed = pack(spec, torch.randn(N, K, generator=gen).to(dtype))
+    ref_packed = packed.to(dtype=torch.float32)
+    for case in ("M1", "odd", "tiles", "3d", "strided", "transposed"):
+        x = make_input(case, K, gen, dtype)
+        for bias in (None, torch.randn(N, generator=gen).to(dtype)):
+            y = linear(x, packed, bias, impl=impl)
+            ref = linear(x.float(), ref_packed, None if bias is None else bias.float(), impl="reference")
+            assert y.shape == (*x.shape[:-1], N) and y.dtype == dtype, case
+            scale = ref.abs().max().item()
+            torch.testing.assert_close(y.float(), ref, atol=TOL[dtype] * scale, rtol=TOL[dtype],
+                                       msg=lambda m: f"{spec} {impl} {case} bias={bias is not None}: {m}")
+
+
+def test_empty_block_rows_write_bias(gen):
+    """Rows with no kept block still get their output (the bias), written by their program."""
+    w = torch.zeros(64, 64)
+    w[:16, :16] = torch.randn(16, 16, generator=gen)   # block row 0 only; kept fraction 1/16
+    packed = pack("block:16:0.0625", w)
+    assert packed.tensors()["order"][0].item() == 0  # the only non-empty row is scheduled first
+    x = torch.randn(3, 64, generator=gen)
+    bias = torch.randn(64, generator=gen)
+    y = linear(x, packed, bias, impl="triton")
+    torch.testing.assert_close(y[:, 16:], bias[16:].expand(3, 48), atol=0, rtol=0)
+    torch.testing.assert_close(y[:, :16], x[:, :16] @ w[:16, :16].t() + bias[:16], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec,N,K", [("2:4", 32, 64), ("block:16:0.5", 32, 64), ("lowrank:8", 32, 64),
+                                      ("monarch:4", 32, 64), ("dense", 32, 64)])
+def test_auto_uses_triton_only_when_interpreting(spec, N, K, gen, monkeypatch):
+    packed = pack(spec, torch.randn(N, K, generator=gen))
+    x = torch.randn(3, K, generator=gen)
+    expected = "reference" if spec == "dense" else "triton"
+    assert packed.handler.auto_impl(x, packed) == expected
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert packed.handler.auto_impl(x, packed) == "reference"
+    torch.testing.assert_close(linear(x, packed), x @ packed.to_dense().t(), atol=1e-4, rtol=1e-4)
