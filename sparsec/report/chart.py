@@ -29,6 +29,9 @@ def family_colour(fmt: str) -> str:
     return FAMILY_COLOURS.get(family_of(fmt), _OTHER_COLOUR)
 
 
+_NICE_TICKS = (1 / 64, 1 / 32, 1 / 16, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 16.0, 32.0, 64.0)
+
+
 class _LogScale:
     """Speedup to pixel row on a log2 axis that always shows 0.5x..2x."""
 
@@ -42,11 +45,17 @@ class _LogScale:
         return TOP + (1 - frac) * (H - TOP - BOTTOM)
 
     def ticks(self) -> list[float]:
-        return [2.0 ** e for e in range(math.ceil(self.lo), math.floor(self.hi) + 1)]
+        inside = [t for t in _NICE_TICKS if self.lo <= math.log2(t) <= self.hi]
+        if len(inside) > 8:  # a wide range: octaves only
+            inside = [t for t in inside if math.log2(t).is_integer()]
+        return inside
+
+
+_X_PAD = 12  # keeps marks at 0% off the axis labels
 
 
 def _x(sparsity: float) -> float:
-    return LEFT + sparsity * (W - LEFT - RIGHT)
+    return LEFT + _X_PAD + sparsity * (W - LEFT - RIGHT - _X_PAD)
 
 
 def declared_vs_realised(report) -> str:

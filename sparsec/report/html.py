@@ -37,7 +37,7 @@ COLUMNS = (
     ("predicted_error", "pred err", "predicted relative L2 error of the layer's output"),
     ("measured_error", "meas err", "measured relative L2 error of the layer's output"),
     ("reason", "reason", "why this format"),
-    ("candidates", "candidates", "formats considered"),
+    ("candidates", "cands", "formats considered; click to show them"),
 )
 
 
@@ -210,7 +210,8 @@ def _layer_cells(i: int, layer: dict) -> dict[str, str]:
     return {
         "index": _cell(str(i), i, "num"),
         "graph": _cell(str(layer.get("graph", 0)), layer.get("graph", 0), "num"),
-        "name": _cell(layer["name"], layer["name"], "name"),
+        "name": (f'<td class="name" data-sort="{escape(layer["name"])}">'
+                 f'{_breakable(layer["name"])}</td>'),
         "shape": _cell(v.fmt_shape(layer["shape"]), n * k, "num"),
         "tokens": _cell(v.fmt_tokens(layer["tokens"]), layer["tokens"], "num"),
         "format": (f'<td data-sort="{escape(layer["format"])}"><span class="fmt" style="border-color:'
@@ -227,8 +228,14 @@ def _layer_cells(i: int, layer: dict) -> dict[str, str]:
         "measured_error": _cell(v.fmt_error(layer["measured_error"]), layer["measured_error"], "num"),
         "reason": _cell(layer["reason"], layer["reason"], "reason"),
         "candidates": (f'<td data-sort="{len(layer["candidates"])}"><button class="toggle" type="button" '
-                       f'aria-expanded="false">{len(layer["candidates"])} ({rejected} rejected)</button></td>'),
+                       f'aria-expanded="false" title="{len(layer["candidates"])} candidates, {rejected} rejected: '
+                       f'show them">{len(layer["candidates"])} ▸</button></td>'),
     }
+
+
+def _breakable(name: str) -> str:
+    """An escaped qualified name that may wrap after its dots."""
+    return ".<wbr>".join(escape(part) for part in name.split("."))
 
 
 def _speed_class(x: float | None) -> str:

@@ -1,0 +1,171 @@
+"""Terminal table and HTML page, checked without a browser: content, escaping, chart geometry."""
+
+from __future__ import annotations
+
+import re
+from html.parser import HTMLParser
+
+from report_factory import HOSTILE_NAMES, make_report
+from rich.console import Console
+
+from sparsec.report import Report, render_html, render_table
+from sparsec.report import views as v
+
+
+def _text(report, width: int = 240) -> str:
+    console = Console(record=True, width=width, color_system=None)
+    console.print(render_table(report))
+    return console.export_text()
+
+
+def test_table_shows_every_layer_totals_and_fingerprint(report_dict):
+    text = _text(Report(report_dict))
+    for layer in report_dict["layers"]:
+        assert layer["name"] in text
+        assert f"{layer['shape'][0]}x{layer['shape'][1]}" in text
+    t = report_dict["totals"]
+    assert f"{t['rewritten']} of {t['layers']} layers rewritten" in text
+    assert f"({t['predicted_speedup']:.2f}x), measured {t['measured_speedup']:.2f}x" in text
+    assert "fingerprint h200, measured on NVIDIA H200" in text
+    assert "warning: calibration data was generated" in text
+    assert "was measured on" not in text  # same device: no mismatch warning
+
+
+def test_table_row_carries_the_layer_figures(report_dict):
+    layer = next(x for x in report_dict["layers"] if x["format"] != "dense")
+    row = next(line for line in _text(Report(report_dict)).splitlines() if layer["name"] in line)
+    for figure in (layer["format"], f"{100 * layer['declared_sparsity']:.0f}%", f"{layer['predicted_speedup']:.2f}x",
+                   f"{layer['measured_speedup']:.2f}x", f"{100 * layer['predicted_error']:.2f}%",
+                   f"{layer['tokens']:,}"):
+        assert figure in row, figure
+
+
+def test_table_warns_when_fingerprint_is_from_another_device():
+    text = _text(Report(make_report(fingerprint_device="NVIDIA H100 80GB HBM3", device="NVIDIA H200")))
+    assert ("warning: fingerprint 'h200' was measured on NVIDIA H100 80GB HBM3, but the model ran on "
+            "NVIDIA H200") in " ".join(text.split())
+
+
+def test_mismatch_warning_is_not_repeated_when_the_writer_gave_one():
+    data = make_report(fingerprint_device="NVIDIA H100 80GB HBM3", device="NVIDIA H200")
+    data["warnings"].append("fingerprint measured on NVIDIA H100 80GB HBM3 used on NVIDIA H200")
+    assert len(v.all_warnings(Report(data))) == 2
+
+
+def test_table_prints_user_names_literally_and_lists_skipped_ops():
+    data = make_report(blocks=1, hostile=True)
+    data["skipped"] = [{"name": "embed_tokens", "op": "embedding", "reason": "not a linear layer"}]
+    text = _text(Report(data))
+    for name in HOSTILE_NAMES:
+        assert name in text
+    assert "not considered: embed_tokens (embedding): not a linear layer" in text
+
+
+def test_table_of_an_empty_model_says_so():
+    data = make_report(blocks=0)
+    data["layers"] = []
+    data["totals"].update(layers=0, rewritten=0, predicted_us_dense=0.0, predicted_us=0.0,
+                          predicted_speedup=None, measured_speedup=None)
+    assert "no linear layers were found" in _text(Report(data))
+
+
+# -- HTML, parsed ----------------------------------------------------------------------------------
+
+class _Elements(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.elements: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.elements.append((tag, dict(attrs)))
+
+    handle_startendtag = handle_starttag
+
+    def with_class(self, *classes: str) -> list[dict]:
+        return [a for _, a in self.elements if set(classes) <= set((a.get("class") or "").split())]
+
+
+def _parse(page: str) -> _Elements:
+    parser = _Elements()
+    parser.feed(page)
+    return parser
+
+
+def test_page_is_self_contained():
+    page = render_html(Report(make_report(blocks=1)))
+    assert not re.search(r"(src|href)\s*=", page)
+    assert "http://" not in page and "https://" not in page
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    tags = [t for t, _ in _parse(page).elements]
+    assert tags.count("script") == 1 and tags.count("style") == 1 and "link" not in tags
+
+
+def test_page_escapes_names_from_user_models():
+    page = render_html(Report(make_report(blocks=1, hostile=True)))
+    assert "<script>window.__pwned" not in page
+    assert '"><img' not in page
+    assert "&lt;script&gt;window.__pwned = 1&lt;/script&gt;" in page
+    tags = [t for t, _ in _parse(page).elements]
+    assert tags.count("script") == 1 and "img" not in tags
+
+
+def _expected_marks(data: dict) -> tuple[int, int, int]:
+    predicted = sum(1 for x in data["layers"] if x["declared_sparsity"] is not None and x["predicted_speedup"])
+    measured = sum(1 for x in data["layers"] if x["declared_sparsity"] is not None and x["measured_speedup"])
+    rejected = sum(1 for x in data["layers"] for c in x["candidates"]
+                   if c["rejected_because"] is not None and c["predicted_us"] is not None)
+    return predicted, measured, rejected
+
+
+def test_chart_has_one_mark_per_layer_and_per_costed_rejected_candidate(report_dict):
+    report_dict["layers"][0]["measured_speedup"] = None  # not timed: no measured mark
+    elements = _parse(render_html(Report(report_dict)))
+    predicted, measured, rejected = _expected_marks(report_dict)
+    assert predicted == len(report_dict["layers"])
+    assert rejected > 0
+    assert len(elements.with_class("mark", "layer", "predicted")) == predicted
+    assert len(elements.with_class("mark", "layer", "measured")) == measured == predicted - 1
+    assert len(elements.with_class("mark", "candidate", "rejected")) == rejected
+
+
+def test_chart_places_marks_by_sparsity_and_against_the_dense_line(report_dict):
+    elements = _parse(render_html(Report(report_dict)))
+    dense_y = float(next(a for t, a in elements.elements if a.get("id") == "dense-line")["y1"])
+    marks = elements.with_class("mark", "layer", "predicted")
+    layers = report_dict["layers"]
+    for mark in marks:
+        layer = layers[int(mark["data-layer"])]
+        cy = float(mark["cy"])
+        if layer["predicted_speedup"] > 1.0001:
+            assert cy < dense_y, layer["name"]  # faster than dense sits above the line
+        elif layer["predicted_speedup"] < 0.9999:
+            assert cy > dense_y, layer["name"]
+        else:
+            assert abs(cy - dense_y) < 0.2
+    by_sparsity = sorted(marks, key=lambda m: layers[int(m["data-layer"])]["declared_sparsity"])
+    xs = [float(m["cx"]) for m in by_sparsity]
+    assert xs == sorted(xs) and xs[0] < xs[-1]
+    slow = [m for m in elements.with_class("mark", "candidate", "rejected")]
+    assert any(float(m["cy"]) > dense_y for m in slow)  # candidates predicted slower than dense are shown
+
+
+def test_budget_section_splits_the_combined_error_by_layer(report_dict):
+    spend = v.budget_spend(Report(report_dict))
+    rewritten = [x for x in report_dict["layers"] if x["format"] != "dense"]
+    assert len(spend.shares) == len(rewritten)
+    assert abs(sum(s.share for s in spend.shares) - 1.0) < 1e-12  # squared shares add up exactly
+    combined = sum(x["predicted_error"] ** 2 for x in rewritten) ** 0.5
+    assert abs(spend.predicted_combined - combined) < 1e-15
+    page = render_html(Report(report_dict))
+    assert f"to {v.fmt_error(combined)}" in page
+    widths = [float(a["width"]) for a in _parse(page).with_class("budget-share")]
+    assert len(widths) == len(rewritten)
+    # Bar segments split the bar as the table's shares do (widths are rounded to 0.1 px).
+    for width, share in zip(sorted(widths), sorted(s.share for s in spend.shares)):
+        assert abs(width / sum(widths) - share) < 1e-3
+
+
+def test_save_html_writes_the_page(tmp_path, report_dict):
+    report = Report(report_dict)
+    path = report.save(tmp_path / "r.html")
+    assert path.read_text(encoding="utf-8") == render_html(report)
