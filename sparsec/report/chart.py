@@ -33,21 +33,31 @@ _NICE_TICKS = (1 / 64, 1 / 32, 1 / 16, 0.125, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.
 
 
 class _LogScale:
-    """Speedup to pixel row on a log2 axis that always shows 0.5x..2x."""
+    """Speedup to pixel row on a log2 axis that always shows 0.5x..2x and at most 1/64x..64x;
+    a value beyond that is drawn on the edge (its tooltip keeps the real figure)."""
+
+    LIMIT = 6.0  # log2 of the widest speedup or slowdown drawn in place
 
     def __init__(self, values: list[float]):
-        lo = min([0.5, *values])
-        hi = max([2.0, *values])
-        self.lo, self.hi = math.log2(lo) - 0.15, math.log2(hi) + 0.15
+        logs = [math.log2(v) for v in values]
+        lo = max(min([-1.0, *logs]), -self.LIMIT)
+        hi = min(max([1.0, *logs]), self.LIMIT)
+        self.lo, self.hi = lo - 0.15, hi + 0.15
+
+    def clipped(self, speedup: float) -> bool:
+        return not (-self.LIMIT <= math.log2(speedup) <= self.LIMIT)
 
     def __call__(self, speedup: float) -> float:
-        frac = (math.log2(speedup) - self.lo) / (self.hi - self.lo)
+        value = min(max(math.log2(speedup), -self.LIMIT), self.LIMIT)
+        frac = (value - self.lo) / (self.hi - self.lo)
         return TOP + (1 - frac) * (H - TOP - BOTTOM)
 
     def ticks(self) -> list[float]:
         inside = [t for t in _NICE_TICKS if self.lo <= math.log2(t) <= self.hi]
         if len(inside) > 8:  # a wide range: octaves only
             inside = [t for t in inside if math.log2(t).is_integer()]
+        if len(inside) > 8:  # wider still: every other octave, 1x included
+            inside = [t for t in inside if int(math.log2(t)) % 2 == 0]
         return inside
 
 
@@ -58,8 +68,9 @@ def _x(sparsity: float) -> float:
     return LEFT + _X_PAD + sparsity * (W - LEFT - RIGHT - _X_PAD)
 
 
-def declared_vs_realised(report) -> str:
-    """The SVG of declared sparsity against predicted and measured speedup."""
+def declared_vs_realised(report) -> tuple[str, set[str]]:
+    """The SVG of declared sparsity against predicted and measured speedup, and the colours
+    of the format families it draws (for the legend)."""
     points = []  # (kind, layer index, x, speedup, colour, tooltip)
     for i, layer in enumerate(report.layers):
         sparsity = layer["declared_sparsity"]
@@ -85,9 +96,11 @@ def declared_vs_realised(report) -> str:
     out.append(_links(report, y))
     order = {"candidate rejected": 0, "layer predicted": 1, "layer measured": 2}
     for kind, i, x, speed, colour, tip in sorted(points, key=lambda p: order[p[0]]):
+        if y.clipped(speed):
+            kind, tip = f"{kind} clipped", f"{tip} (off the scale)"
         out.append(_mark(kind, i, _x(x), y(speed), colour, tip))
     out.append("</svg>")
-    return "".join(out)
+    return "".join(out), {p[4] for p in points}
 
 
 def _axes(y: _LogScale) -> list[str]:
@@ -95,7 +108,7 @@ def _axes(y: _LogScale) -> list[str]:
     out = [f'<rect class="plot" x="{x0}" y="{y0}" width="{x1 - x0}" height="{y1 - y0}"/>']
     for tick in y.ticks():
         ty = y(tick)
-        label = f"{tick:g}x"
+        label = f"1/{round(1 / tick)}x" if tick < 0.125 else f"{tick:g}x"
         out.append(f'<line class="grid" x1="{x0}" x2="{x1}" y1="{ty:.1f}" y2="{ty:.1f}"/>'
                    f'<text class="tick" x="{x0 - 6}" y="{ty + 4:.1f}" text-anchor="end">{label}</text>')
     for pct in range(0, 101, 25):
@@ -128,11 +141,11 @@ def _links(report, y: _LogScale) -> str:
 def _mark(kind: str, layer_index: int, cx: float, cy: float, colour: str, tip: str) -> str:
     title = f"<title>{escape(tip)}</title>"
     common = f'class="mark {kind}" data-layer="{layer_index}"'
-    if kind == "layer measured":
+    if kind.startswith("layer measured"):
         r = 6
         pts = f"{cx:.1f},{cy - r:.1f} {cx + r:.1f},{cy:.1f} {cx:.1f},{cy + r:.1f} {cx - r:.1f},{cy:.1f}"
         return f'<polygon {common} points="{pts}" fill="{colour}">{title}</polygon>'
-    if kind == "candidate rejected":
+    if kind.startswith("candidate rejected"):
         return f'<circle {common} cx="{cx:.1f}" cy="{cy:.1f}" r="5" style="stroke:{colour}">{title}</circle>'
     return f'<circle {common} cx="{cx:.1f}" cy="{cy:.1f}" r="6" fill="{colour}">{title}</circle>'
 

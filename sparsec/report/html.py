@@ -121,9 +121,7 @@ def _summary(report) -> str:
 
 
 def _chart_section(report) -> str:
-    families = sorted({chart.family_colour(layer["format"]) for layer in report.layers}
-                      | {chart.family_colour(c["format"]) for layer in report.layers
-                         for c in v.rejected_candidates(layer)})
+    svg, families = chart.declared_vs_realised(report)
     swatches = "".join(
         f'<span class="swatch" style="background:{colour}"></span>{escape(name)} '
         for name, colour in chart.FAMILY_COLOURS.items() if colour in families)
@@ -135,7 +133,7 @@ def _chart_section(report) -> str:
     return ('<section id="chart" class="panel wide"><h2>Declared vs realised</h2>'
             '<p class="hint">Sparsity a format declares against the speedup it predicts and, when timed, '
             'realises on this substrate. Below the dashed line a layer would be slower than dense.</p>'
-            f"{chart.declared_vs_realised(report)}{legend}</section>")
+            f"{svg}{legend}</section>")
 
 
 def _budget_section(report) -> str:

@@ -32,6 +32,12 @@ def device_mismatch(report) -> str | None:
     measured_on = report.fingerprint.get("device")
     if not ran_on or not measured_on:
         return None
+    if _normalise(ran_on) in _BARE_KINDS:
+        # Only the kind of device is known ("cpu"): compare kinds, not names.
+        if (_normalise(ran_on) == "cpu") != _looks_like_cpu(measured_on):
+            return (f"fingerprint {report.fingerprint['name']!r} was measured on {measured_on}, but the "
+                    f"model ran on a {ran_on} device: predictions do not hold here")
+        return None
     if _normalise(ran_on) == _normalise(measured_on):
         return None
     return (f"fingerprint {report.fingerprint['name']!r} was measured on {measured_on}, but the "
@@ -137,7 +143,9 @@ def skipped(report) -> list[dict]:
 
 # -- number formatting ----------------------------------------------------------------------------
 def fmt_speedup(x: Any) -> str:
-    return DASH if x is None else f"{x:.2f}x"
+    if x is None:
+        return DASH
+    return f"{x:.2g}x" if 0 < x < 0.1 else f"{x:.2f}x"
 
 
 def fmt_fraction(x: Any) -> str:
@@ -164,6 +172,15 @@ def fmt_shape(shape: list[int]) -> str:
 
 def fmt_tokens(x: Any) -> str:
     return DASH if x is None else f"{x:,}"
+
+
+_BARE_KINDS = ("cpu", "cuda", "gpu", "mps", "xpu")
+_ACCELERATOR_WORDS = ("nvidia", "tesla", "geforce", "quadro", "rtx", "radeon", "instinct", "gpu", "cuda")
+
+
+def _looks_like_cpu(device: str) -> bool:
+    name = _normalise(device)
+    return not any(word in name for word in _ACCELERATOR_WORDS)
 
 
 def _normalise(device: str) -> str:
