@@ -86,8 +86,14 @@ def m_bucket(M: int) -> int:
 
 
 def tl_dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs use tf32 tensor cores (fp32 accumulation); 16-bit inputs are exact products."""
-    return "tf32" if dtype == torch.float32 else "ieee"
+    """fp32 inputs use tf32 tensor cores; 16-bit inputs ignore the setting (exact products,
+    fp32 accumulation either way), so one compiled variant serves every dtype's rule."""
+    return "tf32"
+
+
+def autotune_enabled() -> bool:
+    """``SPARSEC_AUTOTUNE=0`` takes each shape's first admissible config instead of timing them all."""
+    return os.environ.get("SPARSEC_AUTOTUNE", "1") != "0" and not interpret_mode()
 
 
 _LANGUAGE_SWAPS: dict | None = None
@@ -131,8 +137,8 @@ class LazyKernel:
     """A Triton kernel decorated at first use, once for the GPU compiler and once for the interpreter.
 
     ``configs`` is None for a plain ``triton.jit`` kernel, else a list of ``triton.Config`` that
-    ``prune`` (configs, named_args) filters for the launch's shape; under the interpreter only
-    the first surviving config is kept, since timing configs there measures nothing.
+    ``prune`` (configs, named_args) filters for the launch's shape; under the interpreter (where
+    timing measures nothing) or with SPARSEC_AUTOTUNE=0 only the first surviving config is kept.
     """
 
     def __init__(self, fn: Callable, configs: Sequence | None = None, key: Sequence[str] = (),
@@ -149,7 +155,7 @@ class LazyKernel:
         kept = [c for c in configs if self.prune is None or self.prune(c, args)]
         if not kept:
             kept = list(configs[:1])
-        if interpret_mode():
+        if not autotune_enabled():
             kept = kept[:1]
         return kept
 

@@ -75,13 +75,10 @@ def _fused_kernel(x_ptr, u_ptr, v_ptr, y_ptr, M, N, K, R,
 
 
 def _fused_configs():
-    out = []
-    for br in (16, 32, 64):
-        for bk in (128, 256):
-            for split in (1, 2, 4):
-                out.append(triton.Config({"BLOCK_M": 16, "BLOCK_R": br, "BLOCK_K": bk, "BLOCK_N": 64,
-                                          "N_SPLIT": split}, num_warps=4, num_stages=3))
-    return out
+    # (rank slice, n-splits): more programs for small ranks at the price of re-reading V slices
+    shapes = ((16, 1), (16, 2), (16, 4), (32, 2), (32, 4))
+    return [triton.Config({"BLOCK_M": 16, "BLOCK_R": br, "BLOCK_K": 256, "BLOCK_N": 64, "N_SPLIT": split},
+                          num_warps=4, num_stages=3) for br, split in shapes]
 
 
 def _fused_keep(config, args) -> bool:

@@ -1,0 +1,380 @@
+"""Kernel benchmark: every sparsec.codegen kernel next to cuBLAS dense, against its physical floor.
+
+Run on a CUDA device (one call does everything)::
+
+    python bench/kernels.py --out results.json
+
+For N x K in {4096x4096, 14336x4096, 4096x14336} and M in {1, 16, 128, 1024, 8192}, bf16:
+  * measures the copy bandwidth (device-to-device copy, bytes read + written) and the dense
+    peak (8192^3 bf16 matmul on random data) on this device first;
+  * times dense (torch's linear, cuBLAS) and each format's implementations, all under CUDA-graph
+    replay, the median of many replays after warm-up, with enough copies of the weights and
+    inputs rotated through the graph that the working set is several times L2;
+  * reports speedup over dense and the fraction of the format's floor reached: floor = max(bytes
+    moved / copy bandwidth, useful FLOPs / dense peak), bytes = stored weight (values + metadata)
+    + x + y, FLOPs counted on stored values only (2:4 at the dense rate: its floor assumes the
+    sparse tensor cores' 2x).
+Before timing, each kernel is checked on the GPU in bf16, fp16 and fp32 against a float64
+reference (relative L2 error), including a 3-D non-contiguous input with bias.
+
+``--smoke`` runs the same code on tiny shapes on the CPU under the Triton interpreter (no
+timing meaning) so the script itself can be checked anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]
+TOKENS = [1, 16, 128, 1024, 8192]
+ROTATE_BYTES = 256 << 20          # working set per timed graph: ~4x the H200's 60 MB L2
+MAX_COPIES = 48
+# relative L2 error a correct kernel stays under: bf16 operands 1e-3..1e-2 (8 mantissa bits),
+# fp16 ~1e-3, fp32 through tf32 ~3e-4 (METHOD.md's bands, with a 2x margin)
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 2e-3}
+
+
+def _import_codegen():
+    try:
+        from sparsec import codegen  # noqa: F401
+    except ImportError:  # a checkout that is not pip-installed: map codegen/ to sparsec.codegen
+        import importlib.util
+
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        sys.path.insert(0, root)
+        spec = importlib.util.spec_from_file_location(
+            "sparsec.codegen", os.path.join(root, "codegen", "__init__.py"),
+            submodule_search_locations=[os.path.join(root, "codegen")])
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules["sparsec.codegen"] = mod
+        spec.loader.exec_module(mod)
+    from sparsec import codegen
+
+    return codegen
+
+
+codegen = _import_codegen()
+from sparsec.codegen import Packed, linear, pack  # noqa: E402
+from sparsec.codegen.twofour import crossover_from_timings  # noqa: E402
+from sparsec.formats import parse_spec  # noqa: E402
+
+
+# ------------------------------------------------------------------------------ formats
+def formats_for(N: int, K: int) -> list[str]:
+    """The formats the issue's targets name, at parameters this shape accepts."""
+    out = ["2:4", "block:64:0.25", f"lowrank:{min(N, K) // 4}"]
+    for nb in (64, 32, 16, 8):
+        if codegen.check(f"monarch:{nb}", N, K) is None:
+            out.append(f"monarch:{nb}")
+            break
+    return out
+
+
+def impls_for(spec: str, device) -> list[str]:
+    family = parse_spec(spec).family
+    return {"2:4": ["triton", "cusparselt"] if device.type == "cuda" else ["triton"],
+            "block": ["triton"], "lowrank": ["fused", "gemm2"], "monarch": ["fused", "two_launch"]}[family]
+
+
+def make_packed(spec: str, N: int, K: int, dtype, device, gen) -> Packed:
+    """Random, never-zero data in the format (factors drawn directly for lowrank and monarch)."""
+    family = parse_spec(spec).family
+    if family == "lowrank":
+        R = int(spec.split(":")[1])
+        u = torch.randn(N, R, generator=gen, device=device) / math.sqrt(R)
+        v = torch.randn(R, K, generator=gen, device=device) / math.sqrt(K)
+        return Packed.from_tensors(spec, (N, K), {"u": u.to(dtype), "v": v.to(dtype)})
+    if family == "monarch":
+        nb = int(spec.split(":")[1])
+        p, n = K // nb, N // nb
+        L = torch.randn(nb, p, p, generator=gen, device=device) / math.sqrt(p)
+        R = torch.randn(nb, n, p, generator=gen, device=device) / math.sqrt(p)
+        return Packed.from_tensors(spec, (N, K), {"L": L.to(dtype), "R": R.to(dtype)})
+    w = torch.randn(N, K, generator=gen, device=device) / math.sqrt(K)
+    return pack(spec, w.to(dtype))
+
+
+def useful_flops(spec: str, M: int, N: int, K: int) -> float:
+    family = parse_spec(spec).family
+    if family == "dense":
+        return 2.0 * M * N * K
+    if family == "2:4":
+        return 2.0 * M * N * K / 2
+    if family == "block":
+        return 2.0 * M * N * K * float(spec.split(":")[2])
+    if family == "lowrank":
+        return 2.0 * M * int(spec.split(":")[1]) * (N + K)
+    nb = int(spec.split(":")[1])
+    return 2.0 * M * (K // nb) * (K + N)
+
+
+# ------------------------------------------------------------------------------ timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(calls, device, replays: int) -> float:
+    """Median microseconds per call; on CUDA all calls are captured in one graph and replayed."""
+    for c in calls:  # warm-up: compile, autotune, cuSPARSELt algorithm search
+        c()
+    _sync(device)
+    if device.type != "cuda":
+        t0 = time.perf_counter()
+        for c in calls:
+            c()
+        return (time.perf_counter() - t0) / len(calls) * 1e6
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        for c in calls:
+            c()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    _sync(device)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def measure_copy_bandwidth(device, smoke: bool) -> float:
+    n = (1 << 20) if smoke else (1 << 30)  # bytes per buffer
+    src = torch.randn(n // 4, device=device)
+    dst = torch.empty_like(src)
+    us = time_calls([lambda: dst.copy_(src)], device, replays=5 if smoke else 20)
+    return 2 * n / (us * 1e-6) / 1e9
+
+
+def measure_dense_peak(device, smoke: bool) -> float:
+    n = 256 if smoke else 8192
+    gen = torch.Generator(device=device).manual_seed(7)
+    dtype = torch.float32 if smoke else torch.bfloat16
+    a = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    b = torch.randn(n, n, generator=gen, device=device).to(dtype)
+    us = time_calls([lambda: torch.mm(a, b)], device, replays=3 if smoke else 20)
+    return 2.0 * n ** 3 / (us * 1e-6) / 1e12
+
+
+# ------------------------------------------------------------------------------ correctness
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return float((y.double() - ref).norm() / ref.norm())
+
+
+def check_correctness(device, smoke: bool) -> list[dict]:
+    """Each kernel and implementation vs float64 on the same packed weight, per dtype."""
+    gen = torch.Generator(device=device).manual_seed(11)
+    N, K = (48, 64) if smoke else (768, 1024)
+    dtypes = [torch.float32, torch.float16] if smoke else [torch.bfloat16, torch.float16, torch.float32]
+    rows = []
+    cases = {torch.bfloat16: ("M1", "M37", "M300", "3d-strided"), torch.float16: ("M37", "3d-strided"),
+             torch.float32: ("M37",)}
+    for spec in ("2:4", "block:16:0.3", "block:64:0.25", "block:128:0.5", "lowrank:64" if not smoke else "lowrank:8",
+                 "monarch:8" if not smoke else "monarch:4", "monarch:4" if not smoke else "monarch:2"):
+        if codegen.check(spec, N, K):
+            continue
+        for dtype in dtypes:
+            packed = make_packed(spec, N, K, dtype, device, gen)
+            dense64 = packed.to_dense().double()
+            bias = torch.randn(N, generator=gen, device=device).to(dtype)
+            for impl in impls_for(spec, device):
+                if impl == "cusparselt" and dtype == torch.float32:
+                    continue
+                for case in cases[dtype]:
+                    if case == "3d-strided":
+                        x = torch.randn(3, 5, 2 * K, generator=gen, device=device).to(dtype)[..., ::2]
+                    else:
+                        x = torch.randn(int(case[1:]), K, generator=gen, device=device).to(dtype)
+                    y = linear(x, packed, bias, impl=impl)
+                    ref = x.double() @ dense64.t() + bias.double()
+                    err = rel_err(y, ref)
+                    ok = err <= REL_TOL[dtype] and y.dtype == dtype and y.shape == ref.shape
+                    rows.append({"spec": spec, "impl": impl, "dtype": str(dtype).replace("torch.", ""),
+                                 "case": case, "rel_err": err, "ok": bool(ok)})
+    return rows
+
+
+# ------------------------------------------------------------------------------ benchmark
+def bench_case(spec, impl, N, K, M, dtype, device, gen, bw_GBps, peak_tflops, smoke):
+    """Time one (format, impl) at one shape; returns a result row."""
+    one = make_packed(spec, N, K, dtype, device, gen) if spec != "dense" else None
+    weight_bytes = one.nbytes if one is not None else N * K * dtype.itemsize
+    io_bytes = (M * K + M * N) * dtype.itemsize
+    copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (weight_bytes + io_bytes))))
+    if smoke:
+        copies = 2
+    xs = [torch.randn(M, K, generator=gen, device=device).to(dtype) for _ in range(copies)]
+    if spec == "dense":
+        ws = [(torch.randn(N, K, generator=gen, device=device) / math.sqrt(K)).to(dtype) for _ in range(copies)]
+        calls = [lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)]
+    else:
+        packs = [one] + [Packed(one.spec, one.shape, {k: v.clone() for k, v in one.tensors().items()})
+                         for _ in range(copies - 1)]
+        calls = [lambda x=x, p=p: linear(x, p, impl=impl) for x, p in zip(xs, packs)]
+    replays = 3 if smoke else (30 if M <= 128 else 10)
+    us = time_calls(calls, device, replays)
+    mem_us = (weight_bytes + io_bytes) / (bw_GBps * 1e3)
+    flop_us = useful_flops(spec, M, N, K) / (peak_tflops * 1e6)
+    floor_us = max(mem_us, flop_us)
+    return {"spec": spec, "impl": impl, "N": N, "K": K, "M": M, "us": us, "weight_bytes": weight_bytes,
+            "floor_us": floor_us, "bound": "memory" if mem_us >= flop_us else "compute",
+            "floor_fraction": floor_us / us, "copies": copies}
+
+
+def targets(results: list[dict]) -> list[dict]:
+    """The issue's targets, each with the measured value and whether it was met."""
+    def best(spec_prefix, N, K, M):
+        rows = [r for r in results if r["spec"].startswith(spec_prefix) and (r["N"], r["K"], r["M"]) == (N, K, M)]
+        return min(rows, key=lambda r: r["us"]) if rows else None
+
+    def speedup(spec_prefix, N, K, M):
+        d, f = best("dense", N, K, M), best(spec_prefix, N, K, M)
+        return (d["us"] / f["us"], f["impl"]) if d and f else (None, None)
+
+    out = []
+
+    def add(name, value, goal, impl=None):
+        out.append({"target": name, "measured": value, "goal": goal, "impl": impl,
+                    "met": value is not None and value >= goal})
+
+    for M, goal in ((1, 1.6), (8192, 1.45)):
+        s, impl = speedup("2:4", 14336, 4096, M)
+        add(f"2:4 speedup, 14336x4096, M={M}", s, goal, impl)
+    for M in (1, 16):
+        for N, K in SHAPES:
+            s, impl = speedup("block:64:0.25", N, K, M)
+            add(f"block:64:0.25 speedup, {N}x{K}, M={M}", s, 3.0, impl)
+    for N, K in SHAPES:
+        s, impl = speedup("block:64:0.25", N, K, 8192)
+        add(f"block:64:0.25 speedup, {N}x{K}, M=8192", s, 2.5, impl)
+    for M in TOKENS:
+        s, impl = speedup("lowrank", 4096, 4096, M)
+        add(f"lowrank:1024 speedup, 4096x4096, M={M}", s, 1.0, impl)
+        s, impl = speedup("monarch:64", 4096, 4096, M)
+        add(f"monarch:64 speedup, 4096x4096, M={M}", s, 1.0, impl)
+    for r in results:
+        if r["spec"] != "dense" and r["M"] <= 16:
+            add(f"{r['spec']} [{r['impl']}] floor fraction, {r['N']}x{r['K']}, M={r['M']}",
+                r["floor_fraction"], 0.85, r["impl"])
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="kernels.json")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
+    args = ap.parse_args(argv)
+    if args.smoke:
+        os.environ["TRITON_INTERPRET"] = "1"
+        device = torch.device("cpu")
+        shapes, tokens, dtype = [(64, 128)], [1, 16], torch.float32
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench/kernels.py needs a CUDA device (or --smoke)")
+        device = torch.device("cuda")
+        shapes, tokens, dtype = SHAPES, TOKENS, torch.bfloat16
+    import triton
+
+    t_start = time.time()
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu (interpreter)",
+            "torch": torch.__version__, "triton": triton.__version__,
+            "cuda": torch.version.cuda, "dtype": str(dtype).replace("torch.", "")}
+    print(f"# {meta}", flush=True)
+    meta["copy_GBps"] = measure_copy_bandwidth(device, args.smoke)
+    meta["peak_tflops"] = measure_dense_peak(device, args.smoke)
+    print(f"# copy {meta['copy_GBps']:.0f} GB/s, dense peak {meta['peak_tflops']:.0f} TFLOP/s", flush=True)
+
+    os.environ["SPARSEC_AUTOTUNE"] = "0"  # correctness needs no tuning: one config per shape class
+    correctness = check_correctness(device, args.smoke)
+    os.environ["SPARSEC_AUTOTUNE"] = "1"
+    bad = [r for r in correctness if not r["ok"]]
+    print(f"# correctness: {len(correctness) - len(bad)}/{len(correctness)} within tolerance", flush=True)
+    for r in bad:
+        print(f"#   FAIL {r}", flush=True)
+
+    gen = torch.Generator(device=device).manual_seed(3)
+    results = []
+    for N, K in shapes:
+        specs = ["dense"] + (formats_for(N, K) if not args.smoke else ["2:4", "block:16:0.25", "lowrank:16", "monarch:4"])
+        for M in tokens:
+            for spec in specs:
+                for impl in (["cublas"] if spec == "dense" else impls_for(spec, device)):
+                    try:
+                        row = bench_case(spec, impl, N, K, M, dtype, device, gen, meta["copy_GBps"],
+                                         meta["peak_tflops"], args.smoke)
+                    except Exception as exc:  # noqa: BLE001 - a failing kernel is reported, not fatal
+                        row = {"spec": spec, "impl": impl, "N": N, "K": K, "M": M, "us": None,
+                               "error": f"{type(exc).__name__}: {exc}"[:300]}
+                        print(f"# ERROR {row}", flush=True)
+                    results.append(row)
+            dense_us = next(r["us"] for r in results if r["spec"] == "dense" and (r["N"], r["K"], r["M"]) == (N, K, M))
+            for r in results:
+                if (r["N"], r["K"], r["M"]) == (N, K, M) and r.get("us"):
+                    r["speedup"] = dense_us / r["us"]
+            print(f"# done {N}x{K} M={M} ({time.time() - t_start:.0f}s)", flush=True)
+
+    ok_results = [r for r in results if r.get("us")]
+    crossovers = {}
+    for N, K in shapes:
+        for spec in (formats_for(N, K) if not args.smoke else []):
+            impls = impls_for(spec, device)
+            if len(impls) != 2:
+                continue
+            rows = []
+            for M in tokens:
+                a = [r["us"] for r in ok_results if (r["spec"], r["impl"], r["N"], r["K"], r["M"]) == (spec, impls[0], N, K, M)]
+                b = [r["us"] for r in ok_results if (r["spec"], r["impl"], r["N"], r["K"], r["M"]) == (spec, impls[1], N, K, M)]
+                if a and b:
+                    rows.append((M, a[0], b[0]))
+            crossovers[f"{spec} {N}x{K}: {impls[1]} from M"] = crossover_from_timings(rows)
+    report = {"meta": meta, "correctness": correctness, "results": results,
+              "targets": targets(ok_results) if not args.smoke else [], "crossovers": crossovers,
+              "elapsed_s": time.time() - t_start}
+    tmp = args.out + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(report, f, indent=1)
+    os.replace(tmp, args.out)
+
+    print("\n## Targets")
+    for t in report["targets"]:
+        if t["target"].startswith(("2:4 speedup", "block", "lowrank", "monarch")) and "floor" not in t["target"]:
+            v = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
+            print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {v} (goal {t['goal']}, {t['impl']})")
+    misses = [t for t in report["targets"] if "floor" in t["target"] and not t["met"]]
+    print(f"floor fraction >= 0.85 at M<=16: {sum(1 for t in report['targets'] if 'floor' in t['target']) - len(misses)} met, {len(misses)} missed")
+    print(f"crossovers: {crossovers}")
+    print("\n## Kernels (us; speedup vs cuBLAS; fraction of floor)")
+    print(f"{'shape':>11} {'M':>5} {'format':>14} {'impl':>10} {'us':>9} {'x dense':>7} {'floor%':>6}")
+    for r in results:
+        if r.get("us") is None:
+            print(f"{r['N']}x{r['K']:<6} {r['M']:>5} {r['spec']:>14} {r['impl']:>10}  ERROR {r.get('error', '')[:60]}")
+            continue
+        print(f"{r['N']:>5}x{r['K']:<5} {r['M']:>5} {r['spec']:>14} {r['impl']:>10} {r['us']:>9.1f} "
+              f"{r.get('speedup', 0):>7.2f} {100 * r['floor_fraction']:>5.0f}%")
+    print(f"# elapsed {report['elapsed_s']:.0f}s; full results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()
