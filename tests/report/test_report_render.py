@@ -169,3 +169,23 @@ def test_save_html_writes_the_page(tmp_path, report_dict):
     report = Report(report_dict)
     path = report.save(tmp_path / "r.html")
     assert path.read_text(encoding="utf-8") == render_html(report)
+
+
+def test_device_kind_alone_is_compared_as_a_kind():
+    same_kind = make_report(device="cpu", fingerprint_device="AMD EPYC 7B13 64-Core Processor")
+    assert v.device_mismatch(Report(same_kind)) is None
+    other_kind = make_report(device="cpu", fingerprint_device="NVIDIA H200")
+    assert "ran on a cpu device" in v.device_mismatch(Report(other_kind))
+
+
+def test_speedups_off_the_scale_are_drawn_on_its_edge(report_dict):
+    layer = report_dict["layers"][0]
+    layer["candidates"].append({"format": "2:4", "predicted_us": layer["predicted_us_dense"] * 400,
+                                "predicted_error": None, "rejected_because": "predicted 0.0025x"})
+    elements = _parse(render_html(Report(report_dict)))
+    clipped = elements.with_class("mark", "candidate", "rejected", "clipped")
+    assert len(clipped) == 1
+    plot = next(a for t, a in elements.elements if (a.get("class") or "") == "plot")
+    bottom = float(plot["y"]) + float(plot["height"])
+    assert float(plot["y"]) < float(clipped[0]["cy"]) <= bottom
+    assert not elements.with_class("mark", "layer", "predicted", "clipped")
