@@ -57,6 +57,7 @@ class Grid:
     copy_bytes: int
     granule_base: int
     cache_rows: int
+    max_copies: int = 32  # rotation: most input/weight copies one pass cycles through
 
     def describe(self) -> dict:
         return {"name": self.name, "M": list(self.Ms), "shapes": [list(s) for s in self.shapes],
@@ -75,15 +76,18 @@ GRIDS = {
     "cuda": Grid("cuda", tuple(2**i for i in range(15)),
                  _shapes((512, 1024, 2048, 4096, 8192, 16384), (512, 1024, 2048, 4096)),
                  max_variants=12, policy=TimingPolicy(repeats=15, min_repeats=5, point_budget_s=0.03),
-                 peak_sizes=(4096, 8192), copy_bytes=1 << 30, granule_base=4096, cache_rows=1 << 20),
+                 peak_sizes=(4096, 8192), copy_bytes=1 << 30, granule_base=4096, cache_rows=1 << 20,
+                 max_copies=96),
     # A 2-core CPU: powers of 4 in M, shapes to 4096, two settings per family.
     "cpu": Grid("cpu", (1, 4, 16, 64, 256, 1024),
                 _shapes((512, 1024, 2048, 4096), (256, 1024)),
-                max_variants=2, policy=TimingPolicy(repeats=7, min_repeats=3, min_sample_s=2e-3, point_budget_s=0.08),
+                max_variants=2, policy=TimingPolicy(repeats=7, min_repeats=3, min_sample_s=2e-3, point_budget_s=0.08,
+                                    statistic="min"),
                 peak_sizes=(1024, 2048), copy_bytes=1 << 28, granule_base=1024, cache_rows=1 << 18),
     # Seconds, for tests of the harness itself.
     "tiny": Grid("tiny", (1, 8), ((256, 256), (512, 128)), max_variants=1,
-                 policy=TimingPolicy(repeats=3, min_repeats=2, warmup=1, min_sample_s=1e-4, point_budget_s=0.002),
+                 policy=TimingPolicy(repeats=3, min_repeats=2, warmup=1, min_sample_s=1e-4, point_budget_s=0.002,
+                                     statistic="min"),
                  peak_sizes=(128,), copy_bytes=1 << 20, granule_base=128, cache_rows=1 << 10),
 }
 
@@ -117,6 +121,9 @@ def _atomic_write(path: Path, doc: dict) -> None:
         with os.fdopen(fd, "w") as f:
             json.dump(doc, f, indent=1)
             f.write("\n")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a fingerprint is not
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -189,7 +196,7 @@ class Harness:
         entries = []
         for M in self.grid.Ms:
             self.check_budget()
-            r = rotation_count(wbytes + (M * K + M * N) * esize, self.rotation_bytes)
+            r = rotation_count(wbytes + (M * K + M * N) * esize, self.rotation_bytes, self.grid.max_copies)
             while len(weights) < r:
                 weights.append(fam.build(job.variant, N, K, dtype, self.device, gen)[0])
             xs = [torch.randn(M, K, generator=gen, device=self.device, dtype=torch.float32).to(dtype) for _ in range(r)]
@@ -266,7 +273,9 @@ def _new_document(name: str, grid: Grid, kind: str, policy: TimingPolicy, timer:
         on = f"1 GPU ({device['name']}, {device['sms']} SMs)"
     else:
         rotation = 2 * (_cpu_llc_bytes() or 32 << 20)
-        on = f"a {device['cores']}-core CPU machine ({device['name']})"
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        on = f"a {device['cores']}-core CPU machine ({device['name']})" + (
+            f", load average {load:.1f} when the measurement started" if load is not None else "")
     method = policy.describe(timer)
     method.update(rotation_bytes=rotation, seconds=0.0, float32_matmul=torch.get_float32_matmul_precision())
     return {

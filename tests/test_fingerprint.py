@@ -319,3 +319,17 @@ def test_list_shows_shipped_and_user(fake_shipped):
                                                      "mine": "user", "broken": "user"}
     assert rows["h100"]["device"] == "NVIDIA H100 80GB HBM3" and rows["h100"]["complete"] is True
     assert "not valid JSON" in rows["broken"]["error"]
+
+
+def test_fastest_implementation_answers_and_is_named():
+    """Two implementations of one format: the faster one at the query answers, by name."""
+    data = synthetic(families=("dense", "lowrank"), rank_fracs=(0.25,))
+    launchy = [dict(e, kernel="two-launch", us=e["us"] * 0.5 + 40.0) for e in data["kernels"]["lowrank"]]
+    data["kernels"]["lowrank"] += launchy  # slower at small M (+40 us), twice as fast at large M
+    fp = Fingerprint(data)
+    small = fp.predict_detail("lowrank:256", 1, 1024, 1024, "float32")
+    large = fp.predict_detail("lowrank:256", 8192, 1024, 1024, "float32")
+    assert small.kernel == "sparsec-lowrank" and large.kernel == "two-launch"
+    base = Fingerprint(synthetic(families=("dense", "lowrank"), rank_fracs=(0.25,)))
+    assert small.us == pytest.approx(base.predict("lowrank:256", 1, 1024, 1024, "float32"), rel=EXACT)
+    assert large.us == pytest.approx(base.predict("lowrank:256", 8192, 1024, 1024, "float32") * 0.5 + 40, rel=EXACT)

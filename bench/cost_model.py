@@ -1,0 +1,216 @@
+"""Held-out check of the cost model: measure shapes that are not on the fingerprint's grid and
+compare each with ``Fingerprint.predict``.
+
+For every kernel family in the fingerprint, layer shapes of real models (N x K off the grid,
+M between grid points, format settings between measured ones) are drawn with a fixed seed and
+timed exactly as ``sparsec fingerprint measure`` times its grid (same clock, rotation and
+statistic), using the implementation the prediction names. Reported: per family and mode, and
+overall, the median and 90th percentile of |predicted - measured| / measured.
+
+Run on the device the fingerprint describes, right after measuring it, or measure first in the
+same process (``--measure``, which resumes a partial file)::
+
+    python3 bench/cost_model.py --fingerprint fingerprints/h200.json --out results/cost_model_h200.json
+    python3 bench/cost_model.py --measure fingerprints/h200.json --name h200 --out $OUT/cost_model_h200.json
+
+Works from a plain checkout too (no ``pip install``): the package directories are mapped as
+pyproject.toml maps them. Writes the JSON (every case, and the summary with device, versions and
+date) and prints a Markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+
+def _ensure_sparsec_importable() -> None:
+    """Map sparsec's package directories as pyproject.toml does when sparsec is not installed."""
+    try:
+        import sparsec.codegen  # noqa: F401
+        import sparsec.fingerprints  # noqa: F401
+        return
+    except ImportError:
+        pass
+    import importlib.util
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    mapping = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+
+    class RepoPackages:
+        @staticmethod
+        def find_spec(name, path=None, target=None):
+            if name not in mapping:
+                return None
+            d = root / mapping[name]
+            return importlib.util.spec_from_file_location(name, d / "__init__.py", submodule_search_locations=[str(d)])
+
+    for name in [m for m in sys.modules if m == "sparsec" or m.startswith("sparsec.")]:
+        del sys.modules[name]
+    sys.meta_path.insert(0, RepoPackages)
+
+
+_ensure_sparsec_importable()
+
+from sparsec.fingerprint import load_fingerprint  # noqa: E402
+from sparsec.fingerprint_device import software_versions  # noqa: E402
+from sparsec.fingerprint_families import PARAM_GRID, Variant, discover_families  # noqa: E402
+from sparsec.fingerprint_timing import Clock, TimingPolicy, rotation_count  # noqa: E402
+from sparsec.formats import parse_spec  # noqa: E402
+
+# Weight shapes of common models (BERT-base/large, Llama-3-8B, Mistral-7B, GPT-2 XL, ...),
+# none of them on the measurement grid.
+MODEL_SHAPES = [
+    (3072, 768), (768, 3072), (2304, 768), (4096, 1024), (1024, 4096), (14336, 4096), (4096, 14336),
+    (6144, 4096), (11008, 4096), (4096, 11008), (5120, 5120), (6400, 1600), (1600, 6400), (2560, 2560),
+]
+CPU_SHAPES = [(768, 768), (3072, 768), (768, 3072), (1536, 1536), (2304, 768), (3072, 1024)]
+GPU_M = [3, 24, 100, 384, 1000, 3000, 6000, 12000]
+CPU_M = [3, 24, 100, 384]
+
+
+def off_grid_variants(family: str, N: int, K: int, rng: random.Random) -> list[str]:
+    """Format settings between the measured ones (block densities, rank fractions)."""
+    if family in ("dense", "2:4"):
+        return [family]
+    if family == "block":
+        b = rng.choice(sorted({b for b, _ in PARAM_GRID["block"]}))
+        return [f"block:{b}:{rng.choice([0.2, 0.3, 0.35, 0.4]):g}"]
+    if family == "lowrank":
+        return [f"lowrank:{max(8, int(min(N, K) * rng.choice([0.1, 0.2, 0.3, 0.4])) // 8 * 8)}"]
+    if family == "monarch":
+        return [f"monarch:{nb}" for nb in PARAM_GRID["monarch"][:1]]
+    return []
+
+
+def quantile(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    if not xs:
+        return math.nan
+    pos = (len(xs) - 1) * q
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--fingerprint", default="auto", help="fingerprint to check (ignored with --measure)")
+    ap.add_argument("--measure", type=Path, default=None, help="measure this device into PATH first (resumes)")
+    ap.add_argument("--name", default=None, help="name of the measured fingerprint")
+    ap.add_argument("--measure-budget-s", type=float, default=None, help="time budget of the measurement")
+    ap.add_argument("--out", type=Path, required=True, help="JSON result file")
+    ap.add_argument("--budget-s", type=float, default=100.0, help="time budget of the comparison")
+    ap.add_argument("--cases", type=int, default=24, help="cases per family and mode")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    if args.measure:
+        from sparsec.fingerprint_measure import measure
+
+        done = args.measure.exists() and json.loads(args.measure.read_text() or "{}").get("complete")
+        if done:
+            print(f"{args.measure} is complete; comparing only", file=sys.stderr)
+        else:
+            measure(args.measure, budget_s=args.measure_budget_s, name=args.name)
+        args.fingerprint = args.measure
+    fp = load_fingerprint(args.fingerprint)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    warn = fp.matches_current_device()
+    if warn:
+        print(f"warning: {warn}", file=sys.stderr)
+    dtype_name = "bfloat16" if cuda else "float32"
+    dtype = getattr(torch, dtype_name)
+    from sparsec.fingerprint_measure import GRIDS
+
+    grid = GRIDS["cuda" if cuda else "cpu"]
+    policy = grid.policy  # time exactly as the grid was timed
+    clock = Clock(device, policy)
+    rotation = fp.data["method"].get("rotation_bytes") or (2 * (fp.device.get("l2_bytes") or 64 << 20))
+    fams, _ = discover_families(device)
+    by_kernel = {f.kernel: f for f in fams}
+    modes = ("eager", "graph") if cuda else ("eager",)
+    rng = random.Random(args.seed)
+    shapes, Ms = (MODEL_SHAPES, GPU_M) if cuda else (CPU_SHAPES, CPU_M)
+
+    cases = []
+    for family in sorted({f.family for f in fams}):
+        for mode in modes:
+            for _ in range(args.cases):
+                N, K = rng.choice(shapes)
+                M = rng.choice(Ms)
+                for spec in off_grid_variants(family, N, K, rng):
+                    if parse_spec(spec).check(N, K) is None and fp.can_predict(spec, dtype_name, mode) is None:
+                        cases.append((family, spec, M, N, K, mode))
+    rng.shuffle(cases)  # a budget cut leaves a sample of every family, not the first ones only
+
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    results, t0 = [], time.monotonic()
+    for family, spec, M, N, K, mode in cases:
+        if time.monotonic() - t0 > args.budget_s:
+            print(f"budget of {args.budget_s:g} s used after {len(results)} cases", file=sys.stderr)
+            break
+        pred = fp.predict_detail(spec, M, N, K, dtype_name, mode)
+        fam = by_kernel.get(pred.kernel)
+        if fam is None:
+            continue  # e.g. a composed prediction: no single kernel to time
+        variant = Variant(spec, {})
+        try:
+            weight, _ = fam.build(variant, N, K, dtype, device, gen)
+            esize = torch.empty((), dtype=dtype).element_size()
+            wbytes = weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else weight.nbytes
+            r = rotation_count(wbytes + (M * K + M * N) * esize, rotation, grid.max_copies)
+            weights = [weight] + [fam.build(variant, N, K, dtype, device, gen)[0] for _ in range(r - 1)]
+            xs = [torch.randn(M, K, generator=gen, device=device).to(dtype) for _ in range(r)]
+            calls = [lambda x=x, w=w: fam.run(x, w) for x, w in zip(xs, weights)]
+            single = clock.warm(calls)
+            measured = clock.graph(calls, single) if mode == "graph" else clock.eager(calls, single)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"{spec} {M}x{N}x{K} {mode}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        err = abs(pred.us - measured) / measured
+        results.append({"family": family, "format": spec, "M": M, "N": N, "K": K, "mode": mode,
+                        "kernel": pred.kernel, "predicted_us": round(pred.us, 3), "measured_us": round(measured, 3),
+                        "rel_error": round(err, 4), "note": pred.note})
+
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        groups.setdefault(f"{r['family']} {r['mode']}", []).append(r["rel_error"])
+    summary = {k: {"n": len(v), "median": round(statistics.median(v), 4), "p90": round(quantile(v, 0.9), 4)}
+               for k, v in sorted(groups.items())}
+    every = [r["rel_error"] for r in results]
+    summary["all"] = {"n": len(every), "median": round(statistics.median(every), 4) if every else None,
+                      "p90": round(quantile(every, 0.9), 4) if every else None}
+    doc = {"fingerprint": {"name": fp.name, "hash": fp.hash, "device": fp.device["name"]},
+           "device": torch.cuda.get_device_name() if cuda else fp.device["name"],
+           "software": software_versions(), "dtype": dtype_name,
+           "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "summary": summary, "cases": results}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(doc, indent=1) + "\n")
+
+    sw = doc["software"]
+    print(f"\nCost model on {doc['device']} (fingerprint {fp.name} {fp.hash}), {dtype_name}, torch {sw['torch']}, "
+          f"triton {sw['triton']}, CUDA {sw['cuda']}, driver {sw['driver']}, {doc['date']}\n")
+    print("| family, mode | cases | median error | p90 error |")
+    print("|---|---|---|---|")
+    for k, s in summary.items():
+        if s["n"]:
+            print(f"| {k} | {s['n']} | {100 * s['median']:.1f}% | {100 * s['p90']:.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

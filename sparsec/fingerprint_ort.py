@@ -1,0 +1,295 @@
+"""Fingerprint onnxruntime as the executor: the time of each format's ONNX subgraph, measured.
+
+When sparsec writes an ONNX model, the substrate is onnxruntime with one execution provider,
+not torch's kernels: what a format saves is what that runtime realises on the subgraph sparsec
+emits for it. This harness times exactly those subgraphs (``sparsec.passes.onnx_emit``) over a
+grid of shapes and writes a ``sparsec.fingerprint/1`` file the planner reads like any other:
+
+* ``dense``: one MatMul with a [K, N] initializer;
+* ``lowrank``: two MatMuls (rank as a fraction of min(N, K));
+* ``monarch``: the Reshape/Transpose/batched-MatMul subgraph;
+* ``2:4`` and ``block``: one MatMul with a *pruned* initializer. onnxruntime's providers run it as
+  dense, so these entries measure what it really does with the zeros (nothing), and the planner
+  sees no gain unless a runtime does better.
+
+A point is timed as a graph of ``copies`` independent copies of the subgraph (distinct weights,
+enough of them to cycle through half the last-level cache, as a model's layers do) against a
+graph that only passes the input through, in interleaved rounds (``passes/onnx_timing``); the
+per-subgraph time is the difference divided by the copies, which removes the fixed cost of a
+``session.run``. That fixed cost is recorded as ``measured.launch_us.eager``.
+
+Run: ``python -m sparsec.fingerprint_ort -o fingerprints/ort-cpu.json`` (``--grid tiny`` for seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from sparsec.errors import FingerprintError
+from sparsec.fingerprint_device import describe_device, software_versions
+from sparsec.fingerprint_schema import validate_fingerprint
+from sparsec.formats import Block, Dense, FormatSpec, LowRank, Monarch, TwoFour
+from sparsec.passes.onnx_emit import Emitter, emit_product, random_factors
+from sparsec.passes.onnx_model import MIN_OPSET, session
+from sparsec.passes.onnx_timing import interleaved
+
+SCHEMA = "sparsec.fingerprint/1"
+LABELS = {
+    "dense": "MatMul",
+    "2:4": "MatMul on a pruned 2:4 initializer (runs dense)",
+    "block": "MatMul on a pruned block initializer (runs dense)",
+    "lowrank": "two MatMuls",
+    "monarch": "Monarch subgraph (2 batched MatMuls, 3 Transposes, 4 Reshapes)",
+}
+THREADS_KEY = "intra_op_num_threads"  # in the grid block: the session setting measured
+PROVIDER_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
+
+
+@dataclass(frozen=True)
+class OrtGrid:
+    name: str
+    Ms: tuple[int, ...]
+    shapes: tuple[tuple[int, int], ...]  # (N, K)
+    rank_fractions: tuple[float, ...]
+    monarch_blocks: tuple[int, ...]
+    blocks: tuple[tuple[int, float], ...]
+    point_budget_s: float
+    min_rounds: int
+    threads: int  # onnxruntime intra-op threads (0: its default)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "M": list(self.Ms), "shapes": [list(s) for s in self.shapes],
+                "rank_fractions": list(self.rank_fractions), "monarch_blocks": list(self.monarch_blocks),
+                "blocks": [list(b) for b in self.blocks], THREADS_KEY: self.threads}
+
+    def specs(self, family: str, N: int, K: int) -> list[FormatSpec]:
+        if family == "dense":
+            return [Dense()]
+        if family == "2:4":
+            return [TwoFour()]
+        if family == "block":
+            return [Block(b, d) for b, d in self.blocks]
+        if family == "lowrank":
+            ranks = sorted({max(1, round(f * min(N, K))) for f in self.rank_fractions})
+            return [LowRank(r) for r in ranks]
+        if family == "monarch":
+            return [Monarch(nb) for nb in self.monarch_blocks]
+        raise ValueError(family)
+
+
+def _shapes(squares, aspect_ks):
+    return tuple([(s, s) for s in squares] + [(4 * k, k) for k in aspect_ks] + [(k, 4 * k) for k in aspect_ks])
+
+
+# One intra-op thread on the shipped CPU grid: on a small shared machine onnxruntime's default
+# pool (a spinning thread per core) measures the neighbours' load more than the kernels; one
+# thread gives repeatable figures, and sparsec runs onnxruntime with the fingerprint's setting.
+GRIDS = {
+    # A 2-core CPU: M from 1 to 1024, weights to 2048 x 2048 (and 4096 x 1024).
+    "cpu": OrtGrid("cpu", (1, 8, 32, 128, 512, 1024), _shapes((256, 512, 1024, 2048), (256, 1024)),
+                   rank_fractions=(1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), monarch_blocks=(2, 4, 8, 16),
+                   blocks=((32, 0.25), (32, 0.5)), point_budget_s=0.25, min_rounds=8, threads=1),
+    # Seconds, for tests of the harness itself.
+    "tiny": OrtGrid("tiny", (1, 16), ((256, 256), (512, 128)), rank_fractions=(1 / 8, 1 / 4),
+                    monarch_blocks=(2, 4), blocks=((32, 0.5),), point_budget_s=0.01, min_rounds=2, threads=1),
+}
+FAMILIES = ("dense", "lowrank", "monarch", "2:4", "block")
+ROTATION_BYTES = 16 << 20
+MAX_COPIES = 16
+
+
+def _model(nodes, inits, inputs, outputs) -> onnx.ModelProto:
+    g = helper.make_graph(nodes, "sparsec_fingerprint", inputs, outputs, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", max(MIN_OPSET, 17))])
+    m.ir_version = 8
+    return m
+
+
+def subgraph_model(spec: FormatSpec, M: int, N: int, K: int, copies: int, rng: np.random.Generator) -> onnx.ModelProto:
+    """``copies`` independent copies of ``spec``'s subgraph, each reading x [M, K], each a graph output."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [M, K])
+    nodes, inits, outs, taken = [], [], [], {"x"}
+    for c in range(copies):
+        em = Emitter(prefix=f"copy{c}", taken=taken)
+        y = f"y{c}"
+        emit_product(em, spec, "x", y, random_factors(spec, N, K, rng, np.float32), N, K, [M, K])
+        nodes += em.nodes
+        inits += em.initializers
+        outs.append(helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [M, N]))
+    return _model(nodes, inits, [x], outs)
+
+
+def passthrough_model(M: int, K: int) -> onnx.ModelProto:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [M, K])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [M, K])
+    return _model([helper.make_node("Identity", ["x"], ["y"])], [], [x], [y])
+
+
+def weight_bytes(spec: FormatSpec, N: int, K: int) -> int:
+    return 4 * (N * K if spec.family in ("dense", "2:4", "block") else spec.stored_params(N, K))
+
+
+def measure_point(spec: FormatSpec, M: int, N: int, K: int, provider: str, rng: np.random.Generator,
+                  grid: OrtGrid, base_cache: dict) -> tuple[float, int]:
+    """Microseconds of one subgraph at (M, N, K), and the copies it was timed with."""
+    copies = max(1, min(MAX_COPIES, math.ceil(ROTATION_BYTES / weight_bytes(spec, N, K))))
+    sess = session(subgraph_model(spec, M, N, K, copies, rng), provider, grid.threads)
+    key = (M, K)
+    if key not in base_cache:
+        base_cache[key] = session(passthrough_model(M, K), provider, grid.threads)
+    base = base_cache[key]
+    feed = {"x": rng.standard_normal((M, K)).astype(np.float32)}
+    t = interleaved([lambda: sess.run(None, feed), lambda: base.run(None, feed)],
+                    budget_s=grid.point_budget_s, min_rounds=grid.min_rounds, max_rounds=100, round_s=0.002,
+                    warmup=2)
+    total, overhead = t.us
+    # Noise can make the difference vanish for the smallest subgraphs; never report less than a
+    # tenth of the measured per-copy time.
+    return max(total - overhead, 0.1 * total) / copies, copies
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def new_document(name: str, provider: str, grid: OrtGrid) -> dict:
+    import onnxruntime as ort
+
+    from sparsec import __version__
+
+    kind = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
+    device = describe_device(kind)
+    software = software_versions(kind)
+    software["sparsec"] = __version__
+    threads = grid.threads or "onnxruntime's default"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    on = (f"onnxruntime {ort.__version__} {provider} (intra-op threads: {threads}) on "
+          f"{device['name']}" + (f" with {device['cores']} cores" if device.get("cores") else "")
+          + (f", load average {load:.1f} when the measurement started" if load is not None else ""))
+    return {
+        "schema": SCHEMA, "name": name, "created": _now(), "complete": False, "measured_on": on,
+        "device": device, "software": software,
+        "measured": {"copy_GBps": None, "peak_tflops": {}, "launch_us": {"eager": None, "graph": None}},
+        "granules": {}, "kernels": {},
+        "skipped": {"float16": "not measured: float32 is what onnxruntime's CPU provider accelerates",
+                    "graph": "onnxruntime has no CUDA-graph replay mode here; eager only"},
+        "grid": grid.describe(),
+        "method": {"repeats": grid.min_rounds, "warmup": 2, "timer": "time.perf_counter around session.run",
+                   "statistic": (f"per point: min over >= {grid.min_rounds} interleaved rounds of the mean "
+                                 "session.run time of a graph of copies of the subgraph, minus that of a "
+                                 "pass-through graph, divided by the copies"),
+                   "rotation_bytes": ROTATION_BYTES, "seconds": 0.0},
+    }
+
+
+def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvider", name: str | None = None,
+            families=FAMILIES, log=None, seed: int = 0, threads: int | None = None) -> Path:
+    """Measure every family over ``grid`` with ``provider`` and write the fingerprint to ``out``."""
+    import onnxruntime as ort
+
+    if grid not in GRIDS:
+        raise FingerprintError(f"unknown grid {grid!r}; use one of {', '.join(GRIDS)}")
+    if provider not in ort.get_available_providers():
+        raise FingerprintError(f"onnxruntime here has no {provider}; it has {', '.join(ort.get_available_providers())}")
+    g = GRIDS[grid] if threads is None else dataclasses.replace(GRIDS[grid], threads=threads)
+    out = Path(out)
+    short = PROVIDER_SHORT.get(provider, provider)
+    doc = new_document(name or out.stem, provider, g)
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    rng = np.random.default_rng(seed)
+    start = time.monotonic()
+    base_cache: dict = {}
+    doc["measured"]["launch_us"]["eager"] = round(_run_overhead(provider, g.threads), 3)
+    for family in families:
+        entries = []
+        for N, K in g.shapes:
+            for spec in g.specs(family, N, K):
+                if spec.check(N, K):
+                    continue
+                for M in g.Ms:
+                    us, copies = measure_point(spec, M, N, K, provider, rng, g, base_cache)
+                    entry = {"M": M, "N": N, "K": K, "dtype": "float32", "mode": "eager", "us": round(us, 4),
+                             "kernel": f"onnxruntime {short}: {LABELS[family]}"}
+                    entry.update(_params(spec))
+                    entries.append(entry)
+            log(f"[{time.monotonic() - start:6.1f} s] {family} {N}x{K}: {len(entries)} points")
+        doc["kernels"][family] = entries
+    dense = doc["kernels"].get("dense", [])
+    if dense:
+        best = max(2.0 * e["M"] * e["N"] * e["K"] / (e["us"] * 1e6) for e in dense)
+        doc["measured"]["peak_tflops"]["float32"] = round(best, 4)
+    doc["complete"] = True
+    doc["created"] = _now()
+    doc["method"]["seconds"] = round(time.monotonic() - start, 1)
+    validate_fingerprint(doc)
+    _write(out, doc)
+    return out
+
+
+def _params(spec: FormatSpec) -> dict:
+    if isinstance(spec, Block):
+        return {"block": spec.block, "density": spec.density}
+    if isinstance(spec, LowRank):
+        return {"rank": spec.rank}
+    if isinstance(spec, Monarch):
+        return {"nblocks": spec.nblocks}
+    return {}
+
+
+def _run_overhead(provider: str, threads: int) -> float:
+    """Microseconds of ``session.run`` on a graph that does nothing but pass one float through."""
+    sess = session(passthrough_model(1, 1), provider, threads)
+    feed = {"x": np.zeros((1, 1), dtype=np.float32)}
+    return interleaved([lambda: sess.run(None, feed)], budget_s=0.2, min_rounds=5, round_s=0.005).us[0]
+
+
+def _write(out: Path, doc: dict) -> None:
+    import json
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(doc, fh, indent=1)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparsec.fingerprint_ort", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", "--output", required=True, help="fingerprint JSON to write")
+    parser.add_argument("--grid", default="cpu", choices=sorted(GRIDS))
+    parser.add_argument("--provider", default="CPUExecutionProvider")
+    parser.add_argument("--name", default=None, help="fingerprint name (default: the output's file stem)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="onnxruntime intra-op threads (0: its default; default: the grid's, 1 on 'cpu')")
+    args = parser.parse_args(argv)
+    try:
+        path = measure(Path(args.output), grid=args.grid, provider=args.provider, name=args.name, threads=args.threads)
+    except FingerprintError as exc:
+        print(f"sparsec: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""``sparsec fingerprint show`` and ``list`` on fingerprints with a known crossover."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from sparsec.commands import fingerprint as fp_cmd
+from sparsec.fingerprint import Fingerprint
+
+try:
+    from test_fingerprint import synthetic
+except ImportError:  # tests collected as a package
+    from tests.test_fingerprint import synthetic
+
+
+def run_cli(*argv) -> int:
+    parser = argparse.ArgumentParser(prog="sparsec")
+    fp_cmd.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(list(argv))
+    return args.func(args)
+
+
+def crossing(M, N, K, p=1.0):
+    """Dense: 10 us + work. Block at kept fraction p < 1: 50 us + p * work. Block wins from
+    M > 40 / ((1 - p) * N * K / 1e5): for 512x512 at p=0.25 that is M > 20.3, so from M=32."""
+    return (10.0 if p == 1.0 else 50.0) + p * M * N * K / 1e5
+
+
+@pytest.fixture
+def fp_file(tmp_path):
+    data = synthetic(crossing, families=("dense", "block"), block_params=((32, 0.25), (32, 0.5)))
+    p = tmp_path / "cross.json"
+    p.write_text(json.dumps(data))
+    return p
+
+
+def test_crossover_table_finds_first_faster_M(fp_file):
+    fp = Fingerprint(json.loads(fp_file.read_text()))
+    rows = {(n, k): (first, best) for n, k, first, best in fp_cmd.crossover_table(fp, "block:32:0.25", "float32", "eager")}
+    assert rows[(512, 512)][0] == 32
+    # 4096x4096: 40 / (0.75 * 167.77) = 0.32, so block wins at every M including 1
+    assert rows[(4096, 4096)][0] == 1
+    assert rows[(512, 512)][1] == pytest.approx(crossing(16384, 512, 512) / crossing(16384, 512, 512, 0.25))
+
+
+def test_show_prints_device_ceilings_and_crossovers(fp_file, capsys):
+    assert run_cli("fingerprint", "show", str(fp_file)) == 0
+    out = capsys.readouterr().out
+    assert "synthetic" in out and "Test CPU" in out and "complete" in out
+    assert "copy 10.0 GB/s" in out and "float32 0.2" in out
+    assert "block:32:0.25 vs dense, float32" in out
+    line = next(ln for ln in out.splitlines() if "512x512" in ln and "block" not in ln)
+    assert "32" in line.split("│")[2]
+    # at kept fraction 0.5 the crossover on 512x512 moves to M > 40 / (0.5 * 2.62) = 30.5 -> 32
+    assert "block:32:0.5 vs dense" in out
+
+
+def test_show_rejects_corrupt_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"schema": "sparsec.fingerprint/1", "name": ')
+    with pytest.raises(Exception, match="not valid JSON"):
+        run_cli("fingerprint", "show", str(bad))
+
+
+def test_list_names_user_fingerprints(tmp_path, monkeypatch, capsys, fp_file):
+    monkeypatch.setenv("SPARSEC_HOME", str(tmp_path / "home"))
+    own = tmp_path / "home" / "fingerprints"
+    own.mkdir(parents=True)
+    (own / "mine.json").write_text(fp_file.read_text())
+    assert run_cli("fingerprint", "list") == 0
+    out = capsys.readouterr().out
+    row = next(ln for ln in out.splitlines() if "mine" in ln)
+    assert "user" in row and "Test CPU" in row and "complete" in row

@@ -1,0 +1,93 @@
+"""The measuring harness on the CPU with its 'tiny' grid: output, resumption, refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from rich.console import Console
+
+from sparsec.errors import FingerprintError
+from sparsec.fingerprint import load_fingerprint
+from sparsec.fingerprint_families import Family, Variant, check_output, dense_family
+from sparsec.fingerprint_measure import GRIDS, measure
+from sparsec.fingerprint_timing import rotation_count
+
+
+def quiet():
+    return Console(file=open("/dev/null", "w"))  # noqa: SIM115 - closed with the process
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    out = tmp_path_factory.mktemp("fp") / "tiny-cpu.json"
+    measure(out, grid="tiny", console=quiet())
+    return out
+
+
+def test_tiny_measurement_is_a_complete_valid_fingerprint(tiny):
+    fp = load_fingerprint(tiny)
+    assert fp.complete and fp.name == "tiny-cpu" and fp.device["kind"] == "cpu"
+    grid = GRIDS["tiny"]
+    dense = [e for e in fp.data["kernels"]["dense"] if e["dtype"] == "float32"]
+    assert {(e["M"], e["N"], e["K"]) for e in dense} == {(M, N, K) for M in grid.Ms for N, K in grid.shapes}
+    assert all(e["mode"] == "eager" and e["kernel"] == "torch-cpu" and e["us"] > 0 for e in dense)
+    # every sparsec family runs its plain-torch reference on the CPU
+    for family in ("2:4", "block", "lowrank", "monarch"):
+        kernels = {e["kernel"] for e in fp.data["kernels"][family]}
+        assert kernels == {f"sparsec-reference-{family}"}, family
+    assert "2:4 [cusparselt]" in fp.data["skipped"]
+    m = fp.data["measured"]
+    assert m["copy_GBps"] > 0 and m["peak_tflops"]["float32"] > 0 and m["launch_us"]["graph"] is None
+    assert set(fp.data["granules"]["tile"]) == {"M", "N", "K"}
+    assert fp.data["method"]["statistic"].startswith("min over")
+    # predictions on grid points give back the measurement
+    e = dense[-1]
+    assert fp.predict("dense", e["M"], e["N"], e["K"], "float32") == pytest.approx(e["us"], rel=1e-9)
+
+
+def test_rerun_of_complete_file_is_refused(tiny):
+    with pytest.raises(FingerprintError, match="already a complete fingerprint; pass --fresh"):
+        measure(tiny, grid="tiny", console=quiet())
+
+
+def test_partial_run_resumes_without_repeating_work(tmp_path):
+    out = tmp_path / "part.json"
+    measure(out, grid="tiny", budget_s=0.0, console=quiet())  # probes only, then out of budget
+    part = json.loads(out.read_text())
+    assert part["complete"] is False and part["grid"]["done"] == [] and part["kernels"] == {}
+    assert part["measured"]["copy_GBps"] > 0
+    assert load_fingerprint(out).complete is False  # a partial file still loads
+    measure(out, grid="tiny", console=quiet())
+    full = json.loads(out.read_text())
+    assert full["complete"] is True and full["measured"] == part["measured"]
+    keys = [(f, e["M"], e["N"], e["K"], e["dtype"], e["mode"], e["kernel"], e.get("block"), e.get("rank"))
+            for f, es in full["kernels"].items() for e in es]
+    assert len(keys) == len(set(keys)) > 0
+
+
+def test_partial_file_of_another_grid_or_garbage_is_refused(tmp_path):
+    out = tmp_path / "part.json"
+    measure(out, grid="tiny", budget_s=0.0, console=quiet())
+    with pytest.raises(FingerprintError, match="different grid; pass --fresh"):
+        measure(out, grid="cpu", budget_s=0.0, console=quiet())
+    out.write_text("{ truncated")
+    with pytest.raises(FingerprintError, match="not a readable fingerprint"):
+        measure(out, grid="tiny", console=quiet())
+
+
+def test_wrong_kernel_is_caught_before_timing():
+    gen = torch.Generator().manual_seed(0)
+    good = dense_family(torch.device("cpu"))
+    w, dense = good.build(Variant("dense"), 64, 32, torch.float32, "cpu", gen)
+    assert check_output(good, w, dense, 64, 32, torch.float32, "cpu", gen) is None
+    halved = Family("dense", "broken", good.build, lambda x, w: 0.5 * (x @ w.t()), ("float32",), good.variants)
+    reason = check_output(halved, w, dense, 64, 32, torch.float32, "cpu", gen)
+    assert reason.startswith("relative error 0.5 of y against the dense equivalent exceeds 0.01")
+
+
+def test_rotation_covers_the_cache():
+    assert rotation_count(1 << 20, 64 << 20) == 32  # capped
+    assert rotation_count(3 << 20, 8 << 20) == 3
+    assert rotation_count(1 << 30, 8 << 20) == 1
