@@ -157,12 +157,20 @@ def _(x, values, meta, bias):
 _ALG_IDS: dict[tuple, int] = {}
 
 
-def _cslt_alg(compressed, xt, bias, key) -> int:
+def _cslt_alg(compressed, xt, key) -> int:
+    """cuSPARSELt's algorithm id for this shape: searched once, then cached.
+
+    Never searched during CUDA-graph capture (the default, 0, is used there for an unseen shape);
+    a search the library cannot do (it reports an internal error for some shapes) also leaves 0.
+    """
     alg = _ALG_IDS.get(key)
     if alg is None:
         if torch.cuda.is_current_stream_capturing():
             return 0
-        alg = int(torch._cslt_sparse_mm_search(compressed, xt, bias=bias, transpose_result=True))
+        try:
+            alg = int(torch._cslt_sparse_mm_search(compressed, xt, transpose_result=True))
+        except RuntimeError:
+            alg = 0
         _ALG_IDS[key] = alg
     return alg
 
@@ -175,7 +183,7 @@ def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[to
     pad = (-M) % CSLT_M_ALIGN
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
     key = (n_out, K, M + pad, x.dtype, bias is not None, x.device.index)
-    alg = _cslt_alg(compressed, xp.t(), bias, key)
+    alg = _cslt_alg(compressed, xp.t(), key)
     y = torch._cslt_sparse_mm(compressed, xp.t(), bias=bias, transpose_result=True, alg_id=alg)
     return y[:M] if pad else y
 
