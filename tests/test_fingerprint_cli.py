@@ -51,11 +51,14 @@ def test_show_prints_device_ceilings_and_crossovers(fp_file, capsys):
     out = capsys.readouterr().out
     assert "synthetic" in out and "Test CPU" in out and "complete" in out
     assert "copy 10.0 GB/s" in out and "float32 0.2" in out
-    assert "block:32:0.25 vs dense, float32" in out
-    line = next(ln for ln in out.splitlines() if "512x512" in ln and "block" not in ln)
-    assert "32" in line.split("│")[2]
-    # at kept fraction 0.5 the crossover on 512x512 moves to M > 40 / (0.5 * 2.62) = 30.5 -> 32
-    assert "block:32:0.5 vs dense" in out
+    assert "block vs dense, float32: first M from which it is faster (eager; - never)" in out
+    header = next(ln for ln in out.splitlines() if "N x K" in ln)
+    assert [c.strip() for c in header.split("┃")[1:4]] == ["N x K", "block:32:0.25", "block:32:0.5"]
+    cells = lambda shape: [c.strip() for c in next(ln for ln in out.splitlines() if shape in ln).split("│")[1:4]]  # noqa: E731
+    # at kept fraction 0.5 the crossover on 512x512 is M > 40 / (0.5 * 2.62) = 30.5 -> 32 as well
+    assert cells("512x512") == ["512x512", "32", "32"]
+    # 1024x1024, p=0.5: M > 40 / (0.5 * 10.49) = 7.6 -> 8; p=0.25: M > 5.1 -> 8
+    assert cells("1024x1024") == ["1024x1024", "8", "8"]
 
 
 def test_show_rejects_corrupt_file(tmp_path, capsys):

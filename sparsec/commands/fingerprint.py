@@ -11,6 +11,8 @@ from pathlib import Path
 
 __all__ = ["register", "crossover_table"]
 
+SHOWN_SETTINGS = 4
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("fingerprint", help="measure, show or list hardware fingerprints",
@@ -32,6 +34,7 @@ def register(subparsers) -> None:
     s = sub.add_parser("show", help="device, ceilings and crossover tables of a fingerprint")
     s.add_argument("fingerprint", nargs="?", default="auto", help="name (h200, h100, cpu), path, or auto")
     s.add_argument("--dtype", default=None, help="dtype of the tables (default: bfloat16 on GPU, float32 on CPU)")
+    s.add_argument("--all", action="store_true", help=f"every measured setting (default: the first {SHOWN_SETTINGS})")
     s.set_defaults(func=_show)
 
     ls = sub.add_parser("list", help="shipped fingerprints and your own")
@@ -127,24 +130,35 @@ def _show(args) -> int:
             f"{k}: {v}" for k, v in list(skipped.items())[:3]), markup=False)
     dtype = normalize_dtype(args.dtype or ("bfloat16" if d["kind"] == "cuda" else "float32"))
     modes = ("eager", "graph") if d["kind"] == "cuda" else ("eager",)
+    how = "/".join(modes)
     for family in ("2:4", "block", "lowrank", "monarch"):
-        for variant in _variants(fp, family, dtype):
-            tables = {mode: crossover_table(fp, variant, dtype, mode) for mode in modes}
-            if not any(tables.values()):
-                continue
-            t = Table(title=f"{variant} vs dense, {dtype}: from which M it is faster", title_justify="left")
-            t.add_column("N x K")
+        variants = _variants(fp, family, dtype)
+        if not args.all:
+            variants = variants[:SHOWN_SETTINGS]
+        tables = {(v, mode): crossover_table(fp, v, dtype, mode) for v in variants for mode in modes}
+        variants = [v for v in variants if any(tables[(v, m)] for m in modes)]
+        if not variants:
+            continue
+        console.print(f"\n{family} vs dense, {dtype}: first M from which it is faster ({how}; - never)")
+        t = Table()
+        t.add_column("N x K")
+        for v in variants:
+            t.add_column(v.removeprefix("lowrank@").join(("r=", "")) if v.startswith("lowrank@") else v, justify="right")
+        cells = {}
+        for v in variants:
             for mode in modes:
-                t.add_column(f"{mode}: from M")
-                t.add_column(f"{mode}: best")
-            rows = {mode: {(n, k): (first, best) for n, k, first, best in tables[mode]} for mode in modes}
-            for N, K in sorted({s for r in rows.values() for s in r}, key=lambda s: (s[0] * s[1], s[0])):
-                cells = []
-                for mode in modes:
-                    first, best = rows[mode].get((N, K), (None, None))
-                    cells += ["never" if first is None else str(first), "-" if best is None else f"{best:.2f}x"]
-                t.add_row(f"{N}x{K}", *cells)
-            console.print(t)
+                for N, K, first, _ in tables[(v, mode)]:
+                    cells.setdefault((N, K), {}).setdefault(v, {})[mode] = "-" if first is None else str(first)
+        for N, K in sorted(cells, key=lambda s: (s[0] * s[1], s[0])):
+            row = [f"{N}x{K}"]
+            for v in variants:
+                got = cells[(N, K)].get(v)
+                row.append("/".join(got.get(m, "?") for m in modes) if got else "")
+            t.add_row(*row)
+        console.print(t)
+    if not args.all:
+        console.print(f"(at most {SHOWN_SETTINGS} settings per format; --all shows every measured one; "
+                      "low rank r= is the rank as a fraction of min(N, K))")
     return 0
 
 
