@@ -213,6 +213,7 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0) -> tuple[list[Si
                 dtype=weight.dtype,
                 input_key=f"g{graph}:{x.name}" if isinstance(x, fx.Node) else f"g{graph}:{unique}",
                 graph=graph,
+                tokens=_rows(x),
             )
         )
         nodes[unique] = node
@@ -224,6 +225,17 @@ def _is_tensor_valued(node) -> bool:
         return False
     val = node.meta.get("example_value", node.meta.get("val"))
     return val is None or isinstance(val, torch.Tensor)
+
+
+def _rows(x) -> int | None:
+    """Rows of the flattened activation (the M a kernel sees) from the traced example value."""
+    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+    if not isinstance(val, torch.Tensor) or val.dim() < 1:
+        return None
+    try:
+        return int(val.numel() // val.shape[-1]) if val.shape[-1] else None
+    except (TypeError, RuntimeError):  # symbolic sizes
+        return None
 
 
 def _activation_rank(x) -> int | None:

@@ -69,10 +69,12 @@ class FxFrontend:
         return rewritten
 
     def device_name(self) -> str:
+        from sparsec.fingerprint_device import current_device_name
+
         dev = self._device()
         if dev.type == "cuda":
             return torch.cuda.get_device_name(dev)
-        return dev.type
+        return current_device_name("cpu")
 
     # -- helpers ----------------------------------------------------------------------------
 

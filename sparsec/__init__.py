@@ -2,6 +2,7 @@
 
 __version__ = "0.1.0"
 
+import sparsec.logs  # noqa: E402,F401  (quiet 'sparsec' logger unless SPARSEC_LOG asks)
 from sparsec.api import Result, optimize  # noqa: E402
 from sparsec.fingerprint import load_fingerprint  # noqa: E402
 from sparsec.plan import Plan  # noqa: E402

@@ -9,6 +9,7 @@ options dict the user passed, and the report file, if asked for, is rewritten af
 from __future__ import annotations
 
 import logging
+import re
 
 import torch
 
@@ -59,9 +60,9 @@ class Session:
         self._merge(outcome)
         if self.options.report:
             self.report.save(self.options.report)
-        from sparsec.logs import summary_line
+        from sparsec.logs import log_report
 
-        log.info(summary_line(outcome.report))
+        log_report(outcome.report)
         return outcome
 
     def _merge(self, outcome) -> None:
@@ -103,45 +104,65 @@ def calibration_inputs(gm, example_inputs, items) -> tuple[list[list], str | Non
 
 
 def _map_items(gm, example_inputs, items):
+    """Place each calibration item's values at this graph's user-input placeholders, or None.
+
+    Dynamo names a graph input by where it came from in the traced frame: ``L['args'][0]`` and
+    ``L['kwargs']['mask']`` when the module's call wrapper is traced, ``L['x']`` for a plain
+    function's argument. A resumed frame (after a graph break) takes intermediate values, which
+    model-level calibration inputs cannot supply.
+    """
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
-        tx = InstructionTranslator.current_tx()
-        code = tx.f_code
+        code = InstructionTranslator.current_tx().f_code
     except Exception:
         return None
     if code.co_name.startswith("torch_dynamo_resume"):
         return None
     argnames = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+    if argnames and argnames[0] == "self":
+        argnames = argnames[1:]
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    user = {}
+    wanted: dict[int, tuple] = {}
     for i, node in enumerate(placeholders):
-        ga = node.meta.get("grapharg")
-        name = getattr(getattr(ga, "source", None), "name", None)
-        name = name() if callable(name) else name
-        if isinstance(name, str) and name.startswith("L['") and name.endswith("']") and name.count("[") == 1:
-            user[i] = name[3:-2]
+        name = _source(node)
+        if name is None:
+            continue
+        m = re.fullmatch(r"L\['args'\]\[(\d+)\]", name)
+        if m:
+            wanted[i] = ("pos", int(m.group(1)))
+            continue
+        m = re.fullmatch(r"L\['kwargs'\]\['([^']+)'\]", name) or re.fullmatch(r"L\['([^']+)'\]", name)
+        if m and m.group(1) not in ("self", "fn"):
+            wanted[i] = ("name", m.group(1))
     out = []
     for item in items:
-        if isinstance(item, dict):
-            values = dict(item)
-        else:
-            names = argnames[1:] if argnames and argnames[0] == "self" else argnames
-            if len(item) > len(names):
-                return None
-            values = dict(zip(names, item))
+        positional = list(item) if isinstance(item, (tuple, list)) else []
+        named = dict(item) if isinstance(item, dict) else dict(zip(argnames, positional))
         args = list(example_inputs)
-        for i, local in user.items():
-            if local not in values:
+        for i, (kind, key) in wanted.items():
+            if kind == "pos":
+                if key >= len(positional):
+                    return None
+                v = positional[key]
+            elif key in named:
+                v = named[key]
+            else:
                 return None
-            v = values[local]
-            if isinstance(v, torch.Tensor) and isinstance(args[i], torch.Tensor):
-                if v.dim() != args[i].dim() or v.dtype != args[i].dtype:
+            if isinstance(args[i], torch.Tensor):
+                if not isinstance(v, torch.Tensor) or v.dim() != args[i].dim() or v.dtype != args[i].dtype:
                     return None
                 v = v.to(args[i].device)
             args[i] = v
         out.append(args)
     return out
+
+
+def _source(node) -> str | None:
+    ga = node.meta.get("grapharg")
+    name = getattr(getattr(ga, "source", None), "name", None)
+    name = name() if callable(name) else name
+    return name if isinstance(name, str) else None
 
 
 _SESSIONS: dict[int, tuple[dict, Session]] = {}

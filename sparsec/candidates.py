@@ -53,7 +53,7 @@ class Layer:
 
     @property
     def tokens(self) -> int:
-        return self.stats.tokens
+        return self.site.tokens if self.site.tokens else self.stats.tokens
 
     def saving(self, cand: Candidate) -> float:
         if cand.predicted_us is None or self.dense.predicted_us is None:

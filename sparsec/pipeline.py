@@ -1,6 +1,6 @@
 """The pass order, as one flat function of named steps (DESIGN.md, "The pipeline").
 
-    capture -> calibrate -> candidates -> cost -> select -> verify -> lower -> report
+    capture -> calibrate -> candidates -> cost -> approximate -> select -> verify -> lower -> report
 
 The pipeline knows neither FX nor ONNX. A front-end supplies the graph-specific parts through
 the small ``Frontend`` protocol: what the sites are, their calibration statistics, the end-to-end
@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import torch
 
 from sparsec.candidates import Candidate, Layer
-from sparsec.formats import Dense, FormatError, parse_spec
+from sparsec.formats import Dense, parse_spec
 from sparsec.options import Options
 from sparsec.plan import Plan
 from sparsec.sites import Site, SiteStats, Skipped, relative_output_error
@@ -59,6 +59,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     forced = Plan.coerce(options.plan) if options.plan is not None else None
     layers = candidates(sites, stats, options, forced)
     cost(layers, fingerprint, options)
+    approximate(layers)
     alloc = select(layers, options, fingerprint)
     e2e = verify(frontend, layers, alloc, options)
     lowered = lower(frontend, layers) if options.lower else None
@@ -87,46 +88,51 @@ def calibrate(frontend: Frontend, sites: list[Site]) -> dict[str, SiteStats]:
 
 
 def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options, forced: Plan | None) -> list[Layer]:
-    """Per site and allowed format: an approximation with the format's structure and its error."""
+    """Per site, the format specs worth weighing: the handlers' grids (or what the plan forces)."""
     from sparsec.passes.registry import HANDLERS
 
     layers = []
     for site in sites:
-        st = stats[site.input_key]
-        layer = Layer(site=site, stats=st, dense=Candidate(Dense(), None, None, 0.0))
+        layer = Layer(site=site, stats=stats[site.input_key], dense=Candidate(Dense(), None, None, 0.0))
         requested, key = forced.resolve(site.name) if forced is not None else ("auto", None)
         layer.requested, layer.forced_by = requested, key if requested != "auto" else None
-        weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
         if requested == "auto":
-            specs_by_family = {}
-            for family in options.formats:
-                handler = HANDLERS.get(family)
-                if handler is None:
-                    continue
-                specs_by_family[family] = handler.grid(site.N, site.K)
+            specs = [s for fam in options.formats if fam in HANDLERS for s in HANDLERS[fam].grid(site.N, site.K)]
         else:
             spec = parse_spec(requested)
-            specs_by_family = {} if isinstance(spec, Dense) else {spec.family: [spec]}
-        for family, specs in specs_by_family.items():
-            handler = HANDLERS.get(family)
-            usable, refused = [], []
-            for spec in specs:
-                why = spec.check(site.N, site.K)
-                (refused if why else usable).append((spec, why))
-            for spec, why in refused:
-                layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=why))
-            if handler is None:
-                for spec, _ in usable:
-                    layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=f"no pass implements {family} yet"))
-                continue
-            if not usable:
-                continue
-            approx = handler.approximate([s for s, _ in usable], weight, st)
-            for (spec, _), w_hat in zip(usable, approx):
-                err = relative_output_error(weight, w_hat, st, site.bias)
-                layer.candidates.append(Candidate(spec, w_hat, handler.default_method, err))
+            specs = [] if isinstance(spec, Dense) else [spec]
+        for spec in specs:
+            why = spec.check(site.N, site.K)
+            if why is None and spec.family not in HANDLERS:
+                why = f"no pass implements {spec.family}"
+            layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=why))
         layers.append(layer)
     return layers
+
+
+# -- approximate ------------------------------------------------------------------------------
+
+
+def approximate(layers: list[Layer]) -> None:
+    """For candidates still standing: a weight with the format's exact structure, and its error.
+
+    Runs after ``cost`` so that no time is spent pruning or factoring into a format the
+    fingerprint already says would be slower than dense.
+    """
+    from sparsec.passes.registry import HANDLERS
+
+    for layer in layers:
+        site, st = layer.site, layer.stats
+        weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+        by_family: dict[str, list[Candidate]] = {}
+        for cand in layer.candidates:
+            if cand.rejected_because is None:
+                by_family.setdefault(cand.spec.family, []).append(cand)
+        for family, cands in by_family.items():
+            handler = HANDLERS[family]
+            for cand, w_hat in zip(cands, handler.approximate([c.spec for c in cands], weight, st)):
+                cand.approx, cand.method = w_hat, handler.default_method
+                cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias)
 
 
 # -- cost -------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ class Site:
     dtype: torch.dtype
     input_key: str
     graph: int = 0
+    tokens: int | None = None  # rows per call at the shape the graph runs at, when the capture knows it
 
     @property
     def N(self) -> int:

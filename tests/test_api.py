@@ -33,7 +33,7 @@ def test_planted_low_rank_layers_all_become_low_rank_losslessly(scenario_fp):
     model = planted_lowrank_mlp()
     before = snapshot(model)
     x = torch.randn(4096, 512)
-    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"])
     formats = [layer["format"] for layer in result.report.layers]
     assert len(formats) == 3
     assert all(f.startswith("lowrank:") for f in formats), formats
@@ -52,7 +52,7 @@ def test_gaussian_weights_at_tiny_budget_stay_dense_with_reasons(scenario_fp):
     torch.manual_seed(2)
     model = nn.Sequential(nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 128))
     x = torch.randn(512, 256)
-    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.001)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.001, formats=["lowrank", "2:4"])
     assert [l["format"] for l in result.report.layers] == ["dense", "dense"]
     for layer in result.report.layers:
         assert "kept dense" in layer["reason"] and "budget" in layer["reason"], layer["reason"]
@@ -64,7 +64,7 @@ def test_candidate_predicted_slower_than_dense_is_never_chosen(scenario_fp):
     torch.manual_seed(3)
     model = planted_lowrank_mlp(d=256, rank=16, layers=1)
     x = torch.randn(256, 256)
-    slow = scenario_fp(name="slowrank", factors={"lowrank": 50.0})
+    slow = scenario_fp(name="slowrank", factors={f: 50.0 for f in ("2:4", "block", "lowrank", "monarch")})
     result = sparsec.optimize(model, (x,), fingerprint=slow, error_budget=0.05)
     layer = result.report.layers[0]
     assert layer["format"] == "dense"
@@ -100,9 +100,9 @@ def test_same_inputs_give_the_same_plan_byte_for_byte(scenario_fp, tmp_path):
     torch.manual_seed(5)
     model = planted_lowrank_mlp(d=256, rank=24, layers=2)
     x = torch.randn(1024, 256)
-    a = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.02, lower=False)
+    a = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.02, lower=False, formats=["lowrank", "2:4"])
     torch._dynamo.reset()
-    b = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.02, lower=False)
+    b = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.02, lower=False, formats=["lowrank", "2:4"])
     a.plan.save(tmp_path / "a.json")
     b.plan.save(tmp_path / "b.json")
     assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
@@ -112,7 +112,7 @@ def test_same_inputs_give_the_same_plan_byte_for_byte(scenario_fp, tmp_path):
 def test_plan_and_report_round_trip(scenario_fp, tmp_path):
     torch.manual_seed(6)
     model = planted_lowrank_mlp(d=128, rank=8, layers=2)
-    result = sparsec.optimize(model, (torch.randn(256, 128),), fingerprint=scenario_fp(), lower=False)
+    result = sparsec.optimize(model, (torch.randn(256, 128),), fingerprint=scenario_fp(), lower=False, formats=["lowrank"])
     result.plan.save(tmp_path / "plan.json")
     result.report.save(tmp_path / "report.json")
     assert sparsec.Plan.load(tmp_path / "plan.json").to_dict() == result.plan.to_dict()
@@ -129,7 +129,7 @@ def test_half_precision_models_are_captured_and_lowered(scenario_fp, dtype, tol)
     torch.manual_seed(7)
     model = planted_lowrank_mlp(d=256, rank=16, layers=2).to(dtype)
     x = torch.randn(1024, 256, dtype=dtype)
-    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.05)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.05, formats=["lowrank"])
     assert all(l["format"].startswith("lowrank:") for l in result.report.layers)
     assert all(l["dtype"] == str(dtype).replace("torch.", "") for l in result.report.layers)
     y, ref = result.module(x).float(), model(x).float()
@@ -146,11 +146,23 @@ def test_bad_options_are_refused_by_name():
         sparsec.optimize(model, (torch.randn(2, 8),), plan={"layers": {"_default": "sparse:3"}})
 
 
+def test_calibration_data_of_another_shape_calibrates_while_cost_uses_the_run_shape(scenario_fp):
+    torch.manual_seed(9)
+    model = planted_lowrank_mlp(d=256, rank=16, layers=1)
+    calib = [(torch.randn(512, 256),), (torch.randn(512, 256),)]
+    result = sparsec.optimize(model, (torch.randn(4, 256),), fingerprint=scenario_fp(), calibration=calib,
+                              formats=["lowrank"], lower=False)
+    layer = result.report.layers[0]
+    assert layer["tokens"] == 4
+    assert layer["format"] == "lowrank:16"  # 1024 calibration rows pin the rank-16 structure
+    assert not result.report.to_dict()["warnings"]
+
+
 def test_measure_fills_realised_speedups_next_to_predicted(scenario_fp):
     torch.manual_seed(8)
-    model = planted_lowrank_mlp(d=512, rank=16, layers=2)
-    x = torch.randn(2048, 512)
-    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, measure=True)
+    model = planted_lowrank_mlp(d=256, rank=16, layers=2)
+    x = torch.randn(512, 256)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, measure=True, formats=["lowrank"])
     for layer in result.report.layers:
         assert layer["format"].startswith("lowrank:")
         assert layer["measured_speedup"] is not None and layer["measured_speedup"] > 0

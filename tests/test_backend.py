@@ -42,7 +42,7 @@ def test_transformer_block_compiles_and_matches(scenario_fp):
     torch.manual_seed(0)
     model = Block().eval()
     x = torch.randn(4, 32, 128)
-    options = {"fingerprint": scenario_fp(), "error_budget": 0.02}
+    options = {"fingerprint": scenario_fp(), "error_budget": 0.02, "formats": ["lowrank", "2:4"]}
     compiled = torch.compile(model, backend="sparsec", options=options)
     with torch.no_grad():
         y, ref = compiled(x), model(x)
@@ -74,7 +74,7 @@ def test_graph_break_subgraphs_are_each_planned_into_one_report(scenario_fp, tmp
     model = Broken()
     x = torch.randn(256, 64)
     path = tmp_path / "report.json"
-    options = {"fingerprint": scenario_fp(), "report": str(path), "error_budget": 0.05}
+    options = {"fingerprint": scenario_fp(), "report": str(path), "error_budget": 0.05, "formats": ["lowrank"]}
     compiled = torch.compile(model, backend="sparsec", options=options)
     with torch.no_grad():
         y, ref = compiled(x), model(x)
