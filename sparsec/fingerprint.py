@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import operator
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,9 +205,16 @@ class Fingerprint:
         except FormatError as exc:
             raise FingerprintError(str(exc)) from None
         dtype = normalize_dtype(dtype)
+        dims = []
         for dim, v in (("M", M), ("N", N), ("K", K)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            try:
+                iv = operator.index(v)  # ints, numpy integers, 0-d integer tensors
+            except TypeError:
+                iv = None
+            if iv is None or isinstance(v, bool) or iv < 1:
                 raise FingerprintError(f"{dim} must be a positive integer, got {v!r}")
+            dims.append(iv)
+        M, N, K = dims
         if mode not in MODES:
             raise FingerprintError(f"mode {mode!r} is not one of {', '.join(MODES)}")
         reason = self.can_predict(spec, dtype, mode)

@@ -78,9 +78,10 @@ GRIDS = {
                  max_variants=12, policy=TimingPolicy(repeats=15, min_repeats=5, point_budget_s=0.03),
                  peak_sizes=(4096, 8192), copy_bytes=1 << 30, granule_base=4096, cache_rows=1 << 20,
                  max_copies=96),
-    # A 2-core CPU: powers of 4 in M, shapes to 4096, two settings per family.
+    # A 2-core CPU in under ~10 minutes: powers of 4 in M, weights up to 4M values, two settings
+    # per family.
     "cpu": Grid("cpu", (1, 4, 16, 64, 256, 1024),
-                _shapes((512, 1024, 2048, 4096), (256, 1024)),
+                _shapes((512, 1024, 2048), (256, 1024)),
                 max_variants=2, policy=TimingPolicy(repeats=7, min_repeats=3, min_sample_s=2e-3, point_budget_s=0.08,
                                     statistic="min"),
                 peak_sizes=(1024, 2048), copy_bytes=1 << 28, granule_base=1024, cache_rows=1 << 18),
@@ -152,6 +153,11 @@ def _bytes_of(obj) -> int:
     return int(getattr(obj, "nbytes", 0))
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 class _OverBudget(Exception):
     pass
 
@@ -168,6 +174,7 @@ class Harness:
         self.last_save = 0.0
         self.rotation_bytes = doc["method"]["rotation_bytes"]
         self.failures: dict[str, int] = {}
+        self.no_graph: dict[str, str] = {}  # kernels whose graph capture failed, and why
 
     def elapsed(self) -> float:
         return time.monotonic() - self.t0
@@ -182,7 +189,8 @@ class Harness:
         if self.elapsed() > self.budget_s:
             raise _OverBudget()
 
-    def run_job(self, job: Job, gen: torch.Generator, advance) -> list[dict]:
+    def run_job(self, job: Job, gen: torch.Generator, advance, entries: list[dict]) -> None:
+        """Measure one job over every M, appending to ``entries`` (kept if a later M fails)."""
         fam, (N, K) = job.fam, job.shape
         dtype = getattr(torch, job.dtype)
         weight, dense = fam.build(job.variant, N, K, dtype, self.device, gen)
@@ -193,7 +201,6 @@ class Harness:
         esize = torch.empty((), dtype=dtype).element_size()
         wbytes = _bytes_of(weight)
         weights = [weight]
-        entries = []
         for M in self.grid.Ms:
             self.check_budget()
             r = rotation_count(wbytes + (M * K + M * N) * esize, self.rotation_bytes, self.grid.max_copies)
@@ -204,8 +211,15 @@ class Harness:
             try:
                 single = self.clock.warm(calls)
                 times = {"eager": self.clock.eager(calls, single)}
-                if self.clock.cuda:
-                    times["graph"] = self.clock.graph(calls, single)
+                if self.clock.cuda and fam.kernel not in self.no_graph:
+                    try:
+                        times["graph"] = self.clock.graph(calls, single)
+                    except torch.cuda.OutOfMemoryError:
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - e.g. a host sync inside the kernel
+                        self.no_graph[fam.kernel] = f"cannot be captured in a CUDA graph: {_first_line(exc)}"
+                        self.doc["skipped"][f"{fam.kernel} graph"] = self.no_graph[fam.kernel]
+                        torch.cuda.synchronize()
             except torch.cuda.OutOfMemoryError:
                 self.doc["skipped"][f"{job.key} M>={M}"] = "out of device memory"
                 del xs, calls
@@ -218,7 +232,6 @@ class Harness:
                 entries.append(e)
             del xs, calls
             advance(1)
-        return entries
 
     def run(self, jobs: list[Job]) -> bool:
         """Run jobs not yet done; True when all are done."""
@@ -242,15 +255,15 @@ class Harness:
                     self.doc["grid"]["done"].append(job.key)
                     advance(len(self.grid.Ms))
                     continue
+                entries: list[dict] = []
                 try:
-                    entries = self.run_job(job, gen, advance)
+                    self.run_job(job, gen, advance, entries)
                 except _OverBudget:
                     self.console.print(f"time budget of {self.budget_s:g} s used; partial result saved")
                     return False
                 except Exception as exc:  # noqa: BLE001 - one kernel's failure must not end the run
                     self.failures[label] = self.failures.get(label, 0) + 1
-                    self.doc["skipped"][job.key] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
-                    entries = []
+                    self.doc["skipped"][job.key] = _first_line(exc)
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                 self.doc["kernels"].setdefault(job.fam.family, []).extend(entries)

@@ -333,3 +333,12 @@ def test_fastest_implementation_answers_and_is_named():
     base = Fingerprint(synthetic(families=("dense", "lowrank"), rank_fracs=(0.25,)))
     assert small.us == pytest.approx(base.predict("lowrank:256", 1, 1024, 1024, "float32"), rel=EXACT)
     assert large.us == pytest.approx(base.predict("lowrank:256", 8192, 1024, 1024, "float32") * 0.5 + 40, rel=EXACT)
+
+
+def test_integer_like_sizes_are_accepted():
+    import numpy as np
+
+    fp = Fingerprint(synthetic())
+    assert fp.predict("dense", np.int64(64), torch.tensor(512), 512, "float32") == fp.predict("dense", 64, 512, 512, "float32")
+    with pytest.raises(FingerprintError, match="N must be a positive integer, got 512.5"):
+        fp.predict("dense", 64, 512.5, 512, "float32")
