@@ -125,7 +125,7 @@ def _sync(device):
 
 def time_calls(calls, device, replays: int) -> float:
     """Median microseconds per call; on CUDA all calls are captured in one graph and replayed."""
-    for c in calls:  # warm-up: compile, autotune, cuSPARSELt algorithm search
+    for c in calls:  # warm-up: compile, autotune, cuSPARSELt compression
         c()
     _sync(device)
     if device.type != "cuda":
@@ -182,23 +182,24 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref).norm() / ref.norm())
 
 
-def check_correctness(device, smoke: bool) -> list[dict]:
-    """Each kernel and implementation vs float64 on the same packed weight, per dtype."""
+def check_correctness(device, smoke: bool, specs: list[str], impls: list[str]) -> list[dict]:
+    """Each kernel and implementation vs float64 on the same packed weight, per dtype.
+
+    The device is synchronised after every case, so a failing kernel is named by its own row."""
     gen = torch.Generator(device=device).manual_seed(11)
     N, K = (48, 64) if smoke else (768, 1024)
     dtypes = [torch.float32, torch.float16] if smoke else [torch.bfloat16, torch.float16, torch.float32]
-    rows = []
     cases = {torch.bfloat16: ("M1", "M37", "M300", "3d-strided"), torch.float16: ("M37", "3d-strided"),
              torch.float32: ("M37",)}
-    for spec in ("2:4", "block:16:0.3", "block:64:0.25", "block:128:0.5", "lowrank:64" if not smoke else "lowrank:8",
-                 "monarch:8" if not smoke else "monarch:4", "monarch:4" if not smoke else "monarch:2"):
+    rows = []
+    for spec in specs:
         if codegen.check(spec, N, K):
             continue
         for dtype in dtypes:
             packed = make_packed(spec, N, K, dtype, device, gen)
             dense64 = packed.to_dense().double()
             bias = torch.randn(N, generator=gen, device=device).to(dtype)
-            for impl in impls_for(spec, device):
+            for impl in impls:
                 if impl == "cusparselt" and dtype == torch.float32:
                     continue
                 for case in cases[dtype]:
@@ -209,6 +210,7 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                     row = {"spec": spec, "impl": impl, "dtype": str(dtype).replace("torch.", ""), "case": case}
                     try:
                         y = linear(x, packed, bias, impl=impl)
+                        _sync(device)
                         ref = x.double() @ dense64.t() + bias.double()
                         err = rel_err(y, ref)
                         row.update(rel_err=err, ok=bool(err <= REL_TOL[dtype] and y.dtype == dtype
@@ -216,6 +218,8 @@ def check_correctness(device, smoke: bool) -> list[dict]:
                     except Exception as exc:  # noqa: BLE001 - reported as a failed check
                         row.update(rel_err=None, ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
                     rows.append(row)
+                    if not row["ok"]:
+                        print(f"# FAIL {row}", flush=True)
     return rows
 
 
@@ -285,18 +289,114 @@ def targets(results: list[dict]) -> list[dict]:
 
 
 def _write(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, path)
 
 
+GROUPS = ("twofour-triton", "twofour-cusparselt", "block", "lowrank", "monarch")
+
+
+def group_plan(group: str, N: int, K: int, smoke: bool) -> list[tuple[str, str]]:
+    """(spec, impl) pairs a group times at one shape; every group also times dense."""
+    fmts = formats_for(N, K) if not smoke else ["2:4", "block:16:0.25", "lowrank:16", "monarch:4"]
+    fam = {"twofour-triton": "2:4", "twofour-cusparselt": "2:4", "block": "block",
+           "lowrank": "lowrank", "monarch": "monarch"}[group]
+    spec = next((f for f in fmts if parse_spec(f).family == fam), None)
+    if spec is None:
+        return [("dense", "cublas")]
+    impls = {"twofour-triton": ["triton"], "twofour-cusparselt": ["cusparselt"]}.get(group, impls_for(spec, torch.device("cuda")))
+    return [("dense", "cublas")] + [(spec, i) for i in impls]
+
+
+def correctness_plan(group: str, smoke: bool) -> tuple[list[str], list[str]]:
+    return {"twofour-triton": (["2:4"], ["triton"]),
+            "twofour-cusparselt": (["2:4"], ["cusparselt"]),
+            "block": (["block:16:0.3", "block:64:0.25", "block:128:0.5"], ["triton"]),
+            "lowrank": (["lowrank:8" if smoke else "lowrank:64"], ["fused", "gemm2"]),
+            "monarch": (["monarch:4", "monarch:2"] if smoke else ["monarch:8", "monarch:4"], ["fused", "two_launch"])}[group]
+
+
+def run_group(args, device, dtype, shapes, tokens) -> dict:
+    """One group in its own process: its correctness checks, then its timings next to dense."""
+    t_start = time.time()
+    os.environ["SPARSEC_AUTOTUNE"] = "0"  # correctness needs no tuning: one config per shape class
+    specs, impls = correctness_plan(args.group, args.smoke)
+    correctness = check_correctness(device, args.smoke, specs, impls)
+    os.environ["SPARSEC_AUTOTUNE"] = "1"
+    print(f"# {args.group} correctness: {sum(r['ok'] for r in correctness)}/{len(correctness)} within tolerance",
+          flush=True)
+    gen = torch.Generator(device=device).manual_seed(3)
+    results = []
+    for N, K in shapes:
+        for M in tokens:
+            for spec, impl in group_plan(args.group, N, K, args.smoke):
+                if time.time() - t_start > args.budget_s:
+                    results.append({"spec": spec, "impl": impl, "N": N, "K": K, "M": M, "us": None,
+                                    "error": "skipped: time budget spent"})
+                    continue
+                try:
+                    row = bench_case(spec, impl, N, K, M, dtype, device, gen, args.copy_gbps,
+                                     args.peak_tflops, args.smoke)
+                except Exception as exc:  # noqa: BLE001 - a failing kernel is reported, not fatal
+                    row = {"spec": spec, "impl": impl, "N": N, "K": K, "M": M, "us": None,
+                           "error": f"{type(exc).__name__}: {exc}"[:300]}
+                results.append(row)
+            dense_us = next((r.get("us") for r in results if r["spec"] == "dense"
+                             and (r["N"], r["K"], r["M"]) == (N, K, M)), None)
+            for r in results:
+                if (r["N"], r["K"], r["M"]) == (N, K, M) and r.get("us"):
+                    r["speedup"] = dense_us / r["us"] if dense_us else None
+                    r["group"] = args.group
+                    print(f"# {N}x{K} M={M} {r['spec']} [{r['impl']}] {r['us']:.1f} us, "
+                          f"x{r['speedup'] or 0:.2f}, floor {100 * r['floor_fraction']:.0f}%", flush=True)
+            _write(args.out, {"correctness": correctness, "results": results})
+    return {"correctness": correctness, "results": results}
+
+
+def run_calibration(args, device) -> dict:
+    # the matmul first: it also brings the clocks up from idle before the copy is timed
+    peak = max(measure_dense_peak(device, args.smoke) for _ in range(2))
+    bw = max(measure_copy_bandwidth(device, args.smoke) for _ in range(2))
+    return {"copy_GBps": bw, "peak_tflops": peak}
+
+
+def _write(path: str, data: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _child(args, role: str, out: str, budget: float, extra=()) -> dict:
+    """Run one role in a fresh process (a CUDA fault there cannot take the other groups down)."""
+    import subprocess
+
+    cmd = [sys.executable, os.path.abspath(__file__), "--role", role, "--out", out, "--budget-s", f"{budget:.0f}",
+           *(["--smoke"] if args.smoke else []), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget + 120)
+    sys.stdout.write(proc.stdout)
+    if proc.returncode:
+        sys.stdout.write(f"# {role} exited {proc.returncode}: {proc.stderr[-1500:]}\n")
+    try:
+        with open(out) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="kernels.json")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter")
-    ap.add_argument("--budget-s", type=float, default=520.0,
-                    help="skip the cases left once this many seconds have passed (results so far are kept)")
+    ap.add_argument("--budget-s", type=float, default=540.0,
+                    help="whole run's time budget; each group gets a share and skips the cases left")
+    ap.add_argument("--role", default="driver", help=argparse.SUPPRESS)
+    ap.add_argument("--copy-gbps", type=float, default=0.0, help=argparse.SUPPRESS)
+    ap.add_argument("--peak-tflops", type=float, default=0.0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ["TRITON_INTERPRET"] = "1"
@@ -307,6 +407,14 @@ def main(argv=None):
             sys.exit("bench/kernels.py needs a CUDA device (or --smoke)")
         device = torch.device("cuda")
         shapes, tokens, dtype = SHAPES, TOKENS, torch.bfloat16
+    if args.role == "calibrate":
+        _write(args.out, run_calibration(args, device))
+        return
+    if args.role != "driver":
+        args.group = args.role
+        run_group(args, device, dtype, shapes, tokens)
+        return
+
     import triton
 
     t_start = time.time()
@@ -315,51 +423,25 @@ def main(argv=None):
             "torch": torch.__version__, "triton": triton.__version__,
             "cuda": torch.version.cuda, "dtype": str(dtype).replace("torch.", "")}
     print(f"# {meta}", flush=True)
-    # the matmul first: it also brings the clocks up from idle before the copy is timed
-    meta["peak_tflops"] = max(measure_dense_peak(device, args.smoke) for _ in range(2))
-    meta["copy_GBps"] = max(measure_copy_bandwidth(device, args.smoke) for _ in range(2))
-    print(f"# copy {meta['copy_GBps']:.0f} GB/s, dense peak {meta['peak_tflops']:.0f} TFLOP/s", flush=True)
-
-    os.environ["SPARSEC_AUTOTUNE"] = "0"  # correctness needs no tuning: one config per shape class
-    correctness = check_correctness(device, args.smoke)
-    os.environ["SPARSEC_AUTOTUNE"] = "1"
-    bad = [r for r in correctness if not r["ok"]]
-    print(f"# correctness: {len(correctness) - len(bad)}/{len(correctness)} within tolerance", flush=True)
-    for r in bad:
-        print(f"#   FAIL {r}", flush=True)
-
-    gen = torch.Generator(device=device).manual_seed(3)
-    results = []
-    for N, K in shapes:
-        specs = ["dense"] + (formats_for(N, K) if not args.smoke else ["2:4", "block:16:0.25", "lowrank:16", "monarch:4"])
-        for M in tokens:
-            for spec in specs:
-                for impl in (["cublas"] if spec == "dense" else impls_for(spec, device)):
-                    if time.time() - t_start > args.budget_s:
-                        results.append({"spec": spec, "impl": impl, "N": N, "K": K, "M": M, "us": None,
-                                        "error": "skipped: time budget spent"})
-                        continue
-                    try:
-                        row = bench_case(spec, impl, N, K, M, dtype, device, gen, meta["copy_GBps"],
-                                         meta["peak_tflops"], args.smoke)
-                    except Exception as exc:  # noqa: BLE001 - a failing kernel is reported, not fatal
-                        row = {"spec": spec, "impl": impl, "N": N, "K": K, "M": M, "us": None,
-                               "error": f"{type(exc).__name__}: {exc}"[:300]}
-                        print(f"# ERROR {row}", flush=True)
-                    results.append(row)
-            dense_us = next(r.get("us") for r in results if r["spec"] == "dense" and (r["N"], r["K"], r["M"]) == (N, K, M))
-            for r in results:
-                if (r["N"], r["K"], r["M"]) == (N, K, M) and r.get("us"):
-                    r["speedup"] = dense_us / r["us"] if dense_us else None
-                    print(f"# {N}x{K} M={M} {r['spec']} [{r['impl']}] {r['us']:.1f} us, "
-                          f"x{r['speedup'] or 0:.2f}, floor {100 * r['floor_fraction']:.0f}%", flush=True)
-            _write(args.out, {"meta": meta, "correctness": correctness, "results": results, "partial": True})
-            print(f"# done {N}x{K} M={M} ({time.time() - t_start:.0f}s)", flush=True)
+    base = os.path.splitext(args.out)[0]
+    meta.update(_child(args, "calibrate", f"{base}.calibrate.json", 60))
+    print(f"# copy {meta.get('copy_GBps', 0):.0f} GB/s, dense peak {meta.get('peak_tflops', 0):.0f} TFLOP/s",
+          flush=True)
+    groups = [g for g in GROUPS if not (args.smoke and g == "twofour-cusparselt")]
+    correctness, results = [], []
+    for i, group in enumerate(groups):
+        left = args.budget_s - (time.time() - t_start)
+        budget = max(20.0, left / (len(groups) - i) - 10)
+        part = _child(args, group, f"{base}.{group}.json", budget,
+                      ("--copy-gbps", str(meta.get("copy_GBps", 1.0)), "--peak-tflops", str(meta.get("peak_tflops", 1.0))))
+        correctness += part.get("correctness", [])
+        results += part.get("results", [])
+        print(f"# group {group} done ({time.time() - t_start:.0f}s)", flush=True)
 
     ok_results = [r for r in results if r.get("us")]
     crossovers = {}
-    for N, K in shapes:
-        for spec in (formats_for(N, K) if not args.smoke else []):
+    for N, K in (shapes if not args.smoke else []):
+        for spec in formats_for(N, K):
             impls = impls_for(spec, device)
             if len(impls) != 2:
                 continue
@@ -375,19 +457,29 @@ def main(argv=None):
               "elapsed_s": time.time() - t_start}
     _write(args.out, report)
 
+    bad = [r for r in correctness if not r["ok"]]
+    print(f"\n## Correctness: {len(correctness) - len(bad)}/{len(correctness)} within tolerance")
+    for r in bad[:12]:
+        print(f"FAIL {r['spec']} [{r['impl']}] {r['dtype']} {r['case']}: {r.get('rel_err')} {r.get('error', '')[:120]}")
     print("\n## Targets")
     for t in report["targets"]:
-        if t["target"].startswith(("2:4 speedup", "block", "lowrank", "monarch")) and "floor" not in t["target"]:
+        if "floor" not in t["target"]:
             v = "n/a" if t["measured"] is None else f"{t['measured']:.2f}"
             print(f"{'MET ' if t['met'] else 'MISS'} {t['target']}: {v} (goal {t['goal']}, {t['impl']})")
-    misses = [t for t in report["targets"] if "floor" in t["target"] and not t["met"]]
-    print(f"floor fraction >= 0.85 at M<=16: {sum(1 for t in report['targets'] if 'floor' in t['target']) - len(misses)} met, {len(misses)} missed")
+    floors = [t for t in report["targets"] if "floor" in t["target"]]
+    print(f"floor fraction >= 0.85 at M<=16: {sum(t['met'] for t in floors)} met of {len(floors)}")
     print(f"crossovers: {crossovers}")
-    print("\n## Kernels (us; speedup vs cuBLAS; fraction of floor)")
+    print("\n## Kernels (us; speedup vs cuBLAS timed in the same process; fraction of floor)")
     print(f"{'shape':>11} {'M':>5} {'format':>14} {'impl':>10} {'us':>9} {'x dense':>7} {'floor%':>6}")
+    seen_dense = set()
     for r in results:
+        key = (r["N"], r["K"], r["M"])
+        if r["spec"] == "dense":
+            if key in seen_dense:
+                continue
+            seen_dense.add(key)
         if r.get("us") is None:
-            print(f"{r['N']}x{r['K']:<6} {r['M']:>5} {r['spec']:>14} {r['impl']:>10}  ERROR {r.get('error', '')[:60]}")
+            print(f"{r['N']:>5}x{r['K']:<5} {r['M']:>5} {r['spec']:>14} {r['impl']:>10}  {r.get('error', '')[:50]}")
             continue
         print(f"{r['N']:>5}x{r['K']:<5} {r['M']:>5} {r['spec']:>14} {r['impl']:>10} {r['us']:>9.1f} "
               f"{r.get('speedup') or 0:>7.2f} {100 * r['floor_fraction']:>5.0f}%")

@@ -12,8 +12,8 @@ Two implementations:
   (small M).
 - ``cusparselt``: torch's cuSPARSELt binding (``torch._cslt_sparse_mm``) on a compressed copy
   kept in ``Packed.aux``; it uses the sparse tensor cores and wins where the layer is
-  compute-bound (large M). Its algorithm id is searched once per shape and cached; during CUDA
-  graph capture an unsearched shape uses the default algorithm, so capture never runs a search.
+  compute-bound (large M). The algorithm id comes from a per-shape cache (``set_cslt_algorithm``)
+  and defaults to the library's 0; the compressed copy is made once, before any graph capture.
 ``auto`` on the GPU picks ``cusparselt`` from ``crossover_m`` tokens on (the Packed's, set by a
 planner from the fingerprint, else DEFAULT_CROSSOVER_M), when cuSPARSELt can take the shape and
 dtype; ``triton`` otherwise.
@@ -157,22 +157,19 @@ def _(x, values, meta, bias):
 _ALG_IDS: dict[tuple, int] = {}
 
 
-def _cslt_alg(compressed, xt, key) -> int:
-    """cuSPARSELt's algorithm id for this shape: searched once, then cached.
+def set_cslt_algorithm(N: int, K: int, M: int, dtype: torch.dtype, alg_id: int) -> None:
+    """Record the cuSPARSELt algorithm id to use for this shape (e.g. from a fingerprint)."""
+    _ALG_IDS[(N, K, M + (-M) % CSLT_M_ALIGN, dtype)] = int(alg_id)
 
-    Never searched during CUDA-graph capture (the default, 0, is used there for an unseen shape);
-    a search the library cannot do (it reports an internal error for some shapes) also leaves 0.
+
+def _cslt_alg(key) -> int:
+    """The cached algorithm id for this shape, else the library's default (0).
+
+    No search runs in-process: torch's ``_cslt_sparse_mm_search`` reported an internal error on
+    an H200 (torch 2.11, CUDA 13.0) and left the device faulted, and a search during CUDA-graph
+    capture would break the capture. Looking up a dict is all a call does, so capture is safe.
     """
-    alg = _ALG_IDS.get(key)
-    if alg is None:
-        if torch.cuda.is_current_stream_capturing():
-            return 0
-        try:
-            alg = int(torch._cslt_sparse_mm_search(compressed, xt, transpose_result=True))
-        except RuntimeError:
-            alg = 0
-        _ALG_IDS[key] = alg
-    return alg
+    return _ALG_IDS.get(key, 0)
 
 
 @torch.library.custom_op("sparsec::twofour_linear_cusparselt", mutates_args=())
@@ -182,8 +179,7 @@ def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[to
     M, K = x.shape
     pad = (-M) % CSLT_M_ALIGN
     xp = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
-    key = (n_out, K, M + pad, x.dtype, bias is not None, x.device.index)
-    alg = _cslt_alg(compressed, xp.t(), key)
+    alg = _cslt_alg((n_out, K, M + pad, x.dtype))
     y = torch._cslt_sparse_mm(compressed, xp.t(), bias=bias, transpose_result=True, alg_id=alg)
     return y[:M] if pad else y
 
