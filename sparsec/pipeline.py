@@ -110,6 +110,40 @@ def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options,
     return layers
 
 
+# -- cost -------------------------------------------------------------------------------------
+
+
+def cost(layers: list[Layer], fingerprint, options: Options) -> None:
+    """Predicted time of dense and every candidate at (M, N, K, dtype, mode), from the fingerprint."""
+    mode = options.cost_mode
+    for layer in layers:
+        site, M = layer.site, max(layer.tokens, 1)
+        dense = fingerprint.predict_detail("dense", M, site.N, site.K, dtype=site.dtype_name, mode=mode)
+        layer.dense.predicted_us, layer.dense.kernel = dense.us, dense.kernel
+        for cand in layer.candidates:
+            if cand.rejected_because:
+                continue
+            why = fingerprint.can_predict(cand.fmt, site.dtype_name, mode)
+            if why is None:
+                why = _kernel_refusal(cand, site)
+            if why is not None:
+                cand.rejected_because = why
+                continue
+            pred = fingerprint.predict_detail(cand.fmt, M, site.N, site.K, dtype=site.dtype_name, mode=mode)
+            cand.predicted_us, cand.kernel, cand.note = pred.us, pred.kernel, pred.note
+            if layer.requested == "auto" and cand.predicted_us >= layer.dense.predicted_us:
+                cand.rejected_because = (
+                    f"predicted {layer.dense.predicted_us / cand.predicted_us:.2f}x of dense "
+                    f"on {fingerprint.name} at M={M} ({cand.kernel}): slower than dense"
+                )
+
+
+def _kernel_refusal(cand: Candidate, site: Site) -> str | None:
+    from sparsec.codegen import check
+
+    return check(cand.spec, site.N, site.K, dtype=site.dtype, device=site.weight.device)
+
+
 # -- approximate ------------------------------------------------------------------------------
 
 
@@ -130,46 +164,47 @@ def approximate(layers: list[Layer]) -> None:
                 by_family.setdefault(cand.spec.family, []).append(cand)
         for family, cands in by_family.items():
             handler = HANDLERS[family]
-            for cand, w_hat in zip(cands, handler.approximate([c.spec for c in cands], weight, st)):
-                cand.approx, cand.method = w_hat, handler.default_method
-                cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias)
+            key = (_identity(site.weight), _identity_stats(st), handler.default_method)
+            todo = [c for c in cands if (key, c.fmt) not in _APPROXIMATIONS]
+            if todo:
+                for cand, w_hat in zip(todo, handler.approximate([c.spec for c in todo], weight, st)):
+                    _APPROXIMATIONS.put((key, cand.fmt), w_hat)
+            for cand in cands:
+                cand.approx, cand.method = _APPROXIMATIONS[(key, cand.fmt)], handler.default_method
+                cand.predicted_error = relative_output_error(weight, cand.approx, st, site.bias)
 
 
-# -- cost -------------------------------------------------------------------------------------
+class _BoundedCache(dict):
+    """Approximations kept across recompiles (a new shape re-plans the same weights), bounded in bytes.
+
+    The bound is ``SPARSEC_CACHE_MB`` (default 1024); the oldest entries go first.
+    """
+
+    def put(self, key, tensor: torch.Tensor) -> None:
+        import os
+
+        limit = float(os.environ.get("SPARSEC_CACHE_MB", "1024")) * 2 ** 20
+        size = tensor.numel() * tensor.element_size()
+        while self and sum(t.numel() * t.element_size() for t in self.values()) + size > limit:
+            del self[next(iter(self))]
+        if size <= limit:
+            self[key] = tensor
+
+    def __missing__(self, key):
+        raise KeyError(key)
 
 
-def cost(layers: list[Layer], fingerprint, options: Options) -> None:
-    """Predicted time of dense and every candidate at (M, N, K, dtype, mode), from the fingerprint."""
-    mode = options.cost_mode
-    for layer in layers:
-        site, M = layer.site, max(layer.tokens, 1)
-        dense = fingerprint.predict_detail("dense", M, site.N, site.K, dtype=site.dtype_name, mode=mode)
-        layer.dense.predicted_us, layer.dense.kernel = dense.us, dense.kernel
-        for cand in layer.candidates:
-            if cand.rejected_because:
-                continue
-            why = fingerprint.can_predict(cand.fmt, site.dtype_name)
-            if why is None:
-                why = _kernel_refusal(cand, site)
-            if why is not None:
-                cand.rejected_because = why
-                continue
-            pred = fingerprint.predict_detail(cand.fmt, M, site.N, site.K, dtype=site.dtype_name, mode=mode)
-            cand.predicted_us, cand.kernel, cand.note = pred.us, pred.kernel, pred.note
-            if layer.requested == "auto" and cand.predicted_us >= layer.dense.predicted_us:
-                cand.rejected_because = (
-                    f"predicted {layer.dense.predicted_us / cand.predicted_us:.2f}x of dense "
-                    f"on {fingerprint.name} at M={M} ({cand.kernel}): slower than dense"
-                )
+_APPROXIMATIONS = _BoundedCache()
 
 
-def _kernel_refusal(cand: Candidate, site: Site) -> str | None:
-    from sparsec import codegen
+def _identity(t: torch.Tensor) -> tuple:
+    """Content-based key (an address can be reused by another model's weight)."""
+    d = t.detach().double()
+    return (tuple(t.shape), t.dtype, str(t.device), float(d.sum()), float((d * d).sum()), float(d.abs().max()))
 
-    check = getattr(codegen, "check", None)
-    if check is None:
-        return None
-    return check(cand.spec, site.N, site.K, dtype=site.dtype, device=site.weight.device)
+
+def _identity_stats(st: SiteStats) -> tuple:
+    return (st.rows, float(st.gram.trace()), float(st.gram.sum()), float(st.total.sum()))
 
 
 # -- select -----------------------------------------------------------------------------------
