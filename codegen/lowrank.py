@@ -10,7 +10,8 @@ Two implementations:
   rank-R intermediate never goes to memory.
 - ``gemm2`` (large M): two GEMMs (cuBLAS through torch), where the work is compute-bound and the
   intermediate is small next to x and y.
-``triton`` (and ``auto`` on the GPU) picks ``fused`` below ``crossover_m`` tokens, else ``gemm2``.
+``triton`` (and ``auto`` on the GPU) picks ``fused`` below ``crossover_m`` tokens, else ``gemm2``
+(by default always ``gemm2``: see DEFAULT_CROSSOVER_M).
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_b
                       tl_dot_precision)
 from .packed import FormatKernels, register
 
-DEFAULT_CROSSOVER_M = 64  # fused below this M; the fused kernel's m-tiles re-read the weights
+# fused below this M when no planner set one. On an H200 (docs/benchmarks.md) the two cuBLAS
+# GEMMs beat the fused kernel at every M from 1 on, so the fused kernel is opt-in (impl="fused").
+DEFAULT_CROSSOVER_M = 1
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:

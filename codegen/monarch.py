@@ -11,7 +11,8 @@ Two Triton implementations, the permutation folded into address arithmetic in bo
 - ``fused`` (small M, one launch): chunk c of the permuted intermediate only needs rows
   c*r..c*r+r-1 of every L block, so program (c, n-tile) computes chunk c from x on chip, then
   multiplies it by R[c]; no intermediate goes to memory.
-``triton`` (and ``auto`` on the GPU) picks ``fused`` below ``crossover_m`` tokens.
+``triton`` (and ``auto`` on the GPU) picks ``fused`` below ``crossover_m`` tokens (by default never:
+see DEFAULT_CROSSOVER_M).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_b
                       next_pow2, tl_dot_precision)
 from .packed import FormatKernels, register
 
-DEFAULT_CROSSOVER_M = 16  # fused below this M: its programs each re-read all of x
+# fused below this M when no planner set one. On an H200 (docs/benchmarks.md) two launches beat
+# the fused kernel at every M from 1 on (its programs each re-read all of x), so fused is opt-in.
+DEFAULT_CROSSOVER_M = 1
 FUSED_TILE_ELEMS = 8192   # bound on the fused kernel's (BLOCK_M x p x BLOCK_Q) product tile
 FUSED_MAX_P = 256         # the fused kernel holds a (BLOCK_N x p) tile of R in registers
 

@@ -33,7 +33,9 @@ from sparsec.errors import SparsecError
 from ._common import LazyKernel, check_input, expect_tensor, m_bucket, match_dtype, tl_dot_precision
 from .packed import FormatKernels, register
 
-DEFAULT_CROSSOVER_M = 1024  # cuSPARSELt from here on when no planner set one (docs/kernels.md)
+# cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
+# 14336x4096 layer on an H200 (docs/benchmarks.md; 128 on 4096x4096 and 4096x14336).
+DEFAULT_CROSSOVER_M = 1024
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
 CSLT_ALIGN = 16     # cuSPARSELt needs N and K multiples of 16 for 16-bit types
 CSLT_M_ALIGN = 8    # and the dense operand's token count padded to a multiple of 8

