@@ -7,10 +7,11 @@ reconstruction per spec that has exactly the format's structure, so codegen pack
 
 from __future__ import annotations
 
-from sparsec.passes import lowrank
+from sparsec.passes import block, lowrank, monarch, twofour
 
 HANDLERS = {
-    lowrank.HANDLER.family: lowrank.HANDLER,
+    handler.family: handler
+    for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER)
 }
 
 

@@ -2,21 +2,33 @@
 
 Selection is a multiple-choice knapsack: each layer picks one of its candidates (dense costs
 nothing and saves nothing), the value is predicted time saved and the weight is the layer's
-squared relative output error times an amplification factor. Squared errors add when layer errors
-are independent (the end-to-end error model), and the amplification is calibrated on this model
-by measuring how far the end-to-end error strays from that sum (``calibrate_amplification``).
+squared relative output error. The end-to-end error model is
 
-The knapsack is solved greedily on each layer's upper convex hull of (error cost, saving), the
-classic near-optimal rule for this problem; ``back_off`` walks it in reverse, one hull step of the
-layer with the worst ratio of error to saving at a time, until the measured error fits.
+    e2e^2 = amplification * (fixed + sum over layers of error^2)
+
+(squared errors add when layer errors are independent; ``fixed`` is what layers a plan forces
+spend). How far this model is off in a given network (errors damped by normalisation and
+residual paths, or compounded through depth) is not guessed but measured: ``fit_to_budget``
+measures the end-to-end error of an allocation, sets the amplification to what was observed,
+re-allocates, and keeps the allocation with the most predicted saving that measured within the
+budget. If none did, it backs off one hull step at a time until one does.
+
+The knapsack itself is solved greedily on each layer's upper convex hull of (error cost, saving),
+the classic near-optimal rule for this problem; ``back_off`` walks it in reverse, one hull step
+of the layer with the worst ratio of error to saving at a time.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 from sparsec.candidates import Candidate, Layer
+
+CALIBRATION_ROUNDS = 4  # end-to-end measurements spent calibrating the amplification
+GOOD_FILL = 0.85  # an allocation measuring at least this share of the budget is not re-allocated
+MIN_AMPLIFICATION = 1e-3
 
 
 @dataclass
@@ -45,15 +57,54 @@ class Allocation:
     hulls: list[Hull]
     budget: float
     amplification: float = 1.0
+    fixed: float = 0.0  # squared error spent by layers outside the knapsack (forced by a plan)
     history: list[str] = field(default_factory=list)
 
+    def model_cost(self) -> float:
+        """fixed + sum of squared layer errors: the end-to-end squared error before amplification."""
+        return self.fixed + sum(h.cost() for h in self.hulls)
+
     def predicted_error(self) -> float:
-        return math.sqrt(self.amplification * sum(h.cost() for h in self.hulls))
+        return math.sqrt(self.amplification * self.model_cost())
+
+    def saving(self) -> float:
+        return sum(h.gain() for h in self.hulls)
 
     def budget_left_for(self, hull: Hull) -> float:
         """Error (not squared) still available to ``hull``'s layer given every other choice."""
-        others = self.amplification * sum(h.cost() for h in self.hulls if h is not hull)
+        others = self.amplification * (self.fixed + sum(h.cost() for h in self.hulls if h is not hull))
         return math.sqrt(max(self.budget ** 2 - others, 0.0) / self.amplification)
+
+    def snapshot(self) -> tuple[int, ...]:
+        return tuple(h.index for h in self.hulls)
+
+    def restore(self, snapshot: tuple[int, ...]) -> None:
+        for h, i in zip(self.hulls, snapshot):
+            h.index = i
+
+    def fill(self, amplification: float | None = None) -> None:
+        """Greedy knapsack from all-dense: repeatedly take the hull step with the best saving per cost."""
+        if amplification is not None:
+            self.amplification = amplification
+        for h in self.hulls:
+            h.index = 0
+        capacity = self.budget ** 2 / self.amplification - self.fixed
+        spent = 0.0
+        while True:
+            best, best_slope = None, 0.0
+            for h in self.hulls:
+                if h.index + 1 >= len(h.points):
+                    continue
+                dc = h.cost(h.index + 1) - h.cost()
+                if spent + dc > capacity * (1.0 + 1e-12):
+                    continue
+                slope = _slope(h.layer, h.current, h.points[h.index + 1])
+                if slope > best_slope:
+                    best, best_slope = h, slope
+            if best is None:
+                return
+            spent += best.cost(best.index + 1) - best.cost()
+            best.index += 1
 
 
 def efficient_hull(layer: Layer, viable: list[Candidate]) -> list[Candidate]:
@@ -61,7 +112,7 @@ def efficient_hull(layer: Layer, viable: list[Candidate]) -> list[Candidate]:
     pts = sorted(viable, key=lambda c: (c.predicted_error ** 2, -layer.saving(c)))
     hull = [layer.dense]
     for c in pts:
-        if layer.saving(c) <= layer.saving(hull[-1]):
+        if not math.isfinite(c.predicted_error) or layer.saving(c) <= layer.saving(hull[-1]):
             continue  # dominated: no more saving for at least as much error
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
@@ -83,27 +134,13 @@ def _slope(layer: Layer, a: Candidate, b: Candidate) -> float:
     return ds / dc
 
 
-def allocate(layers: list[Layer], viable: dict[str, list[Candidate]], budget: float, amplification: float = 1.0) -> Allocation:
+def allocate(layers: list[Layer], viable: dict[str, list[Candidate]], budget: float,
+             amplification: float = 1.0, fixed: float = 0.0) -> Allocation:
     """Greedy multiple-choice knapsack over each layer's hull under ``budget`` end-to-end error."""
     hulls = [Hull(layer, efficient_hull(layer, viable.get(layer.name, []))) for layer in layers]
-    alloc = Allocation(hulls=hulls, budget=budget, amplification=amplification)
-    capacity = budget ** 2 / amplification
-    spent = 0.0
-    while True:
-        best, best_slope = None, 0.0
-        for h in hulls:
-            if h.index + 1 >= len(h.points):
-                continue
-            dc = h.cost(h.index + 1) - h.cost()
-            if spent + dc > capacity * (1.0 + 1e-12):
-                continue
-            slope = _slope(h.layer, h.current, h.points[h.index + 1])
-            if slope > best_slope:
-                best, best_slope = h, slope
-        if best is None:
-            return alloc
-        spent += best.cost(best.index + 1) - best.cost()
-        best.index += 1
+    alloc = Allocation(hulls=hulls, budget=budget, amplification=amplification, fixed=fixed)
+    alloc.fill()
+    return alloc
 
 
 def back_off(alloc: Allocation) -> Hull | None:
@@ -126,7 +163,70 @@ def back_off(alloc: Allocation) -> Hull | None:
 
 def calibrate_amplification(alloc: Allocation, measured_error: float) -> float:
     """How much larger the measured end-to-end error is than the independent-sum model predicts."""
-    model = sum(h.cost() for h in alloc.hulls)
+    model = alloc.model_cost()
     if model <= 0.0 or measured_error <= 0.0:
         return alloc.amplification
-    return max(measured_error ** 2 / model, 1e-3)
+    return max(measured_error ** 2 / model, MIN_AMPLIFICATION)
+
+
+Measure = Callable[[], "tuple[float, dict[str, float]]"]
+
+
+def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION_ROUNDS) -> tuple[float, dict[str, float]]:
+    """Measure, calibrate the error model on this network, re-allocate; return the final measurement.
+
+    ``measure`` evaluates the allocation's current choices end to end (error, per-layer errors).
+    The allocation left in place is the one with the largest predicted saving among those that
+    measured within the budget, reached by at most ``rounds`` calibrated re-allocations and then,
+    if none fitted, by backing off one hull step at a time.
+    """
+    seen: dict[tuple[int, ...], tuple[float, dict[str, float]]] = {}
+
+    def run() -> tuple[float, dict[str, float]]:
+        key = alloc.snapshot()
+        if key not in seen:
+            seen[key] = measure()
+        return seen[key]
+
+    error, _ = run()
+    feasible: dict[tuple[int, ...], float] = {}
+    if error <= alloc.budget:
+        feasible[alloc.snapshot()] = alloc.saving()
+    too_small, large_enough = 0.0, math.inf  # amplifications known to overshoot / to fit
+    for _ in range(rounds):
+        amp = alloc.amplification
+        if error <= alloc.budget:
+            large_enough = min(large_enough, amp)
+            if error >= GOOD_FILL * alloc.budget:
+                break
+        else:
+            too_small = max(too_small, amp)
+        proposal = calibrate_amplification(alloc, error)
+        if not too_small < proposal < large_enough:
+            if not math.isfinite(large_enough):
+                proposal = 2.0 * max(too_small, amp)
+            else:
+                proposal = math.sqrt(max(too_small, MIN_AMPLIFICATION) * large_enough)
+        if abs(proposal - amp) <= 0.02 * amp:
+            break
+        before = alloc.snapshot()
+        alloc.fill(proposal)
+        if alloc.snapshot() == before:
+            continue
+        error, _ = run()
+        alloc.history.append(
+            f"end-to-end error model calibrated on this network (layer errors amplify {proposal:.2f}x): "
+            f"re-allocated, measured {error:.3%} against a budget of {alloc.budget:.3%}"
+        )
+        if error <= alloc.budget:
+            feasible[alloc.snapshot()] = alloc.saving()
+    if feasible:
+        alloc.restore(max(feasible, key=feasible.get))
+        error, local = run()
+    else:
+        alloc.restore(min(seen, key=lambda key: seen[key][0]))
+        error, local = run()
+        while error > alloc.budget and back_off(alloc) is not None:
+            error, local = run()
+    alloc.amplification = calibrate_amplification(alloc, error)
+    return error, local

@@ -1,0 +1,156 @@
+"""Block-sparse pruning: W[N, K] tiled in B x B blocks, exactly ``Block.kept_blocks(N, K)`` kept.
+
+Which blocks survive is decided globally over the whole matrix (not per block row), as the BSR
+kernels allow any number of blocks in a row: a layer whose important weights cluster in a few
+output rows keeps more blocks there. This is also the rule codegen's packer applies to a weight
+that already has the structure (the kept blocks are exactly its nonzero blocks).
+
+Methods:
+
+- ``least-squares`` (default): blocks are scored by their activation-weighted norm
+  ||W_blk diag(||X_j||)||_F (the block analogue of Wanda), the top ones are kept, and then the
+  kept weights of every output row are refit to the calibration statistics. For the rows of
+  block row i, whose kept input columns are J, the output error ||(W - W_hat) X^T|| is minimised
+  over W_hat[:, J] in closed form: W_hat[:, J] = W G[:, J] (G[J, J] + lambda I)^-1, with G = X^T X
+  and lambda = 1% of the mean diagonal (the same damping as SparseGPT's Hessian), which is the
+  exact optimum for this mask under the Gram, and what the dropped weights' contribution to the
+  outputs is folded back into.
+- ``activation``: the same activation-weighted selection, kept weights unchanged.
+- ``magnitude``: blocks ranked by ||W_blk||_F, kept weights unchanged (the packer's own rule).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sparsec.formats import BLOCK_SIZES, Block
+from sparsec.passes.calibrate import activation_norms, damped, gram
+from sparsec.sites import SiteStats
+
+DENSITIES = (0.125, 0.25, 0.5, 0.75)
+DAMPING = 0.01
+
+
+class BlockHandler:
+    family = "block"
+    methods = ("least-squares", "activation", "magnitude")
+    default_method = "least-squares"
+
+    def grid(self, N: int, K: int) -> list[Block]:
+        """Every kernel block size that tiles N x K into at least 2 x 2 blocks, at each kept fraction."""
+        specs = []
+        for B in BLOCK_SIZES:
+            if N % B or K % B or N // B < 2 or K // B < 2:
+                continue
+            specs.extend(Block(B, d) for d in DENSITIES)
+        return specs
+
+    def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
+        """One float32 N x K weight per spec, nonzero only in exactly its kept blocks."""
+        method = method or self.default_method
+        if method not in self.methods:
+            raise ValueError(f"unknown block method {method!r}; known: {', '.join(self.methods)}")
+        N, K = weight.shape
+        W = weight.detach().to(torch.float32)
+        G = gram(stats, K).to(W.device) if method != "magnitude" else None
+        refit = Refit(W, damped(G, DAMPING)) if method == "least-squares" else None
+        out = []
+        for spec in specs:
+            why = spec.check(N, K)
+            if why:
+                raise ValueError(why)
+            if method == "magnitude":
+                score = W.pow(2)
+            else:
+                score = (W * activation_norms(G).to(W.dtype)).pow(2)
+            keep = kept_block_mask(score, spec.block, spec.kept_blocks(N, K))
+            if method == "least-squares":
+                out.append(refit(keep, spec.block))
+            else:
+                out.append(W * expand_mask(keep, spec.block))
+        return out
+
+
+def kept_block_mask(score: torch.Tensor, B: int, kept: int) -> torch.Tensor:
+    """(N/B, K/B) boolean mask of the ``kept`` blocks with the largest summed ``score``, over the whole matrix."""
+    N, K = score.shape
+    nr, nc = N // B, K // B
+    block_score = score.reshape(nr, B, nc, B).sum(dim=(1, 3)).reshape(-1)
+    mask = torch.zeros(nr * nc, dtype=torch.bool, device=score.device)
+    mask[block_score.topk(kept).indices] = True
+    return mask.reshape(nr, nc)
+
+
+def expand_mask(block_mask: torch.Tensor, B: int) -> torch.Tensor:
+    return block_mask.repeat_interleave(B, 0).repeat_interleave(B, 1)
+
+
+class Refit:
+    """Least-squares refit of each block row's kept weights to the damped calibration Gram G.
+
+    For kept columns J and dropped columns D of a block row, the optimum of
+    ||(W - W_hat) S||^2 (S S^T = G) is W_hat[:, J] = W G[:, J] G[J, J]^-1, or equivalently (the
+    OBS form, with H = G^-1) W_hat[:, J] = W[:, J] - W[:, D] H[D, D]^-1 H[D, J]. Each row solves
+    whichever system is smaller, so no solve is larger than half the inputs. W G and H are
+    computed once per layer and shared by every spec.
+    """
+
+    def __init__(self, W: torch.Tensor, G: torch.Tensor):
+        self.W = W
+        self.W64 = W.to(torch.float64)
+        self.G = G
+        self._WG = None
+        self._H = None
+
+    @property
+    def WG(self) -> torch.Tensor:
+        if self._WG is None:
+            self._WG = self.W64 @ self.G
+        return self._WG
+
+    @property
+    def H(self) -> torch.Tensor:
+        if self._H is None:
+            self._H = torch.cholesky_inverse(torch.linalg.cholesky(self.G))
+        return self._H
+
+    def __call__(self, block_mask: torch.Tensor, B: int) -> torch.Tensor:
+        W = self.W
+        out = torch.zeros_like(W)
+        for i in range(block_mask.shape[0]):
+            rows = slice(i * B, (i + 1) * B)
+            kept = block_mask[i].repeat_interleave(B)
+            J, D = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
+            if J.numel() == 0:
+                continue
+            if D.numel() == 0:
+                out[rows] = W[rows]
+                continue
+            if J.numel() <= D.numel():
+                sol = _spd_solve(self.G[J[:, None], J], self.WG[rows, J].T).T
+            else:
+                H = self.H
+                correction = _spd_solve(H[D[:, None], D], self.W64[rows, D].T).T @ H[D[:, None], J]
+                sol = self.W64[rows, J] - correction
+            out[rows, J] = sol.to(W.dtype)
+        _guarantee_nonzero(out, W, block_mask, B)
+        return out
+
+
+def _spd_solve(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """A^-1 rhs for symmetric positive definite A (least squares if rounding broke definiteness)."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info):
+        return torch.linalg.lstsq(A, rhs).solution
+    return torch.cholesky_solve(rhs, L)
+
+
+def _guarantee_nonzero(out: torch.Tensor, W: torch.Tensor, block_mask: torch.Tensor, B: int) -> None:
+    """A kept block the refit happened to zero keeps its original weights, so exactly the kept count stays nonzero."""
+    nr, nc = block_mask.shape
+    energy = out.reshape(nr, B, nc, B).pow(2).sum(dim=(1, 3))
+    for i, j in torch.nonzero(block_mask & (energy == 0)).tolist():
+        out[i * B : (i + 1) * B, j * B : (j + 1) * B] = W[i * B : (i + 1) * B, j * B : (j + 1) * B]
+
+
+HANDLER = BlockHandler()

@@ -1,0 +1,140 @@
+"""Monarch factoring: W[N, K] ~= blockdiag(R) @ P @ blockdiag(L) in the layout of ``formats.Monarch``.
+
+Under that layout (NB blocks, p = K/NB inputs per block, n = N/NB outputs per chunk, r = p/NB),
+the (c, b) sub-block of W (output rows c*n.., input columns b*p..) is R_c[:, {t*NB + b}] @
+L_b[{c*r + t}, :] over t < r: a rank-r product whose factor entries feed no other sub-block. So a
+dense matrix is Monarch exactly when each of its NB x NB sub-blocks has rank at most r (rank 1
+when K = NB^2), and the reconstructions returned here are such matrices: codegen recovers the
+factors L and R from them by the same per-sub-block SVD, losslessly.
+
+Methods:
+
+- ``projection``: the closed-form Frobenius-optimal projection, a rank-r truncated SVD of every
+  sub-block (Dao et al., 2022).
+- ``als`` (default): activation-aware refinement of the projection minimising the layer's output
+  error ||(W - W_hat) S||_F, S S^T = X^T X (damped by 1% of the mean diagonal). Output chunks are
+  independent, but input blocks are coupled through the Gram, so the factors are refit by
+  alternating least squares over input blocks: for block b, with the other blocks' factors held,
+  the best unconstrained sub-block is M* = M_b + [residual @ G][:, b] G_bb^-1, and the best rank-r
+  one is the truncated SVD of M* C_b mapped back by C_b^-1 (C_b C_b^T = G_bb), solved for every
+  output chunk at once. Each step is the exact minimiser for its block, so the damped objective
+  never increases from the projection it starts at; since the projection minimises the damping
+  term alone, the calibration error of the result is never above the projection's.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from sparsec.formats import Monarch
+from sparsec.passes.calibrate import damped, gram
+from sparsec.sites import SiteStats
+
+DAMPING = 0.01
+SWEEPS = 4
+TOLERANCE = 1e-3  # stop sweeping once a sweep improves the objective by less than this fraction
+
+
+class MonarchHandler:
+    family = "monarch"
+    methods = ("als", "projection")
+    default_method = "als"
+
+    def grid(self, N: int, K: int) -> list[Monarch]:
+        """NB = 4, 8, ... up to sqrt(K) with NB^2 | K and NB | N, storing fewer values than W."""
+        specs, nb = [], 4
+        while nb * nb <= K:
+            spec = Monarch(nb)
+            if spec.check(N, K) is None and spec.stored_params(N, K) < N * K:
+                specs.append(spec)
+            nb *= 2
+        return specs
+
+    def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
+        """One float32 N x K weight per spec whose every Monarch sub-block has rank <= K/NB^2."""
+        method = method or self.default_method
+        if method not in self.methods:
+            raise ValueError(f"unknown monarch method {method!r}; known: {', '.join(self.methods)}")
+        N, K = weight.shape
+        W = weight.detach().to(torch.float64)
+        Gd = damped(gram(stats, K).to(W.device), DAMPING) if method == "als" else None
+        out = []
+        for spec in specs:
+            why = spec.check(N, K)
+            if why:
+                raise ValueError(why)
+            blocks = project(to_blocks(W, spec.nblocks), rank_of(spec, K))
+            if method == "als":
+                blocks = refine(to_blocks(W, spec.nblocks), blocks, Gd, rank_of(spec, K))
+            out.append(from_blocks(blocks).to(torch.float32))
+        return out
+
+
+def rank_of(spec: Monarch, K: int) -> int:
+    return K // (spec.nblocks * spec.nblocks)
+
+
+def to_blocks(W: torch.Tensor, nb: int) -> torch.Tensor:
+    """(NB, NB, n, p) view: [c, b] is the sub-block of output chunk c and input block b."""
+    N, K = W.shape
+    return W.reshape(nb, N // nb, nb, K // nb).permute(0, 2, 1, 3).contiguous()
+
+
+def from_blocks(blocks: torch.Tensor) -> torch.Tensor:
+    nb, _, n, p = blocks.shape
+    return blocks.permute(0, 2, 1, 3).reshape(nb * n, nb * p)
+
+
+def truncate(M: torch.Tensor, r: int) -> torch.Tensor:
+    """Best rank-r approximation of each matrix of a batch: projection on its top-r singular subspace.
+
+    The subspace comes from the symmetric eigendecomposition of the smaller Gram (M^T M or M M^T),
+    which is several times faster than a batched SVD of small matrices on CPU; the result is a
+    product with an r-dimensional projector, so its rank is at most r exactly.
+    """
+    n, p = M.shape[-2:]
+    if n >= p:
+        V = torch.linalg.eigh(M.mT @ M).eigenvectors[..., -r:]
+        return (M @ V) @ V.mT
+    U = torch.linalg.eigh(M @ M.mT).eigenvectors[..., -r:]
+    return U @ (U.mT @ M)
+
+
+def project(blocks: torch.Tensor, r: int) -> torch.Tensor:
+    return truncate(blocks, r)
+
+
+def refine(target: torch.Tensor, blocks: torch.Tensor, Gd: torch.Tensor, r: int,
+           sweeps: int | None = None, tolerance: float | None = None) -> torch.Tensor:
+    """Alternating least squares over input blocks on ||(W - W_hat) S||, from ``blocks``."""
+    sweeps = SWEEPS if sweeps is None else sweeps
+    tolerance = TOLERANCE if tolerance is None else tolerance
+    nb, _, n, p = blocks.shape
+    K = nb * p
+    blocks = blocks.clone()
+    residual = from_blocks(target - blocks)  # (N, K)
+    RG = residual @ Gd  # (N, K): kept current as blocks change
+    diag_blocks = torch.stack([Gd[b * p : (b + 1) * p, b * p : (b + 1) * p] for b in range(nb)])
+    C = torch.linalg.cholesky(diag_blocks)  # (NB, p, p), C_b C_b^T = G_bb
+    eye = torch.eye(p, dtype=C.dtype, device=C.device).expand(nb, p, p)
+    C_inv = torch.linalg.solve_triangular(C, eye, upper=False)
+    objective = float(torch.sum(RG * residual))
+    for _ in range(sweeps):
+        for b in range(nb):
+            cols = slice(b * p, (b + 1) * p)
+            rg_b = RG[:, cols].reshape(nb, n, p)  # per output chunk c
+            best = blocks[:, b] + torch.cholesky_solve(rg_b.transpose(1, 2), C[b]).transpose(1, 2)
+            new = truncate(best @ C[b], r) @ C_inv[b]
+            delta = (new - blocks[:, b]).reshape(nb * n, p)
+            RG -= delta @ Gd[cols, :]
+            residual[:, cols] -= delta
+            blocks[:, b] = new
+        previous, objective = objective, float(torch.sum(RG * residual))
+        if not math.isfinite(objective) or previous - objective <= tolerance * max(previous, 1e-300):
+            break
+    return blocks
+
+
+HANDLER = MonarchHandler()
