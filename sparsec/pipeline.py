@@ -221,9 +221,8 @@ def select(layers: list[Layer], options: Options, fingerprint):
             continue
         layer.chosen = _forced_choice(layer)
         forced_cost += layer.chosen.predicted_error ** 2 if not layer.chosen.is_dense else 0.0
-    budget_left = math.sqrt(max(options.error_budget ** 2 - forced_cost, 0.0))
     viable = {l.name: [c for c in l.candidates if c.rejected_because is None] for l in auto}
-    alloc = knapsack.allocate(auto, viable, budget_left)
+    alloc = knapsack.allocate(auto, viable, options.error_budget, fixed=forced_cost)
     for h in alloc.hulls:
         h.layer.chosen = h.current
     return alloc
@@ -250,28 +249,22 @@ class EndToEnd:
 
 
 def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> EndToEnd:
-    """Measure the rewritten graph's output error; back off auto layers until within budget."""
+    """Measure the rewritten graph's output error; calibrate the error model on it, re-allocate, and
+    back off auto layers until within budget (``passes.select.fit_to_budget``)."""
     from sparsec.passes import select as knapsack
 
     def measure():
         reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
         return frontend.evaluate(reps) if reps else (0.0, {})
 
-    error, local = measure()
-    recalibrated = False
-    while error > options.error_budget and any(h.index > 0 for h in alloc.hulls):
-        amp = knapsack.calibrate_amplification(alloc, error)
-        if not recalibrated and amp > alloc.amplification * 1.05:
-            recalibrated = True
-            budget = alloc.budget
-            new = knapsack.allocate([h.layer for h in alloc.hulls], {h.layer.name: h.points[1:] for h in alloc.hulls}, budget, amp)
-            alloc.hulls, alloc.amplification = new.hulls, amp
-            alloc.history.append(f"end-to-end error {error:.3%} over budget: layer errors amplify {amp:.2f}x here; re-allocated")
-        elif knapsack.back_off(alloc) is None:
-            break
+    def measure_current():
         for h in alloc.hulls:
             h.layer.chosen = h.current
-        error, local = measure()
+        return measure()
+
+    error, local = knapsack.fit_to_budget(alloc, measure_current)
+    for h in alloc.hulls:
+        h.layer.chosen = h.current
     result = EndToEnd(measured_error=error, local=local)
     if frontend.has_heldout():
         reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
