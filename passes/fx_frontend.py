@@ -13,7 +13,7 @@ from sparsec.sites import Site, SiteStats, Skipped
 
 class FxFrontend:
     def __init__(self, gm: fx.GraphModule, example_inputs, calibration: list[list], heldout: list[list] | None = None,
-                 *, graph: int = 0, entry: str = "torch.compile", mode: str = "default", inner: str = "auto"):
+                 *, graph: int = 0, entry: str = "torch.compile", mode: str = "default"):
         self.gm = gm
         self.example_inputs = list(example_inputs)
         self.calibration = calibration
@@ -21,7 +21,6 @@ class FxFrontend:
         self.graph = graph
         self.entry = entry
         self.mode = mode
-        self.inner = inner
         self.sites: dict[str, Site] = {}
         self.nodes: dict[str, fx.Node] = {}
         self._references: list[list[torch.Tensor]] = []
@@ -85,10 +84,7 @@ class FxFrontend:
         return torch.device("cpu")
 
     def _use_inductor(self) -> bool:
-        if self.inner == "eager":
-            return False
-        if self.inner == "inductor":
-            return True
+        """On CUDA the dense rest goes to inductor; on CPU the rewritten graph runs as plain torch."""
         return self._device().type == "cuda"
 
     def _heldout_refs(self):

@@ -8,14 +8,11 @@ options dict the user passed, and the report file, if asked for, is rewritten af
 
 from __future__ import annotations
 
-import logging
 import re
 
 import torch
 
 from sparsec.options import Options, parse_options
-
-log = logging.getLogger("sparsec")
 
 
 class Session:
@@ -43,9 +40,11 @@ class Session:
 
         graph = len(self.outcomes)
         calibration, warning = calibration_inputs(gm, example_inputs, self.options.calibration)
-        heldout, _ = calibration_inputs(gm, example_inputs, self.options.heldout) if self.options.heldout else (None, None)
-        frontend = FxFrontend(gm, example_inputs, calibration, heldout if not _fell_back(heldout, example_inputs) else None,
-                              graph=graph, entry=self.entry, mode=self.options.mode, inner=self.options.extra.get("_inner", "auto"))
+        heldout = _map_items(gm, example_inputs, self.options.heldout) if self.options.heldout else None
+        if self.options.heldout and heldout is None:
+            warning = (warning + "; " if warning else "") + "held-out inputs could not be matched to this subgraph's inputs"
+        frontend = FxFrontend(gm, example_inputs, calibration, heldout, graph=graph, entry=self.entry,
+                              mode=self.options.mode)
         outcome = optimize_graph(frontend, self.options, self.fingerprint)
         if warning:
             outcome.report["warnings"].append(f"graph {graph}: {warning}")
@@ -84,10 +83,6 @@ def _finish(report: dict) -> dict:
     report.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     report.setdefault("sparsec_version", __version__)
     return report
-
-
-def _fell_back(data, example_inputs) -> bool:
-    return data is not None and len(data) == 1 and data[0] is example_inputs
 
 
 def calibration_inputs(gm, example_inputs, items) -> tuple[list[list], str | None]:

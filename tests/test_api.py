@@ -169,3 +169,16 @@ def test_measure_fills_realised_speedups_next_to_predicted(scenario_fp):
         assert layer["predicted_speedup"] is not None
     assert result.report.end_to_end["measured_speedup"] > 0
     assert result.report.totals["measured_speedup"] > 0
+
+
+def test_heldout_error_is_measured_on_heldout_data(scenario_fp):
+    torch.manual_seed(10)
+    model = planted_lowrank_mlp(d=128, rank=8, layers=1)
+    calib = [(torch.randn(256, 128),)]
+    held = [(torch.randn(256, 128) * 3.0,)]
+    result = sparsec.optimize(model, (torch.randn(16, 128),), fingerprint=scenario_fp(), calibration=calib,
+                              heldout=held, plan={"layers": {"_default": "lowrank:4"}}, formats=["lowrank"])
+    e2e = result.report.end_to_end
+    assert e2e["heldout_error"] is not None and e2e["measured_error"] is not None
+    assert e2e["heldout_error"] != e2e["measured_error"]
+    assert not result.report.to_dict()["warnings"]
