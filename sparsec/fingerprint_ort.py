@@ -43,7 +43,7 @@ from sparsec.fingerprint_schema import validate_fingerprint
 from sparsec.formats import Block, Dense, FormatSpec, LowRank, Monarch, TwoFour
 from sparsec.passes.onnx_emit import Emitter, emit_product, random_factors
 from sparsec.passes.onnx_model import MIN_OPSET, session
-from sparsec.passes.onnx_timing import interleaved
+from sparsec.passes.onnx_timing import CLOCKS, clock_for, interleaved
 
 SCHEMA = "sparsec.fingerprint/1"
 LABELS = {
@@ -153,7 +153,7 @@ def measure_point(spec: FormatSpec, M: int, N: int, K: int, provider: str, rng: 
     feed = {"x": rng.standard_normal((M, K)).astype(np.float32)}
     t = interleaved([lambda: sess.run(None, feed), lambda: base.run(None, feed)],
                     budget_s=grid.point_budget_s, min_rounds=grid.min_rounds, max_rounds=100, round_s=0.002,
-                    warmup=2)
+                    warmup=2, clock=clock_for(provider, grid.threads))
     total, overhead = t.us
     # Noise can make the difference vanish for the smallest subgraphs; never report less than a
     # tenth of the measured per-copy time.
@@ -186,7 +186,8 @@ def new_document(name: str, provider: str, grid: OrtGrid) -> dict:
         "skipped": {"float16": "not measured: float32 is what onnxruntime's CPU provider accelerates",
                     "graph": "onnxruntime has no CUDA-graph replay mode here; eager only"},
         "grid": grid.describe(),
-        "method": {"repeats": grid.min_rounds, "warmup": 2, "timer": "time.perf_counter around session.run",
+        "method": {"repeats": grid.min_rounds, "warmup": 2,
+                   "timer": CLOCKS[clock_for(provider, grid.threads)][1] + " around session.run",
                    "statistic": (f"per point: min over >= {grid.min_rounds} interleaved rounds of the mean "
                                  "session.run time of a graph of copies of the subgraph, minus that of a "
                                  "pass-through graph, divided by the copies"),
@@ -252,7 +253,8 @@ def _run_overhead(provider: str, threads: int) -> float:
     """Microseconds of ``session.run`` on a graph that does nothing but pass one float through."""
     sess = session(passthrough_model(1, 1), provider, threads)
     feed = {"x": np.zeros((1, 1), dtype=np.float32)}
-    return interleaved([lambda: sess.run(None, feed)], budget_s=0.2, min_rounds=5, round_s=0.005).us[0]
+    return interleaved([lambda: sess.run(None, feed)], budget_s=0.2, min_rounds=5, round_s=0.005,
+                       clock=clock_for(provider, threads)).us[0]
 
 
 def _write(out: Path, doc: dict) -> None:

@@ -1,0 +1,264 @@
+"""The ONNX front-end: one ONNX graph seen through the pipeline's ``Frontend`` protocol.
+
+Calibration and error evaluation both run the model in onnxruntime, through one *instrumented*
+copy of it built once:
+
+* every captured layer's weight becomes an overridable initializer (an initializer that is also
+  a graph input), so evaluating a set of replacements is one run that feeds the replaced weights,
+  with no new model or session per evaluation (a weight another node also reads, such as an
+  embedding tied to an output projection, gets its own copy first, so only the layer changes);
+* every layer's input activation is exposed as an extra graph output, so one run yields the
+  statistics calibration needs and, when evaluating, each layer's own output error on the
+  activations it really receives.
+
+The end-to-end error of a set of replacements is therefore measured by onnxruntime on the same
+graph with the dense approximations as weights; the written model (factored subgraphs) is run
+again after lowering, and that figure is the one the report gives (see sparsec.onnx_entry).
+
+The end-to-end error is the *largest* relative L2 error over the graph's float outputs (each over
+all calibration runs), not one figure over all outputs together: a small output such as a
+classifier's logits must not hide behind a large hidden-state output.
+
+A layer that saw fewer calibration rows than it has inputs has a singular Gram matrix: the
+planner would take every direction the data never showed as free to drop, and a factorisation
+fitted to those few rows looks lossless while it is not. Such a Gram matrix gets an isotropic
+prior (the missing rows assumed to carry the seen rows' average energy, spread evenly), and the
+layer is listed in ``undersampled`` for the report to warn about.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+
+from sparsec.candidates import Layer
+from sparsec.passes import capture_onnx, rewrite_onnx
+from sparsec.passes.onnx_data import Feeds
+from sparsec.passes.onnx_model import Constants, LoadedModel, infer_shapes, session
+from sparsec.sites import Site, SiteStats, Skipped
+
+
+class OnnxFrontend:
+    entry = "onnx"
+    graph = 0
+
+    def __init__(self, loaded: LoadedModel, calibration: Feeds, heldout: Feeds | None = None, *,
+                 provider: str = "CPUExecutionProvider", device: str = "cpu", threads: int | None = None,
+                 refuse=None, provenance: dict | None = None):
+        self.loaded = loaded
+        self.model = loaded.model
+        self.calibration = calibration
+        self.heldout = heldout
+        self.provider = provider
+        self.device = device
+        self.threads = threads
+        self.refuse = refuse  # callable(site) -> reason or None: sites the cost model cannot price
+        self.provenance = provenance or {}
+        self.constants = Constants(self.model)
+        self.shapes: dict[str, list[int | None]] = {}
+        self.sites: dict[str, Site] = {}
+        self.layers: dict[str, capture_onnx.OnnxLayer] = {}
+        self._eval_weight: dict[str, str] = {}
+        self._session = None
+        self._output_names: list[str] = []
+        self._float_outputs: list[int] = []
+        self._references: list[list[np.ndarray]] = []
+        self._heldout_references: list[list[np.ndarray]] | None = None
+        self.undersampled: list[tuple[str, int, int]] = []  # (layers, rows seen, K)
+
+    # -- protocol -----------------------------------------------------------------------------
+
+    def capture(self) -> tuple[list[Site], list[Skipped]]:
+        sites, skipped, layers = capture_onnx.capture(self.model, self.constants, self.graph)
+        if self.refuse is not None:
+            kept = []
+            for site in sites:
+                why = self.refuse(site)
+                if why:
+                    skipped.append(Skipped(site.name, site.op, why))
+                    layers.pop(site.name)
+                else:
+                    kept.append(site)
+            sites = kept
+        self.sites = {s.name: s for s in sites}
+        self.layers = layers
+        return sites, skipped
+
+    def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
+        stats: dict[str, SiteStats] = {}
+        for s in sites:
+            stats.setdefault(s.input_key, SiteStats.empty(s.K))
+        self._build_instrumented()
+        self._references = []
+        for feed, calls in zip(self.calibration.runs, self.calibration.calls):
+            outs, acts = self._run(feed, {})
+            self._references.append(outs)
+            for key, x in acts.items():
+                _accumulate(stats[key], x, calls)
+        self.undersampled = []
+        for key, st in stats.items():
+            K = st.gram.shape[0]
+            if st.rows < K:
+                _isotropic_prior(st)
+                names = [s.name for s in sites if s.input_key == key]
+                self.undersampled.append((", ".join(names), st.rows, K))
+        return stats
+
+    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
+        feeds = self.heldout if heldout else self.calibration
+        refs = self._heldout_refs() if heldout else self._references
+        weights = {}
+        for name, w in replacements.items():
+            info = self.layers[name]
+            weights[self._eval_weight[name]] = rewrite_onnx._weight_in_node_layout(w, info, _np_dtype(self.sites[name].dtype))
+        local: dict[str, list[float]] = {name: [0.0, 0.0] for name in replacements}
+        error = OutputError()
+        for feed, ref in zip(feeds.runs, refs):
+            outs, acts = self._run(feed, weights)
+            error.add(outs, ref)
+            for name, w in replacements.items():
+                site = self.sites[name]
+                x = acts[site.input_key]
+                ln, ld = _layer_error(x, site, w)
+                local[name][0] += ln
+                local[name][1] += ld
+        return error.value(), {name: _ratio(n, d) for name, (n, d) in local.items()}
+
+    def has_heldout(self) -> bool:
+        return self.heldout is not None and bool(self.heldout.runs)
+
+    def lower(self, layers: list[Layer]) -> onnx.ModelProto:
+        return rewrite_onnx.rewrite(self.model, self.layers, layers, self.shapes, self.provenance)
+
+    def device_name(self) -> str:
+        return self.device
+
+    # -- the instrumented model ---------------------------------------------------------------
+
+    def _build_instrumented(self) -> None:
+        self.shapes = infer_shapes(self.model)
+        m = onnx.ModelProto()
+        m.CopyFrom(self.model)
+        g = m.graph
+        readers: dict[str, int] = {}
+        for node in g.node:
+            for name in node.input:
+                readers[name] = readers.get(name, 0) + 1
+        inits = {t.name: t for t in g.initializer}
+        graph_inputs = {i.name for i in g.input}
+        self._eval_weight = {}
+        for name, info in self.layers.items():
+            node = g.node[info.node_index]
+            weight = info.weight
+            if readers.get(weight, 0) > 1 or weight not in inits:
+                copy = self.constants.proto(weight)
+                fresh = f"sparsec.eval/{name}/weight"
+                tensor = onnx.TensorProto()
+                tensor.CopyFrom(copy)
+                tensor.name = fresh
+                g.initializer.append(tensor)
+                node.input[1] = fresh
+                weight = fresh
+                inits[fresh] = tensor
+            if weight not in graph_inputs:
+                t = inits[weight]
+                g.input.append(helper.make_tensor_value_info(weight, t.data_type, list(t.dims)))
+                graph_inputs.add(weight)
+            self._eval_weight[name] = weight
+        self._output_names = [o.name for o in g.output]
+        elem = {o.name: o.type.tensor_type.elem_type for o in g.output}
+        self._float_outputs = [i for i, o in enumerate(g.output)
+                               if elem[o.name] in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16,
+                                                   onnx.TensorProto.DOUBLE, onnx.TensorProto.BFLOAT16)]
+        self._activation_of: dict[str, str] = {}
+        extra = []
+        for name, info in self.layers.items():
+            key = self.sites[name].input_key
+            if key in self._activation_of:
+                continue
+            self._activation_of[key] = info.x
+            if info.x not in graph_inputs and info.x not in self._output_names and info.x not in extra:
+                extra.append(info.x)
+                t = self.constants.elem_type(info.weight)
+                g.output.append(helper.make_tensor_value_info(info.x, t, None))
+        self._fetch = self._output_names + extra
+        self._session = session(m, self.provider, self.threads)
+
+    def _run(self, feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]):
+        values = self._session.run(self._fetch, {**feed, **weights})
+        by_name = dict(zip(self._fetch, values))
+        outs = [values[i] for i in self._float_outputs]
+        acts = {}
+        for key, tensor in self._activation_of.items():
+            acts[key] = by_name[tensor] if tensor in by_name else feed[tensor]
+        return outs, acts
+
+    def _heldout_refs(self) -> list[list[np.ndarray]]:
+        if self._heldout_references is None:
+            self._heldout_references = [self._run(feed, {})[0] for feed in self.heldout.runs]
+        return self._heldout_references
+
+
+def _np_dtype(dtype: torch.dtype) -> np.dtype:
+    return np.float16 if dtype == torch.float16 else np.float32
+
+
+def _accumulate(stats: SiteStats, x: np.ndarray, calls: int) -> None:
+    """Add a run's activations, split back into its calls when the run held several."""
+    x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, x.shape[-1] if x.ndim else 1)
+    rows = x2.shape[0]
+    if calls > 1 and rows % calls == 0:
+        for chunk in x2.split(rows // calls):
+            stats.add(chunk)
+    else:
+        stats.add(x2)
+
+
+class OutputError:
+    """Per graph output, squared error and energy summed over runs; ``value`` is the worst output's ratio."""
+
+    def __init__(self):
+        self.num: list[float] = []
+        self.den: list[float] = []
+
+    def add(self, outs: list[np.ndarray], refs: list[np.ndarray]) -> None:
+        if not self.num:
+            self.num, self.den = [0.0] * len(refs), [0.0] * len(refs)
+        for i, (o, r) in enumerate(zip(outs, refs)):
+            o64, r64 = o.astype(np.float64), r.astype(np.float64)
+            self.num[i] += float(np.sum((o64 - r64) ** 2))
+            self.den[i] += float(np.sum(r64 ** 2))
+
+    def value(self) -> float:
+        return max((_ratio(n, d) for n, d in zip(self.num, self.den)), default=0.0)
+
+
+def _isotropic_prior(stats: SiteStats) -> None:
+    """Add (K - rows) pseudo-rows of the seen rows' average energy, spread evenly over all K directions."""
+    K = stats.gram.shape[0]
+    if stats.rows == 0:
+        stats.gram += torch.eye(K, dtype=stats.gram.dtype)
+        return
+    per_row = float(torch.diagonal(stats.gram).sum()) / stats.rows
+    weight = (K - stats.rows) * per_row / K
+    if weight > 0:
+        stats.gram += weight * torch.eye(K, dtype=stats.gram.dtype, device=stats.gram.device)
+
+
+def _layer_error(x: np.ndarray, site: Site, w: torch.Tensor) -> tuple[float, float]:
+    """This layer's squared output error and energy on the activations it received in this run."""
+    x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, site.K).to(torch.float32)
+    weight = site.weight.to(torch.float32)
+    diff = x2 @ (w.to(torch.float32) - weight).T  # the error itself, not a difference of two outputs
+    ref = x2 @ weight.T
+    if site.bias is not None:
+        ref = ref + site.bias.to(torch.float32)
+    return float(torch.sum(diff.double() ** 2)), float(torch.sum(ref.double() ** 2))
+
+
+def _ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else float("inf")
+    return (num / den) ** 0.5

@@ -1,0 +1,314 @@
+"""Reading, checking, running and writing ONNX models: the file-level chores of the ONNX entry.
+
+Everything here turns a failure the user can act on into one ``ModelError`` sentence: a missing
+file, bytes that are not ONNX, a truncated file, external data that is not where the model says,
+an opset older than the one sparsec reads. Writing goes through a temporary folder beside the
+output and a rename, so a failure never leaves a partial model (or a model without its data).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from sparsec.errors import ModelError
+
+MIN_OPSET = 13
+# Protobuf cannot serialise a message of 2 GiB; above this a model is written with external data.
+EXTERNAL_DATA_BYTES = int(1.8e9)
+DEFAULT_DOMAINS = ("", "ai.onnx")
+
+
+@dataclass
+class LoadedModel:
+    """A model read from disk with its weights in memory, and where it came from."""
+
+    model: onnx.ModelProto
+    path: Path
+    opset: int
+    external_data: bool
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_model(path) -> LoadedModel:
+    """Read and check an ONNX file (external data included); ModelError says what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise ModelError(f"{path} is a folder; pass the .onnx file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as exc:
+        raise ModelError(f"{path}: cannot read it ({exc.strerror})") from None
+    if path.stat().st_size == 0:
+        raise ModelError(f"{path} is empty, not an ONNX model")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf's DecodeError and friends
+        raise ModelError(_unparsable(path, head, exc)) from None
+    if not model.HasField("graph") or model.ir_version <= 0 or not model.opset_import:
+        raise ModelError(f"{path} is not an ONNX model (no graph, IR version or opset in it)")
+    opset = default_opset(model)
+    if opset is None:
+        raise ModelError(f"{path}: the model imports no version of the standard ONNX operator set")
+    if opset < MIN_OPSET:
+        raise ModelError(
+            f"{path}: opset {opset} is older than {MIN_OPSET}, the oldest sparsec reads; convert it first "
+            f"with onnx.version_converter.convert_version(model, {MIN_OPSET})"
+        )
+    external = _uses_external_data(model)
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, str(path.parent))
+        except Exception as exc:  # OSError, ValueError, onnx's ValidationError
+            raise ModelError(
+                f"{path}: its external weight data cannot be read ({_first_line(exc)}); keep the data file(s) "
+                "next to the model, under the names the model records"
+            ) from None
+    return LoadedModel(model=model, path=path, opset=opset, external_data=external)
+
+
+def _unparsable(path: Path, head: bytes, exc: Exception) -> str:
+    size = path.stat().st_size
+    # An ONNX file starts with field 1 (ir_version, varint): tag byte 0x08.
+    if head[:1] == b"\x08":
+        return (f"{path} looks like ONNX but cannot be parsed: the file is truncated or corrupted "
+                f"({size} bytes; {type(exc).__name__})")
+    return f"{path} is not an ONNX model (it does not parse as one: {type(exc).__name__})"
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    versions = [o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS]
+    return max(versions) if versions else None
+
+
+def _uses_external_data(model: onnx.ModelProto) -> bool:
+    return any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in onnx.external_data_helper._get_all_tensors(model)
+    )
+
+
+def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
+    """Static shapes of the graph's values where ONNX shape inference finds them (None: unknown dim).
+
+    Models too large to serialise in one message are not inferred (the callers have a shape-free
+    path); inference failures on exotic graphs are not errors either, for the same reason.
+    """
+    shapes: dict[str, list[int | None]] = {}
+    for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
+        shapes[vi.name] = value_info_shape(vi)
+    if model.ByteSize() < EXTERNAL_DATA_BYTES:
+        try:
+            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
+        except Exception:  # noqa: BLE001 - inference is best effort, see docstring
+            inferred = None
+        if inferred is not None:
+            for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+                shape = value_info_shape(vi)
+                if shape is not None:
+                    shapes[vi.name] = shape
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    return {k: v for k, v in shapes.items() if v is not None}
+
+
+def value_info_shape(vi: onnx.ValueInfoProto) -> list[int | None] | None:
+    t = vi.type.tensor_type
+    if not vi.type.HasField("tensor_type") or not t.HasField("shape"):
+        return None
+    return [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+
+
+def value_info_dims(vi: onnx.ValueInfoProto) -> list[int | str | None]:
+    """Declared dims of a graph input: ints, symbolic names, or None for an unnamed unknown dim."""
+    t = vi.type.tensor_type
+    out: list[int | str | None] = []
+    for d in t.shape.dim:
+        if d.HasField("dim_value"):
+            out.append(int(d.dim_value))
+        elif d.HasField("dim_param") and d.dim_param:
+            out.append(d.dim_param)
+        else:
+            out.append(None)
+    return out
+
+
+def elem_numpy_dtype(elem_type: int) -> np.dtype:
+    return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+class Constants:
+    """The constant tensors of a graph: initializers and ``Constant`` nodes, read lazily."""
+
+    def __init__(self, model: onnx.ModelProto):
+        graph = model.graph
+        inputs = {i.name for i in graph.input}
+        self.initializers = {t.name: t for t in graph.initializer}
+        # IR >= 4 lets a graph input shadow an initializer: a default the caller may override.
+        self.overridable = {name for name in self.initializers if name in inputs}
+        self.constant_nodes = {}
+        for node in graph.node:
+            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS and len(node.output) == 1:
+                value = next((a for a in node.attribute if a.name == "value"), None)
+                if value is not None and value.HasField("t"):
+                    self.constant_nodes[node.output[0]] = value.t
+        self._cache: dict[str, np.ndarray] = {}
+
+    def has(self, name: str) -> bool:
+        return name in self.initializers or name in self.constant_nodes
+
+    def proto(self, name: str) -> onnx.TensorProto | None:
+        return self.initializers.get(name) or self.constant_nodes.get(name)
+
+    def dims(self, name: str) -> list[int] | None:
+        t = self.proto(name)
+        return None if t is None else list(t.dims)
+
+    def elem_type(self, name: str) -> int | None:
+        t = self.proto(name)
+        return None if t is None else int(t.data_type)
+
+    def array(self, name: str) -> np.ndarray:
+        if name not in self._cache:
+            self._cache[name] = numpy_helper.to_array(self.proto(name))
+        return self._cache[name]
+
+
+# -- onnxruntime --------------------------------------------------------------------------------
+
+
+def session(model: onnx.ModelProto, provider: str = "CPUExecutionProvider", threads: int | None = None,
+            workdir: str | None = None):
+    """An onnxruntime session for an in-memory model (through a temporary file when it is large).
+
+    ``threads``: intra-op threads (None or 0: onnxruntime's default, one per physical core).
+    """
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    providers = [provider] if provider == "CPUExecutionProvider" else [provider, "CPUExecutionProvider"]
+    try:
+        if model.ByteSize() < EXTERNAL_DATA_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), opts, providers=providers)
+        folder = tempfile.mkdtemp(prefix="sparsec-ort-", dir=workdir)
+        try:
+            path = os.path.join(folder, "model.onnx")
+            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+                            location="model.onnx.data")
+            return ort.InferenceSession(path, opts, providers=providers)
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    except Exception as exc:  # onnxruntime raises its own exception types
+        raise ModelError(f"onnxruntime cannot load the model: {str(exc).strip().splitlines()[0]}") from None
+
+
+def best_provider() -> str:
+    """The onnxruntime provider a model will run on here: CUDA when it really loads, else CPU."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "CPUExecutionProvider"
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return "CPUExecutionProvider"
+    except ImportError:  # pragma: no cover - torch is a dependency
+        return "CPUExecutionProvider"
+    probe = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
+        opset_imports=[onnx.helper.make_opsetid("", MIN_OPSET)])
+    probe.ir_version = 8
+    try:
+        s = session(probe, "CUDAExecutionProvider")
+    except ModelError:
+        return "CPUExecutionProvider"
+    return "CUDAExecutionProvider" if s.get_providers()[0] == "CUDAExecutionProvider" else "CPUExecutionProvider"
+
+
+# -- writing --------------------------------------------------------------------------------------
+
+
+def check_writable(output) -> Path:
+    """The output path, after checking its folder exists and can be written (before any work)."""
+    output = Path(output)
+    folder = output.parent if str(output.parent) else Path(".")
+    if not folder.is_dir():
+        raise ModelError(f"cannot write {output}: folder {folder} does not exist")
+    if output.is_dir():
+        raise ModelError(f"cannot write {output}: it is a folder; pass a file name such as model.sparsec.onnx")
+    try:  # a real probe: permission bits do not bind root, and read-only mounts ignore them
+        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ModelError(f"cannot write {output}: folder {folder} is not writable ({exc.strerror})") from None
+    return output
+
+
+def save_checked(model: onnx.ModelProto, output, *, external_data: bool | None = None, check=None) -> list[Path]:
+    """Write ``model`` to ``output`` atomically, after ``onnx.checker`` (full) and ``check(path)`` pass.
+
+    The model (and, when it is large or ``external_data`` is set, its data file
+    ``<output>.data``) is first written into a temporary folder beside the output, checked there,
+    then renamed into place, data first. Returns the paths written. Saving with external data
+    converts ``model``'s tensors to external references (onnx does that in place): pass a model
+    that is not used afterwards.
+    """
+    output = check_writable(output)
+    folder = output.parent if str(output.parent) else Path(".")
+    large = model.ByteSize() >= EXTERNAL_DATA_BYTES
+    use_external = large if external_data is None else (external_data or large)
+    try:
+        tmpdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=folder))
+    except OSError as exc:
+        raise ModelError(f"cannot write {output}: {exc.strerror}") from None
+    try:
+        staged = tmpdir / output.name
+        data_name = f"{output.name}.data"
+        try:
+            if use_external:
+                onnx.save_model(model, str(staged), save_as_external_data=True, all_tensors_to_one_file=True,
+                                location=data_name, size_threshold=1024)
+            else:
+                onnx.save_model(model, str(staged))
+        except OSError as exc:
+            raise ModelError(f"cannot write {output}: {exc.strerror or exc}") from None
+        try:
+            onnx.checker.check_model(str(staged), full_check=True)
+        except onnx.checker.ValidationError as exc:
+            raise ModelError(f"the rewritten model fails onnx.checker, so it was not written: {_first_line(exc)}") from None
+        if check is not None:
+            check(staged)
+        written = []
+        if use_external:
+            os.replace(tmpdir / data_name, folder / data_name)
+            written.append(folder / data_name)
+        os.replace(staged, output)
+        written.insert(0, output)
+        return written
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

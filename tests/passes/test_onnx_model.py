@@ -1,0 +1,110 @@
+"""Reading and writing ONNX files: each bad input is refused with its reason; writes are all or nothing."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+from onnx_builders import lowrank_mlp
+
+from sparsec.errors import ModelError
+from sparsec.passes.onnx_model import check_writable, load_model, save_checked
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    model, _ = lowrank_mlp(d=32, rank=4, layers=2)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    return path
+
+
+def test_a_good_model_loads(model_file):
+    loaded = load_model(model_file)
+    assert loaded.opset == 17 and not loaded.external_data and len(loaded.model.graph.node) == 5
+
+
+@pytest.mark.parametrize("case, expected", [
+    ("missing", "no such file"),
+    ("empty", "is empty, not an ONNX model"),
+    ("text", "is not an ONNX model"),
+    ("truncated", "truncated or corrupted"),
+    ("folder", "is a folder"),
+])
+def test_bad_files_are_refused_with_the_reason(tmp_path, model_file, case, expected):
+    path = tmp_path / f"{case}.onnx"
+    if case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("this is a README, not a model\n" * 20)
+    elif case == "truncated":
+        data = model_file.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif case == "folder":
+        path.mkdir()
+    with pytest.raises(ModelError, match=expected):
+        load_model(path)
+
+
+def test_opset_older_than_13_is_refused(tmp_path):
+    model, _ = lowrank_mlp(d=8, rank=2, layers=1)
+    model.opset_import[0].version = 12
+    path = tmp_path / "old.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(ModelError, match="opset 12 is older than 13.*convert_version"):
+        load_model(path)
+
+
+def test_external_data_is_loaded_and_missing_data_is_named(tmp_path):
+    model, _ = lowrank_mlp(d=64, rank=4, layers=2)
+    expected = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    path = tmp_path / "ext.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    loaded = load_model(path)
+    assert loaded.external_data
+    assert np.array_equal(onnx.numpy_helper.to_array(loaded.model.graph.initializer[0]), expected)
+    os.unlink(tmp_path / "ext.onnx.data")
+    with pytest.raises(ModelError, match="external weight data cannot be read"):
+        load_model(path)
+
+
+def test_unwritable_or_missing_output_folder_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="does not exist"):
+        check_writable(tmp_path / "nope" / "out.onnx")
+    with pytest.raises(ModelError, match="not writable"):
+        check_writable("/proc/out.onnx")  # refuses even root
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):  # running as root: permissions do not bind
+            pytest.skip("this user can write to read-only folders")
+        with pytest.raises(ModelError, match="not writable"):
+            check_writable(locked / "out.onnx")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_save_is_checked_and_atomic(tmp_path):
+    model, _ = lowrank_mlp(d=16, rank=2, layers=1)
+    out = tmp_path / "out.onnx"
+
+    def refuse(staged):
+        assert staged.exists() and staged != out
+        raise ModelError("refused by the check")
+
+    with pytest.raises(ModelError, match="refused by the check"):
+        save_checked(model, out, check=refuse)
+    assert list(tmp_path.iterdir()) == []  # neither the model nor a temporary folder is left
+    broken = onnx.ModelProto()
+    broken.CopyFrom(model)
+    broken.graph.node[0].input[1] = "does_not_exist"
+    with pytest.raises(ModelError, match="fails onnx.checker"):
+        save_checked(broken, out)
+    assert list(tmp_path.iterdir()) == []
+    written = save_checked(model, out, external_data=True)
+    assert written == [out, tmp_path / "out.onnx.data"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
+    onnx.checker.check_model(str(out), full_check=True)

@@ -1,0 +1,164 @@
+"""Lowering chosen formats into ONNX: every family, MatMul and Gemm forms, checked by running onnxruntime."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from onnx_builders import make_model, run, tensor, vi
+
+from sparsec.candidates import Candidate, Layer
+from sparsec.codegen import pack
+from sparsec.formats import Dense, parse_spec
+from sparsec.passes.capture_onnx import capture
+from sparsec.passes.onnx_model import infer_shapes
+from sparsec.passes.rewrite_onnx import MODEL_KEY, rewrite
+from sparsec.sites import SiteStats
+
+FORMATS = ["lowrank:8", "monarch:4", "2:4", "block:16:0.5"]
+# float32 products of the rewritten factors vs numpy's float64 reference: a few ulps of the sums.
+RTOL = 2e-5
+
+
+def choose(sites, formats: dict[str, str]) -> list[Layer]:
+    """Layers whose chosen candidate is the format's exact projection of the site's weight."""
+    layers = []
+    for site in sites:
+        layer = Layer(site=site, stats=SiteStats.empty(site.K), dense=Candidate(Dense(), None, None, 0.0))
+        fmt = formats.get(site.name)
+        if fmt:
+            spec = parse_spec(fmt)
+            approx = pack(spec, site.weight.float()).to_dense()
+            layer.chosen = Candidate(spec, approx, None, 0.0)
+        layers.append(layer)
+    return layers
+
+
+def expected(x, layer):
+    w = (layer.chosen.approx if layer.chosen else layer.site.weight).double().numpy()
+    y = x.astype(np.float64) @ w.T
+    return y if layer.site.bias is None else y + layer.site.bias.double().numpy()
+
+
+def matmul_add_model(N=64, K=64, lead=(2, 5), seed=0):
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["m"], name="proj"), helper.make_node("Add", ["b", "m"], ["y"], name="proj_bias")]
+    inits = [tensor("w", rng.standard_normal((K, N)).astype(np.float32)), tensor("b", rng.standard_normal(N).astype(np.float32))]
+    return make_model(nodes, [vi("x", [*lead, K])], [vi("y", [*lead, N])], inits)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_matmul_on_3d_input_computes_the_chosen_weight(fmt):
+    model = matmul_add_model()
+    before = model.SerializeToString()
+    sites, _, info = capture(model)
+    layers = choose(sites, {"proj": fmt})
+    new = rewrite(model, info, layers, infer_shapes(model))
+    assert model.SerializeToString() == before  # the user's model is never changed
+    onnx.checker.check_model(new, full_check=True)
+    x = np.random.default_rng(1).standard_normal((2, 5, 64)).astype(np.float32)
+    (y,) = run(new, {"x": x})
+    np.testing.assert_allclose(y, expected(x, layers[0]), rtol=RTOL, atol=RTOL * 10)
+    written = [n for n in new.graph.node if any(p.key == "sparsec.format" for p in n.metadata_props)]
+    assert written and all({p.key: p.value for p in n.metadata_props}["sparsec.format"] == fmt for n in written)
+    assert "w" not in {t.name for t in new.graph.initializer}  # the replaced weight is dropped
+    assert json.loads({p.key: p.value for p in new.metadata_props}[MODEL_KEY])["layers"] == {"proj": fmt}
+    ops = [n.op_type for n in written]
+    if fmt.startswith("lowrank"):
+        assert ops == ["MatMul", "MatMul"]
+    elif fmt.startswith("monarch"):
+        assert ops.count("MatMul") == 2 and ops.count("Transpose") == 3
+    else:
+        assert ops == ["MatMul"]  # pruned weight, same node
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("c_kind", ["vector", "full", "runtime", "none"])
+def test_gemm_with_trans_b_alpha_beta_and_every_kind_of_c(fmt, c_kind):
+    rng = np.random.default_rng(2)
+    M, N, K = 6, 32, 64
+    w_nk = rng.standard_normal((N, K)).astype(np.float32)
+    inits = [tensor("w", w_nk)]
+    inputs = [vi("x", [M, K])]
+    c_inputs = []
+    c_value = None
+    if c_kind == "vector":
+        c_value = rng.standard_normal(N).astype(np.float32)
+        inits.append(tensor("c", c_value))
+    elif c_kind == "full":
+        c_value = rng.standard_normal((M, N)).astype(np.float32)
+        inits.append(tensor("c", c_value))
+    elif c_kind == "runtime":
+        inputs.append(vi("c", [M, N]))
+    if c_kind != "none":
+        c_inputs = ["c"]
+    node = helper.make_node("Gemm", ["x", "w", *c_inputs], ["y"], name="head", alpha=0.5, beta=1.5, transB=1)
+    model = make_model([node], inputs, [vi("y", [M, N])], inits)
+    sites, _, info = capture(model)
+    layers = choose(sites, {"head": fmt})
+    new = rewrite(model, info, layers, infer_shapes(model))
+    onnx.checker.check_model(new, full_check=True)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    feeds = {"x": x}
+    if c_kind == "runtime":
+        c_value = rng.standard_normal((M, N)).astype(np.float32)
+        feeds["c"] = c_value
+    (y,) = run(new, feeds)
+    ref = x.astype(np.float64) @ layers[0].chosen.approx.double().numpy().T  # approx has alpha folded in
+    if c_value is not None:
+        ref = ref + 1.5 * c_value
+    np.testing.assert_allclose(y, ref, rtol=RTOL, atol=RTOL * 10)
+
+
+def test_dynamic_leading_dims_reach_the_monarch_output_shape():
+    model = matmul_add_model(lead=("batch", "seq"))
+    sites, _, info = capture(model)
+    layers = choose(sites, {"proj": "monarch:4"})
+    new = rewrite(model, info, layers, infer_shapes(model))
+    onnx.checker.check_model(new, full_check=True)
+    x = np.random.default_rng(3).standard_normal((3, 7, 64)).astype(np.float32)
+    (y,) = run(new, {"x": x})
+    assert y.shape == (3, 7, 64)
+    np.testing.assert_allclose(y, expected(x, layers[0]), rtol=RTOL, atol=RTOL * 10)
+
+
+def test_a_weight_shared_with_another_node_stays_for_it():
+    rng = np.random.default_rng(4)
+    table = rng.standard_normal((64, 32)).astype(np.float32)  # [K=64, N=32] for the MatMul, also gathered
+    nodes = [helper.make_node("MatMul", ["x", "table"], ["y"], name="proj"),
+             helper.make_node("Gather", ["table", "ids"], ["rows"], name="lookup")]
+    model = make_model(nodes, [vi("x", [4, 64]), vi("ids", [3], TensorProto.INT64)],
+                       [vi("y", [4, 32]), vi("rows", [3, 32])], [tensor("table", table)])
+    sites, _, info = capture(model)
+    layers = choose(sites, {"proj": "lowrank:4"})
+    new = rewrite(model, info, layers)
+    x, ids = rng.standard_normal((4, 64)).astype(np.float32), np.array([0, 5, 63])
+    y, rows = run(new, {"x": x, "ids": ids})
+    np.testing.assert_array_equal(rows, table[ids])
+    np.testing.assert_allclose(y, expected(x, layers[0]), rtol=RTOL, atol=RTOL * 10)
+
+
+def test_dense_choices_leave_the_graph_as_it_was_but_name_unnamed_nodes():
+    model = matmul_add_model()
+    model.graph.node[0].name = ""
+    sites, _, info = capture(model)
+    new = rewrite(model, info, choose(sites, {}))
+    assert [n.op_type for n in new.graph.node] == ["MatMul", "Add"]
+    assert new.graph.node[0].name == sites[0].name == "MatMul_0"
+    assert {t.name for t in new.graph.initializer} == {"w", "b"}
+
+
+def test_float16_weights_are_written_in_float16():
+    rng = np.random.default_rng(5)
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="half")
+    model = make_model([node], [vi("x", [4, 64], TensorProto.FLOAT16)], [vi("y", [4, 64], TensorProto.FLOAT16)],
+                       [tensor("w", rng.standard_normal((64, 64)).astype(np.float16))])
+    sites, _, info = capture(model)
+    assert sites[0].dtype == torch.float16
+    new = rewrite(model, info, choose(sites, {"half": "lowrank:8"}))
+    onnx.checker.check_model(new, full_check=True)
+    assert {t.data_type for t in new.graph.initializer} == {TensorProto.FLOAT16}
