@@ -76,6 +76,17 @@ class Prediction:
     kernel: str
     note: str = ""
 
+    @property
+    def impl(self) -> str | None:
+        """The ``sparsec.codegen.linear(impl=...)`` that runs this kernel: 'triton', 'gemm2', ...
+        for 'sparsec-<impl>-<family>', 'cusparselt' for torch's cuSPARSELt; None for dense
+        (torch.nn.functional.linear) and for compositions."""
+        if self.kernel == "cusparselt":
+            return "cusparselt"
+        if self.kernel.startswith("sparsec-") and " " not in self.kernel:
+            return self.kernel.split("-")[1]
+        return None
+
 
 @dataclass
 class _Table:

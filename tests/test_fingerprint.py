@@ -342,3 +342,12 @@ def test_integer_like_sizes_are_accepted():
     assert fp.predict("dense", np.int64(64), torch.tensor(512), 512, "float32") == fp.predict("dense", 64, 512, 512, "float32")
     with pytest.raises(FingerprintError, match="N must be a positive integer, got 512.5"):
         fp.predict("dense", 64, 512.5, 512, "float32")
+
+
+def test_prediction_names_the_codegen_impl():
+    from sparsec.fingerprint import Prediction
+
+    assert Prediction(1.0, "sparsec-gemm2-lowrank").impl == "gemm2"
+    assert Prediction(1.0, "sparsec-triton-2:4").impl == "triton"
+    assert Prediction(1.0, "cusparselt").impl == "cusparselt"
+    assert Prediction(1.0, "cublas").impl is None and Prediction(1.0, "cublas x2").impl is None
