@@ -19,7 +19,7 @@ from sparsec.formats import LowRank
 from sparsec.passes import calibrate
 from sparsec.sites import SiteStats
 
-DAMPING = 1e-6
+DAMPING = 0.01  # relative to the mean diagonal, as the other passes
 
 
 class LowRankHandler:

@@ -1,0 +1,95 @@
+"""Block-sparse pruning: exact kept-block count, global selection, least-squares optimality."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from accuracy_data import activations, stats_of, weight
+
+from sparsec import codegen
+from sparsec.formats import Block
+from sparsec.passes import block as block_pass
+from sparsec.passes.block import HANDLER
+from sparsec.passes.calibrate import damped
+from sparsec.sites import relative_output_error
+
+
+def block_energy(W: torch.Tensor, B: int) -> torch.Tensor:
+    N, K = W.shape
+    return W.reshape(N // B, B, K // B, B).pow(2).sum(dim=(1, 3))
+
+
+@pytest.mark.parametrize("method", HANDLER.methods)
+@pytest.mark.parametrize("spec", [Block(16, 0.125), Block(16, 0.75), Block(32, 0.5)])
+def test_exactly_the_kept_blocks_are_nonzero_and_pack_losslessly(method, spec):
+    W = weight(96, 128, seed=1)
+    st = stats_of(activations(128, 2048, seed=2))
+    (approx,) = HANDLER.approximate([spec], W, st, method=method)
+    assert approx.dtype == torch.float32 and approx.shape == W.shape
+    assert int((block_energy(approx, spec.block) > 0).sum()) == spec.kept_blocks(96, 128)
+    assert torch.equal(codegen.pack(spec, approx).to_dense(), approx)
+
+
+def test_planted_block_sparse_weight_is_recovered_by_every_method():
+    spec = Block(16, 0.25)
+    N, K = 64, 128
+    g = torch.Generator().manual_seed(3)
+    mask = torch.zeros(N // 16 * (K // 16), dtype=torch.bool)
+    mask[torch.randperm(mask.numel(), generator=g)[: spec.kept_blocks(N, K)]] = True
+    W = weight(N, K, seed=4) * block_pass.expand_mask(mask.reshape(N // 16, K // 16), 16)
+    st = stats_of(activations(K, 2048, seed=5))
+    for method in HANDLER.methods:
+        (approx,) = HANDLER.approximate([spec], W, st, method=method)
+        # the refit solves a linear system whose exact answer is W itself: float32 rounding only
+        torch.testing.assert_close(approx, W, rtol=0, atol=1e-5)
+        assert torch.equal(approx != 0, W != 0)
+
+
+def test_least_squares_refit_is_the_optimum_for_its_mask():
+    """Gradient of ||(W - W_hat) S||^2 (damped Gram) vanishes on every kept weight."""
+    W = weight(64, 96, seed=6)
+    st = stats_of(activations(96, 2048, seed=7))
+    (approx,) = HANDLER.approximate([Block(16, 0.5)], W, st)
+    G = damped(st.gram, block_pass.DAMPING)
+    grad = (W.double() - approx.double()) @ G
+    kept = approx != 0
+    scale = float((W.double() @ G).abs().max())
+    # float32 result of a float64 solve: gradient zero up to float32 rounding of the weights
+    assert float(grad[kept].abs().max()) < 1e-5 * scale
+    assert float(grad[~kept].abs().max()) > 1e-3 * scale  # the dropped ones were not free
+
+
+def test_refit_beats_activation_scores_beats_magnitude():
+    N, K = 128, 192
+    W = weight(N, K, seed=8)
+    calib = stats_of(activations(K, 4096, seed=9))
+    held = stats_of(activations(K, 4096, seed=9, sample_seed=10))
+    for spec in (Block(16, 0.25), Block(32, 0.5)):
+        errs = {m: HANDLER.approximate([spec], W, calib, method=m)[0] for m in HANDLER.methods}
+        for st in (calib, held):
+            e = {m: relative_output_error(W, a, st) for m, a in errs.items()}
+            assert e["least-squares"] < 0.9 * e["activation"] < 0.9 * e["magnitude"], (spec, e)
+
+
+def test_blocks_are_chosen_over_the_whole_matrix_not_per_block_row():
+    N, K, B = 64, 64, 16
+    W = weight(N, K, seed=11) * 0.01
+    W[:16] *= 100.0  # all the weight in the first block row
+    spec = Block(B, 0.25)  # 4 of 16 blocks
+    (approx,) = HANDLER.approximate([spec], W, None, method="magnitude")
+    per_row = (block_energy(approx, B) > 0).sum(dim=1)
+    assert per_row.tolist() == [4, 0, 0, 0]
+
+
+def test_grid_filters_block_sizes_by_shape():
+    assert {s.block for s in HANDLER.grid(384, 1536)} == {16, 32, 64, 128}
+    assert {s.block for s in HANDLER.grid(48, 96)} == {16}  # 32 does not divide 48; 64, 128 too large
+    assert HANDLER.grid(8, 8) == []
+    assert {s.density for s in HANDLER.grid(64, 64)} == {0.125, 0.25, 0.5, 0.75}
+
+
+def test_unknown_method_and_untileable_spec_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="unknown block method 'random'; known: least-squares, activation, magnitude"):
+        HANDLER.approximate([Block(16, 0.5)], weight(32, 32, seed=0), None, method="random")
+    with pytest.raises(ValueError, match="N=40 not divisible by block 16"):
+        HANDLER.approximate([Block(16, 0.5)], weight(40, 32, seed=0), None)
