@@ -200,5 +200,7 @@ def expect_tensor(tensors: dict, name: str, shape: tuple[int, ...], floating: bo
 
 
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
-    """Precision for packing arithmetic (SVD, norms): at least fp32, float64 kept."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
+    """Precision for packing arithmetic (SVD, norms, expansion of factors): float64, so that a
+    planted structure round-trips to within the rounding of its stored dtype. Packing is
+    one-time work; its cost does not matter next to that guarantee."""
+    return torch.float64

@@ -22,8 +22,8 @@ def test_planted_structure_packs_losslessly(spec, N, K, gen):
     assert packed.shape == (N, K) and packed.dtype == w.dtype and packed.device == w.device
     dense = packed.to_dense()
     if spec.startswith(("lowrank", "monarch")):
-        # factors come from an fp32 SVD: exact up to its rounding (~1e-6 of the weight's scale)
-        torch.testing.assert_close(dense, w, atol=2e-5 * w.abs().max().item(), rtol=0)
+        # float64 SVD, factors stored in fp32: a few fp32 ulps (1.2e-7 each) of the weight's scale
+        torch.testing.assert_close(dense, w, atol=1e-6 * w.abs().max().item(), rtol=0)
     else:
         assert torch.equal(dense, w)
 
