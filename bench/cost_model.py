@@ -65,7 +65,7 @@ _ensure_sparsec_importable()
 from sparsec.fingerprint import load_fingerprint  # noqa: E402
 from sparsec.fingerprint_device import software_versions  # noqa: E402
 from sparsec.fingerprint_families import PARAM_GRID, Variant, discover_families  # noqa: E402
-from sparsec.fingerprint_timing import Clock, TimingPolicy, rotation_count  # noqa: E402
+from sparsec.fingerprint_timing import Clock, quick_autotune, rotation_count  # noqa: E402
 from sparsec.formats import parse_spec  # noqa: E402
 
 # Weight shapes of common models (BERT-base/large, Llama-3-8B, Mistral-7B, GPT-2 XL, ...),
@@ -102,12 +102,51 @@ def quantile(xs: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def time_cases(fp, cases, by_kernel, clock, grid, rotation, device, dtype, dtype_name, seed, budget_s) -> list[dict]:
+    """Time each case with the implementation its prediction names; compare."""
+    cuda = device.type == "cuda"
+    gen = torch.Generator(device=device).manual_seed(seed)
+    results, t0 = [], time.monotonic()
+    for family, spec, M, N, K, mode in cases:
+        if time.monotonic() - t0 > budget_s:
+            print(f"budget of {budget_s:g} s used after {len(results)} cases", file=sys.stderr)
+            break
+        pred = fp.predict_detail(spec, M, N, K, dtype_name, mode)
+        fam = by_kernel.get(pred.kernel)
+        if fam is None:
+            continue  # e.g. a composed prediction: no single kernel to time
+        variant = Variant(spec, {})
+        try:
+            weight, _ = fam.build(variant, N, K, dtype, device, gen)
+            esize = torch.empty((), dtype=dtype).element_size()
+            wbytes = weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else weight.nbytes
+            r = rotation_count(wbytes + (M * K + M * N) * esize, rotation, grid.max_copies)
+            weights = [weight] + [fam.build(variant, N, K, dtype, device, gen)[0] for _ in range(r - 1)]
+            xs = [torch.randn(M, K, generator=gen, device=device).to(dtype) for _ in range(r)]
+            calls = [lambda x=x, w=w: fam.run(x, w) for x, w in zip(xs, weights)]
+            single = clock.warm(calls)
+            measured = clock.graph(calls, single) if mode == "graph" else clock.eager(calls, single)
+        except Exception as exc:  # noqa: BLE001 - report and go on
+            print(f"{spec} {M}x{N}x{K} {mode}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            continue
+        finally:
+            if cuda:
+                torch.cuda.empty_cache()
+        err = abs(pred.us - measured) / measured
+        results.append({"family": family, "format": spec, "M": M, "N": N, "K": K, "mode": mode,
+                        "kernel": pred.kernel, "predicted_us": round(pred.us, 3), "measured_us": round(measured, 3),
+                        "rel_error": round(err, 4), "note": pred.note})
+
+    return results
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fingerprint", default="auto", help="fingerprint to check (ignored with --measure)")
     ap.add_argument("--measure", type=Path, default=None, help="measure this device into PATH first (resumes)")
     ap.add_argument("--name", default=None, help="name of the measured fingerprint")
     ap.add_argument("--measure-budget-s", type=float, default=None, help="time budget of the measurement")
+    ap.add_argument("--grid", default=None, help="measurement grid (default: this device's; 'tiny' to check)")
     ap.add_argument("--out", type=Path, required=True, help="JSON result file")
     ap.add_argument("--budget-s", type=float, default=100.0, help="time budget of the comparison")
     ap.add_argument("--cases", type=int, default=24, help="cases per family and mode")
@@ -121,7 +160,7 @@ def main(argv=None) -> int:
         if done:
             print(f"{args.measure} is complete; comparing only", file=sys.stderr)
         else:
-            measure(args.measure, budget_s=args.measure_budget_s, name=args.name)
+            measure(args.measure, grid=args.grid, budget_s=args.measure_budget_s, name=args.name)
         args.fingerprint = args.measure
     fp = load_fingerprint(args.fingerprint)
     cuda = torch.cuda.is_available()
@@ -154,37 +193,9 @@ def main(argv=None) -> int:
                         cases.append((family, spec, M, N, K, mode))
     rng.shuffle(cases)  # a budget cut leaves a sample of every family, not the first ones only
 
-    gen = torch.Generator(device=device).manual_seed(args.seed)
-    results, t0 = [], time.monotonic()
-    for family, spec, M, N, K, mode in cases:
-        if time.monotonic() - t0 > args.budget_s:
-            print(f"budget of {args.budget_s:g} s used after {len(results)} cases", file=sys.stderr)
-            break
-        pred = fp.predict_detail(spec, M, N, K, dtype_name, mode)
-        fam = by_kernel.get(pred.kernel)
-        if fam is None:
-            continue  # e.g. a composed prediction: no single kernel to time
-        variant = Variant(spec, {})
-        try:
-            weight, _ = fam.build(variant, N, K, dtype, device, gen)
-            esize = torch.empty((), dtype=dtype).element_size()
-            wbytes = weight.numel() * weight.element_size() if isinstance(weight, torch.Tensor) else weight.nbytes
-            r = rotation_count(wbytes + (M * K + M * N) * esize, rotation, grid.max_copies)
-            weights = [weight] + [fam.build(variant, N, K, dtype, device, gen)[0] for _ in range(r - 1)]
-            xs = [torch.randn(M, K, generator=gen, device=device).to(dtype) for _ in range(r)]
-            calls = [lambda x=x, w=w: fam.run(x, w) for x, w in zip(xs, weights)]
-            single = clock.warm(calls)
-            measured = clock.graph(calls, single) if mode == "graph" else clock.eager(calls, single)
-        except Exception as exc:  # noqa: BLE001 - report and go on
-            print(f"{spec} {M}x{N}x{K} {mode}: {type(exc).__name__}: {exc}", file=sys.stderr)
-            continue
-        finally:
-            if cuda:
-                torch.cuda.empty_cache()
-        err = abs(pred.us - measured) / measured
-        results.append({"family": family, "format": spec, "M": M, "N": N, "K": K, "mode": mode,
-                        "kernel": pred.kernel, "predicted_us": round(pred.us, 3), "measured_us": round(measured, 3),
-                        "rel_error": round(err, 4), "note": pred.note})
+    with quick_autotune():  # as during the measurement
+        results = time_cases(fp, cases, by_kernel, clock, grid, rotation, device, dtype, dtype_name,
+                             args.seed, args.budget_s)
 
     groups: dict[str, list[float]] = {}
     for r in results:

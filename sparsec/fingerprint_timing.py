@@ -16,6 +16,8 @@ lasts at least ``min_sample_s`` (timer resolution), and the sample count is cut,
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import statistics
 import time
@@ -24,7 +26,12 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["TimingPolicy", "Clock", "rotation_count"]
+__all__ = ["TimingPolicy", "Clock", "rotation_count", "quick_autotune", "QUICK_AUTOTUNE"]
+
+# Triton benchmarks every autotuning config for 25 ms + 100 ms by default; over a grid of
+# thousands of (shape, M) keys that alone would take an hour. During a measurement each config
+# gets 3 ms + 15 ms: still hundreds of runs for a small kernel, a few for a large one.
+QUICK_AUTOTUNE = {"warmup": 3, "rep": 15}
 
 Call = Callable[[], object]
 
@@ -58,6 +65,31 @@ class TimingPolicy:
 def rotation_count(bytes_per_call: int, rotation_bytes: int, cap: int = 32) -> int:
     """How many buffer copies make one pass touch at least ``rotation_bytes``."""
     return max(1, min(cap, math.ceil(rotation_bytes / max(1, bytes_per_call))))
+
+
+@contextlib.contextmanager
+def quick_autotune():
+    """Within the block, Triton autotuners created here benchmark configs for QUICK_AUTOTUNE ms.
+    Restored on exit; a no-op when Triton has no active GPU driver."""
+    try:
+        import triton.testing
+        from triton.runtime import driver
+
+        drv = driver.active
+    except Exception:  # noqa: BLE001 - no GPU backend: nothing is autotuned
+        yield None
+        return
+    had = "get_benchmarker" in vars(drv)
+    old = vars(drv).get("get_benchmarker")
+    bench = functools.partial(triton.testing.do_bench, **QUICK_AUTOTUNE)
+    drv.get_benchmarker = lambda: bench
+    try:
+        yield f"Triton autotuning benchmarked each config {QUICK_AUTOTUNE['warmup']} ms warm-up + {QUICK_AUTOTUNE['rep']} ms"
+    finally:
+        if had:
+            drv.get_benchmarker = old
+        else:
+            del drv.get_benchmarker
 
 
 class Clock:
