@@ -28,6 +28,9 @@ from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_b
 from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
+# The small-M kernel (no MMA) serves M up to this; tokens go GEMV_BLOCK_M to a program.
+GEMV_MAX_M = 16
+GEMV_BLOCK_M = 16
 
 
 def work_order(row_ptr: torch.Tensor) -> torch.Tensor:
@@ -68,6 +71,57 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
+def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, M, N, K,
+                       stride_xm, stride_xk, stride_ym, stride_yn,
+                       M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
+    block are BLOCK_N * B contiguous values) on few warps, so many programs stream the weight at
+    once; products accumulate per lane in fp32 across the row's kept blocks, reduced once."""
+    SUB: tl.constexpr = B // BLOCK_N
+    pid_w = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    row = tl.load(order_ptr + pid_w // SUB)
+    sub = pid_w % SUB
+    start = tl.load(rowptr_ptr + row)
+    end = tl.load(rowptr_ptr + row + 1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_r = sub * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, B)
+    mask_m = offs_m < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N, B), dtype=tl.float32)
+    w_ptrs = val_ptr + start.to(tl.int64) * (B * B) + offs_r[:, None] * B + offs_c[None, :]
+    x_rows = x_ptr + offs_m[:, None] * stride_xm
+    for j in range(start, end):
+        col = tl.load(col_ptr + j)
+        w = tl.load(w_ptrs).to(tl.float32)
+        x = tl.load(x_rows + (col * B + offs_c)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
+        acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
+        w_ptrs += B * B
+    out = tl.sum(acc, axis=2)
+    offs_n = row * B + offs_r
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+
+
+def _gemv_configs():
+    out = []
+    for bn, w in ((2, 1), (4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4)):
+        out.append(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=4))
+    return out
+
+
+def _gemv_keep(config, args) -> bool:
+    """BLOCK_N divides the block; the fp32 accumulator within 64 registers a thread."""
+    bn = config.kwargs["BLOCK_N"]
+    return bn <= args["B"] and args["BLOCK_M"] * bn * args["B"] // (32 * config.num_warps) <= 64
+
+
+_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B"], prune=_gemv_keep)
+
+
 def _configs():
     out = []
     for bn in (16, 32, 64):
@@ -89,10 +143,23 @@ def _keep(config, args) -> bool:
 _KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B"], prune=_keep)
 
 
-def block_triton(x, values, col_idx, row_ptr, order, bias, N):
+def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None = None):
+    """``path``: "gemv" (small-M kernel), "dot" (MMA) or None (by M, see GEMV_MAX_M)."""
     M, K = x.shape
     B = values.shape[1]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if path is None:
+        path = "gemv" if M <= GEMV_MAX_M else "dot"
+    if path == "gemv":
+        block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
+
+        def grid_gemv(meta):
+            return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, block_m))
+
+        _GEMV_KERNEL[grid_gemv](x, values, col_idx, row_ptr, order, y if bias is None else bias, y, M, N, K,
+                                x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
+                                HAS_BIAS=bias is not None, BLOCK_M=block_m)
+        return y
 
     def grid(meta):
         return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))

@@ -39,6 +39,9 @@ DEFAULT_CROSSOVER_M = 1024
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
 CSLT_ALIGN = 16     # cuSPARSELt needs N and K multiples of 16 for 16-bit types
 CSLT_M_ALIGN = 8    # and the dense operand's token count padded to a multiple of 8
+# The small-M kernel (no MMA) serves M up to this; tokens go GEMV_BLOCK_M to a program.
+GEMV_MAX_M = 16
+GEMV_BLOCK_M = 16
 
 
 def encode_positions(pos: torch.Tensor) -> torch.Tensor:
@@ -106,6 +109,107 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
+                         stride_xm, stride_xk, stride_pn, stride_mn, stride_ym, stride_yn,
+                         M_BUCKET, HAS_BIAS: tl.constexpr,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Small-M path: no expansion, no MMA. Each group's two kept 16-bit values are read as one
+    int32 (16-byte loads of four groups per thread), the metadata nibble picks the two inputs the
+    group multiplies (gathered from x, which stays in L1), and fp32 partial products accumulate
+    per lane across the K loop; one reduction at the end."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    vdt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        mask_ng = mask_n[:, None] & (offs_g[None, :] < G)
+        pair = tl.load(pair_ptr + offs_n[:, None] * stride_pn + offs_g[None, :], mask=mask_ng, other=0)
+        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_g[None, :] // 2, mask=mask_ng, other=0)
+        code = (mb.to(tl.int32) >> ((offs_g[None, :] & 1) * 4)) & 15
+        v0 = (pair & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
+        v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
+        col0 = (offs_g[None, :] * 4 + (code & 3)).to(tl.int64)
+        col1 = (offs_g[None, :] * 4 + (code >> 2)).to(tl.int64)
+        mask3 = mask_m[:, None, None] & mask_ng[None, :, :]
+        x0 = tl.load(x_rows + col0[None, :, :] * stride_xk, mask=mask3, other=0.0).to(tl.float32)
+        x1 = tl.load(x_rows + col1[None, :, :] * stride_xk, mask=mask3, other=0.0).to(tl.float32)
+        acc += x0 * v0[None, :, :] + x1 * v1[None, :, :]
+    out = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _twofour_select_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
+                           stride_xm, stride_xk, stride_pn, stride_mn, stride_ym, stride_yn,
+                           M_BUCKET, HAS_BIAS: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
+    """Like the GEMV kernel, but the four inputs of every group are loaded densely once per
+    program (shared by its BLOCK_N rows) and each kept value picks its input with selects."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    vdt = x_ptr.dtype.element_ty
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
+    for g0 in range(0, G, BLOCK_G):
+        offs_g = g0 + tl.arange(0, BLOCK_G)
+        mask_g = offs_g < G
+        mask_ng = mask_n[:, None] & mask_g[None, :]
+        pair = tl.load(pair_ptr + offs_n[:, None] * stride_pn + offs_g[None, :], mask=mask_ng, other=0)
+        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_g[None, :] // 2, mask=mask_ng, other=0)
+        code = (mb.to(tl.int32) >> ((offs_g[None, :] & 1) * 4)) & 15
+        p0 = (code & 3)[None, :, :]
+        p1 = (code >> 2)[None, :, :]
+        v0 = (pair & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
+        v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
+        xmask = mask_m[:, None, None] & mask_g[None, None, :]
+        xg = x_rows + (offs_g * 4).to(tl.int64)[None, None, :] * stride_xk
+        x0 = tl.load(xg, mask=xmask, other=0.0).to(tl.float32)
+        x1 = tl.load(xg + stride_xk, mask=xmask, other=0.0).to(tl.float32)
+        x2 = tl.load(xg + 2 * stride_xk, mask=xmask, other=0.0).to(tl.float32)
+        x3 = tl.load(xg + 3 * stride_xk, mask=xmask, other=0.0).to(tl.float32)
+        # positions are ordered (p0 < p1): the first is 0..2, the second 1..3
+        s0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
+        s1 = tl.where(p1 == 3, x3, tl.where(p1 == 2, x2, x1))
+        acc += s0 * v0[None, :, :] + s1 * v1[None, :, :]
+    out = tl.sum(acc, axis=2)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+def _gemv_configs():
+    out = []
+    for bn, bg, w in ((1, 512, 4), (2, 256, 4), (4, 128, 4), (8, 64, 4), (2, 512, 8), (4, 256, 8),
+                      (8, 128, 8), (1, 256, 4), (2, 128, 4), (4, 64, 4)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=4))
+    return out
+
+
+def _gemv_keep(config, args) -> bool:
+    """No group tile wider than K; the fp32 accumulator within 32 registers a thread (the two
+    gathered input tiles are as large again), so token tiles of 16 take the narrower tiles."""
+    kw = config.kwargs
+    per_thread = args["BLOCK_M"] * kw["BLOCK_N"] * kw["BLOCK_G"] // (32 * config.num_warps)
+    return kw["BLOCK_G"] <= max(64, triton.next_power_of_2(args["G"])) and per_thread <= 32
+
+
+_GEMV_KERNEL = LazyKernel(_twofour_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "G"], prune=_gemv_keep)
+_SELECT_KERNEL = LazyKernel(_twofour_select_kernel, _gemv_configs(), key=["M_BUCKET", "N", "G"], prune=_gemv_keep)
+
+
 def _configs():
     out = []
     for bn in (16, 32, 64):  # small M: narrow N tiles so enough programs stream the weight
@@ -130,10 +234,32 @@ def _keep(config, args) -> bool:
 _KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K"], prune=_keep)
 
 
-def twofour_triton(x, values, meta, bias):
+def gemv_usable(x, values, M: int) -> bool:
+    """Whether the small-M kernel serves this call: 16-bit values (read in pairs as int32), an
+    int32-aligned contiguous values tensor, and M within GEMV_MAX_M."""
+    return (M <= GEMV_MAX_M and x.dtype in (torch.float16, torch.bfloat16) and values.dtype == x.dtype
+            and values.is_contiguous() and values.storage_offset() % 2 == 0)
+
+
+def twofour_triton(x, values, meta, bias, path: str | None = None):
+    """``path``: "gemv" (small-M kernel), "dot" (expansion + MMA) or None (by M, see GEMV_MAX_M)."""
     M, K = x.shape
     N = values.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    if path is None:
+        path = "gemv" if gemv_usable(x, values, M) else "dot"
+    if path in ("gemv", "select"):
+        pairs = values.view(torch.int32)
+        block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
+
+        def grid_gemv(meta_):
+            return (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, block_m))
+
+        kernel = _GEMV_KERNEL if path == "gemv" else _SELECT_KERNEL
+        kernel[grid_gemv](x, pairs, meta, y if bias is None else bias, y, M, N, K // 4,
+                                x.stride(0), x.stride(1), pairs.stride(0), meta.stride(0), y.stride(0),
+                                y.stride(1), m_bucket(M), HAS_BIAS=bias is not None, BLOCK_M=block_m)
+        return y
 
     def grid(meta_):
         return (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))

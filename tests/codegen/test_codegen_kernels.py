@@ -85,3 +85,39 @@ def test_auto_uses_triton_only_when_interpreting(spec, N, K, gen, monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET")
     assert packed.handler.auto_impl(x, packed) == "reference"
     torch.testing.assert_close(linear(x, packed), x @ packed.to_dense().t(), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("spec,N,K", [("2:4", 40, 72), ("block:16:0.3", 64, 96), ("block:32:0.5", 64, 128)])
+@pytest.mark.parametrize("path", ["gemv", "dot"])
+def test_small_m_paths_match_reference(spec, N, K, path, gen):
+    """Both small-M paths (the MMA-free GEMV and the MMA tile kernel) forced at the kernel level,
+    fp16, with bias, at M = 1, 3 (one partial token tile), 16 and 17 (one over the GEMV token
+    tile, so two token programs) and a stride-3 input; K = 72 gives an odd group count for 2:4."""
+    from sparsec.codegen import block, twofour
+
+    packed = pack(spec, torch.randn(N, K, generator=gen).to(torch.float16))
+    t = packed.tensors()
+    dense = packed.to_dense().double()
+    bias = torch.randn(N, generator=gen).to(torch.float16)
+    for M in (1, 3, 16, 17):
+        x = torch.randn(M, 3 * K, generator=gen).to(torch.float16)[:, ::3]
+        if spec == "2:4":
+            y = twofour.twofour_triton(x, t["values"], t["meta"], bias, path=path)
+        else:
+            y = block.block_triton(x, t["values"], t["col_idx"], t["row_ptr"], t["order"], bias, N, path=path)
+        ref = x.double() @ dense.t() + bias.double()
+        # fp16 inputs, fp32 accumulation, one fp16 rounding of the output: TOL[fp16] of scale
+        torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
+                                   rtol=TOL[torch.float16], msg=lambda m: f"{spec} {path} M={M}: {m}")
+
+
+def test_twofour_gemv_only_for_16_bit_values(gen):
+    """The GEMV path reads a group's two values as one int32, so fp32 weights go to the MMA path."""
+    from sparsec.codegen import twofour
+
+    p16 = pack("2:4", torch.randn(8, 32, generator=gen).to(torch.float16))
+    p32 = pack("2:4", torch.randn(8, 32, generator=gen))
+    x16, x32 = torch.randn(1, 32, generator=gen).half(), torch.randn(1, 32, generator=gen)
+    assert twofour.gemv_usable(x16, p16.tensors()["values"], 1)
+    assert not twofour.gemv_usable(x32, p32.tensors()["values"], 1)
+    assert not twofour.gemv_usable(x16, p16.tensors()["values"], twofour.GEMV_MAX_M + 1)
