@@ -11,6 +11,9 @@ The Triton kernel launches one program per (work item, token tile), a work item 
 BLOCK_N output rows of one block row (BLOCK_N divides B, so a wide block row feeds several
 programs and a weight of few block rows still fills the GPU). A program walks its row's kept
 blocks only; an empty row's programs just write the bias (or zeros), so no program is idle.
+Two kernels share that work list: up to GEMV_MAX_M tokens (16-bit inputs) an MMA-free GEMV on
+narrow row slices and few warps, so that many programs stream the weight at once; above, the
+tensor-core kernel with 16-token tiles and up.
 """
 
 from __future__ import annotations
@@ -28,9 +31,14 @@ from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_b
 from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
-# The small-M kernel (no MMA) serves M up to this; tokens go GEMV_BLOCK_M to a program.
-GEMV_MAX_M = 16
+# The MMA-free kernel serves 16-bit inputs up to GEMV_MAX_M tokens: on an H200 (bf16,
+# docs/benchmarks.md) it beat the MMA kernel at M = 1 and 4 on all three benchmark shapes
+# (1.10-1.25x) and lost at M = 16 (1.1-2.5x slower: M FMAs per weight element on the CUDA
+# cores). fp32 was not measured, so it keeps the MMA (tf32) kernel. GEMV_BLOCK_M caps the tokens
+# a program takes.
+GEMV_MAX_M = 4
 GEMV_BLOCK_M = 16
+GEMV_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def work_order(row_ptr: torch.Tensor) -> torch.Tensor:
@@ -149,7 +157,7 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
     B = values.shape[1]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if path is None:
-        path = "gemv" if M <= GEMV_MAX_M else "dot"
+        path = "gemv" if (M <= GEMV_MAX_M and x.dtype in GEMV_DTYPES) else "dot"
     if path == "gemv":
         block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
 

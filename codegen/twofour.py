@@ -7,9 +7,12 @@ Layout for W (N, K), G = K/4 groups per row:
          and 16 metadata bytes, each one 16-byte-aligned load when K is a multiple of 128.
 
 Two implementations:
-- ``triton``: loads the packed tile and expands it to the dense tile in registers before the
-  tensor-core dot; it reads half the weight bytes, so it wins where the layer is memory-bound
-  (small M).
+- ``triton``: two kernels. At M <= GEMV_MAX_M (16-bit values), an MMA-free GEMV reads each
+  group's two values as one int32 (16-byte loads along K), decodes the positions from the
+  metadata nibble and gathers the two inputs it multiplies from x (L1-resident). Above that, a
+  kernel loads the packed tile, expands it to the dense tile in registers and feeds the
+  tensor-core dot. Both read about 56% of the dense weight bytes, so they serve the
+  memory-bound regime (small M).
 - ``cusparselt``: torch's cuSPARSELt binding (``torch._cslt_sparse_mm``) on a compressed copy
   kept in ``Packed.aux``; it uses the sparse tensor cores and wins where the layer is
   compute-bound (large M). The algorithm id comes from a per-shape cache (``set_cslt_algorithm``)
@@ -39,8 +42,11 @@ DEFAULT_CROSSOVER_M = 1024
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
 CSLT_ALIGN = 16     # cuSPARSELt needs N and K multiples of 16 for 16-bit types
 CSLT_M_ALIGN = 8    # and the dense operand's token count padded to a multiple of 8
-# The small-M kernel (no MMA) serves M up to this; tokens go GEMV_BLOCK_M to a program.
-GEMV_MAX_M = 16
+# The MMA-free kernel serves M up to GEMV_MAX_M: on an H200 (bf16, docs/benchmarks.md) it beat
+# the expansion + MMA kernel at M = 1 on all three benchmark shapes (1.14-1.69x) and lost at
+# M = 4 (1.9-2.6x slower: every token re-gathers its inputs per weight element). GEMV_BLOCK_M caps
+# the tokens a program takes.
+GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
 
 
@@ -147,53 +153,9 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _twofour_select_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
-                           stride_xm, stride_xk, stride_pn, stride_mn, stride_ym, stride_yn,
-                           M_BUCKET, HAS_BIAS: tl.constexpr,
-                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
-    """Like the GEMV kernel, but the four inputs of every group are loaded densely once per
-    program (shared by its BLOCK_N rows) and each kept value picks its input with selects."""
-    pid_n = tl.program_id(0)
-    pid_m = tl.program_id(1)
-    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_m = offs_m < M
-    mask_n = offs_n < N
-    vdt = x_ptr.dtype.element_ty
-    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_G), dtype=tl.float32)
-    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
-    for g0 in range(0, G, BLOCK_G):
-        offs_g = g0 + tl.arange(0, BLOCK_G)
-        mask_g = offs_g < G
-        mask_ng = mask_n[:, None] & mask_g[None, :]
-        pair = tl.load(pair_ptr + offs_n[:, None] * stride_pn + offs_g[None, :], mask=mask_ng, other=0)
-        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_g[None, :] // 2, mask=mask_ng, other=0)
-        code = (mb.to(tl.int32) >> ((offs_g[None, :] & 1) * 4)) & 15
-        p0 = (code & 3)[None, :, :]
-        p1 = (code >> 2)[None, :, :]
-        v0 = (pair & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
-        v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
-        xmask = mask_m[:, None, None] & mask_g[None, None, :]
-        xg = x_rows + (offs_g * 4).to(tl.int64)[None, None, :] * stride_xk
-        x0 = tl.load(xg, mask=xmask, other=0.0).to(tl.float32)
-        x1 = tl.load(xg + stride_xk, mask=xmask, other=0.0).to(tl.float32)
-        x2 = tl.load(xg + 2 * stride_xk, mask=xmask, other=0.0).to(tl.float32)
-        x3 = tl.load(xg + 3 * stride_xk, mask=xmask, other=0.0).to(tl.float32)
-        # positions are ordered (p0 < p1): the first is 0..2, the second 1..3
-        s0 = tl.where(p0 == 0, x0, tl.where(p0 == 1, x1, x2))
-        s1 = tl.where(p1 == 3, x3, tl.where(p1 == 2, x2, x1))
-        acc += s0 * v0[None, :, :] + s1 * v1[None, :, :]
-    out = tl.sum(acc, axis=2)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
 def _gemv_configs():
     out = []
-    for bn, bg, w in ((1, 512, 4), (2, 256, 4), (4, 128, 4), (8, 64, 4), (2, 512, 8), (4, 256, 8),
-                      (8, 128, 8), (1, 256, 4), (2, 128, 4), (4, 64, 4)):
+    for bn, bg, w in ((1, 512, 4), (2, 256, 4), (4, 128, 4), (8, 64, 4), (4, 256, 8), (2, 128, 4)):
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_G": bg}, num_warps=w, num_stages=4))
     return out
 
@@ -207,7 +169,6 @@ def _gemv_keep(config, args) -> bool:
 
 
 _GEMV_KERNEL = LazyKernel(_twofour_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "G"], prune=_gemv_keep)
-_SELECT_KERNEL = LazyKernel(_twofour_select_kernel, _gemv_configs(), key=["M_BUCKET", "N", "G"], prune=_gemv_keep)
 
 
 def _configs():
@@ -248,15 +209,14 @@ def twofour_triton(x, values, meta, bias, path: str | None = None):
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if path is None:
         path = "gemv" if gemv_usable(x, values, M) else "dot"
-    if path in ("gemv", "select"):
+    if path == "gemv":
         pairs = values.view(torch.int32)
         block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
 
         def grid_gemv(meta_):
             return (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, block_m))
 
-        kernel = _GEMV_KERNEL if path == "gemv" else _SELECT_KERNEL
-        kernel[grid_gemv](x, pairs, meta, y if bias is None else bias, y, M, N, K // 4,
+        _GEMV_KERNEL[grid_gemv](x, pairs, meta, y if bias is None else bias, y, M, N, K // 4,
                                 x.stride(0), x.stride(1), pairs.stride(0), meta.stride(0), y.stride(0),
                                 y.stride(1), m_bucket(M), HAS_BIAS=bias is not None, BLOCK_M=block_m)
         return y

@@ -121,3 +121,22 @@ def test_twofour_gemv_only_for_16_bit_values(gen):
     assert twofour.gemv_usable(x16, p16.tensors()["values"], 1)
     assert not twofour.gemv_usable(x32, p32.tensors()["values"], 1)
     assert not twofour.gemv_usable(x16, p16.tensors()["values"], twofour.GEMV_MAX_M + 1)
+
+
+def test_block_gemv_empty_rows_write_bias(gen):
+    """The GEMV path keeps the work-list contract: rows with no kept block get the bias."""
+    from sparsec.codegen import block
+
+    w = torch.zeros(64, 64)
+    w[16:32, 32:48] = torch.randn(16, 16, generator=gen)   # block row 1 only
+    packed = pack("block:16:0.0625", w.half())
+    t = packed.tensors()
+    x = torch.randn(2, 64, generator=gen).half()
+    bias = torch.randn(64, generator=gen).half()
+    y = block.block_triton(x, t["values"], t["col_idx"], t["row_ptr"], t["order"], bias, 64, path="gemv")
+    keep = torch.ones(64, dtype=torch.bool)
+    keep[16:32] = False
+    torch.testing.assert_close(y[:, keep], bias[keep].expand(2, 48), atol=0, rtol=0)
+    ref = x.double()[:, 32:48] @ w[16:32, 32:48].double().t() + bias[16:32].double()
+    # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
+    torch.testing.assert_close(y[:, 16:32].double(), ref, atol=4e-3 * ref.abs().max().item(), rtol=4e-3)
