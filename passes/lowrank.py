@@ -24,6 +24,7 @@ DAMPING = 0.01  # relative to the mean diagonal, as the other passes
 
 class LowRankHandler:
     family = "lowrank"
+    shares_work_across_specs = True  # one SVD serves every rank of the grid
     methods = ("activation-aware", "plain")
     default_method = "activation-aware"
 

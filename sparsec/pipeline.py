@@ -59,7 +59,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     forced = Plan.coerce(options.plan) if options.plan is not None else None
     layers = candidates(sites, stats, options, forced)
     cost(layers, fingerprint, options)
-    approximate(layers)
+    approximate(layers, options)
     alloc = select(layers, options, fingerprint)
     e2e = verify(frontend, layers, alloc, options)
     lowered = lower(frontend, layers) if options.lower else None
@@ -147,31 +147,55 @@ def _kernel_refusal(cand: Candidate, site: Site) -> str | None:
 # -- approximate ------------------------------------------------------------------------------
 
 
-def approximate(layers: list[Layer]) -> None:
+def approximate(layers: list[Layer], options: Options) -> None:
     """For candidates still standing: a weight with the format's exact structure, and its error.
 
     Runs after ``cost`` so that no time is spent pruning or factoring into a format the
-    fingerprint already says would be slower than dense.
+    fingerprint already says would be slower than dense. Within a family (and block size), the
+    candidates are made from the least lossy (most values kept) down; once one already costs more
+    than twice the whole error budget, the lossier ones of that chain could never be chosen and are
+    refused without being computed. Handlers whose grid shares one factorisation
+    (``shares_work_across_specs``) are asked for their whole chain at once.
     """
     from sparsec.passes.registry import HANDLERS
 
     for layer in layers:
         site, st = layer.site, layer.stats
         weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
-        by_family: dict[str, list[Candidate]] = {}
+        chains: dict[tuple, list[Candidate]] = {}
         for cand in layer.candidates:
             if cand.rejected_because is None:
-                by_family.setdefault(cand.spec.family, []).append(cand)
-        for family, cands in by_family.items():
-            handler = HANDLERS[family]
+                chains.setdefault(_chain_key(cand.spec), []).append(cand)
+        for chain in chains.values():
+            chain.sort(key=lambda c: -c.spec.stored_params(site.N, site.K))
+            handler = HANDLERS[chain[0].spec.family]
             key = (_identity(site.weight), _identity_stats(st), handler.default_method)
-            todo = [c for c in cands if (key, c.fmt) not in _APPROXIMATIONS]
-            if todo:
-                for cand, w_hat in zip(todo, handler.approximate([c.spec for c in todo], weight, st)):
-                    _APPROXIMATIONS.put((key, cand.fmt), w_hat)
-            for cand in cands:
-                cand.approx, cand.method = _APPROXIMATIONS[(key, cand.fmt)], handler.default_method
-                cand.predicted_error = relative_output_error(weight, cand.approx, st, site.bias)
+            step = len(chain) if getattr(handler, "shares_work_across_specs", False) else 1
+            for i in range(0, len(chain), step):
+                batch = chain[i : i + step]
+                todo = [c for c in batch if (key, c.fmt) not in _APPROXIMATIONS]
+                made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st))) if todo else {}
+                for cand in batch:
+                    w_hat = made.get(cand.fmt)
+                    if w_hat is None:
+                        w_hat = _APPROXIMATIONS[(key, cand.fmt)]
+                    else:
+                        _APPROXIMATIONS.put((key, cand.fmt), w_hat)
+                    cand.approx, cand.method = w_hat, handler.default_method
+                    cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias)
+                worst = max(batch, key=lambda c: c.predicted_error)
+                if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:
+                    for rest in chain[i + step :]:
+                        rest.rejected_because = (
+                            f"over budget: the less lossy {worst.fmt} already costs "
+                            f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
+                        )
+                    break
+
+
+def _chain_key(spec) -> tuple:
+    """Candidates whose error grows as they keep fewer values: one family, one block size."""
+    return (spec.family, getattr(spec, "block", None))
 
 
 class _BoundedCache(dict):
