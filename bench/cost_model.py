@@ -42,10 +42,17 @@ def _ensure_sparsec_importable() -> None:
     except ImportError:
         pass
     import importlib.util
-    import tomllib
+    import re
 
     root = Path(__file__).resolve().parents[1]
-    mapping = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    text = (root / "pyproject.toml").read_text()
+    try:
+        import tomllib
+
+        mapping = tomllib.loads(text)["tool"]["setuptools"]["package-dir"]
+    except ImportError:  # Python 3.10: read the one-line table
+        table = re.search(r"^package-dir\s*=\s*\{(.*)\}", text, re.M).group(1)
+        mapping = dict(re.findall(r'"([\w.]+)"\s*=\s*"([\w./]+)"', table))
 
     class RepoPackages:
         @staticmethod

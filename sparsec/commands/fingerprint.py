@@ -25,7 +25,7 @@ def register(subparsers) -> None:
                    help="output JSON (default: your fingerprint of this device, which 'auto' uses)")
     m.add_argument("--name", default=None, help="fingerprint name (default: the output file's stem)")
     m.add_argument("--budget-s", type=float, default=None,
-                   help="stop after this many seconds with a partial, resumable file (default 420 GPU, 540 CPU)")
+                   help="stop after this many seconds with a partial, resumable file (default 420 GPU, 600 CPU)")
     m.add_argument("--grid", choices=["cuda", "cpu", "tiny"], default=None,
                    help="measurement grid (default: this device's); 'tiny' checks the harness in seconds")
     m.add_argument("--fresh", action="store_true", help="start over instead of resuming a partial file")
