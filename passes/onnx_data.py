@@ -29,7 +29,7 @@ from sparsec.errors import ModelError
 from sparsec.passes.onnx_model import Constants, elem_numpy_dtype, value_info_dims
 
 RUN_BATCH = 8
-GENERATED_CALLS = 32
+GENERATED_CALLS = 16
 PASS_THROUGH = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
 
 

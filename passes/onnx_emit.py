@@ -76,16 +76,35 @@ def factors(spec: FormatSpec, approx: torch.Tensor, dtype: np.dtype) -> dict[str
     w = approx.detach().to(torch.float32)
     if isinstance(spec, (Dense, TwoFour, Block)):
         return {"w_kn": w.T.numpy().astype(dtype)}
-    packed = pack(spec, w)
     if isinstance(spec, LowRank):
-        t = packed.tensors()
-        u, v = t["u"], t["v"]
+        u, v = lowrank_factors(approx, spec.rank)
         return {"v_kr": v.T.numpy().astype(dtype), "u_rn": u.T.numpy().astype(dtype)}
+    packed = pack(spec, w)
     if isinstance(spec, Monarch):
         t = packed.tensors()
         L, R = t["L"], t["R"]
         return {"l_t": L.transpose(1, 2).numpy().astype(dtype), "r_t": R.transpose(1, 2).numpy().astype(dtype)}
     raise ValueError(f"no ONNX form for format {spec}")
+
+
+def lowrank_factors(approx: torch.Tensor, rank: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U [N, R], V [R, K]) with U @ V = ``approx``, a matrix of rank <= R, in O(N K R).
+
+    A range finder (Q = orth(W @ G), G Gaussian K x R; then V = Q^T W) in float64 reproduces a
+    rank-R matrix exactly, where an SVD of it converges slowly on its R..K zero singular values
+    (seconds for 512 x 512 here). A matrix not of rank R falls back to the truncated SVD.
+    """
+    from sparsec.codegen import pack
+
+    w = approx.detach().to(torch.float64)
+    g = torch.randn(w.shape[1], rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    q, _ = torch.linalg.qr(w @ g)
+    v = q.T @ w
+    residual = float(torch.linalg.matrix_norm(w - q @ v)) / max(float(torch.linalg.matrix_norm(w)), 1e-300)
+    if residual > 1e-5:  # float32 rounding of a rank-R matrix leaves ~1e-7
+        t = pack(LowRank(rank), approx.detach().to(torch.float32)).tensors()
+        return t["u"].to(torch.float64), t["v"].to(torch.float64)
+    return q, v
 
 
 def random_factors(spec: FormatSpec, N: int, K: int, rng: np.random.Generator, dtype: np.dtype) -> dict[str, np.ndarray]:

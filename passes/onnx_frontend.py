@@ -28,6 +28,8 @@ layer is listed in ``undersampled`` for the report to warn about.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx
 import torch
@@ -106,25 +108,22 @@ class OnnxFrontend:
                 self.undersampled.append((", ".join(names), st.rows, K))
         return stats
 
-    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
+    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, "LayerErrors"]:
         feeds = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references
-        weights = {}
-        for name, w in replacements.items():
-            info = self.layers[name]
-            weights[self._eval_weight[name]] = rewrite_onnx._weight_in_node_layout(w, info, _np_dtype(self.sites[name].dtype))
-        local: dict[str, list[float]] = {name: [0.0, 0.0] for name in replacements}
+        weights = self._weights(replacements)
         error = OutputError()
         for feed, ref in zip(feeds.runs, refs):
-            outs, acts = self._run(feed, weights)
+            outs, _ = self._run(feed, weights)
             error.add(outs, ref)
-            for name, w in replacements.items():
-                site = self.sites[name]
-                x = acts[site.input_key]
-                ln, ld = _layer_error(x, site, w)
-                local[name][0] += ln
-                local[name][1] += ld
-        return error.value(), {name: _ratio(n, d) for name, (n, d) in local.items()}
+        return error.value(), LayerErrors(self, dict(replacements), weights, feeds)
+
+    def _weights(self, replacements: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+        out = {}
+        for name, w in replacements.items():
+            info = self.layers[name]
+            out[self._eval_weight[name]] = rewrite_onnx._weight_in_node_layout(w, info, _np_dtype(self.sites[name].dtype))
+        return out
 
     def has_heldout(self) -> bool:
         return self.heldout is not None and bool(self.heldout.runs)
@@ -214,6 +213,39 @@ def _accumulate(stats: SiteStats, x: np.ndarray, calls: int) -> None:
             stats.add(chunk)
     else:
         stats.add(x2)
+
+
+class LayerErrors(Mapping):
+    """Each replaced layer's own relative output error, on the activations it receives in the
+    rewritten graph, computed when first read: the planner evaluates several allocations but reads
+    the per-layer errors of the one it keeps only, so they cost one more pass, not one per evaluation."""
+
+    def __init__(self, frontend: OnnxFrontend, replacements: dict[str, torch.Tensor], weights, feeds: Feeds):
+        self._args = (frontend, replacements, weights, feeds)
+        self._values: dict[str, float] | None = None
+
+    def _compute(self) -> dict[str, float]:
+        if self._values is None:
+            frontend, replacements, weights, feeds = self._args
+            sums = {name: [0.0, 0.0] for name in replacements}
+            for feed in feeds.runs:
+                _, acts = frontend._run(feed, weights)
+                for name, w in replacements.items():
+                    site = frontend.sites[name]
+                    num, den = _layer_error(acts[site.input_key], site, w)
+                    sums[name][0] += num
+                    sums[name][1] += den
+            self._values = {name: _ratio(n, d) for name, (n, d) in sums.items()}
+        return self._values
+
+    def __getitem__(self, name: str) -> float:
+        return self._compute()[name]
+
+    def __iter__(self):
+        return iter(self._args[1])
+
+    def __len__(self) -> int:
+        return len(self._args[1])
 
 
 class OutputError:

@@ -12,11 +12,12 @@ grid of shapes and writes a ``sparsec.fingerprint/1`` file the planner reads lik
   dense, so these entries measure what it really does with the zeros (nothing), and the planner
   sees no gain unless a runtime does better.
 
-A point is timed as a graph of ``copies`` independent copies of the subgraph (distinct weights,
-enough of them to cycle through half the last-level cache, as a model's layers do) against a
-graph that only passes the input through, in interleaved rounds (``passes/onnx_timing``); the
-per-subgraph time is the difference divided by the copies, which removes the fixed cost of a
-``session.run``. That fixed cost is recorded as ``measured.launch_us.eager``.
+Each subgraph is timed as a graph of ``copies`` independent copies of it (distinct weights,
+enough of them to cycle through half the last-level cache, as a model's layers do), minus a
+graph that only passes the input through, divided by the copies: that removes the fixed cost of a
+``session.run`` (recorded as ``measured.launch_us.eager``). At each weight shape and token count
+every format's graph is timed in the same interleaved rounds (``passes/onnx_timing``), so the
+ratios between formats, which decide the plan, do not drift with the machine's load.
 
 Run: ``python -m sparsec.fingerprint_ort -o fingerprints/ort-cpu.json`` (``--grid tiny`` for seconds).
 """
@@ -117,9 +118,13 @@ def _model(nodes, inits, inputs, outputs) -> onnx.ModelProto:
     return m
 
 
-def subgraph_model(spec: FormatSpec, M: int, N: int, K: int, copies: int, rng: np.random.Generator) -> onnx.ModelProto:
-    """``copies`` independent copies of ``spec``'s subgraph, each reading x [M, K], each a graph output."""
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [M, K])
+def subgraph_model(spec: FormatSpec, N: int, K: int, copies: int, rng: np.random.Generator,
+                   M: int | None = None) -> onnx.ModelProto:
+    """``copies`` independent copies of ``spec``'s subgraph, each reading x [M, K], each a graph output.
+
+    ``M`` None leaves the token count dynamic, so one session serves every M of the grid."""
+    m_dim = M if M is not None else "M"
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m_dim, K])
     nodes, inits, outs, taken = [], [], [], {"x"}
     for c in range(copies):
         em = Emitter(prefix=f"copy{c}", taken=taken)
@@ -127,13 +132,14 @@ def subgraph_model(spec: FormatSpec, M: int, N: int, K: int, copies: int, rng: n
         emit_product(em, spec, "x", y, random_factors(spec, N, K, rng, np.float32), N, K, [M, K])
         nodes += em.nodes
         inits += em.initializers
-        outs.append(helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [M, N]))
+        outs.append(helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [m_dim, N]))
     return _model(nodes, inits, [x], outs)
 
 
-def passthrough_model(M: int, K: int) -> onnx.ModelProto:
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [M, K])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [M, K])
+def passthrough_model(M: int | None, K: int) -> onnx.ModelProto:
+    m_dim = M if M is not None else "M"
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m_dim, K])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [m_dim, K])
     return _model([helper.make_node("Identity", ["x"], ["y"])], [], [x], [y])
 
 
@@ -141,23 +147,34 @@ def weight_bytes(spec: FormatSpec, N: int, K: int) -> int:
     return 4 * (N * K if spec.family in ("dense", "2:4", "block") else spec.stored_params(N, K))
 
 
-def measure_point(spec: FormatSpec, M: int, N: int, K: int, provider: str, rng: np.random.Generator,
-                  grid: OrtGrid, base_cache: dict) -> tuple[float, int]:
-    """Microseconds of one subgraph at (M, N, K), and the copies it was timed with."""
-    copies = max(1, min(MAX_COPIES, math.ceil(ROTATION_BYTES / weight_bytes(spec, N, K))))
-    sess = session(subgraph_model(spec, M, N, K, copies, rng), provider, grid.threads)
-    key = (M, K)
-    if key not in base_cache:
-        base_cache[key] = session(passthrough_model(M, K), provider, grid.threads)
-    base = base_cache[key]
-    feed = {"x": rng.standard_normal((M, K)).astype(np.float32)}
-    t = interleaved([lambda: sess.run(None, feed), lambda: base.run(None, feed)],
-                    budget_s=grid.point_budget_s, min_rounds=grid.min_rounds, max_rounds=100, round_s=0.002,
-                    warmup=2, clock=clock_for(provider, grid.threads))
-    total, overhead = t.us
-    # Noise can make the difference vanish for the smallest subgraphs; never report less than a
-    # tenth of the measured per-copy time.
-    return max(total - overhead, 0.1 * total) / copies, copies
+def copies_for(spec: FormatSpec, N: int, K: int) -> int:
+    """Enough copies for their weights to fill ``ROTATION_BYTES`` (at most ``MAX_COPIES``)."""
+    return max(1, min(MAX_COPIES, math.ceil(ROTATION_BYTES / weight_bytes(spec, N, K))))
+
+
+def measure_shape(specs: list[FormatSpec], N: int, K: int, provider: str, grid: OrtGrid,
+                  rng: np.random.Generator) -> dict[FormatSpec, dict[int, float]]:
+    """Microseconds of every spec's subgraph at each M of the grid for one weight shape.
+
+    All specs (and the pass-through graph) are timed together at each M, in interleaved rounds,
+    so that a change of load or clock frequency during the measurement moves them alike and the
+    ratios the planner acts on stay right."""
+    sessions = [session(subgraph_model(spec, N, K, copies_for(spec, N, K), rng), provider, grid.threads)
+                for spec in specs]
+    base = session(passthrough_model(None, K), provider, grid.threads)
+    copies = [copies_for(spec, N, K) for spec in specs]
+    out: dict[FormatSpec, dict[int, float]] = {spec: {} for spec in specs}
+    for M in grid.Ms:
+        feed = {"x": rng.standard_normal((M, K)).astype(np.float32)}
+        runs = [lambda s=s: s.run(None, feed) for s in (*sessions, base)]
+        t = interleaved(runs, budget_s=grid.point_budget_s * len(runs), min_rounds=grid.min_rounds, max_rounds=100,
+                        round_s=0.002, warmup=2, clock=clock_for(provider, grid.threads))
+        overhead = t.us[-1]
+        for spec, total, c in zip(specs, t.us, copies):
+            # Noise can make the difference vanish for the smallest subgraphs; never report less
+            # than a tenth of the measured per-copy time.
+            out[spec][M] = max(total - overhead, 0.1 * total) / c
+    return out
 
 
 def _now() -> str:
@@ -211,22 +228,19 @@ def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvid
     log = log or (lambda msg: print(msg, file=sys.stderr))
     rng = np.random.default_rng(seed)
     start = time.monotonic()
-    base_cache: dict = {}
     doc["measured"]["launch_us"]["eager"] = round(_run_overhead(provider, g.threads), 3)
-    for family in families:
-        entries = []
-        for N, K in g.shapes:
-            for spec in g.specs(family, N, K):
-                if spec.check(N, K):
-                    continue
-                for M in g.Ms:
-                    us, copies = measure_point(spec, M, N, K, provider, rng, g, base_cache)
-                    entry = {"M": M, "N": N, "K": K, "dtype": "float32", "mode": "eager", "us": round(us, 4),
-                             "kernel": f"onnxruntime {short}: {LABELS[family]}"}
-                    entry.update(_params(spec))
-                    entries.append(entry)
-            log(f"[{time.monotonic() - start:6.1f} s] {family} {N}x{K}: {len(entries)} points")
-        doc["kernels"][family] = entries
+    kernels: dict[str, list[dict]] = {family: [] for family in families}
+    for N, K in g.shapes:
+        specs = [spec for family in families for spec in g.specs(family, N, K) if not spec.check(N, K)]
+        times = measure_shape(specs, N, K, provider, g, rng)
+        for spec in specs:
+            for M, us in times[spec].items():
+                entry = {"M": M, "N": N, "K": K, "dtype": "float32", "mode": "eager", "us": round(us, 4),
+                         "kernel": f"onnxruntime {short}: {LABELS[spec.family]}"}
+                entry.update(_params(spec))
+                kernels[spec.family].append(entry)
+        log(f"[{time.monotonic() - start:6.1f} s] {N}x{K}: {len(specs)} subgraphs x {len(g.Ms)} token counts")
+    doc["kernels"] = {family: entries for family, entries in kernels.items() if entries}
     dense = doc["kernels"].get("dense", [])
     if dense:
         best = max(2.0 * e["M"] * e["N"] * e["K"] / (e["us"] * 1e6) for e in dense)
