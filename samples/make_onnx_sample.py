@@ -7,9 +7,9 @@ then a BERT pooler (tanh on the first token) and a 4-way classifier. Input ``inp
 projections on [1, 128, 192] export as MatMul + Add, the pooler and classifier on [1, 192] as
 Gemm with transB=1: both kinds sparsec captures.
 
-The weights are random (std 0.02, as BERT initialises them) except the feed-forward layers,
-which carry *planted structure* so that the sample shows what a compressible layer looks like to
-sparsec: layer 0's feed-forward weights are rank 24 and layer 1's are Monarch-structured (8
+The weights are random, at scales where every branch matters (``STD``), except the feed-forward
+layers, which carry *planted structure* so that the sample shows what a compressible layer looks
+like to sparsec: layer 0's feed-forward weights are rank 24 and layer 1's are Monarch-structured (8
 blocks), each plus 0.3% random noise. Attention and pooler weights are full rank and should stay
 dense. A trained model's layers are rarely this compressible; this is a demonstration, not a
 claim about trained weights.
@@ -103,9 +103,23 @@ def monarch_weight(n: int, k: int, nb: int, g: torch.Generator) -> torch.Tensor:
     return y.T.contiguous()
 
 
-def with_noise(w: torch.Tensor, g: torch.Generator, std: float = 0.02) -> torch.Tensor:
+def with_noise(w: torch.Tensor, g: torch.Generator, std: float) -> torch.Tensor:
     w = w / w.std() * std
     return w + NOISE * std * torch.randn(w.shape, generator=g)
+
+
+# Weight scales at which every branch matters, as in a trained model: attention scores spread
+# over a few units (not uniform), residual branches about half the size of the residual stream.
+# (BERT's initial std of 0.02 everywhere makes attention uniform and the layers nearly inert.)
+STD = {"query": 0.1, "key": 0.1, "value": 0.05, "attention.output": 0.05,
+       "intermediate": 0.07, "output": 0.03, "pooler": 0.07, "classifier": 0.07}
+
+
+def _std(name: str) -> float:
+    for key in sorted(STD, key=len, reverse=True):
+        if f"{key}.weight" in name:
+            return STD[key]
+    return 0.02
 
 
 def build(seed: int = 0) -> TinyEncoder:
@@ -113,15 +127,13 @@ def build(seed: int = 0) -> TinyEncoder:
     model = TinyEncoder().eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.dim() >= 2:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-            elif "norm" not in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+            if "norm" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) * (_std(name) if p.dim() == 2 else 0.02))
         first, second = model.layer
-        first.intermediate.weight.copy_(with_noise(lowrank_weight(FFN, HIDDEN, LOWRANK, g), g))
-        first.output.weight.copy_(with_noise(lowrank_weight(HIDDEN, FFN, LOWRANK, g), g))
-        second.intermediate.weight.copy_(with_noise(monarch_weight(FFN, HIDDEN, MONARCH_BLOCKS, g), g))
-        second.output.weight.copy_(with_noise(monarch_weight(HIDDEN, FFN, MONARCH_BLOCKS, g), g))
+        first.intermediate.weight.copy_(with_noise(lowrank_weight(FFN, HIDDEN, LOWRANK, g), g, STD["intermediate"]))
+        first.output.weight.copy_(with_noise(lowrank_weight(HIDDEN, FFN, LOWRANK, g), g, STD["output"]))
+        second.intermediate.weight.copy_(with_noise(monarch_weight(FFN, HIDDEN, MONARCH_BLOCKS, g), g, STD["intermediate"]))
+        second.output.weight.copy_(with_noise(monarch_weight(HIDDEN, FFN, MONARCH_BLOCKS, g), g, STD["output"]))
     return model
 
 
