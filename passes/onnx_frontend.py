@@ -46,7 +46,7 @@ class OnnxFrontend:
     entry = "onnx"
     graph = 0
 
-    def __init__(self, loaded: LoadedModel, calibration: Feeds, heldout: Feeds | None = None, *,
+    def __init__(self, loaded: LoadedModel, calibration: Feeds | None, heldout: Feeds | None = None, *,
                  provider: str = "CPUExecutionProvider", device: str = "cpu", threads: int | None = None,
                  refuse=None, provenance: dict | None = None):
         self.loaded = loaded
@@ -69,10 +69,14 @@ class OnnxFrontend:
         self._references: list[list[np.ndarray]] = []
         self._heldout_references: list[list[np.ndarray]] | None = None
         self.undersampled: list[tuple[str, int, int]] = []  # (layers, rows seen, K)
+        self._captured: tuple[list[Site], list[Skipped]] | None = None
 
     # -- protocol -----------------------------------------------------------------------------
 
     def capture(self) -> tuple[list[Site], list[Skipped]]:
+        """The sites and the ops skipped; captured once (the weights are copied out of the model)."""
+        if self._captured is not None:
+            return list(self._captured[0]), list(self._captured[1])
         sites, skipped, layers = capture_onnx.capture(self.model, self.constants, self.graph)
         if self.refuse is not None:
             kept = []
@@ -86,7 +90,8 @@ class OnnxFrontend:
             sites = kept
         self.sites = {s.name: s for s in sites}
         self.layers = layers
-        return sites, skipped
+        self._captured = (sites, skipped)
+        return list(sites), list(skipped)
 
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
         stats: dict[str, SiteStats] = {}

@@ -57,7 +57,6 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
                   external_data: bool | None = None, provider: str = "auto") -> OnnxResult:
     """Plan, rewrite, verify and write ``model`` (an .onnx path) to ``output``; see the module doc."""
     from sparsec.passes import onnx_model
-    from sparsec.passes.capture_onnx import capture
     from sparsec.passes.onnx_data import Feeds, generate, load_npz
     from sparsec.passes.onnx_frontend import OnnxFrontend
     from sparsec.pipeline import optimize_graph
@@ -84,22 +83,23 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
         if note:
             warnings.append(note)
 
-    sites, _, _ = capture(loaded.model)
+    fp = executor.fingerprint
+    frontend = OnnxFrontend(
+        loaded, None, provider=executor.provider, device=executor.device, threads=executor.threads,
+        refuse=lambda site: _unpriceable(fp, site),
+        provenance={"sparsec_version": _version(), "fingerprint": fp.name, "fingerprint_hash": fp.hash,
+                    "error_budget": options.error_budget, "source": loaded.name})
+    sites, _ = frontend.capture()  # kept by the front-end for the pipeline's capture step
     if sites:
         feeds = load_npz(calibration, loaded.model) if calibration else generate(loaded.model)
     else:
         feeds = Feeds(runs=[], calls=[], source="none (nothing to calibrate)")
     held = load_npz(heldout, loaded.model, what="heldout") if heldout else None
+    frontend.calibration, frontend.heldout = feeds, held
     if feeds.generated:
         warnings.append(
             f"calibrated on {feeds.source} ({'; '.join(feeds.notes)}), not on real data: the errors and the "
             "choices reflect made-up inputs; pass --calibration data.npz with representative inputs")
-    fp = executor.fingerprint
-    frontend = OnnxFrontend(
-        loaded, feeds, held, provider=executor.provider, device=executor.device, threads=executor.threads,
-        refuse=lambda site: _unpriceable(fp, site),
-        provenance={"sparsec_version": _version(), "fingerprint": fp.name, "fingerprint_hash": fp.hash,
-                    "error_budget": options.error_budget, "source": loaded.name})
     outcome = optimize_graph(frontend, options, fp)
     rep = outcome.report
     for names, rows, K in frontend.undersampled:
@@ -113,11 +113,12 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
                     "heldout": held.source if held else None, "opset": loaded.opset,
                     "external_data": loaded.external_data}
     rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
-    if not sites:
+    if not sites and not outcome.skipped:
+        rep["warnings"].append("no weight-bearing op found (no MatMul or Gemm): the model was written unchanged")
+    elif not sites:
         rep["warnings"].append(
-            "no weight-bearing op found (no MatMul or Gemm with a constant weight"
-            + (f"; {len(outcome.skipped)} looked like one, see 'skipped'" if outcome.skipped else "")
-            + "): the model was written unchanged")
+            f"no weight-bearing op found that sparsec can rewrite: {len(outcome.skipped)} MatMul/Gemm-like op(s) "
+            "were left as they are, see 'skipped' for why; the model was written unchanged")
     _note_pruned(rep, rewritten, executor)
 
     def verify_and_time(staged: Path) -> None:

@@ -97,6 +97,24 @@ def test_gemm_with_trans_b_and_external_data_in_and_out(tmp_path, capsys):
     assert report["end_to_end"]["measured_error"] < 1e-4
 
 
+def test_models_over_the_protobuf_limit_go_through_files_and_external_data(tmp_path, capsys, monkeypatch):
+    """The > 1.8 GB path (sessions from a temporary file, checks by path, data file written
+    without --external-data), exercised by lowering the threshold instead of writing 2 GB."""
+    from sparsec.passes import onnx_model
+
+    monkeypatch.setattr(onnx_model, "EXTERNAL_DATA_BYTES", 10_000)
+    model, _ = lowrank_mlp(d=128, rank=8, layers=2, tokens=32, seed=2)
+    onnx.save_model(model, str(tmp_path / "big.onnx"))
+    rc, _, err = optimize(capsys, tmp_path / "big.onnx", "-o", tmp_path / "out.onnx", "--formats", "lowrank",
+                          "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    assert (tmp_path / "out.onnx.data").is_file()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert [l["format"] for l in report["layers"]] == ["lowrank:8"] * 2
+    assert report["end_to_end"]["measured_error"] < 1e-4
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
 def test_the_shipped_sample_runs_as_the_readme_says(tmp_path, capsys):
     rc, out, err = optimize(capsys, SAMPLE, "-o", tmp_path / "s.onnx", "--report", tmp_path / "s.html")
     assert rc == 0, err
@@ -117,6 +135,44 @@ def test_a_plan_forces_formats(planted, tmp_path, capsys):
     assert rc == 0, err
     formats = {l["name"]: l["format"] for l in json.loads((tmp_path / "p.json").read_text())["layers"]}
     assert formats == {"fc0": "lowrank:16", "fc1": "dense", "fc2": "lowrank:24"}
+
+
+def test_forced_2_4_is_written_as_a_pruned_weight_and_the_report_says_it_gains_nothing(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((128, 256)).astype(np.float32)  # (N, K)
+    groups = w.reshape(128, 64, 4)
+    np.put_along_axis(groups, np.argsort(np.abs(groups), axis=-1)[..., :2], 0.0, axis=-1)  # exact 2:4
+    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")
+    model = make_model([node], [vi("x", [32, 256])], [vi("y", [32, 128])],
+                       [onnx.numpy_helper.from_array(np.ascontiguousarray(w.T), "w")])
+    onnx.save_model(model, str(tmp_path / "m.onnx"))
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"schema": "sparsec.plan/1", "layers": {"_default": "2:4"}}))
+    rc, _, err = optimize(capsys, tmp_path / "m.onnx", "-o", tmp_path / "out.onnx", "--plan", plan,
+                          "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["layers"][0]["format"] == "2:4" and report["end_to_end"]["measured_error"] < 1e-6
+    assert any("written as pruned dense initializers: proj (2:4)" in x and "gain nothing here" in x
+               for x in report["warnings"])
+    out = onnx.load(str(tmp_path / "out.onnx"))
+    (mm,) = out.graph.node
+    assert mm.op_type == "MatMul" and {p.key: p.value for p in mm.metadata_props}["sparsec.format"] == "2:4"
+    written = onnx.numpy_helper.to_array(next(t for t in out.graph.initializer if t.name == mm.input[1]))
+    assert np.array_equal(written.T, w)  # the pruned weight itself, zeros in place
+
+
+def test_float16_layers_the_fingerprint_cannot_price_are_skipped_with_the_reason(tmp_path, capsys):
+    node = onnx.helper.make_node("MatMul", ["x", "w"], ["y"], name="half")
+    w = onnx.numpy_helper.from_array(np.random.default_rng(4).standard_normal((64, 64)).astype(np.float16), "w")
+    model = make_model([node], [vi("x", [8, 64], onnx.TensorProto.FLOAT16)], [vi("y", [8, 64], onnx.TensorProto.FLOAT16)], [w])
+    onnx.save_model(model, str(tmp_path / "h.onnx"))
+    rc, _, err = optimize(capsys, tmp_path / "h.onnx", "-o", tmp_path / "out.onnx", "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    (skipped,) = report["skipped"]
+    assert report["layers"] == [] and skipped["name"] == "half"
+    assert "no dense measurements for float16" in skipped["reason"] and "cannot be priced" in skipped["reason"]
 
 
 def test_a_model_without_weight_bearing_ops_is_written_unchanged_with_a_report_saying_so(tmp_path, capsys):
