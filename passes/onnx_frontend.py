@@ -127,7 +127,7 @@ class OnnxFrontend:
         out = {}
         for name, w in replacements.items():
             info = self.layers[name]
-            out[self._eval_weight[name]] = rewrite_onnx._weight_in_node_layout(w, info, _np_dtype(self.sites[name].dtype))
+            out[self._eval_weight[name]] = rewrite_onnx.weight_in_node_layout(w, info, _np_dtype(self.sites[name].dtype))
         return out
 
     def has_heldout(self) -> bool:
@@ -138,6 +138,16 @@ class OnnxFrontend:
 
     def device_name(self) -> str:
         return self.device
+
+    # -- for verifying the written model --------------------------------------------------------
+
+    def references(self, heldout: bool = False) -> list[list[np.ndarray]]:
+        """The original model's float outputs on each calibration (or held-out) run."""
+        return self._heldout_refs() if heldout else self._references
+
+    def float_outputs(self, outputs: list[np.ndarray]) -> list[np.ndarray]:
+        """The float graph outputs among all of a run's outputs, in graph order."""
+        return [outputs[i] for i in self._float_outputs]
 
     # -- the instrumented model ---------------------------------------------------------------
 

@@ -81,7 +81,7 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
-def _weight_in_node_layout(approx: torch.Tensor, info: OnnxLayer, dtype) -> np.ndarray:
+def weight_in_node_layout(approx: torch.Tensor, info: OnnxLayer, dtype) -> np.ndarray:
     """The dense approximation (N, K) back in the node's own orientation and scale."""
     w = approx.detach().to(torch.float64)
     if info.alpha != 1.0:
@@ -93,7 +93,7 @@ def _weight_in_node_layout(approx: torch.Tensor, info: OnnxLayer, dtype) -> np.n
 def _pruned_node(em: Emitter, node: onnx.NodeProto, info: OnnxLayer, layer: Layer, dtype) -> onnx.NodeProto:
     new = onnx.NodeProto()
     new.CopyFrom(node)
-    new.input[1] = em.const("weight", _weight_in_node_layout(layer.chosen.approx, info, dtype))
+    new.input[1] = em.const("weight", weight_in_node_layout(layer.chosen.approx, info, dtype))
     note = declared_format_note(layer.chosen.spec)
     for key, value in {**em.metadata, "sparsec.note": note or ""}.items():
         prop = new.metadata_props.add()

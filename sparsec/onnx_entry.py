@@ -56,32 +56,55 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
                   heldout=None, formats=None, plan=None, report=None, measure: bool = False,
                   external_data: bool | None = None, provider: str = "auto") -> OnnxResult:
     """Plan, rewrite, verify and write ``model`` (an .onnx path) to ``output``; see the module doc."""
-    from sparsec.passes import onnx_model
-    from sparsec.passes.onnx_data import Feeds, generate, load_npz
-    from sparsec.passes.onnx_frontend import OnnxFrontend
+    from sparsec.passes.onnx_model import check_writable, load_model, save_checked
     from sparsec.pipeline import optimize_graph
 
-    output = onnx_model.check_writable(output)
+    output = check_writable(output)
+    options = _options(fingerprint, error_budget, formats, plan, report, measure)
+    loaded = load_model(model)
+    _check_input(loaded)
+    executor = choose_executor(provider, options.fingerprint)
+    warnings = list(executor.warnings)
+    if formats is None:
+        options.formats, note = executor_formats(options.formats, executor)
+        warnings += [note] if note else []
+    frontend = _frontend(loaded, executor, options, calibration, heldout, warnings)
+    outcome = optimize_graph(frontend, options, executor.fingerprint)
+    rep = _annotate(outcome, frontend, executor, loaded, output, warnings)
+    rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
+    written = save_checked(outcome.lowered, output, external_data=external_data,
+                           check=lambda staged: _verify_and_time(staged, rep, rewritten, frontend, loaded, executor,
+                                                                 options.error_budget))
+    if options.measure and rewritten:
+        _time_layers(rep, outcome.layers, executor)
+    final = _finish(rep)
+    report_paths = _save_report(final, options.report) if options.report else []
+    from sparsec.logs import log_report
+
+    log_report(final)
+    return OnnxResult(output=output, written=written, report=final, plan=outcome.plan, report_paths=report_paths)
+
+
+def _options(fingerprint, error_budget, formats, plan, report, measure):
+    """Validated options; the report's folder and the plan file are checked before any work."""
+    from sparsec.passes.onnx_model import check_writable
+
     given = {"fingerprint": fingerprint, "error_budget": error_budget, "plan": plan, "report": report,
-             "measure": measure}
-    if formats is not None:
-        given["formats"] = formats
+             "measure": measure, "formats": formats}
     options = parse_options({k: v for k, v in given.items() if v is not None})
-    formats_given = formats is not None
     if options.report:
-        onnx_model.check_writable(options.report)
+        check_writable(options.report)
     if options.plan is not None:
         from sparsec.plan import Plan
 
         options.plan = Plan.coerce(options.plan)
-    loaded = onnx_model.load_model(model)
-    _check_input(loaded)
-    executor = choose_executor(provider, options.fingerprint)
-    warnings = list(executor.warnings)
-    if not formats_given:
-        options.formats, note = executor_formats(options.formats, executor)
-        if note:
-            warnings.append(note)
+    return options
+
+
+def _frontend(loaded, executor: "Executor", options, calibration, heldout, warnings: list[str]):
+    """The ONNX front-end with its inputs: the .npz files, or inputs generated when there is something to calibrate."""
+    from sparsec.passes.onnx_data import Feeds, generate, load_npz
+    from sparsec.passes.onnx_frontend import OnnxFrontend
 
     fp = executor.fingerprint
     frontend = OnnxFrontend(
@@ -94,13 +117,17 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
         feeds = load_npz(calibration, loaded.model) if calibration else generate(loaded.model)
     else:
         feeds = Feeds(runs=[], calls=[], source="none (nothing to calibrate)")
-    held = load_npz(heldout, loaded.model, what="heldout") if heldout else None
-    frontend.calibration, frontend.heldout = feeds, held
+    frontend.calibration = feeds
+    frontend.heldout = load_npz(heldout, loaded.model, what="heldout") if heldout else None
     if feeds.generated:
         warnings.append(
             f"calibrated on {feeds.source} ({'; '.join(feeds.notes)}), not on real data: the errors and the "
             "choices reflect made-up inputs; pass --calibration data.npz with representative inputs")
-    outcome = optimize_graph(frontend, options, fp)
+    return frontend
+
+
+def _annotate(outcome, frontend, executor: "Executor", loaded, output: Path, warnings: list[str]) -> dict:
+    """The pipeline's report plus what only the ONNX entry knows: executor, files, warnings."""
     rep = outcome.report
     for names, rows, K in frontend.undersampled:
         warnings.append(
@@ -109,52 +136,52 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
             "at least as many rows as inputs")
     rep["warnings"] = warnings + rep.get("warnings", [])
     rep["executor"] = executor.describe()
-    rep["model"] = {"input": str(loaded.path), "output": str(output), "calibration": feeds.source,
+    held = frontend.heldout
+    rep["model"] = {"input": str(loaded.path), "output": str(output), "calibration": frontend.calibration.source,
                     "heldout": held.source if held else None, "opset": loaded.opset,
                     "external_data": loaded.external_data}
-    rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
-    if not sites and not outcome.skipped:
+    if not frontend.sites and not outcome.skipped:
         rep["warnings"].append("no weight-bearing op found (no MatMul or Gemm): the model was written unchanged")
-    elif not sites:
+    elif not frontend.sites:
         rep["warnings"].append(
             f"no weight-bearing op found that sparsec can rewrite: {len(outcome.skipped)} MatMul/Gemm-like op(s) "
             "were left as they are, see 'skipped' for why; the model was written unchanged")
+    rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
     _note_pruned(rep, rewritten, executor)
+    return rep
 
-    def verify_and_time(staged: Path) -> None:
-        if not rewritten:
-            rep["end_to_end"]["note"] = "nothing was rewritten: the written model computes exactly what the input does"
-            return
-        new = _session_from_path(staged, executor)
-        errors = _lowered_errors(frontend, new, feeds, held)
-        rep["end_to_end"]["measured_error"] = errors[0]
-        if held is not None:
-            rep["end_to_end"]["heldout_error"] = errors[1]
-        if errors[0] > options.error_budget * LOWERED_ERROR_SLACK:
-            rep["warnings"].append(
-                f"the written model's error on the calibration data is {errors[0]:.3%}, over the "
-                f"{options.error_budget:.3%} budget the plan met with dense approximations")
-        if errors[1] is not None and errors[1] > options.error_budget:
-            rep["warnings"].append(
-                f"the error on held-out data is {errors[1]:.3%}, over the {options.error_budget:.3%} budget met on "
-                "the calibration data: the plan fits the calibration data better than other inputs; calibrate "
-                "on more (and more varied) samples, or lower --error-budget")
-        original = onnx_model.session(loaded.model, executor.provider, executor.threads)
-        _time_end_to_end(rep, original, new, feeds.runs[0], executor)
 
-    written = onnx_model.save_checked(outcome.lowered, output, external_data=external_data, check=verify_and_time)
-    if options.measure and rewritten:
-        _time_layers(rep, outcome.layers, executor)
+def _verify_and_time(staged: Path, rep: dict, rewritten, frontend, loaded, executor: "Executor", budget: float) -> None:
+    """Run the staged model in onnxruntime: its error on both data sets, and its time against the original."""
+    from sparsec.passes.onnx_model import session
+
+    if not rewritten:
+        rep["end_to_end"]["note"] = "nothing was rewritten: the written model computes exactly what the input does"
+        return
+    new = _session_from_path(staged, executor)
+    calib_error, held_error = _lowered_errors(frontend, new, frontend.calibration, frontend.heldout)
+    rep["end_to_end"]["measured_error"] = calib_error
+    if frontend.heldout is not None:
+        rep["end_to_end"]["heldout_error"] = held_error
+    if calib_error > budget * LOWERED_ERROR_SLACK:
+        rep["warnings"].append(
+            f"the written model's error on the calibration data is {calib_error:.3%}, over the "
+            f"{budget:.3%} budget the plan met with dense approximations")
+    if held_error is not None and held_error > budget:
+        rep["warnings"].append(
+            f"the error on held-out data is {held_error:.3%}, over the {budget:.3%} budget met on the "
+            "calibration data: the plan fits the calibration data better than other inputs; calibrate on more "
+            "(and more varied) samples, or lower --error-budget")
+    original = session(loaded.model, executor.provider, executor.threads)
+    _time_end_to_end(rep, original, new, frontend.calibration.runs[0], executor)
+
+
+def _finish(rep: dict):
     from sparsec.report import Report
 
     rep.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
     rep.setdefault("sparsec_version", _version())
-    final = Report(rep)
-    report_paths = _save_report(final, options.report) if options.report else []
-    from sparsec.logs import log_report
-
-    log_report(final)
-    return OnnxResult(output=output, written=written, report=final, plan=outcome.plan, report_paths=report_paths)
+    return Report(rep)
 
 
 # -- input checks ---------------------------------------------------------------------------------
@@ -322,23 +349,24 @@ def _session_from_path(path: Path, executor: Executor):
 
 
 def _lowered_errors(frontend, new_session, feeds, held) -> tuple[float, float | None]:
-    """Relative L2 error of the written model's outputs against the original's, on both data sets."""
+    """The written model's output error against the original's (worst output), on both data sets."""
     from sparsec.passes.onnx_frontend import OutputError
 
-    def error(runs, refs):
+    names = [o.name for o in new_session.get_outputs()]
+
+    def error(runs, refs) -> float:
         total = OutputError()
-        names = [o.name for o in new_session.get_outputs()]
         for feed, ref in zip(runs, refs):
             try:
                 outs = new_session.run(names, feed)
             except Exception as exc:  # onnxruntime's own exception types
                 raise ModelError(f"onnxruntime cannot run the rewritten model, so it was not written: "
                                  f"{str(exc).strip().splitlines()[0]}") from None
-            total.add([outs[i] for i in frontend._float_outputs], ref)
+            total.add(frontend.float_outputs(outs), ref)
         return total.value()
 
-    calib = error(feeds.runs, frontend._references)
-    heldout = error(held.runs, frontend._heldout_refs()) if held is not None else None
+    calib = error(feeds.runs, frontend.references())
+    heldout = error(held.runs, frontend.references(heldout=True)) if held is not None else None
     return calib, heldout
 
 
