@@ -243,7 +243,11 @@ def choose_executor(provider: str, fingerprint) -> Executor:
     if provider not in PROVIDERS:
         raise OptionError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
     warnings = []
-    wanted = PROVIDERS[provider] or best_provider()
+    here = best_provider()
+    wanted = PROVIDERS[provider] or here
+    if wanted != here:
+        raise OptionError(f"onnxruntime's {wanted} does not load here (a session with it falls back to {here}); "
+                          "use --provider auto or cpu")
     if fingerprint in (None, "auto"):
         fp = _ort_fingerprint(wanted)
         if fp is None and provider == "auto" and wanted != "CPUExecutionProvider":

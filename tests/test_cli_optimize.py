@@ -175,6 +175,15 @@ def test_float16_layers_the_fingerprint_cannot_price_are_skipped_with_the_reason
     assert "no dense measurements for float16" in skipped["reason"] and "cannot be priced" in skipped["reason"]
 
 
+def test_a_provider_that_does_not_load_is_refused(tmp_path, capsys):
+    from sparsec.passes.onnx_model import best_provider
+
+    if best_provider() == "CUDAExecutionProvider":
+        pytest.skip("onnxruntime's CUDA provider loads here")
+    rc, _, err = optimize(capsys, SAMPLE, "-o", tmp_path / "out.onnx", "--provider", "cuda")
+    assert rc == 2 and "CUDAExecutionProvider does not load here" in err and not list(tmp_path.iterdir())
+
+
 def test_a_model_without_weight_bearing_ops_is_written_unchanged_with_a_report_saying_so(tmp_path, capsys):
     model = make_model([onnx.helper.make_node("Relu", ["x"], ["y"], name="relu")], [vi("x", ["n", 4])], [vi("y", ["n", 4])])
     onnx.save_model(model, str(tmp_path / "relu.onnx"))
