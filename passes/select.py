@@ -13,6 +13,13 @@ measures the end-to-end error of an allocation, sets the amplification to what w
 re-allocates, and keeps the allocation with the most predicted saving that measured within the
 budget. If none did, it backs off one hull step at a time until one does.
 
+Layers do not all matter alike: an error in a query projection passes through a softmax, one in
+a pooler nobody reads vanishes. Before allocating for real, ``probe_sensitivity`` measures, for
+each role of layer (layers whose names differ only in their numbers, such as
+``encoder.layer.3.attention.self.query``), the end-to-end error of that role's layers rewritten
+alone, and weights their squared errors by what it observed: the knapsack then spends the budget
+where it is cheapest end to end, and the global amplification only has to absorb interactions.
+
 The knapsack itself is solved greedily on each layer's upper convex hull of (error cost, saving),
 the classic near-optimal rule for this problem; ``back_off`` walks it in reverse, one hull step
 of the layer with the worst ratio of error to saving at a time.
@@ -21,6 +28,7 @@ of the layer with the worst ratio of error to saving at a time.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -29,6 +37,7 @@ from sparsec.candidates import Candidate, Layer
 CALIBRATION_ROUNDS = 4  # end-to-end measurements spent calibrating the amplification
 GOOD_FILL = 0.85  # an allocation measuring at least this share of the budget is not re-allocated
 MIN_AMPLIFICATION = 1e-3
+MAX_PROBES = 32  # roles probed one by one; a model with more gets one shared sensitivity
 
 
 @dataclass
@@ -38,6 +47,8 @@ class Hull:
     layer: Layer
     points: list[Candidate]  # points[0] is the dense candidate
     index: int = 0
+    sensitivity: float = 1.0  # end-to-end squared error per unit of this layer's squared error
+
 
     @property
     def current(self) -> Candidate:
@@ -45,7 +56,7 @@ class Hull:
 
     def cost(self, i: int | None = None) -> float:
         i = self.index if i is None else i
-        return self.points[i].predicted_error ** 2
+        return self.sensitivity * self.points[i].predicted_error ** 2
 
     def gain(self, i: int | None = None) -> float:
         i = self.index if i is None else i
@@ -73,7 +84,9 @@ class Allocation:
     def budget_left_for(self, hull: Hull) -> float:
         """Error (not squared) still available to ``hull``'s layer given every other choice."""
         others = self.amplification * (self.fixed + sum(h.cost() for h in self.hulls if h is not hull))
-        return math.sqrt(max(self.budget ** 2 - others, 0.0) / self.amplification)
+        if hull.sensitivity <= 0.0:
+            return math.inf
+        return math.sqrt(max(self.budget ** 2 - others, 0.0) / (self.amplification * hull.sensitivity))
 
     def snapshot(self) -> tuple[int, ...]:
         return tuple(h.index for h in self.hulls)
@@ -98,7 +111,7 @@ class Allocation:
                 dc = h.cost(h.index + 1) - h.cost()
                 if spent + dc > capacity * (1.0 + 1e-12):
                     continue
-                slope = _slope(h.layer, h.current, h.points[h.index + 1])
+                slope = (h.gain(h.index + 1) - h.gain()) / dc if dc > 0 else math.inf
                 if slope > best_slope:
                     best, best_slope = h, slope
             if best is None:
@@ -164,22 +177,64 @@ def back_off(alloc: Allocation) -> Hull | None:
 def calibrate_amplification(alloc: Allocation, measured_error: float) -> float:
     """How much larger the measured end-to-end error is than the independent-sum model predicts."""
     model = alloc.model_cost()
-    if model <= 0.0 or measured_error <= 0.0:
+    if model <= 0.0:
         return alloc.amplification
     return max(measured_error ** 2 / model, MIN_AMPLIFICATION)
 
 
 Measure = Callable[[], "tuple[float, dict[str, float]]"]
+MeasureAlone = Callable[["dict[str, Candidate]"], float]
 
 
-def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION_ROUNDS) -> tuple[float, dict[str, float]]:
+def role_of(name: str) -> str:
+    """Layers whose names differ only in numbers play one role: 'encoder.layer.#.attention.self.query'."""
+    return re.sub(r"\d+", "#", name)
+
+
+def probe_point(hull: Hull, target: float) -> Candidate:
+    """The hull candidate whose layer error is nearest ``target`` (in ratio): a typical perturbation."""
+    return min(hull.points[1:], key=lambda c: abs(math.log(max(c.predicted_error, 1e-12) / target)))
+
+
+def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone) -> None:
+    """Measure, per role of layer, how much of its layers' squared error reaches the output.
+
+    ``measure_alone`` evaluates the end-to-end error with only the given layers rewritten. One
+    measurement per role (at most MAX_PROBES); the allocation is then refilled.
+    """
+    roles: dict[str, list[Hull]] = {}
+    for h in alloc.hulls:
+        if len(h.points) > 1:
+            roles.setdefault(role_of(h.layer.name), []).append(h)
+    if not roles or len(roles) > MAX_PROBES:
+        return
+    target = max(alloc.budget, 1e-4)
+    found = []
+    for role, hulls in roles.items():
+        picks = {h.layer.name: probe_point(h, target) for h in hulls}
+        model = sum(c.predicted_error ** 2 for c in picks.values())
+        if model <= 0.0:
+            continue
+        sensitivity = measure_alone(picks) ** 2 / model
+        for h in hulls:
+            h.sensitivity = sensitivity
+        found.append(f"{role} {sensitivity:.2g}")
+    alloc.history.append("end-to-end sensitivity of each role of layer (measured alone): " + ", ".join(found))
+    alloc.fill()
+
+
+def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION_ROUNDS,
+                  measure_alone: MeasureAlone | None = None) -> tuple[float, dict[str, float]]:
     """Measure, calibrate the error model on this network, re-allocate; return the final measurement.
 
-    ``measure`` evaluates the allocation's current choices end to end (error, per-layer errors).
+    ``measure`` evaluates the allocation's current choices end to end (error, per-layer errors);
+    with ``measure_alone``, per-role sensitivities are probed first (``probe_sensitivity``).
     The allocation left in place is the one with the largest predicted saving among those that
     measured within the budget, reached by at most ``rounds`` calibrated re-allocations and then,
     if none fitted, by backing off one hull step at a time.
     """
+    if measure_alone is not None:
+        probe_sensitivity(alloc, measure_alone)
     seen: dict[tuple[int, ...], tuple[float, dict[str, float]]] = {}
 
     def run() -> tuple[float, dict[str, float]]:

@@ -165,3 +165,36 @@ def test_optimize_measures_within_budget_on_calibration_and_reports_held_out(sce
     # layer errors are damped by the residual paths and norms here: a layer may exceed the budget
     rewritten = [l for l in result.report.layers if l["format"] != "dense"]
     assert rewritten and max(l["predicted_error"] for l in rewritten) > budget
+
+
+def test_probed_sensitivities_weight_each_role_and_free_dead_layers():
+    rng = random.Random(5)
+    layers, viable = [], {}
+    for i in range(3):
+        for role in ("block.#.query", "block.#.value", "pooler"):
+            if role == "pooler" and i:
+                continue
+            name = role.replace("#", str(i))
+            low, high = (0.005, 0.03) if role == "block.#.value" else (0.05, 0.3)
+            lay, cands = layer(name, [(rng.uniform(low, high), rng.uniform(10.0, 99.0)) for _ in range(3)])
+            layers.append(lay)
+            viable[name] = cands
+    true = {"block.#.query": 0.05, "block.#.value": 1.0, "pooler": 0.0}  # the pooler's output is unused
+
+    def true_error(choices):
+        return math.sqrt(sum(true[select.role_of(n)] * c.predicted_error ** 2 for n, c in choices.items()))
+
+    budget = 0.03
+    alloc = select.allocate(layers, viable, budget)
+    probes = []
+    error, _ = select.fit_to_budget(
+        alloc, lambda: (true_error({h.layer.name: h.current for h in alloc.hulls if h.index}), {}),
+        measure_alone=lambda choices: (probes.append(set(choices)), true_error(choices))[1])
+    assert len(probes) == 3 and all(len({select.role_of(n) for n in p}) == 1 for p in probes)
+    assert {select.role_of(h.layer.name): h.sensitivity for h in alloc.hulls} == pytest.approx(true)
+    assert error <= budget
+    pooler = next(h for h in alloc.hulls if h.layer.name == "pooler")
+    assert pooler.index == len(pooler.points) - 1  # free end to end: the most saving candidate
+    unprobed = select.allocate(layers, viable, budget)
+    select.fit_to_budget(unprobed, lambda: (true_error({h.layer.name: h.current for h in unprobed.hulls if h.index}), {}))
+    assert alloc.saving() > unprobed.saving()
