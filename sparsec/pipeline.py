@@ -273,8 +273,9 @@ class EndToEnd:
 
 
 def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> EndToEnd:
-    """Measure the rewritten graph's output error; calibrate the error model on it, re-allocate, and
-    back off auto layers until within budget (``passes.select.fit_to_budget``)."""
+    """Measure the rewritten graph's output error: probe each role of layer's end-to-end
+    sensitivity, calibrate the error model, re-allocate, and back off auto layers until within
+    budget (``passes.select.fit_to_budget``)."""
     from sparsec.passes import select as knapsack
 
     def measure():
@@ -286,7 +287,11 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
             h.layer.chosen = h.current
         return measure()
 
-    error, local = knapsack.fit_to_budget(alloc, measure_current)
+    def measure_alone(choices: dict[str, Candidate]) -> float:
+        site_of = {l.name: l.site for l in layers}
+        return frontend.evaluate({n: c.approx.to(site_of[n].dtype) for n, c in choices.items()})[0]
+
+    error, local = knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
     for h in alloc.hulls:
         h.layer.chosen = h.current
     result = EndToEnd(measured_error=error, local=local)
