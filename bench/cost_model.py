@@ -165,6 +165,48 @@ def time_cases(fp, cases, by_kernel, clock, grid, rotation, device, dtype, dtype
     return results
 
 
+def summarize(results: list[dict]) -> dict:
+    groups: dict[str, list[float]] = {}
+    for r in results:
+        groups.setdefault(f"{r['family']} {r['mode']}", []).append(r["rel_error"])
+    summary = {k: {"n": len(v), "median": round(statistics.median(v), 4), "p90": round(quantile(v, 0.9), 4)}
+               for k, v in sorted(groups.items())}
+    every = [r["rel_error"] for r in results]
+    summary["all"] = {"n": len(every), "median": round(statistics.median(every), 4) if every else None,
+                      "p90": round(quantile(every, 0.9), 4) if every else None}
+    return summary
+
+
+def print_table(doc: dict) -> None:
+    sw, fpd = doc["software"], doc["fingerprint"]
+    print(f"\nCost model on {doc['device']} (fingerprint {fpd['name']} {fpd['hash']}), {doc['dtype']}, "
+          f"torch {sw['torch']}, triton {sw['triton']}, CUDA {sw['cuda']}, driver {sw['driver']}, {doc['date']}"
+          + (f"; {doc['reanalyzed']}" if doc.get("reanalyzed") else "") + "\n")
+    print("| family, mode | cases | median error | p90 error |")
+    print("|---|---|---|---|")
+    for k, s in doc["summary"].items():
+        if s["n"]:
+            print(f"| {k} | {s['n']} | {100 * s['median']:.1f}% | {100 * s['p90']:.1f}% |")
+
+
+def reanalyze(path: Path, fingerprint: str) -> dict:
+    """Predict the measured cases of an earlier run again with this predictor (no device needed).
+    Cases whose predicted implementation changed are left out: their measurement timed another."""
+    doc = json.loads(path.read_text())
+    fp = load_fingerprint(fingerprint)
+    kept = []
+    for r in doc["cases"]:
+        pred = fp.predict_detail(r["format"], r["M"], r["N"], r["K"], doc["dtype"], r["mode"])
+        if pred.kernel != r["kernel"]:
+            continue
+        kept.append(dict(r, predicted_us=round(pred.us, 3), note=pred.note,
+                         rel_error=round(abs(pred.us - r["measured_us"]) / r["measured_us"], 4)))
+    doc.update(cases=kept, summary=summarize(kept),
+               reanalyzed=f"predictions recomputed {datetime.now(timezone.utc):%Y-%m-%d} "
+                          f"({len(kept)} of the run's cases kept the same implementation)")
+    return doc
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--fingerprint", default="auto", help="fingerprint to check (ignored with --measure)")
@@ -172,21 +214,31 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None, help="name of the measured fingerprint")
     ap.add_argument("--measure-budget-s", type=float, default=None, help="time budget of the measurement")
     ap.add_argument("--grid", default=None, help="measurement grid (default: this device's; 'tiny' to check)")
+    ap.add_argument("--redo", action="append", default=None, metavar="KERNEL",
+                    help="with --measure: measure this kernel or family again in an existing file")
     ap.add_argument("--out", type=Path, required=True, help="JSON result file")
     ap.add_argument("--budget-s", type=float, default=100.0, help="time budget of the comparison")
     ap.add_argument("--cases", type=int, default=24, help="cases per family and mode")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--reanalyze", type=Path, default=None,
+                    help="recompute the predictions of an earlier result JSON with this predictor")
     ap.add_argument("--rounds", type=int, default=None, help="times each case is timed (default 1 GPU, 2 CPU)")
     args = ap.parse_args(argv)
 
+    if args.reanalyze:
+        doc = reanalyze(args.reanalyze, args.fingerprint)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(doc, indent=1) + "\n")
+        print_table(doc)
+        return 0
     if args.measure:
         from sparsec.fingerprint_measure import measure
 
         done = args.measure.exists() and json.loads(args.measure.read_text() or "{}").get("complete")
-        if done:
+        if done and not args.redo:
             print(f"{args.measure} is complete; comparing only", file=sys.stderr)
         else:
-            measure(args.measure, grid=args.grid, budget_s=args.measure_budget_s, name=args.name)
+            measure(args.measure, grid=args.grid, budget_s=args.measure_budget_s, name=args.name, redo=args.redo)
         args.fingerprint = args.measure
     fp = load_fingerprint(args.fingerprint)
     cuda = torch.cuda.is_available()
@@ -223,29 +275,14 @@ def main(argv=None) -> int:
         results = time_cases(fp, cases, by_kernel, clock, grid, rotation, device, dtype, dtype_name,
                              args.seed, args.budget_s, args.rounds or (1 if cuda else 2))
 
-    groups: dict[str, list[float]] = {}
-    for r in results:
-        groups.setdefault(f"{r['family']} {r['mode']}", []).append(r["rel_error"])
-    summary = {k: {"n": len(v), "median": round(statistics.median(v), 4), "p90": round(quantile(v, 0.9), 4)}
-               for k, v in sorted(groups.items())}
-    every = [r["rel_error"] for r in results]
-    summary["all"] = {"n": len(every), "median": round(statistics.median(every), 4) if every else None,
-                      "p90": round(quantile(every, 0.9), 4) if every else None}
+    summary = summarize(results)
     doc = {"fingerprint": {"name": fp.name, "hash": fp.hash, "device": fp.device["name"]},
            "device": torch.cuda.get_device_name() if cuda else fp.device["name"],
            "software": software_versions(), "dtype": dtype_name,
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d"), "summary": summary, "cases": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(doc, indent=1) + "\n")
-
-    sw = doc["software"]
-    print(f"\nCost model on {doc['device']} (fingerprint {fp.name} {fp.hash}), {dtype_name}, torch {sw['torch']}, "
-          f"triton {sw['triton']}, CUDA {sw['cuda']}, driver {sw['driver']}, {doc['date']}\n")
-    print("| family, mode | cases | median error | p90 error |")
-    print("|---|---|---|---|")
-    for k, s in summary.items():
-        if s["n"]:
-            print(f"| {k} | {s['n']} | {100 * s['median']:.1f}% | {100 * s['p90']:.1f}% |")
+    print_table(doc)
     return 0
 
 

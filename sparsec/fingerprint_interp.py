@@ -7,9 +7,10 @@ shapes N x K. A query (M, N, K) is answered in three steps, all piecewise linear
 2. along log(N*K) (the weight's size) among shapes of the same aspect log(N/K);
 3. linearly in log(N/K) between the two nearest measured aspects.
 
-Outside the measured range on any axis the last measured segment is extended with its log-log
-slope clamped to [0, 1]: time never falls when a size grows and never grows faster than in
-proportion to it. A single measured point is scaled in proportion. Aspects outside the measured
+Beyond the largest measured M, time is a fixed cost plus a cost per token read off the last two
+measured points. Outside the measured range on the other axes the last measured segment is extended with its
+log-log slope clamped to [0, 1]: time never falls when a size grows and never grows faster than
+in proportion to it. A single measured point is scaled in proportion. Aspects outside the measured
 ones use the nearest aspect (size still scales as above). Every such step is named in the notes.
 """
 
@@ -107,7 +108,10 @@ class ShapeGrid:
     def _along_size(curves: list[ShapeCurve], M: int, size: int, notes: set[str]) -> float:
         sizes, logs = [], []
         for c in curves:
-            t, edge = loglog(c.Ms, c.log_us, M)
+            if M > c.Ms[-1]:
+                t, edge = _beyond_last_M(c, M), "above"
+            else:
+                t, edge = loglog(c.Ms, c.log_us, M)
             if edge == "above":
                 notes.add(f"extrapolated beyond M={c.Ms[-1]}")
             elif edge == "below":
@@ -120,6 +124,18 @@ class ShapeGrid:
         elif edge == "below":
             notes.add(f"extrapolated below N*K={curves[0].N}x{curves[0].K}")
         return t
+
+
+def _beyond_last_M(c: ShapeCurve, M: int) -> float:
+    """log us beyond the last measured M: a fixed cost plus a cost per token, both read off the
+    last two measured points (the cost per token never negative). Unlike a log-log slope this
+    holds when the last points are still partly launch- or weight-bound, e.g. a curve that stops
+    early because its kernel was far slower than dense there."""
+    if len(c.Ms) == 1:
+        return c.log_us[0] + math.log(M / c.Ms[0])
+    (m1, m2), (t1, t2) = c.Ms[-2:], (math.exp(c.log_us[-2]), math.exp(c.log_us[-1]))
+    per_token = max(0.0, (t2 - t1) / (m2 - m1))
+    return math.log(t2 + per_token * (M - m2))
 
 
 def _aspect(N: int, K: int) -> float:

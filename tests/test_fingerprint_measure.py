@@ -113,3 +113,16 @@ def test_implausible_points_are_found_along_M():
     assert implausible_points({"dense": spiky}) == {"dense|k|float32|dense|64x32": {2, 16}}
     blocks = curve([10, 40, 12, 20, 39], block=16, density=0.5)
     assert implausible_points({"block": blocks}) == {"block|k|float32|block:16:0.5|64x32": {2}}
+
+
+def test_redo_measures_one_family_again_and_keeps_the_rest(tmp_path):
+    out = tmp_path / "fp.json"
+    measure(out, grid="tiny", console=quiet())
+    before = json.loads(out.read_text())
+    measure(out, grid="tiny", redo=["block"], console=quiet())
+    after = json.loads(out.read_text())
+    assert after["complete"] is True
+    assert after["kernels"]["dense"] == before["kernels"]["dense"]  # untouched
+    assert len(after["kernels"]["block"]) == len(before["kernels"]["block"]) > 0
+    assert after["kernels"]["block"] != before["kernels"]["block"]  # timed anew: times differ
+    assert sorted(after["grid"]["done"]) == sorted(before["grid"]["done"])

@@ -29,6 +29,9 @@ def register(subparsers) -> None:
     m.add_argument("--grid", choices=["cuda", "cpu", "tiny"], default=None,
                    help="measurement grid (default: this device's); 'tiny' checks the harness in seconds")
     m.add_argument("--fresh", action="store_true", help="start over instead of resuming a partial file")
+    m.add_argument("--redo", action="append", default=None, metavar="KERNEL",
+                   help="measure this kernel (e.g. cusparselt, sparsec-triton-block) or family (e.g. block) "
+                        "again in an existing file, keeping the rest; repeatable")
     m.set_defaults(func=_measure)
 
     s = sub.add_parser("show", help="device, ceilings and crossover tables of a fingerprint")
@@ -44,7 +47,7 @@ def register(subparsers) -> None:
 def _measure(args) -> int:
     from sparsec.fingerprint_measure import measure
 
-    measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name)
+    measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name, redo=args.redo)
     return 0
 
 
