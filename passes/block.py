@@ -11,10 +11,13 @@ Methods:
   ||W_blk diag(||X_j||)||_F (the block analogue of Wanda), the top ones are kept, and then the
   kept weights of every output row are refit to the calibration statistics. For the rows of
   block row i, whose kept input columns are J, the output error ||(W - W_hat) X^T|| is minimised
-  over W_hat[:, J] in closed form: W_hat[:, J] = W G[:, J] (G[J, J] + lambda I)^-1, with G = X^T X
-  and lambda = 1% of the mean diagonal (the same damping as SparseGPT's Hessian), which is the
-  exact optimum for this mask under the Gram, and what the dropped weights' contribution to the
-  outputs is folded back into.
+  over W_hat[:, J] in closed form (``Refit``), with G = X^T X damped by 1% of its mean diagonal
+  (the same damping as SparseGPT's Hessian): the exact optimum for this mask under the Gram, into
+  which the dropped weights' contribution to the outputs is folded. A second mask is scored the
+  OBS way, by the output error of dropping each block alone with the rest of its row refit,
+  tr(W_blk [H_bb]^-1 W_blk^T) with H = G^-1; it is also refit, and the refit with the lower
+  (undamped) calibration error is returned (the activation score wins on most MiniLM layers, the OBS score
+  where large blocks cover strongly correlated inputs).
 - ``activation``: the same activation-weighted selection, kept weights unchanged.
 - ``magnitude``: blocks ranked by ||W_blk||_F, kept weights unchanged (the packer's own rule).
 """
@@ -53,7 +56,7 @@ class BlockHandler:
         N, K = weight.shape
         W = weight.detach().to(torch.float32)
         G = gram(stats, K).to(W.device) if method != "magnitude" else None
-        refit = Refit(W, damped(G, DAMPING)) if method == "least-squares" else None
+        refit = Refit(W, G) if method == "least-squares" else None
         out = []
         for spec in specs:
             why = spec.check(N, K)
@@ -65,7 +68,9 @@ class BlockHandler:
                 score = (W * activation_norms(G).to(W.dtype)).pow(2)
             keep = kept_block_mask(score, spec.block, spec.kept_blocks(N, K))
             if method == "least-squares":
-                out.append(refit(keep, spec.block))
+                by_activation = refit(keep, spec.block)
+                by_obs = refit(kept_block_mask(refit.obs_scores(spec.block), 1, spec.kept_blocks(N, K)), spec.block)
+                out.append(min(by_activation, by_obs, key=refit.error))
             else:
                 out.append(W * expand_mask(keep, spec.block))
         return out
@@ -88,6 +93,9 @@ def expand_mask(block_mask: torch.Tensor, B: int) -> torch.Tensor:
 class Refit:
     """Least-squares refit of each block row's kept weights to the damped calibration Gram G.
 
+    ``gram`` is X^T X as gathered; the solves use G = gram + damping (ridge towards the original
+    weights, for inputs calibration barely saw); ``error`` measures on the gram itself.
+
     For kept columns J and dropped columns D of a block row, the optimum of
     ||(W - W_hat) S||^2 (S S^T = G) is W_hat[:, J] = W G[:, J] G[J, J]^-1, or equivalently (the
     OBS form, with H = G^-1) W_hat[:, J] = W[:, J] - W[:, D] H[D, D]^-1 H[D, J]. Each row solves
@@ -95,10 +103,11 @@ class Refit:
     computed once per layer and shared by every spec.
     """
 
-    def __init__(self, W: torch.Tensor, G: torch.Tensor):
+    def __init__(self, W: torch.Tensor, gram: torch.Tensor, damping: float = DAMPING):
         self.W = W
         self.W64 = W.to(torch.float64)
-        self.G = G
+        self.gram = gram
+        self.G = damped(gram, damping)
         self._WG = None
         self._H = None
 
@@ -113,6 +122,21 @@ class Refit:
         if self._H is None:
             self._H = torch.cholesky_inverse(torch.linalg.cholesky(self.G))
         return self._H
+
+    def obs_scores(self, B: int) -> torch.Tensor:
+        """(N/B, K/B): output error of dropping each block alone, tr(W_blk [H_bb]^-1 W_blk^T)."""
+        N, K = self.W.shape
+        nc = K // B
+        H = self.H
+        H_bb = torch.stack([H[b * B : (b + 1) * B, b * B : (b + 1) * B] for b in range(nc)])
+        Wb = self.W64.reshape(N, nc, B).permute(1, 0, 2)  # [c, row, j]
+        per_row = torch.einsum("cnb,cbd,cnd->cn", Wb, torch.linalg.inv(H_bb), Wb)
+        return per_row.T.reshape(N // B, B, nc).sum(dim=1)
+
+    def error(self, approx: torch.Tensor) -> float:
+        """||(W - approx) X^T||^2 on the calibration activations (undamped Gram)."""
+        diff = self.W64 - approx.to(torch.float64)
+        return float(torch.sum((diff @ self.gram) * diff))
 
     def __call__(self, block_mask: torch.Tensor, B: int) -> torch.Tensor:
         W = self.W

@@ -112,7 +112,6 @@ def refine(target: torch.Tensor, blocks: torch.Tensor, Gd: torch.Tensor, r: int,
     sweeps = SWEEPS if sweeps is None else sweeps
     tolerance = TOLERANCE if tolerance is None else tolerance
     nb, _, n, p = blocks.shape
-    K = nb * p
     blocks = blocks.clone()
     residual = from_blocks(target - blocks)  # (N, K)
     RG = residual @ Gd  # (N, K): kept current as blocks change

@@ -93,3 +93,25 @@ def test_unknown_method_and_untileable_spec_are_refused_with_the_reason():
         HANDLER.approximate([Block(16, 0.5)], weight(32, 32, seed=0), None, method="random")
     with pytest.raises(ValueError, match="N=40 not divisible by block 16"):
         HANDLER.approximate([Block(16, 0.5)], weight(40, 32, seed=0), None)
+
+
+def test_refit_keeps_the_better_of_activation_and_obs_block_choices():
+    """Inputs of the second 128-wide block are a (loud) linear function of the first block's: an
+    activation score keeps the loud block, the OBS score sees that it is the one to drop."""
+    g = torch.Generator().manual_seed(12)
+    X0 = torch.randn(4096, 128, generator=g)
+    X1 = 1.5 * X0 @ (torch.randn(128, 64, generator=g) @ torch.randn(64, 128, generator=g) / 64)
+    X = torch.cat([X0, X1 + 0.01 * torch.randn(4096, 128, generator=g)], dim=1)
+    st = stats_of(X)
+    W = weight(128, 256, seed=13)
+    spec = Block(128, 0.5)
+    (approx,) = HANDLER.approximate([spec], W, st)
+    assert (block_energy(approx, 128) > 0).tolist() == [[True, False]]
+    refit = block_pass.Refit(W, st.gram.double())
+    by_activation = refit(torch.tensor([[False, True]]), 128)
+    assert relative_output_error(W, approx, st) < 0.5 * relative_output_error(W, by_activation, st)
+    for spec in (Block(16, 0.25), Block(32, 0.5), Block(64, 0.75)):  # never worse than the activation choice
+        (approx,) = HANDLER.approximate([spec], W, st)
+        norms = st.gram.diagonal().sqrt().float()
+        act = refit(block_pass.kept_block_mask((W * norms).pow(2), spec.block, spec.kept_blocks(128, 256)), spec.block)
+        assert refit.error(approx) <= refit.error(act) * (1 + 1e-12)
