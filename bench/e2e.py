@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import gc
 import json
 import math
 import os
@@ -28,6 +29,11 @@ import traceback
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from repo_import import ensure_sparsec_importable  # noqa: E402
+
+ensure_sparsec_importable()
 
 BUDGETS = (0.01, 0.02, 0.05)
 
@@ -77,6 +83,24 @@ class Embedder(nn.Module):
 
 
 DEVICE = "cuda"
+PROFILE = None  # --profile CONFIG: list the GPU kernels of that configuration (first model only)
+
+
+def profile_table(fn, inputs, row) -> None:
+    """Kernels and their GPU time for one call, to see where an end-to-end gap comes from."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        for _ in range(3):
+            fn(*inputs)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(5):
+                fn(*inputs)
+            torch.cuda.synchronize()
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    row["profile"] = table
+    print(table, flush=True)
 
 
 def median_us(fn, warmup_ms=50, rep_ms=300) -> float:
@@ -119,7 +143,9 @@ def sparsec_compiled(model, options, reduce_overhead):
     opts = dict(options)
     if reduce_overhead:
         opts["mode"] = "reduce-overhead"
-    return torch.compile(model, backend="sparsec", options=opts), opts
+    from sparsec.backend import sparsec_backend  # the function the "sparsec" entry point names
+
+    return torch.compile(model, backend=sparsec_backend, options=opts), opts
 
 
 def session_report(opts):
@@ -148,6 +174,8 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
                 if not math.isfinite(row["error_vs_dense"]):
                     raise RuntimeError("non-finite output")
                 row["us"] = median_us(lambda: fn(*inputs))
+            if PROFILE and config == PROFILE:
+                profile_table(fn, inputs, row)
             rep = report() if callable(report) else report
             if rep:
                 row["formats"] = sorted({l["format"] for l in rep["layers"]})
@@ -156,6 +184,12 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
                 row["predicted_speedup"] = rep["totals"]["predicted_speedup"]
                 row["measured_error"] = rep["end_to_end"]["measured_error"]
                 row["heldout_error"] = rep["end_to_end"].get("heldout_error")
+                row["layers_measured_speedup"] = sorted(
+                    round(l["measured_speedup"], 3) for l in rep["layers"] if l.get("measured_speedup") is not None
+                )
+                row["layers_predicted_speedup"] = sorted(
+                    round(l["predicted_speedup"], 3) for l in rep["layers"] if l.get("predicted_speedup") is not None
+                )
             if budget is not None:
                 row["budget"] = budget
         except Exception as exc:  # one broken configuration must not hide the others
@@ -163,6 +197,10 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
             traceback.print_exc()
         print(json.dumps(row), flush=True)
         rows.append(row)
+        torch._dynamo.reset()
+        gc.collect()
+        if DEVICE == "cuda":
+            torch.cuda.empty_cache()
         return row
 
     add("eager", model)
@@ -172,9 +210,10 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
         sparse = torch_2to4(model)
         add("torch-2:4 eager", sparse)
         add("torch-2:4 inductor", torch.compile(sparse))
+        del sparse
     for label, options, budget in extra_sparsec:
         for ro in (False, True):
-            compiled, opts = sparsec_compiled(model, {"fingerprint": fingerprint, "calibration": calib, **options}, ro)
+            compiled, opts = sparsec_compiled(model, {"fingerprint": fingerprint, "calibration": calib, "measure": True, **options}, ro)
             add(f"sparsec {label}" + (" +cg" if ro else ""), compiled, lambda o=opts: session_report(o), budget)
     base = next((r["us"] for r in rows if r["config"] == "inductor-cg" and "us" in r), None)
     for r in rows:
@@ -295,8 +334,10 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--export-minilm", metavar="DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing real")
+    ap.add_argument("--profile", default=None, help="configuration whose kernels to list, e.g. 'sparsec 2:4 +cg'")
     args = ap.parse_args(argv)
-    global DEVICE
+    global DEVICE, PROFILE
+    PROFILE = args.profile
     if args.smoke:
         DEVICE = "cpu"
     if args.export_minilm:

@@ -106,11 +106,9 @@ class OnnxFrontend:
                 _accumulate(stats[key], x, calls)
         self.undersampled = []
         for key, st in stats.items():
-            K = st.gram.shape[0]
-            if st.rows < K:
-                _isotropic_prior(st)
+            if st.add_isotropic_prior():
                 names = [s.name for s in sites if s.input_key == key]
-                self.undersampled.append((", ".join(names), st.rows, K))
+                self.undersampled.append((", ".join(names), st.rows, st.gram.shape[0]))
         return stats
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, "LayerErrors"]:
@@ -280,18 +278,6 @@ class OutputError:
 
     def value(self) -> float:
         return max((_ratio(n, d) for n, d in zip(self.num, self.den)), default=0.0)
-
-
-def _isotropic_prior(stats: SiteStats) -> None:
-    """Add (K - rows) pseudo-rows of the seen rows' average energy, spread evenly over all K directions."""
-    K = stats.gram.shape[0]
-    if stats.rows == 0:
-        stats.gram += torch.eye(K, dtype=stats.gram.dtype)
-        return
-    per_row = float(torch.diagonal(stats.gram).sum()) / stats.rows
-    weight = (K - stats.rows) * per_row / K
-    if weight > 0:
-        stats.gram += weight * torch.eye(K, dtype=stats.gram.dtype, device=stats.gram.device)
 
 
 def _layer_error(x: np.ndarray, site: Site, w: torch.Tensor) -> tuple[float, float]:

@@ -38,8 +38,8 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     session = Session(parse_options(options, lower=lower), entry="optimize")
 
     def backend(gm, inputs):
-        outcome = session.run_graph(gm, inputs)
-        return outcome.lowered if outcome.lowered is not None else gm.forward
+        lowered = session.run_graph(gm, inputs)
+        return gm.forward if lowered is None else lowered
 
     compiled = torch.compile(model, backend=backend, dynamic=False)
     try:

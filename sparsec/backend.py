@@ -35,6 +35,7 @@ class Session:
         self.report = None
 
     def run_graph(self, gm, example_inputs):
+        """Plan, verify and lower one subgraph; return its compiled callable (None with lower=False)."""
         from sparsec.passes.fx_frontend import FxFrontend
         from sparsec.pipeline import optimize_graph
 
@@ -55,6 +56,9 @@ class Session:
             from sparsec.measure import measure_outcome
 
             measure_outcome(self, outcome, gm, example_inputs)
+        for layer in outcome.layers:
+            layer.release()
+        lowered, outcome.lowered = outcome.lowered, None  # the caller owns the compiled graph, not the session
         self.outcomes.append(outcome)
         self._merge(outcome)
         if self.options.report:
@@ -62,7 +66,7 @@ class Session:
         from sparsec.logs import log_report
 
         log_report(outcome.report)
-        return outcome
+        return lowered
 
     def _merge(self, outcome) -> None:
         from sparsec.plan import Plan
@@ -176,8 +180,6 @@ def session_for(options: dict | None, mode: str | None) -> Session:
 def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """Dynamo backend: plan and rewrite this subgraph, hand the dense rest to inductor on CUDA."""
     session = session_for(options, mode)
-    outcome = session.run_graph(gm, example_inputs)
-    if outcome.lowered is None:
-        return gm.forward
-    return outcome.lowered
+    lowered = session.run_graph(gm, example_inputs)
+    return gm.forward if lowered is None else lowered
 

@@ -51,6 +51,12 @@ class Layer:
     def name(self) -> str:
         return self.site.name
 
+    def release(self) -> None:
+        """Drop the approximations and statistics once the graph is lowered and reported."""
+        for cand in (self.dense, *self.candidates):
+            cand.approx = None
+        self.stats.gram = self.stats.gram.new_empty(0)
+
     @property
     def tokens(self) -> int:
         return self.site.tokens if self.site.tokens else self.stats.tokens

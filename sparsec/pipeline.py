@@ -55,7 +55,7 @@ class Outcome:
 def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome:
     """Plan, verify and (if asked) lower one graph."""
     sites, skipped = capture(frontend)
-    stats = calibrate(frontend, sites)
+    stats, warnings = calibrate(frontend, sites)
     forced = Plan.coerce(options.plan) if options.plan is not None else None
     layers = candidates(sites, stats, options, forced)
     cost(layers, fingerprint, options)
@@ -65,6 +65,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     lowered = lower(frontend, layers) if options.lower else None
     plan = plan_of(layers, fingerprint, options)
     report = report_of(frontend, layers, skipped, e2e, fingerprint, options)
+    report["warnings"].extend(warnings)
     return Outcome(layers, skipped, plan, report, lowered, list(alloc.history) if alloc else [])
 
 
@@ -80,8 +81,18 @@ def capture(frontend: Frontend) -> tuple[list[Site], list[Skipped]]:
 # -- calibrate --------------------------------------------------------------------------------
 
 
-def calibrate(frontend: Frontend, sites: list[Site]) -> dict[str, SiteStats]:
-    return frontend.calibrate(sites) if sites else {}
+def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStats], list[str]]:
+    """Gram statistics of every site's input; under-sampled ones get a prior, and a warning."""
+    stats = frontend.calibrate(sites) if sites else {}
+    warnings = []
+    for key, st in stats.items():
+        if st.add_isotropic_prior():
+            names = ", ".join(s.name for s in sites if s.input_key == key)
+            warnings.append(
+                f"{names}: {st.rows} calibration rows for {st.gram.shape[0]} inputs; directions the data never "
+                f"showed were given the average energy of those it did (supply more calibration data)"
+            )
+    return stats, warnings
 
 
 # -- candidates -------------------------------------------------------------------------------
@@ -180,6 +191,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
                     if w_hat is None:
                         w_hat = _APPROXIMATIONS[(key, cand.fmt)]
                     else:
+                        w_hat = w_hat.to(site.dtype)  # what will run; half the memory of float32 in 16-bit models
                         _APPROXIMATIONS.put((key, cand.fmt), w_hat)
                     cand.approx, cand.method = w_hat, handler.default_method
                     cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias)

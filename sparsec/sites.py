@@ -59,6 +59,29 @@ class SiteStats:
     total: torch.Tensor
     rows: int = 0
     calls: list[int] = field(default_factory=list)
+    prior_rows: int = 0  # pseudo-rows added by ``add_isotropic_prior``
+
+    @property
+    def undersampled(self) -> bool:
+        """Fewer calibration rows than inputs: the Gram matrix is singular."""
+        return self.rows < self.gram.shape[0]
+
+    def add_isotropic_prior(self) -> bool:
+        """Give an under-sampled Gram matrix the energy of the rows it never saw, spread evenly.
+
+        With fewer rows than inputs, every direction the data never showed looks free to drop,
+        and a factorisation fitted to those rows looks lossless while it is not. The missing
+        K - rows rows are assumed to carry the seen rows' average energy, spread over all K
+        directions. Idempotent; returns whether a prior was added.
+        """
+        K = self.gram.shape[0]
+        if self.prior_rows or self.rows >= K:
+            return False
+        eye = torch.eye(K, dtype=self.gram.dtype, device=self.gram.device)
+        per_row = float(torch.diagonal(self.gram).sum()) / self.rows if self.rows else 1.0
+        self.gram += ((K - self.rows) * per_row / K) * eye
+        self.prior_rows = K - self.rows
+        return True
 
     @property
     def tokens(self) -> int:

@@ -182,3 +182,15 @@ def test_heldout_error_is_measured_on_heldout_data(scenario_fp):
     assert e2e["heldout_error"] is not None and e2e["measured_error"] is not None
     assert e2e["heldout_error"] != e2e["measured_error"]
     assert not result.report.to_dict()["warnings"]
+
+
+def test_too_few_calibration_rows_cannot_make_a_random_layer_look_compressible(scenario_fp):
+    # 64 rows for 256 inputs: a rank-64 factorisation reproduces those rows exactly, yet is
+    # useless on any other input; the prior over unseen directions must keep it from being chosen
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(256, 256))
+    calib = [(torch.randn(64, 256),)]
+    result = sparsec.optimize(model, (torch.randn(8, 256),), fingerprint=scenario_fp(), calibration=calib,
+                              error_budget=0.05, formats=["lowrank"], lower=False)
+    assert result.report.layers[0]["format"] == "dense"
+    assert any("64 calibration rows for 256 inputs" in w for w in result.report.to_dict()["warnings"])
