@@ -4,21 +4,20 @@ Selection is a multiple-choice knapsack: each layer picks one of its candidates 
 nothing and saves nothing), the value is predicted time saved and the weight is the layer's
 squared relative output error. The end-to-end error model is
 
-    e2e^2 = amplification * (fixed + sum over layers of error^2)
+    e2e^2 = amplification * (fixed + sum over layers of sensitivity * error^2)
 
 (squared errors add when layer errors are independent; ``fixed`` is what layers a plan forces
-spend). How far this model is off in a given network (errors damped by normalisation and
-residual paths, or compounded through depth) is not guessed but measured: ``fit_to_budget``
-measures the end-to-end error of an allocation, sets the amplification to what was observed,
-re-allocates, and keeps the allocation with the most predicted saving that measured within the
-budget. If none did, it backs off one hull step at a time until one does.
+spend). Nothing in it is guessed; both factors are measured on this network:
 
-Layers do not all matter alike: an error in a query projection passes through a softmax, one in
-a pooler nobody reads vanishes. Before allocating for real, ``probe_sensitivity`` measures, for
-each role of layer (layers whose names differ only in their numbers, such as
-``encoder.layer.3.attention.self.query``), the end-to-end error of that role's layers rewritten
-alone, and weights their squared errors by what it observed: the knapsack then spends the budget
-where it is cheapest end to end, and the global amplification only has to absorb interactions.
+- ``sensitivity``: how much of a layer's squared error reaches the output. An error in a query
+  projection passes through a softmax, one in an early output projection is carried by every
+  later block, one in a pooler nobody reads vanishes. ``probe_sensitivity`` measures it per role
+  of layer (layers whose names differ only in their numbers, such as
+  ``encoder.layer.3.attention.self.query``), then alone for each layer the allocation picks.
+- ``amplification``: how layer errors combine when several layers are rewritten at once.
+  ``fit_to_budget`` measures the end-to-end error of an allocation, sets the amplification to
+  what was observed, re-allocates, and keeps the allocation with the most predicted saving that
+  measured within the budget. If none did, it backs off one hull step at a time until one does.
 
 The knapsack itself is solved greedily on each layer's upper convex hull of (error cost, saving),
 the classic near-optimal rule for this problem; ``back_off`` walks it in reverse, one hull step
@@ -37,7 +36,9 @@ from sparsec.candidates import Candidate, Layer
 CALIBRATION_ROUNDS = 4  # end-to-end measurements spent calibrating the amplification
 GOOD_FILL = 0.85  # an allocation measuring at least this share of the budget is not re-allocated
 MIN_AMPLIFICATION = 1e-3
-MAX_PROBES = 32  # roles probed one by one; a model with more gets one shared sensitivity
+MAX_PROBES = 32  # roles probed one by one; a model with more starts from sensitivity 1
+PROBE_ROUNDS = 3  # refills after which picked layers are no longer probed alone
+PROBE_MARGIN = 4.0  # a layer whose least lossy step costs up to this much of the budget is probed alone
 
 
 @dataclass
@@ -196,31 +197,60 @@ def probe_point(hull: Hull, target: float) -> Candidate:
     return min(hull.points[1:], key=lambda c: abs(math.log(max(c.predicted_error, 1e-12) / target)))
 
 
-def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone) -> None:
-    """Measure, per role of layer, how much of its layers' squared error reaches the output.
+def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: int = PROBE_ROUNDS) -> None:
+    """Measure how much of a layer's squared error reaches the output, and refill the allocation.
 
-    ``measure_alone`` evaluates the end-to-end error with only the given layers rewritten. One
-    measurement per role (at most MAX_PROBES); the allocation is then refilled.
+    ``measure_alone`` evaluates the end-to-end error with only the given layers rewritten. First
+    one measurement per role of layer (at most MAX_PROBES roles) gives every layer a prior; then,
+    for up to ``rounds`` refills, each layer the allocation picks (or whose least lossy candidate
+    would cost at most PROBE_MARGIN times the budget at its prior) that has not been measured on
+    its own is measured alone at that candidate, and the role's other layers take the median
+    of its layers measured so far: the role average hides how much depth matters (in MiniLM an
+    early output projection reaches the embedding several times more than the average of its
+    role), and the layers picked are those whose cost decides the plan.
     """
     roles: dict[str, list[Hull]] = {}
     for h in alloc.hulls:
         if len(h.points) > 1:
             roles.setdefault(role_of(h.layer.name), []).append(h)
-    if not roles or len(roles) > MAX_PROBES:
+    if not roles:
         return
-    target = max(alloc.budget, 1e-4)
-    found = []
-    for role, hulls in roles.items():
-        picks = {h.layer.name: probe_point(h, target) for h in hulls}
-        model = sum(c.predicted_error ** 2 for c in picks.values())
-        if model <= 0.0:
-            continue
-        sensitivity = measure_alone(picks) ** 2 / model
-        for h in hulls:
-            h.sensitivity = sensitivity
-        found.append(f"{role} {sensitivity:.2g}")
-    alloc.history.append("end-to-end sensitivity of each role of layer (measured alone): " + ", ".join(found))
+    if len(roles) <= MAX_PROBES:
+        target = max(alloc.budget, 1e-4)
+        found = []
+        for role, hulls in roles.items():
+            picks = {h.layer.name: probe_point(h, target) for h in hulls}
+            model = sum(c.predicted_error ** 2 for c in picks.values())
+            if model <= 0.0:
+                continue
+            sensitivity = measure_alone(picks) ** 2 / model
+            for h in hulls:
+                h.sensitivity = sensitivity
+            found.append(f"{role} {sensitivity:.2g}")
+        alloc.history.append("end-to-end sensitivity per role of layer (measured alone): " + ", ".join(found))
     alloc.fill()
+    alone: set[int] = set()
+    for _ in range(rounds):
+        capacity = alloc.budget ** 2 / alloc.amplification - alloc.fixed
+        todo = [h for h in alloc.hulls if id(h) not in alone and h.sensitivity > 0.0 and len(h.points) > 1
+                and (h.index > 0 or h.cost(1) <= PROBE_MARGIN * capacity)]
+        if not todo:
+            break
+        for h in todo:
+            alone.add(id(h))
+            cand = h.current if h.index > 0 else h.points[1]
+            if cand.predicted_error > 0.0:
+                h.sensitivity = measure_alone({h.layer.name: cand}) ** 2 / cand.predicted_error ** 2
+        for hulls in roles.values():  # layers not yet measured alone take their role's median
+            measured = sorted(h.sensitivity for h in hulls if id(h) in alone)
+            if measured:
+                for h in hulls:
+                    if id(h) not in alone:
+                        h.sensitivity = measured[len(measured) // 2]
+        alloc.fill()
+    if alone:
+        layers = ", ".join(f"{h.layer.name} {h.sensitivity:.2g}" for h in alloc.hulls if id(h) in alone)
+        alloc.history.append(f"end-to-end sensitivity of the layers picked (measured alone): {layers}")
 
 
 def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION_ROUNDS,
@@ -228,7 +258,7 @@ def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION
     """Measure, calibrate the error model on this network, re-allocate; return the final measurement.
 
     ``measure`` evaluates the allocation's current choices end to end (error, per-layer errors);
-    with ``measure_alone``, per-role sensitivities are probed first (``probe_sensitivity``).
+    with ``measure_alone``, sensitivities are probed first (``probe_sensitivity``).
     The allocation left in place is the one with the largest predicted saving among those that
     measured within the budget, reached by at most ``rounds`` calibrated re-allocations and then,
     if none fitted, by backing off one hull step at a time.
@@ -252,18 +282,16 @@ def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION
         amp = alloc.amplification
         if error <= alloc.budget:
             large_enough = min(large_enough, amp)
-            if error >= GOOD_FILL * alloc.budget:
-                break
+            if error >= GOOD_FILL * alloc.budget or alloc.model_cost() <= 0.0:
+                break  # close enough, or nothing measured that says how far the model is off
         else:
             too_small = max(too_small, amp)
         proposal = calibrate_amplification(alloc, error)
-        if not too_small < proposal < large_enough:
-            if not math.isfinite(large_enough):
-                proposal = 2.0 * max(too_small, amp)
-            else:
-                proposal = math.sqrt(max(too_small, MIN_AMPLIFICATION) * large_enough)
         if abs(proposal - amp) <= 0.02 * amp:
-            break
+            break  # the model already predicts what was measured
+        if not too_small < proposal < large_enough:
+            proposal = math.sqrt(max(too_small, MIN_AMPLIFICATION) * large_enough) \
+                if math.isfinite(large_enough) else 2.0 * max(too_small, amp)
         before = alloc.snapshot()
         alloc.fill(proposal)
         if alloc.snapshot() == before:

@@ -190,7 +190,9 @@ def test_probed_sensitivities_weight_each_role_and_free_dead_layers():
     error, _ = select.fit_to_budget(
         alloc, lambda: (true_error({h.layer.name: h.current for h in alloc.hulls if h.index}), {}),
         measure_alone=lambda choices: (probes.append(set(choices)), true_error(choices))[1])
-    assert len(probes) == 3 and all(len({select.role_of(n) for n in p}) == 1 for p in probes)
+    # one probe per role, then one per picked layer on its own
+    assert [len({select.role_of(n) for n in p}) for p in probes[:3]] == [1, 1, 1]
+    assert all(len(p) == 1 for p in probes[3:])
     assert {select.role_of(h.layer.name): h.sensitivity for h in alloc.hulls} == pytest.approx(true)
     assert error <= budget
     pooler = next(h for h in alloc.hulls if h.layer.name == "pooler")
@@ -198,3 +200,33 @@ def test_probed_sensitivities_weight_each_role_and_free_dead_layers():
     unprobed = select.allocate(layers, viable, budget)
     select.fit_to_budget(unprobed, lambda: (true_error({h.layer.name: h.current for h in unprobed.hulls if h.index}), {}))
     assert alloc.saving() > unprobed.saving()
+
+
+def test_layers_picked_are_probed_alone_when_depth_matters_more_than_role():
+    """Six blocks of one role; the first block's errors reach the output 40x more than the others'.
+    The role probe averages that away; probing picked layers alone finds it before measuring."""
+    layers, viable = [], {}
+    for i in range(6):
+        lay, cands = layer(f"block.{i}.out", [(0.02, 60.0), (0.04, 40.0)])
+        layers.append(lay)
+        viable[lay.name] = cands
+    true = {f"block.{i}.out": (4.0 if i == 0 else 0.1) for i in range(6)}
+
+    def error_of(choices):
+        return math.sqrt(sum(true[n] * c.predicted_error ** 2 for n, c in choices.items()))
+
+    budget = 0.03
+    alloc = select.allocate(layers, viable, budget)
+    measured = []
+
+    def measure():
+        e = error_of({h.layer.name: h.current for h in alloc.hulls if h.index})
+        measured.append(e)
+        return e, {}
+
+    error, _ = select.fit_to_budget(alloc, measure, measure_alone=error_of)
+    assert measured[0] <= budget  # the first allocation measured already fits
+    assert error <= budget
+    first = alloc.hulls[0]
+    assert first.index == 0 or first.sensitivity == pytest.approx(4.0)
+    assert all(h.current.predicted_error == 0.04 for h in alloc.hulls[1:])  # the others go all the way
