@@ -29,7 +29,8 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[Layer]) 
         approx = layer.chosen.approx.to(device=site.weight.device, dtype=site.dtype)
         bias = None if site.bias is None else site.bias.detach().clone()
         packed = pack(layer.chosen.spec, approx)
-        module = PackedLinear(packed, bias, impl=impl_for(layer.chosen.kernel, packed, approx.device))
+        impl = layer.chosen.impl if (approx.device.type == "cuda" and layer.chosen.impl in packed.handler.impls) else "auto"
+        module = PackedLinear(packed, bias, impl=impl)
         attr = f"sparsec_{i}_{_safe(site.name)}"
         new_gm.add_submodule(attr, module)
         x = node.args[1] if site.op == "addmm" else node.args[0]
@@ -41,19 +42,6 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[Layer]) 
     new_gm.graph.eliminate_dead_code()
     new_gm.recompile()
     return new_gm
-
-
-def impl_for(kernel: str | None, packed, device) -> str:
-    """The codegen implementation the fingerprint priced for this layer, so realised matches predicted.
-
-    Fingerprints name sparsec kernels ``sparsec-<impl>-<family>`` and torch's 2:4 ``cusparselt``;
-    shapes are static per compiled graph, so the implementation predicted fastest at this M is
-    the one to run. Anything else (a CPU fingerprint, an unknown name) leaves the choice to codegen.
-    """
-    if device.type != "cuda" or not kernel:
-        return "auto"
-    impl = "cusparselt" if kernel == "cusparselt" else (kernel.split("-")[1] if kernel.startswith("sparsec-") else None)
-    return impl if impl in packed.handler.impls else "auto"
 
 
 def _safe(name: str) -> str:

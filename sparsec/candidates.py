@@ -18,6 +18,7 @@ class Candidate:
     predicted_error: float
     predicted_us: float | None = None
     kernel: str | None = None
+    impl: str | None = None  # the codegen implementation the fingerprint priced (None: codegen decides)
     note: str = ""
     rejected_because: str | None = None
 

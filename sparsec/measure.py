@@ -16,28 +16,33 @@ from sparsec.fingerprint_timing import Clock, TimingPolicy, rotation_count
 ROTATION_BYTES = 256 << 20
 
 
-def measure_outcome(session, outcome, gm, example_inputs) -> None:
+def time_layer(layer, cand, options) -> tuple[float, float]:
+    """(dense us, candidate us) of one layer at its token count on the device its weight is on."""
     from sparsec.codegen import linear, pack
 
+    site = layer.site
+    device = site.weight.device
+    clock = Clock(device, TimingPolicy())
+    graph_mode = device.type == "cuda" and options.mode == "reduce-overhead"
+    w = site.weight.detach().to(dtype=site.dtype)
+    b = None if site.bias is None else site.bias.detach().to(device=device, dtype=site.dtype)
+    packed = pack(cand.spec, cand.approx.to(device=device, dtype=site.dtype))
+    impl = cand.impl if (device.type == "cuda" and cand.impl in packed.handler.impls) else "auto"
+    M = max(layer.tokens, 1)
+    per_call = (M * site.K + site.N * site.K) * w.element_size()
+    xs = [torch.randn(M, site.K, device=device, dtype=site.dtype) for _ in range(rotation_count(per_call, ROTATION_BYTES, cap=8))]
+    with torch.no_grad():
+        dense_us = _time(clock, [lambda x=x: F.linear(x, w, b) for x in xs], graph_mode)
+        us = _time(clock, [lambda x=x: linear(x, packed, b, impl) for x in xs], graph_mode)
+    return dense_us, us
+
+
+def measure_outcome(session, outcome, gm, example_inputs) -> None:
+    """Fill the report's measured speed-ups: per layer (timed by the pipeline) and the whole graph."""
     device = next((t.device for t in example_inputs if isinstance(t, torch.Tensor)), torch.device("cpu"))
     clock = Clock(device, TimingPolicy())
-    graph_mode = device.type == "cuda" and session.options.mode == "reduce-overhead"
-    timed_dense = timed = 0.0
-    for layer in outcome.layers:
-        if layer.chosen is None or layer.chosen.is_dense:
-            continue
-        site = layer.site
-        w = site.weight.detach().to(device=device, dtype=site.dtype)
-        b = None if site.bias is None else site.bias.detach().to(device=device, dtype=site.dtype)
-        packed = pack(layer.chosen.spec, layer.chosen.approx.to(device=device, dtype=site.dtype))
-        M = max(layer.tokens, 1)
-        per_call = (M * site.K + site.N * site.K) * w.element_size()
-        xs = [torch.randn(M, site.K, device=device, dtype=site.dtype) for _ in range(rotation_count(per_call, ROTATION_BYTES, cap=8))]
-        with torch.no_grad():
-            layer.measured_us_dense = _time(clock, [lambda x=x: F.linear(x, w, b) for x in xs], graph_mode)
-            layer.measured_us = _time(clock, [lambda x=x: linear(x, packed, b) for x in xs], graph_mode)
-        timed_dense += layer.measured_us_dense
-        timed += layer.measured_us
+    timed_dense = sum(l.measured_us_dense or 0.0 for l in outcome.layers if l.measured_us)
+    timed = sum(l.measured_us or 0.0 for l in outcome.layers if l.measured_us)
     by_name = {l.name: l for l in outcome.layers}
     for row in outcome.report["layers"]:
         layer = by_name[row["name"]]

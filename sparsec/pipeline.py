@@ -1,6 +1,6 @@
 """The pass order, as one flat function of named steps (DESIGN.md, "The pipeline").
 
-    capture -> calibrate -> candidates -> cost -> approximate -> select -> verify -> lower -> report
+    capture -> calibrate -> candidates -> cost -> approximate -> select -> [measure] -> verify -> lower -> report
 
 The pipeline knows neither FX nor ONNX. A front-end supplies the graph-specific parts through
 the small ``Frontend`` protocol: what the sites are, their calibration statistics, the end-to-end
@@ -61,6 +61,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     cost(layers, fingerprint, options)
     approximate(layers, options)
     alloc = select(layers, options, fingerprint)
+    measure(layers, alloc, options)
     e2e = verify(frontend, layers, alloc, options)
     lowered = lower(frontend, layers) if options.lower else None
     plan = plan_of(layers, fingerprint, options)
@@ -141,7 +142,7 @@ def cost(layers: list[Layer], fingerprint, options: Options) -> None:
                 cand.rejected_because = why
                 continue
             pred = fingerprint.predict_detail(cand.fmt, M, site.N, site.K, dtype=site.dtype_name, mode=mode)
-            cand.predicted_us, cand.kernel, cand.note = pred.us, pred.kernel, pred.note
+            cand.predicted_us, cand.kernel, cand.note, cand.impl = pred.us, pred.kernel, pred.note, pred.impl
             if layer.requested == "auto" and cand.predicted_us >= layer.dense.predicted_us:
                 cand.rejected_because = (
                     f"predicted {layer.dense.predicted_us / cand.predicted_us:.2f}x of dense "
@@ -272,6 +273,38 @@ def _forced_choice(layer: Layer) -> Candidate:
         if cand.spec == spec and cand.rejected_because is None:
             return cand
     return layer.dense
+
+
+# -- measure ----------------------------------------------------------------------------------
+
+
+def measure(layers: list[Layer], alloc, options: Options) -> None:
+    """With ``measure: True``: time each chosen rewrite against dense on this device, at its M.
+
+    The fingerprint predicts; this checks. An automatically chosen rewrite that measures slower
+    than dense is refused (with the measured figure) and the layer steps back along its hull to
+    the next candidate, which is timed in turn, down to dense. Forced layers are timed, not vetoed.
+    """
+    if not options.measure or not options.lower:
+        return
+    from sparsec.measure import time_layer
+
+    hulls = {h.layer.name: h for h in alloc.hulls}
+    for layer in layers:
+        while layer.chosen is not None and not layer.chosen.is_dense:
+            cand = layer.chosen
+            layer.measured_us_dense, layer.measured_us = time_layer(layer, cand, options)
+            hull = hulls.get(layer.name)
+            if hull is None or layer.measured_us < layer.measured_us_dense:
+                break
+            cand.rejected_because = (
+                f"measured {layer.measured_us_dense / layer.measured_us:.2f}x of dense on this device at "
+                f"M={max(layer.tokens, 1)} (predicted {layer.speedup(cand):.2f}x): slower than dense"
+            )
+            hull.points = hull.points[: hull.index]
+            hull.index -= 1
+            layer.chosen = hull.current
+            layer.measured_us = layer.measured_us_dense = None
 
 
 # -- verify -----------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ def layer_reason(layer: Layer, options, fingerprint) -> str:
             f"{chosen.fmt} predicted {_x(layer.speedup(chosen))} at M={M} on {fp} ({chosen.kernel}) "
             f"for {_pct(chosen.predicted_error)} layer error: the most time saved within the budget"
         )
+    vetoed = [c for c in layer.candidates if (c.rejected_because or "").startswith("measured")]
+    if vetoed:
+        return f"kept dense: {vetoed[0].fmt} {vetoed[0].rejected_because}"
     if not layer.candidates:
         return f"kept dense: none of the allowed formats ({', '.join(options.formats)}) has a pass for this layer"
     viable = [c for c in layer.candidates if c.rejected_because is None or c.rejected_because.startswith("over budget")]

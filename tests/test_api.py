@@ -194,3 +194,20 @@ def test_too_few_calibration_rows_cannot_make_a_random_layer_look_compressible(s
                               error_budget=0.05, formats=["lowrank"], lower=False)
     assert result.report.layers[0]["format"] == "dense"
     assert any("64 calibration rows for 256 inputs" in w for w in result.report.to_dict()["warnings"])
+
+
+def test_measure_refuses_a_rewrite_that_times_slower_than_dense_here(scenario_fp):
+    # the scenario fingerprint claims 2:4 is 100x cheaper; on this CPU the 2:4 reference path
+    # (expand, then a dense product) cannot beat the dense product, and measuring says so
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(512, 512))
+    x = torch.randn(256, 512)
+    optimistic = scenario_fp(name="optimistic", factors={"2:4": 0.01})
+    planned = sparsec.optimize(model, (x,), fingerprint=optimistic, error_budget=0.9, formats=["2:4"], lower=False)
+    assert planned.report.layers[0]["format"] == "2:4"
+    result = sparsec.optimize(model, (x,), fingerprint=optimistic, error_budget=0.9, formats=["2:4"], measure=True)
+    layer = result.report.layers[0]
+    assert layer["format"] == "dense"
+    assert layer["reason"].startswith("kept dense: 2:4 measured") and "slower than dense" in layer["reason"]
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))
