@@ -33,41 +33,10 @@ from pathlib import Path
 import torch
 
 
-def _ensure_sparsec_importable() -> None:
-    """Map sparsec's package directories as pyproject.toml does when sparsec is not installed."""
-    try:
-        import sparsec.codegen  # noqa: F401
-        import sparsec.fingerprints  # noqa: F401
-        return
-    except ImportError:
-        pass
-    import importlib.util
-    import re
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repo_import import ensure_sparsec_importable  # noqa: E402
 
-    root = Path(__file__).resolve().parents[1]
-    text = (root / "pyproject.toml").read_text()
-    try:
-        import tomllib
-
-        mapping = tomllib.loads(text)["tool"]["setuptools"]["package-dir"]
-    except ImportError:  # Python 3.10: read the one-line table
-        table = re.search(r"^package-dir\s*=\s*\{(.*)\}", text, re.M).group(1)
-        mapping = dict(re.findall(r'"([\w.]+)"\s*=\s*"([\w./]+)"', table))
-
-    class RepoPackages:
-        @staticmethod
-        def find_spec(name, path=None, target=None):
-            if name not in mapping:
-                return None
-            d = root / mapping[name]
-            return importlib.util.spec_from_file_location(name, d / "__init__.py", submodule_search_locations=[str(d)])
-
-    for name in [m for m in sys.modules if m == "sparsec" or m.startswith("sparsec.")]:
-        del sys.modules[name]
-    sys.meta_path.insert(0, RepoPackages)
-
-
-_ensure_sparsec_importable()
+ensure_sparsec_importable()
 
 from sparsec.fingerprint import load_fingerprint  # noqa: E402
 from sparsec.fingerprint_device import software_versions  # noqa: E402
