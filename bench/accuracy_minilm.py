@@ -155,15 +155,15 @@ def budget_runs(sample, model, calib, held, fingerprint, budgets, mode: str = "d
 # -- summaries ---------------------------------------------------------------------------------
 
 
-def ordering_summary(rows, family, order) -> dict:
-    """How many (layer, spec) pairs rank the methods in ``order`` (lowest error first), per data set."""
+def ordering_summary(rows, family, better, worse) -> dict:
+    """How many (layer, format) pairs have ``better``'s error below ``worse``'s, per data set."""
     by_key = collections.defaultdict(dict)
     for r in rows:
         if r["family"] == family:
             by_key[(r["layer"], r["format"])][r["method"]] = r
     out = {}
     for data in ("calibration_error", "heldout_error"):
-        ok = sum(all(m[a][data] < m[b][data] for a, b in zip(order, order[1:])) for m in by_key.values())
+        ok = sum(m[better][data] < m[worse][data] for m in by_key.values())
         out[data] = [ok, len(by_key)]
     return out
 
@@ -238,13 +238,12 @@ def markdown(result) -> str:
            f"{result['heldout_batches']} held-out calls of {batch} sentences x {length} tokens (M = {batch * length}).", ""]
     rows = result.get("layer_rows") or []
     if rows:
-        for family, order in (("2:4", ["sparsegpt", "wanda", "magnitude"]),
-                              ("lowrank", ["activation-aware", "plain"]),
-                              ("monarch", ["als", "projection"]),
-                              ("block", ["least-squares", "activation", "magnitude"])):
-            s = ordering_summary(rows, family, order)
+        for family, better, worse in (("2:4", "sparsegpt", "wanda"), ("2:4", "wanda", "magnitude"),
+                                      ("lowrank", "activation-aware", "plain"), ("monarch", "als", "projection"),
+                                      ("block", "least-squares", "activation"), ("block", "activation", "magnitude")):
+            s = ordering_summary(rows, family, better, worse)
             if s["calibration_error"][1]:
-                out.append(f"- {family}: {' < '.join(order)} on {s['calibration_error'][0]} of "
+                out.append(f"- {family}: {better} below {worse} on {s['calibration_error'][0]} of "
                            f"{s['calibration_error'][1]} (layer, format) pairs on calibration data, "
                            f"{s['heldout_error'][0]} of {s['heldout_error'][1]} on held-out data")
         out += ["", "2:4, mean relative output error per layer role (calibration / held-out):", ""]
@@ -278,7 +277,11 @@ def main(argv=None) -> int:
     parser.add_argument("--mode", default="default", help="'reduce-overhead' prices CUDA-graph replay")
     parser.add_argument("--no-layers", action="store_true", help="skip the per-layer method comparison")
     parser.add_argument("--no-budgets", action="store_true", help="skip the planner runs")
+    parser.add_argument("--render", default=None, help="print the markdown of a results JSON and exit")
     args = parser.parse_args(argv)
+    if args.render:
+        print(markdown(json.loads(Path(args.render).read_text())))
+        return 0
 
     sample = load_sample()
     model, _, calib, held = sample.prepare(args.batch)
