@@ -8,7 +8,7 @@ names it before any work starts.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from sparsec.errors import OptionError
@@ -29,7 +29,6 @@ class Options:
     measure: bool = False
     mode: str = "default"
     lower: bool = True
-    extra: dict = field(default_factory=dict)
 
     @property
     def cost_mode(self) -> str:
@@ -59,12 +58,11 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         merged[key] = value
     if mode is not None:
         merged.setdefault("mode", mode)
-    internal = {k: v for k, v in merged.items() if k.startswith("_")}
-    unknown = sorted(k for k in merged if k not in KNOWN and not k.startswith("_"))
+    unknown = sorted(k for k in merged if k not in KNOWN)
     if unknown:
         raise OptionError(f"unknown option(s) {', '.join(map(repr, unknown))}; known: {', '.join(sorted(KNOWN))}")
 
-    out = Options(lower=lower, extra=internal)
+    out = Options(lower=lower)
     if "fingerprint" in merged:
         fp = merged["fingerprint"]
         if not isinstance(fp, (str, os.PathLike)) and not hasattr(fp, "predict_detail"):
