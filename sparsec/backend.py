@@ -8,6 +8,8 @@ options dict the user passed, and the report file, if asked for, is rewritten af
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import re
 
 import torch
@@ -46,7 +48,14 @@ class Session:
             warning = (warning + "; " if warning else "") + "held-out inputs could not be matched to this subgraph's inputs"
         frontend = FxFrontend(gm, example_inputs, calibration, heldout, graph=graph, entry=self.entry,
                               mode=self.options.mode)
-        outcome = optimize_graph(frontend, self.options, self.fingerprint)
+        options = self._options_for_next_graph()
+        outcome = optimize_graph(frontend, options, self.fingerprint)
+        outcome.report["error_budget"] = outcome.plan.error_budget = self.options.error_budget
+        if options.error_budget < self.options.error_budget:
+            outcome.report["warnings"].append(
+                f"graph {graph} was planned within the {options.error_budget:.3%} of the error budget the "
+                f"earlier subgraphs left (errors of separately compiled subgraphs add in quadrature)"
+            )
         if warning:
             outcome.report["warnings"].append(f"graph {graph}: {warning}")
         mismatch = self.fingerprint.matches_current_device()
@@ -67,6 +76,14 @@ class Session:
 
         log_report(outcome.report)
         return lowered
+
+    def _options_for_next_graph(self) -> Options:
+        """The budget left after the subgraphs already planned, so the whole model stays within it."""
+        spent = sum((o.report["end_to_end"]["measured_error"] or 0.0) ** 2 for o in self.outcomes)
+        if not spent:
+            return self.options
+        left = math.sqrt(max(self.options.error_budget ** 2 - spent, 0.0))
+        return dataclasses.replace(self.options, error_budget=left)
 
     def _merge(self, outcome) -> None:
         from sparsec.plan import Plan

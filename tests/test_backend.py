@@ -81,6 +81,9 @@ def test_graph_break_subgraphs_are_each_planned_into_one_report(scenario_fp, tmp
     assert float((y - ref).norm() / ref.norm()) < 0.1  # two layers, each within the 5% budget
     data = json.loads(path.read_text())
     assert [(l["name"], l["graph"]) for l in data["layers"]] == [("a", 0), ("b", 1)]
+    # the second subgraph only gets what the first left: the combined error stays within budget
+    assert data["error_budget"] == 0.05
+    assert data["end_to_end"]["measured_error"] <= 0.05 + 1e-9
 
 
 class Ops(nn.Module):
@@ -126,3 +129,41 @@ def test_backend_called_directly_returns_callable_matching_graph(scenario_fp):
     x = torch.randn(10, 16)
     fn = sparsec_backend(gm, [x], options={"fingerprint": scenario_fp(), "error_budget": 0.0})
     assert torch.allclose(fn(x), gm(x))
+
+
+class DecayingBroken(nn.Module):
+    """Two layers with smoothly decaying singular values, split by a graph break."""
+
+    def __init__(self, d=128):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for lin in (self.a, self.b):
+                U, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+                V, _ = torch.linalg.qr(torch.randn(d, d, generator=g))
+                lin.weight.copy_((U * torch.exp(-torch.arange(d, dtype=torch.float32) / 6.0)) @ V.T)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def test_later_subgraphs_get_only_the_budget_earlier_ones_left(scenario_fp):
+    torch.manual_seed(3)
+    model = DecayingBroken()
+    x = torch.randn(1024, 128)
+    options = {"fingerprint": scenario_fp(), "error_budget": 0.05, "formats": ["lowrank"]}
+    compiled = torch.compile(model, backend="sparsec", options=options)
+    with torch.no_grad():
+        y, ref = compiled(x), model(x)
+    from sparsec.backend import session_for
+
+    report = session_for(options, None).report.to_dict()
+    assert [l["format"].split(":")[0] for l in report["layers"]] == ["lowrank", "lowrank"]
+    first = report["layers"][0]["measured_error"]
+    left = (0.05 ** 2 - first ** 2) ** 0.5
+    assert any(f"within the {left:.3%} of the error budget" in w for w in report["warnings"])
+    assert report["end_to_end"]["measured_error"] <= 0.05
+    assert float((y - ref).norm() / ref.norm()) <= 0.05
