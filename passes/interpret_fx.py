@@ -63,15 +63,24 @@ def flatten_outputs(out) -> list[torch.Tensor]:
 
 
 def relative_l2(outputs: list[list[torch.Tensor]], references: list[list[torch.Tensor]]) -> float:
-    """||out - ref|| / ||ref|| over every output of every calibration call, in float64."""
-    num = den = 0.0
+    """The largest, over the graph's outputs, of ||out - ref|| / ||ref|| across all calibration calls.
+
+    Per output, not over all outputs together: a small output (a classifier's logits) must not
+    hide behind a large one (a hidden state). Computed in float64.
+    """
+    num: dict[int, float] = {}
+    den: dict[int, float] = {}
     for outs, refs in zip(outputs, references):
-        for o, r in zip(outs, refs):
-            num += float(torch.sum((o.double() - r.double()) ** 2))
-            den += float(torch.sum(r.double() ** 2))
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return (num / den) ** 0.5
+        for i, (o, r) in enumerate(zip(outs, refs)):
+            num[i] = num.get(i, 0.0) + float(torch.sum((o.double() - r.double()) ** 2))
+            den[i] = den.get(i, 0.0) + float(torch.sum(r.double() ** 2))
+    worst = 0.0
+    for i in num:
+        if den[i] == 0.0:
+            worst = max(worst, 0.0 if num[i] == 0.0 else float("inf"))
+        else:
+            worst = max(worst, (num[i] / den[i]) ** 0.5)
+    return worst
 
 
 def empty_stats(sites: list[Site]) -> dict[str, SiteStats]:
