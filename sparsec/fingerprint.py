@@ -75,6 +75,7 @@ class Prediction:
     us: float
     kernel: str
     note: str = ""
+    unmeasured: str = ""  # the format setting lies outside what was measured (e.g. "kept fraction 0.75 above measured 0.5")
 
     @property
     def impl(self) -> str | None:
@@ -235,10 +236,10 @@ class Fingerprint:
         if table is None:  # only low rank gets here: compose it from two dense GEMMs
             return self._compose_lowrank(spec, M, N, K, dtype, mode)
         edge: set[str] = set()
-        log_us, kernel = self._interpolate(spec, table, M, N, K, edge, notes)
-        return Prediction(math.exp(log_us), kernel, "; ".join(notes + sorted(edge)))
+        log_us, kernel, unmeasured = self._interpolate(spec, table, M, N, K, edge, notes)
+        return Prediction(math.exp(log_us), kernel, "; ".join(notes + sorted(edge)), unmeasured)
 
-    def _interpolate(self, spec, table: _Table, M, N, K, edge: set[str], notes: list[str]) -> tuple[float, str]:
+    def _interpolate(self, spec, table: _Table, M, N, K, edge: set[str], notes: list[str]) -> tuple[float, str, str]:
         keys = list(table.grids)
         if isinstance(spec, Block):
             sizes = sorted({k[0] for k in keys})
@@ -257,14 +258,16 @@ class Fingerprint:
             params = [k[0] for k in keys]
             query, label = spec.nblocks, "monarch blocks"
         else:
-            return table.log_us((), M, N, K, edge)
+            return (*table.log_us((), M, N, K, edge), "")
         answers = [table.log_us(k, M, N, K, edge) for k in keys]
         log_us, side = loglog(params, [a[0] for a in answers], query, _PARAM_SLOPES[spec.family])
+        unmeasured = ""
         if side:
             bound = params[0] if side == "below" else params[-1]
-            edge.add(f"{label} {query:g} {side} measured {bound:g}; extrapolated")
+            unmeasured = f"{label} {query:g} {side} measured {bound:g}"
+            edge.add(f"{unmeasured}; extrapolated")
         nearest = min(range(len(keys)), key=lambda i: abs(math.log(params[i] / query)))
-        return log_us, answers[nearest][1]
+        return log_us, answers[nearest][1], unmeasured
 
     def _compose_lowrank(self, spec: LowRank, M, N, K, dtype, mode) -> Prediction:
         R = spec.rank

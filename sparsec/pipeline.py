@@ -143,6 +143,13 @@ def cost(layers: list[Layer], fingerprint, options: Options) -> None:
                 continue
             pred = fingerprint.predict_detail(cand.fmt, M, site.N, site.K, dtype=site.dtype_name, mode=mode)
             cand.predicted_us, cand.kernel, cand.note, cand.impl = pred.us, pred.kernel, pred.note, pred.impl
+            unmeasured = getattr(pred, "unmeasured", "")
+            if layer.requested == "auto" and unmeasured:
+                cand.rejected_because = (
+                    f"not measured on {fingerprint.name}: {unmeasured}; sparsec does not choose "
+                    f"a setting its fingerprint has not timed"
+                )
+                continue
             if layer.requested == "auto" and cand.predicted_us >= layer.dense.predicted_us:
                 cand.rejected_because = (
                     f"predicted {layer.dense.predicted_us / cand.predicted_us:.2f}x of dense "

@@ -211,3 +211,17 @@ def test_measure_refuses_a_rewrite_that_times_slower_than_dense_here(scenario_fp
     assert layer["reason"].startswith("kept dense: 2:4 measured") and "slower than dense" in layer["reason"]
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))
+
+
+def test_a_format_setting_the_fingerprint_never_timed_is_not_chosen():
+    # h200 timed block kept fractions up to 0.5; 0.75 would be an extrapolation
+    fp = sparsec.load_fingerprint("h200")
+    pred = fp.predict_detail("block:64:0.75", 4096, 3072, 768, "bfloat16", "graph")
+    assert pred.unmeasured == "kept fraction 0.75 above measured 0.5"
+    assert fp.predict_detail("block:64:0.5", 4096, 3072, 768, "bfloat16", "graph").unmeasured == ""
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(768, 3072)).to(torch.bfloat16)
+    result = sparsec.optimize(model, (torch.randn(4096, 768, dtype=torch.bfloat16),), fingerprint="h200",
+                              error_budget=0.9, formats=["block"], mode="reduce-overhead", lower=False)
+    cands = {c["format"]: c["rejected_because"] for c in result.report.layers[0]["candidates"]}
+    assert cands["block:64:0.75"].startswith("not measured on h200: kept fraction 0.75 above measured 0.5")
