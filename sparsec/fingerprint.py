@@ -17,6 +17,7 @@ import json
 import math
 import operator
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -237,7 +238,21 @@ class Fingerprint:
             return self._compose_lowrank(spec, M, N, K, dtype, mode)
         edge: set[str] = set()
         log_us, kernel, unmeasured = self._interpolate(spec, table, M, N, K, edge, notes)
+        unmeasured = unmeasured or self._cut_short(M, edge)
         return Prediction(math.exp(log_us), kernel, "; ".join(notes + sorted(edge)), unmeasured)
+
+    def _cut_short(self, M: int, edge: set[str]) -> str:
+        """Non-empty when M lies beyond where this kernel's curve stopped although the grid went on.
+
+        The harness stops timing an implementation at larger M once it is far slower than dense
+        there; extending such a curve is a guess about a regime the device was never timed in.
+        """
+        grid_M = (self.data.get("grid") or {}).get("M") or []
+        top = max(grid_M) if grid_M else None
+        stops = [int(m) for note in edge for m in re.findall(r"extrapolated beyond M=(\d+)", note)]
+        if top is None or not stops or min(stops) >= top:
+            return ""
+        return f"M={M} beyond M={min(stops)}, the largest this kernel was timed at for such shapes"
 
     def _interpolate(self, spec, table: _Table, M, N, K, edge: set[str], notes: list[str]) -> tuple[float, str, str]:
         keys = list(table.grids)

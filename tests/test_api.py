@@ -216,12 +216,15 @@ def test_measure_refuses_a_rewrite_that_times_slower_than_dense_here(scenario_fp
 def test_a_format_setting_the_fingerprint_never_timed_is_not_chosen():
     # h200 timed block kept fractions up to 0.5; 0.75 would be an extrapolation
     fp = sparsec.load_fingerprint("h200")
-    pred = fp.predict_detail("block:64:0.75", 4096, 3072, 768, "bfloat16", "graph")
+    pred = fp.predict_detail("block:64:0.75", 1024, 3072, 768, "bfloat16", "graph")
     assert pred.unmeasured == "kept fraction 0.75 above measured 0.5"
-    assert fp.predict_detail("block:64:0.5", 4096, 3072, 768, "bfloat16", "graph").unmeasured == ""
+    assert fp.predict_detail("block:64:0.5", 1024, 3072, 768, "bfloat16", "graph").unmeasured == ""
+    # nor a token count beyond where the harness stopped timing a kernel (it was far slower there)
+    beyond = fp.predict_detail("2:4", 8192, 512, 512, "bfloat16", "graph").unmeasured
+    assert beyond.startswith("M=8192 beyond M=")
     torch.manual_seed(13)
     model = nn.Sequential(nn.Linear(768, 3072)).to(torch.bfloat16)
-    result = sparsec.optimize(model, (torch.randn(4096, 768, dtype=torch.bfloat16),), fingerprint="h200",
+    result = sparsec.optimize(model, (torch.randn(1024, 768, dtype=torch.bfloat16),), fingerprint="h200",
                               error_budget=0.9, formats=["block"], mode="reduce-overhead", lower=False)
     cands = {c["format"]: c["rejected_because"] for c in result.report.layers[0]["candidates"]}
     assert cands["block:64:0.75"].startswith("not measured on h200: kept fraction 0.75 above measured 0.5")

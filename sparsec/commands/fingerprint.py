@@ -77,7 +77,7 @@ def _spec_for(variant: str, N: int, K: int) -> str:
 
 def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, int, int | None, float]]:
     """Per measured (N, K): the first measured M from which ``variant`` beats dense at every
-    larger measured M (None if never), and its best speed-up over dense."""
+    larger measured M (None if never), and its best measured speed-up over dense."""
     from sparsec.fingerprint import FingerprintError
 
     dense = {(e["N"], e["K"], e["M"]) for e in fp.data["kernels"].get("dense", [])
@@ -92,7 +92,12 @@ def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, 
             continue
         Ms = sorted(m for n, k, m in dense if (n, k) == (N, K))
         try:
-            speed = [fp.predict("dense", M, N, K, dtype, mode) / fp.predict(spec, M, N, K, dtype, mode) for M in Ms]
+            # a point the format was never timed at counts as "not faster": the table shows measurements
+            speed = []
+            for M in Ms:
+                pred = fp.predict_detail(spec, M, N, K, dtype, mode)
+                dense_us = fp.predict("dense", M, N, K, dtype, mode)
+                speed.append(0.0 if pred.unmeasured else dense_us / pred.us)
         except FingerprintError:
             return []
         first = None
