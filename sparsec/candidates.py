@@ -19,6 +19,7 @@ class Candidate:
     predicted_us: float | None = None
     kernel: str | None = None
     impl: str | None = None  # the codegen implementation the fingerprint priced (None: codegen decides)
+    measured_us: float | None = None  # timed on this device by the measure step
     note: str = ""
     rejected_because: str | None = None
 

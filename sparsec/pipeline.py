@@ -1,6 +1,6 @@
 """The pass order, as one flat function of named steps (DESIGN.md, "The pipeline").
 
-    capture -> calibrate -> candidates -> cost -> approximate -> select -> [measure] -> verify -> lower -> report
+    capture -> calibrate -> candidates -> cost -> approximate -> select -> verify -> [measure] -> lower -> report
 
 The pipeline knows neither FX nor ONNX. A front-end supplies the graph-specific parts through
 the small ``Frontend`` protocol: what the sites are, their calibration statistics, the end-to-end
@@ -61,8 +61,9 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     cost(layers, fingerprint, options)
     approximate(layers, options)
     alloc = select(layers, options, fingerprint)
-    measure(layers, alloc, options)
     e2e = verify(frontend, layers, alloc, options)
+    while measure(layers, alloc, options):
+        e2e = verify(frontend, layers, alloc, options)
     lowered = lower(frontend, layers) if options.lower else None
     plan = plan_of(layers, fingerprint, options)
     report = report_of(frontend, layers, skipped, e2e, fingerprint, options)
@@ -285,33 +286,41 @@ def _forced_choice(layer: Layer) -> Candidate:
 # -- measure ----------------------------------------------------------------------------------
 
 
-def measure(layers: list[Layer], alloc, options: Options) -> None:
+def measure(layers: list[Layer], alloc, options: Options) -> bool:
     """With ``measure: True``: time each chosen rewrite against dense on this device, at its M.
 
     The fingerprint predicts; this checks. An automatically chosen rewrite that measures slower
-    than dense is refused (with the measured figure) and the layer steps back along its hull to
-    the next candidate, which is timed in turn, down to dense. Forced layers are timed, not vetoed.
+    than dense is refused (with the measured figure) and its layer steps back along its hull;
+    returns whether anything was refused, so the pipeline verifies the new choice (and measures
+    whatever that picks) again. Forced layers are timed, not vetoed. Each candidate is timed once.
     """
     if not options.measure or not options.lower:
-        return
+        return False
     from sparsec.measure import time_layer
 
     hulls = {h.layer.name: h for h in alloc.hulls}
+    refused = False
     for layer in layers:
-        while layer.chosen is not None and not layer.chosen.is_dense:
-            cand = layer.chosen
-            layer.measured_us_dense, layer.measured_us = time_layer(layer, cand, options)
-            hull = hulls.get(layer.name)
-            if hull is None or layer.measured_us < layer.measured_us_dense:
-                break
-            cand.rejected_because = (
-                f"measured {layer.measured_us_dense / layer.measured_us:.2f}x of dense on this device at "
-                f"M={max(layer.tokens, 1)} (predicted {layer.speedup(cand):.2f}x): slower than dense"
-            )
-            hull.points = hull.points[: hull.index]
-            hull.index -= 1
-            layer.chosen = hull.current
-            layer.measured_us = layer.measured_us_dense = None
+        cand = layer.chosen
+        if cand is None or cand.is_dense:
+            layer.measured_us = None
+            continue
+        if cand.measured_us is None:
+            layer.measured_us_dense, cand.measured_us = time_layer(layer, cand, options)
+        layer.measured_us = cand.measured_us
+        hull = hulls.get(layer.name)
+        if hull is None or cand.measured_us < layer.measured_us_dense:
+            continue
+        cand.rejected_because = (
+            f"measured {layer.measured_us_dense / cand.measured_us:.2f}x of dense on this device at "
+            f"M={max(layer.tokens, 1)} (predicted {layer.speedup(cand):.2f}x): slower than dense"
+        )
+        hull.points = hull.points[: hull.index]
+        hull.index -= 1
+        layer.chosen = hull.current
+        layer.measured_us = None
+        refused = True
+    return refused
 
 
 # -- verify -----------------------------------------------------------------------------------
