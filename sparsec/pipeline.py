@@ -20,7 +20,7 @@ from sparsec.candidates import Candidate, Layer
 from sparsec.formats import Dense, parse_spec
 from sparsec.options import Options
 from sparsec.plan import Plan
-from sparsec.sites import Site, SiteStats, Skipped, relative_output_error
+from sparsec.sites import Site, SiteStats, Skipped, output_energy, relative_output_error
 
 log = logging.getLogger("sparsec")
 
@@ -182,6 +182,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
     for layer in layers:
         site, st = layer.site, layer.stats
         weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+        energy = output_energy(weight, st, site.bias)
         chains: dict[tuple, list[Candidate]] = {}
         for cand in layer.candidates:
             if cand.rejected_because is None:
@@ -203,7 +204,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
                         w_hat = w_hat.to(site.dtype)  # what will run; half the memory of float32 in 16-bit models
                         _APPROXIMATIONS.put((key, cand.fmt), w_hat)
                     cand.approx, cand.method = w_hat, handler.default_method
-                    cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias)
+                    cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias, energy)
                 worst = max(batch, key=lambda c: c.predicted_error)
                 if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:
                     for rest in chain[i + step :]:

@@ -117,12 +117,17 @@ def output_energy(weight: torch.Tensor, stats: SiteStats, bias: torch.Tensor | N
 
 
 def relative_output_error(
-    weight: torch.Tensor, approx: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None
+    weight: torch.Tensor, approx: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None,
+    energy: float | None = None,
 ) -> float:
-    """The layer's relative L2 output error on the calibration activations when W becomes approx."""
+    """The layer's relative L2 output error on the calibration activations when W becomes approx.
+
+    ``energy`` is ``output_energy(weight, stats, bias)`` when the caller scores many candidates
+    of one layer and has it already.
+    """
     diff = weight.to(stats.gram.dtype) - approx.to(stats.gram.dtype)
     num = float(torch.sum((diff @ stats.gram) * diff))
-    den = output_energy(weight, stats, bias)
+    den = output_energy(weight, stats, bias) if energy is None else energy
     if den <= 0.0:
         return 0.0 if num <= 0.0 else math.inf
     return math.sqrt(max(num, 0.0) / den)
