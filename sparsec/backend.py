@@ -32,7 +32,7 @@ class Session:
         self.fingerprint = (
             options.fingerprint if hasattr(options.fingerprint, "predict_detail") else load_fingerprint(options.fingerprint)
         )
-        self.outcomes = []
+        self.graph_errors: list[float] = []  # measured error of each subgraph planned so far
         self.plan = None
         self.report = None
 
@@ -41,7 +41,7 @@ class Session:
         from sparsec.passes.fx_frontend import FxFrontend
         from sparsec.pipeline import optimize_graph
 
-        graph = len(self.outcomes)
+        graph = len(self.graph_errors)
         calibration, warning = calibration_inputs(gm, example_inputs, self.options.calibration)
         heldout = _map_items(gm, example_inputs, self.options.heldout) if self.options.heldout else None
         if self.options.heldout and heldout is None:
@@ -67,19 +67,18 @@ class Session:
             measure_outcome(self, outcome, gm, example_inputs)
         for layer in outcome.layers:
             layer.release()
-        lowered, outcome.lowered = outcome.lowered, None  # the caller owns the compiled graph, not the session
-        self.outcomes.append(outcome)
-        self._merge(outcome)
+        self.graph_errors.append(outcome.report["end_to_end"]["measured_error"] or 0.0)
+        self._merge(outcome)  # the session keeps the plan and report, not the layers or their weights
         if self.options.report:
             self.report.save(self.options.report)
         from sparsec.logs import log_report
 
         log_report(outcome.report)
-        return lowered
+        return outcome.lowered
 
     def _options_for_next_graph(self) -> Options:
         """The budget left after the subgraphs already planned, so the whole model stays within it."""
-        spent = sum((o.report["end_to_end"]["measured_error"] or 0.0) ** 2 for o in self.outcomes)
+        spent = sum(e ** 2 for e in self.graph_errors)
         if not spent:
             return self.options
         left = math.sqrt(max(self.options.error_budget ** 2 - spent, 0.0))
