@@ -111,14 +111,14 @@ def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, 
 
 
 def _show(args) -> int:
-    from rich.console import Console
     from rich.table import Table
 
+    from sparsec.commands import console as commands_console
     from sparsec.fingerprint import load_fingerprint, normalize_dtype
 
     fp = load_fingerprint(args.fingerprint)
     d, m, g = fp.device, fp.data["measured"], fp.data.get("granules", {})
-    console = Console()
+    console = commands_console()
     state = "complete" if fp.complete else "PARTIAL (resume with 'sparsec fingerprint measure -o ...')"
     console.print(f"[bold]{fp.name}[/bold]  {d['name']} ({d['kind']})  hash {fp.hash}  {state}")
     console.print(f"source {fp.source}; measured {fp.data['created']} on {fp.data.get('measured_on', '?')}",

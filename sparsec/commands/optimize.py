@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from rich.console import Console
+from sparsec.commands import console
 
 
 def register(subparsers) -> None:
@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         from sparsec.report import render_table
 
-        Console(stderr=False).print(render_table(result.report))
+        console().print(render_table(result.report))
     print(summary_line(result.report))
     for path in [*result.written, *result.report_paths]:
         print(f"wrote {path}")

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.console import Console
+from sparsec.commands import console
 
 from sparsec.errors import ReportError
 
@@ -41,7 +41,7 @@ def register(subparsers) -> None:
 def _show(args: argparse.Namespace) -> int:
     from sparsec.report import Report, render_table
 
-    _console(args.width).print(render_table(Report.load(args.report)))
+    console(args.width).print(render_table(Report.load(args.report)))
     return 0
 
 
@@ -64,17 +64,6 @@ def _diff(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2))
     else:
-        _console(args.width).print(render_diff(result, show_unchanged=args.all))
+        console(args.width).print(render_diff(result, show_unchanged=args.all))
     return 1 if args.exit_code and result.changed else 0
 
-
-def _console(width: int | None):
-    """A console as wide as asked, as the terminal, or (piped, no COLUMNS) wide enough to read."""
-    import os
-    import sys
-
-    from rich.console import Console
-
-    if width is None and not sys.stdout.isatty() and "COLUMNS" not in os.environ:
-        width = 160
-    return Console(width=width)
