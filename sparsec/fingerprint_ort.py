@@ -290,6 +290,7 @@ def _write(out: Path, doc: dict) -> None:
 
 
 def main(argv=None) -> int:
+    """``python -m sparsec.fingerprint_ort ARGS`` is ``sparsec fingerprint measure --onnxruntime ...``."""
     parser = argparse.ArgumentParser(prog="python -m sparsec.fingerprint_ort", description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", required=True, help="fingerprint JSON to write")
     parser.add_argument("--grid", default="cpu", choices=sorted(GRIDS))
@@ -298,13 +299,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="onnxruntime intra-op threads (0: its default; default: the grid's, 1 on 'cpu')")
     args = parser.parse_args(argv)
-    try:
-        path = measure(Path(args.output), grid=args.grid, provider=args.provider, name=args.name, threads=args.threads)
-    except FingerprintError as exc:
-        print(f"sparsec: error: {exc}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+    from sparsec.cli import main as cli
+
+    command = ["fingerprint", "measure", "--onnxruntime", args.provider, "-o", args.output, "--grid", args.grid]
+    if args.name:
+        command += ["--name", args.name]
+    if args.threads is not None:
+        command += ["--threads", str(args.threads)]
+    return cli(command)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,11 @@ def register(subparsers) -> None:
     m.add_argument("--redo", action="append", default=None, metavar="KERNEL",
                    help="measure this kernel (e.g. cusparselt, sparsec-triton-block) or family (e.g. block) "
                         "again in an existing file, keeping the rest; repeatable")
+    m.add_argument("--onnxruntime", nargs="?", const="CPUExecutionProvider", default=None, metavar="PROVIDER",
+                   help="measure onnxruntime running sparsec's ONNX subgraphs with this execution provider "
+                        "(default CPUExecutionProvider) instead of torch; needs -o")
+    m.add_argument("--threads", type=int, default=None,
+                   help="with --onnxruntime: intra-op threads (0: its default pool; default: the grid's, 1 on 'cpu')")
     m.set_defaults(func=_measure)
 
     s = sub.add_parser("show", help="device, ceilings and crossover tables of a fingerprint")
@@ -45,6 +50,16 @@ def register(subparsers) -> None:
 
 
 def _measure(args) -> int:
+    if args.onnxruntime:
+        from sparsec.errors import FingerprintError
+        from sparsec.fingerprint_ort import measure as measure_ort
+
+        if args.output is None:
+            raise FingerprintError("--onnxruntime needs -o PATH (an onnxruntime fingerprint is not this device's own)")
+        path = measure_ort(args.output, grid=args.grid or "cpu", provider=args.onnxruntime, name=args.name,
+                           threads=args.threads)
+        print(f"wrote {path}")
+        return 0
     from sparsec.fingerprint_measure import measure
 
     measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name, redo=args.redo)
