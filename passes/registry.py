@@ -14,9 +14,3 @@ HANDLERS = {
     for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER)
 }
 
-
-def handler_for(family: str):
-    try:
-        return HANDLERS[family]
-    except KeyError:
-        raise KeyError(f"no pass implements format family {family!r}") from None

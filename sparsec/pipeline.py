@@ -49,7 +49,6 @@ class Outcome:
     plan: Plan
     report: dict
     lowered: Any = None
-    history: list[str] = field(default_factory=list)
 
 
 def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome:
@@ -68,7 +67,9 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     plan = plan_of(layers, fingerprint, options)
     report = report_of(frontend, layers, skipped, e2e, fingerprint, options)
     report["warnings"].extend(warnings)
-    return Outcome(layers, skipped, plan, report, lowered, list(alloc.history) if alloc else [])
+    # how the budget was calibrated, re-allocated and backed off, per subgraph
+    report["planner_log"] = [f"graph {frontend.graph}: {line}" for line in alloc.history]
+    return Outcome(layers, skipped, plan, report, lowered)
 
 
 # -- capture ----------------------------------------------------------------------------------

@@ -61,11 +61,6 @@ class SiteStats:
     calls: list[int] = field(default_factory=list)
     prior_rows: int = 0  # pseudo-rows added by ``add_isotropic_prior``
 
-    @property
-    def undersampled(self) -> bool:
-        """Fewer calibration rows than inputs: the Gram matrix is singular."""
-        return self.rows < self.gram.shape[0]
-
     def add_isotropic_prior(self) -> bool:
         """Give an under-sampled Gram matrix the energy of the rows it never saw, spread evenly.
 

@@ -167,3 +167,14 @@ def test_later_subgraphs_get_only_the_budget_earlier_ones_left(scenario_fp):
     assert any(f"within the {left:.3%} of the error budget" in w for w in report["warnings"])
     assert report["end_to_end"]["measured_error"] <= 0.05
     assert float((y - ref).norm() / ref.norm()) <= 0.05
+
+
+def test_the_planner_log_of_every_subgraph_survives_the_merge(scenario_fp):
+    model = DecayingBroken()
+    options = {"fingerprint": scenario_fp(), "error_budget": 0.05, "formats": ["lowrank"]}
+    with torch.no_grad():
+        torch.compile(model, backend="sparsec", options=options)(torch.randn(1024, 128))
+    from sparsec.backend import session_for
+
+    log = session_for(options, None).report.to_dict()["planner_log"]
+    assert any(line.startswith("graph 0: ") for line in log) and any(line.startswith("graph 1: ") for line in log)

@@ -141,6 +141,8 @@ class Report:
         if "skipped" in combined or "skipped" in other._data:
             combined["skipped"] = ([dict(x, graph=x.get("graph", 0)) for x in combined.get("skipped", [])]
                                    + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("skipped", [])])
+        if "planner_log" in combined or "planner_log" in other._data:
+            combined["planner_log"] = list(combined.get("planner_log", [])) + list(other.get("planner_log", []))
         combined["totals"] = combine_totals(self.totals, other.totals)
         combined["end_to_end"] = combine_end_to_end(self.end_to_end, self.totals,
                                                     other.end_to_end, other.totals)
