@@ -61,10 +61,10 @@ class FxFrontend:
     def lower(self, layers: list[Layer]):
         rewritten = rewrite_fx.rewrite(self.gm, self.nodes, layers)
         if self._use_inductor():
+            from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            patches = {"triton.cudagraphs": self.mode == "reduce-overhead"}
-            return compile_fx(rewritten, self.example_inputs, config_patches=patches)
+            return compile_fx(rewritten, self.example_inputs, config_patches=list_mode_options(self.mode))
         return rewritten
 
     def device_name(self) -> str:

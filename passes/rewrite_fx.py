@@ -4,6 +4,10 @@ The user's graph module is copied first; the copy gets one ``PackedLinear`` subm
 rewritten site (packed weights as buffers, built from the approximation, never from the user's
 tensor in place), and the site's node calls it. The rest of the graph is untouched, so the dense
 remainder can be handed to inductor as before.
+
+A Dynamo graph carries metadata that tells AOTAutograd which inputs are parameters (static
+addresses for CUDA graphs); the copy keeps it and names the new packed buffers too. Without it
+every CUDA-graph replay would copy every weight into the graph's input buffers.
 """
 
 from __future__ import annotations
@@ -41,7 +45,27 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[Layer]) 
         new_gm.graph.erase_node(node)
     new_gm.graph.eliminate_dead_code()
     new_gm.recompile()
+    _keep_dynamo_metadata(gm, new_gm, node_map)
     return new_gm
+
+
+def _keep_dynamo_metadata(gm: fx.GraphModule, new_gm: fx.GraphModule, node_map: dict[fx.Node, fx.Node]) -> None:
+    """Carry what AOTAutograd reads from a Dynamo graph (see its ``_try_get_metadata_from_dynamo``)."""
+    if "dynamo_compile_id" not in gm.meta:
+        return
+    new_gm.meta.update(gm.meta)
+    for old, new in node_map.items():
+        if old.op == "placeholder" and hasattr(old, "_dynamo_source"):
+            new._dynamo_source = old._dynamo_source
+    if hasattr(gm, "_param_name_to_source"):
+        from torch._dynamo.source import ConstantSource
+
+        sources = dict(gm._param_name_to_source)
+        names = [n for n, _ in new_gm.named_parameters(remove_duplicate=False)]
+        names += [n for n, _ in new_gm.named_buffers(remove_duplicate=False)]
+        for name in names:
+            sources.setdefault(name, ConstantSource(f"sparsec_packed.{name}"))
+        new_gm._param_name_to_source = sources
 
 
 def _safe(name: str) -> str:

@@ -32,8 +32,11 @@ class Options:
 
     @property
     def cost_mode(self) -> str:
-        """Which launch regime the cost model prices: CUDA-graph replay or eager launches."""
-        return "graph" if self.mode == "reduce-overhead" else "eager"
+        """Which launch regime the cost model prices: CUDA-graph replay or eager launches.
+
+        The modes are torch.compile's; the two that replay CUDA graphs are priced as graphs.
+        """
+        return "graph" if self.mode in ("reduce-overhead", "max-autotune") else "eager"
 
 
 KNOWN = {

@@ -228,3 +228,11 @@ def test_a_format_setting_the_fingerprint_never_timed_is_not_chosen():
                               error_budget=0.9, formats=["block"], mode="reduce-overhead", lower=False)
     cands = {c["format"]: c["rejected_because"] for c in result.report.layers[0]["candidates"]}
     assert cands["block:64:0.75"].startswith("not measured on h200: kept fraction 0.75 above measured 0.5")
+
+
+@pytest.mark.parametrize("mode, regime", [("default", "eager"), ("reduce-overhead", "graph"),
+                                          ("max-autotune", "graph"), ("max-autotune-no-cudagraphs", "eager")])
+def test_modes_that_replay_cuda_graphs_are_priced_as_graphs(mode, regime):
+    from sparsec.options import parse_options
+
+    assert parse_options({}, mode=mode).cost_mode == regime

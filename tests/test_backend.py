@@ -178,3 +178,35 @@ def test_the_planner_log_of_every_subgraph_survives_the_merge(scenario_fp):
 
     log = session_for(options, None).report.to_dict()["planner_log"]
     assert any(line.startswith("graph 0: ") for line in log) and any(line.startswith("graph 1: ") for line in log)
+
+
+def test_rewritten_graph_keeps_weights_static_for_cuda_graphs(monkeypatch):
+    """CUDA-graph replay copies every input it does not know to be static; the weights must be.
+
+    The rewritten graph is a copy of Dynamo's; if it lost Dynamo's metadata, AOTAutograd would
+    mark no input static and every replay would copy all weights (dense and packed) first.
+    """
+    import torch._inductor.compile_fx as compile_fx
+
+    from sparsec.passes.fx_frontend import FxFrontend
+
+    monkeypatch.setattr(FxFrontend, "_use_inductor", lambda self: True)
+    seen = []
+    original = compile_fx.get_static_input_idxs
+    monkeypatch.setattr(compile_fx, "get_static_input_idxs", lambda n: seen.append((n, list(original(n)))) or seen[-1][1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).eval()
+    x = torch.randn(16, 128)
+    options = {"plan": {"layers": {"0": "lowrank:32"}}, "fingerprint": "cpu"}
+    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
+    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
+    with torch.no_grad():
+        y = torch.compile(model, backend="sparsec", options=options)(x)
+    from sparsec.backend import session_for
+
+    assert [l["format"] for l in session_for(options, None).report.layers] == ["lowrank:32", "dense"]
+    assert torch.isfinite(y).all() and y.shape == (16, 128)
+    (num_packed, static), = seen
+    # lifted packed buffers (2 factors + bias) then Dynamo's inputs: 4 parameters and x
+    assert num_packed == 3
+    assert len(static) == 3 + 4 and set(range(3)) <= set(static)
