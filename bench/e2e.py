@@ -84,6 +84,11 @@ class Embedder(nn.Module):
 
 DEVICE = "cuda"
 PROFILE = None  # --profile CONFIG: list the GPU kernels of that configuration (first model only)
+ONLY = None  # --only CONFIG,...: run just these configurations (and inductor-cg, the ratios' base)
+
+
+def wanted(config) -> bool:
+    return ONLY is None or config in ONLY or config == "inductor-cg"
 
 
 def profile_table(fn, inputs, row) -> None:
@@ -163,6 +168,8 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
 
     def add(config, fn, report=None, budget=None):
         row = {"model": name, "config": config}
+        if not wanted(config):
+            return row
         try:
             torch._dynamo.reset()  # each configuration compiles afresh: no recompile limit, no stale cache
             with torch.no_grad():
@@ -206,13 +213,15 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
     add("eager", model)
     add("inductor", torch.compile(model))
     add("inductor-cg", torch.compile(model, mode="reduce-overhead"))
-    if name.startswith("mlp") and DEVICE == "cuda":
+    if name.startswith("mlp") and DEVICE == "cuda" and (wanted("torch-2:4 eager") or wanted("torch-2:4 inductor")):
         sparse = torch_2to4(model)
         add("torch-2:4 eager", sparse)
         add("torch-2:4 inductor", torch.compile(sparse))
         del sparse
     for label, options, budget in extra_sparsec:
         for ro in (False, True):
+            if not wanted(f"sparsec {label}" + (" +cg" if ro else "")):
+                continue
             compiled, opts = sparsec_compiled(model, {"fingerprint": fingerprint, "calibration": calib, "measure": True, **options}, ro)
             add(f"sparsec {label}" + (" +cg" if ro else ""), compiled, lambda o=opts: session_report(o), budget)
     base = next((r["us"] for r in rows if r["config"] == "inductor-cg" and "us" in r), None)
@@ -334,10 +343,12 @@ def main(argv=None):
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--export-minilm", metavar="DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing real")
+    ap.add_argument("--only", default=None, help="comma-separated configurations to run, e.g. 'sparsec auto 1%% +cg'")
     ap.add_argument("--profile", default=None, help="configuration whose kernels to list, e.g. 'sparsec 2:4 +cg'")
     args = ap.parse_args(argv)
-    global DEVICE, PROFILE
+    global DEVICE, PROFILE, ONLY
     PROFILE = args.profile
+    ONLY = None if args.only is None else set(args.only.split(","))
     if args.smoke:
         DEVICE = "cpu"
     if args.export_minilm:
