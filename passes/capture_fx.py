@@ -114,6 +114,17 @@ class ConstantFolder:
         return True, a
 
 
+def parameter_sources(gm: fx.GraphModule, example_inputs) -> list:
+    """Dynamo's sources of the graph inputs that are the model's parameters and buffers."""
+    out = []
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs or []):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        if source is not None and (isinstance(value, torch.nn.Parameter) or _is_module_state(node)):
+            out.append(source)
+    return out
+
+
 def _is_module_state(node: fx.Node) -> bool:
     ga = node.meta.get("grapharg")
     source = getattr(ga, "source", None)

@@ -23,6 +23,7 @@ class FxFrontend:
         self.mode = mode
         self.sites: dict[str, Site] = {}
         self.nodes: dict[str, fx.Node] = {}
+        self.modules: dict = {}  # the packed linears ``lower`` built, by site name
         self._references: list[list[torch.Tensor]] = []
         self._heldout_references: list[list[torch.Tensor]] | None = None
 
@@ -59,7 +60,12 @@ class FxFrontend:
         return bool(self.heldout)
 
     def lower(self, layers: list[Layer]):
-        rewritten = rewrite_fx.rewrite(self.gm, self.nodes, layers)
+        self.modules = rewrite_fx.packed_modules(layers)
+        return self.lower_modules(self.modules)
+
+    def lower_modules(self, modules: dict):
+        """The graph with the named sites calling ``modules`` (packed linears), compiled for its device."""
+        rewritten = rewrite_fx.rewrite(self.gm, self.nodes, self.sites, modules)
         if self._use_inductor():
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx

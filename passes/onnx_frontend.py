@@ -21,9 +21,9 @@ classifier's logits must not hide behind a large hidden-state output.
 
 A layer that saw fewer calibration rows than it has inputs has a singular Gram matrix: the
 planner would take every direction the data never showed as free to drop, and a factorisation
-fitted to those few rows looks lossless while it is not. Such a Gram matrix gets an isotropic
-prior (the missing rows assumed to carry the seen rows' average energy, spread evenly), and the
-layer is listed in ``undersampled`` for the report to warn about.
+fitted to those few rows looks lossless while it is not. Such a layer is fitted data-free (an
+isotropic Gram matrix of the same trace), so the error measured on calibration holds for new
+inputs, and it is listed in ``undersampled`` for the report to warn about.
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ class OnnxFrontend:
                 _accumulate(stats[key], x, calls)
         self.undersampled = []
         for key, st in stats.items():
-            if st.add_isotropic_prior():
+            if st.fall_back_to_isotropic():
                 names = [s.name for s in sites if s.input_key == key]
                 self.undersampled.append((", ".join(names), st.rows, st.gram.shape[0]))
         return stats

@@ -15,27 +15,38 @@ from __future__ import annotations
 import torch.fx as fx
 
 from sparsec.candidates import Layer
+from sparsec.sites import Site
 
 
-def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], layers: list[Layer]) -> fx.GraphModule:
+def packed_modules(layers: list[Layer]) -> dict[str, "PackedLinear"]:
+    """One ``PackedLinear`` per rewritten site, built from its approximation in the site's dtype."""
     from sparsec.codegen import PackedLinear, pack
 
-    chosen = [layer for layer in layers if layer.chosen is not None and not layer.chosen.is_dense]
-    if not chosen:
+    modules = {}
+    for layer in layers:
+        if layer.chosen is None or layer.chosen.is_dense:
+            continue
+        site = layer.site
+        approx = layer.chosen.approx.to(device=site.weight.device, dtype=site.dtype)
+        bias = None if site.bias is None else site.bias.detach().clone()
+        packed = pack(layer.chosen.spec, approx)
+        impl = layer.chosen.impl if (approx.device.type == "cuda" and layer.chosen.impl in packed.handler.impls) else "auto"
+        modules[site.name] = PackedLinear(packed, bias, impl=impl)
+    return modules
+
+
+def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site], modules: dict) -> fx.GraphModule:
+    """A copy of ``gm`` whose sites named in ``modules`` call those modules instead."""
+    if not modules:
         return gm
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, node_map))
     new_gm = fx.GraphModule(gm, graph)
-    for i, layer in enumerate(chosen):
-        site = layer.site
-        node = node_map[nodes[site.name]]
-        approx = layer.chosen.approx.to(device=site.weight.device, dtype=site.dtype)
-        bias = None if site.bias is None else site.bias.detach().clone()
-        packed = pack(layer.chosen.spec, approx)
-        impl = layer.chosen.impl if (approx.device.type == "cuda" and layer.chosen.impl in packed.handler.impls) else "auto"
-        module = PackedLinear(packed, bias, impl=impl)
-        attr = f"sparsec_{i}_{_safe(site.name)}"
+    for i, (name, module) in enumerate(modules.items()):
+        site = sites[name]
+        node = node_map[nodes[name]]
+        attr = f"sparsec_{i}_{_safe(name)}"
         new_gm.add_submodule(attr, module)
         x = node.args[1] if site.op == "addmm" else node.args[0]
         with new_gm.graph.inserting_before(node):

@@ -4,6 +4,11 @@ Dynamo hands the backend one FX subgraph at a time (several when the model has g
 Each is planned, verified and lowered on its own; the plan and report of one compiled model
 accumulate across its subgraphs (appended, never overwritten) in a ``Session`` tied to the
 options dict the user passed, and the report file, if asked for, is rewritten after each one.
+
+When Dynamo recompiles a graph it has already handed over (new input shapes, a failed guard),
+the session lowers it again with the packed layers it built the first time: no second plan, no
+second share of the error budget, no duplicate rows in the report, and the same numerics at
+every shape.
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ class Session:
         self.graph_errors: list[float] = []  # measured error of each subgraph planned so far
         self.plan = None
         self.report = None
+        # site name -> (identity of the weight it was built from, its packed linear or None if dense)
+        self._built: dict[str, tuple[tuple, object]] = {}
 
     def run_graph(self, gm, example_inputs):
         """Plan, verify and lower one subgraph; return its compiled callable (None with lower=False)."""
@@ -48,6 +55,10 @@ class Session:
             warning = (warning + "; " if warning else "") + "held-out inputs could not be matched to this subgraph's inputs"
         frontend = FxFrontend(gm, example_inputs, calibration, heldout, graph=graph, entry=self.entry,
                               mode=self.options.mode)
+        if self.options.lower and self._built:
+            lowered = self._lower_again(frontend)
+            if lowered is not None:
+                return lowered
         options = self._options_for_next_graph()
         outcome = optimize_graph(frontend, options, self.fingerprint)
         outcome.report["error_budget"] = outcome.plan.error_budget = self.options.error_budget
@@ -65,6 +76,11 @@ class Session:
             from sparsec.measure import measure_outcome
 
             measure_outcome(self, outcome, gm, example_inputs)
+        if self.options.lower:
+            for layer in outcome.layers:
+                self._built[layer.name] = (_weight_identity(layer.site.weight), frontend.modules.get(layer.name))
+            if frontend.modules:
+                _guard_weight_identity(gm, example_inputs)
         for layer in outcome.layers:
             layer.release()
         self.graph_errors.append(outcome.report["end_to_end"]["measured_error"] or 0.0)
@@ -75,6 +91,25 @@ class Session:
 
         log_report(outcome.report)
         return outcome.lowered
+
+    def _lower_again(self, frontend):
+        """A recompile of a graph already planned: its sites, from the same weights, are all built."""
+        sites, _ = frontend.capture()
+        if not sites:
+            return None
+        modules = {}
+        for site in sites:
+            built = self._built.get(site.name)
+            if built is None or built[0] != _weight_identity(site.weight):
+                return None
+            if built[1] is not None:
+                modules[site.name] = built[1]
+        from sparsec.logs import logger
+
+        logger.info("recompiled graph with %d planned layers: lowered again with the packed layers already built", len(sites))
+        if modules:
+            _guard_weight_identity(frontend.gm, frontend.example_inputs)
+        return frontend.lower_modules(modules)
 
     def _options_for_next_graph(self) -> Options:
         """The budget left after the subgraphs already planned, so the whole model stays within it."""
@@ -93,6 +128,32 @@ class Session:
         layers = dict(self.plan.layers) if self.plan is not None else {}
         layers.update(outcome.plan.layers)
         self.plan = Plan(layers=layers, fingerprint=outcome.plan.fingerprint, error_budget=outcome.plan.error_budget)
+
+
+def _weight_identity(w: torch.Tensor) -> tuple:
+    """Where a weight lives and its in-place version: equal only for the same, unmodified tensor."""
+    return (w.data_ptr(), tuple(w.shape), tuple(w.stride()), w.dtype, w.device, w._version)
+
+
+def _guard_weight_identity(gm, example_inputs) -> None:
+    """Make Dynamo reuse this compiled graph only with these very weight tensors.
+
+    Dynamo passes parameters as graph inputs and may hand a compiled graph another module
+    instance of the same class; a graph with packed weights baked in would then silently run the
+    first model's weights. An identity guard on each parameter input makes such a call recompile
+    (and be planned for its own weights), as inductor's freezing does.
+    """
+    from torch._guards import TracingContext
+
+    from sparsec.passes.capture_fx import parameter_sources
+
+    context = TracingContext.try_get()
+    if context is None:
+        return
+    from torch._dynamo.guards import GuardBuilder
+
+    for source in parameter_sources(gm, example_inputs):
+        context.guards_context.dynamo_guards.add(source.make_guard(GuardBuilder.ID_MATCH))
 
 
 def _finish(report: dict) -> dict:

@@ -71,6 +71,7 @@ def _time(clock: Clock, calls, graph_mode: bool) -> float:
 def _dense_callable(gm, example_inputs, device, mode):
     if device.type != "cuda":
         return gm
+    from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, list(example_inputs), config_patches={"triton.cudagraphs": mode == "reduce-overhead"})
+    return compile_fx(gm, list(example_inputs), config_patches=list_mode_options(mode))

@@ -131,9 +131,9 @@ def _annotate(outcome, frontend, executor: "Executor", loaded, output: Path, war
     rep = outcome.report
     for names, rows, K in frontend.undersampled:
         warnings.append(
-            f"{names}: calibration gave {rows} rows for {K} inputs, so directions the data never showed were "
-            "assumed to carry its average energy (error estimates are conservative there); pass more samples, "
-            "at least as many rows as inputs")
+            f"{names}: calibration gave {rows} rows for {K} inputs, too few to weight a fit by, so it was "
+            "fitted data-free (as if inputs were isotropic) and its measured error holds for new inputs; pass "
+            "more samples, at least as many rows as inputs, for activation-aware fitting")
     rep["warnings"] = warnings + rep.get("warnings", [])
     rep["executor"] = executor.describe()
     held = frontend.heldout

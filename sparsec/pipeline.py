@@ -85,15 +85,16 @@ def capture(frontend: Frontend) -> tuple[list[Site], list[Skipped]]:
 
 
 def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStats], list[str]]:
-    """Gram statistics of every site's input; under-sampled ones get a prior, and a warning."""
+    """Gram statistics of every site's input; under-sampled ones fall back to data-free fitting, with a warning."""
     stats = frontend.calibrate(sites) if sites else {}
     warnings = []
     for key, st in stats.items():
-        if st.add_isotropic_prior():
+        if st.fall_back_to_isotropic():
             names = ", ".join(s.name for s in sites if s.input_key == key)
             warnings.append(
-                f"{names}: {st.rows} calibration rows for {st.gram.shape[0]} inputs; directions the data never "
-                f"showed were given the average energy of those it did (supply more calibration data)"
+                f"{names}: {st.rows} calibration rows for {st.gram.shape[0]} inputs, too few to weight a fit by; "
+                f"fitted data-free (as if inputs were isotropic) so its measured error holds for new inputs. "
+                f"Supply at least {st.gram.shape[0]} calibration rows for activation-aware fitting"
             )
     return stats, warnings
 

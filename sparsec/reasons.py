@@ -65,6 +65,8 @@ def layer_reason(layer: Layer, options, fingerprint) -> str:
     timed = [c for c in layer.candidates if c.predicted_us]
     if timed:
         best = min(timed, key=lambda c: c.predicted_us)
+        if (layer.speedup(best) or 0.0) > 1.0 and best.rejected_because:
+            return f"kept dense: the fastest candidate, {best.fmt} ({_x(layer.speedup(best))}), was refused: {best.rejected_because}"
         return (
             f"kept dense: every candidate is predicted slower than dense on {fp} at M={M} "
             f"(fastest: {best.fmt} at {_x(layer.speedup(best))})"

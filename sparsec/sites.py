@@ -59,23 +59,25 @@ class SiteStats:
     total: torch.Tensor
     rows: int = 0
     calls: list[int] = field(default_factory=list)
-    prior_rows: int = 0  # pseudo-rows added by ``add_isotropic_prior``
+    isotropic: bool = False  # set by ``fall_back_to_isotropic``
 
-    def add_isotropic_prior(self) -> bool:
-        """Give an under-sampled Gram matrix the energy of the rows it never saw, spread evenly.
+    def fall_back_to_isotropic(self) -> bool:
+        """With fewer rows than inputs, fit as if the inputs were isotropic (data-free).
 
-        With fewer rows than inputs, every direction the data never showed looks free to drop,
-        and a factorisation fitted to those rows looks lossless while it is not. The missing
-        K - rows rows are assumed to carry the seen rows' average energy, spread over all K
-        directions. Idempotent; returns whether a prior was added.
+        Rows fewer than inputs leave directions the data never showed. A fit weighted by those
+        rows drops them as free, and verified on the same rows it looks lossless while it is not:
+        a rank-2048 factorisation of a 14336-input layer fitted to 2048 rows measured 0.86% on
+        its calibration and 85% on a new input. An isotropic Gram matrix of the same trace makes
+        every method data-free (magnitude 2:4, plain SVD, norm-ranked blocks), so the error then
+        measured on the calibration rows is an honest estimate for new inputs. Idempotent;
+        returns whether it fell back.
         """
         K = self.gram.shape[0]
-        if self.prior_rows or self.rows >= K:
+        if self.isotropic or self.rows >= K:
             return False
-        eye = torch.eye(K, dtype=self.gram.dtype, device=self.gram.device)
-        per_row = float(torch.diagonal(self.gram).sum()) / self.rows if self.rows else 1.0
-        self.gram += ((K - self.rows) * per_row / K) * eye
-        self.prior_rows = K - self.rows
+        per_input = float(torch.diagonal(self.gram).sum()) / K if self.rows else 1.0
+        self.gram = per_input * torch.eye(K, dtype=self.gram.dtype, device=self.gram.device)
+        self.isotropic = True
         return True
 
     @property

@@ -186,7 +186,7 @@ def test_heldout_error_is_measured_on_heldout_data(scenario_fp):
 
 def test_too_few_calibration_rows_cannot_make_a_random_layer_look_compressible(scenario_fp):
     # 64 rows for 256 inputs: a rank-64 factorisation reproduces those rows exactly, yet is
-    # useless on any other input; the prior over unseen directions must keep it from being chosen
+    # useless on any other input; fitting data-free must keep it from being chosen
     torch.manual_seed(11)
     model = nn.Sequential(nn.Linear(256, 256))
     calib = [(torch.randn(64, 256),)]
@@ -236,3 +236,20 @@ def test_modes_that_replay_cuda_graphs_are_priced_as_graphs(mode, regime):
     from sparsec.options import parse_options
 
     assert parse_options({}, mode=mode).cost_mode == regime
+
+
+def test_with_fewer_rows_than_inputs_the_fit_is_data_free_so_its_error_holds_on_new_inputs():
+    # 48 rows for 256 inputs: an activation-weighted rank-64 fit could reproduce those rows while
+    # failing elsewhere; the data-free fit is the plain truncated SVD, whatever the rows were
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False)).eval()
+    calib = [(torch.randn(48, 256) @ torch.randn(256, 256),)]
+    result = sparsec.optimize(model, (torch.randn(8, 256),), fingerprint="cpu", calibration=calib,
+                              plan={"layers": {"0": "lowrank:64"}})
+    U, S, Vh = torch.linalg.svd(model[0].weight.detach().double())
+    truncated = (U[:, :64] * S[:64]) @ Vh[:64]
+    x = torch.randn(32, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x).double(), x.double() @ truncated.T, rtol=1e-4, atol=1e-4)
+    assert any("48 calibration rows for 256 inputs" in w and "data-free" in w
+               for w in result.report.to_dict()["warnings"])

@@ -210,3 +210,41 @@ def test_rewritten_graph_keeps_weights_static_for_cuda_graphs(monkeypatch):
     # lifted packed buffers (2 factors + bias) then Dynamo's inputs: 4 parameters and x
     assert num_packed == 3
     assert len(static) == 3 + 4 and set(range(3)) <= set(static)
+
+
+def test_a_recompile_for_new_shapes_reuses_the_plan_and_packed_layers(monkeypatch):
+    import sparsec.pipeline
+
+    calls = []
+    original = sparsec.pipeline.optimize_graph
+    monkeypatch.setattr(sparsec.pipeline, "optimize_graph", lambda *a, **k: calls.append(1) or original(*a, **k))
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 64)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(128, 16) @ torch.randn(16, 128) / 8)  # planted rank 16
+    options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
+    compiled = torch.compile(model, backend="sparsec", options=options, dynamic=False)
+    from sparsec.backend import session_for
+
+    with torch.no_grad():
+        for M in (256, 5, 300):
+            x = torch.randn(M, 128)
+            y, ref = compiled(x), model(x)
+            assert float((y - ref).norm() / ref.norm()) < 1e-4
+    report = session_for(options, None).report
+    assert len(calls) == 1  # planned once, lowered three times
+    assert [(l["name"], l["format"]) for l in report.layers] == [("0", "lowrank:16"), ("2", "dense")]
+
+
+def test_options_shared_by_another_model_with_the_same_layer_names_plan_it_afresh():
+    torch.manual_seed(2)
+    first = nn.Sequential(nn.Linear(128, 128)).eval()
+    second = nn.Sequential(nn.Linear(128, 128)).eval()
+    with torch.no_grad():
+        first[0].weight.copy_(torch.randn(128, 16) @ torch.randn(16, 128) / 8)
+    options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
+    x = torch.randn(256, 128)
+    with torch.no_grad():
+        torch.compile(first, backend="sparsec", options=options)(x)
+        y = torch.compile(second, backend="sparsec", options=options)(x)
+        assert torch.allclose(y, second(x), atol=1e-5)  # not first's packed layer under the same name
