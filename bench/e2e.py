@@ -194,6 +194,12 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
                 row["layers_measured_speedup"] = sorted(
                     round(l["measured_speedup"], 3) for l in rep["layers"] if l.get("measured_speedup") is not None
                 )
+                row["layer_choices"] = [
+                    {k: l.get(k) for k in ("name", "format", "tokens", "predicted_speedup", "measured_speedup",
+                                           "predicted_error", "measured_error", "reason")}
+                    for l in rep["layers"] if l["format"] != "dense"
+                ]
+                row["warnings"] = rep.get("warnings", [])
                 row["layers_predicted_speedup"] = sorted(
                     round(l["predicted_speedup"], 3) for l in rep["layers"] if l.get("predicted_speedup") is not None
                 )
