@@ -23,13 +23,15 @@ class SiteInterpreter(fx.Interpreter):
         self.stats = stats
         self.replacements = replacements or {}
         self.local = local
+        self._counted: set[str] = set()  # inputs already in the statistics this run (gate and up share one)
 
     def run_node(self, n):
         site = self.by_node.get(n)
         if site is None:
             return super().run_node(n)
         x = self._activation(n)
-        if self.stats is not None:
+        if self.stats is not None and site.input_key not in self._counted:
+            self._counted.add(site.input_key)
             self.stats[site.input_key].add(x.detach().reshape(-1, x.shape[-1]))
         weight = self.replacements.get(site.name)
         if weight is None:

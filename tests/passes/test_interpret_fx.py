@@ -18,3 +18,32 @@ def test_error_is_the_worst_output_not_the_pooled_one():
 def test_identical_outputs_have_zero_error_even_when_a_reference_is_zero():
     z = torch.zeros(3)
     assert relative_l2([[z.clone()]], [[z]]) == 0.0
+
+
+def test_layers_sharing_an_input_count_its_rows_once():
+    # gate and up read the same activation: its Gram matrix and row count must not double, or
+    # 2048 rows for 4096 inputs would pass for enough to weight a fit by
+    import torch.nn as nn
+    import torch.nn.functional as F
+
+    from sparsec.passes.fx_frontend import FxFrontend
+
+    class GatedMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.gate, self.up, self.down = nn.Linear(32, 64), nn.Linear(32, 64), nn.Linear(64, 32)
+
+        def forward(self, x):
+            return self.down(F.silu(self.gate(x)) * self.up(x))
+
+    model = GatedMLP().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(24, 32)
+    fe = FxFrontend(gm, [x], [[x]])
+    sites, _ = fe.capture()
+    stats = fe.calibrate(sites)
+    by_name = {s.name: s for s in sites}
+    assert by_name["gate"].input_key == by_name["up"].input_key
+    st = stats[by_name["gate"].input_key]
+    assert st.rows == 24
+    torch.testing.assert_close(st.gram, (x.T @ x).to(st.gram.dtype), rtol=1e-6, atol=1e-6)
