@@ -37,12 +37,12 @@ def fp_file(tmp_path):
     return p
 
 
-def test_crossover_table_finds_first_faster_M(fp_file):
+def test_crossover_table_finds_where_the_format_wins(fp_file):
     fp = Fingerprint(json.loads(fp_file.read_text()))
-    rows = {(n, k): (first, best) for n, k, first, best in fp_cmd.crossover_table(fp, "block:32:0.25", "float32", "eager")}
-    assert rows[(512, 512)][0] == 32
+    rows = {(n, k): (wins, best) for n, k, wins, best in fp_cmd.crossover_table(fp, "block:32:0.25", "float32", "eager")}
+    assert rows[(512, 512)][0] == [(32, None)]
     # 4096x4096: 40 / (0.75 * 167.77) = 0.32, so block wins at every M including 1
-    assert rows[(4096, 4096)][0] == 1
+    assert rows[(4096, 4096)][0] == [(1, None)]
     assert rows[(512, 512)][1] == pytest.approx(crossing(16384, 512, 512) / crossing(16384, 512, 512, 0.25))
 
 
@@ -51,14 +51,31 @@ def test_show_prints_device_ceilings_and_crossovers(fp_file, capsys):
     out = capsys.readouterr().out
     assert "synthetic" in out and "Test CPU" in out and "complete" in out
     assert "copy 10.0 GB/s" in out and "float32 0.2" in out
-    assert "block vs dense, float32: first M from which it is faster (eager; - never)" in out
+    assert "block vs dense, float32: the M where it is faster (eager; - never)" in out
     header = next(ln for ln in out.splitlines() if "N x K" in ln)
     assert [c.strip() for c in header.split("┃")[1:4]] == ["N x K", "block:32:0.25", "block:32:0.5"]
     cells = lambda shape: [c.strip() for c in next(ln for ln in out.splitlines() if shape in ln).split("│")[1:4]]  # noqa: E731
     # at kept fraction 0.5 the crossover on 512x512 is M > 40 / (0.5 * 2.62) = 30.5 -> 32 as well
-    assert cells("512x512") == ["512x512", "32", "32"]
+    assert cells("512x512") == ["512x512", "≥32", "≥32"]
     # 1024x1024, p=0.5: M > 40 / (0.5 * 10.49) = 7.6 -> 8; p=0.25: M > 5.1 -> 8
-    assert cells("1024x1024") == ["1024x1024", "8", "8"]
+    assert cells("1024x1024") == ["1024x1024", "≥8", "≥8"]
+
+
+def small_m_winner(M, N, K, p=1.0):
+    """Dense: 20 us + work. Sparse at p=0.25: 5 us + 1.5 * work: wins while work = M * N * K / 1e5 < 30."""
+    return (20.0 if p == 1.0 else 5.0) + (1.0 if p == 1.0 else 6 * p) * M * N * K / 1e5
+
+
+def test_a_format_winning_only_at_small_M_shows_that_range(tmp_path):
+    data = synthetic(small_m_winner, families=("dense", "block"), block_params=((32, 0.25),))
+    fp = Fingerprint(data)
+    rows = {(n, k): wins for n, k, wins, _ in fp_cmd.crossover_table(fp, "block:32:0.25", "float32", "eager")}
+    # 512x512 at p=0.25: wins while M * 2.62 < 30, i.e. M <= 11.4
+    Ms = sorted({e["M"] for e in data["kernels"]["dense"] if (e["N"], e["K"]) == (512, 512)})
+    last = max(m for m in Ms if m * 512 * 512 / 1e5 < 30)
+    assert rows[(512, 512)] == [(Ms[0], last)]
+    assert fp_cmd.render_wins(rows[(512, 512)]) == f"{Ms[0]}-{last}"
+    assert fp_cmd.render_wins([(1, 16), (2048, None)]) == "1-16,≥2048" and fp_cmd.render_wins([]) == "-"
 
 
 def test_show_rejects_corrupt_file(tmp_path, capsys):

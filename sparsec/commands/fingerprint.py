@@ -90,9 +90,13 @@ def _spec_for(variant: str, N: int, K: int) -> str:
     return variant
 
 
-def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, int, int | None, float]]:
-    """Per measured (N, K): the first measured M from which ``variant`` beats dense at every
-    larger measured M (None if never), and its best measured speed-up over dense."""
+def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, int, list[tuple[int, int | None]], float]]:
+    """Per measured (N, K): the measured M ranges where ``variant`` beats dense, as (first, last)
+    with last None when it keeps winning to the largest measured M, and its best speed-up.
+
+    A format can win at small M only (a 2:4 kernel that reads half the bytes but has more to
+    do per token) or at large M only (a block kernel whose fixed cost is amortised): both show.
+    """
     from sparsec.fingerprint import FingerprintError
 
     dense = {(e["N"], e["K"], e["M"]) for e in fp.data["kernels"].get("dense", [])
@@ -115,14 +119,25 @@ def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, 
                 speed.append(0.0 if pred.unmeasured else dense_us / pred.us)
         except FingerprintError:
             return []
-        first = None
-        for M, s in zip(reversed(Ms), reversed(speed)):
-            if s > 1.0:
-                first = M
-            else:
-                break
-        rows.append((N, K, first, max(speed)))
+        wins: list[tuple[int, int | None]] = []
+        start = None
+        for i, (M, s) in enumerate(zip(Ms, speed)):
+            if s > 1.0 and start is None:
+                start = M
+            if s <= 1.0 and start is not None:
+                wins.append((start, Ms[i - 1]))
+                start = None
+        if start is not None:
+            wins.append((start, None))
+        rows.append((N, K, wins, max(speed)))
     return rows
+
+
+def render_wins(wins: list[tuple[int, int | None]]) -> str:
+    """``[(1, 16), (2048, None)]`` -> ``1-16,≥2048``; no win -> ``-``."""
+    if not wins:
+        return "-"
+    return ",".join(f"≥{a}" if b is None else (str(a) if a == b else f"{a}-{b}") for a, b in wins)
 
 
 def _show(args) -> int:
@@ -162,7 +177,7 @@ def _show(args) -> int:
         variants = [v for v in variants if any(tables[(v, m)] for m in modes)]
         if not variants:
             continue
-        console.print(f"\n{family} vs dense, {dtype}: first M from which it is faster ({how}; - never)")
+        console.print(f"\n{family} vs dense, {dtype}: the M where it is faster ({how}; - never)")
         t = Table()
         t.add_column("N x K")
         for v in variants:
@@ -170,8 +185,8 @@ def _show(args) -> int:
         cells = {}
         for v in variants:
             for mode in modes:
-                for N, K, first, _ in tables[(v, mode)]:
-                    cells.setdefault((N, K), {}).setdefault(v, {})[mode] = "-" if first is None else str(first)
+                for N, K, wins, _ in tables[(v, mode)]:
+                    cells.setdefault((N, K), {}).setdefault(v, {})[mode] = render_wins(wins)
         for N, K in sorted(cells, key=lambda s: (s[0] * s[1], s[0])):
             row = [f"{N}x{K}"]
             for v in variants:
