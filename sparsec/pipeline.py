@@ -339,29 +339,46 @@ class EndToEnd:
 def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> EndToEnd:
     """Measure the rewritten graph's output error: probe each role of layer's end-to-end
     sensitivity, calibrate the error model, re-allocate, and back off auto layers until within
-    budget (``passes.select.fit_to_budget``)."""
+    budget (``passes.select.fit_to_budget``).
+
+    With held-out data the budget binds there too: an allocation fits only if both its
+    calibration and its held-out error are within it, so a fit that only reproduces the
+    calibration rows is backed off rather than reported as a generalisation failure.
+    """
     from sparsec.passes import select as knapsack
 
-    def measure():
-        reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
-        return frontend.evaluate(reps) if reps else (0.0, {})
+    measured: dict[tuple, tuple[float, float | None, dict[str, float]]] = {}
+
+    def replacements():
+        return {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
+
+    def evaluate_current() -> tuple[float, float | None, dict[str, float]]:
+        key = tuple(sorted((l.name, l.chosen.fmt) for l in layers if l.chosen is not None and not l.chosen.is_dense))
+        if key not in measured:
+            reps = replacements()
+            if not reps:
+                measured[key] = (0.0, 0.0 if frontend.has_heldout() else None, {})
+            else:
+                error, local = frontend.evaluate(reps)
+                held = frontend.evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
+                measured[key] = (error, held, local)
+        return measured[key]
 
     def measure_current():
         for h in alloc.hulls:
             h.layer.chosen = h.current
-        return measure()
+        error, held, local = evaluate_current()
+        return (error if held is None else max(error, held)), local
 
     def measure_alone(choices: dict[str, Candidate]) -> float:
         site_of = {l.name: l.site for l in layers}
         return frontend.evaluate({n: c.approx.to(site_of[n].dtype) for n, c in choices.items()})[0]
 
-    error, local = knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
+    knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
     for h in alloc.hulls:
         h.layer.chosen = h.current
-    result = EndToEnd(measured_error=error, local=local)
-    if frontend.has_heldout():
-        reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
-        result.heldout_error = frontend.evaluate(reps, heldout=True)[0] if reps else 0.0
+    error, held, local = evaluate_current()
+    result = EndToEnd(measured_error=error, heldout_error=held, local=local)
     for layer in layers:
         layer.measured_error = local.get(layer.name, 0.0 if layer.chosen is None or layer.chosen.is_dense else None)
     return result

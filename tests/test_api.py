@@ -253,3 +253,20 @@ def test_with_fewer_rows_than_inputs_the_fit_is_data_free_so_its_error_holds_on_
         torch.testing.assert_close(result.module(x).double(), x.double() @ truncated.T, rtol=1e-4, atol=1e-4)
     assert any("48 calibration rows for 256 inputs" in w and "data-free" in w
                for w in result.report.to_dict()["warnings"])
+
+
+def test_with_held_out_data_the_budget_binds_there_too(scenario_fp):
+    # calibration inputs lie near an 8-dimensional subspace (rows enough for a weighted fit),
+    # held-out inputs do not: a rank-8 fit reproduces calibration and fails on held-out data
+    torch.manual_seed(13)
+    model = nn.Sequential(nn.Linear(128, 128, bias=False)).eval()
+    basis = torch.randn(8, 128)
+    calib = [(torch.randn(512, 8) @ basis + 0.001 * torch.randn(512, 128),)]
+    held = [(torch.randn(512, 128),)]
+    kwargs = dict(fingerprint=scenario_fp(), calibration=calib, error_budget=0.05, formats=["lowrank"], lower=False)
+    unchecked = sparsec.optimize(model, (torch.randn(8, 128),), **kwargs)
+    assert unchecked.report.layers[0]["format"] != "dense"  # calibration alone cannot see the problem
+    checked = sparsec.optimize(model, (torch.randn(8, 128),), heldout=held, **kwargs)
+    e2e = checked.report.end_to_end
+    assert e2e["heldout_error"] <= 0.05 and e2e["measured_error"] <= 0.05
+    assert checked.report.layers[0]["format"] == "dense"
