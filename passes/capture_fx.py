@@ -9,6 +9,8 @@ like one is listed as skipped with the reason, and left as it was.
 
 from __future__ import annotations
 
+import math
+
 import operator
 import re
 
@@ -239,14 +241,25 @@ def _is_tensor_valued(node) -> bool:
 
 
 def _rows(x) -> int | None:
-    """Rows of the flattened activation (the M a kernel sees) from the traced example value."""
+    """Rows of the flattened activation (the M a kernel sees) from the traced example value.
+
+    A dynamic dimension counts at the size it was traced with; its hint is read without
+    ``int()``, which would install a guard and make Dynamo specialise the graph to that size.
+    """
     val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
     if not isinstance(val, torch.Tensor) or val.dim() < 1:
         return None
-    try:
-        return int(val.numel() // val.shape[-1]) if val.shape[-1] else None
-    except (TypeError, RuntimeError):  # symbolic sizes
+    sizes = [_size_hint(d) for d in val.shape]
+    if any(d is None for d in sizes) or not sizes[-1]:
         return None
+    return math.prod(sizes[:-1])
+
+
+def _size_hint(d) -> int | None:
+    if isinstance(d, torch.SymInt):
+        hint = getattr(d.node, "hint", None)
+        return int(hint) if isinstance(hint, int) else None
+    return int(d)
 
 
 def _activation_rank(x) -> int | None:

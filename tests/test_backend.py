@@ -248,3 +248,25 @@ def test_options_shared_by_another_model_with_the_same_layer_names_plan_it_afres
         torch.compile(first, backend="sparsec", options=options)(x)
         y = torch.compile(second, backend="sparsec", options=options)(x)
         assert torch.allclose(y, second(x), atol=1e-5)  # not first's packed layer under the same name
+
+
+def test_a_dynamic_recompile_is_not_specialised_back_to_one_size(monkeypatch):
+    # Dynamo marks the batch dimension dynamic after a second size; reading the traced size with
+    # int() would guard it to that size and recompile for every new one (up to its cache limit)
+    from sparsec.backend import Session
+
+    sizes = []
+    original = Session.run_graph
+    monkeypatch.setattr(Session, "run_graph", lambda self, gm, ex: sizes.append(len(ex)) or original(self, gm, ex))
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 32)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+    options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
+    compiled = torch.compile(model, backend="sparsec", options=options)
+    with torch.no_grad():
+        for M in (128, 5, 300, 17, 64):
+            x = torch.randn(M, 64)
+            y, ref = compiled(x), model(x)
+            assert float((y - ref).norm() / ref.norm()) < 1e-4
+    assert len(sizes) == 2  # the first size, then one dynamic graph for every other
