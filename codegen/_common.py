@@ -204,3 +204,34 @@ def compute_dtype(t: torch.Tensor) -> torch.dtype:
     planted structure round-trips to within the rounding of its stored dtype. Packing is
     one-time work; its cost does not matter next to that guarantee."""
     return torch.float64
+
+
+def register_input_grad(op, input_grad: Callable, saved: Sequence[int], bias_index: int | None) -> None:
+    """Give a packed-linear custom op the gradient it passes back: dx = dy @ W (and dbias).
+
+    A model called with autograd on (no ``torch.no_grad()``) traces a backward through every
+    rewritten layer whose input requires grad; without a formula that trace fails. The packed
+    weight tensors are frozen and get no gradient. ``input_grad(dy, *inputs[saved], n_in)``
+    returns dx; it runs at backward time only, so it may expand the weight.
+    """
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*(inputs[i] for i in saved))
+        ctx.n_in = inputs[0].shape[1]
+        ctx.n_inputs = len(inputs)
+
+    def backward(ctx, dy):
+        grads = [None] * ctx.n_inputs
+        if ctx.needs_input_grad[0]:
+            grads[0] = input_grad(dy, *ctx.saved_tensors, ctx.n_in)
+        if bias_index is not None and ctx.needs_input_grad[bias_index]:
+            grads[bias_index] = dy.sum(0)
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup_context)
+
+
+def grad_matmul(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """dy @ w accumulated in float32 (16-bit inputs), returned in dy's dtype."""
+    acc = torch.float32 if dy.dtype in (torch.float16, torch.bfloat16) else dy.dtype
+    return (dy.to(acc) @ w.to(acc)).to(dy.dtype)

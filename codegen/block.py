@@ -18,6 +18,7 @@ tensor-core kernel with 16-token tiles and up.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Optional
 
 import torch
@@ -26,8 +27,8 @@ import triton.language as tl
 
 from sparsec.errors import SparsecError
 
-from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_bucket, match_dtype,
-                      tl_dot_precision)
+from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
+                      register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
@@ -188,6 +189,23 @@ def block_linear_op(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor
 @block_linear_op.register_fake
 def _(x, values, col_idx, row_ptr, order, bias, n_out):
     return x.new_empty(x.shape[0], n_out)
+
+
+@torch.library.custom_op("sparsec::block_linear_input_grad", mutates_args=())
+def block_input_grad_op(dy: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+                        n_in: int) -> torch.Tensor:
+    """dx = dy @ W for the BSR weight (its expansion has a data-dependent shape: kept opaque)."""
+    spec = SimpleNamespace(block=values.shape[1])
+    w = BlockKernels().to_dense(spec, (dy.shape[1], n_in), {"values": values, "col_idx": col_idx, "row_ptr": row_ptr})
+    return grad_matmul(dy, w)
+
+
+@block_input_grad_op.register_fake
+def _(dy, values, col_idx, row_ptr, n_in):
+    return dy.new_empty(dy.shape[0], n_in)
+
+
+register_input_grad(block_linear_op, block_input_grad_op, saved=(1, 2, 3), bias_index=5)
 
 
 class BlockKernels(FormatKernels):

@@ -24,8 +24,8 @@ import triton.language as tl
 
 from sparsec.errors import SparsecError
 
-from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_bucket, match_dtype,
-                      tl_dot_precision)
+from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
+                      register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 # fused below this M when no planner set one. On an H200 (docs/benchmarks.md) the two cuBLAS
@@ -137,6 +137,10 @@ def lowrank_linear_op(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: O
 @lowrank_linear_op.register_fake
 def _(x, u, v, bias, fused):
     return x.new_empty(x.shape[0], u.shape[0])
+
+
+register_input_grad(lowrank_linear_op, lambda dy, u, v, n_in: grad_matmul(grad_matmul(dy, u), v),
+                    saved=(1, 2), bias_index=3)
 
 
 class LowRankKernels(FormatKernels):

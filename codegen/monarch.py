@@ -25,8 +25,8 @@ import triton.language as tl
 
 from sparsec.errors import SparsecError
 
-from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_bucket, match_dtype,
-                      next_pow2, tl_dot_precision)
+from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, m_bucket, match_dtype, next_pow2,
+                      register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 # fused below this M when no planner set one. On an H200 (docs/benchmarks.md) two launches beat
@@ -226,6 +226,22 @@ def monarch_linear_op(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, bias: O
 @monarch_linear_op.register_fake
 def _(x, L, R, bias, fused):
     return x.new_empty(x.shape[0], R.shape[0] * R.shape[1])
+
+
+def monarch_input_grad(dy: torch.Tensor, L: torch.Tensor, R: torch.Tensor, n_in: int) -> torch.Tensor:
+    """dx for y = monarch_reference(x, L, R): the same two block products, transposed, in reverse."""
+    acc = torch.float32 if dy.dtype in (torch.float16, torch.bfloat16) else dy.dtype
+    M = dy.shape[0]
+    nb, p, _ = L.shape
+    n = R.shape[1]
+    dyb = dy.to(acc).reshape(M, nb, n).transpose(0, 1)                     # [c, M, j]
+    dchunks = torch.bmm(dyb, R.to(acc))                                    # [c, M, l]
+    dz = dchunks.transpose(0, 1).reshape(M, p, nb).permute(2, 0, 1)        # [b, M, i]
+    dxb = torch.bmm(dz, L.to(acc))                                         # [b, M, p]
+    return dxb.transpose(0, 1).reshape(M, nb * p).to(dy.dtype)
+
+
+register_input_grad(monarch_linear_op, monarch_input_grad, saved=(1, 2), bias_index=3)
 
 
 class MonarchKernels(FormatKernels):

@@ -33,7 +33,8 @@ import triton.language as tl
 
 from sparsec.errors import SparsecError
 
-from ._common import LazyKernel, check_input, expect_tensor, m_bucket, match_dtype, tl_dot_precision
+from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, m_bucket, match_dtype, register_input_grad,
+                      tl_dot_precision)
 from .packed import FormatKernels, register
 
 # cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
@@ -242,6 +243,10 @@ def _(x, values, meta, bias):
     return x.new_empty(x.shape[0], values.shape[0])
 
 
+register_input_grad(twofour_linear_op, lambda dy, values, meta, n_in: grad_matmul(dy, expand(values, meta, n_in)),
+                    saved=(1, 2), bias_index=3)
+
+
 _ALG_IDS: dict[tuple, int] = {}
 
 
@@ -363,6 +368,8 @@ class TwoFourKernels(FormatKernels):
     def fast(self, x2d, packed, bias, impl):
         check_input(x2d)
         b = None if bias is None else bias.to(x2d.dtype)
+        if impl == "cusparselt" and torch.is_grad_enabled() and x2d.requires_grad:
+            impl = "triton"  # cuSPARSELt's compressed weight has no transpose to pass a gradient back through
         if impl == "cusparselt":
             reason = cslt_reason(*packed.shape, x2d.dtype, x2d.device)
             if reason:

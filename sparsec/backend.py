@@ -69,6 +69,14 @@ class Session:
             )
         if warning:
             outcome.report["warnings"].append(f"graph {graph}: {warning}")
+        frozen = [l.name for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
+        trainable = any(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in example_inputs)
+        if frozen and trainable and torch.is_grad_enabled() and self.options.lower:
+            outcome.report["warnings"].append(
+                f"graph {graph} was compiled with autograd on: gradients flow through the rewritten layers to "
+                f"their inputs, but their packed weights are frozen ({', '.join(frozen[:3])}"
+                f"{', ...' if len(frozen) > 3 else ''} get no gradient); sparsec is for inference, call the "
+                f"model under torch.no_grad() or torch.inference_mode()")
         mismatch = self.fingerprint.matches_current_device()
         if mismatch and not any(mismatch in w for w in outcome.report["warnings"]):
             outcome.report["warnings"].append(mismatch)

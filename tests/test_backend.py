@@ -270,3 +270,20 @@ def test_a_dynamic_recompile_is_not_specialised_back_to_one_size(monkeypatch):
             y, ref = compiled(x), model(x)
             assert float((y - ref).norm() / ref.norm()) < 1e-4
     assert len(sizes) == 2  # the first size, then one dynamic graph for every other
+
+
+def test_compiling_with_autograd_on_warns_that_rewritten_weights_are_frozen():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    with torch.no_grad():
+        model[2].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+    options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
+    x = torch.randn(128, 64)
+    y = torch.compile(model, backend="sparsec", options=options)(x)
+    y.sum().backward()  # the gradient reaches the dense first layer through the rewritten one
+    assert model[0].weight.grad is not None and model[2].weight.grad is None
+    from sparsec.backend import session_for
+
+    report = session_for(options, None).report
+    assert [l["format"] for l in report.layers] == ["dense", "lowrank:8"]
+    assert any("autograd on" in w and "'2'" not in w and "2 get no gradient" in w for w in report.to_dict()["warnings"])
