@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import weakref
 
 import torch
 
@@ -40,7 +41,9 @@ class Session:
         self.graph_errors: list[float] = []  # measured error of each subgraph planned so far
         self.plan = None
         self.report = None
-        # site name -> (identity of the weight it was built from, its packed linear or None if dense)
+        # site name -> (identity of the weight it was built from, a weak reference to its packed
+        # linear or None if dense): the compiled graphs own the packed layers, the session only
+        # finds them again while some compiled graph still holds them
         self._built: dict[str, tuple[tuple, object]] = {}
 
     def run_graph(self, gm, example_inputs):
@@ -86,9 +89,11 @@ class Session:
             measure_outcome(self, outcome, gm, example_inputs)
         if self.options.lower:
             for layer in outcome.layers:
-                self._built[layer.name] = (_weight_identity(layer.site.weight), frontend.modules.get(layer.name))
+                module = frontend.modules.get(layer.name)
+                self._built[layer.name] = (_weight_identity(layer.site.weight), None if module is None else weakref.ref(module))
             if frontend.modules:
                 _guard_weight_identity(gm, example_inputs)
+                outcome.lowered = _holding(outcome.lowered, frontend.modules)
         for layer in outcome.layers:
             layer.release()
         self.graph_errors.append(outcome.report["end_to_end"]["measured_error"] or 0.0)
@@ -111,13 +116,16 @@ class Session:
             if built is None or built[0] != _weight_identity(site.weight):
                 return None
             if built[1] is not None:
-                modules[site.name] = built[1]
+                module = built[1]()
+                if module is None:  # every graph that held it is gone: plan afresh
+                    return None
+                modules[site.name] = module
         from sparsec.logs import logger
 
         logger.info("recompiled graph with %d planned layers: lowered again with the packed layers already built", len(sites))
         if modules:
             _guard_weight_identity(frontend.gm, frontend.example_inputs)
-        return frontend.lower_modules(modules)
+        return _holding(frontend.lower_modules(modules), modules)
 
     def _options_for_next_graph(self) -> Options:
         """The budget left after the subgraphs already planned, so the whole model stays within it."""
@@ -136,6 +144,23 @@ class Session:
         layers = dict(self.plan.layers) if self.plan is not None else {}
         layers.update(outcome.plan.layers)
         self.plan = Plan(layers=layers, fingerprint=outcome.plan.fingerprint, error_budget=outcome.plan.error_budget)
+
+
+def _holding(fn, modules: dict):
+    """``fn`` keeping ``modules`` alive for as long as Dynamo keeps ``fn`` (inductor keeps their tensors only)."""
+    try:
+        fn._sparsec_packed = tuple(modules.values())
+        return fn
+    except AttributeError:
+        class Holding:
+            def __init__(self):
+                self._sparsec_packed = tuple(modules.values())
+                self._boxed_call = getattr(fn, "_boxed_call", False)
+
+            def __call__(self, *args):
+                return fn(*args)
+
+        return Holding()
 
 
 def _weight_identity(w: torch.Tensor) -> tuple:

@@ -287,3 +287,24 @@ def test_compiling_with_autograd_on_warns_that_rewritten_weights_are_frozen():
     report = session_for(options, None).report
     assert [l["format"] for l in report.layers] == ["dense", "lowrank:8"]
     assert any("autograd on" in w and "'2'" not in w and "2 get no gradient" in w for w in report.to_dict()["warnings"])
+
+
+def test_packed_layers_live_only_as_long_as_a_compiled_graph_holds_them():
+    import gc
+
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+    options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
+    compiled = torch.compile(model, backend="sparsec", options=options)
+    with torch.no_grad():
+        compiled(torch.randn(128, 64))
+    from sparsec.backend import session_for
+
+    refs = [ref for _, ref in session_for(options, None)._built.values() if ref is not None]
+    assert len(refs) == 1 and refs[0]() is not None
+    del compiled
+    torch._dynamo.reset()
+    gc.collect()
+    assert refs[0]() is None  # the session does not keep the packed weights (GPU memory) alive
