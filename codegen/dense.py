@@ -6,7 +6,6 @@ measured against, and cuBLAS is what a user would otherwise run.
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ._common import expect_tensor, match_dtype

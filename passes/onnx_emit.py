@@ -150,7 +150,7 @@ def emit_product(em: Emitter, spec: FormatSpec, x: str, out: str, tensors: dict[
 
 def _emit_monarch(em: Emitter, spec: Monarch, x, out, tensors, N, K, x_shape):
     nb = spec.nblocks
-    p, n = K // nb, N // nb
+    p = K // nb
     r = p // nb
     xb = em.node("Reshape", [x, em.shape("shape_in", [-1, nb, p])])
     xb = em.node("Transpose", [xb], perm=[1, 0, 2])

@@ -18,8 +18,8 @@ from sparsec.candidates import Layer
 from sparsec.sites import Site
 
 
-def packed_modules(layers: list[Layer]) -> dict[str, "PackedLinear"]:
-    """One ``PackedLinear`` per rewritten site, built from its approximation in the site's dtype."""
+def packed_modules(layers: list[Layer]) -> dict:
+    """Site name -> ``PackedLinear`` for every rewritten site, built from its approximation in the site's dtype."""
     from sparsec.codegen import PackedLinear, pack
 
     modules = {}

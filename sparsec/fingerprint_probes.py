@@ -60,7 +60,7 @@ def peak_tflops(clock: Clock, sizes: list[int], dtypes: list[str]) -> dict[str, 
             for n in sizes:
                 a = torch.randn(n, n, device=clock.device, dtype=dtype)
                 b = torch.randn(n, n, device=clock.device, dtype=dtype)
-                us = _time(clock, lambda: torch.mm(a, b))
+                us = _time(clock, lambda a=a, b=b: torch.mm(a, b))
                 best = max(best, 2 * n**3 / (us * 1e-6) / 1e12)
                 del a, b
         finally:
@@ -90,7 +90,7 @@ def tile_granules(clock: Clock, base: int, dtype: torch.dtype, steps=(8, 16, 32,
             M, N, K = (base + s if d == dim else base for d in ("M", "N", "K"))
             x = torch.randn(M, K, device=clock.device, dtype=dtype, generator=gen)
             w = torch.randn(N, K, device=clock.device, dtype=dtype, generator=gen)
-            times.append(_time(clock, lambda: F.linear(x, w)))
+            times.append(_time(clock, lambda x=x, w=w: F.linear(x, w)))
             del x, w
         first = times[0]
         free = steps[0]
