@@ -24,7 +24,7 @@ def register(subparsers) -> None:
     parser.add_argument("--calibration", default=None,
                         help=".npz with one array per graph input, named like it, first axis = samples "
                              "(default: inputs generated from the declared shapes, with a warning)")
-    parser.add_argument("--heldout", default=None, help=".npz like --calibration; its error is reported, not planned on")
+    parser.add_argument("--heldout", default=None, help=".npz like --calibration; never fitted to, but the error budget must hold on it too")
     parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                         help="allowed formats: 2:4 block lowrank monarch (space or comma separated; default all)")
     parser.add_argument("--plan", default=None, help="plan JSON forcing formats per layer (sparsec.plan/1)")
