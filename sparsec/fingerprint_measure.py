@@ -269,11 +269,14 @@ class Harness:
                 torch.cuda.synchronize()
         return times
 
-    def run_job(self, job: Job, gen: torch.Generator, advance, entries: list[dict]) -> None:
-        """Measure one job over every M, appending to ``entries`` (kept if a later M fails)."""
+    def run_job(self, job: Job, gen: torch.Generator, advance, entries: list[dict], have: frozenset = frozenset()) -> None:
+        """Measure one job over every M not in ``have``, appending to ``entries`` (kept if a later M fails)."""
         fam, (N, K) = job.fam, job.shape
         weights = self._prepare(job, gen)
         for M in self.grid.Ms:
+            if M in have:  # measured by an earlier run (a reopened curve continues where it stopped)
+                advance(1)
+                continue
             self.check_budget()
             try:
                 times = self._point(job, weights, M, gen)
@@ -350,8 +353,10 @@ class Harness:
                     advance(len(self.grid.Ms))
                     continue
                 entries: list[dict] = []
+                have = frozenset(e["M"] for e in self.doc["kernels"].get(job.fam.family, [])
+                                 if _entry_key(job.fam.family, e) == job.key)
                 try:
-                    self.run_job(job, gen, advance, entries)
+                    self.run_job(job, gen, advance, entries, have)
                 except _OverBudget:
                     self.console.print(f"time budget of {self.budget_s:g} s used; partial result saved")
                     return False
@@ -423,7 +428,23 @@ def _redo(doc: dict, what: list[str]) -> int:
     return dropped
 
 
-def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str] | None = None) -> dict | None:
+def _reopen_cut_curves(doc: dict) -> int:
+    """Reopen the curves stopped early ("larger M not measured"), to continue them under the
+    current rule; returns how many. A fingerprint measured before the harness compared the faster
+    mode stopped curves that were slow eager but not under graph replay; the planner refuses to
+    choose beyond a curve's end, so those M stay out of reach until the curve is continued."""
+    cut = [k for k, why in doc["skipped"].items() if "larger M not measured" in why]
+    jobs = {k.rsplit(" M>", 1)[0] for k in cut}
+    for k in cut:
+        del doc["skipped"][k]
+    doc["grid"]["done"] = [k for k in doc["grid"]["done"] if k not in jobs]
+    if jobs:
+        doc["complete"] = False
+    return len(jobs)
+
+
+def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str] | None = None,
+                  extend: bool = False) -> dict | None:
     if fresh or not out.exists():
         return None
     try:
@@ -435,9 +456,12 @@ def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str]
         ) from None
     if redo:
         _redo(doc, redo)
+    if extend and not _reopen_cut_curves(doc) and doc.get("complete"):
+        raise FingerprintError(f"{out} has no curve stopped early; nothing to extend")
     if doc.get("complete"):
         raise FingerprintError(f"{out} is already a complete fingerprint; pass --fresh to measure again, "
-                               "or --redo KERNEL to measure one kernel or family again")
+                               "--redo KERNEL to measure one kernel or family again, or --extend to continue "
+                               "curves stopped early")
     here = describe_device(kind)["name"]
     if doc["device"]["name"] != here:
         raise FingerprintError(
@@ -488,7 +512,8 @@ def _finish(h: Harness) -> None:
 
 
 def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float | None = None,
-            fresh: bool = False, name: str | None = None, redo: list[str] | None = None, console=None) -> Path:
+            fresh: bool = False, name: str | None = None, redo: list[str] | None = None, console=None,
+            extend: bool = False) -> Path:
     """Measure this device into ``out`` (default: the user fingerprint of this device); returns the path."""
     from rich.console import Console
 
@@ -501,7 +526,7 @@ def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float
     if kind == "cuda":
         torch.cuda.init()
     clock = Clock(torch.device(kind), g.policy)
-    doc = _load_partial(out, g, kind, fresh, redo)
+    doc = _load_partial(out, g, kind, fresh, redo, extend)
     if doc is None:
         doc = _new_document(name or out.stem, g, kind, g.policy, clock.timer_name)
     else:

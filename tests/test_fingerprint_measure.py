@@ -126,3 +126,30 @@ def test_redo_measures_one_family_again_and_keeps_the_rest(tmp_path):
     assert len(after["kernels"]["block"]) == len(before["kernels"]["block"]) > 0
     assert after["kernels"]["block"] != before["kernels"]["block"]  # timed anew: times differ
     assert sorted(after["grid"]["done"]) == sorted(before["grid"]["done"])
+
+
+def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_path):
+    from sparsec.fingerprint_measure import _entry_key
+
+    doc = json.loads(tiny.read_text())
+    Ms = GRIDS["tiny"].Ms
+    block = doc["kernels"]["block"]
+    key = _entry_key("block", block[0])
+    stop = Ms[1]
+    before = [e for e in block if _entry_key("block", e) == key and e["M"] <= stop]
+    doc["kernels"]["block"] = [e for e in block if _entry_key("block", e) != key or e["M"] <= stop]
+    doc["skipped"][f"{key} M>{stop}"] = "9.9x slower than dense at M=2 in every mode; larger M not measured"
+    out = tmp_path / "cut.json"
+    out.write_text(json.dumps(doc))
+    others = {f: len(v) for f, v in doc["kernels"].items() if f != "block"}
+
+    measure(out, grid="tiny", extend=True, console=quiet())
+    after = json.loads(out.read_text())
+    assert after["complete"] and not any(k.startswith(key) for k in after["skipped"])
+    curve = [e for e in after["kernels"]["block"] if _entry_key("block", e) == key]
+    assert sorted((e["M"], e["mode"]) for e in curve) == sorted((M, "eager") for M in Ms)  # each point once
+    assert len(before) == 2  # M=1 and M=2 stayed; the harness measured only the rest
+    assert {f: len(v) for f, v in after["kernels"].items() if f != "block"} == others  # nothing else re-run
+
+    with pytest.raises(FingerprintError, match="no curve stopped early"):
+        measure(out, grid="tiny", extend=True, console=quiet())

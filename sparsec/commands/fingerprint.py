@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     m.add_argument("--redo", action="append", default=None, metavar="KERNEL",
                    help="measure this kernel (e.g. cusparselt, sparsec-triton-block) or family (e.g. block) "
                         "again in an existing file, keeping the rest; repeatable")
+    m.add_argument("--extend", action="store_true",
+                   help="continue the curves an earlier run stopped early (slower than dense at a large M) in an "
+                        "existing file, under the current rule, from where they stopped")
     m.add_argument("--onnxruntime", nargs="?", const="CPUExecutionProvider", default=None, metavar="PROVIDER",
                    help="measure onnxruntime running sparsec's ONNX subgraphs with this execution provider "
                         "(default CPUExecutionProvider) instead of torch; needs -o")
@@ -62,7 +65,8 @@ def _measure(args) -> int:
         return 0
     from sparsec.fingerprint_measure import measure
 
-    measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name, redo=args.redo)
+    measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name, redo=args.redo,
+            extend=args.extend)
     return 0
 
 
