@@ -308,3 +308,13 @@ def test_packed_layers_live_only_as_long_as_a_compiled_graph_holds_them():
     torch._dynamo.reset()
     gc.collect()
     assert refs[0]() is None  # the session does not keep the packed weights (GPU memory) alive
+
+
+def test_a_compiled_callable_that_takes_no_attributes_still_keeps_its_packed_layers():
+    from sparsec.backend import _holding
+
+    module = nn.Linear(2, 2)
+    held = _holding(len, {"fc": module})  # a builtin: no attribute can be set on it
+    assert held([1, 2, 3]) == 3 and held._sparsec_packed == (module,) and held._boxed_call is False
+    fn = lambda *a: sum(a)  # noqa: E731
+    assert _holding(fn, {"fc": module}) is fn and fn._sparsec_packed == (module,)
