@@ -205,7 +205,8 @@ def approximate(layers: list[Layer], options: Options) -> None:
                     else:
                         w_hat = w_hat.to(site.dtype)  # what will run; half the memory of float32 in 16-bit models
                         _APPROXIMATIONS.put((key, cand.fmt), w_hat)
-                    cand.approx, cand.method = w_hat, handler.default_method
+                    cand.approx = w_hat
+                    cand.method = handler.default_method + (", data-free (too few calibration rows)" if st.isotropic else "")
                     cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias, energy)
                 worst = max(batch, key=lambda c: c.predicted_error)
                 if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:

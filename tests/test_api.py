@@ -253,6 +253,7 @@ def test_with_fewer_rows_than_inputs_the_fit_is_data_free_so_its_error_holds_on_
         torch.testing.assert_close(result.module(x).double(), x.double() @ truncated.T, rtol=1e-4, atol=1e-4)
     assert any("48 calibration rows for 256 inputs" in w and "data-free" in w
                for w in result.report.to_dict()["warnings"])
+    assert result.report.layers[0]["method"] == "activation-aware, data-free (too few calibration rows)"
 
 
 def test_with_held_out_data_the_budget_binds_there_too(scenario_fp):
