@@ -84,11 +84,18 @@ def capture(frontend: Frontend) -> tuple[list[Site], list[Skipped]]:
 # -- calibrate --------------------------------------------------------------------------------
 
 
+THIN_ROWS_PER_INPUT = 4  # below, calibration error understates new-input error noticeably (docs/accuracy.md)
+
+
 def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStats], list[str]]:
     """Gram statistics of every site's input; under-sampled ones fall back to data-free fitting, with a warning."""
     stats = frontend.calibrate(sites) if sites else {}
     warnings = []
+    thin = []
     for key, st in stats.items():
+        K = st.gram.shape[0]
+        if K <= st.rows < THIN_ROWS_PER_INPUT * K and not frontend.has_heldout():
+            thin.append((", ".join(s.name for s in sites if s.input_key == key), st.rows, K))
         if st.fall_back_to_isotropic():
             names = ", ".join(s.name for s in sites if s.input_key == key)
             warnings.append(
@@ -96,6 +103,14 @@ def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStat
                 f"fitted data-free (as if inputs were isotropic) so its measured error holds for new inputs. "
                 f"Supply at least {st.gram.shape[0]} calibration rows for activation-aware fitting"
             )
+    if thin:
+        names = "; ".join(f"{n} ({rows} rows for {K} inputs)" for n, rows, K in thin[:3])
+        warnings.append(
+            f"{len(thin)} layer input(s) have fewer than {THIN_ROWS_PER_INPUT} calibration rows per input, e.g. {names}: "
+            f"an activation-aware fit follows so small a sample, and the error measured on it can understate "
+            f"the error on new inputs (1.2-1.6x at 1-2 rows per input, bench/calibration_rows.py); pass held-out "
+            f"data (the budget then binds on it too) or more calibration rows"
+        )
     return stats, warnings
 
 

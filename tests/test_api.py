@@ -271,3 +271,49 @@ def test_with_held_out_data_the_budget_binds_there_too(scenario_fp):
     e2e = checked.report.end_to_end
     assert e2e["heldout_error"] <= 0.05 and e2e["measured_error"] <= 0.05
     assert checked.report.layers[0]["format"] == "dense"
+
+
+def test_optimize_keeps_working_when_called_many_times_on_one_model():
+    # each call compiles the same forward code with a new backend; Dynamo's recompile limit (8)
+    # must not turn the ninth call into "captured no graph"
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    x = torch.randn(32, 64)
+    for budget in [0.01 * (i + 1) for i in range(12)]:
+        result = sparsec.optimize(model, (x,), fingerprint="cpu", error_budget=budget, lower=False)
+        assert [l["name"] for l in result.report.layers] == ["0"]
+
+
+def test_a_thin_calibration_is_named_unless_held_out_data_checks_it():
+    torch.manual_seed(15)
+    model = nn.Sequential(nn.Linear(128, 64)).eval()
+    calib = [(torch.randn(256, 128),)]  # 2 rows per input: enough to fit, thin to trust
+    plain = sparsec.optimize(model, (calib[0][0][:8],), fingerprint="cpu", calibration=calib, lower=False)
+    thin = [w for w in plain.report.to_dict()["warnings"] if "rows per input" in w]
+    assert len(thin) == 1 and "0 (256 rows for 128 inputs)" in thin[0] and "held-out" in thin[0]
+    checked = sparsec.optimize(model, (calib[0][0][:8],), fingerprint="cpu", calibration=calib,
+                               heldout=[(torch.randn(256, 128),)], lower=False)
+    assert not [w for w in checked.report.to_dict()["warnings"] if "rows per input" in w]
+
+
+def test_each_optimized_module_keeps_running_its_rewrite_at_new_shapes(monkeypatch):
+    # eight results of one model, each called at new batch sizes: none may fall back to eager
+    from sparsec.codegen import PackedLinear
+
+    calls = []
+    original = PackedLinear.forward
+    monkeypatch.setattr(PackedLinear, "forward", lambda self, x: calls.append(1) or original(self, x))
+    torch.manual_seed(16)
+    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+    results = [sparsec.optimize(model, (torch.randn(128, 64),), fingerprint="cpu", formats=["lowrank"],
+                                error_budget=0.01) for _ in range(9)]
+    assert all(isinstance(r.module, nn.Module) and r.module.original is model for r in results)
+    for r in results:
+        for M in (3, 50, 7):
+            calls.clear()
+            x = torch.randn(M, 64)
+            with torch.no_grad():
+                torch.testing.assert_close(r.module(x), model(x), rtol=1e-4, atol=1e-4)
+            assert calls, "the rewritten graph did not run"
