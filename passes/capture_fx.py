@@ -10,7 +10,6 @@ like one is listed as skipped with the reason, and left as it was.
 from __future__ import annotations
 
 import math
-
 import operator
 import re
 

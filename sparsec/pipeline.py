@@ -94,14 +94,14 @@ def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStat
     thin = []
     for key, st in stats.items():
         K = st.gram.shape[0]
+        names = ", ".join(s.name for s in sites if s.input_key == key)
         if K <= st.rows < THIN_ROWS_PER_INPUT * K and not frontend.has_heldout():
-            thin.append((", ".join(s.name for s in sites if s.input_key == key), st.rows, K))
+            thin.append((names, st.rows, K))
         if st.fall_back_to_isotropic():
-            names = ", ".join(s.name for s in sites if s.input_key == key)
             warnings.append(
-                f"{names}: {st.rows} calibration rows for {st.gram.shape[0]} inputs, too few to weight a fit by; "
+                f"{names}: {st.rows} calibration rows for {K} inputs, too few to weight a fit by; "
                 f"fitted data-free (as if inputs were isotropic) so its measured error holds for new inputs. "
-                f"Supply at least {st.gram.shape[0]} calibration rows for activation-aware fitting"
+                f"Supply at least {K} calibration rows for activation-aware fitting"
             )
     if thin:
         names = "; ".join(f"{n} ({rows} rows for {K} inputs)" for n, rows, K in thin[:3])
@@ -365,13 +365,11 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
 
     measured: dict[tuple, tuple[float, float | None, dict[str, float]]] = {}
 
-    def replacements():
-        return {l.name: l.chosen.approx.to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
-
     def evaluate_current() -> tuple[float, float | None, dict[str, float]]:
-        key = tuple(sorted((l.name, l.chosen.fmt) for l in layers if l.chosen is not None and not l.chosen.is_dense))
+        rewritten = [l for l in layers if l.chosen is not None and not l.chosen.is_dense]
+        key = tuple(sorted((l.name, l.chosen.fmt) for l in rewritten))
         if key not in measured:
-            reps = replacements()
+            reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in rewritten}
             if not reps:
                 measured[key] = (0.0, 0.0 if frontend.has_heldout() else None, {})
             else:

@@ -66,8 +66,8 @@ class SiteStats:
 
         Rows fewer than inputs leave directions the data never showed. A fit weighted by those
         rows drops them as free, and verified on the same rows it looks lossless while it is not:
-        a rank-2048 factorisation of a 14336-input layer fitted to 2048 rows measured 0.86% on
-        its calibration and 85% on a new input. An isotropic Gram matrix of the same trace makes
+        rank-2048 factorisations of 4096-input layers fitted to 2048 rows left a model 0.86% off
+        on its calibration and 85% off on a new input (docs/benchmarks.md). An isotropic Gram matrix of the same trace makes
         every method data-free (magnitude 2:4, plain SVD, norm-ranked blocks), so the error then
         measured on the calibration rows is an honest estimate for new inputs. Idempotent;
         returns whether it fell back.
