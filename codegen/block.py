@@ -83,10 +83,12 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
 def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xk, stride_ym, stride_yn,
                        M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
-    block are BLOCK_N * B contiguous values) on few warps, so many programs stream the weight at
-    once; products accumulate per lane in fp32 across the row's kept blocks, reduced once."""
+    block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
+    indices read as one vector: the weight loads of a step depend on nothing, so each program
+    keeps BLOCK_J * BLOCK_N * B values in flight instead of waiting on one block at a time.
+    Products accumulate per lane in fp32, reduced once at the end."""
     SUB: tl.constexpr = B // BLOCK_N
     pid_w = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -95,19 +97,23 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_
     start = tl.load(rowptr_ptr + row)
     end = tl.load(rowptr_ptr + row + 1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_J)
     offs_r = sub * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, B)
     mask_m = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N, B), dtype=tl.float32)
-    w_ptrs = val_ptr + start.to(tl.int64) * (B * B) + offs_r[:, None] * B + offs_c[None, :]
-    x_rows = x_ptr + offs_m[:, None] * stride_xm
-    for j in range(start, end):
-        col = tl.load(col_ptr + j)
-        w = tl.load(w_ptrs).to(tl.float32)
-        x = tl.load(x_rows + (col * B + offs_c)[None, :] * stride_xk, mask=mask_m[:, None], other=0.0)
-        acc += x.to(tl.float32)[:, None, :] * w[None, :, :]
-        w_ptrs += B * B
-    out = tl.sum(acc, axis=2)
+    acc = tl.zeros((BLOCK_M, BLOCK_J, BLOCK_N, B), dtype=tl.float32)
+    w_ptrs = (val_ptr + start.to(tl.int64) * (B * B)
+              + (offs_j[:, None, None] * (B * B) + offs_r[None, :, None] * B + offs_c[None, None, :]))
+    x_rows = x_ptr + offs_m[:, None, None] * stride_xm
+    for j0 in range(start, end, BLOCK_J):
+        kept = j0 + offs_j < end
+        col = tl.load(col_ptr + j0 + offs_j, mask=kept, other=0)
+        w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0)
+        x = tl.load(x_rows + (col[:, None] * B + offs_c[None, :])[None, :, :] * stride_xk,
+                    mask=mask_m[:, None, None] & kept[None, :, None], other=0.0)
+        acc += x.to(tl.float32)[:, :, None, :] * w.to(tl.float32)[None, :, :, :]
+        w_ptrs += BLOCK_J * B * B
+    out = tl.sum(tl.sum(acc, axis=3), axis=1)
     offs_n = row * B + offs_r
     if HAS_BIAS:
         out += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
@@ -117,15 +123,17 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_
 
 def _gemv_configs():
     out = []
-    for bn, w in ((2, 1), (4, 1), (8, 1), (8, 2), (16, 2), (16, 4), (32, 4)):
-        out.append(triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=4))
+    for bn, bj, w in ((1, 8, 1), (1, 16, 2), (2, 8, 2), (2, 16, 4), (4, 8, 4), (4, 4, 2), (8, 4, 4), (1, 32, 4),
+                      (2, 1, 1), (4, 1, 1), (8, 1, 1), (8, 1, 2), (16, 1, 2), (16, 1, 4), (32, 1, 4)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=4))
     return out
 
 
 def _gemv_keep(config, args) -> bool:
     """BLOCK_N divides the block; the fp32 accumulator within 64 registers a thread."""
-    bn = config.kwargs["BLOCK_N"]
-    return bn <= args["B"] and args["BLOCK_M"] * bn * args["B"] // (32 * config.num_warps) <= 64
+    kw = config.kwargs
+    per_thread = args["BLOCK_M"] * kw["BLOCK_J"] * kw["BLOCK_N"] * args["B"] // (32 * config.num_warps)
+    return kw["BLOCK_N"] <= args["B"] and per_thread <= 64
 
 
 _GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B"], prune=_gemv_keep)

@@ -154,6 +154,78 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8,
+                          stride_xm, stride_pn, stride_mn, stride_ym, stride_yn,
+                          HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
+    words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word
+    (eight nibbles), its values eight words (two per group), and the inputs of its 32 columns 16
+    words (a group's four inputs are two words). A kept value's input is picked from its group's
+    two words by the position code with one select and one shift, all within the thread: no
+    gathers and no byte loads. One token per program (grid axis 1)."""
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_j = tl.arange(0, BLOCK_J)
+    offs_e = tl.arange(0, 8)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_N, BLOCK_J, 8), dtype=tl.float32)
+    p_ptrs = pair_ptr + offs_n[:, None, None].to(tl.int64) * stride_pn + offs_j[None, :, None] * 8 + offs_e[None, None, :]
+    m_ptrs = meta_ptr + offs_n[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
+    x_ptrs = (x_ptr + pid_m.to(tl.int64) * stride_xm
+              + (offs_j[:, None, None] * 16 + offs_e[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
+    shift = offs_e[None, None, :] * 4
+    for j0 in range(0, G8, BLOCK_J):
+        run = j0 + offs_j < G8
+        mask_nj = mask_n[:, None] & run[None, :]
+        pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0)
+        word = tl.load(m_ptrs, mask=mask_nj, other=0)
+        lo, hi = tl.split(tl.load(x_ptrs, mask=run[:, None, None], other=0))
+        code = (word[:, :, None] >> shift) & 15
+        p0 = code & 3
+        p1 = code >> 2
+        # p0 is 0..2 and p1 is 1..3 (positions are stored in order): words lo = (x0, x1), hi = (x2, x3)
+        xa = tl.where(p0 >= 2, hi[None, :, :], lo[None, :, :])
+        xb = tl.where(p1 >= 2, hi[None, :, :], lo[None, :, :])
+        if IS_BF16:
+            v0 = (pair << 16).to(tl.float32, bitcast=True)
+            v1 = (pair & -65536).to(tl.float32, bitcast=True)
+            x0 = tl.where((p0 & 1) == 1, xa & -65536, xa << 16).to(tl.float32, bitcast=True)
+            x1 = tl.where((p1 & 1) == 1, xb & -65536, xb << 16).to(tl.float32, bitcast=True)
+        else:
+            v0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            x0 = ((xa >> ((p0 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            x1 = ((xb >> ((p1 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        acc += x0 * v0 + x1 * v1
+        p_ptrs += BLOCK_J * 8
+        m_ptrs += BLOCK_J
+        x_ptrs += BLOCK_J * 16
+    out = tl.sum(tl.sum(acc, axis=2), axis=1)
+    if HAS_BIAS:
+        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _words_configs():
+    out = []
+    for bn, bj, w in ((1, 64, 4), (2, 32, 4), (4, 16, 4), (8, 8, 4), (2, 64, 8), (4, 32, 8), (16, 8, 4),
+                      (1, 32, 2), (8, 16, 8), (4, 8, 2)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=4))
+    return out
+
+
+def _words_keep(config, args) -> bool:
+    """No run tile wider than the row; the fp32 accumulator within 32 registers a thread."""
+    kw = config.kwargs
+    per_thread = kw["BLOCK_N"] * kw["BLOCK_J"] * 8 // (32 * config.num_warps)
+    return kw["BLOCK_J"] <= max(8, triton.next_power_of_2(args["G8"])) and per_thread <= 32
+
+
+_WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(), key=["N", "G8", "IS_BF16"], prune=_words_keep)
+
+
 def _gemv_configs():
     out = []
     for bn, bg, w in ((1, 512, 4), (2, 256, 4), (4, 128, 4), (8, 64, 4), (4, 256, 8), (2, 128, 4)):
@@ -203,13 +275,36 @@ def gemv_usable(x, values, M: int) -> bool:
             and values.is_contiguous() and values.storage_offset() % 2 == 0)
 
 
+def words_usable(x, values, meta) -> bool:
+    """Whether the word-reading small-M kernel can view x, values and metadata as int32: 16-bit
+    x with unit stride along K, K a multiple of 32 (whole metadata words), aligned storage."""
+    K = x.shape[1]
+    return (x.dtype in (torch.float16, torch.bfloat16) and values.dtype == x.dtype and K % 32 == 0
+            and x.stride(1) == 1 and x.stride(0) % 2 == 0 and x.storage_offset() % 2 == 0
+            and values.is_contiguous() and values.storage_offset() % 2 == 0
+            and meta.is_contiguous() and meta.storage_offset() % 4 == 0)
+
+
 def twofour_triton(x, values, meta, bias, path: str | None = None):
-    """``path``: "gemv" (small-M kernel), "dot" (expansion + MMA) or None (by M, see GEMV_MAX_M)."""
+    """``path``: "words" or "gemv" (small-M kernels), "dot" (expansion + MMA) or None (by M, see
+    GEMV_MAX_M; "words" where ``words_usable``)."""
     M, K = x.shape
     N = values.shape[0]
     y = torch.empty(M, N, device=x.device, dtype=x.dtype)
     if path is None:
-        path = "gemv" if gemv_usable(x, values, M) else "dot"
+        path = "dot"
+        if gemv_usable(x, values, M):
+            path = "words" if words_usable(x, values, meta) else "gemv"
+    if path == "words":
+        x32, pairs, meta32 = x.view(torch.int32), values.view(torch.int32), meta.view(torch.int32)
+
+        def grid_words(meta_):
+            return (triton.cdiv(N, meta_["BLOCK_N"]), M)
+
+        _WORDS_KERNEL[grid_words](x32, pairs, meta32, y if bias is None else bias, y, M, N, K // 32,
+                                  x32.stride(0), pairs.stride(0), meta32.stride(0), y.stride(0), y.stride(1),
+                                  HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16)
+        return y
     if path == "gemv":
         pairs = values.view(torch.int32)
         block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)

@@ -1,0 +1,242 @@
+"""Small-M kernel paths and cuSPARSELt settings, timed next to cuBLAS in one device call.
+
+Run on a CUDA device::
+
+    python3 bench/small_m.py --out $OUT/small_m.json
+
+Part 1 (in this process): every small-M path of the 2:4 and block kernels, forced
+(``twofour_triton(path=...)``, ``block_triton(path=...)``), checked against float64 in bf16 and
+fp16 first, then timed with bench/kernels.py's method (CUDA-graph replay over >= 256 MB of
+rotated weight copies, median of 30 replays, random normal data) at M in {1, 2, 4, 16} on the
+Llama-3-8B shapes, with the autotuner's chosen configuration recorded per case.
+
+Part 2 (child processes): cuSPARSELt's ``_cslt_sparse_mm`` at large M for each algorithm id and
+both output layouts, each id in a process of its own run (an id the library rejects is recorded;
+one that faults the device only ends that child, and the next id goes on in a new one).
+
+Prints a table last; the JSON keeps every row with device, versions and date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, time_calls, _write  # noqa: E402
+
+from sparsec.codegen import Packed, block, twofour  # noqa: E402
+
+SHAPES = [(14336, 4096), (4096, 4096), (4096, 14336)]
+TOKENS = [1, 2, 4, 16]
+CSLT_TOKENS = [1024, 2048, 8192]
+CSLT_MAX_ALG = 16
+
+
+def path_call(spec: str, path: str, x: torch.Tensor, p: Packed):
+    t = p.tensors()
+    if spec == "2:4":
+        return lambda: twofour.twofour_triton(x, t["values"], t["meta"], None, path=path)
+    return lambda: block.block_triton(x, t["values"], t["col_idx"], t["row_ptr"], t["order"], None, p.shape[0],
+                                      path=path)
+
+
+PATHS = [("2:4", "words"), ("2:4", "gemv"), ("2:4", "dot"), ("block:64:0.25", "gemv"), ("block:64:0.25", "dot")]
+
+
+def correctness(device) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(5)
+    rows = []
+    for N, K in ((768, 1024), (14336, 4096), (4096, 14336)):
+        for dtype in (torch.bfloat16, torch.float16):
+            for spec in ("2:4", "block:64:0.25", "block:16:0.3"):
+                p = make_packed(spec, N, K, dtype, device, gen)
+                dense = p.to_dense().double()
+                for path in ("words", "gemv") if spec == "2:4" else ("gemv",):
+                    for M in (1, 2, 4):
+                        x = torch.randn(M, K, generator=gen, device=device).to(dtype)
+                        call = path_call(spec, path, x, p)
+                        try:
+                            y = call()
+                            torch.cuda.synchronize()
+                            err = rel_err(y, x.double() @ dense.t())
+                            ok = err <= REL_TOL[dtype]
+                        except Exception as exc:  # noqa: BLE001 - a failing kernel is a failed row
+                            err, ok = None, False
+                            print(f"# FAIL {spec} {path} {N}x{K} M={M}: {exc}", flush=True)
+                        rows.append({"spec": spec, "path": path, "N": N, "K": K, "M": M,
+                                     "dtype": str(dtype).replace("torch.", ""), "rel_err": err, "ok": ok})
+    return rows
+
+
+def chosen_config(spec: str, path: str) -> str | None:
+    lazy = {("2:4", "words"): twofour._WORDS_KERNEL, ("2:4", "gemv"): twofour._GEMV_KERNEL,
+            ("2:4", "dot"): twofour._KERNEL}.get((spec, path))
+    if lazy is None:
+        lazy = block._GEMV_KERNEL if path == "gemv" else block._KERNEL
+    kernel = lazy._built.get(False)
+    best = getattr(kernel, "best_config", None)
+    return str(best) if best is not None else None
+
+
+def time_paths(device, budget_s: float) -> list[dict]:
+    gen = torch.Generator(device=device).manual_seed(3)
+    dtype = torch.bfloat16
+    rows, t0 = [], time.time()
+    for N, K in SHAPES:
+        for M in TOKENS:
+            dense_us = None
+            for spec, path in [("dense", "cublas")] + PATHS:
+                if time.time() - t0 > budget_s:
+                    break
+                if spec == "dense":
+                    ws = [(torch.randn(N, K, generator=gen, device=device) / math.sqrt(K)).to(dtype)]
+                    nbytes = N * K * 2
+                else:
+                    one = make_packed(spec, N, K, dtype, device, gen)
+                    nbytes = one.nbytes
+                copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / nbytes)))
+                xs = [torch.randn(M, K, generator=gen, device=device).to(dtype) for _ in range(copies)]
+                if spec == "dense":
+                    ws += [w.clone() for w in ws * (copies - 1)]
+                    calls = [lambda x=x, w=w: torch.nn.functional.linear(x, w) for x, w in zip(xs, ws)]
+                else:
+                    packs = [one] + [Packed(one.spec, one.shape, {k: v.clone() for k, v in one.tensors().items()})
+                                     for _ in range(copies - 1)]
+                    calls = [path_call(spec, path, x, p) for x, p in zip(xs, packs)]
+                try:
+                    us = time_calls(calls, device, 30)
+                except Exception as exc:  # noqa: BLE001
+                    rows.append({"spec": spec, "path": path, "N": N, "K": K, "M": M, "us": None, "error": str(exc)[:300]})
+                    continue
+                if spec == "dense":
+                    dense_us = us
+                row = {"spec": spec, "path": path, "N": N, "K": K, "M": M, "us": us, "bytes": nbytes,
+                       "read_GBps": nbytes / us / 1e3, "speedup": dense_us / us if dense_us else None,
+                       "config": None if spec == "dense" else chosen_config(spec, path)}
+                rows.append(row)
+                print(f"# {N}x{K} M={M} {spec} [{path}] {us:.1f} us x{row['speedup'] or 0:.2f} "
+                      f"{row['read_GBps']:.0f} GB/s {row['config']}", flush=True)
+    return rows
+
+
+def cslt_child(alg: int, out: str) -> None:
+    """Time one algorithm id at every shape, M and output layout; rows appended as JSON lines."""
+    device = torch.device("cuda")
+    gen = torch.Generator(device=device).manual_seed(7)
+    for N, K in SHAPES:
+        w = (torch.randn(N, K, generator=gen, device=device) / math.sqrt(K)).to(torch.bfloat16)
+        w = w.reshape(N, K // 4, 4)
+        w = w.scatter(2, w.abs().topk(2, dim=-1).indices, 0.0).reshape(N, K)
+        comp = torch._cslt_compress(w)
+        for M in CSLT_TOKENS:
+            x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
+            dense = torch.nn.functional.linear(x, w)
+            for transposed in (True, False):
+                row = {"alg": alg, "N": N, "K": K, "M": M, "transpose_result": transposed}
+                try:
+                    def call():
+                        y = torch._cslt_sparse_mm(comp, x.t(), transpose_result=transposed, alg_id=alg)
+                        return y if transposed else y.t()
+                    err = rel_err(call(), dense.double())
+                    copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (N * K + M * K + M * N) / 2)))
+                    row.update(us=time_calls([call] * copies, device, 10), rel_err=err)
+                except Exception as exc:  # noqa: BLE001 - an id the library refuses is a row, not an end
+                    row.update(us=None, error=f"{type(exc).__name__}: {exc}"[:200])
+                with open(out, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+    print(f"# alg {alg} done", flush=True)
+
+
+def cslt_sweep(out_dir: str, budget_s: float) -> list[dict]:
+    lines = os.path.join(out_dir, "cslt_sweep.jsonl")
+    t0 = time.time()
+    for alg in range(CSLT_MAX_ALG):
+        if time.time() - t0 > budget_s:
+            break
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cslt-alg", str(alg), "--out", lines],
+                              capture_output=True, text=True, timeout=240)
+        sys.stdout.write(proc.stdout)
+        if proc.returncode:
+            sys.stdout.write(f"# alg {alg} child exited {proc.returncode}: {proc.stderr[-400:]}\n")
+        rows = [json.loads(s) for s in open(lines)] if os.path.exists(lines) else []
+        mine = [r for r in rows if r["alg"] == alg]
+        if mine and all(r.get("us") is None for r in mine):
+            break  # the library refused this id everywhere: no higher id exists
+    return [json.loads(s) for s in open(lines)] if os.path.exists(lines) else []
+
+
+def dense_times(device) -> dict:
+    gen = torch.Generator(device=device).manual_seed(9)
+    out = {}
+    for N, K in SHAPES:
+        w = (torch.randn(N, K, generator=gen, device=device) / math.sqrt(K)).to(torch.bfloat16)
+        for M in CSLT_TOKENS:
+            x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
+            copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (N * K + M * K + M * N) / 2)))
+            out[f"{N}x{K}:{M}"] = time_calls([lambda: torch.nn.functional.linear(x, w)] * copies, device, 10)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default="small_m.json")
+    ap.add_argument("--budget-s", type=float, default=400)
+    ap.add_argument("--cslt-budget-s", type=float, default=150)
+    ap.add_argument("--skip-cslt", action="store_true")
+    ap.add_argument("--cslt-alg", type=int, default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cslt_alg is not None:
+        cslt_child(args.cslt_alg, args.out)
+        return
+    import triton
+
+    device = torch.device("cuda")
+    meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "device": torch.cuda.get_device_name(device), "torch": torch.__version__,
+            "triton": triton.__version__, "cuda": torch.version.cuda}
+    print(f"# {meta}", flush=True)
+    t0 = time.time()
+    checks = correctness(device)
+    print(f"# correctness {sum(r['ok'] for r in checks)}/{len(checks)}", flush=True)
+    rows = time_paths(device, args.budget_s - args.cslt_budget_s - 60)
+    report = {"meta": meta, "correctness": checks, "paths": rows}
+    _write(args.out, report)
+    if not args.skip_cslt:
+        report["cslt_dense_us"] = dense_times(device)
+        report["cslt"] = cslt_sweep(os.path.dirname(os.path.abspath(args.out)), args.cslt_budget_s)
+    report["elapsed_s"] = time.time() - t0
+    _write(args.out, report)
+    print("\n| N x K | M | " + " | ".join(f"{s} {p}" for s, p in [("dense", "cublas")] + PATHS) + " |")
+    for N, K in SHAPES:
+        for M in TOKENS:
+            cells = []
+            for spec, path in [("dense", "cublas")] + PATHS:
+                r = next((r for r in rows if (r["spec"], r["path"], r["N"], r["K"], r["M"]) == (spec, path, N, K, M)), None)
+                cells.append("-" if not r or r.get("us") is None else f"{r['us']:.1f} (x{r['speedup'] or 1:.2f})")
+            print(f"| {N}x{K} | {M} | " + " | ".join(cells) + " |")
+    if report.get("cslt"):
+        print("\n| N x K | M | dense us | best cuSPARSELt (alg, transposed) | us | x | alg 0 transposed us |")
+        for N, K in SHAPES:
+            for M in CSLT_TOKENS:
+                mine = [r for r in report["cslt"] if (r["N"], r["K"], r["M"]) == (N, K, M) and r.get("us")]
+                if not mine:
+                    continue
+                best = min(mine, key=lambda r: r["us"])
+                base = next((r["us"] for r in mine if r["alg"] == 0 and r["transpose_result"]), None)
+                d = report["cslt_dense_us"][f"{N}x{K}:{M}"]
+                print(f"| {N}x{K} | {M} | {d:.1f} | {best['alg']}, {best['transpose_result']} | {best['us']:.1f} | "
+                      f"{d / best['us']:.2f} | {base or 0:.1f} |")
+    print(f"# elapsed {report['elapsed_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()
