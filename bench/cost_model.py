@@ -185,6 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--grid", default=None, help="measurement grid (default: this device's; 'tiny' to check)")
     ap.add_argument("--redo", action="append", default=None, metavar="KERNEL",
                     help="with --measure: measure this kernel or family again in an existing file")
+    ap.add_argument("--redo-up-to", type=int, default=None, help="with --redo: only the points at M <= this")
     ap.add_argument("--extend", action="store_true", help="with --measure: continue curves stopped early")
     ap.add_argument("--out", type=Path, required=True, help="JSON result file")
     ap.add_argument("--budget-s", type=float, default=100.0, help="time budget of the comparison")
@@ -209,7 +210,7 @@ def main(argv=None) -> int:
             print(f"{args.measure} is complete; comparing only", file=sys.stderr)
         else:
             measure(args.measure, grid=args.grid, budget_s=args.measure_budget_s, name=args.name, redo=args.redo,
-                    extend=args.extend)
+                    extend=args.extend, redo_up_to=args.redo_up_to)
         args.fingerprint = args.measure
     fp = load_fingerprint(args.fingerprint)
     cuda = torch.cuda.is_available()

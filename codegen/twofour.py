@@ -43,6 +43,7 @@ DEFAULT_CROSSOVER_M = 1024
 CSLT_DTYPES = (torch.float16, torch.bfloat16)
 CSLT_ALIGN = 16     # cuSPARSELt needs N and K multiples of 16 for 16-bit types
 CSLT_M_ALIGN = 8    # and the dense operand's token count padded to a multiple of 8
+CSLT_ALG1_FROM_M = 2048
 # The MMA-free kernel serves M up to GEMV_MAX_M: on an H200 (bf16, docs/benchmarks.md) it beat
 # the expansion + MMA kernel at M = 1 on all three benchmark shapes (1.14-1.69x) and lost at
 # M = 4 (1.9-2.6x slower: every token re-gathers its inputs per weight element). GEMV_BLOCK_M caps
@@ -210,8 +211,8 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8,
 
 def _words_configs():
     out = []
-    for bn, bj, w in ((1, 64, 4), (2, 32, 4), (4, 16, 4), (8, 8, 4), (2, 64, 8), (4, 32, 8), (16, 8, 4),
-                      (1, 32, 2), (8, 16, 8), (4, 8, 2)):
+    for bn, bj, w in ((4, 16, 4), (16, 8, 4), (1, 64, 4), (2, 32, 4), (8, 8, 4), (2, 64, 8), (4, 32, 8),
+                      (1, 32, 2), (8, 16, 8), (4, 8, 2), (16, 16, 8), (32, 8, 8), (8, 32, 8), (16, 4, 2)):
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=4))
     return out
 
@@ -351,30 +352,50 @@ def set_cslt_algorithm(N: int, K: int, M: int, dtype: torch.dtype, alg_id: int) 
 
 
 def _cslt_alg(key) -> int:
-    """The cached algorithm id for this shape, else the library's default (0).
+    """The cached algorithm id for this shape, else DEFAULT_CSLT_ALG's for its token count.
 
     No search runs in-process: torch's ``_cslt_sparse_mm_search`` reported an internal error on
     an H200 (torch 2.11, CUDA 13.0) and left the device faulted, and a search during CUDA-graph
     capture would break the capture. Looking up a dict is all a call does, so capture is safe.
     """
-    return _ALG_IDS.get(key, 0)
+    return _ALG_IDS.get(key, default_cslt_alg(key[2]))
+
+
+def default_cslt_alg(m_padded: int) -> int:
+    """Algorithm 1 from CSLT_ALG1_FROM_M tokens, 0 below: on an H200 (bf16, torch 2.11; every id
+    0-15 timed on the Llama-3-8B shapes, docs/benchmarks.md) id 1 was fastest or within 1% at
+    M = 2048 and 8192 on five of six cases (up to 1.17x over id 0), and id 0 at M = 1024 on
+    two of three; no other id came within 10% of the better of the two."""
+    return 1 if m_padded >= CSLT_ALG1_FROM_M else 0
 
 
 @torch.library.custom_op("sparsec::twofour_linear_cusparselt", mutates_args=())
 def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor],
                     n_out: int) -> torch.Tensor:
-    """y = x @ W^T + bias through cuSPARSELt; ``compressed`` is ``torch._cslt_compress(W)``."""
+    """y = x @ W^T + bias through cuSPARSELt; ``compressed`` is ``torch._cslt_compress(W)``.
+
+    cuSPARSELt computes W @ x^T, an (N, M) product; it is returned as its (M, N) transposed view
+    rather than asking the library to write the transpose (``transpose_result=True``), which
+    took 1.2-1.9x as long on an H200. The output is therefore column-major, and so is the fake's,
+    so compilers lay out what follows accordingly. A column-major x is passed as is (the library
+    reads either order)."""
     M, K = x.shape
     pad = (-M) % CSLT_M_ALIGN
-    xp = F.pad(x, (0, 0, 0, pad)) if pad else x.contiguous()
+    if pad:
+        dense_t = F.pad(x, (0, 0, 0, pad)).t()
+    elif x.t().is_contiguous():
+        dense_t = x.t()
+    else:
+        dense_t = x.contiguous().t()
     alg = _cslt_alg((n_out, K, M + pad, x.dtype))
-    y = torch._cslt_sparse_mm(compressed, xp.t(), bias=bias, transpose_result=True, alg_id=alg)
-    return y[:M] if pad else y
+    y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg)
+    return (y.narrow(1, 0, M) if pad else y).t()
 
 
 @twofour_cslt_op.register_fake
 def _(x, compressed, bias, n_out):
-    return x.new_empty(x.shape[0], n_out)
+    M = x.shape[0]
+    return x.new_empty(n_out, M + (-M) % CSLT_M_ALIGN).narrow(1, 0, M).t()
 
 
 def crossover_from_timings(rows) -> int | None:

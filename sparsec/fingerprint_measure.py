@@ -272,9 +272,13 @@ class Harness:
     def run_job(self, job: Job, gen: torch.Generator, advance, entries: list[dict], have: frozenset = frozenset()) -> None:
         """Measure one job over every M not in ``have``, appending to ``entries`` (kept if a later M fails)."""
         fam, (N, K) = job.fam, job.shape
+        cuts = [_cut_at(k) for k in self.doc["skipped"] if k.startswith(f"{job.key} M>")]
+        cut = min((c for c in cuts if c is not None), default=None)
         weights = self._prepare(job, gen)
         for M in self.grid.Ms:
-            if M in have:  # measured by an earlier run (a reopened curve continues where it stopped)
+            if M in have or (cut is not None and M > cut):
+                # measured by an earlier run (a reopened curve continues where it stopped), or
+                # beyond where an earlier run stopped this curve (kept when small M is redone)
                 advance(1)
                 continue
             self.check_budget()
@@ -414,18 +418,31 @@ def _cpu_llc_bytes() -> int | None:
     return best
 
 
-def _redo(doc: dict, what: list[str]) -> int:
-    """Forget the measurements of kernels or families named in ``what`` so they run again."""
+def _redo(doc: dict, what: list[str], up_to: int | None = None) -> int:
+    """Forget the measurements of kernels or families named in ``what`` so they run again; with
+    ``up_to``, only their points at M <= up_to (a kernel changed for small M only), keeping the
+    rest of each curve and where it was stopped early."""
+    def named(family, kernel):
+        return family in what or kernel in what
+
     dropped = 0
     for family in list(doc["kernels"]):
-        keep = [e for e in doc["kernels"][family] if family not in what and e["kernel"] not in what]
+        keep = [e for e in doc["kernels"][family]
+                if not named(family, e["kernel"]) or (up_to is not None and e["M"] > up_to)]
         dropped += len(doc["kernels"][family]) - len(keep)
         doc["kernels"][family] = keep
     doc["grid"]["done"] = [k for k in doc["grid"]["done"] if not set(k.split("|")[:2]) & set(what)]
     doc["skipped"] = {k: v for k, v in doc["skipped"].items()
-                      if not set(k.split(" ")[0].split("|")[:2]) & set(what)}
+                      if not set(k.split(" ")[0].split("|")[:2]) & set(what)
+                      or (up_to is not None and _cut_at(k) is not None)}
     doc["complete"] = False
     return dropped
+
+
+def _cut_at(skip_key: str) -> int | None:
+    """The M after which a curve was stopped early, from its skip key (``"<job> M>1024"``)."""
+    head, sep, m = skip_key.rpartition(" M>")
+    return int(m) if sep and m.isdigit() else None
 
 
 def _reopen_cut_curves(doc: dict) -> int:
@@ -444,7 +461,7 @@ def _reopen_cut_curves(doc: dict) -> int:
 
 
 def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str] | None = None,
-                  extend: bool = False) -> dict | None:
+                  extend: bool = False, redo_up_to: int | None = None) -> dict | None:
     if fresh or not out.exists():
         return None
     try:
@@ -455,7 +472,7 @@ def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str]
             f"{out} exists but is not a readable fingerprint ({exc}); pass --fresh to overwrite it"
         ) from None
     if redo:
-        _redo(doc, redo)
+        _redo(doc, redo, redo_up_to)
     if extend and not _reopen_cut_curves(doc) and doc.get("complete"):
         raise FingerprintError(f"{out} has no curve stopped early; nothing to extend")
     if doc.get("complete"):
@@ -513,7 +530,7 @@ def _finish(h: Harness) -> None:
 
 def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float | None = None,
             fresh: bool = False, name: str | None = None, redo: list[str] | None = None, console=None,
-            extend: bool = False) -> Path:
+            extend: bool = False, redo_up_to: int | None = None) -> Path:
     """Measure this device into ``out`` (default: the user fingerprint of this device); returns the path."""
     from rich.console import Console
 
@@ -526,7 +543,7 @@ def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float
     if kind == "cuda":
         torch.cuda.init()
     clock = Clock(torch.device(kind), g.policy)
-    doc = _load_partial(out, g, kind, fresh, redo, extend)
+    doc = _load_partial(out, g, kind, fresh, redo, extend, redo_up_to)
     if doc is None:
         doc = _new_document(name or out.stem, g, kind, g.policy, clock.timer_name)
     else:

@@ -153,3 +153,28 @@ def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_
 
     with pytest.raises(FingerprintError, match="no curve stopped early"):
         measure(out, grid="tiny", extend=True, console=quiet())
+
+
+def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_path):
+    from sparsec.fingerprint_measure import _entry_key
+
+    doc = json.loads(tiny.read_text())
+    Ms = GRIDS["tiny"].Ms
+    up_to, stop = Ms[0], Ms[1]
+    block = doc["kernels"]["block"]
+    cut_key = _entry_key("block", block[0])
+    doc["kernels"]["block"] = [e for e in block if _entry_key("block", e) != cut_key or e["M"] <= stop]
+    doc["skipped"][f"{cut_key} M>{stop}"] = "9.9x slower than dense at M=2 in every mode; larger M not measured"
+    out = tmp_path / "small.json"
+    out.write_text(json.dumps(doc))
+
+    measure(out, grid="tiny", redo=["block"], redo_up_to=up_to, console=quiet())
+    after = json.loads(out.read_text())
+    assert after["complete"]
+    old = {(_entry_key("block", e), e["M"], e["mode"]): e["us"] for e in doc["kernels"]["block"]}
+    new = {(_entry_key("block", e), e["M"], e["mode"]): e["us"] for e in after["kernels"]["block"]}
+    assert set(new) == set(old)  # the same points, none added past the cut
+    assert all(new[k] == old[k] for k in old if k[1] > up_to)  # larger M untouched
+    assert any(new[k] != old[k] for k in old if k[1] <= up_to)  # small M timed anew
+    assert f"{cut_key} M>{stop}" in after["skipped"]
+    assert after["kernels"]["dense"] == doc["kernels"]["dense"]

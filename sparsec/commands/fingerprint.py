@@ -32,6 +32,8 @@ def register(subparsers) -> None:
     m.add_argument("--redo", action="append", default=None, metavar="KERNEL",
                    help="measure this kernel (e.g. cusparselt, sparsec-triton-block) or family (e.g. block) "
                         "again in an existing file, keeping the rest; repeatable")
+    m.add_argument("--redo-up-to", type=int, default=None, metavar="M",
+                   help="with --redo: only the points at M <= this (e.g. after a small-M kernel changed)")
     m.add_argument("--extend", action="store_true",
                    help="continue the curves an earlier run stopped early (slower than dense at a large M) in an "
                         "existing file, under the current rule, from where they stopped")
@@ -65,8 +67,12 @@ def _measure(args) -> int:
         return 0
     from sparsec.fingerprint_measure import measure
 
+    if args.redo_up_to is not None and not args.redo:
+        from sparsec.errors import FingerprintError
+
+        raise FingerprintError("--redo-up-to needs --redo KERNEL: name the kernels whose small-M points to measure again")
     measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name, redo=args.redo,
-            extend=args.extend)
+            extend=args.extend, redo_up_to=args.redo_up_to)
     return 0
 
 

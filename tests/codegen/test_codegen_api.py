@@ -74,6 +74,9 @@ def test_fake_impl_shapes(name, dtype):
         x = torch.empty(7, 32, dtype=dtype)
         y = getattr(torch.ops.sparsec, name)(*OPS[name](x))
     assert tuple(y.shape) == (7, OUT_N[name]) and y.dtype == dtype
+    # cuSPARSELt's product is (N, M padded to 8) row-major, returned as its transposed view: the
+    # fake must promise the same column-major strides, or compiled code reads it wrongly
+    assert y.stride() == ((1, 8) if name == "twofour_linear_cusparselt" else (OUT_N[name], 1))
 
 
 @pytest.mark.parametrize("spec,N,K", [("2:4", 24, 32), ("block:16:0.5", 32, 32), ("lowrank:4", 24, 32),

@@ -87,12 +87,14 @@ def test_auto_uses_triton_only_when_interpreting(spec, N, K, gen, monkeypatch):
     torch.testing.assert_close(linear(x, packed), x @ packed.to_dense().t(), atol=1e-4, rtol=1e-4)
 
 
-@pytest.mark.parametrize("spec,N,K", [("2:4", 40, 72), ("block:16:0.3", 64, 96), ("block:32:0.5", 64, 128)])
+@pytest.mark.parametrize("spec,N,K", [("2:4", 40, 72), ("block:16:0.3", 64, 96), ("block:32:0.5", 64, 128),
+                                      ("block:16:0.9", 32, 512)])
 @pytest.mark.parametrize("path", ["gemv", "dot"])
 def test_small_m_paths_match_reference(spec, N, K, path, gen):
     """Both small-M paths (the MMA-free GEMV and the MMA tile kernel) forced at the kernel level,
     fp16, with bias, at M = 1, 3 (one partial token tile), 16 and 17 (one over the GEMV token
-    tile, so two token programs) and a stride-3 input; K = 72 gives an odd group count for 2:4."""
+    tile, so two token programs) and a stride-3 input; K = 72 gives an odd group count for 2:4;
+    block:16:0.9 on 512 columns keeps ~29 blocks a row, several GEMV steps with a partial last."""
     from sparsec.codegen import block, twofour
 
     packed = pack(spec, torch.randn(N, K, generator=gen).to(torch.float16))
@@ -109,6 +111,38 @@ def test_small_m_paths_match_reference(spec, N, K, path, gen):
         # fp16 inputs, fp32 accumulation, one fp16 rounding of the output: TOL[fp16] of scale
         torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
                                    rtol=TOL[torch.float16], msg=lambda m: f"{spec} {path} M={M}: {m}")
+
+
+@pytest.mark.parametrize("N,K", [(40, 96), (17, 320), (64, 512)])
+def test_twofour_word_kernel_matches_reference_and_serves_contiguous_m1(N, K, gen):
+    """The word-reading kernel (K a multiple of 32): runs of eight groups with a partial last run
+    (K = 320: ten runs), partial row tiles (N = 17), one token per program (M = 1 and 3), bias;
+    ``auto`` dispatch takes it for a contiguous single token and the gathering GEMV for a strided
+    one, which it cannot view as words."""
+    from sparsec.codegen import twofour
+
+    packed = pack("2:4", torch.randn(N, K, generator=gen).to(torch.float16))
+    t = packed.tensors()
+    dense = packed.to_dense().double()
+    bias = torch.randn(N, generator=gen).to(torch.float16)
+    for M in (1, 3):
+        x = torch.randn(M, K, generator=gen).to(torch.float16)
+        y = twofour.twofour_triton(x, t["values"], t["meta"], bias, path="words")
+        ref = x.double() @ dense.t() + bias.double()
+        torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
+                                   rtol=TOL[torch.float16], msg=lambda m: f"M={M}: {m}")
+    x1 = torch.randn(1, K, generator=gen).to(torch.float16)
+    assert twofour.words_usable(x1, t["values"], t["meta"])
+    assert not twofour.words_usable(torch.randn(1, 2 * K, generator=gen).half()[:, ::2], t["values"], t["meta"])
+    assert not twofour.words_usable(torch.randn(1, K + 1, generator=gen).half()[:, 1:], t["values"], t["meta"])
+
+
+def test_twofour_word_kernel_refuses_k_off_the_word_grid(gen):
+    from sparsec.codegen import twofour
+
+    packed = pack("2:4", torch.randn(8, 72, generator=gen).half())   # 18 groups: no whole metadata words
+    t = packed.tensors()
+    assert not twofour.words_usable(torch.randn(1, 72, generator=gen).half(), t["values"], t["meta"])
 
 
 def test_twofour_gemv_only_for_16_bit_values(gen):
