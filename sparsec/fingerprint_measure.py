@@ -212,6 +212,7 @@ class Harness:
         self.t0 = time.monotonic()
         self.before = doc["method"].get("seconds") or 0.0  # measuring time of earlier, resumed runs
         self.last_save = 0.0
+        self.measured_here: set[str] = set()
         self.rotation_bytes = doc["method"]["rotation_bytes"]
         self.failures: dict[str, int] = {}
         self.no_graph: dict[str, str] = {}  # kernels whose graph capture failed, and why
@@ -341,6 +342,7 @@ class Harness:
 
         done = set(self.doc["grid"]["done"])
         todo = [j for j in jobs if j.key not in done]
+        self.measured_here.update(j.key for j in todo)
         points = len(todo) * len(self.grid.Ms)
         gen = torch.Generator(device=self.device).manual_seed(int(time.time()) & 0xFFFF)
         last_note = time.monotonic()
@@ -560,7 +562,9 @@ def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float
                 doc["method"]["autotune"] = how
             complete = h.run(jobs)
             if complete:
-                again = h.recheck(jobs)
+                # after --redo or --extend only the curves this run measured: the rest were
+                # rechecked when first measured, and their budget goes to the new points
+                again = h.recheck(jobs if not (redo or extend) else [j for j in jobs if j.key in h.measured_here])
                 doc["method"]["remeasured_points"] = again
     finally:
         doc["method"]["seconds"] = round(h.before + h.elapsed(), 1)
