@@ -379,6 +379,11 @@ def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[to
     took 1.2-1.9x as long on an H200. The output is therefore column-major, and so is the fake's,
     so compilers lay out what follows accordingly. A column-major x is passed as is (the library
     reads either order)."""
+    return cslt_matmul(x, compressed, bias, n_out)
+
+
+def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor], n_out: int) -> torch.Tensor:
+    """The body of ``twofour_cslt_op``, also what the fingerprint times as kernel "cusparselt"."""
     M, K = x.shape
     pad = (-M) % CSLT_M_ALIGN
     if pad:
