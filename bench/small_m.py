@@ -115,7 +115,8 @@ def time_paths(device, budget_s: float) -> list[dict]:
                 try:
                     us = time_calls(calls, device, 30)
                 except Exception as exc:  # noqa: BLE001
-                    rows.append({"spec": spec, "path": path, "N": N, "K": K, "M": M, "us": None, "error": str(exc)[:300]})
+                    rows.append({"spec": spec, "path": path, "N": N, "K": K, "M": M, "us": None,
+                                 "error": str(exc)[:300]})
                     continue
                 if spec == "dense":
                     dense_us = us
@@ -220,7 +221,8 @@ def main() -> None:
         for M in TOKENS:
             cells = []
             for spec, path in [("dense", "cublas")] + PATHS:
-                r = next((r for r in rows if (r["spec"], r["path"], r["N"], r["K"], r["M"]) == (spec, path, N, K, M)), None)
+                r = next((r for r in rows
+                          if (r["spec"], r["path"], r["N"], r["K"], r["M"]) == (spec, path, N, K, M)), None)
                 cells.append("-" if not r or r.get("us") is None else f"{r['us']:.1f} (x{r['speedup'] or 1:.2f})")
             print(f"| {N}x{K} | {M} | " + " | ".join(cells) + " |")
     if report.get("cslt"):

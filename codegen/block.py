@@ -12,8 +12,9 @@ BLOCK_N output rows of one block row (BLOCK_N divides B, so a wide block row fee
 programs and a weight of few block rows still fills the GPU). A program walks its row's kept
 blocks only; an empty row's programs just write the bias (or zeros), so no program is idle.
 Two kernels share that work list: up to GEMV_MAX_M tokens (16-bit inputs) an MMA-free GEMV on
-narrow row slices and few warps, so that many programs stream the weight at once; above, the
-tensor-core kernel with 16-token tiles and up.
+narrow row slices and few warps that takes several kept blocks per step, so that many programs
+stream the weight at once, each with many loads in flight; above, the tensor-core kernel with
+16-token tiles and up.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
 # The MMA-free kernel serves 16-bit inputs up to GEMV_MAX_M tokens: on an H200 (bf16,
-# docs/benchmarks.md) it beat the MMA kernel at M = 1 and 4 on all three benchmark shapes
-# (1.10-1.25x) and lost at M = 16 (1.1-2.5x slower: M FMAs per weight element on the CUDA
+# docs/benchmarks.md) it beat the MMA kernel at M = 1, 2 and 4 on all three benchmark shapes
+# (1.1-3.4x) and lost at M = 16 (1.2-2.4x slower: M FMAs per weight element on the CUDA
 # cores). fp32 was not measured, so it keeps the MMA (tf32) kernel. GEMV_BLOCK_M caps the tokens
 # a program takes.
 GEMV_MAX_M = 4

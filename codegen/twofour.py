@@ -7,16 +7,18 @@ Layout for W (N, K), G = K/4 groups per row:
          and 16 metadata bytes, each one 16-byte-aligned load when K is a multiple of 128.
 
 Two implementations:
-- ``triton``: two kernels. At M <= GEMV_MAX_M (16-bit values), an MMA-free GEMV reads each
-  group's two values as one int32 (16-byte loads along K), decodes the positions from the
-  metadata nibble and gathers the two inputs it multiplies from x (L1-resident). Above that, a
-  kernel loads the packed tile, expands it to the dense tile in registers and feeds the
-  tensor-core dot. Both read about 56% of the dense weight bytes, so they serve the
+- ``triton``: three kernels. At M <= GEMV_MAX_M (16-bit values), an MMA-free GEMV: the word
+  kernel where x, values and metadata can all be read as int32 words (unit-stride x, K a
+  multiple of 32), which picks each value's input out of its group's two x words in registers;
+  else a gathering kernel that reads a metadata byte and gathers two inputs per group. Above
+  GEMV_MAX_M, a kernel loads the packed tile, expands it to the dense tile in registers and feeds
+  the tensor-core dot. All read about 56% of the dense weight bytes, so they serve the
   memory-bound regime (small M).
 - ``cusparselt``: torch's cuSPARSELt binding (``torch._cslt_sparse_mm``) on a compressed copy
   kept in ``Packed.aux``; it uses the sparse tensor cores and wins where the layer is
-  compute-bound (large M). The algorithm id comes from a per-shape cache (``set_cslt_algorithm``)
-  and defaults to the library's 0; the compressed copy is made once, before any graph capture.
+  compute-bound (large M). Its (N, M) product is returned as the transposed view, not written
+  transposed. The algorithm id comes from a per-shape cache (``set_cslt_algorithm``), else
+  ``default_cslt_alg``; the compressed copy is made once, before any graph capture.
 ``auto`` on the GPU picks ``cusparselt`` from ``crossover_m`` tokens on (the Packed's, set by a
 planner from the fingerprint, else DEFAULT_CROSSOVER_M), when cuSPARSELt can take the shape and
 dtype; ``triton`` otherwise.
@@ -44,10 +46,10 @@ CSLT_DTYPES = (torch.float16, torch.bfloat16)
 CSLT_ALIGN = 16     # cuSPARSELt needs N and K multiples of 16 for 16-bit types
 CSLT_M_ALIGN = 8    # and the dense operand's token count padded to a multiple of 8
 CSLT_ALG1_FROM_M = 2048
-# The MMA-free kernel serves M up to GEMV_MAX_M: on an H200 (bf16, docs/benchmarks.md) it beat
-# the expansion + MMA kernel at M = 1 on all three benchmark shapes (1.14-1.69x) and lost at
-# M = 4 (1.9-2.6x slower: every token re-gathers its inputs per weight element). GEMV_BLOCK_M caps
-# the tokens a program takes.
+# The MMA-free kernels serve M up to GEMV_MAX_M: on an H200 (bf16, docs/benchmarks.md) the word
+# kernel beat the expansion + MMA kernel at M = 1 on all three benchmark shapes (1.6-2.0x) and
+# lost at M = 2 on all three (by 1-14%: each token re-reads the weight). GEMV_BLOCK_M caps the
+# tokens a program of the gathering kernel takes.
 GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
 
@@ -172,7 +174,8 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8,
     offs_e = tl.arange(0, 8)
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_N, BLOCK_J, 8), dtype=tl.float32)
-    p_ptrs = pair_ptr + offs_n[:, None, None].to(tl.int64) * stride_pn + offs_j[None, :, None] * 8 + offs_e[None, None, :]
+    p_ptrs = (pair_ptr + offs_n[:, None, None].to(tl.int64) * stride_pn
+              + offs_j[None, :, None] * 8 + offs_e[None, None, :])
     m_ptrs = meta_ptr + offs_n[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
     x_ptrs = (x_ptr + pid_m.to(tl.int64) * stride_xm
               + (offs_j[:, None, None] * 16 + offs_e[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
@@ -364,7 +367,7 @@ def _cslt_alg(key) -> int:
 def default_cslt_alg(m_padded: int) -> int:
     """Algorithm 1 from CSLT_ALG1_FROM_M tokens, 0 below: on an H200 (bf16, torch 2.11; every id
     0-15 timed on the Llama-3-8B shapes, docs/benchmarks.md) id 1 was fastest or within 1% at
-    M = 2048 and 8192 on five of six cases (up to 1.17x over id 0), and id 0 at M = 1024 on
+    M = 2048 and 8192 on five of six cases (up to 1.18x over id 0), and id 0 at M = 1024 on
     two of three; no other id came within 10% of the better of the two."""
     return 1 if m_padded >= CSLT_ALG1_FROM_M else 0
 

@@ -200,7 +200,8 @@ def codegen_families(device: torch.device) -> tuple[list[Family], dict[str, str]
         impls = [i for i in handler.impls if i != "reference"]
         if "cusparselt" in impls:
             impls.remove("cusparselt")
-            skipped[f"{family} [sparsec-cusparselt]"] = "measured as kernel 'cusparselt' (the same call, without the op)"
+            skipped[f"{family} [sparsec-cusparselt]"] = (
+                "measured as kernel 'cusparselt' (the same call, without the op)")
         if not cuda:
             if impls:
                 skipped[f"{family} [sparsec-{'/'.join(impls)}]"] = "Triton kernels need a CUDA device"
