@@ -80,6 +80,12 @@ class Session:
                 f"their inputs, but their packed weights are frozen ({', '.join(frozen[:3])}"
                 f"{', ...' if len(frozen) > 3 else ''} get no gradient); sparsec is for inference, call the "
                 f"model under torch.no_grad() or torch.inference_mode()")
+        last = _last_compile_warning(graph) if self.options.lower and frontend.modules else None
+        if last:
+            outcome.report["warnings"].append(last)
+            from sparsec.logs import logger
+
+            logger.warning("%s", last)
         mismatch = self.fingerprint.matches_current_device()
         if mismatch and not any(mismatch in w for w in outcome.report["warnings"]):
             outcome.report["warnings"].append(mismatch)
@@ -285,6 +291,30 @@ def session_for(options: dict | None, mode: str | None) -> Session:
     if options is not None:
         _SESSIONS[id(options)] = (options, session)
     return session
+
+
+def _last_compile_warning(graph: int) -> str | None:
+    """Why the next model instance or input signature may silently run dense, when this compile of
+    the traced function is the last Dynamo allows.
+
+    A graph with packed layers is guarded on its own weights, so every instance of a model class
+    compiles its own graph, and all of them count against Dynamo's per-function limit
+    (``recompile_limit``, 8 by default); past it Dynamo runs the function eagerly, without the
+    backend, and only its own log says so."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except Exception:  # noqa: BLE001 - not inside a Dynamo compile (e.g. a direct call in a test)
+        return None
+    limit = getattr(torch._dynamo.config, "recompile_limit", None) or getattr(torch._dynamo.config, "cache_size_limit", 8)
+    if cid is None or cid.frame_compile_id is None or cid.frame_compile_id + 1 < limit:
+        return None
+    return (f"graph {graph} is compile {cid.frame_compile_id + 1} of this function, Dynamo's limit "
+            f"(torch._dynamo.config.recompile_limit = {limit}): a further model instance of this class, input "
+            "shape or dtype will run eagerly, dense, without sparsec. Each instance compiled with sparsec is "
+            "guarded on its own weights and compiles its own graph; for many instances use sparsec.optimize(model, "
+            "...), which gives every call its own entry, or raise the limit")
 
 
 def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):

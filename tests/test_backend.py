@@ -318,3 +318,33 @@ def test_a_compiled_callable_that_takes_no_attributes_still_keeps_its_packed_lay
     assert held([1, 2, 3]) == 3 and held._sparsec_packed == (module,) and held._boxed_call is False
     fn = lambda *a: sum(a)  # noqa: E731
     assert _holding(fn, {"fc": module}) is fn and fn._sparsec_packed == (module,)
+
+
+def test_the_last_compile_dynamo_allows_is_named(monkeypatch):
+    """Each instance with packed layers is guarded on its own weights and compiles its own graph;
+    the compile that reaches Dynamo's per-function limit warns that the next instance runs dense."""
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
+
+    class Net(nn.Module):  # a class of its own: its forward's compile count starts here
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(64, 64)
+            with torch.no_grad():
+                self.fc.weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    from sparsec.backend import session_for
+
+    torch.manual_seed(7)
+    x = torch.randn(128, 64)
+    warned = []
+    for _ in range(2):
+        options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
+        with torch.no_grad():
+            torch.compile(Net().eval(), backend="sparsec", options=options)(x)
+        report = session_for(options, None).report
+        assert [l["format"] for l in report.layers] == ["lowrank:8"]
+        warned.append([w for w in report.to_dict()["warnings"] if "recompile_limit = 2" in w])
+    assert warned[0] == [] and len(warned[1]) == 1 and "will run eagerly, dense, without sparsec" in warned[1][0]
