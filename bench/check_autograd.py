@@ -59,7 +59,8 @@ def main() -> None:
             err_g = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
             ok = err_y <= REL_TOL and err_g <= REL_TOL and frozen
             bad += not ok
-            print(f"{'ok  ' if ok else 'FAIL'} {fmt:>14} M={M:<5} output rel err {err_y:.2e}, input grad rel err {err_g:.2e}")
+            print(f"{'ok  ' if ok else 'FAIL'} {fmt:>14} M={M:<5} output rel err {err_y:.2e}, "
+                  f"input grad rel err {err_g:.2e}")
     print(f"autograd checks: {bad} failed")
     sys.exit(1 if bad else 0)
 

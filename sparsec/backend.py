@@ -307,7 +307,8 @@ def _last_compile_warning(graph: int) -> str | None:
         cid = CompileContext.current_compile_id()
     except Exception:  # noqa: BLE001 - not inside a Dynamo compile (e.g. a direct call in a test)
         return None
-    limit = getattr(torch._dynamo.config, "recompile_limit", None) or getattr(torch._dynamo.config, "cache_size_limit", 8)
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8)
     if cid is None or cid.frame_compile_id is None or cid.frame_compile_id + 1 < limit:
         return None
     return (f"graph {graph} is compile {cid.frame_compile_id + 1} of this function, Dynamo's limit "
