@@ -320,11 +320,9 @@ def test_a_compiled_callable_that_takes_no_attributes_still_keeps_its_packed_lay
     assert _holding(fn, {"fc": module}) is fn and fn._sparsec_packed == (module,)
 
 
-def test_the_last_compile_dynamo_allows_is_named(monkeypatch):
+def test_the_last_compile_dynamo_allows_is_named():
     """Each instance with packed layers is guarded on its own weights and compiles its own graph;
     the compile that reaches Dynamo's per-function limit warns that the next instance runs dense."""
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
-
     class Net(nn.Module):  # a class of its own: its forward's compile count starts here
         def __init__(self):
             super().__init__()
@@ -342,7 +340,7 @@ def test_the_last_compile_dynamo_allows_is_named(monkeypatch):
     warned = []
     for _ in range(2):
         options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
-        with torch.no_grad():
+        with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
             torch.compile(Net().eval(), backend="sparsec", options=options)(x)
         report = session_for(options, None).report
         assert [l["format"] for l in report.layers] == ["lowrank:8"]
