@@ -355,7 +355,7 @@ def set_cslt_algorithm(N: int, K: int, M: int, dtype: torch.dtype, alg_id: int) 
 
 
 def _cslt_alg(key) -> int:
-    """The cached algorithm id for this shape, else DEFAULT_CSLT_ALG's for its token count.
+    """The cached algorithm id for this shape, else ``default_cslt_alg``'s for its token count.
 
     No search runs in-process: torch's ``_cslt_sparse_mm_search`` reported an internal error on
     an H200 (torch 2.11, CUDA 13.0) and left the device faulted, and a search during CUDA-graph

@@ -94,3 +94,12 @@ def test_list_names_user_fingerprints(tmp_path, monkeypatch, capsys, fp_file):
     out = capsys.readouterr().out
     row = next(ln for ln in out.splitlines() if "mine" in ln)
     assert "user" in row and "Test CPU" in row and "complete" in row
+
+
+def test_redo_up_to_without_redo_is_refused_before_measuring(tmp_path):
+    from sparsec.errors import FingerprintError
+
+    out = tmp_path / "fp.json"
+    with pytest.raises(FingerprintError, match="--redo-up-to needs --redo KERNEL"):
+        run_cli("fingerprint", "measure", "-o", str(out), "--grid", "tiny", "--redo-up-to", "4")
+    assert not out.exists()
