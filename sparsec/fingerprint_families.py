@@ -98,11 +98,18 @@ def _prune_2_4(w: torch.Tensor) -> torch.Tensor:
 
 
 class _Compressed:
-    """A cuSPARSELt-compressed weight and its output count (the algorithm lookup needs N)."""
+    """A cuSPARSELt-compressed weight, called as sparsec calls it (output layout, padding,
+    algorithm for N): the function behind the 2:4 op's ``cusparselt`` implementation, without
+    the op's dispatch."""
 
     def __init__(self, compressed: torch.Tensor, n_out: int):
-        self.compressed, self.n_out = compressed, n_out
+        from sparsec.codegen.twofour import cslt_matmul
+
+        self.compressed, self.n_out, self.matmul = compressed, n_out, cslt_matmul
         self.nbytes = compressed.numel() * compressed.element_size()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.matmul(x, self.compressed, None, self.n_out)
 
 
 def _cslt_build(variant, N, K, dtype, device, gen):
@@ -111,11 +118,7 @@ def _cslt_build(variant, N, K, dtype, device, gen):
 
 
 def _cslt_run(x, wc):
-    """cuSPARSELt as sparsec calls it (output layout, padding, algorithm): the same function
-    as the ``cusparselt`` implementation of the 2:4 op, without the op's dispatch."""
-    from sparsec.codegen.twofour import cslt_matmul
-
-    return cslt_matmul(x, wc.compressed, None, wc.n_out)
+    return wc(x)
 
 
 def cusparselt_family(device: torch.device) -> tuple[Family | None, str | None]:

@@ -305,10 +305,11 @@ class Harness:
                     advance(len(rest))
                 break
 
-    def recheck(self, jobs: list[Job], passes: int = 4) -> int:
+    def recheck(self, jobs: list[Job], passes: int = 4, up_to: int | None = None) -> int:
         """Measure again every curve (job) with a point that breaks the bounds of
         ``implausible_points``, keeping the smaller time per point; returns the points redone.
-        Whole curves, since a disturbance often spans neighbouring points."""
+        Whole curves, since a disturbance often spans neighbouring points; with ``up_to``, only
+        their points at M <= up_to (the points a ``--redo-up-to`` run measured)."""
         by_key = {j.key: j for j in jobs}
         gen = torch.Generator(device=self.device).manual_seed(int(time.time()) & 0xFFFF)
         total = 0
@@ -324,7 +325,7 @@ class Harness:
                 mine = [e for e in self.doc["kernels"][job.fam.family] if _entry_key(job.fam.family, e) == key]
                 try:
                     weights = self._prepare(job, gen)
-                    for M in sorted({e["M"] for e in mine}):
+                    for M in sorted({e["M"] for e in mine if up_to is None or e["M"] <= up_to}):
                         times = self._point(job, weights, M, gen)
                         for e in mine:
                             if e["M"] == M and e["mode"] in times:
@@ -443,7 +444,7 @@ def _redo(doc: dict, what: list[str], up_to: int | None = None) -> int:
 
 def _cut_at(skip_key: str) -> int | None:
     """The M after which a curve was stopped early, from its skip key (``"<job> M>1024"``)."""
-    head, sep, m = skip_key.rpartition(" M>")
+    _, sep, m = skip_key.rpartition(" M>")
     return int(m) if sep and m.isdigit() else None
 
 
@@ -564,7 +565,8 @@ def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float
             if complete:
                 # after --redo or --extend only the curves this run measured: the rest were
                 # rechecked when first measured, and their budget goes to the new points
-                again = h.recheck(jobs if not (redo or extend) else [j for j in jobs if j.key in h.measured_here])
+                again = h.recheck(jobs if not (redo or extend) else [j for j in jobs if j.key in h.measured_here],
+                                  up_to=redo_up_to if redo and not extend else None)
                 doc["method"]["remeasured_points"] = again
     finally:
         doc["method"]["seconds"] = round(h.before + h.elapsed(), 1)

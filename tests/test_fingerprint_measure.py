@@ -155,8 +155,8 @@ def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_
         measure(out, grid="tiny", extend=True, console=quiet())
 
 
-def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_path):
-    from sparsec.fingerprint_measure import _entry_key
+def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_path, monkeypatch):
+    from sparsec.fingerprint_measure import Harness, _entry_key
 
     doc = json.loads(tiny.read_text())
     Ms = GRIDS["tiny"].Ms
@@ -168,6 +168,14 @@ def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_pa
     out = tmp_path / "small.json"
     out.write_text(json.dumps(doc))
 
+    timed = []
+    point = Harness._point
+
+    def recording(self, job, weights, M, gen):
+        timed.append((job.key, M))
+        return point(self, job, weights, M, gen)
+
+    monkeypatch.setattr(Harness, "_point", recording)
     measure(out, grid="tiny", redo=["block"], redo_up_to=up_to, console=quiet())
     after = json.loads(out.read_text())
     assert after["complete"]
@@ -175,6 +183,7 @@ def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_pa
     new = {(_entry_key("block", e), e["M"], e["mode"]): e["us"] for e in after["kernels"]["block"]}
     assert set(new) == set(old)  # the same points, none added past the cut
     assert all(new[k] == old[k] for k in old if k[1] > up_to)  # larger M untouched
-    assert any(new[k] != old[k] for k in old if k[1] <= up_to)  # small M timed anew
+    # every block curve timed anew at small M, and nothing else timed at all
+    assert {key for key, _ in timed} == {k[0] for k in old} and all(M <= up_to for _, M in timed)
     assert f"{cut_key} M>{stop}" in after["skipped"]
     assert after["kernels"]["dense"] == doc["kernels"]["dense"]
