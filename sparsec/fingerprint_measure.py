@@ -465,6 +465,9 @@ def _reopen_cut_curves(doc: dict) -> int:
 
 def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str] | None = None,
                   extend: bool = False, redo_up_to: int | None = None) -> dict | None:
+    if (redo or extend) and not fresh and not out.exists():
+        raise FingerprintError(f"{out} does not exist: --redo and --extend continue an existing fingerprint; "
+                               "name one with -o, or measure a new one without them")
     if fresh or not out.exists():
         return None
     try:

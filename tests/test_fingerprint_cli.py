@@ -96,10 +96,13 @@ def test_list_names_user_fingerprints(tmp_path, monkeypatch, capsys, fp_file):
     assert "user" in row and "Test CPU" in row and "complete" in row
 
 
-def test_redo_up_to_without_redo_is_refused_before_measuring(tmp_path):
+def test_redo_up_to_alone_or_on_a_missing_file_is_refused_before_measuring(tmp_path):
     from sparsec.errors import FingerprintError
 
     out = tmp_path / "fp.json"
     with pytest.raises(FingerprintError, match="--redo-up-to needs --redo KERNEL"):
         run_cli("fingerprint", "measure", "-o", str(out), "--grid", "tiny", "--redo-up-to", "4")
+    assert not out.exists()
+    with pytest.raises(FingerprintError, match="does not exist: --redo and --extend continue an existing"):
+        run_cli("fingerprint", "measure", "-o", str(out), "--grid", "tiny", "--redo", "block", "--redo-up-to", "4")
     assert not out.exists()
