@@ -363,14 +363,6 @@ def run_calibration(args, device) -> dict:
     return {"copy_GBps": bw, "peak_tflops": peak}
 
 
-def _write(path: str, data: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _child(args, role: str, out: str, budget: float, extra=()) -> dict:
     """Run one role in a fresh process (a CUDA fault there cannot take the other groups down)."""
     import subprocess

@@ -87,14 +87,14 @@ def chosen_config(spec: str, path: str) -> str | None:
     return str(best) if best is not None else None
 
 
-def time_paths(device, budget_s: float) -> list[dict]:
+def time_paths(device, budget_s: float, paths=PATHS, tokens=TOKENS) -> list[dict]:
     gen = torch.Generator(device=device).manual_seed(3)
     dtype = torch.bfloat16
     rows, t0 = [], time.time()
     for N, K in SHAPES:
-        for M in TOKENS:
+        for M in tokens:
             dense_us = None
-            for spec, path in [("dense", "cublas")] + PATHS:
+            for spec, path in [("dense", "cublas")] + paths:
                 if time.time() - t0 > budget_s:
                     break
                 if spec == "dense":
@@ -126,6 +126,44 @@ def time_paths(device, budget_s: float) -> list[dict]:
                 rows.append(row)
                 print(f"# {N}x{K} M={M} {spec} [{path}] {us:.1f} us x{row['speedup'] or 0:.2f} "
                       f"{row['read_GBps']:.0f} GB/s {row['config']}", flush=True)
+    return rows
+
+
+SWEPT = {("2:4", "words"): "_WORDS_KERNEL", ("block:64:0.25", "gemv"): "_GEMV_KERNEL"}
+
+
+def config_sweep(device, budget_s: float, tokens=(1,)) -> list[dict]:
+    """Every config of the MMA-free kernels run alone (``LazyKernel.only``): checked in bf16
+    against float64, then timed like the paths above; shows what each tile shape and pipelining
+    depth is worth, beyond the one the autotuner keeps."""
+    gen = torch.Generator(device=device).manual_seed(11)
+    dtype = torch.bfloat16
+    rows, t0 = [], time.time()
+    for N, K in SHAPES:
+        for (spec, path), name in SWEPT.items():
+            lazy = getattr(twofour if spec == "2:4" else block, name)
+            one = make_packed(spec, N, K, dtype, device, gen)
+            dense = one.to_dense().double()
+            copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / one.nbytes)))
+            packs = [one] + [Packed(one.spec, one.shape, {k: v.clone() for k, v in one.tensors().items()})
+                             for _ in range(copies - 1)]
+            for M in tokens:
+                xs = [torch.randn(M, K, generator=gen, device=device).to(dtype) for _ in range(copies)]
+                for config in lazy.configs:
+                    if time.time() - t0 > budget_s:
+                        return rows
+                    row = {"spec": spec, "path": path, "N": N, "K": K, "M": M, "config": str(config)}
+                    try:
+                        with lazy.only(config):
+                            err = rel_err(path_call(spec, path, xs[0], one)(), xs[0].double() @ dense.t())
+                            row["rel_err"], row["ok"] = err, err <= REL_TOL[dtype]
+                            row["us"] = time_calls([path_call(spec, path, x, p) for x, p in zip(xs, packs)],
+                                                   device, 30)
+                    except Exception as exc:  # noqa: BLE001 - a config that fails to build is a row
+                        row["error"] = str(exc)[:200]
+                    rows.append(row)
+                    print(f"# sweep {N}x{K} M={M} {spec} [{path}] {row.get('us') or 0:.1f} us "
+                          f"ok={row.get('ok')} {config}", flush=True)
     return rows
 
 
@@ -193,6 +231,10 @@ def main() -> None:
     ap.add_argument("--budget-s", type=float, default=400)
     ap.add_argument("--cslt-budget-s", type=float, default=150)
     ap.add_argument("--skip-cslt", action="store_true")
+    ap.add_argument("--paths", default=None, help="SPEC:PATH list, e.g. 2:4:words,block:64:0.25:gemv (default all)")
+    ap.add_argument("--tokens", default=None, help="M list, e.g. 1,2,4 (default 1,2,4,16)")
+    ap.add_argument("--config-sweep-s", type=float, default=0,
+                    help="also time every config of the MMA-free kernels at M=1, for up to this long")
     ap.add_argument("--cslt-alg", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.cslt_alg is not None:
@@ -208,19 +250,25 @@ def main() -> None:
     t0 = time.time()
     checks = correctness(device)
     print(f"# correctness {sum(r['ok'] for r in checks)}/{len(checks)}", flush=True)
-    rows = time_paths(device, args.budget_s - args.cslt_budget_s - 60)
+    paths = PATHS if not args.paths else [tuple(p.rsplit(":", 1)) for p in args.paths.split(",")]
+    tokens = TOKENS if not args.tokens else [int(m) for m in args.tokens.split(",")]
+    cslt_s = 0 if args.skip_cslt else args.cslt_budget_s
+    rows = time_paths(device, args.budget_s - cslt_s - 60, paths, tokens)
     report = {"meta": meta, "correctness": checks, "paths": rows}
     _write(args.out, report)
+    if args.config_sweep_s:
+        report["config_sweep"] = config_sweep(device, args.config_sweep_s)
+        _write(args.out, report)
     if not args.skip_cslt:
         report["cslt_dense_us"] = dense_times(device)
         report["cslt"] = cslt_sweep(os.path.dirname(os.path.abspath(args.out)), args.cslt_budget_s)
     report["elapsed_s"] = time.time() - t0
     _write(args.out, report)
-    print("\n| N x K | M | " + " | ".join(f"{s} {p}" for s, p in [("dense", "cublas")] + PATHS) + " |")
+    print("\n| N x K | M | " + " | ".join(f"{s} {p}" for s, p in [("dense", "cublas")] + paths) + " |")
     for N, K in SHAPES:
-        for M in TOKENS:
+        for M in tokens:
             cells = []
-            for spec, path in [("dense", "cublas")] + PATHS:
+            for spec, path in [("dense", "cublas")] + paths:
                 r = next((r for r in rows
                           if (r["spec"], r["path"], r["N"], r["K"], r["M"]) == (spec, path, N, K, M)), None)
                 cells.append("-" if not r or r.get("us") is None else f"{r['us']:.1f} (x{r['speedup'] or 1:.2f})")
@@ -237,6 +285,15 @@ def main() -> None:
                 d = report["cslt_dense_us"][f"{N}x{K}:{M}"]
                 print(f"| {N}x{K} | {M} | {d:.1f} | {best['alg']}, {best['transpose_result']} | {best['us']:.1f} | "
                       f"{d / best['us']:.2f} | {base or 0:.1f} |")
+    if report.get("config_sweep"):
+        print("\n| N x K | kernel | fastest configs (us) | failed checks |")
+        for N, K in SHAPES:
+            for spec, path in SWEPT:
+                mine = [r for r in report["config_sweep"] if (r["N"], r["K"], r["spec"]) == (N, K, spec)]
+                timed = sorted((r for r in mine if r.get("us")), key=lambda r: r["us"])[:3]
+                bad = sum(1 for r in mine if not r.get("ok"))
+                print(f"| {N}x{K} | {spec} {path} | " + "; ".join(f"{r['us']:.1f} {r['config']}" for r in timed)
+                      + f" | {bad} |")
     print(f"# elapsed {report['elapsed_s']:.0f}s")
 
 

@@ -159,6 +159,17 @@ class LazyKernel:
             kept = kept[:1]
         return kept
 
+    @contextlib.contextmanager
+    def only(self, config):
+        """Launch with ``config`` alone inside the block: every config's arithmetic can be checked,
+        not just the one the interpreter or the autotuner would take."""
+        saved = self.configs, self._built
+        self.configs, self._built = [config], {}
+        try:
+            yield
+        finally:
+            self.configs, self._built = saved
+
     def __getitem__(self, grid):
         mode = interpret_mode()
         if mode:

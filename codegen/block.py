@@ -84,11 +84,14 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
 def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, M, N, K,
                        stride_xm, stride_xk, stride_ym, stride_yn,
                        M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+                       STAGES: tl.constexpr):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
     block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
     indices read as one vector: the weight loads of a step depend on nothing, so each program
     keeps BLOCK_J * BLOCK_N * B values in flight instead of waiting on one block at a time.
+    STAGES > 1 asks Triton's pipeliner to issue the loads of the next steps before this one's
+    products (a loop without a dot is pipelined only when its range names a stage count).
     Products accumulate per lane in fp32, reduced once at the end."""
     SUB: tl.constexpr = B // BLOCK_N
     pid_w = tl.program_id(0)
@@ -106,7 +109,7 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_
     w_ptrs = (val_ptr + start.to(tl.int64) * (B * B)
               + (offs_j[:, None, None] * (B * B) + offs_r[None, :, None] * B + offs_c[None, None, :]))
     x_rows = x_ptr + offs_m[:, None, None] * stride_xm
-    for j0 in range(start, end, BLOCK_J):
+    for j0 in tl.range(start, end, BLOCK_J, num_stages=STAGES):
         kept = j0 + offs_j < end
         col = tl.load(col_ptr + j0 + offs_j, mask=kept, other=0)
         w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0)
@@ -126,7 +129,10 @@ def _gemv_configs():
     out = []
     for bn, bj, w in ((1, 8, 1), (1, 16, 2), (2, 8, 2), (2, 16, 4), (4, 8, 4), (4, 4, 2), (8, 4, 4), (1, 32, 4),
                       (2, 1, 1), (4, 1, 1), (8, 1, 1), (8, 1, 2), (16, 1, 2), (16, 1, 4), (32, 1, 4)):
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=4))
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": 1}, num_warps=w, num_stages=4))
+    for bn, bj, w, s in ((1, 8, 1, 3), (2, 4, 1, 3), (4, 4, 2, 3), (2, 8, 2, 3), (8, 4, 4, 3), (4, 8, 4, 3),
+                         (1, 4, 1, 4), (4, 2, 1, 4), (8, 2, 2, 4), (16, 4, 4, 3), (8, 8, 4, 2)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s}, num_warps=w, num_stages=s))
     return out
 
 

@@ -160,13 +160,14 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
 def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8,
                           stride_xm, stride_pn, stride_mn, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
     words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word
     (eight nibbles), its values eight words (two per group), and the inputs of its 32 columns 16
     words (a group's four inputs are two words). A kept value's input is picked from its group's
     two words by the position code with one select and one shift, all within the thread: no
-    gathers and no byte loads. One token per program (grid axis 1)."""
+    gathers and no byte loads. One token per program (grid axis 1). STAGES > 1 has Triton's
+    pipeliner issue the next steps' loads ahead of this one's products."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -180,7 +181,7 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8,
     x_ptrs = (x_ptr + pid_m.to(tl.int64) * stride_xm
               + (offs_j[:, None, None] * 16 + offs_e[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
     shift = offs_e[None, None, :] * 4
-    for j0 in range(0, G8, BLOCK_J):
+    for j0 in tl.range(0, G8, BLOCK_J, num_stages=STAGES):
         run = j0 + offs_j < G8
         mask_nj = mask_n[:, None] & run[None, :]
         pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0)
@@ -216,7 +217,10 @@ def _words_configs():
     out = []
     for bn, bj, w in ((4, 16, 4), (16, 8, 4), (1, 64, 4), (2, 32, 4), (8, 8, 4), (2, 64, 8), (4, 32, 8),
                       (1, 32, 2), (8, 16, 8), (4, 8, 2), (16, 16, 8), (32, 8, 8), (8, 32, 8), (16, 4, 2)):
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj}, num_warps=w, num_stages=4))
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": 1}, num_warps=w, num_stages=4))
+    for bn, bj, w, s in ((16, 8, 4, 3), (4, 16, 4, 3), (8, 8, 4, 3), (4, 8, 2, 3), (2, 16, 2, 3), (8, 4, 2, 4),
+                         (16, 4, 4, 4), (4, 4, 1, 4), (8, 16, 4, 2), (2, 8, 1, 4)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s}, num_warps=w, num_stages=s))
     return out
 
 

@@ -174,3 +174,48 @@ def test_block_gemv_empty_rows_write_bias(gen):
     ref = x.double()[:, 32:48] @ w[16:32, 32:48].double().t() + bias[16:32].double()
     # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
     torch.testing.assert_close(y[:, 16:32].double(), ref, atol=4e-3 * ref.abs().max().item(), rtol=4e-3)
+
+
+def _config_id(config) -> str:
+    return "-".join(f"{k}{v}" for k, v in config.kwargs.items()) + f"-w{config.num_warps}"
+
+
+def _gemv_config_cases(module, kernel_name):
+    from sparsec.codegen import block, twofour
+
+    kernel = getattr({"block": block, "twofour": twofour}[module], kernel_name)
+    return [pytest.param(module, kernel_name, i, id=_config_id(c)) for i, c in enumerate(kernel.configs)]
+
+
+@pytest.mark.parametrize("module,kernel_name,index",
+                         _gemv_config_cases("twofour", "_WORDS_KERNEL") + _gemv_config_cases("block", "_GEMV_KERNEL"))
+def test_every_small_m_config_matches_reference(module, kernel_name, index, gen):
+    """The autotuner may pick any config on the device, so each one (tile shape, blocks or runs per
+    step, pipelined or not) is run alone against float64: 2:4 rows in partial row tiles with a
+    partial last run of groups (K = 352: eleven runs); block rows of unequal kept counts, one empty."""
+    from sparsec.codegen import block, twofour
+
+    kernel = getattr({"block": block, "twofour": twofour}[module], kernel_name)
+    config = kernel.configs[index]
+    if module == "twofour":
+        packed = pack("2:4", torch.randn(40, 352, generator=gen).half())
+        t = packed.tensors()
+        x = torch.randn(1, 352, generator=gen).half()
+        bias = torch.randn(40, generator=gen).half()
+        with kernel.only(config):
+            y = twofour.twofour_triton(x, t["values"], t["meta"], bias, path="words")
+    else:
+        w = torch.randn(192, 320, generator=gen)
+        w.view(3, 64, 5, 64)[1] = 0                      # block row 1 empty
+        w.view(3, 64, 5, 64)[2, :, 1:] *= 1e-3           # block row 2: one block outweighs the rest
+        packed = pack("block:64:0.4", w.half())
+        t = packed.tensors()
+        assert len(set((t["row_ptr"][1:] - t["row_ptr"][:-1]).tolist())) > 1
+        x = torch.randn(3, 320, generator=gen).half()
+        bias = torch.randn(192, generator=gen).half()
+        with kernel.only(config):
+            y = block.block_triton(x, t["values"], t["col_idx"], t["row_ptr"], t["order"], bias, 192, path="gemv")
+    ref = x.double() @ packed.to_dense().double().t() + bias.double()
+    # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
+    torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
+                               rtol=TOL[torch.float16])
