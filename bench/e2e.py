@@ -188,7 +188,9 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
                 row["formats"] = sorted({l["format"] for l in rep["layers"]})
                 row["rewritten"] = rep["totals"]["rewritten"]
                 row["layers"] = rep["totals"]["layers"]
-                row["predicted_speedup"] = rep["totals"]["predicted_speedup"]
+                row["predicted_speedup"] = rep["end_to_end"]["predicted_speedup"]
+                row["predicted_speedup_layers"] = rep["totals"]["predicted_speedup"]
+                row["predicted_us_rest"] = rep["end_to_end"].get("predicted_us_rest")
                 row["measured_error"] = rep["end_to_end"]["measured_error"]
                 row["heldout_error"] = rep["end_to_end"].get("heldout_error")
                 row["layers_measured_speedup"] = sorted(

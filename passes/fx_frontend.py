@@ -59,6 +59,12 @@ class FxFrontend:
     def has_heldout(self) -> bool:
         return bool(self.heldout)
 
+    def rest_of_graph(self):
+        """The kernels the graph launches outside its sites (``sparsec.rest``), from traced shapes."""
+        from sparsec.passes.rest_fx import rest_of_graph
+
+        return rest_of_graph(self.gm, self.example_inputs, self.nodes.values())
+
     def lower(self, layers: list[Layer]):
         self.modules = rewrite_fx.packed_modules(layers)
         return self.lower_modules(self.modules)

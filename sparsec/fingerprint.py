@@ -132,6 +132,11 @@ class Fingerprint:
         return f"Fingerprint({self.name!r}, device={self.device['name']!r}, hash={self.hash})"
 
     @property
+    def measured(self) -> dict:
+        """Device-wide figures: copy bandwidth (GB/s), peak TFLOP/s per dtype, launch overhead (us)."""
+        return self.data.get("measured") or {}
+
+    @property
     def complete(self) -> bool:
         return bool(self.data.get("complete"))
 

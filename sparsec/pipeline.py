@@ -20,6 +20,7 @@ from sparsec.candidates import Candidate, Layer
 from sparsec.formats import Dense, parse_spec
 from sparsec.options import Options
 from sparsec.plan import Plan
+from sparsec.rest import RestOfGraph, price_rest
 from sparsec.sites import Site, SiteStats, Skipped, output_energy, relative_output_error
 
 log = logging.getLogger("sparsec")
@@ -36,6 +37,8 @@ class Frontend(Protocol):
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]: ...
 
     def has_heldout(self) -> bool: ...
+
+    def rest_of_graph(self) -> RestOfGraph | None: ...
 
     def lower(self, layers: list[Layer]) -> Any: ...
 
@@ -64,8 +67,9 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     while measure(layers, alloc, options):
         e2e = verify(frontend, layers, alloc, options)
     lowered = lower(frontend, layers) if options.lower else None
+    rest_us = rest(frontend, fingerprint, options)
     plan = plan_of(layers, fingerprint, options)
-    report = report_of(frontend, layers, skipped, e2e, fingerprint, options)
+    report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us)
     report["warnings"].extend(warnings)
     # how the budget was calibrated, re-allocated and backed off, per subgraph
     report["planner_log"] = [f"graph {frontend.graph}: {line}" for line in alloc.history]
@@ -405,6 +409,14 @@ def lower(frontend: Frontend, layers: list[Layer]):
     return frontend.lower(layers)
 
 
+# -- rest -------------------------------------------------------------------------------------
+
+
+def rest(frontend: Frontend, fingerprint, options: Options) -> float | None:
+    """Predicted time of the graph outside its linear layers, the same in every plan."""
+    return price_rest(frontend.rest_of_graph(), fingerprint, options.cost_mode)
+
+
 # -- plan and report --------------------------------------------------------------------------
 
 
@@ -416,7 +428,8 @@ def plan_of(layers: list[Layer], fingerprint, options: Options) -> Plan:
     )
 
 
-def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, options: Options) -> dict:
+def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, options: Options,
+              rest_us: float | None = None) -> dict:
     from sparsec.reasons import candidate_rejections, layer_reason
 
     spent = sum((l.chosen.predicted_error ** 2) for l in layers if l.chosen is not None and not l.chosen.is_dense)
@@ -463,6 +476,7 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
     chosen_total = sum(r["predicted_us"] or 0.0 for r in rows)
     rewritten = sum(1 for r in rows if r["format"] != "dense")
     speedup = (dense_total / chosen_total) if chosen_total > 0 else None
+    e2e_speedup = speedup if rest_us is None else _ratio(dense_total + rest_us, chosen_total + rest_us)
     return {
         "schema": "sparsec.report/1",
         "entry": frontend.entry,
@@ -483,7 +497,8 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
         "end_to_end": {
             "measured_error": _num(e2e.measured_error),
             "heldout_error": _num(e2e.heldout_error),
-            "predicted_speedup": _num(speedup),
+            "predicted_speedup": _num(e2e_speedup),
+            "predicted_us_rest": _num(rest_us),
             "measured_speedup": None,
         },
         "warnings": [],

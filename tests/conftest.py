@@ -25,6 +25,7 @@ class ScaledFingerprint:
 
     device = {"name": "scenario"}
     hash = "scenario"
+    measured: dict = {}   # no device figures: the rest of a graph stays unpriced
 
     def __init__(self, name="scenario", factors=None, launch_us=2.0):
         self.name = name

@@ -100,6 +100,11 @@ def _card(label: str, value: str, note: str = "") -> str:
     return f'<div class="card"><div class="label">{escape(label)}</div><div class="value">{escape(value)}</div>{note_html}</div>'
 
 
+def _rest_note(e2e) -> str:
+    rest = e2e.get("predicted_us_rest")
+    return f"; rest of graph {v.fmt_us(rest)}" if rest is not None else "; rest of graph not priced"
+
+
 def _summary(report) -> str:
     t, e2e, budget = report.totals, report.end_to_end, report["error_budget"]
     spend = v.budget_spend(report)
@@ -108,7 +113,7 @@ def _summary(report) -> str:
         _card("layers rewritten", f"{t['rewritten']} of {t['layers']}",
               f"linear time {v.fmt_us(t['predicted_us_dense'])} → {v.fmt_us(t['predicted_us'])}"),
         _card("predicted speedup", v.fmt_speedup(e2e["predicted_speedup"]),
-              f"linear layers {v.fmt_speedup(t['predicted_speedup'])}"),
+              f"linear layers {v.fmt_speedup(t['predicted_speedup'])}" + _rest_note(e2e)),
         _card("measured speedup", v.fmt_speedup(e2e["measured_speedup"]),
               f"linear layers {v.fmt_speedup(t['measured_speedup'])}" if t["measured_speedup"] else "not timed"),
         _card("output error", v.fmt_error(e2e["measured_error"]),

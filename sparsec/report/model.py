@@ -116,7 +116,9 @@ class Report:
           summed dense time over summed predicted time, and ``measured_speedup`` is the
           harmonic mean weighted by each part's predicted dense time (the same "total dense time
           over total rewritten time" rule applied to measured figures); null if either is null.
-        - end_to_end: speedups combine as in totals, weighted by each part's totals dense time;
+        - end_to_end: speedups combine as in totals, weighted by each part's dense time end to
+          end (totals dense time plus ``predicted_us_rest``, summed; totals alone where either
+          part's rest is unknown);
           ``measured_error`` and ``heldout_error`` combine as the root sum of squares, the rule
           the planner uses for the errors of independent rewrites; null if either is null.
           Each subgraph is planned against the whole budget, so the combined error can exceed
@@ -192,6 +194,11 @@ def combine_end_to_end(a: dict, a_totals: dict, b: dict, b_totals: dict) -> dict
     """End-to-end figures of two subgraphs run one after the other (see ``Report.extend``)."""
     out = {**a, **b}
     wa, wb = a_totals["predicted_us_dense"], b_totals["predicted_us_dense"]
+    rests = (a.get("predicted_us_rest"), b.get("predicted_us_rest"))
+    if "predicted_us_rest" in a or "predicted_us_rest" in b:
+        out["predicted_us_rest"] = None if None in rests else rests[0] + rests[1]
+    if wa is not None and wb is not None and None not in rests:
+        wa, wb = wa + rests[0], wb + rests[1]   # each part's dense time end to end
     for key in ("predicted_speedup", "measured_speedup"):
         out[key] = weighted_speedup([(wa, a[key]), (wb, b[key])])
     for key in ("measured_error", "heldout_error"):

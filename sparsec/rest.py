@@ -1,0 +1,63 @@
+"""The rest of a graph: the kernels its dense part outside the linear layers launches, and their price.
+
+A rewrite speeds up the linear layers only; the activations, norms, residual adds and attention
+around them take as long as before. An end-to-end prediction that leaves them out overstates
+the speedup (a layer-only 1.40x measured 1.27x end to end on a Llama-shaped MLP at M=2048,
+docs/benchmarks.md), so each front-end describes that rest as kernels (bytes moved, FLOPs) and
+the fingerprint's measured copy bandwidth, peak throughput and launch overhead price it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class RestKernel:
+    """One kernel of the dense rest: the bytes it reads and writes, its FLOPs (0 when pointwise)."""
+
+    bytes: float
+    flops: float = 0.0
+    dtype: str = "float32"
+
+
+@dataclass
+class RestOfGraph:
+    kernels: list[RestKernel] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> float:
+        return sum(k.bytes for k in self.kernels)
+
+    @property
+    def flops(self) -> float:
+        return sum(k.flops for k in self.kernels)
+
+
+def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None:
+    """Predicted microseconds of ``rest`` on the fingerprint's device in ``mode`` ("eager" or
+    "graph"): per kernel its launch overhead plus the longer of moving its bytes at the measured
+    copy bandwidth and doing its FLOPs at the measured peak. None when the rest or a needed
+    figure is unknown, so that no guess stands in for a measurement."""
+    if rest is None:
+        return None
+    measured = fingerprint.measured
+    bandwidth = measured.get("copy_GBps")
+    launch = (measured.get("launch_us") or {}).get(mode)
+    if launch is None:
+        launch = (measured.get("launch_us") or {}).get("eager")
+    if not rest.kernels:
+        return 0.0
+    if not bandwidth or launch is None:
+        return None
+    peaks = measured.get("peak_tflops") or {}
+    total = 0.0
+    for k in rest.kernels:
+        us = k.bytes / (bandwidth * 1e3)
+        if k.flops:
+            peak = peaks.get(k.dtype)
+            if not peak:
+                return None
+            us = max(us, k.flops / (peak * 1e6))
+        total += launch + us
+    return total

@@ -1,0 +1,63 @@
+"""Pricing the rest of a graph, and the end-to-end prediction that includes it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import sparsec
+from sparsec.rest import RestKernel, RestOfGraph, price_rest
+
+
+class Figures:
+    def __init__(self, measured):
+        self.measured = measured
+
+
+FIGURES = {"copy_GBps": 1000.0, "launch_us": {"eager": 10.0, "graph": 2.0}, "peak_tflops": {"float32": 10.0}}
+
+
+def test_each_kernel_pays_its_launch_and_the_longer_of_its_bytes_and_its_flops():
+    rest = RestOfGraph([RestKernel(bytes=1e6), RestKernel(bytes=1e3, flops=1e9, dtype="float32")])
+    # 1 MB at 1000 GB/s is 1 us; 1 GFLOP at 10 TFLOP/s is 100 us, above its 0.001 us of bytes
+    assert price_rest(rest, Figures(FIGURES), "graph") == pytest.approx(2 + 1 + 2 + 100)
+    assert price_rest(rest, Figures(FIGURES), "eager") == pytest.approx(10 + 1 + 10 + 100)
+
+
+def test_unknown_figures_leave_the_rest_unpriced_rather_than_guessed():
+    rest = RestOfGraph([RestKernel(bytes=1e6)])
+    assert price_rest(None, Figures(FIGURES), "graph") is None
+    assert price_rest(rest, Figures({**FIGURES, "copy_GBps": None}), "graph") is None
+    flops = RestOfGraph([RestKernel(bytes=1, flops=1e9, dtype="bfloat16")])   # no bf16 peak measured
+    assert price_rest(flops, Figures(FIGURES), "graph") is None
+    assert price_rest(RestOfGraph([]), Figures({}), "graph") == 0.0
+    no_graph = {**FIGURES, "launch_us": {"eager": 10.0, "graph": None}}       # a CPU: eager launches stand in
+    assert price_rest(rest, Figures(no_graph), "graph") == pytest.approx(10 + 1)
+
+
+class Mlp(nn.Module):
+    def __init__(self, d=64, h=256):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(F.gelu(self.up(x)))
+
+
+def test_end_to_end_prediction_counts_the_rest_of_the_graph():
+    """The report's end-to-end speedup is (layers dense + rest) / (layers chosen + rest), not the
+    layers' own ratio; the rest is the CPU fingerprint's price of the GELU and the residual add."""
+    torch.manual_seed(0)
+    model = Mlp().eval()
+    x = torch.randn(128, 64)
+    options = {"fingerprint": "cpu", "plan": {"layers": {"_default": "lowrank:16"}}, "error_budget": 0.9}
+    data = sparsec.optimize(model, x, **options).report.to_dict()
+    t, e2e = data["totals"], data["end_to_end"]
+    rest_us = e2e["predicted_us_rest"]
+    assert rest_us is not None and rest_us > 0
+    assert t["predicted_speedup"] > 1.0
+    assert e2e["predicted_speedup"] == pytest.approx(
+        (t["predicted_us_dense"] + rest_us) / (t["predicted_us"] + rest_us), rel=1e-6)
+    assert 1.0 < e2e["predicted_speedup"] < t["predicted_speedup"]
