@@ -6,7 +6,7 @@ Importing registers each format's handler and its ``torch.ops.sparsec.*`` custom
 
 from . import block, dense, lowrank, monarch, twofour  # noqa: F401  (register the formats)
 from .api import check, linear, pack
-from .module import PackedLinear
-from .packed import Packed
+from .module import GroupMember, PackedGroup, PackedLinear
+from .packed import Packed, stack_rows
 
-__all__ = ["pack", "linear", "check", "Packed", "PackedLinear"]
+__all__ = ["pack", "linear", "check", "Packed", "PackedLinear", "PackedGroup", "GroupMember", "stack_rows"]

@@ -231,6 +231,18 @@ class BlockKernels(FormatKernels):
     names = ("values", "col_idx", "row_ptr", "order")
     derived = ("order",)
 
+    def stack_rows(self, spec, parts):
+        """Block rows follow one another: kept blocks concatenate, each part's row pointers shift by
+        the blocks before it, and the work list is rebuilt over all block rows."""
+        row_ptr, offset = [parts[0]["row_ptr"][:1]], 0
+        for p in parts:
+            row_ptr.append(p["row_ptr"][1:] + offset)
+            offset += int(p["row_ptr"][-1])
+        row_ptr = torch.cat(row_ptr).to(torch.int32)
+        return {"values": torch.cat([p["values"] for p in parts]).contiguous(),
+                "col_idx": torch.cat([p["col_idx"] for p in parts]).contiguous(),
+                "row_ptr": row_ptr.contiguous(), "order": work_order(row_ptr)}
+
     def pack(self, spec, weight):
         N, K = weight.shape
         B = spec.block

@@ -61,3 +61,37 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.spec}, in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class PackedGroup(nn.Module):
+    """Layers that read the same input, run as one launch: their packed weights stacked along N
+    (``stack_rows``) in one ``PackedLinear``. ``sizes`` are the layers' output widths, in order."""
+
+    def __init__(self, linear: PackedLinear, sizes):
+        super().__init__()
+        self.linear = linear
+        self.sizes = tuple(int(n) for n in sizes)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        start = sum(self.sizes[:index])
+        return start, start + self.sizes[index]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+    def extra_repr(self) -> str:
+        return f"sizes={self.sizes}"
+
+
+class GroupMember(nn.Module):
+    """One layer of a ``PackedGroup``. A graph rewrite calls the group once and slices its output
+    per member; called on its own, a member runs the whole group and keeps its slice."""
+
+    def __init__(self, group: PackedGroup, index: int):
+        super().__init__()
+        self.group = group
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        start, end = self.group.bounds(self.index)
+        return self.group(x)[..., start:end]

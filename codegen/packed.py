@@ -71,6 +71,12 @@ class FormatKernels:
         return (spec.check(N, K) or dtype_reason(dtype) or device_reason(device, dtype)
                 or self.kernel_reason(spec, N, K, dtype, device))
 
+    def stack_rows(self, spec, parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor] | None:
+        """The tensors of ``parts`` (weights of one spec and K) stacked along N, as one weight: layers
+        that read the same input then run as one launch. None where the layout cannot stack
+        (a factored format: stacking factors is not the same factorisation)."""
+        return None
+
     def prepare(self, packed: "Packed", impl: str) -> dict[str, torch.Tensor]:
         """Derived tensors a module should hold so ``impl`` never builds them per call."""
         return {}
@@ -163,3 +169,15 @@ class Packed:
         N, K = self.shape
         return (f"Packed({self.spec}, shape=({N}, {K}), dtype={self.dtype}, device={self.device}, "
                 f"nbytes={self.nbytes})")
+
+
+def stack_rows(parts: list["Packed"]) -> "Packed | None":
+    """One Packed whose rows are ``parts``' rows in order (same spec, same K), or None where the
+    format cannot stack them. Each part keeps exactly the values it had: no re-packing."""
+    first = parts[0]
+    if len(parts) < 2 or any(str(p.spec) != str(first.spec) or p.shape[1] != first.shape[1] for p in parts):
+        return None
+    tensors = first.handler.stack_rows(first.spec, [p.tensors() for p in parts])
+    if tensors is None:
+        return None
+    return Packed(first.spec, (sum(p.shape[0] for p in parts), first.shape[1]), tensors, first.crossover_m)

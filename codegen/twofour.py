@@ -453,6 +453,10 @@ class TwoFourKernels(FormatKernels):
     names = ("values", "meta")
     impls = ("triton", "cusparselt")
 
+    def stack_rows(self, spec, parts):
+        """Row-major values and metadata: stacking rows is concatenating both along N."""
+        return {name: torch.cat([p[name] for p in parts]).contiguous() for name in self.names}
+
     def pack(self, spec, weight):
         N, K = weight.shape
         groups = weight.reshape(N, K // 4, 4)

@@ -12,6 +12,9 @@ every CUDA-graph replay would copy every weight into the graph's input buffers.
 
 from __future__ import annotations
 
+import operator
+
+import torch
 import torch.fx as fx
 
 from sparsec.candidates import Layer
@@ -19,19 +22,40 @@ from sparsec.sites import Site
 
 
 def packed_modules(layers: list[Layer]) -> dict:
-    """Site name -> ``PackedLinear`` for every rewritten site, built from its approximation in the site's dtype."""
-    from sparsec.codegen import PackedLinear, pack
+    """Site name -> module for every rewritten site, built from its approximation in the site's dtype.
 
-    modules = {}
+    Sites that read the same input with the same format setting (gate and up, q/k/v) and a
+    format whose layout stacks along N become ``GroupMember``s of one ``PackedGroup``: one launch
+    over their stacked weights, each keeping exactly its own packed values. Others get a
+    ``PackedLinear`` each."""
+    from sparsec.codegen import GroupMember, PackedGroup, PackedLinear, pack, stack_rows
+    from sparsec.logs import logger
+
+    built: dict[tuple, list] = {}
     for layer in layers:
         if layer.chosen is None or layer.chosen.is_dense:
             continue
         site = layer.site
         approx = layer.chosen.approx.to(device=site.weight.device, dtype=site.dtype)
-        bias = None if site.bias is None else site.bias.detach().clone()
         packed = pack(layer.chosen.spec, approx)
         impl = layer.chosen.impl if (approx.device.type == "cuda" and layer.chosen.impl in packed.handler.impls) else "auto"
-        modules[site.name] = PackedLinear(packed, bias, impl=impl)
+        key = (site.input_key, str(layer.chosen.spec), impl, site.dtype, site.K, site.bias is None, str(approx.device))
+        built.setdefault(key, []).append((site, packed, impl))
+    modules = {}
+    for members in built.values():
+        stacked = stack_rows([p for _, p, _ in members]) if len(members) > 1 else None
+        if stacked is None:
+            for site, packed, impl in members:
+                bias = None if site.bias is None else site.bias.detach().clone()
+                modules[site.name] = PackedLinear(packed, bias, impl=impl)
+            continue
+        sites = [m[0] for m in members]
+        bias = None if sites[0].bias is None else torch.cat([s.bias.detach() for s in sites]).clone()
+        group = PackedGroup(PackedLinear(stacked, bias, impl=members[0][2]), [s.N for s in sites])
+        for i, site in enumerate(sites):
+            modules[site.name] = GroupMember(group, i)
+        logger.info("%s: one launch over their stacked %s weights (%d rows, same input)",
+                    ", ".join(s.name for s in sites), stacked.spec, stacked.shape[0])
     return modules
 
 
@@ -43,12 +67,35 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site
     node_map: dict[fx.Node, fx.Node] = {}
     graph.output(graph.graph_copy(gm.graph, node_map))
     new_gm = fx.GraphModule(gm, graph)
+    order = {n: i for i, n in enumerate(new_gm.graph.nodes)}
+    grouped = _groups_in_graph(modules, sites, nodes, node_map)
+    done: set[str] = set()
     for i, (name, module) in enumerate(modules.items()):
+        if name in done:
+            continue
+        group = grouped.get(name)
+        if group is not None:
+            members, x = group
+            first = min((node_map[nodes[m]] for m in members), key=order.__getitem__)
+            attr = f"sparsec_{i}_group_{_safe(members[0])}"
+            new_gm.add_submodule(attr, module.group)
+            with new_gm.graph.inserting_before(first):
+                stacked = new_gm.graph.call_module(attr, (x,))
+            for m in members:
+                node = node_map[nodes[m]]
+                start, end = modules[m].group.bounds(modules[m].index)
+                with new_gm.graph.inserting_before(node):
+                    piece = new_gm.graph.call_function(operator.getitem, (stacked, (Ellipsis, slice(start, end))))
+                piece.meta = dict(node.meta)
+                node.replace_all_uses_with(piece)
+                new_gm.graph.erase_node(node)
+                done.add(m)
+            continue
         site = sites[name]
         node = node_map[nodes[name]]
         attr = f"sparsec_{i}_{_safe(name)}"
         new_gm.add_submodule(attr, module)
-        x = node.args[1] if site.op == "addmm" else node.args[0]
+        x = _site_input(site, node)
         with new_gm.graph.inserting_before(node):
             replacement = new_gm.graph.call_module(attr, (x,))
         replacement.meta = dict(node.meta)
@@ -58,6 +105,30 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site
     new_gm.recompile()
     _keep_dynamo_metadata(gm, new_gm, node_map)
     return new_gm
+
+
+def _site_input(site: Site, node: fx.Node):
+    return node.args[1] if site.op == "addmm" else node.args[0]
+
+
+def _groups_in_graph(modules: dict, sites: dict, nodes: dict, node_map: dict) -> dict:
+    """Site name -> (member names, input node) for groups whose members are all here and read the
+    same node; a member left out runs on its own (the whole group, sliced), never wrongly."""
+    from sparsec.codegen import GroupMember
+
+    by_group: dict[int, list[str]] = {}
+    for name, module in modules.items():
+        if isinstance(module, GroupMember):
+            by_group.setdefault(id(module.group), []).append(name)
+    out = {}
+    for names in by_group.values():
+        group = modules[names[0]].group
+        inputs = {_site_input(sites[n], node_map[nodes[n]]) for n in names}
+        if len(names) == len(group.sizes) and len(inputs) == 1:
+            ordered = sorted(names, key=lambda n: modules[n].index)
+            for n in names:
+                out[n] = (ordered, next(iter(inputs)))
+    return out
 
 
 def _keep_dynamo_metadata(gm: fx.GraphModule, new_gm: fx.GraphModule, node_map: dict[fx.Node, fx.Node]) -> None:

@@ -130,3 +130,32 @@ def test_pack_refuses_with_reason():
         pack("sparse:3", torch.zeros(8, 8))
     with pytest.raises(SparsecError, match="2-D floating-point"):
         pack("2:4", torch.zeros(8, 8, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("spec", ["2:4", "block:16:0.3"])
+def test_stacked_rows_are_the_parts_one_after_another(spec, gen):
+    """Stacking keeps each part's own packed values (no re-packing: block keeps each part's own
+    blocks even where a joint top-k would pick others) and the stacked kernel computes both parts'
+    outputs side by side, under the interpreter."""
+    from sparsec.codegen import linear, stack_rows
+
+    parts = [pack(spec, torch.randn(n, 64, generator=gen).half()) for n in (48, 32)]
+    stacked = stack_rows(parts)
+    assert stacked.shape == (80, 64)
+    torch.testing.assert_close(stacked.to_dense(), torch.cat([p.to_dense() for p in parts]), atol=0, rtol=0)
+    x = torch.randn(3, 64, generator=gen).half()
+    y = linear(x, stacked, None, "triton")
+    for part, (a, b) in zip(parts, ((0, 48), (48, 80))):
+        ref = x.double() @ part.to_dense().double().t()
+        # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
+        torch.testing.assert_close(y[:, a:b].double(), ref, atol=4e-3 * ref.abs().max().item(), rtol=4e-3)
+
+
+def test_stacking_is_refused_for_factored_formats_and_mixed_settings(gen):
+    from sparsec.codegen import stack_rows
+
+    lowrank = [pack("lowrank:4", torch.randn(16, 32, generator=gen)) for _ in range(2)]
+    assert stack_rows(lowrank) is None                       # stacked factors are not one rank-4 factorisation
+    mixed = [pack("block:16:0.5", torch.randn(32, 32, generator=gen)), pack("block:16:0.25", torch.randn(32, 32, generator=gen))]
+    assert stack_rows(mixed) is None
+    assert stack_rows([pack("2:4", torch.randn(8, 32, generator=gen)), pack("2:4", torch.randn(8, 64, generator=gen))]) is None

@@ -1,0 +1,79 @@
+"""Sites that read the same input are lowered as one launch over their stacked weights."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+import sparsec
+from sparsec.codegen import PackedGroup, PackedLinear
+
+
+class GatedMlp(torch.nn.Module):
+    def __init__(self, d=64, h=128):
+        super().__init__()
+        self.gate = torch.nn.Linear(d, h, bias=False)
+        self.up = torch.nn.Linear(d, h, bias=False)
+        self.down = torch.nn.Linear(h, d, bias=False)
+
+    def forward(self, x):
+        return x + self.down(F.silu(self.gate(x)) * self.up(x))
+
+
+def planted_twofour(model, gen):
+    with torch.no_grad():
+        for lin in (model.gate, model.up, model.down):
+            N, K = lin.weight.shape
+            w = torch.randn(N, K // 4, 4, generator=gen)
+            drop = torch.rand(N, K // 4, 4, generator=gen).argsort(dim=-1)[..., :2]
+            lin.weight.copy_(w.scatter(2, drop, 0.0).reshape(N, K) / K ** 0.5)
+    return model
+
+
+def spy_on_rewrite(monkeypatch) -> dict:
+    """What the FX lowering hands ``rewrite`` and the graph it gets back."""
+    from sparsec.passes import rewrite_fx
+
+    seen = {}
+    real = rewrite_fx.rewrite
+
+    def spy(gm, nodes, sites, modules):
+        seen["modules"] = dict(modules)
+        seen["gm"] = real(gm, nodes, sites, modules)
+        return seen["gm"]
+
+    monkeypatch.setattr(rewrite_fx, "rewrite", spy)
+    return seen
+
+
+def test_gate_and_up_run_as_one_group_and_stay_exact(caplog, monkeypatch):
+    """Planted 2:4 weights, forced 2:4: gate and up become one group (one launch, stacked rows,
+    sliced per layer), down stays its own layer, and the output equals the dense model's."""
+    gen = torch.Generator().manual_seed(0)
+    model = planted_twofour(GatedMlp(), gen).eval()
+    x = torch.randn(6, 64, generator=gen)
+    seen = spy_on_rewrite(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="sparsec"):
+        result = sparsec.optimize(model, x, fingerprint="cpu", plan={"layers": {"_default": "2:4"}})
+    gm = seen["gm"]
+    called = [type(gm.get_submodule(n.target)) for n in gm.graph.nodes if n.op == "call_module"]
+    assert sorted(c.__name__ for c in called) == ["PackedGroup", "PackedLinear"]
+    group = next(gm.get_submodule(n.target) for n in gm.graph.nodes
+                 if n.op == "call_module" and isinstance(gm.get_submodule(n.target), PackedGroup))
+    assert group.sizes == (128, 128) and isinstance(group.linear, PackedLinear)
+    assert any("gate" in r.getMessage() and "one launch" in r.getMessage() for r in caplog.records)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
+    assert [l["format"] for l in result.report.layers] == ["2:4", "2:4", "2:4"]
+
+
+def test_layers_with_different_settings_are_not_grouped(monkeypatch):
+    gen = torch.Generator().manual_seed(1)
+    model = planted_twofour(GatedMlp(), gen).eval()
+    x = torch.randn(6, 64, generator=gen)
+    seen = spy_on_rewrite(monkeypatch)
+    sparsec.optimize(model, x, fingerprint="cpu", error_budget=0.9,
+                     plan={"layers": {"gate": "2:4", "up": "block:16:0.5", "down": "2:4"}})
+    assert all(isinstance(m, PackedLinear) for m in seen["modules"].values())
