@@ -231,6 +231,12 @@ class BlockKernels(FormatKernels):
     names = ("values", "col_idx", "row_ptr", "order")
     derived = ("order",)
 
+    def stack_pays(self, M: int) -> bool:
+        """On an H200 (Llama MLP stack, docs/benchmarks.md) gate and up stacked made the MLP at M=1
+        1.10x faster (the GEMV's fixed cost paid once) but at M=2048 5% slower (one call each, the
+        tensor-core kernel), so stacking is kept to the GEMV's token counts."""
+        return M <= GEMV_MAX_M
+
     def stack_rows(self, spec, parts):
         """Block rows follow one another: kept blocks concatenate, each part's row pointers shift by
         the blocks before it, and the work list is rebuilt over all block rows."""

@@ -77,6 +77,10 @@ class FormatKernels:
         (a factored format: stacking factors is not the same factorisation)."""
         return None
 
+    def stack_pays(self, M: int) -> bool:
+        """Whether one launch over stacked weights is worth taking at ``M`` tokens."""
+        return True
+
     def prepare(self, packed: "Packed", impl: str) -> dict[str, torch.Tensor]:
         """Derived tensors a module should hold so ``impl`` never builds them per call."""
         return {}

@@ -40,6 +40,8 @@ def packed_modules(layers: list[Layer]) -> dict:
         packed = pack(layer.chosen.spec, approx)
         impl = layer.chosen.impl if (approx.device.type == "cuda" and layer.chosen.impl in packed.handler.impls) else "auto"
         key = (site.input_key, str(layer.chosen.spec), impl, site.dtype, site.K, site.bias is None, str(approx.device))
+        if not packed.handler.stack_pays(max(layer.tokens or 1, 1)):
+            key += (site.name,)                       # on its own
         built.setdefault(key, []).append((site, packed, impl))
     modules = {}
     for members in built.values():

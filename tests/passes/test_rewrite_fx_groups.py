@@ -77,3 +77,16 @@ def test_layers_with_different_settings_are_not_grouped(monkeypatch):
     sparsec.optimize(model, x, fingerprint="cpu", error_budget=0.9,
                      plan={"layers": {"gate": "2:4", "up": "block:16:0.5", "down": "2:4"}})
     assert all(isinstance(m, PackedLinear) for m in seen["modules"].values())
+
+
+def test_block_layers_are_stacked_only_at_the_token_counts_where_that_was_measured_to_pay(monkeypatch):
+    """Block stacks at M <= block.GEMV_MAX_M (one GEMV launch), not above (measured slower)."""
+    from sparsec.codegen import GroupMember, block
+
+    for M, grouped in ((block.GEMV_MAX_M, True), (block.GEMV_MAX_M + 4, False)):
+        model = GatedMlp().eval()
+        seen = spy_on_rewrite(monkeypatch)
+        sparsec.optimize(model, torch.randn(M, 64), fingerprint="cpu", error_budget=0.99,
+                         plan={"layers": {"_default": "block:16:0.5"}})
+        kinds = {name: isinstance(m, GroupMember) for name, m in seen["modules"].items()}
+        assert kinds == {"gate": grouped, "up": grouped, "down": False}, M
