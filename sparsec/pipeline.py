@@ -413,8 +413,15 @@ def lower(frontend: Frontend, layers: list[Layer]):
 
 
 def rest(frontend: Frontend, fingerprint, options: Options) -> float | None:
-    """Predicted time of the graph outside its linear layers, the same in every plan."""
-    return price_rest(frontend.rest_of_graph(), fingerprint, options.cost_mode)
+    """Predicted time of the graph outside its linear layers, the same in every plan. An estimate
+    only: an op it cannot read leaves the rest unpriced (logged), never the compile failed."""
+    try:
+        found = frontend.rest_of_graph()
+    except Exception as exc:  # noqa: BLE001 - a graph the estimate cannot read still compiles
+        log.warning("graph %s: the rest of the graph was not priced (%s: %s); the end-to-end prediction "
+                    "counts the linear layers only", frontend.graph, type(exc).__name__, exc)
+        return None
+    return price_rest(found, fingerprint, options.cost_mode)
 
 
 # -- plan and report --------------------------------------------------------------------------

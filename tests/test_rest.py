@@ -61,3 +61,19 @@ def test_end_to_end_prediction_counts_the_rest_of_the_graph():
     assert e2e["predicted_speedup"] == pytest.approx(
         (t["predicted_us_dense"] + rest_us) / (t["predicted_us"] + rest_us), rel=1e-6)
     assert 1.0 < e2e["predicted_speedup"] < t["predicted_speedup"]
+
+
+def test_a_graph_the_estimate_cannot_read_still_compiles_with_the_rest_unpriced(monkeypatch, caplog):
+    from sparsec.passes import fx_frontend
+
+    def unreadable(self):
+        raise KeyError("an op nobody expected")
+
+    monkeypatch.setattr(fx_frontend.FxFrontend, "rest_of_graph", unreadable)
+    model = Mlp().eval()
+    x = torch.randn(16, 64)
+    result = sparsec.optimize(model, x, fingerprint="cpu", plan={"layers": {"_default": "lowrank:16"}}, error_budget=0.9)
+    e2e, totals = result.report.end_to_end, result.report.totals
+    assert e2e["predicted_us_rest"] is None
+    assert e2e["predicted_speedup"] == pytest.approx(totals["predicted_speedup"])
+    assert any("rest of the graph was not priced" in r.getMessage() for r in caplog.records)
