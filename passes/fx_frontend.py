@@ -59,6 +59,21 @@ class FxFrontend:
     def has_heldout(self) -> bool:
         return bool(self.heldout)
 
+    def launch_groups(self) -> list[str]:
+        """One line per set of layers the lowering runs as one launch over stacked weights."""
+        from sparsec.codegen import GroupMember
+
+        groups: dict[int, list[str]] = {}
+        for name, module in self.modules.items():
+            if isinstance(module, GroupMember):
+                groups.setdefault(id(module.group), []).append(name)
+        lines = []
+        for names in groups.values():
+            linear = self.modules[names[0]].group.linear
+            lines.append(f"{', '.join(names)}: one launch over their stacked {linear.spec} weights "
+                         f"({linear.shape[0]} x {linear.shape[1]}, same input)")
+        return lines
+
     def rest_of_graph(self):
         """The kernels the graph launches outside its sites (``sparsec.rest``), from traced shapes."""
         from sparsec.passes.rest_fx import rest_of_graph

@@ -131,6 +131,10 @@ class OnnxFrontend:
     def has_heldout(self) -> bool:
         return self.heldout is not None and bool(self.heldout.runs)
 
+    def launch_groups(self) -> list[str]:
+        """None: the ONNX rewrite keeps one node per layer."""
+        return []
+
     def rest_of_graph(self):
         """Unknown (None): onnxruntime's own fusions decide the kernels outside the sites, and the
         written model's end-to-end time is measured by onnxruntime instead."""

@@ -40,6 +40,8 @@ class Frontend(Protocol):
 
     def rest_of_graph(self) -> RestOfGraph | None: ...
 
+    def launch_groups(self) -> list[str]: ...
+
     def lower(self, layers: list[Layer]) -> Any: ...
 
     def device_name(self) -> str: ...
@@ -73,6 +75,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     report["warnings"].extend(warnings)
     # how the budget was calibrated, re-allocated and backed off, per subgraph
     report["planner_log"] = [f"graph {frontend.graph}: {line}" for line in alloc.history]
+    report["planner_log"] += [f"graph {frontend.graph}: {line}" for line in frontend.launch_groups()]
     return Outcome(layers, skipped, plan, report, lowered)
 
 

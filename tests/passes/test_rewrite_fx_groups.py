@@ -67,6 +67,8 @@ def test_gate_and_up_run_as_one_group_and_stay_exact(caplog, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
     assert [l["format"] for l in result.report.layers] == ["2:4", "2:4", "2:4"]
+    assert any("gate, up: one launch over their stacked 2:4 weights (256 x 64" in line
+               for line in result.report.to_dict()["planner_log"])
 
 
 def test_layers_with_different_settings_are_not_grouped(monkeypatch):
