@@ -54,7 +54,7 @@ def rest_of_graph(gm: fx.GraphModule, example_inputs, site_nodes) -> RestOfGraph
             base[node] = node
             continue
         tensor_inputs = [i for i in node.all_input_nodes if _is_tensor(i)]
-        if _is_view(gm, node) and len(tensor_inputs) == 1:
+        if _is_view(node) and len(tensor_inputs) == 1:
             base[node] = base.get(tensor_inputs[0], tensor_inputs[0])
             continue
         base[node] = node
@@ -142,7 +142,7 @@ def _dtype(node) -> str:
     return str(v.dtype).replace("torch.", "") if isinstance(v, torch.Tensor) else "float32"
 
 
-def _is_view(gm, node: fx.Node) -> bool:
+def _is_view(node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in VIEW_FUNCTIONS
     if node.op == "call_method":

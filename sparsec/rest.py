@@ -25,14 +25,6 @@ class RestKernel:
 class RestOfGraph:
     kernels: list[RestKernel] = field(default_factory=list)
 
-    @property
-    def bytes(self) -> float:
-        return sum(k.bytes for k in self.kernels)
-
-    @property
-    def flops(self) -> float:
-        return sum(k.flops for k in self.kernels)
-
 
 def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None:
     """Predicted microseconds of ``rest`` on the fingerprint's device in ``mode`` ("eager" or

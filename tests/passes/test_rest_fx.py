@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+
+from fx_models import GatedMlp
 
 from sparsec.passes import capture_fx
 from sparsec.passes.rest_fx import rest_of_graph
@@ -27,17 +28,6 @@ def rest_of(model, *args):
     gm, inputs = traced(model, *args)
     _, _, nodes = capture_fx.capture(gm, inputs, 0)
     return rest_of_graph(gm, inputs, nodes.values()), len(nodes)
-
-
-class GatedMlp(torch.nn.Module):
-    def __init__(self, d=16, h=32):
-        super().__init__()
-        self.gate = torch.nn.Linear(d, h, bias=False)
-        self.up = torch.nn.Linear(d, h, bias=False)
-        self.down = torch.nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return x + self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def test_gated_mlp_rest_is_the_silu_multiply_and_the_residual_add():

@@ -5,21 +5,10 @@ from __future__ import annotations
 import logging
 
 import torch
-import torch.nn.functional as F
 
 import sparsec
+from fx_models import GatedMlp
 from sparsec.codegen import PackedGroup, PackedLinear
-
-
-class GatedMlp(torch.nn.Module):
-    def __init__(self, d=64, h=128):
-        super().__init__()
-        self.gate = torch.nn.Linear(d, h, bias=False)
-        self.up = torch.nn.Linear(d, h, bias=False)
-        self.down = torch.nn.Linear(h, d, bias=False)
-
-    def forward(self, x):
-        return x + self.down(F.silu(self.gate(x)) * self.up(x))
 
 
 def planted_twofour(model, gen):
@@ -52,7 +41,7 @@ def test_gate_and_up_run_as_one_group_and_stay_exact(caplog, monkeypatch):
     """Planted 2:4 weights, forced 2:4: gate and up become one group (one launch, stacked rows,
     sliced per layer), down stays its own layer, and the output equals the dense model's."""
     gen = torch.Generator().manual_seed(0)
-    model = planted_twofour(GatedMlp(), gen).eval()
+    model = planted_twofour(GatedMlp(64, 128), gen).eval()
     x = torch.randn(6, 64, generator=gen)
     seen = spy_on_rewrite(monkeypatch)
     with caplog.at_level(logging.INFO, logger="sparsec"):
@@ -73,7 +62,7 @@ def test_gate_and_up_run_as_one_group_and_stay_exact(caplog, monkeypatch):
 
 def test_layers_with_different_settings_are_not_grouped(monkeypatch):
     gen = torch.Generator().manual_seed(1)
-    model = planted_twofour(GatedMlp(), gen).eval()
+    model = planted_twofour(GatedMlp(64, 128), gen).eval()
     x = torch.randn(6, 64, generator=gen)
     seen = spy_on_rewrite(monkeypatch)
     sparsec.optimize(model, x, fingerprint="cpu", error_budget=0.9,
@@ -86,7 +75,7 @@ def test_block_layers_are_stacked_only_at_the_token_counts_where_that_was_measur
     from sparsec.codegen import GroupMember, block
 
     for M, grouped in ((block.GEMV_MAX_M, True), (block.GEMV_MAX_M + 4, False)):
-        model = GatedMlp().eval()
+        model = GatedMlp(64, 128).eval()
         seen = spy_on_rewrite(monkeypatch)
         sparsec.optimize(model, torch.randn(M, 64), fingerprint="cpu", error_budget=0.99,
                          plan={"layers": {"_default": "block:16:0.5"}})

@@ -224,3 +224,20 @@ def test_extend_refuses_reports_of_another_compilation():
     with pytest.raises(ReportError, match="another error_budget: 0.01 vs 0.05"):
         a.extend(other_budget)
     assert a.to_dict() == before
+
+
+def test_extend_adds_the_rest_of_each_graph_and_weights_end_to_end_by_it():
+    """Each part's end-to-end speedup is weighted by its dense time end to end (layers plus the
+    rest of its graph); the rests add up; one unknown rest leaves the combined rest unknown."""
+    a, b = make_report(seed=9, blocks=1, tokens=32), make_report(seed=10, blocks=1, tokens=64)
+    b["fingerprint"] = a["fingerprint"]
+    a["end_to_end"]["predicted_us_rest"], b["end_to_end"]["predicted_us_rest"] = 40.0, 900.0
+    parts = [a, b]
+    combined = Report(a).extend(Report(b))
+    weights = [p["totals"]["predicted_us_dense"] + p["end_to_end"]["predicted_us_rest"] for p in parts]
+    speeds = [p["end_to_end"]["predicted_speedup"] for p in parts]
+    expected = sum(weights) / sum(w / s for w, s in zip(weights, speeds))
+    assert combined.end_to_end["predicted_us_rest"] == pytest.approx(940.0)
+    assert combined.end_to_end["predicted_speedup"] == pytest.approx(expected, rel=1e-12)
+    b["end_to_end"]["predicted_us_rest"] = None
+    assert Report(a).extend(Report(b)).end_to_end["predicted_us_rest"] is None
