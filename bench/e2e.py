@@ -191,7 +191,7 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
                 row["predicted_speedup"] = rep["end_to_end"]["predicted_speedup"]
                 row["predicted_speedup_layers"] = rep["totals"]["predicted_speedup"]
                 row["predicted_us_rest"] = rep["end_to_end"].get("predicted_us_rest")
-                row["launch_groups"] = [line for line in rep.get("planner_log", []) if "one launch" in line]
+                row["launch_groups"] = [line for line in rep.get("planner_log", []) if "one launch" in line or "epilogue" in line]
                 row["measured_error"] = rep["end_to_end"]["measured_error"]
                 row["heldout_error"] = rep["end_to_end"].get("heldout_error")
                 row["layers_measured_speedup"] = sorted(

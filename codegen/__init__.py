@@ -1,12 +1,14 @@
 """sparsec.codegen: Triton kernels for structured linear layers, with plain-torch references.
 
-Public API: ``pack``, ``linear``, ``check``, ``Packed``, ``PackedLinear`` (docs/kernels.md).
+Public API: ``pack``, ``linear``, ``linear_epilogue``, ``check``, ``Packed``, ``PackedLinear`` (docs/kernels.md).
 Importing registers each format's handler and its ``torch.ops.sparsec.*`` custom ops.
 """
 
 from . import block, dense, lowrank, monarch, twofour  # noqa: F401  (register the formats)
-from .api import check, linear, pack
-from .module import GroupMember, PackedGroup, PackedLinear
+from .api import check, linear, linear_epilogue, pack
+from .epilogue import Epilogue
+from .module import EpilogueLinear, GroupMember, PackedGroup, PackedLinear
 from .packed import Packed, stack_rows
 
-__all__ = ["pack", "linear", "check", "Packed", "PackedLinear", "PackedGroup", "GroupMember", "stack_rows"]
+__all__ = ["pack", "linear", "linear_epilogue", "check", "Packed", "PackedLinear", "PackedGroup", "GroupMember",
+           "EpilogueLinear", "Epilogue", "stack_rows"]

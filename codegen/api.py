@@ -74,3 +74,35 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, im
         known = ", ".join(["auto", *dict.fromkeys(("reference", *handler.impls))])
         raise SparsecError(f"impl {impl!r} is not available for {packed.spec}; use one of: {known}")
     return y.reshape(*lead, N)
+
+
+def linear_epilogue(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, epilogue,
+                    residual: torch.Tensor | None = None, impl: str = "auto",
+                    aux: dict | None = None) -> torch.Tensor:
+    """``linear`` followed by ``epilogue`` (codegen/epilogue.py): the SiLU-gate over a stacked
+    gate/up weight and/or a residual add, in the same launch where the format's kernel fuses
+    them (its ``fast_epilogue``), after it otherwise. ``residual`` has the output's shape;
+    ``aux``: what the format's ``epilogue_aux`` built for this epilogue."""
+    if not isinstance(packed, Packed):
+        raise SparsecError(f"linear_epilogue() needs a Packed weight from sparsec.codegen.pack, got {type(packed).__name__}")
+    handler = packed.handler
+    N, K = packed.shape
+    x2d, lead = flatten_input(x, K)
+    check_bias(bias, N)
+    n_out = epilogue.out_features(N)
+    if epilogue.gated and not (0 <= epilogue.gate_row and epilogue.gate_row + epilogue.width <= N
+                               and 0 <= epilogue.up_row and epilogue.up_row + epilogue.width <= N):
+        raise SparsecError(f"gated epilogue rows {epilogue.gate_row}/{epilogue.up_row} + {epilogue.width} "
+                           f"fall outside the weight's {N} rows")
+    r2d = None
+    if residual is not None:
+        if tuple(residual.shape) != (*lead, n_out):
+            raise SparsecError(f"residual of shape {tuple(residual.shape)} does not match the output {(*lead, n_out)}")
+        r2d = residual.reshape(-1, n_out).to(x.dtype)
+    if impl == "auto":
+        impl = handler.auto_impl(x2d, packed)
+    if impl != "reference" and impl not in handler.impls:
+        known = ", ".join(["auto", *dict.fromkeys(("reference", *handler.impls))])
+        raise SparsecError(f"impl {impl!r} is not available for {packed.spec}; use one of: {known}")
+    y = handler.fast_epilogue(x2d, packed, bias, epilogue, r2d, impl, aux or {})
+    return y.reshape(*lead, n_out)

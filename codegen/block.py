@@ -28,6 +28,7 @@ import triton.language as tl
 
 from sparsec.errors import SparsecError
 
+from . import epilogue
 from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
                       register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
@@ -81,10 +82,10 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, M, N, K,
-                       stride_xm, stride_xk, stride_ym, stride_yn,
-                       M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
+def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
+                       GATE_ROW, UP_ROW, stride_xm, stride_xk, stride_rm, stride_rn, stride_ym, stride_yn,
+                       M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
+                       HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
                        STAGES: tl.constexpr):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
     block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
@@ -92,35 +93,50 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_
     keeps BLOCK_J * BLOCK_N * B values in flight instead of waiting on one block at a time.
     STAGES > 1 asks Triton's pipeliner to issue the loads of the next steps before this one's
     products (a loop without a dot is pipelined only when its range names a stage count).
-    Products accumulate per lane in fp32, reduced once at the end."""
+    Products accumulate per lane in fp32, reduced once at the end.
+
+    GATED (codegen/epilogue.py): output block row r is silu(gate) * up of the stacked weight's
+    block rows GATE_ROW + r and UP_ROW + r, walked one after the other; HAS_RES adds r_ptr's
+    tile before the store."""
     SUB: tl.constexpr = B // BLOCK_N
+    HALVES: tl.constexpr = 2 if GATED else 1
     pid_w = tl.program_id(0)
     pid_m = tl.program_id(1)
     row = tl.load(order_ptr + pid_w // SUB)
     sub = pid_w % SUB
-    start = tl.load(rowptr_ptr + row)
-    end = tl.load(rowptr_ptr + row + 1)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_j = tl.arange(0, BLOCK_J)
     offs_r = sub * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, B)
     mask_m = offs_m < M
-    acc = tl.zeros((BLOCK_M, BLOCK_J, BLOCK_N, B), dtype=tl.float32)
-    w_ptrs = (val_ptr + start.to(tl.int64) * (B * B)
-              + (offs_j[:, None, None] * (B * B) + offs_r[None, :, None] * B + offs_c[None, None, :]))
     x_rows = x_ptr + offs_m[:, None, None] * stride_xm
-    for j0 in tl.range(start, end, BLOCK_J, num_stages=STAGES):
-        kept = j0 + offs_j < end
-        col = tl.load(col_ptr + j0 + offs_j, mask=kept, other=0)
-        w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0)
-        x = tl.load(x_rows + (col[:, None] * B + offs_c[None, :])[None, :, :] * stride_xk,
-                    mask=mask_m[:, None, None] & kept[None, :, None], other=0.0)
-        acc += x.to(tl.float32)[:, :, None, :] * w.to(tl.float32)[None, :, :, :]
-        w_ptrs += BLOCK_J * B * B
-    out = tl.sum(tl.sum(acc, axis=3), axis=1)
+    out = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for h in tl.static_range(HALVES):
+        src = row + GATE_ROW + h * (UP_ROW - GATE_ROW)
+        start = tl.load(rowptr_ptr + src)
+        end = tl.load(rowptr_ptr + src + 1)
+        acc = tl.zeros((BLOCK_M, BLOCK_J, BLOCK_N, B), dtype=tl.float32)
+        w_ptrs = (val_ptr + start.to(tl.int64) * (B * B)
+                  + (offs_j[:, None, None] * (B * B) + offs_r[None, :, None] * B + offs_c[None, None, :]))
+        for j0 in tl.range(start, end, BLOCK_J, num_stages=STAGES):
+            kept = j0 + offs_j < end
+            col = tl.load(col_ptr + j0 + offs_j, mask=kept, other=0)
+            w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0)
+            x = tl.load(x_rows + (col[:, None] * B + offs_c[None, :])[None, :, :] * stride_xk,
+                        mask=mask_m[:, None, None] & kept[None, :, None], other=0.0)
+            acc += x.to(tl.float32)[:, :, None, :] * w.to(tl.float32)[None, :, :, :]
+            w_ptrs += BLOCK_J * B * B
+        part = tl.sum(tl.sum(acc, axis=3), axis=1)
+        if HAS_BIAS:
+            part += tl.load(b_ptr + src * B + offs_r).to(tl.float32)[None, :]
+        if h == 0:
+            out = part
+        else:
+            out = out * tl.sigmoid(out) * part
     offs_n = row * B + offs_r
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+    if HAS_RES:
+        out += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
+                       mask=mask_m[:, None], other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
@@ -146,7 +162,8 @@ def _gemv_keep(config, args) -> bool:
     return kw["BLOCK_N"] <= args["B"] and per_thread <= 64
 
 
-_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B"], prune=_gemv_keep)
+_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B", "GATED"],
+                          prune=_gemv_keep)
 
 
 def _configs():
@@ -170,22 +187,35 @@ def _keep(config, args) -> bool:
 _KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B"], prune=_keep)
 
 
-def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None = None):
-    """``path``: "gemv" (small-M kernel), "dot" (MMA) or None (by M, see GEMV_MAX_M)."""
+def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None = None, residual=None,
+                 gate_row: int = -1, up_row: int = -1, width: int = 0):
+    """``path``: "gemv" (small-M kernel), "dot" (MMA) or None (by M, see GEMV_MAX_M).
+
+    ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
+    in the GEMV; ``order`` then lists the output's block rows (``gated_order``). The MMA kernel
+    writes its product and the epilogue follows in torch."""
     M, K = x.shape
     B = values.shape[1]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    gated = gate_row >= 0
     if path is None:
         path = "gemv" if (M <= GEMV_MAX_M and x.dtype in GEMV_DTYPES) else "dot"
+    if path != "gemv" and (gated or residual is not None):
+        rows = (row_ptr.shape[0] - 1) * B
+        z = block_triton(x, values, col_idx, row_ptr, work_order(row_ptr) if gated else order, bias, rows, path)
+        return epilogue.apply(z, gate_row, up_row, width, residual)
+    y = torch.empty(M, width if gated else N, device=x.device, dtype=x.dtype)
     if path == "gemv":
         block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
+        r = y if residual is None else residual
 
         def grid_gemv(meta):
             return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, block_m))
 
-        _GEMV_KERNEL[grid_gemv](x, values, col_idx, row_ptr, order, y if bias is None else bias, y, M, N, K,
-                                x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
-                                HAS_BIAS=bias is not None, BLOCK_M=block_m)
+        _GEMV_KERNEL[grid_gemv](x, values, col_idx, row_ptr, order, y if bias is None else bias, r, y, M, y.shape[1], K,
+                                max(gate_row, 0) // B, max(up_row, 0) // B, x.stride(0), x.stride(1),
+                                r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
+                                HAS_BIAS=bias is not None, GATED=gated, HAS_RES=residual is not None,
+                                BLOCK_M=block_m)
         return y
 
     def grid(meta):
@@ -195,6 +225,14 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
                   x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
                   HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype))
     return y
+
+
+def gated_order(row_ptr: torch.Tensor, gate_row: int, up_row: int, rows: int) -> torch.Tensor:
+    """The work list of a gated launch: output block rows by decreasing kept blocks of the gate's
+    and the up projection's rows together (in block rows: ``gate_row``, ``up_row``, ``rows``)."""
+    counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
+    both = counts[gate_row:gate_row + rows] + counts[up_row:up_row + rows]
+    return torch.sort(both, descending=True, stable=True).indices.to(torch.int32)
 
 
 @torch.library.custom_op("sparsec::block_linear", mutates_args=())
@@ -207,6 +245,22 @@ def block_linear_op(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor
 @block_linear_op.register_fake
 def _(x, values, col_idx, row_ptr, order, bias, n_out):
     return x.new_empty(x.shape[0], n_out)
+
+
+@torch.library.custom_op("sparsec::block_linear_epilogue", mutates_args=())
+def block_epilogue_op(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+                      order: torch.Tensor, bias: Optional[torch.Tensor], residual: Optional[torch.Tensor],
+                      gate_row: int, up_row: int, width: int) -> torch.Tensor:
+    """The BSR linear with its epilogue (codegen/epilogue.py) in the launch where the GEMV serves
+    it; ``order`` lists the output's block rows."""
+    rows = (row_ptr.shape[0] - 1) * values.shape[1]
+    return block_triton(x, values, col_idx, row_ptr, order, bias, rows, residual=residual,
+                        gate_row=gate_row, up_row=up_row, width=width)
+
+
+@block_epilogue_op.register_fake
+def _(x, values, col_idx, row_ptr, order, bias, residual, gate_row, up_row, width):
+    return x.new_empty(x.shape[0], width if gate_row >= 0 else (row_ptr.shape[0] - 1) * values.shape[1])
 
 
 @torch.library.custom_op("sparsec::block_linear_input_grad", mutates_args=())
@@ -226,6 +280,15 @@ def _(dy, values, col_idx, row_ptr, n_in):
 register_input_grad(block_linear_op, block_input_grad_op, saved=(1, 2, 3), bias_index=5)
 
 
+def _dense_of(values, col_idx, row_ptr, n_in):
+    spec = SimpleNamespace(block=values.shape[1])
+    rows = (row_ptr.shape[0] - 1) * values.shape[1]
+    return BlockKernels().to_dense(spec, (rows, n_in), {"values": values, "col_idx": col_idx, "row_ptr": row_ptr})
+
+
+epilogue.register_grad(block_epilogue_op, _dense_of, saved=(1, 2, 3), bias_index=5, residual_index=6)
+
+
 class BlockKernels(FormatKernels):
     family = "block"
     names = ("values", "col_idx", "row_ptr", "order")
@@ -236,6 +299,24 @@ class BlockKernels(FormatKernels):
         1.10x faster (the GEMV's fixed cost paid once) but at M=2048 5% slower (one call each, the
         tensor-core kernel), so stacking is kept to the GEMV's token counts."""
         return M <= GEMV_MAX_M
+
+    def epilogue_pays(self, M: int) -> bool:
+        return M <= GEMV_MAX_M
+
+    def epilogue_aux(self, packed, ep):
+        B = packed.spec.block
+        if ep.gated:
+            return {"order": gated_order(packed.tensors()["row_ptr"], ep.gate_row // B, ep.up_row // B, ep.width // B)}
+        return {}
+
+    def fast_epilogue(self, x2d, packed, bias, ep, residual, impl, aux):
+        if impl != "triton":
+            return super().fast_epilogue(x2d, packed, bias, ep, residual, impl, aux)
+        check_input(x2d)
+        t = packed.tensors()
+        return block_epilogue_op(x2d, match_dtype(t["values"], x2d.dtype), t["col_idx"], t["row_ptr"],
+                                 aux.get("order", t["order"]), None if bias is None else bias.to(x2d.dtype),
+                                 residual, ep.gate_row, ep.up_row, ep.width)
 
     def stack_rows(self, spec, parts):
         """Block rows follow one another: kept blocks concatenate, each part's row pointers shift by

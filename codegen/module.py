@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .api import linear
+from .api import linear, linear_epilogue
+from .epilogue import Epilogue
 from .packed import Packed
 
 
@@ -95,3 +96,37 @@ class GroupMember(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         start, end = self.group.bounds(self.index)
         return self.group(x)[..., start:end]
+
+
+class EpilogueLinear(nn.Module):
+    """A ``PackedLinear`` whose launch also finishes what follows it (codegen/epilogue.py): the
+    SiLU-gate over its stacked gate/up rows and/or the residual add. Called as
+    ``module(x)`` or ``module(x, residual)``."""
+
+    def __init__(self, linear: PackedLinear, epilogue: Epilogue):
+        super().__init__()
+        self.linear = linear
+        self.epilogue = epilogue
+        self._aux_names: tuple[str, ...] = ()
+        self._refresh_aux()
+
+    def _refresh_aux(self) -> None:
+        for name in self._aux_names:
+            delattr(self, f"aux_{name}")
+        aux = self.linear.packed.handler.epilogue_aux(self.linear.packed, self.epilogue)
+        for name, t in aux.items():
+            self.register_buffer(f"aux_{name}", t, persistent=False)
+        self._aux_names = tuple(aux)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_aux()
+        return out
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        aux = {n: getattr(self, f"aux_{n}") for n in self._aux_names}
+        return linear_epilogue(x, self.linear.packed, self.linear.bias, self.epilogue, residual,
+                               self.linear.impl, aux)
+
+    def extra_repr(self) -> str:
+        return self.epilogue.describe()

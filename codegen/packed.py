@@ -81,6 +81,22 @@ class FormatKernels:
         """Whether one launch over stacked weights is worth taking at ``M`` tokens."""
         return True
 
+    def epilogue_pays(self, M: int) -> bool:
+        """Whether finishing the SiLU-gate or residual add in this format's launch (codegen/epilogue.py)
+        is worth taking at ``M`` tokens; formats without a fused epilogue say no."""
+        return False
+
+    def epilogue_aux(self, packed: "Packed", ep) -> dict[str, torch.Tensor]:
+        """Derived tensors a fused epilogue needs (e.g. a gated launch's work list), built once."""
+        return {}
+
+    def fast_epilogue(self, x2d, packed: "Packed", bias, ep, residual, impl: str, aux: dict) -> torch.Tensor:
+        """The linear and its epilogue; this default runs the product, then the epilogue in torch."""
+        from .epilogue import apply
+
+        z = self.reference(x2d, packed, bias) if impl == "reference" else self.fast(x2d, packed, bias, impl)
+        return apply(z, ep.gate_row, ep.up_row, ep.width, residual)
+
     def prepare(self, packed: "Packed", impl: str) -> dict[str, torch.Tensor]:
         """Derived tensors a module should hold so ``impl`` never builds them per call."""
         return {}

@@ -35,6 +35,7 @@ import triton.language as tl
 
 from sparsec.errors import SparsecError
 
+from . import epilogue
 from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, m_bucket, match_dtype, register_input_grad,
                       tl_dot_precision)
 from .packed import FormatKernels, register
@@ -157,9 +158,9 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8,
-                          stride_xm, stride_pn, stride_mn, stride_ym, stride_yn,
-                          HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
+def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, G8, GATE_ROW, UP_ROW,
+                          stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn,
+                          HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
     words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word
@@ -167,49 +168,62 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8,
     words (a group's four inputs are two words). A kept value's input is picked from its group's
     two words by the position code with one select and one shift, all within the thread: no
     gathers and no byte loads. One token per program (grid axis 1). STAGES > 1 has Triton's
-    pipeliner issue the next steps' loads ahead of this one's products."""
+    pipeliner issue the next steps' loads ahead of this one's products.
+
+    GATED (codegen/epilogue.py): output row n is silu(gate) * up of the stacked weight's rows
+    GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row."""
+    HALVES: tl.constexpr = 2 if GATED else 1
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_j = tl.arange(0, BLOCK_J)
     offs_e = tl.arange(0, 8)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_N, BLOCK_J, 8), dtype=tl.float32)
-    p_ptrs = (pair_ptr + offs_n[:, None, None].to(tl.int64) * stride_pn
-              + offs_j[None, :, None] * 8 + offs_e[None, None, :])
-    m_ptrs = meta_ptr + offs_n[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
-    x_ptrs = (x_ptr + pid_m.to(tl.int64) * stride_xm
-              + (offs_j[:, None, None] * 16 + offs_e[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
     shift = offs_e[None, None, :] * 4
-    for j0 in tl.range(0, G8, BLOCK_J, num_stages=STAGES):
-        run = j0 + offs_j < G8
-        mask_nj = mask_n[:, None] & run[None, :]
-        pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0)
-        word = tl.load(m_ptrs, mask=mask_nj, other=0)
-        lo, hi = tl.split(tl.load(x_ptrs, mask=run[:, None, None], other=0))
-        code = (word[:, :, None] >> shift) & 15
-        p0 = code & 3
-        p1 = code >> 2
-        # p0 is 0..2 and p1 is 1..3 (positions are stored in order): words lo = (x0, x1), hi = (x2, x3)
-        xa = tl.where(p0 >= 2, hi[None, :, :], lo[None, :, :])
-        xb = tl.where(p1 >= 2, hi[None, :, :], lo[None, :, :])
-        if IS_BF16:
-            v0 = (pair << 16).to(tl.float32, bitcast=True)
-            v1 = (pair & -65536).to(tl.float32, bitcast=True)
-            x0 = tl.where((p0 & 1) == 1, xa & -65536, xa << 16).to(tl.float32, bitcast=True)
-            x1 = tl.where((p1 & 1) == 1, xb & -65536, xb << 16).to(tl.float32, bitcast=True)
+    out = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for h in tl.static_range(HALVES):
+        src = offs_n + GATE_ROW + h * (UP_ROW - GATE_ROW)
+        acc = tl.zeros((BLOCK_N, BLOCK_J, 8), dtype=tl.float32)
+        p_ptrs = (pair_ptr + src[:, None, None].to(tl.int64) * stride_pn
+                  + offs_j[None, :, None] * 8 + offs_e[None, None, :])
+        m_ptrs = meta_ptr + src[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
+        x_ptrs = (x_ptr + pid_m.to(tl.int64) * stride_xm
+                  + (offs_j[:, None, None] * 16 + offs_e[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
+        for j0 in tl.range(0, G8, BLOCK_J, num_stages=STAGES):
+            run = j0 + offs_j < G8
+            mask_nj = mask_n[:, None] & run[None, :]
+            pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0)
+            word = tl.load(m_ptrs, mask=mask_nj, other=0)
+            lo, hi = tl.split(tl.load(x_ptrs, mask=run[:, None, None], other=0))
+            code = (word[:, :, None] >> shift) & 15
+            p0 = code & 3
+            p1 = code >> 2
+            # p0 is 0..2 and p1 is 1..3 (positions are stored in order): words lo = (x0, x1), hi = (x2, x3)
+            xa = tl.where(p0 >= 2, hi[None, :, :], lo[None, :, :])
+            xb = tl.where(p1 >= 2, hi[None, :, :], lo[None, :, :])
+            if IS_BF16:
+                v0 = (pair << 16).to(tl.float32, bitcast=True)
+                v1 = (pair & -65536).to(tl.float32, bitcast=True)
+                x0 = tl.where((p0 & 1) == 1, xa & -65536, xa << 16).to(tl.float32, bitcast=True)
+                x1 = tl.where((p1 & 1) == 1, xb & -65536, xb << 16).to(tl.float32, bitcast=True)
+            else:
+                v0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                x0 = ((xa >> ((p0 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                x1 = ((xb >> ((p1 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            acc += x0 * v0 + x1 * v1
+            p_ptrs += BLOCK_J * 8
+            m_ptrs += BLOCK_J
+            x_ptrs += BLOCK_J * 16
+        part = tl.sum(tl.sum(acc, axis=2), axis=1)
+        if HAS_BIAS:
+            part += tl.load(b_ptr + src, mask=mask_n, other=0.0).to(tl.float32)
+        if h == 0:
+            out = part
         else:
-            v0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            x0 = ((xa >> ((p0 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            x1 = ((xb >> ((p1 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        acc += x0 * v0 + x1 * v1
-        p_ptrs += BLOCK_J * 8
-        m_ptrs += BLOCK_J
-        x_ptrs += BLOCK_J * 16
-    out = tl.sum(tl.sum(acc, axis=2), axis=1)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            out = out * tl.sigmoid(out) * part
+    if HAS_RES:
+        out += tl.load(r_ptr + pid_m.to(tl.int64) * stride_rm + offs_n * stride_rn, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
@@ -231,7 +245,8 @@ def _words_keep(config, args) -> bool:
     return kw["BLOCK_J"] <= max(8, triton.next_power_of_2(args["G8"])) and per_thread <= 32
 
 
-_WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(), key=["N", "G8", "IS_BF16"], prune=_words_keep)
+_WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(), key=["N", "G8", "IS_BF16", "GATED"],
+                           prune=_words_keep)
 
 
 def _gemv_configs():
@@ -293,25 +308,35 @@ def words_usable(x, values, meta) -> bool:
             and meta.is_contiguous() and meta.storage_offset() % 4 == 0)
 
 
-def twofour_triton(x, values, meta, bias, path: str | None = None):
+def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None,
+                   gate_row: int = -1, up_row: int = -1, width: int = 0):
     """``path``: "words" or "gemv" (small-M kernels), "dot" (expansion + MMA) or None (by M, see
-    GEMV_MAX_M; "words" where ``words_usable``)."""
+    GEMV_MAX_M; "words" where ``words_usable``).
+
+    ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
+    in the word kernel; the other kernels write their product and the epilogue follows in torch."""
     M, K = x.shape
     N = values.shape[0]
-    y = torch.empty(M, N, device=x.device, dtype=x.dtype)
+    gated = gate_row >= 0
     if path is None:
         path = "dot"
         if gemv_usable(x, values, M):
             path = "words" if words_usable(x, values, meta) else "gemv"
+    if path != "words" and (gated or residual is not None):
+        return epilogue.apply(twofour_triton(x, values, meta, bias, path), gate_row, up_row, width, residual)
+    y = torch.empty(M, width if gated else N, device=x.device, dtype=x.dtype)
     if path == "words":
         x32, pairs, meta32 = x.view(torch.int32), values.view(torch.int32), meta.view(torch.int32)
+        r = y if residual is None else residual
 
         def grid_words(meta_):
-            return (triton.cdiv(N, meta_["BLOCK_N"]), M)
+            return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), M)
 
-        _WORDS_KERNEL[grid_words](x32, pairs, meta32, y if bias is None else bias, y, M, N, K // 32,
-                                  x32.stride(0), pairs.stride(0), meta32.stride(0), y.stride(0), y.stride(1),
-                                  HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16)
+        _WORDS_KERNEL[grid_words](x32, pairs, meta32, y if bias is None else bias, r, y, M, y.shape[1], K // 32,
+                                  max(gate_row, 0), max(up_row, 0), x32.stride(0), pairs.stride(0), meta32.stride(0),
+                                  r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+                                  HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
+                                  HAS_RES=residual is not None)
         return y
     if path == "gemv":
         pairs = values.view(torch.int32)
@@ -348,6 +373,23 @@ def _(x, values, meta, bias):
 
 register_input_grad(twofour_linear_op, lambda dy, values, meta, n_in: grad_matmul(dy, expand(values, meta, n_in)),
                     saved=(1, 2), bias_index=3)
+
+
+@torch.library.custom_op("sparsec::twofour_linear_epilogue", mutates_args=())
+def twofour_epilogue_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+                        residual: Optional[torch.Tensor], gate_row: int, up_row: int, width: int) -> torch.Tensor:
+    """The 2:4 linear with its epilogue (codegen/epilogue.py) in the launch where the word kernel
+    serves it."""
+    return twofour_triton(x, values, meta, bias, residual=residual, gate_row=gate_row, up_row=up_row, width=width)
+
+
+@twofour_epilogue_op.register_fake
+def _(x, values, meta, bias, residual, gate_row, up_row, width):
+    return x.new_empty(x.shape[0], width if gate_row >= 0 else values.shape[0])
+
+
+epilogue.register_grad(twofour_epilogue_op, lambda values, meta, n_in: expand(values, meta, n_in),
+                       saved=(1, 2), bias_index=3, residual_index=4)
 
 
 _ALG_IDS: dict[tuple, int] = {}
@@ -452,6 +494,18 @@ class TwoFourKernels(FormatKernels):
     family = "2:4"
     names = ("values", "meta")
     impls = ("triton", "cusparselt")
+
+    def epilogue_pays(self, M: int) -> bool:
+        return M <= GEMV_MAX_M
+
+    def fast_epilogue(self, x2d, packed, bias, ep, residual, impl, aux):
+        if impl != "triton":
+            return super().fast_epilogue(x2d, packed, bias, ep, residual, impl, aux)
+        check_input(x2d)
+        t = packed.tensors()
+        return twofour_epilogue_op(x2d, match_dtype(t["values"], x2d.dtype), t["meta"],
+                                   None if bias is None else bias.to(x2d.dtype), residual,
+                                   ep.gate_row, ep.up_row, ep.width)
 
     def stack_rows(self, spec, parts):
         """Row-major values and metadata: stacking rows is concatenating both along N."""

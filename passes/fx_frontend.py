@@ -24,6 +24,7 @@ class FxFrontend:
         self.sites: dict[str, Site] = {}
         self.nodes: dict[str, fx.Node] = {}
         self.modules: dict = {}  # the packed linears ``lower`` built, by site name
+        self.fused: dict = {}    # what ``rewrite`` folded into launches: "epilogues", "absorbed"
         self._references: list[list[torch.Tensor]] = []
         self._heldout_references: list[list[torch.Tensor]] | None = None
 
@@ -72,7 +73,7 @@ class FxFrontend:
             linear = self.modules[names[0]].group.linear
             lines.append(f"{', '.join(names)}: one launch over their stacked {linear.spec} weights "
                          f"({linear.shape[0]} x {linear.shape[1]}, same input)")
-        return lines
+        return lines + list(self.fused.get("epilogues", []))
 
     def rest_of_graph(self):
         """The kernels the graph launches outside its sites (``sparsec.rest``), from traced shapes."""
@@ -86,7 +87,8 @@ class FxFrontend:
 
     def lower_modules(self, modules: dict):
         """The graph with the named sites calling ``modules`` (packed linears), compiled for its device."""
-        rewritten = rewrite_fx.rewrite(self.gm, self.nodes, self.sites, modules)
+        self.fused = {}
+        rewritten = rewrite_fx.rewrite(self.gm, self.nodes, self.sites, modules, notes=self.fused)
         if self._use_inductor():
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx

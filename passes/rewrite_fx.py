@@ -62,8 +62,14 @@ def packed_modules(layers: list[Layer]) -> dict:
     return modules
 
 
-def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site], modules: dict) -> fx.GraphModule:
-    """A copy of ``gm`` whose sites named in ``modules`` call those modules instead."""
+def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site], modules: dict,
+            notes: dict | None = None) -> fx.GraphModule:
+    """A copy of ``gm`` whose sites named in ``modules`` call those modules instead, with the
+    SiLU-gates and residual adds that follow them folded into their launches where that pays
+    (``epilogue_fx``). ``notes``, if given, receives "epilogues" (planner-log lines) and
+    "absorbed" (the nodes of ``gm`` a launch now does)."""
+    from .epilogue_fx import fuse_epilogues
+
     if not modules:
         return gm
     graph = fx.Graph()
@@ -73,6 +79,7 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site
     order = {n: i for i, n in enumerate(new_gm.graph.nodes)}
     grouped = _groups_in_graph(modules, sites, nodes, node_map)
     done: set[str] = set()
+    layer_names: dict[str, str] = {}
     for i, (name, module) in enumerate(modules.items()):
         if name in done:
             continue
@@ -82,6 +89,7 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site
             first = min((node_map[nodes[m]] for m in members), key=order.__getitem__)
             attr = f"sparsec_{i}_group_{_safe(members[0])}"
             new_gm.add_submodule(attr, module.group)
+            layer_names[attr] = ", ".join(members)
             with new_gm.graph.inserting_before(first):
                 stacked = new_gm.graph.call_module(attr, (x,))
             for m in members:
@@ -98,13 +106,20 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site
         node = node_map[nodes[name]]
         attr = f"sparsec_{i}_{_safe(name)}"
         new_gm.add_submodule(attr, module)
+        layer_names[attr] = name
         x = _site_input(site, node)
         with new_gm.graph.inserting_before(node):
             replacement = new_gm.graph.call_module(attr, (x,))
         replacement.meta = dict(node.meta)
         node.replace_all_uses_with(replacement)
         new_gm.graph.erase_node(node)
+    lines, absorbed = fuse_epilogues(new_gm, layer_names)
+    if notes is not None:
+        original = {new: old for old, new in node_map.items()}
+        notes["epilogues"] = lines
+        notes["absorbed"] = [original[n] for n in absorbed if n in original]
     new_gm.graph.eliminate_dead_code()
+    new_gm.delete_all_unused_submodules()
     new_gm.recompile()
     _keep_dynamo_metadata(gm, new_gm, node_map)
     return new_gm

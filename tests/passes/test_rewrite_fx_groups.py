@@ -28,9 +28,9 @@ def spy_on_rewrite(monkeypatch) -> dict:
     seen = {}
     real = rewrite_fx.rewrite
 
-    def spy(gm, nodes, sites, modules):
+    def spy(gm, nodes, sites, modules, **kwargs):
         seen["modules"] = dict(modules)
-        seen["gm"] = real(gm, nodes, sites, modules)
+        seen["gm"] = real(gm, nodes, sites, modules, **kwargs)
         return seen["gm"]
 
     monkeypatch.setattr(rewrite_fx, "rewrite", spy)
