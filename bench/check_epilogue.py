@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, time_calls, _write  # noqa: E402
 
-from sparsec.codegen import Epilogue, EpilogueLinear, Packed, PackedLinear, stack_rows  # noqa: E402
+from sparsec.codegen import Epilogue, EpilogueLinear, PackedLinear, block, stack_rows  # noqa: E402
 from sparsec.codegen import epilogue as ep  # noqa: E402
 
 D, H = 4096, 14336
@@ -88,9 +88,57 @@ def timing(device) -> list[dict]:
     return rows
 
 
+def sweep_configs():
+    """The kernel's own configurations, then a grid of wider and deeper ones."""
+    import triton
+
+    out = list(block._gemv_configs())
+    for bn in (2, 4, 8, 16):
+        for bj in (2, 4, 8):
+            for stages in (2, 4, 6):
+                warps = max(1, min(8, bn * bj // 16))
+                out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": stages}, num_warps=warps,
+                                         num_stages=stages))
+    return out
+
+
+def sweep(device, budget_s: float) -> list[dict]:
+    """Every block GEMV configuration on the gated and the residual launch at M = 1, in graph replay."""
+    import time
+
+    gen = torch.Generator(device=device).manual_seed(13)
+    dtype = torch.bfloat16
+    one = block_modules("block:64:0.25", dtype, device, gen)
+    copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (one[2].packed.nbytes + one[3].packed.nbytes))))
+    sets = [one] + [block_modules("block:64:0.25", dtype, device, gen) for _ in range(copies - 1)]
+    xs = [torch.randn(1, D, generator=gen, device=device).to(dtype) for _ in range(copies)]
+    hs = [torch.randn(1, H, generator=gen, device=device).to(dtype) for _ in range(copies)]
+    launches = {"gated": [lambda x=x, m=m: m[0](x) for x, m in zip(xs, sets)],
+                "residual": [lambda h=h, x=x, m=m: m[1](h, x) for h, x, m in zip(hs, xs, sets)]}
+    rows, t0 = [], time.time()
+    with torch.no_grad():
+        for what, calls in launches.items():
+            us = time_calls(calls, device, 30)
+            picked = getattr(block._GEMV_KERNEL._built.get(False), "best_config", None)
+            rows.append({"launch": what, "config": "autotuned: " + str(picked), "us": us})
+            for config in sweep_configs():
+                if time.time() - t0 > budget_s:
+                    break
+                try:
+                    with block._GEMV_KERNEL.only(config):
+                        us = time_calls(calls, device, 30)
+                except Exception as exc:  # noqa: BLE001 - a configuration that does not build is a row
+                    us = None
+                    print(f"# {what} {config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                rows.append({"launch": what, "config": str(config), "us": us})
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="epilogue.json")
+    ap.add_argument("--sweep-s", type=float, default=0, help="time every block GEMV configuration for this long")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1), checks only")
     args = ap.parse_args(argv)
     import triton
@@ -108,12 +156,21 @@ def main(argv=None):
     failed = [r for r in checked if not r["ok"]]
     for r in failed:
         print("# FAIL", json.dumps(r), flush=True)
-    _write(args.out, {"meta": meta, "checks": checked, "timing": timed})
+    swept = sweep(device, args.sweep_s) if args.sweep_s > 0 and not args.smoke else []
+    _write(args.out, {"meta": meta, "checks": checked, "timing": timed, "sweep": swept})
     print(f"checks: {len(checked) - len(failed)} of {len(checked)} passed (max rel err "
           f"{max(r['rel_err'] for r in checked):.2e})")
     print(f"{'format':16s} {'M':>3s} {'fused us':>9s} {'unfused us':>11s} {'saved us':>9s}")
     for r in timed:
         print(f"{r['spec']:16s} {r['M']:3d} {r['fused_us']:9.2f} {r['unfused_us']:11.2f} {r['saved_us']:9.2f}")
+    for what in ("gated", "residual"):
+        rows = sorted((r for r in swept if r["launch"] == what and r["us"] is not None and
+                       not r["config"].startswith("autotuned")), key=lambda r: r["us"])
+        auto = next((r for r in swept if r["launch"] == what and r["config"].startswith("autotuned")), None)
+        if auto:
+            print(f"{what}: {auto['config']} {auto['us']:.2f} us")
+        for r in rows[:5]:
+            print(f"{what}: {r['config']} {r['us']:.2f} us")
     return 1 if failed else 0
 
 
