@@ -75,11 +75,13 @@ class FxFrontend:
                          f"({linear.shape[0]} x {linear.shape[1]}, same input)")
         return lines + list(self.fused.get("epilogues", []))
 
-    def rest_of_graph(self):
-        """The kernels the graph launches outside its sites (``sparsec.rest``), from traced shapes."""
+    def rest_of_graph(self, fused: bool = False):
+        """The kernels the graph launches outside its sites (``sparsec.rest``), from traced shapes;
+        ``fused``: as lowered, without what the rewritten layers' epilogues absorbed."""
         from sparsec.passes.rest_fx import rest_of_graph
 
-        return rest_of_graph(self.gm, self.example_inputs, self.nodes.values())
+        absorbed = self.fused.get("absorbed", []) if fused else []
+        return rest_of_graph(self.gm, self.example_inputs, self.nodes.values(), absorbed)
 
     def lower(self, layers: list[Layer]):
         self.modules = rewrite_fx.packed_modules(layers)

@@ -135,7 +135,7 @@ class OnnxFrontend:
         """None: the ONNX rewrite keeps one node per layer."""
         return []
 
-    def rest_of_graph(self):
+    def rest_of_graph(self, fused: bool = False):
         """Unknown (None): onnxruntime's own fusions decide the kernels outside the sites, and the
         written model's end-to-end time is measured by onnxruntime instead."""
         return None

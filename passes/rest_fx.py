@@ -36,9 +36,10 @@ MATMUL_METHODS = {"bmm", "matmul", "__matmul__", "mm", "baddbmm"}
 MATMUL_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear, torch.nn.MultiheadAttention)
 
 
-def rest_of_graph(gm: fx.GraphModule, example_inputs, site_nodes) -> RestOfGraph | None:
-    """The kernels of ``gm`` outside ``site_nodes``; None if a compute node has no traced shape."""
-    sites = set(site_nodes)
+def rest_of_graph(gm: fx.GraphModule, example_inputs, site_nodes, absorbed=()) -> RestOfGraph | None:
+    """The kernels of ``gm`` outside ``site_nodes``; None if a compute node has no traced shape.
+    ``absorbed``: nodes a rewritten layer's launch does too (its epilogue), priced as part of it."""
+    sites = set(site_nodes) | set(absorbed)
     constants = set(ConstantFolder(gm, example_inputs).values)
     dynamic: set[fx.Node] = set()
     for node in gm.graph.nodes:

@@ -38,7 +38,7 @@ class Frontend(Protocol):
 
     def has_heldout(self) -> bool: ...
 
-    def rest_of_graph(self) -> RestOfGraph | None: ...
+    def rest_of_graph(self, fused: bool = False) -> RestOfGraph | None: ...
 
     def launch_groups(self) -> list[str]: ...
 
@@ -69,9 +69,9 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     while measure(layers, alloc, options):
         e2e = verify(frontend, layers, alloc, options)
     lowered = lower(frontend, layers) if options.lower else None
-    rest_us = rest(frontend, fingerprint, options)
+    rest_us, fused_us = rest(frontend, fingerprint, options)
     plan = plan_of(layers, fingerprint, options)
-    report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us)
+    report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us, fused_us)
     report["warnings"].extend(warnings)
     # how the budget was calibrated, re-allocated and backed off, per subgraph
     report["planner_log"] = [f"graph {frontend.graph}: {line}" for line in alloc.history]
@@ -415,16 +415,21 @@ def lower(frontend: Frontend, layers: list[Layer]):
 # -- rest -------------------------------------------------------------------------------------
 
 
-def rest(frontend: Frontend, fingerprint, options: Options) -> float | None:
-    """Predicted time of the graph outside its linear layers, the same in every plan. An estimate
-    only: an op it cannot read leaves the rest unpriced (logged), never the compile failed."""
+def rest(frontend: Frontend, fingerprint, options: Options) -> tuple[float | None, float]:
+    """Predicted time of the graph outside its linear layers in the dense plan, and how much of it
+    the lowered layers' launches absorb (their fused epilogues: 0 when nothing was folded). An
+    estimate only: an op it cannot read leaves the rest unpriced (logged), never the compile failed."""
     try:
         found = frontend.rest_of_graph()
+        lowered = frontend.rest_of_graph(fused=True)
     except Exception as exc:  # noqa: BLE001 - a graph the estimate cannot read still compiles
         log.warning("graph %s: the rest of the graph was not priced (%s: %s); the end-to-end prediction "
                     "counts the linear layers only", frontend.graph, type(exc).__name__, exc)
-        return None
-    return price_rest(found, fingerprint, options.cost_mode)
+        return None, 0.0
+    rest_us = price_rest(found, fingerprint, options.cost_mode)
+    left_us = price_rest(lowered, fingerprint, options.cost_mode)
+    fused_us = max(rest_us - left_us, 0.0) if rest_us is not None and left_us is not None else 0.0
+    return rest_us, fused_us
 
 
 # -- plan and report --------------------------------------------------------------------------
@@ -439,7 +444,7 @@ def plan_of(layers: list[Layer], fingerprint, options: Options) -> Plan:
 
 
 def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, options: Options,
-              rest_us: float | None = None) -> dict:
+              rest_us: float | None = None, fused_us: float = 0.0) -> dict:
     from sparsec.reasons import candidate_rejections, layer_reason
 
     spent = sum((l.chosen.predicted_error ** 2) for l in layers if l.chosen is not None and not l.chosen.is_dense)
@@ -486,7 +491,8 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
     chosen_total = sum(r["predicted_us"] or 0.0 for r in rows)
     rewritten = sum(1 for r in rows if r["format"] != "dense")
     speedup = (dense_total / chosen_total) if chosen_total > 0 else None
-    e2e_speedup = speedup if rest_us is None else _ratio(dense_total + rest_us, chosen_total + rest_us)
+    e2e_speedup = (speedup if rest_us is None
+                   else _ratio(dense_total + rest_us, chosen_total + rest_us - fused_us))
     return {
         "schema": "sparsec.report/1",
         "entry": frontend.entry,
@@ -509,6 +515,7 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
             "heldout_error": _num(e2e.heldout_error),
             "predicted_speedup": _num(e2e_speedup),
             "predicted_us_rest": _num(rest_us),
+            "predicted_us_fused": _num(fused_us) if rest_us is not None else None,
             "measured_speedup": None,
         },
         "warnings": [],

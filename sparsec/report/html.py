@@ -101,8 +101,10 @@ def _card(label: str, value: str, note: str = "") -> str:
 
 
 def _rest_note(e2e) -> str:
-    rest = e2e.get("predicted_us_rest")
-    return f"; rest of graph {v.fmt_us(rest)}" if rest is not None else "; rest of graph not priced"
+    rest, fused = e2e.get("predicted_us_rest"), e2e.get("predicted_us_fused")
+    if rest is None:
+        return "; rest of graph not priced"
+    return f"; rest of graph {v.fmt_us(rest)}" + (f", {v.fmt_us(fused)} of it in the layers' epilogues" if fused else "")
 
 
 def _summary(report) -> str:

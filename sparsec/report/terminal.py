@@ -78,12 +78,18 @@ def _totals(report) -> Text:
                 f"({v.fmt_speedup(t['predicted_speedup'])}), measured {v.fmt_speedup(t['measured_speedup'])}\n")
     text.append("end to end: ", style="bold")
     rest = e2e.get("predicted_us_rest")
-    rest_text = f" (rest of graph {v.fmt_us(rest)} predicted)" if rest is not None else " (rest of graph not priced)"
+    rest_text = f" (rest of graph {v.fmt_us(rest)} predicted{_fused_note(e2e)})" if rest is not None \
+        else " (rest of graph not priced)"
     text.append(f"predicted {v.fmt_speedup(e2e['predicted_speedup'])}{rest_text}, measured "
                 f"{v.fmt_speedup(e2e['measured_speedup'])}; error {v.fmt_error(e2e['measured_error'])} "
                 f"on calibration, {v.fmt_error(e2e['heldout_error'])} held out, of budget "
                 f"{v.fmt_error(report['error_budget'])}")
     return text
+
+
+def _fused_note(e2e) -> str:
+    fused = e2e.get("predicted_us_fused")
+    return f", {v.fmt_us(fused)} of it in the layers' epilogues" if fused else ""
 
 
 def _speedup(x) -> Text:

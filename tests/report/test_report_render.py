@@ -189,3 +189,13 @@ def test_speedups_off_the_scale_are_drawn_on_its_edge(report_dict):
     bottom = float(plot["y"]) + float(plot["height"])
     assert float(plot["y"]) < float(clipped[0]["cy"]) <= bottom
     assert not elements.with_class("mark", "layer", "predicted", "clipped")
+
+
+def test_table_and_page_say_how_much_of_the_rest_the_launches_absorb(report_dict):
+    report_dict["end_to_end"]["predicted_us_rest"] = 12.0
+    report_dict["end_to_end"]["predicted_us_fused"] = 4.5
+    text = _text(Report(report_dict))
+    assert f"rest of graph {v.fmt_us(12.0)} predicted, {v.fmt_us(4.5)} of it in the layers' epilogues" in text
+    assert f"{v.fmt_us(4.5)} of it in the layers&#x27; epilogues" in render_html(Report(report_dict))
+    report_dict["end_to_end"]["predicted_us_fused"] = 0.0
+    assert "epilogues" not in _text(Report(report_dict))
