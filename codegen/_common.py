@@ -92,15 +92,6 @@ def tl_dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def pdl_enabled(x: torch.Tensor) -> bool:
-    """Whether launches may overlap the kernel before them (programmatic dependent launch, sm_90+):
-    a kernel then starts while its predecessor drains and waits on it only before reading its
-    inputs. ``SPARSEC_PDL=0`` turns it off."""
-    if not x.is_cuda or interpret_mode() or os.environ.get("SPARSEC_PDL", "1") == "0":
-        return False
-    return torch.cuda.get_device_capability(x.device)[0] >= 9
-
-
 def autotune_enabled() -> bool:
     """``SPARSEC_AUTOTUNE=0`` takes each shape's first admissible config instead of timing them all."""
     return os.environ.get("SPARSEC_AUTOTUNE", "1") != "0" and not interpret_mode()
