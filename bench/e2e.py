@@ -246,11 +246,14 @@ def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = MLPStack(d, h).to(DEVICE, dtype).eval()
     calib = [(torch.randn(2048, d, device=DEVICE, dtype=dtype),)]
+    # The automatic plan first, next to the baseline: after the forced plans' compute-bound runs
+    # the same all-dense graph measured 5% slower than the baseline timed before them (H200 and
+    # H100, M = 2048), an effect of the device's state, not of the plan.
     plans = [
+        ("auto 1%", {"error_budget": 0.01}, 0.01),
         ("2:4", {"plan": {"layers": {"_default": "2:4"}}}, None),
         ("block:64:0.25", {"plan": {"layers": {"_default": "block:64:0.25"}}}, None),
         (f"lowrank:{d // 4}", {"plan": {"layers": {"_default": f"lowrank:{d // 4}"}}}, None),
-        ("auto 1%", {"error_budget": 0.01}, 0.01),
     ]
     for M in Ms:
         x = torch.randn(M, d, device=DEVICE, dtype=dtype)
