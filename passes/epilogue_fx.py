@@ -33,7 +33,7 @@ def fuse_epilogues(gm: fx.GraphModule, names: dict[str, str]) -> tuple[list[str]
     lines: list[str] = []
     absorbed: list[fx.Node] = []
     for node in list(gm.graph.nodes):
-        if node.op == "call_module" and node.graph is gm.graph:
+        if node.op == "call_module" and not getattr(node, "_erased", False):
             fused = _fold_gate(gm, node, names, lines, absorbed)
             _fold_residual(gm, fused or node, names, lines, absorbed)
     return lines, absorbed

@@ -2,8 +2,10 @@
 
 The user's graph module is copied first; the copy gets one ``PackedLinear`` submodule per
 rewritten site (packed weights as buffers, built from the approximation, never from the user's
-tensor in place), and the site's node calls it. Sites that read the same input with the same
-stackable format share one ``PackedGroup`` instead, called once, its output sliced per site. The rest of the graph is untouched, so the dense
+tensor in place), and the site's node calls it on its input made row-major. Sites that read the
+same input with the same stackable format share one ``PackedGroup`` instead, called once, its
+output sliced per site. Where it pays, the SiLU-gate or residual add right after a packed call
+is folded into that call (``epilogue_fx``); the rest of the graph is untouched, so the dense
 remainder can be handed to inductor as before.
 
 A Dynamo graph carries metadata that tells AOTAutograd which inputs are parameters (static
