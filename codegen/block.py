@@ -283,13 +283,21 @@ def _(dy, values, col_idx, row_ptr, n_in):
 register_input_grad(block_linear_op, block_input_grad_op, saved=(1, 2, 3), bias_index=5)
 
 
-def _dense_of(values, col_idx, row_ptr, n_in):
+@torch.library.custom_op("sparsec::block_to_dense", mutates_args=())
+def block_to_dense_op(values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor, n_in: int) -> torch.Tensor:
+    """The (rows, n_in) weight of a BSR layout, for the epilogue op's gradient: the expansion
+    gathers by a data-dependent count, so it stays opaque to tracing (its shape is not)."""
     spec = SimpleNamespace(block=values.shape[1])
     rows = (row_ptr.shape[0] - 1) * values.shape[1]
     return BlockKernels().to_dense(spec, (rows, n_in), {"values": values, "col_idx": col_idx, "row_ptr": row_ptr})
 
 
-epilogue.register_grad(block_epilogue_op, _dense_of, saved=(1, 2, 3), bias_index=5, residual_index=6)
+@block_to_dense_op.register_fake
+def _(values, col_idx, row_ptr, n_in):
+    return values.new_empty((row_ptr.shape[0] - 1) * values.shape[1], n_in)
+
+
+epilogue.register_grad(block_epilogue_op, block_to_dense_op, saved=(1, 2, 3), bias_index=5, residual_index=6)
 
 
 class BlockKernels(FormatKernels):

@@ -149,3 +149,55 @@ def test_fake_gives_the_epilogue_output_shape(gen):
         y = torch.ops.sparsec.block_linear_epilogue(x, *vals, None, None, 0, 32, 32)
         z = torch.ops.sparsec.block_linear_epilogue(x, *vals, None, None, -1, -1, 0)
     assert tuple(y.shape) == (5, 32) and tuple(z.shape) == (5, 64)
+
+
+@pytest.mark.parametrize("spec", SPECS)
+@pytest.mark.parametrize("M", [1, 5])
+def test_opcheck_traces_the_epilogue_ops_and_their_gradient(spec, M, gen):
+    """torch.library.opcheck with inputs that need a gradient: the schema, the fake against the
+    kernel, and AOT dispatch with dynamic shapes through the op and its gradient."""
+    N, K = 32, 64
+    stacked = stack_rows([pack(spec, planted(spec, N, K, gen)), pack(spec, planted(spec, N, K, gen))])
+    ep = Epilogue(gate_row=0, up_row=N, width=N, residual=True)
+    x = torch.randn(M, K, generator=gen, requires_grad=True)
+    r = torch.randn(M, N, generator=gen, requires_grad=True)
+    bias = torch.randn(2 * N, generator=gen, requires_grad=True)
+    t = stacked.tensors()
+    if spec == "2:4":
+        op, packed = torch.ops.sparsec.twofour_linear_epilogue, (t["values"], t["meta"])
+    else:
+        order = stacked.handler.epilogue_aux(stacked, ep)["order"]
+        op, packed = torch.ops.sparsec.block_linear_epilogue, (t["values"], t["col_idx"], t["row_ptr"], order)
+    torch.library.opcheck(op, (x, *packed, bias, r, ep.gate_row, ep.up_row, ep.width),
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_a_compiled_backward_traces_through_the_epilogue(spec, gen):
+    """AOTAutograd through the fused op and its gradient, as ``torch.compile`` traces a model on a
+    GPU: the backward graph holds no op of data-dependent output size (inductor cannot lower the
+    block expansion's gather, so that stays inside the opaque ``sparsec::block_to_dense``)."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return make_boxed_func(gm.forward)
+
+    N, K, M = 32, 64, 1
+    gate_w, up_w = planted(spec, N, K, gen), planted(spec, N, K, gen)
+    stacked = stack_rows([pack(spec, gate_w), pack(spec, up_w)])
+    module = EpilogueLinear(PackedLinear(stacked, impl="triton"), Epilogue(gate_row=0, up_row=N, width=N, residual=True))
+    x = torch.randn(M, K, generator=gen, requires_grad=True)
+    r = torch.randn(M, N, generator=gen)
+    torch._dynamo.reset()
+    compiled = torch.compile(module, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep), fullgraph=True)
+    compiled(x, r).sum().backward()
+    backward = graphs[-1]
+    targets = {str(n.target) for n in backward.graph.nodes if n.op == "call_function"}
+    assert not any("repeat_interleave" in t or "nonzero" in t for t in targets), targets
+    x2 = x.detach().clone().requires_grad_(True)
+    (F.silu(x2 @ gate_w.t()) * (x2 @ up_w.t()) + r).sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-4, rtol=1e-4)
