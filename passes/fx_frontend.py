@@ -6,6 +6,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.candidates import Layer
+from sparsec.launches import LaunchGroup
 from sparsec.passes import capture_fx, rewrite_fx
 from sparsec.passes.interpret_fx import SiteInterpreter, empty_stats, flatten_outputs, relative_l2
 from sparsec.sites import Site, SiteStats, Skipped
@@ -60,20 +61,24 @@ class FxFrontend:
     def has_heldout(self) -> bool:
         return bool(self.heldout)
 
-    def launch_groups(self) -> list[str]:
-        """One line per set of layers the lowering runs as one launch over stacked weights."""
+    def launch_groups(self) -> list[LaunchGroup]:
+        """The sets of layers the lowering runs as one launch over stacked weights."""
         from sparsec.codegen import GroupMember
 
         groups: dict[int, list[str]] = {}
         for name, module in self.modules.items():
             if isinstance(module, GroupMember):
                 groups.setdefault(id(module.group), []).append(name)
-        lines = []
+        out = []
         for names in groups.values():
             linear = self.modules[names[0]].group.linear
-            lines.append(f"{', '.join(names)}: one launch over their stacked {linear.spec} weights "
-                         f"({linear.shape[0]} x {linear.shape[1]}, same input)")
-        return lines + list(self.fused.get("epilogues", []))
+            ordered = tuple(sorted(names, key=lambda n: self.modules[n].index))
+            out.append(LaunchGroup(ordered, str(linear.spec), tuple(linear.shape)))
+        return out
+
+    def lowering_notes(self) -> list[str]:
+        """What the lowering folded into the layers' launches (their epilogues), a line each."""
+        return list(self.fused.get("epilogues", []))
 
     def rest_of_graph(self, fused: bool = False):
         """The kernels the graph launches outside its sites (``sparsec.rest``), from traced shapes;

@@ -131,8 +131,11 @@ class OnnxFrontend:
     def has_heldout(self) -> bool:
         return self.heldout is not None and bool(self.heldout.runs)
 
-    def launch_groups(self) -> list[str]:
+    def launch_groups(self) -> list:
         """None: the ONNX rewrite keeps one node per layer."""
+        return []
+
+    def lowering_notes(self) -> list[str]:
         return []
 
     def rest_of_graph(self, fused: bool = False):

@@ -18,6 +18,7 @@ import torch
 
 from sparsec.candidates import Candidate, Layer
 from sparsec.formats import Dense, parse_spec
+from sparsec.launches import LaunchGroup, price_groups
 from sparsec.options import Options
 from sparsec.plan import Plan
 from sparsec.rest import RestOfGraph, price_rest
@@ -40,7 +41,9 @@ class Frontend(Protocol):
 
     def rest_of_graph(self, fused: bool = False) -> RestOfGraph | None: ...
 
-    def launch_groups(self) -> list[str]: ...
+    def launch_groups(self) -> list[LaunchGroup]: ...
+
+    def lowering_notes(self) -> list[str]: ...
 
     def lower(self, layers: list[Layer]) -> Any: ...
 
@@ -70,12 +73,13 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
         e2e = verify(frontend, layers, alloc, options)
     lowered = lower(frontend, layers) if options.lower else None
     rest_us, fused_us = rest(frontend, fingerprint, options)
+    stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, options.cost_mode)
     plan = plan_of(layers, fingerprint, options)
-    report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us, fused_us)
+    report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us, fused_us, stacked_us)
     report["warnings"].extend(warnings)
     # how the budget was calibrated, re-allocated and backed off, per subgraph
     report["planner_log"] = [f"graph {frontend.graph}: {line}" for line in alloc.history]
-    report["planner_log"] += [f"graph {frontend.graph}: {line}" for line in frontend.launch_groups()]
+    report["planner_log"] += [f"graph {frontend.graph}: {line}" for line in stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)
 
 
@@ -444,7 +448,7 @@ def plan_of(layers: list[Layer], fingerprint, options: Options) -> Plan:
 
 
 def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, options: Options,
-              rest_us: float | None = None, fused_us: float = 0.0) -> dict:
+              rest_us: float | None = None, fused_us: float = 0.0, stacked_us: float = 0.0) -> dict:
     from sparsec.reasons import candidate_rejections, layer_reason
 
     spent = sum((l.chosen.predicted_error ** 2) for l in layers if l.chosen is not None and not l.chosen.is_dense)
@@ -491,8 +495,8 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
     chosen_total = sum(r["predicted_us"] or 0.0 for r in rows)
     rewritten = sum(1 for r in rows if r["format"] != "dense")
     speedup = (dense_total / chosen_total) if chosen_total > 0 else None
-    e2e_speedup = (speedup if rest_us is None
-                   else _ratio(dense_total + rest_us, chosen_total + rest_us - fused_us))
+    rest_dense = rest_us or 0.0
+    e2e_speedup = _ratio(dense_total + rest_dense, chosen_total - stacked_us + rest_dense - fused_us)
     return {
         "schema": "sparsec.report/1",
         "entry": frontend.entry,
@@ -516,6 +520,7 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
             "predicted_speedup": _num(e2e_speedup),
             "predicted_us_rest": _num(rest_us),
             "predicted_us_fused": _num(fused_us) if rest_us is not None else None,
+            "predicted_us_stacked": _num(stacked_us),
             "measured_speedup": None,
         },
         "warnings": [],

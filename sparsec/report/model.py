@@ -197,6 +197,9 @@ def combine_end_to_end(a: dict, a_totals: dict, b: dict, b_totals: dict) -> dict
     rests = (a.get("predicted_us_rest"), b.get("predicted_us_rest"))
     if "predicted_us_rest" in a or "predicted_us_rest" in b:
         out["predicted_us_rest"] = None if None in rests else rests[0] + rests[1]
+    if "predicted_us_stacked" in a or "predicted_us_stacked" in b:
+        stacked = (a.get("predicted_us_stacked"), b.get("predicted_us_stacked"))
+        out["predicted_us_stacked"] = None if None in stacked else stacked[0] + stacked[1]
     if "predicted_us_fused" in a or "predicted_us_fused" in b:
         fused = (a.get("predicted_us_fused"), b.get("predicted_us_fused"))
         out["predicted_us_fused"] = None if None in fused else fused[0] + fused[1]

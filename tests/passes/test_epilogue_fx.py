@@ -114,7 +114,8 @@ def test_end_to_end_prediction_takes_the_folded_kernels_off_the_rest(monkeypatch
     e2e, totals = report["end_to_end"], report["totals"]
     assert 0 < e2e["predicted_us_fused"] <= e2e["predicted_us_rest"]
     expected = ((totals["predicted_us_dense"] + e2e["predicted_us_rest"])
-                / (totals["predicted_us"] + e2e["predicted_us_rest"] - e2e["predicted_us_fused"]))
+                / (totals["predicted_us"] - e2e["predicted_us_stacked"]
+                   + e2e["predicted_us_rest"] - e2e["predicted_us_fused"]))
     assert e2e["predicted_speedup"] == pytest.approx(expected)
     unfused, _ = optimize(model, torch.randn(2, 64, generator=gen), monkeypatch)
     assert unfused.report.to_dict()["end_to_end"]["predicted_us_fused"] == 0.0

@@ -246,8 +246,10 @@ def test_extend_adds_the_rest_of_each_graph_and_weights_end_to_end_by_it():
 def test_extend_adds_what_each_graph_folded_into_its_launches():
     a, b = make_report(seed=9, blocks=1, tokens=1), make_report(seed=10, blocks=1, tokens=1)
     b["fingerprint"] = a["fingerprint"]
-    for part, rest, fused in ((a, 40.0, 6.0), (b, 30.0, 0.0)):
-        part["end_to_end"]["predicted_us_rest"], part["end_to_end"]["predicted_us_fused"] = rest, fused
-    assert Report(a).extend(Report(b)).end_to_end["predicted_us_fused"] == pytest.approx(6.0)
+    for part, rest, fused, stacked in ((a, 40.0, 6.0, 5.0), (b, 30.0, 0.0, -1.0)):
+        part["end_to_end"].update(predicted_us_rest=rest, predicted_us_fused=fused, predicted_us_stacked=stacked)
+    combined = Report(a).extend(Report(b)).end_to_end
+    assert combined["predicted_us_fused"] == pytest.approx(6.0)
+    assert combined["predicted_us_stacked"] == pytest.approx(4.0)
     b["end_to_end"]["predicted_us_fused"] = None
     assert Report(a).extend(Report(b)).end_to_end["predicted_us_fused"] is None
