@@ -58,22 +58,11 @@ def linear(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None = None, im
     otherwise; see docs/kernels.md for each format's large-M choice), "triton", "reference", or
     a format-specific one ("cusparselt" for 2:4).
     """
-    if not isinstance(packed, Packed):
-        raise SparsecError(f"linear() needs a Packed weight from sparsec.codegen.pack, got {type(packed).__name__}")
+    x2d, lead = _inputs("linear", x, packed, bias)
+    impl = _impl(x2d, packed, impl)
     handler = packed.handler
-    N, K = packed.shape
-    x2d, lead = flatten_input(x, K)
-    check_bias(bias, N)
-    if impl == "auto":
-        impl = handler.auto_impl(x2d, packed)
-    if impl == "reference":
-        y = handler.reference(x2d, packed, bias)
-    elif impl in handler.impls:
-        y = handler.fast(x2d, packed, bias, impl)
-    else:
-        known = ", ".join(["auto", *dict.fromkeys(("reference", *handler.impls))])
-        raise SparsecError(f"impl {impl!r} is not available for {packed.spec}; use one of: {known}")
-    return y.reshape(*lead, N)
+    y = handler.reference(x2d, packed, bias) if impl == "reference" else handler.fast(x2d, packed, bias, impl)
+    return y.reshape(*lead, packed.shape[0])
 
 
 def linear_epilogue(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, epilogue,
@@ -83,12 +72,8 @@ def linear_epilogue(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, 
     gate/up weight and/or a residual add, in the same launch where the format's kernel fuses
     them (its ``fast_epilogue``), after it otherwise. ``residual`` has the output's shape;
     ``aux``: what the format's ``epilogue_aux`` built for this epilogue."""
-    if not isinstance(packed, Packed):
-        raise SparsecError(f"linear_epilogue() needs a Packed weight from sparsec.codegen.pack, got {type(packed).__name__}")
-    handler = packed.handler
-    N, K = packed.shape
-    x2d, lead = flatten_input(x, K)
-    check_bias(bias, N)
+    x2d, lead = _inputs("linear_epilogue", x, packed, bias)
+    N = packed.shape[0]
     n_out = epilogue.out_features(N)
     if epilogue.gated and not (0 <= epilogue.gate_row and epilogue.gate_row + epilogue.width <= N
                                and 0 <= epilogue.up_row and epilogue.up_row + epilogue.width <= N):
@@ -99,10 +84,27 @@ def linear_epilogue(x: torch.Tensor, packed: Packed, bias: torch.Tensor | None, 
         if tuple(residual.shape) != (*lead, n_out):
             raise SparsecError(f"residual of shape {tuple(residual.shape)} does not match the output {(*lead, n_out)}")
         r2d = residual.reshape(-1, n_out).to(x.dtype)
+    impl = _impl(x2d, packed, impl)
+    y = packed.handler.fast_epilogue(x2d, packed, bias, epilogue, r2d, impl, aux or {})
+    return y.reshape(*lead, n_out)
+
+
+def _inputs(caller: str, x: torch.Tensor, packed, bias) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """``x`` as (M, K) and its lead shape, after checking the weight and bias it is used with."""
+    if not isinstance(packed, Packed):
+        raise SparsecError(f"{caller}() needs a Packed weight from sparsec.codegen.pack, got {type(packed).__name__}")
+    N, K = packed.shape
+    x2d, lead = flatten_input(x, K)
+    check_bias(bias, N)
+    return x2d, lead
+
+
+def _impl(x2d: torch.Tensor, packed: Packed, impl: str) -> str:
+    """The implementation to run: "auto" resolved by the format, anything else checked."""
+    handler = packed.handler
     if impl == "auto":
-        impl = handler.auto_impl(x2d, packed)
+        return handler.auto_impl(x2d, packed)
     if impl != "reference" and impl not in handler.impls:
         known = ", ".join(["auto", *dict.fromkeys(("reference", *handler.impls))])
         raise SparsecError(f"impl {impl!r} is not available for {packed.spec}; use one of: {known}")
-    y = handler.fast_epilogue(x2d, packed, bias, epilogue, r2d, impl, aux or {})
-    return y.reshape(*lead, n_out)
+    return impl

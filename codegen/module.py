@@ -15,7 +15,33 @@ from .epilogue import Epilogue
 from .packed import Packed
 
 
-class PackedLinear(nn.Module):
+class _DerivedBuffers(nn.Module):
+    """Non-persistent ``aux_<name>`` buffers rebuilt from ``_derive()`` whenever the module moves
+    (``.to()``, ``.cuda()``), so derived tensors follow the weights' device and dtype."""
+
+    _aux_names: tuple[str, ...] = ()
+
+    def _derive(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _refresh_aux(self) -> None:
+        for name in self._aux_names:
+            delattr(self, f"aux_{name}")
+        aux = self._derive()
+        for name, t in aux.items():
+            self.register_buffer(f"aux_{name}", t, persistent=False)
+        self._aux_names = tuple(aux)
+
+    def _apply(self, fn, *args, **kwargs):
+        out = super()._apply(fn, *args, **kwargs)
+        self._refresh_aux()
+        return out
+
+    def _aux(self) -> dict[str, torch.Tensor]:
+        return {n: getattr(self, f"aux_{n}") for n in self._aux_names}
+
+
+class PackedLinear(_DerivedBuffers):
     def __init__(self, packed: Packed, bias: torch.Tensor | None = None, impl: str = "auto"):
         super().__init__()
         self.spec = packed.spec
@@ -26,23 +52,12 @@ class PackedLinear(nn.Module):
         for name, t in packed.tensors().items():
             self.register_buffer(name, t)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
-        self._aux_names: tuple[str, ...] = ()
         self._refresh_aux()
 
-    def _refresh_aux(self) -> None:
-        """(Re)build derived tensors for the current device, e.g. cuSPARSELt's copy once on CUDA."""
-        for name in self._aux_names:
-            delattr(self, f"aux_{name}")
+    def _derive(self) -> dict[str, torch.Tensor]:
+        """Derived tensors for the current device, e.g. cuSPARSELt's copy once on CUDA."""
         bare = Packed(self.spec, self.shape, {n: getattr(self, n) for n in self._names}, self.crossover_m)
-        aux = bare.handler.prepare(bare, self.impl)
-        for name, t in aux.items():
-            self.register_buffer(f"aux_{name}", t, persistent=False)
-        self._aux_names = tuple(aux)
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._refresh_aux()
-        return out
+        return bare.handler.prepare(bare, self.impl)
 
     @property
     def in_features(self) -> int:
@@ -55,7 +70,7 @@ class PackedLinear(nn.Module):
     @property
     def packed(self) -> Packed:
         return Packed(self.spec, self.shape, {n: getattr(self, n) for n in self._names}, self.crossover_m,
-                      {n: getattr(self, f"aux_{n}") for n in self._aux_names})
+                      self._aux())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.packed, self.bias, self.impl)
@@ -98,7 +113,7 @@ class GroupMember(nn.Module):
         return self.group(x)[..., start:end]
 
 
-class EpilogueLinear(nn.Module):
+class EpilogueLinear(_DerivedBuffers):
     """A ``PackedLinear`` whose launch also finishes what follows it (codegen/epilogue.py): the
     SiLU-gate over its stacked gate/up rows and/or the residual add. Called as
     ``module(x)`` or ``module(x, residual)``."""
@@ -107,26 +122,16 @@ class EpilogueLinear(nn.Module):
         super().__init__()
         self.linear = linear
         self.epilogue = epilogue
-        self._aux_names: tuple[str, ...] = ()
         self._refresh_aux()
 
-    def _refresh_aux(self) -> None:
-        for name in self._aux_names:
-            delattr(self, f"aux_{name}")
-        aux = self.linear.packed.handler.epilogue_aux(self.linear.packed, self.epilogue)
-        for name, t in aux.items():
-            self.register_buffer(f"aux_{name}", t, persistent=False)
-        self._aux_names = tuple(aux)
-
-    def _apply(self, fn, *args, **kwargs):
-        out = super()._apply(fn, *args, **kwargs)
-        self._refresh_aux()
-        return out
+    def _derive(self) -> dict[str, torch.Tensor]:
+        """What the format's fused epilogue needs, e.g. a gated launch's work list."""
+        packed = self.linear.packed
+        return packed.handler.epilogue_aux(packed, self.epilogue)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        aux = {n: getattr(self, f"aux_{n}") for n in self._aux_names}
         return linear_epilogue(x, self.linear.packed, self.linear.bias, self.epilogue, residual,
-                               self.linear.impl, aux)
+                               self.linear.impl, self._aux())
 
     def extra_repr(self) -> str:
         return self.epilogue.describe()

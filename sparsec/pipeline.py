@@ -425,7 +425,7 @@ def rest(frontend: Frontend, fingerprint, options: Options) -> tuple[float | Non
     estimate only: an op it cannot read leaves the rest unpriced (logged), never the compile failed."""
     try:
         found = frontend.rest_of_graph()
-        lowered = frontend.rest_of_graph(fused=True)
+        lowered = frontend.rest_of_graph(fused=True) if frontend.lowering_notes() else found
     except Exception as exc:  # noqa: BLE001 - a graph the estimate cannot read still compiles
         log.warning("graph %s: the rest of the graph was not priced (%s: %s); the end-to-end prediction "
                     "counts the linear layers only", frontend.graph, type(exc).__name__, exc)

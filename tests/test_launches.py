@@ -3,7 +3,6 @@ it saves against its members' own prices."""
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -48,4 +47,3 @@ def test_a_stacked_shape_the_fingerprint_cannot_price_saves_nothing_and_says_why
 
 def test_no_groups_no_saving():
     assert price_groups([], [layer("a", 1.0)], Prices(), "graph") == (0.0, [])
-    assert not math.isnan(price_groups([], [], Prices(), "eager")[0])
