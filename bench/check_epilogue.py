@@ -27,7 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, time_calls, _write  # noqa: E402
 
-from sparsec.codegen import Epilogue, EpilogueLinear, PackedLinear, block, stack_rows  # noqa: E402
+from sparsec.codegen import Epilogue, EpilogueLinear, PackedLinear, block, stack_rows, twofour  # noqa: E402
 from sparsec.codegen import epilogue as ep  # noqa: E402
 
 D, H = 4096, 14336
@@ -88,10 +88,19 @@ def timing(device) -> list[dict]:
     return rows
 
 
-def sweep_configs():
+def sweep_configs(kernel: str):
     """The kernel's own configurations, then a grid of wider and deeper ones."""
     import triton
 
+    if kernel == "words":
+        out = list(twofour._words_configs())
+        for bn, bj in ((1, 32), (2, 16), (2, 32), (4, 8), (4, 16), (8, 8), (8, 16), (16, 8)):
+            for stages in (2, 3, 4):
+                for warps in (2, 4, 8):
+                    if bn * bj * 8 // (32 * warps) <= 32:
+                        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": stages},
+                                                 num_warps=warps, num_stages=stages))
+        return out
     out = list(block._gemv_configs())
     for bn in (2, 4, 8, 16):
         for bj in (2, 4, 8):
@@ -102,15 +111,20 @@ def sweep_configs():
     return out
 
 
-def sweep(device, budget_s: float) -> list[dict]:
-    """Every block GEMV configuration on the gated and the residual launch at M = 1, in graph replay."""
+SWEPT = {"gemv": ("block:64:0.25", lambda: block._GEMV_KERNEL), "words": ("2:4", lambda: twofour._WORDS_KERNEL)}
+
+
+def sweep(device, budget_s: float, kernel: str) -> list[dict]:
+    """Every configuration of the block GEMV (``kernel`` "gemv") or the 2:4 word kernel ("words")
+    on the gated and the residual launch at M = 1, in graph replay."""
     import time
 
+    spec, lazy = SWEPT[kernel][0], SWEPT[kernel][1]()
     gen = torch.Generator(device=device).manual_seed(13)
     dtype = torch.bfloat16
-    one = block_modules("block:64:0.25", dtype, device, gen)
+    one = block_modules(spec, dtype, device, gen)
     copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (one[2].packed.nbytes + one[3].packed.nbytes))))
-    sets = [one] + [block_modules("block:64:0.25", dtype, device, gen) for _ in range(copies - 1)]
+    sets = [one] + [block_modules(spec, dtype, device, gen) for _ in range(copies - 1)]
     xs = [torch.randn(1, D, generator=gen, device=device).to(dtype) for _ in range(copies)]
     hs = [torch.randn(1, H, generator=gen, device=device).to(dtype) for _ in range(copies)]
     launches = {"gated": [lambda x=x, m=m: m[0](x) for x, m in zip(xs, sets)],
@@ -119,18 +133,18 @@ def sweep(device, budget_s: float) -> list[dict]:
     with torch.no_grad():
         for what, calls in launches.items():
             us = time_calls(calls, device, 30)
-            picked = getattr(block._GEMV_KERNEL._built.get(False), "best_config", None)
-            rows.append({"launch": what, "config": "autotuned: " + str(picked), "us": us})
-            for config in sweep_configs():
+            picked = getattr(lazy._built.get(False), "best_config", None)
+            rows.append({"kernel": kernel, "launch": what, "config": "autotuned: " + str(picked), "us": us})
+            for config in sweep_configs(kernel):
                 if time.time() - t0 > budget_s:
                     break
                 try:
-                    with block._GEMV_KERNEL.only(config):
+                    with lazy.only(config):
                         us = time_calls(calls, device, 30)
                 except Exception as exc:  # noqa: BLE001 - a configuration that does not build is a row
                     us = None
                     print(f"# {what} {config}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
-                rows.append({"launch": what, "config": str(config), "us": us})
+                rows.append({"kernel": kernel, "launch": what, "config": str(config), "us": us})
                 print(json.dumps(rows[-1]), flush=True)
     return rows
 
@@ -139,11 +153,17 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="epilogue.json")
     ap.add_argument("--sweep-s", type=float, default=0, help="time every block GEMV configuration for this long")
+    ap.add_argument("--sweep-words-s", type=float, default=0,
+                    help="time every 2:4 word kernel configuration for this long")
+    ap.add_argument("--no-prmt", action="store_true",
+                    help="pick the word kernel's inputs with selects and shifts, not the byte permute (an A/B)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1), checks only")
     args = ap.parse_args(argv)
     import triton
 
     global D, H
+    if args.no_prmt:
+        twofour.prmt_usable = lambda x: False
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         D, H = 512, 1024
@@ -156,21 +176,27 @@ def main(argv=None):
     failed = [r for r in checked if not r["ok"]]
     for r in failed:
         print("# FAIL", json.dumps(r), flush=True)
-    swept = sweep(device, args.sweep_s) if args.sweep_s > 0 and not args.smoke else []
+    swept = []
+    if not args.smoke:
+        for kernel, budget in (("gemv", args.sweep_s), ("words", args.sweep_words_s)):
+            if budget > 0:
+                swept += sweep(device, budget, kernel)
     _write(args.out, {"meta": meta, "checks": checked, "timing": timed, "sweep": swept})
     print(f"checks: {len(checked) - len(failed)} of {len(checked)} passed (max rel err "
           f"{max(r['rel_err'] for r in checked):.2e})")
     print(f"{'format':16s} {'M':>3s} {'fused us':>9s} {'unfused us':>11s} {'saved us':>9s}")
     for r in timed:
         print(f"{r['spec']:16s} {r['M']:3d} {r['fused_us']:9.2f} {r['unfused_us']:11.2f} {r['saved_us']:9.2f}")
-    for what in ("gated", "residual"):
-        rows = sorted((r for r in swept if r["launch"] == what and r["us"] is not None and
-                       not r["config"].startswith("autotuned")), key=lambda r: r["us"])
-        auto = next((r for r in swept if r["launch"] == what and r["config"].startswith("autotuned")), None)
-        if auto:
-            print(f"{what}: {auto['config']} {auto['us']:.2f} us")
-        for r in rows[:5]:
-            print(f"{what}: {r['config']} {r['us']:.2f} us")
+    for kernel in SWEPT:
+        for what in ("gated", "residual"):
+            mine = [r for r in swept if r["kernel"] == kernel and r["launch"] == what]
+            rows = sorted((r for r in mine if r["us"] is not None and not r["config"].startswith("autotuned")),
+                          key=lambda r: r["us"])
+            auto = next((r for r in mine if r["config"].startswith("autotuned")), None)
+            if auto:
+                print(f"{kernel} {what}: {auto['config']} {auto['us']:.2f} us")
+            for r in rows[:5]:
+                print(f"{kernel} {what}: {r['config']} {r['us']:.2f} us")
     return 1 if failed else 0
 
 

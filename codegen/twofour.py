@@ -2,9 +2,13 @@
 
 Layout for W (N, K), G = K/4 groups per row:
   values (N, K/2)   the two kept values of every group, in position order;
-  meta   (N, ceil(G/2)) uint8: a 4-bit code per group (bits 0-1: first position, bits 2-3:
-         second), group 2i in the low nibble of byte i. A 128-column tile of a row is 64 values
-         and 16 metadata bytes, each one 16-byte-aligned load when K is a multiple of 128.
+  meta   (N, 2 * ceil(G/4)) uint8: per quad of four groups, a byte of their first positions
+         then a byte of their second positions, two bits a group (group 4i + q at bits 2q of
+         bytes 2i and 2i + 1). Read as a 32-bit word, eight groups' positions sit so that one
+         shift and one mask put a group's two positions eight bits apart, from which one
+         multiply-add makes the byte-permute selector that picks the group's two inputs (the
+         word kernel). A 128-column tile of a row is 64 values and 16 metadata bytes, each one
+         16-byte-aligned load when K is a multiple of 128.
 
 Two implementations:
 - ``triton``: three kernels. At M <= GEMV_MAX_M (16-bit values), an MMA-free GEMV: the word
@@ -55,20 +59,29 @@ GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
 
 
+_QUAD_SHIFTS = (0, 2, 4, 6)
+
+
+def meta_cols(groups: int) -> int:
+    """Metadata bytes a row of ``groups`` groups takes: two per quad of groups."""
+    return 2 * ((groups + 3) // 4)
+
+
 def encode_positions(pos: torch.Tensor) -> torch.Tensor:
-    """(N, G, 2) kept positions in 0..3 -> (N, ceil(G/2)) uint8 metadata."""
+    """(N, G, 2) kept positions in 0..3 -> (N, meta_cols(G)) uint8 metadata."""
     N, G, _ = pos.shape
-    nib = (pos[..., 0] | (pos[..., 1] << 2)).to(torch.int32)
-    if G % 2:
-        nib = torch.cat([nib, nib.new_zeros(N, 1)], dim=1)
-    return (nib[:, 0::2] | (nib[:, 1::2] << 4)).to(torch.uint8).contiguous()
+    p = pos.to(torch.int32)
+    if G % 4:
+        p = torch.cat([p, p.new_zeros(N, 4 - G % 4, 2)], dim=1)
+    quads = p.reshape(N, -1, 4, 2) << torch.tensor(_QUAD_SHIFTS, dtype=torch.int32, device=p.device)[:, None]
+    return quads.sum(dim=2).reshape(N, -1).to(torch.uint8).contiguous()
 
 
 def decode_positions(meta: torch.Tensor, groups: int) -> torch.Tensor:
-    """Inverse of ``encode_positions``: (N, ceil(G/2)) uint8 -> (N, G, 2) int64 positions."""
-    m = meta.to(torch.int64)
-    nib = torch.stack([m & 15, m >> 4], dim=-1).reshape(m.shape[0], -1)[:, :groups]
-    return torch.stack([nib & 3, nib >> 2], dim=-1)
+    """Inverse of ``encode_positions``: (N, meta_cols(G)) uint8 -> (N, G, 2) int64 positions."""
+    m = meta.to(torch.int64).reshape(meta.shape[0], -1, 1, 2)
+    shifts = torch.tensor(_QUAD_SHIFTS, dtype=torch.int64, device=meta.device)[:, None]
+    return ((m >> shifts) & 3).reshape(meta.shape[0], -1, 2)[:, :groups]
 
 
 def expand(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
@@ -102,9 +115,10 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
         mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
                      mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
-        code = tl.reshape(tl.join(mb & 15, mb >> 4), (BLOCK_N, G))
-        p0 = code & 3
-        p1 = code >> 2
+        b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
+        quad = tl.arange(0, 4)[None, None, :] * 2
+        p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
+        p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
         zero = tl.zeros_like(v0)
         # positions are ordered (p0 < p1), so column 0 can only be p0's and column 3 only p1's
@@ -141,12 +155,14 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
         offs_g = g0 + tl.arange(0, BLOCK_G)
         mask_ng = mask_n[:, None] & (offs_g[None, :] < G)
         pair = tl.load(pair_ptr + offs_n[:, None] * stride_pn + offs_g[None, :], mask=mask_ng, other=0)
-        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_g[None, :] // 2, mask=mask_ng, other=0)
-        code = (mb.to(tl.int32) >> ((offs_g[None, :] & 1) * 4)) & 15
+        m_ptrs = meta_ptr + offs_n[:, None] * stride_mn + (offs_g[None, :] // 4) * 2
+        shift = (offs_g[None, :] & 3) * 2
+        p0 = (tl.load(m_ptrs, mask=mask_ng, other=0).to(tl.int32) >> shift) & 3
+        p1 = (tl.load(m_ptrs + 1, mask=mask_ng, other=0).to(tl.int32) >> shift) & 3
         v0 = (pair & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
         v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(vdt, bitcast=True).to(tl.float32)
-        col0 = (offs_g[None, :] * 4 + (code & 3)).to(tl.int64)
-        col1 = (offs_g[None, :] * 4 + (code >> 2)).to(tl.int64)
+        col0 = (offs_g[None, :] * 4 + p0).to(tl.int64)
+        col1 = (offs_g[None, :] * 4 + p1).to(tl.int64)
         mask3 = mask_m[:, None, None] & mask_ng[None, :, :]
         x0 = tl.load(x_rows + col0[None, :, :] * stride_xk, mask=mask3, other=0.0).to(tl.float32)
         x1 = tl.load(x_rows + col1[None, :, :] * stride_xk, mask=mask3, other=0.0).to(tl.float32)
@@ -161,14 +177,16 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
 def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, G8, GATE_ROW, UP_ROW,
                           stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
+                          USE_PRMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
-    words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word
-    (eight nibbles), its values eight words (two per group), and the inputs of its 32 columns 16
-    words (a group's four inputs are two words). A kept value's input is picked from its group's
-    two words by the position code with one select and one shift, all within the thread: no
-    gathers and no byte loads. One token per program (grid axis 1). STAGES > 1 has Triton's
-    pipeliner issue the next steps' loads ahead of this one's products.
+    words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word,
+    its values eight words (two per group), and the inputs of its 32 columns 16 words (a group's
+    four inputs are two words). A group's two inputs are picked out of its two input words in
+    registers, no gathers and no byte loads: with USE_PRMT (CUDA) by one byte permute whose
+    selector is one multiply-add of the group's positions; else (the interpreter, which runs no
+    inline assembly) by selects and shifts that compute the same word. One token per program
+    (grid axis 1). STAGES > 1 has Triton's pipeliner issue the next steps' loads ahead of this
+    one's products.
 
     GATED (codegen/epilogue.py): output row n is silu(gate) * up of the stacked weight's rows
     GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row."""
@@ -179,7 +197,8 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
     offs_j = tl.arange(0, BLOCK_J)
     offs_e = tl.arange(0, 8)
     mask_n = offs_n < N
-    shift = offs_e[None, None, :] * 4
+    # group e of a run: its first position at bit (e // 4) * 16 + (e % 4) * 2, its second 8 bits up
+    shift = ((offs_e // 4) * 16 + (offs_e % 4) * 2)[None, None, :]
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for h in tl.static_range(HALVES):
         src = offs_n + GATE_ROW + h * (UP_ROW - GATE_ROW)
@@ -195,22 +214,31 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
             pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0)
             word = tl.load(m_ptrs, mask=mask_nj, other=0)
             lo, hi = tl.split(tl.load(x_ptrs, mask=run[:, None, None], other=0))
-            code = (word[:, :, None] >> shift) & 15
-            p0 = code & 3
-            p1 = code >> 2
-            # p0 is 0..2 and p1 is 1..3 (positions are stored in order): words lo = (x0, x1), hi = (x2, x3)
-            xa = tl.where(p0 >= 2, hi[None, :, :], lo[None, :, :])
-            xb = tl.where(p1 >= 2, hi[None, :, :], lo[None, :, :])
+            lo = tl.broadcast_to(lo[None, :, :], (BLOCK_N, BLOCK_J, 8))   # inputs (x0, x1) of each group
+            hi = tl.broadcast_to(hi[None, :, :], (BLOCK_N, BLOCK_J, 8))   # and (x2, x3)
+            both = (word[:, :, None] >> shift) & 0x0303                   # p0 | p1 << 8
+            if USE_PRMT:
+                # bytes 2p, 2p + 1 of (lo, hi) are input p: selector nibbles 2p0, 2p0+1, 2p1, 2p1+1
+                picked = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                                   [lo, hi, both * 0x22 + 0x1010], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+            else:
+                p0 = both & 3
+                p1 = both >> 8
+                xa = tl.where(p0 >= 2, hi, lo)
+                xb = tl.where(p1 >= 2, hi, lo)
+                picked = ((xa >> ((p0 & 1) * 16)) & 0xFFFF) | (((xb >> ((p1 & 1) * 16)) & 0xFFFF) << 16)
+            # picked = (x[p0], x[p1]) as one word, like pair = (v0, v1)
             if IS_BF16:
                 v0 = (pair << 16).to(tl.float32, bitcast=True)
                 v1 = (pair & -65536).to(tl.float32, bitcast=True)
-                x0 = tl.where((p0 & 1) == 1, xa & -65536, xa << 16).to(tl.float32, bitcast=True)
-                x1 = tl.where((p1 & 1) == 1, xb & -65536, xb << 16).to(tl.float32, bitcast=True)
+                x0 = (picked << 16).to(tl.float32, bitcast=True)
+                x1 = (picked & -65536).to(tl.float32, bitcast=True)
             else:
                 v0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
                 v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                x0 = ((xa >> ((p0 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-                x1 = ((xb >> ((p1 & 1) * 16)) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                x0 = (picked & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                x1 = ((picked >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
             acc += x0 * v0 + x1 * v1
             p_ptrs += BLOCK_J * 8
             m_ptrs += BLOCK_J
@@ -308,6 +336,11 @@ def words_usable(x, values, meta) -> bool:
             and meta.is_contiguous() and meta.storage_offset() % 4 == 0)
 
 
+def prmt_usable(x) -> bool:
+    """Whether the word kernel may use the byte-permute instruction: compiled for an NVIDIA GPU."""
+    return x.is_cuda and torch.version.hip is None
+
+
 def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None,
                    gate_row: int = -1, up_row: int = -1, width: int = 0):
     """``path``: "words" or "gemv" (small-M kernels), "dot" (expansion + MMA) or None (by M, see
@@ -336,7 +369,7 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
                                   max(gate_row, 0), max(up_row, 0), x32.stride(0), pairs.stride(0), meta32.stride(0),
                                   r.stride(0), r.stride(1), y.stride(0), y.stride(1),
                                   HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
-                                  HAS_RES=residual is not None)
+                                  HAS_RES=residual is not None, USE_PRMT=prmt_usable(x))
         return y
     if path == "gemv":
         pairs = values.view(torch.int32)
@@ -521,7 +554,7 @@ class TwoFourKernels(FormatKernels):
     def validate(self, spec, shape, tensors):
         N, K = shape
         values = expect_tensor(tensors, "values", (N, K // 2), floating=True)
-        meta = expect_tensor(tensors, "meta", (N, (K // 4 + 1) // 2), floating=False)
+        meta = expect_tensor(tensors, "meta", (N, meta_cols(K // 4)), floating=False)
         if meta.dtype != torch.uint8:
             raise SparsecError(f"packed tensor 'meta' must be uint8, got {meta.dtype}")
         pos = decode_positions(meta, K // 4)

@@ -1,0 +1,51 @@
+"""2:4 metadata layout and the word kernel's byte-permute selector, checked bit by bit."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from sparsec.codegen import twofour
+
+PAIRS = [(a, b) for a, b in itertools.combinations(range(4), 2)]
+
+
+def test_positions_sit_at_their_documented_bits():
+    """Group 4i + q: first position at bits 2q of byte 2i, second at bits 2q of byte 2i + 1."""
+    pos = torch.tensor([[[0, 1], [1, 3], [2, 3], [0, 2], [1, 2]]])   # five groups: a second, partial quad
+    meta = twofour.encode_positions(pos)
+    assert meta.shape == (1, twofour.meta_cols(5)) == (1, 4)
+    first = 0 | 1 << 2 | 2 << 4 | 0 << 6
+    second = 1 | 3 << 2 | 3 << 4 | 2 << 6
+    assert meta.tolist() == [[first, second, 1, 2]]
+
+
+@pytest.mark.parametrize("groups", [1, 4, 7, 8, 18, 33])
+def test_positions_round_trip(groups, gen):
+    pick = torch.randint(0, len(PAIRS), (5, groups), generator=gen)
+    pos = torch.tensor(PAIRS)[pick]
+    assert torch.equal(twofour.decode_positions(twofour.encode_positions(pos), groups), pos)
+
+
+def _prmt(a: int, b: int, selector: int) -> int:
+    """PTX prmt.b32 (default mode): result byte i is byte (selector nibble i & 7) of b:a."""
+    source = (b << 32 | a).to_bytes(8, "little")
+    return int.from_bytes(bytes(source[(selector >> 4 * i) & 7] for i in range(4)), "little")
+
+
+def test_selector_picks_each_groups_two_inputs(gen):
+    """The kernel reads a run's metadata word, shifts group e's positions to p0 | p1 << 8 and makes
+    the selector (p0 | p1 << 8) * 0x22 + 0x1010; the permute of the group's input words
+    (x0, x1), (x2, x3) must give (x[p0], x[p1]). Every position pair, in every slot of a word."""
+    pick = torch.randint(0, len(PAIRS), (1, 8), generator=gen)
+    pick[0, :6] = torch.arange(6)
+    pos = torch.tensor(PAIRS)[pick]
+    word = int.from_bytes(bytes(twofour.encode_positions(pos)[0].tolist()), "little")
+    x = torch.randint(0, 1 << 16, (8, 4), generator=gen).tolist()
+    for e in range(8):
+        both = (word >> ((e // 4) * 16 + (e % 4) * 2)) & 0x0303
+        lo, hi = x[e][0] | x[e][1] << 16, x[e][2] | x[e][3] << 16
+        p0, p1 = pos[0, e].tolist()
+        assert _prmt(lo, hi, both * 0x22 + 0x1010) == x[e][p0] | x[e][p1] << 16, (e, p0, p1)
