@@ -157,6 +157,8 @@ def main(argv=None):
                     help="time every 2:4 word kernel configuration for this long")
     ap.add_argument("--no-prmt", action="store_true",
                     help="pick the word kernel's inputs with selects and shifts, not the byte permute (an A/B)")
+    ap.add_argument("--no-evict", action="store_true",
+                    help="GEMV weight loads without the evict-first cache hint (an A/B)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (TRITON_INTERPRET=1), checks only")
     args = ap.parse_args(argv)
     import triton
@@ -164,6 +166,8 @@ def main(argv=None):
     global D, H
     if args.no_prmt:
         twofour.prmt_usable = lambda x: False
+    if args.no_evict:
+        twofour.WEIGHT_EVICTION = block.WEIGHT_EVICTION = ""
     device = torch.device("cpu" if args.smoke else "cuda")
     if args.smoke:
         D, H = 512, 1024

@@ -83,7 +83,7 @@ class Embedder(nn.Module):
 
 
 DEVICE = "cuda"
-PROFILE = None  # --profile CONFIG: list the GPU kernels of that configuration (first model only)
+PROFILE = None  # --profile CONFIG,...: list the GPU kernels of these configurations
 ONLY = None  # --only CONFIG,...: run just these configurations (and inductor-cg, the ratios' base)
 
 
@@ -181,7 +181,7 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
                 if not math.isfinite(row["error_vs_dense"]):
                     raise RuntimeError("non-finite output")
                 row["us"] = median_us(lambda: fn(*inputs))
-            if PROFILE and config == PROFILE:
+            if PROFILE and config in PROFILE:
                 profile_table(fn, inputs, row)
             rep = report() if callable(report) else report
             if rep:
@@ -356,10 +356,10 @@ def main(argv=None):
     ap.add_argument("--export-minilm", metavar="DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing real")
     ap.add_argument("--only", default=None, help="comma-separated configurations to run, e.g. 'sparsec auto 1%% +cg'")
-    ap.add_argument("--profile", default=None, help="configuration whose kernels to list, e.g. 'sparsec 2:4 +cg'")
+    ap.add_argument("--profile", default=None, help="comma-separated configurations whose kernels to list, e.g. 'sparsec 2:4 +cg'")
     args = ap.parse_args(argv)
     global DEVICE, PROFILE, ONLY
-    PROFILE = args.profile
+    PROFILE = None if args.profile is None else set(args.profile.split(","))
     ONLY = None if args.only is None else set(args.only.split(","))
     if args.smoke:
         DEVICE = "cpu"

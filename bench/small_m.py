@@ -167,16 +167,16 @@ def config_sweep(device, budget_s: float, tokens=(1,)) -> list[dict]:
     return rows
 
 
-def cslt_child(alg: int, out: str) -> None:
+def cslt_child(alg: int, out: str, shapes, tokens) -> None:
     """Time one algorithm id at every shape, M and output layout; rows appended as JSON lines."""
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(7)
-    for N, K in SHAPES:
+    for N, K in shapes:
         w = (torch.randn(N, K, generator=gen, device=device) / math.sqrt(K)).to(torch.bfloat16)
         w = w.reshape(N, K // 4, 4)
         w = w.scatter(2, w.abs().topk(2, dim=-1).indices, 0.0).reshape(N, K)
         comp = torch._cslt_compress(w)
-        for M in CSLT_TOKENS:
+        for M in tokens:
             x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
             dense = torch.nn.functional.linear(x, w)
             for transposed in (True, False):
@@ -195,13 +195,14 @@ def cslt_child(alg: int, out: str) -> None:
     print(f"# alg {alg} done", flush=True)
 
 
-def cslt_sweep(out_dir: str, budget_s: float) -> list[dict]:
+def cslt_sweep(out_dir: str, budget_s: float, shapes_arg: str | None, tokens_arg: str | None) -> list[dict]:
     lines = os.path.join(out_dir, "cslt_sweep.jsonl")
     t0 = time.time()
     for alg in range(CSLT_MAX_ALG):
         if time.time() - t0 > budget_s:
             break
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cslt-alg", str(alg), "--out", lines],
+        extra = (["--cslt-shapes", shapes_arg] if shapes_arg else []) + (["--cslt-tokens", tokens_arg] if tokens_arg else [])
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cslt-alg", str(alg), "--out", lines] + extra,
                               capture_output=True, text=True, timeout=240)
         sys.stdout.write(proc.stdout)
         if proc.returncode:
@@ -213,12 +214,12 @@ def cslt_sweep(out_dir: str, budget_s: float) -> list[dict]:
     return [json.loads(s) for s in open(lines)] if os.path.exists(lines) else []
 
 
-def dense_times(device) -> dict:
+def dense_times(device, shapes, tokens) -> dict:
     gen = torch.Generator(device=device).manual_seed(9)
     out = {}
-    for N, K in SHAPES:
+    for N, K in shapes:
         w = (torch.randn(N, K, generator=gen, device=device) / math.sqrt(K)).to(torch.bfloat16)
-        for M in CSLT_TOKENS:
+        for M in tokens:
             x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
             copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (N * K + M * K + M * N) / 2)))
             out[f"{N}x{K}:{M}"] = time_calls([lambda: torch.nn.functional.linear(x, w)] * copies, device, 10)
@@ -235,10 +236,16 @@ def main() -> None:
     ap.add_argument("--tokens", default=None, help="M list, e.g. 1,2,4 (default 1,2,4,16)")
     ap.add_argument("--config-sweep-s", type=float, default=0,
                     help="also time every config of the MMA-free kernels at M=1, for up to this long")
+    ap.add_argument("--cslt-shapes", default=None, help="NxK list for the cuSPARSELt sweep, e.g. 28672x4096")
+    ap.add_argument("--cslt-tokens", default=None, help="M list for the cuSPARSELt sweep (default 1024,2048,8192)")
+    ap.add_argument("--cslt-only", action="store_true", help="only the cuSPARSELt sweep")
     ap.add_argument("--cslt-alg", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    cslt_shapes = ([tuple(int(v) for v in s.split("x")) for s in args.cslt_shapes.split(",")]
+                   if args.cslt_shapes else SHAPES)
+    cslt_tokens = [int(m) for m in args.cslt_tokens.split(",")] if args.cslt_tokens else CSLT_TOKENS
     if args.cslt_alg is not None:
-        cslt_child(args.cslt_alg, args.out)
+        cslt_child(args.cslt_alg, args.out, cslt_shapes, cslt_tokens)
         return
     import triton
 
@@ -248,6 +255,13 @@ def main() -> None:
             "triton": triton.__version__, "cuda": torch.version.cuda}
     print(f"# {meta}", flush=True)
     t0 = time.time()
+    if args.cslt_only:
+        report = {"meta": meta, "cslt_dense_us": dense_times(device, cslt_shapes, cslt_tokens),
+                  "cslt": cslt_sweep(os.path.dirname(os.path.abspath(args.out)), args.cslt_budget_s,
+                                     args.cslt_shapes, args.cslt_tokens)}
+        _write(args.out, report)
+        print_cslt(report, cslt_shapes, cslt_tokens)
+        return
     checks = correctness(device)
     print(f"# correctness {sum(r['ok'] for r in checks)}/{len(checks)}", flush=True)
     paths = PATHS if not args.paths else [tuple(p.rsplit(":", 1)) for p in args.paths.split(",")]
@@ -260,8 +274,8 @@ def main() -> None:
         report["config_sweep"] = config_sweep(device, args.config_sweep_s)
         _write(args.out, report)
     if not args.skip_cslt:
-        report["cslt_dense_us"] = dense_times(device)
-        report["cslt"] = cslt_sweep(os.path.dirname(os.path.abspath(args.out)), args.cslt_budget_s)
+        report["cslt_dense_us"] = dense_times(device, SHAPES, CSLT_TOKENS)
+        report["cslt"] = cslt_sweep(os.path.dirname(os.path.abspath(args.out)), args.cslt_budget_s, None, None)
     report["elapsed_s"] = time.time() - t0
     _write(args.out, report)
     print("\n| N x K | M | " + " | ".join(f"{s} {p}" for s, p in [("dense", "cublas")] + paths) + " |")
@@ -274,17 +288,7 @@ def main() -> None:
                 cells.append("-" if not r or r.get("us") is None else f"{r['us']:.1f} (x{r['speedup'] or 1:.2f})")
             print(f"| {N}x{K} | {M} | " + " | ".join(cells) + " |")
     if report.get("cslt"):
-        print("\n| N x K | M | dense us | best cuSPARSELt (alg, transposed) | us | x | alg 0 transposed us |")
-        for N, K in SHAPES:
-            for M in CSLT_TOKENS:
-                mine = [r for r in report["cslt"] if (r["N"], r["K"], r["M"]) == (N, K, M) and r.get("us")]
-                if not mine:
-                    continue
-                best = min(mine, key=lambda r: r["us"])
-                base = next((r["us"] for r in mine if r["alg"] == 0 and r["transpose_result"]), None)
-                d = report["cslt_dense_us"][f"{N}x{K}:{M}"]
-                print(f"| {N}x{K} | {M} | {d:.1f} | {best['alg']}, {best['transpose_result']} | {best['us']:.1f} | "
-                      f"{d / best['us']:.2f} | {base or 0:.1f} |")
+        print_cslt(report, SHAPES, CSLT_TOKENS)
     if report.get("config_sweep"):
         print("\n| N x K | kernel | fastest configs (us) | failed checks |")
         for N, K in SHAPES:
@@ -295,6 +299,20 @@ def main() -> None:
                 print(f"| {N}x{K} | {spec} {path} | " + "; ".join(f"{r['us']:.1f} {r['config']}" for r in timed)
                       + f" | {bad} |")
     print(f"# elapsed {report['elapsed_s']:.0f}s")
+
+
+def print_cslt(report, shapes, tokens) -> None:
+    print("\n| N x K | M | dense us | best cuSPARSELt (alg, transposed) | us | x | alg 0, 1 untransposed us |")
+    for N, K in shapes:
+        for M in tokens:
+            mine = [r for r in report["cslt"] if (r["N"], r["K"], r["M"]) == (N, K, M) and r.get("us")]
+            if not mine:
+                continue
+            best = min(mine, key=lambda r: r["us"])
+            base = [next((r["us"] for r in mine if r["alg"] == a and not r["transpose_result"]), 0) for a in (0, 1)]
+            d = report["cslt_dense_us"][f"{N}x{K}:{M}"]
+            print(f"| {N}x{K} | {M} | {d:.1f} | {best['alg']}, {best['transpose_result']} | {best['us']:.1f} | "
+                  f"{d / best['us']:.2f} | {base[0]:.1f}, {base[1]:.1f} |")
 
 
 if __name__ == "__main__":

@@ -42,6 +42,9 @@ _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermedia
 GEMV_MAX_M = 4
 GEMV_BLOCK_M = 16
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
+# The GEMV reads each kept block once: its weight loads ask the cache to evict them first, so the
+# input slices (read by every program of a block column) stay resident.
+WEIGHT_EVICTION = "evict_first"
 
 
 def work_order(row_ptr: torch.Tensor) -> torch.Tensor:
@@ -85,8 +88,8 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
 def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
                        GATE_ROW, UP_ROW, stride_xm, stride_xk, stride_rm, stride_rn, stride_ym, stride_yn,
                        M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                       HAS_RES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       HAS_RES: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, BLOCK_M: tl.constexpr,
+                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
     block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
     indices read as one vector: the weight loads of a step depend on nothing, so each program
@@ -122,7 +125,7 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
         for j0 in tl.range(start, end, BLOCK_J, num_stages=STAGES):
             kept = j0 + offs_j < end
             col = tl.load(col_ptr + j0 + offs_j, mask=kept, other=0)
-            w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0)
+            w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0, eviction_policy=WEIGHT_EVICTION)
             x = tl.load(x_rows + (col[:, None] * B + offs_c[None, :])[None, :, :] * stride_xk,
                         mask=mask_m[:, None, None] & kept[None, :, None], other=0.0)
             acc += x.to(tl.float32)[:, :, None, :] * w.to(tl.float32)[None, :, :, :]
@@ -218,7 +221,7 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
                                 max(gate_row, 0) // B, max(up_row, 0) // B, x.stride(0), x.stride(1),
                                 r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
                                 HAS_BIAS=bias is not None, GATED=gated, HAS_RES=residual is not None,
-                                BLOCK_M=block_m)
+                                WEIGHT_EVICTION=WEIGHT_EVICTION, BLOCK_M=block_m)
         return y
 
     def grid(meta):

@@ -57,6 +57,9 @@ CSLT_ALG1_FROM_M = 2048
 # tokens a program of the gathering kernel takes.
 GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
+# The word kernel reads each weight byte once: its loads ask the cache to evict them first, so
+# the input (read by every program) stays resident.
+WEIGHT_EVICTION = "evict_first"
 
 
 _QUAD_SHIFTS = (0, 2, 4, 6)
@@ -177,7 +180,8 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
 def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, G8, GATE_ROW, UP_ROW,
                           stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                          USE_PRMT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
+                          USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr,
+                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
     words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word,
     its values eight words (two per group), and the inputs of its 32 columns 16 words (a group's
@@ -211,8 +215,8 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
         for j0 in tl.range(0, G8, BLOCK_J, num_stages=STAGES):
             run = j0 + offs_j < G8
             mask_nj = mask_n[:, None] & run[None, :]
-            pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0)
-            word = tl.load(m_ptrs, mask=mask_nj, other=0)
+            pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0, eviction_policy=WEIGHT_EVICTION)
+            word = tl.load(m_ptrs, mask=mask_nj, other=0, eviction_policy=WEIGHT_EVICTION)
             lo, hi = tl.split(tl.load(x_ptrs, mask=run[:, None, None], other=0))
             lo = tl.broadcast_to(lo[None, :, :], (BLOCK_N, BLOCK_J, 8))   # inputs (x0, x1) of each group
             hi = tl.broadcast_to(hi[None, :, :], (BLOCK_N, BLOCK_J, 8))   # and (x2, x3)
@@ -369,7 +373,8 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
                                   max(gate_row, 0), max(up_row, 0), x32.stride(0), pairs.stride(0), meta32.stride(0),
                                   r.stride(0), r.stride(1), y.stride(0), y.stride(1),
                                   HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
-                                  HAS_RES=residual is not None, USE_PRMT=prmt_usable(x))
+                                  HAS_RES=residual is not None, USE_PRMT=prmt_usable(x),
+                                  WEIGHT_EVICTION=WEIGHT_EVICTION)
         return y
     if path == "gemv":
         pairs = values.view(torch.int32)
