@@ -92,6 +92,16 @@ def tl_dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def pdl_enabled(x: torch.Tensor) -> bool:
+    """Whether a small-M launch may start before the kernel ahead of it has finished
+    (programmatic dependent launch, sm_90+). Each such kernel waits for its predecessor before
+    its first load and only then lets its own successor launch, so at most two launches are
+    resident: one streaming, the next one launched and waiting. ``SPARSEC_PDL=0`` turns it off."""
+    if not x.is_cuda or interpret_mode() or torch.version.hip is not None or os.environ.get("SPARSEC_PDL", "1") == "0":
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] >= 9
+
+
 def autotune_enabled() -> bool:
     """``SPARSEC_AUTOTUNE=0`` takes each shape's first admissible config instead of timing them all."""
     return os.environ.get("SPARSEC_AUTOTUNE", "1") != "0" and not interpret_mode()

@@ -30,7 +30,7 @@ from sparsec.errors import SparsecError
 
 from . import epilogue
 from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
-                      register_input_grad, tl_dot_precision)
+                      pdl_enabled, register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
@@ -88,8 +88,8 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
 def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
                        GATE_ROW, UP_ROW, stride_xm, stride_xk, stride_rm, stride_rn, stride_ym, stride_yn,
                        M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                       HAS_RES: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, BLOCK_M: tl.constexpr,
-                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
+                       HAS_RES: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
     block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
     indices read as one vector: the weight loads of a step depend on nothing, so each program
@@ -101,9 +101,13 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
     GATED (codegen/epilogue.py): output block row r is silu(gate) * up of the stacked weight's
     block rows GATE_ROW + r and UP_ROW + r, walked one after the other (walking both in the same
     steps measured no faster at M = 1 and 16% slower at M = 4 on an H200); HAS_RES adds r_ptr's
-    tile before the store."""
+    tile before the store. PDL (``pdl_enabled``): wait for the launch ahead, then let the next
+    one launch, so that its start overlaps this one's streaming."""
     SUB: tl.constexpr = B // BLOCK_N
     HALVES: tl.constexpr = 2 if GATED else 1
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_w = tl.program_id(0)
     pid_m = tl.program_id(1)
     row = tl.load(order_ptr + pid_w // SUB)
@@ -213,6 +217,7 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
     if path == "gemv":
         block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
         r = y if residual is None else residual
+        pdl = pdl_enabled(x)
 
         def grid_gemv(meta):
             return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, block_m))
@@ -221,7 +226,8 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
                                 max(gate_row, 0) // B, max(up_row, 0) // B, x.stride(0), x.stride(1),
                                 r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
                                 HAS_BIAS=bias is not None, GATED=gated, HAS_RES=residual is not None,
-                                WEIGHT_EVICTION=WEIGHT_EVICTION, BLOCK_M=block_m)
+                                WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, BLOCK_M=block_m,
+                                **({"launch_pdl": True} if pdl else {}))
         return y
 
     def grid(meta):

@@ -40,8 +40,8 @@ import triton.language as tl
 from sparsec.errors import SparsecError
 
 from . import epilogue
-from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, m_bucket, match_dtype, register_input_grad,
-                      tl_dot_precision)
+from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, m_bucket, match_dtype, pdl_enabled,
+                      register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 # cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
@@ -180,7 +180,7 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
 def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, G8, GATE_ROW, UP_ROW,
                           stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                          USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr,
+                          USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr,
                           BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
     words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word,
@@ -193,8 +193,13 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
     one's products.
 
     GATED (codegen/epilogue.py): output row n is silu(gate) * up of the stacked weight's rows
-    GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row."""
+    GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row. PDL
+    (``pdl_enabled``): wait for the launch ahead, then let the next one launch, so that its start
+    overlaps this one's streaming."""
     HALVES: tl.constexpr = 2 if GATED else 1
+    if PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -365,6 +370,7 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
     if path == "words":
         x32, pairs, meta32 = x.view(torch.int32), values.view(torch.int32), meta.view(torch.int32)
         r = y if residual is None else residual
+        pdl = pdl_enabled(x)
 
         def grid_words(meta_):
             return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), M)
@@ -374,7 +380,7 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
                                   r.stride(0), r.stride(1), y.stride(0), y.stride(1),
                                   HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
                                   HAS_RES=residual is not None, USE_PRMT=prmt_usable(x),
-                                  WEIGHT_EVICTION=WEIGHT_EVICTION)
+                                  WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
         return y
     if path == "gemv":
         pairs = values.view(torch.int32)
