@@ -95,8 +95,8 @@ def tl_dot_precision(dtype: torch.dtype) -> str:
 def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether a small-M launch may start before the kernel ahead of it has finished
     (programmatic dependent launch, sm_90+). Each such kernel waits for its predecessor before
-    its first load and only then lets its own successor launch, so at most two launches are
-    resident: one streaming, the next one launched and waiting. ``SPARSEC_PDL=0`` turns it off."""
+    its first load and lets its successor launch once its programs have streamed their weights:
+    the next launch's start overlaps this one's tail. ``SPARSEC_PDL=0`` turns it off."""
     if not x.is_cuda or interpret_mode() or torch.version.hip is not None or os.environ.get("SPARSEC_PDL", "1") == "0":
         return False
     return torch.cuda.get_device_capability(x.device)[0] >= 9

@@ -101,13 +101,13 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
     GATED (codegen/epilogue.py): output block row r is silu(gate) * up of the stacked weight's
     block rows GATE_ROW + r and UP_ROW + r, walked one after the other (walking both in the same
     steps measured no faster at M = 1 and 16% slower at M = 4 on an H200); HAS_RES adds r_ptr's
-    tile before the store. PDL (``pdl_enabled``): wait for the launch ahead, then let the next
-    one launch, so that its start overlaps this one's streaming."""
+    tile before the store. PDL (``pdl_enabled``): wait for the launch ahead before the first
+    load; once a program has streamed its weights, let the next launch start, so that launch
+    overlaps this one's tail without holding resources while this one streams."""
     SUB: tl.constexpr = B // BLOCK_N
     HALVES: tl.constexpr = 2 if GATED else 1
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_w = tl.program_id(0)
     pid_m = tl.program_id(1)
     row = tl.load(order_ptr + pid_w // SUB)
@@ -141,6 +141,8 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
             out = part
         else:
             out = out * tl.sigmoid(out) * part
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     offs_n = row * B + offs_r
     if HAS_RES:
         out += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,

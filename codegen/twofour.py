@@ -194,12 +194,12 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
 
     GATED (codegen/epilogue.py): output row n is silu(gate) * up of the stacked weight's rows
     GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row. PDL
-    (``pdl_enabled``): wait for the launch ahead, then let the next one launch, so that its start
-    overlaps this one's streaming."""
+    (``pdl_enabled``): wait for the launch ahead before the first load; once a program has
+    streamed its weights, let the next launch start, so that launch overlaps this one's tail
+    without holding resources while this one streams."""
     HALVES: tl.constexpr = 2 if GATED else 1
     if PDL:
         tl.extra.cuda.gdc_wait()
-        tl.extra.cuda.gdc_launch_dependents()
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -259,6 +259,8 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
             out = part
         else:
             out = out * tl.sigmoid(out) * part
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     if HAS_RES:
         out += tl.load(r_ptr + pid_m.to(tl.int64) * stride_rm + offs_n * stride_rn, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
