@@ -98,8 +98,10 @@ def sweep_configs(kernel: str):
             for stages in (2, 3, 4):
                 for warps in (2, 4, 8):
                     if bn * bj * 8 // (32 * warps) <= 32:
-                        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": stages},
-                                                 num_warps=warps, num_stages=stages))
+                        for tma in (True, False):
+                            out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": stages, "USE_TMA": tma},
+                                                     num_warps=warps, num_stages=stages,
+                                                     pre_hook=twofour._tma_block_shapes))
         return out
     out = list(block._gemv_configs())
     for bn in (2, 4, 8, 16):

@@ -30,18 +30,20 @@ dtype; ``triton`` otherwise.
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsec.errors import SparsecError
 
 from . import epilogue
-from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, m_bucket, match_dtype, pdl_enabled,
-                      register_input_grad, tl_dot_precision)
+from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, interpret_mode, m_bucket, match_dtype,
+                      pdl_enabled, register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 # cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
@@ -177,11 +179,11 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, G8, GATE_ROW, UP_ROW,
-                          stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn,
+def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr, r_ptr, y_ptr, M, N, G8,
+                          GATE_ROW, UP_ROW, stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                          USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr,
-                          BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
+                          USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
+                          USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
     words. A tile is BLOCK_N rows by BLOCK_J runs of eight groups; a run's metadata is one word,
     its values eight words (two per group), and the inputs of its 32 columns 16 words (a group's
@@ -190,7 +192,9 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
     selector is one multiply-add of the group's positions; else (the interpreter, which runs no
     inline assembly) by selects and shifts that compute the same word. One token per program
     (grid axis 1). STAGES > 1 has Triton's pipeliner issue the next steps' loads ahead of this
-    one's products.
+    one's products. USE_TMA (a configuration's choice where TMA, descriptors passed): values and
+    metadata come through the tensor-memory engine (``pair_desc``, ``meta_desc``: BLOCK_N rows
+    by BLOCK_J runs, zero past the edges), which the pipeliner keeps STAGES tiles ahead.
 
     GATED (codegen/epilogue.py): output row n is silu(gate) * up of the stacked weight's rows
     GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row. PDL
@@ -217,11 +221,16 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
         m_ptrs = meta_ptr + src[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
         x_ptrs = (x_ptr + pid_m.to(tl.int64) * stride_xm
                   + (offs_j[:, None, None] * 16 + offs_e[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
+        row0 = pid_n * BLOCK_N + GATE_ROW + h * (UP_ROW - GATE_ROW)
         for j0 in tl.range(0, G8, BLOCK_J, num_stages=STAGES):
             run = j0 + offs_j < G8
-            mask_nj = mask_n[:, None] & run[None, :]
-            pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0, eviction_policy=WEIGHT_EVICTION)
-            word = tl.load(m_ptrs, mask=mask_nj, other=0, eviction_policy=WEIGHT_EVICTION)
+            if USE_TMA and TMA:
+                pair = tl.reshape(pair_desc.load([row0, j0 * 8]), (BLOCK_N, BLOCK_J, 8))
+                word = meta_desc.load([row0, j0])
+            else:
+                mask_nj = mask_n[:, None] & run[None, :]
+                pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0, eviction_policy=WEIGHT_EVICTION)
+                word = tl.load(m_ptrs, mask=mask_nj, other=0, eviction_policy=WEIGHT_EVICTION)
             lo, hi = tl.split(tl.load(x_ptrs, mask=run[:, None, None], other=0))
             lo = tl.broadcast_to(lo[None, :, :], (BLOCK_N, BLOCK_J, 8))   # inputs (x0, x1) of each group
             hi = tl.broadcast_to(hi[None, :, :], (BLOCK_N, BLOCK_J, 8))   # and (x2, x3)
@@ -266,25 +275,44 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, 
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+def _tma_block_shapes(nargs) -> None:
+    """Set the descriptors' tiles to the configuration's (a valid placeholder where it reads
+    through pointers: the launch encodes every descriptor it is passed)."""
+    if nargs.get("pair_desc") is None:
+        return
+    tma = nargs["USE_TMA"]
+    nargs["pair_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_J"] * 8] if tma else [1, 8]
+    nargs["meta_desc"].block_shape = [nargs["BLOCK_N"], nargs["BLOCK_J"]] if tma else [1, 4]
+
+
 def _words_configs():
     out = []
+    # Through the tensor-memory engine, pipelined (listed first, so the interpreter checks one).
+    for bn, bj, w, s in ((16, 8, 4, 4), (8, 16, 4, 4), (16, 16, 8, 3), (32, 8, 8, 3), (8, 8, 2, 4), (4, 16, 2, 4),
+                         (16, 8, 4, 6), (8, 16, 4, 6), (32, 8, 4, 4), (64, 4, 8, 4), (16, 4, 2, 6)):
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s, "USE_TMA": True}, num_warps=w,
+                                 num_stages=s, pre_hook=_tma_block_shapes))
     for bn, bj, w in ((4, 16, 4), (16, 8, 4), (1, 64, 4), (2, 32, 4), (8, 8, 4), (2, 64, 8), (4, 32, 8),
                       (1, 32, 2), (8, 16, 8), (4, 8, 2), (16, 16, 8), (32, 8, 8), (8, 32, 8), (16, 4, 2)):
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": 1}, num_warps=w, num_stages=4))
-    # Pipelined variants lost on an H200 at M = 1 on all three benchmark shapes (best of ten:
-    # 26.0 / 9.8 / 27.1 us against 23.1 / 9.6 / 25.4 us unpipelined, docs/benchmarks.md): the
-    # kernel spends its time on the integer work of picking inputs, not waiting on loads.
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": 1, "USE_TMA": False}, num_warps=w,
+                                 num_stages=4, pre_hook=_tma_block_shapes))
+    # Pipelined pointer loads lost on an H200 at M = 1 on all three benchmark shapes (best of ten:
+    # 26.0 / 9.8 / 27.1 us against 23.1 / 9.6 / 25.4 us unpipelined, docs/benchmarks.md).
     return out
 
 
 def _words_keep(config, args) -> bool:
-    """No run tile wider than the row; the fp32 accumulator within 32 registers a thread."""
+    """No run tile wider than the row; the fp32 accumulator within 32 registers a thread; tiles
+    through the tensor-memory engine only where descriptors were passed, at most 256 words wide
+    and at least 16 bytes."""
     kw = config.kwargs
     per_thread = kw["BLOCK_N"] * kw["BLOCK_J"] * 8 // (32 * config.num_warps)
+    if kw["USE_TMA"] and not (args["TMA"] and 4 <= kw["BLOCK_J"] <= 32):
+        return False
     return kw["BLOCK_J"] <= max(8, triton.next_power_of_2(args["G8"])) and per_thread <= 32
 
 
-_WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(), key=["N", "G8", "IS_BF16", "GATED"],
+_WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(), key=["N", "G8", "IS_BF16", "GATED", "TMA"],
                            prune=_words_keep)
 
 
@@ -352,6 +380,18 @@ def prmt_usable(x) -> bool:
     return x.is_cuda and torch.version.hip is None
 
 
+def tma_usable(x, pairs, meta32) -> bool:
+    """Whether the word kernel may read values and metadata through tensor descriptors: on sm_90+
+    (or the interpreter, which emulates them), 16-byte aligned bases and row strides (K a multiple
+    of 128 for the metadata's). ``SPARSEC_TMA=0`` turns it off."""
+    if os.environ.get("SPARSEC_TMA", "1") == "0":
+        return False
+    if not interpret_mode():
+        if not x.is_cuda or torch.version.hip is not None or torch.cuda.get_device_capability(x.device)[0] < 9:
+            return False
+    return all(t.is_contiguous() and t.data_ptr() % 16 == 0 and (t.stride(0) * 4) % 16 == 0 for t in (pairs, meta32))
+
+
 def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None,
                    gate_row: int = -1, up_row: int = -1, width: int = 0):
     """``path``: "words" or "gemv" (small-M kernels), "dot" (expansion + MMA) or None (by M, see
@@ -377,12 +417,16 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
         def grid_words(meta_):
             return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), M)
 
-        _WORDS_KERNEL[grid_words](x32, pairs, meta32, y if bias is None else bias, r, y, M, y.shape[1], K // 32,
-                                  max(gate_row, 0), max(up_row, 0), x32.stride(0), pairs.stride(0), meta32.stride(0),
-                                  r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+        tma = tma_usable(x, pairs, meta32)
+        pair_desc = TensorDescriptor.from_tensor(pairs, [1, 8]) if tma else None
+        meta_desc = TensorDescriptor.from_tensor(meta32, [1, 4]) if tma else None
+        _WORDS_KERNEL[grid_words](x32, pairs, meta32, pair_desc, meta_desc, y if bias is None else bias, r, y, M,
+                                  y.shape[1], K // 32, max(gate_row, 0), max(up_row, 0), x32.stride(0),
+                                  pairs.stride(0), meta32.stride(0), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
                                   HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
                                   HAS_RES=residual is not None, USE_PRMT=prmt_usable(x),
-                                  WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, **({"launch_pdl": True} if pdl else {}))
+                                  WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, TMA=tma,
+                                  **({"launch_pdl": True} if pdl else {}))
         return y
     if path == "gemv":
         pairs = values.view(torch.int32)

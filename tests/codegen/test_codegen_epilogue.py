@@ -63,11 +63,14 @@ def test_residual_alone_keeps_every_output_row(spec, gen):
                          _gemv_config_cases("twofour", "_WORDS_KERNEL") + _gemv_config_cases("block", "_GEMV_KERNEL"))
 def test_every_small_m_config_fuses_the_gate_and_residual(module, kernel_name, index, gen):
     """Each configuration the autotuner may pick, run alone with both epilogues: 2:4 rows in
-    partial row tiles and a partial last run (K = 352); block rows of unequal kept counts."""
+    partial row tiles and a partial last run (K = 352; 384 for the descriptor tiles, whose
+    metadata rows must be 16-byte multiples); block rows of unequal kept counts."""
     from sparsec.codegen import block, twofour
 
     kernel = getattr({"block": block, "twofour": twofour}[module], kernel_name)
-    spec, N, K, M = ("2:4", 40, 352, 1) if module == "twofour" else ("block:64:0.4", 128, 320, 3)
+    config = kernel.configs[index]
+    K = 384 if config.kwargs.get("USE_TMA") else 352
+    spec, N, K, M = ("2:4", 40, K, 1) if module == "twofour" else ("block:64:0.4", 128, 320, 3)
     gate_w, up_w = torch.randn(N, K, generator=gen), torch.randn(N, K, generator=gen)
     if module == "block":
         up_w.view(2, 64, 5, 64)[1, :, 1:] *= 1e-3       # the up projection's second block row keeps fewer
@@ -76,7 +79,10 @@ def test_every_small_m_config_fuses_the_gate_and_residual(module, kernel_name, i
     x = torch.randn(M, K, generator=gen).half()
     residual = torch.randn(M, N, generator=gen).half()
     ep = Epilogue(gate_row=0, up_row=N, width=N, residual=True)
-    with kernel.only(kernel.configs[index]):
+    if config.kwargs.get("USE_TMA"):
+        t = stacked.tensors()
+        assert twofour.tma_usable(x, t["values"].view(torch.int32), t["meta"].view(torch.int32))
+    with kernel.only(config):
         y = linear_epilogue(x, stacked, bias, ep, residual, "triton", stacked.handler.epilogue_aux(stacked, ep))
     dense = stacked.to_dense()
     close(y, gated_reference(x, dense[:N], dense[N:], bias[:N], bias[N:], residual), torch.float16)

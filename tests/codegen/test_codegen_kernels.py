@@ -192,15 +192,17 @@ def _gemv_config_cases(module, kernel_name):
 def test_every_small_m_config_matches_reference(module, kernel_name, index, gen):
     """The autotuner may pick any config on the device, so each one (tile shape, blocks or runs per
     step, pipelined or not) is run alone against float64: 2:4 rows in partial row tiles with a
-    partial last run of groups (K = 352: eleven runs); block rows of unequal kept counts, one empty."""
+    partial last run of groups (K = 352: eleven runs; 384, twelve, for the descriptor tiles); block rows of unequal kept counts, one empty."""
     from sparsec.codegen import block, twofour
 
     kernel = getattr({"block": block, "twofour": twofour}[module], kernel_name)
     config = kernel.configs[index]
     if module == "twofour":
-        packed = pack("2:4", torch.randn(40, 352, generator=gen).half())
+        K = 384 if config.kwargs.get("USE_TMA") else 352   # descriptor tiles: 16-byte metadata rows
+        packed = pack("2:4", torch.randn(40, K, generator=gen).half())
         t = packed.tensors()
-        x = torch.randn(1, 352, generator=gen).half()
+        x = torch.randn(1, K, generator=gen).half()
+        assert twofour.tma_usable(x, t["values"].view(torch.int32), t["meta"].view(torch.int32)) == (K == 384)
         bias = torch.randn(40, generator=gen).half()
         with kernel.only(config):
             y = twofour.twofour_triton(x, t["values"], t["meta"], bias, path="words")
