@@ -108,9 +108,8 @@ def sweep_configs(kernel: str):
         for bj in (2, 4, 8):
             for stages in (2, 4, 6):
                 warps = max(1, min(8, bn * bj // 16))
-                for tma in (True, False):
-                    out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": stages, "USE_TMA": tma},
-                                             num_warps=warps, num_stages=stages, pre_hook=block._tma_block_shape))
+                out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": stages}, num_warps=warps,
+                                         num_stages=stages))
     return out
 
 

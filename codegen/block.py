@@ -19,20 +19,18 @@ stream the weight at once, each with many loads in flight; above, the tensor-cor
 
 from __future__ import annotations
 
-import os
 from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
-from triton.tools.tensor_descriptor import TensorDescriptor
 
 from sparsec.errors import SparsecError
 
 from . import epilogue
-from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, interpret_mode, m_bucket,
-                      match_dtype, pdl_enabled, register_input_grad, tl_dot_precision)
+from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
+                      pdl_enabled, register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
@@ -87,12 +85,11 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def _block_gemv_kernel(x_ptr, val_ptr, val_desc, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
+def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
                        GATE_ROW, UP_ROW, stride_xm, stride_xk, stride_rm, stride_rn, stride_ym, stride_yn,
                        M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                       HAS_RES: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
-                       USE_TMA: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr,
-                       STAGES: tl.constexpr):
+                       HAS_RES: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
     block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
     indices read as one vector: the weight loads of a step depend on nothing, so each program
@@ -104,10 +101,7 @@ def _block_gemv_kernel(x_ptr, val_ptr, val_desc, col_ptr, rowptr_ptr, order_ptr,
     GATED (codegen/epilogue.py): output block row r is silu(gate) * up of the stacked weight's
     block rows GATE_ROW + r and UP_ROW + r, walked one after the other (walking both in the same
     steps measured no faster at M = 1 and 16% slower at M = 4 on an H200); HAS_RES adds r_ptr's
-    tile before the store. USE_TMA (a configuration's choice where TMA, ``val_desc`` passed): the
-    kept blocks' row slices come through the tensor-memory engine as BLOCK_J x BLOCK_N x B tiles,
-    which the pipeliner keeps STAGES tiles ahead; blocks past the row's end that a tile takes in
-    are zeroed. PDL (``pdl_enabled``): wait for the launch ahead before the first
+    tile before the store. PDL (``pdl_enabled``): wait for the launch ahead before the first
     load; once a program has streamed its weights, let the next launch start, so that launch
     overlaps this one's tail without holding resources while this one streams."""
     SUB: tl.constexpr = B // BLOCK_N
@@ -135,10 +129,7 @@ def _block_gemv_kernel(x_ptr, val_ptr, val_desc, col_ptr, rowptr_ptr, order_ptr,
         for j0 in tl.range(start, end, BLOCK_J, num_stages=STAGES):
             kept = j0 + offs_j < end
             col = tl.load(col_ptr + j0 + offs_j, mask=kept, other=0)
-            if USE_TMA and TMA:
-                w = tl.where(kept[:, None, None], val_desc.load([j0, sub * BLOCK_N, 0]), 0.0)
-            else:
-                w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0, eviction_policy=WEIGHT_EVICTION)
+            w = tl.load(w_ptrs, mask=kept[:, None, None], other=0.0, eviction_policy=WEIGHT_EVICTION)
             x = tl.load(x_rows + (col[:, None] * B + offs_c[None, :])[None, :, :] * stride_xk,
                         mask=mask_m[:, None, None] & kept[None, :, None], other=0.0)
             acc += x.to(tl.float32)[:, :, None, :] * w.to(tl.float32)[None, :, :, :]
@@ -160,15 +151,6 @@ def _block_gemv_kernel(x_ptr, val_ptr, val_desc, col_ptr, rowptr_ptr, order_ptr,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def _tma_block_shape(nargs) -> None:
-    """Set the descriptor's tile to the configuration's (a valid placeholder where it reads
-    through pointers: the launch encodes every descriptor it is passed)."""
-    if nargs.get("val_desc") is None:
-        return
-    B = nargs["B"]
-    nargs["val_desc"].block_shape = [nargs["BLOCK_J"], nargs["BLOCK_N"], B] if nargs["USE_TMA"] else [1, 1, B]
-
-
 def _gemv_configs():
     out = []
     # Pipelined: on an H200 at M = 1 these won on all three benchmark shapes (docs/benchmarks.md),
@@ -178,31 +160,21 @@ def _gemv_configs():
     for bn, bj, w, s in ((4, 2, 1, 4), (8, 2, 1, 4), (4, 4, 1, 2), (4, 2, 1, 2), (8, 2, 2, 4), (2, 4, 1, 3),
                          (4, 4, 2, 3), (8, 4, 4, 3), (16, 4, 4, 3), (4, 2, 1, 6), (2, 2, 1, 6), (4, 1, 1, 8),
                          (8, 2, 2, 6), (2, 4, 1, 5), (16, 2, 4, 4), (1, 8, 1, 3), (1, 4, 1, 4)):
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s, "USE_TMA": False}, num_warps=w,
-                                 num_stages=s, pre_hook=_tma_block_shape))
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s}, num_warps=w, num_stages=s))
     for bn, bj, w in ((1, 8, 1), (2, 8, 2), (4, 8, 4), (4, 4, 2), (8, 4, 4),
                       (2, 1, 1), (4, 1, 1), (8, 1, 1), (8, 1, 2), (16, 1, 2), (16, 1, 4), (32, 1, 4)):
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": 1, "USE_TMA": False}, num_warps=w,
-                                 num_stages=4, pre_hook=_tma_block_shape))
-    # Through the tensor-memory engine, pipelined deeper than pointer loads afford in registers.
-    for bn, bj, w, s in ((8, 2, 1, 4), (8, 4, 2, 3), (16, 2, 2, 4), (4, 4, 1, 4), (8, 2, 1, 6), (16, 4, 4, 3),
-                         (32, 2, 4, 3), (4, 2, 1, 6), (8, 8, 4, 3), (8, 4, 2, 5)):
-        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s, "USE_TMA": True}, num_warps=w,
-                                 num_stages=s, pre_hook=_tma_block_shape))
+        out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": 1}, num_warps=w, num_stages=4))
     return out
 
 
 def _gemv_keep(config, args) -> bool:
-    """BLOCK_N divides the block; the fp32 accumulator within 64 registers a thread; tiles
-    through the tensor-memory engine only where a descriptor was passed."""
+    """BLOCK_N divides the block; the fp32 accumulator within 64 registers a thread."""
     kw = config.kwargs
     per_thread = args["BLOCK_M"] * kw["BLOCK_J"] * kw["BLOCK_N"] * args["B"] // (32 * config.num_warps)
-    if kw["USE_TMA"] and not args["TMA"]:
-        return False
     return kw["BLOCK_N"] <= args["B"] and per_thread <= 64
 
 
-_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B", "GATED", "TMA"],
+_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B", "GATED"],
                           prune=_gemv_keep)
 
 
@@ -225,19 +197,6 @@ def _keep(config, args) -> bool:
 
 
 _KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B"], prune=_keep)
-
-
-def tma_usable(values: torch.Tensor) -> bool:
-    """Whether the GEMV may read kept blocks through a tensor descriptor: on sm_90+ (or the
-    interpreter, which emulates it), a contiguous 16-byte aligned values tensor whose block rows
-    are 16-byte multiples. ``SPARSEC_TMA=0`` turns it off."""
-    if os.environ.get("SPARSEC_TMA", "1") == "0":
-        return False
-    if not interpret_mode():
-        if not values.is_cuda or torch.version.hip is not None or torch.cuda.get_device_capability(values.device)[0] < 9:
-            return False
-    return (values.is_contiguous() and values.data_ptr() % 16 == 0
-            and (values.shape[2] * values.element_size()) % 16 == 0)
 
 
 def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None = None, residual=None,
@@ -265,13 +224,11 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
         def grid_gemv(meta):
             return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, block_m))
 
-        tma = tma_usable(values)
-        val_desc = TensorDescriptor.from_tensor(values, [1, 1, B]) if tma else None
-        _GEMV_KERNEL[grid_gemv](x, values, val_desc, col_idx, row_ptr, order, y if bias is None else bias, r, y, M, y.shape[1], K,
+        _GEMV_KERNEL[grid_gemv](x, values, col_idx, row_ptr, order, y if bias is None else bias, r, y, M, y.shape[1], K,
                                 max(gate_row, 0) // B, max(up_row, 0) // B, x.stride(0), x.stride(1),
                                 r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
                                 HAS_BIAS=bias is not None, GATED=gated, HAS_RES=residual is not None,
-                                WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, TMA=tma, BLOCK_M=block_m,
+                                WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, BLOCK_M=block_m,
                                 **({"launch_pdl": True} if pdl else {}))
         return y
 

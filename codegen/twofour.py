@@ -288,11 +288,8 @@ def _tma_block_shapes(nargs) -> None:
 def _words_configs():
     out = []
     # Through the tensor-memory engine, pipelined (listed first, so the interpreter checks one).
-    # On an H200 at M = 1 (bench/check_epilogue.py --sweep-words-s) (16, 8, 2, 3) was fastest on
-    # the gated 28672 x 4096 launch (35.3 us) and (8, 16, 2, 4) on the residual 4096 x 14336 one
-    # (21.0 us), each 10% ahead of the best pointer configuration in the same sweep.
-    for bn, bj, w, s in ((16, 8, 2, 3), (8, 16, 2, 4), (8, 8, 2, 3), (16, 8, 2, 4), (16, 8, 4, 3), (8, 16, 4, 4),
-                         (32, 8, 4, 4), (16, 8, 4, 6), (8, 16, 2, 3), (16, 16, 8, 3), (64, 4, 8, 4), (4, 16, 2, 4)):
+    for bn, bj, w, s in ((16, 8, 4, 4), (8, 16, 4, 4), (16, 16, 8, 3), (32, 8, 8, 3), (8, 8, 2, 4), (4, 16, 2, 4),
+                         (16, 8, 4, 6), (8, 16, 4, 6), (32, 8, 4, 4), (64, 4, 8, 4), (16, 4, 2, 6)):
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s, "USE_TMA": True}, num_warps=w,
                                  num_stages=s, pre_hook=_tma_block_shapes))
     for bn, bj, w in ((4, 16, 4), (16, 8, 4), (1, 64, 4), (2, 32, 4), (8, 8, 4), (2, 64, 8), (4, 32, 8),

@@ -81,8 +81,7 @@ def test_every_small_m_config_fuses_the_gate_and_residual(module, kernel_name, i
     ep = Epilogue(gate_row=0, up_row=N, width=N, residual=True)
     if config.kwargs.get("USE_TMA"):
         t = stacked.tensors()
-        assert (block.tma_usable(t["values"]) if module == "block"
-                else twofour.tma_usable(x, t["values"].view(torch.int32), t["meta"].view(torch.int32)))
+        assert twofour.tma_usable(x, t["values"].view(torch.int32), t["meta"].view(torch.int32))
     with kernel.only(config):
         y = linear_epilogue(x, stacked, bias, ep, residual, "triton", stacked.handler.epilogue_aux(stacked, ep))
     dense = stacked.to_dense()
