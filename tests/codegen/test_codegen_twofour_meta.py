@@ -49,3 +49,14 @@ def test_selector_picks_each_groups_two_inputs(gen):
         lo, hi = x[e][0] | x[e][1] << 16, x[e][2] | x[e][3] << 16
         p0, p1 = pos[0, e].tolist()
         assert _prmt(lo, hi, both * 0x22 + 0x1010) == x[e][p0] | x[e][p1] << 16, (e, p0, p1)
+
+
+def test_word_kernel_tries_descriptor_tiles_only_where_descriptors_are_passed():
+    """Where the weight can be read through tensor descriptors the autotuner times only those
+    tiles (each beat every pointer configuration on a device sweep), else only pointer loads."""
+    configs = twofour._WORDS_KERNEL.configs
+    for tma in (True, False):
+        kept = [c for c in configs if twofour._words_keep(c, {"TMA": tma, "G8": 128})]
+        assert kept and all(c.kwargs["USE_TMA"] == tma for c in kept)
+        if tma:
+            assert all(4 <= c.kwargs["BLOCK_J"] <= 32 for c in kept)
