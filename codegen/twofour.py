@@ -13,8 +13,9 @@ Layout for W (N, K), G = K/4 groups per row:
 Two implementations:
 - ``triton``: three kernels. At M <= GEMV_MAX_M (16-bit values), an MMA-free GEMV: the word
   kernel where x, values and metadata can all be read as int32 words (unit-stride x, K a
-  multiple of 32), which picks each value's input out of its group's two x words in registers;
-  else a gathering kernel that reads a metadata byte and gathers two inputs per group. Above
+  multiple of 32), which picks each group's inputs out of its two x words in registers (values
+  and metadata through tensor descriptors on sm_90+ where ``tma_usable``); else a gathering
+  kernel that reads two metadata bytes and gathers two inputs per group. Above
   GEMV_MAX_M, a kernel loads the packed tile, expands it to the dense tile in registers and feeds
   the tensor-core dot. All read about 56% of the dense weight bytes, so they serve the
   memory-bound regime (small M).
@@ -144,8 +145,8 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
                          M_BUCKET, HAS_BIAS: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr):
     """Small-M path: no expansion, no MMA. Each group's two kept 16-bit values are read as one
-    int32 (16-byte loads of four groups per thread), the metadata nibble picks the two inputs the
-    group multiplies (gathered from x, which stays in L1), and fp32 partial products accumulate
+    int32 (16-byte loads of four groups per thread), the group's two position fields (one in each
+    byte of its quad's metadata pair) pick the two inputs the group multiplies (gathered from x, which stays in L1), and fp32 partial products accumulate
     per lane across the K loop; one reduction at the end."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
