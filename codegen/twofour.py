@@ -308,11 +308,13 @@ def _words_configs():
 def _words_keep(config, args) -> bool:
     """No run tile wider than the row; the fp32 accumulator within 32 registers a thread; where
     descriptors were passed only the tiles through the tensor-memory engine (at most 256 words
-    wide, at least 16 bytes; each of these twelve beat every pointer configuration on one or both
-    benchmark launches on an H200), else only pointer loads."""
+    wide, at least 16 bytes, within the weight; each of these twelve beat every pointer
+    configuration on one or both benchmark launches on an H200), else only pointer loads."""
     kw = config.kwargs
     per_thread = kw["BLOCK_N"] * kw["BLOCK_J"] * 8 // (32 * config.num_warps)
-    if kw["USE_TMA"] != bool(args["TMA"]) or (kw["USE_TMA"] and not 4 <= kw["BLOCK_J"] <= 32):
+    if kw["USE_TMA"] != bool(args["TMA"]):
+        return False
+    if kw["USE_TMA"] and not (4 <= kw["BLOCK_J"] <= min(32, args["G8"]) and kw["BLOCK_N"] <= args["N"]):
         return False
     return kw["BLOCK_J"] <= max(8, triton.next_power_of_2(args["G8"])) and per_thread <= 32
 
@@ -385,11 +387,14 @@ def prmt_usable(x) -> bool:
     return x.is_cuda and torch.version.hip is None
 
 
-def tma_usable(x, pairs, meta32) -> bool:
+def tma_usable(x, pairs, meta32, n_out: int | None = None) -> bool:
     """Whether the word kernel may read values and metadata through tensor descriptors: on sm_90+
     (or the interpreter, which emulates them), 16-byte aligned bases and row strides (K a multiple
-    of 128 for the metadata's). ``SPARSEC_TMA=0`` turns it off."""
+    of 128 for the metadata's), and at least 8 output rows and 8 runs, so that the smallest tiles
+    (8 x 8) fit inside the weight. ``SPARSEC_TMA=0`` turns it off."""
     if os.environ.get("SPARSEC_TMA", "1") == "0":
+        return False
+    if (pairs.shape[0] if n_out is None else n_out) < 8 or meta32.shape[1] < 8:
         return False
     if not interpret_mode():
         if not x.is_cuda or torch.version.hip is not None or torch.cuda.get_device_capability(x.device)[0] < 9:
@@ -422,7 +427,7 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
         def grid_words(meta_):
             return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), M)
 
-        tma = tma_usable(x, pairs, meta32)
+        tma = tma_usable(x, pairs, meta32, y.shape[1])
         pair_desc = TensorDescriptor.from_tensor(pairs, [1, 8]) if tma else None
         meta_desc = TensorDescriptor.from_tensor(meta32, [1, 4]) if tma else None
         _WORDS_KERNEL[grid_words](x32, pairs, meta32, pair_desc, meta_desc, y if bias is None else bias, r, y, M,

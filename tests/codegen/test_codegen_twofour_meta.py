@@ -56,7 +56,18 @@ def test_word_kernel_tries_descriptor_tiles_only_where_descriptors_are_passed():
     tiles (each beat every pointer configuration on a device sweep), else only pointer loads."""
     configs = twofour._WORDS_KERNEL.configs
     for tma in (True, False):
-        kept = [c for c in configs if twofour._words_keep(c, {"TMA": tma, "G8": 128})]
+        kept = [c for c in configs if twofour._words_keep(c, {"TMA": tma, "G8": 128, "N": 4096})]
         assert kept and all(c.kwargs["USE_TMA"] == tma for c in kept)
         if tma:
             assert all(4 <= c.kwargs["BLOCK_J"] <= 32 for c in kept)
+    # the smallest weight that takes descriptors (8 rows, 8 runs) keeps a tile inside it
+    small = [c for c in configs if twofour._words_keep(c, {"TMA": True, "G8": 8, "N": 8})]
+    assert small and all(c.kwargs["BLOCK_N"] <= 8 and c.kwargs["BLOCK_J"] <= 8 for c in small)
+
+
+def test_descriptors_refused_for_weights_smaller_than_a_tile():
+    pairs, meta = torch.zeros(8, 64, dtype=torch.int32), torch.zeros(8, 8, dtype=torch.int32)
+    x = torch.zeros(1, 256, dtype=torch.int32)
+    assert twofour.tma_usable(x, pairs, meta, 8)
+    assert not twofour.tma_usable(x, pairs, meta, 4)
+    assert not twofour.tma_usable(x, torch.zeros(8, 32, dtype=torch.int32), torch.zeros(8, 4, dtype=torch.int32), 8)
