@@ -221,3 +221,17 @@ def test_every_small_m_config_matches_reference(module, kernel_name, index, gen)
     # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
     torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
                                rtol=TOL[torch.float16])
+
+
+def test_device_only_launch_features_stay_off_where_they_cannot_run(monkeypatch):
+    """Programmatic dependent launch and the byte permute are PTX: never asked of the CPU or the
+    interpreter; descriptors are (the interpreter emulates them) unless SPARSEC_TMA=0."""
+    from sparsec.codegen import _common, twofour
+
+    x = torch.zeros(1, 256, dtype=torch.float16)
+    assert not _common.pdl_enabled(x)
+    assert not twofour.prmt_usable(x)
+    pairs, meta = torch.zeros(16, 64, dtype=torch.int32), torch.zeros(16, 8, dtype=torch.int32)
+    assert twofour.tma_usable(x, pairs, meta, 16)
+    monkeypatch.setenv("SPARSEC_TMA", "0")
+    assert not twofour.tma_usable(x, pairs, meta, 16)
