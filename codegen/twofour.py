@@ -293,7 +293,7 @@ def _words_configs():
     # the gated 28672 x 4096 launch (35.3 us) and (8, 16, 2, 4) on the residual 4096 x 14336 one
     # (21.0 us), each 10% ahead of the best pointer configuration in the same sweep.
     for bn, bj, w, s in ((16, 8, 2, 3), (8, 16, 2, 4), (16, 16, 8, 3), (8, 8, 2, 4), (16, 8, 4, 6), (16, 8, 2, 4),
-                         (16, 8, 4, 4), (8, 16, 4, 3), (8, 16, 2, 3), (32, 8, 4, 4), (8, 8, 2, 3), (4, 16, 2, 4)):
+                         (16, 8, 4, 4), (8, 16, 4, 3), (8, 16, 2, 3), (32, 8, 4, 4), (8, 8, 2, 3)):
         out.append(triton.Config({"BLOCK_N": bn, "BLOCK_J": bj, "STAGES": s, "USE_TMA": True}, num_warps=w,
                                  num_stages=s, pre_hook=_tma_block_shapes))
     for bn, bj, w in ((4, 16, 4), (16, 8, 4), (1, 64, 4), (2, 32, 4), (8, 8, 4), (2, 64, 8), (4, 32, 8),
@@ -308,7 +308,7 @@ def _words_configs():
 def _words_keep(config, args) -> bool:
     """No run tile wider than the row; the fp32 accumulator within 32 registers a thread; where
     descriptors were passed only the tiles through the tensor-memory engine (at most 256 words
-    wide, at least 16 bytes, within the weight; each of these twelve beat every pointer
+    wide, at least 16 bytes, within the weight; each of these eleven beat every pointer
     configuration on one or both benchmark launches on an H200), else only pointer loads."""
     kw = config.kwargs
     per_thread = kw["BLOCK_N"] * kw["BLOCK_J"] * 8 // (32 * config.num_warps)
