@@ -383,8 +383,9 @@ def words_usable(x, values, meta) -> bool:
 
 
 def prmt_usable(x) -> bool:
-    """Whether the word kernel may use the byte-permute instruction: compiled for an NVIDIA GPU."""
-    return x.is_cuda and torch.version.hip is None
+    """Whether the word kernel may use the byte-permute instruction: compiled for an NVIDIA GPU,
+    not run by the interpreter (which runs no inline assembly, even on CUDA tensors)."""
+    return x.is_cuda and torch.version.hip is None and not interpret_mode()
 
 
 def tma_usable(x, pairs, meta32, n_out: int | None = None) -> bool:

@@ -192,7 +192,8 @@ def _gemv_config_cases(module, kernel_name):
 def test_every_small_m_config_matches_reference(module, kernel_name, index, gen):
     """The autotuner may pick any config on the device, so each one (tile shape, blocks or runs per
     step, pipelined or not) is run alone against float64: 2:4 rows in partial row tiles with a
-    partial last run of groups (K = 352: eleven runs; 384, twelve, for the descriptor tiles); block rows of unequal kept counts, one empty."""
+    partial last run of groups (K = 352: eleven runs; 384, twelve, for the descriptor tiles); block
+    rows of unequal kept counts, one empty."""
     from sparsec.codegen import block, twofour
 
     kernel = getattr({"block": block, "twofour": twofour}[module], kernel_name)

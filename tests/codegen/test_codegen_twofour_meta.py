@@ -38,17 +38,16 @@ def _prmt(a: int, b: int, selector: int) -> int:
 def test_selector_picks_each_groups_two_inputs(gen):
     """The kernel reads a run's metadata word, shifts group e's positions to p0 | p1 << 8 and makes
     the selector (p0 | p1 << 8) * 0x22 + 0x1010; the permute of the group's input words
-    (x0, x1), (x2, x3) must give (x[p0], x[p1]). Every position pair, in every slot of a word."""
-    pick = torch.randint(0, len(PAIRS), (1, 8), generator=gen)
-    pick[0, :6] = torch.arange(6)
-    pos = torch.tensor(PAIRS)[pick]
-    word = int.from_bytes(bytes(twofour.encode_positions(pos)[0].tolist()), "little")
-    x = torch.randint(0, 1 << 16, (8, 4), generator=gen).tolist()
-    for e in range(8):
-        both = (word >> ((e // 4) * 16 + (e % 4) * 2)) & 0x0303
-        lo, hi = x[e][0] | x[e][1] << 16, x[e][2] | x[e][3] << 16
-        p0, p1 = pos[0, e].tolist()
-        assert _prmt(lo, hi, both * 0x22 + 0x1010) == x[e][p0] | x[e][p1] << 16, (e, p0, p1)
+    (x0, x1), (x2, x3) must give (x[p0], x[p1]). Six words: every position pair in every slot."""
+    for k in range(len(PAIRS)):
+        pos = torch.tensor([[PAIRS[(e + k) % len(PAIRS)] for e in range(8)]])
+        word = int.from_bytes(bytes(twofour.encode_positions(pos)[0].tolist()), "little")
+        x = torch.randint(0, 1 << 16, (8, 4), generator=gen).tolist()
+        for e in range(8):
+            both = (word >> ((e // 4) * 16 + (e % 4) * 2)) & 0x0303
+            lo, hi = x[e][0] | x[e][1] << 16, x[e][2] | x[e][3] << 16
+            p0, p1 = pos[0, e].tolist()
+            assert _prmt(lo, hi, both * 0x22 + 0x1010) == x[e][p0] | x[e][p1] << 16, (k, e, p0, p1)
 
 
 def test_word_kernel_tries_descriptor_tiles_only_where_descriptors_are_passed():
