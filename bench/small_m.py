@@ -167,8 +167,10 @@ def config_sweep(device, budget_s: float, tokens=(1,)) -> list[dict]:
     return rows
 
 
-def cslt_child(alg: int, out: str, shapes, tokens) -> None:
-    """Time one algorithm id at every shape, M and output layout; rows appended as JSON lines."""
+def cslt_child(alg: int, out: str, shapes, tokens, split_ks=None) -> None:
+    """Time one algorithm id at every shape, M and output layout; rows appended as JSON lines.
+    ``split_ks``: also each split-K factor, in both of cuSPARSELt's split-K modes (one kernel, or
+    a second reducing kernel), untransposed output only (the layout the product asks for)."""
     device = torch.device("cuda")
     gen = torch.Generator(device=device).manual_seed(7)
     for N, K in shapes:
@@ -179,11 +181,16 @@ def cslt_child(alg: int, out: str, shapes, tokens) -> None:
         for M in tokens:
             x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
             dense = torch.nn.functional.linear(x, w)
-            for transposed in (True, False):
+            settings = ([(True, 1, -1), (False, 1, -1)] if not split_ks else
+                        [(False, k, mode) for k in split_ks for mode in ((-1,) if k == 1 else (0, 1))])
+            for transposed, split_k, mode in settings:
                 row = {"alg": alg, "N": N, "K": K, "M": M, "transpose_result": transposed}
+                if split_ks:
+                    row.update(split_k=split_k, split_k_mode=mode)
                 try:
                     def call():
-                        y = torch._cslt_sparse_mm(comp, x.t(), transpose_result=transposed, alg_id=alg)
+                        y = torch._cslt_sparse_mm(comp, x.t(), transpose_result=transposed, alg_id=alg,
+                                                  split_k=split_k, split_k_mode=mode)
                         return y if transposed else y.t()
                     err = rel_err(call(), dense.double())
                     copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (N * K + M * K + M * N) / 2)))
@@ -195,13 +202,15 @@ def cslt_child(alg: int, out: str, shapes, tokens) -> None:
     print(f"# alg {alg} done", flush=True)
 
 
-def cslt_sweep(out_dir: str, budget_s: float, shapes_arg: str | None, tokens_arg: str | None) -> list[dict]:
+def cslt_sweep(out_dir: str, budget_s: float, shapes_arg: str | None, tokens_arg: str | None,
+               algs=None, split_k_arg: str | None = None) -> list[dict]:
     lines = os.path.join(out_dir, "cslt_sweep.jsonl")
     t0 = time.time()
-    for alg in range(CSLT_MAX_ALG):
+    for alg in (algs if algs is not None else range(CSLT_MAX_ALG)):
         if time.time() - t0 > budget_s:
             break
-        extra = (["--cslt-shapes", shapes_arg] if shapes_arg else []) + (["--cslt-tokens", tokens_arg] if tokens_arg else [])
+        extra = ((["--cslt-shapes", shapes_arg] if shapes_arg else []) + (["--cslt-tokens", tokens_arg] if tokens_arg else [])
+                 + (["--cslt-split-k", split_k_arg] if split_k_arg else []))
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cslt-alg", str(alg), "--out", lines] + extra,
                               capture_output=True, text=True, timeout=240)
         sys.stdout.write(proc.stdout)
@@ -209,7 +218,7 @@ def cslt_sweep(out_dir: str, budget_s: float, shapes_arg: str | None, tokens_arg
             sys.stdout.write(f"# alg {alg} child exited {proc.returncode}: {proc.stderr[-400:]}\n")
         rows = [json.loads(s) for s in open(lines)] if os.path.exists(lines) else []
         mine = [r for r in rows if r["alg"] == alg]
-        if mine and all(r.get("us") is None for r in mine):
+        if algs is None and mine and all(r.get("us") is None for r in mine):
             break  # the library refused this id everywhere: no higher id exists
     return [json.loads(s) for s in open(lines)] if os.path.exists(lines) else []
 
@@ -239,13 +248,16 @@ def main() -> None:
     ap.add_argument("--cslt-shapes", default=None, help="NxK list for the cuSPARSELt sweep, e.g. 28672x4096")
     ap.add_argument("--cslt-tokens", default=None, help="M list for the cuSPARSELt sweep (default 1024,2048,8192)")
     ap.add_argument("--cslt-only", action="store_true", help="only the cuSPARSELt sweep")
+    ap.add_argument("--cslt-algs", default=None, help="algorithm ids for the cuSPARSELt sweep, e.g. 0,1 (default all)")
+    ap.add_argument("--cslt-split-k", default=None, help="split-K factors for the cuSPARSELt sweep, e.g. 1,2,4")
     ap.add_argument("--cslt-alg", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    split_ks = [int(k) for k in args.cslt_split_k.split(",")] if args.cslt_split_k else None
     cslt_shapes = ([tuple(int(v) for v in s.split("x")) for s in args.cslt_shapes.split(",")]
                    if args.cslt_shapes else SHAPES)
     cslt_tokens = [int(m) for m in args.cslt_tokens.split(",")] if args.cslt_tokens else CSLT_TOKENS
     if args.cslt_alg is not None:
-        cslt_child(args.cslt_alg, args.out, cslt_shapes, cslt_tokens)
+        cslt_child(args.cslt_alg, args.out, cslt_shapes, cslt_tokens, split_ks)
         return
     import triton
 
@@ -258,7 +270,9 @@ def main() -> None:
     if args.cslt_only:
         report = {"meta": meta, "cslt_dense_us": dense_times(device, cslt_shapes, cslt_tokens),
                   "cslt": cslt_sweep(os.path.dirname(os.path.abspath(args.out)), args.cslt_budget_s,
-                                     args.cslt_shapes, args.cslt_tokens)}
+                                     args.cslt_shapes, args.cslt_tokens,
+                                     [int(a) for a in args.cslt_algs.split(",")] if args.cslt_algs else None,
+                                     args.cslt_split_k)}
         _write(args.out, report)
         print_cslt(report, cslt_shapes, cslt_tokens)
         return
@@ -309,6 +323,8 @@ def print_cslt(report, shapes, tokens) -> None:
             if not mine:
                 continue
             best = min(mine, key=lambda r: r["us"])
+            for r in sorted((r for r in mine if "split_k" in r), key=lambda r: r["us"])[:6]:
+                print(f"#   {N}x{K} M={M} alg {r['alg']} split_k {r['split_k']} mode {r['split_k_mode']}: {r['us']:.1f} us")
             base = [next((r["us"] for r in mine if r["alg"] == a and not r["transpose_result"]), 0) for a in (0, 1)]
             d = report["cslt_dense_us"][f"{N}x{K}:{M}"]
             print(f"| {N}x{K} | {M} | {d:.1f} | {best['alg']}, {best['transpose_result']} | {best['us']:.1f} | "

@@ -324,3 +324,17 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None =
     lowered = session.run_graph(gm, example_inputs)
     return gm.forward if lowered is None else lowered
 
+
+def _reset() -> None:
+    """What ``torch._dynamo.reset()`` asks of a backend: drop the CUDA graphs recorded for the graphs
+    it compiled (``mode="reduce-overhead"``), as inductor's own entry does, so their memory pools
+    go with them rather than outliving every compiled model."""
+    import sys
+
+    trees = sys.modules.get("torch._inductor.cudagraph_trees")
+    if trees is not None:  # never imported: nothing was recorded
+        trees.reset_cudagraph_trees()
+
+
+sparsec_backend.reset = _reset
+

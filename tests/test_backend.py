@@ -346,3 +346,17 @@ def test_the_last_compile_dynamo_allows_is_named():
         assert [l["format"] for l in report.layers] == ["lowrank:8"]
         warned.append([w for w in report.to_dict()["warnings"] if "recompile_limit = 2" in w])
     assert warned[0] == [] and len(warned[1]) == 1 and "will run eagerly, dense, without sparsec" in warned[1][0]
+
+
+def test_dynamo_reset_drops_the_cuda_graphs_recorded_for_sparsec_graphs(monkeypatch):
+    """torch._dynamo.reset() frees reduce-overhead graphs of sparsec-compiled models as it does
+    inductor's: without the backend's reset their memory pools would outlive every model."""
+    import torch._inductor.cudagraph_trees as trees
+
+    calls = []
+    monkeypatch.setattr(trees, "reset_cudagraph_trees", lambda: calls.append(1))
+    compiled = torch.compile(nn.Linear(16, 16).eval(), backend="sparsec", options={"fingerprint": "cpu"})
+    with torch.no_grad():
+        compiled(torch.randn(4, 16))
+    torch._dynamo.reset()
+    assert calls, "torch._dynamo.reset() did not reach the sparsec backend's reset"
