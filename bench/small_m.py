@@ -167,6 +167,32 @@ def config_sweep(device, budget_s: float, tokens=(1,)) -> list[dict]:
     return rows
 
 
+SUSTAIN_S = 0.0  # --cslt-sustain-s
+
+
+def sustained_us(calls, seconds: float) -> float:
+    """Microseconds per call over ``seconds`` of back-to-back replays: the clock a long run settles
+    at, where ``time_calls``' synchronised replays let the device rest between them."""
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for c in calls:
+            c()
+    graph.replay()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    graph.replay()
+    torch.cuda.synchronize()
+    n = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    del graph
+    return start.elapsed_time(end) * 1e3 / (n * len(calls))
+
+
 def cslt_child(alg: int, out: str, shapes, tokens, split_ks=None) -> None:
     """Time one algorithm id at every shape, M and output layout; rows appended as JSON lines.
     ``split_ks``: also each split-K factor, in both of cuSPARSELt's split-K modes (one kernel, or
@@ -195,6 +221,8 @@ def cslt_child(alg: int, out: str, shapes, tokens, split_ks=None) -> None:
                     err = rel_err(call(), dense.double())
                     copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (N * K + M * K + M * N) / 2)))
                     row.update(us=time_calls([call] * copies, device, 10), rel_err=err)
+                    if SUSTAIN_S:
+                        row["us_sustained"] = sustained_us([call] * copies, SUSTAIN_S)
                 except Exception as exc:  # noqa: BLE001 - an id the library refuses is a row, not an end
                     row.update(us=None, error=f"{type(exc).__name__}: {exc}"[:200])
                 with open(out, "a") as f:
@@ -210,7 +238,8 @@ def cslt_sweep(out_dir: str, budget_s: float, shapes_arg: str | None, tokens_arg
         if time.time() - t0 > budget_s:
             break
         extra = ((["--cslt-shapes", shapes_arg] if shapes_arg else []) + (["--cslt-tokens", tokens_arg] if tokens_arg else [])
-                 + (["--cslt-split-k", split_k_arg] if split_k_arg else []))
+                 + (["--cslt-split-k", split_k_arg] if split_k_arg else [])
+                 + (["--cslt-sustain-s", str(SUSTAIN_S)] if SUSTAIN_S else []))
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--cslt-alg", str(alg), "--out", lines] + extra,
                               capture_output=True, text=True, timeout=240)
         sys.stdout.write(proc.stdout)
@@ -231,7 +260,10 @@ def dense_times(device, shapes, tokens) -> dict:
         for M in tokens:
             x = torch.randn(M, K, generator=gen, device=device).to(torch.bfloat16)
             copies = max(2, min(MAX_COPIES, math.ceil(ROTATE_BYTES / (N * K + M * K + M * N) / 2)))
-            out[f"{N}x{K}:{M}"] = time_calls([lambda: torch.nn.functional.linear(x, w)] * copies, device, 10)
+            calls = [lambda: torch.nn.functional.linear(x, w)] * copies
+            out[f"{N}x{K}:{M}"] = time_calls(calls, device, 10)
+            if SUSTAIN_S:
+                out[f"{N}x{K}:{M}:sustained"] = sustained_us(calls, SUSTAIN_S)
     return out
 
 
@@ -250,9 +282,13 @@ def main() -> None:
     ap.add_argument("--cslt-only", action="store_true", help="only the cuSPARSELt sweep")
     ap.add_argument("--cslt-algs", default=None, help="algorithm ids for the cuSPARSELt sweep, e.g. 0,1 (default all)")
     ap.add_argument("--cslt-split-k", default=None, help="split-K factors for the cuSPARSELt sweep, e.g. 1,2,4")
+    ap.add_argument("--cslt-sustain-s", type=float, default=0,
+                    help="also time each cuSPARSELt setting over this many seconds of back-to-back replays")
     ap.add_argument("--cslt-alg", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     split_ks = [int(k) for k in args.cslt_split_k.split(",")] if args.cslt_split_k else None
+    global SUSTAIN_S
+    SUSTAIN_S = args.cslt_sustain_s
     cslt_shapes = ([tuple(int(v) for v in s.split("x")) for s in args.cslt_shapes.split(",")]
                    if args.cslt_shapes else SHAPES)
     cslt_tokens = [int(m) for m in args.cslt_tokens.split(",")] if args.cslt_tokens else CSLT_TOKENS
@@ -323,6 +359,10 @@ def print_cslt(report, shapes, tokens) -> None:
             if not mine:
                 continue
             best = min(mine, key=lambda r: r["us"])
+            if f"{N}x{K}:{M}:sustained" in report["cslt_dense_us"]:
+                print(f"#   {N}x{K} M={M} sustained: dense {report['cslt_dense_us'][f'{N}x{K}:{M}:sustained']:.1f} us; "
+                      + "; ".join(f"alg {r['alg']}{' transposed' if r['transpose_result'] else ''} "
+                                  f"{r['us_sustained']:.1f} us (short {r['us']:.1f})" for r in mine if "us_sustained" in r))
             for r in sorted((r for r in mine if "split_k" in r), key=lambda r: r["us"])[:6]:
                 print(f"#   {N}x{K} M={M} alg {r['alg']} split_k {r['split_k']} mode {r['split_k_mode']}: {r['us']:.1f} us")
             base = [next((r["us"] for r in mine if r["alg"] == a and not r["transpose_result"]), 0) for a in (0, 1)]

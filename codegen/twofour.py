@@ -22,8 +22,8 @@ Two implementations:
 - ``cusparselt``: torch's cuSPARSELt binding (``torch._cslt_sparse_mm``) on a compressed copy
   kept in ``Packed.aux``; it uses the sparse tensor cores and wins where the layer is
   compute-bound (large M). Its (N, M) product is returned as the transposed view, not written
-  transposed. The algorithm id comes from a per-shape cache (``set_cslt_algorithm``), else
-  ``default_cslt_alg``; the compressed copy is made once, before any graph capture.
+  transposed. The algorithm id is timed on the first call of each shape (``_cslt_alg``) and
+  kept; the compressed copy is made once, before any graph capture.
 ``auto`` on the GPU picks ``cusparselt`` from ``crossover_m`` tokens on (the Packed's, set by a
 planner from the fingerprint, else DEFAULT_CROSSOVER_M), when cuSPARSELt can take the shape and
 dtype; ``triton`` otherwise.
@@ -494,21 +494,89 @@ epilogue.register_grad(twofour_epilogue_op, lambda values, meta, n_in: expand(va
 
 
 _ALG_IDS: dict[tuple, int] = {}
+# The ids a first call times: every id 0-15 was timed on the Llama-3-8B shapes on an H200 (bf16,
+# torch 2.11, docs/benchmarks.md) and none but these two came within 10% of the better of them.
+CSLT_TUNED_ALGS = (0, 1)
+CSLT_TUNE_ROUNDS = 4       # alternating rounds of back-to-back calls per id
+CSLT_TUNE_ROUND_S = 0.02   # seconds of calls in each round
 
 
 def set_cslt_algorithm(N: int, K: int, M: int, dtype: torch.dtype, alg_id: int) -> None:
-    """Record the cuSPARSELt algorithm id to use for this shape (e.g. from a fingerprint)."""
+    """Record the cuSPARSELt algorithm id to use for this shape (none is then timed for it)."""
     _ALG_IDS[(N, K, M + (-M) % CSLT_M_ALIGN, dtype)] = int(alg_id)
 
 
-def _cslt_alg(key) -> int:
-    """The cached algorithm id for this shape, else ``default_cslt_alg``'s for its token count.
+def _cslt_alg(key, compressed: torch.Tensor, dense_t: torch.Tensor) -> int:
+    """The algorithm id for this shape: the one recorded for it, else the faster of
+    ``CSLT_TUNED_ALGS`` timed on this call's operands (first call of the shape only), else,
+    where nothing can be timed (during CUDA-graph capture, or ``SPARSEC_CSLT_TUNE=0``),
+    ``default_cslt_alg``'s.
 
-    No search runs in-process: torch's ``_cslt_sparse_mm_search`` reported an internal error on
-    an H200 (torch 2.11, CUDA 13.0) and left the device faulted, and a search during CUDA-graph
-    capture would break the capture. Looking up a dict is all a call does, so capture is safe.
+    Timed rather than ruled because the ranking depends on the shape and on how hot the device
+    runs: on an H200 at M = 2048, timed alone with rests between short runs, id 1 led on both
+    Llama-3-8B MLP shapes, yet in the MLP stack's forward, back to back at the power limit, id 0
+    was faster on the down projection (docs/benchmarks.md). So each id runs back to back for a
+    while, in alternating rounds, and the lower median wins. torch's own search
+    (``_cslt_sparse_mm_search``) is not used: it reported an internal error on an H200 (torch
+    2.11, CUDA 13.0) and left the device faulted.
     """
-    return _ALG_IDS.get(key, default_cslt_alg(key[2]))
+    alg = _ALG_IDS.get(key)
+    if alg is not None:
+        return alg
+    if torch.cuda.is_current_stream_capturing() or os.environ.get("SPARSEC_CSLT_TUNE", "1") == "0":
+        return default_cslt_alg(key[2])
+    calls = {a: (lambda a=a: torch._cslt_sparse_mm(compressed, dense_t, alg_id=a)) for a in CSLT_TUNED_ALGS}
+    times: dict = {}
+    alg = fastest(calls, _cuda_round_timer(dense_t.device), CSLT_TUNE_ROUNDS, times)
+    if alg is None:
+        alg = default_cslt_alg(key[2])
+    from sparsec.logs import logger
+
+    logger.info("cuSPARSELt %dx%d at M=%d (%s): algorithm %d (median us per call: %s)", key[0], key[1], key[2],
+                str(key[3]).replace("torch.", ""), alg,
+                ", ".join(f"id {a} {sorted(t)[len(t) // 2]:.1f}" for a, t in times.items()) or "none ran")
+    _ALG_IDS[key] = alg
+    return alg
+
+
+def fastest(calls: dict, timer, rounds: int, times: dict | None = None):
+    """The key of the call with the lowest median over ``rounds`` alternating rounds of
+    ``timer(call)`` (microseconds per call); a call that raises drops out; None if all do.
+    ``times`` receives each key's timings."""
+    times = {} if times is None else times
+    live = dict(calls)
+    for name, call in list(live.items()):
+        try:
+            call()
+        except RuntimeError:  # an id the library refuses for this shape
+            del live[name]
+    order = list(live)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            times.setdefault(name, []).append(timer(live[name]))
+    if not times:
+        return None
+    return min(times, key=lambda n: (sorted(times[n])[len(times[n]) // 2], order.index(n)))
+
+
+def _cuda_round_timer(device):
+    """Microseconds per call over about CSLT_TUNE_ROUND_S of back-to-back calls."""
+    def timer(call) -> float:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.device(device):
+            start.record()
+            call()
+            end.record()
+            end.synchronize()
+            n = max(2, int(CSLT_TUNE_ROUND_S * 1e3 / max(start.elapsed_time(end), 1e-3)))
+            start.record()
+            for _ in range(n):
+                call()
+            end.record()
+            end.synchronize()
+        return start.elapsed_time(end) * 1e3 / n
+
+    return timer
 
 
 def default_cslt_alg(m_padded: int) -> int:
@@ -542,7 +610,7 @@ def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.
         dense_t = x.t()
     else:
         dense_t = x.contiguous().t()
-    alg = _cslt_alg((n_out, K, M + pad, x.dtype))
+    alg = _cslt_alg((n_out, K, M + pad, x.dtype), compressed, dense_t)
     y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg)
     return (y.narrow(1, 0, M) if pad else y).t()
 
