@@ -60,6 +60,9 @@ CSLT_ALG1_FROM_M = 2048
 # tokens a program of the gathering kernel takes.
 GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
+# The expansion kernel reads the metadata as one int16 word a quad of groups, each group its
+# quad's word (False: bytes, spread to groups in registers); bench/check_twofour_dot.py times both.
+DOT_META16 = True
 # The word kernel reads each weight byte once: its loads ask the cache to evict them first, so
 # the input (read by every program) stays resident.
 WEIGHT_EVICTION = "evict_first"
@@ -101,8 +104,12 @@ def expand(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
 
 def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
-                    M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
+                    M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META16: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Expansion + MMA. ``META16``: ``meta_ptr`` is the metadata viewed as int16, one word a quad
+    of groups (first positions in its low byte, second in its high byte), and each group reads
+    its quad's word, so the positions arrive in the (rows, groups) shape the expansion uses;
+    otherwise bytes are loaded once each and the quads spread to groups in registers."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 4
@@ -119,12 +126,20 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
                     mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
-        mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                     mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
-        b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
-        quad = tl.arange(0, 4)[None, None, :] * 2
-        p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
-        p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
+        if META16:
+            offs_g = k0 // 4 + tl.arange(0, G)
+            q = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (offs_g // 4)[None, :],
+                        mask=mask_n[:, None] & (offs_g[None, :] < K // 4), other=0).to(tl.int32)
+            shift = ((offs_g & 3) * 2)[None, :]
+            p0 = (q >> shift) & 3
+            p1 = (q >> (shift + 8)) & 3
+        else:
+            mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                         mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+            b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
+            quad = tl.arange(0, 4)[None, None, :] * 2
+            p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
+            p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
         v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
         zero = tl.zeros_like(v0)
         # positions are ordered (p0 < p1), so column 0 can only be p0's and column 3 only p1's
@@ -362,7 +377,7 @@ def _keep(config, args) -> bool:
     return 16 < kw["BLOCK_M"] <= bucket
 
 
-_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K"], prune=_keep)
+_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K", "META16"], prune=_keep)
 
 
 def gemv_usable(x, values, M: int) -> bool:
@@ -454,9 +469,11 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
     def grid(meta_):
         return (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
 
-    _KERNEL[grid](x, values, meta, y if bias is None else bias, y, M, N, K, meta.shape[1],
-                  x.stride(0), x.stride(1), values.stride(0), meta.stride(0), y.stride(0), y.stride(1),
-                  m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype))
+    meta16 = DOT_META16 and meta.stride(1) == 1 and meta.stride(0) % 2 == 0 and meta.storage_offset() % 2 == 0
+    m = meta.view(torch.int16) if meta16 else meta
+    _KERNEL[grid](x, values, m, y if bias is None else bias, y, M, N, K, m.shape[1],
+                  x.stride(0), x.stride(1), values.stride(0), m.stride(0), y.stride(0), y.stride(1),
+                  m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype), META16=meta16)
     return y
 
 

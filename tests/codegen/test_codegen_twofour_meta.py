@@ -70,3 +70,28 @@ def test_descriptors_refused_for_weights_smaller_than_a_tile():
     assert twofour.tma_usable(x, pairs, meta, 8)
     assert not twofour.tma_usable(x, pairs, meta, 4)
     assert not twofour.tma_usable(x, torch.zeros(8, 32, dtype=torch.int32), torch.zeros(8, 4, dtype=torch.int32), 8)
+
+
+@pytest.mark.parametrize("words", [True, False])
+def test_expansion_kernel_reads_metadata_as_quad_words_or_bytes(words, gen, monkeypatch):
+    """The expansion + MMA kernel either reads one int16 word a quad of groups (low byte first
+    positions, high byte second) or bytes spread to groups in registers; both give the product.
+    K = 72: 18 groups, a partial last quad; M = 3 and 17 (a partial and a second token tile);
+    the metadata also sits at an odd byte offset, which no int16 view can take: bytes then."""
+    from sparsec.codegen import pack
+
+    monkeypatch.setattr(twofour, "DOT_META16", words)
+    packed = pack("2:4", torch.randn(40, 72, generator=gen).to(torch.float16))
+    t = packed.tensors()
+    dense = packed.to_dense().double()
+    buf = torch.empty(1 + t["meta"].numel(), dtype=torch.uint8)
+    odd = buf[1:].view(t["meta"].shape)
+    odd.copy_(t["meta"])
+    assert odd.storage_offset() % 2 == 1
+    for M in (3, 17):
+        x = torch.randn(M, 72, generator=gen).to(torch.float16)
+        ref = x.double() @ dense.t()
+        for meta in (t["meta"], odd):
+            y = twofour.twofour_triton(x, t["values"], meta, None, path="dot")
+            # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
+            torch.testing.assert_close(y.double(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
