@@ -1,6 +1,7 @@
-"""The 2:4 expansion + MMA kernel (M = 2..16): metadata read as int16 quad words or as bytes.
+"""The 2:4 expansion + MMA kernel (M = 2..16): metadata read as int32 words or as bytes.
 
-Both ways of reading the metadata (``codegen/twofour.py``, ``DOT_META16``) are checked against
+Both ways of reading the metadata (``codegen/twofour.py``,
+``DOT_META_WORDS``: int32 words of two quads, or bytes) are checked against
 float64 and timed in alternating rounds in one process, with bench/kernels.py's method
 (CUDA-graph replay over >= 256 MB of rotated weight copies, median of 30 replays, random data),
 on the Llama-3-8B shapes.
@@ -29,6 +30,7 @@ from kernels import MAX_COPIES, REL_TOL, ROTATE_BYTES, make_packed, rel_err, tim
 
 from sparsec.codegen import twofour  # noqa: E402
 
+VARIANTS = ("words", "bytes")
 SHAPES = ((4096, 4096), (14336, 4096), (4096, 14336), (28672, 4096))
 
 
@@ -54,10 +56,10 @@ def main() -> None:
         for M in (int(m) for m in args.tokens.split(",")):
             x = torch.randn(M, K, generator=gen, device=device).to(dtype)
             ref = x.double() @ dense.t()
-            row = {"N": N, "K": K, "M": M, "us": {"words": [], "bytes": []}, "rel_err": {}}
+            row = {"N": N, "K": K, "M": M, "us": {v: [] for v in VARIANTS}, "rel_err": {}}
             for r in range(args.rounds):
-                for variant in (("words", "bytes") if r % 2 == 0 else ("bytes", "words")):
-                    twofour.DOT_META16 = variant == "words"
+                for variant in (VARIANTS if r % 2 == 0 else VARIANTS[::-1]):
+                    twofour.DOT_META_WORDS = variant == "words"
                     if r == 0:
                         t = packs[0].tensors()
                         y = twofour.twofour_triton(x, t["values"], t["meta"], None, path="dot")
@@ -70,11 +72,11 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print("\n| N x K | M | int16 words us | bytes us | bytes / words | checks |")
-    print("|---|---|---|---|---|---|")
+    print("\n| N x K | M | " + " | ".join(f"{v} us" for v in VARIANTS) + " | checks |")
+    print("|---|---|" + "---|" * len(VARIANTS) + "---|")
     for row in rows:
-        w, b = statistics.median(row["us"]["words"]), statistics.median(row["us"]["bytes"])
-        print(f"| {row['N']}x{row['K']} | {row['M']} | {w:.1f} | {b:.1f} | {b / w:.2f} | {'ok' if row['ok'] else 'FAIL'} |")
+        cells = " | ".join(f"{statistics.median(row['us'][v]):.1f}" for v in VARIANTS)
+        print(f"| {row['N']}x{row['K']} | {row['M']} | {cells} | {'ok' if row['ok'] else 'FAIL'} |")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,10 @@ CSLT_ALG1_FROM_M = 2048
 # tokens a program of the gathering kernel takes.
 GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
-# The expansion kernel reads the metadata as one int16 word a quad of groups, each group its
-# quad's word (False: bytes, spread to groups in registers); bench/check_twofour_dot.py times both.
-DOT_META16 = True
+# The expansion kernel reads metadata as int32 words where K is a multiple of 32 (False: bytes).
+# On an H200 (bf16, M = 2 and 16, bench/check_twofour_dot.py) words took 0-12% less time than
+# bytes on the Llama-3-8B shapes; one int16 word per group took twice as long.
+DOT_META_WORDS = True
 # The word kernel reads each weight byte once: its loads ask the cache to evict them first, so
 # the input (read by every program) stays resident.
 WEIGHT_EVICTION = "evict_first"
@@ -104,12 +105,11 @@ def expand(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
 
 def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
-                    M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META16: tl.constexpr,
+                    M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META_WORDS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Expansion + MMA. ``META16``: ``meta_ptr`` is the metadata viewed as int16, one word a quad
-    of groups (first positions in its low byte, second in its high byte), and each group reads
-    its quad's word, so the positions arrive in the (rows, groups) shape the expansion uses;
-    otherwise bytes are loaded once each and the quads spread to groups in registers."""
+    """Expansion + MMA. Each quad's two metadata bytes are spread to its four groups in registers
+    by shifting broadcast copies: ``META_WORDS``, of the int32 words holding two quads
+    (``meta_ptr`` the metadata viewed as int32); otherwise of each byte."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 4
@@ -126,13 +126,17 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
                     mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
-        if META16:
-            offs_g = k0 // 4 + tl.arange(0, G)
-            q = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (offs_g // 4)[None, :],
-                        mask=mask_n[:, None] & (offs_g[None, :] < K // 4), other=0).to(tl.int32)
-            shift = ((offs_g & 3) * 2)[None, :]
-            p0 = (q >> shift) & 3
-            p1 = (q >> (shift + 8)) & 3
+        if META_WORDS:  # int32 words of two quads: one shifted copy per group, one reshape
+            offs_w = k0 // 32 + tl.arange(0, G // 8)
+            mw = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
+                         mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
+            slot = tl.arange(0, 8)
+            first = (slot // 4) * 16 + (slot % 4) * 2
+            mw3 = mw[:, :, None]
+            code = tl.reshape(((mw3 >> first[None, None, :]) & 3) | (((mw3 >> (first + 8)[None, None, :]) & 3) << 2),
+                              (BLOCK_N, G))
+            p0 = code & 3
+            p1 = code >> 2
         else:
             mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
                          mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
@@ -377,7 +381,7 @@ def _keep(config, args) -> bool:
     return 16 < kw["BLOCK_M"] <= bucket
 
 
-_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K", "META16"], prune=_keep)
+_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K", "META_WORDS"], prune=_keep)
 
 
 def gemv_usable(x, values, M: int) -> bool:
@@ -469,11 +473,12 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
     def grid(meta_):
         return (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
 
-    meta16 = DOT_META16 and meta.stride(1) == 1 and meta.stride(0) % 2 == 0 and meta.storage_offset() % 2 == 0
-    m = meta.view(torch.int16) if meta16 else meta
+    words = (DOT_META_WORDS and K % 32 == 0 and meta.stride(1) == 1 and meta.stride(0) % 4 == 0
+             and meta.storage_offset() % 4 == 0)
+    m = meta.view(torch.int32) if words else meta
     _KERNEL[grid](x, values, m, y if bias is None else bias, y, M, N, K, m.shape[1],
                   x.stride(0), x.stride(1), values.stride(0), m.stride(0), y.stride(0), y.stride(1),
-                  m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype), META16=meta16)
+                  m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype), META_WORDS=words)
     return y
 
 

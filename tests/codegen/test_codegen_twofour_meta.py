@@ -73,25 +73,22 @@ def test_descriptors_refused_for_weights_smaller_than_a_tile():
 
 
 @pytest.mark.parametrize("words", [True, False])
-def test_expansion_kernel_reads_metadata_as_quad_words_or_bytes(words, gen, monkeypatch):
-    """The expansion + MMA kernel either reads one int16 word a quad of groups (low byte first
-    positions, high byte second) or bytes spread to groups in registers; both give the product.
-    K = 72: 18 groups, a partial last quad; M = 3 and 17 (a partial and a second token tile);
-    the metadata also sits at an odd byte offset, which no int16 view can take: bytes then."""
+@pytest.mark.parametrize("K", [72, 96])
+def test_expansion_kernel_spreads_each_quads_metadata_to_its_groups(words, K, gen, monkeypatch):
+    """The expansion + MMA kernel, reading metadata as int32 words of two quads or as bytes, gives
+    the product. K = 72: 18 groups, a partial last quad (no int32 view: bytes);
+    K = 96: 24 groups, three int32 words; M = 3 and 17 (a partial and a second token tile); rows
+    sliced from a taller weight (a row offset into the metadata)."""
     from sparsec.codegen import pack
 
-    monkeypatch.setattr(twofour, "DOT_META16", words)
-    packed = pack("2:4", torch.randn(40, 72, generator=gen).to(torch.float16))
+    monkeypatch.setattr(twofour, "DOT_META_WORDS", words)
+    packed = pack("2:4", torch.randn(48, K, generator=gen).to(torch.float16))
     t = packed.tensors()
     dense = packed.to_dense().double()
-    buf = torch.empty(1 + t["meta"].numel(), dtype=torch.uint8)
-    odd = buf[1:].view(t["meta"].shape)
-    odd.copy_(t["meta"])
-    assert odd.storage_offset() % 2 == 1
     for M in (3, 17):
-        x = torch.randn(M, 72, generator=gen).to(torch.float16)
-        ref = x.double() @ dense.t()
-        for meta in (t["meta"], odd):
-            y = twofour.twofour_triton(x, t["values"], meta, None, path="dot")
+        x = torch.randn(M, K, generator=gen).to(torch.float16)
+        for rows in (slice(0, 48), slice(5, 45)):
+            ref = x.double() @ dense[rows].t()
+            y = twofour.twofour_triton(x, t["values"][rows], t["meta"][rows], None, path="dot")
             # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
             torch.testing.assert_close(y.double(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
