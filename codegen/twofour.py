@@ -61,8 +61,8 @@ CSLT_ALG1_FROM_M = 2048
 GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
 # The expansion kernel reads metadata as int32 words where K is a multiple of 32 (False: bytes).
-# On an H200 (bf16, M = 2 and 16, bench/check_twofour_dot.py) words took 0-12% less time than
-# bytes on the Llama-3-8B shapes; one int16 word per group took twice as long.
+# On an H200 (bf16, M = 2 and 16, bench/check_twofour_dot.py) words took from 1% more to 12%
+# less time than bytes on the Llama-3-8B shapes; one int16 word per group took 2-3x as long.
 DOT_META_WORDS = True
 # The word kernel reads each weight byte once: its loads ask the cache to evict them first, so
 # the input (read by every program) stays resident.
