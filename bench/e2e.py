@@ -3,7 +3,9 @@
 Every configuration of a model is built, checked against the dense output, and timed in the same
 process: median of many repeats after warm-up (``triton.testing.do_bench``, which clears the L2
 between repeats), random inputs, never zeros. Ratios are against inductor with CUDA graphs
-(``mode="reduce-overhead"``) measured in the same run.
+(``mode="reduce-overhead"``) measured in the same run, before any sparsec configuration; it is
+timed again last to show how far the device drifted. A throwaway CUDA graph is recorded first,
+so that no configuration gets the first capture of the process (``spend_first_capture``).
 
     python bench/e2e.py --models mlp --out $OUT            # Llama-3-8B-shaped MLP stack, M=1,16,2048
     python bench/e2e.py --models minilm,vit --out $OUT     # MiniLM (real weights), ViT-B/16-shaped
