@@ -13,6 +13,9 @@ Llama-3-8B shapes, with the autotuner's chosen configuration recorded per case.
 Part 2 (child processes): cuSPARSELt's ``_cslt_sparse_mm`` at large M for each algorithm id and
 both output layouts, each id in a process of its own run (an id the library rejects is recorded;
 one that faults the device only ends that child, and the next id goes on in a new one).
+``--cslt-algs`` limits the ids, ``--cslt-split-k`` adds split-K factors (untransposed output), and
+``--cslt-sustain-s`` also times each setting over seconds of back-to-back replays, the state a
+long run settles in (the device at its power limit), next to the short synchronised replays.
 
 Prints a table last; the JSON keeps every row with device, versions and date.
 """
