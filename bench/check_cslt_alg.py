@@ -25,29 +25,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels import sustained_replay_us  # noqa: E402
 from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
 from sparsec.codegen import pack  # noqa: E402
 from sparsec.codegen.twofour import cslt_matmul, set_cslt_algorithm  # noqa: E402
-
-
-def sustained_us(graph, seconds: float) -> float:
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    n = max(3, int(seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / n
 
 
 def main() -> None:
@@ -124,7 +108,7 @@ def main() -> None:
     for r in range(args.rounds):
         order = names[r % len(names):] + names[:r % len(names)]
         for n in order:
-            times[n].append(sustained_us(graphs[n][0], args.seconds))
+            times[n].append(sustained_replay_us(graphs[n][0], args.seconds))
             print(f"# round {r} {n}: {times[n][-1]:.1f} us", flush=True)
     with open(args.out, "w") as f:
         json.dump({"meta": meta, "times_us": times, "error_vs_dense": errors}, f, indent=1)

@@ -157,6 +157,26 @@ def time_calls(calls, device, replays: int) -> float:
     return statistics.median(times)
 
 
+def sustained_replay_us(graph, seconds: float) -> float:
+    """Microseconds per replay of ``graph`` over ``seconds`` of back-to-back replays: the clock a
+    long run settles at (the device at its power limit), where ``time_calls``' synchronised
+    replays let the device rest between them."""
+    graph.replay()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    graph.replay()
+    end.record()
+    end.synchronize()
+    n = max(3, int(seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))
+    start.record()
+    for _ in range(n):
+        graph.replay()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) * 1e3 / n
+
+
 def measure_copy_bandwidth(device, smoke: bool) -> float:
     n = (1 << 20) if smoke else (2 << 30)  # bytes per buffer
     src = torch.randn(n // 4, device=device)

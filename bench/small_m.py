@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, time_calls, _write  # noqa: E402
+from kernels import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, sustained_replay_us, time_calls, _write  # noqa: E402
 
 from sparsec.codegen import Packed, block, twofour  # noqa: E402
 
@@ -174,26 +174,14 @@ SUSTAIN_S = 0.0  # --cslt-sustain-s
 
 
 def sustained_us(calls, seconds: float) -> float:
-    """Microseconds per call over ``seconds`` of back-to-back replays: the clock a long run settles
-    at, where ``time_calls``' synchronised replays let the device rest between them."""
+    """Microseconds per call over ``seconds`` of back-to-back replays of ``calls`` in one graph."""
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         for c in calls:
             c()
-    graph.replay()
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    graph.replay()
-    torch.cuda.synchronize()
-    n = max(1, int(seconds / max(time.perf_counter() - t, 1e-6)))
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    end.synchronize()
+    us = sustained_replay_us(graph, seconds) / len(calls)
     del graph
-    return start.elapsed_time(end) * 1e3 / (n * len(calls))
+    return us
 
 
 def cslt_child(alg: int, out: str, shapes, tokens, split_ks=None) -> None:

@@ -337,4 +337,3 @@ def _reset() -> None:
 
 
 sparsec_backend.reset = _reset
-
