@@ -138,10 +138,40 @@ def _interpretable_language():
     for mod, name, _, twin in _LANGUAGE_SWAPS:
         setattr(mod, name, twin)
     try:
-        yield
+        with _scalar_index_of_one_element_arrays():
+            yield
     finally:
         for mod, name, orig, _ in _LANGUAGE_SWAPS:
             setattr(mod, name, orig)
+
+
+@contextlib.contextmanager
+def _scalar_index_of_one_element_arrays():
+    """Let the interpreter use a scalar kernel argument as an index (``range(0, K, BLOCK)``).
+
+    The interpreter holds a scalar as a one-element array. Triton 3.6's interpreter converts it
+    with ``int(array)``, which NumPy 2.4 refuses for arrays of one or more dimensions ("only
+    0-dimensional arrays can be converted to Python scalars"); later Triton releases convert the
+    single element. For an interpreted launch the tensor patch Triton installs gets that
+    conversion; on versions that already do it this changes nothing.
+    """
+    from triton.runtime import interpreter
+
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        yield
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0])
+                       if self.handle.data.size == 1 else int(self.handle.data))
+
+    interpreter._patch_lang_tensor = patch_lang_tensor
+    try:
+        yield
+    finally:
+        interpreter._patch_lang_tensor = original
 
 
 class LazyKernel:
@@ -222,8 +252,13 @@ def cold_bench(kernel_call, quantiles=(0.5, 0.2, 0.8), **_):
     Triton's own timing clears the cache by writing a buffer; the dirty lines then drain while the
     timed launch reads, which is not what a launch in a model meets. On an H200 its pick for the
     gated block GEMV at M = 1 ran 17% slower in CUDA-graph replay than the best configuration
-    (docs/benchmarks.md)."""
+    (docs/benchmarks.md).
+
+    Some Triton releases (3.6 among them) time even a single surviving configuration; under the interpreter
+    there is nothing to time, so the launch runs once and every quantile is zero."""
     kernel_call()
+    if interpret_mode():
+        return [0.0 for _ in quantiles]
     flush = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda")
     start = [torch.cuda.Event(enable_timing=True) for _ in range(BENCH_REPS)]
     end = [torch.cuda.Event(enable_timing=True) for _ in range(BENCH_REPS)]
