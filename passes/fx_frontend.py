@@ -103,6 +103,10 @@ class FxFrontend:
             return compile_fx(rewritten, self.example_inputs, config_patches=list_mode_options(self.mode))
         return rewritten
 
+    def device_kind(self) -> str:
+        """Where the graph runs: "cuda" or "cpu"."""
+        return "cuda" if self._device().type == "cuda" else "cpu"
+
     def device_name(self) -> str:
         from sparsec.fingerprint_device import current_device_name
 

@@ -86,7 +86,7 @@ class Session:
             from sparsec.logs import logger
 
             logger.warning("%s", last)
-        mismatch = self.fingerprint.matches_current_device()
+        mismatch = self.fingerprint.matches_current_device(frontend.device_kind())
         if mismatch and not any(mismatch in w for w in outcome.report["warnings"]):
             outcome.report["warnings"].append(mismatch)
         if self.options.measure and self.options.lower:

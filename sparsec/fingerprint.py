@@ -297,9 +297,10 @@ class Fingerprint:
         parts += [n for n in dict.fromkeys(first.note.split("; ") + second.note.split("; ")) if n]
         return Prediction(first.us + second.us, f"{first.kernel} x2", "; ".join(parts))
 
-    def matches_current_device(self) -> str | None:
-        """A warning when this fingerprint was not measured on the device this process runs on."""
-        kind = current_device_kind()
+    def matches_current_device(self, kind: str | None = None) -> str | None:
+        """A warning when this fingerprint was not measured on the device the model runs on
+        (``kind``: "cuda" or "cpu"; default: CUDA where this process has a GPU)."""
+        kind = kind or current_device_kind()
         here = current_device_name(kind)
         fp_kind, fp_name = self.device["kind"], self.device["name"]
         if fp_kind != kind:

@@ -536,12 +536,18 @@ def _finish(h: Harness) -> None:
 
 def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float | None = None,
             fresh: bool = False, name: str | None = None, redo: list[str] | None = None, console=None,
-            extend: bool = False, redo_up_to: int | None = None) -> Path:
-    """Measure this device into ``out`` (default: the user fingerprint of this device); returns the path."""
+            extend: bool = False, redo_up_to: int | None = None, device: str | None = None) -> Path:
+    """Measure this device into ``out`` (default: the user fingerprint of this device); returns the path.
+
+    ``device``: "cuda" or "cpu" (default: the GPU where this process has one, else the CPU)."""
     from rich.console import Console
 
     console = console or Console(stderr=True)
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in (None, "cuda", "cpu"):
+        raise FingerprintError(f"device {device!r} is not 'cuda' or 'cpu'")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise FingerprintError("device 'cuda' asked for, but this process sees no CUDA GPU; measure with --device cpu")
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     g = GRIDS[grid or kind]
     out = Path(out) if out else default_output()
     budget_s = budget_s if budget_s is not None else (420.0 if kind == "cuda" else 600.0)

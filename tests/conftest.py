@@ -35,7 +35,7 @@ class ScaledFingerprint:
     def can_predict(self, fmt, dtype="float32", mode="eager"):
         return None
 
-    def matches_current_device(self):
+    def matches_current_device(self, kind=None):
         return None
 
     def predict_detail(self, fmt, M, N, K, dtype="float32", mode="eager"):

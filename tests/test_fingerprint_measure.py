@@ -22,7 +22,7 @@ def quiet():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     out = tmp_path_factory.mktemp("fp") / "tiny-cpu.json"
-    measure(out, grid="tiny", console=quiet())
+    measure(out, grid="tiny", console=quiet(), device="cpu")
     return out
 
 
@@ -49,17 +49,17 @@ def test_tiny_measurement_is_a_complete_valid_fingerprint(tiny):
 
 def test_rerun_of_complete_file_is_refused(tiny):
     with pytest.raises(FingerprintError, match="already a complete fingerprint; pass --fresh"):
-        measure(tiny, grid="tiny", console=quiet())
+        measure(tiny, grid="tiny", console=quiet(), device="cpu")
 
 
 def test_partial_run_resumes_without_repeating_work(tmp_path):
     out = tmp_path / "part.json"
-    measure(out, grid="tiny", budget_s=0.0, console=quiet())  # probes only, then out of budget
+    measure(out, grid="tiny", budget_s=0.0, console=quiet(), device="cpu")  # probes only, then out of budget
     part = json.loads(out.read_text())
     assert part["complete"] is False and part["grid"]["done"] == [] and part["kernels"] == {}
     assert part["measured"]["copy_GBps"] > 0
     assert load_fingerprint(out).complete is False  # a partial file still loads
-    measure(out, grid="tiny", console=quiet())
+    measure(out, grid="tiny", console=quiet(), device="cpu")
     full = json.loads(out.read_text())
     assert full["complete"] is True
     # probes are not run again; peaks can only rise, to the best rate the dense grid reached
@@ -74,12 +74,12 @@ def test_partial_run_resumes_without_repeating_work(tmp_path):
 
 def test_partial_file_of_another_grid_or_garbage_is_refused(tmp_path):
     out = tmp_path / "part.json"
-    measure(out, grid="tiny", budget_s=0.0, console=quiet())
+    measure(out, grid="tiny", budget_s=0.0, console=quiet(), device="cpu")
     with pytest.raises(FingerprintError, match="different grid; pass --fresh"):
-        measure(out, grid="cpu", budget_s=0.0, console=quiet())
+        measure(out, grid="cpu", budget_s=0.0, console=quiet(), device="cpu")
     out.write_text("{ truncated")
     with pytest.raises(FingerprintError, match="not a readable fingerprint"):
-        measure(out, grid="tiny", console=quiet())
+        measure(out, grid="tiny", console=quiet(), device="cpu")
 
 
 def test_wrong_kernel_is_caught_before_timing():
@@ -117,9 +117,9 @@ def test_implausible_points_are_found_along_M():
 
 def test_redo_measures_one_family_again_and_keeps_the_rest(tmp_path):
     out = tmp_path / "fp.json"
-    measure(out, grid="tiny", console=quiet())
+    measure(out, grid="tiny", console=quiet(), device="cpu")
     before = json.loads(out.read_text())
-    measure(out, grid="tiny", redo=["block"], console=quiet())
+    measure(out, grid="tiny", redo=["block"], console=quiet(), device="cpu")
     after = json.loads(out.read_text())
     assert after["complete"] is True
     assert after["kernels"]["dense"] == before["kernels"]["dense"]  # untouched
@@ -143,7 +143,7 @@ def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_
     out.write_text(json.dumps(doc))
     others = {f: len(v) for f, v in doc["kernels"].items() if f != "block"}
 
-    measure(out, grid="tiny", extend=True, console=quiet())
+    measure(out, grid="tiny", extend=True, console=quiet(), device="cpu")
     after = json.loads(out.read_text())
     assert after["complete"] and not any(k.startswith(key) for k in after["skipped"])
     curve = [e for e in after["kernels"]["block"] if _entry_key("block", e) == key]
@@ -152,7 +152,7 @@ def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_
     assert {f: len(v) for f, v in after["kernels"].items() if f != "block"} == others  # nothing else re-run
 
     with pytest.raises(FingerprintError, match="no curve stopped early"):
-        measure(out, grid="tiny", extend=True, console=quiet())
+        measure(out, grid="tiny", extend=True, console=quiet(), device="cpu")
 
 
 def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_path, monkeypatch):
@@ -176,7 +176,7 @@ def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_pa
         return point(self, job, weights, M, gen)
 
     monkeypatch.setattr(Harness, "_point", recording)
-    measure(out, grid="tiny", redo=["block"], redo_up_to=up_to, console=quiet())
+    measure(out, grid="tiny", redo=["block"], redo_up_to=up_to, console=quiet(), device="cpu")
     after = json.loads(out.read_text())
     assert after["complete"]
     old = {(_entry_key("block", e), e["M"], e["mode"]): e["us"] for e in doc["kernels"]["block"]}

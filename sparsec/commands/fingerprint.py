@@ -28,6 +28,8 @@ def register(subparsers) -> None:
                    help="stop after this many seconds with a partial, resumable file (default 420 GPU, 600 CPU)")
     m.add_argument("--grid", choices=["cuda", "cpu", "tiny"], default=None,
                    help="measurement grid (default: this device's); 'tiny' checks the harness in seconds")
+    m.add_argument("--device", choices=["cuda", "cpu"], default=None,
+                   help="which device to measure (default: the GPU where there is one, else the CPU)")
     m.add_argument("--fresh", action="store_true", help="start over instead of resuming a partial file")
     m.add_argument("--redo", action="append", default=None, metavar="KERNEL",
                    help="measure this kernel (e.g. cusparselt, sparsec-triton-block) or family (e.g. block) "
@@ -72,7 +74,7 @@ def _measure(args) -> int:
 
         raise FingerprintError("--redo-up-to needs --redo KERNEL: name the kernels whose small-M points to measure again")
     measure(args.output, grid=args.grid, budget_s=args.budget_s, fresh=args.fresh, name=args.name, redo=args.redo,
-            extend=args.extend, redo_up_to=args.redo_up_to)
+            extend=args.extend, redo_up_to=args.redo_up_to, device=args.device)
     return 0
 
 
