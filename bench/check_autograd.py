@@ -19,7 +19,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
-from kernels import rel_err  # noqa: E402
+from kernel_bench import rel_err  # noqa: E402
 
 from sparsec.backend import sparsec_backend  # noqa: E402
 from sparsec.codegen import pack  # noqa: E402

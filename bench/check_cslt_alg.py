@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import sustained_replay_us  # noqa: E402
+from kernel_bench import sustained_replay_us  # noqa: E402
 from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()

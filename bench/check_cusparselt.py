@@ -13,7 +13,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
-from kernels import REL_TOL, rel_err  # noqa: E402
+from kernel_bench import REL_TOL, rel_err  # noqa: E402
 
 from sparsec.codegen import linear, pack  # noqa: E402
 

@@ -8,7 +8,7 @@ weights packed into each format) at the token counts where the format fuses
 (``epilogue_pays``). Checked: the gated launch and the residual launch in bf16 and fp16 against
 the fp32 product with the epilogue applied in fp32 (bf16 on the device, after the timing has
 autotuned it; fp16 too under ``--smoke``, where autotuning is off). Timed (CUDA-graph replay over rotated
-weight copies, bench/kernels.py's ``time_calls``): the block as two fused launches against the
+weight copies, bench/kernel_bench.py's ``time_calls``): the block as two fused launches against the
 two unfused launches plus inductor's SiLU-multiply and residual kernels. Prints a table last.
 """
 
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, time_calls, _write  # noqa: E402
+from kernel_bench import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, time_calls, _write  # noqa: E402
 
 from sparsec.codegen import Epilogue, EpilogueLinear, PackedLinear, block, stack_rows, twofour  # noqa: E402
 from sparsec.codegen import epilogue as ep  # noqa: E402

@@ -2,7 +2,7 @@
 
 Both ways of reading the metadata (``codegen/twofour.py``,
 ``DOT_META_WORDS``: int32 words of two quads, or bytes) are checked against
-float64 and timed in alternating rounds in one process, with bench/kernels.py's method
+float64 and timed in alternating rounds in one process, with bench/kernel_bench.py's method
 (CUDA-graph replay over >= 256 MB of rotated weight copies, median of 30 replays, random data),
 on the Llama-3-8B shapes.
 
@@ -26,7 +26,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
-from kernels import MAX_COPIES, REL_TOL, ROTATE_BYTES, make_packed, rel_err, time_calls  # noqa: E402
+from kernel_bench import MAX_COPIES, REL_TOL, ROTATE_BYTES, make_packed, rel_err, time_calls  # noqa: E402
 
 from sparsec.codegen import twofour  # noqa: E402
 

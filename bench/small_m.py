@@ -6,7 +6,7 @@ Run on a CUDA device::
 
 Part 1 (in this process): every small-M path of the 2:4 and block kernels, forced
 (``twofour_triton(path=...)``, ``block_triton(path=...)``), checked against float64 in bf16 and
-fp16 first, then timed with bench/kernels.py's method (CUDA-graph replay over >= 256 MB of
+fp16 first, then timed with bench/kernel_bench.py's method (CUDA-graph replay over >= 256 MB of
 rotated weight copies, median of 30 replays, random normal data) at M in {1, 2, 4, 16} on the
 Llama-3-8B shapes, with the autotuner's chosen configuration recorded per case.
 
@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, sustained_replay_us, time_calls, _write  # noqa: E402
+from kernel_bench import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, sustained_replay_us, time_calls, _write  # noqa: E402
 
 from sparsec.codegen import Packed, block, twofour  # noqa: E402
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.fx as fx
 
@@ -10,6 +12,16 @@ from sparsec.launches import LaunchGroup
 from sparsec.passes import capture_fx, rewrite_fx
 from sparsec.passes.interpret_fx import SiteInterpreter, empty_stats, flatten_outputs, relative_l2
 from sparsec.sites import Site, SiteStats, Skipped
+
+
+@dataclass
+class Traced:
+    """A calibration or held-out call whose shapes the graph was not traced for, with the graph
+    Dynamo traced for its own shapes (the same code and parameters) and that graph's inputs."""
+
+    gm: fx.GraphModule
+    args: list
+    nodes: dict  # site name -> node, captured while Dynamo's metadata was on the graph
 
 
 class FxFrontend:
@@ -41,8 +53,9 @@ class FxFrontend:
         stats = empty_stats(sites)
         self._references = []
         with torch.no_grad():
-            for args in self.calibration:
-                out = SiteInterpreter(self.gm, self.nodes, self.sites, stats=stats).run(*args)
+            for item in self.calibration:
+                gm, nodes, args = self._run_of(item)
+                out = SiteInterpreter(gm, nodes, self.sites, stats=stats).run(*args)
                 self._references.append(flatten_outputs(out))
         return stats
 
@@ -52,8 +65,9 @@ class FxFrontend:
         local: dict[str, list[float]] = {}
         outs = []
         with torch.no_grad():
-            for args in data:
-                out = SiteInterpreter(self.gm, self.nodes, self.sites, replacements=replacements, local=local).run(*args)
+            for item in data:
+                gm, nodes, args = self._run_of(item)
+                out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, local=local).run(*args)
                 outs.append(flatten_outputs(out))
         per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in local.items()}
         return relative_l2(outs, refs), per_layer
@@ -103,6 +117,12 @@ class FxFrontend:
             return compile_fx(rewritten, self.example_inputs, config_patches=list_mode_options(self.mode))
         return rewritten
 
+    def time_layer(self, layer: Layer, cand, options) -> tuple[float, float]:
+        """(dense us, candidate us) of one layer at its token count, with torch on its weight's device."""
+        from sparsec import measure
+
+        return measure.time_layer(layer, cand, options)
+
     def device_kind(self) -> str:
         """Where the graph runs: "cuda" or "cpu"."""
         return "cuda" if self._device().type == "cuda" else "cpu"
@@ -130,5 +150,22 @@ class FxFrontend:
     def _heldout_refs(self):
         if self._heldout_references is None:
             with torch.no_grad():
-                self._heldout_references = [flatten_outputs(self.gm(*args)) for args in self.heldout]
+                refs = []
+                for item in self.heldout:
+                    gm, _, args = self._run_of(item)
+                    refs.append(flatten_outputs(gm(*args)))
+                self._heldout_references = refs
         return self._heldout_references
+
+    def _run_of(self, item) -> tuple[fx.GraphModule, dict[str, fx.Node], list]:
+        """The graph a calibration or held-out call runs through, its site nodes, and its inputs."""
+        if not isinstance(item, Traced):
+            return self.gm, self.nodes, item
+        missing = sorted(set(self.sites) - set(item.nodes))
+        if missing:
+            from sparsec.errors import ModelError
+
+            raise ModelError(
+                f"the graph traced for a calibration input of other shapes lacks layer(s) {', '.join(missing[:3])}: "
+                "the model takes another path at those shapes; calibrate with inputs of the example's shapes")
+        return item.gm, item.nodes, item.args

@@ -61,11 +61,14 @@ def load_npz(path, model: onnx.ModelProto, what: str = "calibration") -> Feeds:
     if not path.is_file():
         raise ModelError(f"{what} data {path}: no such file")
     try:
+        if not zipfile.is_zipfile(path):
+            raise ValueError("not a zip archive")
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
-    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ModelError(f"{what} data {path} is not a readable .npz file ({type(exc).__name__}: {exc}); "
-                         "write it with numpy.savez(path, input_name=array, ...)") from None
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError, AttributeError) as exc:
+        why = "holds pickled Python objects" if "pickled" in str(exc) else "cannot be read as one"
+        raise ModelError(f"{what} data {path} is not an .npz archive of arrays (it {why}); write it with "
+                         "numpy.savez(path, input_name=array, ...), one array per graph input") from None
     inputs = graph_inputs(model)
     names = [i.name for i in inputs]
     unknown = sorted(set(arrays) - set(names))

@@ -146,6 +146,12 @@ class OnnxFrontend:
     def lower(self, layers: list[Layer]) -> onnx.ModelProto:
         return rewrite_onnx.rewrite(self.model, self.layers, layers, self.shapes, self.provenance)
 
+    def time_layer(self, layer: Layer, cand, options=None) -> tuple[float, float]:
+        """(dense us, candidate us) of one layer, timed in onnxruntime with this model's provider."""
+        from sparsec.passes.onnx_timing import time_layer
+
+        return time_layer(layer.site, cand.spec, cand.approx, max(layer.tokens, 1), self.provider, self.threads)
+
     def device_name(self) -> str:
         return self.device
 

@@ -76,3 +76,38 @@ def interleaved(runs: Sequence[Run], *, budget_s: float = 2.0, min_rounds: int =
 def clock_for(provider: str, threads: int | None) -> str:
     """The thread clock when onnxruntime runs on the calling thread alone, else wall time."""
     return "thread" if provider == "CPUExecutionProvider" and threads == 1 else "wall"
+
+
+LAYER_TIMING_BUDGET_S = 0.5
+
+
+def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -> tuple[float, float]:
+    """(dense us, rewritten us) of one layer's subgraph against its dense MatMul in onnxruntime, in
+    isolation at ``M`` rows, each less the time of a pass-through model of the same input (what
+    a session run costs whatever it computes)."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    from sparsec.fingerprint_ort import passthrough_model
+    from sparsec.formats import Dense
+    from sparsec.passes.onnx_emit import Emitter, emit_product, factors
+    from sparsec.passes.onnx_model import session
+
+    dtype = np.float16 if str(site.dtype) == "torch.float16" else np.float32
+    elem = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
+    sessions = []
+    for fmt, weight in ((Dense(), site.weight), (spec, approx)):
+        em = Emitter(prefix="layer", taken={"x", "y"})
+        emit_product(em, fmt, "x", "y", factors(fmt, weight, dtype), site.N, site.K, [M, site.K])
+        g = helper.make_graph(em.nodes, "layer", [helper.make_tensor_value_info("x", elem, [M, site.K])],
+                              [helper.make_tensor_value_info("y", elem, [M, site.N])], em.initializers)
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        sessions.append(session(model, provider, threads))
+    base = session(passthrough_model(M, site.K), provider, threads)
+    x = {"x": np.random.default_rng(0).standard_normal((M, site.K)).astype(dtype)}
+    t = interleaved([lambda s=s: s.run(None, x) for s in (*sessions, base)], budget_s=LAYER_TIMING_BUDGET_S,
+                    min_rounds=8, max_rounds=100, round_s=0.002, clock=clock_for(provider, threads))
+    dense_us, new_us, base_us = t.us
+    return max(dense_us - base_us, 0.1 * dense_us), max(new_us - base_us, 0.1 * new_us)

@@ -40,16 +40,21 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     if not isinstance(example_inputs, (tuple, list)):
         raise OptionError("example_inputs must be a tensor or a tuple of the model's positional arguments")
     session = Session(parse_options(options, lower=lower), entry="optimize")
+    try:
+        with torch.no_grad():
+            model(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the model's own failure, said in one line before any tracing
+        raise ModelError(f"the model fails on example_inputs (shapes {_shown(example_inputs)}): "
+                         f"{type(exc).__name__}: {_first_line(exc)}") from None
 
     def backend(gm, inputs):
-        lowered = session.run_graph(gm, inputs)
-        return gm.forward if lowered is None else lowered
+        return session.compile_graph(gm, inputs, raise_user_errors=True)
 
-    if _importable(model):
-        entry = torch.compile(_own_entry(), backend=backend)
-        compiled = functools.partial(entry, model)
-    else:  # Dynamo reaches an inlined function's globals by importing its module: trace the model's own frame
-        compiled = torch.compile(model, backend=backend)
+    for what in ("calibration", "heldout"):
+        items = getattr(session.options, what)
+        if items:
+            session.traced[what] = _trace_other_shapes(model, example_inputs, items, what)
+    compiled = _compiled_entry(model, backend)
     try:
         with torch.no_grad(), _room_to_compile():
             compiled(*example_inputs)
@@ -57,9 +62,19 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
         inner = getattr(exc, "inner_exception", None) or exc.__cause__
         if isinstance(inner, SparsecError):
             raise inner from None
+        if inner is not None and session.options.strict:
+            raise inner
         raise
     if session.report is None:
         raise ModelError("torch.compile captured no graph from this model; nothing to plan")
+    if session.options.plan is not None:
+        data = session.report.to_dict()
+        unmatched = session.options.plan.describe_unmatched(
+            [x["name"] for x in [*data["layers"], *data.get("skipped", [])]])
+        if unmatched:
+            from sparsec.errors import PlanError
+
+            raise PlanError(unmatched)
     return Result(module=Rewritten(model, compiled) if lower else None, plan=session.plan, report=session.report)
 
 
@@ -82,6 +97,75 @@ class Rewritten(torch.nn.Module):
 
 
 _ENTRIES = itertools.count()
+
+
+def _compiled_entry(model, backend):
+    if _importable(model):
+        entry = torch.compile(_own_entry(), backend=backend)
+        return functools.partial(entry, model)
+    # Dynamo reaches an inlined function's globals by importing its module: trace the model's own frame
+    return torch.compile(model, backend=backend)
+
+
+def _trace_other_shapes(model, example_inputs, items, what: str) -> dict[int, list]:
+    """For each item whose tensors' shapes differ from the example's, the graphs Dynamo traces for
+    its shapes (one per subgraph, each with this item's inputs).
+
+    The graph planned is specialised to the example's shapes (reshapes to a fixed batch, say), so
+    an input of other shapes cannot run through it; the graph traced for the input's own shapes
+    computes the same thing with the same parameters. One trace per distinct set of shapes."""
+    from sparsec.backend import InputSlots
+    from sparsec.passes import capture_fx
+    from sparsec.passes.fx_frontend import Traced
+
+    wanted = _shapes(example_inputs)
+    traces: dict[tuple, list] = {}
+    out: dict[int, list] = {}
+    for index, item in enumerate(items):
+        shapes = _shapes(item)
+        if shapes == wanted:
+            continue
+        if shapes not in traces:
+            graphs: list = []
+
+            def collect(gm, inputs, graphs=graphs):
+                # read while Dynamo's metadata is on the graph: it is dropped once the compile is done
+                nodes = capture_fx.capture(gm, inputs, len(graphs))[2]
+                graphs.append((gm, list(inputs), InputSlots.of(gm), nodes))
+                return gm.forward
+
+            entry = _compiled_entry(model, collect)
+            try:
+                with torch.no_grad(), _room_to_compile():
+                    entry(**item) if isinstance(item, dict) else entry(*item)
+            except Exception as exc:  # noqa: BLE001 - the model's own failure on the user's input
+                raise ModelError(f"the model fails on {what} item {index} (shapes {_shown(item)}): "
+                                 f"{type(exc).__name__}: {_first_line(exc)}") from None
+            traces[shapes] = graphs
+        runs = []
+        for gm, inputs, slots, nodes in traces[shapes]:
+            args = slots.fill(gm, inputs, item, index, what) if slots is not None else None
+            if args is None:
+                break
+            runs.append(Traced(gm, args, nodes))
+        out[index] = runs
+    return out
+
+
+def _shapes(item) -> tuple:
+    values = sorted(item.items(), key=lambda kv: str(kv[0])) if isinstance(item, dict) else enumerate(item)
+    return tuple((k, tuple(v.shape), v.dtype) if isinstance(v, torch.Tensor) else (k, type(v).__name__)
+                 for k, v in values)
+
+
+def _shown(item) -> str:
+    values = item.values() if isinstance(item, dict) else item
+    return ", ".join(str(tuple(v.shape)) for v in values if isinstance(v, torch.Tensor))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
 
 
 def _importable(model) -> bool:

@@ -39,27 +39,83 @@ class Session:
             options.fingerprint if hasattr(options.fingerprint, "predict_detail") else load_fingerprint(options.fingerprint)
         )
         self.graph_errors: list[float] = []  # measured error of each subgraph planned so far
+        # "calibration"/"heldout" -> item index -> per subgraph, the graph traced for that item's
+        # shapes with its inputs (``Traced``), for items of other shapes than the first call's
+        self.traced: dict[str, dict[int, list]] = {}
         self.plan = None
         self.report = None
+        self._seen: set[str] = set()  # names of the layers of every graph planned so far
         # site name -> (identity of the weight it was built from, a weak reference to its packed
         # linear or None if dense): the compiled graphs own the packed layers, the session only
         # finds them again while some compiled graph still holds them
         self._built: dict[str, tuple[tuple, object]] = {}
 
+    def compile_graph(self, gm, example_inputs, *, raise_user_errors: bool = False):
+        """``run_graph``, or the dense graph when it fails and the options are not strict.
+
+        A failure in any step falls back to the graph as traced (inductor on CUDA): one warning
+        names the step and the cause, and the report records it under ``fallbacks``. With
+        ``strict`` it is raised instead; ``raise_user_errors`` raises errors about the user's own
+        input (``SparsecError``: a bad plan, inputs that do not fit) even when not strict.
+        """
+        from sparsec.errors import SparsecError
+
+        try:
+            lowered = self.run_graph(gm, example_inputs)
+        except Exception as exc:  # noqa: BLE001 - a compile must not break on sparsec's account
+            if self.options.strict or (raise_user_errors and isinstance(exc, SparsecError)):
+                raise
+            return self.fall_back(gm, example_inputs, exc)
+        return gm.forward if lowered is None else lowered
+
+    def fall_back(self, gm, example_inputs, exc: BaseException):
+        """The dense graph for a subgraph sparsec could not plan, with the failure on record."""
+        from sparsec.passes.fx_frontend import FxFrontend
+        from sparsec.pipeline import EndToEnd, failed_step, report_of
+
+        graph = len(self.graph_errors)
+        step = failed_step(exc)
+        message = fallback_message(graph, step, exc)
+        warn_fallback(message)
+        frontend = FxFrontend(gm, example_inputs, [], graph=graph, entry=self.entry, mode=self.options.mode)
+        try:
+            report = report_of(frontend, [], [], EndToEnd(), self.fingerprint, self.options)
+            report["warnings"].append(message)
+            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            report["fallbacks"] = [{"graph": graph, "step": step, "error": f"{type(exc).__name__}: {cause}"}]
+            self.graph_errors.append(0.0)
+            from sparsec.report import Report
+
+            merged = Report(_finish(report))
+            self.report = merged if self.report is None else self.report.extend(merged)
+            if self.plan is None:
+                from sparsec.plan import Plan
+
+                self.plan = Plan(layers={}, fingerprint=self.fingerprint.name, error_budget=self.options.error_budget)
+            if self.options.report:
+                self.report.save(self.options.report)
+        except Exception as again:  # noqa: BLE001 - the record is best effort; the dense graph is what counts
+            warn_fallback(f"graph {graph}: the failure could not be recorded in the report ({type(again).__name__}: {again})")
+        return dense_graph(gm, example_inputs, self.options.mode)
+
     def run_graph(self, gm, example_inputs):
         """Plan, verify and lower one subgraph; return its compiled callable (None with lower=False)."""
         from sparsec.passes.fx_frontend import FxFrontend
-        from sparsec.pipeline import optimize_graph
+        from sparsec.pipeline import optimize_graph, step
 
         graph = len(self.graph_errors)
-        calibration, warning = calibration_inputs(gm, example_inputs, self.options.calibration)
-        heldout = _map_items(gm, example_inputs, self.options.heldout) if self.options.heldout else None
+        with step("calibrate"):
+            calibration, warning = calibration_inputs(gm, example_inputs, self.options.calibration,
+                                                      self.traced.get("calibration"), graph)
+            heldout = _map_items(gm, example_inputs, self.options.heldout, what="heldout",
+                                 traced=self.traced.get("heldout"), graph=graph) if self.options.heldout else None
         if self.options.heldout and heldout is None:
             warning = (warning + "; " if warning else "") + "held-out inputs could not be matched to this subgraph's inputs"
         frontend = FxFrontend(gm, example_inputs, calibration, heldout, graph=graph, entry=self.entry,
                               mode=self.options.mode)
         if self.options.lower and self._built:
-            lowered = self._lower_again(frontend)
+            with step("lower"):
+                lowered = self._lower_again(frontend)
             if lowered is not None:
                 return lowered
         options = self._options_for_next_graph()
@@ -72,6 +128,12 @@ class Session:
             )
         if warning:
             outcome.report["warnings"].append(f"graph {graph}: {warning}")
+        self._seen.update(l.name for l in outcome.layers)
+        self._seen.update(s.name for s in outcome.skipped)
+        unmatched = self.options.plan.describe_unmatched(sorted(self._seen), "the graphs compiled so far") \
+            if self.options.plan is not None else None
+        if unmatched:
+            outcome.report["warnings"].append(f"graph {graph}: {unmatched}")
         frozen = [l.name for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
         trainable = any(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in example_inputs)
         if frozen and trainable and torch.is_grad_enabled() and self.options.lower:
@@ -92,7 +154,8 @@ class Session:
         if self.options.measure and self.options.lower:
             from sparsec.measure import measure_outcome
 
-            measure_outcome(self, outcome, gm, example_inputs)
+            with step("measure"):
+                measure_outcome(self, outcome, gm, example_inputs)
         if self.options.lower:
             for layer in outcome.layers:
                 module = frontend.modules.get(layer.name)
@@ -105,7 +168,8 @@ class Session:
         self.graph_errors.append(outcome.report["end_to_end"]["measured_error"] or 0.0)
         self._merge(outcome)  # the session keeps the plan and report, not the layers or their weights
         if self.options.report:
-            self.report.save(self.options.report)
+            with step("report"):
+                self.report.save(self.options.report)
         from sparsec.logs import log_report
 
         log_report(outcome.report)
@@ -150,6 +214,36 @@ class Session:
         layers = dict(self.plan.layers) if self.plan is not None else {}
         layers.update(outcome.plan.layers)
         self.plan = Plan(layers=layers, fingerprint=outcome.plan.fingerprint, error_budget=outcome.plan.error_budget)
+
+
+def fallback_message(graph: int, step: str, exc: BaseException) -> str:
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return (f"graph {graph}: sparsec's {step} step failed ({type(exc).__name__}{': ' + cause if cause else ''}); "
+            "this graph runs dense, as traced (inductor on CUDA). Pass the option strict=True to raise instead")
+
+
+class FallbackWarning(UserWarning):
+    """sparsec could not rewrite a graph and runs it dense; the message says which step failed and why."""
+
+
+def warn_fallback(message: str) -> None:
+    import warnings
+
+    from sparsec.logs import logger
+
+    logger.warning("%s", message)
+    warnings.warn(f"sparsec: {message}", FallbackWarning, stacklevel=2)
+
+
+def dense_graph(gm, example_inputs, mode: str | None):
+    """The graph as traced: inductor's compile on CUDA, the FX graph itself on the CPU."""
+    on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+    if not on_cuda:
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode or "default"))
 
 
 def _holding(fn, modules: dict):
@@ -205,11 +299,11 @@ def _finish(report: dict) -> dict:
     return report
 
 
-def calibration_inputs(gm, example_inputs, items) -> tuple[list[list], str | None]:
+def calibration_inputs(gm, example_inputs, items, traced=None, graph: int = 0) -> tuple[list, str | None]:
     """Full placeholder lists for each calibration item, or the first call's inputs (and why)."""
     if not items:
         return [list(example_inputs)], None
-    mapped = _map_items(gm, example_inputs, items)
+    mapped = _map_items(gm, example_inputs, items, traced=traced, graph=graph)
     if mapped is None:
         return [list(example_inputs)], (
             "calibration inputs could not be matched to this subgraph's inputs (it follows a graph "
@@ -218,44 +312,59 @@ def calibration_inputs(gm, example_inputs, items) -> tuple[list[list], str | Non
     return mapped, None
 
 
-def _map_items(gm, example_inputs, items):
-    """Place each calibration item's values at this graph's user-input placeholders, or None.
+@dataclasses.dataclass
+class InputSlots:
+    """Where a graph takes the user's inputs: placeholder index -> ("pos", i) or ("name", key),
+    and the traced frame's argument names (to read positional items by name)."""
 
-    Dynamo names a graph input by where it came from in the traced frame: ``L['args'][0]`` and
-    ``L['kwargs']['mask']`` when the module's call wrapper is traced, ``L['x']`` for a plain
-    function's argument. A resumed frame (after a graph break) takes intermediate values, which
-    model-level calibration inputs cannot supply.
-    """
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
+    wanted: dict
+    argnames: list
+    sources: list    # per placeholder, Dynamo's source name (None if none)
+    fixed: list      # per placeholder, the dimensions the graph fixes (None where dynamic); None if not a tensor
 
-        code = InstructionTranslator.current_tx().f_code
-    except Exception:
-        return None
-    if code.co_name.startswith("torch_dynamo_resume"):
-        return None
-    argnames = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
-    if argnames and argnames[0] == "self":
-        argnames = argnames[1:]
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    wanted: dict[int, tuple] = {}
-    for i, node in enumerate(placeholders):
-        name = _source(node)
-        if name is None:
-            continue
-        m = re.fullmatch(r"L\['args'\]\[(\d+)\]", name)
-        if m:
-            wanted[i] = ("pos", int(m.group(1)))
-            continue
-        m = re.fullmatch(r"L\['kwargs'\]\['([^']+)'\]", name) or re.fullmatch(r"L\['([^']+)'\]", name)
-        if m and m.group(1) not in ("self", "fn"):
-            wanted[i] = ("name", m.group(1))
-    out = []
-    for item in items:
+    @classmethod
+    def of(cls, gm) -> "InputSlots | None":
+        """Dynamo names a graph input by where it came from in the traced frame: ``L['args'][0]``
+        and ``L['kwargs']['mask']`` when the module's call wrapper is traced, ``L['x']`` for a
+        plain function's argument. A resumed frame (after a graph break) takes intermediate
+        values, which model-level inputs cannot supply: None."""
+        try:
+            from torch._dynamo.symbolic_convert import InstructionTranslator
+
+            code = InstructionTranslator.current_tx().f_code
+        except Exception:
+            return None
+        if code.co_name.startswith("torch_dynamo_resume"):
+            return None
+        argnames = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
+        if argnames and argnames[0] == "self":
+            argnames = argnames[1:]
+        wanted: dict[int, tuple] = {}
+        for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+            name = _source(node)
+            if name is None:
+                continue
+            m = re.fullmatch(r"L\['args'\]\[(\d+)\]", name)
+            if m:
+                wanted[i] = ("pos", int(m.group(1)))
+                continue
+            m = re.fullmatch(r"L\['kwargs'\]\['([^']+)'\]", name) or re.fullmatch(r"L\['([^']+)'\]", name)
+            if m and m.group(1) not in ("self", "fn"):
+                wanted[i] = ("name", m.group(1))
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        return cls(wanted, argnames, [_source(n) for n in placeholders], [_traced_shape(n) for n in placeholders])
+
+    def fill(self, gm, example_inputs, item, index: int, what: str) -> list:
+        """The graph's inputs for one item: its values at the user-input placeholders, sizes of
+        dynamic dimensions read from them. Raises ModelError when a value cannot go there, or
+        returns None when the item lacks a value the graph takes (the graph is not the model's)."""
+        from sparsec.errors import ModelError
+
         positional = list(item) if isinstance(item, (tuple, list)) else []
-        named = dict(item) if isinstance(item, dict) else dict(zip(argnames, positional))
+        named = dict(item) if isinstance(item, dict) else dict(zip(self.argnames, positional))
         args = list(example_inputs)
-        for i, (kind, key) in wanted.items():
+        filled: dict[str, torch.Tensor] = {}
+        for i, (kind, key) in self.wanted.items():
             if kind == "pos":
                 if key >= len(positional):
                     return None
@@ -265,10 +374,65 @@ def _map_items(gm, example_inputs, items):
             else:
                 return None
             if isinstance(args[i], torch.Tensor):
-                if not isinstance(v, torch.Tensor) or v.dim() != args[i].dim() or v.dtype != args[i].dtype:
-                    return None
+                label = f"{what} item {index}, input {key if kind == 'name' else f'#{key}'}"
+                if not isinstance(v, torch.Tensor):
+                    raise ModelError(f"{label} is a {type(v).__name__}, but the model takes a tensor there")
+                if v.dtype != args[i].dtype:
+                    raise ModelError(f"{label} has dtype {v.dtype}, but the model was traced with {args[i].dtype} "
+                                     f"there; pass {what} inputs of the example's dtypes")
+                fixed = self.fixed[i] if self.fixed[i] is not None else tuple(args[i].shape)
+                if v.dim() != len(fixed) or any(f is not None and f != n for f, n in zip(fixed, v.shape)):
+                    shown = "(" + ", ".join("any" if f is None else str(f) for f in fixed) + ")"
+                    raise ShapeMismatch(f"{label} has shape {tuple(v.shape)}, but this graph was traced for "
+                                        f"{shown}")
                 v = v.to(args[i].device)
+                filled[self.sources[i] or ""] = v
             args[i] = v
+        for i, source in enumerate(self.sources):  # sizes of dynamic dimensions, read from the new inputs
+            m = re.fullmatch(r"(.+)\.size\(\)\[(\d+)\]", source or "")
+            if m and m.group(1) in filled and not isinstance(args[i], torch.Tensor):
+                args[i] = int(filled[m.group(1)].shape[int(m.group(2))])
+        return args
+
+
+class ShapeMismatch(Exception):
+    """An input whose shape the graph was not traced for (``sparsec.optimize`` traces it anew)."""
+
+
+def _traced_shape(node) -> tuple | None:
+    """The dimensions a placeholder fixes: an int where the graph was specialised, None where dynamic."""
+    shape = getattr(node.meta.get("example_value"), "shape", None)
+    return None if shape is None else tuple(d if isinstance(d, int) else None for d in shape)
+
+
+def _map_items(gm, example_inputs, items, *, what: str = "calibration", traced=None, graph: int = 0):
+    """Each item's values placed at this graph's user-input placeholders, or None when this graph
+    cannot take model-level inputs (it follows a graph break).
+
+    An item of other shapes than the graph was traced for runs through the graph ``traced``
+    holds for it (``sparsec.optimize`` traces one per shape); without one it is refused, naming
+    the shape needed."""
+    from sparsec.errors import ModelError
+    from sparsec.passes.fx_frontend import Traced
+
+    slots = InputSlots.of(gm)
+    if slots is None:
+        return None
+    out = []
+    for index, item in enumerate(items):
+        try:
+            args = slots.fill(gm, example_inputs, item, index, what)
+        except ShapeMismatch as exc:
+            run = (traced or {}).get(index)
+            if run is None or graph >= len(run):
+                raise ModelError(
+                    f"{exc}. torch.compile specialises a graph to the shapes of its first call, so its "
+                    f"{what} inputs must have those shapes (or be dynamic there: torch.compile(..., dynamic=True) "
+                    f"with inputs of more than one element along the dimension); sparsec.optimize(model, "
+                    f"example, {what}=[...]) takes {what} inputs of any shape the model accepts") from None
+            args = run[graph]
+        if args is None:
+            return None
         out.append(args)
     return out
 
@@ -319,10 +483,21 @@ def _last_compile_warning(graph: int) -> str | None:
 
 
 def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
-    """Dynamo backend: plan and rewrite this subgraph, hand the dense rest to inductor on CUDA."""
-    session = session_for(options, mode)
-    lowered = session.run_graph(gm, example_inputs)
-    return gm.forward if lowered is None else lowered
+    """Dynamo backend: plan and rewrite this subgraph, hand the dense rest to inductor on CUDA.
+
+    It never breaks the user's compile: whatever fails (options included) leaves the graph dense
+    with one warning, unless the options say ``strict``."""
+    try:
+        session = session_for(options, mode)
+    except Exception as exc:  # noqa: BLE001 - bad options or fingerprint: the compile still runs, dense
+        if isinstance(options, dict) and options.get("strict"):
+            raise
+        setattr(exc, "failed_step", getattr(exc, "failed_step", None) or "options")
+        from sparsec.pipeline import failed_step
+
+        warn_fallback(fallback_message(0, failed_step(exc), exc))
+        return dense_graph(gm, example_inputs, mode)
+    return session.compile_graph(gm, example_inputs)
 
 
 def _reset() -> None:

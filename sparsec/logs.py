@@ -81,13 +81,18 @@ def summary_line(report_or_layers: Any) -> str:
     totals = data.get("totals") or {}
     dense = totals.get("predicted_us_dense", _sum(x.get("predicted_us_dense") for x in layers))
     pred = totals.get("predicted_us", _sum(x.get("predicted_us") for x in layers))
-    if dense is not None and pred:
-        parts.append(f"predicted {dense / pred:.2f}x on linear layers ({dense:,.1f} -> {pred:,.1f} us)")
     e2e = data.get("end_to_end") or {}
+    if dense is not None and pred:
+        linear = f"{dense / pred:.2f}x on linear layers alone ({dense:,.1f} -> {pred:,.1f} us)"
+        if e2e.get("predicted_speedup") is not None:
+            parts.append(f"predicted {e2e['predicted_speedup']:.2f}x end to end ({linear})")
+        else:
+            parts.append(f"predicted {linear}")
     if e2e.get("measured_speedup") is not None:
-        parts.append(f"measured {e2e['measured_speedup']:.2f}x end to end")
+        slower = e2e["measured_speedup"] < 1.0 and (totals.get("rewritten") or 0) > 0
+        parts.append(f"measured {e2e['measured_speedup']:.2f}x end to end" + (": SLOWER than the original" if slower else ""))
     if e2e.get("measured_error") is not None and data.get("error_budget") is not None:
-        parts.append(f"error {_pct(e2e['measured_error'])} of {_pct(data['error_budget'])} budget")
+        parts.append(_error_part(e2e, data["error_budget"]))
     fingerprint = (data.get("fingerprint") or {}).get("name")
     if fingerprint:
         parts.append(f"fingerprint {fingerprint}")
@@ -95,6 +100,22 @@ def summary_line(report_or_layers: Any) -> str:
     if warnings:
         parts.append(f"{len(warnings)} warning{'s' if len(warnings) != 1 else ''}")
     return "; ".join(parts)
+
+
+def _error_part(e2e: dict, budget: float) -> str:
+    """The measured error, saying which data it was measured on and how far to trust it."""
+    measured = _pct(e2e["measured_error"])
+    if e2e.get("heldout_error") is not None:
+        text = f"error {measured} on calibration, {_pct(e2e['heldout_error'])} held out, of {_pct(budget)} budget"
+    else:
+        text = (f"error {measured} of {_pct(budget)} budget on calibration data only (new inputs can show "
+                "several times more; pass held-out data to bound it there)")
+    made_up = e2e.get("calibration")
+    if made_up == "generated-ids":
+        text += " — calibrated on made-up token ids, so the error figure means little: pass real inputs"
+    elif made_up == "generated":
+        text += " — calibrated on made-up inputs: pass real ones"
+    return text
 
 
 def log_report(report_or_dict: Any, log: logging.Logger | None = None) -> None:

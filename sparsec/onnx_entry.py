@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +37,6 @@ from sparsec.options import parse_options
 log = logging.getLogger("sparsec")
 
 TIMING_BUDGET_S = 1.0
-LAYER_TIMING_BUDGET_S = 0.5
 # The written model's error may exceed the planned one by float rounding of the factors alone.
 LOWERED_ERROR_SLACK = 1.05
 
@@ -60,6 +60,7 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
     from sparsec.pipeline import optimize_graph
 
     output = check_writable(output)
+    _refuse_overwriting_input(model, output)
     options = _options(fingerprint, error_budget, formats, plan, report, measure)
     loaded = load_model(model)
     _check_input(loaded)
@@ -72,17 +73,46 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
     outcome = optimize_graph(frontend, options, executor.fingerprint)
     rep = _annotate(outcome, frontend, executor, loaded, output, warnings)
     rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
-    written = save_checked(outcome.lowered, output, external_data=external_data,
-                           check=lambda staged: _verify_and_time(staged, rep, rewritten, frontend, loaded, executor,
-                                                                 options.error_budget))
+    try:
+        written = save_checked(outcome.lowered, output, external_data=external_data,
+                               check=lambda staged: _verify_and_time(staged, rep, rewritten, frontend, loaded,
+                                                                     executor, options.error_budget, options.measure))
+    except _SlowerThanOriginal:
+        _keep_dense(rep)
+        written = save_checked(loaded.model, output, external_data=external_data)
+        rewritten = []
     if options.measure and rewritten:
-        _time_layers(rep, outcome.layers, executor)
+        _measured_totals(rep)
     final = _finish(rep)
     report_paths = _save_report(final, options.report) if options.report else []
     from sparsec.logs import log_report
 
     log_report(final)
     return OnnxResult(output=output, written=written, report=final, plan=outcome.plan, report_paths=report_paths)
+
+
+def _refuse_overwriting_input(model, output: Path) -> None:
+    """The input model (and a data file of its) is never written over: the user would lose it."""
+    source = Path(model)
+    targets = [output, output.with_name(output.name + ".data")]
+    for target in targets:
+        same = target.exists() and source.exists() and os.path.samefile(source, target)
+        if same or target.resolve() == source.resolve():
+            raise OptionError(f"the output {target} is the input model {source}; sparsec never writes over its "
+                              "input: pass another -o path (e.g. model.sparsec.onnx)")
+    if source.is_file() and targets[1].exists():  # only then is there a data file to lose
+        try:
+            import onnx.external_data_helper as edh
+
+            proto = onnx.load(str(source), load_external_data=False)
+            locations = {source.parent / dict((e.key, e.value) for e in t.external_data).get("location", "")
+                         for t in edh._get_all_tensors(proto) if edh.uses_external_data(t)}
+        except Exception:  # noqa: BLE001 - an unreadable input is refused by load_model with its own message
+            return
+        for target in targets:
+            if any(target.resolve() == loc.resolve() for loc in locations):
+                raise OptionError(f"the output {target} would overwrite the input model's external data file; "
+                                  "pass another -o path")
 
 
 def _options(fingerprint, error_budget, formats, plan, report, measure):
@@ -112,7 +142,13 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
         refuse=lambda site: _unpriceable(fp, site),
         provenance={"sparsec_version": _version(), "fingerprint": fp.name, "fingerprint_hash": fp.hash,
                     "error_budget": options.error_budget, "source": loaded.name})
-    sites, _ = frontend.capture()  # kept by the front-end for the pipeline's capture step
+    sites, skipped = frontend.capture()  # kept by the front-end for the pipeline's capture step
+    if options.plan is not None:
+        from sparsec.errors import PlanError
+
+        unmatched = options.plan.describe_unmatched([s.name for s in [*sites, *skipped]], str(loaded.path))
+        if unmatched:
+            raise PlanError(unmatched)
     if sites:
         feeds = load_npz(calibration, loaded.model) if calibration else generate(loaded.model)
     else:
@@ -136,6 +172,10 @@ def _annotate(outcome, frontend, executor: "Executor", loaded, output: Path, war
             "more samples, at least as many rows as inputs, for activation-aware fitting")
     rep["warnings"] = warnings + rep.get("warnings", [])
     rep["executor"] = executor.describe()
+    feeds = frontend.calibration
+    if feeds.generated:
+        ids = any("ids uniform" in note for note in feeds.notes)
+        rep["end_to_end"]["calibration"] = "generated-ids" if ids else "generated"
     held = frontend.heldout
     rep["model"] = {"input": str(loaded.path), "output": str(output), "calibration": frontend.calibration.source,
                     "heldout": held.source if held else None, "opset": loaded.opset,
@@ -151,8 +191,35 @@ def _annotate(outcome, frontend, executor: "Executor", loaded, output: Path, war
     return rep
 
 
-def _verify_and_time(staged: Path, rep: dict, rewritten, frontend, loaded, executor: "Executor", budget: float) -> None:
-    """Run the staged model in onnxruntime: its error on both data sets, and its time against the original."""
+class _SlowerThanOriginal(Exception):
+    """With ``measure``: the rewritten model timed slower than the original end to end."""
+
+
+def _keep_dense(rep: dict) -> None:
+    """The report of a plan whose rewritten model measured slower: every layer written dense, saying why."""
+    speedup = rep["end_to_end"]["measured_speedup"]
+    for row in rep["layers"]:
+        if row["format"] != "dense":
+            row["reason"] = (f"{row['format']} was planned, but the rewritten model measured {speedup:.2f}x of the "
+                             "original end to end, so with --measure every layer was kept dense")
+            row["format"], row["predicted_us"], row["predicted_speedup"] = "dense", row["predicted_us_dense"], 1.0
+            row["predicted_error"] = row["measured_error"] = 0.0
+            row["measured_speedup"] = None
+    rep["totals"].update(rewritten=0, predicted_us=rep["totals"]["predicted_us_dense"], predicted_speedup=1.0)
+    rep["end_to_end"].update(measured_error=0.0, heldout_error=0.0 if rep["end_to_end"].get("heldout_error") is not None
+                             else None, predicted_speedup=1.0, kept_dense_measured_speedup=speedup,
+                             measured_speedup=None)
+    rep["warnings"].append(
+        f"the rewritten model measured {speedup:.2f}x of the original end to end, slower: with --measure the "
+        "original model was written unchanged")
+
+
+def _verify_and_time(staged: Path, rep: dict, rewritten, frontend, loaded, executor: "Executor", budget: float,
+                     measure: bool = False) -> None:
+    """Run the staged model in onnxruntime: its error on both data sets, and its time against the original.
+
+    A rewritten model measured slower than the original is said loudly; with ``measure`` it is not
+    written (``_SlowerThanOriginal``) and the original goes out instead."""
     from sparsec.passes.onnx_model import session
 
     if not rewritten:
@@ -174,6 +241,14 @@ def _verify_and_time(staged: Path, rep: dict, rewritten, frontend, loaded, execu
             "(and more varied) samples, or lower --error-budget")
     original = session(loaded.model, executor.provider, executor.threads)
     _time_end_to_end(rep, original, new, frontend.calibration.runs[0], executor)
+    speedup = rep["end_to_end"]["measured_speedup"]
+    if speedup is not None and speedup < 1.0:
+        if measure:
+            raise _SlowerThanOriginal()
+        rep["warnings"].insert(0, (
+            f"SLOWER: the rewritten model measured {speedup:.2f}x of the original end to end "
+            f"(predicted {rep['end_to_end']['predicted_speedup'] or float('nan'):.2f}x); it was written as asked, "
+            "but the original is faster here: keep it, or rerun with --measure to write the original unchanged"))
 
 
 def _finish(rep: dict):
@@ -385,53 +460,17 @@ def _time_end_to_end(rep: dict, original, new, feed: dict, executor: Executor) -
     e2e["timing"] = t.describe()
 
 
-def _time_layers(rep: dict, layers, executor: Executor) -> None:
-    """Each rewritten layer's subgraph against its dense MatMul, in isolation, at its token count."""
-    from sparsec.fingerprint_ort import passthrough_model
-    from sparsec.formats import Dense
-    from sparsec.passes.onnx_emit import Emitter, emit_product, factors
-    from sparsec.passes.onnx_model import session
-    from sparsec.passes.onnx_timing import clock_for, interleaved
-
-    rows = {row["name"]: row for row in rep["layers"]}
-    dense_total = new_total = 0.0
-    rng = np.random.default_rng(0)
-    for layer in layers:
-        row = rows[layer.name]
-        if layer.chosen is None or layer.chosen.is_dense:
+def _measured_totals(rep: dict) -> None:
+    """The rewritten layers' measured speed-up together: their dense time over their rewritten time."""
+    dense = new = 0.0
+    for row in rep["layers"]:
+        if row["format"] == "dense":
             row["measured_speedup"] = 1.0
-            continue
-        site = layer.site
-        dtype = np.float16 if str(site.dtype) == "torch.float16" else np.float32
-        M = max(layer.tokens, 1)
-        sessions = []
-        for spec, weight in ((Dense(), site.weight), (layer.chosen.spec, layer.chosen.approx)):
-            em = Emitter(prefix="layer", taken={"x", "y"})
-            emit_product(em, spec, "x", "y", factors(spec, weight, dtype), site.N, site.K, [M, site.K])
-            sessions.append(session(_single(em, M, site.N, site.K, dtype), executor.provider, executor.threads))
-        base = session(passthrough_model(M, site.K), executor.provider, executor.threads)
-        x = {"x": rng.standard_normal((M, site.K)).astype(dtype)}
-        t = interleaved([lambda s=s: s.run(None, x) for s in (*sessions, base)], budget_s=LAYER_TIMING_BUDGET_S,
-                        min_rounds=8, max_rounds=100, round_s=0.002, clock=clock_for(executor.provider, executor.threads))
-        dense_us, new_us, base_us = t.us
-        dense_us, new_us = max(dense_us - base_us, 0.1 * dense_us), max(new_us - base_us, 0.1 * new_us)
-        row["measured_us_dense"], row["measured_us"] = dense_us, new_us
-        row["measured_speedup"] = dense_us / new_us
-        dense_total += dense_us
-        new_total += new_us
-    if new_total:
-        rep["totals"]["measured_speedup"] = dense_total / new_total
-
-
-def _single(em, M: int, N: int, K: int, dtype) -> onnx.ModelProto:
-    from onnx import helper
-
-    elem = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
-    g = helper.make_graph(em.nodes, "layer", [helper.make_tensor_value_info("x", elem, [M, K])],
-                          [helper.make_tensor_value_info("y", elem, [M, N])], em.initializers)
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    return m
+        elif row.get("measured_speedup"):
+            dense += row["predicted_us_dense"] or 0.0
+            new += (row["predicted_us_dense"] or 0.0) / row["measured_speedup"]
+    if new:
+        rep["totals"]["measured_speedup"] = dense / new
 
 
 # -- report ---------------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ class Options:
     measure: bool = False
     mode: str = "default"
     lower: bool = True
+    strict: bool = False  # raise on any failure instead of falling back to the dense graph
 
     @property
     def cost_mode(self) -> str:
@@ -49,6 +50,7 @@ KNOWN = {
     "report",
     "measure",
     "mode",
+    "strict",
 }
 
 
@@ -105,6 +107,10 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         out.report = rep
     if "measure" in merged:
         out.measure = bool(merged["measure"])
+    if "strict" in merged:
+        if not isinstance(merged["strict"], bool):
+            raise OptionError(f"option 'strict' must be True or False, got {merged['strict']!r}")
+        out.strict = merged["strict"]
     if merged.get("mode") is not None:
         if merged["mode"] not in MODES:
             raise OptionError(f"mode {merged['mode']!r} not supported; use one of {', '.join(MODES)}")

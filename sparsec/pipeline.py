@@ -9,6 +9,7 @@ error of a set of weight replacements, and how to lower the chosen formats.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Frontend(Protocol):
 
     def launch_groups(self) -> list[LaunchGroup]: ...
 
+    def time_layer(self, layer: Layer, cand: Candidate, options: Options) -> tuple[float, float]: ...
+
     def lowering_notes(self) -> list[str]: ...
 
     def lower(self, layers: list[Layer]) -> Any: ...
@@ -60,27 +63,59 @@ class Outcome:
 
 
 def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome:
-    """Plan, verify and (if asked) lower one graph."""
-    sites, skipped = capture(frontend)
-    stats, warnings = calibrate(frontend, sites)
-    forced = Plan.coerce(options.plan) if options.plan is not None else None
-    layers = candidates(sites, stats, options, forced)
-    cost(layers, fingerprint, options)
-    approximate(layers, options)
-    alloc = select(layers, options, fingerprint)
-    e2e = verify(frontend, layers, alloc, options)
-    while measure(layers, alloc, options):
+    """Plan, verify and (if asked) lower one graph.
+
+    An exception escaping a step carries the step's name (``failed_step``), so that an entry
+    falling back to the dense graph can say where planning broke."""
+    with step("capture"):
+        sites, skipped = capture(frontend)
+    with step("calibrate"):
+        stats, warnings = calibrate(frontend, sites)
+    with step("candidates"):
+        forced = Plan.coerce(options.plan) if options.plan is not None else None
+        layers = candidates(sites, stats, options, forced)
+    with step("cost"):
+        cost(layers, fingerprint, options)
+    with step("approximate"):
+        approximate(layers, options)
+    with step("select"):
+        alloc = select(layers, options, fingerprint)
+    with step("verify"):
         e2e = verify(frontend, layers, alloc, options)
-    lowered = lower(frontend, layers) if options.lower else None
-    rest_us, fused_us = rest(frontend, fingerprint, options)
-    stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, options.cost_mode)
-    plan = plan_of(layers, fingerprint, options)
-    report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us, fused_us, stacked_us)
+    with step("measure"):
+        while measure(frontend, layers, alloc, options):
+            e2e = verify(frontend, layers, alloc, options)
+    with step("lower"):
+        lowered = lower(frontend, layers) if options.lower else None
+    with step("report"):
+        rest_us, fused_us = rest(frontend, fingerprint, options)
+        stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, options.cost_mode)
+        plan = plan_of(layers, fingerprint, options)
+        report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us, fused_us, stacked_us)
     report["warnings"].extend(warnings)
     # how the budget was calibrated, re-allocated and backed off, per subgraph
     report["planner_log"] = [f"graph {frontend.graph}: {line}" for line in alloc.history]
     report["planner_log"] += [f"graph {frontend.graph}: {line}" for line in stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)
+
+
+@contextlib.contextmanager
+def step(name: str):
+    """Name the step an exception escaped from (``failed_step``), once: the innermost step wins."""
+    try:
+        yield
+    except Exception as exc:
+        if getattr(exc, "failed_step", None) is None:
+            try:
+                exc.failed_step = name
+            except AttributeError:  # an exception type without a __dict__
+                pass
+        raise
+
+
+def failed_step(exc: BaseException) -> str:
+    """The pipeline step ``exc`` escaped from, or "compile" when it came from outside one."""
+    return getattr(exc, "failed_step", None) or "compile"
 
 
 # -- capture ----------------------------------------------------------------------------------
@@ -316,8 +351,9 @@ def _forced_choice(layer: Layer) -> Candidate:
 # -- measure ----------------------------------------------------------------------------------
 
 
-def measure(layers: list[Layer], alloc, options: Options) -> bool:
-    """With ``measure: True``: time each chosen rewrite against dense on this device, at its M.
+def measure(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> bool:
+    """With ``measure: True``: time each chosen rewrite against dense on this device, at its M,
+    with the front-end's own runtime (torch for FX, onnxruntime for ONNX).
 
     The fingerprint predicts; this checks. An automatically chosen rewrite that measures slower
     than dense is refused (with the measured figure) and its layer steps back along its hull;
@@ -326,8 +362,6 @@ def measure(layers: list[Layer], alloc, options: Options) -> bool:
     """
     if not options.measure or not options.lower:
         return False
-    from sparsec.measure import time_layer
-
     hulls = {h.layer.name: h for h in alloc.hulls}
     refused = False
     for layer in layers:
@@ -336,7 +370,7 @@ def measure(layers: list[Layer], alloc, options: Options) -> bool:
             layer.measured_us = None
             continue
         if cand.measured_us is None:
-            layer.measured_us_dense, cand.measured_us = time_layer(layer, cand, options)
+            layer.measured_us_dense, cand.measured_us = frontend.time_layer(layer, cand, options)
         layer.measured_us = cand.measured_us
         hull = hulls.get(layer.name)
         if hull is None or cand.measured_us < layer.measured_us_dense:

@@ -1,7 +1,7 @@
 """Plans (``sparsec.plan/1``): which format each layer gets, as data users edit and replay.
 
 ``layers`` maps a layer name, a ``re:`` pattern (full match) or ``_default`` to a format name or
-``auto``. Exact names win over patterns, patterns are tried in the order written, and
+``auto``; a bare mapping of that kind (``{"_default": "2:4"}``) is taken as a plan's layers. Exact names win over patterns, patterns are tried in the order written, and
 ``_default`` applies last; a layer no entry names is ``auto``.
 """
 
@@ -16,6 +16,7 @@ from sparsec.errors import PlanError
 from sparsec.formats import FormatError, parse_spec
 
 SCHEMA = "sparsec.plan/1"
+PLAN_KEYS = {"schema", "fingerprint", "error_budget", "layers"}
 
 
 @dataclass
@@ -51,6 +52,37 @@ class Plan:
             return self.layers["_default"], "_default"
         return "auto", None
 
+    def unmatched(self, names) -> list[str]:
+        """The entries (names and ``re:`` patterns, not ``_default``) that match none of ``names``."""
+        names = list(names)
+        out = []
+        for key in self.layers:
+            if key == "_default":
+                continue
+            pattern = dict(self._patterns).get(key)
+            if pattern is not None:
+                if not any(pattern.fullmatch(n) for n in names):
+                    out.append(key)
+            elif key not in names:
+                out.append(key)
+        return out
+
+    def describe_unmatched(self, names, where: str = "the model") -> str | None:
+        """One message naming each entry that matches no layer and the nearest layer names; None if all match."""
+        import difflib
+
+        names = list(names)
+        missing = self.unmatched(names)
+        if not missing:
+            return None
+        parts = []
+        for key in missing:
+            near = difflib.get_close_matches(key[3:] if key.startswith("re:") else key, names, n=3, cutoff=0.4)
+            parts.append(f"{key!r}" + (f" (nearest: {', '.join(near)})" if near else ""))
+        shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
+        return (f"plan entr{'y' if len(missing) == 1 else 'ies'} {'; '.join(parts)} match{'es' if len(missing) == 1 else ''} "
+                f"no layer of {where} (its layers: {shown or 'none'}); fix the name, or use a 're:' pattern or '_default'")
+
     def to_dict(self) -> dict:
         return {
             "schema": SCHEMA,
@@ -69,6 +101,8 @@ class Plan:
     def from_dict(cls, data: dict, source: str = "plan") -> "Plan":
         if not isinstance(data, dict):
             raise PlanError(f"{source}: a plan is a JSON object with 'schema' and 'layers'")
+        if data and not set(data) & PLAN_KEYS:  # a bare mapping of layers, the first thing a user types
+            data = {"layers": data}
         schema = data.get("schema", SCHEMA)
         if schema != SCHEMA:
             raise PlanError(f"{source}: schema {schema!r} is not {SCHEMA!r}")

@@ -38,13 +38,28 @@ def planted(tmp_path_factory):
     return folder
 
 
+def run_planted(planted, name: str, *extra) -> tuple[int, Path, dict]:
+    out = planted / f"{name}.onnx"
+    rc = main(["optimize", str(planted / "mlp.onnx"), "-o", str(out), "--calibration", str(planted / "calib.npz"),
+               "--heldout", str(planted / "heldout.npz"), "--report", str(planted / f"{name}.json"),
+               "--formats", "lowrank", "--quiet", *extra])
+    return rc, out, json.loads((planted / f"{name}.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def planted_run(planted):
-    out = planted / "mlp.sparsec.onnx"
-    rc = main(["optimize", str(planted / "mlp.onnx"), "-o", str(out), "--calibration", str(planted / "calib.npz"),
-               "--heldout", str(planted / "heldout.npz"), "--report", str(planted / "report.json"), "--measure",
-               "--formats", "lowrank", "--quiet"])
-    return rc, out, json.loads((planted / "report.json").read_text())
+    """Without --measure: the plan follows from the inputs and the fingerprint alone, not this machine's load."""
+    return run_planted(planted, "mlp.sparsec")
+
+
+def test_the_same_inputs_give_the_same_plan_byte_for_byte(planted, planted_run):
+    _, _, first = planted_run
+    _, _, again = run_planted(planted, "again")
+
+    def decided(report):
+        return [{k: v for k, v in layer.items() if k not in ("measured_speedup",)} for layer in report["layers"]]
+
+    assert json.dumps(decided(first), sort_keys=True) == json.dumps(decided(again), sort_keys=True)
 
 
 def test_planted_low_rank_layers_become_two_matmuls_losslessly(planted, planted_run):
@@ -64,18 +79,64 @@ def test_planted_low_rank_layers_become_two_matmuls_losslessly(planted, planted_
     assert e2e["measured_error"] < 1e-4 and e2e["heldout_error"] < 1e-4
 
 
-def test_planted_model_is_predicted_and_measured_faster_in_onnxruntime(planted_run):
+def test_planted_model_is_predicted_faster_and_timed_in_onnxruntime(planted_run):
     """Rank 16 of 512 stores 1/16 of the weight: ort-cpu predicts several times less time per layer.
-
-    The measured figure uses the thread clock (CPU time of the thread running onnxruntime), which
-    a busy machine does not inflate; 1.5x end to end leaves a wide margin under the ~5x expected.
-    """
+    The whole models are always timed (with the thread clock on the CPU provider); how fast they
+    measured is this machine's business, not the test's."""
     _, _, report = planted_run
     assert all(layer["predicted_speedup"] > 3.0 for layer in report["layers"])
-    assert all(layer["measured_speedup"] > 2.0 for layer in report["layers"])
-    assert report["totals"]["measured_speedup"] > 2.0
-    assert report["end_to_end"]["measured_speedup"] > 1.5
-    assert "thread_time" in report["end_to_end"]["timing"]
+    assert report["end_to_end"]["measured_speedup"] > 0 and "thread_time" in report["end_to_end"]["timing"]
+
+
+def test_measure_times_each_layer_in_onnxruntime_and_refuses_what_times_slower(planted, monkeypatch):
+    from sparsec.passes.onnx_frontend import OnnxFrontend
+
+    timed = []
+
+    def slower(self, layer, cand, options=None):  # every rewrite timed at half dense's speed
+        timed.append((layer.name, cand.fmt))
+        return 10.0, 20.0
+
+    monkeypatch.setattr(OnnxFrontend, "time_layer", slower)
+    rc, _, report = run_planted(planted, "measured", "--measure")
+    assert rc == 0 and timed and all(fmt.startswith("lowrank:") for _, fmt in timed)
+    assert [layer["format"] for layer in report["layers"]] == ["dense"] * 3
+    refused = [c["rejected_because"] for layer in report["layers"] for c in layer["candidates"]
+               if c["format"] == "lowrank:16"]
+    assert all("measured 0.50x of dense on this device" in r for r in refused), refused
+
+
+def test_measure_with_onnxruntime_keeps_what_times_faster(planted, monkeypatch):
+    from sparsec.passes.onnx_frontend import OnnxFrontend
+
+    monkeypatch.setattr(OnnxFrontend, "time_layer", lambda self, layer, cand, options=None: (30.0, 10.0))
+    rc, _, report = run_planted(planted, "measured-fast", "--measure")
+    assert rc == 0 and [layer["format"] for layer in report["layers"]] == ["lowrank:16"] * 3
+    assert all(layer["measured_speedup"] == pytest.approx(3.0) for layer in report["layers"])
+    assert report["totals"]["measured_speedup"] == pytest.approx(3.0)
+
+
+def test_a_rewritten_model_that_measures_slower_is_said_loudly_or_with_measure_not_written(planted, monkeypatch,
+                                                                                             capsys):
+    from sparsec import onnx_entry
+
+    def slower_end_to_end(rep, original, new, feed, executor):
+        rep["end_to_end"].update(measured_speedup=0.99, measured_us_dense=99.0, measured_us=100.0, timing="fixed")
+
+    monkeypatch.setattr(onnx_entry, "_time_end_to_end", slower_end_to_end)
+    rc, out, report = run_planted(planted, "slow")
+    assert rc == 0 and report["warnings"][0].startswith("SLOWER: the rewritten model measured 0.99x")
+    assert [layer["format"] for layer in report["layers"]] == ["lowrank:16"] * 3
+    from sparsec.passes.onnx_frontend import OnnxFrontend
+
+    monkeypatch.setattr(OnnxFrontend, "time_layer", lambda self, layer, cand, options=None: (30.0, 10.0))
+    rc, out, report = run_planted(planted, "slow-measured", "--measure")
+    assert rc == 0 and [layer["format"] for layer in report["layers"]] == ["dense"] * 3
+    assert any("written unchanged" in w for w in report["warnings"])
+    assert all("was planned, but the rewritten model measured 0.99x" in layer["reason"] for layer in report["layers"])
+    written = onnx.load(str(out))
+    original = onnx.load(str(planted / "mlp.onnx"))
+    assert [n.op_type for n in written.graph.node] == [n.op_type for n in original.graph.node]
 
 
 def test_gemm_with_trans_b_and_external_data_in_and_out(tmp_path, capsys):
@@ -215,6 +276,15 @@ def _bad(tmp_path, case):
         return good, Path("/proc/out.onnx"), "is not writable"
     if case == "no folder":
         return good, tmp_path / "missing" / "out.onnx", "does not exist"
+    if case == "same as input":
+        return good, good, "is the input model"
+    if case == "npz not an npz":
+        with open(tmp_path / "calib.npz", "wb") as fh:  # a pickled object array, named like an archive
+            np.save(fh, np.array([{"x": 1}], dtype=object), allow_pickle=True)
+        return good, tmp_path / "out.onnx", "is not an .npz archive of arrays"
+    if case == "plan typo":
+        (tmp_path / "plan.json").write_text(json.dumps({"fc_0": "lowrank:2"}))
+        return good, tmp_path / "out.onnx", "plan entry 'fc_0' (nearest: fc0) matches no layer of"
     if case == "dynamic":
         dyn = make_model(model.graph.node, [vi("x", ["tokens", 16])], [vi("y", ["tokens", 16])], model.graph.initializer)
         onnx.save_model(dyn, str(tmp_path / "dyn.onnx"))
@@ -222,11 +292,16 @@ def _bad(tmp_path, case):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["missing", "not onnx", "truncated", "old opset", "unwritable", "no folder", "dynamic"])
+@pytest.mark.parametrize("case", ["missing", "not onnx", "truncated", "old opset", "unwritable", "no folder", "dynamic",
+                                  "same as input", "npz not an npz", "plan typo"])
 def test_bad_input_gets_one_line_a_nonzero_exit_and_nothing_written(tmp_path, capsys, case):
     src, out, message = _bad(tmp_path, case)
     before = sorted(p.name for p in tmp_path.iterdir())
-    rc, stdout, err = optimize(capsys, src, "-o", out, "--report", tmp_path / "r.json")
+    contents = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    extra = [*(["--calibration", tmp_path / "calib.npz"] if case == "npz not an npz" else []),
+             *(["--plan", tmp_path / "plan.json"] if case == "plan typo" else [])]
+    rc, stdout, err = optimize(capsys, src, "-o", out, "--report", tmp_path / "r.json", *extra)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == contents  # nothing changed
     assert rc == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sparsec: error: ") and message in lines[0], err

@@ -85,9 +85,29 @@ def test_summary_line_counts_layers_and_formats():
     top = max(set(rewritten), key=rewritten.count)
     assert f"{top} x{rewritten.count(top)}" in line
     t = report["totals"]
-    assert f"predicted {t['predicted_us_dense'] / t['predicted_us']:.2f}x on linear layers" in line
+    linear = f"{t['predicted_us_dense'] / t['predicted_us']:.2f}x on linear layers alone"
+    e2e = report["end_to_end"]
+    if e2e.get("predicted_speedup") is not None:  # the headline is end to end, the linear-only figure labelled
+        assert f"predicted {e2e['predicted_speedup']:.2f}x end to end ({linear}" in line
+    else:
+        assert f"predicted {linear}" in line
     assert "fingerprint h200" in line and "1 warning" in line
     assert logs.summary_line(Report(report)) == line
+
+
+def test_summary_line_says_which_data_the_error_was_measured_on_and_when_slower():
+    report = make_report(seed=3, blocks=2, tokens=2048, error_budget=0.03)
+    e2e = report["end_to_end"]
+    e2e.update(measured_error=0.0099, heldout_error=None, predicted_speedup=1.05, measured_speedup=0.99)
+    report["totals"]["rewritten"] = 2
+    line = logs.summary_line(report)
+    assert "predicted 1.05x end to end (" in line and "on linear layers alone" in line
+    assert "measured 0.99x end to end: SLOWER than the original" in line
+    assert "error 0.99% of 3.00% budget on calibration data only" in line
+    e2e.update(heldout_error=0.02, calibration="generated-ids", measured_speedup=1.2)
+    line = logs.summary_line(report)
+    assert "error 0.99% on calibration, 2.00% held out, of 3.00% budget" in line and "SLOWER" not in line
+    assert "made-up token ids, so the error figure means little" in line
 
 
 def test_summary_line_of_bare_layers_with_graph_indices():

@@ -92,7 +92,7 @@ def test_fixed_batch_takes_that_many_samples_per_call(tmp_path):
 
 def test_unreadable_npz_is_refused(tmp_path):
     (tmp_path / "bad.npz").write_text("not a zip")
-    with pytest.raises(ModelError, match="not a readable .npz file"):
+    with pytest.raises(ModelError, match="is not an .npz archive of arrays"):
         load_npz(tmp_path / "bad.npz", embedding_model())
     with pytest.raises(ModelError, match="no such file"):
         load_npz(tmp_path / "missing.npz", embedding_model())

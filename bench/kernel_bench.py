@@ -2,7 +2,7 @@
 
 Run on a CUDA device (one call does everything)::
 
-    python bench/kernels.py --out results.json
+    python bench/kernel_bench.py --out results.json
 
 For N x K in {4096x4096, 14336x4096, 4096x14336} and M in {1, 16, 128, 1024, 8192}, bf16:
   * measures the copy bandwidth (device-to-device copy, bytes read + written) and the dense
@@ -423,7 +423,7 @@ def main(argv=None):
         shapes, tokens, dtype = [(64, 128)], [1, 16], torch.float32
     else:
         if not torch.cuda.is_available():
-            sys.exit("bench/kernels.py needs a CUDA device (or --smoke)")
+            sys.exit("bench/kernel_bench.py needs a CUDA device (or --smoke)")
         device = torch.device("cuda")
         shapes, tokens, dtype = SHAPES, TOKENS, torch.bfloat16
     if args.role == "calibrate":
