@@ -59,6 +59,21 @@ def node_names(graph: onnx.GraphProto) -> list[str]:
     return names
 
 
+def _subgraph_layers(node: onnx.NodeProto, owner: str):
+    """MatMul/Gemm nodes inside the subgraphs of a control-flow node (If, Loop, Scan), at any depth:
+    listed as skipped, since sparsec rewrites the main graph only."""
+    for attr in node.attribute:
+        graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+        for sub in graphs:
+            for j, inner in enumerate(sub.node):
+                if inner.op_type in ("MatMul", "Gemm") and inner.domain in DEFAULT_DOMAINS:
+                    label = inner.name or f"{owner}/{attr.name}/{inner.op_type}_{j}"
+                    yield Skipped(label, inner.op_type,
+                                  f"inside the '{attr.name}' branch of {node.op_type} node {owner!r}: layers under "
+                                  "control flow are left as they are; sparsec rewrites the main graph")
+                yield from _subgraph_layers(inner, inner.name or f"{owner}/{attr.name}/{inner.op_type}_{j}")
+
+
 def capture(model: onnx.ModelProto, constants: Constants | None = None, graph: int = 0):
     """(sites, skipped, layers by name) for the main graph of ``model``."""
     constants = constants or Constants(model)
@@ -83,6 +98,10 @@ def capture(model: onnx.ModelProto, constants: Constants | None = None, graph: i
             continue
         if node.op_type in CONV_OPS:
             skipped.append(Skipped(name, node.op_type, "convolutions are not rewritten; only MatMul and Gemm are"))
+            continue
+        nested = list(_subgraph_layers(node, name))
+        if nested:
+            skipped.extend(nested)
             continue
         if node.op_type == "MatMul":
             found = _matmul(node, i, name, constants, consumers, outputs, g)

@@ -11,6 +11,7 @@ from sparsec.candidates import Layer
 from sparsec.launches import LaunchGroup
 from sparsec.passes import capture_fx, rewrite_fx
 from sparsec.passes.interpret_fx import SiteInterpreter, empty_stats, flatten_outputs, relative_l2
+from sparsec.progress import advance_current
 from sparsec.sites import Site, SiteStats, Skipped
 
 
@@ -54,6 +55,7 @@ class FxFrontend:
         self._references = []
         with torch.no_grad():
             for item in self.calibration:
+                advance_current()
                 gm, nodes, args = self._run_of(item)
                 out = SiteInterpreter(gm, nodes, self.sites, stats=stats).run(*args)
                 self._references.append(flatten_outputs(out))

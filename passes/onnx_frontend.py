@@ -99,8 +99,11 @@ class OnnxFrontend:
             stats.setdefault(s.input_key, SiteStats.empty(s.K))
         self._build_instrumented()
         self._references = []
-        for feed, calls in zip(self.calibration.runs, self.calibration.calls):
-            outs, acts = self._run(feed, {})
+        from sparsec.progress import advance_current
+
+        for index, (feed, calls) in enumerate(zip(self.calibration.runs, self.calibration.calls)):
+            advance_current()
+            outs, acts = self._run_data(feed, "calibration", index)
             self._references.append(outs)
             for key, x in acts.items():
                 _accumulate(stats[key], x, calls)
@@ -216,6 +219,19 @@ class OnnxFrontend:
         self._fetch = self._output_names + extra
         self._session = session(m, self.provider, self.threads)
 
+    def _run_data(self, feed: dict[str, np.ndarray], what: str, index: int):
+        """``_run`` on the user's data as given: onnxruntime refusing it (an id past the vocabulary,
+        a value of the wrong shape) is the data's problem, said in one line."""
+        try:
+            return self._run(feed, {})
+        except Exception as exc:  # onnxruntime's own exception types
+            from sparsec.errors import ModelError
+
+            text = str(exc).strip().splitlines()
+            raise ModelError(
+                f"onnxruntime cannot run the model on {what} sample {index}: {text[0] if text else type(exc).__name__}; "
+                f"check the {what} data's values and shapes (token ids must be below the vocabulary size)") from None
+
     def _run(self, feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]):
         values = self._session.run(self._fetch, {**feed, **weights})
         by_name = dict(zip(self._fetch, values))
@@ -227,7 +243,7 @@ class OnnxFrontend:
 
     def _heldout_refs(self) -> list[list[np.ndarray]]:
         if self._heldout_references is None:
-            self._heldout_references = [self._run(feed, {})[0] for feed in self.heldout.runs]
+            self._heldout_references = [self._run_data(feed, "heldout", i)[0] for i, feed in enumerate(self.heldout.runs)]
         return self._heldout_references
 
 

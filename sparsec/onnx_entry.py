@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from sparsec.errors import FingerprintError, ModelError, OptionError
+from sparsec.errors import FingerprintError, ModelError, OptionError, SparsecError
 from sparsec.options import parse_options
 
 log = logging.getLogger("sparsec")
@@ -54,7 +54,7 @@ class OnnxResult:
 
 def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.01, calibration=None,
                   heldout=None, formats=None, plan=None, report=None, measure: bool = False,
-                  external_data: bool | None = None, provider: str = "auto") -> OnnxResult:
+                  external_data: bool | None = None, provider: str = "auto", strict: bool = False) -> OnnxResult:
     """Plan, rewrite, verify and write ``model`` (an .onnx path) to ``output``; see the module doc."""
     from sparsec.passes.onnx_model import check_writable, load_model, save_checked
     from sparsec.pipeline import optimize_graph
@@ -70,13 +70,23 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
         options.formats, note = executor_formats(options.formats, executor)
         warnings += [note] if note else []
     frontend = _frontend(loaded, executor, options, calibration, heldout, warnings)
-    outcome = optimize_graph(frontend, options, executor.fingerprint)
+    try:
+        outcome = optimize_graph(frontend, options, executor.fingerprint)
+    except SparsecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a planning failure leaves the model as it was, on record
+        if strict:
+            raise
+        outcome = _unchanged(frontend, loaded, executor, options, exc)
     rep = _annotate(outcome, frontend, executor, loaded, output, warnings)
     rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
+    from sparsec import progress
+
     try:
-        written = save_checked(outcome.lowered, output, external_data=external_data,
-                               check=lambda staged: _verify_and_time(staged, rep, rewritten, frontend, loaded,
-                                                                     executor, options.error_budget, options.measure))
+        with progress.task("check, verify and time the written model"):
+            written = save_checked(outcome.lowered, output, external_data=external_data,
+                                   check=lambda staged: _verify_and_time(staged, rep, rewritten, frontend, loaded,
+                                                                         executor, options.error_budget, options.measure))
     except _SlowerThanOriginal:
         _keep_dense(rep)
         written = save_checked(loaded.model, output, external_data=external_data)
@@ -89,6 +99,26 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
 
     log_report(final)
     return OnnxResult(output=output, written=written, report=final, plan=outcome.plan, report_paths=report_paths)
+
+
+def _unchanged(frontend, loaded, executor: "Executor", options, exc: Exception):
+    """The outcome of a plan that failed inside sparsec: the input model, written unchanged, and a
+    report that names the failing step and its cause."""
+    from sparsec.backend import fallback_message, warn_fallback
+    from sparsec.pipeline import EndToEnd, Outcome, failed_step, report_of
+    from sparsec.plan import Plan
+
+    step = failed_step(exc)
+    message = fallback_message(0, step, exc).replace(
+        "this graph runs dense, as traced (inductor on CUDA). Pass the option strict=True",
+        "the model is written unchanged. Pass --strict")
+    warn_fallback(message)
+    rep = report_of(frontend, [], [], EndToEnd(), executor.fingerprint, options)
+    rep["warnings"].append(message)
+    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    rep["fallbacks"] = [{"graph": 0, "step": step, "error": f"{type(exc).__name__}: {cause}"}]
+    plan = Plan(layers={}, fingerprint=executor.fingerprint.name, error_budget=options.error_budget)
+    return Outcome([], [], plan, rep, loaded.model)
 
 
 def _refuse_overwriting_input(model, output: Path) -> None:

@@ -76,11 +76,11 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
         layers = candidates(sites, stats, options, forced)
     with step("cost"):
         cost(layers, fingerprint, options)
-    with step("approximate"):
+    with step("approximate", total=len(layers)):
         approximate(layers, options)
     with step("select"):
         alloc = select(layers, options, fingerprint)
-    with step("verify"):
+    with step("verify (model evaluations)"):
         e2e = verify(frontend, layers, alloc, options)
     with step("measure"):
         while measure(frontend, layers, alloc, options):
@@ -100,10 +100,14 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
 
 
 @contextlib.contextmanager
-def step(name: str):
-    """Name the step an exception escaped from (``failed_step``), once: the innermost step wins."""
+def step(name: str, total: int | None = None):
+    """Name the step an exception escaped from (``failed_step``), once: the innermost step wins.
+    Where progress is shown (``sparsec.progress``), the step has a line while it runs."""
+    from sparsec import progress
+
     try:
-        yield
+        with progress.task(name, total):
+            yield
     except Exception as exc:
         if getattr(exc, "failed_step", None) is None:
             try:
@@ -241,8 +245,10 @@ def approximate(layers: list[Layer], options: Options) -> None:
     (``shares_work_across_specs``) are asked for their whole chain at once.
     """
     from sparsec.passes.registry import HANDLERS
+    from sparsec.progress import advance_current
 
     for layer in layers:
+        advance_current()
         site, st = layer.site, layer.stats
         weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
         energy = output_energy(weight, st, site.bias)
@@ -407,6 +413,7 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
     calibration rows is backed off rather than reported as a generalisation failure.
     """
     from sparsec.passes import select as knapsack
+    from sparsec.progress import advance_current
 
     measured: dict[tuple, tuple[float, float | None, dict[str, float]]] = {}
 
@@ -418,6 +425,7 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
             if not reps:
                 measured[key] = (0.0, 0.0 if frontend.has_heldout() else None, {})
             else:
+                advance_current()
                 error, local = frontend.evaluate(reps)
                 held = frontend.evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
                 measured[key] = (error, held, local)
@@ -430,6 +438,7 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
         return (error if held is None else max(error, held)), local
 
     def measure_alone(choices: dict[str, Candidate]) -> float:
+        advance_current()
         site_of = {l.name: l.site for l in layers}
         return frontend.evaluate({n: c.approx.to(site_of[n].dtype) for n, c in choices.items()})[0]
 

@@ -306,3 +306,60 @@ def test_bad_input_gets_one_line_a_nonzero_exit_and_nothing_written(tmp_path, ca
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("sparsec: error: ") and message in lines[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == before and stdout == ""
+
+
+def test_a_failing_step_writes_the_model_unchanged_and_says_so_unless_strict(planted, tmp_path, monkeypatch, capsys):
+    from sparsec import pipeline
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("broken approximation")
+
+    monkeypatch.setattr(pipeline, "approximate", broken)
+    args = [planted / "mlp.onnx", "-o", tmp_path / "out.onnx", "--calibration", planted / "calib.npz",
+            "--report", tmp_path / "r.json"]
+    with pytest.warns(UserWarning, match="approximate step failed"):
+        rc, out, err = optimize(capsys, *args)
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["fallbacks"] == [{"graph": 0, "step": "approximate", "error": "RuntimeError: broken approximation"}]
+    assert any("the model is written unchanged. Pass --strict" in w for w in report["warnings"])
+    written, original = onnx.load(str(tmp_path / "out.onnx")), onnx.load(str(planted / "mlp.onnx"))
+    assert written.graph.SerializeToString() == original.graph.SerializeToString()
+    (tmp_path / "out.onnx").unlink()
+    with pytest.raises(RuntimeError, match="broken approximation"):
+        optimize(capsys, *args, "--strict")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_long_steps_show_their_progress_where_asked(planted, tmp_path):
+    import io
+
+    from rich.console import Console
+
+    from sparsec import progress
+    from sparsec.onnx_entry import optimize_onnx
+
+    stream = io.StringIO()
+    with progress.shown(Console(file=stream, force_terminal=True, width=120)):
+        optimize_onnx(planted / "mlp.onnx", tmp_path / "out.onnx", calibration=planted / "calib.npz",
+                      formats=["lowrank"])
+    shown = stream.getvalue()
+    for name in ("calibrate", "approximate", "verify (model evaluations)", "check, verify and time the written model"):
+        assert name in shown, name
+
+
+@pytest.mark.parametrize("budget, message", [("-1", "-1 is outside [0, 1)"), ("2", "2 is outside [0, 1)"),
+                                             ("abc", "'abc' is not a number"), ("nan", "nan is outside [0, 1)"),
+                                             ("inf", "inf is outside [0, 1)")])
+def test_a_bad_budget_is_one_line_and_exit_2(tmp_path, capsys, budget, message):
+    rc, stdout, err = optimize(capsys, SAMPLE, "-o", tmp_path / "out.onnx", "--error-budget", budget)
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith("sparsec: error: argument --error-budget: "), err
+    assert message in lines[0] and "--help" in lines[0] and stdout == "" and not list(tmp_path.iterdir())
+
+
+def test_a_zero_budget_rewrites_nothing(tmp_path, capsys):
+    rc, _, err = optimize(capsys, SAMPLE, "-o", tmp_path / "out.onnx", "--error-budget", "0", "--report",
+                          tmp_path / "r.json")
+    assert rc == 0, err
+    assert {l["format"] for l in json.loads((tmp_path / "r.json").read_text())["layers"]} == {"dense"}

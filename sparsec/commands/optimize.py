@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from sparsec.commands import console
@@ -19,7 +20,7 @@ def register(subparsers) -> None:
     parser.add_argument("--fingerprint", default="auto",
                         help="shipped name, path to a JSON, or 'auto' (default: onnxruntime's fingerprint for the "
                              "provider that runs the model, e.g. ort-cpu)")
-    parser.add_argument("--error-budget", type=float, default=0.01,
+    parser.add_argument("--error-budget", type=_budget, default=0.01,
                         help="max relative L2 error of the outputs vs the original on calibration data (default 0.01)")
     parser.add_argument("--calibration", default=None,
                         help=".npz with one array per graph input, named like it, first axis = samples "
@@ -36,8 +37,23 @@ def register(subparsers) -> None:
                         help="write the weights to OUTPUT.data (done anyway above 1.8 GB)")
     parser.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"],
                         help="onnxruntime execution provider (default: CUDA when it loads, else CPU)")
-    parser.add_argument("--quiet", action="store_true", help="print only the summary line")
+    parser.add_argument("--quiet", action="store_true", help="print only the summary line (no table, no progress)")
+    parser.add_argument("--strict", action="store_true",
+                        help="stop with the error when a planning step fails, instead of writing the model unchanged")
     parser.set_defaults(func=run)
+
+
+def _budget(text: str) -> float:
+    """A number in [0, 1): the largest output error allowed, e.g. 0.01 for 1%."""
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; give the error budget as e.g. 0.01 for 1%") from None
+    if not math.isfinite(value) or not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is outside [0, 1); give the error budget as e.g. 0.01 for 1%")
+    return value
 
 
 def run(args: argparse.Namespace) -> int:
@@ -47,10 +63,16 @@ def run(args: argparse.Namespace) -> int:
     formats = None
     if args.formats:
         formats = [f for item in args.formats for f in item.split(",") if f]
-    result = optimize_onnx(
-        args.model, args.output, fingerprint=args.fingerprint, error_budget=args.error_budget,
-        calibration=args.calibration, heldout=args.heldout, formats=formats, plan=args.plan, report=args.report,
-        measure=args.measure, external_data=True if args.external_data else None, provider=args.provider)
+    from rich.console import Console
+
+    from sparsec import progress
+
+    with contextlib.nullcontext() if args.quiet else progress.shown(Console(stderr=True)):
+        result = optimize_onnx(
+            args.model, args.output, fingerprint=args.fingerprint, error_budget=args.error_budget,
+            calibration=args.calibration, heldout=args.heldout, formats=formats, plan=args.plan, report=args.report,
+            measure=args.measure, external_data=True if args.external_data else None, provider=args.provider,
+            strict=args.strict)
     if not args.quiet:
         from sparsec.report import render_table
 

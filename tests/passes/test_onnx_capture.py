@@ -109,3 +109,30 @@ def test_captured_weights_do_not_alias_the_model():
     (site,), _, _ = capture(model)
     site.weight.add_(1.0)  # a pass writing to it by mistake must not reach the model
     assert np.array_equal(onnx.numpy_helper.to_array(model.graph.initializer[0]), before)
+
+
+def test_gemm_inside_an_if_branch_is_skipped_as_control_flow_and_the_cli_says_so(tmp_path, capsys):
+    rng = np.random.default_rng(5)
+    w = tensor("w", rng.standard_normal((8, 8)).astype(np.float32))
+    then = helper.make_graph([helper.make_node("Gemm", ["x", "w"], ["t"], name="branch_gemm")], "then", [],
+                             [vi("t", [4, 8])])
+    other = helper.make_graph([helper.make_node("Identity", ["x"], ["e"], name="skip")], "else", [], [vi("e", [4, 8])])
+    node = helper.make_node("If", ["cond"], ["y"], name="gate", then_branch=then, else_branch=other)
+    model = make_model([node], [vi("cond", [], TensorProto.BOOL), vi("x", [4, 8])], [vi("y", [4, 8])], [w])
+    onnx.checker.check_model(model, full_check=True)
+    sites, skipped, _ = capture(model)
+    assert sites == [] and [(s.name, s.op) for s in skipped] == [("branch_gemm", "Gemm")]
+    assert "inside the 'then_branch' branch of If node 'gate'" in skipped[0].reason
+
+    import json
+
+    from sparsec.cli import main
+
+    onnx.save_model(model, str(tmp_path / "vad.onnx"))
+    np.savez(tmp_path / "c.npz", cond=np.ones((2,), dtype=bool), x=rng.standard_normal((2, 4, 8)).astype(np.float32))
+    rc = main(["optimize", str(tmp_path / "vad.onnx"), "-o", str(tmp_path / "out.onnx"), "--quiet",
+               "--calibration", str(tmp_path / "c.npz"), "--report", str(tmp_path / "r.json")])
+    assert rc == 0, capsys.readouterr().err
+    warnings = json.loads((tmp_path / "r.json").read_text())["warnings"]
+    assert not any("no MatMul or Gemm" in w for w in warnings)
+    assert any("1 MatMul/Gemm-like op(s) were left as they are" in w for w in warnings)

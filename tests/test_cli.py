@@ -1,0 +1,46 @@
+"""The command line as a shell user meets it: Ctrl-C at any moment and a closed pipe give one line
+or nothing, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent / "report"))
+from report_factory import make_report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "samples" / "tiny_encoder.onnx"
+CLI = [sys.executable, "-c", "import sys; from sparsec.cli import main; sys.exit(main())"]  # as the console script
+
+
+def test_importing_the_command_line_loads_no_torch():
+    code = "import sys, sparsec.cli; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_ctrl_c_while_the_first_imports_run_is_one_line_and_writes_nothing(tmp_path):
+    proc = subprocess.Popen([*CLI, "optimize", str(SAMPLE), "-o", str(tmp_path / "out.onnx")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)  # inside torch's import, long before any result
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines() == ["sparsec: interrupted; nothing was written"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(make_report(seed=1, blocks=4)))
+    b.write_text(json.dumps(make_report(seed=2, blocks=4)))
+    proc = subprocess.Popen([*CLI, "report", "diff", str(a), str(b), "--json", "--all"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # like `| head` having read enough
+    err = proc.stderr.read().decode()
+    proc.wait(timeout=120)
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
