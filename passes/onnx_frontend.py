@@ -153,7 +153,7 @@ class OnnxFrontend:
         """(dense us, candidate us) of one layer, timed in onnxruntime with this model's provider."""
         from sparsec.passes.onnx_timing import time_layer
 
-        return time_layer(layer.site, cand.spec, cand.approx, max(layer.tokens, 1), self.provider, self.threads)
+        return time_layer(layer.site, cand.spec, cand.weight(), max(layer.tokens, 1), self.provider, self.threads)
 
     def device_name(self) -> str:
         return self.device

@@ -39,7 +39,7 @@ def packed_modules(layers: list[Layer]) -> dict:
         if layer.chosen is None or layer.chosen.is_dense:
             continue
         site = layer.site
-        approx = layer.chosen.approx.to(device=site.weight.device, dtype=site.dtype)
+        approx = layer.chosen.weight().to(device=site.weight.device, dtype=site.dtype)
         packed = pack(layer.chosen.spec, approx)
         impl = layer.chosen.impl if (approx.device.type == "cuda" and layer.chosen.impl in packed.handler.impls) else "auto"
         key = (site.input_key, str(layer.chosen.spec), impl, site.dtype, site.K, site.bias is None, str(approx.device))

@@ -93,7 +93,7 @@ def weight_in_node_layout(approx: torch.Tensor, info: OnnxLayer, dtype) -> np.nd
 def _pruned_node(em: Emitter, node: onnx.NodeProto, info: OnnxLayer, layer: Layer, dtype) -> onnx.NodeProto:
     new = onnx.NodeProto()
     new.CopyFrom(node)
-    new.input[1] = em.const("weight", weight_in_node_layout(layer.chosen.approx, info, dtype))
+    new.input[1] = em.const("weight", weight_in_node_layout(layer.chosen.weight(), info, dtype))
     note = declared_format_note(layer.chosen.spec)
     for key, value in {**em.metadata, "sparsec.note": note or ""}.items():
         prop = new.metadata_props.add()
@@ -103,7 +103,7 @@ def _pruned_node(em: Emitter, node: onnx.NodeProto, info: OnnxLayer, layer: Laye
 
 def _subgraph(em: Emitter, node: onnx.NodeProto, info: OnnxLayer, layer: Layer, dtype, x_shape) -> list[onnx.NodeProto]:
     site, spec = layer.site, layer.chosen.spec
-    tensors = factors(spec, layer.chosen.approx, dtype)
+    tensors = factors(spec, layer.chosen.weight(), dtype)
     if info.op == "MatMul" or info.c is None:
         emit_product(em, spec, info.x, info.output, tensors, site.N, site.K, x_shape)
         return em.nodes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -22,6 +23,14 @@ class Candidate:
     measured_us: float | None = None  # timed on this device by the measure step
     note: str = ""
     rejected_because: str | None = None
+    # makes ``approx`` again once it was let go to bound memory (deterministic: the same tensor)
+    remake: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
+
+    def weight(self) -> torch.Tensor:
+        """The approximation, made again if it was let go (``remake``)."""
+        if self.approx is None and self.remake is not None:
+            return self.remake()
+        return self.approx
 
     @property
     def fmt(self) -> str:
@@ -56,7 +65,7 @@ class Layer:
     def release(self) -> None:
         """Drop the approximations and statistics once the graph is lowered and reported."""
         for cand in (self.dense, *self.candidates):
-            cand.approx = None
+            cand.approx = cand.remake = None
         self.stats.gram = self.stats.gram.new_empty(0)
 
     @property

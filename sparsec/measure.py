@@ -26,7 +26,7 @@ def time_layer(layer, cand, options) -> tuple[float, float]:
     graph_mode = device.type == "cuda" and options.mode == "reduce-overhead"
     w = site.weight.detach().to(dtype=site.dtype)
     b = None if site.bias is None else site.bias.detach().to(device=device, dtype=site.dtype)
-    packed = pack(cand.spec, cand.approx.to(device=device, dtype=site.dtype))
+    packed = pack(cand.spec, cand.weight().to(device=device, dtype=site.dtype))
     impl = cand.impl if (device.type == "cuda" and cand.impl in packed.handler.impls) else "auto"
     M = max(layer.tokens, 1)
     per_call = (M * site.K + site.N * site.K) * w.element_size()

@@ -80,7 +80,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
         approximate(layers, options)
     with step("select"):
         alloc = select(layers, options, fingerprint)
-    with step("verify (model evaluations)"):
+    with step("verify", shown_as="verify (model evaluations)"):
         e2e = verify(frontend, layers, alloc, options)
     with step("measure"):
         while measure(frontend, layers, alloc, options):
@@ -100,13 +100,13 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
 
 
 @contextlib.contextmanager
-def step(name: str, total: int | None = None):
+def step(name: str, total: int | None = None, shown_as: str | None = None):
     """Name the step an exception escaped from (``failed_step``), once: the innermost step wins.
     Where progress is shown (``sparsec.progress``), the step has a line while it runs."""
     from sparsec import progress
 
     try:
-        with progress.task(name, total):
+        with progress.task(shown_as or name, total):
             yield
     except Exception as exc:
         if getattr(exc, "failed_step", None) is None:
@@ -253,6 +253,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
         weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
         energy = output_energy(weight, st, site.bias)
         chains: dict[tuple, list[Candidate]] = {}
+        keys: dict[int, tuple] = {}  # candidate -> its key in the approximation cache
         for cand in layer.candidates:
             if cand.rejected_because is None:
                 chains.setdefault(_chain_key(cand.spec), []).append(cand)
@@ -275,6 +276,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
                     cand.approx = w_hat
                     cand.method = handler.default_method + (", data-free (too few calibration rows)" if st.isotropic else "")
                     cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias, energy)
+                keys.update({id(c): (key, c.fmt) for c in batch})
                 worst = max(batch, key=lambda c: c.predicted_error)
                 if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:
                     for rest in chain[i + step :]:
@@ -283,6 +285,33 @@ def approximate(layers: list[Layer], options: Options) -> None:
                             f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
                         )
                     break
+        for cand in layer.candidates:
+            if cand.approx is not None:
+                cand.approx, cand.remake = None, _remaker(layer, cand, keys[id(cand)])
+
+
+def _remaker(layer: Layer, cand: Candidate, key: tuple):
+    """Let a candidate's approximation go and make it again on use (``Candidate.weight``).
+
+    Held for every candidate of every layer, the approximations are many copies of the model's
+    weights at once (a BERT-base through ONNX peaked at 9 GB). Only the bounded cache keeps them;
+    one evicted is computed again from the same weight and statistics, which gives the same tensor.
+    """
+    from sparsec.passes.registry import HANDLERS
+
+    def remake() -> torch.Tensor:
+        try:
+            return _APPROXIMATIONS[key]
+        except KeyError:
+            pass
+        site, st = layer.site, layer.stats
+        weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+        (w_hat,) = HANDLERS[cand.spec.family].approximate([cand.spec], weight, st)
+        w_hat = w_hat.to(site.dtype)
+        _APPROXIMATIONS.put(key, w_hat)
+        return w_hat
+
+    return remake
 
 
 def _chain_key(spec) -> tuple:
@@ -293,13 +322,14 @@ def _chain_key(spec) -> tuple:
 class _BoundedCache(dict):
     """Approximations kept across recompiles (a new shape re-plans the same weights), bounded in bytes.
 
-    The bound is ``SPARSEC_CACHE_MB`` (default 1024); the oldest entries go first.
+    The bound is ``SPARSEC_CACHE_MB`` (default 256); the oldest entries go first. An entry evicted
+    is computed again when needed (``Candidate.remake``).
     """
 
     def put(self, key, tensor: torch.Tensor) -> None:
         import os
 
-        limit = float(os.environ.get("SPARSEC_CACHE_MB", "1024")) * 2 ** 20
+        limit = float(os.environ.get("SPARSEC_CACHE_MB", "256")) * 2 ** 20
         size = tensor.numel() * tensor.element_size()
         while self and sum(t.numel() * t.element_size() for t in self.values()) + size > limit:
             del self[next(iter(self))]
@@ -421,7 +451,7 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
         rewritten = [l for l in layers if l.chosen is not None and not l.chosen.is_dense]
         key = tuple(sorted((l.name, l.chosen.fmt) for l in rewritten))
         if key not in measured:
-            reps = {l.name: l.chosen.approx.to(l.site.dtype) for l in rewritten}
+            reps = {l.name: l.chosen.weight().to(l.site.dtype) for l in rewritten}
             if not reps:
                 measured[key] = (0.0, 0.0 if frontend.has_heldout() else None, {})
             else:
@@ -440,7 +470,7 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
     def measure_alone(choices: dict[str, Candidate]) -> float:
         advance_current()
         site_of = {l.name: l.site for l in layers}
-        return frontend.evaluate({n: c.approx.to(site_of[n].dtype) for n, c in choices.items()})[0]
+        return frontend.evaluate({n: c.weight().to(site_of[n].dtype) for n, c in choices.items()})[0]
 
     knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
     for h in alloc.hulls:

@@ -327,3 +327,36 @@ def test_each_optimized_module_keeps_running_its_rewrite_at_new_shapes(monkeypat
             with torch.no_grad():
                 torch.testing.assert_close(r.module(x), model(x), rtol=1e-4, atol=1e-4)
             assert calls, "the rewritten graph did not run"
+
+
+def test_a_plan_naming_a_layer_the_model_lacks_is_refused_with_the_nearest_names(scenario_fp):
+    model = planted_lowrank_mlp(d=64, rank=4, layers=2)  # layers "0" and "2"
+    with pytest.raises(PlanError, match=r"plan entry 'O' \(nearest: 0\)|plan entry 'O'.*match"):
+        sparsec.optimize(model, (torch.randn(8, 64),), fingerprint=scenario_fp(), plan={"O": "lowrank:4"},
+                         lower=False)
+    result = sparsec.optimize(model, (torch.randn(8, 64),), fingerprint=scenario_fp(), plan={"0": "lowrank:4"},
+                              lower=False)
+    assert result.report.layers[0]["format"] == "lowrank:4"
+
+
+def test_approximations_are_let_go_and_made_again_identically(scenario_fp, monkeypatch):
+    """Held for every candidate of every layer, approximations were many copies of the model at once."""
+    from sparsec import pipeline
+
+    seen = []
+    real = pipeline.approximate
+
+    def spy(layers, options):
+        real(layers, options)
+        for layer in layers:
+            for c in layer.candidates:
+                if c.rejected_because is None:
+                    first, again = c.weight(), c.weight()
+                    seen.append((c.approx is None, c.remake is not None, torch.equal(first, again)))
+
+    monkeypatch.setattr(pipeline, "approximate", spy)
+    monkeypatch.setattr(pipeline, "_APPROXIMATIONS", pipeline._BoundedCache())
+    monkeypatch.setenv("SPARSEC_CACHE_MB", "0")  # nothing cached: every use makes it again
+    model = planted_lowrank_mlp(d=64, rank=4, layers=2)
+    sparsec.optimize(model, (torch.randn(128, 64),), fingerprint=scenario_fp(), formats=["lowrank"], lower=False)
+    assert seen and all(let_go and can_remake and same for let_go, can_remake, same in seen)

@@ -363,3 +363,18 @@ def test_a_zero_budget_rewrites_nothing(tmp_path, capsys):
                           tmp_path / "r.json")
     assert rc == 0, err
     assert {l["format"] for l in json.loads((tmp_path / "r.json").read_text())["layers"]} == {"dense"}
+
+
+def test_calibration_token_ids_past_the_vocabulary_are_one_line(tmp_path, capsys):
+    table = onnx.numpy_helper.from_array(np.random.default_rng(6).standard_normal((50, 16)).astype(np.float32), "emb")
+    w = onnx.numpy_helper.from_array(np.random.default_rng(7).standard_normal((16, 16)).astype(np.float32), "w")
+    nodes = [onnx.helper.make_node("Gather", ["emb", "ids"], ["h"], name="embed"),
+             onnx.helper.make_node("MatMul", ["h", "w"], ["y"], name="proj")]
+    model = make_model(nodes, [vi("ids", [1, 8], onnx.TensorProto.INT64)], [vi("y", [1, 8, 16])], [table, w])
+    onnx.save_model(model, str(tmp_path / "lm.onnx"))
+    np.savez(tmp_path / "c.npz", ids=np.full((2, 1, 8), 77, dtype=np.int64))  # the table has 50 rows
+    rc, _, err = optimize(capsys, tmp_path / "lm.onnx", "-o", tmp_path / "out.onnx", "--calibration", tmp_path / "c.npz")
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1, err
+    assert lines[0].startswith("sparsec: error: onnxruntime cannot run the model on calibration sample 0: ")
+    assert "token ids must be below the vocabulary size" in lines[0] and not (tmp_path / "out.onnx").exists()

@@ -54,3 +54,23 @@ def test_save_is_atomic_and_round_trips(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["p.json"]
     with pytest.raises(PlanError, match="does not exist"):
         plan.save(tmp_path / "missing" / "p.json")
+
+
+def test_a_bare_mapping_is_the_layers_of_a_plan_and_malformed_ones_stay_refused():
+    plan = Plan.coerce({"_default": "2:4", "fc1": "dense"})
+    assert plan.layers == {"_default": "2:4", "fc1": "dense"} and plan.resolve("fc2") == ("2:4", "_default")
+    with pytest.raises(PlanError, match="plan entry '_default': unknown format 'two-four'"):
+        Plan.coerce({"_default": "two-four"})
+    with pytest.raises(PlanError, match="'layers' must be an object"):
+        Plan.coerce({"fingerprint": "h200", "layers": ["fc1"]})
+
+
+def test_entries_that_match_no_layer_are_named_with_the_nearest_layers():
+    plan = Plan(layers={"encoder.layer.0.intermedate.dense": "2:4", "re:decoder\\..*": "dense",
+                        "encoder.layer.1.output.dense": "dense", "_default": "auto"})
+    names = ["encoder.layer.0.intermediate.dense", "encoder.layer.1.output.dense", "pooler.dense"]
+    assert plan.unmatched(names) == ["encoder.layer.0.intermedate.dense", "re:decoder\\..*"]
+    message = plan.describe_unmatched(names)
+    assert "'encoder.layer.0.intermedate.dense' (nearest: encoder.layer.0.intermediate.dense" in message
+    assert "'re:decoder\\\\..*'" in message and "match no layer of the model" in message
+    assert Plan(layers={"pooler.dense": "dense", "_default": "2:4"}).describe_unmatched(names) is None
