@@ -177,7 +177,10 @@ class Session:
 
     def _lower_again(self, frontend):
         """A recompile of a graph already planned: its sites, from the same weights, are all built."""
-        sites, _ = frontend.capture()
+        from sparsec.pipeline import step
+
+        with step("capture"):
+            sites, _ = frontend.capture()
         if not sites:
             return None
         modules = {}

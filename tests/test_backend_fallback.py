@@ -113,3 +113,34 @@ def test_optimize_raises_errors_about_the_users_input_and_falls_back_on_the_rest
         torch.testing.assert_close(result.module(x), model(x), rtol=0, atol=0)
     with pytest.raises(ZeroDivisionError):
         sparsec.optimize(model, (x,), fingerprint=Failing(), strict=True)
+
+
+def test_a_failure_in_one_subgraph_leaves_the_others_rewritten_and_the_report_whole(monkeypatch):
+    from sparsec.passes.fx_frontend import FxFrontend
+
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            h = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(h)
+
+    real = FxFrontend.capture
+
+    def capture(self):
+        if self.graph == 1:
+            raise RuntimeError("second graph")
+        return real(self)
+
+    monkeypatch.setattr(FxFrontend, "capture", capture)
+    torch.manual_seed(4)
+    model, x = Broken().eval(), torch.randn(64, 32)
+    options = {"fingerprint": "cpu", "plan": {"a": "lowrank:8"}, "error_budget": 0.9}
+    y, fallbacks = compile_and_run(model, options, x)
+    report = session_for(options, None).report.to_dict()
+    assert [l["name"] for l in report["layers"]] == ["a"] and report["layers"][0]["format"] == "lowrank:8"
+    assert report["fallbacks"] == [{"graph": 1, "step": "capture", "error": "RuntimeError: second graph"}]
+    assert len(fallbacks) == 1 and "graph 1: sparsec's capture step failed" in fallbacks[0]

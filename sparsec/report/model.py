@@ -123,7 +123,7 @@ class Report:
           the planner uses for the errors of independent rewrites; null if either is null.
           Each subgraph is planned against the whole budget, so the combined error can exceed
           it: the report then shows that rather than hiding it.
-        - ``skipped`` and ``warnings`` are joined (warnings without repeats); entry,
+        - ``skipped``, ``fallbacks`` and ``warnings`` are joined (warnings without repeats); entry,
           fingerprint, device and error budget must agree, since one compilation uses one of
           each.
         """
@@ -145,6 +145,9 @@ class Report:
                                    + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("skipped", [])])
         if "planner_log" in combined or "planner_log" in other._data:
             combined["planner_log"] = list(combined.get("planner_log", [])) + list(other.get("planner_log", []))
+        if "fallbacks" in combined or "fallbacks" in other._data:
+            combined["fallbacks"] = ([dict(x) for x in combined.get("fallbacks", [])]
+                                     + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("fallbacks", [])])
         combined["totals"] = combine_totals(self.totals, other.totals)
         combined["end_to_end"] = combine_end_to_end(self.end_to_end, self.totals,
                                                     other.end_to_end, other.totals)
@@ -159,7 +162,7 @@ class Report:
 def _graph_shift(mine: dict, theirs: dict) -> int:
     """How much to add to ``theirs``' graph indices so they follow ``mine``'s."""
     def indices(data):
-        return [x.get("graph", 0) for x in [*data["layers"], *data.get("skipped", [])]]
+        return [x.get("graph", 0) for x in [*data["layers"], *data.get("skipped", []), *data.get("fallbacks", [])]]
 
     own_max = max(indices(mine), default=-1)
     their_min = min(indices(theirs), default=0)
