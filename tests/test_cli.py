@@ -16,6 +16,9 @@ from report_factory import make_report  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "tiny_encoder.onnx"
 CLI = [sys.executable, "-c", "import sys; from sparsec.cli import main; sys.exit(main())"]  # as the console script
+# the same, saying when main() is about to run, so that a signal can be sent at a known moment
+CLI_READY = [sys.executable, "-c", "import sys; from sparsec.cli import main; sys.stderr.write('ready\\n'); "
+                                   "sys.stderr.flush(); sys.exit(main())"]
 
 
 def test_importing_the_command_line_loads_no_torch():
@@ -24,9 +27,10 @@ def test_importing_the_command_line_loads_no_torch():
 
 
 def test_ctrl_c_while_the_first_imports_run_is_one_line_and_writes_nothing(tmp_path):
-    proc = subprocess.Popen([*CLI, "optimize", str(SAMPLE), "-o", str(tmp_path / "out.onnx")],
+    proc = subprocess.Popen([*CLI_READY, "optimize", str(SAMPLE), "-o", str(tmp_path / "out.onnx")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.4)  # inside torch's import, long before any result
+    assert proc.stderr.readline() == "ready\n"
+    time.sleep(0.05)  # main() has begun: the first imports (torch's) are under way, long before any result
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
