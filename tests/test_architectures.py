@@ -1,0 +1,84 @@
+"""Real architectures (transformers, built from small configs with random weights) keep compiling:
+no fallback, outputs within the budget, calibration of other batch sizes and lengths."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import sparsec
+from sparsec.backend import FallbackWarning
+
+transformers = pytest.importorskip("transformers")
+
+BUDGET = 0.05
+
+
+def bert():
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=128, max_position_embeddings=64)
+    return transformers.BertModel(config), lambda b, t: (torch.randint(0, 100, (b, t)),)
+
+
+def gpt2():
+    config = transformers.GPT2Config(vocab_size=100, n_embd=64, n_layer=2, n_head=4, n_positions=64)
+    return transformers.GPT2LMHeadModel(config), lambda b, t: (torch.randint(0, 100, (b, t)),)
+
+
+def llama():
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    return transformers.LlamaForCausalLM(config), lambda b, t: (torch.randint(0, 100, (b, t)),)
+
+
+def vit():
+    config = transformers.ViTConfig(image_size=32, patch_size=8, num_channels=3, hidden_size=64, num_hidden_layers=2,
+                                    num_attention_heads=4, intermediate_size=128)
+    return transformers.ViTModel(config), lambda b, t: (torch.randn(b, 3, 32, 32),)
+
+
+def first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "to_tuple"):
+        out = out.to_tuple()
+    return next(t for t in out if isinstance(t, torch.Tensor))
+
+
+@pytest.mark.parametrize("build", [bert, gpt2, llama, vit], ids=lambda f: f.__name__)
+def test_optimize_plans_and_runs_a_real_architecture_without_falling_back(build):
+    torch.manual_seed(0)
+    model, inputs = build()
+    model.eval()
+    example = inputs(1, 16)
+    # other batch sizes and lengths than the example's; held-out data binds the budget on new inputs too
+    calibration = [inputs(4, 32), inputs(4, 32), inputs(2, 8)]
+    heldout = [inputs(2, 24)]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = sparsec.optimize(model, example, fingerprint="cpu", error_budget=BUDGET, calibration=calibration,
+                                  heldout=heldout)
+        with torch.no_grad():
+            x = inputs(1, 16)
+            y, ref = first_tensor(result.module(*x)), first_tensor(model(*x))
+    assert not [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+    report = result.report.to_dict()
+    assert report["layers"] and "fallbacks" not in report
+    assert float((y - ref).norm() / ref.norm()) <= 3 * BUDGET  # a new input: calibration error bounds it loosely
+
+
+@pytest.mark.parametrize("build", [bert, llama], ids=lambda f: f.__name__)
+def test_torch_compile_runs_a_real_architecture_without_falling_back(build):
+    torch.manual_seed(1)
+    model, inputs = build()
+    model.eval()
+    x = inputs(2, 16)
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        y = first_tensor(torch.compile(model, backend="sparsec", options={"fingerprint": "cpu",
+                                                                          "error_budget": BUDGET})(*x))
+        ref = first_tensor(model(*x))
+    assert not [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
+    assert float((y - ref).norm() / ref.norm()) <= 1.5 * BUDGET
