@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,8 +40,8 @@ def stable(value):
         return [stable(v) for v in value]
     if isinstance(value, float):  # below 1e-5: float32 rounding noise (a planted structure's exact fit)
         return 0.0 if abs(value) < 1e-5 else float(f"{value:.4g}")
-    if isinstance(value, str):
-        return value.replace(str(ROOT), "<root>")
+    if isinstance(value, str):  # figures in sentences: the same float32 noise written out ("5.9e-06%")
+        return re.sub(r"\d+(?:\.\d+)?e-(?:0[5-9]|[1-9]\d)", "0", value.replace(str(ROOT), "<root>"))
     return value
 
 
