@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from sparsec.output_error import relative_l2  # noqa: F401  (the front-end's error, shared with ONNX)
 from sparsec.sites import Site, SiteStats
 
 
@@ -62,27 +63,6 @@ def flatten_outputs(out) -> list[torch.Tensor]:
     if isinstance(out, dict):
         return [t for k in sorted(out, key=str) for t in flatten_outputs(out[k])]
     return []
-
-
-def relative_l2(outputs: list[list[torch.Tensor]], references: list[list[torch.Tensor]]) -> float:
-    """The largest, over the graph's outputs, of ||out - ref|| / ||ref|| across all calibration calls.
-
-    Per output, not over all outputs together: a small output (a classifier's logits) must not
-    hide behind a large one (a hidden state). Computed in float64.
-    """
-    num: dict[int, float] = {}
-    den: dict[int, float] = {}
-    for outs, refs in zip(outputs, references):
-        for i, (o, r) in enumerate(zip(outs, refs)):
-            num[i] = num.get(i, 0.0) + float(torch.sum((o.double() - r.double()) ** 2))
-            den[i] = den.get(i, 0.0) + float(torch.sum(r.double() ** 2))
-    worst = 0.0
-    for i in num:
-        if den[i] == 0.0:
-            worst = max(worst, 0.0 if num[i] == 0.0 else float("inf"))
-        else:
-            worst = max(worst, (num[i] / den[i]) ** 0.5)
-    return worst
 
 
 def empty_stats(sites: list[Site]) -> dict[str, SiteStats]:

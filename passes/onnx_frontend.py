@@ -19,11 +19,8 @@ The end-to-end error is the *largest* relative L2 error over the graph's float o
 all calibration runs), not one figure over all outputs together: a small output such as a
 classifier's logits must not hide behind a large hidden-state output.
 
-A layer that saw fewer calibration rows than it has inputs has a singular Gram matrix: the
-planner would take every direction the data never showed as free to drop, and a factorisation
-fitted to those few rows looks lossless while it is not. Such a layer is fitted data-free (an
-isotropic Gram matrix of the same trace), so the error measured on calibration holds for new
-inputs, and it is listed in ``undersampled`` for the report to warn about.
+A layer that saw fewer calibration rows than it has inputs is fitted data-free by the
+pipeline's calibrate step, as for every front-end (``SiteStats.fall_back_to_isotropic``).
 """
 
 from __future__ import annotations
@@ -39,6 +36,7 @@ from sparsec.candidates import Layer
 from sparsec.passes import capture_onnx, rewrite_onnx
 from sparsec.passes.onnx_data import Feeds
 from sparsec.passes.onnx_model import Constants, LoadedModel, infer_shapes, session
+from sparsec.output_error import OutputError, relative
 from sparsec.sites import Site, SiteStats, Skipped
 
 
@@ -68,7 +66,6 @@ class OnnxFrontend:
         self._float_outputs: list[int] = []
         self._references: list[list[np.ndarray]] = []
         self._heldout_references: list[list[np.ndarray]] | None = None
-        self.undersampled: list[tuple[str, int, int]] = []  # (layers, rows seen, K)
         self._captured: tuple[list[Site], list[Skipped]] | None = None
 
     # -- protocol -----------------------------------------------------------------------------
@@ -107,11 +104,6 @@ class OnnxFrontend:
             self._references.append(outs)
             for key, x in acts.items():
                 _accumulate(stats[key], x, calls)
-        self.undersampled = []
-        for key, st in stats.items():
-            if st.fall_back_to_isotropic():
-                names = [s.name for s in sites if s.input_key == key]
-                self.undersampled.append((", ".join(names), st.rows, st.gram.shape[0]))
         return stats
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, "LayerErrors"]:
@@ -282,7 +274,7 @@ class LayerErrors(Mapping):
                     num, den = _layer_error(acts[site.input_key], site, w)
                     sums[name][0] += num
                     sums[name][1] += den
-            self._values = {name: _ratio(n, d) for name, (n, d) in sums.items()}
+            self._values = {name: relative(n, d) for name, (n, d) in sums.items()}
         return self._values
 
     def __getitem__(self, name: str) -> float:
@@ -295,25 +287,6 @@ class LayerErrors(Mapping):
         return len(self._args[1])
 
 
-class OutputError:
-    """Per graph output, squared error and energy summed over runs; ``value`` is the worst output's ratio."""
-
-    def __init__(self):
-        self.num: list[float] = []
-        self.den: list[float] = []
-
-    def add(self, outs: list[np.ndarray], refs: list[np.ndarray]) -> None:
-        if not self.num:
-            self.num, self.den = [0.0] * len(refs), [0.0] * len(refs)
-        for i, (o, r) in enumerate(zip(outs, refs)):
-            o64, r64 = o.astype(np.float64), r.astype(np.float64)
-            self.num[i] += float(np.sum((o64 - r64) ** 2))
-            self.den[i] += float(np.sum(r64 ** 2))
-
-    def value(self) -> float:
-        return max((_ratio(n, d) for n, d in zip(self.num, self.den)), default=0.0)
-
-
 def _layer_error(x: np.ndarray, site: Site, w: torch.Tensor) -> tuple[float, float]:
     """This layer's squared output error and energy on the activations it received in this run."""
     x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, site.K).to(torch.float32)
@@ -323,9 +296,3 @@ def _layer_error(x: np.ndarray, site: Site, w: torch.Tensor) -> tuple[float, flo
     if site.bias is not None:
         ref = ref + site.bias.to(torch.float32)
     return float(torch.sum(diff.double() ** 2)), float(torch.sum(ref.double() ** 2))
-
-
-def _ratio(num: float, den: float) -> float:
-    if den == 0.0:
-        return 0.0 if num == 0.0 else float("inf")
-    return (num / den) ** 0.5

@@ -195,11 +195,6 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
 def _annotate(outcome, frontend, executor: "Executor", loaded, output: Path, warnings: list[str]) -> dict:
     """The pipeline's report plus what only the ONNX entry knows: executor, files, warnings."""
     rep = outcome.report
-    for names, rows, K in frontend.undersampled:
-        warnings.append(
-            f"{names}: calibration gave {rows} rows for {K} inputs, too few to weight a fit by, so it was "
-            "fitted data-free (as if inputs were isotropic) and its measured error holds for new inputs; pass "
-            "more samples, at least as many rows as inputs, for activation-aware fitting")
     rep["warnings"] = warnings + rep.get("warnings", [])
     rep["executor"] = executor.describe()
     feeds = frontend.calibration
@@ -459,7 +454,7 @@ def _session_from_path(path: Path, executor: Executor):
 
 def _lowered_errors(frontend, new_session, feeds, held) -> tuple[float, float | None]:
     """The written model's output error against the original's (worst output), on both data sets."""
-    from sparsec.passes.onnx_frontend import OutputError
+    from sparsec.output_error import OutputError
 
     names = [o.name for o in new_session.get_outputs()]
 

@@ -2,7 +2,7 @@
 
 import torch
 
-from sparsec.passes.interpret_fx import relative_l2
+from sparsec.output_error import relative_l2
 
 
 def test_error_is_the_worst_output_not_the_pooled_one():
