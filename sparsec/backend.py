@@ -29,12 +29,8 @@ class Session:
     def __init__(self, options: Options, entry: str = "torch.compile"):
         from sparsec.fingerprint import load_fingerprint
 
-        from sparsec.plan import Plan
-
         self.options = options
         self.entry = entry
-        if options.plan is not None:
-            options.plan = Plan.coerce(options.plan)
         self.fingerprint = (
             options.fingerprint if hasattr(options.fingerprint, "predict_detail") else load_fingerprint(options.fingerprint)
         )
@@ -86,7 +82,7 @@ class Session:
             self.graph_errors.append(0.0)
             from sparsec.report import Report
 
-            merged = Report(_finish(report))
+            merged = Report(report)
             self.report = merged if self.report is None else self.report.extend(merged)
             if self.plan is None:
                 from sparsec.plan import Plan
@@ -212,7 +208,7 @@ class Session:
         from sparsec.plan import Plan
         from sparsec.report import Report
 
-        report = Report(_finish(outcome.report))
+        report = Report(outcome.report)
         self.report = report if self.report is None else self.report.extend(report)
         layers = dict(self.plan.layers) if self.plan is not None else {}
         layers.update(outcome.plan.layers)
@@ -290,16 +286,6 @@ def _guard_weight_identity(gm, example_inputs) -> None:
 
     for source in parameter_sources(gm, example_inputs):
         context.guards_context.dynamo_guards.add(source.make_guard(GuardBuilder.ID_MATCH))
-
-
-def _finish(report: dict) -> dict:
-    import datetime
-
-    from sparsec import __version__
-
-    report.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    report.setdefault("sparsec_version", __version__)
-    return report
 
 
 def calibration_inputs(gm, example_inputs, items, traced=None, graph: int = 0) -> tuple[list, str | None]:

@@ -22,7 +22,6 @@ per-layer timing of each rewritten subgraph against its dense MatMul, in isolati
 
 from __future__ import annotations
 
-import datetime
 import logging
 import os
 from dataclasses import dataclass, field
@@ -93,7 +92,9 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
         rewritten = []
     if options.measure and rewritten:
         _measured_totals(rep)
-    final = _finish(rep)
+    from sparsec.report import Report
+
+    final = Report(rep)
     report_paths = _save_report(final, options.report) if options.report else []
     from sparsec.logs import log_report
 
@@ -154,10 +155,6 @@ def _options(fingerprint, error_budget, formats, plan, report, measure):
     options = parse_options({k: v for k, v in given.items() if v is not None})
     if options.report:
         check_writable(options.report)
-    if options.plan is not None:
-        from sparsec.plan import Plan
-
-        options.plan = Plan.coerce(options.plan)
     return options
 
 
@@ -274,14 +271,6 @@ def _verify_and_time(staged: Path, rep: dict, rewritten, frontend, loaded, execu
             f"SLOWER: the rewritten model measured {speedup:.2f}x of the original end to end "
             f"(predicted {rep['end_to_end']['predicted_speedup'] or float('nan'):.2f}x); it was written as asked, "
             "but the original is faster here: keep it, or rerun with --measure to write the original unchanged"))
-
-
-def _finish(rep: dict):
-    from sparsec.report import Report
-
-    rep.setdefault("created", datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
-    rep.setdefault("sparsec_version", _version())
-    return Report(rep)
 
 
 # -- input checks ---------------------------------------------------------------------------------

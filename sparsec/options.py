@@ -24,7 +24,7 @@ class Options:
     calibration: list | None = None
     heldout: list | None = None
     formats: tuple[str, ...] = STRUCTURED_FAMILIES
-    plan: Any = None
+    plan: Any = None  # a Plan once parsed
     report: str | None = None
     measure: bool = False
     mode: str = "default"
@@ -99,7 +99,9 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         plan = merged["plan"]
         if not isinstance(plan, (str, os.PathLike, dict)) and not hasattr(plan, "to_dict"):
             raise OptionError("option 'plan' must be a path to a plan JSON file or a plan dict")
-        out.plan = os.fspath(plan) if isinstance(plan, os.PathLike) else plan
+        from sparsec.plan import Plan
+
+        out.plan = Plan.coerce(os.fspath(plan) if isinstance(plan, os.PathLike) else plan)  # refused here, before any work
     if merged.get("report") is not None:
         rep = os.fspath(merged["report"])
         if not rep.endswith((".json", ".html")):

@@ -72,8 +72,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome
     with step("calibrate"):
         stats, warnings = calibrate(frontend, sites)
     with step("candidates"):
-        forced = Plan.coerce(options.plan) if options.plan is not None else None
-        layers = candidates(sites, stats, options, forced)
+        layers = candidates(sites, stats, options, options.plan)
     with step("cost"):
         cost(layers, fingerprint, options)
     with step("approximate", total=len(layers)):
@@ -570,8 +569,14 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
     speedup = (dense_total / chosen_total) if chosen_total > 0 else None
     rest_dense = rest_us or 0.0
     e2e_speedup = _ratio(dense_total + rest_dense, chosen_total - stacked_us + rest_dense - fused_us)
+    import datetime
+
+    from sparsec import __version__
+
     return {
         "schema": "sparsec.report/1",
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "sparsec_version": __version__,
         "entry": frontend.entry,
         "device": frontend.device_name(),
         "fingerprint": {"name": fingerprint.name, "device": fingerprint.device.get("name"), "hash": fingerprint.hash},
