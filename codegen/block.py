@@ -257,7 +257,7 @@ def block_linear_op(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor
 
 
 @block_linear_op.register_fake
-def _(x, values, col_idx, row_ptr, order, bias, n_out):
+def block_linear_fake(x, values, col_idx, row_ptr, order, bias, n_out):
     return x.new_empty(x.shape[0], n_out)
 
 
@@ -273,7 +273,7 @@ def block_epilogue_op(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tens
 
 
 @block_epilogue_op.register_fake
-def _(x, values, col_idx, row_ptr, order, bias, residual, gate_row, up_row, width):
+def block_epilogue_fake(x, values, col_idx, row_ptr, order, bias, residual, gate_row, up_row, width):
     return x.new_empty(x.shape[0], width if gate_row >= 0 else (row_ptr.shape[0] - 1) * values.shape[1])
 
 
@@ -287,7 +287,7 @@ def block_input_grad_op(dy: torch.Tensor, values: torch.Tensor, col_idx: torch.T
 
 
 @block_input_grad_op.register_fake
-def _(dy, values, col_idx, row_ptr, n_in):
+def block_input_grad_fake(dy, values, col_idx, row_ptr, n_in):
     return dy.new_empty(dy.shape[0], n_in)
 
 
@@ -304,7 +304,7 @@ def block_to_dense_op(values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torc
 
 
 @block_to_dense_op.register_fake
-def _(values, col_idx, row_ptr, n_in):
+def block_to_dense_fake(values, col_idx, row_ptr, n_in):
     return values.new_empty((row_ptr.shape[0] - 1) * values.shape[1], n_in)
 
 

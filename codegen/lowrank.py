@@ -135,7 +135,7 @@ def lowrank_linear_op(x: torch.Tensor, u: torch.Tensor, v: torch.Tensor, bias: O
 
 
 @lowrank_linear_op.register_fake
-def _(x, u, v, bias, fused):
+def lowrank_linear_fake(x, u, v, bias, fused):
     return x.new_empty(x.shape[0], u.shape[0])
 
 

@@ -224,7 +224,7 @@ def monarch_linear_op(x: torch.Tensor, L: torch.Tensor, R: torch.Tensor, bias: O
 
 
 @monarch_linear_op.register_fake
-def _(x, L, R, bias, fused):
+def monarch_linear_fake(x, L, R, bias, fused):
     return x.new_empty(x.shape[0], R.shape[0] * R.shape[1])
 
 

@@ -490,7 +490,7 @@ def twofour_linear_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor,
 
 
 @twofour_linear_op.register_fake
-def _(x, values, meta, bias):
+def twofour_linear_fake(x, values, meta, bias):
     return x.new_empty(x.shape[0], values.shape[0])
 
 
@@ -507,7 +507,7 @@ def twofour_epilogue_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tenso
 
 
 @twofour_epilogue_op.register_fake
-def _(x, values, meta, bias, residual, gate_row, up_row, width):
+def twofour_epilogue_fake(x, values, meta, bias, residual, gate_row, up_row, width):
     return x.new_empty(x.shape[0], width if gate_row >= 0 else values.shape[0])
 
 
@@ -638,7 +638,7 @@ def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.
 
 
 @twofour_cslt_op.register_fake
-def _(x, compressed, bias, n_out):
+def twofour_cslt_fake(x, compressed, bias, n_out):
     M = x.shape[0]
     return x.new_empty(n_out, M + (-M) % CSLT_M_ALIGN).narrow(1, 0, M).t()
 
