@@ -84,8 +84,10 @@ def summary_line(report_or_layers: Any) -> str:
     e2e = data.get("end_to_end") or {}
     if dense is not None and pred:
         linear = f"{dense / pred:.2f}x on linear layers alone ({dense:,.1f} -> {pred:,.1f} us)"
-        if e2e.get("predicted_speedup") is not None:
+        if e2e.get("predicted_speedup") is not None and e2e.get("predicted_us_rest") is not None:
             parts.append(f"predicted {e2e['predicted_speedup']:.2f}x end to end ({linear})")
+        elif e2e.get("predicted_speedup") is not None:
+            parts.append(f"predicted {linear}; the rest of the graph unpriced")
         else:
             parts.append(f"predicted {linear}")
     if e2e.get("measured_speedup") is not None:

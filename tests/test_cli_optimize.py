@@ -378,3 +378,12 @@ def test_calibration_token_ids_past_the_vocabulary_are_one_line(tmp_path, capsys
     assert rc == 2 and len(lines) == 1, err
     assert lines[0].startswith("sparsec: error: onnxruntime cannot run the model on calibration sample 0: ")
     assert "token ids must be below the vocabulary size" in lines[0] and not (tmp_path / "out.onnx").exists()
+
+
+def test_the_end_to_end_prediction_counts_the_rest_of_the_graph_from_the_original_models_time(planted_run):
+    _, _, report = planted_run
+    e2e, totals = report["end_to_end"], report["totals"]
+    rest = e2e["predicted_us_rest"]
+    assert rest == pytest.approx(max(e2e["measured_us_dense"] - totals["predicted_us_dense"], 0.0))
+    expected = (totals["predicted_us_dense"] + rest) / (totals["predicted_us"] + rest)
+    assert e2e["predicted_speedup"] == pytest.approx(expected) and e2e["predicted_speedup"] <= totals["predicted_speedup"]

@@ -87,8 +87,10 @@ def test_summary_line_counts_layers_and_formats():
     t = report["totals"]
     linear = f"{t['predicted_us_dense'] / t['predicted_us']:.2f}x on linear layers alone"
     e2e = report["end_to_end"]
-    if e2e.get("predicted_speedup") is not None:  # the headline is end to end, the linear-only figure labelled
-        assert f"predicted {e2e['predicted_speedup']:.2f}x end to end ({linear}" in line
+    if e2e.get("predicted_speedup") is not None and e2e.get("predicted_us_rest") is not None:
+        assert f"predicted {e2e['predicted_speedup']:.2f}x end to end ({linear}" in line  # headline end to end
+    elif e2e.get("predicted_speedup") is not None:
+        assert f"predicted {linear}" in line and "; the rest of the graph unpriced" in line
     else:
         assert f"predicted {linear}" in line
     assert "fingerprint h200" in line and "1 warning" in line
@@ -98,7 +100,8 @@ def test_summary_line_counts_layers_and_formats():
 def test_summary_line_says_which_data_the_error_was_measured_on_and_when_slower():
     report = make_report(seed=3, blocks=2, tokens=2048, error_budget=0.03)
     e2e = report["end_to_end"]
-    e2e.update(measured_error=0.0099, heldout_error=None, predicted_speedup=1.05, measured_speedup=0.99)
+    e2e.update(measured_error=0.0099, heldout_error=None, predicted_speedup=1.05, measured_speedup=0.99,
+               predicted_us_rest=100.0)
     report["totals"]["rewritten"] = 2
     line = logs.summary_line(report)
     assert "predicted 1.05x end to end (" in line and "on linear layers alone" in line
@@ -121,3 +124,11 @@ def test_summary_line_of_bare_layers_with_graph_indices():
     assert "fingerprint" not in line
     with pytest.raises(TypeError, match="takes a report or a list of layers"):
         logs.summary_line(42)
+
+
+def test_without_a_priced_rest_the_headline_says_it_covers_the_linear_layers_only():
+    report = make_report(seed=3, blocks=1)
+    report["end_to_end"].update(predicted_speedup=6.28, predicted_us_rest=None)
+    line = logs.summary_line(report)
+    assert "end to end" not in line.split(";")[1] and "on linear layers alone" in line
+    assert "the rest of the graph unpriced" in line
