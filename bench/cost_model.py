@@ -39,9 +39,9 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 ensure_sparsec_importable()
 
 from sparsec.fingerprint import load_fingerprint  # noqa: E402
-from sparsec.fingerprint_device import software_versions  # noqa: E402
-from sparsec.fingerprint_families import PARAM_GRID, Variant, discover_families  # noqa: E402
-from sparsec.fingerprint_timing import Clock, quick_autotune, rotation_count  # noqa: E402
+from sparsec.fingerprint.device import software_versions  # noqa: E402
+from sparsec.fingerprint.families import PARAM_GRID, Variant, discover_families  # noqa: E402
+from sparsec.fingerprint.timing import Clock, quick_autotune, rotation_count  # noqa: E402
 from sparsec.formats import parse_spec  # noqa: E402
 
 # Weight shapes of common models (BERT-base/large, Llama-3-8B, Mistral-7B, GPT-2 XL, ...),
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
         print_table(doc)
         return 0
     if args.measure:
-        from sparsec.fingerprint_measure import measure
+        from sparsec.fingerprint.measure import measure
 
         done = args.measure.exists() and json.loads(args.measure.read_text() or "{}").get("complete")
         if done and not args.redo and not args.extend:
@@ -220,7 +220,7 @@ def main(argv=None) -> int:
         print(f"warning: {warn}", file=sys.stderr)
     dtype_name = "bfloat16" if cuda else "float32"
     dtype = getattr(torch, dtype_name)
-    from sparsec.fingerprint_measure import GRIDS
+    from sparsec.fingerprint.measure import GRIDS
 
     grid = GRIDS["cuda" if cuda else "cpu"]
     policy = grid.policy  # time exactly as the grid was timed

@@ -22,7 +22,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
-from sparsec.fingerprint_measure import measure  # noqa: E402
+from sparsec.fingerprint.measure import measure  # noqa: E402
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ class FxFrontend:
         return "cuda" if self._device().type == "cuda" else "cpu"
 
     def device_name(self) -> str:
-        from sparsec.fingerprint_device import current_device_name
+        from sparsec.fingerprint.device import current_device_name
 
         dev = self._device()
         if dev.type == "cuda":

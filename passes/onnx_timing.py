@@ -89,7 +89,7 @@ def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -
     import onnx
     from onnx import helper
 
-    from sparsec.fingerprint_ort import passthrough_model
+    from sparsec.fingerprint.ort import passthrough_model
     from sparsec.formats import Dense
     from sparsec.passes.onnx_emit import Emitter, emit_product, factors
     from sparsec.passes.onnx_model import session

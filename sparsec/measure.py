@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsec.fingerprint_timing import Clock, TimingPolicy, rotation_count
+from sparsec.fingerprint.timing import Clock, TimingPolicy, rotation_count
 
 ROTATION_BYTES = 256 << 20
 

@@ -326,7 +326,7 @@ PROVIDERS = {"auto": None, "cpu": "CPUExecutionProvider", "cuda": "CUDAExecution
 def choose_executor(provider: str, fingerprint) -> Executor:
     """The onnxruntime provider to run on, the fingerprint describing it, and the session threads."""
     from sparsec.fingerprint import Fingerprint, load_fingerprint
-    from sparsec.fingerprint_device import current_device_name
+    from sparsec.fingerprint.device import current_device_name
     from sparsec.passes.onnx_model import best_provider
 
     if provider not in PROVIDERS:
@@ -341,13 +341,13 @@ def choose_executor(provider: str, fingerprint) -> Executor:
         fp = _ort_fingerprint(wanted)
         if fp is None and provider == "auto" and wanted != "CPUExecutionProvider":
             warnings.append(f"no onnxruntime fingerprint of {wanted} (measure one with 'python -m "
-                            "sparsec.fingerprint_ort --provider CUDAExecutionProvider -o ...'); planned and "
+                            "sparsec.fingerprint.ort --provider CUDAExecutionProvider -o ...'); planned and "
                             "timed on the CPU provider, which the shipped ort-cpu describes")
             wanted = "CPUExecutionProvider"
             fp = _ort_fingerprint(wanted)
         if fp is None:
             raise FingerprintError(f"no onnxruntime fingerprint of {wanted}: measure one with 'python -m "
-                                   f"sparsec.fingerprint_ort -o FILE --provider {wanted}' and pass --fingerprint FILE")
+                                   f"sparsec.fingerprint.ort -o FILE --provider {wanted}' and pass --fingerprint FILE")
     else:
         fp = fingerprint if isinstance(fingerprint, Fingerprint) else load_fingerprint(fingerprint)
     kind = "cuda" if wanted == "CUDAExecutionProvider" else "cpu"
@@ -360,7 +360,7 @@ def choose_executor(provider: str, fingerprint) -> Executor:
                         f"({fp.device.get('name')}) but onnxruntime runs this model on {kind} ({device})")
     elif fp.device.get("name") != device:
         warnings.append(f"fingerprint {fp.name!r} was measured on {fp.device.get('name')} but this device is "
-                        f"{device}; measure it here with 'python -m sparsec.fingerprint_ort -o FILE'")
+                        f"{device}; measure it here with 'python -m sparsec.fingerprint.ort -o FILE'")
     threads = (fp.data.get("grid") or {}).get("intra_op_num_threads") if is_onnxruntime_fingerprint(fp) else None
     return Executor(provider=wanted, fingerprint=fp, device=device, threads=threads or None, warnings=warnings)
 
@@ -374,7 +374,7 @@ def _ort_fingerprint(provider: str):
     """Your own onnxruntime fingerprint of this device, else the shipped one for the provider."""
     from sparsec import fingerprints
     from sparsec.fingerprint import load_fingerprint
-    from sparsec.fingerprint_device import device_slug, user_fingerprint_dir
+    from sparsec.fingerprint.device import device_slug, user_fingerprint_dir
 
     kind = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
     mine = user_fingerprint_dir() / f"ort-{device_slug(kind)}.json"

@@ -8,7 +8,8 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CORE = ["sparsec/formats.py", "sparsec/sites.py", "sparsec/candidates.py", "sparsec/plan.py",
         "sparsec/pipeline.py", "sparsec/reasons.py", "sparsec/options.py", "passes/select.py",
-        "sparsec/fingerprint.py"]
+        "sparsec/fingerprint/predict.py", "sparsec/fingerprint/interp.py",
+        "sparsec/fingerprint/schema.py", "sparsec/output_error.py"]
 
 
 @pytest.mark.parametrize("path", CORE)

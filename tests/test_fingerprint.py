@@ -14,7 +14,7 @@ import random
 import pytest
 import torch
 
-import sparsec.fingerprint as fpmod
+import sparsec.fingerprint.predict as fpmod
 from sparsec.errors import FingerprintError
 from sparsec.fingerprint import Fingerprint, load_fingerprint, normalize_dtype
 
@@ -282,7 +282,7 @@ def fake_shipped(tmp_path, monkeypatch):
 
 
 def _pretend_device(monkeypatch, kind, name):
-    import sparsec.fingerprint_device as dev
+    import sparsec.fingerprint.device as dev
 
     monkeypatch.setattr(fpmod, "current_device_kind", lambda: kind)
     monkeypatch.setattr(fpmod, "current_device_name", lambda k=None: name)

@@ -10,9 +10,9 @@ from rich.console import Console
 
 from sparsec.errors import FingerprintError
 from sparsec.fingerprint import load_fingerprint
-from sparsec.fingerprint_families import Family, Variant, check_output, dense_family
-from sparsec.fingerprint_measure import GRIDS, measure
-from sparsec.fingerprint_timing import rotation_count
+from sparsec.fingerprint.families import Family, Variant, check_output, dense_family
+from sparsec.fingerprint.measure import GRIDS, measure
+from sparsec.fingerprint.timing import rotation_count
 
 
 def quiet():
@@ -99,7 +99,7 @@ def test_rotation_covers_the_cache():
 
 
 def test_implausible_points_are_found_along_M():
-    from sparsec.fingerprint_measure import implausible_points
+    from sparsec.fingerprint.measure import implausible_points
 
     def curve(times, **extra):
         return [{"M": M, "N": 64, "K": 32, "dtype": "float32", "mode": "eager", "us": t, "kernel": "k", **extra}
@@ -129,7 +129,7 @@ def test_redo_measures_one_family_again_and_keeps_the_rest(tmp_path):
 
 
 def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_path):
-    from sparsec.fingerprint_measure import _entry_key
+    from sparsec.fingerprint.measure import _entry_key
 
     doc = json.loads(tiny.read_text())
     Ms = GRIDS["tiny"].Ms
@@ -156,7 +156,7 @@ def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_
 
 
 def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_path, monkeypatch):
-    from sparsec.fingerprint_measure import Harness, _entry_key
+    from sparsec.fingerprint.measure import Harness, _entry_key
 
     doc = json.loads(tiny.read_text())
     Ms = GRIDS["tiny"].Ms

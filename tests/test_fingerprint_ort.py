@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sparsec.fingerprint import load_fingerprint
-from sparsec.fingerprint_ort import GRIDS, THREADS_KEY, main, subgraph_model
+from sparsec.fingerprint.ort import GRIDS, THREADS_KEY, main, subgraph_model
 from sparsec.formats import parse_spec
 from sparsec.onnx_entry import dense_ratio, is_onnxruntime_fingerprint
 from sparsec.passes.onnx_model import session

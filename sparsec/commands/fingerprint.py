@@ -59,7 +59,7 @@ def register(subparsers) -> None:
 def _measure(args) -> int:
     if args.onnxruntime:
         from sparsec.errors import FingerprintError
-        from sparsec.fingerprint_ort import measure as measure_ort
+        from sparsec.fingerprint.ort import measure as measure_ort
 
         if args.output is None:
             raise FingerprintError("--onnxruntime needs -o PATH (an onnxruntime fingerprint is not this device's own)")
@@ -67,7 +67,7 @@ def _measure(args) -> int:
                            threads=args.threads)
         print(f"wrote {path}")
         return 0
-    from sparsec.fingerprint_measure import measure
+    from sparsec.fingerprint.measure import measure
 
     if args.redo_up_to is not None and not args.redo:
         from sparsec.errors import FingerprintError
@@ -109,7 +109,7 @@ def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, 
     A format can win at small M only (a 2:4 kernel that reads half the bytes but has more to
     do per token) or at large M only (a block kernel whose fixed cost is amortised): both show.
     """
-    from sparsec.fingerprint import FingerprintError
+    from sparsec.errors import FingerprintError
 
     dense = {(e["N"], e["K"], e["M"]) for e in fp.data["kernels"].get("dense", [])
              if e["dtype"] == dtype and e["mode"] == mode}

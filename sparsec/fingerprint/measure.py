@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 
 from sparsec.errors import FingerprintError
-from sparsec.fingerprint_device import describe_device, device_slug, software_versions, user_fingerprint_dir
-from sparsec.fingerprint_families import PARAM_GRID, Family, Variant, check_output, discover_families
-from sparsec.fingerprint_probes import (
+from sparsec.fingerprint.device import describe_device, device_slug, software_versions, user_fingerprint_dir
+from sparsec.fingerprint.families import PARAM_GRID, Family, Variant, check_output, discover_families
+from sparsec.fingerprint.probes import (
     cache_line_granule,
     copy_bandwidth,
     dispatch_granule,
@@ -35,8 +35,8 @@ from sparsec.fingerprint_probes import (
     sig,
     tile_granules,
 )
-from sparsec.fingerprint_schema import SchemaViolation, validate_fingerprint
-from sparsec.fingerprint_timing import Clock, TimingPolicy, quick_autotune, rotation_count
+from sparsec.fingerprint.schema import SchemaViolation, validate_fingerprint
+from sparsec.fingerprint.timing import Clock, TimingPolicy, quick_autotune, rotation_count
 
 __all__ = ["Grid", "GRIDS", "measure", "default_output"]
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsec.fingerprint_timing import Clock
+from sparsec.fingerprint.timing import Clock
 
 __all__ = [
     "copy_bandwidth", "peak_tflops", "launch_overhead", "tile_granules", "cache_line_granule", "dispatch_granule",

@@ -19,7 +19,7 @@ graph that only passes the input through, divided by the copies: that removes th
 every format's graph is timed in the same interleaved rounds (``passes/onnx_timing``), so the
 ratios between formats, which decide the plan, do not drift with the machine's load.
 
-Run: ``python -m sparsec.fingerprint_ort -o fingerprints/ort-cpu.json`` (``--grid tiny`` for seconds).
+Run: ``python -m sparsec.fingerprint.ort -o fingerprints/ort-cpu.json`` (``--grid tiny`` for seconds).
 """
 
 from __future__ import annotations
@@ -39,8 +39,8 @@ import onnx
 from onnx import helper
 
 from sparsec.errors import FingerprintError
-from sparsec.fingerprint_device import describe_device, software_versions
-from sparsec.fingerprint_schema import validate_fingerprint
+from sparsec.fingerprint.device import describe_device, software_versions
+from sparsec.fingerprint.schema import validate_fingerprint
 from sparsec.formats import Block, Dense, FormatSpec, LowRank, Monarch, TwoFour
 from sparsec.passes.onnx_emit import Emitter, emit_product, random_factors
 from sparsec.passes.onnx_model import MIN_OPSET, session
@@ -290,8 +290,8 @@ def _write(out: Path, doc: dict) -> None:
 
 
 def main(argv=None) -> int:
-    """``python -m sparsec.fingerprint_ort ARGS`` is ``sparsec fingerprint measure --onnxruntime ...``."""
-    parser = argparse.ArgumentParser(prog="python -m sparsec.fingerprint_ort", description=__doc__.split("\n\n")[0])
+    """``python -m sparsec.fingerprint.ort ARGS`` is ``sparsec fingerprint measure --onnxruntime ...``."""
+    parser = argparse.ArgumentParser(prog="python -m sparsec.fingerprint.ort", description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", required=True, help="fingerprint JSON to write")
     parser.add_argument("--grid", default="cpu", choices=sorted(GRIDS))
     parser.add_argument("--provider", default="CPUExecutionProvider")

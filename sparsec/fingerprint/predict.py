@@ -5,7 +5,7 @@ measured to realise: ceilings, granules, and the time of every kernel family ove
 shapes. ``load_fingerprint`` finds one by name, path or "auto", validates it and returns a
 ``Fingerprint`` whose ``predict`` is the only cost question the planner asks.
 
-Prediction is interpolation of measured times in log space (see ``fingerprint_interp``), never a
+Prediction is interpolation of measured times in log space (see ``sparsec.fingerprint.interp``), never a
 FLOP count. A format with no measurements of its own but built from measured operations is
 composed from them (low rank = two dense GEMMs) and says so in the prediction's note.
 """
@@ -22,15 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from sparsec.errors import FingerprintError
-from sparsec.fingerprint_device import (
+from sparsec.fingerprint.device import (
     current_device_kind,
     current_device_name,
     device_slug,
     slugify,
     user_fingerprint_dir,
 )
-from sparsec.fingerprint_interp import ShapeGrid, loglog
-from sparsec.fingerprint_schema import SchemaViolation, validate_fingerprint
+from sparsec.fingerprint.interp import ShapeGrid, loglog
+from sparsec.fingerprint.schema import SchemaViolation, validate_fingerprint
 from sparsec.formats import Block, FormatError, LowRank, Monarch, parse_spec
 
 __all__ = [
