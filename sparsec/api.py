@@ -40,12 +40,6 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     if not isinstance(example_inputs, (tuple, list)):
         raise OptionError("example_inputs must be a tensor or a tuple of the model's positional arguments")
     session = Session(parse_options(options, lower=lower), entry="optimize")
-    try:
-        with torch.no_grad():
-            model(*example_inputs)
-    except Exception as exc:  # noqa: BLE001 - the model's own failure, said in one line before any tracing
-        raise ModelError(f"the model fails on example_inputs (shapes {_shown(example_inputs)}): "
-                         f"{type(exc).__name__}: {_first_line(exc)}") from None
 
     def backend(gm, inputs):
         return session.compile_graph(gm, inputs, raise_user_errors=True)
@@ -65,6 +59,10 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
         if inner is not None and session.options.strict:
             raise inner
         raise
+    except SparsecError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - Dynamo's pages about the model failing on the user's inputs
+        _model_fails(model, example_inputs, "example_inputs", exc)
     if session.report is None:
         raise ModelError("torch.compile captured no graph from this model; nothing to plan")
     if session.options.plan is not None:
@@ -139,8 +137,7 @@ def _trace_other_shapes(model, example_inputs, items, what: str) -> dict[int, li
                 with torch.no_grad(), _room_to_compile():
                     entry(**item) if isinstance(item, dict) else entry(*item)
             except Exception as exc:  # noqa: BLE001 - the model's own failure on the user's input
-                raise ModelError(f"the model fails on {what} item {index} (shapes {_shown(item)}): "
-                                 f"{type(exc).__name__}: {_first_line(exc)}") from None
+                _model_fails(model, item, f"{what} item {index}", exc)
             traces[shapes] = graphs
         runs = []
         for gm, inputs, slots, nodes in traces[shapes]:
@@ -150,6 +147,18 @@ def _trace_other_shapes(model, example_inputs, items, what: str) -> dict[int, li
             runs.append(Traced(gm, args, nodes))
         out[index] = runs
     return out
+
+
+def _model_fails(model, inputs, what: str, exc: Exception):
+    """Raise the model's own failure on ``inputs`` in one line (a ModelError), as running it eagerly
+    reports it, rather than Dynamo's account of it; Dynamo's error stands if the model runs."""
+    try:
+        with torch.no_grad():
+            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+    except Exception as own:  # noqa: BLE001 - whatever the model raises is the user's to read
+        raise ModelError(f"the model fails on {what} (shapes {_shown(inputs)}): "
+                         f"{type(own).__name__}: {_first_line(own)}") from None
+    raise exc
 
 
 def _shapes(item) -> tuple:
