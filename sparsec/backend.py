@@ -13,6 +13,7 @@ every shape.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import math
 import re
@@ -433,16 +434,23 @@ def _source(node) -> str | None:
     return name if isinstance(name, str) else None
 
 
-_SESSIONS: dict[int, tuple[dict, Session]] = {}
+# id of an options dict -> (that dict, its session); the most recently used SESSIONS_KEPT only, so
+# that users' options (calibration tensors among them) do not outlive them without bound. A graph
+# compiled for an options dict no longer here is planned in a session of its own.
+SESSIONS_KEPT = 32
+_SESSIONS: "collections.OrderedDict[int, tuple[dict, Session]]" = collections.OrderedDict()
 
 
 def session_for(options: dict | None, mode: str | None) -> Session:
     """One session per options dict object, so a model's subgraphs share it."""
     if options is not None and id(options) in _SESSIONS and _SESSIONS[id(options)][0] is options:
+        _SESSIONS.move_to_end(id(options))
         return _SESSIONS[id(options)][1]
     session = Session(parse_options(options, mode=mode))
     if options is not None:
         _SESSIONS[id(options)] = (options, session)
+        while len(_SESSIONS) > SESSIONS_KEPT:
+            _SESSIONS.popitem(last=False)
     return session
 
 

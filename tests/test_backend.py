@@ -360,3 +360,22 @@ def test_dynamo_reset_drops_the_cuda_graphs_recorded_for_sparsec_graphs(monkeypa
         compiled(torch.randn(4, 16))
     torch._dynamo.reset()
     assert calls, "torch._dynamo.reset() did not reach the sparsec backend's reset"
+
+
+def test_sessions_are_bounded_so_old_calibration_data_is_let_go(monkeypatch):
+    import gc
+    import weakref
+
+    from sparsec import backend
+
+    monkeypatch.setattr(backend, "SESSIONS_KEPT", 3)
+    monkeypatch.setattr(backend, "_SESSIONS", type(backend._SESSIONS)())
+    first = torch.randn(8, 8)
+    alive = weakref.ref(first)
+    backend.session_for({"fingerprint": "cpu", "calibration": [(first,)]}, None)
+    del first
+    kept = [{"fingerprint": "cpu"} for _ in range(3)]
+    sessions = [backend.session_for(options, None) for options in kept]
+    gc.collect()
+    assert alive() is None and len(backend._SESSIONS) == 3
+    assert backend.session_for(kept[0], None) is sessions[0]  # the ones kept are found again
