@@ -155,7 +155,8 @@ def _now() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
 
 
-def _atomic_write(path: Path, doc: dict) -> None:
+def write_atomically(path: Path, doc: dict) -> None:
+    """Write a fingerprint document so that a reader never sees half of it (readable by all, as shipped files are)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -230,7 +231,7 @@ class Harness:
     def save(self, force=False) -> None:
         if force or time.monotonic() - self.last_save > SAVE_EVERY_S:
             self.doc["created"] = _now()
-            _atomic_write(self.out, self.doc)
+            write_atomically(self.out, self.doc)
             self.last_save = time.monotonic()
 
     def check_budget(self) -> None:

@@ -249,7 +249,9 @@ def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvid
     doc["created"] = _now()
     doc["method"]["seconds"] = round(time.monotonic() - start, 1)
     validate_fingerprint(doc)
-    _write(out, doc)
+    from sparsec.fingerprint.measure import write_atomically
+
+    write_atomically(out, doc)
     return out
 
 
@@ -269,24 +271,6 @@ def _run_overhead(provider: str, threads: int) -> float:
     feed = {"x": np.zeros((1, 1), dtype=np.float32)}
     return interleaved([lambda: sess.run(None, feed)], budget_s=0.2, min_rounds=5, round_s=0.005,
                        clock=clock_for(provider, threads)).us[0]
-
-
-def _write(out: Path, doc: dict) -> None:
-    import json
-    import tempfile
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(doc, fh, indent=1)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def main(argv=None) -> int:
