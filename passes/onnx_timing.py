@@ -89,7 +89,6 @@ def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -
     import onnx
     from onnx import helper
 
-    from sparsec.fingerprint.ort import passthrough_model
     from sparsec.formats import Dense
     from sparsec.passes.onnx_emit import Emitter, emit_product, factors
     from sparsec.passes.onnx_model import session
@@ -105,7 +104,12 @@ def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -
         model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         sessions.append(session(model, provider, threads))
-    base = session(passthrough_model(M, site.K), provider, threads)
+    x_info = helper.make_tensor_value_info("x", elem, [M, site.K])
+    same = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "passthrough", [x_info],
+                             [helper.make_tensor_value_info("y", elem, [M, site.K])])
+    passthrough = helper.make_model(same, opset_imports=[helper.make_opsetid("", 17)])
+    passthrough.ir_version = 8
+    base = session(passthrough, provider, threads)
     x = {"x": np.random.default_rng(0).standard_normal((M, site.K)).astype(dtype)}
     t = interleaved([lambda s=s: s.run(None, x) for s in (*sessions, base)], budget_s=LAYER_TIMING_BUDGET_S,
                     min_rounds=8, max_rounds=100, round_s=0.002, clock=clock_for(provider, threads))

@@ -16,7 +16,7 @@ from importlib import resources
 
 from sparsec.report import chart
 from sparsec.report import views as v
-from sparsec.report.model import as_report
+from sparsec.report.model import Report, as_report
 
 _CSP = ("default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; "
         "img-src data:; base-uri 'none'; form-action 'none'")
@@ -269,3 +269,6 @@ def _candidate_table(layer: dict) -> str:
     return (runs_as + '<table class="candidates"><thead><tr><th>format</th><th>declared</th><th>predicted</th>'
             '<th>pred ×</th><th>pred err</th><th>decision</th></tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table>')
+
+
+Report.RENDERERS.update({".html": render_html, ".htm": render_html})

@@ -67,20 +67,19 @@ class Report:
                 f"layers={t['layers']}, rewritten={t['rewritten']})")
 
     # -- files ----------------------------------------------------------------------------------
+    # file suffix -> renderer of the file's text; the renderers register themselves (``html``
+    # adds ".html" and ".htm" when the ``sparsec.report`` package is imported), so that this
+    # module, which every renderer reads reports through, imports none of them
+    RENDERERS: dict = {".json": lambda report: json.dumps(report._data, indent=2, allow_nan=False) + "\n"}
+
     def save(self, path: str | os.PathLike) -> Path:
         """Write the report: ``.json`` as data, ``.html`` as the self-contained HTML report."""
         path = Path(path)
-        suffix = path.suffix.lower()
-        if suffix == ".json":
-            text = json.dumps(self._data, indent=2, allow_nan=False) + "\n"
-        elif suffix in (".html", ".htm"):
-            from sparsec.report.html import render_html
-
-            text = render_html(self)
-        else:
+        render = self.RENDERERS.get(path.suffix.lower())
+        if render is None:
             raise ReportError(f"{path}: a report is written as .json (data) or .html (page); "
                               f"got {path.suffix or 'no suffix'!r}")
-        write_atomic(path, text)
+        write_atomic(path, render(self))
         return path
 
     @classmethod
