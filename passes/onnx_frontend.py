@@ -217,11 +217,10 @@ class OnnxFrontend:
         try:
             return self._run(feed, {})
         except Exception as exc:  # onnxruntime's own exception types
-            from sparsec.errors import ModelError
+            from sparsec.errors import ModelError, first_line
 
-            text = str(exc).strip().splitlines()
             raise ModelError(
-                f"onnxruntime cannot run the model on {what} sample {index}: {text[0] if text else type(exc).__name__}; "
+                f"onnxruntime cannot run the model on {what} sample {index}: {first_line(exc) or type(exc).__name__}; "
                 f"check the {what} data's values and shapes (token ids must be below the vocabulary size)") from None
 
     def _run(self, feed: dict[str, np.ndarray], weights: dict[str, np.ndarray]):

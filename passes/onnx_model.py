@@ -310,5 +310,6 @@ def save_checked(model: onnx.ModelProto, output, *, external_data: bool | None =
 
 
 def _first_line(exc: Exception) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    from sparsec.errors import first_line
+
+    return first_line(exc) or type(exc).__name__

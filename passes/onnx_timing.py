@@ -95,21 +95,20 @@ def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -
 
     dtype = np.float16 if str(site.dtype) == "torch.float16" else np.float32
     elem = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
+
+    def model_of(nodes, initializers, n_out: int):
+        g = helper.make_graph(nodes, "layer", [helper.make_tensor_value_info("x", elem, [M, site.K])],
+                              [helper.make_tensor_value_info("y", elem, [M, n_out])], initializers)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return session(m, provider, threads)
+
     sessions = []
     for fmt, weight in ((Dense(), site.weight), (spec, approx)):
         em = Emitter(prefix="layer", taken={"x", "y"})
         emit_product(em, fmt, "x", "y", factors(fmt, weight, dtype), site.N, site.K, [M, site.K])
-        g = helper.make_graph(em.nodes, "layer", [helper.make_tensor_value_info("x", elem, [M, site.K])],
-                              [helper.make_tensor_value_info("y", elem, [M, site.N])], em.initializers)
-        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-        model.ir_version = 8
-        sessions.append(session(model, provider, threads))
-    x_info = helper.make_tensor_value_info("x", elem, [M, site.K])
-    same = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "passthrough", [x_info],
-                             [helper.make_tensor_value_info("y", elem, [M, site.K])])
-    passthrough = helper.make_model(same, opset_imports=[helper.make_opsetid("", 17)])
-    passthrough.ir_version = 8
-    base = session(passthrough, provider, threads)
+        sessions.append(model_of(em.nodes, em.initializers, site.N))
+    base = model_of([helper.make_node("Identity", ["x"], ["y"])], [], site.K)  # what a run costs by itself
     x = {"x": np.random.default_rng(0).standard_normal((M, site.K)).astype(dtype)}
     t = interleaved([lambda s=s: s.run(None, x) for s in (*sessions, base)], budget_s=LAYER_TIMING_BUDGET_S,
                     min_rounds=8, max_rounds=100, round_s=0.002, clock=clock_for(provider, threads))

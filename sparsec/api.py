@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from sparsec.errors import ModelError, OptionError, SparsecError
+from sparsec.errors import ModelError, OptionError, SparsecError, first_line
 from sparsec.options import parse_options
 
 
@@ -157,7 +157,7 @@ def _model_fails(model, inputs, what: str, exc: Exception):
             model(**inputs) if isinstance(inputs, dict) else model(*inputs)
     except Exception as own:  # noqa: BLE001 - whatever the model raises is the user's to read
         raise ModelError(f"the model fails on {what} (shapes {_shown(inputs)}): "
-                         f"{type(own).__name__}: {_first_line(own)}") from None
+                         f"{type(own).__name__}: {first_line(own)}") from None
     raise exc
 
 
@@ -170,11 +170,6 @@ def _shapes(item) -> tuple:
 def _shown(item) -> str:
     values = item.values() if isinstance(item, dict) else item
     return ", ".join(str(tuple(v.shape)) for v in values if isinstance(v, torch.Tensor))
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
 
 
 def _importable(model) -> bool:

@@ -68,19 +68,15 @@ class Session:
     def fall_back(self, gm, example_inputs, exc: BaseException):
         """The dense graph for a subgraph sparsec could not plan, with the failure on record."""
         from sparsec.passes.fx_frontend import FxFrontend
-        from sparsec.pipeline import EndToEnd, failed_step, report_of
+        from sparsec.pipeline import fallback_report
 
         graph = len(self.graph_errors)
-        step = failed_step(exc)
-        message = fallback_message(graph, step, exc)
+        self.graph_errors.append(0.0)
+        message = fallback_message(graph, exc)
         warn_fallback(message)
         frontend = FxFrontend(gm, example_inputs, [], graph=graph, entry=self.entry, mode=self.options.mode)
         try:
-            report = report_of(frontend, [], [], EndToEnd(), self.fingerprint, self.options)
-            report["warnings"].append(message)
-            cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            report["fallbacks"] = [{"graph": graph, "step": step, "error": f"{type(exc).__name__}: {cause}"}]
-            self.graph_errors.append(0.0)
+            report = fallback_report(frontend, self.fingerprint, self.options, exc, message)
             from sparsec.report import Report
 
             merged = Report(report)
@@ -216,10 +212,16 @@ class Session:
         self.plan = Plan(layers=layers, fingerprint=outcome.plan.fingerprint, error_budget=outcome.plan.error_budget)
 
 
-def fallback_message(graph: int, step: str, exc: BaseException) -> str:
-    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return (f"graph {graph}: sparsec's {step} step failed ({type(exc).__name__}{': ' + cause if cause else ''}); "
-            "this graph runs dense, as traced (inductor on CUDA). Pass the option strict=True to raise instead")
+def fallback_message(graph: int, exc: BaseException,
+                     outcome: str = "this graph runs dense, as traced (inductor on CUDA). Pass the option "
+                                    "strict=True to raise instead") -> str:
+    """One line: which step failed on which graph, why, and what happens instead."""
+    from sparsec.errors import first_line
+    from sparsec.pipeline import failed_step
+
+    cause = first_line(exc)
+    return (f"graph {graph}: sparsec's {failed_step(exc)} step failed "
+            f"({type(exc).__name__}{': ' + cause if cause else ''}); {outcome}")
 
 
 class FallbackWarning(UserWarning):
@@ -329,8 +331,9 @@ class InputSlots:
         argnames = list(code.co_varnames[: code.co_argcount + code.co_kwonlyargcount])
         if argnames and argnames[0] == "self":
             argnames = argnames[1:]
+        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         wanted: dict[int, tuple] = {}
-        for i, node in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+        for i, node in enumerate(placeholders):
             name = _source(node)
             if name is None:
                 continue
@@ -341,7 +344,6 @@ class InputSlots:
             m = re.fullmatch(r"L\['kwargs'\]\['([^']+)'\]", name) or re.fullmatch(r"L\['([^']+)'\]", name)
             if m and m.group(1) not in ("self", "fn"):
                 wanted[i] = ("name", m.group(1))
-        placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         return cls(wanted, argnames, [_source(n) for n in placeholders], [_traced_shape(n) for n in placeholders])
 
     def fill(self, gm, example_inputs, item, index: int, what: str) -> list:
@@ -403,7 +405,6 @@ def _map_items(gm, example_inputs, items, *, what: str = "calibration", traced=N
     holds for it (``sparsec.optimize`` traces one per shape); without one it is refused, naming
     the shape needed."""
     from sparsec.errors import ModelError
-    from sparsec.passes.fx_frontend import Traced
 
     slots = InputSlots.of(gm)
     if slots is None:
@@ -484,15 +485,15 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None =
 
     It never breaks the user's compile: whatever fails (options included) leaves the graph dense
     with one warning, unless the options say ``strict``."""
+    from sparsec.pipeline import step
+
     try:
-        session = session_for(options, mode)
+        with step("options"):
+            session = session_for(options, mode)
     except Exception as exc:  # noqa: BLE001 - bad options or fingerprint: the compile still runs, dense
         if isinstance(options, dict) and options.get("strict"):
             raise
-        setattr(exc, "failed_step", getattr(exc, "failed_step", None) or "options")
-        from sparsec.pipeline import failed_step
-
-        warn_fallback(fallback_message(0, failed_step(exc), exc))
+        warn_fallback(fallback_message(0, exc))
         return dense_graph(gm, example_inputs, mode)
     return session.compile_graph(gm, example_inputs)
 

@@ -14,7 +14,7 @@ from sparsec.sites import Site, SiteStats
 @dataclass
 class Candidate:
     spec: FormatSpec
-    approx: torch.Tensor | None  # float32 N x K reconstruction with the format's exact structure
+    approx: torch.Tensor | None  # N x K reconstruction with the format's structure, held (hand-built candidates)
     method: str | None
     predicted_error: float
     predicted_us: float | None = None
@@ -23,11 +23,12 @@ class Candidate:
     measured_us: float | None = None  # timed on this device by the measure step
     note: str = ""
     rejected_because: str | None = None
-    # makes ``approx`` again once it was let go to bound memory (deterministic: the same tensor)
+    # the planner's candidates hold no reconstruction: this gives it from a bounded cache, or makes
+    # it again (deterministic: the same tensor), so the model's weights are not held once per candidate
     remake: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)
 
     def weight(self) -> torch.Tensor:
-        """The approximation, made again if it was let go (``remake``)."""
+        """The reconstruction: the one held, else the one ``remake`` gives."""
         if self.approx is None and self.remake is not None:
             return self.remake()
         return self.approx

@@ -6,6 +6,12 @@ message on one line and exits non-zero; it never shows a traceback for one of th
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message ("" if it has none): what a one-line message quotes."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
+
+
 class SparsecError(Exception):
     """A problem with the user's input or environment, explained in the message."""
 

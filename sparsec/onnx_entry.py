@@ -106,18 +106,12 @@ def _unchanged(frontend, loaded, executor: "Executor", options, exc: Exception):
     """The outcome of a plan that failed inside sparsec: the input model, written unchanged, and a
     report that names the failing step and its cause."""
     from sparsec.backend import fallback_message, warn_fallback
-    from sparsec.pipeline import EndToEnd, Outcome, failed_step, report_of
+    from sparsec.pipeline import Outcome, fallback_report
     from sparsec.plan import Plan
 
-    step = failed_step(exc)
-    message = fallback_message(0, step, exc).replace(
-        "this graph runs dense, as traced (inductor on CUDA). Pass the option strict=True",
-        "the model is written unchanged. Pass --strict")
+    message = fallback_message(0, exc, "the model is written unchanged. Pass --strict to stop with the error instead")
     warn_fallback(message)
-    rep = report_of(frontend, [], [], EndToEnd(), executor.fingerprint, options)
-    rep["warnings"].append(message)
-    cause = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    rep["fallbacks"] = [{"graph": 0, "step": step, "error": f"{type(exc).__name__}: {cause}"}]
+    rep = fallback_report(frontend, executor.fingerprint, options, exc, message)
     plan = Plan(layers={}, fingerprint=executor.fingerprint.name, error_budget=options.error_budget)
     return Outcome([], [], plan, rep, loaded.model)
 
@@ -133,17 +127,14 @@ def _refuse_overwriting_input(model, output: Path) -> None:
                               "input: pass another -o path (e.g. model.sparsec.onnx)")
     if source.is_file() and targets[1].exists():  # only then is there a data file to lose
         try:
-            import onnx.external_data_helper as edh
-
             proto = onnx.load(str(source), load_external_data=False)
-            locations = {source.parent / dict((e.key, e.value) for e in t.external_data).get("location", "")
-                         for t in edh._get_all_tensors(proto) if edh.uses_external_data(t)}
         except Exception:  # noqa: BLE001 - an unreadable input is refused by load_model with its own message
             return
-        for target in targets:
-            if any(target.resolve() == loc.resolve() for loc in locations):
-                raise OptionError(f"the output {target} would overwrite the input model's external data file; "
-                                  "pass another -o path")
+        locations = {(source.parent / e.value).resolve() for t in proto.graph.initializer
+                     for e in t.external_data if e.key == "location"}
+        if targets[1].resolve() in locations:
+            raise OptionError(f"the output's data file {targets[1]} is the input model's external data; sparsec "
+                              "never writes over its input: pass another -o path")
 
 
 def _options(fingerprint, error_budget, formats, plan, report, measure):

@@ -387,3 +387,13 @@ def test_the_end_to_end_prediction_counts_the_rest_of_the_graph_from_the_origina
     assert rest == pytest.approx(max(e2e["measured_us_dense"] - totals["predicted_us_dense"], 0.0))
     expected = (totals["predicted_us_dense"] + rest) / (totals["predicted_us"] + rest)
     assert e2e["predicted_speedup"] == pytest.approx(expected) and e2e["predicted_speedup"] <= totals["predicted_speedup"]
+
+
+def test_an_output_whose_data_file_is_the_inputs_external_data_is_refused(tmp_path, capsys):
+    model, _ = lowrank_mlp(d=64, rank=4, layers=1, tokens=8)
+    onnx.save_model(model, str(tmp_path / "in.onnx"), save_as_external_data=True, location="out.onnx.data",
+                    size_threshold=0)
+    before = (tmp_path / "out.onnx.data").read_bytes()
+    rc, _, err = optimize(capsys, tmp_path / "in.onnx", "-o", tmp_path / "out.onnx", "--external-data")
+    assert rc == 2 and "is the input model's external data" in err and err.count("\n") == 1, err
+    assert (tmp_path / "out.onnx.data").read_bytes() == before and not (tmp_path / "out.onnx").exists()
