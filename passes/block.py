@@ -24,10 +24,12 @@ Methods:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sparsec.formats import BLOCK_SIZES, Block
 from sparsec.passes.calibrate import activation_norms, damped, gram
+from sparsec.passes.onnx_emit import MatMulForm
 from sparsec.sites import SiteStats
 
 DENSITIES = (0.125, 0.25, 0.5, 0.75)
@@ -177,4 +179,20 @@ def _guarantee_nonzero(out: torch.Tensor, W: torch.Tensor, block_mask: torch.Ten
         out[i * B : (i + 1) * B, j * B : (j + 1) * B] = W[i * B : (i + 1) * B, j * B : (j + 1) * B]
 
 
+class BlockOnnx(MatMulForm):
+    """Written to ONNX as the pruned weight in one MatMul, its format in the node's metadata."""
+
+    label = "MatMul on a pruned block initializer (runs dense)"
+
+    def mask(self, spec, N, K, rng):
+        B = spec.block
+        keep = np.zeros((N // B) * (K // B))
+        keep[rng.permutation(keep.size)[: spec.kept_blocks(N, K)]] = 1.0
+        return np.repeat(np.repeat(keep.reshape(N // B, K // B), B, axis=0), B, axis=1)
+
+    def note(self, spec):
+        return f"{spec}: {spec.block}x{spec.block} blocks of W [N, K], fraction {spec.density:g} kept, the rest zero"
+
+
 HANDLER = BlockHandler()
+HANDLER.onnx = BlockOnnx()

@@ -17,6 +17,7 @@ import torch
 
 from sparsec.formats import LowRank
 from sparsec.passes import calibrate
+from sparsec.passes.onnx_emit import MatMulForm, randn
 from sparsec.sites import SiteStats
 
 DAMPING = 0.01  # relative to the mean diagonal, as the other passes
@@ -64,4 +65,24 @@ def whitening(stats: SiteStats) -> tuple[torch.Tensor, torch.Tensor]:
     return calibrate.whitening(stats, K, DAMPING)
 
 
+class LowRankOnnx(MatMulForm):
+    """Written to ONNX as two MatMuls, x @ V^T [K, R] then @ U^T [R, N]."""
+
+    label = "two MatMuls"
+
+    def factors(self, spec, approx, dtype):
+        from sparsec.passes.onnx_emit import lowrank_factors
+
+        u, v = lowrank_factors(approx, spec.rank)
+        return {"v_kr": v.T.numpy().astype(dtype), "u_rn": u.T.numpy().astype(dtype)}
+
+    def random(self, spec, N, K, rng, dtype):
+        return {"v_kr": randn(rng, dtype, K, spec.rank), "u_rn": randn(rng, dtype, spec.rank, N)}
+
+    def emit(self, em, spec, x, out, tensors, N, K, x_shape):
+        h = em.node("MatMul", [x, em.const("v_t", tensors["v_kr"])])
+        return em.node("MatMul", [h, em.const("u_t", tensors["u_rn"])], out)
+
+
 HANDLER = LowRankHandler()
+HANDLER.onnx = LowRankOnnx()

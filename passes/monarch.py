@@ -30,6 +30,7 @@ import torch
 
 from sparsec.formats import Monarch
 from sparsec.passes.calibrate import damped, gram
+from sparsec.passes.onnx_emit import MatMulForm, output_shape, randn
 from sparsec.sites import SiteStats
 
 DAMPING = 0.01
@@ -136,4 +137,44 @@ def refine(target: torch.Tensor, blocks: torch.Tensor, Gd: torch.Tensor, r: int,
     return blocks
 
 
+class MonarchOnnx(MatMulForm):
+    """Written to ONNX in the layout of ``sparsec.formats.Monarch`` (p = K/NB, n = N/NB, r = p/NB)::
+
+        x [.., K] -Reshape-> [M, NB, p] -Transpose(1,0,2)-> [NB, M, p] -MatMul L^T-> z [NB, M, p]
+        z -Reshape-> [NB, M, NB, r] -Transpose(2,1,3,0)-> [NB, M, r, NB] -Reshape-> [NB, M, p]
+          -MatMul R^T-> [NB, M, n] -Transpose(1,0,2)-> [M, NB, n] -Reshape-> [.., N]
+
+    The middle Reshape/Transpose/Reshape is the permutation P: chunk c takes z[b, :, c*r + t] at
+    position t*NB + b.
+    """
+
+    label = "Monarch subgraph (2 batched MatMuls, 3 Transposes, 4 Reshapes)"
+
+    def factors(self, spec, approx, dtype):
+        from sparsec.codegen import pack
+
+        t = pack(spec, approx.detach().to(torch.float32)).tensors()
+        return {"l_t": t["L"].transpose(1, 2).numpy().astype(dtype), "r_t": t["R"].transpose(1, 2).numpy().astype(dtype)}
+
+    def random(self, spec, N, K, rng, dtype):
+        nb = spec.nblocks
+        p, n = K // nb, N // nb
+        return {"l_t": randn(rng, dtype, nb, p, p), "r_t": randn(rng, dtype, nb, p, n)}
+
+    def emit(self, em, spec, x, out, tensors, N, K, x_shape):
+        nb = spec.nblocks
+        p = K // nb
+        r = p // nb
+        xb = em.node("Reshape", [x, em.shape("shape_in", [-1, nb, p])])
+        xb = em.node("Transpose", [xb], perm=[1, 0, 2])
+        z = em.node("MatMul", [xb, em.const("l_t", tensors["l_t"])])
+        z = em.node("Reshape", [z, em.shape("shape_split", [nb, -1, nb, r])])
+        z = em.node("Transpose", [z], perm=[2, 1, 3, 0])
+        z = em.node("Reshape", [z, em.shape("shape_chunks", [nb, -1, p])])
+        y = em.node("MatMul", [z, em.const("r_t", tensors["r_t"])])
+        y = em.node("Transpose", [y], perm=[1, 0, 2])
+        return em.node("Reshape", [y, output_shape(em, x, N, x_shape)], out)
+
+
 HANDLER = MonarchHandler()
+HANDLER.onnx = MonarchOnnx()

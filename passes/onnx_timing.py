@@ -90,7 +90,8 @@ def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -
     from onnx import helper
 
     from sparsec.formats import Dense
-    from sparsec.passes.onnx_emit import Emitter, emit_product, factors
+    from sparsec.passes.onnx_emit import Emitter
+    from sparsec.passes.onnx_forms import emit_product, factors
     from sparsec.passes.onnx_model import session
 
     dtype = np.float16 if str(site.dtype) == "torch.float16" else np.float32

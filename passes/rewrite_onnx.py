@@ -18,7 +18,8 @@ import torch
 
 from sparsec.candidates import Layer
 from sparsec.passes.capture_onnx import OnnxLayer, node_names
-from sparsec.passes.onnx_emit import FORMAT_KEY, LAYER_KEY, PRUNED_FAMILIES, Emitter, declared_format_note, emit_product, factors
+from sparsec.passes.onnx_emit import FORMAT_KEY, LAYER_KEY, Emitter
+from sparsec.passes.onnx_forms import declared_format_note, emit_product, factors
 from sparsec.passes.onnx_model import Constants, elem_numpy_dtype
 
 MODEL_KEY = "sparsec"
@@ -46,7 +47,7 @@ def rewrite(model: onnx.ModelProto, layers_info: dict[str, OnnxLayer], layers: l
         dtype = elem_numpy_dtype(constants.elem_type(info.weight))
         em = Emitter(prefix=f"{layer.name}/sparsec_{spec.family.replace(':', '_')}", taken=taken,
                      metadata={FORMAT_KEY: str(spec), LAYER_KEY: layer.name})
-        if spec.family in PRUNED_FAMILIES:
+        if spec.prunes:
             replacement[info.node_index] = [_pruned_node(em, node, info, layer, dtype)]
         else:
             replacement[info.node_index] = _subgraph(em, node, info, layer, dtype, shapes.get(info.x))

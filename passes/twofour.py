@@ -19,10 +19,12 @@ Every result has at most two nonzeros in each group, so codegen packs it lossles
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sparsec.formats import TwoFour
 from sparsec.passes.calibrate import activation_norms, damped_cholesky, gram
+from sparsec.passes.onnx_emit import MatMulForm
 from sparsec.sites import SiteStats
 
 DAMPING = 0.01  # SparseGPT's default: 1% of the mean Hessian diagonal
@@ -112,4 +114,19 @@ def inverse_cholesky_upper(G: torch.Tensor, damping: float) -> torch.Tensor:
     return torch.flip(C_inv, dims=(0, 1))
 
 
+class TwoFourOnnx(MatMulForm):
+    """Written to ONNX as the pruned weight in one MatMul, its format in the node's metadata."""
+
+    label = "MatMul on a pruned 2:4 initializer (runs dense)"
+
+    def mask(self, spec, N, K, rng):
+        keep = np.zeros((N * K // 4, 4))
+        keep[:, :2] = 1.0
+        return rng.permuted(keep, axis=1).reshape(N, K)
+
+    def note(self, spec):
+        return "2:4: two of every four consecutive weights along K are zero"
+
+
 HANDLER = TwoFourHandler()
+HANDLER.onnx = TwoFourOnnx()

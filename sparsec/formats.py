@@ -7,12 +7,19 @@ A format spec is the single name a plan, a report, a fingerprint and a kernel al
 
 Each spec also answers the two questions the planner asks before any arithmetic: can a weight of
 shape N x K take this format at all (``check``, which returns the reason it cannot), and how much
-of the weight does it declare away (``declared_sparsity``).
+of the weight does it declare away (``declared_sparsity``). And it is where everything else that
+differs between families is found, so that no other module switches on a family's name: the
+parameters a fingerprint entry records (``record`` / ``from_record``), the settings a fingerprint
+times from a parameter grid (``settings``), which settings share one curve of the cost model
+(``curve_key``), the name of a setting across shapes (``label`` / ``from_label``), the random
+factors a timing builds (``factors``), and whether the format keeps values of the dense weight in
+place (``prunes``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -39,6 +46,15 @@ class FormatError(ValueError):
 @dataclass(frozen=True)
 class FormatSpec:
     family: ClassVar[str] = ""
+    syntax: ClassVar[str] = ""  # how its name is written, parameters as letters
+    # keeps a subset of the dense weight's values where they were (zeros elsewhere): a runtime
+    # without a sparse kernel for it stores and multiplies the whole dense shape
+    prunes: ClassVar[bool] = False
+    # the cost model interpolates along the last entry of ``curve_key`` (named so in its notes),
+    # with log-log slopes bounded so outside the measured range (time against the parameter)
+    param_label: ClassVar[str] = ""
+    param_slopes: ClassVar[tuple[float, float]] = (0.0, 1.0)
+    group_label: ClassVar[str] = ""  # what the key's other entries are, where it has any
 
     def __str__(self) -> str:  # pragma: no cover - every subclass overrides
         return self.family
@@ -59,10 +75,51 @@ class FormatSpec:
     def parse_args(cls, args: list[str]) -> "FormatSpec":
         raise NotImplementedError
 
+    @classmethod
+    def example(cls) -> "FormatSpec":
+        """A valid setting of the family (to look its handlers up)."""
+        return cls()
+
+    def record(self) -> dict:
+        """The parameters a fingerprint entry stores beside M, N, K (``from_record`` reads them back)."""
+        return {}
+
+    @classmethod
+    def from_record(cls, entry: Mapping) -> "FormatSpec":
+        return cls()
+
+    @classmethod
+    def settings(cls, N: int, K: int, grid: Sequence = ()) -> "list[FormatSpec]":
+        """The settings a fingerprint times at N x K, from the family's parameter grid, in its order
+        (the grid's first entry is measured first); shape checks are left to the caller."""
+        return [cls()]
+
+    def curve_key(self, N: int, K: int) -> tuple:
+        """Settings with equal keys lie on one curve of the cost model, across shapes."""
+        return ()
+
+    def label(self, N: int, K: int) -> str:
+        """The name of this setting across shapes (``from_label`` gives the spec at another shape)."""
+        return str(self)
+
+    @classmethod
+    def from_label(cls, label: str, N: int, K: int) -> "FormatSpec":
+        return parse_spec(label)
+
+    def factors(self, N: int, K: int) -> "dict[str, tuple[int, ...]] | None":
+        """The shapes of the factors a factored format stores (None: packed from a dense weight)."""
+        return None
+
+    def dense_parts(self, N: int, K: int) -> "list[tuple[int, int]] | None":
+        """The (N, K) of the dense GEMMs the format amounts to, applied in turn, where it is one
+        (a fingerprint without its measurements prices it from dense); None where it is not."""
+        return None
+
 
 @dataclass(frozen=True)
 class Dense(FormatSpec):
     family: ClassVar[str] = "dense"
+    syntax: ClassVar[str] = "dense"
 
     def __str__(self) -> str:
         return "dense"
@@ -79,6 +136,8 @@ class TwoFour(FormatSpec):
     """Two of every four consecutive input weights kept (NVIDIA's semi-structured sparsity)."""
 
     family: ClassVar[str] = "2:4"
+    syntax: ClassVar[str] = "2:4"
+    prunes: ClassVar[bool] = True
 
     def __str__(self) -> str:
         return "2:4"
@@ -103,6 +162,11 @@ class Block(FormatSpec):
     """Block-sparse: the weight tiled in B x B blocks, a fraction ``density`` of them kept."""
 
     family: ClassVar[str] = "block"
+    syntax: ClassVar[str] = "block:B:D"
+    prunes: ClassVar[bool] = True
+    # more kept blocks never make a layer faster, nor more than proportionally slower
+    param_label: ClassVar[str] = "kept fraction"
+    group_label: ClassVar[str] = "block"
     block: int
     density: float
 
@@ -134,12 +198,32 @@ class Block(FormatSpec):
             raise FormatError("block format is 'block:B:D', e.g. 'block:64:0.25'")
         return cls(block=_parse_int(args[0], "block size"), density=_parse_float(args[1], "kept fraction"))
 
+    @classmethod
+    def example(cls):
+        return cls(64, 0.25)
+
+    def record(self):
+        return {"block": self.block, "density": self.density}
+
+    @classmethod
+    def from_record(cls, entry):
+        return cls(int(entry["block"]), float(entry["density"]))
+
+    @classmethod
+    def settings(cls, N, K, grid=()):
+        return [cls(int(b), float(d)) for b, d in grid]
+
+    def curve_key(self, N, K):
+        return (self.block, float(self.density))
+
 
 @dataclass(frozen=True)
 class LowRank(FormatSpec):
     """W ~= U @ V with U: N x R and V: R x K."""
 
     family: ClassVar[str] = "lowrank"
+    syntax: ClassVar[str] = "lowrank:R"
+    param_label: ClassVar[str] = "rank fraction"  # a larger rank: never faster, at most proportionally slower
     rank: int
 
     def __post_init__(self):
@@ -163,6 +247,40 @@ class LowRank(FormatSpec):
             raise FormatError("low-rank format is 'lowrank:R', e.g. 'lowrank:256'")
         return cls(rank=_parse_int(args[0], "rank"))
 
+    @classmethod
+    def example(cls):
+        return cls(8)
+
+    def record(self):
+        return {"rank": self.rank}
+
+    @classmethod
+    def from_record(cls, entry):
+        return cls(int(entry["rank"]))
+
+    @classmethod
+    def settings(cls, N, K, grid=()):
+        """``grid`` holds ranks as fractions of min(N, K); equal ranks are timed once."""
+        return [cls(r) for r in dict.fromkeys(max(1, round(f * min(N, K))) for f in grid)]
+
+    def curve_key(self, N, K):
+        return (self.rank / min(N, K),)
+
+    def label(self, N, K):
+        return f"lowrank@{self.rank / min(N, K):g}"
+
+    @classmethod
+    def from_label(cls, label, N, K):
+        if label.startswith("lowrank@"):
+            return cls(max(1, round(float(label.split("@")[1]) * min(N, K))))
+        return parse_spec(label)
+
+    def factors(self, N, K):
+        return {"u": (N, self.rank), "v": (self.rank, K)}
+
+    def dense_parts(self, N, K):
+        return [(self.rank, K), (N, self.rank)]
+
 
 @dataclass(frozen=True)
 class Monarch(FormatSpec):
@@ -176,6 +294,10 @@ class Monarch(FormatSpec):
     """
 
     family: ClassVar[str] = "monarch"
+    syntax: ClassVar[str] = "monarch:NB"
+    # more blocks never make it slower, nor more than proportionally faster
+    param_label: ClassVar[str] = "monarch blocks"
+    param_slopes: ClassVar[tuple[float, float]] = (-1.0, 0.0)
     nblocks: int
 
     def __post_init__(self):
@@ -203,11 +325,33 @@ class Monarch(FormatSpec):
             raise FormatError("monarch format is 'monarch:NB', e.g. 'monarch:64'")
         return cls(nblocks=_parse_int(args[0], "block count"))
 
+    @classmethod
+    def example(cls):
+        return cls(4)
+
+    def record(self):
+        return {"nblocks": self.nblocks}
+
+    @classmethod
+    def from_record(cls, entry):
+        return cls(int(entry["nblocks"]))
+
+    @classmethod
+    def settings(cls, N, K, grid=()):
+        return [cls(int(nb)) for nb in grid]
+
+    def curve_key(self, N, K):
+        return (self.nblocks,)
+
+    def factors(self, N, K):
+        nb = self.nblocks
+        return {"L": (nb, K // nb, K // nb), "R": (nb, N // nb, K // nb)}
+
 
 FAMILIES: dict[str, type[FormatSpec]] = {
     cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch)
 }
-STRUCTURED_FAMILIES = ("2:4", "block", "lowrank", "monarch")
+STRUCTURED_FAMILIES = tuple(f for f in FAMILIES if f != Dense.family)
 
 
 def parse_spec(text: "str | FormatSpec") -> FormatSpec:
@@ -217,19 +361,17 @@ def parse_spec(text: "str | FormatSpec") -> FormatSpec:
     if not isinstance(text, str) or not text.strip():
         raise FormatError(f"format must be a non-empty string, got {text!r}")
     text = text.strip()
-    if text == "2:4":
-        return TwoFour()
-    family, *args = text.split(":")
+    family, *args = (text, ) if text in FAMILIES else text.split(":")
     cls = FAMILIES.get(family)
     if cls is None:
-        known = ", ".join(["dense", "2:4", "block:B:D", "lowrank:R", "monarch:NB"])
+        known = ", ".join(c.syntax for c in FAMILIES.values())
         raise FormatError(f"unknown format {text!r}; known formats: {known}")
     return cls.parse_args(args)
 
 
 def family_of(text: str) -> str:
     """The family ('block', 'lowrank', ...) of a format name, or the name itself for 'auto'."""
-    if text in ("auto", "2:4", "dense"):
+    if text == "auto" or text in FAMILIES:
         return text
     return text.split(":")[0]
 

@@ -382,9 +382,9 @@ def executor_formats(formats, executor: Executor) -> tuple[tuple[str, ...], str 
     dense weight with zeros to them, and the fingerprint measures exactly that. Planning them would
     spend error budget (and time pruning) for no speed; they stay available through ``formats``.
     """
-    from sparsec.passes.onnx_emit import PRUNED_FAMILIES
+    from sparsec.formats import FAMILIES
 
-    dropped = [f for f in formats if f in PRUNED_FAMILIES]
+    dropped = [f for f in formats if FAMILIES[f].prunes]
     if not dropped:
         return tuple(formats), None
     measured = []
@@ -498,7 +498,7 @@ def _measured_totals(rep: dict) -> None:
 
 def _note_pruned(rep: dict, rewritten, executor: Executor) -> None:
     """Say plainly that 2:4 and block are zeros in a dense weight to this executor."""
-    pruned = [l for l in rewritten if l.chosen.spec.family in ("2:4", "block")]
+    pruned = [l for l in rewritten if l.chosen.spec.prunes]
     if not pruned:
         return
     names = ", ".join(f"{l.name} ({l.chosen.fmt})" for l in pruned[:5]) + (" ..." if len(pruned) > 5 else "")

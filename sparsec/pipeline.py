@@ -267,7 +267,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
         chains: dict[tuple, list[Candidate]] = {}
         for cand in layer.candidates:
             if cand.rejected_because is None:
-                chains.setdefault(_chain_key(cand.spec), []).append(cand)
+                chains.setdefault(_chain_key(cand.spec, site.N, site.K), []).append(cand)
         for chain in chains.values():
             chain.sort(key=lambda c: -c.spec.stored_params(site.N, site.K))
             handler = HANDLERS[chain[0].spec.family]
@@ -321,9 +321,10 @@ def _remaker(layer: Layer, cand: Candidate, key: tuple):
     return remake
 
 
-def _chain_key(spec) -> tuple:
-    """Candidates whose error grows as they keep fewer values: one family, one block size."""
-    return (spec.family, getattr(spec, "block", None))
+def _chain_key(spec, N: int, K: int) -> tuple:
+    """Candidates whose error grows as they keep fewer values: one family, one group of its cost
+    curve (one block size)."""
+    return (spec.family, spec.curve_key(N, K)[:-1])
 
 
 class _BoundedCache(dict):

@@ -79,27 +79,19 @@ def _measure(args) -> int:
 
 
 def _variants(fp, family: str, dtype: str) -> list[str]:
-    """Format strings of the measured settings of ``family`` (block/monarch by parameter;
-    low rank by rank fraction, shown as the rank of each shape)."""
-    seen = {}
-    for e in fp.data["kernels"].get(family, []):
-        if e["dtype"] != dtype:
-            continue
-        if family == "block":
-            seen[f"block:{e['block']}:{e['density']:g}"] = None
-        elif family == "monarch":
-            seen[f"monarch:{e['nblocks']}"] = None
-        elif family == "lowrank":
-            seen[f"lowrank@{e['rank'] / min(e['N'], e['K']):g}"] = None
-        else:
-            seen[family] = None
-    return list(seen)
+    """Names of the measured settings of ``family`` across shapes (``FormatSpec.label``: low rank
+    by rank fraction, shown as the rank of each shape)."""
+    from sparsec.formats import FAMILIES
+
+    cls = FAMILIES[family]
+    return list(dict.fromkeys(cls.from_record(e).label(e["N"], e["K"])
+                              for e in fp.data["kernels"].get(family, []) if e["dtype"] == dtype))
 
 
 def _spec_for(variant: str, N: int, K: int) -> str:
-    if variant.startswith("lowrank@"):
-        return f"lowrank:{max(1, round(float(variant.split('@')[1]) * min(N, K)))}"
-    return variant
+    from sparsec.formats import FAMILIES, family_of
+
+    return str(FAMILIES[family_of(variant.split("@")[0])].from_label(variant, N, K))
 
 
 def crossover_table(fp, variant: str, dtype: str, mode: str) -> list[tuple[int, int, list[tuple[int, int | None]], float]]:
@@ -181,7 +173,9 @@ def _show(args) -> int:
     dtype = normalize_dtype(args.dtype or ("bfloat16" if d["kind"] == "cuda" else "float32"))
     modes = ("eager", "graph") if d["kind"] == "cuda" else ("eager",)
     how = "/".join(modes)
-    for family in ("2:4", "block", "lowrank", "monarch"):
+    from sparsec.formats import STRUCTURED_FAMILIES
+
+    for family in STRUCTURED_FAMILIES:
         variants = _variants(fp, family, dtype)
         if not args.all:
             variants = variants[:SHOWN_SETTINGS]

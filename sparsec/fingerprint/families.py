@@ -141,21 +141,11 @@ def cusparselt_family(device: torch.device) -> tuple[Family | None, str | None]:
 
 # ----------------------------------------------------------- sparsec.codegen
 def _codegen_variants(family: str, cuda: bool) -> Callable:
-    from sparsec.formats import parse_spec
+    from sparsec.formats import FAMILIES
 
     def variants(N, K):
-        out = []
-        if family == "2:4":
-            out = [Variant("2:4")]
-        elif family == "block":
-            out = [Variant(f"block:{b}:{d:g}", {"block": b, "density": d}, i) for i, (b, d) in enumerate(PARAM_GRID["block"])]
-        elif family == "lowrank":
-            for i, f in enumerate(PARAM_GRID["lowrank"]):
-                r = max(1, round(f * min(N, K)))
-                out.append(Variant(f"lowrank:{r}", {"rank": r}, i))
-        elif family == "monarch":
-            out = [Variant(f"monarch:{nb}", {"nblocks": nb}, i) for i, nb in enumerate(PARAM_GRID["monarch"])]
-        return [v for v in out if parse_spec(v.spec).check(N, K) is None]
+        specs = FAMILIES[family].settings(N, K, PARAM_GRID.get(family, ()))
+        return [Variant(str(s), s.record(), i) for i, s in enumerate(specs) if s.check(N, K) is None]
 
     return variants
 
@@ -165,16 +155,9 @@ def _codegen_build(variant, N, K, dtype, device, gen):
     from sparsec.formats import parse_spec
 
     spec = parse_spec(variant.spec)
-    if spec.family == "lowrank":
-        R = spec.rank
-        tensors = {"u": _randn((N, R), dtype, device, gen, 1 / math.sqrt(R)),
-                   "v": _randn((R, K), dtype, device, gen, 1 / math.sqrt(K))}
-        packed = codegen.Packed.from_tensors(spec, (N, K), tensors)
-    elif spec.family == "monarch":
-        nb = spec.nblocks
-        p, n = K // nb, N // nb
-        tensors = {"L": _randn((nb, p, p), dtype, device, gen, 1 / math.sqrt(p)),
-                   "R": _randn((nb, n, p), dtype, device, gen, 1 / math.sqrt(p))}
+    shapes = spec.factors(N, K)
+    if shapes is not None:  # random factors, each scaled to keep activations at unit size
+        tensors = {name: _randn(shape, dtype, device, gen, 1 / math.sqrt(shape[-1])) for name, shape in shapes.items()}
         packed = codegen.Packed.from_tensors(spec, (N, K), tensors)
     else:
         w = _randn((N, K), dtype, device, gen, 1 / math.sqrt(K))
@@ -188,15 +171,14 @@ def codegen_families(device: torch.device) -> tuple[list[Family], dict[str, str]
     try:
         from sparsec import codegen
         from sparsec.codegen.packed import handler_for
-        from sparsec.formats import parse_spec
+        from sparsec.formats import FAMILIES, STRUCTURED_FAMILIES
     except Exception as exc:  # noqa: BLE001 - any import failure means: not measurable here
         return [], {"sparsec.codegen": f"import failed: {type(exc).__name__}: {exc}"}
     cuda = device.type == "cuda"
     fams = []
-    probe = {"2:4": "2:4", "block": "block:64:0.25", "lowrank": "lowrank:8", "monarch": "monarch:4"}
-    for family, spec_text in probe.items():
+    for family in STRUCTURED_FAMILIES:
         try:
-            handler = handler_for(parse_spec(spec_text))
+            handler = handler_for(FAMILIES[family].example())
         except Exception as exc:  # noqa: BLE001
             skipped[f"{family} [sparsec]"] = f"no codegen handler: {exc}"
             continue

@@ -36,6 +36,7 @@ from sparsec.fingerprint.probes import (
     tile_granules,
 )
 from sparsec.fingerprint.schema import SchemaViolation, validate_fingerprint
+from sparsec.formats import Dense
 from sparsec.fingerprint.timing import Clock, TimingPolicy, quick_autotune, rotation_count
 
 __all__ = ["Grid", "GRIDS", "measure", "default_output"]
@@ -116,15 +117,9 @@ class Job:
 
 def _entry_key(family: str, e: dict) -> str:
     """The key of the job that measured entry ``e`` (same text as ``Job.key``)."""
-    if family == "block":
-        spec = f"block:{e['block']}:{e['density']:g}"
-    elif family == "lowrank":
-        spec = f"lowrank:{e['rank']}"
-    elif family == "monarch":
-        spec = f"monarch:{e['nblocks']}"
-    else:
-        spec = family
-    return f"{family}|{e['kernel']}|{e['dtype']}|{spec}|{e['N']}x{e['K']}"
+    from sparsec.formats import FAMILIES
+
+    return f"{family}|{e['kernel']}|{e['dtype']}|{FAMILIES[family].from_record(e)}|{e['N']}x{e['K']}"
 
 
 def implausible_points(kernels: dict, slack: float = IMPLAUSIBLE_SLACK) -> dict[str, set[int]]:
@@ -180,7 +175,7 @@ def plan_jobs(fams: list[Family], grid: Grid) -> list[Job]:
             for N, K in grid.shapes:
                 variants = sorted(fam.variants(N, K), key=lambda v: v.priority)[: grid.max_variants]
                 for v in variants:
-                    if fam.family == "dense":
+                    if fam.family == Dense.family:
                         tier = 2 if di else 0  # other dtypes after the central sparse settings
                     else:
                         tier = 1 + v.priority
@@ -298,7 +293,7 @@ class Harness:
             advance(1)
             dense_us = self.dense_best.get((job.dtype, N, K, M))
             mine = min(times.values())  # eager or graph: whichever mode it could be chosen in
-            if fam.family != "dense" and M >= DOMINATED_FROM_M and dense_us and mine > DOMINATED_RATIO * dense_us:
+            if fam.family != Dense.family and M >= DOMINATED_FROM_M and dense_us and mine > DOMINATED_RATIO * dense_us:
                 rest = self.grid.Ms[self.grid.Ms.index(M) + 1:]
                 if rest:
                     self.doc["skipped"][f"{job.key} M>{M}"] = (
@@ -374,7 +369,7 @@ class Harness:
                     if self.device.type == "cuda":
                         torch.cuda.empty_cache()
                 self.doc["kernels"].setdefault(job.fam.family, []).extend(entries)
-                if job.fam.family == "dense":
+                if job.fam.family == Dense.family:
                     self._note_dense(entries)
                 self.doc["grid"]["done"].append(job.key)
                 self.save()

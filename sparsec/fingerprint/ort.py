@@ -41,19 +41,14 @@ from onnx import helper
 from sparsec.errors import FingerprintError
 from sparsec.fingerprint.device import describe_device, software_versions
 from sparsec.fingerprint.schema import validate_fingerprint
-from sparsec.formats import Block, Dense, FormatSpec, LowRank, Monarch, TwoFour
-from sparsec.passes.onnx_emit import Emitter, emit_product, random_factors
+from sparsec import formats
+from sparsec.formats import FormatSpec
+from sparsec.passes.onnx_emit import Emitter
+from sparsec.passes.onnx_forms import emit_product, form_of, random_factors
 from sparsec.passes.onnx_model import MIN_OPSET, session
 from sparsec.passes.onnx_timing import CLOCKS, clock_for, interleaved
 
 SCHEMA = "sparsec.fingerprint/1"
-LABELS = {
-    "dense": "MatMul",
-    "2:4": "MatMul on a pruned 2:4 initializer (runs dense)",
-    "block": "MatMul on a pruned block initializer (runs dense)",
-    "lowrank": "two MatMuls",
-    "monarch": "Monarch subgraph (2 batched MatMuls, 3 Transposes, 4 Reshapes)",
-}
 THREADS_KEY = "intra_op_num_threads"  # in the grid block: the session setting measured
 PROVIDER_SHORT = {"CPUExecutionProvider": "cpu", "CUDAExecutionProvider": "cuda"}
 
@@ -63,31 +58,18 @@ class OrtGrid:
     name: str
     Ms: tuple[int, ...]
     shapes: tuple[tuple[int, int], ...]  # (N, K)
-    rank_fractions: tuple[float, ...]
-    monarch_blocks: tuple[int, ...]
-    blocks: tuple[tuple[int, float], ...]
+    params: dict  # per family, its parameter grid (``FormatSpec.settings``)
     point_budget_s: float
     min_rounds: int
     threads: int  # onnxruntime intra-op threads (0: its default)
 
     def describe(self) -> dict:
         return {"name": self.name, "M": list(self.Ms), "shapes": [list(s) for s in self.shapes],
-                "rank_fractions": list(self.rank_fractions), "monarch_blocks": list(self.monarch_blocks),
-                "blocks": [list(b) for b in self.blocks], THREADS_KEY: self.threads}
+                "params": {f: [list(p) if isinstance(p, tuple) else p for p in v] for f, v in self.params.items()},
+                THREADS_KEY: self.threads}
 
     def specs(self, family: str, N: int, K: int) -> list[FormatSpec]:
-        if family == "dense":
-            return [Dense()]
-        if family == "2:4":
-            return [TwoFour()]
-        if family == "block":
-            return [Block(b, d) for b, d in self.blocks]
-        if family == "lowrank":
-            ranks = sorted({max(1, round(f * min(N, K))) for f in self.rank_fractions})
-            return [LowRank(r) for r in ranks]
-        if family == "monarch":
-            return [Monarch(nb) for nb in self.monarch_blocks]
-        raise ValueError(family)
+        return formats.FAMILIES[family].settings(N, K, self.params.get(family, ()))
 
 
 def _shapes(squares, aspect_ks):
@@ -100,11 +82,11 @@ def _shapes(squares, aspect_ks):
 GRIDS = {
     # A 2-core CPU: M from 1 to 1024, weights to 2048 x 2048 (and 4096 x 1024).
     "cpu": OrtGrid("cpu", (1, 8, 32, 128, 512, 1024), _shapes((256, 512, 1024, 2048), (256, 1024)),
-                   rank_fractions=(1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), monarch_blocks=(2, 4, 8, 16),
-                   blocks=((32, 0.25), (32, 0.5)), point_budget_s=0.25, min_rounds=8, threads=1),
+                   params={"lowrank": (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), "monarch": (2, 4, 8, 16),
+                           "block": ((32, 0.25), (32, 0.5))}, point_budget_s=0.25, min_rounds=8, threads=1),
     # Seconds, for tests of the harness itself.
-    "tiny": OrtGrid("tiny", (1, 16), ((256, 256), (512, 128)), rank_fractions=(1 / 8, 1 / 4),
-                    monarch_blocks=(2, 4), blocks=((32, 0.5),), point_budget_s=0.01, min_rounds=2, threads=1),
+    "tiny": OrtGrid("tiny", (1, 16), ((256, 256), (512, 128)), params={"lowrank": (1 / 8, 1 / 4), "monarch": (2, 4),
+                                                                "block": ((32, 0.5),)}, point_budget_s=0.01, min_rounds=2, threads=1),
 }
 FAMILIES = ("dense", "lowrank", "monarch", "2:4", "block")
 ROTATION_BYTES = 16 << 20
@@ -144,7 +126,7 @@ def passthrough_model(M: int | None, K: int) -> onnx.ModelProto:
 
 
 def weight_bytes(spec: FormatSpec, N: int, K: int) -> int:
-    return 4 * (N * K if spec.family in ("dense", "2:4", "block") else spec.stored_params(N, K))
+    return 4 * (N * K if spec.prunes else spec.stored_params(N, K))
 
 
 def copies_for(spec: FormatSpec, N: int, K: int) -> int:
@@ -236,8 +218,8 @@ def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvid
         for spec in specs:
             for M, us in times[spec].items():
                 entry = {"M": M, "N": N, "K": K, "dtype": "float32", "mode": "eager", "us": round(us, 4),
-                         "kernel": f"onnxruntime {short}: {LABELS[spec.family]}"}
-                entry.update(_params(spec))
+                         "kernel": f"onnxruntime {short}: {form_of(spec).label}"}
+                entry.update(spec.record())
                 kernels[spec.family].append(entry)
         log(f"[{time.monotonic() - start:6.1f} s] {N}x{K}: {len(specs)} subgraphs x {len(g.Ms)} token counts")
     doc["kernels"] = {family: entries for family, entries in kernels.items() if entries}
@@ -253,16 +235,6 @@ def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvid
 
     write_atomically(out, doc)
     return out
-
-
-def _params(spec: FormatSpec) -> dict:
-    if isinstance(spec, Block):
-        return {"block": spec.block, "density": spec.density}
-    if isinstance(spec, LowRank):
-        return {"rank": spec.rank}
-    if isinstance(spec, Monarch):
-        return {"nblocks": spec.nblocks}
-    return {}
 
 
 def _run_overhead(provider: str, threads: int) -> float:

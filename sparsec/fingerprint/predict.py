@@ -31,7 +31,7 @@ from sparsec.fingerprint.device import (
 )
 from sparsec.fingerprint.interp import ShapeGrid, loglog
 from sparsec.fingerprint.schema import SchemaViolation, validate_fingerprint
-from sparsec.formats import Block, FormatError, LowRank, Monarch, parse_spec
+from sparsec.formats import FAMILIES, FormatError, parse_spec
 
 __all__ = [
     "Fingerprint",
@@ -51,10 +51,10 @@ _DTYPE_ALIASES = {
 }
 # dtypes whose kernels move the same bytes; one may stand in for the other, with a note.
 _SAME_WIDTH = {"bfloat16": "float16", "float16": "bfloat16"}
-# Log-log slope bounds of time against a format parameter outside its measured range:
-# more kept blocks or a larger rank never make a layer faster, nor more than proportionally
-# slower; more Monarch blocks never make it slower, nor more than proportionally faster.
-_PARAM_SLOPES = {"block": (0.0, 1.0), "lowrank": (0.0, 1.0), "monarch": (-1.0, 0.0)}
+
+
+def _text(values: tuple) -> str:
+    return ", ".join(f"{v:g}" for v in values)
 
 
 def normalize_dtype(dtype) -> str:
@@ -143,13 +143,8 @@ class Fingerprint:
     # ----------------------------------------------------------------- index
     @staticmethod
     def _param_key(family: str, e: dict) -> tuple:
-        if family == "block":
-            return (e["block"], float(e["density"]))
-        if family == "lowrank":
-            return (round(e["rank"] / min(e["N"], e["K"]), 6),)
-        if family == "monarch":
-            return (e["nblocks"],)
-        return ()
+        key = FAMILIES[family].from_record(e).curve_key(e["N"], e["K"])
+        return tuple(round(v, 6) if isinstance(v, float) else v for v in key)
 
     def _index(self, kernels: dict) -> dict[str, dict[tuple[str, str], _Table]]:
         points: dict = {}
@@ -205,7 +200,7 @@ class Fingerprint:
         table, _, reason = self._lookup(spec.family, dtype, mode)
         if table is not None:
             return None
-        if isinstance(spec, LowRank):
+        if spec.dense_parts(1, 1) is not None:
             dense, _, dense_reason = self._lookup("dense", dtype, mode)
             if dense is not None:
                 return None
@@ -239,8 +234,8 @@ class Fingerprint:
         if reason:
             raise FingerprintError(f"cannot predict {spec} on fingerprint {self.name!r}: {reason}")
         table, notes, _ = self._lookup(spec.family, dtype, mode)
-        if table is None:  # only low rank gets here: compose it from two dense GEMMs
-            return self._compose_lowrank(spec, M, N, K, dtype, mode)
+        if table is None:  # only a format made of dense GEMMs gets here (can_predict): compose it
+            return self._compose(spec, M, N, K, dtype, mode)
         edge: set[str] = set()
         log_us, kernel, unmeasured = self._interpolate(spec, table, M, N, K, edge, notes)
         unmeasured = unmeasured or self._cut_short(M, edge)
@@ -260,42 +255,42 @@ class Fingerprint:
         return f"M={M} beyond M={min(stops)}, the largest this kernel was timed at for such shapes"
 
     def _interpolate(self, spec, table: _Table, M, N, K, edge: set[str], notes: list[str]) -> tuple[float, str, str]:
-        keys = list(table.grids)
-        if isinstance(spec, Block):
-            sizes = sorted({k[0] for k in keys})
-            block = min(sizes, key=lambda b: (abs(math.log2(b / spec.block)), b))
-            if block != spec.block:
-                notes.append(f"block {block} measurements used for block {spec.block}")
-            keys = sorted((k for k in keys if k[0] == block), key=lambda k: k[1])
-            params = [k[1] for k in keys]
-            query, label = spec.density, "kept fraction"
-        elif isinstance(spec, LowRank):
-            keys.sort()
-            params = [k[0] for k in keys]
-            query, label = spec.rank / min(N, K), "rank fraction"
-        elif isinstance(spec, Monarch):
-            keys.sort()
-            params = [k[0] for k in keys]
-            query, label = spec.nblocks, "monarch blocks"
-        else:
+        """Along the format's parameter (the last of its ``curve_key``), within the measured group
+        (the key's other parts, e.g. the block size) nearest the spec's own."""
+        query_key = spec.curve_key(N, K)
+        if not query_key:
             return (*table.log_us((), M, N, K, edge), "")
+        group, query = query_key[:-1], query_key[-1]
+        keys = list(table.grids)
+        if group:
+            near = min({k[:-1] for k in keys},
+                       key=lambda g: (sum(abs(math.log2(a / b)) for a, b in zip(g, group)), g))
+            if near != group:
+                what = spec.group_label
+                notes.append(f"{what} {_text(near)} measurements used for {what} {_text(group)}")
+            keys = [k for k in keys if k[:-1] == near]
+        keys.sort(key=lambda k: k[-1])
+        params = [k[-1] for k in keys]
         answers = [table.log_us(k, M, N, K, edge) for k in keys]
-        log_us, side = loglog(params, [a[0] for a in answers], query, _PARAM_SLOPES[spec.family])
+        log_us, side = loglog(params, [a[0] for a in answers], query, spec.param_slopes)
         unmeasured = ""
         if side:
             bound = params[0] if side == "below" else params[-1]
-            unmeasured = f"{label} {query:g} {side} measured {bound:g}"
+            unmeasured = f"{spec.param_label} {query:g} {side} measured {bound:g}"
             edge.add(f"{unmeasured}; extrapolated")
         nearest = min(range(len(keys)), key=lambda i: abs(math.log(params[i] / query)))
         return log_us, answers[nearest][1], unmeasured
 
-    def _compose_lowrank(self, spec: LowRank, M, N, K, dtype, mode) -> Prediction:
-        R = spec.rank
-        first = self.predict_detail("dense", M, R, K, dtype, mode)
-        second = self.predict_detail("dense", M, N, R, dtype, mode)
-        parts = [f"composed from two dense GEMMs ({M}x{K}->{R}, {M}x{R}->{N}); no lowrank measurements"]
-        parts += [n for n in dict.fromkeys(first.note.split("; ") + second.note.split("; ")) if n]
-        return Prediction(first.us + second.us, f"{first.kernel} x2", "; ".join(parts))
+    def _compose(self, spec, M, N, K, dtype, mode) -> Prediction:
+        parts = spec.dense_parts(N, K)
+        preds = [self.predict_detail("dense", M, n, k, dtype, mode) for n, k in parts]
+        count = {2: "two", 3: "three"}.get(len(parts), str(len(parts)))
+        shapes = ", ".join(f"{M}x{k}->{n}" for n, k in parts)
+        notes = [f"composed from {count} dense GEMMs ({shapes}); no {spec.family} measurements"]
+        notes += [n for n in dict.fromkeys(n for p in preds for n in p.note.split("; ")) if n]
+        kernels = list(dict.fromkeys(p.kernel for p in preds))
+        kernel = f"{kernels[0]} x{len(preds)}" if len(kernels) == 1 else " + ".join(p.kernel for p in preds)
+        return Prediction(sum(p.us for p in preds), kernel, "; ".join(notes))
 
     def matches_current_device(self, kind: str | None = None) -> str | None:
         """A warning when this fingerprint was not measured on the device the model runs on

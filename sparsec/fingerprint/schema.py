@@ -16,17 +16,15 @@ import math
 from functools import lru_cache
 from pathlib import Path
 
+from sparsec.formats import FAMILIES
+
 __all__ = ["SchemaViolation", "load_schema", "validate", "validate_fingerprint", "FAMILY_PARAMS"]
 
 SCHEMA_ID = "sparsec.fingerprint/1"
 
 # The parameters every kernel entry of a family must carry (and no others).
 FAMILY_PARAMS: dict[str, tuple[str, ...]] = {
-    "dense": (),
-    "2:4": (),
-    "block": ("block", "density"),
-    "lowrank": ("rank",),
-    "monarch": ("nblocks",),
+    family: tuple(cls.example().record()) for family, cls in FAMILIES.items()
 }
 _ALL_PARAMS = {p for ps in FAMILY_PARAMS.values() for p in ps}
 
