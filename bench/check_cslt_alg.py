@@ -31,7 +31,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 ensure_sparsec_importable()
 
 from sparsec.codegen import pack  # noqa: E402
-from sparsec.codegen.twofour import cslt_matmul, set_cslt_algorithm  # noqa: E402
+from sparsec.codegen.twofour_cslt import cslt_matmul, set_cslt_algorithm  # noqa: E402
 
 
 def main() -> None:

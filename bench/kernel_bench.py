@@ -64,7 +64,7 @@ def _import_codegen():
 
 codegen = _import_codegen()
 from sparsec.codegen import Packed, linear, pack  # noqa: E402
-from sparsec.codegen.twofour import crossover_from_timings  # noqa: E402
+from sparsec.codegen.twofour_cslt import crossover_from_timings  # noqa: E402
 from sparsec.formats import parse_spec  # noqa: E402
 
 

@@ -26,9 +26,14 @@ class Traced:
 
 
 class FxFrontend:
+    kept_as = "graph runs dense, as traced"
+
     def __init__(self, gm: fx.GraphModule, example_inputs, calibration: list[list], heldout: list[list] | None = None,
-                 *, graph: int = 0, entry: str = "torch.compile", mode: str = "default"):
+                 *, graph: int = 0, entry: str = "torch.compile", mode: str = "default",
+                 warnings: list[str] | None = None, earlier_names: set[str] | frozenset = frozenset()):
         self.gm = gm
+        self.warnings = list(warnings or [])  # the entry's, about this graph's inputs
+        self.earlier_names = earlier_names  # layers of the graphs of the same model compiled before this one
         self.example_inputs = list(example_inputs)
         self.calibration = calibration
         self.heldout = heldout or []
@@ -125,6 +130,55 @@ class FxFrontend:
 
         return measure.time_layer(layer, cand, options)
 
+    def check(self, lowered, layers: list[Layer], options):
+        """With ``measure``: the lowered graph timed against its dense self compiled the same way
+        (inductor on CUDA, eager on CPU), in this process."""
+        from sparsec.pipeline import Check
+
+        if not options.measure or lowered is None:
+            return Check()
+        from sparsec import measure
+
+        rewritten = any(l.chosen is not None and not l.chosen.is_dense for l in layers)
+        dense = self.original() if rewritten else None
+        dense_us, us = measure.time_graph(lowered, dense, self.example_inputs)
+        return Check(measured_us=us, measured_us_dense=dense_us)
+
+    def original(self):
+        """The graph as traced: inductor's compile on CUDA, the FX graph itself on the CPU."""
+        return dense_graph(self.gm, self.example_inputs, self.mode)
+
+    def notes(self, layers: list[Layer], skipped, options, fingerprint) -> list[str]:
+        """Plan entries no layer compiled so far matches; frozen weights under autograd; the last
+        compile Dynamo allows; a fingerprint of another device."""
+        notes = []
+        if options.plan is not None:
+            names = sorted(set(self.earlier_names) | {l.name for l in layers} | {s.name for s in skipped})
+            unmatched = options.plan.describe_unmatched(names, "the graphs compiled so far")
+            if unmatched:
+                notes.append(f"graph {self.graph}: {unmatched}")
+        frozen = [l.name for l in layers if l.chosen is not None and not l.chosen.is_dense]
+        trainable = any(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in self.example_inputs)
+        if frozen and trainable and torch.is_grad_enabled() and options.lower:
+            notes.append(
+                f"graph {self.graph} was compiled with autograd on: gradients flow through the rewritten layers to "
+                f"their inputs, but their packed weights are frozen ({', '.join(frozen[:3])}"
+                f"{', ...' if len(frozen) > 3 else ''} get no gradient); sparsec is for inference, call the "
+                f"model under torch.no_grad() or torch.inference_mode()")
+        last = last_compile_warning(self.graph) if options.lower and self.modules else None
+        if last:
+            from sparsec.logs import logger
+
+            logger.warning("%s", last)
+            notes.append(last)
+        mismatch = fingerprint.matches_current_device(self.device_kind())
+        if mismatch:
+            notes.append(mismatch)
+        return notes
+
+    def describe(self) -> dict:
+        return {}
+
     def device_kind(self) -> str:
         """Where the graph runs: "cuda" or "cpu"."""
         return "cuda" if self._device().type == "cuda" else "cpu"
@@ -171,3 +225,39 @@ class FxFrontend:
                 f"the graph traced for a calibration input of other shapes lacks layer(s) {', '.join(missing[:3])}: "
                 "the model takes another path at those shapes; calibrate with inputs of the example's shapes")
         return item.gm, item.nodes, item.args
+
+
+def dense_graph(gm, example_inputs, mode: str | None):
+    """The graph as traced: inductor's compile on CUDA, the FX graph itself on the CPU."""
+    on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
+    if not on_cuda:
+        return gm.forward
+    from torch._inductor import list_mode_options
+    from torch._inductor.compile_fx import compile_fx
+
+    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode or "default"))
+
+
+def last_compile_warning(graph: int) -> str | None:
+    """Why the next model instance or input signature may silently run dense, when this compile of
+    the traced function is the last Dynamo allows.
+
+    A graph with packed layers is guarded on its own weights, so every instance of a model class
+    compiles its own graph, and all of them count against Dynamo's per-function limit
+    (``recompile_limit``, 8 by default); past it Dynamo runs the function eagerly, without the
+    backend, and only its own log says so."""
+    try:
+        from torch._guards import CompileContext
+
+        cid = CompileContext.current_compile_id()
+    except Exception:  # noqa: BLE001 - not inside a Dynamo compile (e.g. a direct call in a test)
+        return None
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8)
+    if cid is None or cid.frame_compile_id is None or cid.frame_compile_id + 1 < limit:
+        return None
+    return (f"graph {graph} is compile {cid.frame_compile_id + 1} of this function, Dynamo's limit "
+            f"(torch._dynamo.config.recompile_limit = {limit}): a further model instance of this class, input "
+            "shape or dtype will run eagerly, dense, without sparsec. Each instance compiled with sparsec is "
+            "guarded on its own weights and compiles its own graph; for many instances use sparsec.optimize(model, "
+            "...), which gives every call its own entry, or raise the limit")

@@ -43,11 +43,15 @@ from sparsec.sites import Site, SiteStats, Skipped
 class OnnxFrontend:
     entry = "onnx"
     graph = 0
+    kept_as = "original model was written unchanged"
 
     def __init__(self, loaded: LoadedModel, calibration: Feeds | None, heldout: Feeds | None = None, *,
                  provider: str = "CPUExecutionProvider", device: str = "cpu", threads: int | None = None,
-                 refuse=None, provenance: dict | None = None):
+                 refuse=None, provenance: dict | None = None, executor: dict | None = None, output=None):
         self.loaded = loaded
+        self.warnings: list[str] = []  # the entry's: executor, made-up calibration data
+        self.executor = executor or {}  # how onnxruntime runs the model, for the report
+        self.output = output  # where the model will be written
         self.model = loaded.model
         self.calibration = calibration
         self.heldout = heldout
@@ -149,6 +153,44 @@ class OnnxFrontend:
 
     def device_name(self) -> str:
         return self.device
+
+    def check(self, lowered, layers: list[Layer], options):
+        """The lowered model run in onnxruntime: its error and its time against the original."""
+        from sparsec.passes.onnx_check import check_lowered
+
+        checked = check_lowered(self, lowered, layers, options)
+        feeds = self.calibration
+        if feeds is not None and feeds.generated:
+            ids = any("ids uniform" in note for note in feeds.notes)
+            checked.end_to_end["calibration"] = "generated-ids" if ids else "generated"
+        return checked
+
+    def notes(self, layers: list[Layer], skipped, options, fingerprint) -> list[str]:
+        """Nothing to rewrite; formats this executor runs as dense MatMuls."""
+        notes = []
+        if not self.sites and not skipped:
+            notes.append("no weight-bearing op found (no MatMul or Gemm): the model was written unchanged")
+        elif not self.sites:
+            notes.append(
+                f"no weight-bearing op found that sparsec can rewrite: {len(skipped)} MatMul/Gemm-like op(s) "
+                "were left as they are, see 'skipped' for why; the model was written unchanged")
+        pruned = [l for l in layers if l.chosen is not None and not l.chosen.is_dense and l.chosen.spec.prunes]
+        if pruned:
+            names = ", ".join(f"{l.name} ({l.chosen.fmt})" for l in pruned[:5]) + (" ..." if len(pruned) > 5 else "")
+            notes.append(
+                f"{len(pruned)} layer(s) were written as pruned dense initializers: {names}. onnxruntime's "
+                f"{self.provider} runs them as dense MatMuls, so they gain nothing here (the fingerprint measured "
+                "exactly that); the format is recorded in each node's metadata_props ('sparsec.format') for runtimes "
+                "with sparse kernels, such as TensorRT's sparsity mode")
+        return notes
+
+    def describe(self) -> dict:
+        held = self.heldout
+        return {"executor": self.executor,
+                "model": {"input": str(self.loaded.path), "output": str(self.output),
+                          "calibration": self.calibration.source if self.calibration is not None else None,
+                          "heldout": held.source if held else None, "opset": self.loaded.opset,
+                          "external_data": self.loaded.external_data}}
 
     # -- for verifying the written model --------------------------------------------------------
 

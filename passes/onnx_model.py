@@ -208,7 +208,9 @@ def session(model: onnx.ModelProto, provider: str = "CPUExecutionProvider", thre
         folder = tempfile.mkdtemp(prefix="sparsec-ort-", dir=workdir)
         try:
             path = os.path.join(folder, "model.onnx")
-            onnx.save_model(model, path, save_as_external_data=True, all_tensors_to_one_file=True,
+            staged = onnx.ModelProto()
+            staged.CopyFrom(model)  # saving with external data rewrites the tensors it saves in place
+            onnx.save_model(staged, path, save_as_external_data=True, all_tensors_to_one_file=True,
                             location="model.onnx.data")
             return ort.InferenceSession(path, opts, providers=providers)
         finally:

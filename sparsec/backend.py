@@ -89,6 +89,8 @@ class Session:
                 self.report.save(self.options.report)
         except Exception as again:  # noqa: BLE001 - the record is best effort; the dense graph is what counts
             warn_fallback(f"graph {graph}: the failure could not be recorded in the report ({type(again).__name__}: {again})")
+        from sparsec.passes.fx_frontend import dense_graph
+
         return dense_graph(gm, example_inputs, self.options.mode)
 
     def run_graph(self, gm, example_inputs):
@@ -105,50 +107,16 @@ class Session:
         if self.options.heldout and heldout is None:
             warning = (warning + "; " if warning else "") + "held-out inputs could not be matched to this subgraph's inputs"
         frontend = FxFrontend(gm, example_inputs, calibration, heldout, graph=graph, entry=self.entry,
-                              mode=self.options.mode)
+                              mode=self.options.mode, warnings=[f"graph {graph}: {warning}"] if warning else [],
+                              earlier_names=frozenset(self._seen))
         if self.options.lower and self._built:
             with step("lower"):
                 lowered = self._lower_again(frontend)
             if lowered is not None:
                 return lowered
-        options = self._options_for_next_graph()
-        outcome = optimize_graph(frontend, options, self.fingerprint)
-        outcome.report["error_budget"] = outcome.plan.error_budget = self.options.error_budget
-        if options.error_budget < self.options.error_budget:
-            outcome.report["warnings"].append(
-                f"graph {graph} was planned within the {options.error_budget:.3%} of the error budget the "
-                f"earlier subgraphs left (errors of separately compiled subgraphs add in quadrature)"
-            )
-        if warning:
-            outcome.report["warnings"].append(f"graph {graph}: {warning}")
+        outcome = optimize_graph(frontend, self.options, self.fingerprint, budget=self._budget_left())
         self._seen.update(l.name for l in outcome.layers)
         self._seen.update(s.name for s in outcome.skipped)
-        unmatched = self.options.plan.describe_unmatched(sorted(self._seen), "the graphs compiled so far") \
-            if self.options.plan is not None else None
-        if unmatched:
-            outcome.report["warnings"].append(f"graph {graph}: {unmatched}")
-        frozen = [l.name for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
-        trainable = any(isinstance(t, torch.nn.Parameter) and t.requires_grad for t in example_inputs)
-        if frozen and trainable and torch.is_grad_enabled() and self.options.lower:
-            outcome.report["warnings"].append(
-                f"graph {graph} was compiled with autograd on: gradients flow through the rewritten layers to "
-                f"their inputs, but their packed weights are frozen ({', '.join(frozen[:3])}"
-                f"{', ...' if len(frozen) > 3 else ''} get no gradient); sparsec is for inference, call the "
-                f"model under torch.no_grad() or torch.inference_mode()")
-        last = _last_compile_warning(graph) if self.options.lower and frontend.modules else None
-        if last:
-            outcome.report["warnings"].append(last)
-            from sparsec.logs import logger
-
-            logger.warning("%s", last)
-        mismatch = self.fingerprint.matches_current_device(frontend.device_kind())
-        if mismatch and not any(mismatch in w for w in outcome.report["warnings"]):
-            outcome.report["warnings"].append(mismatch)
-        if self.options.measure and self.options.lower:
-            from sparsec.measure import measure_outcome
-
-            with step("measure"):
-                measure_outcome(self, outcome, gm, example_inputs)
         if self.options.lower:
             for layer in outcome.layers:
                 module = frontend.modules.get(layer.name)
@@ -193,13 +161,10 @@ class Session:
             _guard_weight_identity(frontend.gm, frontend.example_inputs)
         return _holding(frontend.lower_modules(modules), modules)
 
-    def _options_for_next_graph(self) -> Options:
+    def _budget_left(self) -> float:
         """The budget left after the subgraphs already planned, so the whole model stays within it."""
         spent = sum(e ** 2 for e in self.graph_errors)
-        if not spent:
-            return self.options
-        left = math.sqrt(max(self.options.error_budget ** 2 - spent, 0.0))
-        return dataclasses.replace(self.options, error_budget=left)
+        return math.sqrt(max(self.options.error_budget ** 2 - spent, 0.0))
 
     def _merge(self, outcome) -> None:
         from sparsec.plan import Plan
@@ -235,17 +200,6 @@ def warn_fallback(message: str) -> None:
 
     logger.warning("%s", message)
     warnings.warn(f"sparsec: {message}", FallbackWarning, stacklevel=2)
-
-
-def dense_graph(gm, example_inputs, mode: str | None):
-    """The graph as traced: inductor's compile on CUDA, the FX graph itself on the CPU."""
-    on_cuda = any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in example_inputs)
-    if not on_cuda:
-        return gm.forward
-    from torch._inductor import list_mode_options
-    from torch._inductor.compile_fx import compile_fx
-
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode or "default"))
 
 
 def _holding(fn, modules: dict):
@@ -455,31 +409,6 @@ def session_for(options: dict | None, mode: str | None) -> Session:
     return session
 
 
-def _last_compile_warning(graph: int) -> str | None:
-    """Why the next model instance or input signature may silently run dense, when this compile of
-    the traced function is the last Dynamo allows.
-
-    A graph with packed layers is guarded on its own weights, so every instance of a model class
-    compiles its own graph, and all of them count against Dynamo's per-function limit
-    (``recompile_limit``, 8 by default); past it Dynamo runs the function eagerly, without the
-    backend, and only its own log says so."""
-    try:
-        from torch._guards import CompileContext
-
-        cid = CompileContext.current_compile_id()
-    except Exception:  # noqa: BLE001 - not inside a Dynamo compile (e.g. a direct call in a test)
-        return None
-    config = torch._dynamo.config
-    limit = getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", 8)
-    if cid is None or cid.frame_compile_id is None or cid.frame_compile_id + 1 < limit:
-        return None
-    return (f"graph {graph} is compile {cid.frame_compile_id + 1} of this function, Dynamo's limit "
-            f"(torch._dynamo.config.recompile_limit = {limit}): a further model instance of this class, input "
-            "shape or dtype will run eagerly, dense, without sparsec. Each instance compiled with sparsec is "
-            "guarded on its own weights and compiles its own graph; for many instances use sparsec.optimize(model, "
-            "...), which gives every call its own entry, or raise the limit")
-
-
 def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None = None, options: dict | None = None):
     """Dynamo backend: plan and rewrite this subgraph, hand the dense rest to inductor on CUDA.
 
@@ -494,6 +423,8 @@ def sparsec_backend(gm: torch.fx.GraphModule, example_inputs, mode: str | None =
         if isinstance(options, dict) and options.get("strict"):
             raise
         warn_fallback(fallback_message(0, exc))
+        from sparsec.passes.fx_frontend import dense_graph
+
         return dense_graph(gm, example_inputs, mode)
     return session.compile_graph(gm, example_inputs)
 

@@ -58,6 +58,7 @@ class Layer:
     measured_us: float | None = None
     measured_us_dense: float | None = None
     budget_left: float | None = None  # layer error still affordable given every other choice
+    kept_dense: str | None = None  # why a planned rewrite was undone after the whole graph was timed
 
     @property
     def name(self) -> str:

@@ -8,13 +8,13 @@ Order of work (every failure before the rename leaves nothing written):
    ``auto`` is your own measurement of onnxruntime on this device, else the shipped ``ort-cpu``;
 3. inputs: ``--calibration`` / ``--heldout`` .npz files, else inputs generated from the declared
    shapes (with a warning in the report);
-4. the shared pipeline (``sparsec.pipeline.optimize_graph``) with the ONNX front-end;
-5. the rewritten model is written to a temporary folder beside the output, checked with
-   ``onnx.checker`` (full), run in onnxruntime on the calibration (and held-out) inputs, where its
-   error against the original is measured, and timed against the original; then renamed into place;
-6. the report: the pipeline's, plus the written model's measured error and speed-up, the executor
-   and the warnings a user must see (made-up calibration data, formats the executor does not
-   accelerate, a fingerprint of another device).
+4. the shared pipeline (``sparsec.pipeline.optimize_graph``) with the ONNX front-end, which runs
+   the rewritten model in onnxruntime on the calibration (and held-out) inputs, where its error
+   against the original is measured, and times it against the original (``passes/onnx_check.py``);
+   the pipeline builds the report, with the executor and the warnings a user must see (made-up
+   calibration data, formats the executor does not accelerate, a fingerprint of another device);
+5. the model is written to a temporary folder beside the output, checked with ``onnx.checker``
+   (full), then renamed into place.
 
 End-to-end timing always runs (it is what the command promises); ``measure=True`` adds the
 per-layer timing of each rewritten subgraph against its dense MatMul, in isolation.
@@ -27,7 +27,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from sparsec.errors import FingerprintError, ModelError, OptionError, SparsecError
@@ -35,9 +34,6 @@ from sparsec.options import parse_options
 
 log = logging.getLogger("sparsec")
 
-TIMING_BUDGET_S = 1.0
-# The written model's error may exceed the planned one by float rounding of the factors alone.
-LOWERED_ERROR_SLACK = 1.05
 
 
 @dataclass
@@ -68,7 +64,7 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
     if formats is None:
         options.formats, note = executor_formats(options.formats, executor)
         warnings += [note] if note else []
-    frontend = _frontend(loaded, executor, options, calibration, heldout, warnings)
+    frontend = _frontend(loaded, executor, options, calibration, heldout, warnings, output)
     try:
         outcome = optimize_graph(frontend, options, executor.fingerprint)
     except SparsecError:
@@ -77,24 +73,10 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
         if strict:
             raise
         outcome = _unchanged(frontend, loaded, executor, options, exc)
-    rep = _annotate(outcome, frontend, executor, loaded, output, warnings)
-    rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
-    from sparsec import progress
-
-    try:
-        with progress.task("check, verify and time the written model"):
-            written = save_checked(outcome.lowered, output, external_data=external_data,
-                                   check=lambda staged: _verify_and_time(staged, rep, rewritten, frontend, loaded,
-                                                                         executor, options.error_budget, options.measure))
-    except _SlowerThanOriginal:
-        _keep_dense(rep)
-        written = save_checked(loaded.model, output, external_data=external_data)
-        rewritten = []
-    if options.measure and rewritten:
-        _measured_totals(rep)
+    written = save_checked(outcome.lowered, output, external_data=external_data)
     from sparsec.report import Report
 
-    final = Report(rep)
+    final = Report(outcome.report)
     report_paths = _save_report(final, options.report) if options.report else []
     from sparsec.logs import log_report
 
@@ -149,7 +131,7 @@ def _options(fingerprint, error_budget, formats, plan, report, measure):
     return options
 
 
-def _frontend(loaded, executor: "Executor", options, calibration, heldout, warnings: list[str]):
+def _frontend(loaded, executor: "Executor", options, calibration, heldout, warnings: list[str], output: Path):
     """The ONNX front-end with its inputs: the .npz files, or inputs generated when there is something to calibrate."""
     from sparsec.passes.onnx_data import Feeds, generate, load_npz
     from sparsec.passes.onnx_frontend import OnnxFrontend
@@ -157,7 +139,7 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
     fp = executor.fingerprint
     frontend = OnnxFrontend(
         loaded, None, provider=executor.provider, device=executor.device, threads=executor.threads,
-        refuse=lambda site: _unpriceable(fp, site),
+        refuse=lambda site: _unpriceable(fp, site), executor=executor.describe(), output=output,
         provenance={"sparsec_version": _version(), "fingerprint": fp.name, "fingerprint_hash": fp.hash,
                     "error_budget": options.error_budget, "source": loaded.name})
     sites, skipped = frontend.capture()  # kept by the front-end for the pipeline's capture step
@@ -177,91 +159,8 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
         warnings.append(
             f"calibrated on {feeds.source} ({'; '.join(feeds.notes)}), not on real data: the errors and the "
             "choices reflect made-up inputs; pass --calibration data.npz with representative inputs")
+    frontend.warnings = warnings
     return frontend
-
-
-def _annotate(outcome, frontend, executor: "Executor", loaded, output: Path, warnings: list[str]) -> dict:
-    """The pipeline's report plus what only the ONNX entry knows: executor, files, warnings."""
-    rep = outcome.report
-    rep["warnings"] = warnings + rep.get("warnings", [])
-    rep["executor"] = executor.describe()
-    feeds = frontend.calibration
-    if feeds.generated:
-        ids = any("ids uniform" in note for note in feeds.notes)
-        rep["end_to_end"]["calibration"] = "generated-ids" if ids else "generated"
-    held = frontend.heldout
-    rep["model"] = {"input": str(loaded.path), "output": str(output), "calibration": frontend.calibration.source,
-                    "heldout": held.source if held else None, "opset": loaded.opset,
-                    "external_data": loaded.external_data}
-    if not frontend.sites and not outcome.skipped:
-        rep["warnings"].append("no weight-bearing op found (no MatMul or Gemm): the model was written unchanged")
-    elif not frontend.sites:
-        rep["warnings"].append(
-            f"no weight-bearing op found that sparsec can rewrite: {len(outcome.skipped)} MatMul/Gemm-like op(s) "
-            "were left as they are, see 'skipped' for why; the model was written unchanged")
-    rewritten = [l for l in outcome.layers if l.chosen is not None and not l.chosen.is_dense]
-    _note_pruned(rep, rewritten, executor)
-    return rep
-
-
-class _SlowerThanOriginal(Exception):
-    """With ``measure``: the rewritten model timed slower than the original end to end."""
-
-
-def _keep_dense(rep: dict) -> None:
-    """The report of a plan whose rewritten model measured slower: every layer written dense, saying why."""
-    speedup = rep["end_to_end"]["measured_speedup"]
-    for row in rep["layers"]:
-        if row["format"] != "dense":
-            row["reason"] = (f"{row['format']} was planned, but the rewritten model measured {speedup:.2f}x of the "
-                             "original end to end, so with --measure every layer was kept dense")
-            row["format"], row["predicted_us"], row["predicted_speedup"] = "dense", row["predicted_us_dense"], 1.0
-            row["predicted_error"] = row["measured_error"] = 0.0
-            row["measured_speedup"] = None
-    rep["totals"].update(rewritten=0, predicted_us=rep["totals"]["predicted_us_dense"], predicted_speedup=1.0)
-    rep["end_to_end"].update(measured_error=0.0, heldout_error=0.0 if rep["end_to_end"].get("heldout_error") is not None
-                             else None, predicted_speedup=1.0, kept_dense_measured_speedup=speedup,
-                             measured_speedup=None)
-    rep["warnings"].append(
-        f"the rewritten model measured {speedup:.2f}x of the original end to end, slower: with --measure the "
-        "original model was written unchanged")
-
-
-def _verify_and_time(staged: Path, rep: dict, rewritten, frontend, loaded, executor: "Executor", budget: float,
-                     measure: bool = False) -> None:
-    """Run the staged model in onnxruntime: its error on both data sets, and its time against the original.
-
-    A rewritten model measured slower than the original is said loudly; with ``measure`` it is not
-    written (``_SlowerThanOriginal``) and the original goes out instead."""
-    from sparsec.passes.onnx_model import session
-
-    if not rewritten:
-        rep["end_to_end"]["note"] = "nothing was rewritten: the written model computes exactly what the input does"
-        return
-    new = _session_from_path(staged, executor)
-    calib_error, held_error = _lowered_errors(frontend, new, frontend.calibration, frontend.heldout)
-    rep["end_to_end"]["measured_error"] = calib_error
-    if frontend.heldout is not None:
-        rep["end_to_end"]["heldout_error"] = held_error
-    if calib_error > budget * LOWERED_ERROR_SLACK:
-        rep["warnings"].append(
-            f"the written model's error on the calibration data is {calib_error:.3%}, over the "
-            f"{budget:.3%} budget the plan met with dense approximations")
-    if held_error is not None and held_error > budget:
-        rep["warnings"].append(
-            f"the error on held-out data is {held_error:.3%}, over the {budget:.3%} budget met on the "
-            "calibration data: the plan fits the calibration data better than other inputs; calibrate on more "
-            "(and more varied) samples, or lower --error-budget")
-    original = session(loaded.model, executor.provider, executor.threads)
-    _time_end_to_end(rep, original, new, frontend.calibration.runs[0], executor)
-    speedup = rep["end_to_end"]["measured_speedup"]
-    if speedup is not None and speedup < 1.0:
-        if measure:
-            raise _SlowerThanOriginal()
-        rep["warnings"].insert(0, (
-            f"SLOWER: the rewritten model measured {speedup:.2f}x of the original end to end "
-            f"(predicted {rep['end_to_end']['predicted_speedup'] or float('nan'):.2f}x); it was written as asked, "
-            "but the original is faster here: keep it, or rerun with --measure to write the original unchanged"))
 
 
 # -- input checks ---------------------------------------------------------------------------------
@@ -414,99 +313,7 @@ def dense_ratio(fp, family: str) -> tuple[float, int] | None:
     return (statistics.median(ratios), len(ratios)) if ratios else None
 
 
-# -- verification and timing ----------------------------------------------------------------------
-
-
-def _session_from_path(path: Path, executor: Executor):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    if executor.threads:
-        opts.intra_op_num_threads = int(executor.threads)
-    providers = [executor.provider] + ([] if executor.provider == "CPUExecutionProvider" else ["CPUExecutionProvider"])
-    try:
-        return ort.InferenceSession(str(path), opts, providers=providers)
-    except Exception as exc:  # onnxruntime's own exception types
-        raise ModelError(f"onnxruntime cannot load the rewritten model, so it was not written: "
-                         f"{str(exc).strip().splitlines()[0]}") from None
-
-
-def _lowered_errors(frontend, new_session, feeds, held) -> tuple[float, float | None]:
-    """The written model's output error against the original's (worst output), on both data sets."""
-    from sparsec.output_error import OutputError
-
-    names = [o.name for o in new_session.get_outputs()]
-
-    def error(runs, refs) -> float:
-        total = OutputError()
-        for feed, ref in zip(runs, refs):
-            try:
-                outs = new_session.run(names, feed)
-            except Exception as exc:  # onnxruntime's own exception types
-                raise ModelError(f"onnxruntime cannot run the rewritten model, so it was not written: "
-                                 f"{str(exc).strip().splitlines()[0]}") from None
-            total.add(frontend.float_outputs(outs), ref)
-        return total.value()
-
-    calib = error(feeds.runs, frontend.references())
-    heldout = error(held.runs, frontend.references(heldout=True)) if held is not None else None
-    return calib, heldout
-
-
-def _time_end_to_end(rep: dict, original, new, feed: dict, executor: Executor) -> None:
-    from sparsec.passes.onnx_timing import clock_for, interleaved
-
-    t = interleaved([lambda: original.run(None, feed), lambda: new.run(None, feed)], budget_s=TIMING_BUDGET_S,
-                    min_rounds=10, max_rounds=200, round_s=0.01, clock=clock_for(executor.provider, executor.threads))
-    e2e = rep["end_to_end"]
-    e2e["measured_speedup"] = t.speedup(1)
-    e2e["measured_us_dense"], e2e["measured_us"] = t.us
-    e2e["timing"] = t.describe()
-    _predict_with_measured_rest(rep)
-
-
-def _predict_with_measured_rest(rep: dict) -> None:
-    """An end-to-end prediction that counts the rest of the graph, which onnxruntime's fusions make
-    unpriceable from the graph alone: the original model's measured time less its layers' predicted
-    dense time is taken as the rest, which no rewrite shortens."""
-    e2e, totals = rep["end_to_end"], rep["totals"]
-    dense, chosen, whole = totals.get("predicted_us_dense"), totals.get("predicted_us"), e2e.get("measured_us_dense")
-    if e2e.get("predicted_us_rest") is not None or not (dense and chosen and whole):
-        return
-    rest = max(whole - dense, 0.0)
-    e2e["predicted_us_rest"] = rest
-    e2e["predicted_us_rest_source"] = "the original model's measured time less its layers' predicted dense time"
-    e2e["predicted_speedup"] = (dense + rest) / (chosen - (e2e.get("predicted_us_stacked") or 0.0) + rest)
-
-
-def _measured_totals(rep: dict) -> None:
-    """The rewritten layers' measured speed-up together: their dense time over their rewritten time."""
-    dense = new = 0.0
-    for row in rep["layers"]:
-        if row["format"] == "dense":
-            row["measured_speedup"] = 1.0
-        elif row.get("measured_speedup"):
-            dense += row["predicted_us_dense"] or 0.0
-            new += (row["predicted_us_dense"] or 0.0) / row["measured_speedup"]
-    if new:
-        rep["totals"]["measured_speedup"] = dense / new
-
-
 # -- report ---------------------------------------------------------------------------------------
-
-
-def _note_pruned(rep: dict, rewritten, executor: Executor) -> None:
-    """Say plainly that 2:4 and block are zeros in a dense weight to this executor."""
-    pruned = [l for l in rewritten if l.chosen.spec.prunes]
-    if not pruned:
-        return
-    names = ", ".join(f"{l.name} ({l.chosen.fmt})" for l in pruned[:5]) + (" ..." if len(pruned) > 5 else "")
-    rep["warnings"].append(
-        f"{len(pruned)} layer(s) were written as pruned dense initializers: {names}. onnxruntime's "
-        f"{executor.provider} runs them as dense MatMuls, so they gain nothing here (the fingerprint measured "
-        "exactly that); the format is recorded in each node's metadata_props ('sparsec.format') for runtimes "
-        "with sparse kernels, such as TensorRT's sparsity mode")
 
 
 def _save_report(report, path) -> list[Path]:

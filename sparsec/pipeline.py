@@ -1,15 +1,20 @@
 """The pass order, as one flat function of named steps (DESIGN.md, "The pipeline").
 
-    capture -> calibrate -> candidates -> cost -> approximate -> select -> verify -> [measure] -> lower -> report
+    capture -> calibrate -> candidates -> cost -> approximate -> select -> verify -> [measure] -> lower
+      -> check -> report
 
 The pipeline knows neither FX nor ONNX. A front-end supplies the graph-specific parts through
 the small ``Frontend`` protocol: what the sites are, their calibration statistics, the end-to-end
-error of a set of weight replacements, and how to lower the chosen formats.
+error of a set of weight replacements, how to time a layer and lower the chosen formats with its
+own runtime, how the lowered graph runs there (``check``), and what only it can say about the
+graph (``notes``, ``describe``). The report is built once, at the end, from what the steps
+returned; the entries only hand it on.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import logging
 import math
@@ -32,6 +37,8 @@ log = logging.getLogger("sparsec")
 class Frontend(Protocol):
     entry: str
     graph: int
+    warnings: list[str]  # what the entry found before planning (inputs, executor), for the report
+    kept_as: str  # what runs when the rewritten graph is not used ("original model was written unchanged")
 
     def capture(self) -> tuple[list[Site], list[Skipped]]: ...
 
@@ -53,6 +60,30 @@ class Frontend(Protocol):
 
     def device_name(self) -> str: ...
 
+    def check(self, lowered: Any, layers: list[Layer], options: Options) -> "Check": ...
+
+    def notes(self, layers: list[Layer], skipped: list[Skipped], options: Options, fingerprint) -> list[str]: ...
+
+    def describe(self) -> dict: ...
+
+
+@dataclass
+class Check:
+    """How the lowered graph ran in the front-end's own runtime (``Frontend.check``); None: not run."""
+
+    measured_error: float | None = None  # the lowered graph's, on calibration data
+    heldout_error: float | None = None
+    measured_us: float | None = None  # end to end, rewritten
+    measured_us_dense: float | None = None  # end to end, the original graph, same runtime and process
+    timing: str | None = None  # how
+    end_to_end: dict = field(default_factory=dict)  # further facts for the report's end_to_end
+    warnings: list[str] = field(default_factory=list)
+    alarm: str | None = None  # a warning that leads the report; "{predicted}" in it: the predicted speed-up
+
+    @property
+    def speedup(self) -> float | None:
+        return _ratio(self.measured_us_dense, self.measured_us)
+
 
 @dataclass
 class Outcome:
@@ -63,40 +94,67 @@ class Outcome:
     lowered: Any = None
 
 
-def optimize_graph(frontend: Frontend, options: Options, fingerprint) -> Outcome:
-    """Plan, verify and (if asked) lower one graph.
+def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: float | None = None) -> Outcome:
+    """Plan, verify, lower, check and report one graph.
 
-    An exception escaping a step carries the step's name (``failed_step``), so that an entry
-    falling back to the dense graph can say where planning broke."""
+    ``budget``: the share of ``options.error_budget`` this graph may spend (what earlier,
+    separately compiled graphs of the same model left). An exception escaping a step carries the
+    step's name (``failed_step``), so that an entry falling back to the dense graph can say where
+    planning broke."""
+    planning, shared = _graph_options(frontend, options, budget)
     with step("capture"):
         sites, skipped = capture(frontend)
     with step("calibrate"):
-        stats, warnings = calibrate(frontend, sites)
+        stats, found = calibrate(frontend, sites)
+    warnings = list(getattr(frontend, "warnings", [])) + found + shared
     with step("candidates"):
-        layers = candidates(sites, stats, options, options.plan)
+        layers = candidates(sites, stats, planning, planning.plan)
     with step("cost"):
-        cost(layers, fingerprint, options)
+        cost(layers, fingerprint, planning)
     with step("approximate", total=len(layers)):
-        approximate(layers, options)
+        approximate(layers, planning)
     with step("select"):
-        alloc = select(layers, options, fingerprint)
+        alloc = select(layers, planning, fingerprint)
     with step("verify", shown_as="verify (model evaluations)"):
-        e2e = verify(frontend, layers, alloc, options)
+        e2e = verify(frontend, layers, alloc, planning)
     with step("measure"):
-        while measure(frontend, layers, alloc, options):
-            e2e = verify(frontend, layers, alloc, options)
+        while measure(frontend, layers, alloc, planning):
+            e2e = verify(frontend, layers, alloc, planning)
     with step("lower"):
-        lowered = lower(frontend, layers) if options.lower else None
+        lowered = lower(frontend, layers) if planning.lower else None
+    with step("check", shown_as="check (run and time the rewritten graph)"):
+        checked, kept = check(frontend, layers, lowered, planning)
+        if kept is not None:  # every layer dense now: the graph as given
+            lowered = lower(frontend, layers)
+            e2e = EndToEnd(measured_error=0.0, heldout_error=0.0 if frontend.has_heldout() else None)
     with step("report"):
-        rest_us, fused_us = rest(frontend, fingerprint, options)
-        stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, options.cost_mode)
+        rest_us, fused_us = rest(frontend, fingerprint, planning)
+        stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, planning.cost_mode)
         plan = plan_of(layers, fingerprint, options)
-        report = report_of(frontend, layers, skipped, e2e, fingerprint, options, rest_us, fused_us, stacked_us)
-    report["warnings"].extend(warnings)
-    # how the budget was calibrated, re-allocated and backed off, per subgraph
-    report["planner_log"] = [f"graph {frontend.graph}: {line}" for line in alloc.history]
-    report["planner_log"] += [f"graph {frontend.graph}: {line}" for line in stacked_lines + frontend.lowering_notes()]
+        notes = frontend.notes(layers, skipped, planning, fingerprint)
+        report = report_of(frontend, layers, skipped, e2e, fingerprint, planning, rest_us, fused_us, stacked_us,
+                           checked=checked, kept_dense_speedup=kept, budget=options.error_budget)
+        report["warnings"] = _unique(warnings + notes + checked.warnings
+                                     + ([_kept_dense_warning(frontend, kept)] if kept is not None else []))
+        if checked.alarm:
+            predicted = report["end_to_end"]["predicted_speedup"]
+            report["warnings"].insert(0, checked.alarm.replace("{predicted}", f"{predicted or float('nan'):.2f}x"))
+        # how the budget was calibrated, re-allocated and backed off, per subgraph
+        report["planner_log"] = [f"graph {frontend.graph}: {line}"
+                                 for line in alloc.history + stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)
+
+
+def _graph_options(frontend: Frontend, options: Options, budget: float | None) -> tuple[Options, list[str]]:
+    """The options this graph is planned with (its share of the budget), and a warning where it is a share."""
+    if budget is None or budget >= options.error_budget:
+        return options, []
+    return dataclasses.replace(options, error_budget=budget), [f"graph {frontend.graph} was planned within the {budget:.3%} of the error budget the "
+                    f"earlier subgraphs left (errors of separately compiled subgraphs add in quadrature)"]
+
+
+def _unique(lines: list[str]) -> list[str]:
+    return list(dict.fromkeys(lines))
 
 
 @contextlib.contextmanager
@@ -128,7 +186,7 @@ def fallback_report(frontend: Frontend, fingerprint, options: Options, exc: Base
     from sparsec.errors import first_line
 
     report = report_of(frontend, [], [], EndToEnd(), fingerprint, options)
-    report["warnings"].append(message)
+    report["warnings"] = _unique(list(getattr(frontend, "warnings", [])) + [message])
     report["fallbacks"] = [{"graph": frontend.graph, "step": failed_step(exc),
                             "error": f"{type(exc).__name__}: {first_line(exc)}"}]
     return report
@@ -497,6 +555,34 @@ def lower(frontend: Frontend, layers: list[Layer]):
     return frontend.lower(layers)
 
 
+# -- check ------------------------------------------------------------------------------------
+
+
+def check(frontend: Frontend, layers: list[Layer], lowered, options: Options) -> tuple[Check, float | None]:
+    """Run the lowered graph as the front-end's runtime does (its error, its time against the
+    original). With ``measure``, a rewritten graph that times slower than the original end to end
+    is not used: every layer is kept dense, saying why; returns the measured speed-up then."""
+    if not options.lower:
+        return Check(), None
+    checked = frontend.check(lowered, layers, options)
+    rewritten = [l for l in layers if l.chosen is not None and not l.chosen.is_dense]
+    speedup = checked.speedup
+    if not (options.measure and rewritten and speedup is not None and speedup < 1.0):
+        return checked, None
+    for layer in rewritten:
+        why = (f"{layer.chosen.fmt} was planned, but the rewritten model measured {speedup:.2f}x of the "
+               "original end to end, so with --measure every layer was kept dense")
+        layer.chosen.rejected_because = why
+        layer.kept_dense = why
+        layer.chosen, layer.measured_error, layer.measured_us = layer.dense, 0.0, None
+    return Check(warnings=checked.warnings, end_to_end=checked.end_to_end), speedup
+
+
+def _kept_dense_warning(frontend: Frontend, speedup: float) -> str:
+    return (f"the rewritten model measured {speedup:.2f}x of the original end to end, slower: with --measure the "
+            f"{frontend.kept_as}")
+
+
 # -- rest -------------------------------------------------------------------------------------
 
 
@@ -529,55 +615,87 @@ def plan_of(layers: list[Layer], fingerprint, options: Options) -> Plan:
 
 
 def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, options: Options,
-              rest_us: float | None = None, fused_us: float = 0.0, stacked_us: float = 0.0) -> dict:
+              rest_us: float | None = None, fused_us: float = 0.0, stacked_us: float = 0.0, *,
+              checked: Check | None = None, kept_dense_speedup: float | None = None,
+              budget: float | None = None) -> dict:
+    """The report of one graph, from what the steps found (``budget``: the user's, where the graph
+    was planned within a share of it)."""
     from sparsec.reasons import candidate_rejections, layer_reason
 
+    checked = checked or Check()
     spent = sum((l.chosen.predicted_error ** 2) for l in layers if l.chosen is not None and not l.chosen.is_dense)
     for layer in layers:
         own = layer.chosen.predicted_error ** 2 if layer.chosen is not None and not layer.chosen.is_dense else 0.0
         layer.budget_left = math.sqrt(max(options.error_budget ** 2 - (spent - own), 0.0))
+    measured = options.measure and options.lower
     rows = []
     for layer in layers:
         site, chosen = layer.site, layer.chosen or layer.dense
         candidate_rejections(layer, options, fingerprint)
-        rows.append(
-            {
-                "name": site.name,
-                "op": site.op,
-                "graph": site.graph,
-                "shape": [site.N, site.K],
-                "tokens": layer.tokens,
-                "dtype": site.dtype_name,
-                "format": chosen.fmt,
-                "declared_sparsity": round(chosen.spec.declared_sparsity(site.N, site.K), 6),
-                "predicted_us_dense": _num(layer.dense.predicted_us),
-                "predicted_us": _num(chosen.predicted_us),
-                "predicted_speedup": _num(layer.speedup(chosen)),
-                "predicted_error": _num(chosen.predicted_error),
-                "measured_error": _num(layer.measured_error),
-                "measured_speedup": _ratio(layer.measured_us_dense, layer.measured_us),
-                "kernel": chosen.kernel,
-                "method": chosen.method,
-                "reason": layer_reason(layer, options, fingerprint),
-                "candidates": [
-                    {
-                        "format": c.fmt,
-                        "predicted_us": _num(c.predicted_us),
-                        "predicted_error": _num(c.predicted_error),
-                        "predicted_speedup": _num(layer.speedup(c)),
-                        "declared_sparsity": round(c.spec.declared_sparsity(site.N, site.K), 6),
-                        "rejected_because": c.rejected_because if c is not chosen else None,
-                    }
-                    for c in layer.candidates
-                ],
-            }
-        )
+        row = {
+            "name": site.name,
+            "op": site.op,
+            "graph": site.graph,
+            "shape": [site.N, site.K],
+            "tokens": layer.tokens,
+            "dtype": site.dtype_name,
+            "format": chosen.fmt,
+            "declared_sparsity": round(chosen.spec.declared_sparsity(site.N, site.K), 6),
+            "predicted_us_dense": _num(layer.dense.predicted_us),
+            "predicted_us": _num(chosen.predicted_us),
+            "predicted_speedup": _num(layer.speedup(chosen)),
+            "predicted_error": _num(chosen.predicted_error),
+            "measured_error": _num(layer.measured_error),
+            "measured_speedup": _ratio(layer.measured_us_dense, layer.measured_us),
+            "kernel": chosen.kernel,
+            "method": chosen.method,
+            "reason": layer_reason(layer, options, fingerprint),
+            "candidates": [
+                {
+                    "format": c.fmt,
+                    "predicted_us": _num(c.predicted_us),
+                    "predicted_error": _num(c.predicted_error),
+                    "predicted_speedup": _num(layer.speedup(c)),
+                    "declared_sparsity": round(c.spec.declared_sparsity(site.N, site.K), 6),
+                    "rejected_because": c.rejected_because if c is not chosen else None,
+                }
+                for c in layer.candidates
+            ],
+        }
+        if row["measured_speedup"] is not None:
+            row["measured_us"], row["measured_us_dense"] = layer.measured_us, layer.measured_us_dense
+        elif measured and chosen.is_dense:
+            row["measured_speedup"] = 1.0
+        rows.append(row)
     dense_total = sum(r["predicted_us_dense"] or 0.0 for r in rows)
     chosen_total = sum(r["predicted_us"] or 0.0 for r in rows)
     rewritten = sum(1 for r in rows if r["format"] != "dense")
     speedup = (dense_total / chosen_total) if chosen_total > 0 else None
+    timed = [l for l in layers if l.measured_us and l.measured_us_dense]
+    end_to_end = {
+        "measured_error": _num(e2e.measured_error if checked.measured_error is None else checked.measured_error),
+        "heldout_error": _num(e2e.heldout_error if checked.heldout_error is None else checked.heldout_error),
+        "predicted_speedup": None,
+        "predicted_us_rest": _num(rest_us),
+        "predicted_us_fused": _num(fused_us) if rest_us is not None else None,
+        "predicted_us_stacked": _num(stacked_us),
+        "measured_speedup": checked.speedup,
+    }
+    if checked.measured_us is not None:
+        end_to_end.update(measured_us=checked.measured_us, measured_us_dense=checked.measured_us_dense)
+    if checked.timing:
+        end_to_end["timing"] = checked.timing
+    if rest_us is None and dense_total and chosen_total and checked.measured_us_dense:
+        # onnxruntime's fusions leave the rest of the graph unpriceable from the graph alone: the
+        # original's measured time less its layers' predicted dense time is taken as the rest
+        rest_us = max(checked.measured_us_dense - dense_total, 0.0)
+        end_to_end.update(predicted_us_rest=rest_us, predicted_us_rest_source=(
+            "the original model's measured time less its layers' predicted dense time"))
     rest_dense = rest_us or 0.0
-    e2e_speedup = _ratio(dense_total + rest_dense, chosen_total - stacked_us + rest_dense - fused_us)
+    end_to_end["predicted_speedup"] = _ratio(dense_total + rest_dense, chosen_total - stacked_us + rest_dense - fused_us)
+    if kept_dense_speedup is not None:
+        end_to_end["kept_dense_measured_speedup"] = kept_dense_speedup
+    end_to_end.update(checked.end_to_end)
     from sparsec import __version__
 
     return {
@@ -587,7 +705,7 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
         "entry": frontend.entry,
         "device": frontend.device_name(),
         "fingerprint": {"name": fingerprint.name, "device": fingerprint.device.get("name"), "hash": fingerprint.hash},
-        "error_budget": options.error_budget,
+        "error_budget": options.error_budget if budget is None else budget,
         "mode": options.mode,
         "layers": rows,
         "skipped": [{"name": s.name, "op": s.op, "reason": s.reason, "graph": frontend.graph} for s in skipped],
@@ -597,18 +715,11 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
             "predicted_us_dense": _num(dense_total),
             "predicted_us": _num(chosen_total),
             "predicted_speedup": _num(speedup),
-            "measured_speedup": None,
+            "measured_speedup": _ratio(sum(l.measured_us_dense for l in timed), sum(l.measured_us for l in timed)),
         },
-        "end_to_end": {
-            "measured_error": _num(e2e.measured_error),
-            "heldout_error": _num(e2e.heldout_error),
-            "predicted_speedup": _num(e2e_speedup),
-            "predicted_us_rest": _num(rest_us),
-            "predicted_us_fused": _num(fused_us) if rest_us is not None else None,
-            "predicted_us_stacked": _num(stacked_us),
-            "measured_speedup": None,
-        },
+        "end_to_end": end_to_end,
         "warnings": [],
+        **frontend.describe(),
     }
 
 

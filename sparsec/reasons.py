@@ -33,6 +33,8 @@ def candidate_rejections(layer: Layer, options, fingerprint) -> None:
 def layer_reason(layer: Layer, options, fingerprint) -> str:
     chosen = layer.chosen or layer.dense
     M, fp = max(layer.tokens, 1), fingerprint.name
+    if layer.kept_dense:
+        return layer.kept_dense
     if layer.forced_by is not None:
         if chosen.is_dense and layer.requested != "dense":
             refused = next((c.rejected_because for c in layer.candidates if c.fmt == layer.requested), None)

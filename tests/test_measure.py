@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import sparsec
 from sparsec import measure
+from sparsec.passes.fx_frontend import FxFrontend
 
 
 def test_an_all_dense_plan_is_not_compiled_a_second_time_to_time_dense(scenario_fp, monkeypatch):
@@ -15,7 +16,7 @@ def test_an_all_dense_plan_is_not_compiled_a_second_time_to_time_dense(scenario_
     def no_twin(*args):
         raise AssertionError("a dense twin was compiled for a graph with nothing rewritten")
 
-    monkeypatch.setattr(measure, "_dense_callable", no_twin)
+    monkeypatch.setattr(FxFrontend, "original", no_twin)
     torch.manual_seed(13)
     model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128))  # random: nothing fits 0.1%
     result = sparsec.optimize(model, (torch.randn(32, 128),), fingerprint=scenario_fp(), error_budget=0.001,
@@ -27,13 +28,14 @@ def test_an_all_dense_plan_is_not_compiled_a_second_time_to_time_dense(scenario_
 
 def test_a_rewritten_graph_is_timed_against_its_dense_self(scenario_fp, monkeypatch):
     twins = []
-    real = measure._dense_callable
+    real = FxFrontend.original
 
-    def counted(*args):
+    def counted(self):
         twins.append(1)
-        return real(*args)
+        return real(self)
 
-    monkeypatch.setattr(measure, "_dense_callable", counted)
+    monkeypatch.setattr(FxFrontend, "original", counted)
+    monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (20.0, 10.0))
     # the layer's own timing decides whether the rewrite stays; fixed here so that what is under
     # test (the graph timed against its dense twin) does not hang on this machine's speed
     monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
@@ -46,4 +48,24 @@ def test_a_rewritten_graph_is_timed_against_its_dense_self(scenario_fp, monkeypa
     assert result.report.layers[0]["format"].startswith("lowrank:")
     assert twins == [1]
     e2e = result.report.end_to_end
-    assert e2e["measured_speedup"] == pytest.approx(e2e["measured_us_dense"] / e2e["measured_us"])
+    assert e2e["measured_speedup"] == pytest.approx(2.0) and e2e["measured_us_dense"] == 20.0
+
+
+def test_a_rewritten_graph_that_times_slower_end_to_end_runs_dense_saying_why(scenario_fp, monkeypatch):
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
+    monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (10.0, 20.0))
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 8)  # exactly rank 8
+    x = torch.randn(256, 256)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"],
+                              measure=True)
+    layer = result.report.layers[0]
+    assert layer["format"] == "dense" and "was planned, but the rewritten model measured 0.50x" in layer["reason"]
+    assert result.plan.layers == {layer["name"]: "dense"}
+    assert any("measured 0.50x of the original end to end, slower" in w for w in result.report.warnings)
+    e2e = result.report.end_to_end
+    assert e2e["kept_dense_measured_speedup"] == 0.5 and e2e["measured_error"] == 0.0
+    with torch.no_grad():
+        assert torch.equal(result.module(x), model(x))  # the dense graph, exactly

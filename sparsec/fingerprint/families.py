@@ -103,7 +103,7 @@ class _Compressed:
     the op's dispatch."""
 
     def __init__(self, compressed: torch.Tensor, n_out: int):
-        from sparsec.codegen.twofour import cslt_matmul
+        from sparsec.codegen.twofour_cslt import cslt_matmul
 
         self.compressed, self.n_out, self.matmul = compressed, n_out, cslt_matmul
         self.nbytes = compressed.numel() * compressed.element_size()

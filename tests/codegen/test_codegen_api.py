@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import sparsec.codegen  # noqa: F401  (registers torch.ops.sparsec)
 from sparsec.codegen import PackedLinear, check, linear, pack
-from sparsec.codegen.twofour import crossover_from_timings
+from sparsec.codegen.twofour_cslt import crossover_from_timings
 from sparsec.errors import SparsecError
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sparsec.codegen import twofour
+from sparsec.codegen import twofour_cslt
 
 
 def test_fastest_takes_the_lower_median_and_alternates_the_order():
@@ -19,7 +19,7 @@ def test_fastest_takes_the_lower_median_and_alternates_the_order():
         return next(samples[seen[-1]])
 
     calls = {0: lambda: 0, 1: lambda: 1}
-    assert twofour.fastest(calls, timer, 4) == 0
+    assert twofour_cslt.fastest(calls, timer, 4) == 0
     assert seen == [0, 1, 1, 0, 0, 1, 1, 0]  # neither id always runs first, on a cooler device
 
 
@@ -28,17 +28,17 @@ def test_fastest_drops_an_id_the_library_refuses_and_gives_none_when_all_are():
         raise RuntimeError("CUDA error: invalid value")
 
     timer = lambda call: float(call())  # noqa: E731
-    assert twofour.fastest({0: refused, 1: lambda: 5}, timer, 3) == 1
-    assert twofour.fastest({0: refused, 1: refused}, timer, 3) is None
+    assert twofour_cslt.fastest({0: refused, 1: lambda: 5}, timer, 3) == 1
+    assert twofour_cslt.fastest({0: refused, 1: refused}, timer, 3) is None
 
 
 def test_fastest_breaks_a_tie_by_the_order_given():
-    assert twofour.fastest({1: lambda: 1, 0: lambda: 0}, lambda call: 7.0, 2) == 1
+    assert twofour_cslt.fastest({1: lambda: 1, 0: lambda: 0}, lambda call: 7.0, 2) == 1
 
 
 @pytest.fixture
 def fresh_ids(monkeypatch):
-    monkeypatch.setattr(twofour, "_ALG_IDS", {})
+    monkeypatch.setattr(twofour_cslt, "_ALG_IDS", {})
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
 
 
@@ -49,15 +49,15 @@ def test_a_shape_is_timed_on_its_first_call_only_and_a_recorded_id_is_never_time
         timed.append(sorted(calls))
         return 0
 
-    monkeypatch.setattr(twofour, "fastest", fake_fastest)
-    monkeypatch.setattr(twofour, "_cuda_round_timer", lambda device: None)
+    monkeypatch.setattr(twofour_cslt, "fastest", fake_fastest)
+    monkeypatch.setattr(twofour_cslt, "_cuda_round_timer", lambda device: None)
     key = (4096, 14336, 2048, torch.bfloat16)
     x = torch.empty(14336, 2048)
-    assert twofour._cslt_alg(key, None, x) == 0   # timed: 0, against default_cslt_alg's 1 here
-    assert twofour._cslt_alg(key, None, x) == 0
-    assert timed == [list(twofour.CSLT_TUNED_ALGS)]
-    twofour.set_cslt_algorithm(28672, 4096, 2045, torch.bfloat16, 1)  # M padded to 2048 as calls pad it
-    assert twofour._cslt_alg((28672, 4096, 2048, torch.bfloat16), None, x) == 1
+    assert twofour_cslt._cslt_alg(key, None, x) == 0   # timed: 0, against default_cslt_alg's 1 here
+    assert twofour_cslt._cslt_alg(key, None, x) == 0
+    assert timed == [list(twofour_cslt.CSLT_TUNED_ALGS)]
+    twofour_cslt.set_cslt_algorithm(28672, 4096, 2045, torch.bfloat16, 1)  # M padded to 2048 as calls pad it
+    assert twofour_cslt._cslt_alg((28672, 4096, 2048, torch.bfloat16), None, x) == 1
     assert len(timed) == 1
 
 
@@ -65,8 +65,8 @@ def test_a_shape_is_timed_on_its_first_call_only_and_a_recorded_id_is_never_time
 def test_nothing_is_timed_during_graph_capture_or_when_switched_off(fresh_ids, monkeypatch, capturing, switch):
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing)
     monkeypatch.setenv("SPARSEC_CSLT_TUNE", switch)
-    monkeypatch.setattr(twofour, "fastest", lambda *a: pytest.fail("timed where it must not"))
+    monkeypatch.setattr(twofour_cslt, "fastest", lambda *a: pytest.fail("timed where it must not"))
     for m in (1024, 2048):
         key = (4096, 4096, m, torch.bfloat16)
-        assert twofour._cslt_alg(key, None, None) == twofour.default_cslt_alg(m)
-    assert twofour._ALG_IDS == {}  # a default is not recorded: the next uncaptured call still times
+        assert twofour_cslt._cslt_alg(key, None, None) == twofour_cslt.default_cslt_alg(m)
+    assert twofour_cslt._ALG_IDS == {}  # a default is not recorded: the next uncaptured call still times

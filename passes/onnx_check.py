@@ -1,0 +1,80 @@
+"""The ONNX front-end's check of a lowered model: run in onnxruntime with the model's own provider,
+its error against the original on the calibration (and held-out) data, and its time against the
+original in the same process. What it finds goes into the report; a model onnxruntime cannot
+load or run is refused, so nothing is written."""
+
+from __future__ import annotations
+
+import onnx
+
+from sparsec.errors import ModelError
+
+TIMING_BUDGET_S = 1.0
+# The written model's error may exceed the planned one by float rounding of the factors alone.
+LOWERED_ERROR_SLACK = 1.05
+
+
+def check_lowered(frontend, lowered: onnx.ModelProto, layers, options):
+    """``Frontend.check`` for ONNX: see the module doc."""
+    from sparsec.passes.onnx_model import session
+    from sparsec.pipeline import Check
+
+    if not any(l.chosen is not None and not l.chosen.is_dense for l in layers):
+        return Check(end_to_end={"note": "nothing was rewritten: the written model computes exactly what the input does"})
+    try:
+        new = session(lowered, frontend.provider, frontend.threads)
+    except ModelError as exc:
+        raise ModelError(f"onnxruntime cannot load the rewritten model, so it was not written: "
+                         f"{str(exc).split(': ', 1)[-1]}") from None
+    calib, held = lowered_errors(frontend, new)
+    budget = options.error_budget
+    warnings = []
+    if calib > budget * LOWERED_ERROR_SLACK:
+        warnings.append(f"the written model's error on the calibration data is {calib:.3%}, over the "
+                        f"{budget:.3%} budget the plan met with dense approximations")
+    if held is not None and held > budget:
+        warnings.append(
+            f"the error on held-out data is {held:.3%}, over the {budget:.3%} budget met on the "
+            "calibration data: the plan fits the calibration data better than other inputs; calibrate on more "
+            "(and more varied) samples, or lower --error-budget")
+    original = session(frontend.model, frontend.provider, frontend.threads)
+    timing = time_end_to_end(original, new, frontend.calibration.runs[0], frontend.provider, frontend.threads)
+    checked = Check(measured_error=calib, heldout_error=held, measured_us_dense=timing.us[0], measured_us=timing.us[1],
+                    timing=timing.describe(), warnings=warnings)
+    if checked.speedup < 1.0 and not options.measure:
+        checked.alarm = (
+            f"SLOWER: the rewritten model measured {checked.speedup:.2f}x of the original end to end "
+            "(predicted {predicted}); it was written as asked, but the original is faster here: keep it, or rerun with --measure to write the original "
+            "unchanged")
+    return checked
+
+
+def lowered_errors(frontend, new_session) -> tuple[float, float | None]:
+    """The written model's output error against the original's (worst output), on both data sets."""
+    from sparsec.output_error import OutputError
+
+    names = [o.name for o in new_session.get_outputs()]
+
+    def error(runs, refs) -> float:
+        total = OutputError()
+        for feed, ref in zip(runs, refs):
+            try:
+                outs = new_session.run(names, feed)
+            except Exception as exc:  # onnxruntime's own exception types
+                raise ModelError(f"onnxruntime cannot run the rewritten model, so it was not written: "
+                                 f"{str(exc).strip().splitlines()[0]}") from None
+            total.add(frontend.float_outputs(outs), ref)
+        return total.value()
+
+    calib = error(frontend.calibration.runs, frontend.references())
+    held = frontend.heldout
+    heldout = error(held.runs, frontend.references(heldout=True)) if held is not None else None
+    return calib, heldout
+
+
+def time_end_to_end(original, new, feed: dict, provider: str, threads: int | None):
+    """Both models, interleaved in one process (``onnx_timing.interleaved``)."""
+    from sparsec.passes.onnx_timing import clock_for, interleaved
+
+    return interleaved([lambda: original.run(None, feed), lambda: new.run(None, feed)], budget_s=TIMING_BUDGET_S,
+                       min_rounds=10, max_rounds=200, round_s=0.01, clock=clock_for(provider, threads))
