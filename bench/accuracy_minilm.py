@@ -1,7 +1,7 @@
 """all-MiniLM-L6-v2 on real sentences: layer reconstruction error of every method, and the planner
 at four error budgets. Runs on CPU; produces the numbers of docs/accuracy.md.
 
-    python bench/accuracy_minilm.py --fingerprint h200 --out bench/results/accuracy_minilm_h200.json
+    python bench/accuracy_minilm.py --fingerprint h200 --out bench/results/accuracy-minilm/accuracy_minilm_h200.json
 
 Part 1 (``--layers``): for each of the model's linear layers, the relative output error
 ||(W - W_hat) X^T|| / ||W X^T + b|| on the calibration sentences and on held-out sentences, for

@@ -359,7 +359,7 @@ def spend_first_capture() -> None:
     The first CUDA graph recorded in a process replays faster than every later one: on an H200
     (torch 2.11, CUDA 13.0), the same inductor graph of the MLP stack at M = 1 measured 385-386 µs
     as the process's first capture, whichever backend built it, and 394-396 µs when recorded after
-    any other, a tiny one included (``bench/check_dense_path.py``; its copies ran as kernel nodes in
+    any other, a tiny one included (docs/history.md, seventh run; its copies ran as kernel nodes in
     the first and as ``Memcpy DtoD`` nodes after). Without this, whichever configuration records first
     (the inductor baseline) would carry that advantage into every ratio.
     """

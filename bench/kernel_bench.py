@@ -28,7 +28,6 @@ import datetime as _dt
 import json
 import math
 import os
-import statistics
 import sys
 import time
 
@@ -124,57 +123,19 @@ def _sync(device):
 
 
 def time_calls(calls, device, replays: int) -> float:
-    """Median microseconds per call; on CUDA all calls are captured in one graph and replayed."""
-    for c in calls:  # warm-up: compile, autotune, cuSPARSELt compression
-        c()
-    _sync(device)
-    if device.type != "cuda":
-        t0 = time.perf_counter()
-        for c in calls:
-            c()
-        return (time.perf_counter() - t0) / len(calls) * 1e6
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        for c in calls:
-            c()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    _sync(device)
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1e3 / len(calls))
-    del graph
-    return statistics.median(times)
+    """Median microseconds per call over ``replays`` replays of one CUDA graph making every call
+    once, after a warm-up pass (compile, autotune, cuSPARSELt compression): sparsec's ``Clock``."""
+    from sparsec.fingerprint.timing import Clock, TimingPolicy
+
+    return Clock(device, TimingPolicy()).replays(calls, replays)
 
 
-def sustained_replay_us(graph, seconds: float) -> float:
-    """Microseconds per replay of ``graph`` over ``seconds`` of back-to-back replays: the clock a
-    long run settles at (the device at its power limit), where ``time_calls``' synchronised
-    replays let the device rest between them."""
-    graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    graph.replay()
-    end.record()
-    end.synchronize()
-    n = max(3, int(seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))
-    start.record()
-    for _ in range(n):
-        graph.replay()
-    end.record()
-    end.synchronize()
-    return start.elapsed_time(end) * 1e3 / n
+def sustained_us(calls, seconds: float) -> float:
+    """Microseconds per call over ``seconds`` of back-to-back replays of one CUDA graph of ``calls``:
+    the clock a long run settles at (the device at its power limit)."""
+    from sparsec.fingerprint.timing import Clock, TimingPolicy
+
+    return Clock(torch.device("cuda"), TimingPolicy()).sustained(calls, seconds)
 
 
 def measure_copy_bandwidth(device, smoke: bool) -> float:

@@ -34,7 +34,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernel_bench import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, sustained_replay_us, time_calls, _write  # noqa: E402
+from kernel_bench import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err, sustained_us, time_calls, _write  # noqa: E402
 
 from sparsec.codegen import Packed, block, twofour  # noqa: E402
 
@@ -171,17 +171,6 @@ def config_sweep(device, budget_s: float, tokens=(1,)) -> list[dict]:
 
 
 SUSTAIN_S = 0.0  # --cslt-sustain-s
-
-
-def sustained_us(calls, seconds: float) -> float:
-    """Microseconds per call over ``seconds`` of back-to-back replays of ``calls`` in one graph."""
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    us = sustained_replay_us(graph, seconds) / len(calls)
-    del graph
-    return us
 
 
 def cslt_child(alg: int, out: str, shapes, tokens, split_ks=None) -> None:

@@ -156,7 +156,7 @@ def _gemv_configs():
     # Pipelined: on an H200 at M = 1 these won on all three benchmark shapes (docs/benchmarks.md),
     # few blocks per step with several steps in flight; listed first so the interpreter runs one.
     # (8, 2, 1, 4), (4, 4, 1, 2) and (4, 2, 1, 2) came first, third and fourth of 62 on the gated
-    # gate/up launch (28672 x 4096 stacked, M = 1, bench/check_epilogue.py --sweep-s).
+    # gate/up launch (28672 x 4096 stacked, M = 1, docs/history.md, the fused-epilogue sweeps).
     for bn, bj, w, s in ((4, 2, 1, 4), (8, 2, 1, 4), (4, 4, 1, 2), (4, 2, 1, 2), (8, 2, 2, 4), (2, 4, 1, 3),
                          (4, 4, 2, 3), (8, 4, 4, 3), (16, 4, 4, 3), (4, 2, 1, 6), (2, 2, 1, 6), (4, 1, 1, 8),
                          (8, 2, 2, 6), (2, 4, 1, 5), (16, 2, 4, 4), (1, 8, 1, 3), (1, 4, 1, 4)):

@@ -56,7 +56,7 @@ DEFAULT_CROSSOVER_M = 1024
 GEMV_MAX_M = 1
 GEMV_BLOCK_M = 16
 # The expansion kernel reads metadata as int32 words where K is a multiple of 32 (False: bytes).
-# On an H200 (bf16, M = 2 and 16, bench/check_twofour_dot.py) words took from 1% more to 12%
+# On an H200 (bf16, M = 2 and 16, docs/history.md) words took from 1% more to 12%
 # less time than bytes on the Llama-3-8B shapes; one int16 word per group took 2-3x as long.
 DOT_META_WORDS = True
 # The word kernel reads each weight byte once: its loads ask the cache to evict them first, so
@@ -303,7 +303,7 @@ def _tma_block_shapes(nargs) -> None:
 def _words_configs():
     out = []
     # Through the tensor-memory engine, pipelined (listed first, so the interpreter checks one).
-    # On an H200 at M = 1 (bench/check_epilogue.py --sweep-words-s) (16, 8, 2, 3) was fastest on
+    # On an H200 at M = 1 (docs/history.md, the fused-epilogue sweeps) (16, 8, 2, 3) was fastest on
     # the gated 28672 x 4096 launch (35.3 us) and (8, 16, 2, 4) on the residual 4096 x 14336 one
     # (21.0 us), each 10% ahead of the best pointer configuration in the same sweep.
     for bn, bj, w, s in ((16, 8, 2, 3), (8, 16, 2, 4), (16, 16, 8, 3), (8, 8, 2, 4), (16, 8, 4, 6), (16, 8, 2, 4),

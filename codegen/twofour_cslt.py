@@ -85,21 +85,14 @@ def fastest(calls: dict, timer, rounds: int, times: dict | None = None):
 
 
 def _cuda_round_timer(device):
-    """Microseconds per call over about CSLT_TUNE_ROUND_S of back-to-back calls."""
+    """Microseconds per call over about CSLT_TUNE_ROUND_S of back-to-back calls (sparsec's ``Clock``)."""
+    from sparsec.fingerprint.timing import Clock, TimingPolicy
+
+    clock = Clock(torch.device(device), TimingPolicy(repeats=1, min_repeats=1, warmup=1, min_sample_s=CSLT_TUNE_ROUND_S,
+                                                     point_budget_s=0.0, max_inner=1 << 20))
+
     def timer(call) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        with torch.cuda.device(device):
-            start.record()
-            call()
-            end.record()
-            end.synchronize()
-            n = max(2, int(CSLT_TUNE_ROUND_S * 1e3 / max(start.elapsed_time(end), 1e-3)))
-            start.record()
-            for _ in range(n):
-                call()
-            end.record()
-            end.synchronize()
-        return start.elapsed_time(end) * 1e3 / n
+        return clock.eager([call], clock.warm([call]))
 
     return timer
 

@@ -74,7 +74,8 @@ def lowered_errors(frontend, new_session) -> tuple[float, float | None]:
 
 def time_end_to_end(original, new, feed: dict, provider: str, threads: int | None):
     """Both models, interleaved in one process (``onnx_timing.interleaved``)."""
-    from sparsec.passes.onnx_timing import clock_for, interleaved
+    from sparsec.fingerprint.timing import interleaved
+    from sparsec.passes.onnx_timing import clock_for
 
     return interleaved([lambda: original.run(None, feed), lambda: new.run(None, feed)], budget_s=TIMING_BUDGET_S,
                        min_rounds=10, max_rounds=200, round_s=0.01, clock=clock_for(provider, threads))

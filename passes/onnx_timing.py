@@ -1,4 +1,5 @@
-"""Timing onnxruntime sessions fairly on a busy machine.
+"""Timing onnxruntime sessions fairly on a busy machine, with sparsec's one timer
+(``sparsec.fingerprint.timing.interleaved``).
 
 Several runnables (sessions with their feeds) are timed in interleaved *rounds*: each round runs
 every runnable ``inner`` times back to back, so a burst of load from elsewhere hits all of them
@@ -17,60 +18,7 @@ no longer inflates the figures; with an idle core the two agree (checked on this
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from typing import Callable, Sequence
-
-Run = Callable[[], object]
-CLOCKS = {"wall": (time.perf_counter, "time.perf_counter (wall time)"),
-          "thread": (time.thread_time, "time.thread_time (CPU time of the thread running onnxruntime)")}
-
-
-@dataclass
-class Timing:
-    us: list[float]  # per runnable: min over rounds of the mean microseconds per run
-    rounds: int
-    inner: int
-    clock: str = "wall"
-
-    def speedup(self, i: int = 1) -> float:
-        """time(runnable 0) / time(runnable i), both as minima over rounds."""
-        return self.us[0] / self.us[i]
-
-    def describe(self) -> str:
-        return (f"min over {self.rounds} interleaved rounds of the mean of {self.inner} back-to-back runs, "
-                f"timed with {CLOCKS[self.clock][1]} (speed-up: ratio of those minima)")
-
-
-def interleaved(runs: Sequence[Run], *, budget_s: float = 2.0, min_rounds: int = 5, max_rounds: int = 50,
-                round_s: float = 0.02, warmup: int = 2, clock: str = "wall") -> Timing:
-    """Time ``runs`` in interleaved rounds within about ``budget_s`` (never fewer than ``min_rounds``).
-
-    ``budget_s`` and ``round_s`` are in the chosen clock's seconds."""
-    now = CLOCKS[clock][0]
-    for _ in range(warmup):
-        for run in runs:
-            run()
-    single = []
-    for run in runs:
-        best = float("inf")
-        for _ in range(3):
-            t0 = now()
-            run()
-            best = min(best, now() - t0)
-        single.append(best)
-    slowest = max(max(single), 1e-7)
-    inner = max(1, int(round_s / slowest))
-    per_round = sum(single) * inner
-    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
-    means: list[list[float]] = [[] for _ in runs]
-    for _ in range(rounds):
-        for i, run in enumerate(runs):
-            t0 = now()
-            for _ in range(inner):
-                run()
-            means[i].append((now() - t0) / inner * 1e6)
-    return Timing(us=[min(m) for m in means], rounds=rounds, inner=inner, clock=clock)
+from sparsec.fingerprint.timing import interleaved
 
 
 def clock_for(provider: str, threads: int | None) -> str:

@@ -119,7 +119,7 @@ def test_measure_with_onnxruntime_keeps_what_times_faster(planted, monkeypatch):
 def test_a_rewritten_model_that_measures_slower_is_said_loudly_or_with_measure_not_written(planted, monkeypatch,
                                                                                              capsys):
     from sparsec.passes import onnx_check
-    from sparsec.passes.onnx_timing import Timing
+    from sparsec.fingerprint.timing import Timing
 
     monkeypatch.setattr(onnx_check, "time_end_to_end", lambda *args: Timing(us=[99.0, 100.0], rounds=1, inner=1))
     rc, out, report = run_planted(planted, "slow")

@@ -46,7 +46,8 @@ from sparsec.formats import FormatSpec
 from sparsec.passes.onnx_emit import Emitter
 from sparsec.passes.onnx_forms import emit_product, form_of, random_factors
 from sparsec.passes.onnx_model import MIN_OPSET, session
-from sparsec.passes.onnx_timing import CLOCKS, clock_for, interleaved
+from sparsec.fingerprint.timing import HOST_CLOCKS, interleaved
+from sparsec.passes.onnx_timing import clock_for
 
 SCHEMA = "sparsec.fingerprint/1"
 THREADS_KEY = "intra_op_num_threads"  # in the grid block: the session setting measured
@@ -186,7 +187,7 @@ def new_document(name: str, provider: str, grid: OrtGrid) -> dict:
                     "graph": "onnxruntime has no CUDA-graph replay mode here; eager only"},
         "grid": grid.describe(),
         "method": {"repeats": grid.min_rounds, "warmup": 2,
-                   "timer": CLOCKS[clock_for(provider, grid.threads)][1] + " around session.run",
+                   "timer": HOST_CLOCKS[clock_for(provider, grid.threads)][1] + " around session.run",
                    "statistic": (f"per point: min over >= {grid.min_rounds} interleaved rounds of the mean "
                                  "session.run time of a graph of copies of the subgraph, minus that of a "
                                  "pass-through graph, divided by the copies"),

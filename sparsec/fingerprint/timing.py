@@ -1,4 +1,6 @@
-"""Timing a kernel the way a model runs it: back to back, on rotated buffers, eager or graph-replayed.
+"""The one timer of sparsec and its benchmarks: a kernel timed the way a model runs it (back to
+back, on rotated buffers, eager or graph-replayed: ``Clock``), and host-side runs such as
+onnxruntime sessions timed in interleaved rounds (``interleaved``).
 
 A measurement is given a list of calls, each running the same layer on its own input and weight
 copy, so that cycling through them touches more memory than the last-level cache holds (a small
@@ -26,7 +28,8 @@ from typing import Callable, Sequence
 
 import torch
 
-__all__ = ["TimingPolicy", "Clock", "rotation_count", "quick_autotune", "QUICK_AUTOTUNE"]
+__all__ = ["TimingPolicy", "Clock", "rotation_count", "quick_autotune", "QUICK_AUTOTUNE", "Timing", "interleaved",
+           "HOST_CLOCKS"]
 
 # Triton benchmarks every autotuning config for 25 ms + 100 ms by default; over a grid of
 # thousands of (shape, M) keys that alone would take an hour. During a measurement each config
@@ -176,3 +179,97 @@ class Clock:
             return self.policy.reduce(times) * 1e6
         finally:
             del g
+
+    def replays(self, calls: Sequence[Call], replays: int) -> float:
+        """Median microseconds per call over ``replays`` replays of one CUDA graph that makes every
+        call once (eager batches of one pass on a CPU), after one warm-up pass."""
+        policy = TimingPolicy(repeats=replays, min_repeats=replays, warmup=1, min_sample_s=0.0,
+                              point_budget_s=1e9, max_inner=len(calls), statistic=self.policy.statistic)
+        clock = Clock(self.device, policy)
+        single = clock.warm(calls)
+        return clock.graph(calls, single) if self.cuda else clock.eager(calls, single)
+
+    def sustained(self, calls: Sequence[Call], seconds: float) -> float:
+        """Microseconds per call over ``seconds`` of back-to-back replays of one CUDA graph of
+        ``calls``: the clock a long run settles at (the device at its power limit), where short
+        synchronised replays let it rest between them."""
+        if not self.cuda:
+            raise RuntimeError("sustained replay needs a CUDA device")
+        for c in calls:
+            c()
+        self.sync()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            for c in calls:
+                c()
+        try:
+            g.replay()
+            self.sync()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            g.replay()
+            end.record()
+            end.synchronize()
+            n = max(3, int(seconds * 1e3 / max(start.elapsed_time(end), 1e-3)))
+            start.record()
+            for _ in range(n):
+                g.replay()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) * 1e3 / n / len(calls)
+        finally:
+            del g
+
+
+# -- host-side runs (onnxruntime sessions) ------------------------------------------------------
+
+HOST_CLOCKS = {"wall": (time.perf_counter, "time.perf_counter (wall time)"),
+               "thread": (time.thread_time, "time.thread_time (CPU time of the thread running onnxruntime)")}
+
+
+@dataclass
+class Timing:
+    us: list[float]  # per runnable: min over rounds of the mean microseconds per run
+    rounds: int
+    inner: int
+    clock: str = "wall"
+
+    def speedup(self, i: int = 1) -> float:
+        """time(runnable 0) / time(runnable i), both as minima over rounds."""
+        return self.us[0] / self.us[i]
+
+    def describe(self) -> str:
+        return (f"min over {self.rounds} interleaved rounds of the mean of {self.inner} back-to-back runs, "
+                f"timed with {HOST_CLOCKS[self.clock][1]} (speed-up: ratio of those minima)")
+
+
+def interleaved(runs: Sequence[Call], *, budget_s: float = 2.0, min_rounds: int = 5, max_rounds: int = 50,
+                round_s: float = 0.02, warmup: int = 2, clock: str = "wall") -> Timing:
+    """Time host-side ``runs`` in interleaved rounds within about ``budget_s`` (never fewer than
+    ``min_rounds``), so that a machine's drift and its neighbours' load fall on all of them alike.
+
+    ``budget_s`` and ``round_s`` are in the chosen clock's seconds."""
+    now = HOST_CLOCKS[clock][0]
+    for _ in range(warmup):
+        for run in runs:
+            run()
+    single = []
+    for run in runs:
+        best = float("inf")
+        for _ in range(3):
+            t0 = now()
+            run()
+            best = min(best, now() - t0)
+        single.append(best)
+    slowest = max(max(single), 1e-7)
+    inner = max(1, int(round_s / slowest))
+    per_round = sum(single) * inner
+    rounds = max(min_rounds, min(max_rounds, int(budget_s / max(per_round, 1e-9))))
+    means: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            t0 = now()
+            for _ in range(inner):
+                run()
+            means[i].append((now() - t0) / inner * 1e6)
+    return Timing(us=[min(m) for m in means], rounds=rounds, inner=inner, clock=clock)

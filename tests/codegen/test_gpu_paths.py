@@ -1,0 +1,92 @@
+"""Paths that exist only on a CUDA device: cuSPARSELt's 2:4 product, and autograd through models
+compiled with the sparsec backend in bf16 (fused epilogues included). Skipped without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from sparsec.codegen import linear, pack
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+# relative L2 error against float64: bf16 keeps 8 mantissa bits (a few 1e-3 per product, two
+# layers and their transposes for gradients), fp16 11
+REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
+
+
+def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(y).all():
+        return float("inf")
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 13, 2051])
+@pytest.mark.parametrize("layout", ["row", "col"])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cusparselt_matches_float64(dtype, M, layout, with_bias):
+    """Padded and unpadded token counts, row- and column-major inputs, with and without bias."""
+    from sparsec.codegen.twofour_cslt import cslt_reason
+
+    why = cslt_reason(768, 1024, dtype, "cuda")
+    if why:
+        pytest.skip(why)
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    p = pack("2:4", torch.randn(768, 1024, generator=gen, device="cuda").to(dtype))
+    x = torch.randn(M, 1024, generator=gen, device="cuda").to(dtype)
+    if layout == "col":
+        x = x.t().contiguous().t()
+    bias = torch.randn(768, generator=gen, device="cuda").to(dtype) if with_bias else None
+    y = linear(x, p, bias, impl="cusparselt")
+    ref = x.double() @ p.to_dense().double().t() + (0 if bias is None else bias.double())
+    assert y.shape == ref.shape and rel_err(y, ref) <= REL_TOL[dtype]
+
+
+def planted(fmt: str, N: int, K: int, gen) -> torch.Tensor:
+    """A weight with exactly the format's structure, so the forced rewrite is lossless."""
+    if fmt.startswith("lowrank"):
+        r = int(fmt.split(":")[1])
+        return (torch.randn(N, r, generator=gen, device="cuda") @ torch.randn(r, K, generator=gen, device="cuda")) / K
+    return pack(fmt, torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to_dense()
+
+
+class GatedResidual(nn.Module):
+    """x + down(silu(gate(x)) * up(x)): at a few tokens the lowering folds the SiLU-gate and the
+    residual into the launches (codegen/epilogue.py), so their gradient is checked too."""
+
+    def __init__(self, d: int = 1024, h: int = 2048):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(d, h), nn.Linear(d, h), nn.Linear(h, d)
+
+    def forward(self, x):
+        return x + self.down(nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+@pytest.mark.parametrize("kind, fmt, M", [("mlp", f, M) for f in ("2:4", "block:64:0.25", "lowrank:256")
+                                          for M in (1, 64, 2048)]
+                         + [("gated", "2:4", 1), ("gated", "block:64:0.25", 1), ("gated", "block:64:0.25", 4)])
+def test_input_gradients_through_rewritten_layers_match_dense(kind, fmt, M):
+    torch._dynamo.reset()  # each case its own compile: many instances of one class pass Dynamo's limit
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(1024, 2048), nn.SiLU(), nn.Linear(2048, 1024)).cuda().bfloat16()
+        layers = [model[0], model[2]]
+    else:
+        model = GatedResidual().cuda().bfloat16()
+        layers = [model.gate, model.up, model.down]
+    with torch.no_grad():
+        for lin in layers:
+            lin.weight.copy_(planted(fmt, lin.out_features, lin.in_features, gen))
+    compiled = torch.compile(model, backend="sparsec", options={"plan": {"layers": {"_default": fmt}}, "strict": True})
+    x = torch.randn(M, 1024, generator=gen, device="cuda").bfloat16().requires_grad_()
+    y = compiled(x)
+    g = torch.randn_like(y)
+    (y.float() * g.float()).sum().backward()
+    assert all(lin.weight.grad is None for lin in layers)  # the rewritten weights are frozen
+    got, x.grad = x.grad.clone(), None
+    ref_y = model(x)
+    (ref_y.float() * g.float()).sum().backward()
+    assert rel_err(y, ref_y) <= REL_TOL[torch.bfloat16]
+    assert rel_err(got, x.grad) <= REL_TOL[torch.bfloat16]
