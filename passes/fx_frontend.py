@@ -10,7 +10,8 @@ import torch.fx as fx
 from sparsec.candidates import Layer
 from sparsec.launches import LaunchGroup
 from sparsec.passes import capture_fx, rewrite_fx
-from sparsec.passes.interpret_fx import SiteInterpreter, empty_stats, flatten_outputs, relative_l2
+from sparsec.output_error import output_error
+from sparsec.passes.interpret_fx import SiteInterpreter, empty_stats, flatten_outputs
 from sparsec.progress import advance_current
 from sparsec.sites import Site, SiteStats, Skipped
 
@@ -30,8 +31,14 @@ class FxFrontend:
 
     def __init__(self, gm: fx.GraphModule, example_inputs, calibration: list[list], heldout: list[list] | None = None,
                  *, graph: int = 0, entry: str = "torch.compile", mode: str = "default",
-                 warnings: list[str] | None = None, earlier_names: set[str] | frozenset = frozenset()):
+                 warnings: list[str] | None = None, earlier_names: set[str] | frozenset = frozenset(),
+                 metric=None, output=None):
         self.gm = gm
+        self.metric = metric  # sparsec.metrics.Metric (None: rel_l2)
+        # which float output the metric reads: an index, or a tensor the user's model returned under
+        # the name they gave (found among the graph's outputs on the example inputs), or None
+        self.output = output
+        self._output_index: int | None = None
         self.warnings = list(warnings or [])  # the entry's, about this graph's inputs
         self.earlier_names = earlier_names  # layers of the graphs of the same model compiled before this one
         self.example_inputs = list(example_inputs)
@@ -77,7 +84,15 @@ class FxFrontend:
                 out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, local=local).run(*args)
                 outs.append(flatten_outputs(out))
         per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in local.items()}
-        return relative_l2(outs, refs), per_layer
+        return output_error(outs, refs, self.metric, self.output_index()), per_layer
+
+    def output_index(self) -> int | None:
+        """The float output the metric reads (None: its default)."""
+        if self.output is None or isinstance(self.output, int):
+            return self.output
+        if self._output_index is None:
+            self._output_index = find_output(self.gm, self.example_inputs, self.output)
+        return self._output_index
 
     def has_heldout(self) -> bool:
         return bool(self.heldout)
@@ -261,3 +276,20 @@ def last_compile_warning(graph: int) -> str | None:
             "shape or dtype will run eagerly, dense, without sparsec. Each instance compiled with sparsec is "
             "guarded on its own weights and compiles its own graph; for many instances use sparsec.optimize(model, "
             "...), which gives every call its own entry, or raise the limit")
+
+
+def find_output(gm, example_inputs, probe: torch.Tensor) -> int:
+    """The index among ``gm``'s float outputs on ``example_inputs`` of the one equal to ``probe``
+    (what the user's model returned under the name the user gave)."""
+    from sparsec.errors import OptionError
+
+    with torch.no_grad():
+        outs = flatten_outputs(gm(*example_inputs))
+    scale = float(probe.double().abs().max()) or 1.0
+    same = [i for i, t in enumerate(outs) if tuple(t.shape) == tuple(probe.shape)
+            and float((t.double() - probe.double().to(t.device)).abs().max()) <= 1e-3 * scale]
+    if not same:
+        raise OptionError(f"the output named by option 'output' (shape {tuple(probe.shape)}) is not among this "
+                          f"graph's {len(outs)} float outputs; it may come from another subgraph: give its index "
+                          "instead")
+    return same[0]

@@ -11,7 +11,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from sparsec.output_error import relative_l2  # noqa: F401  (the front-end's error, shared with ONNX)
 from sparsec.sites import Site, SiteStats
 
 

@@ -26,15 +26,15 @@ def check_lowered(frontend, lowered: onnx.ModelProto, layers, options):
     except ModelError as exc:
         raise ModelError(f"onnxruntime cannot load the rewritten model, so it was not written: "
                          f"{str(exc).split(': ', 1)[-1]}") from None
-    calib, held = lowered_errors(frontend, new)
-    budget = options.error_budget
+    calib, held = lowered_errors(frontend, new, options.metric)
+    budget, show = options.error_budget, options.metric.show
     warnings = []
     if calib > budget * LOWERED_ERROR_SLACK:
-        warnings.append(f"the written model's error on the calibration data is {calib:.3%}, over the "
-                        f"{budget:.3%} budget the plan met with dense approximations")
+        warnings.append(f"the written model's error on the calibration data is {show(calib)}, over the "
+                        f"{show(budget)} budget the plan met with dense approximations")
     if held is not None and held > budget:
         warnings.append(
-            f"the error on held-out data is {held:.3%}, over the {budget:.3%} budget met on the "
+            f"the error on held-out data is {show(held)}, over the {show(budget)} budget met on the "
             "calibration data: the plan fits the calibration data better than other inputs; calibrate on more "
             "(and more varied) samples, or lower --error-budget")
     original = session(frontend.model, frontend.provider, frontend.threads)
@@ -49,14 +49,14 @@ def check_lowered(frontend, lowered: onnx.ModelProto, layers, options):
     return checked
 
 
-def lowered_errors(frontend, new_session) -> tuple[float, float | None]:
+def lowered_errors(frontend, new_session, metric=None) -> tuple[float, float | None]:
     """The written model's output error against the original's (worst output), on both data sets."""
     from sparsec.output_error import OutputError
 
     names = [o.name for o in new_session.get_outputs()]
 
     def error(runs, refs) -> float:
-        total = OutputError()
+        total = OutputError(metric, frontend.output_index())
         for feed, ref in zip(runs, refs):
             try:
                 outs = new_session.run(names, feed)

@@ -47,8 +47,11 @@ class OnnxFrontend:
 
     def __init__(self, loaded: LoadedModel, calibration: Feeds | None, heldout: Feeds | None = None, *,
                  provider: str = "CPUExecutionProvider", device: str = "cpu", threads: int | None = None,
-                 refuse=None, provenance: dict | None = None, executor: dict | None = None, output=None):
+                 refuse=None, provenance: dict | None = None, executor: dict | None = None, output=None,
+                 metric=None, metric_output: str | int | None = None):
         self.loaded = loaded
+        self.metric = metric  # sparsec.metrics.Metric (None: rel_l2)
+        self.metric_output = metric_output  # the graph output the metric reads: a name or an index
         self.warnings: list[str] = []  # the entry's: executor, made-up calibration data
         self.executor = executor or {}  # how onnxruntime runs the model, for the report
         self.output = output  # where the model will be written
@@ -114,11 +117,24 @@ class OnnxFrontend:
         feeds = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references
         weights = self._weights(replacements)
-        error = OutputError()
+        error = OutputError(self.metric, self.output_index())
         for feed, ref in zip(feeds.runs, refs):
             outs, _ = self._run(feed, weights)
             error.add(outs, ref)
         return error.value(), LayerErrors(self, dict(replacements), weights, feeds)
+
+    def output_index(self) -> int | None:
+        """The metric's output among the float graph outputs (None: the metric's default)."""
+        out = self.metric_output
+        if out is None or isinstance(out, int):
+            return out
+        names = [self.model.graph.output[i].name for i in self._float_outputs]
+        if out not in names:
+            from sparsec.errors import OptionError
+
+            raise OptionError(f"--metric-output names {out!r}, which is not a float output of {self.loaded.path}; its float "
+                              f"outputs: {', '.join(names) or 'none'}")
+        return names.index(out)
 
     def _weights(self, replacements: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
         out = {}

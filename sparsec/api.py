@@ -40,6 +40,8 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     if not isinstance(example_inputs, (tuple, list)):
         raise OptionError("example_inputs must be a tensor or a tuple of the model's positional arguments")
     session = Session(parse_options(options, lower=lower), entry="optimize")
+    if isinstance(session.options.output, str):
+        session.output_probe = _named_output(model, example_inputs, session.options.output)
 
     def backend(gm, inputs):
         return session.compile_graph(gm, inputs, raise_user_errors=True)
@@ -202,3 +204,20 @@ def _own_entry():
 
     code = call.__code__.replace(co_name=f"sparsec_optimized_{next(_ENTRIES)}")
     return types.FunctionType(code, call.__globals__, code.co_name)
+
+
+def _named_output(model, example_inputs, name: str) -> torch.Tensor:
+    """The float tensor ``model`` returns under ``name`` (a key of a dict or a ``ModelOutput``)."""
+    try:
+        with torch.no_grad():
+            out = model(*example_inputs)
+    except Exception as exc:  # noqa: BLE001 - the user's model failing on the user's inputs
+        _model_fails(model, example_inputs, "example_inputs", exc)
+    names = list(out.keys()) if hasattr(out, "keys") else []
+    value = out[name] if name in names else None
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        tensors = [repr(n) for n in names if isinstance(out[n], torch.Tensor) and out[n].is_floating_point()]
+        what = ", ".join(tensors) if tensors else f"none (it returns a {type(out).__name__})"
+        raise OptionError(f"option 'output' names {name!r}, but the model returns no float tensor by that name; "
+                          f"its named float outputs: {what}. Name one of them, or give the output's index")
+    return value.detach()

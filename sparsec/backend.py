@@ -41,6 +41,9 @@ class Session:
         self.traced: dict[str, dict[int, list]] = {}
         self.plan = None
         self.report = None
+        # the tensor the user's model returns under the name option 'output' gives (sparsec.optimize
+        # runs the model once to find it; a Dynamo subgraph's outputs have no names)
+        self.output_probe = None
         self._seen: set[str] = set()  # names of the layers of every graph planned so far
         # site name -> (identity of the weight it was built from, a weak reference to its packed
         # linear or None if dense): the compiled graphs own the packed layers, the session only
@@ -108,7 +111,8 @@ class Session:
             warning = (warning + "; " if warning else "") + "held-out inputs could not be matched to this subgraph's inputs"
         frontend = FxFrontend(gm, example_inputs, calibration, heldout, graph=graph, entry=self.entry,
                               mode=self.options.mode, warnings=[f"graph {graph}: {warning}"] if warning else [],
-                              earlier_names=frozenset(self._seen))
+                              earlier_names=frozenset(self._seen), metric=self.options.metric,
+                              output=self._output())
         if self.options.lower and self._built:
             with step("lower"):
                 lowered = self._lower_again(frontend)
@@ -136,6 +140,19 @@ class Session:
         log_report(outcome.report)
         return outcome.lowered
 
+    def _output(self):
+        """Which graph output the metric reads: an index, the named output's tensor, or None."""
+        output = self.options.output
+        if not isinstance(output, str):
+            return output
+        if self.output_probe is None:
+            from sparsec.errors import OptionError
+
+            raise OptionError(f"option 'output' names {output!r}, but a graph compiled by torch.compile has no output "
+                              "names: give the output's index among the graph's float outputs (0 is the first), or "
+                              "use sparsec.optimize(model, ...), which finds the name in what the model returns")
+        return self.output_probe
+
     def _lower_again(self, frontend):
         """A recompile of a graph already planned: its sites, from the same weights, are all built."""
         from sparsec.pipeline import step
@@ -162,9 +179,11 @@ class Session:
         return _holding(frontend.lower_modules(modules), modules)
 
     def _budget_left(self) -> float:
-        """The budget left after the subgraphs already planned, so the whole model stays within it."""
-        spent = sum(e ** 2 for e in self.graph_errors)
-        return math.sqrt(max(self.options.error_budget ** 2 - spent, 0.0))
+        """The budget left after the subgraphs already planned, so the whole model stays within it
+        (errors add in quadrature on the planner's scale, ``Metric.to_error``)."""
+        metric = self.options.metric
+        spent = sum(metric.to_error(e) ** 2 for e in self.graph_errors)
+        return metric.from_error(math.sqrt(max(metric.to_error(self.options.error_budget) ** 2 - spent, 0.0)))
 
     def _merge(self, outcome) -> None:
         from sparsec.plan import Plan

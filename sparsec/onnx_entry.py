@@ -49,14 +49,15 @@ class OnnxResult:
 
 def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.01, calibration=None,
                   heldout=None, formats=None, plan=None, report=None, measure: bool = False,
-                  external_data: bool | None = None, provider: str = "auto", strict: bool = False) -> OnnxResult:
+                  external_data: bool | None = None, provider: str = "auto", strict: bool = False,
+                  metric=None, metric_output: str | int | None = None) -> OnnxResult:
     """Plan, rewrite, verify and write ``model`` (an .onnx path) to ``output``; see the module doc."""
     from sparsec.passes.onnx_model import check_writable, load_model, save_checked
     from sparsec.pipeline import optimize_graph
 
     output = check_writable(output)
     _refuse_overwriting_input(model, output)
-    options = _options(fingerprint, error_budget, formats, plan, report, measure)
+    options = _options(fingerprint, error_budget, formats, plan, report, measure, metric, metric_output)
     loaded = load_model(model)
     _check_input(loaded)
     executor = choose_executor(provider, options.fingerprint)
@@ -119,12 +120,12 @@ def _refuse_overwriting_input(model, output: Path) -> None:
                               "never writes over its input: pass another -o path")
 
 
-def _options(fingerprint, error_budget, formats, plan, report, measure):
+def _options(fingerprint, error_budget, formats, plan, report, measure, metric=None, output=None):
     """Validated options; the report's folder and the plan file are checked before any work."""
     from sparsec.passes.onnx_model import check_writable
 
     given = {"fingerprint": fingerprint, "error_budget": error_budget, "plan": plan, "report": report,
-             "measure": measure, "formats": formats}
+             "measure": measure, "formats": formats, "metric": metric, "output": output}
     options = parse_options({k: v for k, v in given.items() if v is not None})
     if options.report:
         check_writable(options.report)
@@ -140,9 +141,16 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
     frontend = OnnxFrontend(
         loaded, None, provider=executor.provider, device=executor.device, threads=executor.threads,
         refuse=lambda site: _unpriceable(fp, site), executor=executor.describe(), output=output,
+        metric=options.metric, metric_output=options.output,
         provenance={"sparsec_version": _version(), "fingerprint": fp.name, "fingerprint_hash": fp.hash,
                     "error_budget": options.error_budget, "source": loaded.name})
     sites, skipped = frontend.capture()  # kept by the front-end for the pipeline's capture step
+    outputs = [o.name for o in loaded.model.graph.output]
+    if isinstance(options.output, str) and options.output not in outputs:
+        raise OptionError(f"--metric-output names {options.output!r}, which is not an output of {loaded.path}; its "
+                          f"outputs: {', '.join(outputs)}")
+    if isinstance(options.output, int) and options.output >= len(outputs):
+        raise OptionError(f"--metric-output is {options.output}, but {loaded.path} has {len(outputs)} output(s)")
     if options.plan is not None:
         from sparsec.errors import PlanError
 

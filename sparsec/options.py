@@ -7,6 +7,7 @@ names it before any work starts.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,14 @@ class Options:
     mode: str = "default"
     lower: bool = True
     strict: bool = False  # raise on any failure instead of falling back to the dense graph
+    metric: Any = None  # the quality measure the budget bounds (a sparsec.metrics.Metric once parsed)
+    output: str | int | None = None  # which output the metric reads: a name or an index (None: the first)
+
+    def __post_init__(self):
+        if self.metric is None:
+            from sparsec.metrics import metric_of
+
+            self.metric = metric_of(None)
 
     @property
     def cost_mode(self) -> str:
@@ -51,6 +60,8 @@ KNOWN = {
     "measure",
     "mode",
     "strict",
+    "metric",
+    "output",
 }
 
 
@@ -73,10 +84,23 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         if not isinstance(fp, (str, os.PathLike)) and not hasattr(fp, "predict_detail"):
             raise OptionError("option 'fingerprint' must be a shipped name ('h200', 'h100', 'cpu'), a JSON path or 'auto'")
         out.fingerprint = os.fspath(fp) if isinstance(fp, os.PathLike) else fp
+    if merged.get("metric") is not None:
+        from sparsec.metrics import metric_of
+
+        out.metric = metric_of(merged["metric"])
+    if merged.get("output") is not None:
+        o = merged["output"]
+        if isinstance(o, bool) or not isinstance(o, (str, int)) or (isinstance(o, int) and o < 0) or o == "":
+            raise OptionError(f"option 'output' must name an output (e.g. 'logits') or give its index (0, 1, ...); "
+                              f"got {o!r}")
+        out.output = o
     if "error_budget" in merged:
         b = merged["error_budget"]
-        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= float(b) < 1.0):
-            raise OptionError(f"option 'error_budget' must be a number in [0, 1), e.g. 0.01 for 1%; got {b!r}")
+        top = 1.0 if out.metric.name in ("rel_l2", "cosine", "top1") else math.inf
+        if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= float(b) < top):
+            where = "[0, 1), e.g. 0.01 for 1%" if top == 1.0 else "[0, inf), in the metric's own units"
+            raise OptionError(f"option 'error_budget' must be a number in {where} for metric {out.metric.name!r}; "
+                              f"got {b!r}")
         out.error_budget = float(b)
     for key in ("calibration", "heldout"):
         if merged.get(key) is not None:

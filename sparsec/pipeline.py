@@ -101,7 +101,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     separately compiled graphs of the same model left). An exception escaping a step carries the
     step's name (``failed_step``), so that an entry falling back to the dense graph can say where
     planning broke."""
-    planning, shared = _graph_options(frontend, options, budget)
+    planning, checking, shared = _graph_options(frontend, options, budget)
     with step("capture"):
         sites, skipped = capture(frontend)
     with step("calibrate"):
@@ -123,7 +123,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with step("lower"):
         lowered = lower(frontend, layers) if planning.lower else None
     with step("check", shown_as="check (run and time the rewritten graph)"):
-        checked, kept = check(frontend, layers, lowered, planning)
+        checked, kept = check(frontend, layers, lowered, checking)
         if kept is not None:  # every layer dense now: the graph as given
             lowered = lower(frontend, layers)
             e2e = EndToEnd(measured_error=0.0, heldout_error=0.0 if frontend.has_heldout() else None)
@@ -145,12 +145,19 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     return Outcome(layers, skipped, plan, report, lowered)
 
 
-def _graph_options(frontend: Frontend, options: Options, budget: float | None) -> tuple[Options, list[str]]:
-    """The options this graph is planned with (its share of the budget), and a warning where it is a share."""
-    if budget is None or budget >= options.error_budget:
-        return options, []
-    return dataclasses.replace(options, error_budget=budget), [f"graph {frontend.graph} was planned within the {budget:.3%} of the error budget the "
-                    f"earlier subgraphs left (errors of separately compiled subgraphs add in quadrature)"]
+def _graph_options(frontend: Frontend, options: Options, budget: float | None) -> tuple[Options, Options, list[str]]:
+    """The options this graph is planned with (its share of the budget, on the planner's error
+    scale: ``Metric.to_error``), those its lowered graph is checked with (the share in the metric's
+    own units), and a warning where it is a share."""
+    metric = options.metric
+    share = options.error_budget if budget is None else min(budget, options.error_budget)
+    checking = options if share == options.error_budget else dataclasses.replace(options, error_budget=share)
+    planning = dataclasses.replace(options, error_budget=metric.to_error(share))
+    if share == options.error_budget:
+        return planning, checking, []
+    return planning, checking, [
+        f"graph {frontend.graph} was planned within the {metric.show(share)} of the error budget the earlier "
+        f"subgraphs left (errors of separately compiled subgraphs add in quadrature)"]
 
 
 def _unique(lines: list[str]) -> list[str]:
@@ -527,16 +534,18 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
                 measured[key] = (error, held, local)
         return measured[key]
 
+    to_error = options.metric.to_error  # the frontend measures the metric; the planner models errors
+
     def measure_current():
         for h in alloc.hulls:
             h.layer.chosen = h.current
         error, held, local = evaluate_current()
-        return (error if held is None else max(error, held)), local
+        return to_error(error if held is None else max(error, held)), local
 
     def measure_alone(choices: dict[str, Candidate]) -> float:
         advance_current()
         site_of = {l.name: l.site for l in layers}
-        return frontend.evaluate({n: c.weight().to(site_of[n].dtype) for n, c in choices.items()})[0]
+        return to_error(frontend.evaluate({n: c.weight().to(site_of[n].dtype) for n, c in choices.items()})[0])
 
     knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
     for h in alloc.hulls:
@@ -673,6 +682,7 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
     speedup = (dense_total / chosen_total) if chosen_total > 0 else None
     timed = [l for l in layers if l.measured_us and l.measured_us_dense]
     end_to_end = {
+        "metric": options.metric.describe(),
         "measured_error": _num(e2e.measured_error if checked.measured_error is None else checked.measured_error),
         "heldout_error": _num(e2e.heldout_error if checked.heldout_error is None else checked.heldout_error),
         "predicted_speedup": None,

@@ -21,7 +21,15 @@ def register(subparsers) -> None:
                         help="shipped name, path to a JSON, or 'auto' (default: onnxruntime's fingerprint for the "
                              "provider that runs the model, e.g. ort-cpu)")
     parser.add_argument("--error-budget", type=_budget, default=0.01,
-                        help="max relative L2 error of the outputs vs the original on calibration data (default 0.01)")
+                        help="the most --metric may reach against the original, on calibration data and on --heldout "
+                             "(default 0.01: 1%% relative L2 error of the outputs)")
+    parser.add_argument("--metric", default="rel_l2", choices=["rel_l2", "cosine", "kl", "top1"],
+                        help="what the budget bounds: rel_l2 (raw outputs), cosine (1 - mean cosine similarity "
+                             "along the last axis: embeddings), kl (mean KL divergence of the softmax over the last "
+                             "axis, in nats: logits), top1 (fraction of positions whose argmax changes)")
+    parser.add_argument("--metric-output", default=None, metavar="NAME",
+                        help="the graph output the metric reads, by name or index (default: the first float "
+                             "output; for rel_l2 the worst of all)")
     parser.add_argument("--calibration", default=None,
                         help=".npz with one array per graph input, named like it, first axis = samples "
                              "(default: inputs generated from the declared shapes, with a warning)")
@@ -56,6 +64,11 @@ def _budget(text: str) -> float:
     return value
 
 
+def _output_ref(text: str | None) -> str | int | None:
+    """An output's index when the text is a number, else its name."""
+    return int(text) if text is not None and text.isdigit() else text
+
+
 def run(args: argparse.Namespace) -> int:
     from sparsec.logs import summary_line
     from sparsec.onnx_entry import optimize_onnx
@@ -72,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.output, fingerprint=args.fingerprint, error_budget=args.error_budget,
             calibration=args.calibration, heldout=args.heldout, formats=formats, plan=args.plan, report=args.report,
             measure=args.measure, external_data=True if args.external_data else None, provider=args.provider,
-            strict=args.strict)
+            strict=args.strict, metric=args.metric, metric_output=_output_ref(args.metric_output))
     if not args.quiet:
         from sparsec.report import render_table
 

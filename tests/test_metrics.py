@@ -1,0 +1,166 @@
+"""The metric option: each built-in metric's value, user functions, the output it reads, and the
+planner budgeting in the chosen metric on both entries."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import sparsec
+from sparsec.errors import OptionError
+from sparsec.metrics import MetricSum, metric_of
+from sparsec.options import parse_options
+
+
+def value(name, outs, refs, output=None):
+    total = MetricSum(metric_of(name), output)
+    for o, r in zip(outs, refs):
+        total.add(o, r)
+    return total.value()
+
+
+def test_cosine_is_one_minus_the_mean_row_cosine():
+    ref = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    out = torch.tensor([[0.0, 3.0], [0.0, 5.0]])  # row 0 orthogonal (cos 0), row 1 parallel (cos 1)
+    assert value("cosine", [[out]], [[ref]]) == pytest.approx(0.5)
+    assert value("cosine", [[ref.numpy()]], [[ref.numpy()]]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_kl_is_the_mean_divergence_of_the_softmax_in_nats():
+    ref = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]], dtype=torch.float64))  # logits whose softmax is p
+    out = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]], dtype=torch.float64))
+    by_hand = (0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)) / 2  # second row identical
+    assert value("kl", [[out]], [[ref]]) == pytest.approx(by_hand, rel=1e-9)
+
+
+def test_top1_counts_positions_whose_argmax_changed_over_all_calls():
+    ref = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    out = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
+    assert value("top1", [[out], [ref]], [[ref], [ref]]) == pytest.approx(0.25)
+
+
+def test_rel_l2_takes_the_worst_output_unless_one_is_named():
+    ref = [torch.ones(4), torch.ones(4)]
+    out = [torch.ones(4) * 1.1, torch.ones(4) * 1.5]
+    assert value("rel_l2", [out], [ref]) == pytest.approx(0.5)
+    assert value("rel_l2", [out], [ref], output=0) == pytest.approx(0.1)
+    with pytest.raises(OptionError, match="output' is 2, but the graph has 2 float output"):
+        value("cosine", [out], [ref], output=2)
+
+
+def test_a_user_function_is_averaged_over_calls_and_must_return_a_non_negative_number():
+    def max_abs(o, r):
+        return float((o - r).abs().max())
+
+    assert value(max_abs, [[torch.zeros(3)], [torch.ones(3)]], [[torch.zeros(3)], [torch.zeros(3)]]) == 0.5
+    with pytest.raises(OptionError, match="returned -1.0; it must return a finite, non-negative number"):
+        value(lambda o, r: -1.0, [[torch.zeros(3)]], [[torch.zeros(3)]])
+    with pytest.raises(OptionError, match="failed on an output of shape \\(3,\\): ZeroDivisionError"):
+        value(lambda o, r: 1 / 0, [[torch.zeros(3)]], [[torch.zeros(3)]])
+
+
+def test_the_options_refuse_unknown_metrics_and_outputs_and_scale_the_budget_to_the_metric():
+    with pytest.raises(OptionError, match="unknown metric 'cos'; use one of rel_l2, cosine, kl, top1"):
+        parse_options({"metric": "cos"})
+    with pytest.raises(OptionError, match="option 'metric' must be one of"):
+        parse_options({"metric": 3})
+    with pytest.raises(OptionError, match="option 'output' must name an output"):
+        parse_options({"output": -1})
+    assert parse_options({"metric": "kl", "error_budget": 2.0}).error_budget == 2.0  # nats: not a fraction
+    with pytest.raises(OptionError, match=r"\[0, 1\)"):
+        parse_options({"metric": "cosine", "error_budget": 1.5})
+
+
+@pytest.mark.parametrize("name", ["cosine", "kl"])
+def test_the_planner_works_on_the_square_root_of_a_quadratic_metric(name):
+    m = metric_of(name)
+    assert m.order == 2 and m.from_error(m.to_error(0.04)) == pytest.approx(0.04)
+    assert m.to_error(0.04) == pytest.approx(0.2)
+
+
+class TwoHeads(nn.Module):
+    """An encoder whose weights are rank 8 plus 3% noise, returning a hidden state and class logits."""
+
+    def __init__(self, d=128, classes=16, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.body, self.head = nn.Linear(d, d, bias=False), nn.Linear(d, classes)
+        with torch.no_grad():
+            low = torch.randn(d, 8, generator=g) @ torch.randn(8, d, generator=g) / math.sqrt(8 * d)
+            self.body.weight.copy_(low + 0.03 * low.norm() / d * torch.randn(d, d, generator=g))
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"hidden": h, "logits": self.head(h)}
+
+
+def calibration(seed, n=4, rows=256, d=128):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(rows, d, generator=g),) for _ in range(n)]
+
+
+def test_a_metric_on_a_named_output_is_what_the_report_measures_and_bounds(scenario_fp):
+    model = TwoHeads()
+    calib = calibration(1)
+    result = sparsec.optimize(model, calib[0], calibration=calib, fingerprint=scenario_fp(), formats=["lowrank"],
+                              metric="cosine", output="hidden", error_budget=0.02)
+    e2e = result.report.end_to_end
+    assert e2e["metric"] == "cosine"
+    with torch.no_grad():
+        outs = [[result.module(*item)["hidden"]] for item in calib]
+        refs = [[model(*item)["hidden"]] for item in calib]
+    measured = value("cosine", outs, refs)
+    assert e2e["measured_error"] == pytest.approx(measured, rel=1e-3, abs=1e-7) and measured <= 0.02
+
+
+def test_a_looser_metric_buys_a_rewrite_the_raw_output_budget_refuses(scenario_fp):
+    """About 3% relative error of the output is over a 1% rel_l2 budget, but its cosine cost
+    (about half its square) is well within a 1% cosine budget."""
+    model = TwoHeads()
+    calib = calibration(2)
+    formats = {}
+    for metric in ("rel_l2", "cosine"):
+        result = sparsec.optimize(model, calib[0], calibration=calib, fingerprint=scenario_fp(), lower=False,
+                                  formats=["lowrank"], metric=metric, output="hidden", error_budget=0.01)
+        formats[metric] = {l["name"]: l["format"] for l in result.report.layers}
+    body = next(n for n in formats["rel_l2"] if "body" in n)
+    assert formats["rel_l2"][body] == "dense"
+    assert formats["cosine"][body].startswith("lowrank:")
+
+
+def test_an_output_name_the_model_does_not_return_is_refused_with_the_names_it_has(scenario_fp):
+    with pytest.raises(OptionError, match="no float tensor by that name; its named float outputs: 'hidden', 'logits'"):
+        sparsec.optimize(TwoHeads(), calibration(3)[0], fingerprint=scenario_fp(), metric="kl", output="logit")
+
+
+def test_under_torch_compile_an_output_name_is_refused_saying_to_give_an_index(scenario_fp):
+    model = TwoHeads()
+    compiled = torch.compile(model, backend="sparsec",
+                             options={"fingerprint": scenario_fp(), "metric": "kl", "output": "logits", "strict": True})
+    with pytest.raises(Exception, match="give the output's index"):
+        compiled(torch.randn(64, 128))
+
+
+def test_the_onnx_entry_budgets_in_the_metric_of_the_output_named(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from sparsec.commands import optimize as _  # noqa: F401  (the entry the CLI uses)
+    from sparsec.onnx_entry import optimize_onnx
+
+    model = TwoHeads()
+    x = calibration(4, n=1)[0][0]
+    path = tmp_path / "two_heads.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=["hidden", "logits"],
+                      dynamic_axes={"x": {0: "rows"}}, opset_version=17, dynamo=False)
+    np.savez(tmp_path / "calib.npz", x=np.stack([c[0].numpy() for c in calibration(5, n=4)]))
+    result = optimize_onnx(path, tmp_path / "out.onnx", calibration=tmp_path / "calib.npz", formats=["lowrank"],
+                           metric="top1", metric_output="logits", error_budget=0.05)
+    e2e = result.report.to_dict()["end_to_end"]
+    assert e2e["metric"] == "top1" and e2e["measured_error"] <= 0.05
+    with pytest.raises(OptionError, match="--metric-output names 'logit', which is not an output"):
+        optimize_onnx(path, tmp_path / "bad.onnx", calibration=tmp_path / "calib.npz", metric="kl",
+                      metric_output="logit")
+    assert onnx.load(str(tmp_path / "out.onnx")).graph.output[1].name == "logits"
