@@ -164,3 +164,22 @@ def test_the_onnx_entry_budgets_in_the_metric_of_the_output_named(tmp_path):
         optimize_onnx(path, tmp_path / "bad.onnx", calibration=tmp_path / "calib.npz", metric="kl",
                       metric_output="logit")
     assert onnx.load(str(tmp_path / "out.onnx")).graph.output[1].name == "logits"
+
+
+def test_an_llm_is_budgeted_in_kl_of_its_logits_found_by_name(scenario_fp):
+    """A transformers causal LM returns a ModelOutput: 'logits' is found among the graph's outputs."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(config).eval()
+    calib = [(torch.randint(0, 100, (2, 16)),) for _ in range(3)]
+    result = sparsec.optimize(model, calib[0], calibration=calib, fingerprint=scenario_fp(), formats=["lowrank"],
+                              metric="kl", output="logits", error_budget=0.01)
+    e2e = result.report.end_to_end
+    assert e2e["metric"] == "kl" and not result.report.to_dict().get("fallbacks")
+    with torch.no_grad():
+        outs = [[result.module(*c).logits] for c in calib]
+        refs = [[model(*c).logits] for c in calib]
+    measured = value("kl", outs, refs)
+    assert e2e["measured_error"] == pytest.approx(measured, rel=1e-3, abs=1e-9) and measured <= 0.01

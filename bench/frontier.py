@@ -1,0 +1,222 @@
+"""The speed-quality frontier of a real trained model: what each error budget buys.
+
+For a model, a metric and a fingerprint, plans (and runs) the model at each budget and prints a
+row per budget: the held-out value of the metric, the figures users of such a model judge by
+(for an LLM perplexity, KL divergence of the next-token distribution and top-1 agreement; for a
+sentence embedder mean and minimum cosine and nearest-neighbour retrieval agreement), the
+layers per format, the predicted end-to-end speed-up, planning time next to one model
+evaluation's time, and with ``--measure`` the realised speed-up against the dense model compiled
+the same way in this process (inductor with CUDA graphs on a GPU, eager on a CPU).
+
+    python bench/frontier.py --model minilm --metric cosine --fingerprint cpu --out frontier-minilm.json
+    python bench/frontier.py --model smollm2 --metric kl --fingerprint cpu --tokens 4x128 --out frontier-smollm2.json
+    python bench/frontier.py --plot docs/frontier.png frontier-minilm.json frontier-smollm2.json
+
+Models come from ``samples/`` (``minilm_sentences.py``, ``smollm2.py``) and are skipped, with the
+reason, when their packages are missing. Calibration and held-out text: ``samples/data``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections import Counter
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "samples"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from repo_import import ensure_sparsec_importable  # noqa: E402
+
+ensure_sparsec_importable()
+
+BUDGETS = {"kl": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2), "cosine": (0.001, 0.002, 0.005, 0.01, 0.02, 0.05),
+           "top1": (0.01, 0.02, 0.05, 0.1, 0.2), "rel_l2": (0.01, 0.02, 0.05, 0.1, 0.2)}
+
+
+def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int):
+    import smollm2
+
+    model, tokenizer = smollm2.load_model(dtype)
+    model = model.to(device)
+    batch, length = (int(v) for v in tokens.split("x"))
+    calib_text, held_text = smollm2.split(smollm2.load_text())
+    calib = [(ids.to(device),) for ids in smollm2.token_batches(tokenizer, calib_text, batch, length)[:calib_batches]]
+    held = [(ids.to(device),) for ids in smollm2.token_batches(tokenizer, held_text, batch, length)[:2]]
+
+    def judge(rewritten) -> dict:
+        figures = []
+        with torch.no_grad():
+            for (ids,) in held:
+                figures.append(smollm2.next_token_figures(rewritten(ids).logits, model(ids).logits, ids.cpu()))
+        return {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
+
+    return model, calib, held, "logits", judge
+
+
+def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int):
+    import minilm_sentences as ms
+
+    model, tokenizer, calib, held = ms.prepare(batch=int(tokens.split("x")[0]) if tokens else ms.BATCH)
+    model = model.to(device=device, dtype=dtype)
+    move = lambda items: [tuple(t.to(device) for t in item) for item in items]  # noqa: E731
+    calib, held = move(calib[:calib_batches]), move(held)
+
+    def judge(rewritten) -> dict:
+        ref, new = ms.embed(model, held).double(), ms.embed(rewritten, held).double()
+        mean, low = ms.embedding_cosine(ref, new)
+        # nearest neighbour of every held-out sentence among the others, before and after
+        def neighbours(e):
+            e = torch.nn.functional.normalize(e, dim=-1)
+            sim = e @ e.T
+            sim.fill_diagonal_(-2.0)
+            return sim.argmax(-1)
+        agree = float((neighbours(ref) == neighbours(new)).double().mean())
+        return {"mean_cosine": mean, "min_cosine": low, "retrieval_agreement": agree}
+
+    return model, calib, held, None, judge
+
+
+CASES = {"smollm2": smollm2_case, "minilm": minilm_case}
+
+
+def timed(fn, args, device) -> float:
+    from sparsec.fingerprint.timing import Clock, TimingPolicy
+
+    clock = Clock(device, TimingPolicy(repeats=7, min_repeats=5, point_budget_s=2.0, min_sample_s=0.01))
+    with torch.no_grad():
+        return clock.eager([lambda: fn(*args)], clock.warm([lambda: fn(*args)]))
+
+
+def run(args) -> dict:
+    import sparsec
+
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    try:
+        model, calib, held, output, judge = CASES[args.model](args.tokens, device, dtype, args.calib_batches)
+    except Exception as exc:  # noqa: BLE001 - a missing optional package: say which, skip
+        print(f"frontier: {args.model} skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(*calib[0])
+    one_eval_s = time.perf_counter() - start
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    dense = torch.compile(model, mode=mode) if device.type == "cuda" else model
+    dense_us = timed(dense, calib[0], device) if args.measure else None
+    rows = []
+    for budget in args.budgets or BUDGETS[args.metric]:
+        torch._dynamo.reset()
+        start = time.perf_counter()
+        result = sparsec.optimize(model, calib[0], calibration=calib, heldout=held, fingerprint=args.fingerprint,
+                                  error_budget=budget, metric=args.metric, output=output, formats=args.formats,
+                                  mode=mode)
+        plan_s = time.perf_counter() - start
+        report = result.report.to_dict()
+        e2e = report["end_to_end"]
+        row = {"budget": budget, "metric": args.metric, "calibration": e2e["measured_error"],
+               "heldout": e2e["heldout_error"], "predicted_speedup": e2e["predicted_speedup"],
+               "formats": dict(Counter(l["format"] for l in report["layers"] if l["format"] != "dense")),
+               "dense_layers": sum(1 for l in report["layers"] if l["format"] == "dense"),
+               "layers": len(report["layers"]), "plan_s": plan_s, "one_eval_s": one_eval_s,
+               "fallbacks": report.get("fallbacks", [])}
+        row.update(judge(result.module))
+        if args.measure:
+            row["measured_speedup"] = dense_us / timed(result.module, calib[0], device)
+        rows.append(row)
+        print(line(row), flush=True)
+    return {"model": args.model, "metric": args.metric, "fingerprint": args.fingerprint, "tokens": args.tokens,
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "dtype": args.dtype, "torch": torch.__version__, "triton": _triton_version(),
+            "date": datetime.now(timezone.utc).date().isoformat(), "calibration_batches": len(calib),
+            "rows": rows}
+
+
+def _triton_version() -> str | None:
+    try:
+        import triton
+
+        return triton.__version__
+    except ImportError:
+        return None
+
+
+def line(row: dict) -> str:
+    extra = ", ".join(f"{k} {row[k]:.4g}" for k in ("perplexity", "kl", "top1_agreement", "mean_cosine",
+                                                     "min_cosine", "retrieval_agreement") if k in row)
+    formats = ", ".join(f"{n} {f}" for f, n in sorted(row["formats"].items())) or "all dense"
+    measured = f", measured {row['measured_speedup']:.2f}x" if "measured_speedup" in row else ""
+    return (f"budget {row['budget']:g}: held-out {row['metric']} {row['heldout']:.4g} ({extra}); {formats} "
+            f"({row['dense_layers']} of {row['layers']} dense); predicted {row['predicted_speedup'] or 1.0:.2f}x"
+            f"{measured}; planned in {row['plan_s']:.0f} s = {row['plan_s'] / row['one_eval_s']:.0f} evaluations")
+
+
+def table(result: dict) -> str:
+    head = (f"{result['model']} ({result['metric']}, fingerprint {result['fingerprint']}, {result['tokens']} tokens, "
+            f"{result['device']}, torch {result['torch']}, {result['date']})")
+    return "\n".join([head] + [line(r) for r in result["rows"]])
+
+
+def plot(paths: list[Path], out: Path) -> None:
+    """Speed-up against held-out quality, one panel per model, one line per device/fingerprint."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, name in zip(axes[0], models):
+        for r in (r for r in results if r["model"] == name):
+            xs = [row["heldout"] for row in r["rows"]]
+            ys = [row.get("measured_speedup") or row["predicted_speedup"] or 1.0 for row in r["rows"]]
+            ax.plot(xs, ys, marker="o", label=f"{r['fingerprint']} ({r['device']})")
+            ax.set_xlabel(f"held-out {r['metric']}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_ylabel("speed-up over dense (measured where timed, else predicted)")
+        ax.set_title(name)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(CASES))
+    parser.add_argument("--metric", default=None, help="default: kl for smollm2, cosine for minilm")
+    parser.add_argument("--fingerprint", default="cpu")
+    parser.add_argument("--budgets", type=float, nargs="+", default=None)
+    parser.add_argument("--tokens", default="", help="BATCHxLENGTH of each call (smollm2: default 4x128)")
+    parser.add_argument("--calib-batches", type=int, default=4)
+    parser.add_argument("--formats", nargs="+", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--measure", action="store_true", help="also time each rewritten model against dense")
+    parser.add_argument("--out", default=None, help="write the rows as JSON")
+    parser.add_argument("--plot", default=None, help="with result JSON files as arguments: draw them into this PNG")
+    parser.add_argument("results", nargs="*", help="result JSON files to plot")
+    args = parser.parse_args(argv)
+    if args.plot:
+        plot([Path(p) for p in args.results], Path(args.plot))
+        return 0
+    if args.model is None:
+        parser.error("--model is required unless --plot is given")
+    args.metric = args.metric or ("kl" if args.model == "smollm2" else "cosine")
+    args.tokens = args.tokens or ("4x128" if args.model == "smollm2" else "")
+    result = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
