@@ -108,7 +108,7 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
             if not isinstance(data, (list, tuple)) or not data:
                 raise OptionError(f"option {key!r} must be a non-empty list of model inputs (one tuple of arguments per call)")
             setattr(out, key, [item if isinstance(item, (tuple, list, dict)) else (item,) for item in data])
-    if "formats" in merged:
+    if merged.get("formats") is not None:
         fmts = merged["formats"]
         if isinstance(fmts, str):
             fmts = [fmts]

@@ -26,6 +26,15 @@ def test_an_all_dense_plan_is_not_compiled_a_second_time_to_time_dense(scenario_
     assert e2e["measured_speedup"] == 1.0 and e2e["measured_us"] == e2e["measured_us_dense"] > 0
 
 
+def rank8_layer() -> tuple[nn.Module, torch.Tensor]:
+    """One 256x256 layer of exactly rank 8 (low rank fits it losslessly), and an input."""
+    torch.manual_seed(14)
+    model = nn.Sequential(nn.Linear(256, 256, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 8)
+    return model, torch.randn(256, 256)
+
+
 def test_a_rewritten_graph_is_timed_against_its_dense_self(scenario_fp, monkeypatch):
     twins = []
     real = FxFrontend.original
@@ -39,12 +48,9 @@ def test_a_rewritten_graph_is_timed_against_its_dense_self(scenario_fp, monkeypa
     # the layer's own timing decides whether the rewrite stays; fixed here so that what is under
     # test (the graph timed against its dense twin) does not hang on this machine's speed
     monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
-    torch.manual_seed(14)
-    model = nn.Sequential(nn.Linear(256, 256, bias=False))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 8)  # exactly rank 8
-    result = sparsec.optimize(model, (torch.randn(256, 256),), fingerprint=scenario_fp(), error_budget=0.01,
-                              formats=["lowrank"], measure=True)
+    model, x = rank8_layer()
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"],
+                              measure=True)
     assert result.report.layers[0]["format"].startswith("lowrank:")
     assert twins == [1]
     e2e = result.report.end_to_end
@@ -54,11 +60,7 @@ def test_a_rewritten_graph_is_timed_against_its_dense_self(scenario_fp, monkeypa
 def test_a_rewritten_graph_that_times_slower_end_to_end_runs_dense_saying_why(scenario_fp, monkeypatch):
     monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
     monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (10.0, 20.0))
-    torch.manual_seed(14)
-    model = nn.Sequential(nn.Linear(256, 256, bias=False))
-    with torch.no_grad():
-        model[0].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 8)  # exactly rank 8
-    x = torch.randn(256, 256)
+    model, x = rank8_layer()
     result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"],
                               measure=True)
     layer = result.report.layers[0]

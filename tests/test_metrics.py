@@ -71,6 +71,7 @@ def test_the_options_refuse_unknown_metrics_and_outputs_and_scale_the_budget_to_
     with pytest.raises(OptionError, match="option 'output' must name an output"):
         parse_options({"output": -1})
     assert parse_options({"metric": "kl", "error_budget": 2.0}).error_budget == 2.0  # nats: not a fraction
+    assert parse_options({"formats": None, "metric": None}).metric.name == "rel_l2"  # None: the defaults
     with pytest.raises(OptionError, match=r"\[0, 1\)"):
         parse_options({"metric": "cosine", "error_budget": 1.5})
 
