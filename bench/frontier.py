@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from collections import Counter
@@ -132,8 +131,12 @@ def run(args) -> dict:
             row["measured_speedup"] = dense_us / timed(result.module, calib[0], device)
         rows.append(row)
         print(line(row), flush=True)
-    return {"model": args.model, "metric": args.metric, "fingerprint": args.fingerprint, "tokens": args.tokens,
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+    from sparsec.fingerprint.device import current_device_name
+
+    shape = next(t.shape for t in calib[0] if isinstance(t, torch.Tensor))
+    return {"model": args.model, "metric": args.metric, "fingerprint": args.fingerprint,
+            "tokens": "x".join(str(d) for d in shape[:2]), "formats": args.formats or "all",
+            "device": current_device_name(device.type),
             "dtype": args.dtype, "torch": torch.__version__, "triton": _triton_version(),
             "date": datetime.now(timezone.utc).date().isoformat(), "calibration_batches": len(calib),
             "rows": rows}
@@ -178,10 +181,11 @@ def plot(paths: list[Path], out: Path) -> None:
         for r in (r for r in results if r["model"] == name):
             xs = [row["heldout"] for row in r["rows"]]
             ys = [row.get("measured_speedup") or row["predicted_speedup"] or 1.0 for row in r["rows"]]
-            ax.plot(xs, ys, marker="o", label=f"{r['fingerprint']} ({r['device']})")
+            how = "measured" if any("measured_speedup" in row for row in r["rows"]) else "predicted"
+            ax.plot(xs, ys, marker="o", label=f"{r['fingerprint']} ({r['device']}), {how}")
             ax.set_xlabel(f"held-out {r['metric']}")
         ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_ylabel("speed-up over dense (measured where timed, else predicted)")
+        ax.set_ylabel("speed-up over dense")
         ax.set_title(name)
         ax.legend(fontsize=7)
     fig.tight_layout()
