@@ -39,6 +39,10 @@ MIN_AMPLIFICATION = 1e-3
 MAX_PROBES = 32  # roles probed one by one; a model with more starts from sensitivity 1
 PROBE_ROUNDS = 3  # refills after which picked layers are no longer probed alone
 PROBE_MARGIN = 4.0  # a layer whose least lossy step costs up to this much of the budget is probed alone
+# layers probed alone per refill, those with the most predicted time at stake first; the rest take
+# their role's median. Unbounded, a 211-layer LLM measured nearly every layer alone (2153 model
+# evaluations to plan SmolLM2-135M, docs/frontier.md); planning must grow with roles, not layers
+MAX_ALONE = 12
 
 
 @dataclass
@@ -205,7 +209,8 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
     for up to ``rounds`` refills, each layer the allocation picks (or whose least lossy candidate
     would cost at most PROBE_MARGIN times the budget at its prior) that has not been measured on
     its own is measured alone at that candidate, and the role's other layers take the median
-    of its layers measured so far: the role average hides how much depth matters (in MiniLM an
+    of its layers measured so far (at most MAX_ALONE a refill, the most time at stake first): the
+    role average hides how much depth matters (in MiniLM an
     early output projection reaches the embedding several times more than the average of its
     role), and the layers picked are those whose cost decides the plan.
     """
@@ -236,7 +241,8 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
                 and (h.index > 0 or h.cost(1) <= PROBE_MARGIN * capacity)]
         if not todo:
             break
-        for h in todo:
+        todo.sort(key=lambda h: -h.layer.saving(h.current if h.index > 0 else h.points[1]))
+        for h in todo[:MAX_ALONE]:
             alone.add(id(h))
             cand = h.current if h.index > 0 else h.points[1]
             if cand.predicted_error > 0.0:

@@ -230,3 +230,27 @@ def test_layers_picked_are_probed_alone_when_depth_matters_more_than_role():
     first = alloc.hulls[0]
     assert first.index == 0 or first.sensitivity == pytest.approx(4.0)
     assert all(h.current.predicted_error == 0.04 for h in alloc.hulls[1:])  # the others go all the way
+
+
+def test_probing_alone_grows_with_roles_not_with_layers():
+    """Two hundred layers of three roles: each refill measures at most MAX_ALONE of them alone,
+    those with the most time at stake first; the rest take their role's median."""
+    layers, viable = [], {}
+    for i in range(200):
+        lay, cands = layer(f"block.{i // 3}.{('q', 'up', 'down')[i % 3]}", [(0.001, 60.0 - i * 0.1)])
+        layers.append(lay)
+        viable[lay.name] = cands
+    calls = []
+
+    def alone(choices):
+        calls.append(sorted(choices))
+        return math.sqrt(sum(c.predicted_error ** 2 for c in choices.values()))
+
+    alloc = select.allocate(layers, viable, 0.01)
+    select.probe_sensitivity(alloc, alone)
+    singles = [c for c in calls if len(c) == 1]
+    assert len(calls) - len(singles) == 3  # one probe per role
+    assert 0 < len(singles) <= select.PROBE_ROUNDS * select.MAX_ALONE
+    order = [l.name for l in layers]
+    first = [order.index(c[0]) for c in singles[: select.MAX_ALONE]]
+    assert first == list(range(199, 199 - select.MAX_ALONE, -1))  # later layers save more here: first
