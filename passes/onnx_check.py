@@ -44,13 +44,14 @@ def check_lowered(frontend, lowered: onnx.ModelProto, layers, options):
     if checked.speedup < 1.0 and not options.measure:
         checked.alarm = (
             f"SLOWER: the rewritten model measured {checked.speedup:.2f}x of the original end to end "
-            "(predicted {predicted}); it was written as asked, but the original is faster here: keep it, or rerun with --measure to write the original "
-            "unchanged")
+            "(predicted {predicted}); it was written as asked, but the original is faster here: keep it, "
+            "or rerun with --measure to write the original unchanged")
     return checked
 
 
 def lowered_errors(frontend, new_session, metric=None) -> tuple[float, float | None]:
-    """The written model's output error against the original's (worst output), on both data sets."""
+    """The written model's error against the original's in ``metric`` (default: the worst output's
+    relative L2), on the calibration and the held-out data."""
     from sparsec.output_error import OutputError
 
     names = [o.name for o in new_session.get_outputs()]

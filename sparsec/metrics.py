@@ -37,7 +37,7 @@ __all__ = ["Metric", "metric_of", "MetricSum", "METRICS"]
 class Metric:
     name = ""
     order = 1  # the metric grows as (relative output error) ** order when that error is small
-    per_output = False  # True: the worst of every output (rel_l2 without ``output``); else one output
+    ceiling = 1.0  # budgets lie in [0, ceiling): a fraction unless the metric has its own units
 
     def call(self, out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
         """(sum, weight) of one call's contribution; the metric is sum / weight over all calls."""
@@ -86,6 +86,7 @@ class Cosine(Metric):
 class KL(Metric):
     name = "kl"
     order = 2
+    ceiling = math.inf  # nats
 
     def show(self, value: float) -> str:
         return f"{value:.4g} nats"
@@ -108,6 +109,8 @@ class Top1(Metric):
 
 class UserMetric(Metric):
     """A callable ``(output, reference) -> float``, averaged over calls."""
+
+    ceiling = math.inf  # the function's own units
 
     def __init__(self, fn: Callable[[Any, Any], float]):
         self.fn = fn

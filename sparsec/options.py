@@ -7,7 +7,6 @@ names it before any work starts.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -96,7 +95,7 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         out.output = o
     if "error_budget" in merged:
         b = merged["error_budget"]
-        top = 1.0 if out.metric.name in ("rel_l2", "cosine", "top1") else math.inf
+        top = out.metric.ceiling
         if isinstance(b, bool) or not isinstance(b, (int, float)) or not (0.0 <= float(b) < top):
             where = "[0, 1), e.g. 0.01 for 1%" if top == 1.0 else "[0, inf), in the metric's own units"
             raise OptionError(f"option 'error_budget' must be a number in {where} for metric {out.metric.name!r}; "

@@ -148,7 +148,6 @@ def test_under_torch_compile_an_output_name_is_refused_saying_to_give_an_index(s
 
 def test_the_onnx_entry_budgets_in_the_metric_of_the_output_named(tmp_path):
     onnx = pytest.importorskip("onnx")
-    from sparsec.commands import optimize as _  # noqa: F401  (the entry the CLI uses)
     from sparsec.onnx_entry import optimize_onnx
 
     model = TwoHeads()
