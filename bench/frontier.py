@@ -62,7 +62,8 @@ def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_ba
 def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int):
     import minilm_sentences as ms
 
-    model, tokenizer, calib, held = ms.prepare(batch=int(tokens.split("x")[0]) if tokens else ms.BATCH)
+    batch, length = (int(v) for v in tokens.split("x")) if tokens else (ms.BATCH, None)
+    model, tokenizer, calib, held = ms.prepare(batch=batch, length=length)
     model = model.to(device=device, dtype=dtype)
     move = lambda items: [tuple(t.to(device) for t in item) for item in items]  # noqa: E731
     calib, held = move(calib[:calib_batches]), move(held)
@@ -82,7 +83,29 @@ def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_bat
     return model, calib, held, None, judge
 
 
-CASES = {"smollm2": smollm2_case, "minilm": minilm_case}
+def llama8b_shape_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int):
+    """A Llama-3-8B-shaped LlamaForCausalLM (32 blocks, 4096 -> 14336, GQA 32/8, vocab 128256) with
+    random weights: planning cost and the speed the fingerprint predicts at real LLM shapes. Random
+    weights say nothing of accuracy, so its quality figures are not a frontier; run it with --plan-only."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192,
+                         rope_theta=500000.0, tie_word_embeddings=False)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype).eval()
+    batch, length = (int(v) for v in (tokens or "8x128").split("x"))
+    g = torch.Generator().manual_seed(0)
+    ids = lambda: (torch.randint(0, config.vocab_size, (batch, length), generator=g).to(device),)  # noqa: E731
+    calib, held = [ids() for _ in range(calib_batches)], [ids()]
+
+    def judge(rewritten) -> dict:
+        return {}
+
+    return model, calib, held, "logits", judge
+
+
+CASES = {"smollm2": smollm2_case, "minilm": minilm_case, "llama8b-shape": llama8b_shape_case}
 
 
 def timed(fn, args, device) -> float:
@@ -103,43 +126,55 @@ def run(args) -> dict:
     except Exception as exc:  # noqa: BLE001 - a missing optional package: say which, skip
         print(f"frontier: {args.model} skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    start = time.perf_counter()
     with torch.no_grad():
-        model(*calib[0])
-    one_eval_s = time.perf_counter() - start
+        model(*calib[0])  # warm-up
+        _sync(device)
+        start = time.perf_counter()
+        for item in calib:
+            model(*item)
+        _sync(device)
+    one_eval_s = time.perf_counter() - start  # one model evaluation: a forward pass over the calibration data
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     dense = torch.compile(model, mode=mode) if device.type == "cuda" else model
     dense_us = timed(dense, calib[0], device) if args.measure else None
     rows = []
-    for budget in args.budgets or BUDGETS[args.metric]:
+    for fingerprint, budget in [(f, b) for f in args.fingerprint for b in args.budgets or BUDGETS[args.metric]]:
         torch._dynamo.reset()
         start = time.perf_counter()
-        result = sparsec.optimize(model, calib[0], calibration=calib, heldout=held, fingerprint=args.fingerprint,
+        result = sparsec.optimize(model, calib[0], calibration=calib, heldout=held, fingerprint=fingerprint,
                                   error_budget=budget, metric=args.metric, output=output, formats=args.formats,
-                                  mode=mode)
+                                  mode=mode, lower=not args.plan_only)
         plan_s = time.perf_counter() - start
         report = result.report.to_dict()
         e2e = report["end_to_end"]
-        row = {"budget": budget, "metric": args.metric, "calibration": e2e["measured_error"],
+        row = {"budget": budget, "metric": args.metric, "fingerprint": fingerprint, "calibration": e2e["measured_error"],
                "heldout": e2e["heldout_error"], "predicted_speedup": e2e["predicted_speedup"],
                "formats": dict(Counter(l["format"] for l in report["layers"] if l["format"] != "dense")),
                "dense_layers": sum(1 for l in report["layers"] if l["format"] == "dense"),
                "layers": len(report["layers"]), "plan_s": plan_s, "one_eval_s": one_eval_s,
+               "evaluations": report["planning"]["model_evaluations"] + report["planning"]["heldout_evaluations"],
+               "steps_s": report["planning"]["timing"]["steps_s"],
                "fallbacks": report.get("fallbacks", [])}
-        row.update(judge(result.module))
-        if args.measure:
+        if not args.plan_only:
+            row.update(judge(result.module))
+        if args.measure and not args.plan_only:
             row["measured_speedup"] = dense_us / timed(result.module, calib[0], device)
         rows.append(row)
         print(line(row), flush=True)
     from sparsec.fingerprint.device import current_device_name
 
     shape = next(t.shape for t in calib[0] if isinstance(t, torch.Tensor))
-    return {"model": args.model, "metric": args.metric, "fingerprint": args.fingerprint,
+    return {"model": args.model, "metric": args.metric, "fingerprint": ", ".join(args.fingerprint),
             "tokens": "x".join(str(d) for d in shape[:2]), "formats": args.formats or "all",
             "device": current_device_name(device.type),
             "dtype": args.dtype, "torch": torch.__version__, "triton": _triton_version(),
             "date": datetime.now(timezone.utc).date().isoformat(), "calibration_batches": len(calib),
             "rows": rows}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def _triton_version() -> str | None:
@@ -156,9 +191,12 @@ def line(row: dict) -> str:
                                                      "min_cosine", "retrieval_agreement") if k in row)
     formats = ", ".join(f"{n} {f}" for f, n in sorted(row["formats"].items())) or "all dense"
     measured = f", measured {row['measured_speedup']:.2f}x" if "measured_speedup" in row else ""
-    return (f"budget {row['budget']:g}: held-out {row['metric']} {row['heldout']:.4g} ({extra}); {formats} "
+    held = f"held-out {row['metric']} {row['heldout']:.4g} ({extra}); " if row.get("heldout") is not None else ""
+    on = f" on {row['fingerprint']}" if row.get("fingerprint") else ""
+    return (f"budget {row['budget']:g}{on}: {held}{formats} "
             f"({row['dense_layers']} of {row['layers']} dense); predicted {row['predicted_speedup'] or 1.0:.2f}x"
-            f"{measured}; planned in {row['plan_s']:.0f} s = {row['plan_s'] / row['one_eval_s']:.0f} evaluations")
+            f"{measured}; planned in {row['plan_s']:.0f} s = {row['plan_s'] / row['one_eval_s']:.0f} evaluations' "
+            f"time, {row.get('evaluations', '?')} evaluations run")
 
 
 def table(result: dict) -> str:
@@ -175,6 +213,7 @@ def plot(paths: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = [json.loads(Path(p).read_text()) for p in paths]
+    results = [r for r in results if all(row.get("heldout") is not None for row in r["rows"])]  # plan-only runs: no quality
     models = list(dict.fromkeys(r["model"] for r in results))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
@@ -196,14 +235,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=sorted(CASES))
     parser.add_argument("--metric", default=None, help="default: kl for smollm2, cosine for minilm")
-    parser.add_argument("--fingerprint", default="cpu")
+    parser.add_argument("--fingerprint", nargs="+", default=["cpu"], help="one or more: each plans every budget")
     parser.add_argument("--budgets", type=float, nargs="+", default=None)
-    parser.add_argument("--tokens", default="", help="BATCHxLENGTH of each call (smollm2: default 4x128)")
+    parser.add_argument("--tokens", default="", help="BATCHxLENGTH of each call (smollm2: default 4x128, "
+                        "minilm: 32 x the longest sentence, llama8b-shape: 8x128)")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--formats", nargs="+", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--measure", action="store_true", help="also time each rewritten model against dense")
+    parser.add_argument("--plan-only", action="store_true", help="plan without lowering (lower=False): planning cost")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
     parser.add_argument("--plot", default=None, help="with result JSON files as arguments: draw them into this PNG")
     parser.add_argument("results", nargs="*", help="result JSON files to plot")
@@ -213,7 +254,7 @@ def main(argv=None) -> int:
         return 0
     if args.model is None:
         parser.error("--model is required unless --plot is given")
-    args.metric = args.metric or ("kl" if args.model == "smollm2" else "cosine")
+    args.metric = args.metric or ("cosine" if args.model == "minilm" else "kl")
     args.tokens = args.tokens or ("4x128" if args.model == "smollm2" else "")
     result = run(args)
     if args.out:

@@ -13,7 +13,9 @@ spend). Nothing in it is guessed; both factors are measured on this network:
   projection passes through a softmax, one in an early output projection is carried by every
   later block, one in a pooler nobody reads vanishes. ``probe_sensitivity`` measures it per role
   of layer (layers whose names differ only in their numbers, such as
-  ``encoder.layer.3.attention.self.query``), then alone for each layer the allocation picks.
+  ``encoder.layer.3.attention.self.query``), per run of consecutive blocks, then alone for the
+  few layers the allocation picks with the most time at stake: a few dozen model evaluations
+  whatever the layer count.
 - ``amplification``: how layer errors combine when several layers are rewritten at once.
   ``fit_to_budget`` measures the end-to-end error of an allocation, sets the amplification to
   what was observed, re-allocates, and keeps the allocation with the most predicted saving that
@@ -37,11 +39,13 @@ CALIBRATION_ROUNDS = 4  # end-to-end measurements spent calibrating the amplific
 GOOD_FILL = 0.85  # an allocation measuring at least this share of the budget is not re-allocated
 MIN_AMPLIFICATION = 1e-3
 MAX_PROBES = 32  # roles probed one by one; a model with more starts from sensitivity 1
+MAX_SEGMENTS = 6  # depth probes: runs of consecutive blocks whose layers are measured together
 PROBE_ROUNDS = 3  # refills after which picked layers are no longer probed alone
 PROBE_MARGIN = 4.0  # a layer whose least lossy step costs up to this much of the budget is probed alone
-# layers probed alone per refill, those with the most predicted time at stake first; the rest take
-# their role's median. Unbounded, a 211-layer LLM measured nearly every layer alone (2153 model
-# evaluations to plan SmolLM2-135M, docs/frontier.md); planning must grow with roles, not layers
+# layers probed alone in all, those with the most predicted time at stake first; the others keep
+# their role and depth estimate, corrected by their role's median ratio of measured to estimated.
+# Probing every layer alone, a 211-layer LLM measured nearly every layer (2153 model evaluations to
+# plan SmolLM2-135M, docs/frontier.md): planning must grow with roles and depth, not with layers
 MAX_ALONE = 12
 
 
@@ -196,23 +200,58 @@ def role_of(name: str) -> str:
     return re.sub(r"\d+", "#", name)
 
 
+def depth_of(name: str) -> int | None:
+    """The block a layer belongs to: the first number in its name ('model.layers.12.mlp.up' -> 12)."""
+    m = re.search(r"\d+", name)
+    return int(m.group()) if m else None
+
+
+def depth_segments(hulls: list["Hull"], most: int = MAX_SEGMENTS) -> list[list["Hull"]]:
+    """Runs of consecutive blocks, at most ``most`` of them, as equal in blocks as can be; layers
+    without a block number are in none. Empty where the layers span fewer than two blocks."""
+    depths = sorted({d for d in (depth_of(h.layer.name) for h in hulls) if d is not None})
+    if len(depths) < 2:
+        return []
+    count = min(most, len(depths))
+    segment_of = {d: i * count // len(depths) for i, d in enumerate(depths)}
+    segments: list[list[Hull]] = [[] for _ in range(count)]
+    for h in hulls:
+        d = depth_of(h.layer.name)
+        if d is not None:
+            segments[segment_of[d]].append(h)
+    return [seg for seg in segments if seg]
+
+
 def probe_point(hull: Hull, target: float) -> Candidate:
     """The hull candidate whose layer error is nearest ``target`` (in ratio): a typical perturbation."""
     return min(hull.points[1:], key=lambda c: abs(math.log(max(c.predicted_error, 1e-12) / target)))
 
 
+def _measured_ratio(measure_alone: MeasureAlone, picks: dict[str, Candidate], hulls: dict[str, Hull]) -> float | None:
+    """Measured end-to-end squared error of ``picks`` over what the current sensitivities predict."""
+    model = sum(hulls[n].sensitivity * c.predicted_error ** 2 for n, c in picks.items())
+    if model <= 0.0:
+        return None
+    return measure_alone(picks) ** 2 / model
+
+
 def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: int = PROBE_ROUNDS) -> None:
     """Measure how much of a layer's squared error reaches the output, and refill the allocation.
 
-    ``measure_alone`` evaluates the end-to-end error with only the given layers rewritten. First
-    one measurement per role of layer (at most MAX_PROBES roles) gives every layer a prior; then,
-    for up to ``rounds`` refills, each layer the allocation picks (or whose least lossy candidate
-    would cost at most PROBE_MARGIN times the budget at its prior) that has not been measured on
-    its own is measured alone at that candidate, and the role's other layers take the median
-    of its layers measured so far (at most MAX_ALONE a refill, the most time at stake first): the
-    role average hides how much depth matters (in MiniLM an
-    early output projection reaches the embedding several times more than the average of its
-    role), and the layers picked are those whose cost decides the plan.
+    ``measure_alone`` evaluates the end-to-end error with only the given layers rewritten. Three
+    kinds of probe, each a whole-model evaluation, so that planning grows with the model's roles
+    and depth, not with its layers:
+
+    - per role of layer (at most MAX_PROBES roles): every layer of the role at a typical
+      perturbation gives the role's sensitivity;
+    - per depth segment (at most MAX_SEGMENTS runs of consecutive blocks): every layer of the
+      segment at once scales its layers' role sensitivities by what was measured there. The role
+      average hides how much depth matters: in MiniLM an early output projection reaches the
+      embedding several times more than the average of its role;
+    - alone, for up to ``rounds`` refills: the layers the allocation picks (or whose least lossy
+      candidate would cost at most PROBE_MARGIN times the budget) with the most predicted time at
+      stake, MAX_ALONE in all, since their cost decides the plan. The role's other layers are
+      corrected by the median ratio of measured to estimated sensitivity among those probed.
     """
     roles: dict[str, list[Hull]] = {}
     for h in alloc.hulls:
@@ -220,39 +259,56 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
             roles.setdefault(role_of(h.layer.name), []).append(h)
     if not roles:
         return
+    by_name = {h.layer.name: h for hulls in roles.values() for h in hulls}
+    target = max(alloc.budget, 1e-4)
     if len(roles) <= MAX_PROBES:
-        target = max(alloc.budget, 1e-4)
         found = []
         for role, hulls in roles.items():
-            picks = {h.layer.name: probe_point(h, target) for h in hulls}
-            model = sum(c.predicted_error ** 2 for c in picks.values())
-            if model <= 0.0:
-                continue
-            sensitivity = measure_alone(picks) ** 2 / model
             for h in hulls:
-                h.sensitivity = sensitivity
-            found.append(f"{role} {sensitivity:.2g}")
+                h.sensitivity = 1.0
+            ratio = _measured_ratio(measure_alone, {h.layer.name: probe_point(h, target) for h in hulls}, by_name)
+            if ratio is None:
+                continue
+            for h in hulls:
+                h.sensitivity = ratio
+            found.append(f"{role} {ratio:.2g}")
         alloc.history.append("end-to-end sensitivity per role of layer (measured alone): " + ", ".join(found))
+        found = []
+        for segment in depth_segments(list(by_name.values())):
+            ratio = _measured_ratio(measure_alone, {h.layer.name: probe_point(h, target) for h in segment}, by_name)
+            if ratio is None:
+                continue
+            for h in segment:
+                h.sensitivity *= ratio
+            blocks = sorted({depth_of(h.layer.name) for h in segment})
+            found.append(f"{blocks[0]}-{blocks[-1]} x{ratio:.2g}" if len(blocks) > 1 else f"{blocks[0]} x{ratio:.2g}")
+        if found:
+            alloc.history.append("end-to-end sensitivity by depth, blocks measured together (x role's): "
+                                 + ", ".join(found))
     alloc.fill()
-    alone: set[int] = set()
+    alone: dict[int, float] = {}  # id(hull) -> measured over estimated sensitivity
+    estimate = {id(h): h.sensitivity for h in alloc.hulls}
     for _ in range(rounds):
+        if len(alone) >= MAX_ALONE:
+            break
         capacity = alloc.budget ** 2 / alloc.amplification - alloc.fixed
         todo = [h for h in alloc.hulls if id(h) not in alone and h.sensitivity > 0.0 and len(h.points) > 1
                 and (h.index > 0 or h.cost(1) <= PROBE_MARGIN * capacity)]
         if not todo:
             break
         todo.sort(key=lambda h: -h.layer.saving(h.current if h.index > 0 else h.points[1]))
-        for h in todo[:MAX_ALONE]:
-            alone.add(id(h))
+        for h in todo[: MAX_ALONE - len(alone)]:
             cand = h.current if h.index > 0 else h.points[1]
-            if cand.predicted_error > 0.0:
-                h.sensitivity = measure_alone({h.layer.name: cand}) ** 2 / cand.predicted_error ** 2
-        for hulls in roles.values():  # layers not yet measured alone take their role's median
-            measured = sorted(h.sensitivity for h in hulls if id(h) in alone)
-            if measured:
+            if cand.predicted_error <= 0.0:
+                continue
+            h.sensitivity = measure_alone({h.layer.name: cand}) ** 2 / cand.predicted_error ** 2
+            alone[id(h)] = h.sensitivity / estimate[id(h)] if estimate[id(h)] > 0.0 else 1.0
+        for hulls in roles.values():  # the layers not probed alone: their estimate, corrected
+            ratios = sorted(alone[id(h)] for h in hulls if id(h) in alone)
+            if ratios:
                 for h in hulls:
                     if id(h) not in alone:
-                        h.sensitivity = measured[len(measured) // 2]
+                        h.sensitivity = estimate[id(h)] * ratios[len(ratios) // 2]
         alloc.fill()
     if alone:
         layers = ", ".join(f"{h.layer.name} {h.sensitivity:.2g}" for h in alloc.hulls if id(h) in alone)

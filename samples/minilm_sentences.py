@@ -103,11 +103,16 @@ def embedding_cosine(reference: torch.Tensor, other: torch.Tensor) -> tuple[floa
     return float(cos.mean()), float(cos.min())
 
 
-def prepare(batch: int = BATCH):
-    """Model, tokenizer and the calibration and held-out batches of the shipped sentences."""
+def prepare(batch: int = BATCH, length: int | None = None):
+    """Model, tokenizer and the calibration and held-out batches of the shipped sentences, padded
+    to ``length`` tokens (default: the longest sentence's; a longer one prices the model at the
+    sequence length it is run at, the padding masked out of the embeddings)."""
     model, tokenizer = load_model()
     calib, held = split(load_sentences())
-    length = token_length(tokenizer, calib + held)
+    fits = token_length(tokenizer, calib + held)
+    if length is not None and length < fits:
+        raise ValueError(f"length {length} cuts sentences of up to {fits} tokens; use at least {fits}")
+    length = length or fits
     return model, tokenizer, batches(tokenizer, calib, length, batch), batches(tokenizer, held, length, batch)
 
 

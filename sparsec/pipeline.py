@@ -18,6 +18,7 @@ import dataclasses
 import datetime
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -102,32 +103,34 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     step's name (``failed_step``), so that an entry falling back to the dense graph can say where
     planning broke."""
     planning, checking, shared = _graph_options(frontend, options, budget)
-    with step("capture"):
+    timed = StepClock()
+    with timed("capture"):
         sites, skipped = capture(frontend)
-    with step("calibrate"):
+    with timed("calibrate"):
         stats, found = calibrate(frontend, sites)
     warnings = list(getattr(frontend, "warnings", [])) + found + shared
-    with step("candidates"):
+    with timed("candidates"):
         layers = candidates(sites, stats, planning, planning.plan)
-    with step("cost"):
+    with timed("cost"):
         cost(layers, fingerprint, planning)
-    with step("approximate", total=len(layers)):
+    with timed("approximate", total=len(layers)):
         approximate(layers, planning)
-    with step("select"):
+    with timed("select"):
         alloc = select(layers, planning, fingerprint)
-    with step("verify", shown_as="verify (model evaluations)"):
+    with timed("verify", shown_as="verify (model evaluations)"):
         e2e = verify(frontend, layers, alloc, planning)
-    with step("measure"):
+    with timed("measure"):
         while measure(frontend, layers, alloc, planning):
-            e2e = verify(frontend, layers, alloc, planning)
-    with step("lower"):
+            e2e = verify(frontend, layers, alloc, planning, before=e2e)
+    with timed("lower"):
         lowered = lower(frontend, layers) if planning.lower else None
-    with step("check", shown_as="check (run and time the rewritten graph)"):
+    with timed("check", shown_as="check (run and time the rewritten graph)"):
         checked, kept = check(frontend, layers, lowered, checking)
         if kept is not None:  # every layer dense now: the graph as given
             lowered = lower(frontend, layers)
-            e2e = EndToEnd(measured_error=0.0, heldout_error=0.0 if frontend.has_heldout() else None)
-    with step("report"):
+            e2e = dataclasses.replace(e2e, measured_error=0.0, heldout_error=0.0 if frontend.has_heldout() else None,
+                                      local={})
+    with timed("report"):
         rest_us, fused_us = rest(frontend, fingerprint, planning)
         stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, planning.cost_mode)
         plan = plan_of(layers, fingerprint, options)
@@ -140,6 +143,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
             predicted = report["end_to_end"]["predicted_speedup"]
             report["warnings"].insert(0, checked.alarm.replace("{predicted}", f"{predicted or float('nan'):.2f}x"))
         # how the budget was calibrated, re-allocated and backed off, per subgraph
+        report["planning"] = planning_of(timed, e2e)
         report["planner_log"] = [f"graph {frontend.graph}: {line}"
                                  for line in alloc.history + stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)
@@ -180,6 +184,32 @@ def step(name: str, total: int | None = None, shown_as: str | None = None):
             except AttributeError:  # an exception type without a __dict__
                 pass
         raise
+
+
+class StepClock:
+    """``step`` that also adds up each step's wall time, for the report's ``planning``."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, total: int | None = None, shown_as: str | None = None):
+        start = time.perf_counter()
+        try:
+            with step(name, total, shown_as):
+                yield
+        finally:
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+
+def planning_of(timed: StepClock, e2e: "EndToEnd") -> dict:
+    """What planning cost: whole-model evaluations run (on calibration and on held-out data), the
+    mean wall time of one on calibration data, and the seconds of each step (the report's own
+    rendering excluded)."""
+    seconds = {name: round(s, 3) for name, s in timed.seconds.items() if name != "report"}
+    return {"model_evaluations": e2e.evaluations, "heldout_evaluations": e2e.heldout_evaluations,
+            "timing": {"evaluation_s": round(e2e.evaluation_s, 4) if e2e.evaluations else None,
+                       "total_s": round(sum(seconds.values()), 3), "steps_s": seconds}}
 
 
 def failed_step(exc: BaseException) -> str:
@@ -360,6 +390,8 @@ def approximate(layers: list[Layer], options: Options) -> None:
                             f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
                         )
                     break
+        for handler in HANDLERS.values():  # work shared by one layer's specs (``BlockHandler.forget``)
+            getattr(handler, "forget", lambda: None)()
 
 
 def _remaker(layer: Layer, cand: Candidate, key: tuple):
@@ -504,9 +536,12 @@ class EndToEnd:
     measured_error: float | None = None
     heldout_error: float | None = None
     local: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0  # whole-model evaluations on calibration data while verifying
+    heldout_evaluations: int = 0
+    evaluation_s: float = 0.0  # mean wall time of one on calibration data
 
 
-def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> EndToEnd:
+def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, before: EndToEnd | None = None) -> EndToEnd:
     """Measure the rewritten graph's output error: probe each role of layer's end-to-end
     sensitivity, calibrate the error model, re-allocate, and back off auto layers until within
     budget (``passes.select.fit_to_budget``).
@@ -519,6 +554,17 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
     from sparsec.progress import advance_current
 
     measured: dict[tuple, tuple[float, float | None, dict[str, float]]] = {}
+    before = before or EndToEnd()
+    count = {"calibration": before.evaluations, "heldout": before.heldout_evaluations,
+             "seconds": before.evaluation_s * before.evaluations}
+
+    def evaluate(reps: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
+        start = time.perf_counter()
+        result = frontend.evaluate(reps, heldout=heldout)
+        count["heldout" if heldout else "calibration"] += 1
+        if not heldout:
+            count["seconds"] += time.perf_counter() - start
+        return result
 
     def evaluate_current() -> tuple[float, float | None, dict[str, float]]:
         rewritten = [l for l in layers if l.chosen is not None and not l.chosen.is_dense]
@@ -529,8 +575,8 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
                 measured[key] = (0.0, 0.0 if frontend.has_heldout() else None, {})
             else:
                 advance_current()
-                error, local = frontend.evaluate(reps)
-                held = frontend.evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
+                error, local = evaluate(reps)
+                held = evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
                 measured[key] = (error, held, local)
         return measured[key]
 
@@ -545,13 +591,15 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> 
     def measure_alone(choices: dict[str, Candidate]) -> float:
         advance_current()
         site_of = {l.name: l.site for l in layers}
-        return to_error(frontend.evaluate({n: c.weight().to(site_of[n].dtype) for n, c in choices.items()})[0])
+        return to_error(evaluate({n: c.weight().to(site_of[n].dtype) for n, c in choices.items()})[0])
 
     knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
     for h in alloc.hulls:
         h.layer.chosen = h.current
     error, held, local = evaluate_current()
-    result = EndToEnd(measured_error=error, heldout_error=held, local=local)
+    result = EndToEnd(measured_error=error, heldout_error=held, local=local, evaluations=count["calibration"],
+                      heldout_evaluations=count["heldout"],
+                      evaluation_s=count["seconds"] / count["calibration"] if count["calibration"] else 0.0)
     for layer in layers:
         layer.measured_error = local.get(layer.name, 0.0 if layer.chosen is None or layer.chosen.is_dense else None)
     return result

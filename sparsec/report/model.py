@@ -122,6 +122,8 @@ class Report:
           the planner uses for the errors of independent rewrites; null if either is null.
           Each subgraph is planned against the whole budget, so the combined error can exceed
           it: the report then shows that rather than hiding it.
+        - planning: evaluation counts and step seconds are summed, the time of one evaluation is
+          the mean weighted by evaluations.
         - ``skipped``, ``fallbacks`` and ``warnings`` are joined (warnings without repeats); entry,
           fingerprint, device and error budget must agree, since one compilation uses one of
           each.
@@ -144,6 +146,8 @@ class Report:
                                    + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("skipped", [])])
         if "planner_log" in combined or "planner_log" in other._data:
             combined["planner_log"] = list(combined.get("planner_log", [])) + list(other.get("planner_log", []))
+        if "planning" in combined or "planning" in other._data:
+            combined["planning"] = combine_planning(combined.get("planning"), other.get("planning"))
         if "fallbacks" in combined or "fallbacks" in other._data:
             combined["fallbacks"] = ([dict(x) for x in combined.get("fallbacks", [])]
                                      + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("fallbacks", [])])
@@ -156,6 +160,22 @@ class Report:
         _raise_if_invalid(combined, "extended report")
         self._data = combined
         return self
+
+
+def combine_planning(mine: dict | None, theirs: dict | None) -> dict | None:
+    """What planning two graphs cost together (``extend``)."""
+    if not mine or not theirs:
+        return copy.deepcopy(mine or theirs)
+    n = mine["model_evaluations"] + theirs["model_evaluations"]
+    a, b = mine["timing"], theirs["timing"]
+    weighted = [(p["model_evaluations"], p["timing"]["evaluation_s"]) for p in (mine, theirs)
+                if p["timing"]["evaluation_s"] is not None]
+    steps = dict(a["steps_s"])
+    for name, sec in b["steps_s"].items():
+        steps[name] = round(steps.get(name, 0.0) + sec, 3)
+    return {"model_evaluations": n, "heldout_evaluations": mine["heldout_evaluations"] + theirs["heldout_evaluations"],
+            "timing": {"evaluation_s": (sum(k * t for k, t in weighted) / n) if weighted and n else None,
+                       "total_s": round(a["total_s"] + b["total_s"], 3), "steps_s": steps}}
 
 
 def _graph_shift(mine: dict, theirs: dict) -> int:

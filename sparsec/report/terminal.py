@@ -85,6 +85,10 @@ def _totals(report) -> Text:
                 f"{v.fmt_speedup(e2e['measured_speedup'])}; error {v.fmt_error(e2e['measured_error'])} "
                 f"on calibration, {v.fmt_error(e2e['heldout_error'])} held out, of budget "
                 f"{v.fmt_error(report['error_budget'])}")
+    planning = v.planning_line(report)
+    if planning:
+        text.append("\nplanning: ", style="bold")
+        text.append(planning)
     return text
 
 

@@ -136,6 +136,22 @@ def budget_spend(report) -> BudgetSpend:
                        measured_error=e2e.get("measured_error"), heldout_error=e2e.get("heldout_error"))
 
 
+def planning_line(report) -> str | None:
+    """What planning cost, in a sentence: model evaluations, seconds, and the slowest steps."""
+    planning = report.get("planning")
+    if not planning:
+        return None
+    timing = planning["timing"]
+    one = timing.get("evaluation_s")
+    steps = sorted(timing["steps_s"].items(), key=lambda kv: -kv[1])[:3]
+    held = planning["heldout_evaluations"]
+    return (f"{planning['model_evaluations']} model evaluations on calibration data"
+            + (f" and {held} on held-out data" if held else "")
+            + (f" (one: {one:.3g} s)" if one else "")
+            + f"; {timing['total_s']:.3g} s in all"
+            + (f" ({', '.join(f'{name} {sec:.3g} s' for name, sec in steps)})" if steps else ""))
+
+
 def skipped(report) -> list[dict]:
     """Weight-bearing ops the pipeline did not consider, each with its reason."""
     return list(report.get("skipped") or [])

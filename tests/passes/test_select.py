@@ -190,9 +190,10 @@ def test_probed_sensitivities_weight_each_role_and_free_dead_layers():
     error, _ = select.fit_to_budget(
         alloc, lambda: (true_error({h.layer.name: h.current for h in alloc.hulls if h.index}), {}),
         measure_alone=lambda choices: (probes.append(set(choices)), true_error(choices))[1])
-    # one probe per role, then one per picked layer on its own
+    # one probe per role, one per block (three blocks: each its own depth segment), then picked layers alone
     assert [len({select.role_of(n) for n in p}) for p in probes[:3]] == [1, 1, 1]
-    assert all(len(p) == 1 for p in probes[3:])
+    assert [{select.depth_of(n) for n in p} for p in probes[3:6]] == [{0}, {1}, {2}]
+    assert all(len(p) == 1 for p in probes[6:])
     assert {select.role_of(h.layer.name): h.sensitivity for h in alloc.hulls} == pytest.approx(true)
     assert error <= budget
     pooler = next(h for h in alloc.hulls if h.layer.name == "pooler")
@@ -232,9 +233,9 @@ def test_layers_picked_are_probed_alone_when_depth_matters_more_than_role():
     assert all(h.current.predicted_error == 0.04 for h in alloc.hulls[1:])  # the others go all the way
 
 
-def test_probing_alone_grows_with_roles_not_with_layers():
-    """Two hundred layers of three roles: each refill measures at most MAX_ALONE of them alone,
-    those with the most time at stake first; the rest take their role's median."""
+def test_probing_grows_with_roles_and_depth_not_with_layers():
+    """Two hundred layers of three roles in 67 blocks: one probe per role, one per run of blocks
+    (at most MAX_SEGMENTS), and at most MAX_ALONE layers alone, those with the most time at stake first."""
     layers, viable = [], {}
     for i in range(200):
         lay, cands = layer(f"block.{i // 3}.{('q', 'up', 'down')[i % 3]}", [(0.001, 60.0 - i * 0.1)])
@@ -249,8 +250,32 @@ def test_probing_alone_grows_with_roles_not_with_layers():
     alloc = select.allocate(layers, viable, 0.01)
     select.probe_sensitivity(alloc, alone)
     singles = [c for c in calls if len(c) == 1]
-    assert len(calls) - len(singles) == 3  # one probe per role
-    assert 0 < len(singles) <= select.PROBE_ROUNDS * select.MAX_ALONE
+    groups = [c for c in calls if len(c) > 1]
+    assert len(groups) == 3 + select.MAX_SEGMENTS
+    segments = [sorted({select.depth_of(n) for n in c}) for c in groups[3:]]
+    assert [s[0] for s in segments] == sorted(s[0] for s in segments)  # runs of consecutive blocks, in order
+    assert sum(len(s) for s in segments) == 67
+    assert 0 < len(singles) <= select.MAX_ALONE
     order = [l.name for l in layers]
-    first = [order.index(c[0]) for c in singles[: select.MAX_ALONE]]
-    assert first == list(range(199, 199 - select.MAX_ALONE, -1))  # later layers save more here: first
+    first = [order.index(c[0]) for c in singles]
+    assert first == list(range(199, 199 - len(singles), -1))  # later layers save more here: first
+
+
+def test_depth_probes_find_a_block_that_matters_more_among_many():
+    """Thirty blocks of two roles; blocks 0-4 reach the output 20x more. The role probes average
+    that away, the depth segment of blocks 0-4 finds it without probing each layer alone."""
+    layers, viable = [], {}
+    for i in range(30):
+        for role in ("q", "up"):
+            lay, cands = layer(f"layers.{i}.{role}", [(0.01, 50.0), (0.03, 80.0)])
+            layers.append(lay)
+            viable[lay.name] = cands
+    true = {l.name: (20.0 if select.depth_of(l.name) < 5 else 1.0) for l in layers}
+
+    def error_of(choices):
+        return math.sqrt(sum(true[n] * c.predicted_error ** 2 for n, c in choices.items()))
+
+    alloc = select.allocate(layers, viable, 0.05)
+    select.probe_sensitivity(alloc, error_of, rounds=0)
+    for h in alloc.hulls:
+        assert h.sensitivity == pytest.approx(true[h.layer.name])
