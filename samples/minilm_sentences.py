@@ -94,7 +94,8 @@ def batches(tokenizer, sentences: list[str], length: int, batch: int = BATCH) ->
 
 def embed(model, items) -> torch.Tensor:
     with torch.no_grad():
-        return torch.cat([model(*item) for item in items])
+        # cloned: a model run under CUDA graphs overwrites its output on the next call
+        return torch.cat([model(*item).clone() for item in items])
 
 
 def embedding_cosine(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:

@@ -199,7 +199,9 @@ class StepClock:
             with step(name, total, shown_as):
                 yield
         finally:
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+            took = time.perf_counter() - start
+            self.seconds[name] = self.seconds.get(name, 0.0) + took
+            log.debug("step %s: %.2f s", name, took)
 
 
 def planning_of(timed: StepClock, e2e: "EndToEnd") -> dict:

@@ -253,3 +253,26 @@ def test_extend_adds_what_each_graph_folded_into_its_launches():
     assert combined["predicted_us_stacked"] == pytest.approx(4.0)
     b["end_to_end"]["predicted_us_fused"] = None
     assert Report(a).extend(Report(b)).end_to_end["predicted_us_fused"] is None
+
+
+def _planning(calib: int, held: int, one_s: float | None, steps: dict) -> dict:
+    return {"model_evaluations": calib, "heldout_evaluations": held,
+            "timing": {"evaluation_s": one_s, "total_s": sum(steps.values()), "steps_s": steps}}
+
+
+def test_extend_adds_up_what_planning_cost():
+    a_data = make_report(seed=1, blocks=1)
+    a_data["planning"] = _planning(10, 2, 0.5, {"approximate": 3.0, "verify": 5.0})
+    a = Report(a_data)
+    b_data = _fingerprint_like(a, make_report(seed=2, blocks=1))
+    b_data["planning"] = _planning(30, 0, 0.1, {"verify": 3.0, "lower": 1.0})
+    a.extend(Report(b_data))
+    planning = a.get("planning")
+    assert planning["model_evaluations"] == 40 and planning["heldout_evaluations"] == 2
+    assert planning["timing"]["evaluation_s"] == pytest.approx((10 * 0.5 + 30 * 0.1) / 40)
+    assert planning["timing"]["steps_s"] == {"approximate": 3.0, "verify": 8.0, "lower": 1.0}
+    assert planning["timing"]["total_s"] == pytest.approx(12.0)
+    assert schema_errors(a.to_dict()) == []
+    bad = copy.deepcopy(a.to_dict())
+    bad["planning"]["model_evaluations"] = -1
+    assert any("model_evaluations" in e for e in schema_errors(bad))

@@ -61,6 +61,17 @@ def test_table_prints_user_names_literally_and_lists_skipped_ops():
     assert "not considered: embed_tokens (embedding): not a linear layer" in text
 
 
+def test_table_says_what_planning_cost_where_the_report_records_it():
+    data = make_report(seed=4, blocks=1)
+    assert "planning:" not in _text(data)
+    data["planning"] = {"model_evaluations": 27, "heldout_evaluations": 3,
+                        "timing": {"evaluation_s": 0.25, "total_s": 9.5,
+                                   "steps_s": {"calibrate": 0.5, "approximate": 6.0, "verify": 3.0}}}
+    text = _text(data)
+    assert "planning: 27 model evaluations on calibration data and 3 on held-out data (one: 0.25 s); 9.5 s in all" in text
+    assert "(approximate 6 s, verify 3 s, calibrate 0.5 s)" in text
+
+
 def test_table_of_an_empty_model_says_so():
     data = make_report(blocks=0)
     data["layers"] = []
