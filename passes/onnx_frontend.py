@@ -20,7 +20,7 @@ all calibration runs), not one figure over all outputs together: a small output 
 classifier's logits must not hide behind a large hidden-state output.
 
 A layer that saw fewer calibration rows than it has inputs is fitted data-free by the
-pipeline's calibrate step, as for every front-end (``SiteStats.fall_back_to_isotropic``).
+pipeline's calibrate step, as for every front-end (``SiteStats.fall_back_to_diagonal``).
 """
 
 from __future__ import annotations

@@ -256,11 +256,11 @@ def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStat
         names = ", ".join(s.name for s in sites if s.input_key == key)
         if K <= st.rows < THIN_ROWS_PER_INPUT * K and not frontend.has_heldout():
             thin.append((names, st.rows, K))
-        if st.fall_back_to_isotropic():
+        if st.fall_back_to_diagonal():
             warnings.append(
-                f"{names}: {st.rows} calibration rows for {K} inputs, too few to weight a fit by; "
-                f"fitted data-free (as if inputs were isotropic) so its measured error holds for new inputs. "
-                f"Supply at least {K} calibration rows for activation-aware fitting"
+                f"{names}: {st.rows} calibration rows for {K} inputs, too few to weight a fit by their correlations; "
+                f"fitted to each input's energy alone (as if inputs were uncorrelated) so its measured error holds "
+                f"for new inputs. Supply at least {K} calibration rows for a fully activation-aware fit"
             )
     if thin:
         names = "; ".join(f"{n} ({rows} rows for {K} inputs)" for n, rows, K in thin[:3])
@@ -382,7 +382,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
                     else:
                         w_hat = w_hat.to(site.dtype)  # what will run; half the memory of float32 in 16-bit models
                         _APPROXIMATIONS.put((key, cand.fmt), w_hat)
-                    cand.method = handler.default_method + (", data-free (too few calibration rows)" if st.isotropic else "")
+                    cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
                     cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias, energy)
                 worst = max(batch, key=lambda c: c.predicted_error)
                 if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:

@@ -109,7 +109,7 @@ def test_a_small_output_is_not_hidden_by_a_large_one():
     assert local["small"] == pytest.approx(0.1, rel=1e-4)
 
 
-def test_too_few_rows_fall_back_to_an_isotropic_gram_and_are_named():
+def test_too_few_rows_fall_back_to_a_diagonal_gram_and_are_named():
     from sparsec.pipeline import calibrate
 
     model, _ = lowrank_mlp(d=32, rank=4, layers=1, tokens=4)
@@ -119,10 +119,14 @@ def test_too_few_rows_fall_back_to_an_isotropic_gram_and_are_named():
     stats, warnings = calibrate(fe, sites)  # the pipeline's step, the same for every front-end
     st = stats[sites[0].input_key]
     assert [w for w in warnings if w.startswith("fc0: 8 calibration rows for 32 inputs, too few")]
-    # data-free: every direction weighs the same, with the energy the rows showed
-    seen = sum(float(np.sum(f["x"].astype(np.float64) ** 2)) for f in fe.calibration.runs)
-    expected = torch.eye(32, dtype=st.gram.dtype) * (seen / 32)
+    # each input keeps the energy the rows showed (damped by 1% of the mean), correlations are dropped
+    from sparsec.sites import DIAGONAL_DAMPING
+
+    x = np.concatenate([f["x"].astype(np.float64) for f in fe.calibration.runs])
+    energy = torch.from_numpy((x ** 2).sum(0)).to(st.gram.dtype)
+    expected = torch.diag(energy + DIAGONAL_DAMPING * energy.mean())
     torch.testing.assert_close(st.gram, expected, rtol=1e-5, atol=0)
+    assert st.uncorrelated
 
 
 def test_replacing_a_tied_weight_changes_only_that_layer():
