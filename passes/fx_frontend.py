@@ -73,6 +73,17 @@ class FxFrontend:
                 self._references.append(flatten_outputs(out))
         return stats
 
+    def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor]) -> dict[str, SiteStats]:
+        """Gram statistics of the named sites' inputs as they arrive when ``replacements`` run in
+        place of their layers' weights (sequential recovery), one pass over the calibration data."""
+        stats = empty_stats([self.sites[n] for n in names])
+        with torch.no_grad():
+            for item in self.calibration:
+                advance_current()
+                gm, nodes, args = self._run_of(item)
+                SiteInterpreter(gm, nodes, self.sites, stats=stats, replacements=replacements).run(*args)
+        return stats
+
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
         data = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references

@@ -30,7 +30,7 @@ class SiteInterpreter(fx.Interpreter):
         if site is None:
             return super().run_node(n)
         x = self._activation(n)
-        if self.stats is not None and site.input_key not in self._counted:
+        if self.stats is not None and site.input_key in self.stats and site.input_key not in self._counted:
             self._counted.add(site.input_key)
             self.stats[site.input_key].add(x.detach().reshape(-1, x.shape[-1]))
         weight = self.replacements.get(site.name)

@@ -59,6 +59,9 @@ class Layer:
     measured_us_dense: float | None = None
     budget_left: float | None = None  # layer error still affordable given every other choice
     kept_dense: str | None = None  # why a planned rewrite was undone after the whole graph was timed
+    # sequential recovery: the chosen candidate's error on the inputs the layer receives once the
+    # earlier blocks run their rewrites, fitted one shot (to the dense model's inputs) and refitted
+    recovered: tuple[float, float] | None = None
 
     @property
     def name(self) -> str:

@@ -15,6 +15,10 @@ from sparsec.errors import OptionError
 from sparsec.formats import STRUCTURED_FAMILIES, family_of
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+# "none": each layer fitted to the dense model's activations (one shot); "sequential": the chosen
+# layers refitted, block after block, to the activations they receive when every earlier block
+# already runs its rewrite (sparsec.recovery)
+RECOVERY = ("none", "sequential")
 
 
 @dataclass
@@ -32,6 +36,7 @@ class Options:
     strict: bool = False  # raise on any failure instead of falling back to the dense graph
     metric: Any = None  # the quality measure the budget bounds (a sparsec.metrics.Metric once parsed)
     output: str | int | None = None  # which output the metric reads: a name or an index (None: the first)
+    recovery: str = "none"
 
     def __post_init__(self):
         if self.metric is None:
@@ -61,6 +66,7 @@ KNOWN = {
     "strict",
     "metric",
     "output",
+    "recovery",
 }
 
 
@@ -136,6 +142,11 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         if not isinstance(merged["strict"], bool):
             raise OptionError(f"option 'strict' must be True or False, got {merged['strict']!r}")
         out.strict = merged["strict"]
+    if merged.get("recovery") is not None:
+        if merged["recovery"] not in RECOVERY:
+            raise OptionError(f"option 'recovery' must be one of {', '.join(map(repr, RECOVERY))}; "
+                              f"got {merged['recovery']!r}")
+        out.recovery = merged["recovery"]
     if merged.get("mode") is not None:
         if merged["mode"] not in MODES:
             raise OptionError(f"mode {merged['mode']!r} not supported; use one of {', '.join(MODES)}")

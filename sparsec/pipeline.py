@@ -122,6 +122,8 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("measure"):
         while measure(frontend, layers, alloc, planning):
             e2e = verify(frontend, layers, alloc, planning, before=e2e)
+    with timed("recover", shown_as="recover (a pass over the calibration data per block)"):
+        recovery, e2e = recover(frontend, layers, planning, e2e)
     with timed("lower"):
         lowered = lower(frontend, layers) if planning.lower else None
     with timed("check", shown_as="check (run and time the rewritten graph)"):
@@ -144,6 +146,10 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
             report["warnings"].insert(0, checked.alarm.replace("{predicted}", f"{predicted or float('nan'):.2f}x"))
         # how the budget was calibrated, re-allocated and backed off, per subgraph
         report["planning"] = planning_of(timed, e2e)
+        if recovery is not None:
+            report["planning"]["recovery"] = recovery.to_dict()
+            if recovery.note:
+                report["warnings"].append(f"recovery {recovery.mode}: {recovery.note}")
         report["planner_log"] = [f"graph {frontend.graph}: {line}"
                                  for line in alloc.history + stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)
@@ -607,6 +613,41 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, bef
     return result
 
 
+# -- recover ----------------------------------------------------------------------------------
+
+
+def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndToEnd):
+    """With ``recovery: "sequential"``: refit the chosen rewrites block after block to the inputs
+    they receive (``sparsec.recovery``), then measure the graph end to end again. The refits are
+    kept only if the end-to-end error is no worse than the one-shot plan's (on calibration and,
+    when given, held-out data); else every layer goes back to its one-shot fit."""
+    if options.recovery == "none" or not any(l.chosen is not None and not l.chosen.is_dense for l in layers):
+        return None, e2e
+    from sparsec.recovery import recover_sequentially
+
+    summary = recover_sequentially(frontend, layers, options.recovery)
+    if not summary.refit:
+        return summary, e2e
+    reps = {l.name: l.chosen.weight().to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
+    error, local = frontend.evaluate(reps)
+    held = frontend.evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
+    counts = dict(evaluations=e2e.evaluations + 1, heldout_evaluations=e2e.heldout_evaluations + (held is not None))
+    worst_before = max(e2e.measured_error or 0.0, e2e.heldout_error or 0.0)
+    if max(error, held or 0.0) <= worst_before:
+        for layer in layers:
+            layer.measured_error = local.get(layer.name, layer.measured_error)
+        return summary, dataclasses.replace(e2e, measured_error=error, heldout_error=held, local=local, **counts)
+    for layer in layers:  # recovered layer by layer, yet worse end to end: the one-shot plan stands
+        if layer.recovered is not None and layer.name in summary.refit:
+            layer.chosen.approx = None
+            layer.recovered = None
+    summary.kept += summary.refit
+    summary.refit = []
+    summary.note = (f"refitted layers measured {error:.4g} end to end against {worst_before:.4g} one shot: "
+                           f"kept the one-shot fits")
+    return summary, dataclasses.replace(e2e, **counts)
+
+
 # -- lower ------------------------------------------------------------------------------------
 
 
@@ -709,6 +750,8 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
             "kernel": chosen.kernel,
             "method": chosen.method,
             "reason": layer_reason(layer, options, fingerprint),
+            **({"recovery": {"one_shot_error": _num(layer.recovered[0]), "recovered_error": _num(layer.recovered[1])}}
+               if layer.recovered is not None else {}),
             "candidates": [
                 {
                     "format": c.fmt,
