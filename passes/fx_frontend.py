@@ -73,16 +73,28 @@ class FxFrontend:
                 self._references.append(flatten_outputs(out))
         return stats
 
-    def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor]) -> dict[str, SiteStats]:
+    def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor], against_dense: bool = False):
         """Gram statistics of the named sites' inputs as they arrive when ``replacements`` run in
-        place of their layers' weights (sequential recovery), one pass over the calibration data."""
+        place of their layers' weights (sequential recovery), one pass over the calibration data;
+        with ``against_dense`` also, per input, (X_d^T X_d, X_d^T X) where X_d is what the dense
+        graph gives that input (a second pass per calibration call): ``(stats, products)``."""
         stats = empty_stats([self.sites[n] for n in names])
+        products = {key: (torch.zeros_like(st.gram), torch.zeros_like(st.gram)) for key, st in stats.items()} \
+            if against_dense else None
         with torch.no_grad():
             for item in self.calibration:
                 advance_current()
                 gm, nodes, args = self._run_of(item)
-                SiteInterpreter(gm, nodes, self.sites, stats=stats, replacements=replacements).run(*args)
-        return stats
+                pairs = None
+                if products is not None:
+                    dense_inputs = dict.fromkeys(stats)
+                    SiteInterpreter(gm, nodes, self.sites, inputs=dense_inputs).run(*args)
+                    for key, (d, c) in products.items():
+                        if d.device != dense_inputs[key].device:
+                            products[key] = (d.to(dense_inputs[key].device), c.to(dense_inputs[key].device))
+                    pairs = {key: (dense_inputs[key], products[key]) for key in stats}
+                SiteInterpreter(gm, nodes, self.sites, stats=stats, replacements=replacements, pairs=pairs).run(*args)
+        return (stats, products) if against_dense else stats
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
         data = self.heldout if heldout else self.calibration

@@ -17,12 +17,18 @@ from sparsec.sites import Site, SiteStats
 class SiteInterpreter(fx.Interpreter):
     """Interprets ``gm``; at each site node computes ``x @ W.T + b`` itself."""
 
-    def __init__(self, gm, nodes: dict[str, fx.Node], sites: dict[str, Site], *, stats=None, replacements=None, local=None):
+    def __init__(self, gm, nodes: dict[str, fx.Node], sites: dict[str, Site], *, stats=None, replacements=None, local=None,
+                 inputs=None, pairs=None):
         super().__init__(gm)
         self.by_node = {node: sites[name] for name, node in nodes.items()}
         self.stats = stats
         self.replacements = replacements or {}
         self.local = local
+        # recovery: ``inputs`` (input key -> None) is filled with the activations arriving there;
+        # ``pairs`` (input key -> (reference 2-D input, [X_ref^T X_ref, X_ref^T X])) accumulates
+        # the products of a reference run's inputs with this run's
+        self.inputs = inputs
+        self.pairs = pairs
         self._counted: set[str] = set()  # inputs already in the statistics this run (gate and up share one)
 
     def run_node(self, n):
@@ -30,9 +36,19 @@ class SiteInterpreter(fx.Interpreter):
         if site is None:
             return super().run_node(n)
         x = self._activation(n)
-        if self.stats is not None and site.input_key in self.stats and site.input_key not in self._counted:
-            self._counted.add(site.input_key)
-            self.stats[site.input_key].add(x.detach().reshape(-1, x.shape[-1]))
+        key = site.input_key
+        if key not in self._counted:
+            self._counted.add(key)
+            x2d = x.detach().reshape(-1, x.shape[-1])
+            if self.stats is not None and key in self.stats:
+                self.stats[key].add(x2d)
+            if self.inputs is not None and key in self.inputs:
+                self.inputs[key] = x2d.clone()
+            if self.pairs is not None and key in self.pairs:
+                reference, (dense, cross) = self.pairs[key]
+                ref = reference.to(dense.dtype)
+                dense.addmm_(ref.T, ref)
+                cross.addmm_(ref.T, x2d.to(dense.dtype))
         weight = self.replacements.get(site.name)
         if weight is None:
             return F.linear(x, site.weight.to(x.dtype), _bias(site, x))

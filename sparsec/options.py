@@ -17,8 +17,9 @@ from sparsec.formats import STRUCTURED_FAMILIES, family_of
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # "none": each layer fitted to the dense model's activations (one shot); "sequential": the chosen
 # layers refitted, block after block, to the activations they receive when every earlier block
-# already runs its rewrite (sparsec.recovery)
-RECOVERY = ("none", "sequential")
+# already runs its rewrite; "full": refitted so that each layer's output matches the dense model's
+# at that layer (sparsec.recovery)
+RECOVERY = ("none", "sequential", "full")
 
 
 @dataclass

@@ -150,6 +150,13 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
             report["planning"]["recovery"] = recovery.to_dict()
             if recovery.note:
                 report["warnings"].append(f"recovery {recovery.mode}: {recovery.note}")
+            if recovery.sequential_only:
+                from sparsec.recovery import FULL_ROWS_PER_INPUT
+
+                report["warnings"].append(
+                    f"recovery full: {len(recovery.sequential_only)} layer(s) saw fewer than {FULL_ROWS_PER_INPUT} "
+                    f"calibration rows per input (e.g. {recovery.sequential_only[0]}) and were refitted sequentially "
+                    f"only; supply more calibration rows to match the dense model's output there")
         report["planner_log"] = [f"graph {frontend.graph}: {line}"
                                  for line in alloc.history + stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)

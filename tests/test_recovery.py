@@ -30,10 +30,10 @@ def correlated(rows: int, d: int, seed: int) -> torch.Tensor:
     return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed + 1)) @ mix / d ** 0.5
 
 
-def plan(recovery: str, fmt: str = "lowrank:16"):
+def plan(recovery: str, fmt: str = "lowrank:16", rows: int = 256):
     torch.manual_seed(3)
     model = Stack().eval()
-    calib = [(correlated(256, 64, seed=10 + i),) for i in range(4)]
+    calib = [(correlated(rows, 64, seed=10 + i),) for i in range(4)]
     held = [(correlated(256, 64, seed=50 + i),) for i in range(2)]
     result = sparsec.optimize(model, calib[0], fingerprint="cpu", calibration=calib, heldout=held,
                               plan={"layers": {"_default": fmt}}, recovery=recovery, lower=False)
@@ -61,6 +61,26 @@ def test_recovery_refits_later_blocks_to_the_inputs_they_receive_and_lowers_the_
     assert "recover" in recovered["planning"]["timing"]["steps_s"]
 
 
+@pytest.mark.parametrize("fmt", ["lowrank:16", "2:4", "block:16:0.5"])
+def test_full_recovery_matches_the_dense_model_at_each_layer_and_beats_sequential(fmt):
+    one_shot, sequential, full = plan("none", fmt), plan("sequential", fmt), plan("full", fmt)
+    for layer in full["layers"]:
+        assert layer["recovery"]["recovered_error"] <= layer["recovery"]["one_shot_error"]  # never worse
+    # each layer now also corrects what the earlier rewrites changed in its input
+    assert full["end_to_end"]["measured_error"] < sequential["end_to_end"]["measured_error"]
+    assert full["end_to_end"]["measured_error"] < 0.95 * one_shot["end_to_end"]["measured_error"]
+    assert full["end_to_end"]["heldout_error"] < one_shot["end_to_end"]["heldout_error"]
+    assert full["planning"]["recovery"]["passes"] == 6  # the dense inputs too: two passes a block
+
+
+def test_full_recovery_with_few_rows_per_input_refits_sequentially_and_says_so():
+    # 4 x 32 rows for 64 inputs: the dense target would be chased along directions 128 rows barely span
+    sequential, full = plan("sequential", rows=32), plan("full", rows=32)
+    assert full["planning"]["recovery"]["sequential_only"] == 3
+    assert [l["recovery"] for l in full["layers"]] == [l["recovery"] for l in sequential["layers"]]
+    assert any("3 layer(s) saw fewer than 4 calibration rows per input" in w for w in full["warnings"])
+
+
 def test_recovery_is_refused_by_name_when_unknown():
-    with pytest.raises(OptionError, match="option 'recovery' must be one of 'none', 'sequential'; got 'full-ish'"):
+    with pytest.raises(OptionError, match="option 'recovery' must be one of 'none', 'sequential', 'full'; got 'full-ish'"):
         sparsec.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), recovery="full-ish")
