@@ -58,7 +58,7 @@ class BlockHandler:
         N, K = weight.shape
         W = weight.detach().to(torch.float32)
         G = gram(stats, K).to(W.device) if method != "magnitude" else None
-        refit = self._refit(weight, stats, W, G) if method == "least-squares" else None
+        refit = Refit(W, G) if method == "least-squares" else None
         out = []
         for spec in specs:
             why = spec.check(N, K)
@@ -76,22 +76,6 @@ class BlockHandler:
             else:
                 out.append(W * expand_mask(keep, spec.block))
         return out
-
-
-    def _refit(self, weight: torch.Tensor, stats: SiteStats | None, W: torch.Tensor, G: torch.Tensor) -> "Refit":
-        """The layer's ``Refit``, shared by the specs of one layer asked one at a time (the
-        pipeline asks for a chain's specs from the least lossy down, and stops where they get
-        too lossy): W G and H are the costly part, the same for every spec of the layer."""
-        last = getattr(self, "_last", None)
-        if last is not None and last[0] is weight and last[1] is stats:
-            return last[2]
-        refit = Refit(W, G)
-        self._last = (weight, stats, refit)
-        return refit
-
-    def forget(self) -> None:
-        """Drop the shared work of the last layer (called once a layer's candidates are made)."""
-        self._last = None
 
 
 def kept_block_mask(score: torch.Tensor, B: int, kept: int) -> torch.Tensor:

@@ -144,19 +144,11 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         if checked.alarm:
             predicted = report["end_to_end"]["predicted_speedup"]
             report["warnings"].insert(0, checked.alarm.replace("{predicted}", f"{predicted or float('nan'):.2f}x"))
-        # how the budget was calibrated, re-allocated and backed off, per subgraph
         report["planning"] = planning_of(timed, e2e)
         if recovery is not None:
             report["planning"]["recovery"] = recovery.to_dict()
-            if recovery.note:
-                report["warnings"].append(f"recovery {recovery.mode}: {recovery.note}")
-            if recovery.sequential_only:
-                from sparsec.recovery import FULL_ROWS_PER_INPUT
-
-                report["warnings"].append(
-                    f"recovery full: {len(recovery.sequential_only)} layer(s) saw fewer than {FULL_ROWS_PER_INPUT} "
-                    f"calibration rows per input (e.g. {recovery.sequential_only[0]}) and were refitted sequentially "
-                    f"only; supply more calibration rows to match the dense model's output there")
+            report["warnings"] += recovery.warnings()
+        # how the budget was calibrated, re-allocated and backed off, per subgraph
         report["planner_log"] = [f"graph {frontend.graph}: {line}"
                                  for line in alloc.history + stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)
@@ -405,8 +397,6 @@ def approximate(layers: list[Layer], options: Options) -> None:
                             f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
                         )
                     break
-        for handler in HANDLERS.values():  # work shared by one layer's specs (``BlockHandler.forget``)
-            getattr(handler, "forget", lambda: None)()
 
 
 def _remaker(layer: Layer, cand: Candidate, key: tuple):

@@ -49,6 +49,15 @@ class RecoverySummary:
     kept: list[str] = field(default_factory=list)  # layers whose one-shot fit stayed the better one
     note: str | None = None  # why nothing was recovered, where that happened
 
+    def warnings(self) -> list[str]:
+        """What the report's warnings say of this recovery: why it was undone, where it fell short."""
+        out = [f"recovery {self.mode}: {self.note}"] if self.note else []
+        if self.sequential_only:
+            out.append(f"recovery full: {len(self.sequential_only)} layer(s) saw fewer than {FULL_ROWS_PER_INPUT} "
+                       f"calibration rows per input (e.g. {self.sequential_only[0]}) and were refitted sequentially "
+                       f"only; supply more calibration rows to match the dense model's output there")
+        return out
+
     def to_dict(self) -> dict:
         out = {"mode": self.mode, "passes": self.passes, "refit": len(self.refit), "kept_one_shot": len(self.kept)}
         if self.sequential_only:
