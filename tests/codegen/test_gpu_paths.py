@@ -11,6 +11,13 @@ from sparsec.codegen import linear, pack
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
+
+@pytest.fixture(autouse=True)
+def _triton_interpreter(monkeypatch):
+    """Compiled kernels here, sparsec's and inductor's alike, run on the GPU: the interpreter the
+    other kernel tests switch on cannot run inductor's generated kernels."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+
 # relative L2 error against float64: bf16 keeps 8 mantissa bits (a few 1e-3 per product, two
 # layers and their transposes for gradients), fp16 11
 REL_TOL = {torch.bfloat16: 2e-2, torch.float16: 4e-3}
