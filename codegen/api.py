@@ -9,6 +9,8 @@ Usable without the compiler::
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from sparsec.errors import SparsecError
@@ -25,12 +27,14 @@ def _spec(spec: "str | FormatSpec") -> FormatSpec:
         raise SparsecError(str(e)) from None
 
 
-def pack(spec: "str | FormatSpec", weight: torch.Tensor) -> Packed:
+def pack(spec: "str | FormatSpec", weight: torch.Tensor, **calibrated) -> Packed:
     """Store ``weight`` (N, K) in format ``spec``, on its device and in its dtype.
 
     A weight that already has the structure packs losslessly; any other is projected by the
     format's simplest rule (magnitude for 2:4 and block, truncated SVD for lowrank, per-block
-    SVD for monarch). ``weight`` is never modified.
+    SVD for monarch). ``weight`` is never modified. ``calibrated``: what a format learns from
+    data rather than from the weight; ``act:S`` takes ``threshold`` (the input magnitude under
+    which an input is skipped; default: the one that skips a fraction S of unit-normal inputs).
     """
     spec = _spec(spec)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
@@ -39,8 +43,15 @@ def pack(spec: "str | FormatSpec", weight: torch.Tensor) -> Packed:
     reason = spec.check(N, K)
     if reason:
         raise SparsecError(f"cannot pack a {N}x{K} weight as {spec}: {reason}")
+    handler = handler_for(spec)
+    if calibrated:
+        accepted = [p for p in inspect.signature(handler.pack).parameters if p not in ("spec", "weight")]
+        unknown = [k for k in calibrated if k not in accepted]
+        if unknown:
+            raise SparsecError(f"format {spec} takes no {', '.join(map(repr, unknown))} when packing"
+                               + (f"; it takes {', '.join(accepted)}" if accepted else ""))
     with torch.no_grad():
-        tensors = handler_for(spec).pack(spec, weight.detach())
+        tensors = handler.pack(spec, weight.detach(), **calibrated)
     return Packed(spec, (N, K), tensors)
 
 

@@ -11,6 +11,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from sparsec.activation import apply_linear
 from sparsec.sites import Site, SiteStats
 
 
@@ -52,7 +53,7 @@ class SiteInterpreter(fx.Interpreter):
         weight = self.replacements.get(site.name)
         if weight is None:
             return F.linear(x, site.weight.to(x.dtype), _bias(site, x))
-        out = F.linear(x, weight, _bias(site, x))
+        out = apply_linear(x, weight, _bias(site, x))
         if self.local is not None:
             ref = F.linear(x, site.weight.to(x.dtype), _bias(site, x))
             acc = self.local.setdefault(site.name, [0.0, 0.0])

@@ -23,6 +23,11 @@ def form_of(spec: FormatSpec):
         raise ValueError(f"no ONNX form for format {spec}") from None
 
 
+def has_form(family: str) -> bool:
+    """Whether standard ONNX can write the format family ``family``."""
+    return family == Dense.family or getattr(HANDLERS.get(family), "onnx", None) is not None
+
+
 def factors(spec: FormatSpec, approx: torch.Tensor, dtype: np.dtype) -> dict[str, np.ndarray]:
     """The initializers ``emit_product`` needs for weight ``approx`` (N, K), which has ``spec``'s structure."""
     return form_of(spec).factors(spec, approx, dtype)

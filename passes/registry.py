@@ -7,10 +7,10 @@ reconstruction per spec that has exactly the format's structure, so codegen pack
 
 from __future__ import annotations
 
-from sparsec.passes import block, lowrank, monarch, twofour
+from sparsec.passes import act, block, lowrank, monarch, twofour
 
 HANDLERS = {
     handler.family: handler
-    for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER)
+    for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER, act.HANDLER)
 }
 

@@ -31,7 +31,8 @@ def packed_modules(layers: list[Layer]) -> dict:
     format whose layout stacks along N become ``GroupMember``s of one ``PackedGroup``: one launch
     over their stacked weights, each keeping exactly its own packed values. Others get a
     ``PackedLinear`` each."""
-    from sparsec.codegen import GroupMember, PackedGroup, PackedLinear, pack, stack_rows
+    from sparsec.activation import pack_approximation
+    from sparsec.codegen import GroupMember, PackedGroup, PackedLinear, stack_rows
     from sparsec.logs import logger
 
     built: dict[tuple, list] = {}
@@ -40,7 +41,7 @@ def packed_modules(layers: list[Layer]) -> dict:
             continue
         site = layer.site
         approx = layer.chosen.weight().to(device=site.weight.device, dtype=site.dtype)
-        packed = pack(layer.chosen.spec, approx)
+        packed = pack_approximation(layer.chosen.spec, approx)
         impl = layer.chosen.impl if (approx.device.type == "cuda" and layer.chosen.impl in packed.handler.impls) else "auto"
         key = (site.input_key, str(layer.chosen.spec), impl, site.dtype, site.K, site.bias is None, str(approx.device))
         if not packed.handler.stack_pays(max(layer.tokens or 1, 1)):

@@ -72,6 +72,7 @@ class Layer:
         for cand in (self.dense, *self.candidates):
             cand.approx = cand.remake = None
         self.stats.gram = self.stats.gram.new_empty(0)
+        self.stats.magnitudes = None
 
     @property
     def tokens(self) -> int:

@@ -1,8 +1,9 @@
 """Weight formats: one validated, serialisable config per format, found through a registry.
 
 A format spec is the single name a plan, a report, a fingerprint and a kernel all agree on:
-``dense``, ``2:4``, ``block:B:D`` (BxB blocks, fraction D of blocks kept), ``lowrank:R`` and
-``monarch:NB`` (NB blocks per factor). ``parse_spec`` turns the text into a frozen dataclass and
+``dense``, ``2:4``, ``block:B:D`` (BxB blocks, fraction D of blocks kept), ``lowrank:R``,
+``monarch:NB`` (NB blocks per factor) and ``act:S`` (the weight dense, a token's inputs under a
+calibrated magnitude skipped, a fraction S of them on calibration data). ``parse_spec`` turns the text into a frozen dataclass and
 ``str(spec)`` turns it back, so plans and reports round-trip exactly.
 
 Each spec also answers the two questions the planner asks before any arithmetic: can a weight of
@@ -30,6 +31,7 @@ __all__ = [
     "Block",
     "LowRank",
     "Monarch",
+    "Act",
     "FAMILIES",
     "STRUCTURED_FAMILIES",
     "parse_spec",
@@ -109,6 +111,10 @@ class FormatSpec:
     def factors(self, N: int, K: int) -> "dict[str, tuple[int, ...]] | None":
         """The shapes of the factors a factored format stores (None: packed from a dense weight)."""
         return None
+
+    def cost_note(self, M: int) -> str:
+        """What a reason for the format's time at M tokens adds (e.g. "; at 8 tokens ...")."""
+        return ""
 
     def dense_parts(self, N: int, K: int) -> "list[tuple[int, int]] | None":
         """The (N, K) of the dense GEMMs the format amounts to, applied in turn, where it is one
@@ -348,8 +354,61 @@ class Monarch(FormatSpec):
         return {"L": (nb, K // nb, K // nb), "R": (nb, N // nb, K // nb)}
 
 
+@dataclass(frozen=True)
+class Act(FormatSpec):
+    """Activation sparsity: the weight kept dense, and for each token the inputs whose magnitude is
+    under a per-layer threshold treated as zero, so the weight columns they would multiply are not
+    read. The threshold is calibrated so that a fraction ``skip`` of calibration inputs fall under
+    it; how much a launch of several tokens saves depends on the union of their kept inputs."""
+
+    family: ClassVar[str] = "act"
+    syntax: ClassVar[str] = "act:S"
+    # skipping more never makes a layer slower, nor more than proportionally faster than the
+    # bytes it leaves unread
+    param_label: ClassVar[str] = "skip fraction"
+    param_slopes: ClassVar[tuple[float, float]] = (-3.0, 0.0)
+    skip: float
+
+    def __post_init__(self):
+        if not (0.0 < self.skip < 1.0):
+            raise FormatError(f"skip fraction {self.skip} must be in (0, 1), e.g. 'act:0.4'")
+
+    def __str__(self) -> str:
+        return f"act:{_fmt_float(self.skip)}"
+
+    @classmethod
+    def parse_args(cls, args):
+        if len(args) != 1:
+            raise FormatError("activation-sparsity format is 'act:S' (S the skipped fraction), e.g. 'act:0.4'")
+        return cls(skip=_parse_float(args[0], "skip fraction"))
+
+    @classmethod
+    def example(cls):
+        return cls(0.5)
+
+    def record(self):
+        return {"skip": self.skip}
+
+    @classmethod
+    def from_record(cls, entry):
+        return cls(float(entry["skip"]))
+
+    @classmethod
+    def settings(cls, N, K, grid=()):
+        return [cls(float(s)) for s in grid]
+
+    def curve_key(self, N, K):
+        return (float(self.skip),)
+
+    def cost_note(self, M):
+        if M <= 1:
+            return ""
+        return (f"; a launch of {M} tokens reads the union of their kept inputs (of independent tokens, "
+                f"{100.0 * (1.0 - self.skip ** M):.0f}% of the weight)")
+
+
 FAMILIES: dict[str, type[FormatSpec]] = {
-    cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch)
+    cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch, Act)
 }
 STRUCTURED_FAMILIES = tuple(f for f in FAMILIES if f != Dense.family)
 

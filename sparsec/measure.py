@@ -18,7 +18,8 @@ ROTATION_BYTES = 256 << 20
 
 def time_layer(layer, cand, options) -> tuple[float, float]:
     """(dense us, candidate us) of one layer at its token count on the device its weight is on."""
-    from sparsec.codegen import linear, pack
+    from sparsec.activation import input_scale, pack_approximation
+    from sparsec.codegen import linear
 
     site = layer.site
     device = site.weight.device
@@ -26,11 +27,13 @@ def time_layer(layer, cand, options) -> tuple[float, float]:
     graph_mode = device.type == "cuda" and options.mode == "reduce-overhead"
     w = site.weight.detach().to(dtype=site.dtype)
     b = None if site.bias is None else site.bias.detach().to(device=device, dtype=site.dtype)
-    packed = pack(cand.spec, cand.weight().to(device=device, dtype=site.dtype))
+    packed = pack_approximation(cand.spec, cand.weight().to(device=device, dtype=site.dtype))
     impl = cand.impl if (device.type == "cuda" and cand.impl in packed.handler.impls) else "auto"
     M = max(layer.tokens, 1)
     per_call = (M * site.K + site.N * site.K) * w.element_size()
-    xs = [torch.randn(M, site.K, device=device, dtype=site.dtype) for _ in range(rotation_count(per_call, ROTATION_BYTES, cap=8))]
+    scale = input_scale(cand.spec, packed)
+    xs = [torch.randn(M, site.K, device=device, dtype=site.dtype) * scale
+          for _ in range(rotation_count(per_call, ROTATION_BYTES, cap=8))]
     with torch.no_grad():
         dense_us = _time(clock, [lambda x=x: F.linear(x, w, b) for x in xs], graph_mode)
         us = _time(clock, [lambda x=x: linear(x, packed, b, impl) for x in xs], graph_mode)

@@ -58,6 +58,7 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
     output = check_writable(output)
     _refuse_overwriting_input(model, output)
     options = _options(fingerprint, error_budget, formats, plan, report, measure, metric, metric_output)
+    _formats_with_onnx_form(options, explicit=formats is not None)
     loaded = load_model(model)
     _check_input(loaded)
     executor = choose_executor(provider, options.fingerprint)
@@ -280,6 +281,23 @@ def _ort_fingerprint(provider: str):
         return load_fingerprint(mine)
     shipped = fingerprints.shipped_path(f"ort-{kind}")
     return load_fingerprint(shipped) if shipped else None
+
+
+def _formats_with_onnx_form(options, explicit: bool) -> None:
+    """Formats that standard ONNX cannot write (activation sparsity) are refused where the user
+    named them, left out where they came by default."""
+    from sparsec.formats import family_of
+    from sparsec.passes.onnx_forms import has_form
+
+    why = "standard ONNX has no operator that skips weight rows by its input's values; use torch.compile"
+    plan = options.plan
+    for key, value in (plan.layers.items() if plan is not None else ()):
+        if value != "auto" and not has_form(family_of(value)):
+            raise OptionError(f"plan entry {key!r}: {value} is not available on the ONNX path: {why}")
+    missing = [f for f in options.formats if not has_form(f)]
+    if missing and explicit:
+        raise OptionError(f"--formats names {', '.join(missing)}, not available on the ONNX path: {why}")
+    options.formats = tuple(f for f in options.formats if f not in missing)
 
 
 def executor_formats(formats, executor: Executor) -> tuple[tuple[str, ...], str | None]:

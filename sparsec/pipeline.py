@@ -336,6 +336,7 @@ def cost(layers: list[Layer], fingerprint, options: Options) -> None:
                 cand.rejected_because = (
                     f"predicted {layer.dense.predicted_us / cand.predicted_us:.2f}x of dense "
                     f"on {fingerprint.name} at M={M} ({cand.kernel}): slower than dense"
+                    + cand.spec.cost_note(M)
                 )
 
 
@@ -371,7 +372,8 @@ def approximate(layers: list[Layer], options: Options) -> None:
             if cand.rejected_because is None:
                 chains.setdefault(_chain_key(cand.spec, site.N, site.K), []).append(cand)
         for chain in chains.values():
-            chain.sort(key=lambda c: -c.spec.stored_params(site.N, site.K))
+            # least lossy first: most values kept, then (act) fewest inputs skipped
+            chain.sort(key=lambda c: (-c.spec.stored_params(site.N, site.K), c.spec.curve_key(site.N, site.K)))
             handler = HANDLERS[chain[0].spec.family]
             key = (_identity(site.weight), _identity_stats(st), handler.default_method)
             step = len(chain) if getattr(handler, "shares_work_across_specs", False) else 1
@@ -388,7 +390,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
                         w_hat = w_hat.to(site.dtype)  # what will run; half the memory of float32 in 16-bit models
                         _APPROXIMATIONS.put((key, cand.fmt), w_hat)
                     cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
-                    cand.predicted_error = relative_output_error(weight, w_hat, st, site.bias, energy)
+                    cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
                 worst = max(batch, key=lambda c: c.predicted_error)
                 if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:
                     for rest in chain[i + step :]:
@@ -397,6 +399,15 @@ def approximate(layers: list[Layer], options: Options) -> None:
                             f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
                         )
                     break
+
+
+def _error(handler, weight, approx, st: SiteStats, bias, energy: float) -> float:
+    """A candidate's predicted relative output error on the calibration activations: its handler's
+    own where the approximation is not a weight (``output_error``), else through the Gram."""
+    own = getattr(handler, "output_error", None)
+    if own is not None:
+        return own(weight, approx, st, energy)
+    return relative_output_error(weight, approx, st, bias, energy)
 
 
 def _remaker(layer: Layer, cand: Candidate, key: tuple):
@@ -749,6 +760,7 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
             "reason": layer_reason(layer, options, fingerprint),
             **({"recovery": {"one_shot_error": _num(layer.recovered[0]), "recovered_error": _num(layer.recovered[1])}}
                if layer.recovered is not None else {}),
+            **_calibrated(layer),
             "candidates": [
                 {
                     "format": c.fmt,
@@ -821,6 +833,18 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
         "warnings": [],
         **frontend.describe(),
     }
+
+
+def _calibrated(layer: Layer) -> dict:
+    """What the chosen format learned from calibration data, where it learns anything (act: the
+    threshold and the fraction of calibration inputs under it), as ``{"calibrated": {...}}``."""
+    from sparsec.passes.registry import HANDLERS
+
+    chosen = layer.chosen
+    describe = None if chosen is None or chosen.is_dense else getattr(HANDLERS.get(chosen.spec.family), "describe", None)
+    if describe is None:
+        return {}
+    return {"calibrated": {k: _num(v) for k, v in describe(chosen.weight(), layer.stats).items()}}
 
 
 def _num(v):

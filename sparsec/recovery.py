@@ -106,6 +106,10 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
         summary.passes += 2 if full else 1
         for layer in block:
             site, cand = layer.site, layer.chosen
+            handler = HANDLERS[cand.spec.family]
+            if not getattr(handler, "refits", True):  # the weight stays as it is (act)
+                done[layer.name] = cand.weight().to(site.dtype)
+                continue
             st = stats[site.input_key]
             gram = st.gram.clone()  # the rows' own Gram: errors are measured on them
             st.fall_back_to_diagonal()
@@ -123,7 +127,7 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
                 error = lambda w, weight=weight, st=st, bias=site.bias, energy=energy: relative_output_error(  # noqa: E731
                     weight, w, st, bias, energy)
                 target = weight
-            (refit,) = HANDLERS[cand.spec.family].approximate([cand.spec], target, st)
+            (refit,) = handler.approximate([cand.spec], target, st)
             before, after = error(one_shot), error(refit)
             if math.isfinite(after) and after < before:
                 cand.approx = refit.to(device=site.weight.device, dtype=site.dtype)

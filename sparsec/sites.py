@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from sparsec.activation import Magnitudes
 
 DIAGONAL_DAMPING = 0.01  # of the mean energy, so an input calibration never saw still weighs a little
 
@@ -63,6 +64,7 @@ class SiteStats:
     rows: int = 0
     calls: list[int] = field(default_factory=list)
     uncorrelated: bool = False  # set by ``fall_back_to_diagonal``
+    magnitudes: Magnitudes | None = None  # histogram of input magnitudes (activation sparsity)
 
     def fall_back_to_diagonal(self) -> bool:
         """With fewer rows than inputs, fit as if the inputs were uncorrelated: keep each input's
@@ -107,11 +109,14 @@ class SiteStats:
         self.total.add_(x.sum(0))
         self.rows += int(x.shape[0])
         self.calls.append(int(x.shape[0]))
+        if self.magnitudes is not None:
+            self.magnitudes.add(x2d)
 
     @classmethod
     def empty(cls, K: int) -> "SiteStats":
         dtype = torch.float64 if K <= 8192 else torch.float32
-        return cls(gram=torch.zeros(K, K, dtype=dtype), total=torch.zeros(K, dtype=dtype))
+        return cls(gram=torch.zeros(K, K, dtype=dtype), total=torch.zeros(K, dtype=dtype),
+                   magnitudes=Magnitudes.empty(K, dtype))
 
 
 def output_energy(weight: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None) -> float:

@@ -475,6 +475,11 @@ def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str]
         ) from None
     if redo:
         _redo(doc, redo, redo_up_to)
+        # a family measured again (or for the first time) takes the parameter grid it has now
+        params = doc.setdefault("grid", {}).setdefault("params", {})
+        for family in redo:
+            if family in PARAM_GRID:
+                params[family] = json.loads(json.dumps(PARAM_GRID[family]))
     if extend and not _reopen_cut_curves(doc) and doc.get("complete"):
         raise FingerprintError(f"{out} has no curve stopped early; nothing to extend")
     if doc.get("complete"):
