@@ -261,6 +261,8 @@ def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
         ("2:4", {"plan": {"layers": {"_default": "2:4"}}}, None),
         ("block:64:0.25", {"plan": {"layers": {"_default": "block:64:0.25"}}}, None),
         (f"lowrank:{d // 4}", {"plan": {"layers": {"_default": f"lowrank:{d // 4}"}}}, None),
+        ("act:0.5", {"plan": {"layers": {"_default": "act:0.5"}}}, None),
+        ("act:0.4", {"plan": {"layers": {"_default": "act:0.4"}}}, None),
     ]
     for M in Ms:
         x = torch.randn(M, d, device=DEVICE, dtype=dtype)

@@ -195,6 +195,17 @@ class ActKernels(FormatKernels):
     family = "act"
     names = ("weight_t", "threshold")
 
+    def stack_rows(self, spec, parts):
+        """Layers reading one input (gate and up) calibrate one threshold: their transposed weights
+        sit side by side and one launch reads each kept input's row once for all of them."""
+        first = parts[0]["threshold"]
+        if any(not torch.equal(p["threshold"], first) for p in parts[1:]):
+            return None
+        return {"weight_t": torch.cat([p["weight_t"] for p in parts], dim=1).contiguous(), "threshold": first.clone()}
+
+    def stack_pays(self, M: int) -> bool:
+        return M <= GEMV_MAX_M
+
     def pack(self, spec, weight, threshold: float | None = None):
         """``threshold``: the calibrated magnitude under which inputs are skipped; without one, the
         magnitude that skips a fraction S of unit-normal inputs."""

@@ -115,3 +115,17 @@ def test_custom_op_passes_opcheck(gen):
     x = torch.randn(2, 64, generator=gen)
     torch.library.opcheck(act_linear_op, (x, t["weight_t"], t["threshold"], None),
                           test_utils=("test_schema", "test_faketensor"))
+
+
+def test_layers_reading_one_input_stack_into_one_launch(gen):
+    from sparsec.codegen import stack_rows
+
+    K = 128
+    w1, w2 = torch.randn(48, K, generator=gen), torch.randn(80, K, generator=gen)
+    p1, p2 = pack("act:0.5", w1, threshold=0.3), pack("act:0.5", w2, threshold=0.3)
+    stacked = stack_rows([p1, p2])
+    assert stacked is not None and stacked.shape == (128, K)
+    x = torch.randn(2, K, generator=gen)
+    y = linear(x, stacked, impl="triton")
+    assert rel(y, torch.cat([masked_product(x, w1, 0.3), masked_product(x, w2, 0.3)], dim=1)) <= TOL[torch.float32]
+    assert stack_rows([p1, pack("act:0.5", w2, threshold=0.4)]) is None  # thresholds differ: no one launch

@@ -97,3 +97,31 @@ def test_input_gradients_through_rewritten_layers_match_dense(kind, fmt, M):
     (ref_y.float() * g.float()).sum().backward()
     assert rel_err(y, ref_y) <= REL_TOL[torch.bfloat16]
     assert rel_err(got, x.grad) <= REL_TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 2, 5, 16, 17])
+def test_act_kernel_matches_float64_and_replays_in_a_cuda_graph(dtype, M):
+    """act:0.5 on a Llama-MLP-shaped weight: the masked product in float64 (every token masked on
+    its own), then the same launch captured in a CUDA graph and replayed on new inputs."""
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    N, K = 1024, 4096
+    w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(dtype)
+    packed = pack("act:0.5", w, threshold=0.6)
+    x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+
+    def ref(inp):
+        xd = inp.double()
+        return torch.where(xd.abs() >= 0.6, xd, 0.0) @ w.double().t()
+
+    assert rel_err(linear(x, packed), ref(x)) <= REL_TOL[dtype]
+    static = x.clone()
+    linear(static, packed)  # compile and tune before capture
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear(static, packed)
+    fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+    static.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ref(fresh)) <= REL_TOL[dtype]
