@@ -8,13 +8,16 @@ Layout for W (N, K):
 y[m] = (x[m] masked to |x[m]| >= threshold) @ W^T + bias: every token its own mask, so a token's
 output never depends on the other tokens of its launch.
 
-The Triton kernel (up to GEMV_MAX_M tokens) gives each program BLOCK_N output columns of one
-K-split; per BLOCK_K inputs it reads the tokens' inputs, keeps the rows of ``weight_t`` that any
-token needs (the union of their kept inputs) and loads only those, so the skipped rows cost no
-memory traffic. The threshold is read on the device and every launch size depends only on
-shapes: no host sync, CUDA-graph safe. Split-K partial sums go to a float32 buffer that one
-small launch reduces, adding the bias. Above GEMV_MAX_M tokens the union of kept inputs is most
-of them, and the layer runs as the masked input times the dense weight (cuBLAS).
+The Triton path (up to GEMV_MAX_M tokens) is two launches and a reduction. The first lists, per
+K-split, the inputs any token keeps (the union of their kept inputs), packed to the front, with
+their count. The second gives each program BLOCK_N output columns of one split and loops over
+that list only, gathering the kept rows of ``weight_t``: skipped rows cost neither memory traffic
+nor loop steps. (Masking the rows of a loop over all of K saved almost nothing on an H200: the
+loop was bound by its steps, not its bytes; docs/benchmarks.md.) The threshold is read on the
+device and every launch size depends only on shapes: no host sync, CUDA-graph safe. Split-K
+partial sums go to a float32 buffer that one small launch reduces, adding the bias. Above
+GEMV_MAX_M tokens the union of kept inputs is most of them, and the layer runs as the masked
+input times the dense weight (cuBLAS).
 """
 
 from __future__ import annotations
@@ -37,15 +40,37 @@ GEMV_MAX_M = 16
 BLOCK_N = 64          # 128 bytes of a 16-bit row: one full cache line per kept input
 K_ALIGN = 256         # each split's K range is a multiple of every BLOCK_K tried
 PROGRAMS_PER_SM = 4   # split K until the launch has at least this many programs per SM
+MAX_SPAN = 4096       # most inputs one split lists (one program compacts them)
 FMA_MAX_M = 4         # up to here products on the CUDA cores; above, tensor-core tiles of 16 tokens
 
 
-def _act_kernel(x_ptr, w_ptr, t_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
+def _compact_kernel(x_ptr, t_ptr, idx_ptr, cnt_ptr, M, K, K_PER_SPLIT, stride_xm, stride_xk,
+                    SPAN: tl.constexpr):
+    """Program s: the inputs of split s that any token keeps (|x| >= threshold), their indices
+    packed to the front of idx[s] and their count in cnt[s]."""
+    pid_s = tl.program_id(0)
+    local = tl.arange(0, SPAN)
+    offs = pid_s * K_PER_SPLIT + local
+    valid = (local < K_PER_SPLIT) & (offs < K)
+    t = tl.load(t_ptr)
+    needed = tl.zeros((SPAN,), dtype=tl.int32)
+    for m in range(0, M):
+        x = tl.load(x_ptr + m * stride_xm + offs * stride_xk, mask=valid, other=0.0)
+        needed = tl.maximum(needed, (tl.abs(x.to(tl.float32)) >= t).to(tl.int32))
+    needed = tl.where(valid, needed, 0)
+    pos = tl.cumsum(needed, axis=0) - 1
+    tl.store(idx_ptr + pid_s * SPAN + pos, offs, mask=needed > 0)
+    tl.store(cnt_ptr + pid_s, tl.sum(needed, axis=0))
+
+
+def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
                 stride_xm, stride_xk, stride_wk, stride_ys, stride_ym,
                 M_BUCKET, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
-                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Program (n, s, m): outputs n*BLOCK_N.. of tokens m*BLOCK_M.. over inputs of split s, written
-    to y[s] (a float32 partial when K is split, the output itself when not)."""
+                EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                STAGES: tl.constexpr):
+    """Program (n, s, m): outputs n*BLOCK_N.. of tokens m*BLOCK_M.. over the kept inputs of split s
+    (``_compact_kernel``'s list: the loop runs over kept rows only), written to y[s] (a float32
+    partial when K is split, the output itself when not). Each token masks its own inputs."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -54,24 +79,29 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, b_ptr, y_ptr, M, N, K, K_PER_SPLIT,
     mask_m = offs_m < M
     mask_n = offs_n < N
     t = tl.load(t_ptr)
-    k_lo = pid_s * K_PER_SPLIT
-    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    count = tl.load(cnt_ptr + pid_s)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        live = tl.abs(x.to(tl.float32)) >= t
-        x = tl.where(live, x, tl.zeros_like(x))
-        needed = tl.max(live.to(tl.int32), axis=0) > 0
-        w_mask = needed[:, None] if EVEN_N else needed[:, None] & mask_n[None, :]
-        w = tl.load(w_ptr + offs_k[:, None].to(tl.int64) * stride_wk + offs_n[None, :], mask=w_mask, other=0.0,
+    # the CUDA-core product accumulates per lane and is reduced over K once, after the loop
+    acc3 = tl.zeros((BLOCK_M, BLOCK_K, BLOCK_N) if not USE_DOT else (1, 1, 1), dtype=tl.float32)
+    # the rows a step reads come from the list: naming a stage count lets Triton's pipeliner
+    # issue later steps' index and weight loads before this step's products (a loop without a
+    # dot is not pipelined otherwise)
+    for j0 in tl.range(0, count, BLOCK_K, num_stages=STAGES):
+        offs_j = j0 + tl.arange(0, BLOCK_K)
+        ok = offs_j < count
+        rows = tl.load(idx_ptr + pid_s * SPAN + offs_j, mask=ok, other=0)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + rows[None, :].to(tl.int64) * stride_xk,
+                    mask=mask_m[:, None] & ok[None, :], other=0.0)
+        x = tl.where(tl.abs(x.to(tl.float32)) >= t, x, tl.zeros_like(x))
+        w_mask = ok[:, None] if EVEN_N else ok[:, None] & mask_n[None, :]
+        w = tl.load(w_ptr + rows[:, None].to(tl.int64) * stride_wk + offs_n[None, :], mask=w_mask, other=0.0,
                     eviction_policy="evict_first")
         if USE_DOT:
             acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PREC)
         else:
-            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+            acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    if not USE_DOT:
+        acc = tl.sum(acc3, axis=1)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
@@ -92,9 +122,9 @@ def _reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, B
 
 def _configs():
     out = []
-    for bk, w, s in ((64, 4, 4), (128, 4, 3), (32, 2, 4), (64, 2, 4), (128, 8, 3), (256, 8, 2), (32, 1, 6),
-                     (64, 8, 4), (128, 4, 5)):
-        out.append(triton.Config({"BLOCK_K": bk}, num_warps=w, num_stages=s))
+    for bk, w, s in ((64, 4, 4), (32, 2, 4), (16, 1, 6), (32, 4, 6), (64, 2, 3), (128, 4, 3), (16, 2, 8),
+                     (32, 1, 8), (64, 8, 4), (128, 8, 3), (16, 4, 4), (32, 2, 2), (64, 4, 6)):
+        out.append(triton.Config({"BLOCK_K": bk, "STAGES": s}, num_warps=w, num_stages=s))
     return out
 
 
@@ -102,13 +132,14 @@ def _keep(config, args) -> bool:
     """The CUDA-core product holds BLOCK_M x BLOCK_K x BLOCK_N values: within 64 registers a thread;
     tensor-core tiles need BLOCK_K >= 16 (every config has)."""
     if args["USE_DOT"]:
-        return True
+        return config.kwargs["BLOCK_K"] >= 16
     per_thread = args["BLOCK_M"] * config.kwargs["BLOCK_K"] * args["BLOCK_N"] // (32 * config.num_warps)
     return per_thread <= 64
 
 
-_KERNEL = LazyKernel(_act_kernel, _configs(), key=["M_BUCKET", "N", "K", "USE_DOT"], prune=_keep)
+_KERNEL = LazyKernel(_act_kernel, _configs(), key=["M_BUCKET", "N", "SPAN", "USE_DOT"], prune=_keep)
 _REDUCE = LazyKernel(_reduce_kernel)
+_COMPACT = LazyKernel(_compact_kernel)
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,7 +151,7 @@ def splits_for(M: int, N: int, K: int, device: torch.device) -> tuple[int, int]:
     """(splits, inputs per split): split K until the launch has PROGRAMS_PER_SM programs per SM."""
     sms = 4 if (interpret_mode() or device.type != "cuda") else _sm_count(device.index or 0)
     tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, _block_m(M))
-    splits = max(1, min(math.ceil(PROGRAMS_PER_SM * sms / tiles), triton.cdiv(K, K_ALIGN)))
+    splits = max(1, min(math.ceil(PROGRAMS_PER_SM * sms / tiles), triton.cdiv(K, K_ALIGN)), triton.cdiv(K, MAX_SPAN))
     per = triton.cdiv(triton.cdiv(K, splits), K_ALIGN) * K_ALIGN
     return triton.cdiv(K, per), per
 
@@ -140,9 +171,14 @@ def act_triton(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
     block_m = _block_m(M)
     use_dot = M > FMA_MAX_M
     partial = y if splits == 1 else torch.empty(splits, M, N, device=x.device, dtype=torch.float32)
+    span = triton.next_power_of_2(per)
+    idx = torch.empty(splits, span, device=x.device, dtype=torch.int32)
+    count = torch.empty(splits, device=x.device, dtype=torch.int32)
+    _COMPACT[(splits,)](x, threshold, idx, count, M, K, per, x.stride(0), x.stride(1), SPAN=span,
+                        num_warps=8 if span >= 2048 else 4)
     grid = (triton.cdiv(N, BLOCK_N), splits, triton.cdiv(M, block_m))
-    _KERNEL[grid](x, weight_t, threshold, bias if (bias is not None and splits == 1) else y, partial,
-                  M, N, K, per, x.stride(0), x.stride(1), weight_t.stride(0),
+    _KERNEL[grid](x, weight_t, threshold, idx, count, bias if (bias is not None and splits == 1) else y, partial,
+                  M, N, span, x.stride(0), x.stride(1), weight_t.stride(0),
                   0 if splits == 1 else partial.stride(0), N, m_bucket(M),
                   HAS_BIAS=bias is not None and splits == 1, USE_DOT=use_dot, DOT_PREC=tl_dot_precision(x.dtype),
                   EVEN_N=N % BLOCK_N == 0, BLOCK_M=block_m, BLOCK_N=BLOCK_N)
