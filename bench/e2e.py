@@ -252,7 +252,6 @@ def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
     d, h = dims
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = MLPStack(d, h).to(DEVICE, dtype).eval()
-    calib = [(torch.randn(2048, d, device=DEVICE, dtype=dtype),)]
     # The automatic plan first, next to the baseline: after the forced plans' compute-bound runs
     # the same all-dense graph measured 5% slower than the baseline timed before them (H200 and
     # H100, M = 2048), an effect of the device's state, not of the plan.
@@ -266,6 +265,8 @@ def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
     ]
     for M in Ms:
         x = torch.randn(M, d, device=DEVICE, dtype=dtype)
+        # 2048 calibration rows in calls of the shape the graph is traced for
+        calib = [(torch.randn(M, d, device=DEVICE, dtype=dtype),) for _ in range(max(1, 2048 // M))]
         run_configs(f"mlp M={M}", model, (x,), calib, plans, results, fingerprint)
         torch._dynamo.reset()
 

@@ -33,30 +33,41 @@ import triton.language as tl
 from sparsec.errors import SparsecError
 
 from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, interpret_mode, m_bucket, match_dtype,
-                      register_input_grad, tl_dot_precision)
+                      pdl_enabled, register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
 
 GEMV_MAX_M = 16
-BLOCK_N = 64          # 128 bytes of a 16-bit row: one full cache line per kept input
+# Output columns a program takes: at one token narrow slices (many programs, each with many
+# rows in flight), at more the tensor-core tiles want wide ones. With programs per SM (K split
+# until the launch has that many) and the token count up to which the product runs on the CUDA
+# cores, these are the settings that came first on an H200 (bf16, Llama-3-8B MLP shapes, S = 0.5,
+# bench/act_sweep.py, docs/benchmarks.md).
+BLOCK_N_ONE, BLOCK_N_MANY = 32, 128
 K_ALIGN = 256         # each split's K range is a multiple of every BLOCK_K tried
-PROGRAMS_PER_SM = 4   # split K until the launch has at least this many programs per SM
+PROGRAMS_PER_SM = 4
 MAX_SPAN = 4096       # most inputs one split lists (one program compacts them)
-FMA_MAX_M = 4         # up to here products on the CUDA cores; above, tensor-core tiles of 16 tokens
+FMA_MAX_M = 1         # up to here products on the CUDA cores; above, tensor-core tiles of 16 tokens
 
 
 def _compact_kernel(x_ptr, t_ptr, idx_ptr, cnt_ptr, M, K, K_PER_SPLIT, stride_xm, stride_xk,
-                    SPAN: tl.constexpr):
+                    SPAN: tl.constexpr, BLOCK_M: tl.constexpr, PDL: tl.constexpr):
     """Program s: the inputs of split s that any token keeps (|x| >= threshold), their indices
     packed to the front of idx[s] and their count in cnt[s]."""
+    if PDL:  # the input comes from the launch ahead; the product may launch at once and wait for this one
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
     pid_s = tl.program_id(0)
     local = tl.arange(0, SPAN)
     offs = pid_s * K_PER_SPLIT + local
     valid = (local < K_PER_SPLIT) & (offs < K)
     t = tl.load(t_ptr)
     needed = tl.zeros((SPAN,), dtype=tl.int32)
-    for m in range(0, M):
-        x = tl.load(x_ptr + m * stride_xm + offs * stride_xk, mask=valid, other=0.0)
-        needed = tl.maximum(needed, (tl.abs(x.to(tl.float32)) >= t).to(tl.int32))
+    for m0 in range(0, M, BLOCK_M):  # BLOCK_M tokens' loads in flight at once
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & valid[None, :], other=0.0)
+        live = tl.max((tl.abs(x.to(tl.float32)) >= t).to(tl.int32), axis=0)
+        needed = tl.maximum(needed, live)
     needed = tl.where(valid, needed, 0)
     pos = tl.cumsum(needed, axis=0) - 1
     tl.store(idx_ptr + pid_s * SPAN + pos, offs, mask=needed > 0)
@@ -67,7 +78,7 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
                 stride_xm, stride_xk, stride_wk, stride_ys, stride_ym,
                 M_BUCKET, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                STAGES: tl.constexpr):
+                STAGES: tl.constexpr, PDL: tl.constexpr):
     """Program (n, s, m): outputs n*BLOCK_N.. of tokens m*BLOCK_M.. over the kept inputs of split s
     (``_compact_kernel``'s list: the loop runs over kept rows only), written to y[s] (a float32
     partial when K is split, the output itself when not). Each token masks its own inputs."""
@@ -78,6 +89,8 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
+    if PDL:  # launched early (programmatic dependent launch): wait for the list
+        tl.extra.cuda.gdc_wait()
     t = tl.load(t_ptr)
     count = tl.load(cnt_ptr + pid_s)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -100,6 +113,8 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
             acc = tl.dot(x.to(w.dtype), w, acc, input_precision=DOT_PREC)
         else:
             acc3 += x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :]
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)
     if HAS_BIAS:
@@ -108,8 +123,11 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+def _reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr):
     """y = sum over splits of the float32 partials p (SPLITS, M*N), plus bias, in y's dtype."""
+    if PDL:
+        tl.extra.cuda.gdc_wait()
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < MN
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -137,7 +155,7 @@ def _keep(config, args) -> bool:
     return per_thread <= 64
 
 
-_KERNEL = LazyKernel(_act_kernel, _configs(), key=["M_BUCKET", "N", "SPAN", "USE_DOT"], prune=_keep)
+_KERNEL = LazyKernel(_act_kernel, _configs(), key=["M_BUCKET", "N", "SPAN", "USE_DOT", "BLOCK_N"], prune=_keep)
 _REDUCE = LazyKernel(_reduce_kernel)
 _COMPACT = LazyKernel(_compact_kernel)
 
@@ -150,10 +168,14 @@ def _sm_count(index: int) -> int:
 def splits_for(M: int, N: int, K: int, device: torch.device) -> tuple[int, int]:
     """(splits, inputs per split): split K until the launch has PROGRAMS_PER_SM programs per SM."""
     sms = 4 if (interpret_mode() or device.type != "cuda") else _sm_count(device.index or 0)
-    tiles = triton.cdiv(N, BLOCK_N) * triton.cdiv(M, _block_m(M))
+    tiles = triton.cdiv(N, _block_n(M)) * triton.cdiv(M, _block_m(M))
     splits = max(1, min(math.ceil(PROGRAMS_PER_SM * sms / tiles), triton.cdiv(K, K_ALIGN)), triton.cdiv(K, MAX_SPAN))
     per = triton.cdiv(triton.cdiv(K, splits), K_ALIGN) * K_ALIGN
     return triton.cdiv(K, per), per
+
+
+def _block_n(M: int) -> int:
+    return BLOCK_N_ONE if M <= FMA_MAX_M else BLOCK_N_MANY
 
 
 def _block_m(M: int) -> int:
@@ -174,18 +196,21 @@ def act_triton(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
     span = triton.next_power_of_2(per)
     idx = torch.empty(splits, span, device=x.device, dtype=torch.int32)
     count = torch.empty(splits, device=x.device, dtype=torch.int32)
+    pdl = pdl_enabled(x)
+    launch = {"launch_pdl": True} if pdl else {}
     _COMPACT[(splits,)](x, threshold, idx, count, M, K, per, x.stride(0), x.stride(1), SPAN=span,
-                        num_warps=8 if span >= 2048 else 4)
-    grid = (triton.cdiv(N, BLOCK_N), splits, triton.cdiv(M, block_m))
+                        BLOCK_M=min(block_m, 4), PDL=pdl, num_warps=8 if span >= 2048 else 4, **launch)
+    block_n = _block_n(M)
+    grid = (triton.cdiv(N, block_n), splits, triton.cdiv(M, block_m))
     _KERNEL[grid](x, weight_t, threshold, idx, count, bias if (bias is not None and splits == 1) else y, partial,
                   M, N, span, x.stride(0), x.stride(1), weight_t.stride(0),
                   0 if splits == 1 else partial.stride(0), N, m_bucket(M),
                   HAS_BIAS=bias is not None and splits == 1, USE_DOT=use_dot, DOT_PREC=tl_dot_precision(x.dtype),
-                  EVEN_N=N % BLOCK_N == 0, BLOCK_M=block_m, BLOCK_N=BLOCK_N)
+                  EVEN_N=N % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, **launch)
     if splits > 1:
         block = 1024
         _REDUCE[(triton.cdiv(M * N, block),)](partial, bias if bias is not None else y, y, M * N, N, splits,
-                                              HAS_BIAS=bias is not None, BLOCK=block)
+                                              HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl, **launch)
     return y
 
 
