@@ -1,0 +1,99 @@
+"""act:S through the planner: calibrated thresholds, predicted against measured error, the report,
+the automatic choice where a fingerprint says it pays, and the ONNX path's refusal."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import sparsec
+from sparsec.errors import OptionError
+
+
+class ReluMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(128, 256), nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def data(n: int, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(4, 128, generator=gen),) for _ in range(n)]
+
+
+def masked_reference(model, x, thresholds):
+    h = x
+    for name, lin, act in (("fc1", model.fc1, torch.relu), ("fc2", model.fc2, None)):
+        t = thresholds[name]
+        h = nn.functional.linear(torch.where(h.abs() >= t, h, torch.zeros_like(h)), lin.weight, lin.bias)
+        h = act(h) if act else h
+    return h
+
+
+def test_forced_act_runs_the_masked_layers_with_calibrated_thresholds(tmp_path):
+    torch.manual_seed(0)
+    model = ReluMLP().eval()
+    calib = data(64, 1)
+    out = sparsec.optimize(model, calib[0], calibration=calib, fingerprint="cpu", plan={"layers": {"_default": "act:0.4"}},
+                           report=str(tmp_path / "r.json"))
+    rep = json.loads((tmp_path / "r.json").read_text())
+    layers = {l["name"]: l for l in rep["layers"]}
+    assert {l["format"] for l in layers.values()} == {"act:0.4"}
+    thresholds = {}
+    for name, l in layers.items():
+        cal = l["calibrated"]
+        thresholds[name] = cal["threshold"]
+        # fc2 reads a ReLU: half its inputs are exactly zero, so 0.4 of them fall under any positive threshold
+        assert cal["skipped_on_calibration"] == pytest.approx(0.4, abs=0.02) if name == "fc1" else cal["skipped_on_calibration"] >= 0.4
+        assert l["predicted_error"] == pytest.approx(l["measured_error"], rel=0.15, abs=1e-6)
+    assert thresholds["fc1"] > 0.1 and 0.0 < thresholds["fc2"] < 1e-3
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        got = out.module(x)
+        ref = masked_reference(model, x, thresholds)
+    assert float((got - ref).norm() / ref.norm()) < 1e-5
+
+
+def test_the_automatic_plan_takes_act_where_the_fingerprint_says_it_pays_and_the_budget_allows(tmp_path):
+    """A fingerprint in which act runs at a third of dense: the layer after the ReLU skips only
+    zeros (lossless) and is rewritten at a budget of 0.1%; the first layer, whose inputs are
+    Gaussian, would cost far more and stays dense, saying so."""
+    from sparsec import fingerprints
+
+    doc = json.loads(fingerprints.shipped_path("cpu").read_text())
+    for e in doc["kernels"]["act"]:
+        dense = [d["us"] for d in doc["kernels"]["dense"] if (d["M"], d["N"], d["K"], d["dtype"], d["mode"])
+                 == (e["M"], e["N"], e["K"], e["dtype"], e["mode"])]
+        e["us"] = dense[0] / 3.0 if dense else e["us"]
+    fp = tmp_path / "fast-act.json"
+    fp.write_text(json.dumps({**doc, "name": "fast-act"}))
+    torch.manual_seed(0)
+    model = ReluMLP().eval()
+    calib = data(64, 2)
+    out = sparsec.optimize(model, calib[0], calibration=calib, fingerprint=str(fp), error_budget=0.001,
+                           formats=["act"], report=str(tmp_path / "r.json"))
+    layers = {l["name"]: l for l in json.loads((tmp_path / "r.json").read_text())["layers"]}
+    assert layers["fc2"]["format"].startswith("act:")
+    assert layers["fc2"]["measured_error"] < 1e-6
+    assert layers["fc1"]["format"] == "dense"
+    assert any("over budget" in (c["rejected_because"] or "") or "budget" in layers["fc1"]["reason"]
+               for c in layers["fc1"]["candidates"])
+    assert out.report.to_dict()["end_to_end"]["measured_error"] <= 0.001
+
+
+def test_the_onnx_path_refuses_act_naming_why(tmp_path):
+    from sparsec.onnx_entry import optimize_onnx
+
+    model = tmp_path / "m.onnx"
+    torch.onnx.export(ReluMLP().eval(), (torch.randn(4, 128),), str(model), dynamo=False)
+    with pytest.raises(OptionError, match="act:0.5 is not available on the ONNX path: standard ONNX has no operator"):
+        optimize_onnx(model, tmp_path / "out.onnx", plan={"layers": {"_default": "act:0.5"}})
+    with pytest.raises(OptionError, match="--formats names act"):
+        optimize_onnx(model, tmp_path / "out.onnx", formats=["act"])
+    assert not (tmp_path / "out.onnx").exists()
