@@ -57,8 +57,10 @@ class SiteInterpreter(fx.Interpreter):
         if self.local is not None:
             ref = F.linear(x, site.weight.to(x.dtype), _bias(site, x))
             acc = self.local.setdefault(site.name, [0.0, 0.0])
-            acc[0] += float(torch.sum((out.double() - ref.double()) ** 2))
-            acc[1] += float(torch.sum(ref.double() ** 2))
+            diff = (out - ref).float().reshape(-1, out.shape[-1])
+            acc[0] += float((diff * diff).sum(-1).sum(dtype=torch.float64))
+            refs = ref.float().reshape(-1, ref.shape[-1])
+            acc[1] += float((refs * refs).sum(-1).sum(dtype=torch.float64))
         return out
 
     def _activation(self, n: fx.Node) -> torch.Tensor:
