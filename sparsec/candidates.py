@@ -62,6 +62,8 @@ class Layer:
     # sequential recovery: the chosen candidate's error on the inputs the layer receives once the
     # earlier blocks run their rewrites, fitted one shot (to the dense model's inputs) and refitted
     recovered: tuple[float, float] | None = None
+    # statistics of the inputs the layer receives once recovery ran (what act recalibrated on)
+    received: SiteStats | None = None
 
     @property
     def name(self) -> str:
@@ -73,6 +75,7 @@ class Layer:
             cand.approx = cand.remake = None
         self.stats.gram = self.stats.gram.new_empty(0)
         self.stats.magnitudes = None
+        self.received = None
 
     @property
     def tokens(self) -> int:

@@ -682,7 +682,7 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
     for layer in layers:  # recovered layer by layer, yet worse end to end: the one-shot plan stands
         if layer.recovered is not None and layer.name in summary.refit:
             layer.chosen.approx = None
-            layer.recovered = None
+            layer.recovered = layer.received = None
     summary.kept += summary.refit
     summary.refit = []
     summary.note = (f"refitted layers measured {error:.4g} end to end against {worst_before:.4g} one shot: "
@@ -878,7 +878,8 @@ def _calibrated(layer: Layer) -> dict:
     describe = None if chosen is None or chosen.is_dense else getattr(HANDLERS.get(chosen.spec.family), "describe", None)
     if describe is None:
         return {}
-    return {"calibrated": {k: _num(v) for k, v in describe(chosen.weight(), layer.stats).items()}}
+    stats = layer.received or layer.stats
+    return {"calibrated": {k: _num(v) for k, v in describe(chosen.weight(), stats).items()}}
 
 
 def _num(v):

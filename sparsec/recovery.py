@@ -107,10 +107,11 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
         for layer in block:
             site, cand = layer.site, layer.chosen
             handler = HANDLERS[cand.spec.family]
-            if not getattr(handler, "refits", True):  # the weight stays as it is (act)
+            st = stats[site.input_key]
+            if not getattr(handler, "refits", True):
+                _recalibrate(layer, handler, st, summary)
                 done[layer.name] = cand.weight().to(site.dtype)
                 continue
-            st = stats[site.input_key]
             gram = st.gram.clone()  # the rows' own Gram: errors are measured on them
             st.fall_back_to_diagonal()
             weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
@@ -138,6 +139,23 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
                 summary.kept.append(layer.name)
             done[layer.name] = cand.weight().to(site.dtype)
     return summary
+
+
+def _recalibrate(layer: Layer, handler, st, summary: RecoverySummary) -> None:
+    """A format that keeps the weight (act) takes what it calibrates again from the inputs the layer
+    receives: its threshold then skips the fraction it was priced at of those inputs. Kept whatever
+    it does to the layer's error (the end-to-end check after recovery still binds), which the
+    report gives before and after."""
+    site, cand = layer.site, layer.chosen
+    weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+    energy = output_energy(weight, st, site.bias)
+    (again,) = handler.approximate([cand.spec], weight, st)
+    before = handler.output_error(weight, cand.weight().to(device=st.gram.device, dtype=torch.float32), st, energy)
+    after = handler.output_error(weight, again, st, energy)
+    cand.approx = again.to(device=site.weight.device, dtype=site.dtype)
+    layer.received = st  # the report's skipped fraction: of the inputs the layer now receives
+    layer.recovered = (before, after)
+    summary.refit.append(layer.name)
 
 
 def _dense_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:

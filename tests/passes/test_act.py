@@ -97,3 +97,23 @@ def test_the_onnx_path_refuses_act_naming_why(tmp_path):
     with pytest.raises(OptionError, match="--formats names act"):
         optimize_onnx(model, tmp_path / "out.onnx", formats=["act"])
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_sequential_recovery_recalibrates_thresholds_to_the_inputs_layers_receive(tmp_path):
+    """fc1 at act:0.5 changes what fc2 receives; recovered, fc2's threshold skips a fraction 0.5 of
+    those inputs (its ReLU zeros included), and the report gives its error before and after."""
+    torch.manual_seed(0)
+    model = ReluMLP().eval()
+    calib = data(64, 3)
+    sparsec.optimize(model, calib[0], calibration=calib, fingerprint="cpu", plan={"layers": {"_default": "act:0.5"}},
+                     recovery="sequential", report=str(tmp_path / "r.json"))
+    rep = json.loads((tmp_path / "r.json").read_text())
+    fc2 = next(l for l in rep["layers"] if l["name"] == "fc2")
+    assert set(fc2["recovery"]) == {"one_shot_error", "recovered_error"}
+    # fc2's inputs, with fc1 masked as it runs: the recalibrated threshold skips half of them
+    t1 = next(l for l in rep["layers"] if l["name"] == "fc1")["calibrated"]["threshold"]
+    h = torch.cat([torch.relu(nn.functional.linear(torch.where(x.abs() >= t1, x, torch.zeros_like(x)),
+                                                   model.fc1.weight, model.fc1.bias)) for (x,) in calib])
+    skipped = float((h.abs() < fc2["calibrated"]["threshold"]).double().mean())
+    assert skipped == pytest.approx(0.5, abs=0.03)
+    assert fc2["calibrated"]["skipped_on_calibration"] == pytest.approx(skipped, abs=0.03)
