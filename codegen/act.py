@@ -43,7 +43,7 @@ GEMV_MAX_M = 16
 # cores, these are the settings that came first on an H200 (bf16, Llama-3-8B MLP shapes, S = 0.5,
 # bench/act_sweep.py, docs/benchmarks.md).
 BLOCK_N_ONE, BLOCK_N_MANY = 32, 128
-K_ALIGN = 256         # each split's K range is a multiple of every BLOCK_K tried
+K_ALIGN = 256         # each split's K range is a multiple of this
 PROGRAMS_PER_SM = 4
 MAX_SPAN = 4096       # most inputs one split lists (one program compacts them)
 FMA_MAX_M = 1         # up to here products on the CUDA cores; above, tensor-core tiles of 16 tokens

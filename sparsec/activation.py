@@ -162,7 +162,7 @@ class Thresholded:
 
 def masked(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """``x`` with every entry whose magnitude is under ``threshold`` set to zero."""
-    keep = x.abs() >= torch.tensor(threshold, dtype=torch.float32, device=x.device)  # compared in float32, as the kernel does
+    keep = x.abs().to(torch.float32) >= threshold  # compared in float32, as the kernel does
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 

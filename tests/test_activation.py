@@ -62,3 +62,14 @@ def test_predicted_error_follows_the_measured_one():
 def test_normal_threshold():
     assert normal_threshold(0.5) == pytest.approx(0.6744897, rel=1e-6)
     assert math.isclose(float(torch.erf(torch.tensor(normal_threshold(0.4) / 2 ** 0.5))), 0.4, rel_tol=1e-6)
+
+
+def test_masking_compares_in_float32_as_the_kernel_does():
+    """A threshold between two bfloat16 neighbours: rounded to bfloat16 it would fall on the lower
+    one and keep both; compared in float32 (the kernel's way) the lower one is skipped."""
+    from sparsec.activation import masked
+
+    x = torch.tensor([0.5977, 0.6016], dtype=torch.bfloat16)
+    t = 0.599
+    assert torch.equal(masked(x, t) != 0, x.float() >= t)
+    assert masked(x, t)[0] == 0 and masked(x, t)[1] != 0
