@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from sparsec.formats import BLOCK_SIZES, Block
-from sparsec.passes.calibrate import activation_norms, damped, gram
+from sparsec.passes.calibrate import activation_norms, damped, damped_diagonal, diagonal_of, gram
 from sparsec.passes.onnx_emit import MatMulForm
 from sparsec.sites import SiteStats
 
@@ -109,7 +109,12 @@ class Refit:
         self.W = W
         self.W64 = W.to(torch.float64)
         self.gram = gram
-        self.G = damped(gram, damping)
+        # With a diagonal Gram every row's optimum keeps its weights unchanged, H_bb^-1 is the
+        # damped diagonal and the error a weighted sum of squares: no solves at all.
+        diag = diagonal_of(gram)
+        self.diag = None if diag is None else diag.to(torch.float64)
+        self.damped_diag = None if diag is None else damped_diagonal(self.diag, damping)
+        self.G = damped(gram, damping) if diag is None else None
         self._WG = None
         self._H = None
 
@@ -129,6 +134,8 @@ class Refit:
         """(N/B, K/B): output error of dropping each block alone, tr(W_blk [H_bb]^-1 W_blk^T)."""
         N, K = self.W.shape
         nc = K // B
+        if self.damped_diag is not None:
+            return (self.W64.pow(2) * self.damped_diag).reshape(N // B, B, nc, B).sum(dim=(1, 3))
         H = self.H
         H_bb = torch.stack([H[b * B : (b + 1) * B, b * B : (b + 1) * B] for b in range(nc)])
         Wb = self.W64.reshape(N, nc, B).permute(1, 0, 2)  # [c, row, j]
@@ -138,10 +145,14 @@ class Refit:
     def error(self, approx: torch.Tensor) -> float:
         """||(W - approx) X^T||^2 on the calibration activations (undamped Gram)."""
         diff = self.W64 - approx.to(torch.float64)
+        if self.diag is not None:
+            return float(torch.sum(diff * diff * self.diag))
         return float(torch.sum((diff @ self.gram) * diff))
 
     def __call__(self, block_mask: torch.Tensor, B: int) -> torch.Tensor:
         W = self.W
+        if self.diag is not None:
+            return W * expand_mask(block_mask, B)
         out = torch.zeros_like(W)
         for i in range(block_mask.shape[0]):
             rows = slice(i * B, (i + 1) * B)

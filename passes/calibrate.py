@@ -16,7 +16,7 @@ import torch
 
 from sparsec.sites import SiteStats
 
-__all__ = ["gram", "damped", "damped_cholesky", "activation_norms", "whitening"]
+__all__ = ["gram", "damped", "damped_cholesky", "activation_norms", "whitening", "diagonal_of", "damped_diagonal"]
 
 
 def gram(stats: SiteStats | None, K: int) -> torch.Tensor:
@@ -37,16 +37,38 @@ def damped(G: torch.Tensor, relative: float) -> torch.Tensor:
     """
     G = G.clone()
     diag = torch.diagonal(G)
+    diag.copy_(damped_diagonal(diag, relative))
+    return G
+
+
+def damped_diagonal(diag: torch.Tensor, relative: float) -> torch.Tensor:
+    """The diagonal ``damped`` gives a Gram with this diagonal."""
+    diag = diag.clone()
     dead = diag <= 0
     if bool(dead.any()):
         diag[dead] = 1.0
     scale = float(diag.mean()) if diag.numel() else 1.0
-    diag.add_(relative * (scale if scale > 0 else 1.0))
-    return G
+    return diag.add_(relative * (scale if scale > 0 else 1.0))
+
+
+def diagonal_of(G: torch.Tensor) -> torch.Tensor | None:
+    """G's diagonal when G is diagonal, else None.
+
+    A Gram calibrated as uncorrelated (fewer rows than inputs, ``SiteStats.fall_back_to_diagonal``)
+    is diagonal, and then every fit the passes make has a closed form that costs O(N K) where the
+    general one costs O(N K^2) or more: for a 4096 x 14336 layer, milliseconds instead of seconds.
+    """
+    diag = torch.diagonal(G)
+    if int(torch.count_nonzero(G)) != int(torch.count_nonzero(diag)):
+        return None
+    return diag
 
 
 def damped_cholesky(G: torch.Tensor, relative: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(lower Cholesky factor of the damped G, the damped G), raising the damping until it factors."""
+    if diagonal_of(G) is not None:
+        H = damped(G, relative)
+        return torch.diag(torch.diagonal(H).sqrt()), H
     for _ in range(8):
         H = damped(G, relative)
         L, info = torch.linalg.cholesky_ex(H)
@@ -58,7 +80,12 @@ def damped_cholesky(G: torch.Tensor, relative: float) -> tuple[torch.Tensor, tor
 
 def whitening(stats: SiteStats | None, K: int, relative: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, S^-1) with S lower-triangular and S S^T = the damped Gram."""
-    S, _ = damped_cholesky(gram(stats, K), relative)
+    G = gram(stats, K)
+    diag = diagonal_of(G)
+    if diag is not None:
+        root = damped_diagonal(diag, relative).sqrt()
+        return torch.diag(root), torch.diag(1.0 / root)
+    S, _ = damped_cholesky(G, relative)
     eye = torch.eye(K, dtype=S.dtype, device=S.device)
     return S, torch.linalg.solve_triangular(S, eye, upper=False)
 

@@ -48,15 +48,39 @@ class LowRankHandler:
             raise ValueError(f"unknown low-rank method {method!r}; known: {', '.join(self.methods)}")
         W = weight.detach().to(torch.float64)
         if method == "plain" or stats is None:
-            U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-            return [((U[:, : s.rank] * S[: s.rank]) @ Vh[: s.rank]).float() for s in specs]
+            basis = top_basis(W)
+            return [truncated(W, basis, s.rank).float() for s in specs]
+        G = calibrate.gram(stats, W.shape[1])
+        diag = calibrate.diagonal_of(G)
+        if diag is not None:  # whitening by a diagonal is a column scaling
+            root = calibrate.damped_diagonal(diag, DAMPING).sqrt().to(W.device)
+            A = W * root
+            basis = top_basis(A)
+            return [(truncated(A, basis, s.rank) / root).float() for s in specs]
         root, inv_root = whitening(stats)
         root, inv_root = root.to(W.device), inv_root.to(W.device)
-        U, S, Vh = torch.linalg.svd(W @ root, full_matrices=False)
-        out = []
-        for s in specs:
-            out.append(((U[:, : s.rank] * S[: s.rank]) @ (Vh[: s.rank] @ inv_root)).float())
-        return out
+        A = W @ root
+        basis = top_basis(A)
+        return [(truncated(A, basis, s.rank) @ inv_root).float() for s in specs]
+
+
+def top_basis(A: torch.Tensor) -> torch.Tensor:
+    """Singular vectors of A on its smaller side, in ascending order of singular value.
+
+    From the symmetric eigendecomposition of the smaller Gram (A A^T or A^T A), in A's float64:
+    for a 4096 x 14336 weight several times faster than an SVD on either a CPU or a GPU. Squaring
+    loses the singular values below about 1e-8 of the largest, far under any rank the grid offers.
+    """
+    N, K = A.shape
+    return torch.linalg.eigh(A @ A.T if N <= K else A.T @ A).eigenvectors
+
+
+def truncated(A: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
+    """The best rank-``rank`` approximation of A: its projection on the top singular subspace."""
+    top = basis[:, -rank:]
+    if A.shape[0] <= A.shape[1]:
+        return top @ (top.T @ A)
+    return (A @ top) @ top.T
 
 
 def whitening(stats: SiteStats) -> tuple[torch.Tensor, torch.Tensor]:

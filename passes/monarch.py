@@ -29,7 +29,7 @@ import math
 import torch
 
 from sparsec.formats import Monarch
-from sparsec.passes.calibrate import damped, gram
+from sparsec.passes.calibrate import damped, damped_diagonal, diagonal_of, gram
 from sparsec.passes.onnx_emit import MatMulForm, output_shape, randn
 from sparsec.sites import SiteStats
 
@@ -60,12 +60,21 @@ class MonarchHandler:
             raise ValueError(f"unknown monarch method {method!r}; known: {', '.join(self.methods)}")
         N, K = weight.shape
         W = weight.detach().to(torch.float64)
-        Gd = damped(gram(stats, K).to(W.device), DAMPING) if method == "als" else None
+        G = gram(stats, K).to(W.device) if method == "als" else None
+        diag = diagonal_of(G) if G is not None else None
+        Gd = damped(G, DAMPING) if G is not None and diag is None else None
         out = []
         for spec in specs:
             why = spec.check(N, K)
             if why:
                 raise ValueError(why)
+            if diag is not None:
+                # input blocks do not interact under a diagonal Gram: the weighted truncation of each
+                # sub-block is the optimum alternating least squares would converge to
+                scale = damped_diagonal(diag, DAMPING).sqrt().reshape(1, spec.nblocks, 1, K // spec.nblocks)
+                blocks = project(to_blocks(W, spec.nblocks) * scale, rank_of(spec, K)) / scale
+                out.append(from_blocks(blocks).to(torch.float32))
+                continue
             blocks = project(to_blocks(W, spec.nblocks), rank_of(spec, K))
             if method == "als":
                 blocks = refine(to_blocks(W, spec.nblocks), blocks, Gd, rank_of(spec, K))

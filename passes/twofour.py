@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from sparsec.formats import TwoFour
-from sparsec.passes.calibrate import activation_norms, damped_cholesky, gram
+from sparsec.passes.calibrate import activation_norms, damped_cholesky, damped_diagonal, diagonal_of, gram
 from sparsec.passes.onnx_emit import MatMulForm
 from sparsec.sites import SiteStats
 
@@ -75,6 +75,10 @@ def sparsegpt_two_four(W: torch.Tensor, G: torch.Tensor, damping: float = DAMPIN
     W = W.clone()
     dead = torch.diagonal(G) <= 0
     W[:, dead.to(W.device)] = 0.0  # inputs never seen in calibration: nothing to reconstruct
+    diag = diagonal_of(G)
+    if diag is not None:  # H^-1 diagonal: no compensation, the OBS score is w^2 h_jj
+        h = damped_diagonal(diag, damping).to(device=W.device, dtype=torch.float32)
+        return keep_two_of_four(W, W.pow(2) * h)
     U = inverse_cholesky_upper(G, damping).to(device=W.device, dtype=torch.float32)
     for start in range(0, K, batch):
         stop = min(start + batch, K)

@@ -119,10 +119,17 @@ class SiteStats:
                    magnitudes=Magnitudes.empty(K, dtype))
 
 
+def _gram_form(D: torch.Tensor, stats: SiteStats) -> float:
+    """sum over calibration tokens of ||x D^T||^2 = tr(D G D^T); O(N K) when the Gram is diagonal."""
+    if stats.uncorrelated:
+        return float(torch.sum(D * D * torch.diagonal(stats.gram)))
+    return float(torch.sum((D @ stats.gram) * D))
+
+
 def output_energy(weight: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None) -> float:
     """Sum over calibration tokens of ||x W^T + b||^2."""
     W = weight.to(stats.gram.dtype)
-    energy = float(torch.sum((W @ stats.gram) * W))
+    energy = _gram_form(W, stats)
     if bias is not None:
         b = bias.to(stats.gram.dtype)
         energy += 2.0 * float(b @ (W @ stats.total)) + stats.rows * float(b @ b)
@@ -139,7 +146,7 @@ def relative_output_error(
     of one layer and has it already.
     """
     diff = weight.to(stats.gram.dtype) - approx.to(stats.gram.dtype)
-    num = float(torch.sum((diff @ stats.gram) * diff))
+    num = _gram_form(diff, stats)
     den = output_energy(weight, stats, bias) if energy is None else energy
     if den <= 0.0:
         return 0.0 if num <= 0.0 else math.inf
