@@ -76,7 +76,8 @@ def lowered_errors(frontend, new_session, metric=None) -> tuple[float, float | N
 def time_end_to_end(original, new, feed: dict, provider: str, threads: int | None):
     """Both models, interleaved in one process (``onnx_timing.interleaved``)."""
     from sparsec.fingerprint.timing import interleaved
+    from sparsec.passes.onnx_model import runner
     from sparsec.passes.onnx_timing import clock_for
 
-    return interleaved([lambda: original.run(None, feed), lambda: new.run(None, feed)], budget_s=TIMING_BUDGET_S,
+    return interleaved([runner(original, feed, provider), runner(new, feed, provider)], budget_s=TIMING_BUDGET_S,
                        min_rounds=10, max_rounds=200, round_s=0.01, clock=clock_for(provider, threads))

@@ -40,7 +40,7 @@ def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -
     from sparsec.formats import Dense
     from sparsec.passes.onnx_emit import Emitter
     from sparsec.passes.onnx_forms import emit_product, factors
-    from sparsec.passes.onnx_model import session
+    from sparsec.passes.onnx_model import runner, session
 
     dtype = np.float16 if str(site.dtype) == "torch.float16" else np.float32
     elem = onnx.TensorProto.FLOAT16 if dtype == np.float16 else onnx.TensorProto.FLOAT
@@ -59,7 +59,7 @@ def time_layer(site, spec, approx, M: int, provider: str, threads: int | None) -
         sessions.append(model_of(em.nodes, em.initializers, site.N))
     base = model_of([helper.make_node("Identity", ["x"], ["y"])], [], site.K)  # what a run costs by itself
     x = {"x": np.random.default_rng(0).standard_normal((M, site.K)).astype(dtype)}
-    t = interleaved([lambda s=s: s.run(None, x) for s in (*sessions, base)], budget_s=LAYER_TIMING_BUDGET_S,
+    t = interleaved([runner(s, x, provider) for s in (*sessions, base)], budget_s=LAYER_TIMING_BUDGET_S,
                     min_rounds=8, max_rounds=100, round_s=0.002, clock=clock_for(provider, threads))
     dense_us, new_us, base_us = t.us
     return max(dense_us - base_us, 0.1 * dense_us), max(new_us - base_us, 0.1 * new_us)

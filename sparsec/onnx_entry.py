@@ -270,15 +270,21 @@ def is_onnxruntime_fingerprint(fp) -> bool:
 
 
 def _ort_fingerprint(provider: str):
-    """Your own onnxruntime fingerprint of this device, else the shipped one for the provider."""
+    """Your own onnxruntime fingerprint of this device, else the shipped one for this provider and
+    device (``ort-cuda-h200`` on an H200), else the shipped one for the provider (``ort-cpu``)."""
     from sparsec import fingerprints
     from sparsec.fingerprint import load_fingerprint
-    from sparsec.fingerprint.device import device_slug, user_fingerprint_dir
+    from sparsec.fingerprint.device import current_device_name, device_slug, slugify, user_fingerprint_dir
 
     kind = "cuda" if provider == "CUDAExecutionProvider" else "cpu"
     mine = user_fingerprint_dir() / f"ort-{device_slug(kind)}.json"
     if mine.is_file():
         return load_fingerprint(mine)
+    if kind == "cuda":
+        tokens = set(slugify(current_device_name(kind)).split("-"))
+        for name in fingerprints.shipped_names():
+            if name.startswith("ort-cuda-") and name[len("ort-cuda-"):] in tokens:
+                return load_fingerprint(fingerprints.shipped_path(name))
     shipped = fingerprints.shipped_path(f"ort-{kind}")
     return load_fingerprint(shipped) if shipped else None
 

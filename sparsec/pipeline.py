@@ -389,8 +389,9 @@ def approximate(layers: list[Layer], options: Options) -> None:
                     if w_hat is None:  # cached (or, evicted meanwhile, made again)
                         w_hat = cand.weight()
                     else:
-                        w_hat = w_hat.to(site.dtype)  # what will run; half the memory of float32 in 16-bit models
-                        _APPROXIMATIONS.put((key, cand.fmt), w_hat)
+                        # what will run, where the weight lives; half the memory of float32 in 16-bit models
+                        w_hat = w_hat.to(site.dtype)
+                        _APPROXIMATIONS.put((key, cand.fmt), _beside(w_hat, site.weight))
                     cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
                     cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
                 worst = max(batch, key=lambda c: c.predicted_error)
@@ -429,11 +430,17 @@ def _remaker(layer: Layer, cand: Candidate, key: tuple):
         site, st = layer.site, layer.stats
         weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
         (w_hat,) = HANDLERS[cand.spec.family].approximate([cand.spec], weight, st)
-        w_hat = w_hat.to(site.dtype)
+        w_hat = _beside(w_hat.to(site.dtype), site.weight)
         _APPROXIMATIONS.put(key, w_hat)
         return w_hat
 
     return remake
+
+
+def _beside(approx, weight: torch.Tensor):
+    """An approximation on the device of the weight it replaces (statistics, and so the fits, may
+    live on a GPU while an ONNX model's weights stay on the CPU)."""
+    return approx.to(weight.device) if hasattr(approx, "to") and approx.device != weight.device else approx
 
 
 def _chain_key(spec, N: int, K: int) -> tuple:

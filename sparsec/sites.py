@@ -128,10 +128,10 @@ def _gram_form(D: torch.Tensor, stats: SiteStats) -> float:
 
 def output_energy(weight: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None) -> float:
     """Sum over calibration tokens of ||x W^T + b||^2."""
-    W = weight.to(stats.gram.dtype)
+    W = weight.to(device=stats.gram.device, dtype=stats.gram.dtype)
     energy = _gram_form(W, stats)
     if bias is not None:
-        b = bias.to(stats.gram.dtype)
+        b = bias.to(device=stats.gram.device, dtype=stats.gram.dtype)
         energy += 2.0 * float(b @ (W @ stats.total)) + stats.rows * float(b @ b)
     return max(energy, 0.0)
 
@@ -145,7 +145,8 @@ def relative_output_error(
     ``energy`` is ``output_energy(weight, stats, bias)`` when the caller scores many candidates
     of one layer and has it already.
     """
-    diff = weight.to(stats.gram.dtype) - approx.to(stats.gram.dtype)
+    on = dict(device=stats.gram.device, dtype=stats.gram.dtype)
+    diff = weight.to(**on) - approx.to(**on)
     num = _gram_form(diff, stats)
     den = output_energy(weight, stats, bias) if energy is None else energy
     if den <= 0.0:

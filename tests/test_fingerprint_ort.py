@@ -54,3 +54,64 @@ def test_the_shipped_ort_cpu_fingerprint_is_complete_and_measured_here():
         ratio, points = dense_ratio(fp, family)
         assert 0.85 < ratio < 1.15 and points >= len(grid.shapes)
     assert json.loads(json.dumps(fp.data)) == fp.data
+
+
+@pytest.mark.parametrize("fmt", ["dense", "lowrank:8", "monarch:4", "block:32:0.5"])
+def test_float16_subgraphs_are_half_precision_and_compute_their_product(fmt):
+    """The GPU grid times float16 models: inputs, weights and outputs in float16 throughout."""
+    import onnx
+
+    model = subgraph_model(parse_spec(fmt), 128, 64, 2, np.random.default_rng(0), dtype="float16")
+    onnx.checker.check_model(model, full_check=True)
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+    assert {t.data_type for t in model.graph.initializer if t.data_type in floats} == {onnx.TensorProto.FLOAT16}
+    x = np.random.default_rng(1).standard_normal((5, 64)).astype(np.float16)
+    outs = session(model, threads=1).run(None, {"x": x})
+    assert all(o.dtype == np.float16 and o.shape == (5, 128) and np.isfinite(o).all() for o in outs)
+
+
+def test_the_cuda_grid_covers_both_float_widths_and_llm_shapes():
+    grid = GRIDS["cuda"]
+    assert grid.dtypes == ("float16", "float32") and grid.threads == 0
+    assert (14336, 4096) in grid.shapes and (4096, 14336) in grid.shapes and 1 in grid.Ms
+
+
+def test_a_shipped_onnxruntime_gpu_fingerprint_is_found_by_device_name(monkeypatch, tmp_path):
+    """On an H200 the CUDA provider is planned with ort-cuda-h200 when no fingerprint of one's own exists."""
+    from sparsec import fingerprints
+    from sparsec.fingerprint import device
+    from sparsec.onnx_entry import _ort_fingerprint
+
+    if fingerprints.shipped_path("ort-cuda-h200") is None:
+        pytest.skip("no ort-cuda-h200 shipped")
+    monkeypatch.setenv("SPARSEC_HOME", str(tmp_path))
+    monkeypatch.setattr(device, "current_device_name", lambda kind=None: "NVIDIA H200")
+    fp = _ort_fingerprint("CUDAExecutionProvider")
+    assert fp.name == "ort-cuda-h200" and fp.device["kind"] == "cuda" and is_onnxruntime_fingerprint(fp)
+    assert fp.can_predict("dense", "float16") is None and fp.can_predict("dense", "float32") is None
+    monkeypatch.setattr(device, "current_device_name", lambda kind=None: "NVIDIA A100-SXM4-80GB")
+    assert _ort_fingerprint("CUDAExecutionProvider").name != "ort-cuda-h200"
+
+
+def test_the_cuda_provider_measures_with_device_resident_inputs(tmp_path):
+    """On a machine whose onnxruntime has a working CUDA provider: the tiny grid in float16 there."""
+    import dataclasses
+
+    from sparsec.fingerprint import ort as ort_fp
+    from sparsec.passes.onnx_model import best_provider
+
+    if best_provider() != "CUDAExecutionProvider":
+        pytest.skip("onnxruntime's CUDA provider does not load here")
+    tiny = dataclasses.replace(GRIDS["tiny"], dtypes=("float16", "float32"), threads=0)
+    out = tmp_path / "ort-cuda-test.json"
+    original = dict(GRIDS)
+    try:
+        ort_fp.GRIDS["tiny-cuda"] = dataclasses.replace(tiny, name="tiny-cuda")
+        ort_fp.measure(out, grid="tiny-cuda", provider="CUDAExecutionProvider")
+    finally:
+        ort_fp.GRIDS.clear()
+        ort_fp.GRIDS.update(original)
+    fp = load_fingerprint(out)
+    assert fp.device["kind"] == "cuda" and "I/O binding" in fp.data["method"]["statistic"]
+    assert fp.predict("dense", 16, 256, 256, dtype="float16") > 0
+    assert set(fp.data["measured"]["peak_tflops"]) == {"float16", "float32"}

@@ -63,11 +63,13 @@ class OrtGrid:
     point_budget_s: float
     min_rounds: int
     threads: int  # onnxruntime intra-op threads (0: its default)
+    dtypes: tuple[str, ...] = ("float32",)
+    rotation_bytes: int = 16 << 20  # weights cycled through per point: more than the last-level cache
 
     def describe(self) -> dict:
         return {"name": self.name, "M": list(self.Ms), "shapes": [list(s) for s in self.shapes],
                 "params": {f: [list(p) if isinstance(p, tuple) else p for p in v] for f, v in self.params.items()},
-                THREADS_KEY: self.threads}
+                THREADS_KEY: self.threads, "dtypes": list(self.dtypes)}
 
     def specs(self, family: str, N: int, K: int) -> list[FormatSpec]:
         return formats.FAMILIES[family].settings(N, K, self.params.get(family, ()))
@@ -85,13 +87,21 @@ GRIDS = {
     "cpu": OrtGrid("cpu", (1, 8, 32, 128, 512, 1024), _shapes((256, 512, 1024, 2048), (256, 1024)),
                    params={"lowrank": (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), "monarch": (2, 4, 8, 16),
                            "block": ((32, 0.25), (32, 0.5))}, point_budget_s=0.25, min_rounds=8, threads=1),
+    # A data-centre GPU under the CUDA provider: decode to prefill token counts, attention-sized to
+    # Llama-3-8B MLP-sized weights, both 16-bit and 32-bit floats; weights cycled through 128 MB,
+    # more than twice an H100's or H200's L2.
+    "cuda": OrtGrid("cuda", (1, 16, 256, 2048), ((1024, 1024), (4096, 4096), (4096, 1024), (1024, 4096),
+                                               (14336, 4096), (4096, 14336)),
+                   params={"lowrank": (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), "monarch": (2, 4, 8, 16),
+                           "block": ((32, 0.25), (32, 0.5))}, point_budget_s=0.05, min_rounds=5, threads=0,
+                   dtypes=("float16", "float32"), rotation_bytes=128 << 20),
     # Seconds, for tests of the harness itself.
     "tiny": OrtGrid("tiny", (1, 16), ((256, 256), (512, 128)), params={"lowrank": (1 / 8, 1 / 4), "monarch": (2, 4),
                                                                 "block": ((32, 0.5),)}, point_budget_s=0.01, min_rounds=2, threads=1),
 }
 FAMILIES = ("dense", "lowrank", "monarch", "2:4", "block")
-ROTATION_BYTES = 16 << 20
 MAX_COPIES = 16
+ELEMENT = {"float32": (onnx.TensorProto.FLOAT, np.float32, 4), "float16": (onnx.TensorProto.FLOAT16, np.float16, 2)}
 
 
 def _model(nodes, inits, inputs, outputs) -> onnx.ModelProto:
@@ -102,54 +112,58 @@ def _model(nodes, inits, inputs, outputs) -> onnx.ModelProto:
 
 
 def subgraph_model(spec: FormatSpec, N: int, K: int, copies: int, rng: np.random.Generator,
-                   M: int | None = None) -> onnx.ModelProto:
+                   M: int | None = None, dtype: str = "float32") -> onnx.ModelProto:
     """``copies`` independent copies of ``spec``'s subgraph, each reading x [M, K], each a graph output.
 
     ``M`` None leaves the token count dynamic, so one session serves every M of the grid."""
     m_dim = M if M is not None else "M"
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m_dim, K])
+    elem, np_dtype, _ = ELEMENT[dtype]
+    x = helper.make_tensor_value_info("x", elem, [m_dim, K])
     nodes, inits, outs, taken = [], [], [], {"x"}
     for c in range(copies):
         em = Emitter(prefix=f"copy{c}", taken=taken)
         y = f"y{c}"
-        emit_product(em, spec, "x", y, random_factors(spec, N, K, rng, np.float32), N, K, [M, K])
+        emit_product(em, spec, "x", y, random_factors(spec, N, K, rng, np_dtype), N, K, [M, K])
         nodes += em.nodes
         inits += em.initializers
-        outs.append(helper.make_tensor_value_info(y, onnx.TensorProto.FLOAT, [m_dim, N]))
+        outs.append(helper.make_tensor_value_info(y, elem, [m_dim, N]))
     return _model(nodes, inits, [x], outs)
 
 
-def passthrough_model(M: int | None, K: int) -> onnx.ModelProto:
+def passthrough_model(M: int | None, K: int, dtype: str = "float32") -> onnx.ModelProto:
     m_dim = M if M is not None else "M"
-    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [m_dim, K])
-    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [m_dim, K])
+    elem = ELEMENT[dtype][0]
+    x = helper.make_tensor_value_info("x", elem, [m_dim, K])
+    y = helper.make_tensor_value_info("y", elem, [m_dim, K])
     return _model([helper.make_node("Identity", ["x"], ["y"])], [], [x], [y])
 
 
-def weight_bytes(spec: FormatSpec, N: int, K: int) -> int:
-    return 4 * (N * K if spec.prunes else spec.stored_params(N, K))
+def weight_bytes(spec: FormatSpec, N: int, K: int, dtype: str = "float32") -> int:
+    return ELEMENT[dtype][2] * (N * K if spec.prunes else spec.stored_params(N, K))
 
 
-def copies_for(spec: FormatSpec, N: int, K: int) -> int:
-    """Enough copies for their weights to fill ``ROTATION_BYTES`` (at most ``MAX_COPIES``)."""
-    return max(1, min(MAX_COPIES, math.ceil(ROTATION_BYTES / weight_bytes(spec, N, K))))
+def copies_for(spec: FormatSpec, N: int, K: int, dtype: str = "float32", rotation_bytes: int = 16 << 20) -> int:
+    """Enough copies for their weights to fill ``rotation_bytes`` (at most ``MAX_COPIES``)."""
+    return max(1, min(MAX_COPIES, math.ceil(rotation_bytes / weight_bytes(spec, N, K, dtype))))
 
 
 def measure_shape(specs: list[FormatSpec], N: int, K: int, provider: str, grid: OrtGrid,
-                  rng: np.random.Generator) -> dict[FormatSpec, dict[int, float]]:
-    """Microseconds of every spec's subgraph at each M of the grid for one weight shape.
+                  rng: np.random.Generator, dtype: str = "float32") -> dict[FormatSpec, dict[int, float]]:
+    """Microseconds of every spec's subgraph at each M of the grid for one weight shape and dtype.
 
     All specs (and the pass-through graph) are timed together at each M, in interleaved rounds,
     so that a change of load or clock frequency during the measurement moves them alike and the
     ratios the planner acts on stay right."""
-    sessions = [session(subgraph_model(spec, N, K, copies_for(spec, N, K), rng), provider, grid.threads)
-                for spec in specs]
-    base = session(passthrough_model(None, K), provider, grid.threads)
-    copies = [copies_for(spec, N, K) for spec in specs]
+    from sparsec.passes.onnx_model import runner
+
+    copies = [copies_for(spec, N, K, dtype, grid.rotation_bytes) for spec in specs]
+    sessions = [session(subgraph_model(spec, N, K, c, rng, dtype=dtype), provider, grid.threads)
+                for spec, c in zip(specs, copies)]
+    base = session(passthrough_model(None, K, dtype), provider, grid.threads)
     out: dict[FormatSpec, dict[int, float]] = {spec: {} for spec in specs}
     for M in grid.Ms:
-        feed = {"x": rng.standard_normal((M, K)).astype(np.float32)}
-        runs = [lambda s=s: s.run(None, feed) for s in (*sessions, base)]
+        feed = {"x": rng.standard_normal((M, K)).astype(ELEMENT[dtype][1])}
+        runs = [runner(s, feed, provider) for s in (*sessions, base)]
         t = interleaved(runs, budget_s=grid.point_budget_s * len(runs), min_rounds=grid.min_rounds, max_rounds=100,
                         round_s=0.002, warmup=2, clock=clock_for(provider, grid.threads))
         overhead = t.us[-1]
@@ -183,23 +197,27 @@ def new_document(name: str, provider: str, grid: OrtGrid) -> dict:
         "device": device, "software": software,
         "measured": {"copy_GBps": None, "peak_tflops": {}, "launch_us": {"eager": None, "graph": None}},
         "granules": {}, "kernels": {},
-        "skipped": {"float16": "not measured: float32 is what onnxruntime's CPU provider accelerates",
-                    "graph": "onnxruntime has no CUDA-graph replay mode here; eager only"},
+        "skipped": {**({} if "float16" in grid.dtypes else
+                       {"float16": "not measured: float32 is what onnxruntime's CPU provider accelerates"}),
+                    "graph": "not measured: sparsec runs onnxruntime sessions without CUDA-graph capture; eager only"},
         "grid": grid.describe(),
         "method": {"repeats": grid.min_rounds, "warmup": 2,
                    "timer": HOST_CLOCKS[clock_for(provider, grid.threads)][1] + " around session.run",
                    "statistic": (f"per point: min over >= {grid.min_rounds} interleaved rounds of the mean "
                                  "session.run time of a graph of copies of the subgraph, minus that of a "
-                                 "pass-through graph, divided by the copies"),
-                   "rotation_bytes": ROTATION_BYTES, "seconds": 0.0},
+                                 "pass-through graph, divided by the copies"
+                                 + ("; inputs and outputs bound on the device (I/O binding)"
+                                    if provider != "CPUExecutionProvider" else "")),
+                   "rotation_bytes": grid.rotation_bytes, "seconds": 0.0},
     }
 
 
-def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvider", name: str | None = None,
+def measure(out: Path, *, grid: str | None = None, provider: str = "CPUExecutionProvider", name: str | None = None,
             families=FAMILIES, log=None, seed: int = 0, threads: int | None = None) -> Path:
     """Measure every family over ``grid`` with ``provider`` and write the fingerprint to ``out``."""
     import onnxruntime as ort
 
+    grid = grid or ("cpu" if provider == "CPUExecutionProvider" else "cuda")
     if grid not in GRIDS:
         raise FingerprintError(f"unknown grid {grid!r}; use one of {', '.join(GRIDS)}")
     if provider not in ort.get_available_providers():
@@ -215,19 +233,21 @@ def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvid
     kernels: dict[str, list[dict]] = {family: [] for family in families}
     for N, K in g.shapes:
         specs = [spec for family in families for spec in g.specs(family, N, K) if not spec.check(N, K)]
-        times = measure_shape(specs, N, K, provider, g, rng)
-        for spec in specs:
-            for M, us in times[spec].items():
-                entry = {"M": M, "N": N, "K": K, "dtype": "float32", "mode": "eager", "us": round(us, 4),
-                         "kernel": f"onnxruntime {short}: {form_of(spec).label}"}
-                entry.update(spec.record())
-                kernels[spec.family].append(entry)
-        log(f"[{time.monotonic() - start:6.1f} s] {N}x{K}: {len(specs)} subgraphs x {len(g.Ms)} token counts")
+        for dtype in g.dtypes:
+            times = measure_shape(specs, N, K, provider, g, rng, dtype)
+            for spec in specs:
+                for M, us in times[spec].items():
+                    entry = {"M": M, "N": N, "K": K, "dtype": dtype, "mode": "eager", "us": round(us, 4),
+                             "kernel": f"onnxruntime {short}: {form_of(spec).label}"}
+                    entry.update(spec.record())
+                    kernels[spec.family].append(entry)
+            log(f"[{time.monotonic() - start:6.1f} s] {N}x{K} {dtype}: {len(specs)} subgraphs x {len(g.Ms)} token counts")
     doc["kernels"] = {family: entries for family, entries in kernels.items() if entries}
-    dense = doc["kernels"].get("dense", [])
-    if dense:
-        best = max(2.0 * e["M"] * e["N"] * e["K"] / (e["us"] * 1e6) for e in dense)
-        doc["measured"]["peak_tflops"]["float32"] = round(best, 4)
+    for dtype in g.dtypes:
+        dense = [e for e in doc["kernels"].get("dense", []) if e["dtype"] == dtype]
+        if dense:
+            best = max(2.0 * e["M"] * e["N"] * e["K"] / (e["us"] * 1e6) for e in dense)
+            doc["measured"]["peak_tflops"][dtype] = round(best, 4)
     doc["complete"] = True
     doc["created"] = _now()
     doc["method"]["seconds"] = round(time.monotonic() - start, 1)
@@ -240,9 +260,11 @@ def measure(out: Path, *, grid: str = "cpu", provider: str = "CPUExecutionProvid
 
 def _run_overhead(provider: str, threads: int) -> float:
     """Microseconds of ``session.run`` on a graph that does nothing but pass one float through."""
+    from sparsec.passes.onnx_model import runner
+
     sess = session(passthrough_model(1, 1), provider, threads)
     feed = {"x": np.zeros((1, 1), dtype=np.float32)}
-    return interleaved([lambda: sess.run(None, feed)], budget_s=0.2, min_rounds=5, round_s=0.005,
+    return interleaved([runner(sess, feed, provider)], budget_s=0.2, min_rounds=5, round_s=0.005,
                        clock=clock_for(provider, threads)).us[0]
 
 
@@ -250,7 +272,8 @@ def main(argv=None) -> int:
     """``python -m sparsec.fingerprint.ort ARGS`` is ``sparsec fingerprint measure --onnxruntime ...``."""
     parser = argparse.ArgumentParser(prog="python -m sparsec.fingerprint.ort", description=__doc__.split("\n\n")[0])
     parser.add_argument("-o", "--output", required=True, help="fingerprint JSON to write")
-    parser.add_argument("--grid", default="cpu", choices=sorted(GRIDS))
+    parser.add_argument("--grid", default=None, choices=sorted(GRIDS),
+                        help="default: cpu for the CPU provider, cuda for a GPU provider")
     parser.add_argument("--provider", default="CPUExecutionProvider")
     parser.add_argument("--name", default=None, help="fingerprint name (default: the output's file stem)")
     parser.add_argument("--threads", type=int, default=None,
@@ -258,7 +281,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from sparsec.cli import main as cli
 
-    command = ["fingerprint", "measure", "--onnxruntime", args.provider, "-o", args.output, "--grid", args.grid]
+    command = ["fingerprint", "measure", "--onnxruntime", args.provider, "-o", args.output]
+    if args.grid:
+        command += ["--grid", args.grid]
     if args.name:
         command += ["--name", args.name]
     if args.threads is not None:
