@@ -16,6 +16,17 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.fixture
+def cpu_onnxruntime(monkeypatch):
+    """onnxruntime's CPU provider as the one that loads: for tests of the ONNX entry written
+    against the shipped ort-cpu fingerprint, which 'auto' would otherwise trade for the CUDA
+    provider (and ort-cuda-*) on a machine where that loads. The CUDA provider has its own tests,
+    which skip where it does not load."""
+    from sparsec.passes import onnx_model
+
+    monkeypatch.setattr(onnx_model, "best_provider", lambda: "CPUExecutionProvider")
+
+
 class ScaledFingerprint:
     """A planner-scenario fingerprint: time proportional to stored values, times a per-family factor.
 

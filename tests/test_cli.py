@@ -3,6 +3,8 @@ or nothing, never a traceback."""
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import signal
 import subprocess
@@ -12,6 +14,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent / "report"))
 from report_factory import make_report  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("cpu_onnxruntime")
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "tiny_encoder.onnx"

@@ -15,6 +15,8 @@ from onnx_builders import lowrank_mlp, make_model, run, vi  # noqa: E402
 
 from sparsec.cli import main  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("cpu_onnxruntime")
+
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "samples" / "tiny_encoder.onnx"
 

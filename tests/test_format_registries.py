@@ -11,6 +11,8 @@ import torch
 
 from sparsec.formats import FAMILIES, STRUCTURED_FAMILIES, parse_spec
 
+pytestmark = pytest.mark.usefixtures("cpu_onnxruntime")
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (256, 512)
 # activation sparsity skips weight rows by its input's values: no standard ONNX operator does

@@ -23,6 +23,8 @@ import torch.nn as nn
 
 import sparsec
 
+pytestmark = pytest.mark.usefixtures("cpu_onnxruntime")
+
 ROOT = Path(__file__).resolve().parents[1]
 GOLDEN = Path(__file__).parent / "golden"
 UPDATE = os.environ.get("SPARSEC_UPDATE_GOLDEN") == "1"

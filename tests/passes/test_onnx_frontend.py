@@ -167,7 +167,8 @@ def test_under_the_cuda_provider_statistics_live_on_the_gpu_and_the_model_is_rew
     assert report["executor"]["provider"] == "CUDAExecutionProvider"
     assert [l["format"] for l in report["layers"]] == ["lowrank:16"] * 3
     # the planted rank-16 weights are factored losslessly, on the GPU as on the CPU
-    assert report["end_to_end"]["measured_error"] < 1e-4
+    # onnxruntime's CUDA provider multiplies float32 in TF32 (10-bit mantissa) by default
+    assert report["end_to_end"]["measured_error"] < 5e-3
     assert report["end_to_end"]["measured_us"] > 0 and out.is_file()
     fe = frontend(model, [{"x": rng.standard_normal((64, 256)).astype(np.float32)}])
     fe.provider = "CUDAExecutionProvider"
