@@ -176,11 +176,11 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
 
 
 def _check_input(loaded) -> None:
-    from sparsec.passes.onnx_model import EXTERNAL_DATA_BYTES
+    from sparsec.passes.onnx_model import EXTERNAL_DATA_BYTES, serialized_bytes
 
     model = loaded.model
     try:
-        if model.ByteSize() < EXTERNAL_DATA_BYTES:
+        if serialized_bytes(model) < EXTERNAL_DATA_BYTES:
             onnx.checker.check_model(model, full_check=True)
         else:
             onnx.checker.check_model(str(loaded.path), full_check=True)

@@ -108,3 +108,22 @@ def test_save_is_checked_and_atomic(tmp_path):
     assert written == [out, tmp_path / "out.onnx.data"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.onnx", "out.onnx.data"]
     onnx.checker.check_model(str(out), full_check=True)
+
+
+def test_serialized_size_is_estimated_from_the_weights_without_serialising_them():
+    """Within a few kB above protobuf's own count, for raw weights, typed-field weights and
+    constants alike: it only decides between in-memory and external-data handling."""
+    import onnx
+    from onnx import helper, numpy_helper
+    from onnx_builders import lowrank_mlp
+
+    from sparsec.passes.onnx_model import serialized_bytes
+
+    model, _ = lowrank_mlp(d=256, rank=16, layers=3, tokens=8)
+    typed = helper.make_tensor("typed", onnx.TensorProto.FLOAT, [64, 64], np.ones(64 * 64, np.float32).tolist())
+    model.graph.initializer.append(typed)  # float_data, not raw_data
+    const = numpy_helper.from_array(np.ones((32, 32), np.float32), "c")
+    model.graph.node.append(helper.make_node("Constant", [], ["c_out"], value=const))
+    exact = model.ByteSize()
+    assert exact <= serialized_bytes(model) <= exact + 16 * 1024
+    assert exact > 3 * 256 * 256 * 4  # the weights are most of it
