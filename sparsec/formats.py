@@ -57,6 +57,9 @@ class FormatSpec:
     param_label: ClassVar[str] = ""
     param_slopes: ClassVar[tuple[float, float]] = (0.0, 1.0)
     group_label: ClassVar[str] = ""  # what the key's other entries are, where it has any
+    # its candidate is fitted by least squares weighted with the calibration Gram (too few rows
+    # make that fit fall back to a diagonal Gram, which the report then says)
+    fits_to_gram: ClassVar[bool] = True
 
     def __str__(self) -> str:  # pragma: no cover - every subclass overrides
         return self.family
@@ -363,6 +366,7 @@ class Act(FormatSpec):
 
     family: ClassVar[str] = "act"
     syntax: ClassVar[str] = "act:S"
+    fits_to_gram: ClassVar[bool] = False  # a threshold on input magnitudes, from their histogram
     # skipping more never makes a layer slower, nor more than proportionally faster than the
     # bytes it leaves unread
     param_label: ClassVar[str] = "skip fraction"

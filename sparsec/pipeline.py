@@ -107,10 +107,10 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("capture"):
         sites, skipped = capture(frontend)
     with timed("calibrate"):
-        stats, found = calibrate(frontend, sites)
-    warnings = list(getattr(frontend, "warnings", [])) + found + shared
+        stats, facts = calibrate(frontend, sites)
     with timed("candidates"):
         layers = candidates(sites, stats, planning, planning.plan)
+    warnings = list(getattr(frontend, "warnings", [])) + calibration_warnings(facts, layers) + shared
     with timed("cost"):
         cost(layers, fingerprint, planning)
     with timed("approximate", total=len(layers)):
@@ -251,22 +251,35 @@ def capture(frontend: Frontend) -> tuple[list[Site], list[Skipped]]:
 THIN_ROWS_PER_INPUT = 4  # below, calibration error understates new-input error noticeably (docs/accuracy.md)
 
 
-def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStats], list[str]]:
-    """Gram statistics of every site's input; under-sampled ones fall back to data-free fitting, with a warning."""
+def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStats], dict[str, list]]:
+    """Gram statistics of every site's input; under-sampled ones fall back to data-free fitting.
+
+    Also returns which inputs fell back and which are thinly sampled, (names, rows, inputs) by
+    input key, for ``calibration_warnings`` to say once the candidates are known."""
     stats = frontend.calibrate(sites) if sites else {}
-    warnings = []
-    thin = []
+    facts: dict[str, list] = {"diagonal": [], "thin": []}
     for key, st in stats.items():
         K = st.gram.shape[0]
         names = ", ".join(s.name for s in sites if s.input_key == key)
         if K <= st.rows < THIN_ROWS_PER_INPUT * K and not frontend.has_heldout():
-            thin.append((names, st.rows, K))
+            facts["thin"].append((key, names, st.rows, K))
         if st.fall_back_to_diagonal():
-            warnings.append(
-                f"{names}: {st.rows} calibration rows for {K} inputs, too few to weight a fit by their correlations; "
-                f"fitted to each input's energy alone (as if inputs were uncorrelated) so its measured error holds "
-                f"for new inputs. Supply at least {K} calibration rows for a fully activation-aware fit"
-            )
+            facts["diagonal"].append((key, names, st.rows, K))
+    return stats, facts
+
+
+def calibration_warnings(facts: dict[str, list], layers: list[Layer]) -> list[str]:
+    """What under-sampled calibration means for the fits, said only of inputs where some candidate
+    is fitted through the Gram (``FormatSpec.fits_to_gram``): a layer weighing only activation
+    sparsity reads its inputs' magnitudes, which few rows estimate well."""
+    fitted = {l.site.input_key for l in layers if any(c.spec.fits_to_gram for c in l.candidates)}
+    warnings = [
+        f"{names}: {rows} calibration rows for {K} inputs, too few to weight a fit by their correlations; "
+        f"fitted to each input's energy alone (as if inputs were uncorrelated) so its measured error holds "
+        f"for new inputs. Supply at least {K} calibration rows for a fully activation-aware fit"
+        for key, names, rows, K in facts["diagonal"] if key in fitted
+    ]
+    thin = [(names, rows, K) for key, names, rows, K in facts["thin"] if key in fitted]
     if thin:
         names = "; ".join(f"{n} ({rows} rows for {K} inputs)" for n, rows, K in thin[:3])
         warnings.append(
@@ -275,7 +288,7 @@ def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStat
             f"the error on new inputs (1.2-1.6x at 1-2 rows per input, bench/calibration_rows.py); pass held-out "
             f"data (the budget then binds on it too) or more calibration rows"
         )
-    return stats, warnings
+    return warnings
 
 
 # -- candidates -------------------------------------------------------------------------------

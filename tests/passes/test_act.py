@@ -117,3 +117,16 @@ def test_sequential_recovery_recalibrates_thresholds_to_the_inputs_layers_receiv
     skipped = float((h.abs() < fc2["calibrated"]["threshold"]).double().mean())
     assert skipped == pytest.approx(0.5, abs=0.03)
     assert fc2["calibrated"]["skipped_on_calibration"] == pytest.approx(skipped, abs=0.03)
+
+
+def test_few_calibration_rows_are_warned_of_only_where_a_fit_reads_the_gram():
+    """Fewer rows than inputs make Gram-weighted fits fall back to a diagonal (and the report says
+    so); act reads only its inputs' magnitudes, so an act-only plan carries no such warning."""
+    torch.manual_seed(0)
+    model = ReluMLP().eval()
+    few = [(torch.randn(8, 128),)]  # 8 rows for 128 inputs
+    warned = lambda fmt: [w for w in sparsec.optimize(  # noqa: E731
+        model, few[0], calibration=few, fingerprint="cpu", plan={"layers": {"_default": fmt}},
+        lower=False).report.to_dict()["warnings"] if "too few to weight a fit" in w]
+    assert warned("act:0.5") == []
+    assert len(warned("lowrank:8")) >= 1

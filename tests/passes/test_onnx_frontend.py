@@ -110,13 +110,15 @@ def test_a_small_output_is_not_hidden_by_a_large_one():
 
 
 def test_too_few_rows_fall_back_to_a_diagonal_gram_and_are_named():
-    from sparsec.pipeline import calibrate
+    from sparsec.options import parse_options
+    from sparsec.pipeline import calibrate, calibration_warnings, candidates
 
     model, _ = lowrank_mlp(d=32, rank=4, layers=1, tokens=4)
     rng = np.random.default_rng(5)
     fe = frontend(model, [{"x": rng.standard_normal((4, 32)).astype(np.float32)} for _ in range(2)])
     sites, _ = fe.capture()
-    stats, warnings = calibrate(fe, sites)  # the pipeline's step, the same for every front-end
+    stats, facts = calibrate(fe, sites)  # the pipeline's steps, the same for every front-end
+    warnings = calibration_warnings(facts, candidates(sites, stats, parse_options({}), None))
     st = stats[sites[0].input_key]
     assert [w for w in warnings if w.startswith("fc0: 8 calibration rows for 32 inputs, too few")]
     # each input keeps the energy the rows showed (damped by 1% of the mean), correlations are dropped
