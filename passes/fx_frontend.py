@@ -88,12 +88,13 @@ class FxFrontend:
                 pairs = None
                 if products is not None:
                     dense_inputs = dict.fromkeys(stats)
-                    SiteInterpreter(gm, nodes, self.sites, inputs=dense_inputs).run(*args)
+                    _run_until_seen(SiteInterpreter(gm, nodes, self.sites, inputs=dense_inputs, stop_when_seen=stats), args)
                     for key, (d, c) in products.items():
                         if d.device != dense_inputs[key].device:
                             products[key] = (d.to(dense_inputs[key].device), c.to(dense_inputs[key].device))
                     pairs = {key: (dense_inputs[key], products[key]) for key in stats}
-                SiteInterpreter(gm, nodes, self.sites, stats=stats, replacements=replacements, pairs=pairs).run(*args)
+                _run_until_seen(SiteInterpreter(gm, nodes, self.sites, stats=stats, replacements=replacements, pairs=pairs,
+                                                stop_when_seen=stats), args)
         return (stats, products) if against_dense else stats
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
@@ -299,6 +300,16 @@ def last_compile_warning(graph: int) -> str | None:
             "shape or dtype will run eagerly, dense, without sparsec. Each instance compiled with sparsec is "
             "guarded on its own weights and compiles its own graph; for many instances use sparsec.optimize(model, "
             "...), which gives every call its own entry, or raise the limit")
+
+
+def _run_until_seen(interpreter, args) -> None:
+    """Run until every watched input has arrived (``Seen``) or the graph ends."""
+    from sparsec.passes.interpret_fx import Seen
+
+    try:
+        interpreter.run(*args)
+    except Seen:
+        pass
 
 
 def find_output(gm, example_inputs, probe: torch.Tensor) -> int:

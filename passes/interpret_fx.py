@@ -15,12 +15,22 @@ from sparsec.activation import apply_linear
 from sparsec.sites import Site, SiteStats
 
 
+class Seen(Exception):
+    """Raised by a ``SiteInterpreter`` with ``stop_when_seen`` once every input it watches has
+    arrived: the rest of the graph cannot change them."""
+
+
 class SiteInterpreter(fx.Interpreter):
-    """Interprets ``gm``; at each site node computes ``x @ W.T + b`` itself."""
+    """Interprets ``gm``; at each site node computes ``x @ W.T + b`` itself.
+
+    ``stop_when_seen``: a set of input keys; the run stops (``Seen``) once each has been recorded,
+    so a recovery pass over an early block costs the graph up to that block, not the whole graph.
+    """
 
     def __init__(self, gm, nodes: dict[str, fx.Node], sites: dict[str, Site], *, stats=None, replacements=None, local=None,
-                 inputs=None, pairs=None):
+                 inputs=None, pairs=None, stop_when_seen=None):
         super().__init__(gm)
+        self.stop_when_seen = set(stop_when_seen) if stop_when_seen else None
         self.by_node = {node: sites[name] for name, node in nodes.items()}
         self.stats = stats
         self.replacements = replacements or {}
@@ -50,6 +60,8 @@ class SiteInterpreter(fx.Interpreter):
                 ref = reference.to(dense.dtype)
                 dense.addmm_(ref.T, ref)
                 cross.addmm_(ref.T, x2d.to(dense.dtype))
+            if self.stop_when_seen is not None and self.stop_when_seen <= self._counted:
+                raise Seen()
         weight = self.replacements.get(site.name)
         if weight is None:
             return F.linear(x, site.weight.to(x.dtype), _bias(site, x))

@@ -51,3 +51,49 @@ def test_layers_sharing_an_input_count_its_rows_once():
     # same rows only summation order differs (an fp32 reference, rounded, made this flaky)
     ref = x.to(st.gram.dtype).T @ x.to(st.gram.dtype)
     torch.testing.assert_close(st.gram, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_recovery_pass_stops_once_its_inputs_have_arrived():
+    """Gathering the statistics of an early layer runs the graph up to it, not the layers after:
+    the statistics are those of a whole run, and the later layers never execute."""
+    import torch.nn as nn
+
+    from sparsec.passes.fx_frontend import FxFrontend
+
+    class Deep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(16, 16) for _ in range(4))
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = torch.tanh(layer(x))
+            return x
+
+    model = Deep().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(9))
+    fe = FxFrontend(gm, [x], [[x]])
+    sites, _ = fe.capture()
+    full = fe.calibrate(sites)
+    from sparsec.passes import interpret_fx
+
+    executed = []
+    original = interpret_fx.SiteInterpreter.run_node
+
+    def counting(self, n):
+        executed.append(n.name)
+        return original(self, n)
+
+    interpret_fx.SiteInterpreter.run_node = counting
+    try:
+        stats, products = fe.recalibrate({"layers.1"}, {}, against_dense=True)
+    finally:
+        interpret_fx.SiteInterpreter.run_node = original
+    key = {s.name: s for s in sites}["layers.1"].input_key
+    torch.testing.assert_close(stats[key].gram, full[key].gram)
+    assert stats[key].rows == 32
+    dense_gram, cross = products[key]
+    torch.testing.assert_close(dense_gram, full[key].gram)  # no replacements: the dense inputs are the same
+    # two passes (dense and replaced), each ending at layers.1: layers 2 and 3 never ran
+    assert executed.count("layers_1") == 2 and not [n for n in executed if n.startswith(("layers_2", "layers_3"))]
