@@ -139,7 +139,17 @@ def main(argv=None) -> int:
 
     from sparsec.fingerprint.device import current_device_name
 
-    rows = []
+    kind = "cuda" if args.provider == "cuda" else "cpu"
+    result = {"device": current_device_name(kind), "onnxruntime": ort.__version__, "torch": torch.__version__,
+              "provider": args.provider, "fingerprint": args.fingerprint,
+              "date": datetime.now(timezone.utc).date().isoformat(), "rows": []}
+    rows = result["rows"]
+
+    def add(new_rows):  # written after every case, so a run stopped by its time limit keeps what it measured
+        rows.extend(new_rows)
+        if args.out:
+            Path(args.out).write_text(json.dumps(result, indent=1))
+
     with tempfile.TemporaryDirectory(prefix="sparsec-onnx-gpu-") as tmp:
         folder = Path(tmp)
         if "minilm" in args.models:
@@ -149,17 +159,11 @@ def main(argv=None) -> int:
                 except ImportError as exc:
                     print(f"minilm skipped: {exc}", file=sys.stderr)
                     break
-                rows += run_case(f"minilm {dtype} 32x128", *case, args, folder)
+                add(run_case(f"minilm {dtype} 32x128", *case, args, folder))
         if "mlp" in args.models:
             for tokens in args.mlp_tokens:
                 case = mlp_case(folder, getattr(torch, args.mlp_dtype), tokens, args.mlp_blocks, tuple(args.mlp_dims))
-                rows += run_case(f"mlp x{args.mlp_blocks} {args.mlp_dtype} M={tokens}", *case, args, folder)
-    kind = "cuda" if args.provider == "cuda" else "cpu"
-    result = {"device": current_device_name(kind), "onnxruntime": ort.__version__, "torch": torch.__version__,
-              "provider": args.provider, "fingerprint": args.fingerprint,
-              "date": datetime.now(timezone.utc).date().isoformat(), "rows": rows}
-    if args.out:
-        Path(args.out).write_text(json.dumps(result, indent=1))
+                add(run_case(f"mlp x{args.mlp_blocks} {args.mlp_dtype} M={tokens}", *case, args, folder))
     print(f"\n{result['device']}, onnxruntime {result['onnxruntime']}, provider {args.provider}, "
           f"fingerprint {args.fingerprint}, {result['date']}")
     for r in rows:
