@@ -87,11 +87,13 @@ GRIDS = {
     "cpu": OrtGrid("cpu", (1, 8, 32, 128, 512, 1024), _shapes((256, 512, 1024, 2048), (256, 1024)),
                    params={"lowrank": (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), "monarch": (2, 4, 8, 16),
                            "block": ((32, 0.25), (32, 0.5))}, point_budget_s=0.25, min_rounds=8, threads=1),
-    # A data-centre GPU under the CUDA provider: decode to prefill token counts, attention-sized to
+    # A data-centre GPU under the CUDA provider: decode to prefill token counts, encoder-sized
+    # (MiniLM's 384-wide layers lie nearer 512 than 1024, where fixed costs weigh differently) to
     # Llama-3-8B MLP-sized weights, both 16-bit and 32-bit floats; weights cycled through 128 MB,
-    # more than twice an H100's or H200's L2.
-    "cuda": OrtGrid("cuda", (1, 16, 256, 2048), ((1024, 1024), (4096, 4096), (4096, 1024), (1024, 4096),
-                                               (14336, 4096), (4096, 14336)),
+    # more than twice an H100's or H200's L2. (ort-cuda-h200.json predates the 512-class shapes.)
+    "cuda": OrtGrid("cuda", (1, 16, 256, 2048), ((512, 512), (2048, 512), (512, 2048), (1024, 1024),
+                                               (4096, 4096), (4096, 1024), (1024, 4096), (14336, 4096),
+                                               (4096, 14336)),
                    params={"lowrank": (1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2), "monarch": (2, 4, 8, 16),
                            "block": ((32, 0.25), (32, 0.5))}, point_budget_s=0.05, min_rounds=5, threads=0,
                    dtypes=("float16", "float32"), rotation_bytes=128 << 20),
