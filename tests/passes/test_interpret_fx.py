@@ -21,13 +21,21 @@ def test_identical_outputs_have_zero_error_even_when_a_reference_is_zero():
     assert relative_l2([[z.clone()]], [[z]]) == 0.0
 
 
+def calibrated(model, x):
+    """(front-end, sites, statistics, x) of ``model`` traced by FX and calibrated on ``x``."""
+    from sparsec.passes.fx_frontend import FxFrontend
+
+    fe = FxFrontend(torch.fx.symbolic_trace(model), [x], [[x]])
+    sites, _ = fe.capture()
+    return fe, sites, fe.calibrate(sites), x
+
+
 def test_layers_sharing_an_input_count_its_rows_once():
     # gate and up read the same activation: its Gram matrix and row count must not double, or
     # 2048 rows for 4096 inputs would pass for enough to weight a fit by
     import torch.nn as nn
     import torch.nn.functional as F
 
-    from sparsec.passes.fx_frontend import FxFrontend
 
     class GatedMLP(nn.Module):
         def __init__(self):
@@ -37,12 +45,7 @@ def test_layers_sharing_an_input_count_its_rows_once():
         def forward(self, x):
             return self.down(F.silu(self.gate(x)) * self.up(x))
 
-    model = GatedMLP().eval()
-    gm = torch.fx.symbolic_trace(model)
-    x = torch.randn(24, 32, generator=torch.Generator().manual_seed(8))
-    fe = FxFrontend(gm, [x], [[x]])
-    sites, _ = fe.capture()
-    stats = fe.calibrate(sites)
+    fe, sites, stats, x = calibrated(GatedMLP().eval(), torch.randn(24, 32, generator=torch.Generator().manual_seed(8)))
     by_name = {s.name: s for s in sites}
     assert by_name["gate"].input_key == by_name["up"].input_key
     st = stats[by_name["gate"].input_key]
@@ -58,8 +61,6 @@ def test_a_recovery_pass_stops_once_its_inputs_have_arrived():
     the statistics are those of a whole run, and the later layers never execute."""
     import torch.nn as nn
 
-    from sparsec.passes.fx_frontend import FxFrontend
-
     class Deep(nn.Module):
         def __init__(self):
             super().__init__()
@@ -70,12 +71,7 @@ def test_a_recovery_pass_stops_once_its_inputs_have_arrived():
                 x = torch.tanh(layer(x))
             return x
 
-    model = Deep().eval()
-    gm = torch.fx.symbolic_trace(model)
-    x = torch.randn(32, 16, generator=torch.Generator().manual_seed(9))
-    fe = FxFrontend(gm, [x], [[x]])
-    sites, _ = fe.capture()
-    full = fe.calibrate(sites)
+    fe, sites, full, _ = calibrated(Deep().eval(), torch.randn(32, 16, generator=torch.Generator().manual_seed(9)))
     from sparsec.passes import interpret_fx
 
     executed = []
