@@ -94,7 +94,7 @@ def test_a_shipped_onnxruntime_gpu_fingerprint_is_found_by_device_name(monkeypat
     assert other is None or other.name != "ort-cuda-h200"
 
 
-def test_the_cuda_provider_measures_with_device_resident_inputs(tmp_path):
+def test_the_cuda_provider_measures_with_device_resident_inputs(tmp_path, monkeypatch):
     """On a machine whose onnxruntime has a working CUDA provider: the tiny grid in float16 there."""
     import dataclasses
 
@@ -103,15 +103,10 @@ def test_the_cuda_provider_measures_with_device_resident_inputs(tmp_path):
 
     if best_provider() != "CUDAExecutionProvider":
         pytest.skip("onnxruntime's CUDA provider does not load here")
-    tiny = dataclasses.replace(GRIDS["tiny"], dtypes=("float16", "float32"), threads=0)
+    tiny = dataclasses.replace(GRIDS["tiny"], name="tiny-cuda", dtypes=("float16", "float32"), threads=0)
+    monkeypatch.setitem(ort_fp.GRIDS, "tiny-cuda", tiny)
     out = tmp_path / "ort-cuda-test.json"
-    original = dict(GRIDS)
-    try:
-        ort_fp.GRIDS["tiny-cuda"] = dataclasses.replace(tiny, name="tiny-cuda")
-        ort_fp.measure(out, grid="tiny-cuda", provider="CUDAExecutionProvider")
-    finally:
-        ort_fp.GRIDS.clear()
-        ort_fp.GRIDS.update(original)
+    ort_fp.measure(out, grid="tiny-cuda", provider="CUDAExecutionProvider")
     fp = load_fingerprint(out)
     assert fp.device["kind"] == "cuda" and "I/O binding" in fp.data["method"]["statistic"]
     assert fp.predict("dense", 16, 256, 256, dtype="float16") > 0

@@ -63,8 +63,7 @@ def _measure(args) -> int:
 
         if args.output is None:
             raise FingerprintError("--onnxruntime needs -o PATH (an onnxruntime fingerprint is not this device's own)")
-        grid = args.grid or ("cpu" if args.onnxruntime == "CPUExecutionProvider" else "cuda")
-        path = measure_ort(args.output, grid=grid, provider=args.onnxruntime, name=args.name,
+        path = measure_ort(args.output, grid=args.grid, provider=args.onnxruntime, name=args.name,
                            threads=args.threads)
         print(f"wrote {path}")
         return 0
