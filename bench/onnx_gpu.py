@@ -113,12 +113,15 @@ def run_case(name, path, calib, held, plans, args, folder: Path) -> list[dict]:
                "predicted": e2e.get("predicted_speedup"), "dense_us": dense_us, "new_us": new_us,
                "measured": (dense_us / new_us) if dense_us and new_us else 1.0,
                "error": e2e.get("measured_error"), "heldout_error": e2e.get("heldout_error"),
-               "plan_s": time.perf_counter() - start, "executor": report.get("executor")}
+               "plan_s": time.perf_counter() - start, "executor": report.get("executor"),
+               "steps_s": (report.get("planning") or {}).get("timing", {}).get("steps_s")}
         rows.append(row)
         pred = row["predicted"] or 1.0
         err = f"{row['error']:.4g}" if row["error"] is not None else "-"
         print(f"{name:24} {label:18} predicted {pred:5.2f}x measured {row['measured']:5.2f}x  "
               f"({row['rewritten']}/{row['layers']} rewritten, error {err}, {row['plan_s']:.0f} s)", flush=True)
+        if row["steps_s"]:
+            print("    steps (s): " + ", ".join(f"{k} {v:.1f}" for k, v in row["steps_s"].items() if v >= 0.05), flush=True)
     return rows
 
 

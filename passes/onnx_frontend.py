@@ -354,10 +354,10 @@ class LayerErrors(Mapping):
 
 def _layer_error(x: np.ndarray, site: Site, w: torch.Tensor) -> tuple[float, float]:
     """This layer's squared output error and energy on the activations it received in this run."""
-    x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, site.K).to(torch.float32)
-    weight = site.weight.to(torch.float32)
+    x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, site.K).to(w.device, torch.float32)
+    weight = site.weight.to(w.device, torch.float32)
     diff = x2 @ (w.to(torch.float32) - weight).T  # the error itself, not a difference of two outputs
     ref = x2 @ weight.T
     if site.bias is not None:
-        ref = ref + site.bias.to(torch.float32)
+        ref = ref + site.bias.to(w.device, torch.float32)
     return float(torch.sum(diff.double() ** 2)), float(torch.sum(ref.double() ** 2))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+from onnx import helper, numpy_helper
 
 from sparsec.errors import ModelError
 
@@ -116,25 +116,50 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
+SKELETON_KEEP_ELEMENTS = 4096  # initializers up to this size keep their values: shape constants, axes
+
+
+def shape_skeleton(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with every large initializer of its main graph turned into a typed graph input.
+
+    Shape inference reads a weight's type and dims, which an input declares as well; the small
+    initializers (Reshape targets, axes, scalars) keep their values for data propagation.
+    """
+    g = model.graph
+    declared = {i.name for i in g.input}
+    small, inputs = [], list(g.input)
+    for init in g.initializer:
+        if int(np.prod(init.dims, dtype=np.int64)) <= SKELETON_KEEP_ELEMENTS and not init.external_data:
+            small.append(init)
+        elif init.name not in declared:
+            inputs.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
+    graph = helper.make_graph(list(g.node), g.name, inputs, list(g.output), small, value_info=list(g.value_info),
+                              sparse_initializer=list(g.sparse_initializer))
+    skeleton = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    skeleton.functions.extend(model.functions)
+    return skeleton
+
+
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | None]]:
     """Static shapes of the graph's values where ONNX shape inference finds them (None: unknown dim).
 
-    Models too large to serialise in one message are not inferred (the callers have a shape-free
-    path); inference failures on exotic graphs are not errors either, for the same reason.
+    Inference runs on a skeleton of the model whose large weights are declared, not stored: it
+    needs their shapes only, and serialising hundreds of megabytes of weights for it took longer
+    than the rest of calibration. Inference failures on exotic graphs are not errors: the callers
+    have a shape-free path.
     """
     shapes: dict[str, list[int | None]] = {}
     for vi in [*model.graph.input, *model.graph.output, *model.graph.value_info]:
         shapes[vi.name] = value_info_shape(vi)
-    if serialized_bytes(model) < EXTERNAL_DATA_BYTES:
-        try:
-            inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-        except Exception:  # noqa: BLE001 - inference is best effort, see docstring
-            inferred = None
-        if inferred is not None:
-            for vi in [*inferred.graph.value_info, *inferred.graph.output]:
-                shape = value_info_shape(vi)
-                if shape is not None:
-                    shapes[vi.name] = shape
+    try:
+        inferred = onnx.shape_inference.infer_shapes(shape_skeleton(model), data_prop=True)
+    except Exception:  # noqa: BLE001 - inference is best effort, see docstring
+        inferred = None
+    if inferred is not None:
+        for vi in [*inferred.graph.value_info, *inferred.graph.output]:
+            shape = value_info_shape(vi)
+            if shape is not None:
+                shapes[vi.name] = shape
     for init in model.graph.initializer:
         shapes[init.name] = list(init.dims)
     return {k: v for k, v in shapes.items() if v is not None}

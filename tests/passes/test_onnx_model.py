@@ -127,3 +127,29 @@ def test_serialized_size_is_estimated_from_the_weights_without_serialising_them(
     exact = model.ByteSize()
     assert exact <= serialized_bytes(model) <= exact + 16 * 1024
     assert exact > 3 * 256 * 256 * 4  # the weights are most of it
+
+
+def test_shapes_inferred_from_the_skeleton_match_inference_on_the_whole_model():
+    """The skeleton declares large weights instead of storing them; a Reshape's target stays a value."""
+    from onnx import TensorProto, helper
+    from onnx_builders import make_model, tensor, vi
+
+    from sparsec.passes.onnx_model import infer_shapes, shape_skeleton
+
+    rng = np.random.default_rng(0)
+    w = tensor("w", rng.standard_normal((256, 96)).astype(np.float32))  # 24576 values: declared only
+    target = tensor("target", np.array([-1, 8, 12], dtype=np.int64))
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Reshape", ["h", "target"], ["y"])]
+    model = make_model(nodes, [vi("x", ["M", 256])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                       [w, target])
+    skeleton = shape_skeleton(model)
+    assert [i.name for i in skeleton.graph.initializer] == ["target"]
+    assert "w" in [i.name for i in skeleton.graph.input]
+    full = onnx.shape_inference.infer_shapes(model, data_prop=True)
+    expected = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
+                for v in [*full.graph.value_info, *full.graph.output]}
+    shapes = infer_shapes(model)
+    assert shapes["h"] == expected["h"] == [None, 96]
+    assert shapes["y"] == expected["y"] == [None, 8, 12]
+    assert shapes["w"] == [256, 96]
+    assert len(model.graph.initializer) == 2  # the user's model is untouched
