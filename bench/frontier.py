@@ -39,7 +39,7 @@ BUDGETS = {"kl": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2), "cosine": (0.001, 0.002, 0
            "top1": (0.01, 0.02, 0.05, 0.1, 0.2), "rel_l2": (0.01, 0.02, 0.05, 0.1, 0.2)}
 
 
-def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int):
+def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int, example: str = ""):
     import smollm2
 
     model, tokenizer = smollm2.load_model(dtype)
@@ -56,10 +56,15 @@ def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_ba
                 figures.append(smollm2.next_token_figures(rewritten(ids).logits, model(ids).logits, ids.cpu()))
         return {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
 
-    return model, calib, held, "logits", judge
+    if example:  # the deployment's shape: real text, the corpus repeated where it is shorter than the call
+        b, l = (int(v) for v in example.split("x"))
+        stream = tokenizer(" ".join(calib_text + held_text), return_tensors="pt").input_ids[0]
+        stream = stream.repeat(-(-b * l // stream.numel()))
+        return model, calib, held, "logits", judge, (stream[: b * l].reshape(b, l).to(device),)
+    return model, calib, held, "logits", judge, calib[0]
 
 
-def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int):
+def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int, example: str = ""):
     import minilm_sentences as ms
 
     batch, length = (int(v) for v in tokens.split("x")) if tokens else (ms.BATCH, None)
@@ -80,10 +85,16 @@ def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_bat
         agree = float((neighbours(ref) == neighbours(new)).double().mean())
         return {"mean_cosine": mean, "min_cosine": low, "retrieval_agreement": agree}
 
-    return model, calib, held, None, judge
+    if example:  # the deployment's shape, cut from the first calibration call
+        b, l = (int(v) for v in example.split("x"))
+        first = calib[0]
+        if b > first[0].shape[0] or l > first[0].shape[1]:
+            raise ValueError(f"--example {example} is larger than a calibration call ({tuple(first[0].shape)})")
+        return model, calib, held, None, judge, tuple(t[:b, :l] for t in first)
+    return model, calib, held, None, judge, calib[0]
 
 
-def llama8b_shape_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int):
+def llama8b_shape_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int, example: str = ""):
     """A Llama-3-8B-shaped LlamaForCausalLM (32 blocks, 4096 -> 14336, GQA 32/8, vocab 128256) with
     random weights: planning cost and the speed the fingerprint predicts at real LLM shapes. Random
     weights say nothing of accuracy, so its quality figures are not a frontier; run it with --plan-only."""
@@ -102,7 +113,10 @@ def llama8b_shape_case(tokens: str, device: torch.device, dtype: torch.dtype, ca
     def judge(rewritten) -> dict:
         return {}
 
-    return model, calib, held, "logits", judge
+    if example:
+        b, l = (int(v) for v in example.split("x"))
+        return model, calib, held, "logits", judge, (torch.randint(0, config.vocab_size, (b, l), generator=g).to(device),)
+    return model, calib, held, "logits", judge, calib[0]
 
 
 CASES = {"smollm2": smollm2_case, "minilm": minilm_case, "llama8b-shape": llama8b_shape_case}
@@ -122,7 +136,8 @@ def run(args) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     try:
-        model, calib, held, output, judge = CASES[args.model](args.tokens, device, dtype, args.calib_batches)
+        model, calib, held, output, judge, example = CASES[args.model](args.tokens, device, dtype, args.calib_batches,
+                                                                       args.example)
     except Exception as exc:  # noqa: BLE001 - a missing optional package: say which, skip
         print(f"frontier: {args.model} skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -136,16 +151,25 @@ def run(args) -> dict:
     one_eval_s = time.perf_counter() - start  # one model evaluation: a forward pass over the calibration data
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     dense = torch.compile(model, mode=mode) if device.type == "cuda" else model
-    dense_us = timed(dense, calib[0], device) if args.measure else None
+    dense_us = timed(dense, example, device) if args.measure else None
+    from sparsec.fingerprint.device import current_device_name
+
+    shape = lambda item: "x".join(str(d) for d in next(t.shape for t in item if isinstance(t, torch.Tensor))[:2])  # noqa: E731
     rows = []
+    result = {"model": args.model, "metric": args.metric, "fingerprint": ", ".join(args.fingerprint),
+              "tokens": shape(example), "calibration_tokens": shape(calib[0]), "formats": args.formats or "all",
+              "device": current_device_name(device.type),
+              "dtype": args.dtype, "torch": torch.__version__, "triton": _triton_version(),
+              "date": datetime.now(timezone.utc).date().isoformat(), "calibration_batches": len(calib),
+              "rows": rows}
     for fingerprint, budget in [(f, b) for f in args.fingerprint for b in args.budgets or BUDGETS[args.metric]]:
         torch._dynamo.reset()
         start = time.perf_counter()
-        result = sparsec.optimize(model, calib[0], calibration=calib, heldout=held, fingerprint=fingerprint,
+        optimized = sparsec.optimize(model, example, calibration=calib, heldout=held, fingerprint=fingerprint,
                                   error_budget=budget, metric=args.metric, output=output, formats=args.formats,
                                   mode=mode, lower=not args.plan_only)
         plan_s = time.perf_counter() - start
-        report = result.report.to_dict()
+        report = optimized.report.to_dict()
         e2e = report["end_to_end"]
         row = {"budget": budget, "metric": args.metric, "fingerprint": fingerprint, "calibration": e2e["measured_error"],
                "heldout": e2e["heldout_error"], "predicted_speedup": e2e["predicted_speedup"],
@@ -155,21 +179,17 @@ def run(args) -> dict:
                "evaluations": report["planning"]["model_evaluations"] + report["planning"]["heldout_evaluations"],
                "steps_s": report["planning"]["timing"]["steps_s"],
                "fallbacks": report.get("fallbacks", [])}
-        if not args.plan_only:
-            row.update(judge(result.module))
+        if not args.plan_only and example is calib[0]:
+            # at another shape the rewritten module would be compiled (and planned) anew: the
+            # report's held-out metric is then the quality figure
+            row.update(judge(optimized.module))
         if args.measure and not args.plan_only:
-            row["measured_speedup"] = dense_us / timed(result.module, calib[0], device)
+            row["measured_speedup"] = dense_us / timed(optimized.module, example, device)
         rows.append(row)
         print(line(row), flush=True)
-    from sparsec.fingerprint.device import current_device_name
-
-    shape = next(t.shape for t in calib[0] if isinstance(t, torch.Tensor))
-    return {"model": args.model, "metric": args.metric, "fingerprint": ", ".join(args.fingerprint),
-            "tokens": "x".join(str(d) for d in shape[:2]), "formats": args.formats or "all",
-            "device": current_device_name(device.type),
-            "dtype": args.dtype, "torch": torch.__version__, "triton": _triton_version(),
-            "date": datetime.now(timezone.utc).date().isoformat(), "calibration_batches": len(calib),
-            "rows": rows}
+        if args.out:  # after every row: a run stopped by its time limit keeps what it measured
+            Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+    return result
 
 
 def _sync(device: torch.device) -> None:
@@ -191,7 +211,8 @@ def line(row: dict) -> str:
                                                      "min_cosine", "retrieval_agreement") if k in row)
     formats = ", ".join(f"{n} {f}" for f, n in sorted(row["formats"].items())) or "all dense"
     measured = f", measured {row['measured_speedup']:.2f}x" if "measured_speedup" in row else ""
-    held = f"held-out {row['metric']} {row['heldout']:.4g} ({extra}); " if row.get("heldout") is not None else ""
+    extra = f" ({extra})" if extra else ""
+    held = f"held-out {row['metric']} {row['heldout']:.4g}{extra}; " if row.get("heldout") is not None else ""
     on = f" on {row['fingerprint']}" if row.get("fingerprint") else ""
     return (f"budget {row['budget']:g}{on}: {held}{formats} "
             f"({row['dense_layers']} of {row['layers']} dense); predicted {row['predicted_speedup'] or 1.0:.2f}x"
@@ -200,7 +221,8 @@ def line(row: dict) -> str:
 
 
 def table(result: dict) -> str:
-    head = (f"{result['model']} ({result['metric']}, fingerprint {result['fingerprint']}, {result['tokens']} tokens, "
+    head = (f"{result['model']} ({result['metric']}, fingerprint {result['fingerprint']}, {result['tokens']} tokens "
+            f"(calibration {result.get('calibration_tokens', result['tokens'])}), "
             f"{result['device']}, torch {result['torch']}, {result['date']})")
     return "\n".join([head] + [line(r) for r in result["rows"]])
 
@@ -239,6 +261,9 @@ def main(argv=None) -> int:
     parser.add_argument("--budgets", type=float, nargs="+", default=None)
     parser.add_argument("--tokens", default="", help="BATCHxLENGTH of each call (smollm2: default 4x128, "
                         "minilm: 32 x the longest sentence, llama8b-shape: 8x128)")
+    parser.add_argument("--example", default="", help="BATCHxLENGTH of the call the plan is priced and timed at "
+                        "(decode: 1x1); default: a calibration call. At another shape than --tokens, quality is the "
+                        "report's held-out metric alone")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--formats", nargs="+", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
