@@ -152,6 +152,16 @@ def run(args) -> dict:
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     dense = torch.compile(model, mode=mode) if device.type == "cuda" else model
     dense_us = timed(dense, example, device) if args.measure else None
+    lowered_dense_us = None
+    if args.measure and not args.plan_only:
+        # the same model through sparsec with every layer kept dense: the share of a measured
+        # speed-up that is the lowering's, not the rewrite's
+        torch._dynamo.reset()
+        kept = sparsec.optimize(model, example, calibration=calib[:1], fingerprint=args.fingerprint[0], mode=mode,
+                                output=output, plan={"layers": {"_default": "dense"}})
+        lowered_dense_us = timed(kept.module, example, device)
+        print(f"dense: torch.compile {dense_us:.1f} us, through sparsec with every layer dense {lowered_dense_us:.1f} us",
+              flush=True)
     from sparsec.fingerprint.device import current_device_name
 
     shape = lambda item: "x".join(str(d) for d in next(t.shape for t in item if isinstance(t, torch.Tensor))[:2])  # noqa: E731
@@ -161,7 +171,7 @@ def run(args) -> dict:
               "device": current_device_name(device.type),
               "dtype": args.dtype, "torch": torch.__version__, "triton": _triton_version(),
               "date": datetime.now(timezone.utc).date().isoformat(), "calibration_batches": len(calib),
-              "rows": rows}
+              "dense_us": dense_us, "lowered_dense_us": lowered_dense_us, "rows": rows}
     for fingerprint, budget in [(f, b) for f in args.fingerprint for b in args.budgets or BUDGETS[args.metric]]:
         torch._dynamo.reset()
         start = time.perf_counter()
@@ -169,6 +179,9 @@ def run(args) -> dict:
                                   error_budget=budget, metric=args.metric, output=output, formats=args.formats,
                                   mode=mode, lower=not args.plan_only)
         plan_s = time.perf_counter() - start
+        if args.reports:
+            Path(args.reports).mkdir(parents=True, exist_ok=True)
+            optimized.report.save(str(Path(args.reports) / f"{args.model}-{fingerprint}-{shape(example)}-{budget:g}.json"))
         report = optimized.report.to_dict()
         e2e = report["end_to_end"]
         row = {"budget": budget, "metric": args.metric, "fingerprint": fingerprint, "calibration": e2e["measured_error"],
@@ -184,7 +197,9 @@ def run(args) -> dict:
             # report's held-out metric is then the quality figure
             row.update(judge(optimized.module))
         if args.measure and not args.plan_only:
-            row["measured_speedup"] = dense_us / timed(optimized.module, example, device)
+            row["rewritten_us"] = timed(optimized.module, example, device)
+            row["measured_speedup"] = dense_us / row["rewritten_us"]
+            row["measured_over_lowered_dense"] = lowered_dense_us / row["rewritten_us"]
         rows.append(row)
         print(line(row), flush=True)
         if args.out:  # after every row: a run stopped by its time limit keeps what it measured
@@ -211,6 +226,8 @@ def line(row: dict) -> str:
                                                      "min_cosine", "retrieval_agreement") if k in row)
     formats = ", ".join(f"{n} {f}" for f, n in sorted(row["formats"].items())) or "all dense"
     measured = f", measured {row['measured_speedup']:.2f}x" if "measured_speedup" in row else ""
+    if "measured_over_lowered_dense" in row:
+        measured += f" ({row['measured_over_lowered_dense']:.2f}x over sparsec's all-dense lowering)"
     extra = f" ({extra})" if extra else ""
     held = f"held-out {row['metric']} {row['heldout']:.4g}{extra}; " if row.get("heldout") is not None else ""
     on = f" on {row['fingerprint']}" if row.get("fingerprint") else ""
@@ -236,15 +253,21 @@ def plot(paths: list[Path], out: Path) -> None:
 
     results = [json.loads(Path(p).read_text()) for p in paths]
     results = [r for r in results if all(row.get("heldout") is not None for row in r["rows"])]  # plan-only runs: no quality
-    models = list(dict.fromkeys(r["model"] for r in results))
+    lines: dict[tuple, list] = {}  # runs of one model, device and shape (split over several files) are one line
+    for r in results:
+        lines.setdefault((r["model"], r["fingerprint"], r["device"], r["tokens"], r["metric"]), []).extend(r["rows"])
+    models = list(dict.fromkeys(key[0] for key in lines))
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
     for ax, name in zip(axes[0], models):
-        for r in (r for r in results if r["model"] == name):
-            xs = [row["heldout"] for row in r["rows"]]
-            ys = [row.get("measured_speedup") or row["predicted_speedup"] or 1.0 for row in r["rows"]]
-            how = "measured" if any("measured_speedup" in row for row in r["rows"]) else "predicted"
-            ax.plot(xs, ys, marker="o", label=f"{r['fingerprint']} ({r['device']}), {how}")
-            ax.set_xlabel(f"held-out {r['metric']}")
+        for (model, fingerprint, device, tokens, metric), rows in lines.items():
+            if model != name:
+                continue
+            rows = sorted(rows, key=lambda row: row["heldout"])
+            xs = [row["heldout"] for row in rows]
+            ys = [row.get("measured_speedup") or row["predicted_speedup"] or 1.0 for row in rows]
+            how = "measured" if any("measured_speedup" in row for row in rows) else "predicted"
+            ax.plot(xs, ys, marker="o", label=f"{fingerprint} ({device}), {tokens} tokens, {how}")
+            ax.set_xlabel(f"held-out {metric}")
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_ylabel("speed-up over dense")
         ax.set_title(name)
@@ -271,6 +294,7 @@ def main(argv=None) -> int:
     parser.add_argument("--measure", action="store_true", help="also time each rewritten model against dense")
     parser.add_argument("--plan-only", action="store_true", help="plan without lowering (lower=False): planning cost")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
+    parser.add_argument("--reports", default=None, help="write each row's rewrite report into this folder")
     parser.add_argument("--plot", default=None, help="with result JSON files as arguments: draw them into this PNG")
     parser.add_argument("results", nargs="*", help="result JSON files to plot")
     args = parser.parse_args(argv)
