@@ -58,7 +58,7 @@ class BlockHandler:
         N, K = weight.shape
         W = weight.detach().to(torch.float32)
         G = gram(stats, K).to(W.device) if method != "magnitude" else None
-        refit = Refit(W, G) if method == "least-squares" else None
+        refit = self._refit(weight, stats, W, G) if method == "least-squares" else None
         out = []
         for spec in specs:
             why = spec.check(N, K)
@@ -76,6 +76,21 @@ class BlockHandler:
             else:
                 out.append(W * expand_mask(keep, spec.block))
         return out
+
+
+    _last: tuple | None = None
+
+    def _refit(self, weight, stats, W, G) -> "Refit":
+        """The layer's Refit, shared by the specs the planner asks for one at a time (its products
+        with the Gram and the inverse Gram are the expensive part, and the same for every spec)."""
+        gram_now = None if stats is None else stats.gram
+        versions = (weight._version, None if stats is None else (gram_now._version, stats.rows))
+        last = self._last
+        if last is not None and last[0] is weight and last[1] is stats and last[2] is gram_now and last[3] == versions:
+            return last[4]
+        refit = Refit(W, G)
+        self._last = (weight, stats, gram_now, versions, refit)
+        return refit
 
 
 def kept_block_mask(score: torch.Tensor, B: int, kept: int) -> torch.Tensor:
@@ -117,6 +132,7 @@ class Refit:
         self.G = damped(gram, damping) if diag is None else None
         self._WG = None
         self._H = None
+        self._obs: dict[int, torch.Tensor] = {}
 
     @property
     def WG(self) -> torch.Tensor:
@@ -132,6 +148,11 @@ class Refit:
 
     def obs_scores(self, B: int) -> torch.Tensor:
         """(N/B, K/B): output error of dropping each block alone, tr(W_blk [H_bb]^-1 W_blk^T)."""
+        if B not in self._obs:
+            self._obs[B] = self._obs_scores(B)
+        return self._obs[B]
+
+    def _obs_scores(self, B: int) -> torch.Tensor:
         N, K = self.W.shape
         nc = K // B
         if self.damped_diag is not None:
@@ -153,33 +174,61 @@ class Refit:
         W = self.W
         if self.diag is not None:
             return W * expand_mask(block_mask, B)
-        out = torch.zeros_like(W)
-        for i in range(block_mask.shape[0]):
-            rows = slice(i * B, (i + 1) * B)
-            kept = block_mask[i].repeat_interleave(B)
-            J, D = torch.nonzero(kept).flatten(), torch.nonzero(~kept).flatten()
-            if J.numel() == 0:
+        N, K = W.shape
+        kept = block_mask.to(W.device).repeat_interleave(B, dim=1)  # (N/B, K): each block row's kept inputs
+        counts = kept.sum(dim=1)
+        W3 = self.W64.reshape(-1, B, K)
+        out = torch.zeros_like(W3)
+        out[counts == K] = W3[counts == K]
+        # Block rows with as many kept inputs solve systems of one size: one batched solve each.
+        for count in torch.unique(counts).tolist():
+            if count == 0 or count == K:
                 continue
-            if D.numel() == 0:
-                out[rows] = W[rows]
-                continue
-            if J.numel() <= D.numel():
-                sol = _spd_solve(self.G[J[:, None], J], self.WG[rows, J].T).T
-            else:
+            rows = torch.nonzero(counts == count).flatten()
+            if count <= K - count:  # W_hat[:, J] = (W G)[:, J] G[J, J]^-1
+                J = _true_columns(kept[rows], count)
+                WG3 = self.WG.reshape(-1, B, K)
+                for part in _chunks(rows.numel(), count):
+                    r, j = rows[part], J[part]
+                    sol = _spd_solve_batched(self.G[j[:, :, None], j[:, None, :]],
+                                             torch.gather(WG3[r], 2, j[:, None, :].expand(-1, B, -1)).transpose(1, 2))
+                    out[r] = out[r].scatter(2, j[:, None, :].expand(-1, B, -1), sol.transpose(1, 2))
+            else:  # the OBS form, on the dropped inputs D: W_hat[:, J] = W[:, J] - W[:, D] H[D, D]^-1 H[D, J]
                 H = self.H
-                correction = _spd_solve(H[D[:, None], D], self.W64[rows, D].T).T @ H[D[:, None], J]
-                sol = self.W64[rows, J] - correction
-            out[rows, J] = sol.to(W.dtype)
+                D = _true_columns(~kept[rows], K - count)
+                for part in _chunks(rows.numel(), K - count):
+                    r, d = rows[part], D[part]
+                    sol = _spd_solve_batched(H[d[:, :, None], d[:, None, :]],
+                                             torch.gather(W3[r], 2, d[:, None, :].expand(-1, B, -1)).transpose(1, 2))
+                    out[r] = (W3[r] - sol.transpose(1, 2) @ H[d]) * kept[r][:, None, :]
+        out = out.reshape(N, K).to(W.dtype)
         _guarantee_nonzero(out, W, block_mask, B)
         return out
 
 
-def _spd_solve(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
-    """A^-1 rhs for symmetric positive definite A (least squares if rounding broke definiteness)."""
+SOLVE_BYTES = 256 << 20  # float64 systems solved at once, at most
+
+
+def _chunks(rows: int, size: int) -> list[slice]:
+    """Slices of ``rows`` systems of ``size`` x ``size`` that each fit in ``SOLVE_BYTES``."""
+    step = max(1, SOLVE_BYTES // (8 * size * size))
+    return [slice(i, i + step) for i in range(0, rows, step)]
+
+
+def _true_columns(mask: torch.Tensor, count: int) -> torch.Tensor:
+    """(rows, count): the column indices where each row of ``mask`` is True (each has ``count``), ascending."""
+    return torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :count]
+
+
+def _spd_solve_batched(A: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """A^-1 rhs for a batch of symmetric positive definite A (least squares for any whose
+    definiteness rounding broke)."""
     L, info = torch.linalg.cholesky_ex(A)
-    if int(info):
-        return torch.linalg.lstsq(A, rhs).solution
-    return torch.cholesky_solve(rhs, L)
+    sol = torch.cholesky_solve(rhs, L)
+    broken = torch.nonzero(info).flatten()
+    if broken.numel():
+        sol[broken] = torch.linalg.lstsq(A[broken], rhs[broken]).solution
+    return sol
 
 
 def _guarantee_nonzero(out: torch.Tensor, W: torch.Tensor, block_mask: torch.Tensor, B: int) -> None:

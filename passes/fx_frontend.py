@@ -100,14 +100,15 @@ class FxFrontend:
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
         data = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references
-        local: dict[str, list[float]] = {}
+        local: dict[str, torch.Tensor] = {}  # per layer: [squared error, energy], summed over the calls
         outs = []
         with torch.no_grad():
             for item in data:
                 gm, nodes, args = self._run_of(item)
                 out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, local=local).run(*args)
                 outs.append(flatten_outputs(out))
-        per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in local.items()}
+        sums = {name: acc.tolist() for name, acc in local.items()}
+        per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in sums.items()}
         return output_error(outs, refs, self.metric, self.output_index()), per_layer
 
     def output_index(self) -> int | None:

@@ -67,12 +67,15 @@ class SiteInterpreter(fx.Interpreter):
             return F.linear(x, site.weight.to(x.dtype), _bias(site, x))
         out = apply_linear(x, weight, _bias(site, x))
         if self.local is not None:
+            # summed on the device: a host read per layer per call stalled a GPU run once per layer
             ref = F.linear(x, site.weight.to(x.dtype), _bias(site, x))
-            acc = self.local.setdefault(site.name, [0.0, 0.0])
             diff = (out - ref).float().reshape(-1, out.shape[-1])
-            acc[0] += float((diff * diff).sum(-1).sum(dtype=torch.float64))
             refs = ref.float().reshape(-1, ref.shape[-1])
-            acc[1] += float((refs * refs).sum(-1).sum(dtype=torch.float64))
+            sums = torch.stack([(diff * diff).sum(dtype=torch.float64), (refs * refs).sum(dtype=torch.float64)])
+            if site.name in self.local:
+                self.local[site.name] += sums
+            else:
+                self.local[site.name] = sums
         return out
 
     def _activation(self, n: fx.Node) -> torch.Tensor:

@@ -115,3 +115,29 @@ def test_refit_keeps_the_better_of_activation_and_obs_block_choices():
         norms = st.gram.diagonal().sqrt().float()
         act = refit(block_pass.kept_block_mask((W * norms).pow(2), spec.block, spec.kept_blocks(128, 256)), spec.block)
         assert refit.error(approx) <= refit.error(act) * (1 + 1e-12)
+
+
+def test_batched_refit_matches_a_solve_per_block_row():
+    """Block rows keep different numbers of blocks (selection is global): every row, solved on
+    its own in the form the refit picks by size, gives the same weights as the batched solves."""
+    from sparsec.passes.calibrate import damped
+
+    N, K, B = 96, 128, 16
+    W = weight(N, K, seed=21)
+    st = stats_of(activations(K, 2048, seed=22))
+    refit = block_pass.Refit(W, st.gram.double())
+    g = torch.Generator().manual_seed(23)
+    mask = torch.rand(N // B, K // B, generator=g) < torch.linspace(0.05, 0.95, N // B)[:, None]
+    mask[0] = False
+    mask[1] = True  # a row with nothing kept, one with everything
+    mask[2, :2] = True
+    got = refit(mask, B).double()
+    G = damped(st.gram.double(), block_pass.DAMPING)
+    for i in range(N // B):
+        rows = slice(i * B, (i + 1) * B)
+        J = torch.nonzero(mask[i].repeat_interleave(B)).flatten()
+        expected = torch.zeros(B, K, dtype=torch.float64)
+        if J.numel():
+            expected[:, J] = torch.linalg.solve(G[J[:, None], J], (W[rows].double() @ G)[:, J].T).T
+        torch.testing.assert_close(got[rows], expected.float().double(), rtol=1e-5, atol=1e-6)
+    assert refit.error(got) < refit.error(W * block_pass.expand_mask(mask, B))
