@@ -47,6 +47,12 @@ PROBE_MARGIN = 4.0  # a layer whose least lossy step costs up to this much of th
 # Probing every layer alone, a 211-layer LLM measured nearly every layer (2153 model evaluations to
 # plan SmolLM2-135M, docs/frontier.md): planning must grow with roles and depth, not with layers
 MAX_ALONE = 12
+# When an allocation measures over the budget, the layers it rewrites that were never measured alone
+# are probed (most time at stake first, this many in all) before the error model is recalibrated:
+# one layer far more sensitive than its role and depth say (SmolLM2-135M's block-11 down
+# projection reaches the output ~1000x more than the role's average, docs/frontier.md) otherwise
+# reads as a uniform amplification of every layer, and the re-allocations never fit
+LATE_ALONE = 6
 
 
 @dataclass
@@ -57,6 +63,7 @@ class Hull:
     points: list[Candidate]  # points[0] is the dense candidate
     index: int = 0
     sensitivity: float = 1.0  # end-to-end squared error per unit of this layer's squared error
+    measured_alone: bool = False  # the sensitivity was measured with this layer alone rewritten
 
 
     @property
@@ -302,6 +309,7 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
             if cand.predicted_error <= 0.0:
                 continue
             h.sensitivity = measure_alone({h.layer.name: cand}) ** 2 / cand.predicted_error ** 2
+            h.measured_alone = True
             alone[id(h)] = h.sensitivity / estimate[id(h)] if estimate[id(h)] > 0.0 else 1.0
         for hulls in roles.values():  # the layers not probed alone: their estimate, corrected
             ratios = sorted(alone[id(h)] for h in hulls if id(h) in alone)
@@ -313,6 +321,17 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
     if alone:
         layers = ", ".join(f"{h.layer.name} {h.sensitivity:.2g}" for h in alloc.hulls if id(h) in alone)
         alloc.history.append(f"end-to-end sensitivity of the layers picked (measured alone): {layers}")
+
+
+def probe_unmeasured(alloc: Allocation, measure_alone: MeasureAlone, most: int) -> list[Hull]:
+    """Measure alone up to ``most`` of the layers the allocation rewrites whose sensitivity is
+    still an estimate, those with the most predicted time at stake first; return them."""
+    todo = [h for h in alloc.hulls if h.index > 0 and not h.measured_alone and h.current.predicted_error > 0.0]
+    todo.sort(key=lambda h: -h.gain())
+    for h in todo[:most]:
+        h.sensitivity = measure_alone({h.layer.name: h.current}) ** 2 / h.current.predicted_error ** 2
+        h.measured_alone = True
+    return todo[:most]
 
 
 def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION_ROUNDS,
@@ -340,7 +359,24 @@ def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION
     if error <= alloc.budget:
         feasible[alloc.snapshot()] = alloc.saving()
     too_small, large_enough = 0.0, math.inf  # amplifications known to overshoot / to fit
+    late = LATE_ALONE if measure_alone is not None else 0
     for _ in range(rounds):
+        if error > alloc.budget and late > 0:
+            probed = probe_unmeasured(alloc, measure_alone, late)
+            late -= len(probed)
+            if probed:
+                before = alloc.snapshot()
+                alloc.fill()
+                changed = alloc.snapshot() != before
+                alloc.history.append(
+                    f"over budget ({error:.3%}): measured alone the rewritten layers only estimated, "
+                    + ", ".join(f"{h.layer.name} {h.sensitivity:.2g}" for h in probed)
+                    + ("; re-allocated" if changed else ""))
+                if changed:
+                    error, _ = run()
+                    if error <= alloc.budget:
+                        feasible[alloc.snapshot()] = alloc.saving()
+                    continue
         amp = alloc.amplification
         if error <= alloc.budget:
             large_enough = min(large_enough, amp)

@@ -279,3 +279,41 @@ def test_depth_probes_find_a_block_that_matters_more_among_many():
     select.probe_sensitivity(alloc, error_of, rounds=0)
     for h in alloc.hulls:
         assert h.sensitivity == pytest.approx(true[h.layer.name])
+
+
+@pytest.mark.parametrize("late", [0, select.LATE_ALONE])
+def test_an_over_budget_allocation_probes_its_unmeasured_layers_before_blaming_all(monkeypatch, late):
+    """Thirty layers whose errors reach the output at a hundredth of their size, except one layer's
+    lossiest candidate, which reaches it 500x (a layer whose few huge inputs that candidate drops).
+    The role and depth probes use a milder candidate and see nothing; no layer is probed alone
+    while estimating (MAX_ALONE 0), so the first allocation takes that candidate and overshoots.
+    Measuring the rewritten layers alone finds the one to keep back; calibrating one amplification
+    for every layer instead (LATE_ALONE 0) ends all dense, as SmolLM2 did at a KL budget of 0.05."""
+    monkeypatch.setattr(select, "MAX_ALONE", 0)
+    monkeypatch.setattr(select, "LATE_ALONE", late)
+    layers, viable = [], {}
+    for i in range(30):
+        lay, cands = layer(f"layers.{i}.down", [(0.005, 70.0), (0.01, 50.0), (0.02, 20.0 - 0.1 * i)])
+        layers.append(lay)
+        viable[lay.name] = cands
+    outlier = "layers.29.down"  # the most time at stake: first in line
+
+    def true_error(choices):
+        return math.sqrt(sum((500.0 if (n == outlier and c.predicted_error == 0.02) else 0.01) * c.predicted_error ** 2
+                             for n, c in choices.items()))
+
+    alloc = select.allocate(layers, viable, 0.012)
+
+    def measure():
+        return true_error({h.layer.name: h.current for h in alloc.hulls if h.index}), {}
+
+    error, _ = select.fit_to_budget(alloc, measure, measure_alone=true_error)
+    assert error <= 0.012
+    chosen = {h.layer.name: h.current.predicted_error for h in alloc.hulls}
+    lossiest = sum(e == 0.02 for e in chosen.values())
+    if late:
+        assert chosen[outlier] < 0.02 and lossiest == 29
+        assert any("measured alone the rewritten layers only estimated, layers.29.down 5e+02" in line
+                   for line in alloc.history)
+    else:
+        assert lossiest == 0
