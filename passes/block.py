@@ -80,6 +80,11 @@ class BlockHandler:
 
     _last: tuple | None = None
 
+    def forget(self) -> None:
+        """Drop the layer's Refit kept for its next spec (its products with the Gram are as large as
+        the weight, and larger): called once the planner is done with a layer's candidates."""
+        self._last = None
+
     def _refit(self, weight, stats, W, G) -> "Refit":
         """The layer's Refit, shared by the specs the planner asks for one at a time (its products
         with the Gram and the inverse Gram are the expensive part, and the same for every spec)."""

@@ -415,6 +415,8 @@ def approximate(layers: list[Layer], options: Options) -> None:
                             f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
                         )
                     break
+        for handler in HANDLERS.values():  # work a handler kept for the layer's next spec
+            getattr(handler, "forget", lambda: None)()
 
 
 def _error(handler, weight, approx, st: SiteStats, bias, energy: float) -> float:
@@ -442,7 +444,9 @@ def _remaker(layer: Layer, cand: Candidate, key: tuple):
             pass
         site, st = layer.site, layer.stats
         weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
-        (w_hat,) = HANDLERS[cand.spec.family].approximate([cand.spec], weight, st)
+        handler = HANDLERS[cand.spec.family]
+        (w_hat,) = handler.approximate([cand.spec], weight, st)
+        getattr(handler, "forget", lambda: None)()
         w_hat = _beside(w_hat.to(site.dtype), site.weight)
         _APPROXIMATIONS.put(key, w_hat)
         return w_hat

@@ -138,6 +138,8 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
                 layer.recovered = (before, before)
                 summary.kept.append(layer.name)
             done[layer.name] = cand.weight().to(site.dtype)
+    for handler in HANDLERS.values():  # work a handler kept for a layer's next spec
+        getattr(handler, "forget", lambda: None)()
     return summary
 
 

@@ -141,3 +141,22 @@ def test_batched_refit_matches_a_solve_per_block_row():
             expected[:, J] = torch.linalg.solve(G[J[:, None], J], (W[rows].double() @ G)[:, J].T).T
         torch.testing.assert_close(got[rows], expected.float().double(), rtol=1e-5, atol=1e-6)
     assert refit.error(got) < refit.error(W * block_pass.expand_mask(mask, B))
+
+
+def test_a_layers_refit_serves_its_specs_until_forgotten():
+    """The planner asks for a layer's block candidates one spec at a time: they share one Refit,
+    which is rebuilt when the statistics change and dropped by ``forget``."""
+    W = weight(64, 96, seed=31)
+    st = stats_of(activations(96, 2048, seed=32))
+    HANDLER.forget()
+    (a,) = HANDLER.approximate([Block(16, 0.5)], W, st)
+    first = HANDLER._last[-1]
+    (b,) = HANDLER.approximate([Block(16, 0.25)], W, st)
+    assert HANDLER._last[-1] is first
+    st.add(activations(96, 512, seed=33))  # more calibration rows: a new Gram, a new refit
+    HANDLER.approximate([Block(16, 0.5)], W, st)
+    assert HANDLER._last[-1] is not first
+    HANDLER.forget()
+    assert HANDLER._last is None
+    alone = block_pass.BlockHandler()
+    torch.testing.assert_close(alone.approximate([Block(16, 0.25)], W, stats_of(activations(96, 2048, seed=32)))[0], b)
