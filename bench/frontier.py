@@ -149,7 +149,7 @@ def run(args) -> dict:
             model(*item)
         _sync(device)
     one_eval_s = time.perf_counter() - start  # one model evaluation: a forward pass over the calibration data
-    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    mode = args.mode or ("reduce-overhead" if device.type == "cuda" else "default")
     dense = torch.compile(model, mode=mode) if device.type == "cuda" else model
     dense_us = timed(dense, example, device) if args.measure else None
     lowered_dense_us = None
@@ -291,6 +291,9 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", nargs="+", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--mode", default=None, choices=["default", "reduce-overhead"],
+                        help="torch.compile mode the plan is priced for (default: reduce-overhead on CUDA, "
+                             "else default); reduce-overhead on the CPU with --plan-only reproduces a GPU plan there")
     parser.add_argument("--measure", action="store_true", help="also time each rewritten model against dense")
     parser.add_argument("--plan-only", action="store_true", help="plan without lowering (lower=False): planning cost")
     parser.add_argument("--out", default=None, help="write the rows as JSON")
