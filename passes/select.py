@@ -50,8 +50,8 @@ MAX_ALONE = 12
 # When an allocation measures over the budget, the layers it rewrites that were never measured alone
 # are probed (most time at stake first, this many in all) before the error model is recalibrated:
 # one layer far more sensitive than its role and depth say (SmolLM2-135M's block-11 down
-# projection reaches the output ~1000x more than the role's average, docs/frontier.md) otherwise
-# reads as a uniform amplification of every layer, and the re-allocations never fit
+# projection measured 480 alone, its role 0.58, docs/frontier.md) otherwise reads as a uniform
+# amplification of every layer, and the re-allocations never fit
 LATE_ALONE = 6
 
 
@@ -342,7 +342,9 @@ def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION
     with ``measure_alone``, sensitivities are probed first (``probe_sensitivity``).
     The allocation left in place is the one with the largest predicted saving among those that
     measured within the budget, reached by at most ``rounds`` calibrated re-allocations and then,
-    if none fitted, by backing off one hull step at a time.
+    if none fitted, by backing off one hull step at a time. With ``measure_alone``, an allocation
+    over budget first has its estimated layers measured alone (``probe_unmeasured``) and is
+    re-allocated on what they show, before the amplification is blamed.
     """
     if measure_alone is not None:
         probe_sensitivity(alloc, measure_alone)
