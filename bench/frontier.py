@@ -160,7 +160,8 @@ def run(args) -> dict:
         kept = sparsec.optimize(model, example, calibration=calib[:1], fingerprint=args.fingerprint[0], mode=mode,
                                 output=output, plan={"layers": {"_default": "dense"}})
         lowered_dense_us = timed(kept.module, example, device)
-        print(f"dense: torch.compile {dense_us:.1f} us, through sparsec with every layer dense {lowered_dense_us:.1f} us",
+        baseline = f'torch.compile(mode="{mode}")' if device.type == "cuda" else "eager"
+        print(f"dense: {baseline} {dense_us:.1f} us, through sparsec with every layer dense {lowered_dense_us:.1f} us",
               flush=True)
     from sparsec.fingerprint.device import current_device_name
 
