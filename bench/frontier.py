@@ -39,12 +39,18 @@ BUDGETS = {"kl": (0.005, 0.01, 0.02, 0.05, 0.1, 0.2), "cosine": (0.001, 0.002, 0
            "top1": (0.01, 0.02, 0.05, 0.1, 0.2), "rel_l2": (0.01, 0.02, 0.05, 0.1, 0.2)}
 
 
+def call_shape(text: str) -> tuple[int, int]:
+    """BATCHxLENGTH as two ints."""
+    b, l = (int(v) for v in text.split("x"))
+    return b, l
+
+
 def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int, example: str = ""):
     import smollm2
 
     model, tokenizer = smollm2.load_model(dtype)
     model = model.to(device)
-    batch, length = (int(v) for v in tokens.split("x"))
+    batch, length = call_shape(tokens)
     calib_text, held_text = smollm2.split(smollm2.load_text())
     calib = [(ids.to(device),) for ids in smollm2.token_batches(tokenizer, calib_text, batch, length)[:calib_batches]]
     held = [(ids.to(device),) for ids in smollm2.token_batches(tokenizer, held_text, batch, length)[:2]]
@@ -57,7 +63,7 @@ def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_ba
         return {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
 
     if example:  # the deployment's shape: real text, the corpus repeated where it is shorter than the call
-        b, l = (int(v) for v in example.split("x"))
+        b, l = call_shape(example)
         stream = tokenizer(" ".join(calib_text + held_text), return_tensors="pt").input_ids[0]
         stream = stream.repeat(-(-b * l // stream.numel()))
         return model, calib, held, "logits", judge, (stream[: b * l].reshape(b, l).to(device),)
@@ -67,7 +73,7 @@ def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_ba
 def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int, example: str = ""):
     import minilm_sentences as ms
 
-    batch, length = (int(v) for v in tokens.split("x")) if tokens else (ms.BATCH, None)
+    batch, length = call_shape(tokens) if tokens else (ms.BATCH, None)
     model, tokenizer, calib, held = ms.prepare(batch=batch, length=length)
     model = model.to(device=device, dtype=dtype)
     move = lambda items: [tuple(t.to(device) for t in item) for item in items]  # noqa: E731
@@ -86,7 +92,7 @@ def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_bat
         return {"mean_cosine": mean, "min_cosine": low, "retrieval_agreement": agree}
 
     if example:  # the deployment's shape, cut from the first calibration call
-        b, l = (int(v) for v in example.split("x"))
+        b, l = call_shape(example)
         first = calib[0]
         if b > first[0].shape[0] or l > first[0].shape[1]:
             raise ValueError(f"--example {example} is larger than a calibration call ({tuple(first[0].shape)})")
@@ -105,7 +111,7 @@ def llama8b_shape_case(tokens: str, device: torch.device, dtype: torch.dtype, ca
                          rope_theta=500000.0, tie_word_embeddings=False)
     with torch.device(device):
         model = LlamaForCausalLM(config).to(dtype).eval()
-    batch, length = (int(v) for v in (tokens or "8x128").split("x"))
+    batch, length = call_shape(tokens or "8x128")
     g = torch.Generator().manual_seed(0)
     ids = lambda: (torch.randint(0, config.vocab_size, (batch, length), generator=g).to(device),)  # noqa: E731
     calib, held = [ids() for _ in range(calib_batches)], [ids()]
@@ -114,7 +120,7 @@ def llama8b_shape_case(tokens: str, device: torch.device, dtype: torch.dtype, ca
         return {}
 
     if example:
-        b, l = (int(v) for v in example.split("x"))
+        b, l = call_shape(example)
         return model, calib, held, "logits", judge, (torch.randint(0, config.vocab_size, (b, l), generator=g).to(device),)
     return model, calib, held, "logits", judge, calib[0]
 

@@ -14,3 +14,10 @@ HANDLERS = {
     for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER, act.HANDLER)
 }
 
+
+
+def forget_layer_work() -> None:
+    """Drop what any handler keeps between calls for one layer's specs (``forget``, where it has one):
+    called once the planner is done with a layer, so that work does not outlive it."""
+    for handler in HANDLERS.values():
+        getattr(handler, "forget", lambda: None)()

@@ -372,7 +372,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
     refused without being computed. Handlers whose grid shares one factorisation
     (``shares_work_across_specs``) are asked for their whole chain at once.
     """
-    from sparsec.passes.registry import HANDLERS
+    from sparsec.passes.registry import HANDLERS, forget_layer_work
     from sparsec.progress import advance_current
 
     _APPROXIMATIONS.reserve(sum(l.site.weight.numel() * torch.empty((), dtype=l.site.dtype).element_size()
@@ -415,8 +415,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
                             f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
                         )
                     break
-        for handler in HANDLERS.values():  # work a handler kept for the layer's next spec
-            getattr(handler, "forget", lambda: None)()
+        forget_layer_work()
 
 
 def _error(handler, weight, approx, st: SiteStats, bias, energy: float) -> float:
@@ -435,7 +434,7 @@ def _remaker(layer: Layer, cand: Candidate, key: tuple):
     Held by every candidate of every layer, the approximations were many copies of the model's
     weights at once: a BERT-base-shaped 4-block ONNX model of 113 MB peaked at 3.0 GB, 2.3 GB since.
     """
-    from sparsec.passes.registry import HANDLERS
+    from sparsec.passes.registry import HANDLERS, forget_layer_work
 
     def remake() -> torch.Tensor:
         try:
@@ -444,9 +443,8 @@ def _remaker(layer: Layer, cand: Candidate, key: tuple):
             pass
         site, st = layer.site, layer.stats
         weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
-        handler = HANDLERS[cand.spec.family]
-        (w_hat,) = handler.approximate([cand.spec], weight, st)
-        getattr(handler, "forget", lambda: None)()
+        (w_hat,) = HANDLERS[cand.spec.family].approximate([cand.spec], weight, st)
+        forget_layer_work()
         w_hat = _beside(w_hat.to(site.dtype), site.weight)
         _APPROXIMATIONS.put(key, w_hat)
         return w_hat

@@ -88,7 +88,7 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
     """Refit the chosen rewrites block after block (module docstring; ``mode`` "sequential" or
     "full"); changes the chosen candidates' weights in place (``Candidate.approx``) and sets
     ``Layer.recovered``."""
-    from sparsec.passes.registry import HANDLERS
+    from sparsec.passes.registry import HANDLERS, forget_layer_work
     from sparsec.progress import advance_current
 
     summary = RecoverySummary(mode)
@@ -138,8 +138,7 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
                 layer.recovered = (before, before)
                 summary.kept.append(layer.name)
             done[layer.name] = cand.weight().to(site.dtype)
-    for handler in HANDLERS.values():  # work a handler kept for a layer's next spec
-        getattr(handler, "forget", lambda: None)()
+    forget_layer_work()
     return summary
 
 
