@@ -37,7 +37,7 @@ from sparsec.passes import capture_onnx, rewrite_onnx
 from sparsec.passes.onnx_data import Feeds
 from sparsec.passes.onnx_model import Constants, LoadedModel, infer_shapes, session
 from sparsec.output_error import OutputError, relative
-from sparsec.sites import Site, SiteStats, Skipped
+from sparsec.sites import Site, SiteStats, Skipped, as_weight
 
 
 class OnnxFrontend:
@@ -198,7 +198,7 @@ class OnnxFrontend:
             notes.append(
                 f"no weight-bearing op found that sparsec can rewrite: {len(skipped)} MatMul/Gemm-like op(s) "
                 "were left as they are, see 'skipped' for why; the model was written unchanged")
-        pruned = [l for l in layers if l.chosen is not None and not l.chosen.is_dense and l.chosen.spec.prunes]
+        pruned = [l for l in layers if l.chosen is not None and not l.chosen.is_dense and l.chosen.spec.pruned_part]
         if pruned:
             names = ", ".join(f"{l.name} ({l.chosen.fmt})" for l in pruned[:5]) + (" ..." if len(pruned) > 5 else "")
             notes.append(
@@ -352,8 +352,9 @@ class LayerErrors(Mapping):
         return len(self._args[1])
 
 
-def _layer_error(x: np.ndarray, site: Site, w: torch.Tensor) -> tuple[float, float]:
+def _layer_error(x: np.ndarray, site: Site, w) -> tuple[float, float]:
     """This layer's squared output error and energy on the activations it received in this run."""
+    w = as_weight(w)
     x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, site.K).to(w.device, torch.float32)
     weight = site.weight.to(w.device, torch.float32)
     diff = x2 @ (w.to(torch.float32) - weight).T  # the error itself, not a difference of two outputs

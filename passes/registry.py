@@ -7,11 +7,12 @@ reconstruction per spec that has exactly the format's structure, so codegen pack
 
 from __future__ import annotations
 
-from sparsec.passes import act, block, lowrank, monarch, twofour
+from sparsec.passes import act, block, lowrank, monarch, plus_lowrank, twofour
 
 HANDLERS = {
     handler.family: handler
-    for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER, act.HANDLER)
+    for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER, act.HANDLER,
+                    *plus_lowrank.HANDLERS)
 }
 
 

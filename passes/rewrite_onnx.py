@@ -21,6 +21,7 @@ from sparsec.passes.capture_onnx import OnnxLayer, node_names
 from sparsec.passes.onnx_emit import FORMAT_KEY, LAYER_KEY, Emitter
 from sparsec.passes.onnx_forms import declared_format_note, emit_product, factors
 from sparsec.passes.onnx_model import Constants, elem_numpy_dtype
+from sparsec.sites import as_weight
 
 MODEL_KEY = "sparsec"
 
@@ -84,7 +85,7 @@ def _all_names(graph: onnx.GraphProto) -> set[str]:
 
 def weight_in_node_layout(approx: torch.Tensor, info: OnnxLayer, dtype) -> np.ndarray:
     """The dense approximation (N, K) back in the node's own orientation and scale."""
-    w = approx.detach().to(torch.float64)
+    w = as_weight(approx).detach().to(torch.float64)
     if info.alpha != 1.0:
         w = w / info.alpha
     w = w.T if info.weight_kn else w

@@ -159,6 +159,11 @@ class Thresholded:
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(masked(x, self.threshold), self.weight.to(x.dtype), bias)
 
+    def packed(self, spec):
+        from sparsec.codegen import pack
+
+        return pack(spec, self.weight, threshold=self.threshold)
+
 
 def masked(x: torch.Tensor, threshold: float) -> torch.Tensor:
     """``x`` with every entry whose magnitude is under ``threshold`` set to zero."""
@@ -167,18 +172,19 @@ def masked(x: torch.Tensor, threshold: float) -> torch.Tensor:
 
 
 def apply_linear(x: torch.Tensor, weight, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear`` for a replacement that is a weight or a ``Thresholded``."""
-    if isinstance(weight, Thresholded):
+    """``F.linear`` for a replacement that is a weight, or an approximation that applies itself
+    (a ``Thresholded``, a sparse-plus-low-rank pair)."""
+    if hasattr(weight, "linear"):
         return weight.linear(x, bias)
     return F.linear(x, weight, bias)
 
 
 def pack_approximation(spec, approx):
-    """The packed weight of a candidate's approximation (a tensor, or a ``Thresholded``)."""
+    """The packed weight of a candidate's approximation (a tensor, or an object that packs itself)."""
     from sparsec.codegen import pack
 
-    if isinstance(approx, Thresholded):
-        return pack(spec, approx.weight, threshold=approx.threshold)
+    if hasattr(approx, "packed"):
+        return approx.packed(spec)
     return pack(spec, approx)
 
 

@@ -2,8 +2,10 @@
 
 A format spec is the single name a plan, a report, a fingerprint and a kernel all agree on:
 ``dense``, ``2:4``, ``block:B:D`` (BxB blocks, fraction D of blocks kept), ``lowrank:R``,
-``monarch:NB`` (NB blocks per factor) and ``act:S`` (the weight dense, a token's inputs under a
-calibrated magnitude skipped, a fraction S of them on calibration data). ``parse_spec`` turns the text into a frozen dataclass and
+``monarch:NB`` (NB blocks per factor), ``act:S`` (the weight dense, a token's inputs under a
+calibrated magnitude skipped, a fraction S of them on calibration data) and the composites
+``2:4+lowrank:R`` and ``block:B:D+lowrank:R`` (a sparse weight plus a rank-R term fitted to what
+it leaves out). ``parse_spec`` turns the text into a frozen dataclass and
 ``str(spec)`` turns it back, so plans and reports round-trip exactly.
 
 Each spec also answers the two questions the planner asks before any arithmetic: can a weight of
@@ -32,6 +34,8 @@ __all__ = [
     "LowRank",
     "Monarch",
     "Act",
+    "TwoFourPlusLowRank",
+    "BlockPlusLowRank",
     "FAMILIES",
     "STRUCTURED_FAMILIES",
     "parse_spec",
@@ -52,6 +56,9 @@ class FormatSpec:
     # keeps a subset of the dense weight's values where they were (zeros elsewhere): a runtime
     # without a sparse kernel for it stores and multiplies the whole dense shape
     prunes: ClassVar[bool] = False
+    # holds such a pruned weight, whole or as one of its parts (a composite's sparse part): on the
+    # ONNX path that part is written, and runs, as a dense weight with zeros
+    pruned_part: ClassVar[bool] = False
     # the cost model interpolates along the last entry of ``curve_key`` (named so in its notes),
     # with log-log slopes bounded so outside the measured range (time against the parameter)
     param_label: ClassVar[str] = ""
@@ -147,6 +154,7 @@ class TwoFour(FormatSpec):
     family: ClassVar[str] = "2:4"
     syntax: ClassVar[str] = "2:4"
     prunes: ClassVar[bool] = True
+    pruned_part: ClassVar[bool] = True
 
     def __str__(self) -> str:
         return "2:4"
@@ -173,6 +181,7 @@ class Block(FormatSpec):
     family: ClassVar[str] = "block"
     syntax: ClassVar[str] = "block:B:D"
     prunes: ClassVar[bool] = True
+    pruned_part: ClassVar[bool] = True
     # more kept blocks never make a layer faster, nor more than proportionally slower
     param_label: ClassVar[str] = "kept fraction"
     group_label: ClassVar[str] = "block"
@@ -411,8 +420,139 @@ class Act(FormatSpec):
                 f"{100.0 * (1.0 - self.skip ** M):.0f}% of the weight)")
 
 
+@dataclass(frozen=True)
+class PlusLowRank(FormatSpec):
+    """A sparse weight plus a low-rank term: W ~= S + U V, S in the ``base`` format, U: N x R,
+    V: R x K. The rank-R term is fitted to what the sparse part leaves out, so a small R buys back
+    much of the error for a few percent more bytes. Subclasses fix the sparse family."""
+
+    pruned_part: ClassVar[bool] = True  # both sparse bases prune
+    param_label: ClassVar[str] = "rank fraction"  # as low rank: a larger rank, never faster
+    rank: int
+
+    @property
+    def base(self) -> FormatSpec:  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    @property
+    def lowrank(self) -> "LowRank":
+        return LowRank(self.rank)
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise FormatError(f"rank {self.rank} must be at least 1")
+
+    def __str__(self) -> str:
+        return f"{self.base}+lowrank:{self.rank}"
+
+    def check(self, N, K):
+        return self.base.check(N, K) or self.lowrank.check(N, K)
+
+    def stored_params(self, N, K):
+        return self.base.stored_params(N, K) + self.lowrank.stored_params(N, K)
+
+    @classmethod
+    def parse_args(cls, args):
+        raise FormatError(f"the composite format is written '{cls.syntax}', e.g. '{cls.example()}'")
+
+    @classmethod
+    def of(cls, base: FormatSpec, rank: int) -> "PlusLowRank":  # pragma: no cover - every subclass overrides
+        raise NotImplementedError
+
+    def record(self):
+        return {**self.base.record(), "rank": self.rank}
+
+    @classmethod
+    def settings(cls, N, K, grid=()):
+        """``grid`` holds (base setting's record, rank as a fraction of min(N, K)) pairs."""
+        base_cls = type(cls.example().base)
+        out = []
+        for base_record, fraction in grid:
+            rank = max(1, round(fraction * min(N, K)))
+            out.append(cls.of(base_cls.from_record(base_record), rank))
+        return list(dict.fromkeys(out))
+
+    def curve_key(self, N, K):
+        return (*self.base.curve_key(N, K), self.rank / min(N, K))
+
+    def label(self, N, K):
+        return f"{self.base.label(N, K)}+lowrank@{self.rank / min(N, K):g}"
+
+    @classmethod
+    def from_label(cls, label, N, K):
+        if "+lowrank@" in label:
+            base, fraction = label.split("+lowrank@")
+            base_spec = parse_spec(base) if ":" in base or base in FAMILIES else None
+            if base_spec is not None:
+                return cls.of(base_spec, max(1, round(float(fraction) * min(N, K))))
+        return parse_spec(label)
+
+    def parts(self, N, K) -> "list[FormatSpec]":
+        """The formats it runs as, one after the other, each over the whole N x K."""
+        return [self.base, self.lowrank]
+
+
+@dataclass(frozen=True)
+class TwoFourPlusLowRank(PlusLowRank):
+    """2:4 plus a rank-R term: ``2:4+lowrank:R``."""
+
+    family: ClassVar[str] = "2:4+lowrank"
+    syntax: ClassVar[str] = "2:4+lowrank:R"
+
+    @property
+    def base(self) -> TwoFour:
+        return TwoFour()
+
+    @classmethod
+    def of(cls, base, rank):
+        if not isinstance(base, TwoFour):
+            raise FormatError(f"'{cls.family}' takes a 2:4 base, got {base}")
+        return cls(rank)
+
+    @classmethod
+    def example(cls):
+        return cls(16)
+
+    @classmethod
+    def from_record(cls, entry):
+        return cls(int(entry["rank"]))
+
+
+@dataclass(frozen=True)
+class BlockPlusLowRank(PlusLowRank):
+    """Block-sparse plus a rank-R term: ``block:B:D+lowrank:R``."""
+
+    family: ClassVar[str] = "block+lowrank"
+    syntax: ClassVar[str] = "block:B:D+lowrank:R"
+    group_label: ClassVar[str] = "block size, kept fraction"
+    block: int = 64
+    density: float = 0.25
+
+    def __post_init__(self):
+        super().__post_init__()
+        Block(self.block, self.density)  # raises FormatError for impossible block settings
+
+    @property
+    def base(self) -> Block:
+        return Block(self.block, self.density)
+
+    @classmethod
+    def of(cls, base, rank):
+        if not isinstance(base, Block):
+            raise FormatError(f"'{cls.family}' takes a block base, got {base}")
+        return cls(rank, base.block, base.density)
+
+    @classmethod
+    def example(cls):
+        return cls(16, 64, 0.25)
+
+    @classmethod
+    def from_record(cls, entry):
+        return cls(int(entry["rank"]), int(entry["block"]), float(entry["density"]))
+
+
 FAMILIES: dict[str, type[FormatSpec]] = {
-    cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch, Act)
+    cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch, Act, TwoFourPlusLowRank, BlockPlusLowRank)
 }
 STRUCTURED_FAMILIES = tuple(f for f in FAMILIES if f != Dense.family)
 
@@ -424,6 +564,8 @@ def parse_spec(text: "str | FormatSpec") -> FormatSpec:
     if not isinstance(text, str) or not text.strip():
         raise FormatError(f"format must be a non-empty string, got {text!r}")
     text = text.strip()
+    if "+" in text:
+        return _parse_composite(text)
     family, *args = (text, ) if text in FAMILIES else text.split(":")
     cls = FAMILIES.get(family)
     if cls is None:
@@ -432,10 +574,28 @@ def parse_spec(text: "str | FormatSpec") -> FormatSpec:
     return cls.parse_args(args)
 
 
+def _parse_composite(text: str) -> FormatSpec:
+    """``<sparse format>+lowrank:R``."""
+    base_text, _, rest = text.partition("+")
+    composites = ", ".join(c.syntax for c in FAMILIES.values() if issubclass(c, PlusLowRank))
+    rest_family, *rest_args = rest.split(":")
+    if rest_family != "lowrank" or len(rest_args) != 1 or "+" in rest:
+        raise FormatError(f"unknown composite format {text!r}: the second part must be 'lowrank:R'; "
+                          f"known composites: {composites}")
+    base = parse_spec(base_text)
+    cls = FAMILIES.get(f"{base.family}+lowrank")
+    if cls is None:
+        raise FormatError(f"no composite of {base.family} and a low-rank term ({text!r}); known composites: {composites}")
+    return cls.of(base, _parse_int(rest_args[0], "rank"))
+
+
 def family_of(text: str) -> str:
-    """The family ('block', 'lowrank', ...) of a format name, or the name itself for 'auto'."""
+    """The family ('block', 'lowrank', '2:4+lowrank', ...) of a format name, or the name itself for 'auto'."""
     if text == "auto" or text in FAMILIES:
         return text
+    if "+" in text:
+        base, _, rest = text.partition("+")
+        return f"{family_of(base)}+{family_of(rest)}"
     return text.split(":")[0]
 
 

@@ -307,7 +307,8 @@ def _formats_with_onnx_form(options, explicit: bool) -> None:
 
 
 def executor_formats(formats, executor: Executor) -> tuple[tuple[str, ...], str | None]:
-    """The default formats for onnxruntime: those written as pruned dense weights are left out.
+    """The default formats for onnxruntime: those written as (or with a part written as) pruned dense
+    weights are left out.
 
     onnxruntime's execution providers have no sparse MatMul: a 2:4 or block-sparse weight is a
     dense weight with zeros to them, and the fingerprint measures exactly that. Planning them would
@@ -315,7 +316,7 @@ def executor_formats(formats, executor: Executor) -> tuple[tuple[str, ...], str 
     """
     from sparsec.formats import FAMILIES
 
-    dropped = [f for f in formats if FAMILIES[f].prunes]
+    dropped = [f for f in formats if FAMILIES[f].pruned_part]
     if not dropped:
         return tuple(formats), None
     measured = []
@@ -324,8 +325,9 @@ def executor_formats(formats, executor: Executor) -> tuple[tuple[str, ...], str 
         if ratio is not None:
             measured.append(f"{family} at {ratio[0]:.2f}x of dense's time (median of {ratio[1]} shapes)")
     evidence = f"; {executor.fingerprint.name} measured " + ", ".join(measured) if measured else ""
-    note = (f"{' and '.join(dropped)} not tried: onnxruntime's {executor.provider} runs them as dense MatMuls "
-            f"over pruned weights, so they cannot save time here{evidence}. Pass --formats with them to write "
+    names = " and ".join(dropped) if len(dropped) < 3 else ", ".join(dropped[:-1]) + " and " + dropped[-1]
+    note = (f"{names} not tried: onnxruntime's {executor.provider} runs them (or their sparse part) as dense "
+            f"MatMuls over pruned weights, so they cannot save time here{evidence}. Pass --formats with them to write "
             "pruned weights (format in each node's metadata_props) for a runtime with sparse kernels, such as "
             "TensorRT's sparsity mode")
     return tuple(f for f in formats if f not in dropped), note

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsec.candidates import Layer
-from sparsec.sites import output_energy, relative_output_error
+from sparsec.sites import as_weight, output_energy, relative_output_error
 
 DAMPING = 0.01  # of the Gram's mean diagonal, as every format's fit
 # "full" fits a layer to the dense model's output only where calibration has at least this many
@@ -178,8 +178,8 @@ def _against_dense(weight: torch.Tensor, dense_gram: torch.Tensor, cross: torch.
     reference = float(torch.sum((W @ dense_gram) * W))
     WC = W @ cross
 
-    def error(w_hat: torch.Tensor) -> float:
-        w = w_hat.to(cross.dtype)
+    def error(w_hat) -> float:
+        w = as_weight(w_hat).to(cross.dtype)
         num = reference - 2.0 * float(torch.sum(WC * w)) + float(torch.sum((w @ gram) * w))
         return math.sqrt(max(num, 0.0) / reference) if reference > 0.0 else (0.0 if num <= 0.0 else math.inf)
 

@@ -136,6 +136,11 @@ def output_energy(weight: torch.Tensor, stats: SiteStats, bias: torch.Tensor | N
     return max(energy, 0.0)
 
 
+def as_weight(approx) -> torch.Tensor:
+    """The dense weight an approximation amounts to: itself, or a composite's parts summed."""
+    return approx.dense() if hasattr(approx, "dense") else approx
+
+
 def relative_output_error(
     weight: torch.Tensor, approx: torch.Tensor, stats: SiteStats, bias: torch.Tensor | None = None,
     energy: float | None = None,
@@ -146,7 +151,7 @@ def relative_output_error(
     of one layer and has it already.
     """
     on = dict(device=stats.gram.device, dtype=stats.gram.dtype)
-    diff = weight.to(**on) - approx.to(**on)
+    diff = weight.to(**on) - as_weight(approx).to(**on)
     num = _gram_form(diff, stats)
     den = output_energy(weight, stats, bias) if energy is None else energy
     if den <= 0.0:

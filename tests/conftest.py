@@ -51,6 +51,9 @@ class ScaledFingerprint:
 
     def predict_detail(self, fmt, M, N, K, dtype="float32", mode="eager"):
         spec = parse_spec(fmt)
+        if hasattr(spec, "parts"):  # a composite runs its parts in turn, as a real fingerprint composes it
+            parts = [self.predict_detail(p, M, N, K, dtype, mode) for p in spec.parts(N, K)]
+            return Prediction(sum(p.us for p in parts), f"scenario-{spec.family}")
         work = M * spec.stored_params(N, K) + spec.stored_params(N, K)
         factor = self.factors.get(spec.family, 1.0)
         return Prediction(self.launch_us + factor * work / 1e4, f"scenario-{spec.family}")

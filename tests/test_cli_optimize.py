@@ -184,7 +184,7 @@ def test_the_shipped_sample_runs_as_the_readme_says(tmp_path, capsys):
     rewritten = [l for l in report["layers"] if l["format"] != "dense"]
     assert rewritten and report["end_to_end"]["measured_error"] <= report["error_budget"] * 1.05
     assert any("generated inputs" in w for w in report["warnings"])
-    assert any("2:4 and block not tried" in w for w in report["warnings"])
+    assert any("2:4, block, 2:4+lowrank and block+lowrank not tried" in w for w in report["warnings"])
     assert report["end_to_end"]["measured_speedup"] is not None
 
 

@@ -3,7 +3,8 @@
 * ``dense``: ``torch.nn.functional.linear`` (cuBLAS on CUDA, torch's CPU GEMM otherwise).
 * ``2:4`` through torch's cuSPARSELt ops (``torch._cslt_compress`` / ``torch._cslt_sparse_mm``),
   with the input padding torch's semi-structured tensor applies (M to a multiple of 8).
-* every implementation ``sparsec.codegen`` registers for 2:4, block, lowrank and monarch, called
+* every implementation ``sparsec.codegen`` registers for 2:4, block, lowrank, monarch, act and the
+  sparse-plus-low-rank composites, called
   through ``codegen.linear(x, packed, impl=...)``. On CUDA the plain-torch "reference" is only
   measured for a family that has no other implementation; on CPU it is what runs.
 
@@ -32,6 +33,11 @@ PARAM_GRID = {
     "lowrank": [0.25, 0.125, 0.5, 0.0625],
     "monarch": [4, 16, 8],
     "act": [0.5, 0.4, 0.25, 0.6, 0.7],  # fraction of inputs skipped (of unit-normal timing inputs)
+    # (the sparse part's parameters, rank as a fraction of min(N, K)): the ranks the planner tries
+    "2:4+lowrank": [({}, 1 / 32), ({}, 1 / 16), ({}, 1 / 64), ({}, 1 / 8)],
+    "block+lowrank": [({"block": 64, "density": 0.25}, 1 / 32), ({"block": 64, "density": 0.5}, 1 / 32),
+                      ({"block": 64, "density": 0.25}, 1 / 8), ({"block": 32, "density": 0.25}, 1 / 32),
+                      ({"block": 64, "density": 0.5}, 1 / 8), ({"block": 32, "density": 0.5}, 1 / 32)],
 }
 
 

@@ -141,6 +141,8 @@ def passthrough_model(M: int | None, K: int, dtype: str = "float32") -> onnx.Mod
 
 
 def weight_bytes(spec: FormatSpec, N: int, K: int, dtype: str = "float32") -> int:
+    if hasattr(spec, "parts"):
+        return sum(weight_bytes(part, N, K, dtype) for part in spec.parts(N, K))
     return ELEMENT[dtype][2] * (N * K if spec.prunes else spec.stored_params(N, K))
 
 

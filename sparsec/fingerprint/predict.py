@@ -7,7 +7,8 @@ shapes. ``load_fingerprint`` finds one by name, path or "auto", validates it and
 
 Prediction is interpolation of measured times in log space (see ``sparsec.fingerprint.interp``), never a
 FLOP count. A format with no measurements of its own but built from measured operations is
-composed from them (low rank = two dense GEMMs) and says so in the prediction's note.
+composed from them (low rank = two dense GEMMs; a sparse-plus-low-rank composite = its sparse part
+and its low-rank term) and says so in the prediction's note.
 """
 
 from __future__ import annotations
@@ -200,6 +201,10 @@ class Fingerprint:
         table, _, reason = self._lookup(spec.family, dtype, mode)
         if table is not None:
             return None
+        parts = getattr(spec, "parts", None)
+        if parts is not None:
+            missing = [why for why in (self.can_predict(p, dtype, mode) for p in parts(1, 1)) if why]
+            return f"{reason}, and {missing[0]} to compose it from" if missing else None
         if spec.dense_parts(1, 1) is not None:
             dense, _, dense_reason = self._lookup("dense", dtype, mode)
             if dense is not None:
@@ -234,6 +239,8 @@ class Fingerprint:
         if reason:
             raise FingerprintError(f"cannot predict {spec} on fingerprint {self.name!r}: {reason}")
         table, notes, _ = self._lookup(spec.family, dtype, mode)
+        if table is None and hasattr(spec, "parts"):  # a composite format: the sum of its parts
+            return self._compose_parts(spec, M, N, K, dtype, mode)
         if table is None:  # only a format made of dense GEMMs gets here (can_predict): compose it
             return self._compose(spec, M, N, K, dtype, mode)
         edge: set[str] = set()
@@ -291,6 +298,16 @@ class Fingerprint:
         kernels = list(dict.fromkeys(p.kernel for p in preds))
         kernel = f"{kernels[0]} x{len(preds)}" if len(kernels) == 1 else " + ".join(p.kernel for p in preds)
         return Prediction(sum(p.us for p in preds), kernel, "; ".join(notes))
+
+    def _compose_parts(self, spec, M, N, K, dtype, mode) -> Prediction:
+        """A composite without measurements of its own: its parts' times, run one after the other.
+        An upper bound where the last part's launch would take the sum in its epilogue."""
+        preds = [self.predict_detail(p, M, N, K, dtype, mode) for p in spec.parts(N, K)]
+        names = " + ".join(str(p) for p in spec.parts(N, K))
+        notes = [f"composed from its parts ({names}); no {spec.family} measurements"]
+        notes += [n for n in dict.fromkeys(n for p in preds for n in p.note.split("; ")) if n]
+        unmeasured = next((p.unmeasured for p in preds if p.unmeasured), "")
+        return Prediction(sum(p.us for p in preds), " + ".join(p.kernel for p in preds), "; ".join(notes), unmeasured)
 
     def matches_current_device(self, kind: str | None = None) -> str | None:
         """A warning when this fingerprint was not measured on the device the model runs on

@@ -22,6 +22,8 @@ KERNELS = [
     ("monarch:4", 48, 64, "two_launch"),
     ("monarch:2", 40, 16, "fused"),
     ("monarch:2", 40, 16, "two_launch"),
+    ("2:4+lowrank:8", 48, 80, "triton"),
+    ("block:16:0.3+lowrank:8", 64, 96, "triton"),
 ]
 
 # fp32: the interpreter multiplies exactly, so only summation order differs (~1e-6 relative).

@@ -125,3 +125,28 @@ def test_act_kernel_matches_float64_and_replays_in_a_cuda_graph(dtype, M):
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, ref(fresh)) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["2:4+lowrank:64", "block:64:0.25+lowrank:64"])
+@pytest.mark.parametrize("M", [1, 4, 16, 64, 2048])
+def test_sparse_plus_lowrank_matches_float64_and_replays_in_a_cuda_graph(dtype, fmt, M):
+    """The composite on every path its base takes (word kernel with the low-rank term as its fused
+    residual at few tokens, cuSPARSELt or the tensor-core kernel at many), then in a CUDA graph."""
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    N, K = 1024, 2048
+    packed = pack(fmt, (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(dtype))
+    dense = packed.to_dense().double()
+    x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+    bias = torch.randn(N, generator=gen, device="cuda").to(dtype)
+    assert rel_err(linear(x, packed, bias), x.double() @ dense.t() + bias.double()) <= REL_TOL[dtype]
+    static = x.clone()
+    linear(static, packed, bias)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = linear(static, packed, bias)
+    fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+    static.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, fresh.double() @ dense.t() + bias.double()) <= REL_TOL[dtype]
