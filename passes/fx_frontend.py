@@ -62,6 +62,18 @@ class FxFrontend:
         self.nodes = nodes
         return sites, skipped
 
+    def experts(self) -> tuple[list[dict], list[Skipped]]:
+        """Expert banks (passes/experts_fx.py): each running sparsec's op gets the implementation
+        measured fastest on its calibration routing; the report's rows, and banks left as traced."""
+        from sparsec.passes import experts_fx
+
+        banks, skipped = experts_fx.find_banks(self.gm, self.example_inputs, self.graph)
+        if not banks:
+            return [], skipped
+        calls = [args for gm, _, args in map(self._run_of, self.calibration) if gm is self.gm] or [self.example_inputs]
+        experts_fx.record(self.gm, banks, calls)
+        return experts_fx.choose(self.gm, banks, graph_replay=self.mode == "reduce-overhead"), skipped
+
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
         stats = empty_stats(sites)
         self._references = []

@@ -1,6 +1,6 @@
 """The pass order, as one flat function of named steps (DESIGN.md, "The pipeline").
 
-    capture -> calibrate -> candidates -> cost -> approximate -> select -> verify -> [measure] -> lower
+    capture -> experts -> calibrate -> candidates -> cost -> approximate -> select -> verify -> [measure] -> lower
       -> check -> report
 
 The pipeline knows neither FX nor ONNX. A front-end supplies the graph-specific parts through
@@ -106,6 +106,9 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     timed = StepClock()
     with timed("capture"):
         sites, skipped = capture(frontend)
+    with timed("experts"):
+        banks, left = experts(frontend)
+        skipped = skipped + left
     with timed("calibrate"):
         stats, facts = calibrate(frontend, sites)
     with timed("candidates"):
@@ -144,6 +147,8 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         if checked.alarm:
             predicted = report["end_to_end"]["predicted_speedup"]
             report["warnings"].insert(0, checked.alarm.replace("{predicted}", f"{predicted or float('nan'):.2f}x"))
+        if banks:
+            report["experts"] = banks
         report["planning"] = planning_of(timed, e2e)
         if recovery is not None:
             report["planning"]["recovery"] = recovery.to_dict()
@@ -357,6 +362,17 @@ def _kernel_refusal(cand: Candidate, site: Site) -> str | None:
     from sparsec.codegen import check
 
     return check(cand.spec, site.N, site.K, dtype=site.dtype, device=site.weight.device)
+
+
+# -- experts ----------------------------------------------------------------------------------
+
+
+def experts(frontend: Frontend) -> tuple[list[dict], list[Skipped]]:
+    """Expert banks: the implementation each is measured fastest in (an exact choice: no error is
+    spent), as report rows, and the banks left as traced, as skipped entries. Entries without
+    banks (ONNX) have none."""
+    find = getattr(frontend, "experts", None)
+    return find() if find is not None else ([], [])
 
 
 # -- approximate ------------------------------------------------------------------------------

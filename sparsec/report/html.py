@@ -56,6 +56,7 @@ def render_html(report) -> str:
         _budget_section(report),
         "</div>",
         _layer_section(report),
+        _experts_section(report),
         _skipped_section(report),
         f'<footer>written {escape(report["created"])} by sparsec {escape(report["sparsec_version"])}'
         f' · schema {escape(report["schema"])}</footer>',
@@ -190,6 +191,16 @@ def _layer_section(report) -> str:
             "considered and why it was not chosen.</p>"
             f'<div class="scroll"><table id="layer-table" class="layers"><thead><tr>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div></section>')
+
+
+def _experts_section(report) -> str:
+    banks = v.expert_banks(report)
+    if not banks:
+        return ""
+    lis = "".join(f"<li>{escape(v.bank_line(b))}</li>" for b in banks)
+    return ('<section id="experts" class="panel"><h2>Expert banks</h2>'
+            '<p class="hint">Each bank runs the implementation measured fastest on its own calibration routing '
+            f'(every implementation computes the same function).</p><ul>{lis}</ul></section>')
 
 
 def _skipped_section(report) -> str:

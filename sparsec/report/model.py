@@ -124,7 +124,7 @@ class Report:
           it: the report then shows that rather than hiding it.
         - planning: evaluation counts and step seconds are summed, the time of one evaluation is
           the mean weighted by evaluations.
-        - ``skipped``, ``fallbacks`` and ``warnings`` are joined (warnings without repeats); entry,
+        - ``skipped``, ``experts``, ``fallbacks`` and ``warnings`` are joined (warnings without repeats); entry,
           fingerprint, device and error budget must agree, since one compilation uses one of
           each.
         """
@@ -144,6 +144,9 @@ class Report:
         if "skipped" in combined or "skipped" in other._data:
             combined["skipped"] = ([dict(x, graph=x.get("graph", 0)) for x in combined.get("skipped", [])]
                                    + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("skipped", [])])
+        if "experts" in combined or "experts" in other._data:
+            combined["experts"] = ([dict(x) for x in combined.get("experts", [])]
+                                   + [dict(copy.deepcopy(x), graph=shift + x.get("graph", 0)) for x in other.get("experts", [])])
         if "planner_log" in combined or "planner_log" in other._data:
             combined["planner_log"] = list(combined.get("planner_log", [])) + list(other.get("planner_log", []))
         if "planning" in combined or "planning" in other._data:

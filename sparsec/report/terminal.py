@@ -18,6 +18,7 @@ def render_table(report) -> Group:
     """A rich renderable: header, one row per layer, totals, end-to-end figures, warnings."""
     report = as_report(report)
     parts = [_header(report), _layer_table(report)]
+    parts += [Text(f"expert bank {v.bank_line(b)}") for b in v.expert_banks(report)]
     parts += [Text(f"not considered: {x['name']}" + (f" ({x['op']})" if x.get("op") else "") + f": {x['reason']}",
                    style="dim") for x in v.skipped(report)]
     parts.append(_totals(report))

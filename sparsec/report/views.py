@@ -152,6 +152,20 @@ def planning_line(report) -> str | None:
             + (f" ({', '.join(f'{name} {sec:.3g} s' for name, sec in steps)})" if steps else ""))
 
 
+def expert_banks(report) -> list[dict]:
+    """Expert banks, each with the implementation measured fastest and every other one's time."""
+    return list(report.get("experts") or [])
+
+
+def bank_line(bank: dict) -> str:
+    """One line: the bank, its shape and routing, what it runs and why."""
+    E, I, H = bank["shape"]
+    counts = bank.get("tokens_per_expert")
+    routing = f"; tokens per expert over {bank['calibration_calls']} calibration call(s): {counts}" if counts else ""
+    return (f"{bank['name']}: {E} experts of {H} -> {I} -> {H}, top-{bank.get('top_k')}, {bank.get('tokens')} tokens"
+            f"{routing}; runs {bank['implementation']}: {bank['reason']}")
+
+
 def skipped(report) -> list[dict]:
     """Weight-bearing ops the pipeline did not consider, each with its reason."""
     return list(report.get("skipped") or [])

@@ -1,0 +1,217 @@
+"""Expert banks (mixture of experts): y[t] = sum over the token's top-k experts e of
+w[t, e] * down_e(silu(gate_e(x[t])) * up_e(x[t])), the SwiGLU experts of Mixtral, Qwen-MoE and
+DeepSeek-MoE, as one op with four implementations.
+
+Layout, as transformers 5.x stores a bank: ``gate_up`` (E, 2I, H) with each expert's gate rows
+first and its up rows after, ``down`` (E, H, I); ``top_k_index`` (T, k) integer and
+``top_k_weights`` (T, k) from the router. Which implementation is fastest depends on the tokens
+per expert, so the op takes it as an argument:
+
+- ``loop``: one pair of GEMMs per expert that received tokens (found on the host: a sync per
+  bank, no CUDA graph). The plain reading, and the reference.
+- ``batched``: every (token, slot) pair gathers its expert's weights and multiplies them
+  (batched matrix-vector products): no sync, but it moves T k (3 I H) weight values, so it pays
+  only at a few tokens.
+- ``dense_all``: every token through every expert (E batched GEMMs), the outputs combined with
+  the routing weights (zero for experts not chosen): E/k times the FLOPs, no gather, no sync.
+- ``grouped``: the (token, slot) pairs sorted by expert and one Triton grouped GEMM per
+  projection over the runs (as vLLM's fused MoE): each expert's weights read once, a launch grid
+  sized by T k and E alone (CUDA-graph safe). Without Triton (a CPU without the interpreter) the
+  same grouping runs as one GEMM per expert on its run.
+
+Every implementation accumulates in float32 and returns x's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from sparsec.errors import SparsecError
+
+from ._common import LazyKernel, tl_dot_precision, triton_usable
+
+IMPLS = ("loop", "batched", "dense_all", "grouped")
+
+
+def check_bank(x, top_k_index, top_k_weights, gate_up, down) -> None:
+    """Raise SparsecError naming the first tensor whose shape or dtype does not fit a bank."""
+    if gate_up.dim() != 3 or down.dim() != 3:
+        raise SparsecError(f"expert weights must be 3-D: gate_up (E, 2I, H), down (E, H, I); got "
+                           f"{tuple(gate_up.shape)} and {tuple(down.shape)}")
+    E, two_i, H = gate_up.shape
+    if two_i % 2 or tuple(down.shape) != (E, H, two_i // 2):
+        raise SparsecError(f"down must be (E, H, I) = ({E}, {H}, {two_i // 2}) for gate_up {tuple(gate_up.shape)}, "
+                           f"got {tuple(down.shape)}")
+    if x.dim() != 2 or x.shape[1] != H:
+        raise SparsecError(f"x must be (tokens, {H}), got {tuple(x.shape)}")
+    if top_k_index.shape != top_k_weights.shape or top_k_index.dim() != 2 or top_k_index.shape[0] != x.shape[0]:
+        raise SparsecError(f"top_k_index and top_k_weights must both be (tokens, k) with {x.shape[0]} tokens, got "
+                           f"{tuple(top_k_index.shape)} and {tuple(top_k_weights.shape)}")
+    if top_k_index.dtype not in (torch.int32, torch.int64):
+        raise SparsecError(f"top_k_index must be an integer tensor, got {top_k_index.dtype}")
+
+
+def _swiglu(h: torch.Tensor) -> torch.Tensor:
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def experts_loop(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    T, k = top_k_index.shape
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    flat = top_k_index.reshape(-1)
+    for e in torch.unique(flat).tolist():
+        pairs = (flat == e).nonzero().reshape(-1)
+        tokens = pairs // k
+        h = _swiglu(x[tokens].float() @ gate_up[e].float().t())
+        y = (h @ down[e].float().t()) * top_k_weights.reshape(-1)[pairs].float()[:, None]
+        out.index_add_(0, tokens, y)
+    return out.to(x.dtype)
+
+
+def experts_batched(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    T, k = top_k_index.shape
+    flat = top_k_index.reshape(-1)
+    xs = x.repeat_interleave(k, dim=0).float()[:, :, None]             # (S, H, 1)
+    h = _swiglu(torch.bmm(gate_up[flat].float(), xs)[..., 0])           # (S, I)
+    y = torch.bmm(down[flat].float(), h[:, :, None])[..., 0]            # (S, H)
+    y = y * top_k_weights.reshape(-1, 1).float()
+    return y.reshape(T, k, -1).sum(dim=1).to(x.dtype)
+
+
+def routing_matrix(top_k_index, top_k_weights, E: int) -> torch.Tensor:
+    """(T, E) float32: each token's routing weight per expert, zero where the expert is not chosen."""
+    R = torch.zeros(top_k_index.shape[0], E, dtype=torch.float32, device=top_k_index.device)
+    return R.scatter_add_(1, top_k_index.long(), top_k_weights.float())
+
+
+def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    E = gate_up.shape[0]
+    xf = x.float()
+    h = _swiglu(torch.matmul(xf[None], gate_up.float().transpose(1, 2)))   # (E, T, I)
+    y = torch.bmm(h, down.float().transpose(1, 2))                          # (E, T, H)
+    R = routing_matrix(top_k_index, top_k_weights, E)                        # (T, E)
+    return torch.einsum("te,eth->th", R, y).to(x.dtype)
+
+
+def sorted_runs(top_k_index, E: int, block_m: int):
+    """The (token, slot) pairs in expert order and the tile map of a grouped launch.
+
+    Returns ``order`` (S,) pair ids sorted by expert, ``ends`` (E,) the end of each expert's run in
+    that order, and ``tile_expert`` (cdiv(S, block_m) + E,) the expert each row tile of ``block_m``
+    sorted rows serves (E past the last tile). Device ops only, shapes from T, k and E alone."""
+    flat = top_k_index.reshape(-1).long()
+    S = flat.numel()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(E, dtype=torch.int64, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
+    ends = torch.cumsum(counts, 0)
+    tiles = torch.cumsum((counts + block_m - 1) // block_m, 0)
+    max_tiles = (S + block_m - 1) // block_m + E
+    tile_expert = torch.searchsorted(tiles, torch.arange(max_tiles, device=flat.device), right=True)
+    return order, ends, tiles, tile_expert
+
+
+def _grouped_kernel(a_ptr, w_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E,
+                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
+                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """C[rows of expert e] = A[rows of e] @ W[e]^T for the row tile this program serves."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e >= E:
+        return
+    run_start = tl.where(e > 0, tl.load(ends_ptr + e - 1, mask=e > 0, other=0), 0)
+    run_end = tl.load(ends_ptr + e)
+    first_tile = tl.where(e > 0, tl.load(tiles_ptr + e - 1, mask=e > 0, other=0), 0)
+    offs_m = run_start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < run_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    w_base = w_ptr + e.to(tl.int64) * stride_we
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+        w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
+GROUPED_BLOCK_M = 16  # tokens per tile: decode banks see a few tokens per expert
+_GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+                                        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+                                        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
+                      key=["N", "K", "E"])
+
+
+def grouped_gemm(a, w, ends, tiles, tile_expert) -> torch.Tensor:
+    """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's w (E, N, K)^T."""
+    S, K = a.shape
+    E, N, _ = w.shape
+    c = torch.empty(S, N, dtype=a.dtype, device=a.device)
+    if S == 0:
+        return c
+
+    def grid(meta):
+        return (tile_expert.numel(), triton.cdiv(N, meta["BLOCK_N"]))
+
+    _GROUPED[grid](a, w, c, ends, tiles, tile_expert, N, K, E, a.stride(0), a.stride(1),
+                   w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
+                   DOT_PREC=tl_dot_precision(a.dtype), BLOCK_M=GROUPED_BLOCK_M)
+    return c
+
+
+def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    T, k = top_k_index.shape
+    E = gate_up.shape[0]
+    order, ends, tiles, tile_expert = sorted_runs(top_k_index, E, GROUPED_BLOCK_M)
+    xs = x[order // k]
+    if triton_usable(x):
+        h = _swiglu(grouped_gemm(xs, gate_up.to(x.dtype), ends, tiles, tile_expert).float()).to(x.dtype)
+        y = grouped_gemm(h, down.to(x.dtype), ends, tiles, tile_expert).float()
+    else:  # one GEMM per expert on its run: the same grouping, through torch
+        starts = torch.cat([ends.new_zeros(1), ends[:-1]]).tolist()
+        y = torch.zeros(xs.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        for e, (s, t) in enumerate(zip(starts, ends.tolist())):
+            if t > s:
+                h = _swiglu(xs[s:t].float() @ gate_up[e].float().t())
+                y[s:t] = h @ down[e].float().t()
+    y = y * top_k_weights.reshape(-1)[order].float()[:, None]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, order // k, y).to(x.dtype)
+
+
+_RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_dense_all, "grouped": experts_grouped}
+
+
+@torch.library.custom_op("sparsec::experts_swiglu", mutates_args=())
+def experts_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
+               down: torch.Tensor, impl: str) -> torch.Tensor:
+    """One expert bank (module docstring) with implementation ``impl``."""
+    return _RUN[impl](x, top_k_index, top_k_weights, gate_up, down)
+
+
+@experts_op.register_fake
+def experts_fake(x, top_k_index, top_k_weights, gate_up, down, impl):
+    return x.new_empty(x.shape)
+
+
+def experts(x, top_k_index, top_k_weights, gate_up, down, impl: str = "grouped") -> torch.Tensor:
+    """The bank's output for ``x`` (..., H), checked; ``impl`` one of IMPLS or "reference"."""
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    idx = top_k_index.reshape(x2d.shape[0], -1)
+    wts = top_k_weights.reshape(x2d.shape[0], -1)
+    check_bank(x2d, idx, wts, gate_up, down)
+    if impl == "reference":
+        return experts_loop(x2d, idx, wts, gate_up, down).reshape(*lead, -1)
+    if impl not in IMPLS:
+        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(IMPLS)}, reference")
+    return experts_op(x2d, idx, wts, gate_up, down, impl).reshape(*lead, -1)

@@ -1,0 +1,197 @@
+"""Expert banks in an FX graph: found, timed on their own calibration routing, and given the fastest
+implementation.
+
+A bank that runs through sparsec's op (``sparsec.experts.use_sparsec_experts``) is one node,
+``sparsec::experts_swiglu(x, top_k_index, top_k_weights, gate_up, down, impl)``. Its inputs on the
+calibration calls are recorded (the router's real choices: tokens per expert), every
+implementation is timed on them here, on this device (the median of repeats after warm-up), and
+the node takes the fastest: the choice is measured, never assumed. Under CUDA-graph replay
+(``mode="reduce-overhead"``) the ``loop`` implementation is not a candidate: it reads which
+experts were hit on the host. Every implementation computes the same function (float32
+accumulation), so the choice spends no error budget.
+
+A bank traced through transformers' own implementations (3-D expert weights used by
+``grouped_mm``, ``batched_mm`` or the eager loop) is reported as skipped, with its shape and how to
+let sparsec plan it.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+
+from sparsec.passes.capture_fx import ConstantFolder, qualified_name
+from sparsec.sites import Skipped
+
+EXPERT_WEIGHT = re.compile(r"(gate_up_proj|down_proj|up_proj|w1|w2|w3)$")
+CALLS = 4        # calibration calls whose routing is recorded
+REPEATS = 7      # timed runs per implementation (the median counts), after WARMUP
+WARMUP = 2
+
+
+@dataclass
+class Bank:
+    name: str
+    node: fx.Node
+    gate_up: torch.Tensor
+    down: torch.Tensor
+    graph: int
+    inputs: tuple | None = None          # (x, top_k_index, top_k_weights) of the first recorded call
+    counts: torch.Tensor | None = None   # tokens routed to each expert over the recorded calls
+    calls: int = 0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> list[int]:
+        """[E, I, H]: E experts, each H -> 2I (gate and up) -> H."""
+        E, two_i, H = self.gate_up.shape
+        return [int(E), int(two_i // 2), int(H)]
+
+
+def _is_experts_op(node: fx.Node) -> bool:
+    return node.op == "call_function" and "sparsec.experts_swiglu" in str(node.target)
+
+
+def find_banks(gm: fx.GraphModule, example_inputs, graph: int = 0) -> tuple[list[Bank], list[Skipped]]:
+    """Banks running sparsec's op, and banks traced otherwise (skipped, with why)."""
+    folder = ConstantFolder(gm, example_inputs)
+    banks, used = [], set()
+    for node in gm.graph.nodes:
+        if not _is_experts_op(node):
+            continue
+        ok_gu, gate_up = folder.resolve(node.args[3])
+        ok_d, down = folder.resolve(node.args[4])
+        if not (ok_gu and ok_d and isinstance(gate_up, torch.Tensor) and isinstance(down, torch.Tensor)):
+            continue
+        used.update(n for n in node.args[3:5] if isinstance(n, fx.Node))
+        banks.append(Bank(_bank_name(node, folder), node, gate_up.detach(), down.detach(), graph))
+    skipped = []
+    others: dict[str, list[tuple[str, tuple]]] = {}
+    for node, value in folder.values.items():
+        source = folder.sources.get(node) or ""
+        if node in used or not isinstance(value, torch.Tensor) or value.dim() != 3 or not EXPERT_WEIGHT.search(source):
+            continue
+        module, _, weight = source.rpartition(".")
+        others.setdefault(module, []).append((weight, tuple(value.shape)))
+    for module, weights in sorted(others.items()):
+        shapes = ", ".join(f"{w} {list(s)}" for w, s in sorted(weights))
+        skipped.append(Skipped(module, "experts", (
+            f"expert bank ({shapes}) traced through the model's own experts implementation, which sparsec "
+            "does not rewrite; run it through sparsec.experts.use_sparsec_experts(model) (transformers 5) so "
+            "that sparsec times its implementations and picks one")))
+    return banks, skipped
+
+
+def _bank_name(node: fx.Node, folder: ConstantFolder) -> str:
+    source = folder.source(node.args[3]) if isinstance(node.args[3], fx.Node) else None
+    if source:
+        return source.rpartition(".")[0]
+    stack = node.meta.get("nn_module_stack")
+    return qualified_name(list(stack.values())[-1][0]) if stack else node.name
+
+
+class _Recorder(fx.Interpreter):
+    """Runs the graph and keeps what each bank receives."""
+
+    def __init__(self, gm, banks: dict[fx.Node, Bank]):
+        super().__init__(gm)
+        self.banks = banks
+
+    def run_node(self, n):
+        bank = self.banks.get(n)
+        if bank is not None:
+            x, idx, wts = (self.env[a] if isinstance(a, fx.Node) else a for a in n.args[:3])
+            E = bank.gate_up.shape[0]
+            hist = torch.bincount(idx.reshape(-1).long().cpu(), minlength=E)[:E]
+            bank.counts = hist if bank.counts is None else bank.counts + hist
+            bank.calls += 1
+            if bank.inputs is None:
+                bank.inputs = (x.detach().clone(), idx.detach().clone(), wts.detach().clone())
+        return super().run_node(n)
+
+
+def record(gm: fx.GraphModule, banks: list[Bank], calls: list[list]) -> None:
+    """Each bank's routing over ``calls`` (argument lists of ``gm``) and its first call's inputs."""
+    by_node = {b.node: b for b in banks}
+    with torch.no_grad():
+        for args in calls[:CALLS]:
+            _Recorder(gm, by_node).run(*args)
+
+
+def time_impls(bank: Bank, impls) -> dict[str, float]:
+    """Microseconds of each implementation on the bank's recorded inputs (median of REPEATS)."""
+    from sparsec.codegen.experts import experts_op
+
+    x, idx, wts = bank.inputs
+    gate_up, down = bank.gate_up.to(x.device), bank.down.to(x.device)
+    cuda = x.is_cuda
+    out = {}
+    with torch.no_grad():
+        for impl in impls:
+            samples = []
+            for i in range(WARMUP + REPEATS):
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                start = time.perf_counter()
+                experts_op(x, idx, wts, gate_up, down, impl)
+                if cuda:
+                    torch.cuda.synchronize(x.device)
+                if i >= WARMUP:
+                    samples.append((time.perf_counter() - start) * 1e6)
+            out[impl] = statistics.median(samples)
+    return out
+
+
+def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool) -> list[dict]:
+    """Time every implementation of each recorded bank, give its node the fastest, and return the
+    report's rows."""
+    from sparsec.codegen.experts import IMPLS
+
+    rows = []
+    for bank in banks:
+        traced = bank.node.args[5]
+        if bank.inputs is None:
+            rows.append(_row(bank, traced, traced, {}, {}, "not reached on the calibration calls: kept as traced"))
+            continue
+        refused = {"loop": "reads which experts were hit on the host: cannot replay in a CUDA graph"} if graph_replay else {}
+        usable = [i for i in IMPLS if i not in refused]
+        bank.timings = time_impls(bank, usable)
+        best = min(usable, key=lambda i: bank.timings[i])
+        bank.node.args = (*bank.node.args[:5], best)
+        tokens = int(bank.inputs[0].shape[0])
+        base = bank.timings.get(traced)
+        versus = f", {base / bank.timings[best]:.2f}x the traced {traced}'s {base:.1f} us" if base and traced != best else ""
+        reason = (f"{best} measured fastest at {tokens} tokens ({bank.timings[best]:.1f} us{versus}) on the "
+                  f"bank's calibration routing")
+        rows.append(_row(bank, traced, best, bank.timings, refused, reason))
+    if banks:
+        gm.recompile()
+    return rows
+
+
+def _row(bank: Bank, traced: str, chosen: str, timings: dict, refused: dict, reason: str) -> dict:
+    from sparsec.codegen.experts import IMPLS
+
+    x = bank.inputs[0] if bank.inputs is not None else None
+    counts = bank.counts.tolist() if bank.counts is not None else None
+    candidates = []
+    for impl in IMPLS:
+        why = refused.get(impl)
+        if why is None and impl in timings and impl != chosen:
+            why = f"measured {timings[impl]:.1f} us against {timings[chosen]:.1f} us"
+        candidates.append({"implementation": impl, "measured_us": timings.get(impl), "rejected_because": why})
+    return {
+        "name": bank.name, "op": "experts", "graph": bank.graph, "shape": bank.shape,
+        "top_k": int(bank.inputs[1].shape[1]) if bank.inputs is not None else None,
+        "tokens": int(x.shape[0]) if x is not None else None,
+        "dtype": str(bank.gate_up.dtype).removeprefix("torch."),
+        "tokens_per_expert": counts, "calibration_calls": bank.calls,
+        "implementation": chosen, "traced_implementation": traced,
+        "measured_us": timings.get(chosen), "measured_us_traced": timings.get(traced),
+        "reason": reason, "candidates": candidates,
+    }

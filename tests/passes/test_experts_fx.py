@@ -1,0 +1,112 @@
+"""Expert banks of a transformers 5 Mixtral through the sparsec pipeline: found, timed on their
+calibration routing, given the fastest implementation, reported; banks sparsec does not run are
+reported as skipped with how to let it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparsec
+from sparsec.errors import SparsecError
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers.integrations.moe")
+
+from sparsec.experts import unsupported_banks, use_sparsec_experts  # noqa: E402
+
+
+def mixtral(layers: int = 2, act: str = "silu"):
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                     num_attention_heads=4, num_key_value_heads=2, vocab_size=100,
+                                     num_local_experts=8, num_experts_per_tok=2, hidden_act=act)
+    return transformers.MixtralForCausalLM(cfg).eval()
+
+
+def ids(seed: int, shape=(2, 12)):
+    return torch.randint(0, 100, shape, generator=torch.Generator().manual_seed(seed))
+
+
+DENSE = {"layers": {"_default": "dense"}}  # linear layers kept: the banks alone change
+
+
+def test_each_bank_runs_the_implementation_measured_fastest_and_computes_the_same():
+    model = mixtral()
+    x = ids(0)
+    with torch.no_grad():
+        reference = model(x).logits
+    use_sparsec_experts(model)
+    calibration = [(ids(s),) for s in (1, 2, 3)]
+    result = sparsec.optimize(model, (x,), calibration=calibration, fingerprint="cpu", plan=DENSE, output="logits")
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x).logits, reference, rtol=1e-4, atol=1e-4)
+    banks = result.report.to_dict()["experts"]
+    assert [b["name"] for b in banks] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    for b in banks:
+        assert b["op"] == "experts" and b["shape"] == [8, 96, 64] and b["top_k"] == 2 and b["tokens"] == 24
+        assert sum(b["tokens_per_expert"]) == 3 * 24 * 2 and b["calibration_calls"] == 3
+        times = {c["implementation"]: c["measured_us"] for c in b["candidates"]}
+        assert set(times) == {"loop", "batched", "dense_all", "grouped"} and all(t > 0 for t in times.values())
+        assert b["implementation"] == min(times, key=times.get) and b["traced_implementation"] == "grouped"
+        assert b["implementation"] in b["reason"] and "measured fastest at 24 tokens" in b["reason"]
+    from rich.console import Console
+
+    from sparsec.report.html import render_html
+    from sparsec.report.terminal import render_table
+
+    console = Console(width=400, record=True)
+    console.print(render_table(result.report))
+    assert "expert bank model.layers.0.mlp.experts: 8 experts of 64 -> 96 -> 64, top-2, 24 tokens" in console.export_text()
+    assert '<section id="experts"' in render_html(result.report)
+
+
+def test_under_cuda_graph_replay_the_host_synchronising_loop_is_not_a_candidate():
+    from sparsec.passes import experts_fx
+
+    model = use_sparsec_experts(mixtral(layers=1))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append((gm, inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(ids(0))
+    gm, inputs = graphs[0]
+    banks, skipped = experts_fx.find_banks(gm, inputs)
+    assert len(banks) == 1 and not skipped
+    experts_fx.record(gm, banks, [inputs])
+    (row,) = experts_fx.choose(gm, banks, graph_replay=True)
+    loop = next(c for c in row["candidates"] if c["implementation"] == "loop")
+    assert row["implementation"] != "loop" and loop["measured_us"] is None
+    assert "cannot replay in a CUDA graph" in loop["rejected_because"]
+    assert banks[0].node.args[5] == row["implementation"]
+
+
+def test_banks_traced_through_transformers_own_implementation_are_reported_with_how_to_fix():
+    model = mixtral(layers=1)
+    result = sparsec.optimize(model, (ids(0),), fingerprint="cpu", plan=DENSE, output="logits")
+    report = result.report.to_dict()
+    assert "experts" not in report
+    (bank,) = [s for s in report["skipped"] if s["op"] == "experts"]
+    assert bank["name"] == "model.layers.0.mlp.experts"
+    assert "gate_up_proj [8, 192, 64]" in bank["reason"] and "use_sparsec_experts" in bank["reason"]
+
+
+def test_a_bank_the_op_does_not_describe_keeps_transformers_grouped_and_says_why():
+    model = mixtral(layers=1, act="gelu")
+    x = ids(0)
+    with torch.no_grad():
+        reference = model(x).logits
+    use_sparsec_experts(model)
+    assert unsupported_banks(model) == {"model.layers.0.mlp.experts": "activation GELUActivation, which does not compute SiLU"}
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, reference)
+    result = sparsec.optimize(model, (x,), fingerprint="cpu", plan=DENSE, output="logits")
+    assert [s["op"] for s in result.report.to_dict()["skipped"]] == ["experts"]
+
+
+def test_a_model_without_expert_dispatch_is_refused_naming_it():
+    with pytest.raises(SparsecError, match="Linear has no set_experts_implementation"):
+        use_sparsec_experts(torch.nn.Linear(4, 4))
