@@ -1,0 +1,162 @@
+"""Expert banks end to end: transformers' default experts implementation against sparsec's choice.
+
+A Mixtral-shaped stack of mixture-of-experts blocks (transformers' ``MixtralSparseMoeBlock``: router,
+8 experts of 4096 -> 14336 -> 4096, top-2; 4 blocks with residual adds; random weights, bf16) at
+M tokens. In one process, each timed as a CUDA-graph replay (``mode="reduce-overhead"``), median
+of many repeats after warm-up (``triton.testing.do_bench``):
+
+- ``transformers``: the stack as transformers runs it by default (``grouped_mm``) under inductor;
+- ``sparsec <impl>``: each implementation of ``sparsec::experts_swiglu`` forced, under inductor
+  (``loop`` reads the routing on the host and is timed without CUDA graphs);
+- ``sparsec auto``: ``torch.compile(backend="sparsec")``, which times the implementations on each
+  bank's calibration routing and keeps the fastest.
+
+Ratios are against the first row. The floor (weight bytes of the experts hit, over the measured
+copy bandwidth) is printed with each M. ``--smoke`` runs tiny shapes on the CPU to check the
+script.
+
+    python bench/moe.py --M 1,16,256,2048 --out $OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn as nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from repo_import import ensure_sparsec_importable  # noqa: E402
+
+ensure_sparsec_importable()
+
+
+class MoEStack(nn.Module):
+    def __init__(self, cfg, blocks: int):
+        super().__init__()
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        self.blocks = nn.ModuleList(MixtralSparseMoeBlock(cfg) for _ in range(blocks))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+    def set_experts_implementation(self, name: str) -> None:
+        for block in self.blocks:
+            block.experts.config._experts_implementation = name
+
+
+def build(d: int, h: int, experts: int, top_k: int, blocks: int, device, dtype):
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=experts, num_experts_per_tok=top_k)
+    cfg._experts_implementation = "grouped_mm"
+    torch.manual_seed(0)
+    model = MoEStack(cfg, blocks)
+    with torch.no_grad():
+        for p in model.parameters():
+            fan_in = p.shape[-1]
+            p.normal_(0.0, fan_in ** -0.5)
+    return model.to(device, dtype).eval()
+
+
+def median_us(fn, device) -> float:
+    if device != "cuda":
+        fn()
+        samples = []
+        for _ in range(5):
+            t = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t) * 1e6)
+        return sorted(samples)[2]
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=50, rep=300, return_mode="median")) * 1e3
+
+
+def copy_gbps(device) -> float | None:
+    if device != "cuda":
+        return None
+    a = torch.empty(1 << 28, dtype=torch.uint8, device=device)
+    b = torch.empty_like(a)
+    us = median_us(lambda: b.copy_(a), device)
+    return 2 * a.numel() / us / 1e3
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--M", default="1,16,256,2048")
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    args = ap.parse_args(argv)
+    from sparsec.codegen.experts import IMPLS
+    from sparsec.experts import use_sparsec_experts
+    import sparsec.experts as sx
+
+    device = "cpu" if args.smoke else "cuda"
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    d, h, E, k, blocks = (64, 96, 8, 2, 2) if args.smoke else (4096, 14336, 8, 2, 4)
+    model = build(d, h, E, k, blocks, device, dtype)
+    bandwidth = copy_gbps(device)
+    mode = None if args.smoke else "reduce-overhead"
+    rows = []
+    for M in (int(m) for m in args.M.split(",")):
+        x = torch.randn(1, M, d, device=device, dtype=dtype)
+        calib = [(torch.randn(1, M, d, device=device, dtype=dtype),) for _ in range(4)]
+        with torch.no_grad():
+            model.set_experts_implementation("grouped_mm")
+            torch._dynamo.reset()
+            base_fn = torch.compile(model, mode=mode)
+            reference = base_fn(x).float()
+            base = median_us(lambda: base_fn(x), device)
+            rows.append({"M": M, "config": "transformers grouped_mm, inductor" + (" + CUDA graphs" if mode else ""),
+                         "us": base, "x": 1.0, "error": 0.0})
+            use_sparsec_experts(model)
+            for impl in IMPLS:
+                sx.DEFAULT_IMPL = impl
+                torch._dynamo.reset()
+                fn = torch.compile(model, mode=None if impl == "loop" else mode)
+                y = fn(x).float()
+                us = median_us(lambda: fn(x), device)
+                rows.append({"M": M, "config": f"sparsec {impl}" + (" (no CUDA graph)" if impl == "loop" and mode else ""),
+                             "us": us, "x": base / us, "error": float((y - reference).norm() / reference.norm())})
+            sx.DEFAULT_IMPL = "grouped"
+            torch._dynamo.reset()
+            from sparsec.backend import session_for, sparsec_backend
+
+            opts = {"calibration": calib, "fingerprint": "auto", "error_budget": 0.01,
+                    "plan": {"layers": {"_default": "dense"}}, **({"mode": mode} if mode else {})}
+            fn = torch.compile(model, backend=sparsec_backend, options=opts)
+            y = fn(x).float()
+            us = median_us(lambda: fn(x), device)
+            session = session_for(opts, None)
+            report = session.report.to_dict() if session.report is not None else {}
+            chosen = [b["implementation"] for b in report.get("experts", [])]
+            rows.append({"M": M, "config": "sparsec auto", "us": us, "x": base / us,
+                         "error": float((y - reference).norm() / reference.norm()), "chosen": chosen})
+            model.set_experts_implementation("grouped_mm")
+        if bandwidth:
+            hit = min(E, M * k)
+            floor_us = blocks * hit * 3 * d * h * 2 / (bandwidth * 1e3)
+            rows.append({"M": M, "config": f"floor: weights of {hit} experts per block at {bandwidth:.0f} GB/s",
+                         "us": floor_us, "x": base / floor_us, "error": None})
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "shape": [E, h, d], "top_k": k, "blocks": blocks}
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "moe.json"), "w") as f:
+        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    print(f"{'M':>5} {'configuration':<58} {'us':>10} {'x':>6} {'error':>8}")
+    for r in rows:
+        err = "" if r["error"] is None else f"{r['error']:.1e}"
+        print(f"{r['M']:>5} {r['config']:<58} {r['us']:>10.1f} {r['x']:>6.2f} {err:>8} {r.get('chosen', '')}")
+
+
+if __name__ == "__main__":
+    main()
