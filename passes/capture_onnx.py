@@ -148,6 +148,12 @@ def _matmul(node, index, name, constants: Constants, consumers, outputs, graph):
     if not constants.has(b):
         if constants.has(a):
             return Skipped(name, "MatMul", "the constant is the left operand (y = C @ x), not a weight over features")
+        bank = _gathered_bank(b, constants, graph) or _gathered_bank(a, constants, graph)
+        if bank is not None:
+            return Skipped(name, "experts", (
+                f"expert weights gathered per token from {bank[0]!r} {bank[1]} ([E, ...]): an expert bank, which "
+                "the ONNX path does not rewrite yet; compile the PyTorch model with torch.compile and "
+                "sparsec.experts.use_sparsec_experts (docs/experts.md)"))
         return Skipped(name, "MatMul", "no constant weight: both operands are computed at run time")
     if constants.has(a):
         return Skipped(name, "MatMul", "both operands are constant; nothing runs at inference time")
@@ -216,3 +222,22 @@ def _gemm(node, index, name, constants: Constants):
     layer = OnnxLayer(name=name, node_index=index, op="Gemm", x=a, weight=b, weight_kn=not trans_b, alpha=alpha,
                       c=c, beta=beta, c_is_bias=c_is_bias, output=node.output[0])
     return layer, weight, bias
+
+
+_PASS_THROUGH = {"Transpose", "Reshape", "Unsqueeze", "Squeeze", "Cast", "Identity", "Flatten"}
+
+
+def _gathered_bank(tensor: str, constants: Constants, graph) -> tuple[str, list] | None:
+    """(initializer, dims) where ``tensor`` is rows gathered from a constant of 3 or more dims (an
+    expert bank's weights, indexed by the router's choices), through reshapes and casts."""
+    producers = {out: node for node in graph.node for out in node.output}
+    for _ in range(8):
+        node = producers.get(tensor)
+        if node is None:
+            return None
+        if node.op_type == "Gather" and constants.has(node.input[0]) and len(constants.dims(node.input[0])) >= 3:
+            return node.input[0], list(constants.dims(node.input[0]))
+        if node.op_type not in _PASS_THROUGH or not node.input:
+            return None
+        tensor = node.input[0]
+    return None

@@ -136,3 +136,19 @@ def test_gemm_inside_an_if_branch_is_skipped_as_control_flow_and_the_cli_says_so
     warnings = json.loads((tmp_path / "r.json").read_text())["warnings"]
     assert not any("no MatMul or Gemm" in w for w in warnings)
     assert any("1 MatMul/Gemm-like op(s) were left as they are" in w for w in warnings)
+
+
+def test_expert_weights_gathered_per_token_are_reported_as_an_expert_bank():
+    """A MatMul whose weight is gathered from a 3-D initializer by the router's indices (how an
+    exported transformers batched_mm bank looks) is skipped as op 'experts', naming the bank."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((4, 24, 16)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["experts.w", "idx"], ["picked"], axis=0),
+             helper.make_node("Unsqueeze", ["x", "axes"], ["x3"]),
+             helper.make_node("MatMul", ["picked", "x3"], ["y"], name="bank_mm")]
+    model = make_model(nodes, [vi("x", [5, 16]), vi("idx", [5], TensorProto.INT64)], [vi("y", [5, 24, 1])],
+                       [tensor("experts.w", w), tensor("axes", np.array([2], dtype=np.int64))])
+    sites, skipped, _ = capture(model)
+    assert not sites
+    (bank,) = skipped
+    assert bank.op == "experts" and "'experts.w' [4, 24, 16]" in bank.reason and "use_sparsec_experts" in bank.reason
