@@ -33,6 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import median_time  # noqa: E402
 from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
@@ -111,17 +112,7 @@ def profile_table(fn, inputs, row) -> None:
 
 
 def median_us(fn, warmup_ms=50, rep_ms=300) -> float:
-    if DEVICE != "cuda":  # --smoke: check the script's logic on a CPU
-        fn()
-        samples = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t) * 1e6)
-        return sorted(samples)[2]
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")) * 1e3
+    return median_time.median_us(fn, DEVICE == "cuda", warmup_ms, rep_ms)
 
 
 def rel_err(a, b) -> float:

@@ -4,10 +4,11 @@ For each format, the chosen layers (``--layers mlp``: the gate, up and down proj
 blocks; ``all``: every linear layer of the blocks; the LM head stays dense) are forced to it through
 ``sparsec.optimize`` with calibration text, and the rewritten model runs on held-out text:
 perplexity, mean KL divergence of the next-token distribution against the dense model (nats) and
-top-1 agreement. Formats that carry a sparse part's own error in the report (the sparse-plus-low-rank
-composites) also give its mean over layers, against the layers' mean error.
+top-1 agreement. Formats that report what they calibrated give its mean over layers: a composite's
+sparse part alone (against the layers' mean error), act's skipped fraction of calibration inputs.
 
     SPARSEC_MODEL_CACHE=... python bench/forced_accuracy.py --formats 2:4,2:4+lowrank:32 --out DIR
+    SPARSEC_MODEL_CACHE=... python bench/forced_accuracy.py --layers all --formats act:0.25,act:0.4 --out DIR
 """
 
 from __future__ import annotations
@@ -69,11 +70,10 @@ def main(argv=None):
                 figs.append(smollm2.next_token_figures(result.module(ids).logits.cpu(), d.cpu(), ids.cpu()))
         rep = result.report.to_dict()
         rewritten = [l for l in rep["layers"] if l["format"] == fmt]
-        alone = [l["calibrated"]["sparse_alone_error"] for l in rewritten
-                 if (l.get("calibrated") or {}).get("sparse_alone_error") is not None]
         row = {"format": fmt, **_mean(figs), "layers": len(rewritten),
                "layer_error_mean": sum(l["predicted_error"] for l in rewritten) / max(len(rewritten), 1),
-               "sparse_alone_error_mean": sum(alone) / len(alone) if alone else None,
+               "sparse_alone_error_mean": _calibrated_mean(rewritten, "sparse_alone_error"),
+               "skipped_calibration_mean": _calibrated_mean(rewritten, "skipped_on_calibration"),
                "seconds": round(seconds, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -88,6 +88,12 @@ def main(argv=None):
         err = f"{r['layer_error_mean']:.3f}" if "layer_error_mean" in r else ""
         print(f"{r['format']:<22} {r['perplexity']:>8.2f} {r['kl']:>7.4f} {r['top1_agreement']:>6.1%} {err:>9} "
               f"{r.get('seconds', ''):>6}")
+
+
+def _calibrated_mean(layers, key):
+    """The mean over layers of what a format calibrated (None where no layer reports it)."""
+    values = [l["calibrated"][key] for l in layers if (l.get("calibrated") or {}).get(key) is not None]
+    return sum(values) / len(values) if values else None
 
 
 def _mean(figs):

@@ -25,12 +25,12 @@ import datetime
 import json
 import os
 import sys
-import time
 
 import torch
 import torch.nn as nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import median_time  # noqa: E402
 from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
@@ -68,17 +68,7 @@ def build(d: int, h: int, experts: int, top_k: int, blocks: int, device, dtype):
 
 
 def median_us(fn, device) -> float:
-    if device != "cuda":
-        fn()
-        samples = []
-        for _ in range(5):
-            t = time.perf_counter()
-            fn()
-            samples.append((time.perf_counter() - t) * 1e6)
-        return sorted(samples)[2]
-    from triton.testing import do_bench
-
-    return float(do_bench(fn, warmup=50, rep=300, return_mode="median")) * 1e3
+    return median_time.median_us(fn, device == "cuda")
 
 
 def copy_gbps(device) -> float | None:
