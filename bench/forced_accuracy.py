@@ -74,6 +74,8 @@ def main(argv=None):
                "layer_error_mean": sum(l["predicted_error"] for l in rewritten) / max(len(rewritten), 1),
                "sparse_alone_error_mean": _calibrated_mean(rewritten, "sparse_alone_error"),
                "skipped_calibration_mean": _calibrated_mean(rewritten, "skipped_on_calibration"),
+               "recovery": rep.get("planning", {}).get("recovery"),
+               "warnings": [w for w in rep.get("warnings", []) if "recover" in w],
                "seconds": round(seconds, 1)}
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -4,8 +4,11 @@ implementation.
 A bank that runs through sparsec's op (``sparsec.experts.use_sparsec_experts``) is one node,
 ``sparsec::experts_swiglu(x, top_k_index, top_k_weights, gate_up, down, impl)``. Its inputs on the
 calibration calls are recorded (the router's real choices: tokens per expert), every
-implementation is timed on them here, on this device (the median of repeats after warm-up), and
-the node takes the fastest: the choice is measured, never assumed. Under CUDA-graph replay
+implementation is timed on them here, on this device, as the model runs it (sparsec's one clock:
+back to back, replayed in a CUDA graph under graph replay), and the node takes the fastest: the
+choice is measured, never assumed. Planning here for another device (a fingerprint that describes
+another one and has expert banks, ``sparsec fingerprint measure --experts``), the fingerprint's
+predictions decide instead; the row gives whichever figures exist. Under CUDA-graph replay
 (``mode="reduce-overhead"``) the ``loop`` implementation is not a candidate: it reads which
 experts were hit on the host. Every implementation computes the same function (float32
 accumulation), so the choice spends no error budget.
@@ -18,8 +21,6 @@ let sparsec plan it.
 from __future__ import annotations
 
 import re
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
@@ -30,7 +31,7 @@ from sparsec.sites import Skipped
 
 EXPERT_WEIGHT = re.compile(r"(gate_up_proj|down_proj|up_proj|w1|w2|w3)$")
 CALLS = 4        # calibration calls whose routing is recorded
-REPEATS = 7      # timed runs per implementation (the median counts), after WARMUP
+REPEATS = 7      # samples per implementation (the median counts), after WARMUP passes
 WARMUP = 2
 
 
@@ -123,68 +124,94 @@ def record(gm: fx.GraphModule, banks: list[Bank], calls: list[list]) -> None:
             _Recorder(gm, by_node).run(*args)
 
 
-def time_impls(bank: Bank, impls) -> dict[str, float]:
-    """Microseconds of each implementation on the bank's recorded inputs (median of REPEATS)."""
+def time_impls(bank: Bank, impls, graph_replay: bool) -> dict[str, float]:
+    """Microseconds of each implementation on the bank's recorded inputs, timed as the model runs it
+    (sparsec's Clock: back to back, replayed as a CUDA graph under graph replay)."""
     from sparsec.codegen.experts import experts_op
+    from sparsec.fingerprint.timing import Clock, TimingPolicy
 
     x, idx, wts = bank.inputs
     gate_up, down = bank.gate_up.to(x.device), bank.down.to(x.device)
-    cuda = x.is_cuda
+    clock = Clock(x.device, TimingPolicy(repeats=REPEATS, min_repeats=3, warmup=WARMUP, point_budget_s=0.05))
     out = {}
     with torch.no_grad():
         for impl in impls:
-            samples = []
-            for i in range(WARMUP + REPEATS):
-                if cuda:
-                    torch.cuda.synchronize(x.device)
-                start = time.perf_counter()
-                experts_op(x, idx, wts, gate_up, down, impl)
-                if cuda:
-                    torch.cuda.synchronize(x.device)
-                if i >= WARMUP:
-                    samples.append((time.perf_counter() - start) * 1e6)
-            out[impl] = statistics.median(samples)
+            calls = [lambda impl=impl: experts_op(x, idx, wts, gate_up, down, impl)]
+            single = clock.warm(calls)
+            out[impl] = clock.graph(calls, single) if graph_replay and clock.cuda else clock.eager(calls, single)
     return out
 
 
-def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool) -> list[dict]:
-    """Time every implementation of each recorded bank, give its node the fastest, and return the
-    report's rows."""
+def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprint=None,
+           cost_mode: str = "eager") -> list[dict]:
+    """Give each recorded bank's node its fastest implementation and return the report's rows.
+
+    Measured here, on the bank's own inputs, when this is the device the fingerprint describes (or
+    the fingerprint has no expert banks); predicted by the fingerprint when it describes another
+    device (planning here for a deployment there). Both figures go in the row where both exist."""
     from sparsec.codegen.experts import IMPLS
 
     rows = []
     for bank in banks:
         traced = bank.node.args[5]
         if bank.inputs is None:
-            rows.append(_row(bank, traced, traced, {}, {}, "not reached on the calibration calls: kept as traced"))
+            rows.append(_row(bank, traced, traced, {}, {}, {}, "not reached on the calibration calls: kept as traced"))
             continue
         refused = {"loop": "reads which experts were hit on the host: cannot replay in a CUDA graph"} if graph_replay else {}
         usable = [i for i in IMPLS if i not in refused]
-        bank.timings = time_impls(bank, usable)
-        best = min(usable, key=lambda i: bank.timings[i])
+        predicted = _predictions(bank, usable, fingerprint, cost_mode)
+        elsewhere = _other_device(fingerprint, bank.inputs[0])
+        by_prediction = elsewhere is not None and len(predicted) == len(usable)
+        bank.timings = {} if by_prediction else time_impls(bank, usable, graph_replay)
+        basis = predicted if by_prediction else bank.timings
+        best = min(usable, key=lambda i: basis[i])
         bank.node.args = (*bank.node.args[:5], best)
         tokens = int(bank.inputs[0].shape[0])
-        base = bank.timings.get(traced)
-        versus = f", {base / bank.timings[best]:.2f}x the traced {traced}'s {base:.1f} us" if base and traced != best else ""
-        reason = (f"{best} measured fastest at {tokens} tokens ({bank.timings[best]:.1f} us{versus}) on the "
-                  f"bank's calibration routing")
-        rows.append(_row(bank, traced, best, bank.timings, refused, reason))
+        base = basis.get(traced)
+        versus = f", {base / basis[best]:.2f}x the traced {traced}'s {base:.1f} us" if base and traced != best else ""
+        how = (f"predicted fastest on {fingerprint.name} ({elsewhere})" if by_prediction
+               else "measured fastest")
+        reason = f"{best} {how} at {tokens} tokens ({basis[best]:.1f} us{versus}) on the bank's calibration routing"
+        rows.append(_row(bank, traced, best, bank.timings, predicted, refused, reason))
     if banks:
         gm.recompile()
     return rows
 
 
-def _row(bank: Bank, traced: str, chosen: str, timings: dict, refused: dict, reason: str) -> dict:
+def _predictions(bank: Bank, impls, fingerprint, cost_mode: str) -> dict[str, float]:
+    predict = getattr(fingerprint, "predict_experts", None)
+    if predict is None:
+        return {}
+    E, I, H = bank.shape
+    x, idx, _ = bank.inputs
+    out = {}
+    for impl in impls:
+        found = predict(impl, E, int(idx.shape[1]), I, H, int(x.shape[0]), x.dtype, cost_mode)
+        if found is not None:
+            out[impl] = found.us
+    return out
+
+
+def _other_device(fingerprint, x: torch.Tensor) -> str | None:
+    """Why the fingerprint is not of the device the bank's inputs live on, or None if it is."""
+    matches = getattr(fingerprint, "matches_current_device", None)
+    return None if matches is None else matches("cuda" if x.is_cuda else "cpu")
+
+
+def _row(bank: Bank, traced: str, chosen: str, timings: dict, predicted: dict, refused: dict, reason: str) -> dict:
     from sparsec.codegen.experts import IMPLS
 
     x = bank.inputs[0] if bank.inputs is not None else None
     counts = bank.counts.tolist() if bank.counts is not None else None
+    basis = timings or predicted
     candidates = []
     for impl in IMPLS:
         why = refused.get(impl)
-        if why is None and impl in timings and impl != chosen:
-            why = f"measured {timings[impl]:.1f} us against {timings[chosen]:.1f} us"
-        candidates.append({"implementation": impl, "measured_us": timings.get(impl), "rejected_because": why})
+        if why is None and impl in basis and impl != chosen:
+            how = "measured" if timings else "predicted"
+            why = f"{how} {basis[impl]:.1f} us against {basis[chosen]:.1f} us"
+        candidates.append({"implementation": impl, "measured_us": timings.get(impl),
+                           "predicted_us": predicted.get(impl), "rejected_because": why})
     return {
         "name": bank.name, "op": "experts", "graph": bank.graph, "shape": bank.shape,
         "top_k": int(bank.inputs[1].shape[1]) if bank.inputs is not None else None,
@@ -193,5 +220,6 @@ def _row(bank: Bank, traced: str, chosen: str, timings: dict, refused: dict, rea
         "tokens_per_expert": counts, "calibration_calls": bank.calls,
         "implementation": chosen, "traced_implementation": traced,
         "measured_us": timings.get(chosen), "measured_us_traced": timings.get(traced),
+        "predicted_us": predicted.get(chosen),
         "reason": reason, "candidates": candidates,
     }

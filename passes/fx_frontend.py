@@ -62,7 +62,7 @@ class FxFrontend:
         self.nodes = nodes
         return sites, skipped
 
-    def experts(self) -> tuple[list[dict], list[Skipped]]:
+    def experts(self, fingerprint=None, cost_mode: str = "eager") -> tuple[list[dict], list[Skipped]]:
         """Expert banks (passes/experts_fx.py): each running sparsec's op gets the implementation
         measured fastest on its calibration routing; the report's rows, and banks left as traced."""
         from sparsec.passes import experts_fx
@@ -72,7 +72,8 @@ class FxFrontend:
             return [], skipped
         calls = [args for gm, _, args in map(self._run_of, self.calibration) if gm is self.gm] or [self.example_inputs]
         experts_fx.record(self.gm, banks, calls)
-        return experts_fx.choose(self.gm, banks, graph_replay=self.mode == "reduce-overhead"), skipped
+        return experts_fx.choose(self.gm, banks, graph_replay=self.mode == "reduce-overhead", fingerprint=fingerprint,
+                                 cost_mode=cost_mode), skipped
 
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
         stats = empty_stats(sites)

@@ -107,7 +107,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("capture"):
         sites, skipped = capture(frontend)
     with timed("experts"):
-        banks, left = experts(frontend)
+        banks, left = experts(frontend, fingerprint, planning)
         skipped = skipped + left
     with timed("calibrate"):
         stats, facts = calibrate(frontend, sites)
@@ -367,12 +367,12 @@ def _kernel_refusal(cand: Candidate, site: Site) -> str | None:
 # -- experts ----------------------------------------------------------------------------------
 
 
-def experts(frontend: Frontend) -> tuple[list[dict], list[Skipped]]:
-    """Expert banks: the implementation each is measured fastest in (an exact choice: no error is
-    spent), as report rows, and the banks left as traced, as skipped entries. Entries without
-    banks (ONNX) have none."""
+def experts(frontend: Frontend, fingerprint, options: Options) -> tuple[list[dict], list[Skipped]]:
+    """Expert banks: the implementation each runs fastest in (measured here, or predicted by the
+    fingerprint when it describes another device; an exact choice: no error is spent), as report
+    rows, and the banks left as traced, as skipped entries. Entries without banks (ONNX) have none."""
     find = getattr(frontend, "experts", None)
-    return find() if find is not None else ([], [])
+    return find(fingerprint, options.cost_mode) if find is not None else ([], [])
 
 
 # -- approximate ------------------------------------------------------------------------------

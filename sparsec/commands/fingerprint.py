@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     m.add_argument("--onnxruntime", nargs="?", const="CPUExecutionProvider", default=None, metavar="PROVIDER",
                    help="measure onnxruntime running sparsec's ONNX subgraphs with this execution provider "
                         "(default CPUExecutionProvider) instead of torch; needs -o")
+    m.add_argument("--experts", action="store_true",
+                   help="measure the expert-bank implementations (mixture of experts) into an existing fingerprint "
+                        "of this device, replacing its 'experts' section")
     m.add_argument("--threads", type=int, default=None,
                    help="with --onnxruntime: intra-op threads (0: its default pool; default: the grid's, 1 on 'cpu')")
     m.set_defaults(func=_measure)
@@ -67,8 +70,12 @@ def _measure(args) -> int:
                            threads=args.threads)
         print(f"wrote {path}")
         return 0
-    from sparsec.fingerprint.measure import measure
+    from sparsec.fingerprint.measure import measure, measure_experts
 
+    if args.experts:
+        path = measure_experts(args.output, grid=args.grid, device=args.device)
+        print(f"wrote {path}")
+        return 0
     if args.redo_up_to is not None and not args.redo:
         from sparsec.errors import FingerprintError
 

@@ -592,3 +592,39 @@ def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float
     else:
         console.print(f"partial fingerprint in {out}; run the same command again to resume")
     return out
+
+
+def measure_experts(out: Path | None = None, *, grid: str | None = None, device: str | None = None,
+                    console=None) -> Path:
+    """Time every expert-bank implementation (``sparsec.fingerprint.experts``) on this device into the
+    ``experts`` section of the existing fingerprint ``out`` (this device's own by default)."""
+    from rich.console import Console
+
+    from sparsec.fingerprint import experts
+
+    console = console or Console(stderr=True)
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out) if out is not None else default_output()
+    if not out.exists():
+        raise FingerprintError(f"{out} does not exist: measure the device's fingerprint first "
+                               "('sparsec fingerprint measure'), then add its expert banks with --experts")
+    try:
+        doc = json.loads(out.read_text())
+        validate_fingerprint(doc)
+    except (json.JSONDecodeError, SchemaViolation, OSError) as exc:
+        raise FingerprintError(f"{out} is not a readable fingerprint ({exc}); measure it again") from None
+    here = describe_device(kind)["name"]
+    if doc["device"]["name"] != here:
+        raise FingerprintError(f"{out} is a fingerprint of {doc['device']['name']}, not of this {here}; "
+                               "expert banks are measured into the fingerprint of the device they run on")
+    name = grid or kind
+    g = GRIDS[name]
+    dtype = torch.bfloat16 if kind == "cuda" else torch.float32
+    dev = torch.device("cuda" if kind == "cuda" else "cpu")
+    started = time.perf_counter()
+    doc["experts"] = experts.measure(dev, name, g.policy, dtype, progress=lambda what: console.print(
+        f"[{time.perf_counter() - started:.0f} s] {what}"))
+    validate_fingerprint(doc)
+    write_atomically(out, doc)
+    console.print(f"expert banks written to {out} ({len(doc['experts'])} points, {time.perf_counter() - started:.1f} s)")
+    return out

@@ -309,6 +309,28 @@ class Fingerprint:
         unmeasured = next((p.unmeasured for p in preds if p.unmeasured), "")
         return Prediction(sum(p.us for p in preds), " + ".join(p.kernel for p in preds), "; ".join(notes), unmeasured)
 
+    def predict_experts(self, impl: str, E: int, k: int, I: int, H: int, M: int, dtype="bfloat16",
+                        mode: str = "eager") -> Prediction | None:
+        """Predicted time of an expert bank (``sparsec.fingerprint.experts``) run by ``impl``, or None
+        where the fingerprint has no measurement of it (``sparsec fingerprint measure --experts``)."""
+        from sparsec.fingerprint.experts import predict
+
+        entries = self.data.get("experts") or []
+        dtype = normalize_dtype(dtype)
+        notes = []
+        if mode == "graph" and self.device["kind"] == "cpu":
+            mode = "eager"
+            notes.append("CPU has no CUDA graphs; eager time used")
+        found = predict(entries, impl, E, k, I, H, M, dtype, mode)
+        alt = _SAME_WIDTH.get(dtype)
+        if found is None and alt:
+            found = predict(entries, impl, E, k, I, H, M, alt, mode)
+            notes.append(f"{alt} measurements used for {dtype} (same width)")
+        if found is None:
+            return None
+        us, note = found
+        return Prediction(us, f"sparsec-{impl}-experts", "; ".join(notes + ([note] if note else [])))
+
     def matches_current_device(self, kind: str | None = None) -> str | None:
         """A warning when this fingerprint was not measured on the device the model runs on
         (``kind``: "cuda" or "cpu"; default: CUDA where this process has a GPU)."""

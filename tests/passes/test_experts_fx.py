@@ -110,3 +110,38 @@ def test_a_bank_the_op_does_not_describe_keeps_transformers_grouped_and_says_why
 def test_a_model_without_expert_dispatch_is_refused_naming_it():
     with pytest.raises(SparsecError, match="Linear has no set_experts_implementation"):
         use_sparsec_experts(torch.nn.Linear(4, 4))
+
+
+class _Elsewhere:
+    """A fingerprint of another device whose predictions favour ``batched``."""
+
+    name = "elsewhere"
+
+    def predict_experts(self, impl, E, k, I, H, M, dtype, mode):
+        from sparsec.fingerprint.predict import Prediction
+
+        return Prediction({"batched": 1.0}.get(impl, 100.0), f"sparsec-{impl}-experts")
+
+    def matches_current_device(self, kind=None):
+        return "fingerprint 'elsewhere' describes another device"
+
+
+def test_planning_for_another_device_follows_the_fingerprint_not_the_local_clock():
+    from sparsec.passes import experts_fx
+
+    model = use_sparsec_experts(mixtral(layers=1))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append((gm, inputs))
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(ids(0, (2, 64)))
+    gm, inputs = graphs[0]
+    banks, _ = experts_fx.find_banks(gm, inputs)
+    experts_fx.record(gm, banks, [inputs])
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False, fingerprint=_Elsewhere())
+    assert row["implementation"] == "batched" and row["measured_us"] is None and row["predicted_us"] == 1.0
+    assert "predicted fastest on elsewhere" in row["reason"]
+    assert all(c["measured_us"] is None and c["predicted_us"] for c in row["candidates"])
