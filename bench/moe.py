@@ -86,7 +86,7 @@ def main(argv=None):
     ap.add_argument("--out", default=".")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     args = ap.parse_args(argv)
-    from sparsec.codegen.experts import IMPLS
+    from sparsec.codegen.experts import IMPLS, memory_reason
     from sparsec.experts import use_sparsec_experts
     import sparsec.experts as sx
 
@@ -110,6 +110,10 @@ def main(argv=None):
                          "us": base, "x": 1.0, "error": 0.0})
             use_sparsec_experts(model)
             for impl in IMPLS:
+                why = memory_reason(impl, E, k, h, d, M, device)
+                if why:
+                    rows.append({"M": M, "config": f"sparsec {impl}: not run, {why}", "us": None, "x": None, "error": None})
+                    continue
                 sx.DEFAULT_IMPL = impl
                 torch._dynamo.reset()
                 fn = torch.compile(model, mode=None if impl == "loop" else mode)
@@ -145,7 +149,9 @@ def main(argv=None):
     print(f"{'M':>5} {'configuration':<58} {'us':>10} {'x':>6} {'error':>8}")
     for r in rows:
         err = "" if r["error"] is None else f"{r['error']:.1e}"
-        print(f"{r['M']:>5} {r['config']:<58} {r['us']:>10.1f} {r['x']:>6.2f} {err:>8} {r.get('chosen', '')}")
+        us = "" if r["us"] is None else f"{r['us']:.1f}"
+        x = "" if r["x"] is None else f"{r['x']:.2f}"
+        print(f"{r['M']:>5} {r['config']:<58} {us:>10} {x:>6} {err:>8} {r.get('chosen', '')}")
 
 
 if __name__ == "__main__":

@@ -188,6 +188,32 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
     return out.index_add_(0, order // k, y).to(x.dtype)
 
 
+def working_bytes(impl: str, E: int, k: int, I: int, H: int, M: int) -> int:
+    """Bytes an implementation holds beyond its inputs and output at M tokens (float32 intermediates):
+    ``batched`` gathers every pair's weights, ``dense_all`` keeps every expert's activations."""
+    S = M * k
+    if impl == "batched":
+        return 4 * S * 3 * I * H
+    if impl == "dense_all":
+        return 4 * E * M * (3 * I + H)
+    return 4 * S * (3 * I + H)
+
+
+def memory_reason(impl: str, E: int, k: int, I: int, H: int, M: int, device) -> str | None:
+    """Why ``impl`` should not run a bank this size here (it would hold more than a quarter of the
+    device's free memory, or 4 GB on a CPU), or None."""
+    need = working_bytes(impl, E, k, I, H, M)
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        limit = free // 4
+    else:
+        limit = 4 << 30
+    if need <= limit:
+        return None
+    return f"would hold {need / 2**30:.1f} GiB of intermediates at {M} tokens (more than {limit / 2**30:.1f} GiB)"
+
+
 _RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_dense_all, "grouped": experts_grouped}
 
 

@@ -149,7 +149,7 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
     Measured here, on the bank's own inputs, when this is the device the fingerprint describes (or
     the fingerprint has no expert banks); predicted by the fingerprint when it describes another
     device (planning here for a deployment there). Both figures go in the row where both exist."""
-    from sparsec.codegen.experts import IMPLS
+    from sparsec.codegen.experts import IMPLS, memory_reason
 
     rows = []
     for bank in banks:
@@ -158,7 +158,13 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
             rows.append(_row(bank, traced, traced, {}, {}, {}, "not reached on the calibration calls: kept as traced"))
             continue
         refused = {"loop": "reads which experts were hit on the host: cannot replay in a CUDA graph"} if graph_replay else {}
-        usable = [i for i in IMPLS if i not in refused]
+        E, I, H = bank.shape
+        x = bank.inputs[0]
+        for impl in IMPLS:
+            why = memory_reason(impl, E, int(bank.inputs[1].shape[1]), I, H, int(x.shape[0]), x.device)
+            if why and impl not in refused:
+                refused[impl] = why
+        usable = [i for i in IMPLS if i not in refused] or ["grouped"]
         predicted = _predictions(bank, usable, fingerprint, cost_mode)
         elsewhere = _other_device(fingerprint, bank.inputs[0])
         by_prediction = elsewhere is not None and len(predicted) == len(usable)

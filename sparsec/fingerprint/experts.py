@@ -5,7 +5,8 @@ from it, for planning a model on a machine other than the one it will run on.
 An entry: ``{"impl", "experts": E, "top_k": k, "I", "H", "M", "dtype", "mode", "us"}`` for a bank of
 E experts of H -> 2I -> H, k of them per token, M tokens, routed by a random router (softmax of
 unit-normal logits: every expert gets tokens at large M, as trained routers spread them). Under
-``mode="graph"`` the ``loop`` implementation is not timed (it reads the routing on the host).
+``mode="graph"`` the ``loop`` implementation is not timed (it reads the routing on the host), nor
+any implementation whose intermediates would not fit (``codegen.experts.memory_reason``).
 
 A prediction takes the measured bank nearest in (log E, log k, log I H), interpolates its curve in
 log time against log M (extending the last segment, never falling with M), and scales by the
@@ -38,7 +39,7 @@ def _bank(E: int, k: int, I: int, H: int, M: int, device, dtype, gen):
 
 def measure(device: torch.device, grid: str, policy, dtype: torch.dtype, progress=None) -> list[dict]:
     """Every implementation over ``GRIDS[grid]`` on ``device``, eager and (on CUDA) graph-replayed."""
-    from sparsec.codegen.experts import IMPLS, experts_op
+    from sparsec.codegen.experts import IMPLS, experts_op, memory_reason
     from sparsec.fingerprint.timing import Clock
 
     clock = Clock(device, policy)
@@ -51,6 +52,8 @@ def measure(device: torch.device, grid: str, policy, dtype: torch.dtype, progres
             for M in GRIDS[grid]["M"]:
                 x, index, weights, gate_up, down = _bank(E, k, I, H, M, device, dtype, gen)
                 for impl in IMPLS:
+                    if memory_reason(impl, E, k, I, H, M, device):
+                        continue  # e.g. batched at thousands of tokens: terabytes of gathered weights
                     calls = [lambda impl=impl: experts_op(x, index, weights, gate_up, down, impl)]
                     single = clock.warm(calls)
                     for mode in modes:

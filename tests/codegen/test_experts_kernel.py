@@ -106,3 +106,13 @@ def test_the_op_traces_as_one_node_with_its_fake(gen):
     out = torch.compile(f, backend=backend, fullgraph=True)(x, index, weights)
     assert sum("experts_swiglu" in t for t in seen) == 1
     torch.testing.assert_close(out, 2.0 * experts(x, index, weights, gate_up, down, impl="loop"))
+
+
+def test_an_implementation_too_large_for_the_machine_is_refused_with_its_size():
+    from sparsec.codegen.experts import memory_reason, working_bytes
+
+    # Mixtral's bank at 2048 tokens: batched would gather every pair's 3 x 14336 x 4096 weights
+    assert working_bytes("batched", 8, 2, 14336, 4096, 2048) == 4 * 4096 * 3 * 14336 * 4096
+    why = memory_reason("batched", 8, 2, 14336, 4096, 2048, "cpu")
+    assert why is not None and "GiB of intermediates at 2048 tokens" in why
+    assert memory_reason("grouped", 8, 2, 512, 256, 16, "cpu") is None
