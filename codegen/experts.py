@@ -144,14 +144,18 @@ def _grouped_kernel(a_ptr, w_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-GROUPED_BLOCK_M = 16  # tokens per tile: decode banks see a few tokens per expert
+def grouped_block_m(pairs: int, E: int) -> int:
+    """Tokens per row tile: 16 while experts get a few tokens each (decode: a tile of 64 would be
+    mostly padding), 64 once they average more than 32 (prefill: fewer tiles, each weight tile
+    reused over more rows)."""
+    return 16 if pairs <= 32 * E else 64
 _GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
-                      key=["N", "K", "E"])
+                      key=["N", "K", "E", "BLOCK_M"])
 
 
-def grouped_gemm(a, w, ends, tiles, tile_expert) -> torch.Tensor:
+def grouped_gemm(a, w, ends, tiles, tile_expert, block_m: int) -> torch.Tensor:
     """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's w (E, N, K)^T."""
     S, K = a.shape
     E, N, _ = w.shape
@@ -164,18 +168,19 @@ def grouped_gemm(a, w, ends, tiles, tile_expert) -> torch.Tensor:
 
     _GROUPED[grid](a, w, c, ends, tiles, tile_expert, N, K, E, a.stride(0), a.stride(1),
                    w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
-                   DOT_PREC=tl_dot_precision(a.dtype), BLOCK_M=GROUPED_BLOCK_M)
+                   DOT_PREC=tl_dot_precision(a.dtype), BLOCK_M=block_m)
     return c
 
 
 def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
     T, k = top_k_index.shape
     E = gate_up.shape[0]
-    order, ends, tiles, tile_expert = sorted_runs(top_k_index, E, GROUPED_BLOCK_M)
+    block_m = grouped_block_m(T * k, E)
+    order, ends, tiles, tile_expert = sorted_runs(top_k_index, E, block_m)
     xs = x[order // k]
     if triton_usable(x):
-        h = _swiglu(grouped_gemm(xs, gate_up.to(x.dtype), ends, tiles, tile_expert).float()).to(x.dtype)
-        y = grouped_gemm(h, down.to(x.dtype), ends, tiles, tile_expert).float()
+        h = _swiglu(grouped_gemm(xs, gate_up.to(x.dtype), ends, tiles, tile_expert, block_m).float()).to(x.dtype)
+        y = grouped_gemm(h, down.to(x.dtype), ends, tiles, tile_expert, block_m).float()
     else:  # one GEMM per expert on its run: the same grouping, through torch
         starts = torch.cat([ends.new_zeros(1), ends[:-1]]).tolist()
         y = torch.zeros(xs.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
