@@ -61,7 +61,7 @@ def test_recovery_refits_later_blocks_to_the_inputs_they_receive_and_lowers_the_
     assert "recover" in recovered["planning"]["timing"]["steps_s"]
 
 
-@pytest.mark.parametrize("fmt", ["lowrank:16", "2:4", "block:16:0.5"])
+@pytest.mark.parametrize("fmt", ["lowrank:16", "2:4", "block:16:0.5", "2:4+lowrank:8"])
 def test_full_recovery_matches_the_dense_model_at_each_layer_and_beats_sequential(fmt):
     one_shot, sequential, full = plan("none", fmt), plan("sequential", fmt), plan("full", fmt)
     for layer in full["layers"]:
