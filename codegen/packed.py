@@ -97,6 +97,11 @@ class FormatKernels:
         z = self.reference(x2d, packed, bias) if impl == "reference" else self.fast(x2d, packed, bias, impl)
         return apply(z, ep.gate_row, ep.up_row, ep.width, residual)
 
+    def fast_lowrank(self, x2d, packed: "Packed", bias, t, u, impl: str) -> torch.Tensor | None:
+        """The product plus a low-rank term t @ u^T (t = x V^T, computed before) in this format's own
+        launch, where it has one (a sparse-plus-low-rank composite's fused path); None where not."""
+        return None
+
     def prepare(self, packed: "Packed", impl: str) -> dict[str, torch.Tensor]:
         """Derived tensors a module should hold so ``impl`` never builds them per call."""
         return {}

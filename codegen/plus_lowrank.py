@@ -6,7 +6,10 @@ low-rank term first, as the low-rank format does (two GEMMs: at small R they mov
 values, a few percent of the sparse part), and hands its output to the base format's kernel as the
 residual its epilogue adds (codegen/epilogue.py): at the token counts where the base kernel fuses
 the add, the composite costs no launch beyond its two small GEMMs. Where the base format takes
-another path (cuSPARSELt at many tokens) the two outputs are added after it.
+another path (cuSPARSELt at many tokens) the two outputs are added after it. Fewer launches still
+where the base offers ``fast_lowrank`` (2:4's word kernel at the token counts it serves, one on the
+H200, without gradients):
+t = x V^T is one small GEMM and the kernel adds U t in its epilogue, two launches in all.
 
 Packing a plain dense weight projects it: the base format's own rule, then the truncated SVD of
 what that leaves out. A weight fitted by the planner arrives as its two parts and packs losslessly
@@ -97,8 +100,11 @@ class PlusLowRankKernels(FormatKernels):
         check_input(x2d)
         t = packed.tensors()
         u, v = match_dtype(t["u"], x2d.dtype), match_dtype(t["v"], x2d.dtype)
-        low = lowrank_linear_op(x2d, u, v, None, False)
         base = self._base_packed(packed)
+        fused = self.base.fast_lowrank(x2d, base, bias, x2d @ v.t(), u, impl)
+        if fused is not None:
+            return fused
+        low = lowrank_linear_op(x2d, u, v, None, False)
         if impl == "triton":
             return self.base.fast_epilogue(x2d, base, bias, _RESIDUAL, low, impl, {})
         return self.base.fast(x2d, base, bias, impl) + low

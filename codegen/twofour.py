@@ -194,9 +194,11 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr, r_ptr, y_ptr, M, N, G8,
-                          GATE_ROW, UP_ROW, stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn,
+def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr, r_ptr, t_ptr, u_ptr, y_ptr, M, N, G8,
+                          GATE_ROW, UP_ROW, R, stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_tm,
+                          stride_un, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
+                          LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr,
                           USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
                           USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
@@ -212,7 +214,9 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr
     by BLOCK_J runs, zero past the edges), which the pipeliner keeps STAGES tiles ahead.
 
     GATED (codegen/epilogue.py): output row n is silu(gate) * up of the stacked weight's rows
-    GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row. PDL
+    GATE_ROW + n and UP_ROW + n, walked one after the other; HAS_RES adds r_ptr's row. LOWRANK
+    (a sparse-plus-low-rank weight, codegen/plus_lowrank.py) adds U t for the token's t = V x, R
+    values computed before the launch: each program reads its rows of U (BLOCK_N x R). PDL
     (``pdl_enabled``): wait for the launch ahead before the first load; once a program has
     streamed its weights, let the next launch start, so that launch overlaps this one's tail
     without holding resources while this one streams."""
@@ -285,6 +289,14 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr
             out = out * tl.sigmoid(out) * part
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
+    if LOWRANK:
+        offs_r = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            t = tl.load(t_ptr + pid_m.to(tl.int64) * stride_tm + rr, mask=rr < R, other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :],
+                        mask=mask_n[:, None] & (rr < R)[None, :], other=0.0).to(tl.float32)
+            out += tl.sum(u * t[None, :], axis=1)
     if HAS_RES:
         out += tl.load(r_ptr + pid_m.to(tl.int64) * stride_rm + offs_n * stride_rn, mask=mask_n, other=0.0).to(tl.float32)
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
@@ -333,7 +345,8 @@ def _words_keep(config, args) -> bool:
     return kw["BLOCK_J"] <= max(8, triton.next_power_of_2(args["G8"])) and per_thread <= 32
 
 
-_WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(), key=["N", "G8", "IS_BF16", "GATED", "TMA"],
+_WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(),
+                           key=["N", "G8", "IS_BF16", "GATED", "TMA", "LOWRANK"],
                            prune=_words_keep)
 
 
@@ -418,12 +431,14 @@ def tma_usable(x, pairs, meta32, n_out: int | None = None) -> bool:
 
 
 def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None,
-                   gate_row: int = -1, up_row: int = -1, width: int = 0):
+                   gate_row: int = -1, up_row: int = -1, width: int = 0, lowrank=None):
     """``path``: "words" or "gemv" (small-M kernels), "dot" (expansion + MMA) or None (by M, see
     GEMV_MAX_M; "words" where ``words_usable``).
 
     ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
-    in the word kernel; the other kernels write their product and the epilogue follows in torch."""
+    in the word kernel; the other kernels write their product and the epilogue follows in torch.
+    ``lowrank``: (t, u), a low-rank term U t added per token (t = x V^T, M x R; u, N x R), in the
+    word kernel's epilogue; elsewhere as a residual made in torch."""
     M, K = x.shape
     N = values.shape[0]
     gated = gate_row >= 0
@@ -431,6 +446,11 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
         path = "dot"
         if gemv_usable(x, values, M):
             path = "words" if words_usable(x, values, meta) else "gemv"
+    if lowrank is not None and (path != "words" or gated):
+        t, u = lowrank
+        low = (t @ u.t()).to(x.dtype)
+        residual = low if residual is None else residual + low
+        lowrank = None
     if path != "words" and (gated or residual is not None):
         return epilogue.apply(twofour_triton(x, values, meta, bias, path), gate_row, up_row, width, residual)
     y = torch.empty(M, width if gated else N, device=x.device, dtype=x.dtype)
@@ -445,11 +465,15 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
         tma = tma_usable(x, pairs, meta32, y.shape[1])
         pair_desc = TensorDescriptor.from_tensor(pairs, [1, 8]) if tma else None
         meta_desc = TensorDescriptor.from_tensor(meta32, [1, 4]) if tma else None
-        _WORDS_KERNEL[grid_words](x32, pairs, meta32, pair_desc, meta_desc, y if bias is None else bias, r, y, M,
-                                  y.shape[1], K // 32, max(gate_row, 0), max(up_row, 0), x32.stride(0),
-                                  pairs.stride(0), meta32.stride(0), r.stride(0), r.stride(1), y.stride(0), y.stride(1),
+        t, u = (lowrank[0].contiguous(), lowrank[1].contiguous()) if lowrank is not None else (y, y)
+        R = u.shape[1] if lowrank is not None else 0
+        _WORDS_KERNEL[grid_words](x32, pairs, meta32, pair_desc, meta_desc, y if bias is None else bias, r, t, u, y, M,
+                                  y.shape[1], K // 32, max(gate_row, 0), max(up_row, 0), R, x32.stride(0),
+                                  pairs.stride(0), meta32.stride(0), r.stride(0), r.stride(1), t.stride(0), u.stride(0),
+                                  y.stride(0), y.stride(1),
                                   HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
-                                  HAS_RES=residual is not None, USE_PRMT=prmt_usable(x),
+                                  HAS_RES=residual is not None, LOWRANK=lowrank is not None,
+                                  BLOCK_R=min(64, max(16, triton.next_power_of_2(max(R, 1)))), USE_PRMT=prmt_usable(x),
                                   WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, TMA=tma,
                                   **({"launch_pdl": True} if pdl else {}))
         return y
@@ -510,6 +534,19 @@ epilogue.register_grad(twofour_epilogue_op, lambda values, meta, n_in: expand(va
                        saved=(1, 2), bias_index=3, residual_index=4)
 
 
+@torch.library.custom_op("sparsec::twofour_lowrank_linear", mutates_args=())
+def twofour_lowrank_op(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, bias: Optional[torch.Tensor],
+                       t: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """y = x @ W^T + bias + t @ u^T: the 2:4 product with a low-rank term (t = x V^T computed before)
+    added in the word kernel's epilogue (codegen/plus_lowrank.py)."""
+    return twofour_triton(x, values, meta, bias, lowrank=(t, u))
+
+
+@twofour_lowrank_op.register_fake
+def twofour_lowrank_fake(x, values, meta, bias, t, u):
+    return x.new_empty(x.shape[0], values.shape[0])
+
+
 class TwoFourKernels(FormatKernels):
     family = "2:4"
     names = ("values", "meta")
@@ -526,6 +563,18 @@ class TwoFourKernels(FormatKernels):
         return twofour_epilogue_op(x2d, match_dtype(t["values"], x2d.dtype), t["meta"],
                                    None if bias is None else bias.to(x2d.dtype), residual,
                                    ep.gate_row, ep.up_row, ep.width)
+
+    def fast_lowrank(self, x2d, packed, bias, t, u, impl):
+        """The product plus t @ u^T in one launch where the word kernel serves it (up to GEMV_MAX_M
+        tokens), no gradient wanted (the fused op has none; the unfused path does)."""
+        if impl != "triton" or x2d.shape[0] > GEMV_MAX_M or (torch.is_grad_enabled() and x2d.requires_grad):
+            return None
+        t_ = packed.tensors()
+        values = match_dtype(t_["values"], x2d.dtype)
+        if not (gemv_usable(x2d, values, x2d.shape[0]) and words_usable(x2d, values, t_["meta"])):
+            return None
+        check_input(x2d)
+        return twofour_lowrank_op(x2d, values, t_["meta"], None if bias is None else bias.to(x2d.dtype), t, u)
 
     def stack_rows(self, spec, parts):
         """Row-major values and metadata: stacking rows is concatenating both along N."""

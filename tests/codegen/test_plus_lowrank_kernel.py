@@ -1,0 +1,52 @@
+"""The composite's fused path: 2:4's word kernel adding U t in its epilogue, at every word
+configuration, against the plain-torch reference; and the unfused path where it does not apply."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsec import codegen
+from sparsec.codegen import plus_lowrank, twofour
+
+# fp16 inputs on the interpreter: fp32 accumulation, one rounding of the output (4e-3 of scale)
+TOL = 4e-3
+
+
+def _configs():
+    configs = twofour._WORDS_KERNEL.configs
+    tma = next(c for c in configs if c.kwargs["USE_TMA"])
+    pointer = next(c for c in configs if not c.kwargs["USE_TMA"])
+    return [tma, pointer]
+
+
+@pytest.mark.parametrize("config", _configs(), ids=["tma", "pointer"])
+@pytest.mark.parametrize("N,K,R", [(48, 64, 8), (40, 96, 20), (96, 256, 70)])
+def test_the_word_kernel_adds_the_low_rank_term_in_its_epilogue(N, K, R, config, gen, monkeypatch):
+    packed = codegen.pack(f"2:4+lowrank:{R}", torch.randn(N, K, generator=gen).half())
+    reference = packed.to(dtype=torch.float32)
+
+    def unfused(*args):
+        raise AssertionError("the fused path should serve the word kernel's token counts")
+
+    monkeypatch.setattr(plus_lowrank, "lowrank_linear_op", unfused)
+    with twofour._WORDS_KERNEL.only(config), torch.no_grad():
+        for M in sorted({1, twofour.GEMV_MAX_M}):
+            x = torch.randn(M, K, generator=gen).half()
+            bias = torch.randn(N, generator=gen).half()
+            y = codegen.linear(x, packed, bias, impl="triton")
+            ref = codegen.linear(x.float(), reference, bias.float(), impl="reference")
+            torch.testing.assert_close(y.float(), ref, atol=TOL * ref.abs().max().item(), rtol=TOL)
+
+
+def test_beyond_the_word_kernels_tokens_or_with_gradients_the_two_gemm_path_runs(gen, monkeypatch):
+    packed = codegen.pack("2:4+lowrank:8", torch.randn(32, 64, generator=gen).half())
+    calls = []
+    real = plus_lowrank.lowrank_linear_op
+    monkeypatch.setattr(plus_lowrank, "lowrank_linear_op", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.no_grad():
+        codegen.linear(torch.randn(twofour.GEMV_MAX_M + 1, 64, generator=gen).half(), packed, impl="triton")
+    x = torch.randn(1, 64, generator=gen).half().requires_grad_()
+    y = codegen.linear(x, packed, impl="triton")
+    y.float().sum().backward()
+    assert calls == [twofour.GEMV_MAX_M + 1, 1] and x.grad is not None and torch.isfinite(x.grad).all()
