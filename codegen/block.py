@@ -85,10 +85,12 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
-def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, y_ptr, M, N, K,
-                       GATE_ROW, UP_ROW, stride_xm, stride_xk, stride_rm, stride_rn, stride_ym, stride_yn,
+def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, t_ptr, u_ptr, y_ptr, M, N, K,
+                       GATE_ROW, UP_ROW, R, stride_xm, stride_xk, stride_rm, stride_rn, stride_tm, stride_un,
+                       stride_ym, stride_yn,
                        M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
-                       HAS_RES: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr,
+                       HAS_RES: tl.constexpr, LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr,
+                       WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
     block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
@@ -101,7 +103,8 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
     GATED (codegen/epilogue.py): output block row r is silu(gate) * up of the stacked weight's
     block rows GATE_ROW + r and UP_ROW + r, walked one after the other (walking both in the same
     steps measured no faster at M = 1 and 16% slower at M = 4 on an H200); HAS_RES adds r_ptr's
-    tile before the store. PDL (``pdl_enabled``): wait for the launch ahead before the first
+    tile before the store; LOWRANK (a sparse-plus-low-rank weight, codegen/plus_lowrank.py) adds
+    U t for the tokens' t = V x (M x R, computed before), from the program's own rows of U. PDL (``pdl_enabled``): wait for the launch ahead before the first
     load; once a program has streamed its weights, let the next launch start, so that launch
     overlaps this one's tail without holding resources while this one streams."""
     SUB: tl.constexpr = B // BLOCK_N
@@ -144,6 +147,15 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()
     offs_n = row * B + offs_r
+    if LOWRANK:
+        offs_k = tl.arange(0, BLOCK_R)
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_k
+            t = tl.load(t_ptr + offs_m[:, None] * stride_tm + rr[None, :], mask=mask_m[:, None] & (rr < R)[None, :],
+                        other=0.0).to(tl.float32)
+            u = tl.load(u_ptr + offs_n[:, None].to(tl.int64) * stride_un + rr[None, :], mask=(rr < R)[None, :],
+                        other=0.0).to(tl.float32)
+            out += tl.sum(t[:, None, :] * u[None, :, :], axis=2)
     if HAS_RES:
         out += tl.load(r_ptr + offs_m[:, None] * stride_rm + offs_n[None, :] * stride_rn,
                        mask=mask_m[:, None], other=0.0).to(tl.float32)
@@ -174,7 +186,7 @@ def _gemv_keep(config, args) -> bool:
     return kw["BLOCK_N"] <= args["B"] and per_thread <= 64
 
 
-_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B", "GATED"],
+_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B", "GATED", "LOWRANK"],
                           prune=_gemv_keep)
 
 
@@ -200,17 +212,23 @@ _KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B"],
 
 
 def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None = None, residual=None,
-                 gate_row: int = -1, up_row: int = -1, width: int = 0):
+                 gate_row: int = -1, up_row: int = -1, width: int = 0, lowrank=None):
     """``path``: "gemv" (small-M kernel), "dot" (MMA) or None (by M, see GEMV_MAX_M).
 
     ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
     in the GEMV; ``order`` then lists the output's block rows (``gated_order``). The MMA kernel
-    writes its product and the epilogue follows in torch."""
+    writes its product and the epilogue follows in torch. ``lowrank``: (t, u), a low-rank term
+    U t added per token (t = x V^T, M x R; u, N x R), in the GEMV's epilogue; elsewhere as a
+    residual made in torch."""
     M, K = x.shape
     B = values.shape[1]
     gated = gate_row >= 0
     if path is None:
         path = "gemv" if (M <= GEMV_MAX_M and x.dtype in GEMV_DTYPES) else "dot"
+    if lowrank is not None and (path != "gemv" or gated):
+        low = (lowrank[0] @ lowrank[1].t()).to(x.dtype)
+        residual = low if residual is None else residual + low
+        lowrank = None
     if path != "gemv" and (gated or residual is not None):
         rows = (row_ptr.shape[0] - 1) * B
         z = block_triton(x, values, col_idx, row_ptr, work_order(row_ptr) if gated else order, bias, rows, path)
@@ -224,10 +242,13 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
         def grid_gemv(meta):
             return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, block_m))
 
-        _GEMV_KERNEL[grid_gemv](x, values, col_idx, row_ptr, order, y if bias is None else bias, r, y, M, y.shape[1], K,
-                                max(gate_row, 0) // B, max(up_row, 0) // B, x.stride(0), x.stride(1),
-                                r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
-                                HAS_BIAS=bias is not None, GATED=gated, HAS_RES=residual is not None,
+        t, u = (lowrank[0].contiguous(), lowrank[1].contiguous()) if lowrank is not None else (y, y)
+        R = u.shape[1] if lowrank is not None else 0
+        _GEMV_KERNEL[grid_gemv](x, values, col_idx, row_ptr, order, y if bias is None else bias, r, t, u, y, M, y.shape[1],
+                                K, max(gate_row, 0) // B, max(up_row, 0) // B, R, x.stride(0), x.stride(1),
+                                r.stride(0), r.stride(1), t.stride(0), u.stride(0), y.stride(0), y.stride(1),
+                                m_bucket(M), B=B, HAS_BIAS=bias is not None, GATED=gated, HAS_RES=residual is not None,
+                                LOWRANK=lowrank is not None, BLOCK_R=16,
                                 WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, BLOCK_M=block_m,
                                 **({"launch_pdl": True} if pdl else {}))
         return y
@@ -311,6 +332,20 @@ def block_to_dense_fake(values, col_idx, row_ptr, n_in):
 epilogue.register_grad(block_epilogue_op, block_to_dense_op, saved=(1, 2, 3), bias_index=5, residual_index=6)
 
 
+@torch.library.custom_op("sparsec::block_lowrank_linear", mutates_args=())
+def block_lowrank_op(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+                     order: torch.Tensor, bias: Optional[torch.Tensor], t: torch.Tensor, u: torch.Tensor,
+                     n_out: int) -> torch.Tensor:
+    """y = x @ W^T + bias + t @ u^T: the block-sparse product with a low-rank term (t = x V^T computed
+    before) added in the GEMV's epilogue (codegen/plus_lowrank.py)."""
+    return block_triton(x, values, col_idx, row_ptr, order, bias, n_out, lowrank=(t, u))
+
+
+@block_lowrank_op.register_fake
+def block_lowrank_fake(x, values, col_idx, row_ptr, order, bias, t, u, n_out):
+    return x.new_empty(x.shape[0], n_out)
+
+
 class BlockKernels(FormatKernels):
     family = "block"
     names = ("values", "col_idx", "row_ptr", "order")
@@ -339,6 +374,18 @@ class BlockKernels(FormatKernels):
         return block_epilogue_op(x2d, match_dtype(t["values"], x2d.dtype), t["col_idx"], t["row_ptr"],
                                  aux.get("order", t["order"]), None if bias is None else bias.to(x2d.dtype),
                                  residual, ep.gate_row, ep.up_row, ep.width)
+
+    def fast_lowrank(self, x2d, packed, bias, t, u, impl):
+        """The product plus t @ u^T in one launch where the GEMV serves it (up to GEMV_MAX_M tokens,
+        16-bit), no gradient wanted (the fused op has none; the unfused path does)."""
+        M = x2d.shape[0]
+        if (impl != "triton" or M > GEMV_MAX_M or x2d.dtype not in GEMV_DTYPES
+                or (torch.is_grad_enabled() and x2d.requires_grad)):
+            return None
+        check_input(x2d)
+        t_ = packed.tensors()
+        return block_lowrank_op(x2d, match_dtype(t_["values"], x2d.dtype), t_["col_idx"], t_["row_ptr"], t_["order"],
+                                None if bias is None else bias.to(x2d.dtype), t, u, packed.shape[0])
 
     def stack_rows(self, spec, parts):
         """Block rows follow one another: kept blocks concatenate, each part's row pointers shift by

@@ -7,9 +7,9 @@ values, a few percent of the sparse part), and hands its output to the base form
 residual its epilogue adds (codegen/epilogue.py): at the token counts where the base kernel fuses
 the add, the composite costs no launch beyond its two small GEMMs. Where the base format takes
 another path (cuSPARSELt at many tokens) the two outputs are added after it. Fewer launches still
-where the base offers ``fast_lowrank`` (2:4's word kernel at the token counts it serves, one on the
-H200, without gradients):
-t = x V^T is one small GEMM and the kernel adds U t in its epilogue, two launches in all.
+where the base offers ``fast_lowrank`` (2:4's word kernel, the block GEMV, at the token counts they
+serve, without gradients): t = x V^T is one small GEMM and the kernel adds U t in its epilogue, two
+launches in all.
 
 Packing a plain dense weight projects it: the base format's own rule, then the truncated SVD of
 what that leaves out. A weight fitted by the planner arrives as its two parts and packs losslessly

@@ -1,5 +1,5 @@
-"""The composite's fused path: 2:4's word kernel adding U t in its epilogue, at every word
-configuration, against the plain-torch reference; and the unfused path where it does not apply."""
+"""The composite's fused path: 2:4's word kernel and the block GEMV adding U t in their epilogue,
+against the plain-torch reference; and the unfused path where it does not apply."""
 
 from __future__ import annotations
 
@@ -50,3 +50,24 @@ def test_beyond_the_word_kernels_tokens_or_with_gradients_the_two_gemm_path_runs
     y = codegen.linear(x, packed, impl="triton")
     y.float().sum().backward()
     assert calls == [twofour.GEMV_MAX_M + 1, 1] and x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("index", [0, 1], ids=["pipelined", "unpipelined"])
+def test_the_block_gemv_adds_the_low_rank_term_in_its_epilogue(index, gen, monkeypatch):
+    from sparsec.codegen import block
+
+    config = [c for c in block._GEMV_KERNEL.configs if (c.kwargs["STAGES"] > 1) == (index == 0)][0]
+    packed = codegen.pack("block:16:0.5+lowrank:20", torch.randn(64, 96, generator=gen).half())
+    reference = packed.to(dtype=torch.float32)
+
+    def unfused(*args):
+        raise AssertionError("the fused path should serve the GEMV's token counts")
+
+    monkeypatch.setattr(plus_lowrank, "lowrank_linear_op", unfused)
+    with block._GEMV_KERNEL.only(config), torch.no_grad():
+        for M in sorted({1, block.GEMV_MAX_M}):
+            x = torch.randn(M, 96, generator=gen).half()
+            bias = torch.randn(64, generator=gen).half()
+            y = codegen.linear(x, packed, bias, impl="triton")
+            ref = codegen.linear(x.float(), reference, bias.float(), impl="reference")
+            torch.testing.assert_close(y.float(), ref, atol=TOL * ref.abs().max().item(), rtol=TOL)
