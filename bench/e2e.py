@@ -253,6 +253,8 @@ def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
         (f"lowrank:{d // 4}", {"plan": {"layers": {"_default": f"lowrank:{d // 4}"}}}, None),
         ("act:0.5", {"plan": {"layers": {"_default": "act:0.5"}}}, None),
         ("act:0.4", {"plan": {"layers": {"_default": "act:0.4"}}}, None),
+        (f"2:4+lowrank:{d // 32}", {"plan": {"layers": {"_default": f"2:4+lowrank:{d // 32}"}}}, None),
+        (f"block:64:0.25+lowrank:{d // 32}", {"plan": {"layers": {"_default": f"block:64:0.25+lowrank:{d // 32}"}}}, None),
     ]
     for M in Ms:
         x = torch.randn(M, d, device=DEVICE, dtype=dtype)

@@ -70,7 +70,8 @@ from sparsec.formats import parse_spec  # noqa: E402
 # ------------------------------------------------------------------------------ formats
 def formats_for(N: int, K: int) -> list[str]:
     """The formats the issue's targets name, at parameters this shape accepts."""
-    out = ["2:4", "block:64:0.25", f"lowrank:{min(N, K) // 4}"]
+    out = ["2:4", "block:64:0.25", f"lowrank:{min(N, K) // 4}",
+           f"2:4+lowrank:{min(N, K) // 32}", f"block:64:0.25+lowrank:{min(N, K) // 32}"]
     for nb in (64, 32, 16, 8):
         if codegen.check(f"monarch:{nb}", N, K) is None:
             out.append(f"monarch:{nb}")
@@ -81,7 +82,8 @@ def formats_for(N: int, K: int) -> list[str]:
 def impls_for(spec: str, device) -> list[str]:
     family = parse_spec(spec).family
     return {"2:4": ["triton", "cusparselt"] if device.type == "cuda" else ["triton"],
-            "block": ["triton"], "lowrank": ["fused", "gemm2"], "monarch": ["fused", "two_launch"]}[family]
+            "block": ["triton"], "lowrank": ["fused", "gemm2"], "monarch": ["fused", "two_launch"],
+            "2:4+lowrank": ["triton"], "block+lowrank": ["triton"]}[family]
 
 
 def make_packed(spec: str, N: int, K: int, dtype, device, gen) -> Packed:
@@ -103,7 +105,10 @@ def make_packed(spec: str, N: int, K: int, dtype, device, gen) -> Packed:
 
 
 def useful_flops(spec: str, M: int, N: int, K: int) -> float:
-    family = parse_spec(spec).family
+    parsed = parse_spec(spec)
+    if hasattr(parsed, "parts"):  # a composite: its parts' work, summed
+        return sum(useful_flops(str(p), M, N, K) for p in parsed.parts(N, K))
+    family = parsed.family
     if family == "dense":
         return 2.0 * M * N * K
     if family == "2:4":
@@ -277,14 +282,16 @@ def _write(path: str, data: dict) -> None:
     os.replace(tmp, path)
 
 
-GROUPS = ("twofour-triton", "twofour-cusparselt", "block", "lowrank", "monarch")
+GROUPS = ("twofour-triton", "twofour-cusparselt", "block", "lowrank", "monarch", "twofour-lowrank", "block-lowrank")
 
 
 def group_plan(group: str, N: int, K: int, smoke: bool) -> list[tuple[str, str]]:
     """(spec, impl) pairs a group times at one shape; every group also times dense."""
-    fmts = formats_for(N, K) if not smoke else ["2:4", "block:16:0.25", "lowrank:16", "monarch:4"]
+    fmts = formats_for(N, K) if not smoke else ["2:4", "block:16:0.25", "lowrank:16", "monarch:4",
+                                                  "2:4+lowrank:4", "block:16:0.25+lowrank:4"]
     fam = {"twofour-triton": "2:4", "twofour-cusparselt": "2:4", "block": "block",
-           "lowrank": "lowrank", "monarch": "monarch"}[group]
+           "lowrank": "lowrank", "monarch": "monarch", "twofour-lowrank": "2:4+lowrank",
+           "block-lowrank": "block+lowrank"}[group]
     spec = next((f for f in fmts if parse_spec(f).family == fam), None)
     if spec is None:
         return [("dense", "cublas")]
@@ -297,7 +304,9 @@ def correctness_plan(group: str, smoke: bool) -> tuple[list[str], list[str]]:
             "twofour-cusparselt": (["2:4"], ["cusparselt"]),
             "block": (["block:16:0.3", "block:64:0.25", "block:128:0.5"], ["triton"]),
             "lowrank": (["lowrank:8" if smoke else "lowrank:64"], ["fused", "gemm2"]),
-            "monarch": (["monarch:4", "monarch:2"] if smoke else ["monarch:8", "monarch:4"], ["fused", "two_launch"])}[group]
+            "monarch": (["monarch:4", "monarch:2"] if smoke else ["monarch:8", "monarch:4"], ["fused", "two_launch"]),
+            "twofour-lowrank": (["2:4+lowrank:8"], ["triton"]),
+            "block-lowrank": (["block:16:0.5+lowrank:8", "block:64:0.25+lowrank:32"], ["triton"])}[group]
 
 
 def run_group(args, device, dtype, shapes, tokens) -> dict:
