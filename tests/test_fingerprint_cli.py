@@ -106,3 +106,11 @@ def test_redo_up_to_alone_or_on_a_missing_file_is_refused_before_measuring(tmp_p
     with pytest.raises(FingerprintError, match="does not exist: --redo and --extend continue an existing"):
         run_cli("fingerprint", "measure", "-o", str(out), "--grid", "tiny", "--redo", "block", "--redo-up-to", "4")
     assert not out.exists()
+
+
+def test_show_lists_the_fastest_expert_bank_implementation_per_token_count(capsys):
+    assert run_cli("fingerprint", "show", "cpu") == 0
+    out = capsys.readouterr().out
+    assert "expert banks (float32): the fastest implementation per token count (eager)" in out
+    rows = [ln for ln in out.splitlines() if ln.startswith("│ 8, 2, 256 -> 512")]
+    assert len(rows) == 5 and all(any(impl in r for impl in ("loop", "batched", "dense_all", "grouped")) for r in rows)

@@ -210,7 +210,34 @@ def _show(args) -> int:
     if not args.all:
         console.print(f"(at most {SHOWN_SETTINGS} settings per format; --all shows every measured one; "
                       "low rank r= is the rank as a fraction of min(N, K))")
+    _show_experts(console, fp, modes)
     return 0
+
+
+def _show_experts(console, fp, modes) -> None:
+    """Per measured bank and token count, the fastest expert-bank implementation and its time."""
+    from rich.table import Table
+
+    entries = fp.data.get("experts") or []
+    if not entries:
+        return
+    dtypes = sorted({e["dtype"] for e in entries})
+    console.print(f"\nexpert banks ({', '.join(dtypes)}): the fastest implementation per token count "
+                  f"({'/'.join(modes)})")
+    t = Table()
+    for col in ("bank (E, top-k, H -> I)", "M", *modes):
+        t.add_column(col, justify="right" if col != "bank (E, top-k, H -> I)" else "left")
+    banks = sorted({(e["experts"], e["top_k"], e["H"], e["I"]) for e in entries})
+    for E, k, H, I in banks:
+        for M in sorted({e["M"] for e in entries if (e["experts"], e["top_k"], e["H"], e["I"]) == (E, k, H, I)}):
+            cells = []
+            for mode in modes:
+                here = [e for e in entries if (e["experts"], e["top_k"], e["H"], e["I"], e["M"], e["mode"]) ==
+                        (E, k, H, I, M, mode)]
+                best = min(here, key=lambda e: e["us"]) if here else None
+                cells.append(f"{best['impl']} {best['us']:.1f} us" if best else "-")
+            t.add_row(f"{E}, {k}, {H} -> {I}", str(M), *cells)
+    console.print(t)
 
 
 def _list(args) -> int:
