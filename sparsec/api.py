@@ -67,6 +67,10 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
         _model_fails(model, example_inputs, "example_inputs", exc)
     if session.report is None:
         raise ModelError("torch.compile captured no graph from this model; nothing to plan")
+    if isinstance(model, torch.nn.Module):
+        from sparsec.experts import banks_outside_graphs
+
+        session.report.add_warnings(banks_outside_graphs(model, session.report.to_dict()))
     if session.options.plan is not None:
         data = session.report.to_dict()
         unmatched = session.options.plan.describe_unmatched(

@@ -91,3 +91,30 @@ def use_sparsec_experts(model: torch.nn.Module) -> torch.nn.Module:
 def unsupported_banks(model: torch.nn.Module) -> dict[str, str]:
     """Experts modules of a prepared model that keep transformers' grouped implementation, and why."""
     return {name: getattr(m, REASON_ATTR) for name, m in model.named_modules() if getattr(m, REASON_ATTR, None)}
+
+
+def banks_outside_graphs(model: torch.nn.Module, report: dict) -> list[str]:
+    """Warnings for the expert banks of ``model`` that no compiled graph showed: their weights ran
+    outside the graphs sparsec planned, as transformers' eager experts loop and a textbook loop over
+    an ``nn.ModuleList`` of experts do (Dynamo breaks the graph at the data-dependent selection of
+    each expert's tokens)."""
+    seen = {row["name"] for row in report.get("experts", [])}
+    seen |= {row["name"] for row in report.get("skipped", [])}
+    layers = {row["name"] for row in report.get("layers", [])}
+    out = []
+    for name, module in model.named_modules():
+        three_d = [p for p in module.parameters(recurse=False) if p.dim() == 3]
+        if three_d and name not in seen:
+            out.append(f"expert bank {name} ({type(module).__name__}, weights {[list(p.shape) for p in three_d]}) ran "
+                       "outside the compiled graphs (its experts loop breaks Dynamo's graph at the data-dependent "
+                       "choice of each expert's tokens), so it was not planned; run it through "
+                       "sparsec.experts.use_sparsec_experts(model) (transformers 5), which traces each bank as one op")
+        elif isinstance(module, torch.nn.ModuleList) and name.rpartition(".")[2] == "experts":
+            missing = [f"{name}.{i}" for i, child in enumerate(module)
+                       if not any(layer == f"{name}.{i}" or layer.startswith(f"{name}.{i}.") for layer in layers)]
+            if missing:
+                out.append(f"experts {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} of {name} appear in no "
+                           "compiled graph under their own names: a loop over experts that selects each one's tokens "
+                           "breaks Dynamo's graph, and their layers are planned, if at all, per call under local "
+                           "names (docs/experts.md)")
+    return out

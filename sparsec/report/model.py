@@ -51,6 +51,11 @@ class Report:
     def warnings(self) -> list[str]:
         return self._data.get("warnings", [])
 
+    def add_warnings(self, lines: list[str]) -> None:
+        """Append warnings an entry learns after the graphs are planned (without repeats)."""
+        if lines:
+            self._data["warnings"] = list(dict.fromkeys([*self.warnings, *lines]))
+
     def __getitem__(self, key: str) -> Any:
         return self._data[key]
 

@@ -145,3 +145,12 @@ def test_planning_for_another_device_follows_the_fingerprint_not_the_local_clock
     assert row["implementation"] == "batched" and row["measured_us"] is None and row["predicted_us"] == 1.0
     assert "predicted fastest on elsewhere" in row["reason"]
     assert all(c["measured_us"] is None and c["predicted_us"] for c in row["candidates"])
+
+
+def test_banks_transformers_eager_loop_runs_outside_the_graphs_are_named_in_a_warning():
+    model = mixtral(layers=1)
+    model.config._experts_implementation = "eager"
+    torch._dynamo.reset()
+    result = sparsec.optimize(model, (ids(0),), fingerprint="cpu", plan=DENSE, output="logits")
+    (warning,) = [w for w in result.report.warnings if w.startswith("expert bank")]
+    assert "model.layers.0.mlp.experts (MixtralExperts" in warning and "use_sparsec_experts" in warning
