@@ -38,9 +38,10 @@ def test_a_planted_sparse_plus_low_rank_weight_is_recovered(spec):
     """The sparse part holds the large entries, the low-rank term is a tenth of their size. The
     alternating fit converges linearly: with uncorrelated inputs to under 1e-3 of the output in its
     40 rounds. With correlated ones far more slowly (SparseGPT's compensation folds much of the
-    low-rank term into the kept weights, and the rounds stop once one gains under 2%): measured 2.3x
-    under what the sparse part alone leaves, asserted 2x. Either way each part keeps its format's
-    structure and the composite packs it losslessly."""
+    low-rank term into the kept weights, and the rounds stop once one gains under 2%): for 2:4 the
+    joint solve of kept values and coefficients then brings it to 3.8x under what the sparse part
+    alone leaves (asserted 3x; 2.3x without it), block 7.4x (asserted 2x). Either way each part keeps
+    its format's structure and the composite packs it losslessly."""
     gen = torch.Generator().manual_seed(3)
     sparse = planted_sparse(spec.base, gen)
     low = 0.1 * torch.randn(N, spec.rank, generator=gen) @ torch.randn(spec.rank, K, generator=gen) / spec.rank ** 0.5
@@ -51,7 +52,7 @@ def test_a_planted_sparse_plus_low_rank_weight_is_recovered(spec):
     assert relative_output_error(W, approx.dense(), white) < 1e-3
     correlated = stats_of(activations(K, 2048, seed=4))
     (approx,) = handler.approximate([spec], W, correlated)
-    assert relative_output_error(W, approx.dense(), correlated) < approx.alone / 2
+    assert relative_output_error(W, approx.dense(), correlated) < approx.alone / (3 if spec.family == "2:4+lowrank" else 2)
     packed = approx.packed(spec)
     torch.testing.assert_close(packed.to_dense(), approx.dense(), rtol=0, atol=1e-5)
     x = torch.randn(5, K, generator=gen)
@@ -122,3 +123,24 @@ def test_a_forced_composite_plan_runs_the_packed_parts_and_matches_its_fit():
             ref = model(x)
             errors[fmt] = float((result.module(x) - ref).norm() / ref.norm())
     assert errors["2:4+lowrank:16"] < 0.9 * errors["2:4"]
+
+
+def test_the_joint_solve_keeps_the_pattern_and_lowers_the_error_of_the_rounds():
+    """2:4's last step: for the rounds' pattern and row space, each row's kept values and low-rank
+    coefficients solved together; the pattern stays 2:4 and the error falls (real-like weights)."""
+    from sparsec.passes import plus_lowrank as pl
+
+    spec = TwoFourPlusLowRank(8)
+    W = weight(N, K, seed=11)
+    st = stats_of(activations(K, 2048, seed=12))
+    handler = HANDLERS[spec.family]
+    try:
+        handler.joint_solve = False
+        (rounds,) = handler.approximate([spec], W, st)
+    finally:
+        handler.joint_solve = True
+    (polished,) = handler.approximate([spec], W, st)
+    assert (polished.sparse.reshape(N, K // 4, 4) != 0).sum(-1).max() <= 2
+    assert relative_output_error(W, polished.dense(), st) < relative_output_error(W, rounds.dense(), st)
+    S, U = pl.joint(W, rounds.sparse, rounds.v, st)
+    assert ((S != 0) <= (rounds.sparse != 0)).all() and U.shape == (N, spec.rank)
