@@ -13,6 +13,14 @@ from sparsec.codegen import plus_lowrank, twofour
 TOL = 4e-3
 
 
+def forbid_unfused(monkeypatch, where: str) -> None:
+    """Fail if the composite takes its two-GEMM path (the fused one should serve ``where``)."""
+    def unfused(*args):
+        raise AssertionError(f"the fused path should serve {where}")
+
+    monkeypatch.setattr(plus_lowrank, "lowrank_linear_op", unfused)
+
+
 def _configs():
     configs = twofour._WORDS_KERNEL.configs
     tma = next(c for c in configs if c.kwargs["USE_TMA"])
@@ -26,10 +34,7 @@ def test_the_word_kernel_adds_the_low_rank_term_in_its_epilogue(N, K, R, config,
     packed = codegen.pack(f"2:4+lowrank:{R}", torch.randn(N, K, generator=gen).half())
     reference = packed.to(dtype=torch.float32)
 
-    def unfused(*args):
-        raise AssertionError("the fused path should serve the word kernel's token counts")
-
-    monkeypatch.setattr(plus_lowrank, "lowrank_linear_op", unfused)
+    forbid_unfused(monkeypatch, "the word kernel's token counts")
     with twofour._WORDS_KERNEL.only(config), torch.no_grad():
         for M in sorted({1, twofour.GEMV_MAX_M}):
             x = torch.randn(M, K, generator=gen).half()
@@ -60,10 +65,7 @@ def test_the_block_gemv_adds_the_low_rank_term_in_its_epilogue(index, gen, monke
     packed = codegen.pack("block:16:0.5+lowrank:20", torch.randn(64, 96, generator=gen).half())
     reference = packed.to(dtype=torch.float32)
 
-    def unfused(*args):
-        raise AssertionError("the fused path should serve the GEMV's token counts")
-
-    monkeypatch.setattr(plus_lowrank, "lowrank_linear_op", unfused)
+    forbid_unfused(monkeypatch, "the GEMV's token counts")
     with block._GEMV_KERNEL.only(config), torch.no_grad():
         for M in sorted({1, block.GEMV_MAX_M}):
             x = torch.randn(M, 96, generator=gen).half()

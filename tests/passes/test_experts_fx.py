@@ -31,6 +31,28 @@ def ids(seed: int, shape=(2, 12)):
 DENSE = {"layers": {"_default": "dense"}}  # linear layers kept: the banks alone change
 
 
+def recorded_banks(x):
+    """The graph Dynamo traces for a one-block Mixtral running sparsec's op, and its one bank with
+    the routing of ``x`` recorded."""
+    from sparsec.passes import experts_fx
+
+    model = use_sparsec_experts(mixtral(layers=1))
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append((gm, inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=backend)(x)
+    gm, inputs = graphs[0]
+    banks, skipped = experts_fx.find_banks(gm, inputs)
+    assert len(banks) == 1 and not skipped
+    experts_fx.record(gm, banks, [inputs])
+    return gm, banks
+
+
 def test_each_bank_runs_the_implementation_measured_fastest_and_computes_the_same():
     model = mixtral()
     x = ids(0)
@@ -64,19 +86,7 @@ def test_each_bank_runs_the_implementation_measured_fastest_and_computes_the_sam
 def test_under_cuda_graph_replay_the_host_synchronising_loop_is_not_a_candidate():
     from sparsec.passes import experts_fx
 
-    model = use_sparsec_experts(mixtral(layers=1))
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append((gm, inputs))
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(ids(0))
-    gm, inputs = graphs[0]
-    banks, skipped = experts_fx.find_banks(gm, inputs)
-    assert len(banks) == 1 and not skipped
-    experts_fx.record(gm, banks, [inputs])
+    gm, banks = recorded_banks(ids(0))
     (row,) = experts_fx.choose(gm, banks, graph_replay=True)
     loop = next(c for c in row["candidates"] if c["implementation"] == "loop")
     assert row["implementation"] != "loop" and loop["measured_us"] is None
@@ -129,18 +139,7 @@ class _Elsewhere:
 def test_planning_for_another_device_follows_the_fingerprint_not_the_local_clock():
     from sparsec.passes import experts_fx
 
-    model = use_sparsec_experts(mixtral(layers=1))
-    graphs = []
-
-    def backend(gm, inputs):
-        graphs.append((gm, inputs))
-        return gm.forward
-
-    with torch.no_grad():
-        torch.compile(model, backend=backend)(ids(0, (2, 64)))
-    gm, inputs = graphs[0]
-    banks, _ = experts_fx.find_banks(gm, inputs)
-    experts_fx.record(gm, banks, [inputs])
+    gm, banks = recorded_banks(ids(0, (2, 64)))
     (row,) = experts_fx.choose(gm, banks, graph_replay=False, fingerprint=_Elsewhere())
     assert row["implementation"] == "batched" and row["measured_us"] is None and row["predicted_us"] == 1.0
     assert "predicted fastest on elsewhere" in row["reason"]
