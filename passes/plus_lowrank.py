@@ -31,10 +31,11 @@ EXACT = 1e-6
 # After the rounds, 2:4's composite solves each row's kept values and low-rank coefficients
 # together (``joint``): on SmolLM2's layers one such solve lowered the held-out error by 6-8%
 # more (0.172 -> 0.161 on a gate projection at rank 32), a second by nothing. Each row's system
-# is K/2 + R wide; on a CPU it runs where that is at most JOINT_CPU_WIDTH (a 1536-wide down
-# projection's 832-wide systems took 6 s a round there; on a GPU every width is solved).
-JOINT_CPU_WIDTH = 512
-JOINT_ROWS = 128  # rows solved together (memory: JOINT_ROWS x width^2 float64)
+# is m = K/2 + R wide, N of them cost N m^3 / 3 flops: the solve runs where that is at most
+# JOINT_FLOPS (a 1536 x 576 gate projection at rank 32: 1.7e10, 2.3 s on 2 CPU cores; a 576 x 1536
+# down projection: 9.8e10, 6 s, left out there; a Llama-3-8B 14336 x 4096 one, 4.9e13, everywhere).
+JOINT_FLOPS = {"cpu": 3e10, "cuda": 3e12}
+JOINT_BYTES = 32 << 20  # float64 systems held at once (1536 x 576: 1.5 s at 32 MB, 2.8 s at 256 MB on 2 cores)
 BLOCK_BASES = tuple(Block(b, d) for b in (32, 64) for d in (0.25, 0.5))  # what block+lowrank tries
 
 
@@ -180,7 +181,9 @@ class PlusLowRankHandler:
 def _joint_affordable(W: torch.Tensor, spec, stats) -> bool:
     if stats is None or stats.uncorrelated or calibrate.diagonal_of(calibrate.gram(stats, W.shape[1])) is not None:
         return False
-    return W.is_cuda or W.shape[1] // 2 + spec.rank <= JOINT_CPU_WIDTH
+    N, K = W.shape
+    m = K // 2 + spec.rank
+    return N * m ** 3 / 3 <= JOINT_FLOPS["cuda" if W.is_cuda else "cpu"]
 
 
 def joint(W: torch.Tensor, sparse: torch.Tensor, v: torch.Tensor, stats: SiteStats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,16 +207,17 @@ def joint(W: torch.Tensor, sparse: torch.Tensor, v: torch.Tensor, stats: SiteSta
     WGV = WG @ V.T
     S = torch.zeros(N, K, dtype=torch.float64, device=W.device)
     U = torch.zeros(N, R, dtype=torch.float64, device=W.device)
-    for a in range(0, N, JOINT_ROWS):
-        idx = order[a:a + JOINT_ROWS]
-        real = kept[a:a + JOINT_ROWS].gather(1, idx)
+    rows = max(1, JOINT_BYTES // (8 * (width + R) ** 2))
+    for a in range(0, N, rows):
+        idx = order[a:a + rows]
+        real = kept[a:a + rows].gather(1, idx)
         c, m = idx.shape[0], width + R
         A = torch.empty(c, m, m, dtype=torch.float64, device=W.device)
         A[:, :width, :width] = G[idx[:, :, None], idx[:, None, :]]
         A[:, :width, width:] = GV[idx]
         A[:, width:, :width] = GV[idx].transpose(1, 2)
         A[:, width:, width:] = VGV
-        b = torch.cat([WG[a:a + JOINT_ROWS].gather(1, idx), WGV[a:a + JOINT_ROWS]], dim=1)
+        b = torch.cat([WG[a:a + rows].gather(1, idx), WGV[a:a + rows]], dim=1)
         pad = ~real
         if bool(pad.any()):
             rows, cols = pad.nonzero(as_tuple=True)
@@ -222,8 +226,8 @@ def joint(W: torch.Tensor, sparse: torch.Tensor, v: torch.Tensor, stats: SiteSta
             A[rows, cols, cols] = 1.0
             b[rows, cols] = 0.0
         z = torch.linalg.solve(A, b.unsqueeze(-1)).squeeze(-1)
-        S[a:a + JOINT_ROWS].scatter_(1, idx, z[:, :width] * real)
-        U[a:a + JOINT_ROWS] = z[:, width:]
+        S[a:a + rows].scatter_(1, idx, z[:, :width] * real)
+        U[a:a + rows] = z[:, width:]
     return S.to(torch.float32), U.to(torch.float32)
 
 
