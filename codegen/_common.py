@@ -135,6 +135,7 @@ def _interpretable_language():
                 if isinstance(v, JITFunction):
                     twin = twins.setdefault(id(v), InterpretedFunction(v.fn))
                     _LANGUAGE_SWAPS.append((mod, name, v, twin))
+    saved = _language_state()
     for mod, name, _, twin in _LANGUAGE_SWAPS:
         setattr(mod, name, twin)
     try:
@@ -143,6 +144,36 @@ def _interpretable_language():
     finally:
         for mod, name, orig, _ in _LANGUAGE_SWAPS:
             setattr(mod, name, orig)
+        _restore_language(saved)
+
+
+def _language_state() -> list[tuple[object, dict]]:
+    """Every attribute of triton.language's modules and of its tensor class, as they are now.
+
+    An interpreted kernel that calls a jit helper (tl.sum, tl.zeros...) has the interpreter
+    re-point triton.language's functions at interpreted ones and never point them back (Triton 3.6
+    to 3.9, ``InterpretedFunction.__call__``): a GPU compile later in the same process then
+    traces through interpreter functions and fails ("'block_argument' object has no attribute
+    'get_element_ty'", "inline_asm not supported in interpreter mode"). Saved before an
+    interpreted launch and put back after it (names the interpreter adds stay: it reads them later)."""
+    import sys
+
+    import triton.language as tl
+
+    holders = [mod for name, mod in list(sys.modules.items()) if name.startswith("triton.language") and mod is not None]
+    holders.append(tl.tensor)
+    return [(holder, dict(vars(holder))) for holder in holders]
+
+
+def _restore_language(saved: list[tuple[object, dict]]) -> None:
+    for holder, attrs in saved:
+        now = vars(holder)
+        for name, value in attrs.items():
+            if now.get(name) is not value:
+                try:
+                    setattr(holder, name, value)
+                except (AttributeError, TypeError):
+                    pass
 
 
 @contextlib.contextmanager

@@ -53,7 +53,11 @@ def recorded_banks(x):
     return gm, banks
 
 
-def test_each_bank_runs_the_implementation_measured_fastest_and_computes_the_same():
+def test_each_bank_runs_the_implementation_measured_fastest_and_computes_the_same(monkeypatch):
+    from sparsec.passes import experts_fx
+
+    # the shipped cpu fingerprint describes another machine than most that run this: measure here
+    monkeypatch.setattr(experts_fx, "_other_device", lambda fingerprint, x: None)
     model = mixtral()
     x = ids(0)
     with torch.no_grad():
@@ -114,7 +118,7 @@ def test_a_bank_the_op_does_not_describe_keeps_transformers_grouped_and_says_why
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, reference)
     result = sparsec.optimize(model, (x,), fingerprint="cpu", plan=DENSE, output="logits")
-    assert [s["op"] for s in result.report.to_dict()["skipped"]] == ["experts"]
+    assert [s["name"] for s in result.report.to_dict()["skipped"] if s["op"] == "experts"] == ["model.layers.0.mlp.experts"]
 
 
 def test_a_model_without_expert_dispatch_is_refused_naming_it():
