@@ -54,8 +54,9 @@ class PlusLowRankKernels(FormatKernels):
 
     def _base_packed(self, packed: Packed) -> Packed:
         t = packed.tensors()
-        return Packed(packed.spec.base, packed.shape, {n: t[n] for n in self.base.names}, packed.crossover_m,
-                      packed.aux)
+        base = Packed(packed.spec.base, packed.shape, {n: t[n] for n in self.base.names}, packed.crossover_m)
+        base.aux = packed.aux  # one cache: a copy the base makes once (cuSPARSELt's) must outlive this view
+        return base
 
     def pack(self, spec, weight):
         sparse = self.base.pack(spec.base, weight)

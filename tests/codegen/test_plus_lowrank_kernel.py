@@ -73,3 +73,14 @@ def test_the_block_gemv_adds_the_low_rank_term_in_its_epilogue(index, gen, monke
             y = codegen.linear(x, packed, bias, impl="triton")
             ref = codegen.linear(x.float(), reference, bias.float(), impl="reference")
             torch.testing.assert_close(y.float(), ref, atol=TOL * ref.abs().max().item(), rtol=TOL)
+
+
+def test_a_copy_the_base_caches_on_its_view_is_kept_by_the_composite():
+    """cuSPARSELt's compressed weight is made once and kept in ``aux``: the base runs on a view of
+    the composite, and what it caches there must land in the composite's own cache (else every call
+    compresses again, and a CUDA graph capture would compress inside the capture)."""
+    packed = codegen.pack("2:4+lowrank:4", torch.randn(16, 32))
+    view = packed.handler._base_packed(packed)
+    marker = torch.zeros(1)
+    view.aux["cslt"] = marker
+    assert packed.aux["cslt"] is marker
