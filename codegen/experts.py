@@ -88,6 +88,27 @@ def routing_matrix(top_k_index, top_k_weights, E: int) -> torch.Tensor:
     return R.scatter_add_(1, top_k_index.long(), top_k_weights.float())
 
 
+def route_kept(top_k_index, top_k_weights, remap):
+    """The routing of a bank some of whose experts were dropped: ``remap`` (E,) gives each expert's
+    index in the kept bank, -1 where it was dropped.
+
+    A token keeps its other chosen experts, their weights scaled so that they sum to what all k
+    summed (the router renormalised over what is left: Mixtral's top-k weights still sum to 1). A
+    slot whose expert was dropped points at the token's first kept expert with weight 0, so every
+    implementation runs unchanged and reaches no expert the token does not already use; a token all
+    of whose experts were dropped gets weight 0 everywhere. Device ops only, no host sync: safe in a CUDA graph."""
+    new = remap.to(top_k_index.device)[top_k_index.long()]
+    kept = new >= 0
+    w = top_k_weights.float()
+    kept_w = torch.where(kept, w, torch.zeros_like(w))
+    total, left = w.sum(-1, keepdim=True), kept_w.sum(-1, keepdim=True)
+    scale = torch.where(left != 0, total / torch.where(left != 0, left, torch.ones_like(left)), torch.zeros_like(left))
+    first = torch.gather(new, 1, kept.to(torch.int8).argmax(-1, keepdim=True))
+    fallback = torch.where(kept.any(-1, keepdim=True), first, torch.zeros_like(first))
+    index = torch.where(kept, new, fallback).to(top_k_index.dtype)
+    return index, (kept_w * scale).to(top_k_weights.dtype)
+
+
 def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
     E = gate_up.shape[0]
     xf = x.float()

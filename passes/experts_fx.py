@@ -20,6 +20,7 @@ let sparsec plan it.
 
 from __future__ import annotations
 
+import operator
 import re
 from dataclasses import dataclass, field
 
@@ -27,10 +28,11 @@ import torch
 import torch.fx as fx
 
 from sparsec.passes.capture_fx import ConstantFolder, qualified_name
+from sparsec.passes import experts_prune
+from sparsec.passes.experts_prune import Pruning
 from sparsec.sites import Skipped
 
 EXPERT_WEIGHT = re.compile(r"(gate_up_proj|down_proj|up_proj|w1|w2|w3)$")
-CALLS = 4        # calibration calls whose routing is recorded
 REPEATS = 7      # samples per implementation (the median counts), after WARMUP passes
 WARMUP = 2
 
@@ -45,6 +47,7 @@ class Bank:
     inputs: tuple | None = None          # (x, top_k_index, top_k_weights) of the first recorded call
     counts: torch.Tensor | None = None   # tokens routed to each expert over the recorded calls
     calls: int = 0
+    pruning: Pruning | None = None     # the experts dropped, when the budget allowed it
     timings: dict = field(default_factory=dict)
 
     @property
@@ -54,7 +57,7 @@ class Bank:
         return [int(E), int(two_i // 2), int(H)]
 
 
-def _is_experts_op(node: fx.Node) -> bool:
+def is_experts_op(node: fx.Node) -> bool:
     return node.op == "call_function" and "sparsec.experts_swiglu" in str(node.target)
 
 
@@ -63,7 +66,7 @@ def find_banks(gm: fx.GraphModule, example_inputs, graph: int = 0) -> tuple[list
     folder = ConstantFolder(gm, example_inputs)
     banks, used = [], set()
     for node in gm.graph.nodes:
-        if not _is_experts_op(node):
+        if not is_experts_op(node):
             continue
         ok_gu, gate_up = folder.resolve(node.args[3])
         ok_d, down = folder.resolve(node.args[4])
@@ -117,10 +120,13 @@ class _Recorder(fx.Interpreter):
 
 
 def record(gm: fx.GraphModule, banks: list[Bank], calls: list[list]) -> None:
-    """Each bank's routing over ``calls`` (argument lists of ``gm``) and its first call's inputs."""
-    by_node = {b.node: b for b in banks}
+    """Each bank's routing over ``calls`` (argument lists of ``gm``: every calibration call, as the
+    confidence that an expert is rare grows with the pairs seen) and its first call's inputs. ``gm``
+    may be the graph traced for calibration inputs of other shapes: its banks are found by name."""
+    by_name = {b.node.name: b for b in banks}
+    by_node = {n: by_name[n.name] for n in gm.graph.nodes if n.name in by_name and is_experts_op(n)}
     with torch.no_grad():
-        for args in calls[:CALLS]:
+        for args in calls:
             _Recorder(gm, by_node).run(*args)
 
 
@@ -128,18 +134,20 @@ def time_impls(bank: Bank, impls, graph_replay: bool) -> dict[str, float]:
     """Microseconds of each implementation on the bank's recorded inputs, timed as the model runs it
     (sparsec's Clock: back to back, replayed as a CUDA graph under graph replay)."""
     from sparsec.codegen.experts import experts_op
-    from sparsec.fingerprint.timing import Clock, TimingPolicy
 
     x, idx, wts = bank.inputs
     gate_up, down = bank.gate_up.to(x.device), bank.down.to(x.device)
-    clock = Clock(x.device, TimingPolicy(repeats=REPEATS, min_repeats=3, warmup=WARMUP, point_budget_s=0.05))
-    out = {}
+    return {impl: _time(lambda impl=impl: experts_op(x, idx, wts, gate_up, down, impl), x.device, graph_replay)
+            for impl in impls}
+
+
+def _time(call, device, graph_replay: bool) -> float:
+    from sparsec.fingerprint.timing import Clock, TimingPolicy
+
+    clock = Clock(device, TimingPolicy(repeats=REPEATS, min_repeats=3, warmup=WARMUP, point_budget_s=0.05))
     with torch.no_grad():
-        for impl in impls:
-            calls = [lambda impl=impl: experts_op(x, idx, wts, gate_up, down, impl)]
-            single = clock.warm(calls)
-            out[impl] = clock.graph(calls, single) if graph_replay and clock.cuda else clock.eager(calls, single)
-    return out
+        single = clock.warm([call])
+        return clock.graph([call], single) if graph_replay and clock.cuda else clock.eager([call], single)
 
 
 def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprint=None,
@@ -229,3 +237,88 @@ def _row(bank: Bank, traced: str, chosen: str, timings: dict, predicted: dict, r
         "predicted_us": predicted.get(chosen),
         "reason": reason, "candidates": candidates,
     }
+
+
+def prune(banks: list[Bank], rows: list[dict], evaluate, allowed: float, graph_replay: bool, fingerprint=None,
+          cost_mode: str = "eager", show=None) -> None:
+    """Drop the experts calibration routes almost nothing to, within ``allowed`` end-to-end error
+    (``passes/experts_prune.py``), and add each bank's ``pruning`` entry to its row. A bank's drop
+    counts only if the bank without them runs faster: timed here as it runs (its chosen
+    implementation, on its calibration routing), or predicted when the fingerprint describes
+    another device."""
+    def faster(bank: Bank, pruning):
+        return pruned_speed(bank, pruning, graph_replay, fingerprint, cost_mode)
+
+    kwargs = {"show": show} if show is not None else {}
+    entries = experts_prune.choose([b for b in banks if b.inputs is not None], evaluate, allowed, faster, **kwargs)
+    for row in rows:
+        if row["name"] in entries:
+            row["pruning"] = entries[row["name"]]
+
+
+def pruned_speed(bank: Bank, pruning, graph_replay: bool, fingerprint=None,
+                 cost_mode: str = "eager") -> tuple[float, float, str]:
+    """(us without the dropped experts, us as the bank runs now, how they were found) in the bank's
+    chosen implementation on its calibration routing: predicted by the fingerprint when it describes
+    another device, else timed here."""
+    impl = bank.node.args[5]
+    x, idx, wts = bank.inputs
+    elsewhere = _other_device(fingerprint, x)
+    predict = getattr(fingerprint, "predict_experts", None)
+    if elsewhere is not None and predict is not None:
+        E, I, H = bank.shape
+        now = predict(impl, E, int(idx.shape[1]), I, H, int(x.shape[0]), x.dtype, cost_mode)
+        after = predict(impl, len(pruning.keep), int(idx.shape[1]), I, H, int(x.shape[0]), x.dtype, cost_mode)
+        if now is not None and after is not None:
+            return after.us, now.us, f"is predicted by {fingerprint.name} to take"
+    now = bank.timings.get(impl)
+    if now is None:
+        now = time_impls(bank, [impl], graph_replay)[impl]
+    after = _time(lambda: pruning.run(x, idx, wts, impl), x.device, graph_replay)
+    return after, now, "measured"
+
+
+def refuse_pruning(rows: list[dict], reason: str) -> None:
+    """Each row's ``pruning`` entry when pruning was not tried at all."""
+    for row in rows:
+        row["pruning"] = {"routing_share": None if row.get("tokens_per_expert") is None
+                          else _shares(row["tokens_per_expert"]), "dropped": [], "reason": reason}
+
+
+def _shares(counts: list[int]) -> list[float]:
+    total = sum(counts)
+    return [c / total if total else 0.0 for c in counts]
+
+
+def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModule:
+    """A copy of ``gm`` in which each bank node named in ``pruned`` runs its kept experts: their
+    weights as new constants, its routing through ``route_kept``. The copy keeps what Dynamo's
+    graph carried, so the lowered graph compiles as the rewritten one did."""
+    from sparsec.codegen.experts import route_kept
+    from sparsec.passes.rewrite_fx import _keep_dynamo_metadata
+
+    graph = fx.Graph()
+    node_map: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, node_map))
+    new_gm = fx.GraphModule(gm, graph)
+    by_name = {n.name: n for n in new_gm.graph.nodes}
+    for i, (name, pruning) in enumerate(pruned.items()):
+        node = by_name[name]
+        x, idx, wts, _, _, impl = node.args
+        prefix = f"sparsec_pruned_{i}"
+        new_gm.register_buffer(f"{prefix}_remap", pruning.remap.to(pruning.gate_up.device))
+        new_gm.register_buffer(f"{prefix}_gate_up", pruning.gate_up)
+        new_gm.register_buffer(f"{prefix}_down", pruning.down)
+        with new_gm.graph.inserting_before(node):
+            remap = new_gm.graph.get_attr(f"{prefix}_remap")
+            gate_up = new_gm.graph.get_attr(f"{prefix}_gate_up")
+            down = new_gm.graph.get_attr(f"{prefix}_down")
+            routed = new_gm.graph.call_function(route_kept, (idx, wts, remap))
+            index = new_gm.graph.call_function(operator.getitem, (routed, 0))
+            weights = new_gm.graph.call_function(operator.getitem, (routed, 1))
+        node.args = (x, index, weights, gate_up, down, impl)
+    new_gm.graph.eliminate_dead_code()
+    new_gm.delete_all_unused_submodules()
+    new_gm.recompile()
+    _keep_dynamo_metadata(gm, new_gm, node_map)
+    return new_gm

@@ -53,6 +53,8 @@ class FxFrontend:
         self.fused: dict = {}    # what ``rewrite`` folded into launches: "epilogues", "absorbed"
         self._references: list[list[torch.Tensor]] = []
         self._heldout_references: list[list[torch.Tensor]] | None = None
+        self.pruned: dict = {}  # expert-bank node name -> the experts it keeps (passes/experts_prune.py)
+        self._references_of_experts = False  # the dense outputs were taken before banks dropped experts
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -62,28 +64,66 @@ class FxFrontend:
         self.nodes = nodes
         return sites, skipped
 
-    def experts(self, fingerprint=None, cost_mode: str = "eager") -> tuple[list[dict], list[Skipped]]:
+    def experts(self, fingerprint=None, cost_mode: str = "eager", options=None) -> tuple[list[dict], list[Skipped]]:
         """Expert banks (passes/experts_fx.py): each running sparsec's op gets the implementation
-        measured fastest on its calibration routing; the report's rows, and banks left as traced."""
+        measured fastest on its calibration routing, then, with ``options``, drops the experts
+        calibration routes almost nothing to where the budget allows; the report's rows, and banks
+        left as traced."""
         from sparsec.passes import experts_fx
 
         banks, skipped = experts_fx.find_banks(self.gm, self.example_inputs, self.graph)
         if not banks:
             return [], skipped
-        calls = [args for gm, _, args in map(self._run_of, self.calibration) if gm is self.gm] or [self.example_inputs]
-        experts_fx.record(self.gm, banks, calls)
-        return experts_fx.choose(self.gm, banks, graph_replay=self.mode == "reduce-overhead", fingerprint=fingerprint,
-                                 cost_mode=cost_mode), skipped
+        for gm, _, args in map(self._run_of, self.calibration or [self.example_inputs]):
+            experts_fx.record(gm, banks, [args])
+        replay = self.mode == "reduce-overhead"
+        rows = experts_fx.choose(self.gm, banks, graph_replay=replay, fingerprint=fingerprint, cost_mode=cost_mode)
+        if options is not None:
+            self._prune(banks, rows, options, fingerprint)
+        return rows, skipped
+
+    def _prune(self, banks, rows, options, fingerprint) -> None:
+        from sparsec.metrics import metric_of
+        from sparsec.passes import experts_fx
+
+        if options.expert_pruning <= 0:
+            return experts_fx.refuse_pruning(rows, "no expert dropped: expert_pruning is 0")
+        missing = [item for item in self.calibration + self.heldout
+                   if not all(name in self._bank_nodes(self._run_of(item)[0]) for name in (b.node.name for b in banks))]
+        if missing or not self.calibration:
+            return experts_fx.refuse_pruning(rows, (
+                "no expert dropped: a calibration input of other shapes runs a graph without the same banks, where a "
+                "pruned bank could not be checked" if missing else "no expert dropped: no calibration data to measure "
+                "its error on"))
+        metric = self.metric or metric_of(None)
+        with torch.no_grad():  # the dense model's outputs, before any bank drops an expert
+            self._references = [flatten_outputs(gm(*args)) for gm, _, args in map(self._run_of, self.calibration)]
+        self._references_of_experts = True
+        self._heldout_refs()
+
+        def evaluate() -> float:
+            self.pruned = {b.node.name: b.pruning for b in banks if b.pruning is not None}
+            error = self.evaluate({})[0]
+            held = self.evaluate({}, heldout=True)[0] if self.has_heldout() else 0.0
+            return max(error, held)
+
+        # the planning options carry the budget on the planner's scale: back to the metric's units
+        allowed = options.expert_pruning * metric.from_error(options.error_budget)
+        experts_fx.prune(banks, rows, evaluate, allowed, graph_replay=self.mode == "reduce-overhead",
+                         fingerprint=fingerprint, cost_mode=options.cost_mode, show=metric.show)
+        self.pruned = {b.node.name: b.pruning for b in banks if b.pruning is not None}
 
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
         stats = empty_stats(sites)
-        self._references = []
+        references = []
         with torch.no_grad():
             for item in self.calibration:
                 advance_current()
                 gm, nodes, args = self._run_of(item)
-                out = SiteInterpreter(gm, nodes, self.sites, stats=stats).run(*args)
-                self._references.append(flatten_outputs(out))
+                out = SiteInterpreter(gm, nodes, self.sites, stats=stats, banks=self._banks_in(gm)).run(*args)
+                references.append(flatten_outputs(out))
+        if not self._references_of_experts:  # else the outputs before banks dropped experts stand
+            self._references = references
         return stats
 
     def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor], against_dense: bool = False):
@@ -107,6 +147,7 @@ class FxFrontend:
                             products[key] = (d.to(dense_inputs[key].device), c.to(dense_inputs[key].device))
                     pairs = {key: (dense_inputs[key], products[key]) for key in stats}
                 _run_until_seen(SiteInterpreter(gm, nodes, self.sites, stats=stats, replacements=replacements, pairs=pairs,
+                                                banks=self._banks_in(gm),
                                                 stop_when_seen=stats), args)
         return (stats, products) if against_dense else stats
 
@@ -118,7 +159,8 @@ class FxFrontend:
         with torch.no_grad():
             for item in data:
                 gm, nodes, args = self._run_of(item)
-                out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, local=local).run(*args)
+                out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, local=local,
+                                      banks=self._banks_in(gm)).run(*args)
                 outs.append(flatten_outputs(out))
         sums = {name: acc.tolist() for name, acc in local.items()}
         per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in sums.items()}
@@ -170,6 +212,10 @@ class FxFrontend:
         """The graph with the named sites calling ``modules`` (packed linears), compiled for its device."""
         self.fused = {}
         rewritten = rewrite_fx.rewrite(self.gm, self.nodes, self.sites, modules, notes=self.fused)
+        if self.pruned:
+            from sparsec.passes.experts_fx import apply_pruning
+
+            rewritten = apply_pruning(rewritten, self.pruned)
         if self._use_inductor():
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
@@ -245,6 +291,19 @@ class FxFrontend:
         return current_device_name("cpu")
 
     # -- helpers ----------------------------------------------------------------------------
+
+    def _bank_nodes(self, gm) -> dict[str, fx.Node]:
+        from sparsec.passes.experts_fx import is_experts_op
+
+        return {n.name: n for n in gm.graph.nodes if is_experts_op(n)}
+
+    def _banks_in(self, gm) -> dict:
+        """The pruned banks as nodes of ``gm`` (the graph a calibration call of other shapes runs
+        names its banks as the example's graph does)."""
+        if not self.pruned:
+            return {}
+        nodes = self._bank_nodes(gm)
+        return {nodes[name]: p for name, p in self.pruned.items() if name in nodes}
 
     def _device(self) -> torch.device:
         for t in self.example_inputs:

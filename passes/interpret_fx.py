@@ -28,8 +28,9 @@ class SiteInterpreter(fx.Interpreter):
     """
 
     def __init__(self, gm, nodes: dict[str, fx.Node], sites: dict[str, Site], *, stats=None, replacements=None, local=None,
-                 inputs=None, pairs=None, stop_when_seen=None):
+                 inputs=None, pairs=None, stop_when_seen=None, banks=None):
         super().__init__(gm)
+        self.banks = banks or {}  # expert-bank node -> the Pruning it runs with (passes/experts_prune.py)
         self.stop_when_seen = set(stop_when_seen) if stop_when_seen else None
         self.by_node = {node: sites[name] for name, node in nodes.items()}
         self.stats = stats
@@ -45,6 +46,10 @@ class SiteInterpreter(fx.Interpreter):
     def run_node(self, n):
         site = self.by_node.get(n)
         if site is None:
+            pruning = self.banks.get(n)
+            if pruning is not None:
+                x, idx, wts, _, _, impl = self.fetch_args_kwargs_from_env(n)[0]
+                return pruning.run(x, idx, wts, impl)
             return super().run_node(n)
         x = self._activation(n)
         key = site.input_key

@@ -38,6 +38,8 @@ class Options:
     metric: Any = None  # the quality measure the budget bounds (a sparsec.metrics.Metric once parsed)
     output: str | int | None = None  # which output the metric reads: a name or an index (None: the first)
     recovery: str = "none"
+    # the share of error_budget that dropping rarely routed experts may spend (0: never drop one)
+    expert_pruning: float = 0.25
 
     def __post_init__(self):
         if self.metric is None:
@@ -68,6 +70,7 @@ KNOWN = {
     "metric",
     "output",
     "recovery",
+    "expert_pruning",
 }
 
 
@@ -148,6 +151,12 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
             raise OptionError(f"option 'recovery' must be one of {', '.join(map(repr, RECOVERY))}; "
                               f"got {merged['recovery']!r}")
         out.recovery = merged["recovery"]
+    if merged.get("expert_pruning") is not None:
+        share = merged["expert_pruning"]
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
+            raise OptionError(f"option 'expert_pruning' must be a number in [0, 1], the share of error_budget that "
+                              f"dropping rarely routed experts may spend (0 never drops one); got {share!r}")
+        out.expert_pruning = float(share)
     if merged.get("mode") is not None:
         if merged["mode"] not in MODES:
             raise OptionError(f"mode {merged['mode']!r} not supported; use one of {', '.join(MODES)}")

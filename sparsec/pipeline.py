@@ -131,10 +131,10 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         lowered = lower(frontend, layers) if planning.lower else None
     with timed("check", shown_as="check (run and time the rewritten graph)"):
         checked, kept = check(frontend, layers, lowered, checking)
-        if kept is not None:  # every layer dense now: the graph as given
+        if kept is not None:  # every layer dense now: the graph as given (but for dropped experts)
             lowered = lower(frontend, layers)
-            e2e = dataclasses.replace(e2e, measured_error=0.0, heldout_error=0.0 if frontend.has_heldout() else None,
-                                      local={})
+            error, held = _error_as_given(frontend)
+            e2e = dataclasses.replace(e2e, measured_error=error, heldout_error=held, local={})
     with timed("report"):
         rest_us, fused_us = rest(frontend, fingerprint, planning)
         stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, planning.cost_mode)
@@ -157,6 +157,13 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         report["planner_log"] = [f"graph {frontend.graph}: {line}"
                                  for line in alloc.history + stacked_lines + frontend.lowering_notes()]
     return Outcome(layers, skipped, plan, report, lowered)
+
+
+def _error_as_given(frontend: Frontend) -> tuple[float, float | None]:
+    """The end-to-end error with every layer dense: none, unless expert banks dropped experts."""
+    if not getattr(frontend, "pruned", None):
+        return 0.0, 0.0 if frontend.has_heldout() else None
+    return frontend.evaluate({})[0], frontend.evaluate({}, heldout=True)[0] if frontend.has_heldout() else None
 
 
 def _graph_options(frontend: Frontend, options: Options, budget: float | None) -> tuple[Options, Options, list[str]]:
@@ -369,10 +376,13 @@ def _kernel_refusal(cand: Candidate, site: Site) -> str | None:
 
 def experts(frontend: Frontend, fingerprint, options: Options) -> tuple[list[dict], list[Skipped]]:
     """Expert banks: the implementation each runs fastest in (measured here, or predicted by the
-    fingerprint when it describes another device; an exact choice: no error is spent), as report
-    rows, and the banks left as traced, as skipped entries. Entries without banks (ONNX) have none."""
+    fingerprint when it describes another device; an exact choice: no error is spent), and the
+    experts calibration routes almost nothing to dropped where ``expert_pruning``'s share of the
+    budget allows it (measured end to end; the layers' planning then works on the pruned model), as
+    report rows, and the banks left as traced, as skipped entries. Entries without banks (ONNX)
+    have none."""
     find = getattr(frontend, "experts", None)
-    return find(fingerprint, options.cost_mode) if find is not None else ([], [])
+    return find(fingerprint, options.cost_mode, options=options) if find is not None else ([], [])
 
 
 # -- approximate ------------------------------------------------------------------------------
@@ -659,7 +669,7 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, bef
         key = tuple(sorted((l.name, l.chosen.fmt) for l in rewritten))
         if key not in measured:
             reps = {l.name: l.chosen.weight().to(l.site.dtype) for l in rewritten}
-            if not reps:
+            if not reps and not getattr(frontend, "pruned", None):  # the graph as given: nothing to measure
                 measured[key] = (0.0, 0.0 if frontend.has_heldout() else None, {})
             else:
                 advance_current()

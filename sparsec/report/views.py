@@ -158,12 +158,14 @@ def expert_banks(report) -> list[dict]:
 
 
 def bank_line(bank: dict) -> str:
-    """One line: the bank, its shape and routing, what it runs and why."""
+    """One line: the bank, its shape and routing, what it runs and why, which experts it dropped."""
     E, I, H = bank["shape"]
     counts = bank.get("tokens_per_expert")
     routing = f"; tokens per expert over {bank['calibration_calls']} calibration call(s): {counts}" if counts else ""
+    pruning = bank.get("pruning") or {}
+    dropped = f"; {pruning['reason']}" if pruning.get("reason") else ""
     return (f"{bank['name']}: {E} experts of {H} -> {I} -> {H}, top-{bank.get('top_k')}, {bank.get('tokens')} tokens"
-            f"{routing}; runs {bank['implementation']}: {bank['reason']}")
+            f"{routing}; runs {bank['implementation']}: {bank['reason']}{dropped}")
 
 
 def skipped(report) -> list[dict]:
