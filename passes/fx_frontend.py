@@ -126,30 +126,33 @@ class FxFrontend:
             self._references = references
         return stats
 
-    def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor], against_dense: bool = False):
+    def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor],
+                    reference: dict[str, torch.Tensor] | None = None):
         """Gram statistics of the named sites' inputs as they arrive when ``replacements`` run in
         place of their layers' weights (sequential recovery), one pass over the calibration data;
-        with ``against_dense`` also, per input, (X_d^T X_d, X_d^T X) where X_d is what the dense
-        graph gives that input (a second pass per calibration call): ``(stats, products)``."""
+        with a ``reference`` (weights to run instead, ``{}`` for the dense graph) also, per input,
+        (X_r^T X_r, X_r^T X) where X_r is what the graph running ``reference`` gives that input (a
+        second pass per calibration call): ``(stats, products)``."""
         stats = empty_stats([self.sites[n] for n in names])
         products = {key: (torch.zeros_like(st.gram), torch.zeros_like(st.gram)) for key, st in stats.items()} \
-            if against_dense else None
+            if reference is not None else None
         with torch.no_grad():
             for item in self.calibration:
                 advance_current()
                 gm, nodes, args = self._run_of(item)
                 pairs = None
                 if products is not None:
-                    dense_inputs = dict.fromkeys(stats)
-                    _run_until_seen(SiteInterpreter(gm, nodes, self.sites, inputs=dense_inputs, stop_when_seen=stats), args)
+                    reference_inputs = dict.fromkeys(stats)
+                    _run_until_seen(SiteInterpreter(gm, nodes, self.sites, inputs=reference_inputs, replacements=reference,
+                                                    banks=self._banks_in(gm), stop_when_seen=stats), args)
                     for key, (d, c) in products.items():
-                        if d.device != dense_inputs[key].device:
-                            products[key] = (d.to(dense_inputs[key].device), c.to(dense_inputs[key].device))
-                    pairs = {key: (dense_inputs[key], products[key]) for key in stats}
+                        if d.device != reference_inputs[key].device:
+                            products[key] = (d.to(reference_inputs[key].device), c.to(reference_inputs[key].device))
+                    pairs = {key: (reference_inputs[key], products[key]) for key in stats}
                 _run_until_seen(SiteInterpreter(gm, nodes, self.sites, stats=stats, replacements=replacements, pairs=pairs,
                                                 banks=self._banks_in(gm),
                                                 stop_when_seen=stats), args)
-        return (stats, products) if against_dense else stats
+        return (stats, products) if reference is not None else stats
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
         data = self.heldout if heldout else self.calibration

@@ -114,6 +114,37 @@ class OnnxFrontend:
                 _accumulate(stats[key], x, calls, device)
         return stats
 
+    def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor],
+                    reference: dict[str, torch.Tensor] | None = None):
+        """Gram statistics of the named sites' inputs when ``replacements`` run in place of their
+        layers' weights (recovery, ``sparsec.recovery``); with a ``reference`` also, per input,
+        (X_r^T X_r, X_r^T X) where X_r is that input when ``reference`` runs instead. onnxruntime
+        runs the whole graph: one run per calibration call, two with a reference."""
+        from sparsec.progress import advance_current
+
+        device = self.statistics_device()
+        stats: dict[str, SiteStats] = {}
+        for name in names:
+            stats.setdefault(self.sites[name].input_key, SiteStats.empty(self.sites[name].K))
+        products = {key: (torch.zeros_like(st.gram, device=device), torch.zeros_like(st.gram, device=device))
+                    for key, st in stats.items()} if reference is not None else None
+        weights = self._weights(replacements)
+        reference_weights = self._weights(reference) if reference is not None else None
+        for feed, calls in zip(self.calibration.runs, self.calibration.calls):
+            advance_current()
+            _, acts = self._run(feed, weights)
+            for key, st in stats.items():
+                _accumulate(st, acts[key], calls, device)
+            if products is None:
+                continue
+            _, reference_acts = self._run(feed, reference_weights)
+            for key, (ref_gram, cross) in products.items():
+                x = _rows(acts[key], device).to(cross.dtype)
+                r = _rows(reference_acts[key], device).to(cross.dtype)
+                ref_gram.addmm_(r.T, r)
+                cross.addmm_(r.T, x)
+        return (stats, products) if reference is not None else stats
+
     def statistics_device(self) -> str:
         """Where calibration statistics are gathered, and so where candidates are fitted: the GPU
         when onnxruntime runs the model on one (on the H200 all low-rank fits of a 14336 x 4096
@@ -308,9 +339,14 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return np.float16 if dtype == torch.float16 else np.float32
 
 
+def _rows(x: np.ndarray, device: str = "cpu") -> torch.Tensor:
+    """A run's activations as (rows, inputs)."""
+    return torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, x.shape[-1] if x.ndim else 1).to(device)
+
+
 def _accumulate(stats: SiteStats, x: np.ndarray, calls: int, device: str = "cpu") -> None:
     """Add a run's activations, split back into its calls when the run held several."""
-    x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, x.shape[-1] if x.ndim else 1).to(device)
+    x2 = _rows(x, device)
     rows = x2.shape[0]
     if calls > 1 and rows % calls == 0:
         for chunk in x2.split(rows // calls):

@@ -11,6 +11,12 @@ Three one-shot methods, from best to baseline:
   of each dropped weight is compensated by updating the columns not yet processed. Updates are
   applied lazily: exactly within a batch of 128 columns, and to the rest once per batch as one
   matrix product.
+- ``sparsegpt-refit``: SparseGPT's mask, then the kept weights of every row refitted exactly by
+  least squares to the Gram (``passes/block.py``'s ``Refit`` with 1 x 1 blocks). SparseGPT only
+  compensates a dropped weight on the columns after it; the exact refit lowered the layer error of
+  SmolLM2-135M's projections by 11-17% (e.g. 0.252 -> 0.211 relative, a down projection), at the
+  cost of one K/2 x K/2 solve per row (5 s for a 576 x 1536 layer on 2 CPU cores). Recovery uses
+  it (``recovery_method``); planning keeps the cheaper ``sparsegpt``.
 - ``wanda`` (Sun et al., 2023): keep the two of four with the largest |W_ij| * ||X_j||, no update.
 - ``magnitude``: keep the two of four with the largest |W_ij|.
 
@@ -23,6 +29,7 @@ import numpy as np
 import torch
 
 from sparsec.formats import TwoFour
+from sparsec.passes.block import Refit
 from sparsec.passes.calibrate import activation_norms, damped_cholesky, damped_diagonal, diagonal_of, gram
 from sparsec.passes.onnx_emit import MatMulForm
 from sparsec.sites import SiteStats
@@ -33,8 +40,9 @@ BATCH = 128  # columns per lazy-update batch (a multiple of 4)
 
 class TwoFourHandler:
     family = "2:4"
-    methods = ("sparsegpt", "wanda", "magnitude")
+    methods = ("sparsegpt", "sparsegpt-refit", "wanda", "magnitude")
     default_method = "sparsegpt"
+    recovery_method = "sparsegpt-refit"
 
     def grid(self, N: int, K: int) -> list[TwoFour]:
         return [TwoFour()]
@@ -56,7 +64,10 @@ class TwoFourHandler:
             norms = activation_norms(gram(stats, K)).to(device=W.device, dtype=torch.float32)
             out = keep_two_of_four(W, W.abs() * norms)
         else:
-            out = sparsegpt_two_four(W, gram(stats, K))
+            G = gram(stats, K)
+            out = sparsegpt_two_four(W, G)
+            if method == "sparsegpt-refit":
+                out = Refit(W, G.to(W.device))(out != 0, 1).to(torch.float32)
         return [out.clone() for _ in specs]
 
 

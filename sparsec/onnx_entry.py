@@ -50,14 +50,14 @@ class OnnxResult:
 def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.01, calibration=None,
                   heldout=None, formats=None, plan=None, report=None, measure: bool = False,
                   external_data: bool | None = None, provider: str = "auto", strict: bool = False,
-                  metric=None, metric_output: str | int | None = None) -> OnnxResult:
+                  metric=None, metric_output: str | int | None = None, recovery: str | None = None) -> OnnxResult:
     """Plan, rewrite, verify and write ``model`` (an .onnx path) to ``output``; see the module doc."""
     from sparsec.passes.onnx_model import check_writable, load_model, save_checked
     from sparsec.pipeline import optimize_graph
 
     output = check_writable(output)
     _refuse_overwriting_input(model, output)
-    options = _options(fingerprint, error_budget, formats, plan, report, measure, metric, metric_output)
+    options = _options(fingerprint, error_budget, formats, plan, report, measure, metric, metric_output, recovery)
     _formats_with_onnx_form(options, explicit=formats is not None)
     loaded = load_model(model)
     _check_input(loaded)
@@ -121,12 +121,12 @@ def _refuse_overwriting_input(model, output: Path) -> None:
                               "never writes over its input: pass another -o path")
 
 
-def _options(fingerprint, error_budget, formats, plan, report, measure, metric=None, output=None):
+def _options(fingerprint, error_budget, formats, plan, report, measure, metric=None, output=None, recovery=None):
     """Validated options; the report's folder and the plan file are checked before any work."""
     from sparsec.passes.onnx_model import check_writable
 
     given = {"fingerprint": fingerprint, "error_budget": error_budget, "plan": plan, "report": report,
-             "measure": measure, "formats": formats, "metric": metric, "output": output}
+             "measure": measure, "formats": formats, "metric": metric, "output": output, "recovery": recovery}
     options = parse_options({k: v for k, v in given.items() if v is not None})
     if options.report:
         check_writable(options.report)

@@ -17,8 +17,8 @@ from sparsec.formats import STRUCTURED_FAMILIES, family_of
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # "none": each layer fitted to the dense model's activations (one shot); "sequential": the chosen
 # layers refitted, block after block, to the activations they receive when every earlier block
-# already runs its rewrite; "full": refitted so that each layer's output matches the dense model's
-# at that layer (sparsec.recovery)
+# already runs its rewrite; "full": and a later stage of a block (a down projection) also makes up
+# for the rewritten stage feeding it (sparsec.recovery)
 RECOVERY = ("none", "sequential", "full")
 
 
@@ -37,7 +37,7 @@ class Options:
     strict: bool = False  # raise on any failure instead of falling back to the dense graph
     metric: Any = None  # the quality measure the budget bounds (a sparsec.metrics.Metric once parsed)
     output: str | int | None = None  # which output the metric reads: a name or an index (None: the first)
-    recovery: str = "none"
+    recovery: str = "full"
     # the share of error_budget that dropping rarely routed experts may spend (0: never drop one)
     expert_pruning: float = 0.25
 

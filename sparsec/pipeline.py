@@ -733,8 +733,8 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
             layer.recovered = layer.received = None
     summary.kept += summary.refit
     summary.refit = []
-    summary.note = (f"refitted layers measured {error:.4g} end to end against {worst_before:.4g} one shot: "
-                           f"kept the one-shot fits")
+    summary.note = (f"refitted layers measured {max(error, held or 0.0):.4g} end to end (the larger of calibration "
+                    f"and held-out) against {worst_before:.4g} one shot: kept the one-shot fits")
     return summary, dataclasses.replace(e2e, **counts)
 
 

@@ -3,23 +3,31 @@
 One-shot fitting weighs every layer's candidate by the dense model's activations. Once earlier
 layers run their rewrites, a layer's inputs differ from those, and a fit to the dense inputs is
 no longer the best fit to what arrives (SparseGPT and GPTQ calibrate layer after layer for this
-reason). Here the chosen layers are visited block after block, in graph order; for each block one
-pass over the calibration data gathers the Gram statistics of its layers' inputs with every earlier
-block already running its recovered weights (and the block's own layers their one-shot ones), and
-each layer's format is fitted again to those statistics. The refit is kept only where it lowers
-the layer's error on those inputs, so recovery never makes a layer worse than its one-shot fit on
-the inputs it receives. Cost: one pass over the calibration data per block of rewritten layers.
+reason). Here the chosen layers are visited block after block, in graph order, and within a block
+stage after stage (the layers that read one input: q/k/v, then o, then gate/up, then down). For
+each stage one pass over the calibration data gathers the Gram statistics of its input with every
+earlier layer already running its recovered weights, and each layer's format is fitted again to
+those statistics. The refit is kept only where it lowers the layer's error on those inputs, so
+recovery never makes a layer worse than its one-shot fit on the inputs it receives. Cost: one pass
+over the calibration data per stage (two in ``full`` after a block's first stage), each stopping
+where the stage's input has arrived.
 
 ``sequential`` fits a layer so that its output on the inputs it receives matches the dense
 layer's output on those same inputs, as SparseGPT does: the error already made upstream is
-carried on. ``full`` matches the dense model's output at that layer instead: with X_d the inputs
-the dense model gives the layer and X the inputs it receives, it minimises
-||X_d W^T - X W_hat^T||, whose unconstrained optimum is W' = W C G^-1 (C = X_d^T X,
-G = X^T X; ridge-pulled towards W where the rows are few, ``_dense_target``); the format's own
-activation-aware fit of W' under G then finds the structured
-optimum, so every format recovers through the fit it already has, and each layer also corrects
-what the earlier rewrites changed in its input. It needs the dense inputs as well: two passes
-over the calibration data per block.
+carried on. ``full`` also lets a layer make up for the stage just before it in its own block: the
+target is what the layer would output had that stage run dense on the same block input (a down
+projection makes up for the error of the rewritten gate and up projections feeding it). With X_r
+those reference inputs and X the inputs it receives, it minimises ||X_r W^T - X W_hat^T||, whose
+unconstrained optimum is W' = W C G^-1 (C = X_r^T X, G = X^T X; ridge-pulled towards W where the
+rows are few, ``_reference_target``); the format's own activation-aware fit of W' under G then
+finds the structured optimum, so every format recovers through the fit it already has.
+
+Why not further upstream: matching every layer to the dense model's output at that layer, which
+would also correct every earlier block, made SmolLM2-135M far worse end to end (KL 6.1 against 0.64
+one shot with 2:4 on its MLP layers) even where every layer's own error fell; letting the
+gate and up projections make up for the attention output projection of their block made it
+worse too (docs/accuracy.md). A linear refit can undo a nearby, mostly linear change; it cannot
+learn the model's accumulated drift from a few thousand rows.
 """
 
 from __future__ import annotations
@@ -33,11 +41,10 @@ from sparsec.candidates import Layer
 from sparsec.sites import as_weight, output_energy, relative_output_error
 
 DAMPING = 0.01  # of the Gram's mean diagonal, as every format's fit
-# "full" fits a layer to the dense model's output only where calibration has at least this many
-# rows per input; with fewer, the dense target is chased along directions the rows barely span: on
-# SmolLM2-135M with 1024 rows (1.8 and 0.7 rows per input) the graph's KL (the larger of calibration
-# and held-out) went from 0.86 to 10.3 and the refits were undone
-FULL_ROWS_PER_INPUT = 4
+# "full" makes up for the stage before only where calibration has at least this many rows per input;
+# with fewer the target is chased along directions the rows barely span: SmolLM2-135M's down
+# projections (1536 inputs) with 2:4 helped held-out KL at 2.7 rows per input and hurt it at 0.7
+FULL_ROWS_PER_INPUT = 2
 
 
 @dataclass
@@ -88,7 +95,7 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
     """Refit the chosen rewrites block after block (module docstring; ``mode`` "sequential" or
     "full"); changes the chosen candidates' weights in place (``Candidate.approx``) and sets
     ``Layer.recovered``."""
-    from sparsec.passes.registry import HANDLERS, forget_layer_work
+    from sparsec.passes.registry import forget_layer_work
     from sparsec.progress import advance_current
 
     summary = RecoverySummary(mode)
@@ -96,50 +103,70 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
         summary.note = f"the {frontend.entry} entry cannot yet gather statistics with rewrites in place"
         return summary
     done: dict[str, torch.Tensor] = {}
+    full = mode == "full"
     for block in blocks_in_order(layers):
-        advance_current()
-        running = dict(done)
-        running.update({l.name: l.chosen.weight().to(l.site.dtype) for l in block})
-        full = mode == "full"
-        found = frontend.recalibrate({l.name for l in block}, running, against_dense=full)
-        stats, products = found if full else (found, None)
-        summary.passes += 2 if full else 1
-        for layer in block:
-            site, cand = layer.site, layer.chosen
-            handler = HANDLERS[cand.spec.family]
-            st = stats[site.input_key]
-            if not getattr(handler, "refits", True):
-                _recalibrate(layer, handler, st, summary)
-                done[layer.name] = cand.weight().to(site.dtype)
-                continue
-            gram = st.gram.clone()  # the rows' own Gram: errors are measured on them
-            st.fall_back_to_diagonal()
-            weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
-            one_shot = cand.weight().to(device=st.gram.device, dtype=torch.float32)
-            thin = full and st.rows < FULL_ROWS_PER_INPUT * site.K
-            if thin:
-                summary.sequential_only.append(layer.name)
-            if full and not thin:
-                dense_gram, cross = products[site.input_key]
-                error = _against_dense(weight, dense_gram, cross, gram)
-                target = _dense_target(weight, cross, gram)
-            else:
-                energy = output_energy(weight, st, site.bias)
-                error = lambda w, weight=weight, st=st, bias=site.bias, energy=energy: relative_output_error(  # noqa: E731
-                    weight, w, st, bias, energy)
-                target = weight
-            (refit,) = handler.approximate([cand.spec], target, st)
-            before, after = error(one_shot), error(refit)
-            if math.isfinite(after) and after < before:
-                cand.approx = refit.to(device=site.weight.device, dtype=site.dtype)
-                layer.recovered = (before, after)
-                summary.refit.append(layer.name)
-            else:
-                layer.recovered = (before, before)
-                summary.kept.append(layer.name)
-            done[layer.name] = cand.weight().to(site.dtype)
+        previous: set[str] = set()
+        for stage in stages_of(block):
+            advance_current()
+            running = dict(done)
+            running.update({l.name: l.chosen.weight().to(l.site.dtype) for l in stage})
+            # the first stage has no layer of its own block upstream: its target is the sequential one
+            reference = {k: v for k, v in running.items() if k not in previous} if full and previous else None
+            found = frontend.recalibrate({l.name for l in stage}, running, reference=reference)
+            stats, products = found if reference is not None else (found, None)
+            summary.passes += 1 if reference is None else 2
+            for layer in stage:
+                _refit(layer, stats, products, summary)
+                done[layer.name] = layer.chosen.weight().to(layer.site.dtype)
+            previous = {l.name for l in stage}
     forget_layer_work()
     return summary
+
+
+def stages_of(block: list[Layer]) -> list[list[Layer]]:
+    """A block's layers grouped by the input they read, in graph order (q/k/v, o, gate/up, down in a
+    transformer block): each stage's inputs are made by the stages before it."""
+    stages: dict[str, list[Layer]] = {}
+    for layer in block:
+        stages.setdefault(layer.site.input_key, []).append(layer)
+    return list(stages.values())
+
+
+def _refit(layer: Layer, stats, products, summary: RecoverySummary) -> None:
+    """Fit the layer's format again to the inputs it receives (module docstring); kept only where it
+    lowers the layer's error on them."""
+    from sparsec.passes.registry import HANDLERS
+
+    site, cand = layer.site, layer.chosen
+    handler = HANDLERS[cand.spec.family]
+    st = stats[site.input_key]
+    if not getattr(handler, "refits", True):
+        _recalibrate(layer, handler, st, summary)
+        return
+    gram = st.gram.clone()  # the rows' own Gram: errors are measured on them
+    st.fall_back_to_diagonal()
+    weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+    one_shot = cand.weight().to(device=st.gram.device, dtype=torch.float32)
+    thin = products is not None and st.rows < FULL_ROWS_PER_INPUT * site.K
+    if thin:
+        summary.sequential_only.append(layer.name)
+    if products is not None and not thin:
+        reference_gram, cross = products[site.input_key]
+        error = _against_reference(weight, reference_gram, cross, gram)
+        target = _reference_target(weight, cross, gram)
+    else:
+        energy = output_energy(weight, st, site.bias)
+        error = lambda w: relative_output_error(weight, w, st, site.bias, energy)  # noqa: E731
+        target = weight
+    (refit,) = handler.approximate([cand.spec], target, st, method=getattr(handler, "recovery_method", None))
+    before, after = error(one_shot), error(refit)
+    if math.isfinite(after) and after < before:
+        cand.approx = refit.to(device=site.weight.device, dtype=site.dtype)
+        layer.recovered = (before, after)
+        summary.refit.append(layer.name)
+    else:
+        layer.recovered = (before, before)
+        summary.kept.append(layer.name)
 
 
 def _recalibrate(layer: Layer, handler, st, summary: RecoverySummary) -> None:
@@ -159,7 +186,7 @@ def _recalibrate(layer: Layer, handler, st, summary: RecoverySummary) -> None:
     summary.refit.append(layer.name)
 
 
-def _dense_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
+def _reference_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     """The weight W' that, applied to the inputs the layer now receives, best gives the dense
     layer's output on its dense inputs, pulled towards W along directions the calibration rows
     barely show: argmin ||X_d W^T - X W'^T||^2 + lam ||W' - W||^2 = (W C + lam W)(G + lam I)^-1,
@@ -172,7 +199,7 @@ def _dense_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor)
     return torch.linalg.solve(gram + lam * eye, (W @ cross + lam * W).T).T.to(torch.float32)
 
 
-def _against_dense(weight: torch.Tensor, dense_gram: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor):
+def _against_reference(weight: torch.Tensor, dense_gram: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor):
     """||X_d W^T - X W_hat^T|| / ||X_d W^T|| on the calibration rows, as a function of W_hat."""
     W = weight.to(cross.dtype)
     reference = float(torch.sum((W @ dense_gram) * W))

@@ -24,15 +24,37 @@ class Stack(nn.Module):
         return x
 
 
+class MLP(nn.Module):
+    def __init__(self, d: int):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + self.down(torch.tanh(self.up(x)))
+
+
+class ResidualStack(nn.Module):
+    """Three residual blocks of two stages each (up, then down on what up made)."""
+
+    def __init__(self, d: int = 64):
+        super().__init__()
+        self.blocks = nn.ModuleList(MLP(d) for _ in range(3))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
 def correlated(rows: int, d: int, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     mix = torch.randn(d, d, generator=g) * torch.logspace(0, 1, d)
     return torch.randn(rows, d, generator=torch.Generator().manual_seed(seed + 1)) @ mix / d ** 0.5
 
 
-def plan(recovery: str, fmt: str = "lowrank:16", rows: int = 256):
+def plan(recovery: str, fmt: str = "lowrank:16", rows: int = 256, model_class=Stack):
     torch.manual_seed(3)
-    model = Stack().eval()
+    model = model_class().eval()
     calib = [(correlated(rows, 64, seed=10 + i),) for i in range(4)]
     held = [(correlated(256, 64, seed=50 + i),) for i in range(2)]
     result = sparsec.optimize(model, calib[0], fingerprint="cpu", calibration=calib, heldout=held,
@@ -61,26 +83,83 @@ def test_recovery_refits_later_blocks_to_the_inputs_they_receive_and_lowers_the_
     assert "recover" in recovered["planning"]["timing"]["steps_s"]
 
 
+def test_a_blocks_stages_are_the_inputs_its_layers_read_in_graph_order():
+    from types import SimpleNamespace
+
+    from sparsec.candidates import Layer
+    from sparsec.recovery import blocks_in_order, stages_of
+
+    layers = [Layer(site=SimpleNamespace(name=name, input_key=key), stats=None, dense=None,
+                    chosen=SimpleNamespace(is_dense=False))
+              for name, key in [("b.3.q", "n1"), ("b.3.k", "n1"), ("b.3.o", "attn"), ("b.3.gate", "n2"),
+                                ("b.3.up", "n2"), ("b.3.down", "act"), ("b.4.q", "n3")]]
+    blocks = blocks_in_order(layers)
+    assert [[l.name for l in b] for b in blocks] == [[l.name for l in layers[:6]], ["b.4.q"]]
+    assert [[l.name for l in s] for s in stages_of(blocks[0])] == [["b.3.q", "b.3.k"], ["b.3.o"], ["b.3.gate", "b.3.up"],
+                                                                   ["b.3.down"]]
+
+
+def test_sequential_recovery_visits_a_blocks_stages_in_order():
+    recovered = plan("sequential", model_class=ResidualStack)
+    summary = recovered["planning"]["recovery"]
+    assert summary["passes"] == 6  # one per stage: up, then down on the refitted up's outputs
+    assert summary["refit"] + summary["kept_one_shot"] == 6
+
+
 @pytest.mark.parametrize("fmt", ["lowrank:16", "2:4", "block:16:0.5", "2:4+lowrank:8"])
-def test_full_recovery_matches_the_dense_model_at_each_layer_and_beats_sequential(fmt):
-    one_shot, sequential, full = plan("none", fmt), plan("sequential", fmt), plan("full", fmt)
+def test_full_recovery_lets_a_later_stage_make_up_for_an_earlier_one_and_beats_sequential(fmt):
+    one_shot = plan("none", fmt, model_class=ResidualStack)
+    sequential, full = plan("sequential", fmt, model_class=ResidualStack), plan("full", fmt, model_class=ResidualStack)
     for layer in full["layers"]:
         assert layer["recovery"]["recovered_error"] <= layer["recovery"]["one_shot_error"]  # never worse
-    # each layer now also corrects what the earlier rewrites changed in its input
+    first = {l["name"]: l for l in full["layers"]}["blocks.0.up"]
+    # nothing runs before it: the model's own inputs, the sequential target, no gain on one shot
+    assert first["recovery"]["one_shot_error"] == pytest.approx(first["predicted_error"], rel=1e-6)
+    # each down projection also makes up for what its block's rewritten up projection changed
     assert full["end_to_end"]["measured_error"] < sequential["end_to_end"]["measured_error"]
     assert full["end_to_end"]["measured_error"] < 0.95 * one_shot["end_to_end"]["measured_error"]
     assert full["end_to_end"]["heldout_error"] < one_shot["end_to_end"]["heldout_error"]
-    assert full["planning"]["recovery"]["passes"] == 6  # the dense inputs too: two passes a block
+    assert full["planning"]["recovery"]["passes"] == 9  # a reference pass for each down projection
 
 
 def test_full_recovery_with_few_rows_per_input_refits_sequentially_and_says_so():
-    # 4 x 32 rows for 64 inputs: the dense target would be chased along directions 128 rows barely span
-    sequential, full = plan("sequential", rows=32), plan("full", rows=32)
-    assert full["planning"]["recovery"]["sequential_only"] == 3
+    # 4 x 16 rows for 64 inputs: a target that makes up for upstream changes would be chased along
+    # directions 64 rows barely span
+    sequential = plan("sequential", rows=16, model_class=ResidualStack)
+    full = plan("full", rows=16, model_class=ResidualStack)
+    assert full["planning"]["recovery"]["sequential_only"] == 3  # the down projections
     assert [l["recovery"] for l in full["layers"]] == [l["recovery"] for l in sequential["layers"]]
-    assert any("3 layer(s) saw fewer than 4 calibration rows per input" in w for w in full["warnings"])
+    assert any("3 layer(s) saw fewer than 2 calibration rows per input" in w for w in full["warnings"])
 
 
 def test_recovery_is_refused_by_name_when_unknown():
     with pytest.raises(OptionError, match="option 'recovery' must be one of 'none', 'sequential', 'full'; got 'full-ish'"):
         sparsec.optimize(nn.Linear(4, 4), (torch.randn(2, 4),), recovery="full-ish")
+
+
+def test_the_onnx_entry_recovers_too(tmp_path):
+    pytest.importorskip("onnxruntime")
+    np = pytest.importorskip("numpy")
+    from sparsec.onnx_entry import optimize_onnx
+
+    torch.manual_seed(3)
+    model = ResidualStack().eval()
+    path = tmp_path / "stack.onnx"
+    torch.onnx.export(model, (correlated(8, 64, seed=1),), str(path), input_names=["x"], output_names=["y"],
+                      dynamic_axes={"x": {0: "rows"}}, opset_version=17, dynamo=False)
+    np.savez(tmp_path / "calib.npz", x=np.stack([correlated(256, 64, seed=10 + i).numpy() for i in range(4)]))
+    np.savez(tmp_path / "held.npz", x=np.stack([correlated(256, 64, seed=50 + i).numpy() for i in range(2)]))
+    plan_file = tmp_path / "plan.json"
+    plan_file.write_text('{"schema": "sparsec.plan/1", "layers": {"_default": "lowrank:16"}}')
+    reports = {}
+    for recovery in ("none", "full"):
+        result = optimize_onnx(path, tmp_path / f"{recovery}.onnx", fingerprint="ort-cpu", plan=plan_file,
+                               calibration=tmp_path / "calib.npz", heldout=tmp_path / "held.npz", recovery=recovery)
+        reports[recovery] = result.report.to_dict()
+    none, full = reports["none"], reports["full"]
+    assert "recovery" not in none["planning"]
+    summary = full["planning"]["recovery"]
+    assert summary["mode"] == "full" and summary["passes"] == 9 and summary["refit"] >= 3
+    assert full["end_to_end"]["measured_error"] < 0.95 * none["end_to_end"]["measured_error"]
+    assert full["end_to_end"]["heldout_error"] < none["end_to_end"]["heldout_error"]
+    assert not any("cannot yet gather statistics" in w for w in full["warnings"])

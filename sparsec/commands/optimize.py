@@ -30,6 +30,10 @@ def register(subparsers) -> None:
     parser.add_argument("--metric-output", default=None, metavar="NAME",
                         help="the graph output the metric reads, by name or index (default: the first float "
                              "output; for rel_l2 the worst of all)")
+    parser.add_argument("--recovery", default="full", choices=["none", "sequential", "full"],
+                        help="after planning, refit the chosen rewrites to the inputs they receive once earlier "
+                             "layers run theirs: sequential; full (default): and let a later stage of a block make "
+                             "up for the rewritten stage feeding it; none: one-shot fits (docs/accuracy.md)")
     parser.add_argument("--calibration", default=None,
                         help=".npz with one array per graph input, named like it, first axis = samples "
                              "(default: inputs generated from the declared shapes, with a warning)")
@@ -85,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
             args.model, args.output, fingerprint=args.fingerprint, error_budget=args.error_budget,
             calibration=args.calibration, heldout=args.heldout, formats=formats, plan=args.plan, report=args.report,
             measure=args.measure, external_data=True if args.external_data else None, provider=args.provider,
-            strict=args.strict, metric=args.metric, metric_output=_output_ref(args.metric_output))
+            strict=args.strict, metric=args.metric, metric_output=_output_ref(args.metric_output),
+            recovery=args.recovery)
     if not args.quiet:
         from sparsec.report import render_table
 

@@ -83,7 +83,7 @@ def test_a_recovery_pass_stops_once_its_inputs_have_arrived():
 
     interpret_fx.SiteInterpreter.run_node = counting
     try:
-        stats, products = fe.recalibrate({"layers.1"}, {}, against_dense=True)
+        stats, products = fe.recalibrate({"layers.1"}, {}, reference={})
     finally:
         interpret_fx.SiteInterpreter.run_node = original
     key = {s.name: s for s in sites}["layers.1"].input_key
