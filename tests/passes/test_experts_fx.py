@@ -157,3 +157,27 @@ def test_banks_transformers_eager_loop_runs_outside_the_graphs_are_named_in_a_wa
     result = sparsec.optimize(model, (ids(0),), fingerprint="cpu", plan=DENSE, output="logits")
     (warning,) = [w for w in result.report.warnings if w.startswith("expert bank")]
     assert "model.layers.0.mlp.experts (MixtralExperts" in warning and "use_sparsec_experts" in warning
+
+
+def test_a_qwen2_moe_with_shared_experts_compiles_and_the_report_names_every_bank():
+    """Qwen2-MoE: routed experts (top-k weights not renormalised) beside a gated shared expert."""
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=128, moe_intermediate_size=48,
+                                      shared_expert_intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=100, num_experts=8, num_experts_per_tok=2,
+                                      decoder_sparse_step=1, norm_topk_prob=False)
+    model = transformers.Qwen2MoeForCausalLM(cfg).eval()
+    x = ids(0)
+    with torch.no_grad():
+        reference = model(x).logits
+    use_sparsec_experts(model)
+    result = sparsec.optimize(model, (x,), calibration=[(ids(s),) for s in (1, 2, 3)], fingerprint="cpu", plan=DENSE,
+                              output="logits")
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x).logits, reference, rtol=1e-4, atol=1e-4)
+    banks = result.report.to_dict()["experts"]
+    assert [b["name"] for b in banks] == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    for b in banks:
+        assert b["shape"] == [8, 48, 64] and b["top_k"] == 2 and sum(b["tokens_per_expert"]) == 3 * 24 * 2
+        # 48 routed pairs per call, 144 in all (over the 97 needed to tell): no expert is that rare here
+        assert b["pruning"]["dropped"] == [] and "no expert dropped" in b["pruning"]["reason"]
