@@ -62,7 +62,7 @@ class RecoverySummary:
         if self.sequential_only:
             out.append(f"recovery full: {len(self.sequential_only)} layer(s) saw fewer than {FULL_ROWS_PER_INPUT} "
                        f"calibration rows per input (e.g. {self.sequential_only[0]}) and were refitted sequentially "
-                       f"only; supply more calibration rows to match the dense model's output there")
+                       f"only; supply more calibration rows to let them make up for the rewritten layers feeding them")
         return out
 
     def to_dict(self) -> dict:
@@ -104,6 +104,7 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
         return summary
     done: dict[str, torch.Tensor] = {}
     full = mode == "full"
+    rows: int | None = None  # calibration rows a stage sees, once known
     for block in blocks_in_order(layers):
         previous: set[str] = set()
         for stage in stages_of(block):
@@ -111,13 +112,17 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
             running = dict(done)
             running.update({l.name: l.chosen.weight().to(l.site.dtype) for l in stage})
             # the first stage has no layer of its own block upstream: its target is the sequential one
-            reference = {k: v for k, v in running.items() if k not in previous} if full and previous else None
+            made_up = full and bool(previous)
+            # every stage sees the same calibration rows: a stage too thin for it needs no reference pass
+            thin = made_up and rows is not None and all(rows < FULL_ROWS_PER_INPUT * l.site.K for l in stage)
+            reference = {k: v for k, v in running.items() if k not in previous} if made_up and not thin else None
             found = frontend.recalibrate({l.name for l in stage}, running, reference=reference)
             stats, products = found if reference is not None else (found, None)
             summary.passes += 1 if reference is None else 2
             for layer in stage:
-                _refit(layer, stats, products, summary)
+                _refit(layer, stats, products, summary, made_up)
                 done[layer.name] = layer.chosen.weight().to(layer.site.dtype)
+                rows = stats[layer.site.input_key].rows
             previous = {l.name for l in stage}
     forget_layer_work()
     return summary
@@ -132,7 +137,7 @@ def stages_of(block: list[Layer]) -> list[list[Layer]]:
     return list(stages.values())
 
 
-def _refit(layer: Layer, stats, products, summary: RecoverySummary) -> None:
+def _refit(layer: Layer, stats, products, summary: RecoverySummary, made_up: bool = False) -> None:
     """Fit the layer's format again to the inputs it receives (module docstring); kept only where it
     lowers the layer's error on them."""
     from sparsec.passes.registry import HANDLERS
@@ -147,10 +152,10 @@ def _refit(layer: Layer, stats, products, summary: RecoverySummary) -> None:
     st.fall_back_to_diagonal()
     weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
     one_shot = cand.weight().to(device=st.gram.device, dtype=torch.float32)
-    thin = products is not None and st.rows < FULL_ROWS_PER_INPUT * site.K
+    thin = made_up and st.rows < FULL_ROWS_PER_INPUT * site.K
     if thin:
         summary.sequential_only.append(layer.name)
-    if products is not None and not thin:
+    if made_up and not thin and products is not None:
         reference_gram, cross = products[site.input_key]
         error = _against_reference(weight, reference_gram, cross, gram)
         target = _reference_target(weight, cross, gram)
@@ -187,9 +192,9 @@ def _recalibrate(layer: Layer, handler, st, summary: RecoverySummary) -> None:
 
 
 def _reference_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """The weight W' that, applied to the inputs the layer now receives, best gives the dense
-    layer's output on its dense inputs, pulled towards W along directions the calibration rows
-    barely show: argmin ||X_d W^T - X W'^T||^2 + lam ||W' - W||^2 = (W C + lam W)(G + lam I)^-1,
+    """The weight W' that, applied to the inputs the layer now receives, best gives the layer's
+    output on its reference inputs (those it would receive had the stage before it run dense),
+    pulled towards W along directions the calibration rows barely show: argmin ||X_r W^T - X W'^T||^2 + lam ||W' - W||^2 = (W C + lam W)(G + lam I)^-1,
     lam = DAMPING x the mean diagonal of G (the rows' own Gram). Without the pull, a layer with
     fewer rows than inputs would be sent anywhere along the directions no row spans."""
     W = weight.to(cross.dtype)
@@ -200,7 +205,7 @@ def _reference_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Ten
 
 
 def _against_reference(weight: torch.Tensor, dense_gram: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor):
-    """||X_d W^T - X W_hat^T|| / ||X_d W^T|| on the calibration rows, as a function of W_hat."""
+    """||X_r W^T - X W_hat^T|| / ||X_r W^T|| on the calibration rows, as a function of W_hat."""
     W = weight.to(cross.dtype)
     reference = float(torch.sum((W @ dense_gram) * W))
     WC = W @ cross

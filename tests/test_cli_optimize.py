@@ -118,6 +118,13 @@ def test_measure_with_onnxruntime_keeps_what_times_faster(planted, monkeypatch):
     assert report["totals"]["measured_speedup"] == pytest.approx(3.0)
 
 
+def test_recovery_is_chosen_on_the_command_line(planted, planted_run):
+    _, _, default = planted_run
+    rc, _, none = run_planted(planted, "no-recovery", "--recovery", "none")
+    assert rc == 0 and "recovery" not in none["planning"]
+    assert default["planning"]["recovery"]["mode"] == "full"  # the default refits what the plan chose
+
+
 def test_a_rewritten_model_that_measures_slower_is_said_loudly_or_with_measure_not_written(planted, monkeypatch,
                                                                                              capsys):
     from sparsec.passes import onnx_check

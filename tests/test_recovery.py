@@ -128,8 +128,9 @@ def test_full_recovery_with_few_rows_per_input_refits_sequentially_and_says_so()
     sequential = plan("sequential", rows=16, model_class=ResidualStack)
     full = plan("full", rows=16, model_class=ResidualStack)
     assert full["planning"]["recovery"]["sequential_only"] == 3  # the down projections
+    assert full["planning"]["recovery"]["passes"] == 6  # and no reference pass for them
     assert [l["recovery"] for l in full["layers"]] == [l["recovery"] for l in sequential["layers"]]
-    assert any("3 layer(s) saw fewer than 2 calibration rows per input" in w for w in full["warnings"])
+    assert any("3 layer(s) saw fewer than 2 calibration rows per input" in w and "make up for" in w for w in full["warnings"])
 
 
 def test_recovery_is_refused_by_name_when_unknown():
