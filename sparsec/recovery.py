@@ -24,9 +24,9 @@ finds the structured optimum, so every format recovers through the fit it alread
 
 Why not further upstream: matching every layer to the dense model's output at that layer, which
 would also correct every earlier block, made SmolLM2-135M far worse end to end (KL 6.1 against 0.64
-one shot with 2:4 on its MLP layers) even where every layer's own error fell; letting the
-gate and up projections make up for the attention output projection of their block made it
-worse too (docs/accuracy.md). A linear refit can undo a nearby, mostly linear change; it cannot
+one shot with 2:4 on its MLP layers) even where every layer's own error fell; taking the whole
+block run dense on its input as every stage's reference made it worse than one shot too once
+attention was rewritten (docs/accuracy.md). A linear refit can undo a nearby change; it cannot
 learn the model's accumulated drift from a few thousand rows.
 """
 
