@@ -104,7 +104,6 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
         return summary
     done: dict[str, torch.Tensor] = {}
     full = mode == "full"
-    rows: int | None = None  # calibration rows a stage sees, once known
     for block in blocks_in_order(layers):
         previous: set[str] = set()
         for stage in stages_of(block):
@@ -113,8 +112,8 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
             running.update({l.name: l.chosen.weight().to(l.site.dtype) for l in stage})
             # the first stage has no layer of its own block upstream: its target is the sequential one
             made_up = full and bool(previous)
-            # every stage sees the same calibration rows: a stage too thin for it needs no reference pass
-            thin = made_up and rows is not None and all(rows < FULL_ROWS_PER_INPUT * l.site.K for l in stage)
+            # the rows planning calibrated on come again: a stage too thin to use a reference needs no pass for it
+            thin = made_up and all(l.stats.rows < FULL_ROWS_PER_INPUT * l.site.K for l in stage)
             reference = {k: v for k, v in running.items() if k not in previous} if made_up and not thin else None
             found = frontend.recalibrate({l.name for l in stage}, running, reference=reference)
             stats, products = found if reference is not None else (found, None)
@@ -122,7 +121,6 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
             for layer in stage:
                 _refit(layer, stats, products, summary, made_up)
                 done[layer.name] = layer.chosen.weight().to(layer.site.dtype)
-                rows = stats[layer.site.input_key].rows
             previous = {l.name for l in stage}
     forget_layer_work()
     return summary
