@@ -15,8 +15,9 @@ Three one-shot methods, from best to baseline:
   least squares to the Gram (``passes/block.py``'s ``Refit`` with 1 x 1 blocks). SparseGPT only
   compensates a dropped weight on the columns after it; the exact refit lowered the layer error of
   SmolLM2-135M's projections by 11-17% (e.g. 0.252 -> 0.211 relative, a down projection), at the
-  cost of one K/2 x K/2 solve per row (5 s for a 576 x 1536 layer on 2 CPU cores). Recovery uses
-  it (``recovery_method``); planning keeps the cheaper ``sparsegpt``.
+  cost of one K/2 x K/2 solve per row (5 s for a 576 x 1536 layer on 2 CPU cores), so a layer
+  over ``REFIT_WORK`` (e.g. 4096 x 4096 and larger) keeps SparseGPT's fit. Recovery uses it
+  (``recovery_method``); planning keeps the cheaper ``sparsegpt``.
 - ``wanda`` (Sun et al., 2023): keep the two of four with the largest |W_ij| * ||X_j||, no update.
 - ``magnitude``: keep the two of four with the largest |W_ij|.
 
@@ -35,6 +36,10 @@ from sparsec.passes.onnx_emit import MatMulForm
 from sparsec.sites import SiteStats
 
 DAMPING = 0.01  # SparseGPT's default: 1% of the mean Hessian diagonal
+# sparsegpt-refit solves one K/2 x K/2 system per row, N (K/2)^3 / 3 multiply-adds in float64: 5 s at
+# 576 x (768)^3 on 2 CPU cores. Past this bound (a 4096 x 4096 layer is 35x over) the refit is skipped
+# and SparseGPT's own fit stands
+REFIT_WORK = 1e12
 BATCH = 128  # columns per lazy-update batch (a multiple of 4)
 
 
@@ -66,9 +71,14 @@ class TwoFourHandler:
         else:
             G = gram(stats, K)
             out = sparsegpt_two_four(W, G)
-            if method == "sparsegpt-refit":
+            if method == "sparsegpt-refit" and exact_refit_affordable(N, K):
                 out = Refit(W, G.to(W.device))(out != 0, 1).to(torch.float32)
         return [out.clone() for _ in specs]
+
+
+def exact_refit_affordable(N: int, K: int) -> bool:
+    """Whether ``sparsegpt-refit`` solves an N x K layer's rows exactly (``REFIT_WORK``)."""
+    return N * (K // 2) ** 3 <= REFIT_WORK
 
 
 def keep_two_of_four(W: torch.Tensor, score: torch.Tensor) -> torch.Tensor:

@@ -106,3 +106,17 @@ def test_unknown_method_and_bad_shape_are_refused_with_the_reason():
 
 def test_grid_is_the_single_two_four_spec():
     assert HANDLER.grid(384, 1536) == [TwoFour()]
+
+
+def test_the_exact_refit_is_skipped_where_its_solves_would_cost_too_much(monkeypatch):
+    from sparsec.passes import twofour
+
+    W = weight(32, 64, seed=14)
+    st = stats_of(activations(64, 1024, seed=15))
+    (refit,) = HANDLER.approximate([TwoFour()], W, st, method="sparsegpt-refit")
+    (plain,) = HANDLER.approximate([TwoFour()], W, st, method="sparsegpt")
+    assert not torch.equal(refit, plain)
+    assert twofour.exact_refit_affordable(576, 1536) and not twofour.exact_refit_affordable(4096, 4096)
+    monkeypatch.setattr(twofour, "REFIT_WORK", 32 * 32 ** 3 - 1)  # one multiply-add short of this layer
+    (skipped,) = HANDLER.approximate([TwoFour()], W, st, method="sparsegpt-refit")
+    assert torch.equal(skipped, plain)
