@@ -113,7 +113,7 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
             # the first stage has no layer of its own block upstream: its target is the sequential one
             made_up = full and bool(previous)
             # the rows planning calibrated on come again: a stage too thin to use a reference needs no pass for it
-            thin = made_up and all(l.stats.rows < FULL_ROWS_PER_INPUT * l.site.K for l in stage)
+            thin = made_up and all(_too_thin(l) for l in stage)
             reference = {k: v for k, v in running.items() if k not in previous} if made_up and not thin else None
             found = frontend.recalibrate({l.name for l in stage}, running, reference=reference)
             stats, products = found if reference is not None else (found, None)
@@ -124,6 +124,11 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
             previous = {l.name for l in stage}
     forget_layer_work()
     return summary
+
+
+def _too_thin(layer: Layer) -> bool:
+    """Too few calibration rows per input to make up for the stage before (``FULL_ROWS_PER_INPUT``)."""
+    return layer.stats.rows < FULL_ROWS_PER_INPUT * layer.site.K
 
 
 def stages_of(block: list[Layer]) -> list[list[Layer]]:
@@ -150,10 +155,10 @@ def _refit(layer: Layer, stats, products, summary: RecoverySummary, made_up: boo
     st.fall_back_to_diagonal()
     weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
     one_shot = cand.weight().to(device=st.gram.device, dtype=torch.float32)
-    thin = made_up and st.rows < FULL_ROWS_PER_INPUT * site.K
+    thin = made_up and _too_thin(layer)
     if thin:
         summary.sequential_only.append(layer.name)
-    if made_up and not thin and products is not None:
+    if products is not None and not thin:
         reference_gram, cross = products[site.input_key]
         error = _against_reference(weight, reference_gram, cross, gram)
         target = _reference_target(weight, cross, gram)
