@@ -37,15 +37,20 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 class ConstantFolder:
     """Resolves nodes that depend only on parameters, buffers and literals to real tensors."""
 
-    def __init__(self, gm: fx.GraphModule, example_inputs):
+    def __init__(self, gm: fx.GraphModule, example_inputs, names: dict[int, str] | None = None):
         self.gm = gm
+        # id of each of the user's parameters and buffers -> its name in the whole model: Dynamo's
+        # sources are relative to the frame traced, so a graph that resumes inside a submodule
+        # after a graph break would otherwise name ``down_proj`` where the model has
+        # ``model.layers.3.mlp.down_proj``
+        self.names = names or {}
         self.values: dict[fx.Node, object] = {}
         self.sources: dict[fx.Node, str] = {}
         placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
         for node, value in zip(placeholders, example_inputs or []):
             if isinstance(value, torch.nn.Parameter) or _is_module_state(node):
                 self.values[node] = value
-                self.sources[node] = _source_name(node)
+                self.sources[node] = self.names.get(id(value)) or _source_name(node)
 
     def resolve(self, node) -> tuple[bool, object]:
         if not isinstance(node, fx.Node):
@@ -73,7 +78,7 @@ class ConstantFolder:
         if node.op == "get_attr":
             value = _fetch_attr(self.gm, node.target)
             if isinstance(value, torch.Tensor):
-                self.sources[node] = str(node.target)
+                self.sources[node] = self.names.get(id(value)) or str(node.target)
                 return True, value
             return False, None
         if node.op == "call_function" and node.target in FOLDABLE_FUNCTIONS:
@@ -169,9 +174,11 @@ def layer_name(weight_source: str | None, node: fx.Node) -> str:
     return node.name
 
 
-def capture(gm: fx.GraphModule, example_inputs, graph: int = 0) -> tuple[list[Site], list[Skipped], dict[str, fx.Node]]:
-    """Sites of ``gm`` (weights as real tensors), what was skipped, and each site's node."""
-    folder = ConstantFolder(gm, example_inputs)
+def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int, str] | None = None,
+            ) -> tuple[list[Site], list[Skipped], dict[str, fx.Node]]:
+    """Sites of ``gm`` (weights as real tensors), what was skipped, and each site's node; ``names``
+    (see ``ConstantFolder``) names weights as the whole model does."""
+    folder = ConstantFolder(gm, example_inputs, names)
     sites: list[Site] = []
     skipped: list[Skipped] = []
     nodes: dict[str, fx.Node] = {}

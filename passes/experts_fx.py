@@ -61,9 +61,10 @@ def is_experts_op(node: fx.Node) -> bool:
     return node.op == "call_function" and "sparsec.experts_swiglu" in str(node.target)
 
 
-def find_banks(gm: fx.GraphModule, example_inputs, graph: int = 0) -> tuple[list[Bank], list[Skipped]]:
+def find_banks(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int, str] | None = None,
+               ) -> tuple[list[Bank], list[Skipped]]:
     """Banks running sparsec's op, and banks traced otherwise (skipped, with why)."""
-    folder = ConstantFolder(gm, example_inputs)
+    folder = ConstantFolder(gm, example_inputs, names)
     banks, used = [], set()
     for node in gm.graph.nodes:
         if not is_experts_op(node):

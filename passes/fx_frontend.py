@@ -32,8 +32,9 @@ class FxFrontend:
     def __init__(self, gm: fx.GraphModule, example_inputs, calibration: list[list], heldout: list[list] | None = None,
                  *, graph: int = 0, entry: str = "torch.compile", mode: str = "default",
                  warnings: list[str] | None = None, earlier_names: set[str] | frozenset = frozenset(),
-                 metric=None, output=None):
+                 names: dict[int, str] | None = None, metric=None, output=None):
         self.gm = gm
+        self.names = names or {}  # see ConstantFolder: the user's parameters' names in the whole model
         self.metric = metric  # sparsec.metrics.Metric (None: rel_l2)
         # which float output the metric reads: an index, or a tensor the user's model returned under
         # the name they gave (found among the graph's outputs on the example inputs), or None
@@ -59,7 +60,7 @@ class FxFrontend:
     # -- protocol ---------------------------------------------------------------------------
 
     def capture(self) -> tuple[list[Site], list[Skipped]]:
-        sites, skipped, nodes = capture_fx.capture(self.gm, self.example_inputs, self.graph)
+        sites, skipped, nodes = capture_fx.capture(self.gm, self.example_inputs, self.graph, self.names)
         self.sites = {s.name: s for s in sites}
         self.nodes = nodes
         return sites, skipped
@@ -71,7 +72,7 @@ class FxFrontend:
         left as traced."""
         from sparsec.passes import experts_fx
 
-        banks, skipped = experts_fx.find_banks(self.gm, self.example_inputs, self.graph)
+        banks, skipped = experts_fx.find_banks(self.gm, self.example_inputs, self.graph, self.names)
         if not banks:
             return [], skipped
         for gm, _, args in map(self._run_of, self.calibration or [self.example_inputs]):

@@ -40,6 +40,7 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     if not isinstance(example_inputs, (tuple, list)):
         raise OptionError("example_inputs must be a tensor or a tuple of the model's positional arguments")
     session = Session(parse_options(options, lower=lower), entry="optimize")
+    session.names = state_names(model)
     if isinstance(session.options.output, str):
         session.output_probe = _named_output(model, example_inputs, session.options.output)
 
@@ -49,7 +50,7 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     for what in ("calibration", "heldout"):
         items = getattr(session.options, what)
         if items:
-            session.traced[what] = _trace_other_shapes(model, example_inputs, items, what)
+            session.traced[what] = _trace_other_shapes(model, example_inputs, items, what, session.names)
     compiled = _compiled_entry(model, backend)
     try:
         with torch.no_grad(), _room_to_compile():
@@ -111,7 +112,17 @@ def _compiled_entry(model, backend):
     return torch.compile(model, backend=backend)
 
 
-def _trace_other_shapes(model, example_inputs, items, what: str) -> dict[int, list]:
+def state_names(model) -> dict[int, str]:
+    """The id of each parameter and buffer of ``model`` -> its qualified name (the first, if shared)."""
+    if not isinstance(model, torch.nn.Module):
+        return {}
+    names: dict[int, str] = {}
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), name)
+    return names
+
+
+def _trace_other_shapes(model, example_inputs, items, what: str, names: dict[int, str] | None = None) -> dict[int, list]:
     """For each item whose tensors' shapes differ from the example's, the graphs Dynamo traces for
     its shapes (one per subgraph, each with this item's inputs).
 
@@ -134,7 +145,7 @@ def _trace_other_shapes(model, example_inputs, items, what: str) -> dict[int, li
 
             def collect(gm, inputs, graphs=graphs):
                 # read while Dynamo's metadata is on the graph: it is dropped once the compile is done
-                nodes = capture_fx.capture(gm, inputs, len(graphs))[2]
+                nodes = capture_fx.capture(gm, inputs, len(graphs), names)[2]
                 graphs.append((gm, list(inputs), InputSlots.of(gm), nodes))
                 return gm.forward
 

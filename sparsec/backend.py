@@ -45,6 +45,10 @@ class Session:
         # runs the model once to find it; a Dynamo subgraph's outputs have no names)
         self.output_probe = None
         self._seen: set[str] = set()  # names of the layers of every graph planned so far
+        # id of each of the model's parameters and buffers -> its qualified name, where the entry
+        # knows the model (sparsec.optimize): graphs resumed after a graph break then name layers
+        # as the model does
+        self.names: dict[int, str] = {}
         # site name -> (identity of the weight it was built from, a weak reference to its packed
         # linear or None if dense): the compiled graphs own the packed layers, the session only
         # finds them again while some compiled graph still holds them
@@ -111,7 +115,7 @@ class Session:
             warning = (warning + "; " if warning else "") + "held-out inputs could not be matched to this subgraph's inputs"
         frontend = FxFrontend(gm, example_inputs, calibration, heldout, graph=graph, entry=self.entry,
                               mode=self.options.mode, warnings=[f"graph {graph}: {warning}"] if warning else [],
-                              earlier_names=frozenset(self._seen), metric=self.options.metric,
+                              earlier_names=frozenset(self._seen), names=self.names, metric=self.options.metric,
                               output=self._output())
         if self.options.lower and self._built:
             with step("lower"):
@@ -126,8 +130,12 @@ class Session:
                 module = frontend.modules.get(layer.name)
                 self._built[layer.name] = (_weight_identity(layer.site.weight), None if module is None else weakref.ref(module))
             if frontend.modules:
-                _guard_weight_identity(gm, example_inputs)
                 outcome.lowered = _holding(outcome.lowered, frontend.modules)
+        if frontend.modules or (self.entry == "optimize" and outcome.layers):
+            # sparsec.optimize plans every layer of the model: a frame resumed after a graph break
+            # inside a repeated block must be traced (and planned) again for each block's weights,
+            # not handed the first block's graph
+            _guard_weight_identity(gm, example_inputs)
         for layer in outcome.layers:
             layer.release()
         self.graph_errors.append(outcome.report["end_to_end"]["measured_error"] or 0.0)

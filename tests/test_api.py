@@ -378,3 +378,30 @@ def test_approximations_are_let_go_and_made_again_identically(scenario_fp, monke
     model = planted_lowrank_mlp(d=64, rank=4, layers=2)
     sparsec.optimize(model, (torch.randn(128, 64),), fingerprint=scenario_fp(), formats=["lowrank"], lower=False)
     assert seen and all(let_go and can_remake and same for let_go, can_remake, same in seen)
+
+
+class _BrokenBlock(nn.Module):
+    """A block whose forward breaks the graph between its two layers, so the second layer is
+    traced in a frame that resumes inside the block (Dynamo names its weight ``b.weight`` there)."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        h = self.a(x)
+        torch._dynamo.graph_break()
+        return x + self.b(torch.relu(h))
+
+
+def test_layers_past_a_graph_break_in_repeated_blocks_are_each_planned_under_the_models_names(scenario_fp):
+    torch.manual_seed(0)
+    model = nn.Sequential(_BrokenBlock(), _BrokenBlock(), _BrokenBlock())
+    x = torch.randn(64, 64)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), plan={"layers": {"_default": "dense", "2.b": "2:4"}})
+    formats = {layer["name"]: layer["format"] for layer in result.report.layers}
+    assert formats == {"0.a": "dense", "0.b": "dense", "1.a": "dense", "1.b": "dense", "2.a": "dense", "2.b": "2:4"}
+    with torch.no_grad():
+        got, ref = result.module(x), model(x)
+    assert not torch.equal(got, ref)  # the 2:4 rewrite of the last block's second layer is what runs
+    assert float((got - ref).norm() / ref.norm()) < 0.5
