@@ -70,11 +70,14 @@ def smollm2_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_ba
     return model, calib, held, "logits", judge, calib[0]
 
 
+MINILM_DIR = [None]  # --minilm: a copy made by samples/minilm_sentences.export, for a machine without the package
+
+
 def minilm_case(tokens: str, device: torch.device, dtype: torch.dtype, calib_batches: int, example: str = ""):
     import minilm_sentences as ms
 
     batch, length = call_shape(tokens) if tokens else (ms.BATCH, None)
-    model, tokenizer, calib, held = ms.prepare(batch=batch, length=length)
+    model, tokenizer, calib, held = ms.prepare(batch=batch, length=length, directory=MINILM_DIR[0])
     model = model.to(device=device, dtype=dtype)
     move = lambda items: [tuple(t.to(device) for t in item) for item in items]  # noqa: E731
     calib, held = move(calib[:calib_batches]), move(held)
@@ -184,7 +187,7 @@ def run(args) -> dict:
         start = time.perf_counter()
         optimized = sparsec.optimize(model, example, calibration=calib, heldout=held, fingerprint=fingerprint,
                                   error_budget=budget, metric=args.metric, output=output, formats=args.formats,
-                                  mode=mode, lower=not args.plan_only)
+                                  mode=mode, lower=not args.plan_only, recovery=args.recovery)
         plan_s = time.perf_counter() - start
         if args.reports:
             Path(args.reports).mkdir(parents=True, exist_ok=True)
@@ -197,7 +200,8 @@ def run(args) -> dict:
                "dense_layers": sum(1 for l in report["layers"] if l["format"] == "dense"),
                "layers": len(report["layers"]), "plan_s": plan_s, "one_eval_s": one_eval_s,
                "evaluations": report["planning"]["model_evaluations"] + report["planning"]["heldout_evaluations"],
-               "steps_s": report["planning"]["timing"]["steps_s"],
+               "steps_s": report["planning"]["timing"]["steps_s"], "recovery": args.recovery,
+               "recovery_summary": report["planning"].get("recovery"),
                "fallbacks": report.get("fallbacks", [])}
         if not args.plan_only and example is calib[0]:
             # at another shape the rewritten module would be compiled (and planned) anew: the
@@ -238,6 +242,11 @@ def line(row: dict) -> str:
     extra = f" ({extra})" if extra else ""
     held = f"held-out {row['metric']} {row['heldout']:.4g}{extra}; " if row.get("heldout") is not None else ""
     on = f" on {row['fingerprint']}" if row.get("fingerprint") else ""
+    replans = (row.get("recovery_summary") or {}).get("replans") or []
+    replanned = ", ".join(f"re-planned at {r['one_shot_budget']:.3g}: {r['rewritten']} rewritten, "
+                          f"{'kept' if r['kept'] else 'not kept'}" for r in replans)
+    on += f", recovery {row['recovery']}" if row.get("recovery") else ""
+    on += f" ({replanned})" if replanned else ""
     return (f"budget {row['budget']:g}{on}: {held}{formats} "
             f"({row['dense_layers']} of {row['layers']} dense); predicted {row['predicted_speedup'] or 1.0:.2f}x"
             f"{measured}; planned in {row['plan_s']:.0f} s = {row['plan_s'] / row['one_eval_s']:.0f} evaluations' "
@@ -296,6 +305,11 @@ def main(argv=None) -> int:
                         "report's held-out metric alone")
     parser.add_argument("--calib-batches", type=int, default=4)
     parser.add_argument("--formats", nargs="+", default=None)
+    parser.add_argument("--minilm", default=None, help="MiniLM from this folder (made by --export-minilm) "
+                        "instead of its package")
+    parser.add_argument("--export-minilm", default=None, metavar="DIR", help="copy MiniLM into DIR in float16 and exit")
+    parser.add_argument("--recovery", default="full", choices=["none", "sequential", "full"],
+                        help="sparsec's recovery option (full: refit, then plan again with what that saved)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--mode", default=None, choices=["default", "reduce-overhead"],
@@ -311,6 +325,12 @@ def main(argv=None) -> int:
     if args.plot:
         plot([Path(p) for p in args.results], Path(args.plot))
         return 0
+    if args.export_minilm:
+        import minilm_sentences
+
+        print(f"MiniLM copied to {minilm_sentences.export(args.export_minilm)}")
+        return 0
+    MINILM_DIR[0] = args.minilm
     if args.model is None:
         parser.error("--model is required unless --plot is given")
     args.metric = args.metric or ("cosine" if args.model == "minilm" else "kl")

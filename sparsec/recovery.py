@@ -55,6 +55,17 @@ class RecoverySummary:
     refit: list[str] = field(default_factory=list)  # layers whose refit was kept
     kept: list[str] = field(default_factory=list)  # layers whose one-shot fit stayed the better one
     note: str | None = None  # why nothing was recovered, where that happened
+    # each rewritten layer's reconstruction before recovery touched it (None: its candidate remakes it)
+    originals: dict[str, object] = field(default_factory=dict, repr=False)
+    # the plans tried with what recovery saved (sparsec.replan), one dict per plan
+    replans: list[dict] = field(default_factory=list)
+
+    def undo(self, layers: list[Layer]) -> None:
+        """Every layer back to its one-shot fit, as before this recovery."""
+        for layer in layers:
+            if layer.name in self.originals and layer.chosen is not None:
+                layer.chosen.approx = self.originals[layer.name]
+            layer.recovered = layer.received = None
 
     def warnings(self) -> list[str]:
         """What the report's warnings say of this recovery: why it was undone, where it fell short."""
@@ -71,6 +82,8 @@ class RecoverySummary:
             out["sequential_only"] = len(self.sequential_only)
         if self.note:
             out["note"] = self.note
+        if self.replans:
+            out["replans"] = self.replans
         return out
 
 
@@ -99,6 +112,7 @@ def recover_sequentially(frontend, layers: list[Layer], mode: str) -> RecoverySu
     from sparsec.progress import advance_current
 
     summary = RecoverySummary(mode)
+    summary.originals = {l.name: l.chosen.approx for l in layers if l.chosen is not None and not l.chosen.is_dense}
     if not hasattr(frontend, "recalibrate"):
         summary.note = f"the {frontend.entry} entry cannot yet gather statistics with rewrites in place"
         return summary

@@ -164,3 +164,69 @@ def test_the_onnx_entry_recovers_too(tmp_path):
     assert full["end_to_end"]["measured_error"] < 0.95 * none["end_to_end"]["measured_error"]
     assert full["end_to_end"]["heldout_error"] < none["end_to_end"]["heldout_error"]
     assert not any("cannot yet gather statistics" in w for w in full["warnings"])
+
+
+def auto(recovery: str, budget: float, formats=("2:4",), fingerprint=None):
+    """The automatic plan of ResidualStack under ``budget`` on a scenario fingerprint, held-out data
+    binding too."""
+    torch.manual_seed(3)
+    model = ResidualStack().eval()
+    calib = [(correlated(256, 64, seed=10 + i),) for i in range(4)]
+    held = [(correlated(256, 64, seed=50 + i),) for i in range(2)]
+    result = sparsec.optimize(model, calib[0], fingerprint=fingerprint, calibration=calib, heldout=held,
+                              error_budget=budget, formats=list(formats), recovery=recovery, lower=False)
+    return result.report.to_dict()
+
+
+def rewritten(report) -> list[str]:
+    return [layer["name"] for layer in report["layers"] if layer["format"] != "dense"]
+
+
+def test_the_planner_spends_what_recovery_saves_and_stays_within_the_budget(monkeypatch, scenario_fp):
+    import sparsec.pipeline as pipeline
+
+    budget, fp = 0.1, scenario_fp()
+    one_shot = auto("none", budget, fingerprint=fp)
+    monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 0)
+    recovered_only = auto("full", budget, fingerprint=fp)
+    monkeypatch.undo()
+    spent = auto("full", budget, fingerprint=fp)
+    # recovery alone keeps the one-shot plan and lowers its error below what the budget allows
+    assert rewritten(recovered_only) == rewritten(one_shot)
+    worst = max(recovered_only["end_to_end"]["measured_error"], recovered_only["end_to_end"]["heldout_error"])
+    assert worst < 0.9 * budget
+    # spending the saving rewrites more layers, predicted faster, still within the budget on both data sets
+    assert set(rewritten(spent)) > set(rewritten(one_shot))
+    assert spent["end_to_end"]["predicted_speedup"] > recovered_only["end_to_end"]["predicted_speedup"]
+    assert max(spent["end_to_end"]["measured_error"], spent["end_to_end"]["heldout_error"]) <= budget
+    replans = spent["planning"]["recovery"]["replans"]
+    kept = [r for r in replans if r["kept"]]
+    assert kept and kept[-1]["one_shot_budget"] > budget and kept[-1]["one_shot_error"] > budget
+    assert kept[-1]["recovered_error"] <= budget
+    assert any("re-planned at a one-shot budget" in line for line in spent["planner_log"])
+    # every layer kept reports its recovered fit, and none left dense carries one
+    for layer in spent["layers"]:
+        assert ("recovery" in layer) == (layer["format"] != "dense")
+
+
+def test_a_replan_over_the_budget_is_not_kept_and_the_plan_before_stands_unchanged(monkeypatch, scenario_fp):
+    import sparsec.pipeline as pipeline
+
+    budget, fp = 0.05, scenario_fp()
+    monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 0)
+    before = auto("full", budget, fingerprint=fp)
+    monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 1)
+    monkeypatch.setattr(pipeline, "stretched_budget", lambda planned_at, recovered, budget: 4 * budget)
+    after = auto("full", budget, fingerprint=fp)
+    (row,) = after["planning"]["recovery"]["replans"]
+    assert not row["kept"] and row["recovered_error"] > budget
+    assert [l["format"] for l in after["layers"]] == [l["format"] for l in before["layers"]]
+    for a, b in zip(after["layers"], before["layers"]):
+        assert a.get("recovery") == b.get("recovery") and a["measured_error"] == b["measured_error"]
+    for key in ("measured_error", "heldout_error", "predicted_speedup"):
+        assert after["end_to_end"][key] == before["end_to_end"][key]
+
+
+def test_a_plan_recovery_cannot_improve_is_not_planned_again(scenario_fp):
+    report = auto("full", 0.1, formats=("lowrank",), fingerprint=scenario_fp())  # low rank: recovery saves almost nothing here
+    assert "replans" not in report["planning"]["recovery"]
