@@ -829,7 +829,9 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
         trial_recovery, trial_e2e = recover(frontend, layers, options, trial_e2e)
         fits = trial_recovery is not None and bool(trial_recovery.refit) and worst(trial_e2e) <= budget
         speedup = _plan_speedup(layers)
-        row = {"one_shot_budget": trial, "one_shot_error": worst(trial_one_shot), "recovered_error": worst(trial_e2e),
+        in_metric = options.metric.from_error  # the rows speak the user's metric, as the budget does
+        row = {"one_shot_budget": in_metric(trial), "one_shot_error": in_metric(worst(trial_one_shot)),
+               "recovered_error": in_metric(worst(trial_e2e)),
                "rewritten": sum(1 for l in layers if l.chosen is not None and not l.chosen.is_dense),
                "predicted_layer_speedup": speedup, "kept": False}
         e2e = dataclasses.replace(e2e, evaluations=trial_e2e.evaluations, heldout_evaluations=trial_e2e.heldout_evaluations)
