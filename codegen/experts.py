@@ -59,25 +59,47 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def _factors(projection) -> tuple:
+    """A projection as its factors: a dense (E, N, K) weight alone, or a tuple applied first to last."""
+    return (projection,) if isinstance(projection, torch.Tensor) else tuple(projection)
+
+
+def _chain(a: torch.Tensor, factors, e) -> torch.Tensor:
+    """``a`` (rows, K) through expert ``e``'s projection: its factors applied first to last, float32."""
+    for w in factors:
+        a = a @ w[e].float().t()
+    return a
+
+
 def experts_loop(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """``gate_up`` and ``down`` are projections (as every implementation takes them): an (E, N, K)
+    weight, or a tuple of (E, n, m) factors applied first to last (a factored one's V then U)."""
+    gate_up, down = _factors(gate_up), _factors(down)
     T, k = top_k_index.shape
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     flat = top_k_index.reshape(-1)
     for e in torch.unique(flat).tolist():
         pairs = (flat == e).nonzero().reshape(-1)
         tokens = pairs // k
-        h = _swiglu(x[tokens].float() @ gate_up[e].float().t())
-        y = (h @ down[e].float().t()) * top_k_weights.reshape(-1)[pairs].float()[:, None]
+        h = _swiglu(_chain(x[tokens].float(), gate_up, e))
+        y = _chain(h, down, e) * top_k_weights.reshape(-1)[pairs].float()[:, None]
         out.index_add_(0, tokens, y)
     return out.to(x.dtype)
 
 
+def _gathered(a: torch.Tensor, factors, flat) -> torch.Tensor:
+    for w in factors:
+        a = torch.bmm(w[flat].float(), a[:, :, None])[..., 0]
+    return a
+
+
 def experts_batched(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    gate_up, down = _factors(gate_up), _factors(down)
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
-    xs = x.repeat_interleave(k, dim=0).float()[:, :, None]             # (S, H, 1)
-    h = _swiglu(torch.bmm(gate_up[flat].float(), xs)[..., 0])           # (S, I)
-    y = torch.bmm(down[flat].float(), h[:, :, None])[..., 0]            # (S, H)
+    xs = x.repeat_interleave(k, dim=0).float()                         # (S, H)
+    h = _swiglu(_gathered(xs, gate_up, flat))                           # (S, I)
+    y = _gathered(h, down, flat)                                        # (S, H)
     y = y * top_k_weights.reshape(-1, 1).float()
     return y.reshape(T, k, -1).sum(dim=1).to(x.dtype)
 
@@ -110,12 +132,16 @@ def route_kept(top_k_index, top_k_weights, remap):
 
 
 def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
-    E = gate_up.shape[0]
-    xf = x.float()
-    h = _swiglu(torch.matmul(xf[None], gate_up.float().transpose(1, 2)))   # (E, T, I)
-    y = torch.bmm(h, down.float().transpose(1, 2))                          # (E, T, H)
+    gate_up, down = _factors(gate_up), _factors(down)
+    E = gate_up[0].shape[0]
+    a = x.float()[None]
+    for w in gate_up:
+        a = torch.matmul(a, w.float().transpose(1, 2))                     # (E, T, .)
+    h = _swiglu(a)                                                          # (E, T, I)
+    for w in down:
+        h = torch.bmm(h, w.float().transpose(1, 2))                         # (E, T, .)
     R = routing_matrix(top_k_index, top_k_weights, E)                        # (T, E)
-    return torch.einsum("te,eth->th", R, y).to(x.dtype)
+    return torch.einsum("te,eth->th", R, h).to(x.dtype)
 
 
 def sorted_runs(top_k_index, E: int, block_m: int):
@@ -194,27 +220,32 @@ def grouped_gemm(a, w, ends, tiles, tile_expert, block_m: int) -> torch.Tensor:
 
 
 def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    gate_up, down = _factors(gate_up), _factors(down)
     T, k = top_k_index.shape
-    E = gate_up.shape[0]
+    E = gate_up[0].shape[0]
     block_m = grouped_block_m(T * k, E)
     order, ends, tiles, tile_expert = sorted_runs(top_k_index, E, block_m)
     xs = x[order // k]
     if triton_usable(x):
-        h = _swiglu(grouped_gemm(xs, gate_up.to(x.dtype), ends, tiles, tile_expert, block_m).float()).to(x.dtype)
-        y = grouped_gemm(h, down.to(x.dtype), ends, tiles, tile_expert, block_m).float()
+        def project(a, factors):  # one grouped launch per factor: each expert's factor read once
+            for w in factors:
+                a = grouped_gemm(a, w.to(x.dtype), ends, tiles, tile_expert, block_m)
+            return a
+
+        h = _swiglu(project(xs, gate_up).float()).to(x.dtype)
+        y = project(h, down).float()
     else:  # one GEMM per expert on its run: the same grouping, through torch
         starts = torch.cat([ends.new_zeros(1), ends[:-1]]).tolist()
         y = torch.zeros(xs.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         for e, (s, t) in enumerate(zip(starts, ends.tolist())):
             if t > s:
-                h = _swiglu(xs[s:t].float() @ gate_up[e].float().t())
-                y[s:t] = h @ down[e].float().t()
+                y[s:t] = _chain(_swiglu(_chain(xs[s:t].float(), gate_up, e)), down, e)
     y = y * top_k_weights.reshape(-1)[order].float()[:, None]
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     return out.index_add_(0, order // k, y).to(x.dtype)
 
 
-def working_bytes(impl: str, E: int, k: int, I: int, H: int, M: int) -> int:
+def working_bytes(impl: str, E: int, k: int, I: int, H: int, M: int) -> int:  # noqa: E741
     """Bytes an implementation holds beyond its inputs and output at M tokens (float32 intermediates):
     ``batched`` gathers every pair's weights, ``dense_all`` keeps every expert's activations."""
     S = M * k
@@ -247,12 +278,39 @@ _RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_d
 def experts_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
                down: torch.Tensor, impl: str) -> torch.Tensor:
     """One expert bank (module docstring) with implementation ``impl``."""
-    return _RUN[impl](x, top_k_index, top_k_weights, gate_up, down)
+    return _RUN[impl](x, top_k_index, top_k_weights, (gate_up,), (down,))
 
 
 @experts_op.register_fake
 def experts_fake(x, top_k_index, top_k_weights, gate_up, down, impl):
     return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sparsec::experts_swiglu_lowrank", mutates_args=())
+def experts_lowrank_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       gate_up_v: torch.Tensor, gate_up_u: torch.Tensor, down_v: torch.Tensor, down_u: torch.Tensor,
+                       impl: str) -> torch.Tensor:
+    """A bank whose experts are factored: expert e's gate_up is gate_up_u[e] @ gate_up_v[e]
+    ((E, 2I, R1) @ (E, R1, H)) and its down down_u[e] @ down_v[e] ((E, H, R2) @ (E, R2, I)); each
+    projection runs as two products on the R-wide middle, so a token reads R (N + K) weight values
+    of an expert instead of N K. The same four implementations, two launches per projection."""
+    return _RUN[impl](x, top_k_index, top_k_weights, (gate_up_v, gate_up_u), (down_v, down_u))
+
+
+@experts_lowrank_op.register_fake
+def experts_lowrank_fake(x, top_k_index, top_k_weights, gate_up_v, gate_up_u, down_v, down_u, impl):
+    return x.new_empty(x.shape)
+
+
+def check_factors(gate_up_v, gate_up_u, down_v, down_u) -> None:
+    """Raise SparsecError unless the four factors make a bank: (E, R1, H), (E, 2I, R1), (E, R2, I), (E, H, R2)."""
+    shapes = [tuple(t.shape) for t in (gate_up_v, gate_up_u, down_v, down_u)]
+    if any(len(sh) != 3 for sh in shapes):
+        raise SparsecError(f"expert factors must be 3-D, got {shapes}")
+    (E, r1, H), (E2, two_i, r1b), (E3, r2, I), (E4, H2, r2b) = shapes
+    if not (E == E2 == E3 == E4 and r1 == r1b and r2 == r2b and H == H2 and two_i == 2 * I):
+        raise SparsecError(f"expert factors do not make a bank: gate_up_v (E, R1, H), gate_up_u (E, 2I, R1), "
+                           f"down_v (E, R2, I), down_u (E, H, R2) expected, got {shapes}")
 
 
 def experts(x, top_k_index, top_k_weights, gate_up, down, impl: str = "grouped") -> torch.Tensor:
@@ -267,3 +325,16 @@ def experts(x, top_k_index, top_k_weights, gate_up, down, impl: str = "grouped")
     if impl not in IMPLS:
         raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(IMPLS)}, reference")
     return experts_op(x2d, idx, wts, gate_up, down, impl).reshape(*lead, -1)
+
+
+def experts_lowrank(x, top_k_index, top_k_weights, gate_up_v, gate_up_u, down_v, down_u,
+                    impl: str = "grouped") -> torch.Tensor:
+    """The factored bank's output for ``x`` (..., H), checked (``experts_lowrank_op``)."""
+    check_factors(gate_up_v, gate_up_u, down_v, down_u)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    idx = top_k_index.reshape(x2d.shape[0], -1)
+    wts = top_k_weights.reshape(x2d.shape[0], -1)
+    if impl not in IMPLS:
+        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(IMPLS)}")
+    return experts_lowrank_op(x2d, idx, wts, gate_up_v, gate_up_u, down_v, down_u, impl).reshape(*lead, -1)

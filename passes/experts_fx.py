@@ -49,6 +49,7 @@ class Bank:
     calls: int = 0
     pruning: Pruning | None = None     # the experts dropped, when the budget allowed it
     timings: dict = field(default_factory=dict)
+    factoring: object = None           # passes/experts_lowrank.Factoring, when the experts run factored
 
     @property
     def shape(self) -> list[int]:
@@ -58,7 +59,8 @@ class Bank:
 
 
 def is_experts_op(node: fx.Node) -> bool:
-    return node.op == "call_function" and "sparsec.experts_swiglu" in str(node.target)
+    """A call of ``sparsec::experts_swiglu`` (a bank as traced; not a bank sparsec already factored)."""
+    return node.op == "call_function" and re.fullmatch(r"sparsec\.experts_swiglu(\.default)?", str(node.target)) is not None
 
 
 def find_banks(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int, str] | None = None,
@@ -279,11 +281,46 @@ def pruned_speed(bank: Bank, pruning, graph_replay: bool, fingerprint=None,
     return after, now, "measured"
 
 
-def refuse_pruning(rows: list[dict], reason: str) -> None:
-    """Each row's ``pruning`` entry when pruning was not tried at all."""
+def factor(banks: list[Bank], rows: list[dict], evaluate, allowed: float, graph_replay: bool, fingerprint=None,
+           show=None) -> None:
+    """Factor the experts of the banks where that measures faster, within ``allowed`` end-to-end error
+    in all (``passes/experts_lowrank.py``), and add each bank's ``factoring`` entry to its row."""
+    from sparsec.passes import experts_lowrank
+
+    live = [b for b in banks if b.inputs is not None]
+    elsewhere = _other_device(fingerprint, live[0].inputs[0]) if live else None
+    kwargs = {"show": show} if show is not None else {}
+    def speed(bank, factoring, impls):
+        return factored_speed(bank, factoring, impls, graph_replay)
+
+    entries = experts_lowrank.choose(live, evaluate, allowed, speed, graph_replay, elsewhere, **kwargs)
+    for row in rows:
+        if row["name"] in entries:
+            row["factoring"] = entries[row["name"]]
+
+
+def factored_speed(bank, factoring, impls, graph_replay: bool) -> tuple[float, str, float]:
+    """(us of the factored bank in its fastest implementation, that implementation, us of the bank as
+    it runs now), each timed here on the bank's calibration routing."""
+    x, idx, wts = bank.inputs
+    impl = bank.node.args[5]
+    pruning = getattr(bank, "pruning", None)
+    if pruning is not None:
+        now = _time(lambda: pruning.run(x, idx, wts, impl), x.device, graph_replay)
+    else:
+        now = bank.timings.get(impl) or time_impls(bank, [impl], graph_replay)[impl]
+    times = {i: _time(lambda i=i: factoring.run(x, idx, wts, i), x.device, graph_replay) for i in impls}
+    best = min(times, key=times.get)
+    return times[best], best, now
+
+
+def refuse_pruning(rows: list[dict], reason: str, factoring: str | None = None) -> None:
+    """Each row's ``pruning`` (and ``factoring``) entry when expert rewrites were not tried at all."""
     for row in rows:
         row["pruning"] = {"routing_share": None if row.get("tokens_per_expert") is None
                           else _shares(row["tokens_per_expert"]), "dropped": [], "reason": reason}
+        if factoring is not None:
+            row["factoring"] = {"factored": False, "tried": [], "reason": factoring}
 
 
 def _shares(counts: list[int]) -> list[float]:
@@ -292,8 +329,10 @@ def _shares(counts: list[int]) -> list[float]:
 
 
 def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModule:
-    """A copy of ``gm`` in which each bank node named in ``pruned`` runs its kept experts: their
-    weights as new constants, its routing through ``route_kept``. The copy keeps what Dynamo's
+    """A copy of ``gm`` in which each bank node named in ``pruned`` runs its kept experts (a
+    ``Pruning``: their weights as new constants, its routing through ``route_kept``) or its experts
+    factored (a ``Factoring``: ``sparsec::experts_swiglu_lowrank`` on the factors, routed through
+    ``route_kept`` where the bank was pruned too). The copy keeps what Dynamo's
     graph carried, so the lowered graph compiles as the rewritten one did."""
     from sparsec.codegen.experts import route_kept
     from sparsec.passes.rewrite_fx import _keep_dynamo_metadata
@@ -303,21 +342,29 @@ def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModu
     graph.output(graph.graph_copy(gm.graph, node_map))
     new_gm = fx.GraphModule(gm, graph)
     by_name = {n.name: n for n in new_gm.graph.nodes}
-    for i, (name, pruning) in enumerate(pruned.items()):
+    for i, (name, rewrite) in enumerate(pruned.items()):
         node = by_name[name]
         x, idx, wts, _, _, impl = node.args
         prefix = f"sparsec_pruned_{i}"
-        new_gm.register_buffer(f"{prefix}_remap", pruning.remap.to(pruning.gate_up.device))
-        new_gm.register_buffer(f"{prefix}_gate_up", pruning.gate_up)
-        new_gm.register_buffer(f"{prefix}_down", pruning.down)
+        factored = hasattr(rewrite, "factors")  # an experts_lowrank.Factoring
+        tensors = dict(zip(("gate_up_v", "gate_up_u", "down_v", "down_u"), rewrite.factors)) if factored \
+            else {"gate_up": rewrite.gate_up, "down": rewrite.down}
+        for key, tensor in tensors.items():
+            new_gm.register_buffer(f"{prefix}_{key}", tensor)
         with new_gm.graph.inserting_before(node):
-            remap = new_gm.graph.get_attr(f"{prefix}_remap")
-            gate_up = new_gm.graph.get_attr(f"{prefix}_gate_up")
-            down = new_gm.graph.get_attr(f"{prefix}_down")
-            routed = new_gm.graph.call_function(route_kept, (idx, wts, remap))
-            index = new_gm.graph.call_function(operator.getitem, (routed, 0))
-            weights = new_gm.graph.call_function(operator.getitem, (routed, 1))
-        node.args = (x, index, weights, gate_up, down, impl)
+            weights_in = [new_gm.graph.get_attr(f"{prefix}_{key}") for key in tensors]
+            index, weights = idx, wts
+            if rewrite.remap is not None:
+                new_gm.register_buffer(f"{prefix}_remap", rewrite.remap.to(next(iter(tensors.values())).device))
+                remap = new_gm.graph.get_attr(f"{prefix}_remap")
+                routed = new_gm.graph.call_function(route_kept, (idx, wts, remap))
+                index = new_gm.graph.call_function(operator.getitem, (routed, 0))
+                weights = new_gm.graph.call_function(operator.getitem, (routed, 1))
+        if factored:
+            node.target = torch.ops.sparsec.experts_swiglu_lowrank.default
+            node.args = (x, index, weights, *weights_in, rewrite.impl or impl)
+        else:
+            node.args = (x, index, weights, *weights_in, impl)
     new_gm.graph.eliminate_dead_code()
     new_gm.delete_all_unused_submodules()
     new_gm.recompile()

@@ -116,3 +116,56 @@ def test_an_implementation_too_large_for_the_machine_is_refused_with_its_size():
     why = memory_reason("batched", 8, 2, 14336, 4096, 2048, "cpu")
     assert why is not None and "GiB of intermediates at 2048 tokens" in why
     assert memory_reason("grouped", 8, 2, 512, 256, 16, "cpu") is None
+
+
+def factored_bank(E, I, H, r1, r2, gen, dtype=torch.float32):
+    """Factors of a bank whose every expert has exactly ranks r1 (gate_up) and r2 (down)."""
+    v1, u1 = torch.randn(E, r1, H, generator=gen) / H ** 0.5, torch.randn(E, 2 * I, r1, generator=gen) / r1 ** 0.5
+    v2, u2 = torch.randn(E, r2, I, generator=gen) / I ** 0.5, torch.randn(E, H, r2, generator=gen) / r2 ** 0.5
+    return tuple(t.to(dtype) for t in (v1, u1, v2, u2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T,E,k", [(1, 4, 1), (37, 8, 2), (150, 4, 1)])
+def test_a_factored_bank_computes_the_bank_its_factors_multiply_to(impl, T, E, k, dtype, gen):
+    from sparsec.codegen.experts import experts_lowrank
+
+    H, I, r1, r2 = 48, 40, 24, 16   # ranks that are no multiple of a tile: tails in the middle dimension
+    v1, u1, v2, u2 = factored_bank(E, I, H, r1, r2, gen, dtype)
+    gate_up, down = u1.double() @ v1.double(), u2.double() @ v2.double()
+    index, weights = route(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    y = experts_lowrank(x, index, weights.to(dtype), v1, u1, v2, u2, impl=impl)
+    ref = float64_reference(x, index, weights.to(dtype), gate_up, down)
+    assert y.dtype == dtype and y.shape == x.shape
+    err = float((y.double() - ref).norm() / ref.norm())
+    # fp16: the middle (R-wide) products are rounded too, one more rounding than the dense bank's
+    assert err < 2 * TOL[dtype], f"{impl} T={T}: relative error {err:.2e}"
+
+
+def test_factors_that_make_no_bank_are_refused_naming_the_shapes(gen):
+    from sparsec.codegen.experts import experts_lowrank
+
+    v1, u1, v2, u2 = factored_bank(4, 8, 16, 4, 4, gen)
+    index, weights = route(3, 4, 2, gen)
+    with pytest.raises(SparsecError, match="do not make a bank"):
+        experts_lowrank(torch.randn(3, 16), index, weights, v1, u1, v2[:, :, :5], u2)
+
+
+def test_the_factored_op_traces_as_one_node_under_compile(gen):
+    v1, u1, v2, u2 = factored_bank(4, 8, 16, 4, 4, gen)
+    index, weights = route(5, 4, 2, gen)
+    seen = []
+
+    def backend(gm, inputs):
+        seen.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    def f(x):
+        return torch.ops.sparsec.experts_swiglu_lowrank(x, index, weights, v1, u1, v2, u2, "dense_all") * 2.0
+
+    x = torch.randn(5, 16, generator=gen)
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(f, backend=backend, fullgraph=True)(x), f(x))
+    assert sum("experts_swiglu_lowrank" in t for t in seen) == 1

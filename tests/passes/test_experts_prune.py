@@ -49,6 +49,12 @@ def batches(n: int, seed: int, tokens: int = 128):
 DENSE = {"layers": {"_default": "dense"}}
 
 
+@pytest.fixture(autouse=True)
+def factoring_no_faster(monkeypatch):
+    """Factoring the experts (passes/experts_lowrank.py) measures no faster: these tests see pruning alone."""
+    monkeypatch.setattr(experts_fx, "factored_speed", lambda bank, factoring, impls, replay: (2.0, "grouped", 1.0))
+
+
 @pytest.fixture
 def faster(monkeypatch):
     """The bank without its rare experts runs in half the time (timing is the benchmark's job)."""
