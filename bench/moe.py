@@ -9,7 +9,10 @@ of many repeats after warm-up (``triton.testing.do_bench``):
 - ``sparsec <impl>``: each implementation of ``sparsec::experts_swiglu`` forced, under inductor
   (``loop`` reads the routing on the host and is timed without CUDA graphs);
 - ``sparsec auto``: ``torch.compile(backend="sparsec")``, which times the implementations on each
-  bank's calibration routing and keeps the fastest.
+  bank's calibration routing and keeps the fastest;
+- ``sparsec, experts factored``: the same with a budget no error exceeds, so every bank whose
+  experts factored to low rank (passes/experts_lowrank.py) measure faster runs factored: the
+  speed of the format, not a quality claim (the weights are random).
 
 Ratios are against the first row. The floor (weight bytes of the experts hit, over the measured
 copy bandwidth) is printed with each M. ``--smoke`` runs tiny shapes on the CPU to check the
@@ -135,6 +138,19 @@ def main(argv=None):
             chosen = [b["implementation"] for b in report.get("experts", [])]
             rows.append({"M": M, "config": "sparsec auto", "us": us, "x": base / us,
                          "error": float((y - reference).norm() / reference.norm()), "chosen": chosen})
+            # experts factored to low rank wherever that measures faster: a budget (99% relative error) random
+            # experts stay within; they say nothing of the error a trained model's experts would cost
+            torch._dynamo.reset()
+            loose = {**opts, "error_budget": 0.99, "expert_pruning": 1.0}
+            fn = torch.compile(model, backend=sparsec_backend, options=loose)
+            y = fn(x).float()
+            us = median_us(lambda: fn(x), device)
+            session = session_for(loose, None)
+            report = session.report.to_dict() if session.report is not None else {}
+            factored = [(b.get("factoring") or {}).get("ranks") or b["implementation"] for b in report.get("experts", [])]
+            rows.append({"M": M, "config": "sparsec, experts factored where faster (any error)", "us": us,
+                         "x": base / us, "error": float((y - reference).norm() / reference.norm()),
+                         "chosen": factored})
             model.set_experts_implementation("grouped_mm")
         if bandwidth:
             hit = min(E, M * k)
