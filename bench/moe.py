@@ -10,9 +10,9 @@ of many repeats after warm-up (``triton.testing.do_bench``):
   (``loop`` reads the routing on the host and is timed without CUDA graphs);
 - ``sparsec auto``: ``torch.compile(backend="sparsec")``, which times the implementations on each
   bank's calibration routing and keeps the fastest;
-- ``sparsec, experts factored``: the same with a budget no error exceeds, so every bank whose
-  experts factored to low rank (passes/experts_lowrank.py) measure faster runs factored: the
-  speed of the format, not a quality claim (the weights are random).
+- ``sparsec, structured experts``: the same with a budget random experts stay within, so every
+  bank whose experts run faster in a structured form (low rank or 2:4,
+  passes/experts_formats.py) runs so: the speed of the forms, not a quality claim.
 
 Ratios are against the first row. The floor (weight bytes of the experts hit, over the measured
 copy bandwidth) is printed with each M. ``--smoke`` runs tiny shapes on the CPU to check the
@@ -138,8 +138,8 @@ def main(argv=None):
             chosen = [b["implementation"] for b in report.get("experts", [])]
             rows.append({"M": M, "config": "sparsec auto", "us": us, "x": base / us,
                          "error": float((y - reference).norm() / reference.norm()), "chosen": chosen})
-            # experts factored to low rank wherever that measures faster: a budget (99% relative error) random
-            # experts stay within; they say nothing of the error a trained model's experts would cost
+            # experts in a structured form wherever that measures faster: a budget (99% relative error)
+            # random experts stay within; they say nothing of the error a trained model's experts would cost
             torch._dynamo.reset()
             loose = {**opts, "error_budget": 0.99, "expert_pruning": 1.0}
             fn = torch.compile(model, backend=sparsec_backend, options=loose)
@@ -147,10 +147,10 @@ def main(argv=None):
             us = median_us(lambda: fn(x), device)
             session = session_for(loose, None)
             report = session.report.to_dict() if session.report is not None else {}
-            factored = [(b.get("factoring") or {}).get("ranks") or b["implementation"] for b in report.get("experts", [])]
-            rows.append({"M": M, "config": "sparsec, experts factored where faster (any error)", "us": us,
+            forms = [(b.get("expert_format") or {}).get("format") or b["implementation"] for b in report.get("experts", [])]
+            rows.append({"M": M, "config": "sparsec, structured experts where faster", "us": us,
                          "x": base / us, "error": float((y - reference).norm() / reference.norm()),
-                         "chosen": factored})
+                         "chosen": forms})
             model.set_experts_implementation("grouped_mm")
         if bandwidth:
             hit = min(E, M * k)

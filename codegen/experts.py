@@ -59,9 +59,38 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+class TwoFourWeights:
+    """A bank projection's experts in 2:4 form: ``values`` (E, N, K/2) and ``meta`` (E, N, bytes), as
+    codegen/twofour.py packs one weight. Indexing or ``float()`` gives the dense weights (the
+    reference paths); the grouped implementation reads the packed form."""
+
+    def __init__(self, values: torch.Tensor, meta: torch.Tensor):
+        self.values, self.meta = values, meta
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        E, N, half = self.values.shape
+        return (E, N, 2 * half)
+
+    def dense(self) -> torch.Tensor:
+        from .twofour import expand
+
+        E, N, K = self.shape
+        return torch.stack([expand(self.values[e], self.meta[e], K) for e in range(E)])
+
+    def __getitem__(self, index):
+        return self.dense()[index]
+
+    def float(self) -> torch.Tensor:
+        return self.dense().float()
+
+    def to(self, dtype) -> "TwoFourWeights":
+        return TwoFourWeights(self.values.to(dtype), self.meta)
+
+
 def _factors(projection) -> tuple:
     """A projection as its factors: a dense (E, N, K) weight alone, or a tuple applied first to last."""
-    return (projection,) if isinstance(projection, torch.Tensor) else tuple(projection)
+    return (projection,) if isinstance(projection, (torch.Tensor, TwoFourWeights)) else tuple(projection)
 
 
 def _chain(a: torch.Tensor, factors, e) -> torch.Tensor:
@@ -191,6 +220,53 @@ def _grouped_kernel(a_ptr, w_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
+def _grouped_twofour_kernel(a_ptr, v_ptr, meta_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E, META_COLS,
+                            stride_am, stride_ak, stride_ve, stride_vn, stride_me, stride_mn, stride_cm, stride_cn,
+                            DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """``_grouped_kernel`` on 2:4 experts: each (E, N, K/2) kept value and its position byte read once
+    per row tile and expanded to the dense tile in registers (as codegen/twofour.py's kernel)."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    e = tl.load(tile_expert_ptr + pid_m)
+    if e >= E:
+        return
+    G: tl.constexpr = BLOCK_K // 4
+    run_start = tl.where(e > 0, tl.load(ends_ptr + e - 1, mask=e > 0, other=0), 0)
+    run_end = tl.load(ends_ptr + e)
+    first_tile = tl.where(e > 0, tl.load(tiles_ptr + e - 1, mask=e > 0, other=0), 0)
+    offs_m = run_start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mask_m = offs_m < run_end
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    v_base = v_ptr + e.to(tl.int64) * stride_ve
+    m_base = meta_ptr + e.to(tl.int64) * stride_me
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :],
+                    mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
+        mb = tl.load(m_base + offs_n[:, None] * stride_mn + offs_b[None, :],
+                     mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+        b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
+        quad = tl.arange(0, 4)[None, None, :] * 2
+        p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
+        p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+        zero = tl.zeros_like(v0)
+        d0 = tl.where(p0 == 0, v0, zero)
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+        d3 = tl.where(p1 == 3, v1, zero)
+        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+
 def grouped_block_m(pairs: int, E: int) -> int:
     """Tokens per row tile: 16 while experts get a few tokens each (decode: a tile of 64 would be
     mostly padding), 64 once they average more than 32 (prefill: fewer tiles, each weight tile
@@ -200,6 +276,32 @@ _GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K":
                                         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
                       key=["N", "K", "E", "BLOCK_M"])
+
+
+_GROUPED_TWOFOUR = LazyKernel(_grouped_twofour_kernel,
+                             [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+                              triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
+                              triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
+                             key=["N", "K", "E", "BLOCK_M"])
+
+
+def grouped_twofour_gemm(a, values, meta, ends, tiles, tile_expert, block_m: int) -> torch.Tensor:
+    """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's 2:4 weight
+    (``values`` (E, N, K/2), ``meta`` (E, N, meta bytes) as codegen/twofour.py packs one)."""
+    S, K = a.shape
+    E, N, _ = values.shape
+    c = torch.empty(S, N, dtype=a.dtype, device=a.device)
+    if S == 0:
+        return c
+
+    def grid(meta_):
+        return (tile_expert.numel(), triton.cdiv(N, meta_["BLOCK_N"]))
+
+    _GROUPED_TWOFOUR[grid](a, values, meta, c, ends, tiles, tile_expert, N, K, E, meta.shape[2],
+                           a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0),
+                           meta.stride(1), c.stride(0), c.stride(1), DOT_PREC=tl_dot_precision(a.dtype),
+                           BLOCK_M=block_m)
+    return c
 
 
 def grouped_gemm(a, w, ends, tiles, tile_expert, block_m: int) -> torch.Tensor:
@@ -229,7 +331,10 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
     if triton_usable(x):
         def project(a, factors):  # one grouped launch per factor: each expert's factor read once
             for w in factors:
-                a = grouped_gemm(a, w.to(x.dtype), ends, tiles, tile_expert, block_m)
+                if isinstance(w, TwoFourWeights):
+                    a = grouped_twofour_gemm(a, w.values.to(x.dtype), w.meta, ends, tiles, tile_expert, block_m)
+                else:
+                    a = grouped_gemm(a, w.to(x.dtype), ends, tiles, tile_expert, block_m)
             return a
 
         h = _swiglu(project(xs, gate_up).float()).to(x.dtype)
@@ -299,6 +404,23 @@ def experts_lowrank_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
 
 @experts_lowrank_op.register_fake
 def experts_lowrank_fake(x, top_k_index, top_k_weights, gate_up_v, gate_up_u, down_v, down_u, impl):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sparsec::experts_swiglu_twofour", mutates_args=())
+def experts_twofour_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                       gate_up_values: torch.Tensor, gate_up_meta: torch.Tensor, down_values: torch.Tensor,
+                       down_meta: torch.Tensor, impl: str) -> torch.Tensor:
+    """A bank whose experts are 2:4 sparse: each projection's kept values (E, N, K/2) and position
+    bytes (E, N, meta bytes), as codegen/twofour.py packs one weight. ``grouped`` reads the packed
+    experts (about 9/16 of the dense bytes at 16 bits); the other implementations expand them first
+    (the reference paths)."""
+    return _RUN[impl](x, top_k_index, top_k_weights, TwoFourWeights(gate_up_values, gate_up_meta),
+                      TwoFourWeights(down_values, down_meta))
+
+
+@experts_twofour_op.register_fake
+def experts_twofour_fake(x, top_k_index, top_k_weights, gate_up_values, gate_up_meta, down_values, down_meta, impl):
     return x.new_empty(x.shape)
 
 

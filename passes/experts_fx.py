@@ -49,7 +49,7 @@ class Bank:
     calls: int = 0
     pruning: Pruning | None = None     # the experts dropped, when the budget allowed it
     timings: dict = field(default_factory=dict)
-    factoring: object = None           # passes/experts_lowrank.Factoring, when the experts run factored
+    structured: object = None          # the experts' structured form (passes/experts_formats.py), if any
 
     @property
     def shape(self) -> list[int]:
@@ -59,7 +59,8 @@ class Bank:
 
 
 def is_experts_op(node: fx.Node) -> bool:
-    """A call of ``sparsec::experts_swiglu`` (a bank as traced; not a bank sparsec already factored)."""
+    """A call of ``sparsec::experts_swiglu`` (a bank as traced; not one sparsec already rewrote into a
+    structured form's op)."""
     return node.op == "call_function" and re.fullmatch(r"sparsec\.experts_swiglu(\.default)?", str(node.target)) is not None
 
 
@@ -281,27 +282,35 @@ def pruned_speed(bank: Bank, pruning, graph_replay: bool, fingerprint=None,
     return after, now, "measured"
 
 
-def factor(banks: list[Bank], rows: list[dict], evaluate, allowed: float, graph_replay: bool, fingerprint=None,
-           show=None) -> None:
-    """Factor the experts of the banks where that measures faster, within ``allowed`` end-to-end error
-    in all (``passes/experts_lowrank.py``), and add each bank's ``factoring`` entry to its row."""
-    from sparsec.passes import experts_lowrank
+def structure(banks: list[Bank], rows: list[dict], evaluate, allowed: float, graph_replay: bool, fingerprint=None,
+              show=None) -> None:
+    """Run the banks' experts in a structured form (low rank, 2:4) where that measures faster, within
+    ``allowed`` end-to-end error in all (``passes/experts_formats.py``), and add each bank's
+    ``expert_format`` entry to its row."""
+    from sparsec.passes import experts_formats, experts_lowrank, experts_twofour
 
     live = [b for b in banks if b.inputs is not None]
     elsewhere = _other_device(fingerprint, live[0].inputs[0]) if live else None
     kwargs = {"show": show} if show is not None else {}
-    def speed(bank, factoring, impls):
-        return factored_speed(bank, factoring, impls, graph_replay)
 
-    entries = experts_lowrank.choose(live, evaluate, allowed, speed, graph_replay, elsewhere, **kwargs)
+    def speed(bank, rewrite, impls):
+        return structured_speed(bank, rewrite, impls, graph_replay)
+
+    forms = experts_lowrank.candidates() + [c for c in experts_twofour.candidates() if _fours(live)]
+    entries = experts_formats.choose(live, forms, evaluate, allowed, speed, graph_replay, elsewhere, **kwargs)
     for row in rows:
         if row["name"] in entries:
-            row["factoring"] = entries[row["name"]]
+            row["expert_format"] = entries[row["name"]]
 
 
-def factored_speed(bank, factoring, impls, graph_replay: bool) -> tuple[float, str, float]:
-    """(us of the factored bank in its fastest implementation, that implementation, us of the bank as
-    it runs now), each timed here on the bank's calibration routing."""
+def _fours(banks: list[Bank]) -> bool:
+    """Whether every bank's projections take inputs in fours (2:4's groups)."""
+    return all(b.gate_up.shape[2] % 4 == 0 and b.down.shape[2] % 4 == 0 for b in banks)
+
+
+def structured_speed(bank, rewrite, impls, graph_replay: bool) -> tuple[float, str, float]:
+    """(us of the rewritten bank in its fastest implementation, that implementation, us of the bank
+    as it runs now), each timed here on the bank's calibration routing."""
     x, idx, wts = bank.inputs
     impl = bank.node.args[5]
     pruning = getattr(bank, "pruning", None)
@@ -309,18 +318,18 @@ def factored_speed(bank, factoring, impls, graph_replay: bool) -> tuple[float, s
         now = _time(lambda: pruning.run(x, idx, wts, impl), x.device, graph_replay)
     else:
         now = bank.timings.get(impl) or time_impls(bank, [impl], graph_replay)[impl]
-    times = {i: _time(lambda i=i: factoring.run(x, idx, wts, i), x.device, graph_replay) for i in impls}
+    times = {i: _time(lambda i=i: rewrite.run(x, idx, wts, i), x.device, graph_replay) for i in impls}
     best = min(times, key=times.get)
     return times[best], best, now
 
 
-def refuse_pruning(rows: list[dict], reason: str, factoring: str | None = None) -> None:
-    """Each row's ``pruning`` (and ``factoring``) entry when expert rewrites were not tried at all."""
+def refuse_pruning(rows: list[dict], reason: str, structured: str | None = None) -> None:
+    """Each row's ``pruning`` (and ``expert_format``) entry when expert rewrites were not tried at all."""
     for row in rows:
         row["pruning"] = {"routing_share": None if row.get("tokens_per_expert") is None
                           else _shares(row["tokens_per_expert"]), "dropped": [], "reason": reason}
-        if factoring is not None:
-            row["factoring"] = {"factored": False, "tried": [], "reason": factoring}
+        if structured is not None:
+            row["expert_format"] = {"format": None, "tried": [], "reason": structured}
 
 
 def _shares(counts: list[int]) -> list[float]:
@@ -331,8 +340,8 @@ def _shares(counts: list[int]) -> list[float]:
 def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModule:
     """A copy of ``gm`` in which each bank node named in ``pruned`` runs its kept experts (a
     ``Pruning``: their weights as new constants, its routing through ``route_kept``) or its experts
-    factored (a ``Factoring``: ``sparsec::experts_swiglu_lowrank`` on the factors, routed through
-    ``route_kept`` where the bank was pruned too). The copy keeps what Dynamo's
+    in a structured form (``passes/experts_formats.py``: the form's own op on its tensors, routed
+    through ``route_kept`` where the bank was pruned too). The copy keeps what Dynamo's
     graph carried, so the lowered graph compiles as the rewritten one did."""
     from sparsec.codegen.experts import route_kept
     from sparsec.passes.rewrite_fx import _keep_dynamo_metadata
@@ -346,9 +355,7 @@ def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModu
         node = by_name[name]
         x, idx, wts, _, _, impl = node.args
         prefix = f"sparsec_pruned_{i}"
-        factored = hasattr(rewrite, "factors")  # an experts_lowrank.Factoring
-        tensors = dict(zip(("gate_up_v", "gate_up_u", "down_v", "down_u"), rewrite.factors)) if factored \
-            else {"gate_up": rewrite.gate_up, "down": rewrite.down}
+        tensors = rewrite.tensors() if hasattr(rewrite, "tensors") else {"gate_up": rewrite.gate_up, "down": rewrite.down}
         for key, tensor in tensors.items():
             new_gm.register_buffer(f"{prefix}_{key}", tensor)
         with new_gm.graph.inserting_before(node):
@@ -360,8 +367,8 @@ def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModu
                 routed = new_gm.graph.call_function(route_kept, (idx, wts, remap))
                 index = new_gm.graph.call_function(operator.getitem, (routed, 0))
                 weights = new_gm.graph.call_function(operator.getitem, (routed, 1))
-        if factored:
-            node.target = torch.ops.sparsec.experts_swiglu_lowrank.default
+        if hasattr(rewrite, "op"):  # a structured bank (passes/experts_formats.py): its own op
+            node.target = rewrite.op()
             node.args = (x, index, weights, *weights_in, rewrite.impl or impl)
         else:
             node.args = (x, index, weights, *weights_in, impl)

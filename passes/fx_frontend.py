@@ -89,13 +89,13 @@ class FxFrontend:
 
         if options.expert_pruning <= 0:
             return experts_fx.refuse_pruning(rows, "no expert dropped: expert_pruning is 0",
-                                             "not factored: expert_pruning is 0")
+                                             "experts kept dense: expert_pruning is 0")
         missing = [item for item in self.calibration + self.heldout
                    if not all(name in self._bank_nodes(self._run_of(item)[0]) for name in (b.node.name for b in banks))]
         if missing or not self.calibration:
             why = ("a calibration input of other shapes runs a graph without the same banks, where a rewritten bank "
                    "could not be checked" if missing else "no calibration data to measure its error on")
-            return experts_fx.refuse_pruning(rows, f"no expert dropped: {why}", f"not factored: {why}")
+            return experts_fx.refuse_pruning(rows, f"no expert dropped: {why}", f"experts kept dense: {why}")
         metric = self.metric or metric_of(None)
         with torch.no_grad():  # the dense model's outputs, before any bank drops an expert
             self._references = [flatten_outputs(gm(*args)) for gm, _, args in map(self._run_of, self.calibration)]
@@ -103,8 +103,8 @@ class FxFrontend:
         self._heldout_refs()
 
         def rewritten() -> dict:
-            return {b.node.name: getattr(b, "factoring", None) or b.pruning for b in banks
-                    if getattr(b, "factoring", None) is not None or b.pruning is not None}
+            return {b.node.name: b.structured or b.pruning for b in banks
+                    if b.structured is not None or b.pruning is not None}
 
         def evaluate() -> float:
             self.pruned = rewritten()
@@ -117,8 +117,8 @@ class FxFrontend:
         replay = self.mode == "reduce-overhead"
         experts_fx.prune(banks, rows, evaluate, allowed, graph_replay=replay,
                          fingerprint=fingerprint, cost_mode=options.cost_mode, show=metric.show)
-        experts_fx.factor(banks, rows, evaluate, allowed, graph_replay=replay, fingerprint=fingerprint,
-                          show=metric.show)
+        experts_fx.structure(banks, rows, evaluate, allowed, graph_replay=replay, fingerprint=fingerprint,
+                             show=metric.show)
         self.pruned = rewritten()
 
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:

@@ -155,7 +155,7 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         share = merged["expert_pruning"]
         if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 <= share <= 1:
             raise OptionError(f"option 'expert_pruning' must be a number in [0, 1], the share of error_budget that "
-                              f"expert rewrites (dropping rarely routed experts, factoring experts) may spend (0: none); got {share!r}")
+                              f"expert rewrites (dropping rarely routed experts, structured experts) may spend (0: none); got {share!r}")
         out.expert_pruning = float(share)
     if merged.get("mode") is not None:
         if merged["mode"] not in MODES:

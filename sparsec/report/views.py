@@ -159,14 +159,14 @@ def expert_banks(report) -> list[dict]:
 
 def bank_line(bank: dict) -> str:
     """One line: the bank, its shape and routing, what it runs and why, which experts it dropped,
-    whether its experts run factored."""
+    whether its experts run in a structured form."""
     E, I, H = bank["shape"]
     counts = bank.get("tokens_per_expert")
     routing = f"; tokens per expert over {bank['calibration_calls']} calibration call(s): {counts}" if counts else ""
     pruning = bank.get("pruning") or {}
     dropped = f"; {pruning['reason']}" if pruning.get("reason") else ""
-    factoring = bank.get("factoring") or {}
-    dropped += f"; {factoring['reason']}" if factoring.get("reason") else ""
+    structured = bank.get("expert_format") or {}
+    dropped += f"; {structured['reason']}" if structured.get("reason") else ""
     return (f"{bank['name']}: {E} experts of {H} -> {I} -> {H}, top-{bank.get('top_k')}, {bank.get('tokens')} tokens"
             f"{routing}; runs {bank['implementation']}: {bank['reason']}{dropped}")
 

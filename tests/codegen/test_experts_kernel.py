@@ -169,3 +169,34 @@ def test_the_factored_op_traces_as_one_node_under_compile(gen):
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(f, backend=backend, fullgraph=True)(x), f(x))
     assert sum("experts_swiglu_lowrank" in t for t in seen) == 1
+
+
+def twofour_bank(E, I, H, gen, dtype=torch.float32):
+    """(values, meta) of both projections of a bank of exactly 2:4 experts, and their dense weights."""
+    from sparsec.codegen.twofour import encode_positions
+
+    def packed(N, K):
+        dense = torch.randn(E, N, K, generator=gen) / K ** 0.5
+        pos = torch.rand(E, N, K // 4, 4, generator=gen).argsort(-1)[..., :2].sort(-1).values
+        groups = dense.reshape(E, N, K // 4, 4)
+        values = groups.gather(3, pos).reshape(E, N, K // 2).to(dtype)
+        meta = torch.stack([encode_positions(pos[e]) for e in range(E)])
+        kept = torch.zeros_like(groups).scatter_(3, pos, groups.gather(3, pos)).reshape(E, N, K)
+        return values, meta, kept.to(dtype)
+
+    return packed(2 * I, H), packed(H, I)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T,E,k", [(1, 4, 1), (37, 8, 2), (150, 4, 1)])
+def test_a_two_four_bank_computes_the_bank_its_kept_values_make(impl, T, E, k, dtype, gen):
+    H, I = 48, 40   # 12 and 10 groups of four: metadata bytes that end mid-tile
+    (gv, gm, gate_up), (dv, dm, down) = twofour_bank(E, I, H, gen, dtype)
+    index, weights = route(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    y = torch.ops.sparsec.experts_swiglu_twofour(x, index, weights.to(dtype), gv, gm, dv, dm, impl)
+    ref = float64_reference(x, index, weights.to(dtype), gate_up, down)
+    assert y.dtype == dtype and y.shape == x.shape
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err < TOL[dtype], f"{impl} T={T}: relative error {err:.2e}"

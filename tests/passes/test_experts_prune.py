@@ -50,9 +50,9 @@ DENSE = {"layers": {"_default": "dense"}}
 
 
 @pytest.fixture(autouse=True)
-def factoring_no_faster(monkeypatch):
-    """Factoring the experts (passes/experts_lowrank.py) measures no faster: these tests see pruning alone."""
-    monkeypatch.setattr(experts_fx, "factored_speed", lambda bank, factoring, impls, replay: (2.0, "grouped", 1.0))
+def structured_no_faster(monkeypatch):
+    """Structured experts (passes/experts_formats.py) measure no faster: these tests see pruning alone."""
+    monkeypatch.setattr(experts_fx, "structured_speed", lambda bank, rewrite, impls, replay: (2.0, "grouped", 1.0))
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
-"""Factoring a bank's experts to low rank within the error budget: the fit (exact on planted
-low-rank experts), the decision (taken when it measures faster and the budget allows, refused
-with the reason when either fails), and the lowered graph running the factored op."""
+"""Structured experts within the error budget: the fits (exact on planted low-rank and planted 2:4
+experts), the decision (the fastest form that measures faster and fits the budget; refused with
+the reason when none does), and the lowered graph running the form's op."""
 
 from __future__ import annotations
 
@@ -13,14 +13,20 @@ import torch.nn as nn
 import sparsec
 from sparsec.codegen.experts import experts_loop
 from sparsec.passes import experts_fx
+from sparsec.passes import experts_twofour
 from sparsec.passes.experts_lowrank import FRACTIONS, fit, rank_of
 
 H, I, E, PLANTED = 32, 48, 8, 8
 
 
-def planted_bank(gen, rank: int | None = PLANTED):
-    """(gate_up, down) of E experts, each projection exactly of rank ``rank`` (None: full rank)."""
+def planted_bank(gen, rank: int | None | str = PLANTED):
+    """(gate_up, down) of E experts, each projection exactly of rank ``rank``, or exactly 2:4 where
+    ``rank`` is "2:4" (None: dense, full rank)."""
     def weight(N, K):
+        if rank == "2:4":
+            dense = torch.randn(E, N, K // 4, 4, generator=gen) / (K / 2) ** 0.5
+            keep = torch.rand(E, N, K // 4, 4, generator=gen).argsort(-1)[..., :2]
+            return torch.zeros_like(dense).scatter_(3, keep, dense.gather(3, keep)).reshape(E, N, K)
         if rank is None:
             return torch.randn(E, N, K, generator=gen) / K ** 0.5
         return torch.randn(E, N, rank, generator=gen) @ torch.randn(E, rank, K, generator=gen) / (rank * K) ** 0.5
@@ -61,10 +67,18 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+def speeds(monkeypatch, **us):
+    """Each form's time (its label's first word: lowrank, 2:4) against 2.0 us for the bank as it runs
+    (timing is the benchmark's job); forms not named take 3.0 us."""
+    def speed(bank, rewrite, impls, replay):
+        return us.get(rewrite.label.split()[0].replace(":", "_"), 3.0), "grouped", 2.0
+    monkeypatch.setattr(experts_fx, "structured_speed", speed)
+
+
 @pytest.fixture
 def faster(monkeypatch):
-    """The factored bank runs in half the time (timing is the benchmark's job)."""
-    monkeypatch.setattr(experts_fx, "factored_speed", lambda bank, factoring, impls, replay: (1.0, "grouped", 2.0))
+    """Low-rank experts run in half the time, 2:4 ones are no faster."""
+    speeds(monkeypatch, lowrank=1.0)
 
 
 def routed(T, gen):
@@ -109,9 +123,10 @@ def test_planted_low_rank_experts_are_factored_when_faster_and_the_model_runs_th
     model = MoE()
     result = optimize(model, error_budget=0.01)
     (row,) = result.report.to_dict()["experts"]
-    entry = row["factoring"]
-    assert entry["factored"] and entry["ranks"] == [16, 16] and entry["rank_share"] == FRACTIONS[0]
-    assert entry["measured_error"] < 1e-5 and "experts factored to ranks 16 (gate_up) and 16 (down)" in entry["reason"]
+    entry = row["expert_format"]
+    assert entry["format"] == "lowrank 16/16" and entry["implementation"] == "grouped"
+    assert entry["measured_error"] < 1e-5 and "experts run lowrank 16/16 (lowrank 0.25 of break-even)" in entry["reason"]
+    assert [t["format"] for t in entry["tried"]] == ["lowrank 0.25 of break-even", "lowrank 0.5 of break-even", "2:4"]
     x = batches(1, 5)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
@@ -131,7 +146,7 @@ def test_the_lowered_graph_runs_the_factored_op(faster):
         optimize(MoE(), error_budget=0.01)
     finally:
         experts_fx.apply_pruning = apply
-    assert any("experts_swiglu_lowrank" in t for t in seen)
+    assert any("experts_swiglu_lowrank" in t for t in seen)  # the form's own op in place of the bank
     assert not any(t.startswith("sparsec.experts_swiglu.") for t in seen)
 
 
@@ -139,31 +154,59 @@ def test_factoring_over_the_budget_is_refused_with_the_measured_error(faster):
     model = MoE(rank=None)
     result = optimize(model, error_budget=0.001)
     (row,) = result.report.to_dict()["experts"]
-    entry = row["factoring"]
-    assert not entry["factored"] and "over the" in entry["reason"]
-    assert [t["rank_share"] for t in entry["tried"]] == list(FRACTIONS)
-    assert all(t["measured_error"] > entry["allowed_error"] for t in entry["tried"])
+    entry = row["expert_format"]
+    assert entry["format"] is None and "over the" in entry["reason"]
+    lowrank = [t for t in entry["tried"] if t["format"].startswith("lowrank")]
+    assert len(lowrank) == len(FRACTIONS) and all(t["measured_error"] > entry["allowed_error"] for t in lowrank)
     x = batches(1, 5)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
 
 
-def test_a_factored_bank_no_faster_is_not_factored(monkeypatch):
-    monkeypatch.setattr(experts_fx, "factored_speed", lambda bank, factoring, impls, replay: (3.0, "grouped", 2.0))
+def test_a_bank_no_form_makes_faster_stays_dense(monkeypatch):
+    speeds(monkeypatch)
     (row,) = optimize(MoE(), error_budget=0.01).report.to_dict()["experts"]
-    entry = row["factoring"]
-    assert not entry["factored"] and "no faster" in entry["reason"]
+    entry = row["expert_format"]
+    assert entry["format"] is None and "no structured form measured faster" in entry["reason"]
     assert all(t["measured_error"] is None for t in entry["tried"])  # never evaluated: nothing to gain
+
+
+def test_planted_two_four_experts_fit_exactly_in_every_implementation(gen):
+    gate_up, down = planted_bank(gen, "2:4")
+    x = torch.randn(40, H, generator=gen)
+    index, weights = routed(40, gen)
+    bank = types.SimpleNamespace(gate_up=gate_up, down=down, inputs=(x, index, weights), pruning=None)
+    sparse = experts_twofour.fit(bank)
+    assert sparse.gate_up_values.shape == (E, 2 * I, H // 2) and sparse.stored() < (gate_up.numel() + down.numel()) * 0.6
+    fresh = torch.randn(30, H, generator=gen)
+    index, weights = routed(30, gen)
+    want = experts_loop(fresh, index, weights, gate_up, down)
+    for impl in ("loop", "batched", "dense_all", "grouped"):
+        torch.testing.assert_close(sparse.run(fresh, index, weights, impl), want, rtol=1e-4, atol=1e-5)
+
+
+def test_the_fastest_form_within_the_budget_is_chosen_and_a_faster_one_over_it_is_not(monkeypatch):
+    speeds(monkeypatch, lowrank=0.5, **{"2_4": 1.0})  # low rank fastest, but lossy on 2:4 experts
+    model = MoE(rank="2:4")
+    result = optimize(model, error_budget=0.01)
+    (row,) = result.report.to_dict()["experts"]
+    entry = row["expert_format"]
+    assert entry["format"] == "2:4" and entry["measured_error"] < 1e-5
+    lowrank = [t for t in entry["tried"] if t["format"].startswith("lowrank")]
+    assert min(t["measured_error"] for t in lowrank) > entry["allowed_error"]  # tried first, over the budget
+    x = batches(1, 5)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
 
 
 def test_a_fingerprint_of_another_device_factors_nothing_and_says_why(faster, monkeypatch):
     monkeypatch.setattr(experts_fx, "_other_device", lambda fingerprint, x: "it describes NVIDIA H200")
     (row,) = optimize(MoE(), error_budget=0.01).report.to_dict()["experts"]
-    assert not row["factoring"]["factored"] and "another device" in row["factoring"]["reason"]
+    assert row["expert_format"]["format"] is None and "another device" in row["expert_format"]["reason"]
 
 
-def test_the_factored_speed_is_measured_on_the_banks_calibration_routing(gen):
-    from sparsec.passes.experts_fx import factored_speed
+def test_the_speed_of_a_structured_bank_is_measured_on_its_calibration_routing(gen):
+    from sparsec.passes.experts_fx import structured_speed
 
     gate_up, down = planted_bank(gen)
     x = torch.randn(16, H, generator=gen)
@@ -171,5 +214,5 @@ def test_the_factored_speed_is_measured_on_the_banks_calibration_routing(gen):
     node = types.SimpleNamespace(args=(None,) * 5 + ("grouped",))
     bank = types.SimpleNamespace(gate_up=gate_up, down=down, inputs=(x, index, weights), pruning=None, node=node,
                                  timings={})
-    us, impl, now = factored_speed(bank, fit(bank, FRACTIONS[0]), ["batched", "grouped"], False)
+    us, impl, now = structured_speed(bank, fit(bank, FRACTIONS[0]), ["batched", "grouped"], False)
     assert us > 0 and now > 0 and impl in ("batched", "grouped")

@@ -1,0 +1,157 @@
+"""Structured formats inside expert banks, chosen within the error budget expert rewrites may spend.
+
+A bank's experts may run in a structured form: factored to low rank (``passes/experts_lowrank.py``)
+or 2:4 sparse (``passes/experts_twofour.py``), each a bank op of its own with the same four
+implementations as the dense bank (codegen/experts.py). Every candidate form is fitted per expert
+on the tokens the first calibration call routes to it (``routed``, ``stats_of``) and timed here,
+in each implementation, on the bank's calibration routing; a form counts for a bank only if its
+fastest implementation beats the bank as it runs now. Then the forms are tried fastest first
+(their measured time summed over the banks where they pay), each with every such bank rewritten
+(and the experts pruning dropped), and the first whose end-to-end error, in the user's metric on
+calibration and held-out data, is within the share of the budget ``expert_pruning`` gives is kept:
+one model evaluation per form tried. A fingerprint of another device has no figures for these
+forms yet: planning for one, no bank is rewritten and the report says why.
+
+Fits are made again for the evaluation rather than held from the timing, so that only one form's
+weights for every bank exist at a time.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def routed(bank):
+    """(gate_up, down, remap, x, index, weights): the bank's (kept) experts in float32 and its first
+    calibration call's inputs and routing, through the kept experts where it was pruned."""
+    pruning = getattr(bank, "pruning", None)
+    gate_up = (pruning.gate_up if pruning is not None else bank.gate_up).float()
+    down = (pruning.down if pruning is not None else bank.down).float()
+    x, index, weights = bank.inputs
+    remap = None
+    if pruning is not None:
+        from sparsec.codegen.experts import route_kept
+
+        remap = pruning.remap
+        index, weights = route_kept(index, weights, remap.to(index.device))
+    device = gate_up.device
+    return gate_up, down, remap, x.float().to(device), index.to(device), weights.to(device)
+
+
+def rows_of(x, index, weights, e: int) -> torch.Tensor:
+    """The rows of ``x`` routed to expert ``e`` with a nonzero weight."""
+    return x[((index == e) & (weights != 0)).any(-1)]
+
+
+def stats_of(rows: torch.Tensor):
+    """Second-order statistics of an expert's input rows (None without rows); with fewer rows than
+    inputs, each input's energy alone (``SiteStats.fall_back_to_diagonal``)."""
+    from sparsec.sites import SiteStats
+
+    if rows.shape[0] == 0:
+        return None
+    r = rows.double()
+    stats = SiteStats(gram=r.t() @ r, total=r.sum(0), rows=int(rows.shape[0]))
+    if stats.rows < rows.shape[1]:
+        stats.fall_back_to_diagonal()
+    return stats
+
+
+def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: bool, elsewhere: str | None,
+           show=lambda v: f"{v:.3g}") -> dict[str, dict]:
+    """Decide which form each bank's experts run in; sets ``bank.structured`` and returns, per bank
+    name, the report's ``expert_format`` entry.
+
+    ``candidates``: (label, fit(bank) -> rewrite) of each form; ``evaluate()`` measures the
+    end-to-end error in the user's metric (the worse of calibration and held-out) with every bank's
+    pruning and ``structured`` rewrite applied; ``allowed`` is what expert rewrites may cost in all,
+    in the same units; ``speed(bank, rewrite, impls)`` gives (us in the rewrite's fastest
+    implementation, that implementation, us as the bank runs now); ``elsewhere`` why the fingerprint
+    is of another device, or None."""
+    from sparsec.codegen.experts import IMPLS
+
+    live = [b for b in banks if b.inputs is not None]
+    out = {b.name: {"format": None, "allowed_error": allowed, "tried": []} for b in live}
+    for bank in live:
+        bank.structured = None
+    if not live:
+        return out
+    if elsewhere is not None:
+        return _refuse(out, f"experts kept dense: the fingerprint describes another device ({elsewhere}) and has "
+                            "no figures for structured experts; plan on that device to time them")
+    if allowed <= 0:
+        return _refuse(out, "experts kept dense: the error budget leaves expert rewrites nothing (error_budget or "
+                            "expert_pruning is 0)")
+    impls = [i for i in IMPLS if not (graph_replay and i == "loop")]
+    paying: list[tuple[float, str, object, dict]] = []  # (us summed over the banks it pays for, label, fit, {bank: tried})
+    for label, fit in candidates:
+        wins, total = {}, 0.0
+        for bank in live:
+            rewrite = fit(bank)
+            us, impl, now = speed(bank, rewrite, impls)
+            tried = {"format": label, "stored": _stored_share(bank, rewrite), "implementation": impl,
+                     "measured_us": us, "dense_us": now, "measured_error": None}
+            out[bank.name]["tried"].append(tried)
+            if us < now:
+                wins[bank.name] = (impl, tried)
+                total += us - now
+            del rewrite
+        if wins:
+            paying.append((total, label, fit, wins))
+    for _, label, fit, wins in sorted(paying, key=lambda p: p[0]):
+        rewrites = {}
+        for bank in live:
+            if bank.name in wins:
+                rewrite = fit(bank)
+                rewrite.impl = wins[bank.name][0]
+                bank.structured = rewrites[bank.name] = rewrite
+        error = evaluate()
+        for _, tried in wins.values():
+            tried["measured_error"] = error
+        if error <= allowed:
+            for bank in live:
+                if bank.name not in wins:
+                    continue
+                entry, tried = out[bank.name], wins[bank.name][1]
+                entry.update(format=rewrites[bank.name].label, implementation=tried["implementation"],
+                             measured_error=error, measured_us=tried["measured_us"], dense_us=tried["dense_us"],
+                             reason=(f"experts run {rewrites[bank.name].label} ({label}): {tried['implementation']} "
+                                     f"measured {tried['measured_us']:.1f} us against {tried['dense_us']:.1f} us as it "
+                                     f"ran, end-to-end {show(error)} within the {show(allowed)} expert rewrites may "
+                                     "spend"))
+            break
+        for bank in live:
+            bank.structured = None
+    for bank in live:
+        entry = out[bank.name]
+        if entry["format"] is None and "reason" not in entry:
+            entry["reason"] = _why_dense(entry["tried"], allowed, show)
+    return out
+
+
+def _stored_share(bank, rewrite) -> float:
+    """The rewrite's stored values over the (kept) dense experts'."""
+    pruning = getattr(bank, "pruning", None)
+    dense = (pruning.gate_up.numel() + pruning.down.numel()) if pruning is not None else \
+        (bank.gate_up.numel() + bank.down.numel())
+    return rewrite.stored() / dense
+
+
+def _why_dense(tries: list[dict], allowed: float, show) -> str:
+    over = [t for t in tries if t["measured_error"] is not None and t["measured_error"] > allowed]
+    if over:
+        t = min(over, key=lambda t: t["measured_error"])
+        return (f"experts kept dense: {t['format']} measured end to end {show(t['measured_error'])}, over the "
+                f"{show(allowed)} expert rewrites may spend" + ("; no other form fitted" if len(tries) > 1 else ""))
+    slower = [t for t in tries if t["measured_us"] >= t["dense_us"]]
+    if slower and len(slower) == len(tries):
+        t = min(slower, key=lambda t: t["measured_us"])
+        return (f"experts kept dense: no structured form measured faster (fastest {t['format']}, "
+                f"{t['measured_us']:.1f} us against {t['dense_us']:.1f} us as it runs)")
+    return "experts kept dense"
+
+
+def _refuse(out: dict[str, dict], reason: str) -> dict[str, dict]:
+    for entry in out.values():
+        entry["reason"] = reason
+    return out

@@ -1,0 +1,102 @@
+"""Expert banks with 2:4 sparse experts.
+
+Each expert's gate_up and down keep two of every four consecutive input weights, fitted as every
+2:4 layer in sparsec (``passes/twofour.py``) on the tokens the first calibration call routes to the
+expert (its down projection on what its 2:4 gate_up gives it); an expert no token reached keeps
+its largest weights. The bank then runs as ``sparsec::experts_swiglu_twofour`` (codegen/experts.py),
+whose grouped implementation reads the kept values and their position bytes, about 9/16 of the
+dense experts' bytes at 16 bits. Whether a bank runs so is decided with the other formats of
+experts (``passes/experts_formats.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+LABEL = "2:4"
+
+
+@dataclass
+class TwoFourBank:
+    """A bank's (kept) experts in 2:4 form: values (E, N, K/2) and position bytes per projection."""
+
+    gate_up_values: torch.Tensor
+    gate_up_meta: torch.Tensor
+    down_values: torch.Tensor
+    down_meta: torch.Tensor
+    remap: torch.Tensor | None = None
+    impl: str | None = None
+    label: str = LABEL
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The op's weight arguments, in order, by name (for the lowered graph's constants)."""
+        return {"gate_up_values": self.gate_up_values, "gate_up_meta": self.gate_up_meta,
+                "down_values": self.down_values, "down_meta": self.down_meta}
+
+    def op(self):
+        return torch.ops.sparsec.experts_swiglu_twofour.default
+
+    def stored(self) -> int:
+        """Stored values, the position bytes counted at their share of a value of this dtype."""
+        per_byte = 1.0 / self.gate_up_values.element_size()
+        return int(self.gate_up_values.numel() + self.down_values.numel()
+                   + per_byte * (self.gate_up_meta.numel() + self.down_meta.numel()))
+
+    def run(self, x, top_k_index, top_k_weights, impl: str) -> torch.Tensor:
+        from sparsec.codegen.experts import experts_twofour_op, route_kept
+
+        if self.remap is not None:
+            top_k_index, top_k_weights = route_kept(top_k_index, top_k_weights, self.remap.to(top_k_index.device))
+        t = [v.to(x.device) for v in self.tensors().values()]
+        return experts_twofour_op(x, top_k_index, top_k_weights, *t, self.impl or impl)
+
+
+def fit(bank) -> TwoFourBank:
+    """The bank's (kept) experts pruned to 2:4, each fitted on its routed rows."""
+    from sparsec.passes.experts_formats import routed, rows_of
+
+    gate_up, down, remap, x, index, weights = routed(bank)
+    E = gate_up.shape[0]
+    if gate_up.shape[2] % 4 or down.shape[2] % 4:
+        raise ValueError(f"2:4 experts need inputs in fours; the bank has H={gate_up.shape[2]}, I={down.shape[2]}")
+    parts = [[], [], [], []]
+    for e in range(E):
+        rows = rows_of(x, index, weights, e)
+        w1 = _fit(gate_up[e], rows)
+        gate, up = (rows @ w1.t()).chunk(2, dim=-1)
+        w2 = _fit(down[e], F.silu(gate) * up)
+        for part, t in zip(parts, (*_pack(w1), *_pack(w2))):
+            part.append(t)
+    dtype = bank.gate_up.dtype
+    gv, gm, dv, dm = (torch.stack(p).contiguous() for p in parts)
+    return TwoFourBank(gv.to(dtype), gm, dv.to(dtype), dm, remap)
+
+
+def _fit(weight: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    from sparsec.formats import TwoFour
+    from sparsec.passes.experts_formats import stats_of
+    from sparsec.passes.registry import HANDLERS
+
+    handler = HANDLERS["2:4"]
+    stats = stats_of(rows)
+    method = None if stats is not None else "magnitude"
+    (approx,) = handler.approximate([TwoFour()], weight, stats, method=method)
+    return approx.float()
+
+
+def _pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values (N, K/2), position bytes) of a weight with at most two nonzeros in every four."""
+    from sparsec.codegen.twofour import encode_positions
+
+    N, K = weight.shape
+    groups = weight.reshape(N, K // 4, 4)
+    pos = groups.abs().topk(2, dim=-1).indices.sort(dim=-1).values
+    return groups.gather(2, pos).reshape(N, K // 2).contiguous(), encode_positions(pos)
+
+
+def candidates() -> list[tuple[str, object]]:
+    """(label, fit) for ``experts_formats.choose``."""
+    return [(LABEL, fit)]
