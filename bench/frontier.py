@@ -201,7 +201,7 @@ def run(args) -> dict:
                "layers": len(report["layers"]), "plan_s": plan_s, "one_eval_s": one_eval_s,
                "evaluations": report["planning"]["model_evaluations"] + report["planning"]["heldout_evaluations"],
                "steps_s": report["planning"]["timing"]["steps_s"], "recovery": args.recovery,
-               "recovery_summary": report["planning"].get("recovery"),
+               "recovery_summary": report["planning"].get("recovery"), "replans": report["planning"].get("replans"),
                "fallbacks": report.get("fallbacks", [])}
         if not args.plan_only and example is calib[0]:
             # at another shape the rewritten module would be compiled (and planned) anew: the
@@ -253,7 +253,7 @@ def line(row: dict) -> str:
     extra = f" ({extra})" if extra else ""
     held = f"held-out {row['metric']} {row['heldout']:.4g}{extra}; " if row.get("heldout") is not None else ""
     on = f" on {row['fingerprint']}" if row.get("fingerprint") else ""
-    replans = (row.get("recovery_summary") or {}).get("replans") or []
+    replans = row.get("replans") or (row.get("recovery_summary") or {}).get("replans") or []
     replanned = ", ".join(f"re-planned at {r['one_shot_budget']:.3g}: {r['rewritten']} rewritten, "
                           f"{'kept' if r['kept'] else 'not kept'}" for r in replans)
     on += f", recovery {row['recovery']}" if row.get("recovery") else ""

@@ -128,8 +128,8 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("recover", shown_as="recover (a pass over the calibration data per block)"):
         one_shot = e2e
         recovery, e2e = recover(frontend, layers, planning, e2e)
-    with timed("replan", shown_as="replan (spend what recovery saved)"):
-        alloc, e2e = replan(frontend, layers, planning, fingerprint, alloc, recovery, one_shot, e2e)
+    with timed("replan", shown_as="replan (spend what the plan left of the budget)"):
+        alloc, e2e, replans = replan(frontend, layers, planning, fingerprint, alloc, recovery, one_shot, e2e)
     with timed("lower"):
         lowered = lower(frontend, layers) if planning.lower else None
     with timed("check", shown_as="check (run and time the rewritten graph)"):
@@ -156,6 +156,8 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         if recovery is not None:
             report["planning"]["recovery"] = recovery.to_dict()
             report["warnings"] += recovery.warnings()
+        if replans:
+            report["planning"]["replans"] = replans
         # how the budget was calibrated, re-allocated and backed off, per subgraph
         report["planner_log"] = [f"graph {frontend.graph}: {line}"
                                  for line in alloc.history + stacked_lines + frontend.lowering_notes()]
@@ -790,17 +792,20 @@ def stretched_budget(planned_at: float, recovered: float, budget: float) -> floa
 
 def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprint, alloc, recovery,
            one_shot: EndToEnd, e2e: EndToEnd):
-    """Spend what recovery saved: the plan was chosen and verified on one-shot errors, and recovery
-    brought its error down by a measured factor. Where that leaves enough of the budget unspent
-    (``REPLAN_GAIN``), plan again at a one-shot budget stretched by that factor, recover that plan,
-    and keep it only if its recovered error (the larger of calibration and held-out) is within the
-    user's budget and it is predicted faster; else the plan before stands. A plan over budget is
-    followed by one between it and the last that fitted. Returns the allocation and end-to-end
-    measurement of the plan kept; each plan tried is in the report under ``planning.recovery.replans``."""
-    if (recovery is None or not recovery.refit or options.error_budget <= 0
-            or not any(l.requested == "auto" for l in layers)):
-        return alloc, e2e
+    """Spend what the plan left of the budget: it was chosen and verified on one-shot errors, the
+    allocation may have stopped short of the budget, and recovery (where on) brought its error
+    down further. Where enough of the budget is left (``REPLAN_GAIN``), plan again at a one-shot
+    budget stretched by what is left, recover that plan, and keep it only if its final error (the
+    larger of calibration and held-out) is within the user's budget and it is predicted faster;
+    else the plan before stands. A plan over budget is followed by one between it and the last that
+    fitted. Returns the allocation and end-to-end measurement of the plan kept, and one row per plan
+    tried (the report's ``planning.replans``)."""
+    rows: list[dict] = []
+    if (options.error_budget <= 0 or not any(l.requested == "auto" for l in layers)
+            or (recovery is not None and not recovery.refit)):
+        return alloc, e2e, rows
     to_error = options.metric.to_error
+    in_metric = options.metric.from_error  # the rows speak the user's metric, as the budget does
 
     def worst(result: EndToEnd) -> float:
         return to_error(max(result.measured_error or 0.0, result.heldout_error or 0.0))
@@ -812,14 +817,17 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
     current = recovery
     for _ in range(REPLAN_ROUNDS):
         if over is None:
-            if before < REPLAN_BINDING * planned_at or after >= before:
-                break  # the budget did not bind the plan (more of it buys nothing), or recovery saved nothing
+            if before < REPLAN_BINDING * planned_at:
+                break  # the budget did not bind the plan: more of it buys nothing
+            if all(h.index == len(h.points) - 1 for h in accepted.alloc.hulls):
+                break  # every layer already takes its fastest candidate
             trial = stretched_budget(planned_at, after, budget)
         else:
             trial = math.sqrt(planned_at * over)
-        if trial <= REPLAN_GAIN * planned_at:  # too little saved to buy another rewrite
+        if trial <= REPLAN_GAIN * planned_at:  # too little left to buy another rewrite
             break
-        current.undo(layers)
+        if current is not None:
+            current.undo(layers)
         stretched = dataclasses.replace(options, error_budget=trial)
         trial_alloc = select(layers, stretched, fingerprint)
         trial_e2e = verify(frontend, layers, trial_alloc, stretched, before=e2e)
@@ -827,18 +835,17 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
             trial_e2e = verify(frontend, layers, trial_alloc, stretched, before=trial_e2e)
         trial_one_shot = trial_e2e
         trial_recovery, trial_e2e = recover(frontend, layers, options, trial_e2e)
-        fits = trial_recovery is not None and bool(trial_recovery.refit) and worst(trial_e2e) <= budget
+        fits = worst(trial_e2e) <= budget and (recovery is None or (trial_recovery is not None and bool(trial_recovery.refit)))
         speedup = _plan_speedup(layers)
-        in_metric = options.metric.from_error  # the rows speak the user's metric, as the budget does
         row = {"one_shot_budget": in_metric(trial), "one_shot_error": in_metric(worst(trial_one_shot)),
-               "recovered_error": in_metric(worst(trial_e2e)),
+               "error": in_metric(worst(trial_e2e)),
                "rewritten": sum(1 for l in layers if l.chosen is not None and not l.chosen.is_dense),
                "predicted_layer_speedup": speedup, "kept": False}
+        rows.append(row)
         e2e = dataclasses.replace(e2e, evaluations=trial_e2e.evaluations, heldout_evaluations=trial_e2e.heldout_evaluations)
         if fits and speedup > accepted.speedup:
             row["kept"] = True
-            recovery.replans.append(row)
-            if trial_recovery is not recovery:
+            if recovery is not None and trial_recovery is not recovery:
                 recovery.refit, recovery.kept = trial_recovery.refit, trial_recovery.kept
                 recovery.sequential_only, recovery.passes = trial_recovery.sequential_only, recovery.passes + trial_recovery.passes
                 recovery.originals = trial_recovery.originals
@@ -846,9 +853,9 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
             accepted = _Accepted.take(layers, trial_alloc, trial_e2e)
             planned_at, before, after = trial, worst(trial_one_shot), worst(trial_e2e)
             continue
-        recovery.replans.append(row)
-        recovery.passes += trial_recovery.passes if trial_recovery is not None else 0
         if trial_recovery is not None:
+            if recovery is not None:
+                recovery.passes += trial_recovery.passes
             trial_recovery.undo(layers)
         accepted.restore()
         if not fits and over is None:
@@ -856,12 +863,12 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
         else:
             break
     counts = dict(evaluations=e2e.evaluations, heldout_evaluations=e2e.heldout_evaluations)
-    for row in recovery.replans:
+    for row in rows:
         accepted.alloc.history.append(
-            f"re-planned at a one-shot budget of {row['one_shot_budget']:.4g} with what recovery saved: "
-            f"{row['rewritten']} rewritten, {row['one_shot_error']:.4g} one shot, {row['recovered_error']:.4g} "
-            f"recovered, {'kept' if row['kept'] else 'not kept'}")
-    return accepted.alloc, dataclasses.replace(accepted.e2e, **counts)
+            f"re-planned at a one-shot budget of {row['one_shot_budget']:.4g} with what the plan left: "
+            f"{row['rewritten']} rewritten, {row['one_shot_error']:.4g} one shot, {row['error']:.4g} "
+            f"{'recovered' if recovery is not None else 'measured'}, {'kept' if row['kept'] else 'not kept'}")
+    return accepted.alloc, dataclasses.replace(accepted.e2e, **counts), rows
 
 
 # -- lower ------------------------------------------------------------------------------------

@@ -57,8 +57,6 @@ class RecoverySummary:
     note: str | None = None  # why nothing was recovered, where that happened
     # each rewritten layer's reconstruction before recovery touched it (None: its candidate remakes it)
     originals: dict[str, object] = field(default_factory=dict, repr=False)
-    # the plans tried with what recovery saved (sparsec.replan), one dict per plan
-    replans: list[dict] = field(default_factory=list)
 
     def undo(self, layers: list[Layer]) -> None:
         """Every layer back to its one-shot fit, as before this recovery."""
@@ -82,8 +80,6 @@ class RecoverySummary:
             out["sequential_only"] = len(self.sequential_only)
         if self.note:
             out["note"] = self.note
-        if self.replans:
-            out["replans"] = self.replans
         return out
 
 

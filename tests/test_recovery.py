@@ -186,8 +186,8 @@ def test_the_planner_spends_what_recovery_saves_and_stays_within_the_budget(monk
     import sparsec.pipeline as pipeline
 
     budget, fp = 0.1, scenario_fp()
-    one_shot = auto("none", budget, fingerprint=fp)
     monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 0)
+    one_shot = auto("none", budget, fingerprint=fp)
     recovered_only = auto("full", budget, fingerprint=fp)
     monkeypatch.undo()
     spent = auto("full", budget, fingerprint=fp)
@@ -199,11 +199,15 @@ def test_the_planner_spends_what_recovery_saves_and_stays_within_the_budget(monk
     assert set(rewritten(spent)) > set(rewritten(one_shot))
     assert spent["end_to_end"]["predicted_speedup"] > recovered_only["end_to_end"]["predicted_speedup"]
     assert max(spent["end_to_end"]["measured_error"], spent["end_to_end"]["heldout_error"]) <= budget
-    replans = spent["planning"]["recovery"]["replans"]
+    replans = spent["planning"]["replans"]
     kept = [r for r in replans if r["kept"]]
     assert kept and kept[-1]["one_shot_budget"] > budget and kept[-1]["one_shot_error"] > budget
-    assert kept[-1]["recovered_error"] <= budget
+    assert kept[-1]["error"] <= budget
     assert any("re-planned at a one-shot budget" in line for line in spent["planner_log"])
+    # without recovery the plan is made again only for what the allocation left, which here is
+    # too little to buy a rewrite: the one-shot plan stands
+    monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 2)
+    assert rewritten(auto("none", budget, fingerprint=fp)) == rewritten(one_shot)
     # every layer kept reports its recovered fit, and none left dense carries one
     for layer in spent["layers"]:
         assert ("recovery" in layer) == (layer["format"] != "dense")
@@ -218,8 +222,8 @@ def test_a_replan_over_the_budget_is_not_kept_and_the_plan_before_stands_unchang
     monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 1)
     monkeypatch.setattr(pipeline, "stretched_budget", lambda planned_at, recovered, budget: 4 * budget)
     after = auto("full", budget, fingerprint=fp)
-    (row,) = after["planning"]["recovery"]["replans"]
-    assert not row["kept"] and row["recovered_error"] > budget
+    (row,) = after["planning"]["replans"]
+    assert not row["kept"] and row["error"] > budget
     assert [l["format"] for l in after["layers"]] == [l["format"] for l in before["layers"]]
     for a, b in zip(after["layers"], before["layers"]):
         assert a.get("recovery") == b.get("recovery") and a["measured_error"] == b["measured_error"]
@@ -229,4 +233,25 @@ def test_a_replan_over_the_budget_is_not_kept_and_the_plan_before_stands_unchang
 
 def test_a_plan_recovery_cannot_improve_is_not_planned_again(scenario_fp):
     report = auto("full", 0.1, formats=("lowrank",), fingerprint=scenario_fp())  # low rank: recovery saves almost nothing here
-    assert "replans" not in report["planning"]["recovery"]
+    assert "replans" not in report["planning"]
+
+
+def test_without_recovery_a_plan_that_left_budget_is_made_again_to_spend_it(monkeypatch, scenario_fp):
+    import sparsec.pipeline as pipeline
+
+    budget, fp = 0.12, scenario_fp()
+    monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 0)
+    first = auto("none", budget, formats=("lowrank",), fingerprint=fp)
+    monkeypatch.undo()
+    again = auto("none", budget, formats=("lowrank",), fingerprint=fp)
+    kept = [r for r in again["planning"]["replans"] if r["kept"]]
+    assert kept and kept[-1]["one_shot_budget"] > budget >= kept[-1]["error"]
+    assert again["end_to_end"]["predicted_speedup"] > first["end_to_end"]["predicted_speedup"]
+    assert max(again["end_to_end"]["measured_error"], again["end_to_end"]["heldout_error"]) <= budget
+    assert "recovery" not in again["planning"]
+
+
+def test_a_plan_whose_every_layer_takes_its_fastest_candidate_is_not_made_again(scenario_fp):
+    report = auto("none", 0.2, fingerprint=scenario_fp())  # every layer 2:4, the only format allowed
+    assert {layer["format"] for layer in report["layers"]} == {"2:4"}
+    assert "replans" not in report["planning"]
