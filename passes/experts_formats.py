@@ -58,7 +58,7 @@ def stats_of(rows: torch.Tensor):
 
 
 def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: bool, elsewhere: str | None,
-           show=lambda v: f"{v:.3g}") -> dict[str, dict]:
+           show=lambda v: f"{v:.3g}", forced=None, refused: str | None = None) -> dict[str, dict]:
     """Decide which form each bank's experts run in; sets ``bank.structured`` and returns, per bank
     name, the report's ``expert_format`` entry.
 
@@ -67,22 +67,43 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
     pruning and ``structured`` rewrite applied; ``allowed`` is what expert rewrites may cost in all,
     in the same units; ``speed(bank, rewrite, impls)`` gives (us in the rewrite's fastest
     implementation, that implementation, us as the bank runs now); ``elsewhere`` why the fingerprint
-    is of another device, or None."""
+    is of another device, or None. ``forced``: bank name -> (label, fit), or None for dense, of the
+    banks a plan names: those run as it says (timed, not vetoed), the others are chosen for;
+    ``refused``: why those others stay dense without being tried (no ``evaluate`` then)."""
     from sparsec.codegen.experts import IMPLS
 
-    live = [b for b in banks if b.inputs is not None]
-    out = {b.name: {"format": None, "allowed_error": allowed, "tried": []} for b in live}
-    for bank in live:
+    forced = forced or {}
+    impls = [i for i in IMPLS if not (graph_replay and i == "loop")]
+    everything = [b for b in banks if b.inputs is not None]
+    out = {b.name: {"format": None, "allowed_error": allowed, "tried": []} for b in everything}
+    for bank in everything:
         bank.structured = None
+        if bank.name not in forced:
+            continue
+        entry = out[bank.name]
+        entry["forced_by"] = "plan"
+        if forced[bank.name] is None:
+            entry["reason"] = "experts kept dense: the plan asks for dense"
+            continue
+        label, fit = forced[bank.name]
+        rewrite = fit(bank)
+        us, impl, now = speed(bank, rewrite, impls)
+        rewrite.impl = impl
+        bank.structured = rewrite
+        entry.update(format=rewrite.label, form=rewrite.form, implementation=impl, measured_us=us, dense_us=now,
+                     reason=(f"experts run {rewrite.label} ({label}) as the plan asks: {impl} measured {us:.1f} us "
+                             f"against {now:.1f} us dense" + ("" if us < now else ", slower")))
+    live = [b for b in everything if b.name not in forced]
     if not live:
         return out
+    if refused is not None:
+        return _refuse(out, refused, live)
     if elsewhere is not None:
         return _refuse(out, f"experts kept dense: the fingerprint describes another device ({elsewhere}) and has "
-                            "no figures for structured experts; plan on that device to time them")
+                            "no figures for structured experts; plan on that device to time them", live)
     if allowed <= 0:
         return _refuse(out, "experts kept dense: the error budget leaves expert rewrites nothing (error_budget or "
-                            "expert_pruning is 0)")
-    impls = [i for i in IMPLS if not (graph_replay and i == "loop")]
+                            "expert_pruning is 0)", live)
     paying: list[tuple[float, str, object, dict]] = []  # (us summed over the banks it pays for, label, fit, {bank: tried})
     for label, fit in candidates:
         wins, total = {}, 0.0
@@ -113,7 +134,8 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
                 if bank.name not in wins:
                     continue
                 entry, tried = out[bank.name], wins[bank.name][1]
-                entry.update(format=rewrites[bank.name].label, implementation=tried["implementation"],
+                entry.update(format=rewrites[bank.name].label, form=rewrites[bank.name].form,
+                             implementation=tried["implementation"],
                              measured_error=error, measured_us=tried["measured_us"], dense_us=tried["dense_us"],
                              reason=(f"experts run {rewrites[bank.name].label} ({label}): {tried['implementation']} "
                                      f"measured {tried['measured_us']:.1f} us against {tried['dense_us']:.1f} us as it "
@@ -122,7 +144,7 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
             break
         for bank in live:
             bank.structured = None
-    for bank in live:
+    for bank in everything:
         entry = out[bank.name]
         if entry["format"] is None and "reason" not in entry:
             entry["reason"] = _why_dense(entry["tried"], allowed, show)
@@ -151,7 +173,7 @@ def _why_dense(tries: list[dict], allowed: float, show) -> str:
     return "experts kept dense"
 
 
-def _refuse(out: dict[str, dict], reason: str) -> dict[str, dict]:
-    for entry in out.values():
-        entry["reason"] = reason
+def _refuse(out: dict[str, dict], reason: str, banks) -> dict[str, dict]:
+    for bank in banks:
+        out[bank.name]["reason"] = reason
     return out

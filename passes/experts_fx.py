@@ -97,8 +97,8 @@ def find_banks(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[i
 
 def _bank_name(node: fx.Node, folder: ConstantFolder) -> str:
     source = folder.source(node.args[3]) if isinstance(node.args[3], fx.Node) else None
-    if source:
-        return source.rpartition(".")[0]
+    if source:  # the module holding the weights; the weight itself where the model's root holds it
+        return source.rpartition(".")[0] or source
     stack = node.meta.get("nn_module_stack")
     return qualified_name(list(stack.values())[-1][0]) if stack else node.name
 
@@ -282,11 +282,34 @@ def pruned_speed(bank: Bank, pruning, graph_replay: bool, fingerprint=None,
     return after, now, "measured"
 
 
+def forced_forms(banks: list[Bank], plan) -> dict[str, tuple[str, object] | None]:
+    """The forms a plan's ``experts`` entries ask of these banks: bank name -> (label, fit), or None
+    for dense; banks the plan leaves ``auto`` are not named."""
+    from functools import partial
+
+    from sparsec.passes import experts_lowrank, experts_twofour
+
+    out = {}
+    for bank in banks:
+        form = plan.resolve_bank(bank.name) if plan is not None else "auto"
+        if form == "auto":
+            continue
+        if form == "dense":
+            out[bank.name] = None
+        elif form == "2:4":
+            out[bank.name] = (experts_twofour.LABEL, experts_twofour.fit)
+        else:
+            share = float(form.split(":")[1])
+            out[bank.name] = (f"lowrank {share:g} of break-even", partial(experts_lowrank.fit, fraction=share))
+    return out
+
+
 def structure(banks: list[Bank], rows: list[dict], evaluate, allowed: float, graph_replay: bool, fingerprint=None,
-              show=None) -> None:
+              show=None, forced=None, refused: str | None = None) -> None:
     """Run the banks' experts in a structured form (low rank, 2:4) where that measures faster, within
-    ``allowed`` end-to-end error in all (``passes/experts_formats.py``), and add each bank's
-    ``expert_format`` entry to its row."""
+    ``allowed`` end-to-end error in all, or where the plan's ``forced`` forms say
+    (``passes/experts_formats.py``), and add each bank's ``expert_format`` entry to its row;
+    ``refused``: why banks the plan leaves to sparsec stay dense without being tried."""
     from sparsec.passes import experts_formats, experts_lowrank, experts_twofour
 
     live = [b for b in banks if b.inputs is not None]
@@ -297,7 +320,8 @@ def structure(banks: list[Bank], rows: list[dict], evaluate, allowed: float, gra
         return structured_speed(bank, rewrite, impls, graph_replay)
 
     forms = experts_lowrank.candidates() + [c for c in experts_twofour.candidates() if _fours(live)]
-    entries = experts_formats.choose(live, forms, evaluate, allowed, speed, graph_replay, elsewhere, **kwargs)
+    entries = experts_formats.choose(live, forms, evaluate, allowed, speed, graph_replay, elsewhere,
+                                     forced=forced or {}, refused=refused, **kwargs)
     for row in rows:
         if row["name"] in entries:
             row["expert_format"] = entries[row["name"]]

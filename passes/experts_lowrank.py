@@ -64,6 +64,11 @@ class Factoring:
     def label(self) -> str:
         return f"lowrank {self.ranks[0]}/{self.ranks[1]}"
 
+    @property
+    def form(self) -> str:
+        """As a plan's ``experts`` entry names it."""
+        return f"lowrank:{self.fraction:g}"
+
     def op(self):
         return torch.ops.sparsec.experts_swiglu_lowrank.default
 

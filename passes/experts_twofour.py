@@ -30,6 +30,7 @@ class TwoFourBank:
     remap: torch.Tensor | None = None
     impl: str | None = None
     label: str = LABEL
+    form: str = LABEL  # as a plan's ``experts`` entry names it
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The op's weight arguments, in order, by name (for the lowered graph's constants)."""

@@ -55,6 +55,7 @@ class FxFrontend:
         self._references: list[list[torch.Tensor]] = []
         self._heldout_references: list[list[torch.Tensor]] | None = None
         self.pruned: dict = {}  # expert-bank node name -> the experts it keeps (passes/experts_prune.py)
+        self.bank_names: list[str] = []  # the expert banks this graph holds
         self._references_of_experts = False  # the dense outputs were taken before banks dropped experts
 
     # -- protocol ---------------------------------------------------------------------------
@@ -73,6 +74,7 @@ class FxFrontend:
         from sparsec.passes import experts_fx
 
         banks, skipped = experts_fx.find_banks(self.gm, self.example_inputs, self.graph, self.names)
+        self.bank_names = [b.name for b in banks]
         if not banks:
             return [], skipped
         for gm, _, args in map(self._run_of, self.calibration or [self.example_inputs]):
@@ -87,24 +89,34 @@ class FxFrontend:
         from sparsec.metrics import metric_of
         from sparsec.passes import experts_fx
 
+        replay = self.mode == "reduce-overhead"
+        forced = experts_fx.forced_forms(banks, options.plan)
+
+        def rewritten() -> dict:
+            return {b.node.name: b.structured or b.pruning for b in banks
+                    if b.structured is not None or b.pruning is not None}
+
+        why = None
         if options.expert_pruning <= 0:
-            return experts_fx.refuse_pruning(rows, "no expert dropped: expert_pruning is 0",
-                                             "experts kept dense: expert_pruning is 0")
-        missing = [item for item in self.calibration + self.heldout
-                   if not all(name in self._bank_nodes(self._run_of(item)[0]) for name in (b.node.name for b in banks))]
-        if missing or not self.calibration:
-            why = ("a calibration input of other shapes runs a graph without the same banks, where a rewritten bank "
-                   "could not be checked" if missing else "no calibration data to measure its error on")
-            return experts_fx.refuse_pruning(rows, f"no expert dropped: {why}", f"experts kept dense: {why}")
+            why = "expert_pruning is 0"
+        else:
+            missing = [item for item in self.calibration + self.heldout
+                       if not all(name in self._bank_nodes(self._run_of(item)[0]) for name in (b.node.name for b in banks))]
+            if missing or not self.calibration:
+                why = ("a calibration input of other shapes runs a graph without the same banks, where a rewritten "
+                       "bank could not be checked" if missing else "no calibration data to measure its error on")
+        if why is not None:
+            experts_fx.refuse_pruning(rows, f"no expert dropped: {why}", f"experts kept dense: {why}")
+            if forced:  # what the plan asks for runs whatever the budget allows
+                experts_fx.structure(banks, rows, None, 0.0, graph_replay=replay, fingerprint=fingerprint,
+                                     forced=forced, refused=f"experts kept dense: {why}")
+                self.pruned = rewritten()
+            return
         metric = self.metric or metric_of(None)
         with torch.no_grad():  # the dense model's outputs, before any bank drops an expert
             self._references = [flatten_outputs(gm(*args)) for gm, _, args in map(self._run_of, self.calibration)]
         self._references_of_experts = True
         self._heldout_refs()
-
-        def rewritten() -> dict:
-            return {b.node.name: b.structured or b.pruning for b in banks
-                    if b.structured is not None or b.pruning is not None}
 
         def evaluate() -> float:
             self.pruned = rewritten()
@@ -114,11 +126,10 @@ class FxFrontend:
 
         # the planning options carry the budget on the planner's scale: back to the metric's units
         allowed = options.expert_pruning * metric.from_error(options.error_budget)
-        replay = self.mode == "reduce-overhead"
         experts_fx.prune(banks, rows, evaluate, allowed, graph_replay=replay,
                          fingerprint=fingerprint, cost_mode=options.cost_mode, show=metric.show)
         experts_fx.structure(banks, rows, evaluate, allowed, graph_replay=replay, fingerprint=fingerprint,
-                             show=metric.show)
+                             show=metric.show, forced=forced)
         self.pruned = rewritten()
 
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
@@ -264,7 +275,7 @@ class FxFrontend:
         notes = []
         if options.plan is not None:
             names = sorted(set(self.earlier_names) | {l.name for l in layers} | {s.name for s in skipped})
-            unmatched = options.plan.describe_unmatched(names, "the graphs compiled so far")
+            unmatched = options.plan.describe_unmatched(names, "the graphs compiled so far", banks=self.bank_names)
             if unmatched:
                 notes.append(f"graph {self.graph}: {unmatched}")
         frozen = [l.name for l in layers if l.chosen is not None and not l.chosen.is_dense]

@@ -75,7 +75,8 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     if session.options.plan is not None:
         data = session.report.to_dict()
         unmatched = session.options.plan.describe_unmatched(
-            [x["name"] for x in [*data["layers"], *data.get("skipped", [])]])
+            [x["name"] for x in [*data["layers"], *data.get("skipped", [])]],
+            banks=[bank["name"] for bank in data.get("experts", [])])
         if unmatched:
             from sparsec.errors import PlanError
 

@@ -201,7 +201,10 @@ class Session:
         self.report = report if self.report is None else self.report.extend(report)
         layers = dict(self.plan.layers) if self.plan is not None else {}
         layers.update(outcome.plan.layers)
-        self.plan = Plan(layers=layers, fingerprint=outcome.plan.fingerprint, error_budget=outcome.plan.error_budget)
+        experts = dict(self.plan.experts) if self.plan is not None else {}
+        experts.update(outcome.plan.experts)
+        self.plan = Plan(layers=layers, fingerprint=outcome.plan.fingerprint, error_budget=outcome.plan.error_budget,
+                         experts=experts)
 
 
 def fallback_message(graph: int, exc: BaseException,

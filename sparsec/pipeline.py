@@ -141,7 +141,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("report"):
         rest_us, fused_us = rest(frontend, fingerprint, planning)
         stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, planning.cost_mode)
-        plan = plan_of(layers, fingerprint, options)
+        plan = plan_of(layers, fingerprint, options, banks)
         notes = frontend.notes(layers, skipped, planning, fingerprint)
         report = report_of(frontend, layers, skipped, e2e, fingerprint, planning, rest_us, fused_us, stacked_us,
                            checked=checked, kept_dense_speedup=kept, budget=options.error_budget)
@@ -929,11 +929,14 @@ def rest(frontend: Frontend, fingerprint, options: Options) -> tuple[float | Non
 # -- plan and report --------------------------------------------------------------------------
 
 
-def plan_of(layers: list[Layer], fingerprint, options: Options) -> Plan:
+def plan_of(layers: list[Layer], fingerprint, options: Options, banks: list[dict] = ()) -> Plan:
+    """What was chosen, as a plan that replays it: each layer's format and each expert bank's form."""
     return Plan(
         layers={l.name: (l.chosen.fmt if l.chosen is not None else "dense") for l in layers},
         fingerprint=fingerprint.name,
         error_budget=options.error_budget,
+        experts={b["name"]: (b.get("expert_format") or {}).get("form") or "dense" for b in banks
+                 if "expert_format" in b},
     )
 
 

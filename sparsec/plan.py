@@ -3,6 +3,10 @@
 ``layers`` maps a layer name, a ``re:`` pattern (full match) or ``_default`` to a format name or
 ``auto``; a bare mapping of that kind (``{"_default": "2:4"}``) is taken as a plan's layers. Exact names win over patterns, patterns are tried in the order written, and
 ``_default`` applies last; a layer no entry names is ``auto``.
+
+``experts`` maps expert banks (mixture of experts) the same way to the form their experts run in:
+``dense``, ``2:4``, ``lowrank:F`` (F in (0, 1): that share of each projection's break-even rank,
+docs/experts.md) or ``auto``; a bank no entry names is ``auto``.
 """
 
 from __future__ import annotations
@@ -16,7 +20,8 @@ from sparsec.errors import PlanError
 from sparsec.formats import FormatError, parse_spec
 
 SCHEMA = "sparsec.plan/1"
-PLAN_KEYS = {"schema", "fingerprint", "error_budget", "layers"}
+PLAN_KEYS = {"schema", "fingerprint", "error_budget", "layers", "experts"}
+BANK_FORM = re.compile(r"dense|auto|2:4|lowrank:(0?\.\d*[1-9]\d*)")  # a bank's form (``experts``)
 
 
 @dataclass
@@ -24,8 +29,19 @@ class Plan:
     layers: dict[str, str] = field(default_factory=dict)
     fingerprint: str | None = None
     error_budget: float | None = None
+    experts: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self):
+        self._bank_patterns = []
+        for key, value in self.experts.items():
+            if not isinstance(key, str) or not isinstance(value, str) or not BANK_FORM.fullmatch(value):
+                raise PlanError(f"plan entry experts {key!r}: {value!r} is not a form of expert bank; use dense, 2:4, "
+                                "lowrank:F with F in (0, 1) (e.g. lowrank:0.25), or auto")
+            if key.startswith("re:"):
+                try:
+                    self._bank_patterns.append((key, re.compile(key[3:])))
+                except re.error as exc:
+                    raise PlanError(f"plan entry experts {key!r}: bad regular expression: {exc}") from None
         self._patterns = []
         for key, value in self.layers.items():
             if not isinstance(key, str) or not isinstance(value, str):
@@ -52,14 +68,32 @@ class Plan:
             return self.layers["_default"], "_default"
         return "auto", None
 
-    def unmatched(self, names) -> list[str]:
-        """The entries (names and ``re:`` patterns, not ``_default``) that match none of ``names``."""
-        names = list(names)
+    def resolve_bank(self, name: str) -> str:
+        """The form asked for bank ``name`` (``auto`` where no ``experts`` entry names it)."""
+        if name in self.experts:
+            return self.experts[name]
+        for key, pattern in self._bank_patterns:
+            if pattern.fullmatch(name):
+                return self.experts[key]
+        return self.experts.get("_default", "auto")
+
+    def unmatched(self, names, banks=()) -> list[str]:
+        """The entries (names and ``re:`` patterns, not ``_default``) that match none of ``names``
+        (layers) or, for ``experts`` entries, of ``banks``."""
         out = []
-        for key in self.layers:
+        for key in self._unmatched(self.layers, dict(self._patterns), list(names)):
+            out.append(key)
+        for key in self._unmatched(self.experts, dict(self._bank_patterns), list(banks)):
+            out.append(f"experts {key}")
+        return out
+
+    @staticmethod
+    def _unmatched(entries: dict, patterns: dict, names: list[str]) -> list[str]:
+        out = []
+        for key in entries:
             if key == "_default":
                 continue
-            pattern = dict(self._patterns).get(key)
+            pattern = patterns.get(key)
             if pattern is not None:
                 if not any(pattern.fullmatch(n) for n in names):
                     out.append(key)
@@ -67,29 +101,34 @@ class Plan:
                 out.append(key)
         return out
 
-    def describe_unmatched(self, names, where: str = "the model") -> str | None:
-        """One message naming each entry that matches no layer and the nearest layer names; None if all match."""
+    def describe_unmatched(self, names, where: str = "the model", banks=()) -> str | None:
+        """One message naming each entry that matches no layer (or bank) and the nearest names; None if all match."""
         import difflib
 
-        names = list(names)
-        missing = self.unmatched(names)
+        layers, banks = list(names), list(banks)
+        missing = self.unmatched(layers, banks)
+        names = layers + banks
         if not missing:
             return None
         parts = []
         for key in missing:
-            near = difflib.get_close_matches(key[3:] if key.startswith("re:") else key, names, n=3, cutoff=0.4)
+            bare = key.removeprefix("experts ")
+            near = difflib.get_close_matches(bare[3:] if bare.startswith("re:") else bare, names, n=3, cutoff=0.4)
             parts.append(f"{key!r}" + (f" (nearest: {', '.join(near)})" if near else ""))
         shown = ", ".join(names[:8]) + (", ..." if len(names) > 8 else "")
         return (f"plan entr{'y' if len(missing) == 1 else 'ies'} {'; '.join(parts)} match{'es' if len(missing) == 1 else ''} "
                 f"no layer of {where} (its layers: {shown or 'none'}); fix the name, or use a 're:' pattern or '_default'")
 
     def to_dict(self) -> dict:
-        return {
+        out = {
             "schema": SCHEMA,
             "fingerprint": self.fingerprint,
             "error_budget": self.error_budget,
             "layers": dict(self.layers),
         }
+        if self.experts:
+            out["experts"] = dict(self.experts)
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2) + "\n"
@@ -115,8 +154,11 @@ class Plan:
         fp = data.get("fingerprint")
         if fp is not None and not isinstance(fp, str):
             raise PlanError(f"{source}: 'fingerprint' must be a string or null")
+        experts = data.get("experts", {})
+        if not isinstance(experts, dict):
+            raise PlanError(f"{source}: 'experts' must be an object mapping expert banks to forms")
         try:
-            return cls(layers=dict(layers), fingerprint=fp, error_budget=budget)
+            return cls(layers=dict(layers), fingerprint=fp, error_budget=budget, experts=dict(experts))
         except PlanError as exc:
             raise PlanError(f"{source}: {exc}") from None
 

@@ -4,6 +4,7 @@ the reason when none does), and the lowered graph running the form's op."""
 
 from __future__ import annotations
 
+import json
 import types
 
 import pytest
@@ -58,8 +59,8 @@ def batches(n: int, seed: int, tokens: int = 128):
 
 
 def optimize(model, **options):
-    return sparsec.optimize(model, batches(1, 99)[0], calibration=batches(4, 1), fingerprint="cpu",
-                            plan={"layers": {"_default": "dense"}}, **options)
+    options.setdefault("plan", {"layers": {"_default": "dense"}})
+    return sparsec.optimize(model, batches(1, 99)[0], calibration=batches(4, 1), fingerprint="cpu", **options)
 
 
 @pytest.fixture
@@ -216,3 +217,49 @@ def test_the_speed_of_a_structured_bank_is_measured_on_its_calibration_routing(g
                                  timings={})
     us, impl, now = structured_speed(bank, fit(bank, FRACTIONS[0]), ["batched", "grouped"], False)
     assert us > 0 and now > 0 and impl in ("batched", "grouped")
+
+
+def test_a_plan_pins_a_banks_form_whatever_it_measures_and_the_result_replays_it(monkeypatch):
+    speeds(monkeypatch, **{"2_4": 9.0})  # slower than dense: the plan's word stands, the reason says so
+    model = MoE(rank="2:4")
+    result = sparsec.optimize(model, batches(1, 99)[0], calibration=batches(4, 1), fingerprint="cpu",
+                              plan={"layers": {"_default": "dense"}, "experts": {"_default": "2:4"}}, expert_pruning=0)
+    (row,) = result.report.to_dict()["experts"]
+    entry = row["expert_format"]
+    assert entry["format"] == "2:4" and entry["forced_by"] == "plan"
+    assert "as the plan asks" in entry["reason"] and entry["reason"].endswith("slower")
+    assert result.plan.experts == {row["name"]: "2:4"}
+    x = batches(1, 5)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)  # planted 2:4: lossless
+
+
+def test_a_plan_can_keep_a_bank_dense_while_sparsec_would_rewrite_it(faster):
+    result = optimize(MoE(), error_budget=0.01, plan={"layers": {"_default": "dense"}, "experts": {"re:.*": "dense"}})
+    entry = result.report.to_dict()["experts"][0]["expert_format"]
+    assert entry["format"] is None and entry["reason"] == "experts kept dense: the plan asks for dense"
+
+
+def test_a_plan_naming_a_bank_the_model_lacks_is_refused_with_the_nearest_names():
+    from sparsec.errors import PlanError
+
+    with pytest.raises(PlanError, match=r"'experts gate_upp' \(nearest: gate_up\) matches no layer"):
+        optimize(MoE(), plan={"layers": {"_default": "dense"}, "experts": {"gate_upp": "2:4"}})
+
+
+@pytest.mark.parametrize("form", ["lowrank:1.5", "lowrank:0", "block:64:0.25", "sparse"])
+def test_a_form_no_bank_takes_is_refused_naming_the_forms(form):
+    from sparsec.errors import PlanError
+    from sparsec.plan import Plan
+
+    with pytest.raises(PlanError, match="is not a form of expert bank; use dense, 2:4, lowrank:F"):
+        Plan.from_dict({"layers": {}, "experts": {"_default": form}})
+
+
+def test_bank_entries_resolve_by_name_then_pattern_then_default_and_round_trip():
+    from sparsec.plan import Plan
+
+    plan = Plan.from_dict({"layers": {}, "experts": {"a.experts": "2:4", "re:b\\..*": "lowrank:0.25", "_default": "dense"}})
+    assert [plan.resolve_bank(n) for n in ("a.experts", "b.experts", "c.experts")] == ["2:4", "lowrank:0.25", "dense"]
+    assert Plan.from_dict(json.loads(plan.to_json())).experts == plan.experts
+    assert Plan.from_dict({"layers": {}}).resolve_bank("a.experts") == "auto"
