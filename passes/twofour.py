@@ -34,6 +34,11 @@ from sparsec.passes.onnx_emit import MatMulForm
 from sparsec.sites import SiteStats
 
 DAMPING = 0.01  # SparseGPT's default: 1% of the mean Hessian diagonal
+# The kept-weight refit fits K/2 free values a row to the calibration rows, so it can chase them
+# where SparseGPT's mask choice cannot; 10% of the mean diagonal pulls it towards W and held out
+# better: SmolLM2-135M, 2:4 on its MLP layers, 16 x 128 calibration tokens, held-out KL 0.922 at 1%,
+# 0.826 at 10%, 0.838 at 30% (one shot 1.025); MiniLM 2:4 everywhere 0.0756 at 1%, 0.0760 at 10%
+REFIT_DAMPING = 0.1
 # conjugate-gradient steps of sparsegpt-refit: on SmolLM2-135M's projections 25 steps came within
 # 0.0004 of the exact solves' relative error and 50 matched them to four digits
 REFIT_STEPS = 50
@@ -73,10 +78,10 @@ class TwoFourHandler:
         return [out.clone() for _ in specs]
 
 
-def refit_kept(W: torch.Tensor, start: torch.Tensor, G: torch.Tensor, damping: float = DAMPING,
+def refit_kept(W: torch.Tensor, start: torch.Tensor, G: torch.Tensor, damping: float = REFIT_DAMPING,
                steps: int = REFIT_STEPS) -> torch.Tensor:
     """``start`` with its nonzero weights refitted by least squares: argmin ||(W - X) S||^2 over X
-    zero where ``start`` is (S S^T = G, damped as SparseGPT's). Conjugate gradients on every row at
+    zero where ``start`` is (S S^T = G, damped by ``REFIT_DAMPING``). Conjugate gradients on every row at
     once: each step is one N x K by K x K product, so the cost grows with N K^2, not with the
     N (K/2)^3 of solving each row's kept system; the residual of the start only ever shrinks."""
     mask = start != 0

@@ -70,12 +70,13 @@ def test_sparsegpt_compensation_helps_but_cannot_beat_the_optimum_for_its_mask()
     # SparseGPT updates only the columns to the right of each pruned one (and is damped)
     e_optimum = relative_output_error(W, optimum, st)
     assert e_sparsegpt >= e_optimum * (1 - 1e-9)
-    # the exact refit of the same mask closes most of that gap (the 1% damping keeps it off the optimum)
+    # the refit of the same mask closes much of that gap; its damping (REFIT_DAMPING, 10%: it holds
+    # out better) keeps it off the optimum for the very rows it is fitted to
     (refit,) = HANDLER.approximate([TwoFour()], W, st, method="sparsegpt-refit")
     assert torch.equal(refit != 0, mask)
     e_refit = relative_output_error(W, refit, st)
     assert e_optimum * (1 - 1e-9) <= e_refit < e_sparsegpt
-    assert e_refit - e_optimum < 0.25 * (e_sparsegpt - e_optimum)
+    assert e_refit - e_optimum < 0.5 * (e_sparsegpt - e_optimum)
 
 
 def test_without_calibration_statistics_every_method_is_magnitude_pruning():
@@ -110,17 +111,30 @@ def test_grid_is_the_single_two_four_spec():
 
 def test_the_kept_weights_refit_reaches_the_exact_per_row_solution():
     from sparsec.passes.block import Refit
+    from sparsec.passes.block import DAMPING
     from sparsec.passes.twofour import refit_kept, sparsegpt_two_four
 
     W = weight(48, 128, seed=14)
     st = stats_of(activations(128, 2048, seed=15))
     start = sparsegpt_two_four(W, st.gram)
-    exact = Refit(W, st.gram)(start != 0, 1)  # one solve of each row's kept system, same damping
+    exact = Refit(W, st.gram)(start != 0, 1)  # one solve of each row's kept system, damped by DAMPING
     # 64 kept weights a row: conjugate gradients reach the solution in 64 steps, up to rounding
-    fitted = refit_kept(W, start, st.gram, steps=128)
+    fitted = refit_kept(W, start, st.gram, damping=DAMPING, steps=128)
     assert torch.equal(fitted != 0, start != 0)
     torch.testing.assert_close(fitted, exact.to(torch.float32), rtol=1e-4, atol=1e-5)
     # the default steps stop short on these badly conditioned inputs, with most of the gain
     e_start, e_exact = relative_output_error(W, start, st), relative_output_error(W, exact, st)
-    e_default = relative_output_error(W, refit_kept(W, start, st.gram), st)
+    e_default = relative_output_error(W, refit_kept(W, start, st.gram, damping=DAMPING), st)
     assert e_exact <= e_default * (1 + 1e-9) and e_default - e_exact < 0.1 * (e_start - e_exact)
+
+
+def test_the_refits_damping_trades_calibration_fit_for_held_out_error_on_few_rows():
+    from sparsec.passes.twofour import DAMPING, REFIT_DAMPING, refit_kept, sparsegpt_two_four
+
+    W = weight(64, 128, seed=21)
+    calib = stats_of(activations(128, 192, seed=22))   # 1.5 rows per input: the refit can chase them
+    held = stats_of(activations(128, 4096, seed=23))   # the same distribution, new inputs
+    start = sparsegpt_two_four(W, calib.gram)
+    light, pulled = (refit_kept(W, start, calib.gram, damping=d) for d in (DAMPING, REFIT_DAMPING))
+    assert relative_output_error(W, light, calib) < relative_output_error(W, pulled, calib)
+    assert relative_output_error(W, pulled, held) < relative_output_error(W, light, held)
