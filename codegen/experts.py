@@ -190,10 +190,13 @@ def sorted_runs(top_k_index, E: int, block_m: int):
     return order, ends, tiles, tile_expert
 
 
-def _grouped_kernel(a_ptr, w_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E,
-                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_cm, stride_cn,
-                    DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """C[rows of expert e] = A[rows of e] @ W[e]^T for the row tile this program serves."""
+def _grouped_kernel(a_ptr, w_ptr, meta_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E, META_COLS,
+                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_me, stride_mn, stride_cm, stride_cn,
+                    TWOFOUR: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+    """C[rows of expert e] = A[rows of e] @ W[e]^T for the row tile this program serves. With
+    ``TWOFOUR`` W[e] is 2:4: its kept values (E, N, K/2) and position bytes (``meta_ptr``), each read
+    once per row tile and expanded to the dense tile in registers (as codegen/twofour.py's kernel)."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -208,60 +211,35 @@ def _grouped_kernel(a_ptr, w_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_base = w_ptr + e.to(tl.int64) * stride_we
+    m_base = meta_ptr + e.to(tl.int64) * stride_me
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
         a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
-    tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
-             acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
-
-def _grouped_twofour_kernel(a_ptr, v_ptr, meta_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E, META_COLS,
-                            stride_am, stride_ak, stride_ve, stride_vn, stride_me, stride_mn, stride_cm, stride_cn,
-                            DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """``_grouped_kernel`` on 2:4 experts: each (E, N, K/2) kept value and its position byte read once
-    per row tile and expanded to the dense tile in registers (as codegen/twofour.py's kernel)."""
-    pid_m = tl.program_id(0)
-    pid_n = tl.program_id(1)
-    e = tl.load(tile_expert_ptr + pid_m)
-    if e >= E:
-        return
-    G: tl.constexpr = BLOCK_K // 4
-    run_start = tl.where(e > 0, tl.load(ends_ptr + e - 1, mask=e > 0, other=0), 0)
-    run_end = tl.load(ends_ptr + e)
-    first_tile = tl.where(e > 0, tl.load(tiles_ptr + e - 1, mask=e > 0, other=0), 0)
-    offs_m = run_start + (pid_m - first_tile) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < run_end
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    v_base = v_ptr + e.to(tl.int64) * stride_ve
-    m_base = meta_ptr + e.to(tl.int64) * stride_me
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_v[None, :],
-                    mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
-        mb = tl.load(m_base + offs_n[:, None] * stride_mn + offs_b[None, :],
-                     mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
-        b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
-        quad = tl.arange(0, 4)[None, None, :] * 2
-        p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
-        p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
-        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
-        zero = tl.zeros_like(v0)
-        d0 = tl.where(p0 == 0, v0, zero)
-        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-        d3 = tl.where(p1 == 3, v1, zero)
-        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        if TWOFOUR:
+            G: tl.constexpr = BLOCK_K // 4
+            offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            v = tl.load(w_base + offs_n[:, None] * stride_wn + offs_v[None, :],
+                        mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
+            mb = tl.load(m_base + offs_n[:, None] * stride_mn + offs_b[None, :],
+                         mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+            b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
+            quad = tl.arange(0, 4)[None, None, :] * 2
+            p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
+            p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
+            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+            zero = tl.zeros_like(v0)
+            # positions are ordered (p0 < p1): column 0 can only be p0's and column 3 only p1's
+            d0 = tl.where(p0 == 0, v0, zero)
+            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+            d3 = tl.where(p1 == 3, v1, zero)
+            w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        else:
+            w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
@@ -275,49 +253,30 @@ def grouped_block_m(pairs: int, E: int) -> int:
 _GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
-                      key=["N", "K", "E", "BLOCK_M"])
+                      key=["N", "K", "E", "BLOCK_M", "TWOFOUR"])
 
 
-_GROUPED_TWOFOUR = LazyKernel(_grouped_twofour_kernel,
-                             [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-                              triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-                              triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
-                             key=["N", "K", "E", "BLOCK_M"])
-
-
-def grouped_twofour_gemm(a, values, meta, ends, tiles, tile_expert, block_m: int) -> torch.Tensor:
-    """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's 2:4 weight
-    (``values`` (E, N, K/2), ``meta`` (E, N, meta bytes) as codegen/twofour.py packs one)."""
+def grouped_gemm(a, w, ends, tiles, tile_expert, block_m: int, meta=None) -> torch.Tensor:
+    """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's w (E, N, K)^T;
+    with ``meta``, w is 2:4: kept values (E, N, K/2) and position bytes (E, N, meta bytes), as
+    codegen/twofour.py packs one weight."""
     S, K = a.shape
-    E, N, _ = values.shape
+    E, N = w.shape[:2]
     c = torch.empty(S, N, dtype=a.dtype, device=a.device)
     if S == 0:
         return c
+    twofour = meta is not None
+    if twofour:
+        K = 2 * w.shape[2]
+    m = meta if twofour else w
 
     def grid(meta_):
         return (tile_expert.numel(), triton.cdiv(N, meta_["BLOCK_N"]))
 
-    _GROUPED_TWOFOUR[grid](a, values, meta, c, ends, tiles, tile_expert, N, K, E, meta.shape[2],
-                           a.stride(0), a.stride(1), values.stride(0), values.stride(1), meta.stride(0),
-                           meta.stride(1), c.stride(0), c.stride(1), DOT_PREC=tl_dot_precision(a.dtype),
-                           BLOCK_M=block_m)
-    return c
-
-
-def grouped_gemm(a, w, ends, tiles, tile_expert, block_m: int) -> torch.Tensor:
-    """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's w (E, N, K)^T."""
-    S, K = a.shape
-    E, N, _ = w.shape
-    c = torch.empty(S, N, dtype=a.dtype, device=a.device)
-    if S == 0:
-        return c
-
-    def grid(meta):
-        return (tile_expert.numel(), triton.cdiv(N, meta["BLOCK_N"]))
-
-    _GROUPED[grid](a, w, c, ends, tiles, tile_expert, N, K, E, a.stride(0), a.stride(1),
-                   w.stride(0), w.stride(1), w.stride(2), c.stride(0), c.stride(1),
-                   DOT_PREC=tl_dot_precision(a.dtype), BLOCK_M=block_m)
+    _GROUPED[grid](a, w, m, c, ends, tiles, tile_expert, N, K, E, m.shape[2] if twofour else 0,
+                   a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
+                   m.stride(0) if twofour else 0, m.stride(1) if twofour else 0, c.stride(0), c.stride(1),
+                   TWOFOUR=twofour, DOT_PREC=tl_dot_precision(a.dtype), BLOCK_M=block_m)
     return c
 
 
@@ -332,7 +291,7 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
         def project(a, factors):  # one grouped launch per factor: each expert's factor read once
             for w in factors:
                 if isinstance(w, TwoFourWeights):
-                    a = grouped_twofour_gemm(a, w.values.to(x.dtype), w.meta, ends, tiles, tile_expert, block_m)
+                    a = grouped_gemm(a, w.values.to(x.dtype), ends, tiles, tile_expert, block_m, meta=w.meta)
                 else:
                     a = grouped_gemm(a, w.to(x.dtype), ends, tiles, tile_expert, block_m)
             return a
