@@ -87,6 +87,16 @@ def routed(T, gen):
     return index, weights / weights.sum(-1, keepdim=True)
 
 
+def assert_runs_the_bank(rewrite, gate_up, down, gen):
+    """``rewrite`` computes the bank (gate_up, down) on fresh tokens in every implementation (float32
+    accumulation either way: rounding only)."""
+    fresh = torch.randn(30, H, generator=gen)
+    index, weights = routed(30, gen)
+    want = experts_loop(fresh, index, weights, gate_up, down)
+    for impl in ("loop", "batched", "dense_all", "grouped"):
+        torch.testing.assert_close(rewrite.run(fresh, index, weights, impl), want, rtol=1e-4, atol=1e-5)
+
+
 def test_ranks_are_a_share_of_the_break_even_rank_in_whole_tiles():
     assert rank_of(0.25, 14336 * 2, 4096) == 896   # 0.25 * 28672 * 4096 / 32768 = 896
     assert rank_of(0.5, 4096, 14336) == 1584       # 0.5 * 3185.8 = 1592.9 -> 99 tiles of 16
@@ -103,11 +113,7 @@ def test_planted_low_rank_experts_are_factored_exactly_including_an_expert_no_to
     factoring = fit(bank, FRACTIONS[0])
     assert factoring.ranks == (16, 16) and factoring.gate_up_v.shape == (E, 16, H)
     assert factoring.stored() < gate_up.numel() + down.numel()
-    fresh = torch.randn(30, H, generator=gen)
-    index, weights = routed(30, gen)
-    want = experts_loop(fresh, index, weights, gate_up, down)
-    for impl in ("loop", "batched", "dense_all", "grouped"):
-        torch.testing.assert_close(factoring.run(fresh, index, weights, impl), want, rtol=1e-4, atol=1e-5)
+    assert_runs_the_bank(factoring, gate_up, down, gen)
 
 
 def test_a_full_rank_bank_factored_loses_accuracy(gen):
@@ -179,11 +185,7 @@ def test_planted_two_four_experts_fit_exactly_in_every_implementation(gen):
     bank = types.SimpleNamespace(gate_up=gate_up, down=down, inputs=(x, index, weights), pruning=None)
     sparse = experts_twofour.fit(bank)
     assert sparse.gate_up_values.shape == (E, 2 * I, H // 2) and sparse.stored() < (gate_up.numel() + down.numel()) * 0.6
-    fresh = torch.randn(30, H, generator=gen)
-    index, weights = routed(30, gen)
-    want = experts_loop(fresh, index, weights, gate_up, down)
-    for impl in ("loop", "batched", "dense_all", "grouped"):
-        torch.testing.assert_close(sparse.run(fresh, index, weights, impl), want, rtol=1e-4, atol=1e-5)
+    assert_runs_the_bank(sparse, gate_up, down, gen)
 
 
 def test_the_fastest_form_within_the_budget_is_chosen_and_a_faster_one_over_it_is_not(monkeypatch):
