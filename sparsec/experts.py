@@ -104,7 +104,8 @@ def banks_outside_graphs(model: torch.nn.Module, report: dict) -> list[str]:
     out = []
     for name, module in model.named_modules():
         three_d = [p for p in module.parameters(recurse=False) if p.dim() == 3]
-        if three_d and name not in seen:
+        weights = {f"{name}.{p}" if name else p for p, t in module.named_parameters(recurse=False) if t.dim() == 3}
+        if three_d and name not in seen and not weights & seen:  # a bank the model's root holds is named by its weight
             out.append(f"expert bank {name} ({type(module).__name__}, weights {[list(p.shape) for p in three_d]}) ran "
                        "outside the compiled graphs (its experts loop breaks Dynamo's graph at the data-dependent "
                        "choice of each expert's tokens), so it was not planned; run it through "

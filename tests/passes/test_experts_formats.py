@@ -265,3 +265,10 @@ def test_bank_entries_resolve_by_name_then_pattern_then_default_and_round_trip()
     assert [plan.resolve_bank(n) for n in ("a.experts", "b.experts", "c.experts")] == ["2:4", "lowrank:0.25", "dense"]
     assert Plan.from_dict(json.loads(plan.to_json())).experts == plan.experts
     assert Plan.from_dict({"layers": {}}).resolve_bank("a.experts") == "auto"
+
+
+def test_a_bank_the_models_root_holds_is_named_after_its_weight_and_not_reported_missing(faster):
+    result = optimize(MoE(), error_budget=0.01)
+    (row,) = result.report.to_dict()["experts"]
+    assert row["name"] == "gate_up"
+    assert not [w for w in result.report.warnings if "ran outside the compiled graphs" in w]
