@@ -66,6 +66,7 @@ class TwoFourWeights:
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor):
         self.values, self.meta = values, meta
+        self._dense: torch.Tensor | None = None
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -73,10 +74,13 @@ class TwoFourWeights:
         return (E, N, 2 * half)
 
     def dense(self) -> torch.Tensor:
-        from .twofour import expand
+        """The (E, N, K) dense weights, expanded once (the loop reads them expert by expert)."""
+        if self._dense is None:
+            from .twofour import expand
 
-        E, N, K = self.shape
-        return torch.stack([expand(self.values[e], self.meta[e], K) for e in range(E)])
+            E, N, K = self.shape
+            self._dense = torch.stack([expand(self.values[e], self.meta[e], K) for e in range(E)])
+        return self._dense
 
     def __getitem__(self, index):
         return self.dense()[index]
@@ -84,8 +88,6 @@ class TwoFourWeights:
     def float(self) -> torch.Tensor:
         return self.dense().float()
 
-    def to(self, dtype) -> "TwoFourWeights":
-        return TwoFourWeights(self.values.to(dtype), self.meta)
 
 
 def _factors(projection) -> tuple:

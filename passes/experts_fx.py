@@ -379,7 +379,7 @@ def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModu
         node = by_name[name]
         x, idx, wts, _, _, impl = node.args
         prefix = f"sparsec_pruned_{i}"
-        tensors = rewrite.tensors() if hasattr(rewrite, "tensors") else {"gate_up": rewrite.gate_up, "down": rewrite.down}
+        tensors = rewrite.tensors()
         for key, tensor in tensors.items():
             new_gm.register_buffer(f"{prefix}_{key}", tensor)
         with new_gm.graph.inserting_before(node):
@@ -391,11 +391,8 @@ def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModu
                 routed = new_gm.graph.call_function(route_kept, (idx, wts, remap))
                 index = new_gm.graph.call_function(operator.getitem, (routed, 0))
                 weights = new_gm.graph.call_function(operator.getitem, (routed, 1))
-        if hasattr(rewrite, "op"):  # a structured bank (passes/experts_formats.py): its own op
-            node.target = rewrite.op()
-            node.args = (x, index, weights, *weights_in, rewrite.impl or impl)
-        else:
-            node.args = (x, index, weights, *weights_in, impl)
+        node.target = rewrite.op()
+        node.args = (x, index, weights, *weights_in, rewrite.impl or impl)
     new_gm.graph.eliminate_dead_code()
     new_gm.delete_all_unused_submodules()
     new_gm.recompile()

@@ -45,6 +45,15 @@ class Pruning:
         index = torch.tensor(keep, device=gate_up.device)
         return cls(keep, remap, gate_up.index_select(0, index).contiguous(), down.index_select(0, index).contiguous())
 
+    impl = None  # a pruned bank keeps the implementation chosen for it
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The op's weight arguments, in order, by name (for the lowered graph's constants)."""
+        return {"gate_up": self.gate_up, "down": self.down}
+
+    def op(self):
+        return torch.ops.sparsec.experts_swiglu.default
+
     @property
     def dropped(self) -> list[int]:
         return [e for e, to in enumerate(self.remap.tolist()) if to < 0]

@@ -129,7 +129,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         one_shot = e2e
         recovery, e2e = recover(frontend, layers, planning, e2e)
     with timed("replan", shown_as="replan (spend what the plan left of the budget)"):
-        alloc, e2e, replans = replan(frontend, layers, planning, fingerprint, alloc, recovery, one_shot, e2e)
+        alloc, e2e, recovery, replans = replan(frontend, layers, planning, fingerprint, alloc, recovery, one_shot, e2e)
     with timed("lower"):
         lowered = lower(frontend, layers) if planning.lower else None
     with timed("check", shown_as="check (run and time the rewritten graph)"):
@@ -734,7 +734,7 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
         return summary, dataclasses.replace(e2e, measured_error=error, heldout_error=held, local=local, **counts)
     for layer in layers:  # recovered layer by layer, yet worse end to end: the one-shot plan stands
         if layer.recovered is not None and layer.name in summary.refit:
-            layer.chosen.approx = None
+            layer.chosen.approx = summary.originals.get(layer.name)
             layer.recovered = layer.received = None
     summary.kept += summary.refit
     summary.refit = []
@@ -746,14 +746,14 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
 # -- replan -----------------------------------------------------------------------------------
 
 REPLAN_BINDING = 0.5  # a plan whose one-shot error is under this share of its budget was not bound by it
-REPLAN_GAIN = 1.1     # plan again only where recovery left this much more budget to spend
+REPLAN_GAIN = 1.1     # plan again only where the plan left this much more budget to spend
 REPLAN_STRETCH = 4.0  # a re-plan's one-shot budget is at most this many times the user's
 REPLAN_ROUNDS = 2     # plans tried after the first: each costs a verification and a recovery
 
 
 @dataclass
 class _Accepted:
-    """A recovered plan that fits the budget: every layer's choice and reconstruction, to go back to."""
+    """A plan that fits the budget: every layer's choice and reconstruction, to go back to."""
 
     alloc: Any
     e2e: EndToEnd
@@ -798,12 +798,12 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
     budget stretched by what is left, recover that plan, and keep it only if its final error (the
     larger of calibration and held-out) is within the user's budget and it is predicted faster;
     else the plan before stands. A plan over budget is followed by one between it and the last that
-    fitted. Returns the allocation and end-to-end measurement of the plan kept, and one row per plan
-    tried (the report's ``planning.replans``)."""
+    fitted. Returns the allocation, end-to-end measurement and recovery summary of the plan kept,
+    and one row per plan tried (the report's ``planning.replans``)."""
     rows: list[dict] = []
     if (options.error_budget <= 0 or not any(l.requested == "auto" for l in layers)
             or (recovery is not None and not recovery.refit)):
-        return alloc, e2e, rows
+        return alloc, e2e, recovery, rows
     to_error = options.metric.to_error
     in_metric = options.metric.from_error  # the rows speak the user's metric, as the budget does
 
@@ -814,7 +814,7 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
     accepted = _Accepted.take(layers, alloc, e2e)
     planned_at, over = budget, None  # one-shot budget of the plan accepted; of the last one over budget
     before, after = worst(one_shot), worst(e2e)
-    current = recovery
+    current, passes = recovery, 0  # the kept plan's recovery; passes the plans tried cost
     for _ in range(REPLAN_ROUNDS):
         if over is None:
             if before < REPLAN_BINDING * planned_at:
@@ -835,7 +835,8 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
             trial_e2e = verify(frontend, layers, trial_alloc, stretched, before=trial_e2e)
         trial_one_shot = trial_e2e
         trial_recovery, trial_e2e = recover(frontend, layers, options, trial_e2e)
-        fits = worst(trial_e2e) <= budget and (recovery is None or (trial_recovery is not None and bool(trial_recovery.refit)))
+        passes += trial_recovery.passes if trial_recovery is not None else 0
+        fits = worst(trial_e2e) <= budget
         speedup = _plan_speedup(layers)
         row = {"one_shot_budget": in_metric(trial), "one_shot_error": in_metric(worst(trial_one_shot)),
                "error": in_metric(worst(trial_e2e)),
@@ -845,17 +846,11 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
         e2e = dataclasses.replace(e2e, evaluations=trial_e2e.evaluations, heldout_evaluations=trial_e2e.heldout_evaluations)
         if fits and speedup > accepted.speedup:
             row["kept"] = True
-            if recovery is not None and trial_recovery is not recovery:
-                recovery.refit, recovery.kept = trial_recovery.refit, trial_recovery.kept
-                recovery.sequential_only, recovery.passes = trial_recovery.sequential_only, recovery.passes + trial_recovery.passes
-                recovery.originals = trial_recovery.originals
-            current = recovery
+            current = trial_recovery
             accepted = _Accepted.take(layers, trial_alloc, trial_e2e)
             planned_at, before, after = trial, worst(trial_one_shot), worst(trial_e2e)
             continue
         if trial_recovery is not None:
-            if recovery is not None:
-                recovery.passes += trial_recovery.passes
             trial_recovery.undo(layers)
         accepted.restore()
         if not fits and over is None:
@@ -863,12 +858,14 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
         else:
             break
     counts = dict(evaluations=e2e.evaluations, heldout_evaluations=e2e.heldout_evaluations)
+    if current is not None:  # the report counts every pass recovery made, for every plan tried
+        current.passes = recovery.passes + passes
     for row in rows:
         accepted.alloc.history.append(
             f"re-planned at a one-shot budget of {row['one_shot_budget']:.4g} with what the plan left: "
             f"{row['rewritten']} rewritten, {row['one_shot_error']:.4g} one shot, {row['error']:.4g} "
             f"{'recovered' if recovery is not None else 'measured'}, {'kept' if row['kept'] else 'not kept'}")
-    return accepted.alloc, dataclasses.replace(accepted.e2e, **counts), rows
+    return accepted.alloc, dataclasses.replace(accepted.e2e, **counts), current, rows
 
 
 # -- lower ------------------------------------------------------------------------------------

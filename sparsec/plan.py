@@ -80,12 +80,8 @@ class Plan:
     def unmatched(self, names, banks=()) -> list[str]:
         """The entries (names and ``re:`` patterns, not ``_default``) that match none of ``names``
         (layers) or, for ``experts`` entries, of ``banks``."""
-        out = []
-        for key in self._unmatched(self.layers, dict(self._patterns), list(names)):
-            out.append(key)
-        for key in self._unmatched(self.experts, dict(self._bank_patterns), list(banks)):
-            out.append(f"experts {key}")
-        return out
+        return (self._unmatched(self.layers, dict(self._patterns), list(names))
+                + [f"experts {key}" for key in self._unmatched(self.experts, dict(self._bank_patterns), list(banks))])
 
     @staticmethod
     def _unmatched(entries: dict, patterns: dict, names: list[str]) -> list[str]:

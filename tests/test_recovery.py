@@ -204,6 +204,10 @@ def test_the_planner_spends_what_recovery_saves_and_stays_within_the_budget(monk
     assert kept and kept[-1]["one_shot_budget"] > budget and kept[-1]["one_shot_error"] > budget
     assert kept[-1]["error"] <= budget
     assert any("re-planned at a one-shot budget" in line for line in spent["planner_log"])
+    # the report's recovery is the kept plan's, its passes counted over every plan recovered
+    summary = spent["planning"]["recovery"]
+    assert summary["refit"] + summary["kept_one_shot"] == len(rewritten(spent))
+    assert summary["passes"] > recovered_only["planning"]["recovery"]["passes"]
     # without recovery the plan is made again only for what the allocation left, which here is
     # too little to buy a rewrite: the one-shot plan stands
     monkeypatch.setattr(pipeline, "REPLAN_ROUNDS", 2)
