@@ -50,6 +50,12 @@ class BlockHandler:
             specs.extend(Block(B, d) for d in DENSITIES)
         return specs
 
+    def tunable(self, spec, approx):
+        """The kept blocks' values, on the block mask (recovery's distillation)."""
+        from sparsec.passes.tunable import Masked
+
+        return Masked(approx)
+
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One float32 N x K weight per spec, nonzero only in exactly its kept blocks."""
         method = method or self.default_method

@@ -188,6 +188,20 @@ class FxFrontend:
         per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in sums.items()}
         return output_error(outs, refs, self.metric, self.output_index()), per_layer
 
+    def calibration_calls(self) -> int:
+        return len(self.calibration)
+
+    def output_loss(self, index: int, replacements: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The metric's differentiable stand-in (``Metric.loss``) on calibration call ``index`` with
+        ``replacements`` running in place of their layers' weights: what recovery's distillation
+        descends. Gradients flow to whatever the replacements were made from."""
+        from sparsec.metrics import loss_of, metric_of
+
+        gm, nodes, args = self._run_of(self.calibration[index])
+        with torch.enable_grad():
+            out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, banks=self._banks_in(gm)).run(*args)
+            return loss_of(self.metric or metric_of(None), flatten_outputs(out, detach=False), self._references[index], self.output_index())
+
     def output_index(self) -> int | None:
         """The float output the metric reads (None: its default)."""
         if self.output is None or isinstance(self.output, int):

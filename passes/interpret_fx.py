@@ -92,14 +92,15 @@ def _bias(site: Site, x: torch.Tensor):
     return None if site.bias is None else site.bias.to(x.dtype)
 
 
-def flatten_outputs(out) -> list[torch.Tensor]:
-    """Floating-point tensors of a graph's output, in a stable order."""
+def flatten_outputs(out, detach: bool = True) -> list[torch.Tensor]:
+    """Floating-point tensors of a graph's output, in a stable order (still in the autograd graph
+    with ``detach=False``)."""
     if isinstance(out, torch.Tensor):
-        return [out.detach()] if out.is_floating_point() else []
+        return [out.detach() if detach else out] if out.is_floating_point() else []
     if isinstance(out, (list, tuple)):
-        return [t for item in out for t in flatten_outputs(item)]
+        return [t for item in out for t in flatten_outputs(item, detach)]
     if isinstance(out, dict):
-        return [t for k in sorted(out, key=str) for t in flatten_outputs(out[k])]
+        return [t for k in sorted(out, key=str) for t in flatten_outputs(out[k], detach)]
     return []
 
 

@@ -41,6 +41,12 @@ class LowRankHandler:
             r *= 2
         return [LowRank(rank) for rank in sorted(set(ranks)) if rank < min(N, K)]
 
+    def tunable(self, spec, approx):
+        """The two factors (recovery's distillation)."""
+        from sparsec.passes.tunable import Factored
+
+        return Factored(approx, spec.rank)
+
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
         method = method or self.default_method

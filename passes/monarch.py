@@ -53,6 +53,12 @@ class MonarchHandler:
             nb *= 2
         return specs
 
+    def tunable(self, spec, approx):
+        """Every sub-block's two rank-r factors (recovery's distillation)."""
+        from sparsec.passes.tunable import BlockFactored
+
+        return BlockFactored(approx, spec.nblocks, rank_of(spec, approx.shape[1]))
+
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One float32 N x K weight per spec whose every Monarch sub-block has rank <= K/NB^2."""
         method = method or self.default_method

@@ -118,6 +118,12 @@ class PlusLowRankHandler:
     def forget(self) -> None:
         getattr(self.base_handler, "forget", lambda: None)()
 
+    def tunable(self, spec, approx):
+        """The sparse part's kept values and the low-rank factors (recovery's distillation)."""
+        from sparsec.passes.tunable import SparsePlusFactors
+
+        return SparsePlusFactors(approx)
+
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One ``SparsePlusLowRank`` (float32) per spec."""
         method = method or self.default_method

@@ -54,6 +54,12 @@ class TwoFourHandler:
     def grid(self, N: int, K: int) -> list[TwoFour]:
         return [TwoFour()]
 
+    def tunable(self, spec, approx):
+        """The kept values, on the mask (recovery's distillation)."""
+        from sparsec.passes.tunable import Masked
+
+        return Masked(approx)
+
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One float32 N x K weight with at most 2 nonzeros in every group of 4 along K, per spec."""
         method = method or self.default_method

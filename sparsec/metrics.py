@@ -45,6 +45,13 @@ class Metric:
         """(sum, weight) of one call's contribution; the metric is sum / weight over all calls."""
         raise NotImplementedError
 
+    def loss(self, out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        """A differentiable stand-in for one call's metric, which recovery's distillation descends: the
+        metric itself where it has a gradient, else the closest one that does (``top1``: KL of the
+        logits; a user's function: the relative squared error of the output it reads)."""
+        o, r = _rows(out).float(), _rows(ref).float()
+        return ((o - r) ** 2).sum() / (r * r).sum().clamp_min(torch.finfo(torch.float32).tiny)
+
     def to_error(self, value: float) -> float:
         return value ** (1.0 / self.order) if value > 0 else 0.0
 
@@ -84,6 +91,10 @@ class Cosine(Metric):
         cos = torch.where(both_zero, torch.ones_like(cos), cos)
         return float((1.0 - cos).clamp_min(0.0).sum(dtype=torch.float64)), float(cos.numel())
 
+    def loss(self, out, ref):
+        o, r = _rows(out).float(), _rows(ref).float()
+        return (1.0 - torch.nn.functional.cosine_similarity(o, r, dim=-1, eps=1e-12)).mean()
+
 
 class KL(Metric):
     name = "kl"
@@ -99,6 +110,9 @@ class KL(Metric):
         kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
         return float(kl.sum(dtype=torch.float64)), float(kl.numel())
 
+    def loss(self, out, ref):
+        return kl_loss(out, ref)
+
 
 class Top1(Metric):
     name = "top1"
@@ -107,6 +121,9 @@ class Top1(Metric):
         o, r = _rows(out), _rows(ref)
         changed = (o.argmax(dim=-1) != r.argmax(dim=-1)).double()
         return float(changed.sum()), float(changed.numel())
+
+    def loss(self, out, ref):
+        return kl_loss(out, ref)  # agreement of the argmax has no gradient; the distributions' does
 
 
 class UserMetric(Metric):
@@ -189,6 +206,23 @@ class MetricSum:
         if isinstance(self.metric, RelL2):
             return max((RelL2.ratio(n, d) for n, d in self.sums), default=0.0)
         return max((n / d if d else 0.0 for n, d in self.sums), default=0.0)
+
+
+def loss_of(metric: Metric, outs, refs, output: int | None = None) -> torch.Tensor:
+    """The differentiable stand-in (``Metric.loss``) for one call, on the outputs ``MetricSum`` reads:
+    the one ``output`` names or the first, or for ``rel_l2`` without one, every output summed."""
+    outs, refs = list(outs), list(refs)
+    if output is None and isinstance(metric, RelL2):
+        return sum(metric.loss(o, r) for o, r in zip(outs, refs))
+    index = output if output is not None else 0
+    return metric.loss(outs[index], refs[index])
+
+
+def kl_loss(out: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of KL(softmax(ref) || softmax(out)), differentiable in ``out``."""
+    o, r = _rows(out).float(), _rows(ref).float()
+    log_p, log_q = torch.log_softmax(r, dim=-1), torch.log_softmax(o, dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1).mean()
 
 
 def _tensor(x) -> torch.Tensor:

@@ -125,7 +125,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("measure"):
         while measure(frontend, layers, alloc, planning):
             e2e = verify(frontend, layers, alloc, planning, before=e2e)
-    with timed("recover", shown_as="recover (a pass over the calibration data per block)"):
+    with timed("recover", shown_as="recover (passes over the calibration data: per block, then per epoch)"):
         one_shot = e2e
         recovery, e2e = recover(frontend, layers, planning, e2e)
     with timed("replan", shown_as="replan (spend what the plan left of the budget)"):
@@ -713,7 +713,8 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, bef
 
 def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndToEnd):
     """With ``recovery: "sequential"``: refit the chosen rewrites block after block to the inputs
-    they receive (``sparsec.recovery``), then measure the graph end to end again. The refits are
+    they receive (``sparsec.recovery``); with ``"full"`` also train their stored values end to end
+    (``sparsec.distill``); then measure the graph end to end again. The refits are
     kept only if the end-to-end error is no worse than the one-shot plan's (on calibration and,
     when given, held-out data); else every layer goes back to its one-shot fit."""
     if options.recovery == "none" or not any(l.chosen is not None and not l.chosen.is_dense for l in layers):
@@ -721,6 +722,10 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
     from sparsec.recovery import recover_sequentially
 
     summary = recover_sequentially(frontend, layers, options.recovery)
+    if options.recovery == "full":
+        from sparsec.distill import distill
+
+        summary.distilled(distill(frontend, layers))
     if not summary.refit:
         return summary, e2e
     reps = {l.name: l.chosen.weight().to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
@@ -731,6 +736,8 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
     if max(error, held or 0.0) <= worst_before:
         for layer in layers:
             layer.measured_error = local.get(layer.name, layer.measured_error)
+            if layer.name in summary.trained and layer.recovered is not None and layer.name in local:
+                layer.recovered = (layer.recovered[0], local[layer.name])  # its error once trained end to end
         return summary, dataclasses.replace(e2e, measured_error=error, heldout_error=held, local=local, **counts)
     for layer in layers:  # recovered layer by layer, yet worse end to end: the one-shot plan stands
         if layer.recovered is not None and layer.name in summary.refit:

@@ -55,6 +55,8 @@ class RecoverySummary:
     refit: list[str] = field(default_factory=list)  # layers whose refit was kept
     kept: list[str] = field(default_factory=list)  # layers whose one-shot fit stayed the better one
     note: str | None = None  # why nothing was recovered, where that happened
+    distillation: object | None = None  # sparsec.distill.Distillation ("full")
+    trained: list[str] = field(default_factory=list)  # layers distillation changed
     # each rewritten layer's reconstruction before recovery touched it (None: its candidate remakes it)
     originals: dict[str, object] = field(default_factory=dict, repr=False)
 
@@ -65,9 +67,20 @@ class RecoverySummary:
                 layer.chosen.approx = self.originals[layer.name]
             layer.recovered = layer.received = None
 
+    def distilled(self, result) -> None:
+        """Take in what distillation did: the layers it trained count as refitted."""
+        self.distillation = result
+        if result is None or result.kept_epoch == 0:
+            return
+        self.trained = list(result.trained)
+        self.refit += [name for name in self.trained if name not in self.refit]
+        self.kept = [name for name in self.kept if name not in self.trained]
+
     def warnings(self) -> list[str]:
         """What the report's warnings say of this recovery: why it was undone, where it fell short."""
         out = [f"recovery {self.mode}: {self.note}"] if self.note else []
+        if self.distillation is not None and (self.distillation.note or "").startswith("skipped"):
+            out.append(f"recovery {self.mode}: distillation {self.distillation.note}; the local refits stand")
         if self.sequential_only:
             out.append(f"recovery full: {len(self.sequential_only)} layer(s) saw fewer than {FULL_ROWS_PER_INPUT} "
                        f"calibration rows per input (e.g. {self.sequential_only[0]}) and were refitted sequentially "
@@ -80,6 +93,8 @@ class RecoverySummary:
             out["sequential_only"] = len(self.sequential_only)
         if self.note:
             out["note"] = self.note
+        if self.distillation is not None:
+            out["distillation"] = self.distillation.to_dict()
         return out
 
 

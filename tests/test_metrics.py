@@ -63,6 +63,37 @@ def test_a_user_function_is_averaged_over_calls_and_must_return_a_non_negative_n
         value(lambda o, r: 1 / 0, [[torch.zeros(3)]], [[torch.zeros(3)]])
 
 
+@pytest.mark.parametrize("name", ["rel_l2", "cosine", "kl"])
+def test_a_metrics_differentiable_stand_in_is_the_metric_itself_where_it_has_a_gradient(name):
+    from sparsec.metrics import loss_of
+
+    gen = torch.Generator().manual_seed(5)
+    ref = torch.randn(3, 6, 10, generator=gen)
+    out = (ref + 0.3 * torch.randn(3, 6, 10, generator=gen)).requires_grad_(True)
+    loss = loss_of(metric_of(name), [out], [ref])
+    (grad,) = torch.autograd.grad(loss, out)
+    assert float(grad.abs().sum()) > 0
+    metric = value(name, [[out.detach()]], [[ref]])
+    # rel_l2's stand-in is its square: a smooth objective with the same minimiser
+    assert float(loss.detach()) == pytest.approx(metric ** 2 if name == "rel_l2" else metric, rel=1e-5)
+    assert float(loss_of(metric_of(name), [ref], [ref])) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_metrics_without_a_gradient_descend_a_stand_in_that_has_one():
+    from sparsec.metrics import kl_loss, loss_of
+
+    gen = torch.Generator().manual_seed(6)
+    ref, out = torch.randn(8, 12, generator=gen), torch.randn(8, 12, generator=gen)
+    # top-1 agreement is piecewise constant: the logits' KL stands in for it
+    assert float(loss_of(metric_of("top1"), [out], [ref])) == pytest.approx(float(kl_loss(out, ref)))
+    # a user's function may not be differentiable at all: the relative squared error of its output
+    user = loss_of(metric_of(lambda o, r: 0.0), [out], [ref])
+    assert float(user) == pytest.approx(float(((out - ref) ** 2).sum() / (ref ** 2).sum()), rel=1e-6)
+    # rel_l2 without a named output weighs every output, as its value takes the worst of them
+    both = loss_of(metric_of("rel_l2"), [out, 2 * out], [ref, ref])
+    assert float(both) > float(loss_of(metric_of("rel_l2"), [out, 2 * out], [ref, ref], output=0))
+
+
 def test_the_options_refuse_unknown_metrics_and_outputs_and_scale_the_budget_to_the_metric():
     with pytest.raises(OptionError, match="unknown metric 'cos'; use one of rel_l2, cosine, kl, top1"):
         parse_options({"metric": "cos"})

@@ -106,8 +106,16 @@ def test_sequential_recovery_visits_a_blocks_stages_in_order():
     assert summary["refit"] + summary["kept_one_shot"] == 6
 
 
+@pytest.fixture
+def local_refits_only(monkeypatch):
+    """``full`` without its distillation: what the local refits alone do (tests/test_distill.py has the rest)."""
+    import sparsec.distill
+
+    monkeypatch.setattr(sparsec.distill, "EPOCHS", 0)
+
+
 @pytest.mark.parametrize("fmt", ["lowrank:16", "2:4", "block:16:0.5", "2:4+lowrank:8"])
-def test_full_recovery_lets_a_later_stage_make_up_for_an_earlier_one_and_beats_sequential(fmt):
+def test_full_recovery_lets_a_later_stage_make_up_for_an_earlier_one_and_beats_sequential(fmt, local_refits_only):
     one_shot = plan("none", fmt, model_class=ResidualStack)
     sequential, full = plan("sequential", fmt, model_class=ResidualStack), plan("full", fmt, model_class=ResidualStack)
     for layer in full["layers"]:
@@ -122,7 +130,7 @@ def test_full_recovery_lets_a_later_stage_make_up_for_an_earlier_one_and_beats_s
     assert full["planning"]["recovery"]["passes"] == 9  # a reference pass for each down projection
 
 
-def test_full_recovery_with_few_rows_per_input_refits_sequentially_and_says_so():
+def test_full_recovery_with_few_rows_per_input_refits_sequentially_and_says_so(local_refits_only):
     # 4 x 16 rows for 64 inputs: a target that makes up for upstream changes would be chased along
     # directions 64 rows barely span
     sequential = plan("sequential", rows=16, model_class=ResidualStack)

@@ -90,6 +90,10 @@ def _totals(report) -> Text:
     if planning:
         text.append("\nplanning: ", style="bold")
         text.append(planning)
+    recovery = v.recovery_line(report)
+    if recovery:
+        text.append("\nrecovery: ", style="bold")
+        text.append(recovery)
     return text
 
 

@@ -152,6 +152,26 @@ def planning_line(report) -> str | None:
             + (f" ({', '.join(f'{name} {sec:.3g} s' for name, sec in steps)})" if steps else ""))
 
 
+def recovery_line(report) -> str | None:
+    """What recovery did, in a sentence: layers refitted, passes, and what distillation trained."""
+    recovery = (report.get("planning") or {}).get("recovery")
+    if not recovery:
+        return None
+    line = (f"{recovery['mode']}: {recovery['refit']} layer(s) refitted, {recovery['kept_one_shot']} kept one shot, "
+            f"{recovery['passes']} pass(es) over the calibration data")
+    distilled = recovery.get("distillation")
+    if distilled and distilled.get("kept_epoch"):
+        line += (f"; distilled {distilled['layers']} layer(s) end to end, epoch {distilled['kept_epoch']} of "
+                 f"{distilled['epochs']} kept")
+        if distilled.get("validation_loss"):
+            before, after = distilled["validation_loss"]
+            line += f" (held-back calibration loss {before:.4g} -> {after:.4g})"
+        line += f" in {distilled['seconds']:.3g} s"
+    elif distilled and distilled.get("note"):
+        line += f"; distillation {distilled['note']}"
+    return line
+
+
 def expert_banks(report) -> list[dict]:
     """Expert banks, each with the implementation measured fastest and every other one's time."""
     return list(report.get("experts") or [])

@@ -72,6 +72,21 @@ def test_table_says_what_planning_cost_where_the_report_records_it():
     assert "(approximate 6 s, verify 3 s, calibrate 0.5 s)" in text
 
 
+def test_table_says_what_recovery_did_and_what_distillation_kept():
+    data = make_report(seed=4, blocks=1)
+    data["planning"] = {"model_evaluations": 5, "heldout_evaluations": 0,
+                        "timing": {"evaluation_s": 0.2, "total_s": 2.0, "steps_s": {}},
+                        "recovery": {"mode": "full", "passes": 9, "refit": 5, "kept_one_shot": 1,
+                                     "distillation": {"layers": 6, "epochs": 5, "kept_epoch": 3, "steps": 30,
+                                                      "validation_loss": [0.0327, 0.0321], "seconds": 12.8}}}
+    text = " ".join(_text(data).split())
+    assert ("recovery: full: 5 layer(s) refitted, 1 kept one shot, 9 pass(es) over the calibration data; distilled 6 "
+            "layer(s) end to end, epoch 3 of 5 kept (held-back calibration loss 0.0327 -> 0.0321) in 12.8 s") in text
+    data["planning"]["recovery"]["distillation"] = {"layers": 6, "epochs": 0, "kept_epoch": 0, "steps": 0,
+                                                    "note": "skipped: the onnx entry cannot run its graph with gradients"}
+    assert "distillation skipped: the onnx entry cannot" in " ".join(_text(data).split())
+
+
 def test_table_of_an_empty_model_says_so():
     data = make_report(blocks=0)
     data["layers"] = []

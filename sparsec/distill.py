@@ -1,0 +1,167 @@
+"""Distillation: train the rewritten layers' stored values so the whole model's output matches the
+dense model's, in the user's metric.
+
+The local refits (``sparsec.recovery``) make each layer match its dense layer on the inputs it
+receives; they cannot see what an error does downstream (a layer-local gain need not survive the
+residual stream, the norms and the softmax after it), and matching every layer to the dense
+model's activations made SmolLM2-135M far worse (docs/accuracy.md). Here the model itself is the
+objective: with every rewrite in place, the kept values of the sparse formats and the factors of
+the factored ones (``passes.tunable``: the format's structure holds whatever the values) take Adam
+steps on the metric's differentiable stand-in (``Metric.loss``: KL of the logits for ``kl`` and
+``top1``) between the rewritten and the dense outputs of the calibration calls, one step a call,
+for a few epochs. Every dense layer, norm and embedding stays as the user's model has it.
+
+With at least four calibration calls every fourth is held back: the epoch whose weights give the
+lowest loss on those calls is kept (the recovered plan's own where no epoch beats it), so
+distillation never leaves the held-back calls worse than the local refits did. With fewer calls
+every call trains, and only the pipeline's end-to-end check (calibration and held-out data
+against the one-shot plan) guards it. Cost: a forward and a backward pass per calibration call per
+epoch; peak memory: the model, the trainable values twice over for Adam, one call's activations.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from sparsec.candidates import Layer
+
+EPOCHS = 8
+# Adam's step, as a share of each trained tensor's RMS, so one setting serves every weight scale: on
+# SmolLM2-135M (MLP weights of RMS ~0.19) 0.002 gives 3e-4, whose held-out KL with 2:4 on the MLP
+# layers fell for 8 epochs where 1e-4 gained half as much (docs/accuracy.md)
+STEP = 0.0005
+VALIDATION_EVERY = 4  # every fourth calibration call is held back, with at least this many calls
+PATIENCE = 2  # epochs without a better held-back loss before stopping
+
+
+@dataclass
+class Distillation:
+    layers: int  # layers whose values were trained
+    epochs: int  # epochs run
+    kept_epoch: int  # the epoch whose weights were kept (0: none beat the local refits)
+    steps: int
+    training_loss: tuple[float, float]  # mean over the first and the last epoch's calls
+    validation_loss: tuple[float, float] | None  # held-back calls: before and with the weights kept
+    validation_calls: int
+    seconds: float
+    note: str | None = None
+    trained: list[str] = field(default_factory=list, repr=False)  # the layers whose weights changed
+    history: list[tuple[float, float | None]] = field(default_factory=list)  # per epoch: training, held-back loss
+
+    def to_dict(self) -> dict:
+        out = {"layers": self.layers, "epochs": self.epochs, "kept_epoch": self.kept_epoch, "steps": self.steps,
+               "training_loss": [round(v, 6) for v in self.training_loss], "validation_calls": self.validation_calls,
+               "seconds": round(self.seconds, 3)}
+        if self.validation_loss is not None:
+            out["validation_loss"] = [round(v, 6) for v in self.validation_loss]
+        out["history"] = [[round(t, 6), None if v is None else round(v, 6)] for t, v in self.history]
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int = 0) -> Distillation | None:
+    """Train the chosen rewrites end to end (module docstring); sets their ``Candidate.approx`` to the
+    weights kept. None where nothing can be trained (no rewrite has trainable values, or the entry
+    cannot run its graph with gradients)."""
+    from sparsec.passes.registry import HANDLERS
+    from sparsec.progress import advance_current
+
+    tunables: list[tuple[Layer, object]] = []
+    for layer in layers:
+        cand = layer.chosen
+        if cand is None or cand.is_dense:
+            continue
+        make = getattr(HANDLERS[cand.spec.family], "tunable", None)
+        if make is not None:
+            tunables.append((layer, make(cand.spec, cand.weight())))
+    if not tunables:
+        return None
+    if not hasattr(frontend, "output_loss"):
+        return Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, 0, 0.0,
+                            note=f"skipped: the {frontend.entry} entry cannot run its graph with gradients")
+    start = time.perf_counter()
+    epochs = EPOCHS if epochs is None else epochs
+    calls = frontend.calibration_calls()
+    held_back = [i for i in range(calls) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1] if calls >= VALIDATION_EVERY else []
+    training = [i for i in range(calls) if i not in held_back]
+    params = [p for _, t in tunables for p in t.parameters()]
+    optimizer = torch.optim.Adam([{"params": [p], "lr": STEP * _rms(p)} for p in params])
+    # the step decays to nothing along a half cosine over the epochs planned
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda k: 0.5 * (1.0 + math.cos(math.pi * k / max(epochs * len(training), 1))))
+
+    def replacements() -> dict[str, torch.Tensor]:
+        return {layer.name: t.weight().to(layer.site.dtype) for layer, t in tunables}
+
+    def held_back_loss() -> float:
+        with torch.no_grad():
+            reps = replacements()
+            return sum(float(frontend.output_loss(i, reps)) for i in held_back) / len(held_back)
+
+    def snapshot() -> list[torch.Tensor]:
+        return [p.detach().clone() for p in params]
+
+    summary = Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0)
+    if torch.is_inference_mode_enabled():
+        summary.note = "skipped: planning ran under torch.inference_mode, where no gradient can be taken"
+        return summary
+    generator = torch.Generator().manual_seed(seed)
+    try:
+        best = held_back_loss() if held_back else None
+        before, kept = best, snapshot()
+        first = last = 0.0
+        for epoch in range(1, epochs + 1):
+            total = 0.0
+            for i in torch.randperm(len(training), generator=generator).tolist():
+                with torch.enable_grad():  # planning itself runs without gradients
+                    loss = frontend.output_loss(training[i], replacements())
+                    grads = torch.autograd.grad(loss, params, allow_unused=True)
+                for p, g in zip(params, grads):
+                    p.grad = torch.zeros_like(p) if g is None else g
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach())
+                summary.steps += 1
+                advance_current()
+            last = total / max(len(training), 1)
+            first = last if epoch == 1 else first
+            summary.epochs = epoch
+            if best is None:
+                summary.kept_epoch = epoch
+                summary.history.append((last, None))
+                continue
+            now = held_back_loss()
+            summary.history.append((last, now))
+            if now < best:
+                best, kept, summary.kept_epoch = now, snapshot(), epoch
+            elif epoch - summary.kept_epoch >= PATIENCE:
+                break
+    except RuntimeError as exc:  # the graph would not run with gradients (e.g. inference tensors)
+        summary.note = f"skipped: the graph could not be run with gradients ({str(exc).splitlines()[0]})"
+        summary.seconds = time.perf_counter() - start
+        return summary
+    summary.training_loss = (first, last)
+    if held_back:
+        with torch.no_grad():
+            for p, value in zip(params, kept):
+                p.copy_(value)
+        summary.validation_loss = (before, best)
+    if summary.kept_epoch > 0:
+        summary.trained = [layer.name for layer, _ in tunables]
+        for layer, t in tunables:
+            layer.chosen.approx = t.result().to(device=layer.site.weight.device, dtype=layer.site.dtype)
+    else:
+        summary.note = "no epoch lowered the held-back calibration calls' loss: the local refits stand"
+    summary.seconds = time.perf_counter() - start
+    return summary
+
+
+def _rms(p: torch.Tensor) -> float:
+    values = p.detach()
+    nonzero = values[values != 0]
+    return float(nonzero.pow(2).mean().sqrt()) if nonzero.numel() else 1.0

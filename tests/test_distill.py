@@ -1,0 +1,79 @@
+"""Distillation (the last part of recovery "full"): the rewritten layers' stored values trained so the
+model's output matches the dense model's, in the metric, with the formats' structure intact."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_recovery import ResidualStack, correlated
+
+import sparsec
+import sparsec.distill
+
+
+def optimize(fmt: str, calls: int = 8, **options):
+    torch.manual_seed(3)
+    model = ResidualStack().eval()
+    calib = [(correlated(256, 64, seed=10 + i),) for i in range(calls)]
+    held = [(correlated(256, 64, seed=50 + i),) for i in range(2)]
+    result = sparsec.optimize(model, calib[0], fingerprint="cpu", calibration=calib, heldout=held,
+                              plan={"layers": {"_default": fmt}}, **options)
+    return model, held, result
+
+
+def end_to_end(result) -> tuple[float, float]:
+    e2e = result.report.to_dict()["end_to_end"]
+    return e2e["measured_error"], e2e["heldout_error"]
+
+
+@pytest.mark.parametrize("fmt", ["lowrank:16", "2:4", "block:16:0.5", "monarch:4", "2:4+lowrank:8"])
+def test_distillation_takes_the_models_error_below_what_the_local_refits_leave(fmt, monkeypatch):
+    monkeypatch.setattr(sparsec.distill, "EPOCHS", 0)
+    _, _, local = optimize(fmt, lower=False)
+    monkeypatch.undo()
+    _, _, distilled = optimize(fmt, lower=False)
+    summary = distilled.report.to_dict()["planning"]["recovery"]["distillation"]
+    assert summary["layers"] == 6 and summary["validation_calls"] == 2  # calls 3 and 7 of 8 held back
+    assert summary["kept_epoch"] >= 1
+    before, after = summary["validation_loss"]
+    assert after < before
+    calibration, heldout = end_to_end(distilled)
+    # every block's output is trained against the dense model's, not each layer against its own
+    assert calibration < 0.97 * end_to_end(local)[0]
+    assert heldout < end_to_end(local)[1]
+
+
+def test_the_lowered_model_runs_the_distilled_weights_and_the_users_model_is_untouched():
+    model, held, result = optimize("2:4")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert result.report.to_dict()["planning"]["recovery"]["distillation"]["kept_epoch"] >= 1
+    with torch.no_grad():
+        num = sum(float(((result.module(*x) - model(*x)) ** 2).sum()) for x in held)
+        den = sum(float((model(*x) ** 2).sum()) for x in held)
+    # the report's held-out error is the distilled plan's, and the packed 2:4 layers reproduce it
+    assert (num / den) ** 0.5 == pytest.approx(end_to_end(result)[1], rel=1e-3)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_with_fewer_than_four_calibration_calls_every_call_trains_for_every_epoch():
+    _, _, result = optimize("lowrank:16", calls=2, lower=False)
+    summary = result.report.to_dict()["planning"]["recovery"]["distillation"]
+    assert summary["validation_calls"] == 0 and "validation_loss" not in summary
+    assert summary["epochs"] == summary["kept_epoch"] == sparsec.distill.EPOCHS
+    assert summary["steps"] == 2 * sparsec.distill.EPOCHS
+    first, last = summary["training_loss"]
+    assert last < first
+
+
+def test_sequential_recovery_does_not_distill():
+    _, _, result = optimize("2:4", recovery="sequential", lower=False)
+    assert "distillation" not in result.report.to_dict()["planning"]["recovery"]
+
+
+def test_under_inference_mode_distillation_is_skipped_and_says_why():
+    with torch.inference_mode():
+        _, _, result = optimize("2:4", lower=False)
+    summary = result.report.to_dict()["planning"]["recovery"]["distillation"]
+    assert summary["kept_epoch"] == 0 and summary["steps"] == 0
+    assert "torch.inference_mode" in summary["note"]
