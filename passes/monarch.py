@@ -57,7 +57,7 @@ class MonarchHandler:
         """Every sub-block's two rank-r factors (recovery's distillation)."""
         from sparsec.passes.tunable import BlockFactored
 
-        return BlockFactored(approx, spec.nblocks, rank_of(spec, approx.shape[1]))
+        return BlockFactored(to_blocks(approx.detach().float(), spec.nblocks), rank_of(spec, approx.shape[1]), from_blocks)
 
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One float32 N x K weight per spec whose every Monarch sub-block has rank <= K/NB^2."""

@@ -50,14 +50,13 @@ class Factored:
 
 
 class BlockFactored:
-    """A Monarch weight: every (output chunk, input block) sub-block as its own rank-r product
-    (``passes.monarch``: a matrix is Monarch exactly when each sub-block has rank <= r)."""
+    """A weight made of sub-blocks of rank <= r each (Monarch: ``passes.monarch``), every sub-block
+    as its own rank-r product: ``blocks`` is the batch of sub-blocks, ``assemble`` puts a batch of
+    them back into the weight."""
 
-    def __init__(self, approx: torch.Tensor, nblocks: int, rank: int):
-        from sparsec.passes.monarch import to_blocks
-
-        blocks = to_blocks(approx.detach().to(torch.float32), nblocks)  # (NB, NB, n, p)
-        self.a, self.b = balanced_factors(blocks, rank)
+    def __init__(self, blocks: torch.Tensor, rank: int, assemble):
+        self.assemble = assemble
+        self.a, self.b = balanced_factors(blocks.detach().to(torch.float32), rank)
         self.a.requires_grad_(True)
         self.b.requires_grad_(True)
 
@@ -65,9 +64,7 @@ class BlockFactored:
         return [self.a, self.b]
 
     def weight(self) -> torch.Tensor:
-        from sparsec.passes.monarch import from_blocks
-
-        return from_blocks(self.a @ self.b)
+        return self.assemble(self.a @ self.b)
 
     def result(self) -> torch.Tensor:
         return self.weight().detach()
@@ -77,6 +74,7 @@ class SparsePlusFactors:
     """A composite (sparse + U V): the sparse part's kept values and the low-rank factors."""
 
     def __init__(self, approx):
+        self.kind = type(approx)
         self.sparse = Masked(approx.sparse)
         self.u = approx.u.detach().to(torch.float32).clone().requires_grad_(True)
         self.v = approx.v.detach().to(torch.float32).clone().requires_grad_(True)
@@ -89,15 +87,13 @@ class SparsePlusFactors:
         return self.sparse.weight() + self.u @ self.v
 
     def result(self):
-        from sparsec.passes.plus_lowrank import SparsePlusLowRank
-
-        return SparsePlusLowRank(self.sparse.result(), self.u.detach().clone(), self.v.detach().clone(), self.alone)
+        return self.kind(self.sparse.result(), self.u.detach().clone(), self.v.detach().clone(), self.alone)
 
 
 def balanced_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(A, B) with A @ B the best rank-``rank`` approximation of ``w`` (a batch of matrices too), each
-    factor carrying the square root of the singular values. A single matrix of rank ``rank`` is
-    first split by a range finder (``lowrank_factors``), so only an R x K matrix is decomposed."""
+    factor carrying the square root of the singular values. A single matrix is first split by a
+    range finder (``lowrank_factors``), so only an R x K matrix is decomposed."""
     if w.dim() == 2:
         from sparsec.passes.onnx_emit import lowrank_factors
 
@@ -111,4 +107,5 @@ def balanced_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     a = u[..., :, :rank] * root.unsqueeze(-2)
     b = root.unsqueeze(-1) * vh[..., :rank, :]
     return a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+
 

@@ -30,12 +30,16 @@ import torch
 from sparsec.candidates import Layer
 
 EPOCHS = 8
-# Adam's step, as a share of each trained tensor's RMS, so one setting serves every weight scale: on
-# SmolLM2-135M (MLP weights of RMS ~0.19) 0.002 gives 3e-4, whose held-out KL with 2:4 on the MLP
-# layers fell for 8 epochs where 1e-4 gained half as much (docs/accuracy.md)
-STEP = 0.0005
+# Adam's step, as a share of each trained tensor's RMS, so one setting serves every weight scale.
+# SmolLM2-135M, 2:4 on its MLP layers (weights of RMS ~0.19), held-back KL: at 16 x 128 calibration
+# tokens 0.0005 and 0.0002 both fell for every epoch, 0.001 diverged; at 32 x 128 0.0005 stopped after
+# 4 epochs, 0.0003 fell for all 8 (docs/accuracy.md)
+STEP = 0.0003
 VALIDATION_EVERY = 4  # every fourth calibration call is held back, with at least this many calls
 PATIENCE = 2  # epochs without a better held-back loss before stopping
+# kept only where the judged loss falls by at least this share: a smaller gain is within what the
+# calibration calls can tell from noise, and not worth moving every rewritten weight for
+MIN_GAIN = 0.01
 
 
 @dataclass
@@ -45,12 +49,22 @@ class Distillation:
     kept_epoch: int  # the epoch whose weights were kept (0: none beat the local refits)
     steps: int
     training_loss: tuple[float, float]  # mean over the first and the last epoch's calls
-    validation_loss: tuple[float, float] | None  # held-back calls: before and with the weights kept
+    # on the calls that judge it (those held back; all, where too few to hold any back): before, and
+    # with the weights kept
+    validation_loss: tuple[float, float] | None
     validation_calls: int
     seconds: float
     note: str | None = None
     trained: list[str] = field(default_factory=list, repr=False)  # the layers whose weights changed
     history: list[tuple[float, float | None]] = field(default_factory=list)  # per epoch: training, held-back loss
+    local: dict[str, object] = field(default_factory=dict, repr=False)  # the trained layers' weights before
+
+    def undo(self, layers: list[Layer]) -> None:
+        """The trained layers back to the local refits they started from."""
+        for layer in layers:
+            if layer.name in self.local and layer.chosen is not None:
+                layer.chosen.approx = self.local[layer.name]
+        self.trained, self.kept_epoch = [], 0
 
     def to_dict(self) -> dict:
         out = {"layers": self.layers, "epochs": self.epochs, "kept_epoch": self.kept_epoch, "steps": self.steps,
@@ -91,17 +105,17 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
     training = [i for i in range(calls) if i not in held_back]
     params = [p for _, t in tunables for p in t.parameters()]
     optimizer = torch.optim.Adam([{"params": [p], "lr": STEP * _rms(p)} for p in params])
-    # the step decays to nothing along a half cosine over the epochs planned
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda k: 0.5 * (1.0 + math.cos(math.pi * k / max(epochs * len(training), 1))))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(training), epochs * len(training)))
 
     def replacements() -> dict[str, torch.Tensor]:
         return {layer.name: t.weight().to(layer.site.dtype) for layer, t in tunables}
 
-    def held_back_loss() -> float:
+    judges = held_back or training  # the calls whose loss decides what is kept
+
+    def judged_loss() -> float:
         with torch.no_grad():
             reps = replacements()
-            return sum(float(frontend.output_loss(i, reps)) for i in held_back) / len(held_back)
+            return sum(float(frontend.output_loss(i, reps)) for i in judges) / len(judges)
 
     def snapshot() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
@@ -112,8 +126,8 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
         return summary
     generator = torch.Generator().manual_seed(seed)
     try:
-        best = held_back_loss() if held_back else None
-        before, kept = best, snapshot()
+        best = before = judged_loss()
+        kept = start_values = snapshot()
         first = last = 0.0
         for epoch in range(1, epochs + 1):
             total = 0.0
@@ -131,34 +145,54 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
             last = total / max(len(training), 1)
             first = last if epoch == 1 else first
             summary.epochs = epoch
-            if best is None:
-                summary.kept_epoch = epoch
+            if not held_back:  # judged once, at the end, on the calls it trained on
                 summary.history.append((last, None))
                 continue
-            now = held_back_loss()
+            now = judged_loss()
             summary.history.append((last, now))
             if now < best:
                 best, kept, summary.kept_epoch = now, snapshot(), epoch
             elif epoch - summary.kept_epoch >= PATIENCE:
                 break
+        if not held_back and summary.epochs:
+            now = judged_loss()
+            if now < best:
+                best, kept, summary.kept_epoch = now, snapshot(), summary.epochs
     except RuntimeError as exc:  # the graph would not run with gradients (e.g. inference tensors)
         summary.note = f"skipped: the graph could not be run with gradients ({str(exc).splitlines()[0]})"
         summary.seconds = time.perf_counter() - start
         return summary
     summary.training_loss = (first, last)
-    if held_back:
+    with torch.no_grad():
+        for p, value in zip(params, kept):
+            p.copy_(value)
+    summary.validation_loss = (before, best)
+    if summary.kept_epoch > 0 and best > (1.0 - MIN_GAIN) * before:
+        summary.kept_epoch = 0
         with torch.no_grad():
-            for p, value in zip(params, kept):
+            for p, value in zip(params, start_values):
                 p.copy_(value)
-        summary.validation_loss = (before, best)
     if summary.kept_epoch > 0:
         summary.trained = [layer.name for layer, _ in tunables]
+        summary.local = {layer.name: layer.chosen.approx for layer, _ in tunables}
         for layer, t in tunables:
             layer.chosen.approx = t.result().to(device=layer.site.weight.device, dtype=layer.site.dtype)
     else:
-        summary.note = "no epoch lowered the held-back calibration calls' loss: the local refits stand"
+        summary.note = (f"no epoch lowered the {'held-back ' if held_back else ''}calibration calls' loss by "
+                        f"{MIN_GAIN:.0%} or more: the local refits stand")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _schedule(warmup: int, total: int):
+    """The step's share at step k: rising linearly over the first epoch (Adam's first steps, taken
+    before its moment estimates settle, overshot on SmolLM2-135M with 24 calls an epoch), then
+    decaying to nothing along a half cosine over the rest."""
+    def share(k: int) -> float:
+        if k < warmup:
+            return (k + 1) / warmup
+        return 0.5 * (1.0 + math.cos(math.pi * (k - warmup) / max(total - warmup, 1)))
+    return share
 
 
 def _rms(p: torch.Tensor) -> float:

@@ -728,17 +728,27 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
         summary.distilled(distill(frontend, layers))
     if not summary.refit:
         return summary, e2e
-    reps = {l.name: l.chosen.weight().to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
-    error, local = frontend.evaluate(reps)
-    held = frontend.evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
-    counts = dict(evaluations=e2e.evaluations + 1, heldout_evaluations=e2e.heldout_evaluations + (held is not None))
     worst_before = max(e2e.measured_error or 0.0, e2e.heldout_error or 0.0)
-    if max(error, held or 0.0) <= worst_before:
-        for layer in layers:
-            layer.measured_error = local.get(layer.name, layer.measured_error)
-            if layer.name in summary.trained and layer.recovered is not None and layer.name in local:
-                layer.recovered = (layer.recovered[0], local[layer.name])  # its error once trained end to end
-        return summary, dataclasses.replace(e2e, measured_error=error, heldout_error=held, local=local, **counts)
+    counts = dict(evaluations=e2e.evaluations, heldout_evaluations=e2e.heldout_evaluations)
+    while True:
+        reps = {l.name: l.chosen.weight().to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
+        error, local = frontend.evaluate(reps)
+        held = frontend.evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
+        counts["evaluations"] += 1
+        counts["heldout_evaluations"] += held is not None
+        if max(error, held or 0.0) <= worst_before:
+            for layer in layers:
+                layer.measured_error = local.get(layer.name, layer.measured_error)
+                if layer.name in summary.trained and layer.recovered is not None and layer.name in local:
+                    layer.recovered = (layer.recovered[0], local[layer.name])  # its error once trained end to end
+            return summary, dataclasses.replace(e2e, measured_error=error, heldout_error=held, local=local, **counts)
+        if not summary.trained:
+            break
+        # the metric's stand-in fell, the metric did not: the local refits may still stand without it
+        summary.undistill(layers, f"made the graph measure {max(error, held or 0.0):.4g} end to end (the larger of "
+                                  f"calibration and held-out) against {worst_before:.4g} one shot: undone")
+        if not summary.refit:  # no local refit was kept either: the one-shot plan stands as measured
+            return summary, dataclasses.replace(e2e, **counts)
     for layer in layers:  # recovered layer by layer, yet worse end to end: the one-shot plan stands
         if layer.recovered is not None and layer.name in summary.refit:
             layer.chosen.approx = summary.originals.get(layer.name)
