@@ -97,7 +97,7 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
         return None
     if not hasattr(frontend, "output_loss"):
         return Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, 0, 0.0,
-                            note=f"skipped: the {frontend.entry} entry cannot run its graph with gradients")
+                            note=f"not run: the {frontend.entry} entry cannot run its graph with gradients")
     start = time.perf_counter()
     epochs = EPOCHS if epochs is None else epochs
     calls = frontend.calibration_calls()
