@@ -49,25 +49,17 @@ class Factored:
         return self.weight().detach()
 
 
-class BlockFactored:
+class BlockFactored(Factored):
     """A weight made of sub-blocks of rank <= r each (Monarch: ``passes.monarch``), every sub-block
     as its own rank-r product: ``blocks`` is the batch of sub-blocks, ``assemble`` puts a batch of
     them back into the weight."""
 
     def __init__(self, blocks: torch.Tensor, rank: int, assemble):
+        super().__init__(blocks, rank)
         self.assemble = assemble
-        self.a, self.b = balanced_factors(blocks.detach().to(torch.float32), rank)
-        self.a.requires_grad_(True)
-        self.b.requires_grad_(True)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [self.a, self.b]
 
     def weight(self) -> torch.Tensor:
         return self.assemble(self.a @ self.b)
-
-    def result(self) -> torch.Tensor:
-        return self.weight().detach()
 
 
 class SparsePlusFactors:
