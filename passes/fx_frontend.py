@@ -200,7 +200,8 @@ class FxFrontend:
         gm, nodes, args = self._run_of(self.calibration[index])
         with torch.enable_grad():
             out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, banks=self._banks_in(gm)).run(*args)
-            return loss_of(self.metric or metric_of(None), flatten_outputs(out, detach=False), self._references[index], self.output_index())
+            return loss_of(self.metric or metric_of(None), flatten_outputs(out, detach=False), self._references[index],
+                           self.output_index())
 
     def output_index(self) -> int | None:
         """The float output the metric reads (None: its default)."""

@@ -14,9 +14,11 @@ for a few epochs. Every dense layer, norm and embedding stays as the user's mode
 With at least four calibration calls every fourth is held back: the epoch whose weights give the
 lowest loss on those calls is kept (the recovered plan's own where no epoch beats it), so
 distillation never leaves the held-back calls worse than the local refits did. With fewer calls
-every call trains, and only the pipeline's end-to-end check (calibration and held-out data
-against the one-shot plan) guards it. Cost: a forward and a backward pass per calibration call per
-epoch; peak memory: the model, the trainable values twice over for Adam, one call's activations.
+every call trains, and the weights after the last epoch are judged on those same calls. Either way
+they are kept only for a gain of at least ``MIN_GAIN``; the pipeline's end-to-end check (in the
+metric itself, on calibration and held-out data) may still undo them alone. Cost: a forward and a
+backward pass per calibration call per epoch; peak memory: the model, the trainable values three
+times over (values and Adam's two moments), one call's activations.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ class Distillation:
     validation_calls: int
     seconds: float
     note: str | None = None
+    warns: bool = False  # the note is a warning: skipped where it should have run, or undone
     trained: list[str] = field(default_factory=list, repr=False)  # the layers whose weights changed
     history: list[tuple[float, float | None]] = field(default_factory=list)  # per epoch: training, held-back loss
     local: dict[str, object] = field(default_factory=dict, repr=False)  # the trained layers' weights before
@@ -64,7 +67,7 @@ class Distillation:
         for layer in layers:
             if layer.name in self.local and layer.chosen is not None:
                 layer.chosen.approx = self.local[layer.name]
-        self.trained, self.kept_epoch = [], 0
+        self.trained, self.kept_epoch, self.warns = [], 0, True
 
     def to_dict(self) -> dict:
         out = {"layers": self.layers, "epochs": self.epochs, "kept_epoch": self.kept_epoch, "steps": self.steps,
@@ -80,28 +83,28 @@ class Distillation:
 
 def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int = 0) -> Distillation | None:
     """Train the chosen rewrites end to end (module docstring); sets their ``Candidate.approx`` to the
-    weights kept. None where nothing can be trained (no rewrite has trainable values, or the entry
-    cannot run its graph with gradients)."""
+    weights kept. None where no rewrite has trainable values; a summary saying why where nothing
+    could be trained."""
     from sparsec.passes.registry import HANDLERS
     from sparsec.progress import advance_current
 
-    tunables: list[tuple[Layer, object]] = []
-    for layer in layers:
-        cand = layer.chosen
-        if cand is None or cand.is_dense:
-            continue
-        make = getattr(HANDLERS[cand.spec.family], "tunable", None)
-        if make is not None:
-            tunables.append((layer, make(cand.spec, cand.weight())))
-    if not tunables:
+    makers = [(layer, getattr(HANDLERS[layer.chosen.spec.family], "tunable", None)) for layer in layers
+              if layer.chosen is not None and not layer.chosen.is_dense]
+    makers = [(layer, make) for layer, make in makers if make is not None]
+    if not makers:
         return None
     if not hasattr(frontend, "output_loss"):
-        return Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, 0, 0.0,
+        return Distillation(len(makers), 0, 0, 0, (0.0, 0.0), None, 0, 0.0,
                             note=f"not run: the {frontend.entry} entry cannot run its graph with gradients")
+    if torch.is_inference_mode_enabled():
+        return Distillation(len(makers), 0, 0, 0, (0.0, 0.0), None, 0, 0.0, warns=True,
+                            note="skipped: planning ran under torch.inference_mode, where no gradient can be taken")
     start = time.perf_counter()
+    tunables = [(layer, make(layer.chosen.spec, layer.chosen.weight())) for layer, make in makers]
     epochs = EPOCHS if epochs is None else epochs
     calls = frontend.calibration_calls()
-    held_back = [i for i in range(calls) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1] if calls >= VALIDATION_EVERY else []
+    held_back = [i for i in range(calls) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1] \
+        if calls >= VALIDATION_EVERY else []
     training = [i for i in range(calls) if i not in held_back]
     params = [p for _, t in tunables for p in t.parameters()]
     optimizer = torch.optim.Adam([{"params": [p], "lr": STEP * _rms(p)} for p in params])
@@ -121,9 +124,6 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
         return [p.detach().clone() for p in params]
 
     summary = Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0)
-    if torch.is_inference_mode_enabled():
-        summary.note = "skipped: planning ran under torch.inference_mode, where no gradient can be taken"
-        return summary
     generator = torch.Generator().manual_seed(seed)
     try:
         best = before = judged_loss()
@@ -160,6 +160,7 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
                 best, kept, summary.kept_epoch = now, snapshot(), summary.epochs
     except RuntimeError as exc:  # the graph would not run with gradients (e.g. inference tensors)
         summary.note = f"skipped: the graph could not be run with gradients ({str(exc).splitlines()[0]})"
+        summary.warns = True
         summary.seconds = time.perf_counter() - start
         return summary
     summary.training_loss = (first, last)

@@ -56,7 +56,6 @@ class RecoverySummary:
     kept: list[str] = field(default_factory=list)  # layers whose one-shot fit stayed the better one
     note: str | None = None  # why nothing was recovered, where that happened
     distillation: object | None = None  # sparsec.distill.Distillation ("full")
-    trained: list[str] = field(default_factory=list)  # layers distillation changed
     _local: tuple = field(default=((), ()), repr=False)  # refit and kept before distillation
     # each rewritten layer's reconstruction before recovery touched it (None: its candidate remakes it)
     originals: dict[str, object] = field(default_factory=dict, repr=False)
@@ -68,12 +67,16 @@ class RecoverySummary:
                 layer.chosen.approx = self.originals[layer.name]
             layer.recovered = layer.received = None
 
+    @property
+    def trained(self) -> list[str]:
+        """The layers distillation changed."""
+        return self.distillation.trained if self.distillation is not None else []
+
     def distilled(self, result) -> None:
         """Take in what distillation did: the layers it trained count as refitted."""
         self.distillation = result
         if result is None or result.kept_epoch == 0:
             return
-        self.trained = list(result.trained)
         self._local = (list(self.refit), list(self.kept))
         self.refit += [name for name in self.trained if name not in self.refit]
         self.kept = [name for name in self.kept if name not in self.trained]
@@ -83,12 +86,11 @@ class RecoverySummary:
         self.distillation.undo(layers)
         self.distillation.note = why
         self.refit, self.kept = self._local
-        self.trained = []
 
     def warnings(self) -> list[str]:
         """What the report's warnings say of this recovery: why it was undone, where it fell short."""
         out = [f"recovery {self.mode}: {self.note}"] if self.note else []
-        if self.distillation is not None and (self.distillation.note or "").startswith(("skipped", "made")):
+        if self.distillation is not None and self.distillation.warns:
             out.append(f"recovery {self.mode}: distillation {self.distillation.note}; the local refits stand")
         if self.sequential_only:
             out.append(f"recovery full: {len(self.sequential_only)} layer(s) saw fewer than {FULL_ROWS_PER_INPUT} "
