@@ -88,6 +88,7 @@ def main(argv=None):
     ap.add_argument("--M", default="1,16,256,2048")
     ap.add_argument("--out", default=".")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--blocks", type=int, default=None, help="mixture-of-experts blocks in the stack (default 4)")
     args = ap.parse_args(argv)
     from sparsec.codegen.experts import IMPLS, memory_reason
     from sparsec.experts import use_sparsec_experts
@@ -96,6 +97,10 @@ def main(argv=None):
     device = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
     d, h, E, k, blocks = (64, 96, 8, 2, 2) if args.smoke else (4096, 14336, 8, 2, 4)
+    blocks = args.blocks or blocks
+    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
+            "date": datetime.date.today().isoformat(), "shape": [E, h, d], "top_k": k, "blocks": blocks}
+    os.makedirs(args.out, exist_ok=True)
     model = build(d, h, E, k, blocks, device, dtype)
     bandwidth = copy_gbps(device)
     mode = None if args.smoke else "reduce-overhead"
@@ -158,17 +163,22 @@ def main(argv=None):
             floor_us = blocks * hit * 3 * d * h * 2 / (bandwidth * 1e3)
             rows.append({"M": M, "config": f"floor: weights of {hit} experts per block at {bandwidth:.0f} GB/s",
                          "us": floor_us, "x": base / floor_us, "error": None})
-    meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "shape": [E, h, d], "top_k": k, "blocks": blocks}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "moe.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    print(f"{'M':>5} {'configuration':<58} {'us':>10} {'x':>6} {'error':>8}")
+        # written after every M, so a run stopped at its time limit keeps what it measured
+        with open(os.path.join(args.out, "moe.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        print_rows([r for r in rows if r["M"] == M], header=M == rows[0]["M"])
+    print(f"{meta['device']}, torch {meta['torch']}, {meta['date']}, {blocks} blocks")
+    print_rows(rows, header=True)
+
+
+def print_rows(rows, header: bool) -> None:
+    if header:
+        print(f"{'M':>5} {'configuration':<58} {'us':>10} {'x':>6} {'error':>8}")
     for r in rows:
         err = "" if r["error"] is None else f"{r['error']:.1e}"
         us = "" if r["us"] is None else f"{r['us']:.1f}"
         x = "" if r["x"] is None else f"{r['x']:.2f}"
-        print(f"{r['M']:>5} {r['config']:<58} {us:>10} {x:>6} {err:>8} {r.get('chosen', '')}")
+        print(f"{r['M']:>5} {r['config']:<58} {us:>10} {x:>6} {err:>8} {r.get('chosen', '')}", flush=True)
 
 
 if __name__ == "__main__":

@@ -150,3 +150,74 @@ def test_sparse_plus_lowrank_matches_float64_and_replays_in_a_cuda_graph(dtype, 
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, fresh.double() @ dense.t() + bias.double()) <= REL_TOL[dtype]
+
+
+def _expert_bank(form, E, I, H, gen, dtype):  # noqa: E741
+    """(op, weights, gate_up, down) of a bank in ``form``: the op's weight arguments and the dense
+    float64 projections they make (planted: exactly low-rank or exactly 2:4)."""
+    from sparsec.codegen.twofour import encode_positions
+
+    if form == "lowrank":
+        r1, r2 = 96, 80   # no multiple of a tile
+        v1, u1 = torch.randn(E, r1, H, generator=gen) / H ** 0.5, torch.randn(E, 2 * I, r1, generator=gen) / r1 ** 0.5
+        v2, u2 = torch.randn(E, r2, I, generator=gen) / I ** 0.5, torch.randn(E, H, r2, generator=gen) / r2 ** 0.5
+        args = [t.to(dtype).cuda() for t in (v1, u1, v2, u2)]
+        return (torch.ops.sparsec.experts_swiglu_lowrank, args,
+                args[1].double() @ args[0].double(), args[3].double() @ args[2].double())
+    if form == "2:4":
+        def packed(N, K):
+            groups = (torch.randn(E, N, K, generator=gen) / K ** 0.5).reshape(E, N, K // 4, 4)
+            pos = torch.rand(E, N, K // 4, 4, generator=gen).argsort(-1)[..., :2].sort(-1).values
+            values = groups.gather(3, pos).to(dtype)
+            meta = torch.stack([encode_positions(pos[e]) for e in range(E)])
+            kept = torch.zeros(E, N, K // 4, 4, dtype=dtype).scatter_(3, pos, values).reshape(E, N, K)
+            return values.reshape(E, N, K // 2).cuda(), meta.cuda(), kept.double().cuda()
+
+        gv, gm, gate_up = packed(2 * I, H)
+        dv, dm, down = packed(H, I)
+        return torch.ops.sparsec.experts_swiglu_twofour, [gv, gm, dv, dm], gate_up, down
+    gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5).to(dtype).cuda()
+    down = (torch.randn(E, H, I, generator=gen) / I ** 0.5).to(dtype).cuda()
+    return torch.ops.sparsec.experts_swiglu, [gate_up, down], gate_up.double(), down.double()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("form", ["dense", "lowrank", "2:4"])
+@pytest.mark.parametrize("impl", ["grouped", "batched", "dense_all", "loop"])
+@pytest.mark.parametrize("T", [1, 16, 300])
+def test_expert_banks_match_float64_and_replay_in_a_cuda_graph(dtype, form, impl, T):
+    """Every implementation of every expert form, compiled for the GPU, against float64; every one
+    but the loop (which reads the routing on the host) then captured in a CUDA graph and replayed
+    on new tokens and a new routing."""
+    from sparsec.codegen import experts as _registers_the_ops  # noqa: F401
+
+    gen = torch.Generator().manual_seed(T)
+    E, k, H, I = 8, 2, 512, 384  # noqa: E741
+    op, weights, gate_up, down = _expert_bank(form, E, I, H, gen, dtype)
+
+    def inputs():
+        probs = torch.softmax(torch.randn(T, E, generator=gen), dim=-1)
+        top, index = probs.topk(k, dim=-1)
+        x = torch.randn(T, H, generator=gen).to(dtype).cuda()
+        return x, index.cuda(), (top / top.sum(-1, keepdim=True)).to(dtype).cuda()
+
+    def ref(x, index, w):
+        h = torch.einsum("th,teih->tei", x.double(), gate_up[index])
+        gate, up = h.chunk(2, dim=-1)
+        y = torch.einsum("tei,tehi->teh", torch.nn.functional.silu(gate) * up, down[index])
+        return (y * w.double()[..., None]).sum(1)
+
+    x, index, w = inputs()
+    y = op(x, index, w, *weights, impl)
+    assert y.dtype == dtype and rel_err(y, ref(x, index, w)) <= REL_TOL[dtype], f"{form} {impl}"
+    if impl == "loop":
+        return
+    sx, si, sw = x.clone(), index.clone(), w.clone()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = op(sx, si, sw, *weights, impl)
+    x, index, w = inputs()
+    sx.copy_(x), si.copy_(index), sw.copy_(w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ref(x, index, w)) <= REL_TOL[dtype], f"{form} {impl} replayed"
