@@ -64,7 +64,10 @@ DOT_META_WORDS = True
 WEIGHT_EVICTION = "evict_first"
 
 
-_QUAD_SHIFTS = (0, 2, 4, 6)
+def _quad_shifts(device, dtype) -> torch.Tensor:
+    """The bit offsets of the four groups a metadata byte pair holds, (4, 1), made on ``device``
+    itself: a copy from the host is not allowed while a CUDA graph is being captured."""
+    return (torch.arange(4, device=device, dtype=dtype) * 2)[:, None]
 
 
 def meta_cols(groups: int) -> int:
@@ -78,15 +81,14 @@ def encode_positions(pos: torch.Tensor) -> torch.Tensor:
     p = pos.to(torch.int32)
     if G % 4:
         p = torch.cat([p, p.new_zeros(N, 4 - G % 4, 2)], dim=1)
-    quads = p.reshape(N, -1, 4, 2) << torch.tensor(_QUAD_SHIFTS, dtype=torch.int32, device=p.device)[:, None]
+    quads = p.reshape(N, -1, 4, 2) << _quad_shifts(p.device, torch.int32)
     return quads.sum(dim=2).reshape(N, -1).to(torch.uint8).contiguous()
 
 
 def decode_positions(meta: torch.Tensor, groups: int) -> torch.Tensor:
     """Inverse of ``encode_positions``: (N, meta_cols(G)) uint8 -> (N, G, 2) int64 positions."""
     m = meta.to(torch.int64).reshape(meta.shape[0], -1, 1, 2)
-    shifts = torch.tensor(_QUAD_SHIFTS, dtype=torch.int64, device=meta.device)[:, None]
-    return ((m >> shifts) & 3).reshape(meta.shape[0], -1, 2)[:, :groups]
+    return ((m >> _quad_shifts(meta.device, torch.int64)) & 3).reshape(meta.shape[0], -1, 2)[:, :groups]
 
 
 def expand(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:

@@ -106,7 +106,8 @@ def lowrank_factors(approx: torch.Tensor, rank: int, seed: int = 0) -> tuple[tor
     from sparsec.codegen import pack
 
     w = approx.detach().to(torch.float64)
-    g = torch.randn(w.shape[1], rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    # drawn on the CPU (the same draw whatever the device), used where the weight is
+    g = torch.randn(w.shape[1], rank, generator=torch.Generator().manual_seed(seed), dtype=torch.float64).to(w.device)
     q, _ = torch.linalg.qr(w @ g)
     v = q.T @ w
     residual = float(torch.linalg.matrix_norm(w - q @ v)) / max(float(torch.linalg.matrix_norm(w)), 1e-300)
