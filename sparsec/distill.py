@@ -16,9 +16,10 @@ lowest loss on those calls is kept (the recovered plan's own where no epoch beat
 distillation never leaves the held-back calls worse than the local refits did. With fewer calls
 every call trains, and the weights after the last epoch are judged on those same calls. Either way
 they are kept only for a gain of at least ``MIN_GAIN``; the pipeline's end-to-end check (in the
-metric itself, on calibration and held-out data) may still undo them alone. Cost: a forward and a
-backward pass per calibration call per epoch; peak memory: the model, the trainable values three
-times over (values and Adam's two moments), one call's activations.
+metric itself, on calibration and held-out data) may still undo them alone.
+
+Cost: a forward and a backward pass per calibration call per epoch. Peak memory: the model, the
+trainable values three times over (values and Adam's two moments), one call's activations.
 """
 
 from __future__ import annotations
@@ -32,16 +33,29 @@ import torch
 from sparsec.candidates import Layer
 
 EPOCHS = 8
-# Adam's step, as a share of each trained tensor's RMS, so one setting serves every weight scale.
-# SmolLM2-135M, 2:4 on its MLP layers (weights of RMS ~0.19), held-back KL: at 16 x 128 calibration
-# tokens 0.0005 and 0.0002 both fell for every epoch, 0.001 diverged; at 32 x 128 0.0005 stopped after
-# 4 epochs, 0.0003 fell for all 8 (docs/accuracy.md)
-STEP = 0.0003
+# with few calibration calls, as many epochs as make this many steps: SmolLM2-135M at 8 x 128 tokens
+# (6 training calls an epoch) gained a quarter more of the KL from 72 steps than from 48
+MIN_STEPS = 72
+# Adam's peak step, as a share of each trained tensor's RMS (one setting for every weight scale), is
+# TRAVEL over the steps planned: few steps take long ones, many short ones. On SmolLM2-135M with 2:4
+# on its MLP layers the best steps measured were 0.0006-0.0007 at 72 steps, 0.0005 at 96 and 0.0003
+# at 192 (longer diverged or stopped early there; docs/accuracy.md)
+TRAVEL = 0.05
 VALIDATION_EVERY = 4  # every fourth calibration call is held back, with at least this many calls
 PATIENCE = 2  # epochs without a better held-back loss before stopping
 # kept only where the judged loss falls by at least this share: a smaller gain is within what the
 # calibration calls can tell from noise, and not worth moving every rewritten weight for
 MIN_GAIN = 0.01
+
+
+def epochs_for(training_calls: int) -> int:
+    """Epochs to plan for ``training_calls`` calls an epoch: ``EPOCHS``, or enough for ``MIN_STEPS``."""
+    return max(EPOCHS, math.ceil(MIN_STEPS / max(training_calls, 1))) if EPOCHS else 0
+
+
+def step_for(steps: int) -> float:
+    """Adam's peak step, as a share of a tensor's RMS, for a run of ``steps`` steps (``TRAVEL``)."""
+    return TRAVEL / max(steps, 1)
 
 
 @dataclass
@@ -101,13 +115,14 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
                             note="skipped: planning ran under torch.inference_mode, where no gradient can be taken")
     start = time.perf_counter()
     tunables = [(layer, make(layer.chosen.spec, layer.chosen.weight())) for layer, make in makers]
-    epochs = EPOCHS if epochs is None else epochs
     calls = frontend.calibration_calls()
     held_back = [i for i in range(calls) if i % VALIDATION_EVERY == VALIDATION_EVERY - 1] \
         if calls >= VALIDATION_EVERY else []
     training = [i for i in range(calls) if i not in held_back]
+    epochs = epochs_for(len(training)) if epochs is None else epochs
     params = [p for _, t in tunables for p in t.parameters()]
-    optimizer = torch.optim.Adam([{"params": [p], "lr": STEP * _rms(p)} for p in params])
+    step = step_for(epochs * len(training))
+    optimizer = torch.optim.Adam([{"params": [p], "lr": step * _rms(p)} for p in params])
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(training), epochs * len(training)))
 
     def replacements() -> dict[str, torch.Tensor]:

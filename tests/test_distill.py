@@ -13,9 +13,10 @@ import sparsec.distill
 
 @pytest.fixture(autouse=True)
 def planted_stack_step(monkeypatch):
-    """The shipped step suits real models (SmolLM2-135M diverged at 0.001); a six-layer planted stack
-    gains under 1% from it in the 48 steps its calls give, and 5-19% from a step 30 times longer."""
-    monkeypatch.setattr(sparsec.distill, "STEP", 0.01)
+    """The shipped travel suits real models (SmolLM2-135M diverged at twice its steps); a six-layer
+    planted stack gains under 1% from it in the 72 steps its calls are given, and 5-19% from steps
+    14 times longer (0.01 of the RMS each)."""
+    monkeypatch.setattr(sparsec.distill, "TRAVEL", 0.72)
 
 
 def optimize(fmt: str, calls: int = 8, **options):
@@ -68,8 +69,10 @@ def test_with_fewer_than_four_calibration_calls_every_call_trains_for_every_epoc
     _, _, result = optimize("lowrank:16", calls=2, lower=False)
     summary = result.report.to_dict()["planning"]["recovery"]["distillation"]
     assert summary["validation_calls"] == 0
-    assert summary["epochs"] == summary["kept_epoch"] == sparsec.distill.EPOCHS
-    assert summary["steps"] == 2 * sparsec.distill.EPOCHS
+    epochs = sparsec.distill.epochs_for(2)
+    assert epochs * 2 >= sparsec.distill.MIN_STEPS  # few calls: more epochs, to make the steps
+    assert summary["epochs"] == summary["kept_epoch"] == epochs
+    assert summary["steps"] == 2 * epochs
     first, last = summary["training_loss"]
     assert last < first
     before, after = summary["validation_loss"]  # judged on the calls it trained on, before and after
@@ -100,7 +103,8 @@ def test_distillation_worse_end_to_end_is_undone_and_the_local_refits_stand(monk
     monkeypatch.setattr(sparsec.distill, "EPOCHS", 0)
     _, _, local = optimize("2:4", lower=False)
     monkeypatch.setattr(sparsec.distill, "EPOCHS", 2)
-    monkeypatch.setattr(sparsec.distill, "STEP", 0.05)
+    monkeypatch.setattr(sparsec.distill, "MIN_STEPS", 12)  # 2 epochs of 6 calls
+    monkeypatch.setattr(sparsec.distill, "TRAVEL", 0.6)  # 0.05 of the RMS a step
     _, _, undone = optimize("2:4", lower=False)
     report = undone.report.to_dict()
     assert report["planning"]["recovery"]["distillation"]["note"].startswith("made the graph measure")
@@ -119,3 +123,9 @@ def test_under_inference_mode_distillation_is_skipped_and_says_why():
     summary = result.report.to_dict()["planning"]["recovery"]["distillation"]
     assert summary["kept_epoch"] == 0 and summary["steps"] == 0
     assert "torch.inference_mode" in summary["note"]
+
+
+def test_few_calls_get_more_epochs_and_shorter_runs_longer_steps():
+    assert sparsec.distill.epochs_for(100) == sparsec.distill.EPOCHS
+    assert sparsec.distill.epochs_for(6) * 6 >= sparsec.distill.MIN_STEPS > (sparsec.distill.epochs_for(6) - 1) * 6
+    assert sparsec.distill.step_for(72) == pytest.approx(2 * sparsec.distill.step_for(144))
