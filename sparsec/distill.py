@@ -36,6 +36,7 @@ EPOCHS = 8
 # with few calibration calls, as many epochs as make this many steps: SmolLM2-135M at 8 x 128 tokens
 # (6 training calls an epoch) gained a quarter more of the KL from 72 steps than from 48
 MIN_STEPS = 72
+MAX_EPOCHS = 16  # but no more epochs than this: a single call is not worth 72 passes over it
 # Adam's peak step, as a share of each trained tensor's RMS (one setting for every weight scale), is
 # TRAVEL over the steps planned: few steps take long ones, many short ones. On SmolLM2-135M with 2:4
 # on its MLP layers the best steps measured were 0.0006-0.0007 at 72 steps, 0.0005 at 96 and 0.0003
@@ -49,8 +50,11 @@ MIN_GAIN = 0.01
 
 
 def epochs_for(training_calls: int) -> int:
-    """Epochs to plan for ``training_calls`` calls an epoch: ``EPOCHS``, or enough for ``MIN_STEPS``."""
-    return max(EPOCHS, math.ceil(MIN_STEPS / max(training_calls, 1))) if EPOCHS else 0
+    """Epochs to plan for ``training_calls`` calls an epoch: ``EPOCHS``, or enough for ``MIN_STEPS``
+    up to ``MAX_EPOCHS``."""
+    if not EPOCHS:
+        return 0
+    return max(EPOCHS, min(MAX_EPOCHS, math.ceil(MIN_STEPS / max(training_calls, 1))))
 
 
 def step_for(steps: int) -> float:

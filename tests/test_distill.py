@@ -70,7 +70,7 @@ def test_with_fewer_than_four_calibration_calls_every_call_trains_for_every_epoc
     summary = result.report.to_dict()["planning"]["recovery"]["distillation"]
     assert summary["validation_calls"] == 0
     epochs = sparsec.distill.epochs_for(2)
-    assert epochs * 2 >= sparsec.distill.MIN_STEPS  # few calls: more epochs, to make the steps
+    assert epochs > sparsec.distill.EPOCHS  # few calls: more epochs, towards MIN_STEPS steps
     assert summary["epochs"] == summary["kept_epoch"] == epochs
     assert summary["steps"] == 2 * epochs
     first, last = summary["training_loss"]
@@ -128,4 +128,5 @@ def test_under_inference_mode_distillation_is_skipped_and_says_why():
 def test_few_calls_get_more_epochs_and_shorter_runs_longer_steps():
     assert sparsec.distill.epochs_for(100) == sparsec.distill.EPOCHS
     assert sparsec.distill.epochs_for(6) * 6 >= sparsec.distill.MIN_STEPS > (sparsec.distill.epochs_for(6) - 1) * 6
+    assert sparsec.distill.epochs_for(1) == sparsec.distill.MAX_EPOCHS  # one call: not 72 passes over it
     assert sparsec.distill.step_for(72) == pytest.approx(2 * sparsec.distill.step_for(144))
