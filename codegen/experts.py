@@ -118,19 +118,28 @@ def experts_loop(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
     return out.to(x.dtype)
 
 
+def _native(w) -> torch.Tensor:
+    """A projection's (E, N, K) weights as stored (a 2:4 one expanded), in their own dtype."""
+    return w.dense() if isinstance(w, TwoFourWeights) else w
+
+
 def _gathered(a: torch.Tensor, factors, flat) -> torch.Tensor:
+    """Each row of ``a`` through the projection of its expert (``flat``), in the weights' dtype."""
     for w in factors:
-        a = torch.bmm(w[flat].float(), a[:, :, None])[..., 0]
+        weights = _native(w)
+        a = torch.bmm(weights[flat], a.to(weights.dtype)[:, :, None])[..., 0]
     return a
 
 
 def experts_batched(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """Every (token, slot) pair through its expert's gathered weights: products in the weights' dtype
+    (float32 accumulation, as the GEMMs do), the activation and the combine in float32."""
     gate_up, down = _factors(gate_up), _factors(down)
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1)
-    xs = x.repeat_interleave(k, dim=0).float()                         # (S, H)
-    h = _swiglu(_gathered(xs, gate_up, flat))                           # (S, I)
-    y = _gathered(h, down, flat)                                        # (S, H)
+    xs = x.repeat_interleave(k, dim=0)                                  # (S, H)
+    h = _swiglu(_gathered(xs, gate_up, flat).float())                   # (S, I)
+    y = _gathered(h, down, flat).float()                                # (S, H)
     y = y * top_k_weights.reshape(-1, 1).float()
     return y.reshape(T, k, -1).sum(dim=1).to(x.dtype)
 
@@ -163,16 +172,20 @@ def route_kept(top_k_index, top_k_weights, remap):
 
 
 def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """Every token through every expert, combined by the routing weights: products in the weights'
+    dtype (float32 accumulation), the activation and the combine in float32."""
     gate_up, down = _factors(gate_up), _factors(down)
     E = gate_up[0].shape[0]
-    a = x.float()[None]
+    a = x[None]
     for w in gate_up:
-        a = torch.matmul(a, w.float().transpose(1, 2))                     # (E, T, .)
-    h = _swiglu(a)                                                          # (E, T, I)
+        weights = _native(w)
+        a = torch.matmul(a.to(weights.dtype), weights.transpose(1, 2))    # (E, T, .)
+    h = _swiglu(a.float())                                                  # (E, T, I)
     for w in down:
-        h = torch.bmm(h, w.float().transpose(1, 2))                         # (E, T, .)
+        weights = _native(w)
+        h = torch.bmm(h.to(weights.dtype), weights.transpose(1, 2))       # (E, T, .)
     R = routing_matrix(top_k_index, top_k_weights, E)                        # (T, E)
-    return torch.einsum("te,eth->th", R, h).to(x.dtype)
+    return torch.einsum("te,eth->th", R, h.float()).to(x.dtype)
 
 
 def sorted_runs(top_k_index, E: int, block_m: int):
