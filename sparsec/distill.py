@@ -39,9 +39,10 @@ MIN_STEPS = 72
 MAX_EPOCHS = 16  # but no more epochs than this: a single call is not worth 72 passes over it
 # Adam's peak step, as a share of each trained tensor's RMS (one setting for every weight scale), is
 # TRAVEL over the steps planned: few steps take long ones, many short ones. On SmolLM2-135M with 2:4
-# on its MLP layers 0.08 beat 0.05 at 72 and 96 steps and matched it at 192, where a fixed step of
-# 0.0005 or more had stopped early (docs/accuracy.md)
-TRAVEL = 0.08
+# on its MLP layers the best fixed steps measured were 0.0006-0.0007 at 72 steps, 0.0005 at 96 and
+# 0.0003 at 192; 0.08 did better still there but left MiniLM's held-back loss rising, nothing kept
+# (docs/accuracy.md)
+TRAVEL = 0.05
 VALIDATION_EVERY = 4  # every fourth calibration call is held back, with at least this many calls
 PATIENCE = 2  # epochs without a better held-back loss before stopping
 # kept only where the judged loss falls by at least this share: a smaller gain is within what the
