@@ -61,8 +61,8 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
 
 class TwoFourWeights:
     """A bank projection's experts in 2:4 form: ``values`` (E, N, K/2) and ``meta`` (E, N, bytes), as
-    codegen/twofour.py packs one weight. Indexing or ``float()`` gives the dense weights (the
-    reference paths); the grouped implementation reads the packed form."""
+    codegen/twofour.py packs one weight. ``dense()`` gives the dense weights (the loop, batched and
+    dense_all paths, through ``_native``); the grouped implementation reads the packed form."""
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor):
         self.values, self.meta = values, meta
@@ -82,12 +82,6 @@ class TwoFourWeights:
             self._dense = torch.stack([expand(self.values[e], self.meta[e], K) for e in range(E)])
         return self._dense
 
-    def __getitem__(self, index):
-        return self.dense()[index]
-
-    def float(self) -> torch.Tensor:
-        return self.dense().float()
-
 
 
 def _factors(projection) -> tuple:
@@ -95,10 +89,15 @@ def _factors(projection) -> tuple:
     return (projection,) if isinstance(projection, (torch.Tensor, TwoFourWeights)) else tuple(projection)
 
 
+def _native(w) -> torch.Tensor:
+    """A projection's (E, N, K) weights as stored (a 2:4 one expanded), in their own dtype."""
+    return w.dense() if isinstance(w, TwoFourWeights) else w
+
+
 def _chain(a: torch.Tensor, factors, e) -> torch.Tensor:
     """``a`` (rows, K) through expert ``e``'s projection: its factors applied first to last, float32."""
     for w in factors:
-        a = a @ w[e].float().t()
+        a = a @ _native(w)[e].float().t()
     return a
 
 
@@ -116,11 +115,6 @@ def experts_loop(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
         y = _chain(h, down, e) * top_k_weights.reshape(-1)[pairs].float()[:, None]
         out.index_add_(0, tokens, y)
     return out.to(x.dtype)
-
-
-def _native(w) -> torch.Tensor:
-    """A projection's (E, N, K) weights as stored (a 2:4 one expanded), in their own dtype."""
-    return w.dense() if isinstance(w, TwoFourWeights) else w
 
 
 def _gathered(a: torch.Tensor, factors, flat) -> torch.Tensor:

@@ -99,5 +99,3 @@ def balanced_factors(w: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     a = u[..., :, :rank] * root.unsqueeze(-2)
     b = root.unsqueeze(-1) * vh[..., :rank, :]
     return a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
-
-
