@@ -10,7 +10,7 @@ of many repeats after warm-up (``triton.testing.do_bench``):
   (``loop`` reads the routing on the host and is timed without CUDA graphs);
 - ``sparsec auto``: ``torch.compile(backend="sparsec")``, which times the implementations on each
   bank's calibration routing and keeps the fastest;
-- ``sparsec, experts 2:4 / lowrank:0.25 (plan)``: the same with every bank's experts pinned to
+- ``sparsec, experts 2:4 / block:64:0.25 / lowrank:0.25 (plan)``: the same with every bank's experts pinned to
   that form by the plan (passes/experts_formats.py): the forms' speed, not a quality claim (the
   weights are random).
 
@@ -145,7 +145,9 @@ def main(argv=None):
                          "error": float((y - reference).norm() / reference.norm()), "chosen": chosen})
             # experts in a structured form, pinned by the plan (random weights: the forms' speed, not
             # a quality claim)
-            for form in ("2:4", "lowrank:0.25"):
+            from sparsec.passes.experts_block import side_for
+
+            for form in ("2:4", f"block:{side_for(d, h)}:0.25", "lowrank:0.25"):
                 torch._dynamo.reset()
                 pinned = {**opts, "plan": {"layers": {"_default": "dense"}, "experts": {"_default": form}}}
                 fn = torch.compile(model, backend=sparsec_backend, options=pinned)

@@ -59,39 +59,69 @@ def _swiglu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-class TwoFourWeights:
-    """A bank projection's experts in 2:4 form: ``values`` (E, N, K/2) and ``meta`` (E, N, bytes), as
-    codegen/twofour.py packs one weight. ``dense()`` gives the dense weights (the loop, batched and
-    dense_all paths, through ``_native``); the grouped implementation reads the packed form."""
+class PackedWeights:
+    """A bank projection's experts stored in a sparse form: ``shape`` (E, N, K) as dense, ``dense()``
+    the dense weights (the loop, batched and dense_all paths read them through ``_native``, expanded
+    once); the grouped implementation reads the packed form."""
+
+    shape: tuple[int, int, int]
+    _dense: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self._expand()
+        return self._dense
+
+    def _expand(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class TwoFourWeights(PackedWeights):
+    """2:4 experts: ``values`` (E, N, K/2) and ``meta`` (E, N, bytes), as codegen/twofour.py packs one weight."""
 
     def __init__(self, values: torch.Tensor, meta: torch.Tensor):
         self.values, self.meta = values, meta
-        self._dense: torch.Tensor | None = None
+        E, N, half = values.shape
+        self.shape = (E, N, 2 * half)
 
-    @property
-    def shape(self) -> tuple[int, int, int]:
-        E, N, half = self.values.shape
-        return (E, N, 2 * half)
+    def _expand(self) -> torch.Tensor:
+        from .twofour import expand
 
-    def dense(self) -> torch.Tensor:
-        """The (E, N, K) dense weights, expanded once (the loop reads them expert by expert)."""
-        if self._dense is None:
-            from .twofour import expand
+        E, N, K = self.shape
+        return torch.stack([expand(self.values[e], self.meta[e], K) for e in range(E)])
 
-            E, N, K = self.shape
-            self._dense = torch.stack([expand(self.values[e], self.meta[e], K) for e in range(E)])
-        return self._dense
 
+class BlockWeights(PackedWeights):
+    """Block-sparse experts in B x B blocks, each expert keeping the same number of blocks (nnzb):
+    ``values`` (E, nnzb, B, B) kept blocks by (block row, block column), ``col_idx`` (E, nnzb) int32
+    their block columns, ``row_ptr`` (E, N/B + 1) int32 where each expert's block rows start in its
+    own blocks (codegen/block.py's BSR, one per expert, stacked); K the input width."""
+
+    def __init__(self, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor, K: int):
+        self.values, self.col_idx, self.row_ptr = values, col_idx, row_ptr
+        E, _, B, _ = values.shape
+        self.block = B
+        self.shape = (E, (row_ptr.shape[1] - 1) * B, int(K))
+
+    def _expand(self) -> torch.Tensor:
+        E, N, K = self.shape
+        B, nr, nc = self.block, N // self.block, K // self.block
+        counts = (self.row_ptr[:, 1:] - self.row_ptr[:, :-1]).to(torch.int64)
+        rows = torch.repeat_interleave(torch.arange(nr, device=counts.device).repeat(E), counts.reshape(-1))
+        slot = (torch.arange(E, device=counts.device).repeat_interleave(counts.sum(1)) * nr + rows) * nc
+        dense = self.values.new_zeros(E * nr * nc, B, B)
+        dense[slot + self.col_idx.reshape(-1).to(torch.int64)] = self.values.reshape(-1, B, B)
+        return dense.reshape(E, nr, nc, B, B).permute(0, 1, 3, 2, 4).reshape(E, N, K)
 
 
 def _factors(projection) -> tuple:
     """A projection as its factors: a dense (E, N, K) weight alone, or a tuple applied first to last."""
-    return (projection,) if isinstance(projection, (torch.Tensor, TwoFourWeights)) else tuple(projection)
+    return (projection,) if isinstance(projection, (torch.Tensor, PackedWeights)) else tuple(projection)
 
 
 def _native(w) -> torch.Tensor:
-    """A projection's (E, N, K) weights as stored (a 2:4 one expanded), in their own dtype."""
-    return w.dense() if isinstance(w, TwoFourWeights) else w
+    """A projection's (E, N, K) weights as stored (a packed one expanded), in their own dtype."""
+    return w.dense() if isinstance(w, PackedWeights) else w
 
 
 def _chain(a: torch.Tensor, factors, e) -> torch.Tensor:
@@ -199,13 +229,16 @@ def sorted_runs(top_k_index, E: int, block_m: int):
     return order, ends, tiles, tile_expert
 
 
-def _grouped_kernel(a_ptr, w_ptr, meta_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E, META_COLS,
-                    stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_me, stride_mn, stride_cm, stride_cn,
-                    TWOFOUR: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+def _grouped_kernel(a_ptr, w_ptr, meta_ptr, rowptr_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E,
+                    META_COLS, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_me, stride_mn, stride_re,
+                    stride_cm, stride_cn, TWOFOUR: tl.constexpr, BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """C[rows of expert e] = A[rows of e] @ W[e]^T for the row tile this program serves. With
     ``TWOFOUR`` W[e] is 2:4: its kept values (E, N, K/2) and position bytes (``meta_ptr``), each read
-    once per row tile and expanded to the dense tile in registers (as codegen/twofour.py's kernel)."""
+    once per row tile and expanded to the dense tile in registers (as codegen/twofour.py's kernel).
+    With ``BLOCK`` W[e] is block-sparse in BLOCK_K x BLOCK_K blocks (``BlockWeights``): the program's
+    BLOCK_N output rows lie in one block row, whose kept blocks (``rowptr_ptr``, block columns at
+    ``meta_ptr``) are the only weights it reads, each with the matching slice of A's columns."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -221,35 +254,52 @@ def _grouped_kernel(a_ptr, w_ptr, meta_ptr, c_ptr, ends_ptr, tiles_ptr, tile_exp
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_base = w_ptr + e.to(tl.int64) * stride_we
     m_base = meta_ptr + e.to(tl.int64) * stride_me
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
-        a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        if TWOFOUR:
-            G: tl.constexpr = BLOCK_K // 4
-            offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            v = tl.load(w_base + offs_n[:, None] * stride_wn + offs_v[None, :],
-                        mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
-            mb = tl.load(m_base + offs_n[:, None] * stride_mn + offs_b[None, :],
-                         mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
-            b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
-            quad = tl.arange(0, 4)[None, None, :] * 2
-            p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
-            p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
-            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
-            zero = tl.zeros_like(v0)
-            # positions are ordered (p0 < p1): column 0 can only be p0's and column 3 only p1's
-            d0 = tl.where(p0 == 0, v0, zero)
-            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-            d3 = tl.where(p1 == 3, v1, zero)
-            w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
-        else:
-            w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                        mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+    if BLOCK:
+        block_row = (pid_n * BLOCK_N) // BLOCK_K
+        offs_r = offs_n - block_row * BLOCK_K
+        offs_c = tl.arange(0, BLOCK_K)
+        start = tl.load(rowptr_ptr + e.to(tl.int64) * stride_re + block_row)
+        end = tl.load(rowptr_ptr + e.to(tl.int64) * stride_re + block_row + 1)
+        w_ptrs = w_base + start.to(tl.int64) * stride_wn + offs_r[:, None] * BLOCK_K + offs_c[None, :]
+        c_ptrs = m_base + start
+        a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
+        for _ in range(start, end):
+            col = tl.load(c_ptrs)
+            a = tl.load(a_rows + (col * BLOCK_K + offs_c)[None, :] * stride_ak, mask=mask_m[:, None], other=0.0)
+            w = tl.load(w_ptrs)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+            w_ptrs += stride_wn
+            c_ptrs += 1
+    else:
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            a = tl.load(a_ptr + offs_m[:, None].to(tl.int64) * stride_am + offs_k[None, :] * stride_ak,
+                        mask=mask_m[:, None] & mask_k[None, :], other=0.0)
+            if TWOFOUR:
+                G: tl.constexpr = BLOCK_K // 4
+                offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+                offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+                v = tl.load(w_base + offs_n[:, None] * stride_wn + offs_v[None, :],
+                            mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
+                mb = tl.load(m_base + offs_n[:, None] * stride_mn + offs_b[None, :],
+                             mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+                b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
+                quad = tl.arange(0, 4)[None, None, :] * 2
+                p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
+                p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
+                v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+                zero = tl.zeros_like(v0)
+                # positions are ordered (p0 < p1): column 0 can only be p0's and column 3 only p1's
+                d0 = tl.where(p0 == 0, v0, zero)
+                d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+                d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+                d3 = tl.where(p1 == 3, v1, zero)
+                w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+            else:
+                w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                            mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -265,27 +315,44 @@ _GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K":
                       key=["N", "K", "E", "BLOCK_M", "TWOFOUR"])
 
 
-def grouped_gemm(a, w, ends, tiles, tile_expert, block_m: int, meta=None) -> torch.Tensor:
-    """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's w (E, N, K)^T;
-    with ``meta``, w is 2:4: kept values (E, N, K/2) and position bytes (E, N, meta bytes), as
-    codegen/twofour.py packs one weight."""
-    S, K = a.shape
-    E, N = w.shape[:2]
+def _block_keep(config, args) -> bool:
+    """A program's rows must lie in one block row."""
+    return config.kwargs["BLOCK_N"] <= args["BLOCK_K"]
+
+
+# block-sparse weights fix BLOCK_K to the block's side; the configs choose how many of its rows a program takes
+_GROUPED_BLOCK = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": n}, num_warps=4, num_stages=3)
+                                              for n in (64, 32, 128, 16)],
+                            key=["N", "K", "E", "BLOCK_M", "BLOCK_K"], prune=_block_keep)
+
+
+def grouped_gemm(a, w, ends, tiles, tile_expert, block_m: int) -> torch.Tensor:
+    """(S, N) = each expert's run of ``a`` (S, K; sorted by expert) times that expert's weight^T,
+    ``w`` an (E, N, K) tensor, ``TwoFourWeights`` or ``BlockWeights`` (read in their packed form)."""
+    S = a.shape[0]
+    E, N, K = w.shape
     c = torch.empty(S, N, dtype=a.dtype, device=a.device)
     if S == 0:
         return c
-    twofour = meta is not None
-    if twofour:
-        K = 2 * w.shape[2]
-    m = meta if twofour else w
+    dot = tl_dot_precision(a.dtype)
+    if isinstance(w, BlockWeights):
+        values, cols, row_ptr = w.values.to(a.dtype), w.col_idx, w.row_ptr
+        _GROUPED_BLOCK[lambda m: (tile_expert.numel(), N // m["BLOCK_N"])](
+            a, values, cols, row_ptr, c, ends, tiles, tile_expert, N, K, E, 0,
+            a.stride(0), a.stride(1), values.stride(0), values.stride(1), 0, cols.stride(0), 0, row_ptr.stride(0),
+            c.stride(0), c.stride(1), TWOFOUR=False, BLOCK=True, DOT_PREC=dot, BLOCK_M=block_m, BLOCK_K=w.block)
+        return c
+    twofour = isinstance(w, TwoFourWeights)
+    values = (w.values if twofour else w).to(a.dtype)
+    m = w.meta if twofour else values
 
     def grid(meta_):
         return (tile_expert.numel(), triton.cdiv(N, meta_["BLOCK_N"]))
 
-    _GROUPED[grid](a, w, m, c, ends, tiles, tile_expert, N, K, E, m.shape[2] if twofour else 0,
-                   a.stride(0), a.stride(1), w.stride(0), w.stride(1), w.stride(2),
-                   m.stride(0) if twofour else 0, m.stride(1) if twofour else 0, c.stride(0), c.stride(1),
-                   TWOFOUR=twofour, DOT_PREC=tl_dot_precision(a.dtype), BLOCK_M=block_m)
+    _GROUPED[grid](a, values, m, ends, c, ends, tiles, tile_expert, N, K, E, m.shape[2] if twofour else 0,
+                   a.stride(0), a.stride(1), values.stride(0), values.stride(1), values.stride(2),
+                   m.stride(0) if twofour else 0, m.stride(1) if twofour else 0, 0, c.stride(0), c.stride(1),
+                   TWOFOUR=twofour, BLOCK=False, DOT_PREC=dot, BLOCK_M=block_m)
     return c
 
 
@@ -299,10 +366,7 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
     if triton_usable(x):
         def project(a, factors):  # one grouped launch per factor: each expert's factor read once
             for w in factors:
-                if isinstance(w, TwoFourWeights):
-                    a = grouped_gemm(a, w.values.to(x.dtype), ends, tiles, tile_expert, block_m, meta=w.meta)
-                else:
-                    a = grouped_gemm(a, w.to(x.dtype), ends, tiles, tile_expert, block_m)
+                a = grouped_gemm(a, w, ends, tiles, tile_expert, block_m)
             return a
 
         h = _swiglu(project(xs, gate_up).float()).to(x.dtype)
@@ -389,6 +453,25 @@ def experts_twofour_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
 
 @experts_twofour_op.register_fake
 def experts_twofour_fake(x, top_k_index, top_k_weights, gate_up_values, gate_up_meta, down_values, down_meta, impl):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sparsec::experts_swiglu_block", mutates_args=())
+def experts_block_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor,
+                     gate_up_values: torch.Tensor, gate_up_cols: torch.Tensor, gate_up_row_ptr: torch.Tensor,
+                     down_values: torch.Tensor, down_cols: torch.Tensor, down_row_ptr: torch.Tensor,
+                     impl: str) -> torch.Tensor:
+    """A bank whose experts are block-sparse (``BlockWeights``: kept blocks, their block columns and
+    each expert's block-row starts, per projection). ``grouped`` reads the kept blocks alone (the
+    kept share of the dense bytes); the other implementations expand them first (the reference paths)."""
+    gate_up = BlockWeights(gate_up_values, gate_up_cols, gate_up_row_ptr, x.shape[1])
+    down = BlockWeights(down_values, down_cols, down_row_ptr, gate_up.shape[1] // 2)
+    return _RUN[impl](x, top_k_index, top_k_weights, gate_up, down)
+
+
+@experts_block_op.register_fake
+def experts_block_fake(x, top_k_index, top_k_weights, gate_up_values, gate_up_cols, gate_up_row_ptr, down_values,
+                       down_cols, down_row_ptr, impl):
     return x.new_empty(x.shape)
 
 

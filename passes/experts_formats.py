@@ -1,7 +1,8 @@
 """Structured formats inside expert banks, chosen within the error budget expert rewrites may spend.
 
-A bank's experts may run in a structured form: factored to low rank (``passes/experts_lowrank.py``)
-or 2:4 sparse (``passes/experts_twofour.py``), each a bank op of its own with the same four
+A bank's experts may run in a structured form: factored to low rank (``passes/experts_lowrank.py``),
+2:4 sparse (``passes/experts_twofour.py``) or block-sparse (``passes/experts_block.py``), each a
+bank op of its own with the same four
 implementations as the dense bank (codegen/experts.py). Every candidate form is fitted per expert
 on the tokens the first calibration call routes to it (``routed``, ``stats_of``) and timed here,
 in each implementation, on the bank's calibration routing; a form counts for a bank only if its

@@ -287,7 +287,7 @@ def forced_forms(banks: list[Bank], plan) -> dict[str, tuple[str, object] | None
     for dense; banks the plan leaves ``auto`` are not named."""
     from functools import partial
 
-    from sparsec.passes import experts_lowrank, experts_twofour
+    from sparsec.passes import experts_block, experts_lowrank, experts_twofour
 
     out = {}
     for bank in banks:
@@ -298,6 +298,10 @@ def forced_forms(banks: list[Bank], plan) -> dict[str, tuple[str, object] | None
             out[bank.name] = None
         elif form == "2:4":
             out[bank.name] = (experts_twofour.LABEL, experts_twofour.fit)
+        elif form.startswith("block:"):
+            _, side, density = form.split(":")
+            out[bank.name] = (f"block {float(density):g} of blocks",
+                              partial(experts_block.fit, density=float(density), block=int(side)))
         else:
             share = float(form.split(":")[1])
             out[bank.name] = (f"lowrank {share:g} of break-even", partial(experts_lowrank.fit, fraction=share))
@@ -306,11 +310,11 @@ def forced_forms(banks: list[Bank], plan) -> dict[str, tuple[str, object] | None
 
 def structure(banks: list[Bank], rows: list[dict], evaluate, allowed: float, graph_replay: bool, fingerprint=None,
               show=None, forced=None, refused: str | None = None) -> None:
-    """Run the banks' experts in a structured form (low rank, 2:4) where that measures faster, within
+    """Run the banks' experts in a structured form (low rank, 2:4, block) where that measures faster, within
     ``allowed`` end-to-end error in all, or where the plan's ``forced`` forms say
     (``passes/experts_formats.py``), and add each bank's ``expert_format`` entry to its row;
     ``refused``: why banks the plan leaves to sparsec stay dense without being tried."""
-    from sparsec.passes import experts_formats, experts_lowrank, experts_twofour
+    from sparsec.passes import experts_block, experts_formats, experts_lowrank, experts_twofour
 
     live = [b for b in banks if b.inputs is not None]
     elsewhere = _other_device(fingerprint, live[0].inputs[0]) if live else None
@@ -319,7 +323,8 @@ def structure(banks: list[Bank], rows: list[dict], evaluate, allowed: float, gra
     def speed(bank, rewrite, impls):
         return structured_speed(bank, rewrite, impls, graph_replay)
 
-    forms = experts_lowrank.candidates() + [c for c in experts_twofour.candidates() if _fours(live)]
+    forms = (experts_lowrank.candidates() + [c for c in experts_twofour.candidates() if _fours(live)]
+             + (experts_block.candidates() if experts_block.applicable(live) else []))
     entries = experts_formats.choose(live, forms, evaluate, allowed, speed, graph_replay, elsewhere,
                                      forced=forced or {}, refused=refused, **kwargs)
     for row in rows:

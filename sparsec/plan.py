@@ -6,7 +6,8 @@
 
 ``experts`` maps expert banks (mixture of experts) the same way to the form their experts run in:
 ``dense``, ``2:4``, ``lowrank:F`` (F in (0, 1): that share of each projection's break-even rank,
-docs/experts.md) or ``auto``; a bank no entry names is ``auto``.
+docs/experts.md), ``block:B:D`` (each expert keeps the share D of its B x B blocks) or ``auto``; a
+bank no entry names is ``auto``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from sparsec.formats import FormatError, parse_spec
 
 SCHEMA = "sparsec.plan/1"
 PLAN_KEYS = {"schema", "fingerprint", "error_budget", "layers", "experts"}
-BANK_FORM = re.compile(r"dense|auto|2:4|lowrank:(0?\.\d*[1-9]\d*)")  # a bank's form (``experts``)
+BANK_FORM = re.compile(r"dense|auto|2:4|lowrank:(0?\.\d*[1-9]\d*)|block:(16|32|64|128):(0?\.\d*[1-9]\d*)")  # a bank's form (``experts``)
 
 
 @dataclass
@@ -36,7 +37,8 @@ class Plan:
         for key, value in self.experts.items():
             if not isinstance(key, str) or not isinstance(value, str) or not BANK_FORM.fullmatch(value):
                 raise PlanError(f"plan entry experts {key!r}: {value!r} is not a form of expert bank; use dense, 2:4, "
-                                "lowrank:F with F in (0, 1) (e.g. lowrank:0.25), or auto")
+                                "lowrank:F with F in (0, 1) (e.g. lowrank:0.25), block:B:D with B one of 16, 32, 64, "
+                                "128 and D in (0, 1) (e.g. block:64:0.25), or auto")
             if key.startswith("re:"):
                 try:
                     self._bank_patterns.append((key, re.compile(key[3:])))

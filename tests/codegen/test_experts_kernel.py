@@ -200,3 +200,67 @@ def test_a_two_four_bank_computes_the_bank_its_kept_values_make(impl, T, E, k, d
     assert y.dtype == dtype and y.shape == x.shape
     err = float((y.double() - ref).norm() / ref.norm())
     assert err < TOL[dtype], f"{impl} T={T}: relative error {err:.2e}"
+
+
+def block_bank(E, N, K, B, kept, gen, dtype=torch.float32):
+    """(values, col_idx, row_ptr) of E experts each keeping ``kept`` random B x B blocks of N x K, the
+    first block row always empty (a program with nothing to read), and their dense weights."""
+    nr, nc = N // B, K // B
+    values, cols, row_ptrs = [], [], []
+    dense = torch.zeros(E, N, K)
+    for e in range(E):
+        keep = (nc + torch.randperm((nr - 1) * nc, generator=gen)[:kept]).sort().values
+        rows, cs = keep // nc, keep % nc
+        v = torch.randn(kept, B, B, generator=gen) / (B * kept / nr) ** 0.5
+        for i in range(kept):
+            dense[e, rows[i] * B:(rows[i] + 1) * B, cs[i] * B:(cs[i] + 1) * B] = v[i]
+        row_ptr = torch.zeros(nr + 1, dtype=torch.int32)
+        row_ptr[1:] = torch.bincount(rows, minlength=nr).cumsum(0)
+        values.append(v)
+        cols.append(cs.to(torch.int32))
+        row_ptrs.append(row_ptr)
+    return torch.stack(values).to(dtype), torch.stack(cols), torch.stack(row_ptrs), dense.to(dtype)
+
+
+def test_block_weights_expand_to_the_planted_dense_experts(gen):
+    from sparsec.codegen.experts import BlockWeights
+
+    values, cols, row_ptr, dense = block_bank(3, 64, 48, 16, 5, gen)
+    w = BlockWeights(values, cols, row_ptr, 48)
+    assert w.shape == (3, 64, 48)
+    torch.testing.assert_close(w.dense(), dense, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("T,E,k", [(1, 4, 1), (37, 8, 2), (150, 4, 1)])
+def test_a_block_sparse_bank_computes_the_bank_its_kept_blocks_make(impl, T, E, k, dtype, gen):
+    H, I, B = 64, 48, 16   # gate_up 6 x 4 blocks, down 4 x 3: uneven rows, the first one empty
+    gv, gc, gr, gate_up = block_bank(E, 2 * I, H, B, 9, gen, dtype)
+    dv, dc, dr, down = block_bank(E, H, I, B, 4, gen, dtype)
+    index, weights = route(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    y = torch.ops.sparsec.experts_swiglu_block(x, index, weights.to(dtype), gv, gc, gr, dv, dc, dr, impl)
+    ref = float64_reference(x, index, weights.to(dtype), gate_up, down)
+    assert y.dtype == dtype and y.shape == x.shape
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err < TOL[dtype], f"{impl} T={T}: relative error {err:.2e}"
+
+
+def test_the_grouped_block_kernel_is_right_in_every_config(gen):
+    """Each config of the block launch (rows per program up to the block's side) on one bank."""
+    from sparsec.codegen import experts as ex
+
+    H, I, B, E = 128, 128, 64, 4
+    gv, gc, gr, gate_up = block_bank(E, 2 * I, H, B, 5, gen)
+    dv, dc, dr, down = block_bank(E, H, I, B, 2, gen)
+    index, weights = route(21, E, 2, gen)
+    x = torch.randn(21, H, generator=gen)
+    ref = float64_reference(x, index, weights, gate_up, down)
+    kept = [c for c in ex._GROUPED_BLOCK.configs if c.kwargs["BLOCK_N"] <= B]
+    assert len(kept) == 3
+    for config in kept:
+        with ex._GROUPED_BLOCK.only(config):
+            y = torch.ops.sparsec.experts_swiglu_block(x, index, weights, gv, gc, gr, dv, dc, dr, "grouped")
+        err = float((y.double() - ref).norm() / ref.norm())
+        assert err < TOL[torch.float32], f"BLOCK_N={config.kwargs['BLOCK_N']}: relative error {err:.2e}"

@@ -154,7 +154,7 @@ def test_sparse_plus_lowrank_matches_float64_and_replays_in_a_cuda_graph(dtype, 
 
 def _expert_bank(form, E, I, H, gen, dtype):  # noqa: E741
     """(op, weights, gate_up, down) of a bank in ``form``: the op's weight arguments and the dense
-    float64 projections they make (planted: exactly low-rank or exactly 2:4)."""
+    float64 projections they make (planted: exactly low-rank, exactly 2:4 or exactly block-sparse)."""
     from sparsec.codegen.twofour import encode_positions
 
     if form == "lowrank":
@@ -176,13 +176,29 @@ def _expert_bank(form, E, I, H, gen, dtype):  # noqa: E741
         gv, gm, gate_up = packed(2 * I, H)
         dv, dm, down = packed(H, I)
         return torch.ops.sparsec.experts_swiglu_twofour, [gv, gm, dv, dm], gate_up, down
+    if form == "block":
+        from sparsec.codegen.experts import BlockWeights
+
+        def blocked(N, K, B=64, kept=0.25):
+            nr, nc = N // B, K // B
+            nnzb = round(kept * nr * nc)
+            keep = torch.rand(E, nr * nc, generator=gen).argsort(-1)[:, :nnzb].sort(-1).values
+            row_ptr = torch.zeros(E, nr + 1, dtype=torch.int32)
+            row_ptr[:, 1:] = torch.stack([torch.bincount(k // nc, minlength=nr) for k in keep]).cumsum(1)
+            values = (torch.randn(E, nnzb, B, B, generator=gen) / (kept * K) ** 0.5).to(dtype)
+            w = BlockWeights(values, (keep % nc).to(torch.int32), row_ptr, K)
+            return values.cuda(), w.col_idx.cuda(), row_ptr.cuda(), w.dense().double().cuda()
+
+        gv, gc, gr, gate_up = blocked(2 * I, H)
+        dv, dc, dr, down = blocked(H, I)
+        return torch.ops.sparsec.experts_swiglu_block, [gv, gc, gr, dv, dc, dr], gate_up, down
     gate_up = (torch.randn(E, 2 * I, H, generator=gen) / H ** 0.5).to(dtype).cuda()
     down = (torch.randn(E, H, I, generator=gen) / I ** 0.5).to(dtype).cuda()
     return torch.ops.sparsec.experts_swiglu, [gate_up, down], gate_up.double(), down.double()
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("form", ["dense", "lowrank", "2:4"])
+@pytest.mark.parametrize("form", ["dense", "lowrank", "2:4", "block"])
 @pytest.mark.parametrize("impl", ["grouped", "batched", "dense_all", "loop"])
 @pytest.mark.parametrize("T", [1, 16, 300])
 def test_expert_banks_match_float64_and_replay_in_a_cuda_graph(dtype, form, impl, T):

@@ -1,10 +1,11 @@
-"""Structured experts within the error budget: the fits (exact on planted low-rank and planted 2:4
-experts), the decision (the fastest form that measures faster and fits the budget; refused with
+"""Structured experts within the error budget: the fits (exact on planted low-rank, 2:4 and
+block-sparse experts), the decision (the fastest form that measures faster and fits the budget; refused with
 the reason when none does), and the lowered graph running the form's op."""
 
 from __future__ import annotations
 
 import json
+import re
 import types
 
 import pytest
@@ -14,16 +15,24 @@ import torch.nn as nn
 import sparsec
 from sparsec.codegen.experts import experts_loop
 from sparsec.passes import experts_fx
-from sparsec.passes import experts_twofour
+from sparsec.passes import experts_block, experts_twofour
 from sparsec.passes.experts_lowrank import FRACTIONS, fit, rank_of
 
 H, I, E, PLANTED = 32, 48, 8, 8
 
 
 def planted_bank(gen, rank: int | None | str = PLANTED):
-    """(gate_up, down) of E experts, each projection exactly of rank ``rank``, or exactly 2:4 where
-    ``rank`` is "2:4" (None: dense, full rank)."""
+    """(gate_up, down) of E experts, each projection exactly of rank ``rank``, exactly 2:4 where
+    ``rank`` is "2:4", or keeping exactly a quarter of its 16 x 16 blocks where it is "block" (None:
+    dense, full rank)."""
     def weight(N, K):
+        if rank == "block":
+            nr, nc = N // 16, K // 16
+            kept = max(1, round(0.25 * nr * nc))
+            mask = torch.zeros(E, nr * nc)
+            mask.scatter_(1, torch.rand(E, nr * nc, generator=gen).argsort(-1)[:, :kept], 1.0)
+            mask = mask.reshape(E, nr, nc).repeat_interleave(16, 1).repeat_interleave(16, 2)
+            return mask * torch.randn(E, N, K, generator=gen) / (K * 0.25) ** 0.5
         if rank == "2:4":
             dense = torch.randn(E, N, K // 4, 4, generator=gen) / (K / 2) ** 0.5
             keep = torch.rand(E, N, K // 4, 4, generator=gen).argsort(-1)[..., :2]
@@ -76,10 +85,10 @@ def gen():
 
 
 def speeds(monkeypatch, **us):
-    """Each form's time (its label's first word: lowrank, 2:4) against 2.0 us for the bank as it runs
+    """Each form's time (by its label's first word: lowrank, 2:4, block) against 2.0 us for the bank as it runs
     (timing is the benchmark's job); forms not named take 3.0 us."""
     def speed(bank, rewrite, impls, replay):
-        return us.get(rewrite.label.split()[0].replace(":", "_"), 3.0), "grouped", 2.0
+        return us.get(re.match(r"2:4|[a-z]+", rewrite.label).group().replace(":", "_"), 3.0), "grouped", 2.0
     monkeypatch.setattr(experts_fx, "structured_speed", speed)
 
 
@@ -140,7 +149,8 @@ def test_planted_low_rank_experts_are_factored_when_faster_and_the_model_runs_th
     entry = row["expert_format"]
     assert entry["format"] == "lowrank 16/16" and entry["implementation"] == "grouped"
     assert entry["measured_error"] < 1e-5 and "experts run lowrank 16/16 (lowrank 0.25 of break-even)" in entry["reason"]
-    assert [t["format"] for t in entry["tried"]] == ["lowrank 0.25 of break-even", "lowrank 0.5 of break-even", "2:4"]
+    assert [t["format"] for t in entry["tried"]] == ["lowrank 0.25 of break-even", "lowrank 0.5 of break-even", "2:4",
+                                                     "block 0.25 of blocks", "block 0.5 of blocks"]
     x = batches(1, 5)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
@@ -256,7 +266,7 @@ def test_a_plan_naming_a_bank_the_model_lacks_is_refused_with_the_nearest_names(
         optimize(MoE(), plan={"layers": {"_default": "dense"}, "experts": {"gate_upp": "2:4"}})
 
 
-@pytest.mark.parametrize("form", ["lowrank:1.5", "lowrank:0", "block:64:0.25", "sparse"])
+@pytest.mark.parametrize("form", ["lowrank:1.5", "lowrank:0", "block:48:0.25", "block:64:1", "sparse"])
 def test_a_form_no_bank_takes_is_refused_naming_the_forms(form):
     from sparsec.errors import PlanError
     from sparsec.plan import Plan
@@ -279,3 +289,54 @@ def test_a_bank_the_models_root_holds_is_named_after_its_weight_and_not_reported
     (row,) = result.report.to_dict()["experts"]
     assert row["name"] == "gate_up"
     assert not [w for w in result.report.warnings if "ran outside the compiled graphs" in w]
+
+
+def test_planted_block_sparse_experts_fit_exactly_in_every_implementation_including_an_idle_expert(gen):
+    gate_up, down = planted_bank(gen, "block")
+    x = torch.randn(40, H, generator=gen)
+    index, weights = routed(40, gen)
+    index[index == 3] = 2  # expert 3 gets no token: its largest blocks are kept
+    bank = types.SimpleNamespace(gate_up=gate_up, down=down, inputs=(x, index, weights), pruning=None)
+    sparse = experts_block.fit(bank, 0.25)
+    assert sparse.form == "block:16:0.25" and sparse.gate_up_values.shape == (E, 3, 16, 16)
+    assert sparse.stored() == E * (3 + 2) * 16 * 16  # gate_up keeps 3 of 12 blocks, down 2 of 6 (round(1.5))
+    assert_runs_the_bank(sparse, gate_up, down, gen)
+
+
+def test_block_sides_tile_both_projections_at_least_two_by_two():
+    assert experts_block.side_for(4096, 14336) == 64
+    assert experts_block.side_for(32, 48) == 16      # 32 is one block of 32 high
+    assert experts_block.side_for(40, 48) is None    # 40 is no multiple of 16
+
+
+def test_a_plan_pins_block_sparse_experts_and_the_planted_bank_runs_losslessly():
+    model = MoE(rank="block")
+    result = sparsec.optimize(model, batches(1, 99)[0], calibration=batches(4, 1), fingerprint="cpu",
+                              plan={"layers": {"_default": "dense"}, "experts": {"_default": "block:16:0.25"}},
+                              expert_pruning=0)
+    (row,) = result.report.to_dict()["experts"]
+    entry = row["expert_format"]
+    assert entry["format"] == "block:16:0.25" and entry["forced_by"] == "plan"
+    assert result.plan.experts == {row["name"]: "block:16:0.25"}
+    x = batches(1, 5)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_block_side_that_does_not_tile_the_bank_is_refused_naming_the_shape():
+    from sparsec.errors import SparsecError
+
+    with pytest.raises(SparsecError, match=r"2 x 2 blocks of side 64; the bank is H=32, I=48"):
+        sparsec.optimize(MoE(rank="block"), batches(1, 99)[0], calibration=batches(4, 1), fingerprint="cpu",
+                         plan={"layers": {"_default": "dense"}, "experts": {"_default": "block:64:0.25"}},
+                         expert_pruning=0)
+
+
+def test_block_sparse_experts_are_chosen_when_fastest_within_the_budget(monkeypatch):
+    speeds(monkeypatch, lowrank=1.5, block=1.0)  # block fastest; low rank is lossy on these experts
+    model = MoE(rank="block")
+    result = optimize(model, error_budget=0.01)
+    (row,) = result.report.to_dict()["experts"]
+    entry = row["expert_format"]
+    assert entry["format"] == "block:16:0.25" and entry["measured_error"] < 1e-5
+    assert "experts run block:16:0.25 (block 0.25 of blocks)" in entry["reason"]
