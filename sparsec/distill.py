@@ -37,12 +37,12 @@ EPOCHS = 8
 # (6 training calls an epoch) gained a quarter more of the KL from 72 steps than from 48
 MIN_STEPS = 72
 MAX_EPOCHS = 16  # but no more epochs than this: a single call is not worth 72 passes over it
-# Adam's peak step, as a share of each trained tensor's RMS (one setting for every weight scale), is
-# TRAVEL over the steps planned: few steps take long ones, many short ones. On SmolLM2-135M with 2:4
-# on its MLP layers the best fixed steps measured were 0.0006-0.0007 at 72 steps, 0.0005 at 96 and
-# 0.0003 at 192; 0.08 did better still there but left MiniLM's held-back loss rising, nothing kept
-# (docs/accuracy.md)
-TRAVEL = 0.05
+# Adam's peak step, as a share of each trained tensor's RMS (one setting for every weight scale), is a
+# travel over the steps planned: few steps take long ones, many short ones. The travels are tried in
+# turn until one keeps a gain: on SmolLM2-135M with 2:4 on its MLP layers 0.08 halved one shot's
+# excess perplexity at 8 x 128 tokens where 0.05 did not, but it left MiniLM's held-back loss rising
+# (nothing kept) where 0.05 kept a gain (docs/accuracy.md)
+TRAVELS = (0.08, 0.05)
 VALIDATION_EVERY = 4  # every fourth calibration call is held back, with at least this many calls
 PATIENCE = 2  # epochs without a better held-back loss before stopping
 # kept only where the judged loss falls by at least this share: a smaller gain is within what the
@@ -58,9 +58,9 @@ def epochs_for(training_calls: int) -> int:
     return max(EPOCHS, min(MAX_EPOCHS, math.ceil(MIN_STEPS / max(training_calls, 1))))
 
 
-def step_for(steps: int) -> float:
-    """Adam's peak step, as a share of a tensor's RMS, for a run of ``steps`` steps (``TRAVEL``)."""
-    return TRAVEL / max(steps, 1)
+def step_for(steps: int, travel: float) -> float:
+    """Adam's peak step, as a share of a tensor's RMS, for a run of ``steps`` steps that travels ``travel``."""
+    return travel / max(steps, 1)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class Distillation:
     layers: int  # layers whose values were trained
     epochs: int  # epochs run
     kept_epoch: int  # the epoch whose weights were kept (0: none beat the local refits)
-    steps: int
+    steps: int  # of the run whose weights were kept (the last run where none was)
     training_loss: tuple[float, float]  # mean over the first and the last epoch's calls
     # on the calls that judge it (those held back; all, where too few to hold any back): before, and
     # with the weights kept
@@ -80,6 +80,8 @@ class Distillation:
     trained: list[str] = field(default_factory=list, repr=False)  # the layers whose weights changed
     history: list[tuple[float, float | None]] = field(default_factory=list)  # per epoch: training, held-back loss
     local: dict[str, object] = field(default_factory=dict, repr=False)  # the trained layers' weights before
+    travel: float | None = None  # of the run reported (``TRAVELS``)
+    runs: list[dict] = field(default_factory=list)  # each travel tried before it, and what it kept
 
     def undo(self, layers: list[Layer]) -> None:
         """The trained layers back to the local refits they started from."""
@@ -95,6 +97,10 @@ class Distillation:
         if self.validation_loss is not None:
             out["validation_loss"] = [round(v, 6) for v in self.validation_loss]
         out["history"] = [[round(t, 6), None if v is None else round(v, 6)] for t, v in self.history]
+        if self.travel is not None:
+            out["travel"] = self.travel
+        if self.runs:
+            out["earlier_runs"] = self.runs
         if self.note:
             out["note"] = self.note
         return out
@@ -105,7 +111,6 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
     weights kept. None where no rewrite has trainable values; a summary saying why where nothing
     could be trained."""
     from sparsec.passes.registry import HANDLERS
-    from sparsec.progress import advance_current
 
     makers = [(layer, getattr(HANDLERS[layer.chosen.spec.family], "tunable", None)) for layer in layers
               if layer.chosen is not None and not layer.chosen.is_dense]
@@ -126,9 +131,7 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
     training = [i for i in range(calls) if i not in held_back]
     epochs = epochs_for(len(training)) if epochs is None else epochs
     params = [p for _, t in tunables for p in t.parameters()]
-    step = step_for(epochs * len(training))
-    optimizer = torch.optim.Adam([{"params": [p], "lr": step * _rms(p)} for p in params])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(training), epochs * len(training)))
+    rms = [_rms(p) for p in params]
 
     def replacements() -> dict[str, torch.Tensor]:
         return {layer.name: t.weight().to(layer.site.dtype) for layer, t in tunables}
@@ -143,56 +146,36 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
     def snapshot() -> list[torch.Tensor]:
         return [p.detach().clone() for p in params]
 
-    summary = Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0)
-    generator = torch.Generator().manual_seed(seed)
+    def restore(values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, value in zip(params, values):
+                p.copy_(value)
+
+    start_values = snapshot()
     try:
-        best = before = judged_loss()
-        kept = start_values = snapshot()
-        first = last = 0.0
-        for epoch in range(1, epochs + 1):
-            total = 0.0
-            for i in torch.randperm(len(training), generator=generator).tolist():
-                with torch.enable_grad():  # planning itself runs without gradients
-                    loss = frontend.output_loss(training[i], replacements())
-                    grads = torch.autograd.grad(loss, params, allow_unused=True)
-                for p, g in zip(params, grads):
-                    p.grad = torch.zeros_like(p) if g is None else g
-                optimizer.step()
-                schedule.step()
-                total += float(loss.detach())
-                summary.steps += 1
-                advance_current()
-            last = total / max(len(training), 1)
-            first = last if epoch == 1 else first
-            summary.epochs = epoch
-            if not held_back:  # judged once, at the end, on the calls it trained on
-                summary.history.append((last, None))
-                continue
-            now = judged_loss()
-            summary.history.append((last, now))
-            if now < best:
-                best, kept, summary.kept_epoch = now, snapshot(), epoch
-            elif epoch - summary.kept_epoch >= PATIENCE:
+        before = judged_loss()
+        earlier: list[dict] = []
+        for n, travel in enumerate(TRAVELS):
+            if n:
+                restore(start_values)
+            summary, best, kept = _run(frontend, tunables, params, rms, training, held_back, epochs, travel, seed,
+                                       replacements, judged_loss, snapshot, before)
+            summary.runs = earlier
+            if summary.kept_epoch > 0 and best <= (1.0 - MIN_GAIN) * before:
                 break
-        if not held_back and summary.epochs:
-            now = judged_loss()
-            if now < best:
-                best, kept, summary.kept_epoch = now, snapshot(), summary.epochs
+            earlier.append({"travel": travel, "epochs": summary.epochs, "steps": summary.steps,
+                            "validation_loss": [round(before, 6), round(best, 6)], "kept": False})
     except RuntimeError as exc:  # the graph would not run with gradients (e.g. inference tensors)
+        restore(start_values)
+        summary = Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0)
         summary.note = f"skipped: the graph could not be run with gradients ({str(exc).splitlines()[0]})"
         summary.warns = True
         summary.seconds = time.perf_counter() - start
         return summary
-    summary.training_loss = (first, last)
-    with torch.no_grad():
-        for p, value in zip(params, kept):
-            p.copy_(value)
     summary.validation_loss = (before, best)
     if summary.kept_epoch > 0 and best > (1.0 - MIN_GAIN) * before:
         summary.kept_epoch = 0
-        with torch.no_grad():
-            for p, value in zip(params, start_values):
-                p.copy_(value)
+    restore(kept if summary.kept_epoch > 0 else start_values)
     if summary.kept_epoch > 0:
         summary.trained = [layer.name for layer, _ in tunables]
         summary.local = {layer.name: layer.chosen.approx for layer, _ in tunables}
@@ -200,9 +183,56 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
             layer.chosen.approx = t.result().to(device=layer.site.weight.device, dtype=layer.site.dtype)
     else:
         summary.note = (f"no epoch lowered the {'held-back ' if held_back else ''}calibration calls' loss by "
-                        f"{MIN_GAIN:.0%} or more: the local refits stand")
+                        f"{MIN_GAIN:.0%} or more" + (f" at any travel tried ({', '.join(f'{t:g}' for t in TRAVELS)})"
+                                                      if len(TRAVELS) > 1 else "") + ": the local refits stand")
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _run(frontend, tunables, params, rms, training, held_back, epochs, travel, seed, replacements, judged_loss,
+         snapshot, before) -> tuple[Distillation, float, list[torch.Tensor]]:
+    """One run of Adam at ``travel`` from the parameters as they are: its summary, the best judged loss
+    (``before`` where no epoch beat it) and the parameters that gave it."""
+    from sparsec.progress import advance_current
+
+    step = step_for(epochs * len(training), travel)
+    optimizer = torch.optim.Adam([{"params": [p], "lr": step * r} for p, r in zip(params, rms)])
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(training), epochs * len(training)))
+    summary = Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0, travel=travel)
+    generator = torch.Generator().manual_seed(seed)
+    best, kept = before, snapshot()
+    first = last = 0.0
+    for epoch in range(1, epochs + 1):
+        total = 0.0
+        for i in torch.randperm(len(training), generator=generator).tolist():
+            with torch.enable_grad():  # planning itself runs without gradients
+                loss = frontend.output_loss(training[i], replacements())
+                grads = torch.autograd.grad(loss, params, allow_unused=True)
+            for p, g in zip(params, grads):
+                p.grad = torch.zeros_like(p) if g is None else g
+            optimizer.step()
+            schedule.step()
+            total += float(loss.detach())
+            summary.steps += 1
+            advance_current()
+        last = total / max(len(training), 1)
+        first = last if epoch == 1 else first
+        summary.epochs = epoch
+        if not held_back:  # judged once, at the end, on the calls it trained on
+            summary.history.append((last, None))
+            continue
+        now = judged_loss()
+        summary.history.append((last, now))
+        if now < best:
+            best, kept, summary.kept_epoch = now, snapshot(), epoch
+        elif epoch - summary.kept_epoch >= PATIENCE:
+            break
+    if not held_back and summary.epochs:
+        now = judged_loss()
+        if now < best:
+            best, kept, summary.kept_epoch = now, snapshot(), summary.epochs
+    summary.training_loss = (first, last)
+    return summary, best, kept
 
 
 def _schedule(warmup: int, total: int):

@@ -16,7 +16,7 @@ def planted_stack_step(monkeypatch):
     """The shipped travel suits real models (SmolLM2-135M diverged at twice its steps); a six-layer
     planted stack gains under 1% from it in the 72 steps its calls are given, and 5-19% from steps
     14 times longer (0.01 of the RMS each)."""
-    monkeypatch.setattr(sparsec.distill, "TRAVEL", 0.72)
+    monkeypatch.setattr(sparsec.distill, "TRAVELS", (0.72,))
 
 
 def optimize(fmt: str, calls: int = 8, **options):
@@ -104,7 +104,7 @@ def test_distillation_worse_end_to_end_is_undone_and_the_local_refits_stand(monk
     _, _, local = optimize("2:4", lower=False)
     monkeypatch.setattr(sparsec.distill, "EPOCHS", 2)
     monkeypatch.setattr(sparsec.distill, "MIN_STEPS", 12)  # 2 epochs of 6 calls
-    monkeypatch.setattr(sparsec.distill, "TRAVEL", 0.6)  # 0.05 of the RMS a step
+    monkeypatch.setattr(sparsec.distill, "TRAVELS", (0.6,))  # 0.05 of the RMS a step
     _, _, undone = optimize("2:4", lower=False)
     report = undone.report.to_dict()
     assert report["planning"]["recovery"]["distillation"]["note"].startswith("made the graph measure")
@@ -129,4 +129,15 @@ def test_few_calls_get_more_epochs_and_shorter_runs_longer_steps():
     assert sparsec.distill.epochs_for(100) == sparsec.distill.EPOCHS
     assert sparsec.distill.epochs_for(6) * 6 >= sparsec.distill.MIN_STEPS > (sparsec.distill.epochs_for(6) - 1) * 6
     assert sparsec.distill.epochs_for(1) == sparsec.distill.MAX_EPOCHS  # one call: not 72 passes over it
-    assert sparsec.distill.step_for(72) == pytest.approx(2 * sparsec.distill.step_for(144))
+    assert sparsec.distill.step_for(72, 0.05) == pytest.approx(2 * sparsec.distill.step_for(144, 0.05))
+
+
+def test_a_travel_that_keeps_nothing_is_followed_by_the_next_from_the_same_start(monkeypatch):
+    monkeypatch.setattr(sparsec.distill, "TRAVELS", (40.0, 0.72))  # steps of 5 RMS: the first run diverges
+    _, _, result = optimize("2:4", lower=False)
+    summary = result.report.to_dict()["planning"]["recovery"]["distillation"]
+    (first,) = summary["earlier_runs"]
+    assert first["travel"] == 40.0 and not first["kept"] and first["validation_loss"][1] == first["validation_loss"][0]
+    assert summary["travel"] == 0.72 and summary["kept_epoch"] >= 1
+    before, after = summary["validation_loss"]
+    assert before == first["validation_loss"][0] and after < before  # judged against the same start

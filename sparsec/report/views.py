@@ -163,6 +163,9 @@ def recovery_line(report) -> str | None:
     if distilled and distilled.get("kept_epoch"):
         line += (f"; distilled {distilled['layers']} layer(s) end to end, epoch {distilled['kept_epoch']} of "
                  f"{distilled['epochs']} kept")
+        if distilled.get("earlier_runs"):
+            earlier = ", ".join(f"{r['travel']:g}" for r in distilled["earlier_runs"])
+            line += f" at a travel of {distilled['travel']:g} (after {earlier} kept nothing)"
         if distilled.get("validation_loss"):
             before, after = distilled["validation_loss"]
             line += f" (held-back calibration loss {before:.4g} -> {after:.4g})"
