@@ -160,7 +160,7 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
                 restore(start_values)
             summary, best, kept = _run(frontend, tunables, params, rms, training, held_back, epochs, travel, seed,
                                        replacements, judged_loss, snapshot, before)
-            summary.runs = earlier
+            summary.runs = list(earlier)
             if summary.kept_epoch > 0 and best <= (1.0 - MIN_GAIN) * before:
                 break
             earlier.append({"travel": travel, "epochs": summary.epochs, "steps": summary.steps,
