@@ -9,6 +9,7 @@ so that no configuration gets the first capture of the process (``spend_first_ca
 
     python bench/e2e.py --models mlp --out $OUT            # Llama-3-8B-shaped MLP stack, M=1,16,2048
     python bench/e2e.py --models minilm,vit --out $OUT     # MiniLM (real weights), ViT-B/16-shaped
+    python bench/e2e.py --models llama --llama 8x256,1x16  # transformers LlamaForCausalLM, ~400M, random
 
 MiniLM needs its weights carried as a directory (``--minilm DIR``) holding ``config.json``,
 ``model.safetensors`` (fp16) and ``inputs.pt`` (token ids and masks, calibration and held-out),
@@ -264,6 +265,43 @@ def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
         torch._dynamo.reset()
 
 
+class CausalLM(nn.Module):
+    """A transformers causal LM returning its logits alone (a tensor, as every configuration is compared)."""
+
+    def __init__(self, lm):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids):
+        return self.lm(input_ids=input_ids, use_cache=False).logits
+
+
+def llama_bench(results, fingerprint, shapes, smoke=False):
+    """transformers' LlamaForCausalLM with random weights, about 400M parameters (hidden 1024, 20
+    layers, MLP 4096, vocabulary 32000), bf16, at BATCHxLENGTH tokens: the automatic plan and every
+    decoder layer forced to 2:4 and to block:64:0.25 (the LM head dense)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    dims = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=128) if smoke else \
+        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16,
+             num_key_value_heads=16, vocab_size=32000)
+    config = LlamaConfig(max_position_embeddings=4096, **dims)
+    config._attn_implementation = "sdpa"
+    dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+    model = CausalLM(LlamaForCausalLM(config)).to(DEVICE, dtype).eval()
+    decoder = r"re:.*layers\..*"
+    plans = [("auto 1%", {"error_budget": 0.01}, 0.01)] + [
+        (form, {"plan": {"layers": {decoder: form, "_default": "dense"}}}, None) for form in ("2:4", "block:64:0.25")]
+    for shape in shapes:
+        batch, length = (int(v) for v in shape.split("x"))
+        ids = lambda: torch.randint(0, config.vocab_size, (batch, length), device=DEVICE)
+        calib = [(ids(),) for _ in range(max(1, 2048 // (batch * length)))]
+        run_configs(f"llama {shape}", model, (ids(),), calib, plans, results, fingerprint)
+        torch._dynamo.reset()
+
+
 def minilm_bench(results, fingerprint, directory):
     from safetensors.torch import load_file
     from transformers import BertConfig, BertModel
@@ -379,6 +417,7 @@ def main(argv=None):
     ap.add_argument("--M", default="1,16,2048")
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--minilm", default=".carry/minilm")
+    ap.add_argument("--llama", default="8x256,1x16", help="BATCHxLENGTH token shapes of the llama model")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--export-minilm", metavar="DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing real")
@@ -413,6 +452,8 @@ def main(argv=None):
             minilm_bench(results, fp.name, args.minilm)
         elif name == "vit":
             vit_bench(results, fp.name)
+        elif name == "llama":
+            llama_bench(results, fp.name, args.llama.split(","), args.smoke)
         print(f"# {name} done at {time.time() - t0:.0f}s", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"e2e-{args.models.replace(',', '-')}.json"), "w") as fh:
