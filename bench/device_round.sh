@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One call's worth of device work, step by step, each under its own time limit, everything under
+# $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
+#   suite   the whole test suite on the device's stack, the experts fingerprint section, bench/moe.py
+#   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
+#   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
+#           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
+set -u
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2 MKL_NUM_THREADS=2
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
+card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -q H200 && echo h200 || echo h100)
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  local t0=$SECONDS
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+  echo "== $name: rc=$? in $((SECONDS - t0)) s"
+  tail -n "${TAIL:-4}" "$OUT/$name.log"
+}
+
+case "${1:-suite}" in
+  suite)
+    step suite 250 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short tests
+    grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
+    TAIL=40 step moe 230 python3 bench/moe.py --M 1,16,256,2048 --out "$OUT"
+    ;;
+  e2e)
+    TAIL=30 step e2e-mlp 300 python3 bench/e2e.py --models mlp --M 1,16 --fingerprint "$card" --out "$OUT" \
+      --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg,sparsec act:0.5 +cg,sparsec auto 1% +cg"
+    TAIL=20 step e2e-llama 270 python3 bench/e2e.py --models llama --llama 8x256,1x16 --fingerprint "$card" \
+      --out "$OUT" --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg,sparsec auto 1% +cg"
+    ;;
+  recover)
+    TAIL=20 step frontier-minilm 560 python3 bench/frontier.py --model minilm --minilm .carry/minilm-st \
+      --fingerprint "$card" --budgets 0.01 0.02 --tokens 32x128 --calib-batches 4 --recovery full \
+      --dtype float16 --mode reduce-overhead --measure \
+      --out "$OUT/frontier-minilm-$card.json" --reports "$OUT/reports"
+    ;;
+esac
