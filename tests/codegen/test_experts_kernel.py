@@ -264,3 +264,18 @@ def test_the_grouped_block_kernel_is_right_in_every_config(gen):
             y = torch.ops.sparsec.experts_swiglu_block(x, index, weights, gv, gc, gr, dv, dc, dr, "grouped")
         err = float((y.double() - ref).norm() / ref.norm())
         assert err < TOL[torch.float32], f"BLOCK_N={config.kwargs['BLOCK_N']}: relative error {err:.2e}"
+
+
+def test_the_block_sparse_op_compiles_through_inductor_on_its_fake(gen):
+    """Inductor runs the graph around the op (its shape from the fake) and calls the op itself."""
+    gv, gc, gr, gate_up = block_bank(4, 64, 32, 16, 3, gen)
+    dv, dc, dr, down = block_bank(4, 32, 32, 16, 2, gen)
+    index, weights = route(7, 4, 2, gen)
+
+    def f(x):
+        return torch.ops.sparsec.experts_swiglu_block(x + 1.0, index, weights, gv, gc, gr, dv, dc, dr, "dense_all") * 2.0
+
+    x = torch.randn(7, 32, generator=gen)
+    torch._dynamo.reset()
+    want = 2.0 * float64_reference(x + 1.0, index, weights, gate_up, down)
+    torch.testing.assert_close(torch.compile(f, fullgraph=True)(x).double(), want, rtol=1e-4, atol=1e-5)
