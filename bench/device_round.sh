@@ -2,6 +2,7 @@
 # One call's worth of device work, step by step, each under its own time limit, everything under
 # $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
 #   suite   the whole test suite on the device's stack, the experts fingerprint section, bench/moe.py
+#   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
@@ -30,6 +31,11 @@ case "${1:-suite}" in
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
     TAIL=40 step moe 230 python3 bench/moe.py --M 1,16,256,2048 --out "$OUT"
+    ;;
+  composite)
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=10 step fingerprint-composite 540 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 500 \
+      --redo 2:4+lowrank --redo block+lowrank
     ;;
   e2e)
     TAIL=30 step e2e-mlp 300 python3 bench/e2e.py --models mlp --M 1,16 --fingerprint "$card" --out "$OUT" \
