@@ -2,6 +2,7 @@
 # One call's worth of device work, step by step, each under its own time limit, everything under
 # $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
 #   suite   the whole test suite on the device's stack, the experts fingerprint section, bench/moe.py
+#   quick   the suite and bench/moe.py at 1 and 16 tokens
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
@@ -31,6 +32,11 @@ case "${1:-suite}" in
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
     TAIL=40 step moe 230 python3 bench/moe.py --M 1,16,256,2048 --out "$OUT"
+    ;;
+  quick)  # the suite, and bench/moe.py at decode token counts only
+    step suite 230 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short tests
+    grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
+    TAIL=30 step moe 150 python3 bench/moe.py --M 1,16 --out "$OUT"
     ;;
   composite)
     cp "fingerprints/$card.json" "$OUT/$card.json"
