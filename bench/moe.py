@@ -28,6 +28,7 @@ import datetime
 import json
 import os
 import sys
+import time
 
 import torch
 import torch.nn as nn
@@ -62,7 +63,10 @@ def build(d: int, h: int, experts: int, top_k: int, blocks: int, device, dtype):
     cfg = MixtralConfig(hidden_size=d, intermediate_size=h, num_local_experts=experts, num_experts_per_tok=top_k)
     cfg._experts_implementation = "grouped_mm"
     torch.manual_seed(0)
-    model = MoEStack(cfg, blocks)
+    # made and filled on the device: Mixtral's four blocks hold 5.6e9 weights, which took minutes
+    # to fill on two host threads
+    with torch.device(device):
+        model = MoEStack(cfg, blocks)
     with torch.no_grad():
         for p in model.parameters():
             fan_in = p.shape[-1]
@@ -101,7 +105,9 @@ def main(argv=None):
     meta = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
             "date": datetime.date.today().isoformat(), "shape": [E, h, d], "top_k": k, "blocks": blocks}
     os.makedirs(args.out, exist_ok=True)
+    started = time.perf_counter()
     model = build(d, h, E, k, blocks, device, dtype)
+    print(f"built the stack in {time.perf_counter() - started:.0f} s", flush=True)
     bandwidth = copy_gbps(device)
     mode = None if args.smoke else "reduce-overhead"
     rows = []
