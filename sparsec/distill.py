@@ -130,43 +130,22 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
         if calls >= VALIDATION_EVERY else []
     training = [i for i in range(calls) if i not in held_back]
     epochs = epochs_for(len(training)) if epochs is None else epochs
-    params = [p for _, t in tunables for p in t.parameters()]
-    rms = [_rms(p) for p in params]
-
-    def replacements() -> dict[str, torch.Tensor]:
-        return {layer.name: t.weight().to(layer.site.dtype) for layer, t in tunables}
-
-    judges = held_back or training  # the calls whose loss decides what is kept
-
-    def judged_loss() -> float:
-        with torch.no_grad():
-            reps = replacements()
-            return sum(float(frontend.output_loss(i, reps)) for i in judges) / len(judges)
-
-    def snapshot() -> list[torch.Tensor]:
-        return [p.detach().clone() for p in params]
-
-    def restore(values: list[torch.Tensor]) -> None:
-        with torch.no_grad():
-            for p, value in zip(params, values):
-                p.copy_(value)
-
-    start_values = snapshot()
+    run = _Training(frontend, tunables, training, held_back, epochs, seed)
+    start_values = run.snapshot()
     try:
-        before = judged_loss()
+        before = run.judged_loss()
         earlier: list[dict] = []
         for n, travel in enumerate(TRAVELS):
             if n:
-                restore(start_values)
-            summary, best, kept = _run(frontend, tunables, params, rms, training, held_back, epochs, travel, seed,
-                                       replacements, judged_loss, snapshot, before)
+                run.restore(start_values)
+            summary, best, kept = run(travel, before)
             summary.runs = list(earlier)
             if summary.kept_epoch > 0 and best <= (1.0 - MIN_GAIN) * before:
                 break
             earlier.append({"travel": travel, "epochs": summary.epochs, "steps": summary.steps,
                             "validation_loss": [round(before, 6), round(best, 6)], "kept": False})
     except RuntimeError as exc:  # the graph would not run with gradients (e.g. inference tensors)
-        restore(start_values)
+        run.restore(start_values)
         summary = Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0)
         summary.note = f"skipped: the graph could not be run with gradients ({str(exc).splitlines()[0]})"
         summary.warns = True
@@ -175,7 +154,7 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
     summary.validation_loss = (before, best)
     if summary.kept_epoch > 0 and best > (1.0 - MIN_GAIN) * before:
         summary.kept_epoch = 0
-    restore(kept if summary.kept_epoch > 0 else start_values)
+    run.restore(kept if summary.kept_epoch > 0 else start_values)
     if summary.kept_epoch > 0:
         summary.trained = [layer.name for layer, _ in tunables]
         summary.local = {layer.name: layer.chosen.approx for layer, _ in tunables}
@@ -189,50 +168,77 @@ def distill(frontend, layers: list[Layer], epochs: int | None = None, seed: int 
     return summary
 
 
-def _run(frontend, tunables, params, rms, training, held_back, epochs, travel, seed, replacements, judged_loss,
-         snapshot, before) -> tuple[Distillation, float, list[torch.Tensor]]:
-    """One run of Adam at ``travel`` from the parameters as they are: its summary, the best judged loss
-    (``before`` where no epoch beat it) and the parameters that gave it."""
-    from sparsec.progress import advance_current
+class _Training:
+    """The trained values of a distillation and the calibration calls that train and judge them;
+    called with a travel, one run of Adam from the values as they are."""
 
-    step = step_for(epochs * len(training), travel)
-    optimizer = torch.optim.Adam([{"params": [p], "lr": step * r} for p, r in zip(params, rms)])
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(training), epochs * len(training)))
-    summary = Distillation(len(tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0, travel=travel)
-    generator = torch.Generator().manual_seed(seed)
-    best, kept = before, snapshot()
-    first = last = 0.0
-    for epoch in range(1, epochs + 1):
-        total = 0.0
-        for i in torch.randperm(len(training), generator=generator).tolist():
-            with torch.enable_grad():  # planning itself runs without gradients
-                loss = frontend.output_loss(training[i], replacements())
-                grads = torch.autograd.grad(loss, params, allow_unused=True)
-            for p, g in zip(params, grads):
-                p.grad = torch.zeros_like(p) if g is None else g
-            optimizer.step()
-            schedule.step()
-            total += float(loss.detach())
-            summary.steps += 1
-            advance_current()
-        last = total / max(len(training), 1)
-        first = last if epoch == 1 else first
-        summary.epochs = epoch
-        if not held_back:  # judged once, at the end, on the calls it trained on
-            summary.history.append((last, None))
-            continue
-        now = judged_loss()
-        summary.history.append((last, now))
-        if now < best:
-            best, kept, summary.kept_epoch = now, snapshot(), epoch
-        elif epoch - summary.kept_epoch >= PATIENCE:
-            break
-    if not held_back and summary.epochs:
-        now = judged_loss()
-        if now < best:
-            best, kept, summary.kept_epoch = now, snapshot(), summary.epochs
-    summary.training_loss = (first, last)
-    return summary, best, kept
+    def __init__(self, frontend, tunables, training: list[int], held_back: list[int], epochs: int, seed: int):
+        self.frontend, self.tunables = frontend, tunables
+        self.training, self.held_back, self.epochs, self.seed = training, held_back, epochs, seed
+        self.judges = held_back or training  # the calls whose loss decides what is kept
+        self.params = [p for _, t in tunables for p in t.parameters()]
+        self.rms = [_rms(p) for p in self.params]
+
+    def replacements(self) -> dict[str, torch.Tensor]:
+        return {layer.name: t.weight().to(layer.site.dtype) for layer, t in self.tunables}
+
+    def judged_loss(self) -> float:
+        with torch.no_grad():
+            reps = self.replacements()
+            return sum(float(self.frontend.output_loss(i, reps)) for i in self.judges) / len(self.judges)
+
+    def snapshot(self) -> list[torch.Tensor]:
+        return [p.detach().clone() for p in self.params]
+
+    def restore(self, values: list[torch.Tensor]) -> None:
+        with torch.no_grad():
+            for p, value in zip(self.params, values):
+                p.copy_(value)
+
+    def __call__(self, travel: float, before: float) -> tuple[Distillation, float, list[torch.Tensor]]:
+        """One run at ``travel``: its summary, the best judged loss (``before`` where no epoch beat
+        it) and the values that gave it."""
+        from sparsec.progress import advance_current
+
+        training, held_back, epochs = self.training, self.held_back, self.epochs
+        step = step_for(epochs * len(training), travel)
+        optimizer = torch.optim.Adam([{"params": [p], "lr": step * r} for p, r in zip(self.params, self.rms)])
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(len(training), epochs * len(training)))
+        summary = Distillation(len(self.tunables), 0, 0, 0, (0.0, 0.0), None, len(held_back), 0.0, travel=travel)
+        generator = torch.Generator().manual_seed(self.seed)
+        best, kept = before, self.snapshot()
+        first = last = 0.0
+        for epoch in range(1, epochs + 1):
+            total = 0.0
+            for i in torch.randperm(len(training), generator=generator).tolist():
+                with torch.enable_grad():  # planning itself runs without gradients
+                    loss = self.frontend.output_loss(training[i], self.replacements())
+                    grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+                for p, g in zip(self.params, grads):
+                    p.grad = torch.zeros_like(p) if g is None else g
+                optimizer.step()
+                schedule.step()
+                total += float(loss.detach())
+                summary.steps += 1
+                advance_current()
+            last = total / max(len(training), 1)
+            first = last if epoch == 1 else first
+            summary.epochs = epoch
+            if not held_back:  # judged once, at the end, on the calls it trained on
+                summary.history.append((last, None))
+                continue
+            now = self.judged_loss()
+            summary.history.append((last, now))
+            if now < best:
+                best, kept, summary.kept_epoch = now, self.snapshot(), epoch
+            elif epoch - summary.kept_epoch >= PATIENCE:
+                break
+        if not held_back and summary.epochs:
+            now = self.judged_loss()
+            if now < best:
+                best, kept, summary.kept_epoch = now, self.snapshot(), summary.epochs
+        summary.training_loss = (first, last)
+        return summary, best, kept
 
 
 def _schedule(warmup: int, total: int):
