@@ -47,6 +47,23 @@ GEMV_DTYPES = (torch.float16, torch.bfloat16)
 WEIGHT_EVICTION = "evict_first"
 
 
+def bsr_to_dense(values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor, K: int) -> torch.Tensor:
+    """The dense (..., N, K) weights of BSR layouts with leading dimensions in common (one weight,
+    or a bank of experts each keeping as many blocks): ``values`` (..., nnzb, B, B), ``col_idx``
+    (..., nnzb), ``row_ptr`` (..., N/B + 1). Each block's row is found by search, so every shape
+    follows from the inputs' shapes: no host sync, safe in a CUDA graph."""
+    lead, (nnzb, B, _) = values.shape[:-3], values.shape[-3:]
+    nr, nc = row_ptr.shape[-1] - 1, K // B
+    ends = row_ptr[..., 1:].reshape(-1, nr).contiguous()
+    blocks = torch.arange(nnzb, device=row_ptr.device, dtype=row_ptr.dtype).expand(ends.shape[0], nnzb).contiguous()
+    rows = torch.searchsorted(ends, blocks, right=True).to(torch.int64)
+    weight = torch.arange(ends.shape[0], device=row_ptr.device)[:, None]
+    slot = ((weight * nr + rows) * nc + col_idx.reshape(-1, nnzb).to(torch.int64)).reshape(-1)
+    dense = values.new_zeros(ends.shape[0] * nr * nc, B, B)
+    dense[slot] = values.reshape(-1, B, B)
+    return dense.reshape(*lead, nr, nc, B, B).transpose(-3, -2).reshape(*lead, nr * B, K).contiguous()
+
+
 def work_order(row_ptr: torch.Tensor) -> torch.Tensor:
     counts = (row_ptr[1:] - row_ptr[:-1]).to(torch.int64)
     return torch.sort(counts, descending=True, stable=True).indices.to(torch.int32)
@@ -317,8 +334,8 @@ register_input_grad(block_linear_op, block_input_grad_op, saved=(1, 2, 3), bias_
 
 @torch.library.custom_op("sparsec::block_to_dense", mutates_args=())
 def block_to_dense_op(values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor, n_in: int) -> torch.Tensor:
-    """The (rows, n_in) weight of a BSR layout, for the epilogue op's gradient: the expansion
-    gathers by a data-dependent count, so it stays opaque to tracing (its shape is not)."""
+    """The (rows, n_in) weight of a BSR layout, for the epilogue op's gradient (``bsr_to_dense``),
+    one opaque node to tracing."""
     spec = SimpleNamespace(block=values.shape[1])
     rows = (row_ptr.shape[0] - 1) * values.shape[1]
     return BlockKernels().to_dense(spec, (rows, n_in), {"values": values, "col_idx": col_idx, "row_ptr": row_ptr})
@@ -435,15 +452,7 @@ class BlockKernels(FormatKernels):
                 "row_ptr": row_ptr.contiguous(), "order": order.contiguous()}
 
     def to_dense(self, spec, shape, tensors):
-        N, K = shape
-        B = spec.block
-        nr, nc = N // B, K // B
-        values, row_ptr = tensors["values"], tensors["row_ptr"]
-        rows = torch.repeat_interleave(torch.arange(nr, device=values.device),
-                                       (row_ptr[1:] - row_ptr[:-1]).to(torch.int64))
-        dense = values.new_zeros(nr * nc, B, B)
-        dense[rows * nc + tensors["col_idx"].to(torch.int64)] = values
-        return dense.reshape(nr, nc, B, B).permute(0, 2, 1, 3).reshape(N, K).contiguous()
+        return bsr_to_dense(tensors["values"], tensors["col_idx"], tensors["row_ptr"], shape[1])
 
     def reference(self, x2d, packed, bias):
         """Gather each kept block's input slice, one batched matmul, index_add into block rows."""

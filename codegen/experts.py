@@ -104,17 +104,9 @@ class BlockWeights(PackedWeights):
         self.shape = (E, (row_ptr.shape[1] - 1) * B, int(K))
 
     def _expand(self) -> torch.Tensor:
-        # shapes from E, nnzb and the block grid alone (no host sync: safe in a CUDA graph)
-        E, N, K = self.shape
-        B, nr, nc = self.block, N // self.block, K // self.block
-        nnzb = self.values.shape[1]
-        device = self.row_ptr.device
-        blocks = torch.arange(nnzb, device=device, dtype=self.row_ptr.dtype).expand(E, nnzb).contiguous()
-        rows = torch.searchsorted(self.row_ptr[:, 1:].contiguous(), blocks, right=True).to(torch.int64)
-        slot = ((torch.arange(E, device=device)[:, None] * nr + rows) * nc).reshape(-1)
-        dense = self.values.new_zeros(E * nr * nc, B, B)
-        dense[slot + self.col_idx.reshape(-1).to(torch.int64)] = self.values.reshape(-1, B, B)
-        return dense.reshape(E, nr, nc, B, B).permute(0, 1, 3, 2, 4).reshape(E, N, K)
+        from .block import bsr_to_dense
+
+        return bsr_to_dense(self.values, self.col_idx, self.row_ptr, self.shape[2])
 
 
 def _factors(projection) -> tuple:
