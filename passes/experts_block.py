@@ -75,13 +75,14 @@ class BlockBank:
         return experts_block_op(x, top_k_index, top_k_weights, *t, self.impl or impl)
 
 
+def tiles(H: int, I: int, B: int) -> bool:  # noqa: E741
+    """Whether B x B blocks tile gate_up (2I x H) and down (H x I) of a bank at least 2 x 2."""
+    return H % B == 0 and I % B == 0 and H // B >= 2 and I // B >= 2
+
+
 def side_for(H: int, I: int) -> int | None:  # noqa: E741
-    """The block side for a bank of H -> 2I -> H experts: the largest of ``SIDES`` tiling gate_up
-    (2I x H) and down (H x I) into at least 2 x 2 blocks, or None."""
-    for B in SIDES:
-        if H % B == 0 and I % B == 0 and H // B >= 2 and I // B >= 2:
-            return B
-    return None
+    """The block side for a bank of H -> 2I -> H experts: the largest of ``SIDES`` that ``tiles`` it, or None."""
+    return next((B for B in SIDES if tiles(H, I, B)), None)
 
 
 def fit(bank, density: float, block: int | None = None) -> BlockBank:
@@ -92,7 +93,7 @@ def fit(bank, density: float, block: int | None = None) -> BlockBank:
     gate_up, down, remap, x, index, weights = routed(bank)
     E, two_i, H = gate_up.shape
     B = block or side_for(H, two_i // 2)
-    if B is None or H % B or (two_i // 2) % B or H // B < 2 or (two_i // 2) // B < 2:
+    if B is None or not tiles(H, two_i // 2, B):
         raise SparsecError(f"block-sparse experts need both projections tiled by at least 2 x 2 blocks of side "
                            f"{block or ' or '.join(map(str, SIDES))}; the bank is H={H}, I={two_i // 2}: "
                            "use another form for it (dense, 2:4, lowrank:F)")
