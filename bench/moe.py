@@ -93,7 +93,14 @@ def main(argv=None):
     ap.add_argument("--out", default=".")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
     ap.add_argument("--blocks", type=int, default=None, help="mixture-of-experts blocks in the stack (default 4)")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated configurations to run besides the baseline: grouped, batched, dense_all, "
+                         "loop, auto, and the pinned forms 2:4, block, lowrank (default all)")
     args = ap.parse_args(argv)
+    only = None if args.only is None else set(args.only.split(","))
+
+    def wanted(name: str) -> bool:
+        return only is None or name in only
     from sparsec.codegen.experts import IMPLS, memory_reason
     from sparsec.experts import use_sparsec_experts
     import sparsec.experts as sx
@@ -111,6 +118,13 @@ def main(argv=None):
     bandwidth = copy_gbps(device)
     mode = None if args.smoke else "reduce-overhead"
     rows = []
+
+    def record(row: dict) -> None:  # printed as measured, so a run stopped at its time limit shows its progress
+        print_rows([row], header=len(rows) == 0)
+        rows.append(row)
+        with open(os.path.join(args.out, "moe.json"), "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
     for M in (int(m) for m in args.M.split(",")):
         x = torch.randn(1, M, d, device=device, dtype=dtype)
         calib = [(torch.randn(1, M, d, device=device, dtype=dtype),) for _ in range(4)]
@@ -120,20 +134,20 @@ def main(argv=None):
             base_fn = torch.compile(model, mode=mode)
             reference = base_fn(x).float()
             base = median_us(lambda: base_fn(x), device)
-            rows.append({"M": M, "config": "transformers grouped_mm, inductor" + (" + CUDA graphs" if mode else ""),
+            record({"M": M, "config": "transformers grouped_mm, inductor" + (" + CUDA graphs" if mode else ""),
                          "us": base, "x": 1.0, "error": 0.0})
             use_sparsec_experts(model)
-            for impl in IMPLS:
+            for impl in [i for i in IMPLS if wanted(i)]:
                 why = memory_reason(impl, E, k, h, d, M, device)
                 if why:
-                    rows.append({"M": M, "config": f"sparsec {impl}: not run, {why}", "us": None, "x": None, "error": None})
+                    record({"M": M, "config": f"sparsec {impl}: not run, {why}", "us": None, "x": None, "error": None})
                     continue
                 sx.DEFAULT_IMPL = impl
                 torch._dynamo.reset()
                 fn = torch.compile(model, mode=None if impl == "loop" else mode)
                 y = fn(x).float()
                 us = median_us(lambda: fn(x), device)
-                rows.append({"M": M, "config": f"sparsec {impl}" + (" (no CUDA graph)" if impl == "loop" and mode else ""),
+                record({"M": M, "config": f"sparsec {impl}" + (" (no CUDA graph)" if impl == "loop" and mode else ""),
                              "us": us, "x": base / us, "error": float((y - reference).norm() / reference.norm())})
             sx.DEFAULT_IMPL = "grouped"
             torch._dynamo.reset()
@@ -141,19 +155,25 @@ def main(argv=None):
 
             opts = {"calibration": calib, "fingerprint": "auto", "error_budget": 0.01,
                     "plan": {"layers": {"_default": "dense"}}, **({"mode": mode} if mode else {})}
-            fn = torch.compile(model, backend=sparsec_backend, options=opts)
-            y = fn(x).float()
-            us = median_us(lambda: fn(x), device)
-            session = session_for(opts, None)
-            report = session.report.to_dict() if session.report is not None else {}
-            chosen = [b["implementation"] for b in report.get("experts", [])]
-            rows.append({"M": M, "config": "sparsec auto", "us": us, "x": base / us,
-                         "error": float((y - reference).norm() / reference.norm()), "chosen": chosen})
+            if wanted("auto"):
+                started = time.perf_counter()
+                fn = torch.compile(model, backend=sparsec_backend, options=opts)
+                y = fn(x).float()
+                planned = time.perf_counter() - started
+                us = median_us(lambda: fn(x), device)
+                session = session_for(opts, None)
+                report = session.report.to_dict() if session.report is not None else {}
+                chosen = [[b["implementation"], (b.get("expert_format") or {}).get("format")]
+                          for b in report.get("experts", [])]
+                record({"M": M, "config": "sparsec auto", "us": us, "x": base / us, "planned_s": planned,
+                        "error": float((y - reference).norm() / reference.norm()), "chosen": chosen})
             # experts in a structured form, pinned by the plan (random weights: the forms' speed, not
             # a quality claim)
             from sparsec.passes.experts_block import side_for
 
             for form in ("2:4", f"block:{side_for(d, h)}:0.25", "lowrank:0.25"):
+                if not wanted(form.split(":")[0]):
+                    continue
                 torch._dynamo.reset()
                 pinned = {**opts, "plan": {"layers": {"_default": "dense"}, "experts": {"_default": form}}}
                 fn = torch.compile(model, backend=sparsec_backend, options=pinned)
@@ -163,18 +183,14 @@ def main(argv=None):
                 report = session.report.to_dict() if session.report is not None else {}
                 forms = [(b.get("expert_format") or {}).get("format") for b in report.get("experts", [])]
                 impls = [(b.get("expert_format") or {}).get("implementation") for b in report.get("experts", [])]
-                rows.append({"M": M, "config": f"sparsec, experts {form} (plan)", "us": us, "x": base / us,
+                record({"M": M, "config": f"sparsec, experts {form} (plan)", "us": us, "x": base / us,
                              "error": float((y - reference).norm() / reference.norm()), "chosen": [forms, impls]})
             model.set_experts_implementation("grouped_mm")
         if bandwidth:
             hit = min(E, M * k)
             floor_us = blocks * hit * 3 * d * h * 2 / (bandwidth * 1e3)
-            rows.append({"M": M, "config": f"floor: weights of {hit} experts per block at {bandwidth:.0f} GB/s",
+            record({"M": M, "config": f"floor: weights of {hit} experts per block at {bandwidth:.0f} GB/s",
                          "us": floor_us, "x": base / floor_us, "error": None})
-        # written after every M, so a run stopped at its time limit keeps what it measured
-        with open(os.path.join(args.out, "moe.json"), "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print_rows([r for r in rows if r["M"] == M], header=M == rows[0]["M"])
     print(f"{meta['device']}, torch {meta['torch']}, {meta['date']}, {blocks} blocks")
     print_rows(rows, header=True)
 

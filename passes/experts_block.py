@@ -139,6 +139,25 @@ def applicable(banks) -> bool:
     return all(side_for(b.gate_up.shape[2], b.down.shape[2]) is not None for b in banks)
 
 
-def candidates() -> list[tuple[str, object]]:
-    """(label, fit) of each kept share, for ``experts_formats.choose``."""
-    return [(f"block {density:g} of blocks", partial(fit, density=density)) for density in DENSITIES]
+def standin(bank, density: float) -> BlockBank:
+    """Random block-sparse experts as ``fit`` would shape them (the kept blocks of random weights),
+    for timing (``experts_formats.Form``)."""
+    from sparsec.passes.experts_formats import kept, random_like
+
+    gate_up, down, remap = kept(bank)
+    B = side_for(gate_up.shape[2], down.shape[2])
+    parts: list[list[torch.Tensor]] = [[] for _ in range(6)]
+    for e in range(gate_up.shape[0]):  # one expert's dense stand-in at a time
+        w1, w2 = random_like(gate_up.shape[1:], gate_up, seed=2 * e), random_like(down.shape[1:], down, seed=2 * e + 1)
+        for part, t in zip(parts, (*_pack(w1, B, density), *_pack(w2, B, density))):
+            part.append(t)
+    gv, gc, gr, dv, dc, dr = (torch.stack(p).contiguous() for p in parts)
+    return BlockBank(B, density, gv, gc, gr, dv, dc, dr, remap)
+
+
+def candidates() -> list:
+    """The ``experts_formats.Form`` of each kept share."""
+    from sparsec.passes.experts_formats import Form
+
+    return [Form(f"block {density:g} of blocks", partial(fit, density=density), partial(standin, density=density))
+            for density in DENSITIES]

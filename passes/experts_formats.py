@@ -4,9 +4,12 @@ A bank's experts may run in a structured form: factored to low rank (``passes/ex
 2:4 sparse (``passes/experts_twofour.py``) or block-sparse (``passes/experts_block.py``), each a
 bank op of its own with the same four
 implementations as the dense bank (codegen/experts.py). Every candidate form is fitted per expert
-on the tokens the first calibration call routes to it (``routed``, ``stats_of``) and timed here,
-in each implementation, on the bank's calibration routing; a form counts for a bank only if its
-fastest implementation beats the bank as it runs now. Then the forms are tried fastest first
+on the tokens the first calibration call routes to it (``routed``, ``stats_of``). Its speed does not
+depend on the fitted values, so it is timed first on a stand-in of the same shapes and structure
+filled with random values (``Form.standin``: no fitting, which for Mixtral-sized banks would take
+minutes per form), in each implementation, on the bank's calibration routing; a form counts for a
+bank only if its fastest implementation beats the bank as it runs now, and only forms that count
+are fitted. Then the forms are tried fastest first
 (their measured time summed over the banks where they pay), each with every such bank rewritten
 (and the experts pruning dropped), and the first whose end-to-end error, in the user's metric on
 calibration and held-out data, is within the share of the budget ``expert_pruning`` gives is kept:
@@ -19,21 +22,46 @@ weights for every bank exist at a time.
 
 from __future__ import annotations
 
+from typing import Callable, NamedTuple
+
 import torch
+
+
+class Form(NamedTuple):
+    """A structured form experts may take: ``fit(bank)`` the bank's experts fitted to it (on its
+    calibration rows), ``standin(bank)`` the same shapes and structure with random values, for
+    timing without fitting (None: time the fit)."""
+
+    label: str
+    fit: Callable
+    standin: Callable | None = None
+
+
+def kept(bank) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(gate_up, down, remap): the bank's kept experts as stored, and the pruning's remap (or None)."""
+    pruning = getattr(bank, "pruning", None)
+    if pruning is None:
+        return bank.gate_up, bank.down, None
+    return pruning.gate_up, pruning.down, pruning.remap
+
+
+def random_like(shape, like: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """Gaussian values of ``shape`` in ``like``'s dtype and device, scaled by the last dimension so
+    products stay of unit size (timing stand-ins: never zeros, never denormals)."""
+    g = torch.Generator(device=like.device).manual_seed(seed)
+    t = torch.randn(shape, generator=g, device=like.device, dtype=torch.float32)
+    return t.mul_(shape[-1] ** -0.5).to(like.dtype)
 
 
 def routed(bank):
     """(gate_up, down, remap, x, index, weights): the bank's (kept) experts in float32 and its first
     calibration call's inputs and routing, through the kept experts where it was pruned."""
-    pruning = getattr(bank, "pruning", None)
-    gate_up = (pruning.gate_up if pruning is not None else bank.gate_up).float()
-    down = (pruning.down if pruning is not None else bank.down).float()
+    gate_up, down, remap = kept(bank)
+    gate_up, down = gate_up.float(), down.float()
     x, index, weights = bank.inputs
-    remap = None
-    if pruning is not None:
+    if remap is not None:
         from sparsec.codegen.experts import route_kept
 
-        remap = pruning.remap
         index, weights = route_kept(index, weights, remap.to(index.device))
     device = gate_up.device
     return gate_up, down, remap, x.float().to(device), index.to(device), weights.to(device)
@@ -63,7 +91,7 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
     """Decide which form each bank's experts run in; sets ``bank.structured`` and returns, per bank
     name, the report's ``expert_format`` entry.
 
-    ``candidates``: (label, fit(bank) -> rewrite) of each form; ``evaluate()`` measures the
+    ``candidates``: the ``Form`` of each (or (label, fit) pairs, timed on their fits); ``evaluate()`` measures the
     end-to-end error in the user's metric (the worse of calibration and held-out) with every bank's
     pruning and ``structured`` rewrite applied; ``allowed`` is what expert rewrites may cost in all,
     in the same units; ``speed(bank, rewrite, impls)`` gives (us in the rewrite's fastest
@@ -106,10 +134,11 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
         return _refuse(out, "experts kept dense: the error budget leaves expert rewrites nothing (error_budget or "
                             "expert_pruning is 0)", live)
     paying: list[tuple[float, str, object, dict]] = []  # (us summed over the banks it pays for, label, fit, {bank: tried})
-    for label, fit in candidates:
+    for candidate in candidates:
+        label, fit, standin = Form(*candidate)
         wins, total = {}, 0.0
         for bank in live:
-            rewrite = fit(bank)
+            rewrite = (standin or fit)(bank)
             us, impl, now = speed(bank, rewrite, impls)
             tried = {"format": label, "stored": _stored_share(bank, rewrite), "implementation": impl,
                      "measured_us": us, "dense_us": now, "measured_error": None}

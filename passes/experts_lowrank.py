@@ -103,19 +103,35 @@ def fit(bank, fraction: float) -> Factoring:
     return Factoring(fraction, (r1, r2), v1, u1, v2, u2, remap)
 
 
+def standin(bank, fraction: float) -> Factoring:
+    """Random factors of the ranks ``fit`` gives, for timing (``experts_formats.Form``)."""
+    from sparsec.passes.experts_formats import kept, random_like
+
+    gate_up, down, remap = kept(bank)
+    E, two_i, H = gate_up.shape
+    r1, r2 = rank_of(fraction, two_i, H), rank_of(fraction, H, two_i // 2)
+    shapes = ((E, r1, H), (E, two_i, r1), (E, r2, two_i // 2), (E, H, r2))
+    v1, u1, v2, u2 = (random_like(s, gate_up, seed=i) for i, s in enumerate(shapes))
+    return Factoring(fraction, (r1, r2), v1, u1, v2, u2, remap)
+
+
 def _factor(weight: torch.Tensor, rows: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, U), V (rank, K) and U (N, rank), with U V the activation-aware rank-``rank`` fit of
     ``weight`` on ``rows`` (passes/lowrank.py)."""
     from sparsec.formats import LowRank
     from sparsec.passes.experts_formats import stats_of
+    from sparsec.passes.onnx_emit import lowrank_factors
     from sparsec.passes.registry import HANDLERS
 
     stats = stats_of(rows)
     (approx,) = HANDLERS["lowrank"].approximate([LowRank(rank)], weight, stats)
-    U, S, Vh = torch.linalg.svd(approx.double(), full_matrices=False)
-    return Vh[:rank].float(), (U[:, :rank] * S[:rank]).float()
+    U, V = lowrank_factors(approx, rank)  # O(N K R), where an SVD of the N x K product took seconds
+    return V.float(), U.float()
 
 
-def candidates() -> list[tuple[str, object]]:
-    """(label, fit) of each rank share, for ``experts_formats.choose``."""
-    return [(f"lowrank {fraction:g} of break-even", partial(fit, fraction=fraction)) for fraction in FRACTIONS]
+def candidates() -> list:
+    """The ``experts_formats.Form`` of each rank share."""
+    from sparsec.passes.experts_formats import Form
+
+    return [Form(f"lowrank {fraction:g} of break-even", partial(fit, fraction=fraction),
+                 partial(standin, fraction=fraction)) for fraction in FRACTIONS]

@@ -98,6 +98,22 @@ def _pack(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return groups.gather(2, pos).reshape(N, K // 2).contiguous(), encode_positions(pos)
 
 
-def candidates() -> list[tuple[str, object]]:
-    """(label, fit) for ``experts_formats.choose``."""
-    return [(LABEL, fit)]
+def standin(bank) -> TwoFourBank:
+    """Random 2:4 experts of the bank's shapes, for timing (``experts_formats.Form``)."""
+    from sparsec.passes.experts_formats import kept, random_like
+
+    gate_up, down, remap = kept(bank)
+    parts = [[], [], [], []]
+    for e in range(gate_up.shape[0]):  # one expert's dense stand-in at a time
+        w1, w2 = random_like(gate_up.shape[1:], gate_up, seed=2 * e), random_like(down.shape[1:], down, seed=2 * e + 1)
+        for part, t in zip(parts, (*_pack(w1), *_pack(w2))):
+            part.append(t)
+    gv, gm, dv, dm = (torch.stack(p).contiguous() for p in parts)
+    return TwoFourBank(gv, gm, dv, dm, remap)
+
+
+def candidates() -> list:
+    """The ``experts_formats.Form`` of 2:4."""
+    from sparsec.passes.experts_formats import Form
+
+    return [Form(LABEL, fit, standin)]

@@ -15,7 +15,7 @@ import torch.nn as nn
 import sparsec
 from sparsec.codegen.experts import experts_loop
 from sparsec.passes import experts_fx
-from sparsec.passes import experts_block, experts_twofour
+from sparsec.passes import experts_block, experts_lowrank, experts_twofour
 from sparsec.passes.experts_lowrank import FRACTIONS, fit, rank_of
 
 H, I, E, PLANTED = 32, 48, 8, 8
@@ -189,6 +189,8 @@ def test_factoring_over_the_budget_is_refused_with_the_measured_error(faster):
 
 def test_a_bank_no_form_makes_faster_stays_dense(monkeypatch):
     speeds(monkeypatch)
+    for module in (experts_lowrank, experts_twofour, experts_block):  # timed on stand-ins: no form is fitted
+        monkeypatch.setattr(module, "fit", lambda *a, **k: pytest.fail("a form no bank gains from was fitted"))
     (row,) = optimize(MoE(), error_budget=0.01).report.to_dict()["experts"]
     entry = row["expert_format"]
     assert entry["format"] is None and "no structured form measured faster" in entry["reason"]
@@ -340,3 +342,21 @@ def test_block_sparse_experts_are_chosen_when_fastest_within_the_budget(monkeypa
     entry = row["expert_format"]
     assert entry["format"] == "block:16:0.25" and entry["measured_error"] < 1e-5
     assert "experts run block:16:0.25 (block 0.25 of blocks)" in entry["reason"]
+
+
+@pytest.mark.parametrize("form", experts_lowrank.candidates() + experts_twofour.candidates()
+                         + experts_block.candidates(), ids=lambda f: f.label)
+def test_a_forms_timing_stand_in_has_its_fits_shapes_and_structure_and_no_zeros(form, gen):
+    gate_up, down = planted_bank(gen, None)
+    x = torch.randn(40, H, generator=gen)
+    index, weights = routed(40, gen)
+    bank = types.SimpleNamespace(gate_up=gate_up.half(), down=down.half(), inputs=(x, index, weights), pruning=None)
+    fitted, standin = form.fit(bank), form.standin(bank)
+    assert standin.label == fitted.label and standin.stored() == fitted.stored()
+    for name, t in fitted.tensors().items():
+        s = standin.tensors()[name]
+        assert (s.shape, s.dtype) == (t.shape, t.dtype), name
+        if s.is_floating_point():
+            assert bool((s != 0).all()) and s.abs().max() < 10, name
+    if hasattr(standin, "down_row_ptr"):  # every expert keeps the fit's number of blocks per projection
+        assert torch.equal(standin.down_row_ptr[:, -1], fitted.down_row_ptr[:, -1])
