@@ -172,7 +172,7 @@ def main(argv=None):
             from sparsec.passes.experts_block import side_for
 
             for form in ("2:4", f"block:{side_for(d, h)}:0.25", "lowrank:0.25"):
-                if not wanted(form.split(":")[0]):
+                if not wanted(form if form == "2:4" else form.split(":")[0]):
                     continue
                 torch._dynamo.reset()
                 pinned = {**opts, "plan": {"layers": {"_default": "dense"}, "experts": {"_default": form}}}

@@ -16,7 +16,13 @@ per expert, so the op takes it as an argument:
   the routing weights (zero for experts not chosen): E/k times the FLOPs, no gather, no sync.
 - ``grouped``: the (token, slot) pairs sorted by expert and one Triton grouped GEMM per
   projection over the runs (as vLLM's fused MoE): each expert's weights read once, a launch grid
-  sized by T k and E alone (CUDA-graph safe). Without Triton (a CPU without the interpreter) the
+  sized by T k and E alone (CUDA-graph safe).
+
+2:4 banks have a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in ``grouped``, each
+row through its expert by codegen/twofour.py's word kernel (no tensor cores, SwiGLU fused into the
+gate_up launch). It pays at about a token per expert, where a tensor-core tile is mostly padding
+and expanding 2:4 values into it costs more than the bytes saved; the planner times it with the
+others. Without Triton (a CPU without the interpreter) the
   same grouping runs as one GEMM per expert on its run.
 
 Every implementation accumulates in float32 and returns x's dtype.
@@ -207,6 +213,9 @@ def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Ten
     return torch.einsum("te,eth->th", R, h.float()).to(x.dtype)
 
 
+ROWS_IMPLS = ("rows",)  # implementations 2:4 banks add to IMPLS
+
+
 def sorted_runs(top_k_index, E: int, block_m: int):
     """The (token, slot) pairs in expert order and the tile map of a grouped launch.
 
@@ -377,6 +386,37 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
     return out.index_add_(0, order // k, y).to(x.dtype)
 
 
+def rows_usable(x, gate_up: "TwoFourWeights", down: "TwoFourWeights") -> bool:
+    """Whether a 2:4 bank can run ``rows``: Triton usable here and the word kernel able to read both
+    projections (16-bit, inputs in whole 32-column words, contiguous)."""
+    from .twofour import words_usable
+
+    h = x.new_empty(0, down.shape[2])
+    return (triton_usable(x) and words_usable(x, gate_up.values[0], gate_up.meta[0])
+            and words_usable(h, down.values[0], down.meta[0])
+            and all(t.is_contiguous() for t in (gate_up.values, gate_up.meta, down.values, down.meta)))
+
+
+def experts_rows(x, top_k_index, top_k_weights, gate_up: "TwoFourWeights", down: "TwoFourWeights") -> torch.Tensor:
+    """``rows`` (see the module's docstring); ``grouped`` where ``rows_usable`` says the word kernel
+    cannot run. Device ops only, grid sized by T k: CUDA-graph safe."""
+    if not rows_usable(x, gate_up, down):
+        return experts_grouped(x, top_k_index, top_k_weights, gate_up, down)
+    from .twofour import twofour_rows
+
+    T, k = top_k_index.shape
+    E, two_i, _ = gate_up.shape
+    flat = top_k_index.reshape(-1)
+    order = torch.sort(flat, stable=True).indices  # rows of one expert side by side: their reads meet in L2
+    expert_of_row = flat[order]
+    h = twofour_rows(x[order // k], gate_up.values, gate_up.meta, expert_of_row,
+                     gate_row=0, up_row=two_i // 2, width=two_i // 2)
+    y = twofour_rows(h, down.values, down.meta, expert_of_row).float()
+    y = y * top_k_weights.reshape(-1)[order].float()[:, None]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, order // k, y).to(x.dtype)
+
+
 def working_bytes(impl: str, E: int, k: int, I: int, H: int, M: int) -> int:  # noqa: E741
     """Bytes an implementation holds beyond its inputs and output at M tokens (float32 intermediates):
     ``batched`` gathers every pair's weights, ``dense_all`` keeps every expert's activations."""
@@ -439,11 +479,12 @@ def experts_twofour_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
                        gate_up_values: torch.Tensor, gate_up_meta: torch.Tensor, down_values: torch.Tensor,
                        down_meta: torch.Tensor, impl: str) -> torch.Tensor:
     """A bank whose experts are 2:4 sparse: each projection's kept values (E, N, K/2) and position
-    bytes (E, N, meta bytes), as codegen/twofour.py packs one weight. ``grouped`` reads the packed
-    experts (about 9/16 of the dense bytes at 16 bits); the other implementations expand them first
-    (the reference paths)."""
-    return _RUN[impl](x, top_k_index, top_k_weights, TwoFourWeights(gate_up_values, gate_up_meta),
-                      TwoFourWeights(down_values, down_meta))
+    bytes (E, N, meta bytes), as codegen/twofour.py packs one weight. ``grouped`` and ``rows`` read
+    the packed experts (about 9/16 of the dense bytes at 16 bits); the other implementations expand
+    them first (the reference paths)."""
+    run = experts_rows if impl == "rows" else _RUN[impl]
+    return run(x, top_k_index, top_k_weights, TwoFourWeights(gate_up_values, gate_up_meta),
+               TwoFourWeights(down_values, down_meta))
 
 
 @experts_twofour_op.register_fake

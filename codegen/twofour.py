@@ -196,11 +196,11 @@ def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
              out.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr, r_ptr, t_ptr, u_ptr, y_ptr, M, N, G8,
-                          GATE_ROW, UP_ROW, R, stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_tm,
+def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr, r_ptr, t_ptr, u_ptr, y_ptr, e_ptr,
+                          M, N, G8, GATE_ROW, UP_ROW, R, E_ROWS, stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_tm,
                           stride_un, stride_ym, stride_yn,
                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr, HAS_RES: tl.constexpr,
-                          LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr,
+                          LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr, EXPERTS: tl.constexpr,
                           USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr,
                           USE_TMA: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
     """Small-M path for contiguous inputs with K a multiple of 32: everything is read as 32-bit
@@ -221,7 +221,10 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr
     values computed before the launch: each program reads its rows of U (BLOCK_N x R). PDL
     (``pdl_enabled``): wait for the launch ahead before the first load; once a program has
     streamed its weights, let the next launch start, so that launch overlaps this one's tail
-    without holding resources while this one streams."""
+    without holding resources while this one streams.
+
+    EXPERTS (codegen/experts.py): the weight is a bank of experts stacked by rows, E_ROWS rows each,
+    and token row m is multiplied by expert ``e_ptr[m]``'s rows alone."""
     HALVES: tl.constexpr = 2 if GATED else 1
     if PDL:
         tl.extra.cuda.gdc_wait()
@@ -233,16 +236,20 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr
     mask_n = offs_n < N
     # group e of a run: its first position at bit (e // 4) * 16 + (e % 4) * 2, its second 8 bits up
     shift = ((offs_e // 4) * 16 + (offs_e % 4) * 2)[None, None, :]
+    if EXPERTS:
+        e_rows = tl.load(e_ptr + pid_m).to(tl.int64) * E_ROWS
+    else:
+        e_rows = pid_m.to(tl.int64) * 0
     out = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for h in tl.static_range(HALVES):
-        src = offs_n + GATE_ROW + h * (UP_ROW - GATE_ROW)
+        src = offs_n + GATE_ROW + h * (UP_ROW - GATE_ROW) + e_rows
         acc = tl.zeros((BLOCK_N, BLOCK_J, 8), dtype=tl.float32)
         p_ptrs = (pair_ptr + src[:, None, None].to(tl.int64) * stride_pn
                   + offs_j[None, :, None] * 8 + offs_e[None, None, :])
         m_ptrs = meta_ptr + src[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
         x_ptrs = (x_ptr + pid_m.to(tl.int64) * stride_xm
                   + (offs_j[:, None, None] * 16 + offs_e[None, :, None] * 2 + tl.arange(0, 2)[None, None, :]))
-        row0 = pid_n * BLOCK_N + GATE_ROW + h * (UP_ROW - GATE_ROW)
+        row0 = (pid_n * BLOCK_N + GATE_ROW + h * (UP_ROW - GATE_ROW) + e_rows).to(tl.int32)
         for j0 in tl.range(0, G8, BLOCK_J, num_stages=STAGES):
             run = j0 + offs_j < G8
             if USE_TMA and TMA:
@@ -348,7 +355,7 @@ def _words_keep(config, args) -> bool:
 
 
 _WORDS_KERNEL = LazyKernel(_twofour_words_kernel, _words_configs(),
-                           key=["N", "G8", "IS_BF16", "GATED", "TMA", "LOWRANK"],
+                           key=["N", "G8", "IS_BF16", "GATED", "TMA", "LOWRANK", "EXPERTS"],
                            prune=_words_keep)
 
 
@@ -457,28 +464,7 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
         return epilogue.apply(twofour_triton(x, values, meta, bias, path), gate_row, up_row, width, residual)
     y = torch.empty(M, width if gated else N, device=x.device, dtype=x.dtype)
     if path == "words":
-        x32, pairs, meta32 = x.view(torch.int32), values.view(torch.int32), meta.view(torch.int32)
-        r = y if residual is None else residual
-        pdl = pdl_enabled(x)
-
-        def grid_words(meta_):
-            return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), M)
-
-        tma = tma_usable(x, pairs, meta32, y.shape[1])
-        pair_desc = TensorDescriptor.from_tensor(pairs, [1, 8]) if tma else None
-        meta_desc = TensorDescriptor.from_tensor(meta32, [1, 4]) if tma else None
-        t, u = (lowrank[0].contiguous(), lowrank[1].contiguous()) if lowrank is not None else (y, y)
-        R = u.shape[1] if lowrank is not None else 0
-        _WORDS_KERNEL[grid_words](x32, pairs, meta32, pair_desc, meta_desc, y if bias is None else bias, r, t, u, y, M,
-                                  y.shape[1], K // 32, max(gate_row, 0), max(up_row, 0), R, x32.stride(0),
-                                  pairs.stride(0), meta32.stride(0), r.stride(0), r.stride(1), t.stride(0), u.stride(0),
-                                  y.stride(0), y.stride(1),
-                                  HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
-                                  HAS_RES=residual is not None, LOWRANK=lowrank is not None,
-                                  BLOCK_R=min(64, max(16, triton.next_power_of_2(max(R, 1)))), USE_PRMT=prmt_usable(x),
-                                  WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, TMA=tma,
-                                  **({"launch_pdl": True} if pdl else {}))
-        return y
+        return _words(x, values, meta, y, bias, residual, lowrank, gate_row, up_row)
     if path == "gemv":
         pairs = values.view(torch.int32)
         block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
@@ -501,6 +487,54 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
                   x.stride(0), x.stride(1), values.stride(0), m.stride(0), y.stride(0), y.stride(1),
                   m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype), META_WORDS=words)
     return y
+
+
+def _words(x, values, meta, y, bias, residual, lowrank, gate_row: int, up_row: int, experts=None):
+    """Launch the word kernel into ``y`` (``twofour_triton``'s arguments); ``experts``: (the expert of
+    each row of x, rows per expert) where values and metadata stack a bank's experts by rows."""
+    M, K = x.shape
+    x32 = x.view(torch.int32)
+    pairs, meta32 = values.view(torch.int32), meta.view(torch.int32)
+    gated = gate_row >= 0
+    r = y if residual is None else residual
+    pdl = pdl_enabled(x)
+
+    def grid_words(meta_):
+        return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), M)
+
+    tma = tma_usable(x, pairs, meta32, y.shape[1])
+    pair_desc = TensorDescriptor.from_tensor(pairs, [1, 8]) if tma else None
+    meta_desc = TensorDescriptor.from_tensor(meta32, [1, 4]) if tma else None
+    t, u = (lowrank[0].contiguous(), lowrank[1].contiguous()) if lowrank is not None else (y, y)
+    R = u.shape[1] if lowrank is not None else 0
+    expert_of_row, rows_per_expert = experts if experts is not None else (y, 0)
+    _WORDS_KERNEL[grid_words](x32, pairs, meta32, pair_desc, meta_desc, y if bias is None else bias, r, t, u, y,
+                              expert_of_row, M, y.shape[1], K // 32, max(gate_row, 0), max(up_row, 0), R,
+                              rows_per_expert, x32.stride(0), pairs.stride(0), meta32.stride(0), r.stride(0),
+                              r.stride(1), t.stride(0), u.stride(0), y.stride(0), y.stride(1),
+                              HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gated,
+                              HAS_RES=residual is not None, LOWRANK=lowrank is not None,
+                              BLOCK_R=min(64, max(16, triton.next_power_of_2(max(R, 1)))), EXPERTS=experts is not None,
+                              USE_PRMT=prmt_usable(x), WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, TMA=tma,
+                              **({"launch_pdl": True} if pdl else {}))
+    return y
+
+
+def twofour_rows(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, expert_of_row: torch.Tensor,
+                 gate_row: int = -1, up_row: int = -1, width: int = 0) -> torch.Tensor:
+    """Row s of x times expert ``expert_of_row[s]``'s 2:4 weight (``values`` (E, N, K/2), ``meta``
+    (E, N, bytes)), by the word kernel: an expert bank at decode, where each expert serves about one
+    token and a tensor-core tile would be mostly padding. Each row reads its expert's packed weight
+    once; rows of one expert run side by side in the launch, so their reads of it meet in L2.
+    ``gate_row``, ``up_row``, ``width``: the fused SwiGLU epilogue (``twofour_triton``).
+    Needs ``words_usable`` (16-bit, K a multiple of 32)."""
+    E, N, half = values.shape
+    S = x.shape[0]
+    y = torch.empty(S, width if gate_row >= 0 else N, device=x.device, dtype=x.dtype)
+    if S == 0:
+        return y
+    return _words(x, values.reshape(E * N, half), meta.reshape(E * N, meta.shape[2]), y, None, None, None,
+                  gate_row, up_row, experts=(expert_of_row.to(torch.int32), N))
 
 
 @torch.library.custom_op("sparsec::twofour_linear", mutates_args=())

@@ -116,7 +116,7 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
             continue
         label, fit = forced[bank.name]
         rewrite = fit(bank)
-        us, impl, now = speed(bank, rewrite, impls)
+        us, impl, now = speed(bank, rewrite, impls + list(getattr(rewrite, "extra_impls", ())))
         rewrite.impl = impl
         bank.structured = rewrite
         entry.update(format=rewrite.label, form=rewrite.form, implementation=impl, measured_us=us, dense_us=now,
@@ -133,13 +133,14 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
     if allowed <= 0:
         return _refuse(out, "experts kept dense: the error budget leaves expert rewrites nothing (error_budget or "
                             "expert_pruning is 0)", live)
-    paying: list[tuple[float, str, object, dict]] = []  # (us summed over the banks it pays for, label, fit, {bank: tried})
+    # (us summed over the banks it pays for, label, fit, {bank: tried})
+    paying: list[tuple[float, str, object, dict]] = []
     for candidate in candidates:
         label, fit, standin = Form(*candidate)
         wins, total = {}, 0.0
         for bank in live:
             rewrite = (standin or fit)(bank)
-            us, impl, now = speed(bank, rewrite, impls)
+            us, impl, now = speed(bank, rewrite, impls + list(getattr(rewrite, "extra_impls", ())))
             tried = {"format": label, "stored": _stored_share(bank, rewrite), "implementation": impl,
                      "measured_us": us, "dense_us": now, "measured_error": None}
             out[bank.name]["tried"].append(tried)

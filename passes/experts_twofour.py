@@ -40,6 +40,13 @@ class TwoFourBank:
     def op(self):
         return torch.ops.sparsec.experts_swiglu_twofour.default
 
+    @property
+    def extra_impls(self) -> tuple[str, ...]:
+        """Implementations 2:4 banks add to the dense ones (codegen/experts.py's ``rows``)."""
+        from sparsec.codegen.experts import ROWS_IMPLS
+
+        return ROWS_IMPLS
+
     def stored(self) -> int:
         """Stored values, the position bytes counted at their share of a value of this dtype."""
         per_byte = 1.0 / self.gate_up_values.element_size()

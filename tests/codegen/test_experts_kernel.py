@@ -202,6 +202,50 @@ def test_a_two_four_bank_computes_the_bank_its_kept_values_make(impl, T, E, k, d
     assert err < TOL[dtype], f"{impl} T={T}: relative error {err:.2e}"
 
 
+@pytest.mark.parametrize("T", [1, 3, 37])
+def test_a_two_four_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, gen, monkeypatch):
+    from sparsec.codegen import experts as ex, twofour
+
+    H, I, E, k = 64, 96, 8, 2  # inputs in whole 32-column words: the word kernel reads them
+    (gv, gm, gate_up), (dv, dm, down) = twofour_bank(E, I, H, gen, torch.float16)
+    index, weights = route(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen).half()
+    calls = []
+    real = twofour.twofour_rows
+    monkeypatch.setattr(twofour, "twofour_rows", lambda *a, **kw: calls.append((a[0].shape[0], kw)) or real(*a, **kw))
+    y = ex.experts_twofour_op(x, index, weights.half(), gv, gm, dv, dm, "rows")
+    # one row per (token, slot), the gate and up halves' SwiGLU fused into the first launch
+    assert calls == [(T * k, {"gate_row": 0, "up_row": I, "width": I}), (T * k, {})]
+    ref = float64_reference(x, index, weights.half(), gate_up, down)
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert err < TOL[torch.float16], f"T={T}: relative error {err:.2e}"
+    calls.clear()
+    ex.experts_twofour_op(x, index, weights.half(), gv, gm, dv, dm, "grouped")
+    assert calls == []  # grouped stays the tensor-core kernel: which pays is measured, not assumed
+
+
+def test_rows_falls_back_to_grouped_where_the_word_kernel_cannot_read_the_bank(gen):
+    H, I, E = 48, 40, 4  # 12 groups a row: metadata words would end mid-row
+    (gv, gm, gate_up), (dv, dm, down) = twofour_bank(E, I, H, gen, torch.float16)
+    index, weights = route(5, E, 2, gen)
+    x = torch.randn(5, H, generator=gen).half()
+    y = torch.ops.sparsec.experts_swiglu_twofour(x, index, weights.half(), gv, gm, dv, dm, "rows")
+    ref = float64_reference(x, index, weights.half(), gate_up, down)
+    assert float((y.double() - ref).norm() / ref.norm()) < TOL[torch.float16]
+
+
+def test_rows_of_experts_read_their_own_expert_even_when_the_routing_skips_some(gen):
+    from sparsec.codegen.twofour import expand, twofour_rows
+
+    E, N, K = 4, 40, 64  # 40 rows: the last tile of each expert runs past it into the next
+    (v, m, dense), _ = twofour_bank(E, N // 2, K, gen, torch.float16)
+    x = torch.randn(6, K, generator=gen).half()
+    expert_of_row = torch.tensor([3, 3, 0, 2, 2, 2])
+    y = twofour_rows(x, v, m, expert_of_row)
+    want = torch.stack([x[s].float() @ expand(v[e], m[e], K).float().t() for s, e in enumerate(expert_of_row.tolist())])
+    torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
+
+
 def block_bank(E, N, K, B, kept, gen, dtype=torch.float32):
     """(values, col_idx, row_ptr) of E experts each keeping ``kept`` random B x B blocks of N x K, the
     first block row always empty (a program with nothing to read), and their dense weights."""

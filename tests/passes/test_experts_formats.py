@@ -360,3 +360,20 @@ def test_a_forms_timing_stand_in_has_its_fits_shapes_and_structure_and_no_zeros(
             assert bool((s != 0).all()) and s.abs().max() < 10, name
     if hasattr(standin, "down_row_ptr"):  # every expert keeps the fit's number of blocks per projection
         assert torch.equal(standin.down_row_ptr[:, -1], fitted.down_row_ptr[:, -1])
+
+
+def test_two_four_experts_are_also_timed_row_by_row_and_run_so_when_that_is_fastest(monkeypatch):
+    timed = {}
+
+    def speed(bank, rewrite, impls, replay):
+        timed[rewrite.label.split()[0]] = list(impls)
+        return (1.0, "rows", 2.0) if "rows" in impls else (3.0, "grouped", 2.0)
+    monkeypatch.setattr(experts_fx, "structured_speed", speed)
+    model = MoE(rank="2:4")
+    result = optimize(model, error_budget=0.01)
+    assert "rows" in timed["2:4"] and "rows" not in timed["lowrank"] and "rows" not in timed["block:16:0.25"]
+    (row,) = result.report.to_dict()["experts"]
+    assert (row["expert_format"]["format"], row["expert_format"]["implementation"]) == ("2:4", "rows")
+    x = batches(1, 5)[0][0]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
