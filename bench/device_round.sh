@@ -2,7 +2,9 @@
 # One call's worth of device work, step by step, each under its own time limit, everything under
 # $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
 #   suite   the whole test suite on the device's stack, the experts fingerprint section
-#   moe     bench/moe.py at 1 and 16 tokens, then at 256 and 2048
+#   moe     bench/moe.py at 1 and 16 tokens (baseline, grouped, auto, 2:4 pinned, block pinned), then 256
+#   rows    the 2:4 experts' rows implementation checked on the GPU (bf16, CUDA graphs), then timed by
+#           bench/moe.py at 1 and 16 tokens
 #   quick   the suite and bench/moe.py at 1 and 16 tokens
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
@@ -34,10 +36,14 @@ case "${1:-suite}" in
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
     ;;
-  moe)  # each token count compiles nine configurations of the four-block Mixtral stack
+  moe)  # at one token, baseline + grouped + auto + two pinned forms took 142 s on an H200 (2026-12-05)
     mkdir -p "$OUT/decode" "$OUT/prefill"
-    TAIL=25 step moe-decode 280 python3 bench/moe.py --M 1,16 --out "$OUT/decode"
-    TAIL=25 step moe-prefill 280 python3 bench/moe.py --M 256,2048 --out "$OUT/prefill"
+    TAIL=25 step moe-decode 300 python3 bench/moe.py --M 1,16 --only grouped,auto,2:4,block --out "$OUT/decode"
+    TAIL=25 step moe-prefill 240 python3 bench/moe.py --M 256 --only grouped,auto,2:4,block --out "$OUT/prefill"
+    ;;
+  rows)
+    step rows-gpu 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py -k "rows or 2:4"
+    TAIL=25 step moe-rows 300 python3 bench/moe.py --M 1,16 --only grouped,2:4 --out "$OUT"
     ;;
   quick)  # the suite, and bench/moe.py at decode token counts only
     step suite 230 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short tests
@@ -50,10 +56,12 @@ case "${1:-suite}" in
       --redo 2:4+lowrank --redo block+lowrank
     ;;
   e2e)
+    # forced plans only, planned without recovery (their speed is the question, on random weights):
+    # with the default recovery one M = 1 process spent 250 s planning on an H100 (2026-12-05)
     TAIL=30 step e2e-mlp 300 python3 bench/e2e.py --models mlp --M 1,16 --fingerprint "$card" --out "$OUT" \
-      --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg,sparsec act:0.5 +cg,sparsec auto 1% +cg"
+      --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg,sparsec act:0.5 +cg"
     TAIL=20 step e2e-llama 270 python3 bench/e2e.py --models llama --llama 8x256,1x16 --fingerprint "$card" \
-      --out "$OUT" --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg,sparsec auto 1% +cg"
+      --out "$OUT" --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg"
     ;;
   recover)
     TAIL=20 step frontier-minilm 560 python3 bench/frontier.py --model minilm --minilm .carry/minilm-st \

@@ -89,6 +89,7 @@ class Embedder(nn.Module):
 DEVICE = "cuda"
 PROFILE = None  # --profile CONFIG,...: list the GPU kernels of these configurations
 ONLY = None  # --only CONFIG,...: run just these configurations (and inductor-cg, the ratios' base)
+RECOVERY = None  # --recovery: the recovery option of every sparsec configuration (None: sparsec's default)
 
 
 def wanted(config) -> bool:
@@ -140,6 +141,8 @@ def torch_2to4(model):
 
 def sparsec_compiled(model, options, reduce_overhead):
     opts = dict(options)
+    if RECOVERY is not None:
+        opts.setdefault("recovery", RECOVERY)
     if reduce_overhead:
         opts["mode"] = "reduce-overhead"
     from sparsec.backend import sparsec_backend  # the function the "sparsec" entry point names
@@ -422,9 +425,13 @@ def main(argv=None):
     ap.add_argument("--export-minilm", metavar="DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing real")
     ap.add_argument("--only", default=None, help="comma-separated configurations to run, e.g. 'sparsec auto 1%% +cg'")
+    ap.add_argument("--recovery", default=None, choices=("none", "sequential", "full"),
+                    help="recovery for every sparsec configuration (default: sparsec's own, full); 'none' plans "
+                         "forced plans in seconds where only their speed is wanted")
     ap.add_argument("--profile", default=None, help="comma-separated configurations whose kernels to list, e.g. 'sparsec 2:4 +cg'")
     args = ap.parse_args(argv)
-    global DEVICE, PROFILE, ONLY
+    global DEVICE, PROFILE, ONLY, RECOVERY
+    RECOVERY = args.recovery
     PROFILE = None if args.profile is None else set(args.profile.split(","))
     ONLY = None if args.only is None else set(args.only.split(","))
     if args.smoke:
@@ -440,6 +447,7 @@ def main(argv=None):
         "device": torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu (smoke)", "torch": torch.__version__, "triton": triton.__version__,
         "cuda": torch.version.cuda, "date": datetime.date.today().isoformat(), "fingerprint": fp.name,
         "command": "python bench/e2e.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "recovery": args.recovery or "full (default)",
     }
     print(json.dumps(meta), flush=True)
     spend_first_capture()
