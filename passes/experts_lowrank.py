@@ -120,13 +120,12 @@ def _factor(weight: torch.Tensor, rows: torch.Tensor, rank: int) -> tuple[torch.
     ``weight`` on ``rows`` (passes/lowrank.py)."""
     from sparsec.formats import LowRank
     from sparsec.passes.experts_formats import stats_of
-    from sparsec.passes.onnx_emit import lowrank_factors
     from sparsec.passes.registry import HANDLERS
 
     stats = stats_of(rows)
-    (approx,) = HANDLERS["lowrank"].approximate([LowRank(rank)], weight, stats)
-    U, V = lowrank_factors(approx, rank)  # O(N K R), where an SVD of the N x K product took seconds
-    return V.float(), U.float()
+    # straight from the singular basis: decomposing the N x K product again took most of planning
+    ((U, V),) = HANDLERS["lowrank"].factored([LowRank(rank)], weight, stats)
+    return V, U
 
 
 def candidates() -> list:

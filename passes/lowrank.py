@@ -49,25 +49,40 @@ class LowRankHandler:
 
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
+        return [(u.double() @ v.double()).float() for u, v in self.factored(specs, weight, stats, method)]
+
+    def factored(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
+        """Per spec, the factors (U (N x R), V (R x K), float32) of ``approximate``'s reconstruction,
+        straight from the singular basis (no decomposition of the N x K product), each column of U
+        and row of V scaled to equal norms so that neither underflows in 16 bits."""
         method = method or self.default_method
         if method not in self.methods:
             raise ValueError(f"unknown low-rank method {method!r}; known: {', '.join(self.methods)}")
         W = weight.detach().to(torch.float64)
         if method == "plain" or stats is None:
-            basis = top_basis(W)
-            return [truncated(W, basis, s.rank).float() for s in specs]
-        G = calibrate.gram(stats, W.shape[1])
-        diag = calibrate.diagonal_of(G)
-        if diag is not None:  # whitening by a diagonal is a column scaling
-            root = calibrate.damped_diagonal(diag, DAMPING).sqrt().to(W.device)
-            A = W * root
-            basis = top_basis(A)
-            return [(truncated(A, basis, s.rank) / root).float() for s in specs]
-        root, inv_root = whitening(stats)
-        root, inv_root = root.to(W.device), inv_root.to(W.device)
-        A = W @ root
+            A, unwhiten = W, None
+        else:
+            G = calibrate.gram(stats, W.shape[1])
+            diag = calibrate.diagonal_of(G)
+            if diag is not None:  # whitening by a diagonal is a column scaling
+                root = calibrate.damped_diagonal(diag, DAMPING).sqrt().to(W.device)
+                A = W * root
+
+                def unwhiten(v):
+                    return v / root
+            else:
+                root, inv_root = whitening(stats)
+                root, inv_root = root.to(W.device), inv_root.to(W.device)
+                A = W @ root
+
+                def unwhiten(v):
+                    return v @ inv_root
         basis = top_basis(A)
-        return [(truncated(A, basis, s.rank) @ inv_root).float() for s in specs]
+        out = []
+        for spec in specs:
+            U, V = truncated_factors(A, basis, spec.rank)
+            out.append(balanced(U, V if unwhiten is None else unwhiten(V)))
+        return out
 
 
 def top_basis(A: torch.Tensor) -> torch.Tensor:
@@ -81,12 +96,19 @@ def top_basis(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigh(A @ A.T if N <= K else A.T @ A).eigenvectors
 
 
-def truncated(A: torch.Tensor, basis: torch.Tensor, rank: int) -> torch.Tensor:
-    """The best rank-``rank`` approximation of A: its projection on the top singular subspace."""
+def truncated_factors(A: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U, V) with U V the best rank-``rank`` approximation of A: its projection on the top singular
+    subspace (``basis`` from ``top_basis``), factored on A's smaller side."""
     top = basis[:, -rank:]
     if A.shape[0] <= A.shape[1]:
-        return top @ (top.T @ A)
-    return (A @ top) @ top.T
+        return top, top.T @ A
+    return A @ top, top.T
+
+
+def balanced(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U D^-1, D V) in float32, D making each column of U as long as the matching row of V."""
+    scale = (U.norm(dim=0) / V.norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
+    return (U / scale).float(), (V * scale[:, None]).float()
 
 
 def whitening(stats: SiteStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -59,3 +59,19 @@ def test_activation_aware_beats_plain_svd_at_every_rank_of_the_grid():
 def test_unknown_method_is_refused_with_the_reason():
     with pytest.raises(ValueError, match="unknown low-rank method 'qr'; known: activation-aware, plain"):
         HANDLER.approximate([LowRank(2)], weight(8, 8, seed=0), None, method="qr")
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 96)], ids=["tall", "wide"])
+@pytest.mark.parametrize("method", HANDLER.methods)
+def test_factors_multiply_to_the_reconstruction_balanced_and_representable_in_fp16(method, shape):
+    N, K = shape
+    W = weight(N, K, seed=6)
+    st = stats_of(activations(K, 4096, seed=7) * 30.0)  # large activations: an unbalanced V would sit near underflow
+    specs = [LowRank(8), LowRank(24)]
+    for spec, approx, (U, V) in zip(specs, HANDLER.approximate(specs, W, st, method=method),
+                                    HANDLER.factored(specs, W, st, method=method)):
+        assert U.shape == (N, spec.rank) and V.shape == (spec.rank, K) and U.dtype == V.dtype == torch.float32
+        torch.testing.assert_close(U.double() @ V.double(), approx.double(), rtol=0, atol=1e-6 * float(approx.abs().max()))
+        torch.testing.assert_close(U.norm(dim=0), V.norm(dim=1), rtol=1e-4, atol=0)
+        half = U.half().double() @ V.half().double()  # 16-bit factors keep the product to fp16 rounding
+        assert float((half - approx.double()).norm() / approx.double().norm()) < 3e-3
