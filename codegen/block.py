@@ -72,14 +72,24 @@ def work_order(row_ptr: torch.Tensor) -> torch.Tensor:
 def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, M, N, K,
                   stride_xm, stride_xk, stride_ym, stride_yn,
                   M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False):
+    """Y = X W^T over a block row's kept blocks. With ``PARTIAL`` each block row's kept blocks are
+    cut into SPLIT chunks, a program each, and each writes its float32 partial product to
+    y_ptr + chunk * stride_ys (no bias), for the caller to sum: more programs streaming the weight
+    where block rows are few and long."""
     SUB: tl.constexpr = B // BLOCK_N
     pid_w = tl.program_id(0)
     pid_m = tl.program_id(1)
+    chunk = pid_w % SPLIT
+    pid_w = pid_w // SPLIT
     row = tl.load(order_ptr + pid_w // SUB)
     sub = pid_w % SUB
     start = tl.load(rowptr_ptr + row)
     end = tl.load(rowptr_ptr + row + 1)
+    if PARTIAL:
+        per = tl.cdiv(end - start, SPLIT)
+        start = tl.minimum(start + chunk * per, end)
+        end = tl.minimum(start + per, end)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x K may pass 2**31
     offs_r = sub * BLOCK_N + tl.arange(0, BLOCK_N)   # output rows inside the block row
     offs_c = tl.arange(0, B)                           # input columns inside a block
@@ -96,10 +106,14 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
         w_ptrs += B * B
         c_ptr += 1
     offs_n = row * B + offs_r
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
+    if PARTIAL:
+        tl.store(y_ptr + chunk.to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc, mask=mask_m[:, None])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
 def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_ptr, t_ptr, u_ptr, y_ptr, M, N, K,
@@ -225,12 +239,27 @@ def _keep(config, args) -> bool:
     return kw["BLOCK_M"] == 16 if bucket <= 16 else 16 < kw["BLOCK_M"] <= max(64, bucket)
 
 
-_KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B"], prune=_keep)
+_KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B", "PARTIAL"], prune=_keep)
+
+# The "dot_split" path aims for this many programs per SM: enough loads in flight to stream the
+# weight where a layer has few block rows (4096 outputs in 64-wide blocks: 64 rows). Not yet timed
+# on a GPU, so no path chooses it by itself; bench/small_m.py times it against "dot".
+SPLIT_PROGRAMS_PER_SM = 8
+SPLIT_MAX = 8
+
+
+def split_for(N: int, device) -> int:
+    """Chunks per block row for the "dot_split" path: enough that the narrowest tiles (16 rows)
+    give ``SPLIT_PROGRAMS_PER_SM`` programs per SM, at most ``SPLIT_MAX``."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(SPLIT_MAX, -(-SPLIT_PROGRAMS_PER_SM * sms * 16 // max(N, 1))))
 
 
 def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None = None, residual=None,
                  gate_row: int = -1, up_row: int = -1, width: int = 0, lowrank=None):
-    """``path``: "gemv" (small-M kernel), "dot" (MMA) or None (by M, see GEMV_MAX_M).
+    """``path``: "gemv" (small-M kernel), "dot" (MMA), "dot_split" (MMA, each block row's kept blocks
+    split over several programs, ``split_for``; float32 partials summed after) or None (by M, see
+    GEMV_MAX_M).
 
     ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
     in the GEMV; ``order`` then lists the output's block rows (``gated_order``). The MMA kernel
@@ -270,9 +299,20 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
                                 **({"launch_pdl": True} if pdl else {}))
         return y
 
-    def grid(meta):
-        return (order.shape[0] * (B // meta["BLOCK_N"]), triton.cdiv(M, meta["BLOCK_M"]))
+    split = split_for(N, x.device) if path == "dot_split" else 1
 
+    def grid(meta):
+        return (order.shape[0] * (B // meta["BLOCK_N"]) * split, triton.cdiv(M, meta["BLOCK_M"]))
+
+    if split > 1:
+        parts = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+        _KERNEL[grid](x, values, col_idx, row_ptr, order, parts, parts, M, N, K,
+                      x.stride(0), x.stride(1), parts.stride(1), parts.stride(2), m_bucket(M), B=B,
+                      HAS_BIAS=False, DOT_PREC=tl_dot_precision(x.dtype), SPLIT=split, stride_ys=parts.stride(0),
+                      PARTIAL=True)
+        if bias is not None:
+            return (parts.sum(0) + bias.float()).to(x.dtype)
+        return parts.sum(0, dtype=x.dtype) if x.is_cuda else parts.sum(0).to(x.dtype)
     _KERNEL[grid](x, values, col_idx, row_ptr, order, y if bias is None else bias, y, M, N, K,
                   x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
                   HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype))

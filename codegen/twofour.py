@@ -103,10 +103,13 @@ def expand(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
 def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
                     M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META_WORDS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False):
     """Expansion + MMA. Each quad's two metadata bytes are spread to its four groups in registers
     by shifting broadcast copies: ``META_WORDS``, of the int32 words holding two quads
-    (``meta_ptr`` the metadata viewed as int32); otherwise of each byte."""
+    (``meta_ptr`` the metadata viewed as int32); otherwise of each byte. ``SWAP`` (a configuration's
+    choice) computes Y^T = W X^T, the expanded weight tile the MMA's first operand, as
+    dequantising GEMMs feed their weights to the tensor cores straight from registers; else
+    Y = X W^T."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     G: tl.constexpr = BLOCK_K // 4
@@ -114,7 +117,10 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
@@ -149,7 +155,12 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
         d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
         d3 = tl.where(p1 == 3, v1, zero)
         w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
-        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+        if SWAP:
+            acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+    if SWAP:
+        acc = tl.trans(acc_t)
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
@@ -382,6 +393,11 @@ def _configs():
     for bn in (16, 32, 64):  # small M: narrow N tiles so enough programs stream the weight
         for bk in (128, 256):
             out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=4, num_stages=4))
+    # small M with the weight tile as the MMA's first operand (``SWAP``): not yet timed on a GPU;
+    # the autotuner keeps whichever orientation measures faster per shape
+    for bn, bk, w in ((64, 128, 4), (64, 256, 4), (128, 128, 8), (32, 256, 4)):
+        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": True}, num_warps=w,
+                                 num_stages=4))
     for bm, bn, bk, w in ((32, 64, 128, 4), (64, 64, 128, 4), (64, 128, 64, 8), (128, 128, 64, 8), (128, 64, 64, 4)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3))
     return out

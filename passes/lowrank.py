@@ -49,12 +49,16 @@ class LowRankHandler:
 
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
-        return [(u.double() @ v.double()).float() for u, v in self.factored(specs, weight, stats, method)]
+        return [(u @ v).float() for u, v in self._factors(specs, weight, stats, method)]
 
     def factored(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """Per spec, the factors (U (N x R), V (R x K), float32) of ``approximate``'s reconstruction,
         straight from the singular basis (no decomposition of the N x K product), each column of U
         and row of V scaled to equal norms so that neither underflows in 16 bits."""
+        return [(u.float(), v.float()) for u, v in self._factors(specs, weight, stats, method)]
+
+    def _factors(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None):
+        """``factored``'s factors in float64."""
         method = method or self.default_method
         if method not in self.methods:
             raise ValueError(f"unknown low-rank method {method!r}; known: {', '.join(self.methods)}")
@@ -106,9 +110,9 @@ def truncated_factors(A: torch.Tensor, basis: torch.Tensor, rank: int) -> tuple[
 
 
 def balanced(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(U D^-1, D V) in float32, D making each column of U as long as the matching row of V."""
+    """(U D^-1, D V), D making each column of U as long as the matching row of V."""
     scale = (U.norm(dim=0) / V.norm(dim=1).clamp_min(1e-300)).clamp_min(1e-300).sqrt()
-    return (U / scale).float(), (V * scale[:, None]).float()
+    return U / scale, V * scale[:, None]
 
 
 def whitening(stats: SiteStats) -> tuple[torch.Tensor, torch.Tensor]:

@@ -238,3 +238,40 @@ def test_device_only_launch_features_stay_off_where_they_cannot_run(monkeypatch)
     assert twofour.tma_usable(x, pairs, meta, 16)
     monkeypatch.setenv("SPARSEC_TMA", "0")
     assert not twofour.tma_usable(x, pairs, meta, 16)
+
+
+@pytest.mark.parametrize("split", [2, 3, 8])
+def test_block_split_path_sums_its_chunks_to_the_product(split, gen, monkeypatch):
+    """The "dot_split" path: every block row's kept blocks cut into ``split`` chunks (8: more
+    chunks than some rows have blocks, so some programs sum nothing), the float32 partials summed,
+    with and without bias; an empty block row still gets its bias."""
+    from sparsec.codegen import block
+
+    monkeypatch.setattr(block, "split_for", lambda N, device: split)
+    w = torch.randn(48, 512, generator=gen)
+    w[16:32] = 0.0  # block row 1 keeps nothing
+    packed = pack("block:16:0.6", w.half())
+    t = packed.tensors()
+    dense = packed.to_dense().double()
+    for bias in (None, torch.randn(48, generator=gen).half()):
+        for M in (3, 16):
+            x = torch.randn(M, 512, generator=gen).half()
+            y = block.block_triton(x, t["values"], t["col_idx"], t["row_ptr"], t["order"], bias, 48, path="dot_split")
+            ref = x.double() @ dense.t() + (0.0 if bias is None else bias.double())
+            assert y.dtype == torch.float16 and y.shape == (M, 48)
+            # fp16 inputs, fp32 accumulation and sum, one fp16 rounding of the output
+            torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
+                                       rtol=TOL[torch.float16], msg=lambda m: f"split {split} M={M}: {m}")
+
+
+def test_block_split_aims_for_programs_per_sm_within_bounds(monkeypatch):
+    import types
+
+    from sparsec.codegen import block
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
+    cuda = types.SimpleNamespace(type="cuda")
+    # 16-row tiles: 4096 outputs give 256 programs a chunk, 14336 give 896
+    assert block.split_for(4096, cuda) == 5 and block.split_for(14336, cuda) == 2
+    assert block.split_for(128, cuda) == block.SPLIT_MAX and block.split_for(1 << 20, cuda) == 1
+    assert block.split_for(4096, torch.device("cpu")) == 1

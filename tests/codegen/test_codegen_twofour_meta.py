@@ -92,3 +92,26 @@ def test_expansion_kernel_spreads_each_quads_metadata_to_its_groups(words, K, ge
             y = twofour.twofour_triton(x, t["values"][rows], t["meta"][rows], None, path="dot")
             # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
             torch.testing.assert_close(y.double(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
+
+
+@pytest.mark.parametrize("swap", [True, False], ids=["weight-first", "tokens-first"])
+def test_every_small_m_expansion_config_computes_the_product_in_either_orientation(swap, gen):
+    """The small-M configurations of the expansion + MMA kernel, each run alone, in both
+    orientations of the MMA (``SWAP``: Y^T = W X^T), at a partial token tile and a full one."""
+    from sparsec.codegen import pack
+
+    configs = [c for c in twofour._KERNEL.configs
+               if c.kwargs["BLOCK_M"] == 16 and bool(c.kwargs.get("SWAP", False)) == swap]
+    assert configs
+    K = 256
+    packed = pack("2:4", torch.randn(136, K, generator=gen).to(torch.float16))
+    t = packed.tensors()
+    dense = packed.to_dense().double()
+    for config in configs:
+        with twofour._KERNEL.only(config):
+            for M in (5, 16):
+                x = torch.randn(M, K, generator=gen).to(torch.float16)
+                ref = x.double() @ dense.t()
+                y = twofour.twofour_triton(x, t["values"], t["meta"], None, path="dot")
+                torch.testing.assert_close(y.double(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3,
+                                           msg=lambda m: f"{config}: {m}")
