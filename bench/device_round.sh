@@ -3,6 +3,8 @@
 # $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
 #   suite   the whole test suite on the device's stack, the experts fingerprint section
 #   moe     bench/moe.py at 1 and 16 tokens (baseline, grouped, auto, 2:4 pinned, block pinned), then 256
+#   kernels bench/small_m.py: every small-M path of the 2:4 and block layers at M = 1..16 against cuBLAS
+#           (the 2:4 MMA kernel's weight-first configurations and block's dot_split included)
 #   rows    the 2:4 experts' rows implementation checked on the GPU (bf16, CUDA graphs), then timed by
 #           bench/moe.py at 1 and 16 tokens
 #   quick   the suite and bench/moe.py at 1 and 16 tokens
@@ -40,6 +42,9 @@ case "${1:-suite}" in
     mkdir -p "$OUT/decode" "$OUT/prefill"
     TAIL=25 step moe-decode 300 python3 bench/moe.py --M 1,16 --only grouped,auto,2:4,block --out "$OUT/decode"
     TAIL=25 step moe-prefill 240 python3 bench/moe.py --M 256 --only grouped,auto,2:4,block --out "$OUT/prefill"
+    ;;
+  kernels)
+    TAIL=40 step small-m 420 python3 bench/small_m.py --out "$OUT/small_m.json" --budget-s 400 --skip-cslt
     ;;
   rows)
     step rows-gpu 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py -k "rows or 2:4"

@@ -7,7 +7,7 @@ Run on a CUDA device::
 Part 1 (in this process): every small-M path of the 2:4 and block kernels, forced
 (``twofour_triton(path=...)``, ``block_triton(path=...)``), checked against float64 in bf16 and
 fp16 first, then timed with bench/kernel_bench.py's method (CUDA-graph replay over >= 256 MB of
-rotated weight copies, median of 30 replays, random normal data) at M in {1, 2, 4, 16} on the
+rotated weight copies, median of 30 replays, random normal data) at M in {1, 2, 4, 8, 16} on the
 Llama-3-8B shapes, with the autotuner's chosen configuration recorded per case.
 
 Part 2 (child processes): cuSPARSELt's ``_cslt_sparse_mm`` at large M for each algorithm id and
@@ -39,7 +39,7 @@ from kernel_bench import REL_TOL, ROTATE_BYTES, MAX_COPIES, make_packed, rel_err
 from sparsec.codegen import Packed, block, twofour  # noqa: E402
 
 SHAPES = [(14336, 4096), (4096, 4096), (4096, 14336)]
-TOKENS = [1, 2, 4, 16]
+TOKENS = [1, 2, 4, 8, 16]
 CSLT_TOKENS = [1024, 2048, 8192]
 CSLT_MAX_ALG = 16
 
@@ -52,7 +52,8 @@ def path_call(spec: str, path: str, x: torch.Tensor, p: Packed):
                                       path=path)
 
 
-PATHS = [("2:4", "words"), ("2:4", "gemv"), ("2:4", "dot"), ("block:64:0.25", "gemv"), ("block:64:0.25", "dot")]
+PATHS = [("2:4", "words"), ("2:4", "gemv"), ("2:4", "dot"), ("block:64:0.25", "gemv"), ("block:64:0.25", "dot"),
+         ("block:64:0.25", "dot_split")]
 
 
 def correctness(device) -> list[dict]:
@@ -63,8 +64,8 @@ def correctness(device) -> list[dict]:
             for spec in ("2:4", "block:64:0.25", "block:16:0.3"):
                 p = make_packed(spec, N, K, dtype, device, gen)
                 dense = p.to_dense().double()
-                for path in ("words", "gemv") if spec == "2:4" else ("gemv",):
-                    for M in (1, 2, 4):
+                for path in ("words", "gemv", "dot") if spec == "2:4" else ("gemv", "dot", "dot_split"):
+                    for M in (1, 2, 4) if path in ("words", "gemv") else (8, 16):
                         x = torch.randn(M, K, generator=gen, device=device).to(dtype)
                         call = path_call(spec, path, x, p)
                         try:
