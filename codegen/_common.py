@@ -352,3 +352,27 @@ def grad_matmul(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """dy @ w accumulated in float32 (16-bit inputs), returned in dy's dtype."""
     acc = torch.float32 if dy.dtype in (torch.float16, torch.bfloat16) else dy.dtype
     return (dy.to(acc) @ w.to(acc)).to(dy.dtype)
+
+
+# Split paths ("dot_split" of codegen/twofour.py and codegen/block.py) aim for this many programs per
+# SM: enough loads in flight where a layer has few, long output rows. Not yet timed on a GPU, so no
+# path chooses them by itself; bench/small_m.py times them against "dot".
+SPLIT_PROGRAMS_PER_SM = 8
+SPLIT_MAX = 8
+
+
+def split_count(items: int, device) -> int:
+    """Chunks to cut each of ``items`` work items into so that the launch has
+    ``SPLIT_PROGRAMS_PER_SM`` programs per SM of ``device`` (1 off CUDA), at most ``SPLIT_MAX``."""
+    import torch
+
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    return max(1, min(SPLIT_MAX, -(-SPLIT_PROGRAMS_PER_SM * sms // max(items, 1))))
+
+
+def sum_partials(parts, bias, dtype):
+    """The output of a split launch: its float32 partials (chunks, M, N) summed, the bias added,
+    in ``dtype``."""
+    if bias is not None:
+        return (parts.sum(0) + bias.float()).to(dtype)
+    return parts.sum(0, dtype=dtype) if parts.is_cuda else parts.sum(0).to(dtype)

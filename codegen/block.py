@@ -30,7 +30,7 @@ from sparsec.errors import SparsecError
 
 from . import epilogue
 from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
-                      pdl_enabled, register_input_grad, tl_dot_precision)
+                      pdl_enabled, register_input_grad, split_count, sum_partials, tl_dot_precision)
 from .packed import FormatKernels, register
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
@@ -241,18 +241,10 @@ def _keep(config, args) -> bool:
 
 _KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B", "PARTIAL"], prune=_keep)
 
-# The "dot_split" path aims for this many programs per SM: enough loads in flight to stream the
-# weight where a layer has few block rows (4096 outputs in 64-wide blocks: 64 rows). Not yet timed
-# on a GPU, so no path chooses it by itself; bench/small_m.py times it against "dot".
-SPLIT_PROGRAMS_PER_SM = 8
-SPLIT_MAX = 8
-
-
 def split_for(N: int, device) -> int:
-    """Chunks per block row for the "dot_split" path: enough that the narrowest tiles (16 rows)
-    give ``SPLIT_PROGRAMS_PER_SM`` programs per SM, at most ``SPLIT_MAX``."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    return max(1, min(SPLIT_MAX, -(-SPLIT_PROGRAMS_PER_SM * sms * 16 // max(N, 1))))
+    """Chunks per block row for the "dot_split" path: ``_common.split_count`` over the narrowest
+    work items (16 rows)."""
+    return split_count(-(-N // 16), device)
 
 
 def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None = None, residual=None,
@@ -310,9 +302,7 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
                       x.stride(0), x.stride(1), parts.stride(1), parts.stride(2), m_bucket(M), B=B,
                       HAS_BIAS=False, DOT_PREC=tl_dot_precision(x.dtype), SPLIT=split, stride_ys=parts.stride(0),
                       PARTIAL=True)
-        if bias is not None:
-            return (parts.sum(0) + bias.float()).to(x.dtype)
-        return parts.sum(0, dtype=x.dtype) if x.is_cuda else parts.sum(0).to(x.dtype)
+        return sum_partials(parts, bias, x.dtype)
     _KERNEL[grid](x, values, col_idx, row_ptr, order, y if bias is None else bias, y, M, N, K,
                   x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
                   HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype))

@@ -42,7 +42,7 @@ from sparsec.errors import SparsecError
 
 from . import epilogue
 from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, interpret_mode, m_bucket, match_dtype,
-                      pdl_enabled, register_input_grad, tl_dot_precision)
+                      pdl_enabled, register_input_grad, split_count, sum_partials, tl_dot_precision)
 from .packed import FormatKernels, register
 from .twofour_cslt import cslt_compressed, cslt_reason, twofour_cslt_op
 
@@ -103,15 +103,26 @@ def expand(values: torch.Tensor, meta: torch.Tensor, K: int) -> torch.Tensor:
 def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
                     M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META_WORDS: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False,
+                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False):
     """Expansion + MMA. Each quad's two metadata bytes are spread to its four groups in registers
     by shifting broadcast copies: ``META_WORDS``, of the int32 words holding two quads
     (``meta_ptr`` the metadata viewed as int32); otherwise of each byte. ``SWAP`` (a configuration's
     choice) computes Y^T = W X^T, the expanded weight tile the MMA's first operand, as
     dequantising GEMMs feed their weights to the tensor cores straight from registers; else
-    Y = X W^T."""
+    Y = X W^T. ``PARTIAL``: K is cut into SPLIT chunks of whole BLOCK_K tiles, a program each
+    (grid axis 0 over N tiles times chunks), each writing its float32 partial product to
+    y_ptr + chunk * stride_ys (no bias) for the caller to sum."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
+    chunk = pid_n % SPLIT
+    pid_n = pid_n // SPLIT
+    k_lo = 0
+    k_hi = K
+    if PARTIAL:
+        per = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT) * BLOCK_K
+        k_lo = chunk * per
+        k_hi = tl.minimum(k_lo + per, K)
     G: tl.constexpr = BLOCK_K // 4
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)  # M x K may pass 2**31
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -121,7 +132,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
@@ -161,10 +172,14 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if SWAP:
         acc = tl.trans(acc_t)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
-             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if PARTIAL:
+        tl.store(y_ptr + chunk.to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc, mask=mask_m[:, None] & mask_n[None, :])
+    else:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
+                 acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _twofour_gemv_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G,
@@ -414,7 +429,7 @@ def _keep(config, args) -> bool:
     return 16 < kw["BLOCK_M"] <= bucket
 
 
-_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K", "META_WORDS"], prune=_keep)
+_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K", "META_WORDS", "PARTIAL"], prune=_keep)
 
 
 def gemv_usable(x, values, M: int) -> bool:
@@ -457,8 +472,9 @@ def tma_usable(x, pairs, meta32, n_out: int | None = None) -> bool:
 
 def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None,
                    gate_row: int = -1, up_row: int = -1, width: int = 0, lowrank=None):
-    """``path``: "words" or "gemv" (small-M kernels), "dot" (expansion + MMA) or None (by M, see
-    GEMV_MAX_M; "words" where ``words_usable``).
+    """``path``: "words" or "gemv" (small-M kernels), "dot" (expansion + MMA), "dot_split" (the same
+    with K cut over several programs, ``split_for``; float32 partials summed after) or None (by M,
+    see GEMV_MAX_M; "words" where ``words_usable``).
 
     ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
     in the word kernel; the other kernels write their product and the epilogue follows in torch.
@@ -493,16 +509,34 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
                                 y.stride(1), m_bucket(M), HAS_BIAS=bias is not None, BLOCK_M=block_m)
         return y
 
+    split = split_for(N, K, x.device) if path == "dot_split" else 1
+
     def grid(meta_):
-        return (triton.cdiv(N, meta_["BLOCK_N"]), triton.cdiv(M, meta_["BLOCK_M"]))
+        return (triton.cdiv(N, meta_["BLOCK_N"]) * split, triton.cdiv(M, meta_["BLOCK_M"]))
 
     words = (DOT_META_WORDS and K % 32 == 0 and meta.stride(1) == 1 and meta.stride(0) % 4 == 0
              and meta.storage_offset() % 4 == 0)
     m = meta.view(torch.int32) if words else meta
+    if split > 1:
+        parts = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
+        _KERNEL[grid](x, values, m, parts, parts, M, N, K, m.shape[1],
+                      x.stride(0), x.stride(1), values.stride(0), m.stride(0), parts.stride(1), parts.stride(2),
+                      m_bucket(M), HAS_BIAS=False, DOT_PREC=tl_dot_precision(x.dtype), META_WORDS=words,
+                      SPLIT=split, stride_ys=parts.stride(0), PARTIAL=True)
+        return sum_partials(parts, bias, x.dtype)
     _KERNEL[grid](x, values, m, y if bias is None else bias, y, M, N, K, m.shape[1],
                   x.stride(0), x.stride(1), values.stride(0), m.stride(0), y.stride(0), y.stride(1),
                   m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype), META_WORDS=words)
     return y
+
+
+SPLIT_MIN_K = 1024  # "dot_split" cuts no chunk of K shorter: a few tiles would not pay their partial's write
+
+
+def split_for(N: int, K: int, device) -> int:
+    """Chunks of K for the "dot_split" path: ``_common.split_count`` over 16-row tiles, no chunk
+    under ``SPLIT_MIN_K`` columns."""
+    return max(1, min(split_count(-(-N // 16), device), K // SPLIT_MIN_K))
 
 
 def _words(x, values, meta, y, bias, residual, lowrank, gate_row: int, up_row: int, experts=None):

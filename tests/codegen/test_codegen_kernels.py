@@ -264,14 +264,38 @@ def test_block_split_path_sums_its_chunks_to_the_product(split, gen, monkeypatch
                                        rtol=TOL[torch.float16], msg=lambda m: f"split {split} M={M}: {m}")
 
 
-def test_block_split_aims_for_programs_per_sm_within_bounds(monkeypatch):
+def test_split_paths_aim_for_programs_per_sm_within_bounds(monkeypatch):
     import types
 
-    from sparsec.codegen import block
+    from sparsec.codegen import _common, block, twofour
 
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: types.SimpleNamespace(multi_processor_count=132))
     cuda = types.SimpleNamespace(type="cuda")
     # 16-row tiles: 4096 outputs give 256 programs a chunk, 14336 give 896
     assert block.split_for(4096, cuda) == 5 and block.split_for(14336, cuda) == 2
-    assert block.split_for(128, cuda) == block.SPLIT_MAX and block.split_for(1 << 20, cuda) == 1
+    assert block.split_for(128, cuda) == _common.SPLIT_MAX and block.split_for(1 << 20, cuda) == 1
     assert block.split_for(4096, torch.device("cpu")) == 1
+    # 2:4 cuts K: no chunk under SPLIT_MIN_K columns
+    assert twofour.split_for(4096, 14336, cuda) == 5 and twofour.split_for(4096, 2048, cuda) == 2
+    assert twofour.split_for(4096, 512, cuda) == 1
+
+
+@pytest.mark.parametrize("split", [2, 3])
+def test_twofour_split_path_sums_its_chunks_to_the_product(split, gen, monkeypatch):
+    """The 2:4 "dot_split" path: K = 1152 is nine 128-column tiles, so three chunks of three or
+    two of five and four (the autotuner's first config here takes 128 columns a tile); with and
+    without bias, a partial token tile and a full one."""
+    from sparsec.codegen import twofour
+
+    monkeypatch.setattr(twofour, "split_for", lambda N, K, device: split)
+    packed = pack("2:4", torch.randn(40, 1152, generator=gen).half())
+    t = packed.tensors()
+    dense = packed.to_dense().double()
+    for bias in (None, torch.randn(40, generator=gen).half()):
+        for M in (3, 16):
+            x = torch.randn(M, 1152, generator=gen).half()
+            y = twofour.twofour_triton(x, t["values"], t["meta"], bias, path="dot_split")
+            ref = x.double() @ dense.t() + (0.0 if bias is None else bias.double())
+            assert y.dtype == torch.float16 and y.shape == (M, 40)
+            torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
+                                       rtol=TOL[torch.float16], msg=lambda m: f"split {split} M={M}: {m}")
