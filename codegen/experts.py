@@ -236,13 +236,14 @@ def sorted_runs(top_k_index, E: int, block_m: int):
 def _grouped_kernel(a_ptr, w_ptr, meta_ptr, rowptr_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E,
                     META_COLS, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_me, stride_mn, stride_re,
                     stride_cm, stride_cn, TWOFOUR: tl.constexpr, BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False):
     """C[rows of expert e] = A[rows of e] @ W[e]^T for the row tile this program serves. With
     ``TWOFOUR`` W[e] is 2:4: its kept values (E, N, K/2) and position bytes (``meta_ptr``), each read
     once per row tile and expanded to the dense tile in registers (as codegen/twofour.py's kernel).
     With ``BLOCK`` W[e] is block-sparse in BLOCK_K x BLOCK_K blocks (``BlockWeights``): the program's
     BLOCK_N output rows lie in one block row, whose kept blocks (``rowptr_ptr``, block columns at
-    ``meta_ptr``) are the only weights it reads, each with the matching slice of A's columns."""
+    ``meta_ptr``) are the only weights it reads, each with the matching slice of A's columns.
+    ``SWAP`` (a configuration's choice): C^T = W A^T, the weight tile the MMA's first operand."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -255,7 +256,10 @@ def _grouped_kernel(a_ptr, w_ptr, meta_ptr, rowptr_ptr, c_ptr, ends_ptr, tiles_p
     mask_m = offs_m < run_end
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP:
+        acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     w_base = w_ptr + e.to(tl.int64) * stride_we
     m_base = meta_ptr + e.to(tl.int64) * stride_me
     if BLOCK:
@@ -271,7 +275,10 @@ def _grouped_kernel(a_ptr, w_ptr, meta_ptr, rowptr_ptr, c_ptr, ends_ptr, tiles_p
             col = tl.load(c_ptrs)
             a = tl.load(a_rows + (col * BLOCK_K + offs_c)[None, :] * stride_ak, mask=mask_m[:, None], other=0.0)
             w = tl.load(w_ptrs)
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+            if SWAP:
+                acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
             w_ptrs += stride_wn
             c_ptrs += 1
     else:
@@ -303,7 +310,12 @@ def _grouped_kernel(a_ptr, w_ptr, meta_ptr, rowptr_ptr, c_ptr, ends_ptr, tiles_p
             else:
                 w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                             mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-            acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+            if SWAP:
+                acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
+    if SWAP:
+        acc = tl.trans(acc_t)
     tl.store(c_ptr + offs_m[:, None].to(tl.int64) * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
@@ -313,9 +325,14 @@ def grouped_block_m(pairs: int, E: int) -> int:
     mostly padding), 64 once they average more than 32 (prefill: fewer tiles, each weight tile
     reused over more rows)."""
     return 16 if pairs <= 32 * E else 64
+# the weight-first orientation (SWAP) is offered to the autotuner too; not yet timed on a GPU
 _GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
-                                        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3)],
+                                        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
+                                        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SWAP": True}, num_warps=4,
+                                                      num_stages=3),
+                                        triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "SWAP": True}, num_warps=4,
+                                                      num_stages=3)],
                       key=["N", "K", "E", "BLOCK_M", "TWOFOUR"])
 
 
@@ -326,7 +343,8 @@ def _block_keep(config, args) -> bool:
 
 # block-sparse weights fix BLOCK_K to the block's side; the configs choose how many of its rows a program takes
 _GROUPED_BLOCK = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": n}, num_warps=4, num_stages=3)
-                                              for n in (64, 32, 128, 16)],
+                                              for n in (64, 32, 128, 16)]
+                            + [triton.Config({"BLOCK_N": n, "SWAP": True}, num_warps=4, num_stages=3) for n in (64, 128)],
                             key=["N", "K", "E", "BLOCK_M", "BLOCK_K"], prune=_block_keep)
 
 

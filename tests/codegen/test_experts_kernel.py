@@ -302,12 +302,41 @@ def test_the_grouped_block_kernel_is_right_in_every_config(gen):
     x = torch.randn(21, H, generator=gen)
     ref = float64_reference(x, index, weights, gate_up, down)
     kept = [c for c in ex._GROUPED_BLOCK.configs if c.kwargs["BLOCK_N"] <= B]
-    assert len(kept) == 3
+    assert len(kept) == 4 and any(c.kwargs.get("SWAP") for c in kept)
     for config in kept:
         with ex._GROUPED_BLOCK.only(config):
             y = torch.ops.sparsec.experts_swiglu_block(x, index, weights, gv, gc, gr, dv, dc, dr, "grouped")
         err = float((y.double() - ref).norm() / ref.norm())
-        assert err < TOL[torch.float32], f"BLOCK_N={config.kwargs['BLOCK_N']}: relative error {err:.2e}"
+        assert err < TOL[torch.float32], f"{config}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("form", ["dense", "2:4"])
+def test_the_grouped_kernel_is_right_in_every_config_in_either_orientation(form, gen):
+    """Each config of the dense and 2:4 grouped launch, the weight-first ones (``SWAP``) included,
+    at decode's 16-row tiles and prefill's 64."""
+    from sparsec.codegen import experts as ex
+
+    H, I, E = 128, 64, 4  # noqa: E741
+    if form == "2:4":
+        (gv, gm, gate_up), (dv, dm, down) = twofour_bank(E, I, H, gen)
+
+        def run(x, index, weights):
+            return torch.ops.sparsec.experts_swiglu_twofour(x, index, weights, gv, gm, dv, dm, "grouped")
+    else:
+        gate_up, down = bank(E, I, H, gen)
+
+        def run(x, index, weights):
+            return torch.ops.sparsec.experts_swiglu(x, index, weights, gate_up, down, "grouped")
+    assert any(c.kwargs.get("SWAP") for c in ex._GROUPED.configs)
+    for T in (9, 200):  # 18 pairs over 4 experts: 16-row tiles; 400: 64-row tiles
+        index, weights = route(T, E, 2, gen)
+        x = torch.randn(T, H, generator=gen)
+        ref = float64_reference(x, index, weights, gate_up, down)
+        for config in ex._GROUPED.configs:
+            with ex._GROUPED.only(config):
+                y = run(x, index, weights)
+            err = float((y.double() - ref).norm() / ref.norm())
+            assert err < TOL[torch.float32], f"{form} T={T} {config}: relative error {err:.2e}"
 
 
 def test_the_block_sparse_op_compiles_through_inductor_on_its_fake(gen):
