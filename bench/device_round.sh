@@ -5,8 +5,8 @@
 #   moe     bench/moe.py at 1 and 16 tokens (baseline, grouped, auto, 2:4 pinned, block pinned), then 256
 #   kernels bench/small_m.py: every small-M path of the 2:4 and block layers at M = 1..16 against cuBLAS
 #           (the 2:4 MMA kernel's weight-first configurations and block's dot_split included)
-#   rows    the 2:4 experts' rows implementation checked on the GPU (bf16, CUDA graphs), then timed by
-#           bench/moe.py at 1 and 16 tokens
+#   rows    the experts' rows implementation (dense and 2:4) checked on the GPU (bf16, CUDA graphs), then
+#           timed by bench/moe.py at 1, 4 and 16 tokens
 #   quick   the suite and bench/moe.py at 1 and 16 tokens
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
@@ -40,15 +40,15 @@ case "${1:-suite}" in
     ;;
   moe)  # at one token, baseline + grouped + auto + two pinned forms took 142 s on an H200 (2026-12-05)
     mkdir -p "$OUT/decode" "$OUT/prefill"
-    TAIL=25 step moe-decode 300 python3 bench/moe.py --M 1,16 --only grouped,auto,2:4,block --out "$OUT/decode"
+    TAIL=25 step moe-decode 300 python3 bench/moe.py --M 1,16 --only grouped,rows,auto,2:4,block --out "$OUT/decode"
     TAIL=25 step moe-prefill 240 python3 bench/moe.py --M 256 --only grouped,auto,2:4,block --out "$OUT/prefill"
     ;;
   kernels)
     TAIL=40 step small-m 420 python3 bench/small_m.py --out "$OUT/small_m.json" --budget-s 400 --skip-cslt
     ;;
   rows)
-    step rows-gpu 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py -k "rows or 2:4"
-    TAIL=25 step moe-rows 300 python3 bench/moe.py --M 1,16 --only grouped,2:4 --out "$OUT"
+    step rows-gpu 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py -k "rows"
+    TAIL=25 step moe-rows 300 python3 bench/moe.py --M 1,4,16 --only grouped,rows,2:4 --out "$OUT"
     ;;
   quick)  # the suite, and bench/moe.py at decode token counts only
     step suite 230 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short tests

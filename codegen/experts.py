@@ -16,14 +16,16 @@ per expert, so the op takes it as an argument:
   the routing weights (zero for experts not chosen): E/k times the FLOPs, no gather, no sync.
 - ``grouped``: the (token, slot) pairs sorted by expert and one Triton grouped GEMM per
   projection over the runs (as vLLM's fused MoE): each expert's weights read once, a launch grid
-  sized by T k and E alone (CUDA-graph safe).
-
-2:4 banks have a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in ``grouped``, each
-row through its expert by codegen/twofour.py's word kernel (no tensor cores, SwiGLU fused into the
-gate_up launch). It pays at about a token per expert, where a tensor-core tile is mostly padding
-and expanding 2:4 values into it costs more than the bytes saved; the planner times it with the
-others. Without Triton (a CPU without the interpreter) the
+  sized by T k and E alone (CUDA-graph safe). Without Triton (a CPU without the interpreter) the
   same grouping runs as one GEMM per expert on its run.
+
+Dense and 2:4 banks have a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in
+``grouped``, then each row through its expert by a matrix-vector kernel, no tensor cores, the
+SwiGLU of the gate and up halves fused into the gate_up launch (``_rows_kernel`` for dense
+weights, codegen/twofour.py's word kernel for 2:4). It is aimed at about a token per expert,
+where a tensor-core tile of 16 rows is mostly padding (and for 2:4, expanding values into it costs
+more than the bytes saved); rows of one expert run side by side, so their reads of it meet in L2.
+The planner times it with the others where it plans on this device.
 
 Every implementation accumulates in float32 and returns x's dtype.
 """
@@ -213,7 +215,66 @@ def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Ten
     return torch.einsum("te,eth->th", R, h.float()).to(x.dtype)
 
 
-ROWS_IMPLS = ("rows",)  # implementations 2:4 banks add to IMPLS
+ROWS_IMPLS = ("rows",)  # timed besides IMPLS where a bank's implementation is measured here
+
+
+def _rows_kernel(x_ptr, w_ptr, e_ptr, y_ptr, N, K, UP_ROW, stride_xm, stride_we, stride_wn, stride_ym,
+                 GATED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """y[s, n] = W[e_s][n] . x[s] for sorted row s (grid axis 1) and BLOCK_N outputs (axis 0), with
+    e_s = ``e_ptr[s]``; GATED: silu(rows n) * (rows UP_ROW + n) of W[e_s]. Products accumulate per
+    lane in float32 over the K loop and are reduced once."""
+    pid_n = tl.program_id(0)
+    s = tl.program_id(1)
+    e = tl.load(e_ptr + s).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    x_row = x_ptr + s.to(tl.int64) * stride_xm
+    w_rows = w_ptr + e * stride_we + offs_n[:, None].to(tl.int64) * stride_wn
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
+        mask = mask_n[:, None] & mask_k[None, :]
+        acc += tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32) * xv
+        if GATED:
+            up = tl.load(w_rows + UP_ROW * stride_wn + offs_k[None, :], mask=mask, other=0.0,
+                         eviction_policy="evict_first")
+            acc_up += up.to(tl.float32) * xv
+    out = tl.sum(acc, axis=1)
+    if GATED:
+        out = out * tl.sigmoid(out) * tl.sum(acc_up, axis=1)
+    tl.store(y_ptr + s.to(tl.int64) * stride_ym + offs_n, out.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+def _rows_keep(config, args) -> bool:
+    """No K tile wider than K; the float32 accumulators (two when gated) within 32 registers a thread."""
+    kw = config.kwargs
+    per_thread = kw["BLOCK_N"] * kw["BLOCK_K"] * (2 if args["GATED"] else 1) // (32 * config.num_warps)
+    return kw["BLOCK_K"] <= max(64, triton.next_power_of_2(args["K"])) and per_thread <= 32
+
+
+# not yet timed on a GPU: the autotuner picks among these, the planner between implementations
+_ROWS = LazyKernel(_rows_kernel, [triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=4)
+                                  for n, k, w in ((4, 512, 4), (8, 256, 4), (2, 1024, 4), (16, 128, 4),
+                                                  (8, 512, 8), (4, 1024, 8), (1, 2048, 4))],
+                   key=["N", "K", "GATED"], prune=_rows_keep)
+
+
+def dense_rows(x: torch.Tensor, w: torch.Tensor, expert_of_row: torch.Tensor, up_row: int = -1) -> torch.Tensor:
+    """Row s of x (S, K) times expert ``expert_of_row[s]``'s weight (``w`` (E, N, K)); with ``up_row``
+    >= 0, silu(rows n) * (rows up_row + n), n < up_row (gate_up's SwiGLU)."""
+    S, K = x.shape
+    gated = up_row >= 0
+    N = up_row if gated else w.shape[1]
+    y = torch.empty(S, N, dtype=x.dtype, device=x.device)
+    if S == 0:
+        return y
+    _ROWS[lambda m: (triton.cdiv(N, m["BLOCK_N"]), S)](
+        x, w, expert_of_row.to(torch.int32), y, N, K, max(up_row, 0), x.stride(0), w.stride(0), w.stride(1),
+        y.stride(0), GATED=gated)
+    return y
 
 
 def sorted_runs(top_k_index, E: int, block_m: int):
@@ -404,32 +465,46 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
     return out.index_add_(0, order // k, y).to(x.dtype)
 
 
-def rows_usable(x, gate_up: "TwoFourWeights", down: "TwoFourWeights") -> bool:
-    """Whether a 2:4 bank can run ``rows``: Triton usable here and the word kernel able to read both
-    projections (16-bit, inputs in whole 32-column words, contiguous)."""
+def rows_usable(x, gate_up, down) -> bool:
+    """Whether a bank can run ``rows``: Triton usable here, each projection one dense (E, N, K)
+    tensor with unit stride along K, or one 2:4 weight the word kernel can read (16-bit, inputs in
+    whole 32-column words, contiguous)."""
     from .twofour import words_usable
 
-    h = x.new_empty(0, down.shape[2])
-    return (triton_usable(x) and words_usable(x, gate_up.values[0], gate_up.meta[0])
-            and words_usable(h, down.values[0], down.meta[0])
-            and all(t.is_contiguous() for t in (gate_up.values, gate_up.meta, down.values, down.meta)))
+    gate_up, down = _factors(gate_up), _factors(down)
+    if not triton_usable(x) or len(gate_up) != 1 or len(down) != 1:
+        return False
+    (gu,), (dn,) = gate_up, down
+    if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor):
+        return gu.stride(2) == 1 and dn.stride(2) == 1
+    if not (isinstance(gu, TwoFourWeights) and isinstance(dn, TwoFourWeights)):
+        return False
+    h = x.new_empty(0, dn.shape[2])
+    return (words_usable(x, gu.values[0], gu.meta[0]) and words_usable(h, dn.values[0], dn.meta[0])
+            and all(t.is_contiguous() for t in (gu.values, gu.meta, dn.values, dn.meta)))
 
 
-def experts_rows(x, top_k_index, top_k_weights, gate_up: "TwoFourWeights", down: "TwoFourWeights") -> torch.Tensor:
-    """``rows`` (see the module's docstring); ``grouped`` where ``rows_usable`` says the word kernel
-    cannot run. Device ops only, grid sized by T k: CUDA-graph safe."""
+def experts_rows(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """``rows`` (see the module's docstring); ``grouped`` where ``rows_usable`` says it cannot run.
+    Device ops only, grid sized by T k: CUDA-graph safe."""
     if not rows_usable(x, gate_up, down):
         return experts_grouped(x, top_k_index, top_k_weights, gate_up, down)
     from .twofour import twofour_rows
 
+    (gate_up,), (down,) = _factors(gate_up), _factors(down)
     T, k = top_k_index.shape
     E, two_i, _ = gate_up.shape
     flat = top_k_index.reshape(-1)
     order = torch.sort(flat, stable=True).indices  # rows of one expert side by side: their reads meet in L2
     expert_of_row = flat[order]
-    h = twofour_rows(x[order // k], gate_up.values, gate_up.meta, expert_of_row,
-                     gate_row=0, up_row=two_i // 2, width=two_i // 2)
-    y = twofour_rows(h, down.values, down.meta, expert_of_row).float()
+    xs = x[order // k].contiguous()
+    if isinstance(gate_up, TwoFourWeights):
+        h = twofour_rows(xs, gate_up.values, gate_up.meta, expert_of_row,
+                         gate_row=0, up_row=two_i // 2, width=two_i // 2)
+        y = twofour_rows(h, down.values, down.meta, expert_of_row).float()
+    else:
+        h = dense_rows(xs, gate_up.to(x.dtype), expert_of_row, up_row=two_i // 2)
+        y = dense_rows(h, down.to(x.dtype), expert_of_row).float()
     y = y * top_k_weights.reshape(-1)[order].float()[:, None]
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     return out.index_add_(0, order // k, y).to(x.dtype)
@@ -461,7 +536,8 @@ def memory_reason(impl: str, E: int, k: int, I: int, H: int, M: int, device) -> 
     return f"would hold {need / 2**30:.1f} GiB of intermediates at {M} tokens (more than {limit / 2**30:.1f} GiB)"
 
 
-_RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_dense_all, "grouped": experts_grouped}
+_RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_dense_all, "grouped": experts_grouped,
+        "rows": experts_rows}
 
 
 @torch.library.custom_op("sparsec::experts_swiglu", mutates_args=())
@@ -500,9 +576,8 @@ def experts_twofour_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     bytes (E, N, meta bytes), as codegen/twofour.py packs one weight. ``grouped`` and ``rows`` read
     the packed experts (about 9/16 of the dense bytes at 16 bits); the other implementations expand
     them first (the reference paths)."""
-    run = experts_rows if impl == "rows" else _RUN[impl]
-    return run(x, top_k_index, top_k_weights, TwoFourWeights(gate_up_values, gate_up_meta),
-               TwoFourWeights(down_values, down_meta))
+    return _RUN[impl](x, top_k_index, top_k_weights, TwoFourWeights(gate_up_values, gate_up_meta),
+                      TwoFourWeights(down_values, down_meta))
 
 
 @experts_twofour_op.register_fake
@@ -549,8 +624,9 @@ def experts(x, top_k_index, top_k_weights, gate_up, down, impl: str = "grouped")
     check_bank(x2d, idx, wts, gate_up, down)
     if impl == "reference":
         return experts_loop(x2d, idx, wts, gate_up, down).reshape(*lead, -1)
-    if impl not in IMPLS:
-        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(IMPLS)}, reference")
+    if impl not in IMPLS + ROWS_IMPLS:
+        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: "
+                           f"{', '.join(IMPLS + ROWS_IMPLS)}, reference")
     return experts_op(x2d, idx, wts, gate_up, down, impl).reshape(*lead, -1)
 
 
@@ -562,6 +638,6 @@ def experts_lowrank(x, top_k_index, top_k_weights, gate_up_v, gate_up_u, down_v,
     x2d = x.reshape(-1, x.shape[-1])
     idx = top_k_index.reshape(x2d.shape[0], -1)
     wts = top_k_weights.reshape(x2d.shape[0], -1)
-    if impl not in IMPLS:
-        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(IMPLS)}")
+    if impl not in IMPLS + ROWS_IMPLS:
+        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(IMPLS + ROWS_IMPLS)}")
     return experts_lowrank_op(x2d, idx, wts, gate_up_v, gate_up_u, down_v, down_u, impl).reshape(*lead, -1)

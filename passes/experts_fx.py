@@ -161,7 +161,7 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
     Measured here, on the bank's own inputs, when this is the device the fingerprint describes (or
     the fingerprint has no expert banks); predicted by the fingerprint when it describes another
     device (planning here for a deployment there). Both figures go in the row where both exist."""
-    from sparsec.codegen.experts import IMPLS, memory_reason
+    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, memory_reason, rows_usable
 
     rows = []
     for bank in banks:
@@ -179,6 +179,8 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
         usable = [i for i in IMPLS if i not in refused] or ["grouped"]
         predicted = _predictions(bank, usable, fingerprint, cost_mode)
         elsewhere = _other_device(fingerprint, bank.inputs[0])
+        if elsewhere is None and rows_usable(x, bank.gate_up, bank.down):  # timed here only: no fingerprint has it yet
+            usable += list(ROWS_IMPLS)
         by_prediction = elsewhere is not None and len(predicted) == len(usable)
         bank.timings = {} if by_prediction else time_impls(bank, usable, graph_replay)
         basis = predicted if by_prediction else bank.timings
@@ -217,13 +219,13 @@ def _other_device(fingerprint, x: torch.Tensor) -> str | None:
 
 
 def _row(bank: Bank, traced: str, chosen: str, timings: dict, predicted: dict, refused: dict, reason: str) -> dict:
-    from sparsec.codegen.experts import IMPLS
+    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS
 
     x = bank.inputs[0] if bank.inputs is not None else None
     counts = bank.counts.tolist() if bank.counts is not None else None
     basis = timings or predicted
     candidates = []
-    for impl in IMPLS:
+    for impl in IMPLS + tuple(i for i in ROWS_IMPLS if i in basis):
         why = refused.get(impl)
         if why is None and impl in basis and impl != chosen:
             how = "measured" if timings else "predicted"

@@ -224,6 +224,55 @@ def test_a_two_four_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, g
     assert calls == []  # grouped stays the tensor-core kernel: which pays is measured, not assumed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("T", [1, 3, 37])
+def test_a_dense_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, dtype, gen, monkeypatch):
+    from sparsec.codegen import experts as ex
+
+    H, I, E, k = 48, 40, 8, 2  # noqa: E741  (neither a power of two: partial tiles on both axes)
+    gate_up, down = bank(E, I, H, gen, dtype)
+    index, weights = route(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen).to(dtype)
+    calls = []
+    real = ex.dense_rows
+    monkeypatch.setattr(ex, "dense_rows", lambda *a, **kw: calls.append((a[0].shape[0], kw)) or real(*a, **kw))
+    y = torch.ops.sparsec.experts_swiglu(x, index, weights.to(dtype), gate_up, down, "rows")
+    assert calls == [(T * k, {"up_row": I}), (T * k, {})]
+    ref = float64_reference(x, index, weights.to(dtype), gate_up, down)
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert y.dtype == dtype and err < TOL[dtype], f"T={T}: relative error {err:.2e}"
+
+
+def test_the_dense_rows_kernel_is_right_in_every_config(gen):
+    from sparsec.codegen import experts as ex
+
+    E, N, K = 3, 24, 1100  # K past two of the widest tiles, a partial last one
+    w = torch.randn(E, 2 * N, K, generator=gen) / K ** 0.5
+    x = torch.randn(5, K, generator=gen)
+    expert_of_row = torch.tensor([2, 0, 0, 1, 2])
+    gate = torch.einsum("sk,snk->sn", x.double(), w[expert_of_row, :N].double())
+    up = torch.einsum("sk,snk->sn", x.double(), w[expert_of_row, N:].double())
+    for config in ex._ROWS.configs:
+        with ex._ROWS.only(config):
+            plain = ex.dense_rows(x, w, expert_of_row)
+            gated = ex.dense_rows(x, w, expert_of_row, up_row=N)
+        torch.testing.assert_close(plain[:, :N].double(), gate, rtol=1e-5, atol=1e-5, msg=lambda m: f"{config}: {m}")
+        torch.testing.assert_close(gated.double(), torch.nn.functional.silu(gate) * up, rtol=1e-5, atol=1e-5,
+                                   msg=lambda m: f"{config} gated: {m}")
+
+
+def test_rows_is_not_offered_for_factored_or_block_banks(gen):
+    from sparsec.codegen.experts import BlockWeights, rows_usable
+
+    x = torch.randn(2, 16, generator=gen)
+    dense = bank(2, 8, 16, gen)
+    assert rows_usable(x, *dense)
+    assert not rows_usable(x, (dense[0][:, :4], dense[0]), dense[1])  # a factored projection
+    values = torch.randn(2, 1, 16, 16, generator=gen)
+    cols, ptr = torch.zeros(2, 1, dtype=torch.int32), torch.tensor([[0, 1], [0, 1]], dtype=torch.int32)
+    assert not rows_usable(x, BlockWeights(values, cols, ptr, 16), dense[1])
+
+
 def test_rows_falls_back_to_grouped_where_the_word_kernel_cannot_read_the_bank(gen):
     H, I, E = 48, 40, 4  # 12 groups a row: metadata words would end mid-row
     (gv, gm, gate_up), (dv, dm, down) = twofour_bank(E, I, H, gen, torch.float16)

@@ -204,12 +204,10 @@ def _expert_bank(form, E, I, H, gen, dtype):  # noqa: E741
 def test_expert_banks_match_float64_and_replay_in_a_cuda_graph(dtype, form, impl, T):
     """Every implementation of every expert form, compiled for the GPU, against float64; every one
     but the loop (which reads the routing on the host) then captured in a CUDA graph and replayed
-    on new tokens and a new routing. ``rows`` is 2:4's alone (the word kernel with its byte
-    permutes and tensor-memory loads, which the interpreter cannot run)."""
+    on new tokens and a new routing. ``rows`` runs the dense rows kernel and, for 2:4, the word
+    kernel with its byte permutes and tensor-memory loads (which the interpreter cannot run);
+    factored and block banks fall back to ``grouped``."""
     from sparsec.codegen import experts as _registers_the_ops  # noqa: F401
-
-    if impl == "rows" and form != "2:4":
-        pytest.skip("rows is an implementation of 2:4 banks alone")
 
     gen = torch.Generator().manual_seed(T)
     E, k, H, I = 8, 2, 512, 384  # noqa: E741

@@ -87,6 +87,31 @@ def test_each_bank_runs_the_implementation_measured_fastest_and_computes_the_sam
     assert '<section id="experts"' in render_html(result.report)
 
 
+def test_rows_is_timed_where_the_bank_is_planned_here_and_not_from_another_devices_fingerprint(monkeypatch):
+    from sparsec.codegen import experts as ex
+    from sparsec.passes import experts_fx
+
+    monkeypatch.setattr(ex, "rows_usable", lambda x, gate_up, down: True)  # as on a GPU
+    monkeypatch.setitem(ex._RUN, "rows", ex.experts_grouped)  # no GPU here to run its kernel
+    gm, banks = recorded_banks(ids(0))
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False)
+    rows = next(c for c in row["candidates"] if c["implementation"] == "rows")
+    assert rows["measured_us"] > 0
+
+    class Elsewhere:
+        name = "h200"
+
+        def matches_current_device(self, kind):
+            return "it describes NVIDIA H200"
+
+        def predict_experts(self, impl, *shape):
+            return None if impl == "rows" else type("P", (), {"us": {"grouped": 1.0}.get(impl, 2.0)})()
+
+    gm, banks = recorded_banks(ids(0))
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False, fingerprint=Elsewhere())
+    assert row["implementation"] == "grouped" and "rows" not in [c["implementation"] for c in row["candidates"]]
+
+
 def test_under_cuda_graph_replay_the_host_synchronising_loop_is_not_a_candidate():
     from sparsec.passes import experts_fx
 
