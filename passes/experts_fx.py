@@ -134,15 +134,32 @@ def record(gm: fx.GraphModule, banks: list[Bank], calls: list[list]) -> None:
             _Recorder(gm, by_node).run(*args)
 
 
-def time_impls(bank: Bank, impls, graph_replay: bool) -> dict[str, float]:
+def time_impls(bank: Bank, impls, graph_replay: bool, failed: dict | None = None) -> dict[str, float]:
     """Microseconds of each implementation on the bank's recorded inputs, timed as the model runs it
-    (sparsec's Clock: back to back, replayed as a CUDA graph under graph replay)."""
+    (sparsec's Clock: back to back, replayed as a CUDA graph under graph replay). With ``failed``,
+    an implementation that raises is left out and its error recorded there instead."""
     from sparsec.codegen.experts import experts_op
 
     x, idx, wts = bank.inputs
     gate_up, down = bank.gate_up.to(x.device), bank.down.to(x.device)
-    return {impl: _time(lambda impl=impl: experts_op(x, idx, wts, gate_up, down, impl), x.device, graph_replay)
-            for impl in impls}
+    return _time_each({impl: (lambda impl=impl: experts_op(x, idx, wts, gate_up, down, impl)) for impl in impls},
+                      x.device, graph_replay, failed)
+
+
+def _time_each(calls: dict, device, graph_replay: bool, failed: dict | None = None) -> dict[str, float]:
+    """``_time`` of each named call; with ``failed``, a call that raises is recorded there (its error's
+    first line) rather than ending planning: a kernel that cannot run on this device is one candidate
+    fewer."""
+    out = {}
+    for name, call in calls.items():
+        if failed is None:
+            out[name] = _time(call, device, graph_replay)
+            continue
+        try:
+            out[name] = _time(call, device, graph_replay)
+        except Exception as exc:  # noqa: BLE001 - any failure of a candidate refuses that candidate alone
+            failed[name] = f"failed to run here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return out
 
 
 def _time(call, device, graph_replay: bool) -> float:
@@ -182,7 +199,13 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
         if elsewhere is None and rows_usable(x, bank.gate_up, bank.down):  # timed here only: no fingerprint has it yet
             usable += list(ROWS_IMPLS)
         by_prediction = elsewhere is not None and len(predicted) == len(usable)
-        bank.timings = {} if by_prediction else time_impls(bank, usable, graph_replay)
+        failed: dict[str, str] = {}
+        bank.timings = {} if by_prediction else time_impls(bank, usable, graph_replay, failed)
+        if failed and not bank.timings:
+            raise RuntimeError(f"no implementation of expert bank {bank.name} runs here: "
+                               + "; ".join(f"{i} {why}" for i, why in failed.items()))
+        refused.update(failed)
+        usable = [i for i in usable if i not in failed]
         basis = predicted if by_prediction else bank.timings
         best = min(usable, key=lambda i: basis[i])
         bank.node.args = (*bank.node.args[:5], best)
@@ -225,7 +248,7 @@ def _row(bank: Bank, traced: str, chosen: str, timings: dict, predicted: dict, r
     counts = bank.counts.tolist() if bank.counts is not None else None
     basis = timings or predicted
     candidates = []
-    for impl in IMPLS + tuple(i for i in ROWS_IMPLS if i in basis):
+    for impl in IMPLS + tuple(i for i in ROWS_IMPLS if i in basis or i in refused):
         why = refused.get(impl)
         if why is None and impl in basis and impl != chosen:
             how = "measured" if timings else "predicted"
@@ -349,7 +372,10 @@ def structured_speed(bank, rewrite, impls, graph_replay: bool) -> tuple[float, s
         now = _time(lambda: pruning.run(x, idx, wts, impl), x.device, graph_replay)
     else:
         now = bank.timings.get(impl) or time_impls(bank, [impl], graph_replay)[impl]
-    times = {i: _time(lambda i=i: rewrite.run(x, idx, wts, i), x.device, graph_replay) for i in impls}
+    failed: dict[str, str] = {}
+    times = _time_each({i: (lambda i=i: rewrite.run(x, idx, wts, i)) for i in impls}, x.device, graph_replay, failed)
+    if not times:  # the form runs nowhere here: it never measures faster
+        return float("inf"), next(iter(failed), impls[0]), now
     best = min(times, key=times.get)
     return times[best], best, now
 

@@ -377,3 +377,18 @@ def test_two_four_experts_are_also_timed_row_by_row_and_run_so_when_that_is_fast
     x = batches(1, 5)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_form_that_runs_in_no_implementation_here_never_measures_faster(gen):
+    from sparsec.passes.experts_fx import structured_speed
+
+    x = torch.randn(16, H, generator=gen)
+    index, weights = routed(16, gen)
+    node = types.SimpleNamespace(args=(None,) * 5 + ("grouped",))
+    bank = types.SimpleNamespace(inputs=(x, index, weights), pruning=None, node=node, timings={"grouped": 5.0})
+
+    def run(*args):
+        raise RuntimeError("out of resources")
+
+    us, impl, now = structured_speed(bank, types.SimpleNamespace(run=run), ["batched", "grouped"], False)
+    assert us == float("inf") and impl == "batched" and now == 5.0

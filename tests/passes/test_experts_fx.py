@@ -112,6 +112,23 @@ def test_rows_is_timed_where_the_bank_is_planned_here_and_not_from_another_devic
     assert row["implementation"] == "grouped" and "rows" not in [c["implementation"] for c in row["candidates"]]
 
 
+def test_an_implementation_that_fails_here_is_refused_with_its_error_and_planning_goes_on(monkeypatch):
+    from sparsec.codegen import experts as ex
+    from sparsec.passes import experts_fx
+
+    def broken(*args):
+        raise RuntimeError("PassManager::run failed\nmore lines")
+
+    monkeypatch.setattr(ex, "rows_usable", lambda x, gate_up, down: True)
+    monkeypatch.setitem(ex._RUN, "rows", broken)
+    gm, banks = recorded_banks(ids(0))
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False)
+    rows = next(c for c in row["candidates"] if c["implementation"] == "rows")
+    assert rows["measured_us"] is None
+    assert rows["rejected_because"] == "failed to run here (RuntimeError: PassManager::run failed)"
+    assert row["implementation"] in ("batched", "dense_all", "grouped", "loop") and row["measured_us"] > 0
+
+
 def test_under_cuda_graph_replay_the_host_synchronising_loop_is_not_a_candidate():
     from sparsec.passes import experts_fx
 
