@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -286,10 +287,20 @@ def cold_bench(kernel_call, quantiles=(0.5, 0.2, 0.8), **_):
     (docs/benchmarks.md).
 
     Some Triton releases (3.6 among them) time even a single surviving configuration; under the interpreter
-    there is nothing to time, so the launch runs once and every quantile is zero."""
-    kernel_call()
+    there is nothing to time, so the launch runs once and every quantile is zero.
+
+    A configuration that fails to build or launch here (whatever the error: Triton itself skips only
+    a few kinds) takes infinite time, with a warning, so the others are chosen from; if every one
+    fails, the launch after tuning raises the error."""
     if interpret_mode():
+        kernel_call()
         return [0.0 for _ in quantiles]
+    try:
+        kernel_call()
+    except Exception as exc:  # noqa: BLE001 - one configuration's failure must not end the tuning
+        warnings.warn(f"sparsec: a kernel configuration failed here and was left out of tuning "
+                      f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", stacklevel=2)
+        return [float("inf") for _ in quantiles]
     flush = torch.ones(FLUSH_BYTES // 2, dtype=torch.float16, device="cuda")
     start = [torch.cuda.Event(enable_timing=True) for _ in range(BENCH_REPS)]
     end = [torch.cuda.Event(enable_timing=True) for _ in range(BENCH_REPS)]

@@ -156,3 +156,17 @@ def test_crossover_m_routes_between_small_and_large_m_paths(spec, gen):
         linear(torch.randn(3, 64, generator=gen), packed, impl="triton")   # 3 < 4: fused
         linear(torch.randn(4, 64, generator=gen), packed, impl="triton")   # 4 >= 4: two launches
     assert seen == [False, True, False]
+
+
+def test_a_kernel_configuration_that_fails_to_build_loses_the_tuning_with_a_warning(monkeypatch):
+    """The autotuner's timing gives a configuration whose launch raises (a compile error Triton does
+    not itself skip) infinite time, so the tuning goes on with the others."""
+    from sparsec.codegen import _common
+
+    monkeypatch.setattr(_common, "interpret_mode", lambda: False)
+
+    def broken():
+        raise RuntimeError("PassManager::run failed\nIR dump")
+
+    with pytest.warns(UserWarning, match=r"left out of tuning \(RuntimeError: PassManager::run failed\)"):
+        assert _common.cold_bench(broken, quantiles=(0.5, 0.2)) == [float("inf"), float("inf")]
