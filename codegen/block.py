@@ -122,7 +122,8 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
                        M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, GATED: tl.constexpr,
                        HAS_RES: tl.constexpr, LOWRANK: tl.constexpr, BLOCK_R: tl.constexpr,
                        WEIGHT_EVICTION: tl.constexpr, PDL: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr):
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, STAGES: tl.constexpr,
+                       e_ptr=None, stride_ve=0, stride_ce=0, stride_re=0, EXPERTS: tl.constexpr = False):
     """Small-M path: same work items as the MMA kernel, but narrow row slices (BLOCK_N rows of a
     block are BLOCK_N * B contiguous values) and BLOCK_J kept blocks per step, their column
     indices read as one vector: the weight loads of a step depend on nothing, so each program
@@ -137,13 +138,22 @@ def _block_gemv_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, r_
     tile before the store; LOWRANK (a sparse-plus-low-rank weight, codegen/plus_lowrank.py) adds
     U t for the tokens' t = V x (M x R, computed before), from the program's own rows of U. PDL (``pdl_enabled``): wait for the launch ahead before the first
     load; once a program has streamed its weights, let the next launch start, so that launch
-    overlaps this one's tail without holding resources while this one streams."""
+    overlaps this one's tail without holding resources while this one streams.
+
+    EXPERTS (codegen/experts.py, BLOCK_M = 1): the weight is a bank of BSR experts stacked by
+    expert (values, columns and row starts ``stride_ve``, ``stride_ce``, ``stride_re`` apart), and
+    token row m is multiplied by expert ``e_ptr[m]``'s."""
     SUB: tl.constexpr = B // BLOCK_N
     HALVES: tl.constexpr = 2 if GATED else 1
     if PDL:
         tl.extra.cuda.gdc_wait()
     pid_w = tl.program_id(0)
     pid_m = tl.program_id(1)
+    if EXPERTS:
+        e = tl.load(e_ptr + pid_m).to(tl.int64)
+        val_ptr += e * stride_ve
+        col_ptr += e * stride_ce
+        rowptr_ptr += e * stride_re
     row = tl.load(order_ptr + pid_w // SUB)
     sub = pid_w % SUB
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -217,8 +227,8 @@ def _gemv_keep(config, args) -> bool:
     return kw["BLOCK_N"] <= args["B"] and per_thread <= 64
 
 
-_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(), key=["M_BUCKET", "N", "K", "B", "GATED", "LOWRANK"],
-                          prune=_gemv_keep)
+_GEMV_KERNEL = LazyKernel(_block_gemv_kernel, _gemv_configs(),
+                          key=["M_BUCKET", "N", "K", "B", "GATED", "LOWRANK", "EXPERTS"], prune=_gemv_keep)
 
 
 def _configs():
@@ -287,7 +297,7 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
                                 r.stride(0), r.stride(1), t.stride(0), u.stride(0), y.stride(0), y.stride(1),
                                 m_bucket(M), B=B, HAS_BIAS=bias is not None, GATED=gated, HAS_RES=residual is not None,
                                 LOWRANK=lowrank is not None, BLOCK_R=16,
-                                WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, BLOCK_M=block_m,
+                                WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=pdl, BLOCK_M=block_m, EXPERTS=False,
                                 **({"launch_pdl": True} if pdl else {}))
         return y
 
@@ -306,6 +316,34 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
     _KERNEL[grid](x, values, col_idx, row_ptr, order, y if bias is None else bias, y, M, N, K,
                   x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
                   HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype))
+    return y
+
+
+def block_rows(x: torch.Tensor, values: torch.Tensor, col_idx: torch.Tensor, row_ptr: torch.Tensor,
+               expert_of_row: torch.Tensor, K: int, up_row: int = -1) -> torch.Tensor:
+    """Row s of x times expert ``expert_of_row[s]``'s block-sparse weight (``values`` (E, nnzb, B, B),
+    ``col_idx`` (E, nnzb), ``row_ptr`` (E, N/B + 1): codegen/experts.py's ``BlockWeights``), by the
+    GEMV kernel one row a program: an expert bank at decode. With ``up_row`` >= 0 (a multiple of B),
+    silu(rows n) * (rows up_row + n) for n < up_row (gate_up's SwiGLU). 16-bit x and values."""
+    S = x.shape[0]
+    E, _, B, _ = values.shape
+    gated = up_row >= 0
+    N = up_row if gated else (row_ptr.shape[1] - 1) * B
+    y = torch.empty(S, N, device=x.device, dtype=x.dtype)
+    if S == 0:
+        return y
+    order = torch.arange(N // B, device=x.device, dtype=torch.int32)
+    values = values.to(x.dtype)
+
+    def grid(meta):
+        return (order.shape[0] * (B // meta["BLOCK_N"]), S)
+
+    _GEMV_KERNEL[grid](x, values, col_idx, row_ptr, order, y, y, y, y, y, S, N, K, 0, max(up_row, 0) // B, 0,
+                       x.stride(0), x.stride(1), y.stride(0), y.stride(1), y.stride(0), y.stride(0),
+                       y.stride(0), y.stride(1), m_bucket(1), B=B, HAS_BIAS=False, GATED=gated, HAS_RES=False,
+                       LOWRANK=False, BLOCK_R=16, WEIGHT_EVICTION=WEIGHT_EVICTION, PDL=False, BLOCK_M=1,
+                       e_ptr=expert_of_row.to(torch.int32), stride_ve=values.stride(0), stride_ce=col_idx.stride(0),
+                       stride_re=row_ptr.stride(0), EXPERTS=True)
     return y
 
 

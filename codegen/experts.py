@@ -19,10 +19,10 @@ per expert, so the op takes it as an argument:
   sized by T k and E alone (CUDA-graph safe). Without Triton (a CPU without the interpreter) the
   same grouping runs as one GEMM per expert on its run.
 
-Dense and 2:4 banks have a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in
-``grouped``, then each row through its expert by a matrix-vector kernel, no tensor cores, the
-SwiGLU of the gate and up halves fused into the gate_up launch (``_rows_kernel`` for dense
-weights, codegen/twofour.py's word kernel for 2:4). It is aimed at about a token per expert,
+Dense, 2:4 and block-sparse banks have a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by
+expert as in ``grouped``, then each row through its expert by a matrix-vector kernel, no tensor
+cores, the SwiGLU of the gate and up halves fused into the gate_up launch (``_rows_kernel`` for
+dense weights, codegen/twofour.py's word kernel for 2:4, codegen/block.py's GEMV for block). It is aimed at about a token per expert,
 where a tensor-core tile of 16 rows is mostly padding (and for 2:4, expanding values into it costs
 more than the bytes saved); rows of one expert run side by side, so their reads of it meet in L2.
 The planner times it with the others where it plans on this device.
@@ -467,8 +467,9 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
 
 def rows_usable(x, gate_up, down) -> bool:
     """Whether a bank can run ``rows``: Triton usable here, each projection one dense (E, N, K)
-    tensor with unit stride along K, or one 2:4 weight the word kernel can read (16-bit, inputs in
-    whole 32-column words, contiguous)."""
+    tensor with unit stride along K, one 2:4 weight the word kernel can read (16-bit, inputs in
+    whole 32-column words, contiguous), or one block-sparse weight (16-bit inputs, gate and up
+    halves in whole block rows)."""
     from .twofour import words_usable
 
     gate_up, down = _factors(gate_up), _factors(down)
@@ -477,6 +478,8 @@ def rows_usable(x, gate_up, down) -> bool:
     (gu,), (dn,) = gate_up, down
     if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor):
         return gu.stride(2) == 1 and dn.stride(2) == 1
+    if isinstance(gu, BlockWeights) and isinstance(dn, BlockWeights):
+        return x.dtype in (torch.float16, torch.bfloat16) and (gu.shape[1] // 2) % gu.block == 0
     if not (isinstance(gu, TwoFourWeights) and isinstance(dn, TwoFourWeights)):
         return False
     h = x.new_empty(0, dn.shape[2])
@@ -502,6 +505,12 @@ def experts_rows(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
         h = twofour_rows(xs, gate_up.values, gate_up.meta, expert_of_row,
                          gate_row=0, up_row=two_i // 2, width=two_i // 2)
         y = twofour_rows(h, down.values, down.meta, expert_of_row).float()
+    elif isinstance(gate_up, BlockWeights):
+        from .block import block_rows
+
+        h = block_rows(xs, gate_up.values, gate_up.col_idx, gate_up.row_ptr, expert_of_row, gate_up.shape[2],
+                       up_row=two_i // 2)
+        y = block_rows(h, down.values, down.col_idx, down.row_ptr, expert_of_row, down.shape[2]).float()
     else:
         h = dense_rows(xs, gate_up.to(x.dtype), expert_of_row, up_row=two_i // 2)
         y = dense_rows(h, down.to(x.dtype), expert_of_row).float()

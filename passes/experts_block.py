@@ -62,6 +62,13 @@ class BlockBank:
     def op(self):
         return torch.ops.sparsec.experts_swiglu_block.default
 
+    @property
+    def extra_impls(self) -> tuple[str, ...]:
+        """Implementations block-sparse banks add to the dense ones (codegen/experts.py's ``rows``)."""
+        from sparsec.codegen.experts import ROWS_IMPLS
+
+        return ROWS_IMPLS
+
     def stored(self) -> int:
         """Stored values (the block indices, one per B x B values, are not counted)."""
         return self.gate_up_values.numel() + self.down_values.numel()

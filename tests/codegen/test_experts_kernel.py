@@ -261,16 +261,36 @@ def test_the_dense_rows_kernel_is_right_in_every_config(gen):
                                    msg=lambda m: f"{config} gated: {m}")
 
 
-def test_rows_is_not_offered_for_factored_or_block_banks(gen):
+def test_rows_is_not_offered_for_factored_banks_nor_block_sparse_ones_outside_16_bits(gen):
     from sparsec.codegen.experts import BlockWeights, rows_usable
 
-    x = torch.randn(2, 16, generator=gen)
-    dense = bank(2, 8, 16, gen)
+    x = torch.randn(2, 32, generator=gen)
+    dense = bank(2, 16, 32, gen)
     assert rows_usable(x, *dense)
     assert not rows_usable(x, (dense[0][:, :4], dense[0]), dense[1])  # a factored projection
-    values = torch.randn(2, 1, 16, 16, generator=gen)
-    cols, ptr = torch.zeros(2, 1, dtype=torch.int32), torch.tensor([[0, 1], [0, 1]], dtype=torch.int32)
-    assert not rows_usable(x, BlockWeights(values, cols, ptr, 16), dense[1])
+    gv, gc, gr, _ = block_bank(2, 32, 32, 16, 2, gen)
+    dv, dc, dr, _ = block_bank(2, 32, 16, 16, 1, gen)
+    blocked = BlockWeights(gv, gc, gr, 32), BlockWeights(dv, dc, dr, 16)
+    assert rows_usable(x.half(), *blocked) and not rows_usable(x, *blocked)
+
+
+@pytest.mark.parametrize("T", [1, 3, 37])
+def test_a_block_sparse_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, gen, monkeypatch):
+    from sparsec.codegen import block as blk
+
+    H, I, B, E, k = 64, 96, 16, 8, 2  # noqa: E741  (the first block row of each expert empty)
+    gv, gc, gr, gate_up = block_bank(E, 2 * I, H, B, 9, gen, torch.float16)
+    dv, dc, dr, down = block_bank(E, H, I, B, 6, gen, torch.float16)
+    index, weights = route(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen).half()
+    calls = []
+    real = blk.block_rows
+    monkeypatch.setattr(blk, "block_rows", lambda *a, **kw: calls.append((a[0].shape[0], kw)) or real(*a, **kw))
+    y = torch.ops.sparsec.experts_swiglu_block(x, index, weights.half(), gv, gc, gr, dv, dc, dr, "rows")
+    assert calls == [(T * k, {"up_row": I}), (T * k, {})]
+    ref = float64_reference(x, index, weights.half(), gate_up, down)
+    err = float((y.double() - ref).norm() / ref.norm())
+    assert y.dtype == torch.float16 and err < TOL[torch.float16], f"T={T}: relative error {err:.2e}"
 
 
 def test_rows_falls_back_to_grouped_where_the_word_kernel_cannot_read_the_bank(gen):
