@@ -194,10 +194,13 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
             if why and impl not in refused:
                 refused[impl] = why
         usable = [i for i in IMPLS if i not in refused] or ["grouped"]
-        predicted = _predictions(bank, usable, fingerprint, cost_mode)
         elsewhere = _other_device(fingerprint, bank.inputs[0])
-        if elsewhere is None and rows_usable(x, bank.gate_up, bank.down):  # timed here only: no fingerprint has it yet
+        if elsewhere is None and rows_usable(x, bank.gate_up, bank.down):
             usable += list(ROWS_IMPLS)
+        predicted = _predictions(bank, usable + ([] if elsewhere is None else list(ROWS_IMPLS)), fingerprint,
+                                 cost_mode)
+        if elsewhere is not None:  # rows where the other device's fingerprint measured it (its kernel ran there)
+            usable += [i for i in ROWS_IMPLS if i in predicted]
         by_prediction = elsewhere is not None and len(predicted) == len(usable)
         failed: dict[str, str] = {}
         bank.timings = {} if by_prediction else time_impls(bank, usable, graph_replay, failed)

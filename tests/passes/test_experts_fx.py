@@ -111,6 +111,14 @@ def test_rows_is_timed_where_the_bank_is_planned_here_and_not_from_another_devic
     (row,) = experts_fx.choose(gm, banks, graph_replay=False, fingerprint=Elsewhere())
     assert row["implementation"] == "grouped" and "rows" not in [c["implementation"] for c in row["candidates"]]
 
+    class MeasuredRowsThere(Elsewhere):  # a fingerprint measured where the rows kernel ran
+        def predict_experts(self, impl, *shape):
+            return type("P", (), {"us": {"grouped": 1.0, "rows": 0.5}.get(impl, 2.0)})()
+
+    gm, banks = recorded_banks(ids(0))
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False, fingerprint=MeasuredRowsThere())
+    assert row["implementation"] == "rows" and "predicted fastest on h200" in row["reason"]
+
 
 def test_an_implementation_that_fails_here_is_refused_with_its_error_and_planning_goes_on(monkeypatch):
     from sparsec.codegen import experts as ex
