@@ -216,6 +216,14 @@ def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Ten
 
 
 ROWS_IMPLS = ("rows",)  # timed besides IMPLS where a bank's implementation is measured here
+# ``rows`` reads an expert's weight once per row it serves (where L2 does not keep it between them),
+# ``grouped`` once per 16 or 64 rows: past this many rows per expert on average it is not timed
+ROWS_MAX_PER_EXPERT = 16
+
+
+def rows_worth_timing(tokens: int, k: int, E: int) -> bool:
+    """Whether ``rows`` is worth timing for ``tokens`` tokens routed top-``k`` over ``E`` experts."""
+    return tokens * k <= ROWS_MAX_PER_EXPERT * E
 
 
 def _rows_kernel(x_ptr, w_ptr, e_ptr, y_ptr, N, K, UP_ROW, stride_xm, stride_we, stride_wn, stride_ym,

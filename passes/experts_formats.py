@@ -99,10 +99,15 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
     is of another device, or None. ``forced``: bank name -> (label, fit), or None for dense, of the
     banks a plan names: those run as it says (timed, not vetoed), the others are chosen for;
     ``refused``: why those others stay dense without being tried (no ``evaluate`` then)."""
-    from sparsec.codegen.experts import IMPLS
+    from sparsec.codegen.experts import IMPLS, rows_worth_timing
 
     forced = forced or {}
     impls = [i for i in IMPLS if not (graph_replay and i == "loop")]
+
+    def extra(bank, rewrite) -> list[str]:  # a form's own implementations, where worth timing
+        x, index, _ = bank.inputs
+        few = rows_worth_timing(int(x.shape[0]), int(index.shape[1]), int(bank.gate_up.shape[0]))
+        return list(getattr(rewrite, "extra_impls", ())) if few else []
     everything = [b for b in banks if b.inputs is not None]
     out = {b.name: {"format": None, "allowed_error": allowed, "tried": []} for b in everything}
     for bank in everything:
@@ -116,7 +121,7 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
             continue
         label, fit = forced[bank.name]
         rewrite = fit(bank)
-        us, impl, now = speed(bank, rewrite, impls + list(getattr(rewrite, "extra_impls", ())))
+        us, impl, now = speed(bank, rewrite, impls + extra(bank, rewrite))
         rewrite.impl = impl
         bank.structured = rewrite
         entry.update(format=rewrite.label, form=rewrite.form, implementation=impl, measured_us=us, dense_us=now,
@@ -140,7 +145,7 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
         wins, total = {}, 0.0
         for bank in live:
             rewrite = (standin or fit)(bank)
-            us, impl, now = speed(bank, rewrite, impls + list(getattr(rewrite, "extra_impls", ())))
+            us, impl, now = speed(bank, rewrite, impls + extra(bank, rewrite))
             tried = {"format": label, "stored": _stored_share(bank, rewrite), "implementation": impl,
                      "measured_us": us, "dense_us": now, "measured_error": None}
             out[bank.name]["tried"].append(tried)

@@ -178,7 +178,7 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
     Measured here, on the bank's own inputs, when this is the device the fingerprint describes (or
     the fingerprint has no expert banks); predicted by the fingerprint when it describes another
     device (planning here for a deployment there). Both figures go in the row where both exist."""
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, memory_reason, rows_usable
+    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, memory_reason, rows_usable, rows_worth_timing
 
     rows = []
     for bank in banks:
@@ -195,10 +195,11 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
                 refused[impl] = why
         usable = [i for i in IMPLS if i not in refused] or ["grouped"]
         elsewhere = _other_device(fingerprint, bank.inputs[0])
-        if elsewhere is None and rows_usable(x, bank.gate_up, bank.down):
+        few = rows_worth_timing(int(x.shape[0]), int(bank.inputs[1].shape[1]), E)
+        if few and elsewhere is None and rows_usable(x, bank.gate_up, bank.down):
             usable += list(ROWS_IMPLS)
-        predicted = _predictions(bank, usable + ([] if elsewhere is None else list(ROWS_IMPLS)), fingerprint,
-                                 cost_mode)
+        asked = usable + (list(ROWS_IMPLS) if few and elsewhere is not None else [])
+        predicted = _predictions(bank, asked, fingerprint, cost_mode)
         if elsewhere is not None:  # rows where the other device's fingerprint measured it (its kernel ran there)
             usable += [i for i in ROWS_IMPLS if i in predicted]
         by_prediction = elsewhere is not None and len(predicted) == len(usable)

@@ -362,7 +362,7 @@ def test_a_forms_timing_stand_in_has_its_fits_shapes_and_structure_and_no_zeros(
         assert torch.equal(standin.down_row_ptr[:, -1], fitted.down_row_ptr[:, -1])
 
 
-def test_two_four_experts_are_also_timed_row_by_row_and_run_so_when_that_is_fastest(monkeypatch):
+def test_sparse_experts_are_also_timed_row_by_row_at_a_few_rows_per_expert_and_run_so_when_fastest(monkeypatch):
     timed = {}
 
     def speed(bank, rewrite, impls, replay):
@@ -370,13 +370,18 @@ def test_two_four_experts_are_also_timed_row_by_row_and_run_so_when_that_is_fast
         return (1.0, "rows", 2.0) if "rows" in impls else (3.0, "grouped", 2.0)
     monkeypatch.setattr(experts_fx, "structured_speed", speed)
     model = MoE(rank="2:4")
-    result = optimize(model, error_budget=0.01)
+    # 32 tokens, top-2 over 8 experts: 8 rows an expert, within ROWS_MAX_PER_EXPERT
+    result = sparsec.optimize(model, batches(1, 99, 32)[0], calibration=batches(4, 1, 32), fingerprint="cpu",
+                              error_budget=0.01, plan={"layers": {"_default": "dense"}})
     assert "rows" in timed["2:4"] and "rows" in timed["block:16:0.25"] and "rows" not in timed["lowrank"]
     (row,) = result.report.to_dict()["experts"]
     assert (row["expert_format"]["format"], row["expert_format"]["implementation"]) == ("2:4", "rows")
-    x = batches(1, 5)[0][0]
+    x = batches(1, 5, 32)[0][0]
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), rtol=1e-4, atol=1e-5)
+    timed.clear()
+    optimize(MoE(rank="2:4"), error_budget=0.01)  # 128 tokens: 32 rows an expert, past it
+    assert "rows" not in timed["2:4"]
 
 
 def test_a_form_that_runs_in_no_implementation_here_never_measures_faster(gen):
