@@ -19,10 +19,11 @@ per expert, so the op takes it as an argument:
   sized by T k and E alone (CUDA-graph safe). Without Triton (a CPU without the interpreter) the
   same grouping runs as one GEMM per expert on its run.
 
-Dense, 2:4 and block-sparse banks have a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by
-expert as in ``grouped``, then each row through its expert by a matrix-vector kernel, no tensor
-cores, the SwiGLU of the gate and up halves fused into the gate_up launch (``_rows_kernel`` for
-dense weights, codegen/twofour.py's word kernel for 2:4, codegen/block.py's GEMV for block). It is aimed at about a token per expert,
+Every bank has a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in ``grouped``,
+then each row through its expert by a matrix-vector kernel, no tensor cores, the SwiGLU of the
+gate and up halves fused into the gate_up launch (``_rows_kernel`` for dense weights and for each
+factor of low-rank ones, codegen/twofour.py's word kernel for 2:4, codegen/block.py's GEMV for
+block). It is aimed at about a token per expert,
 where a tensor-core tile of 16 rows is mostly padding (and for 2:4, expanding values into it costs
 more than the bytes saved); rows of one expert run side by side, so their reads of it meet in L2.
 The planner times it with the others where it plans on this device.
@@ -474,18 +475,20 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
 
 
 def rows_usable(x, gate_up, down) -> bool:
-    """Whether a bank can run ``rows``: Triton usable here, each projection one dense (E, N, K)
-    tensor with unit stride along K, one 2:4 weight the word kernel can read (16-bit, inputs in
+    """Whether a bank can run ``rows``: Triton usable here, each projection dense (E, N, K) tensors
+    with unit stride along K (one, or a low-rank chain of factors), one 2:4 weight the word kernel can read (16-bit, inputs in
     whole 32-column words, contiguous), or one block-sparse weight (16-bit inputs, gate and up
     halves in whole block rows)."""
     from .twofour import words_usable
 
     gate_up, down = _factors(gate_up), _factors(down)
-    if not triton_usable(x) or len(gate_up) != 1 or len(down) != 1:
+    if not triton_usable(x):
+        return False
+    if all(isinstance(w, torch.Tensor) and w.stride(2) == 1 for w in gate_up + down):  # dense, or factored
+        return True
+    if len(gate_up) != 1 or len(down) != 1:
         return False
     (gu,), (dn,) = gate_up, down
-    if isinstance(gu, torch.Tensor) and isinstance(dn, torch.Tensor):
-        return gu.stride(2) == 1 and dn.stride(2) == 1
     if isinstance(gu, BlockWeights) and isinstance(dn, BlockWeights):
         return x.dtype in (torch.float16, torch.bfloat16) and (gu.shape[1] // 2) % gu.block == 0
     if not (isinstance(gu, TwoFourWeights) and isinstance(dn, TwoFourWeights)):
@@ -500,15 +503,35 @@ def experts_rows(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
     Device ops only, grid sized by T k: CUDA-graph safe."""
     if not rows_usable(x, gate_up, down):
         return experts_grouped(x, top_k_index, top_k_weights, gate_up, down)
-    from .twofour import twofour_rows
-
-    (gate_up,), (down,) = _factors(gate_up), _factors(down)
+    gate_up, down = _factors(gate_up), _factors(down)
     T, k = top_k_index.shape
-    E, two_i, _ = gate_up.shape
+    two_i = gate_up[-1].shape[1]
     flat = top_k_index.reshape(-1)
     order = torch.sort(flat, stable=True).indices  # rows of one expert side by side: their reads meet in L2
     expert_of_row = flat[order]
     xs = x[order // k].contiguous()
+    if all(isinstance(w, torch.Tensor) for w in gate_up + down):  # dense, or a chain of factors
+        h = _dense_chain(xs, gate_up, expert_of_row, up_row=two_i // 2)
+        y = _dense_chain(h, down, expert_of_row).float()
+    else:
+        y = _packed_rows(xs, gate_up[0], down[0], expert_of_row, two_i)
+    y = y * top_k_weights.reshape(-1)[order].float()[:, None]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, order // k, y).to(x.dtype)
+
+
+def _dense_chain(xs, factors, expert_of_row, up_row: int = -1) -> torch.Tensor:
+    """``xs`` through each row's expert's factors first to last, ``up_row`` (the SwiGLU) on the last."""
+    h = xs
+    for i, w in enumerate(factors):
+        h = dense_rows(h, w.to(xs.dtype), expert_of_row, up_row=up_row if i == len(factors) - 1 else -1)
+    return h
+
+
+def _packed_rows(xs, gate_up, down, expert_of_row, two_i: int) -> torch.Tensor:
+    """``rows`` of a 2:4 or block-sparse bank: float32 (S, H)."""
+    from .twofour import twofour_rows
+
     if isinstance(gate_up, TwoFourWeights):
         h = twofour_rows(xs, gate_up.values, gate_up.meta, expert_of_row,
                          gate_row=0, up_row=two_i // 2, width=two_i // 2)
@@ -519,12 +542,7 @@ def experts_rows(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
         h = block_rows(xs, gate_up.values, gate_up.col_idx, gate_up.row_ptr, expert_of_row, gate_up.shape[2],
                        up_row=two_i // 2)
         y = block_rows(h, down.values, down.col_idx, down.row_ptr, expert_of_row, down.shape[2]).float()
-    else:
-        h = dense_rows(xs, gate_up.to(x.dtype), expert_of_row, up_row=two_i // 2)
-        y = dense_rows(h, down.to(x.dtype), expert_of_row).float()
-    y = y * top_k_weights.reshape(-1)[order].float()[:, None]
-    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
-    return out.index_add_(0, order // k, y).to(x.dtype)
+    return y
 
 
 def working_bytes(impl: str, E: int, k: int, I: int, H: int, M: int) -> int:  # noqa: E741

@@ -57,6 +57,13 @@ class Factoring:
         factors = [t.to(x.device) for t in self.factors]
         return experts_lowrank_op(x, top_k_index, top_k_weights, *factors, self.impl or impl)
 
+    @property
+    def extra_impls(self) -> tuple[str, ...]:
+        """Implementations factored banks add to the dense ones (codegen/experts.py's ``rows``)."""
+        from sparsec.codegen.experts import ROWS_IMPLS
+
+        return ROWS_IMPLS
+
     def stored(self) -> int:
         return sum(t.numel() for t in self.factors)
 

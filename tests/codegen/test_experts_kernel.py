@@ -126,7 +126,7 @@ def factored_bank(E, I, H, r1, r2, gen, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ("rows",))
 @pytest.mark.parametrize("T,E,k", [(1, 4, 1), (37, 8, 2), (150, 4, 1)])
 def test_a_factored_bank_computes_the_bank_its_factors_multiply_to(impl, T, E, k, dtype, gen):
     from sparsec.codegen.experts import experts_lowrank
@@ -237,7 +237,7 @@ def test_a_dense_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, dtyp
     real = ex.dense_rows
     monkeypatch.setattr(ex, "dense_rows", lambda *a, **kw: calls.append((a[0].shape[0], kw)) or real(*a, **kw))
     y = torch.ops.sparsec.experts_swiglu(x, index, weights.to(dtype), gate_up, down, "rows")
-    assert calls == [(T * k, {"up_row": I}), (T * k, {})]
+    assert calls == [(T * k, {"up_row": I}), (T * k, {"up_row": -1})]
     ref = float64_reference(x, index, weights.to(dtype), gate_up, down)
     err = float((y.double() - ref).norm() / ref.norm())
     assert y.dtype == dtype and err < TOL[dtype], f"T={T}: relative error {err:.2e}"
@@ -261,17 +261,33 @@ def test_the_dense_rows_kernel_is_right_in_every_config(gen):
                                    msg=lambda m: f"{config} gated: {m}")
 
 
-def test_rows_is_not_offered_for_factored_banks_nor_block_sparse_ones_outside_16_bits(gen):
+def test_rows_takes_dense_factored_and_16_bit_block_banks_but_no_mix_of_forms(gen):
     from sparsec.codegen.experts import BlockWeights, rows_usable
 
     x = torch.randn(2, 32, generator=gen)
     dense = bank(2, 16, 32, gen)
     assert rows_usable(x, *dense)
-    assert not rows_usable(x, (dense[0][:, :4], dense[0]), dense[1])  # a factored projection
+    assert rows_usable(x, (dense[0][:, :4], dense[0][:, :, :4]), dense[1])  # a factored projection
+    assert not rows_usable(x, dense[0], dense[1].transpose(1, 2).contiguous().transpose(1, 2))  # K strided
     gv, gc, gr, _ = block_bank(2, 32, 32, 16, 2, gen)
     dv, dc, dr, _ = block_bank(2, 32, 16, 16, 1, gen)
     blocked = BlockWeights(gv, gc, gr, 32), BlockWeights(dv, dc, dr, 16)
     assert rows_usable(x.half(), *blocked) and not rows_usable(x, *blocked)
+    assert not rows_usable(x.half(), blocked[0], dense[1].half())
+
+
+def test_a_factored_bank_run_row_by_row_goes_through_each_factor_with_the_swiglu_on_the_last(gen, monkeypatch):
+    from sparsec.codegen import experts as ex
+
+    v1, u1, v2, u2 = factored_bank(8, 40, 48, 24, 16, gen, torch.float16)
+    index, weights = route(3, 8, 2, gen)
+    x = torch.randn(3, 48, generator=gen).half()
+    calls = []
+    real = ex.dense_rows
+    monkeypatch.setattr(ex, "dense_rows", lambda *a, **kw: calls.append((tuple(a[1].shape), kw)) or real(*a, **kw))
+    ex.experts_lowrank(x, index, weights.half(), v1, u1, v2, u2, impl="rows")
+    assert calls == [((8, 24, 48), {"up_row": -1}), ((8, 80, 24), {"up_row": 40}),
+                     ((8, 16, 40), {"up_row": -1}), ((8, 48, 16), {"up_row": -1})]
 
 
 @pytest.mark.parametrize("T", [1, 3, 37])
