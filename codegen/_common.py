@@ -375,8 +375,6 @@ SPLIT_MAX = 8
 def split_count(items: int, device) -> int:
     """Chunks to cut each of ``items`` work items into so that the launch has
     ``SPLIT_PROGRAMS_PER_SM`` programs per SM of ``device`` (1 off CUDA), at most ``SPLIT_MAX``."""
-    import torch
-
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     return max(1, min(SPLIT_MAX, -(-SPLIT_PROGRAMS_PER_SM * sms // max(items, 1))))
 

@@ -251,6 +251,7 @@ def _keep(config, args) -> bool:
 
 _KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B", "PARTIAL"], prune=_keep)
 
+
 def split_for(N: int, device) -> int:
     """Chunks per block row for the "dot_split" path: ``_common.split_count`` over the narrowest
     work items (16 rows)."""

@@ -23,10 +23,11 @@ Every bank has a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as
 then each row through its expert by a matrix-vector kernel, no tensor cores, the SwiGLU of the
 gate and up halves fused into the gate_up launch (``_rows_kernel`` for dense weights and for each
 factor of low-rank ones, codegen/twofour.py's word kernel for 2:4, codegen/block.py's GEMV for
-block). It is aimed at about a token per expert,
-where a tensor-core tile of 16 rows is mostly padding (and for 2:4, expanding values into it costs
-more than the bytes saved); rows of one expert run side by side, so their reads of it meet in L2.
-The planner times it with the others where it plans on this device.
+block). It is aimed at about a token per expert, where a tensor-core tile of 16 rows is mostly
+padding (and for 2:4, expanding values into it costs more than the bytes saved); rows of one
+expert run side by side, so their reads of it meet in L2. The planner times it with the others
+where it plans on this device (``rows_worth_timing``), or reads it from a fingerprint that
+measured it.
 
 Every implementation accumulates in float32 and returns x's dtype.
 """
@@ -246,7 +247,8 @@ def _rows_kernel(x_ptr, w_ptr, e_ptr, y_ptr, N, K, UP_ROW, stride_xm, stride_we,
         mask_k = offs_k < K
         xv = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)[None, :]
         mask = mask_n[:, None] & mask_k[None, :]
-        acc += tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first").to(tl.float32) * xv
+        w = tl.load(w_rows + offs_k[None, :], mask=mask, other=0.0, eviction_policy="evict_first")
+        acc += w.to(tl.float32) * xv
         if GATED:
             up = tl.load(w_rows + UP_ROW * stride_wn + offs_k[None, :], mask=mask, other=0.0,
                          eviction_policy="evict_first")
@@ -395,6 +397,8 @@ def grouped_block_m(pairs: int, E: int) -> int:
     mostly padding), 64 once they average more than 32 (prefill: fewer tiles, each weight tile
     reused over more rows)."""
     return 16 if pairs <= 32 * E else 64
+
+
 # the weight-first orientation (SWAP) is offered to the autotuner too; not yet timed on a GPU
 _GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
@@ -414,7 +418,8 @@ def _block_keep(config, args) -> bool:
 # block-sparse weights fix BLOCK_K to the block's side; the configs choose how many of its rows a program takes
 _GROUPED_BLOCK = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": n}, num_warps=4, num_stages=3)
                                               for n in (64, 32, 128, 16)]
-                            + [triton.Config({"BLOCK_N": n, "SWAP": True}, num_warps=4, num_stages=3) for n in (64, 128)],
+                            + [triton.Config({"BLOCK_N": n, "SWAP": True}, num_warps=4, num_stages=3)
+                               for n in (64, 128)],
                             key=["N", "K", "E", "BLOCK_M", "BLOCK_K"], prune=_block_keep)
 
 
@@ -475,10 +480,10 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
 
 
 def rows_usable(x, gate_up, down) -> bool:
-    """Whether a bank can run ``rows``: Triton usable here, each projection dense (E, N, K) tensors
-    with unit stride along K (one, or a low-rank chain of factors), one 2:4 weight the word kernel can read (16-bit, inputs in
-    whole 32-column words, contiguous), or one block-sparse weight (16-bit inputs, gate and up
-    halves in whole block rows)."""
+    """Whether a bank can run ``rows``: Triton usable here, and each projection dense (E, N, K)
+    tensors with unit stride along K (one, or a low-rank chain of factors), one 2:4 weight the word
+    kernel can read (16-bit, inputs in whole 32-column words, contiguous), or one block-sparse
+    weight (16-bit inputs, gate and up halves in whole block rows)."""
     from .twofour import words_usable
 
     gate_up, down = _factors(gate_up), _factors(down)
@@ -536,7 +541,7 @@ def _packed_rows(xs, gate_up, down, expert_of_row, two_i: int) -> torch.Tensor:
         h = twofour_rows(xs, gate_up.values, gate_up.meta, expert_of_row,
                          gate_row=0, up_row=two_i // 2, width=two_i // 2)
         y = twofour_rows(h, down.values, down.meta, expert_of_row).float()
-    elif isinstance(gate_up, BlockWeights):
+    else:  # BlockWeights
         from .block import block_rows
 
         h = block_rows(xs, gate_up.values, gate_up.col_idx, gate_up.row_ptr, expert_of_row, gate_up.shape[2],

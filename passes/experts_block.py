@@ -62,12 +62,13 @@ class BlockBank:
     def op(self):
         return torch.ops.sparsec.experts_swiglu_block.default
 
-    @property
-    def extra_impls(self) -> tuple[str, ...]:
-        """Implementations block-sparse banks add to the dense ones (codegen/experts.py's ``rows``)."""
-        from sparsec.codegen.experts import ROWS_IMPLS
+    def rows_runs(self, x) -> bool:
+        """Whether codegen/experts.py's ``rows`` runs its own kernel on this bank for inputs like ``x``."""
+        from sparsec.codegen.experts import BlockWeights, rows_usable
 
-        return ROWS_IMPLS
+        inner = (self.gate_up_row_ptr.shape[1] - 1) * self.block // 2  # I: gate_up has 2I rows
+        return rows_usable(x, BlockWeights(self.gate_up_values, self.gate_up_cols, self.gate_up_row_ptr, x.shape[-1]),
+                           BlockWeights(self.down_values, self.down_cols, self.down_row_ptr, inner))
 
     def stored(self) -> int:
         """Stored values (the block indices, one per B x B values, are not counted)."""

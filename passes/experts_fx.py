@@ -158,7 +158,8 @@ def _time_each(calls: dict, device, graph_replay: bool, failed: dict | None = No
         try:
             out[name] = _time(call, device, graph_replay)
         except Exception as exc:  # noqa: BLE001 - any failure of a candidate refuses that candidate alone
-            failed[name] = f"failed to run here ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            failed[name] = f"failed to run here ({type(exc).__name__}: {first})"
     return out
 
 

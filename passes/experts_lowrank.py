@@ -57,12 +57,11 @@ class Factoring:
         factors = [t.to(x.device) for t in self.factors]
         return experts_lowrank_op(x, top_k_index, top_k_weights, *factors, self.impl or impl)
 
-    @property
-    def extra_impls(self) -> tuple[str, ...]:
-        """Implementations factored banks add to the dense ones (codegen/experts.py's ``rows``)."""
-        from sparsec.codegen.experts import ROWS_IMPLS
+    def rows_runs(self, x) -> bool:
+        """Whether codegen/experts.py's ``rows`` runs its own kernel on this bank for inputs like ``x``."""
+        from sparsec.codegen.experts import rows_usable
 
-        return ROWS_IMPLS
+        return rows_usable(x, (self.gate_up_v, self.gate_up_u), (self.down_v, self.down_u))
 
     def stored(self) -> int:
         return sum(t.numel() for t in self.factors)

@@ -40,12 +40,12 @@ class TwoFourBank:
     def op(self):
         return torch.ops.sparsec.experts_swiglu_twofour.default
 
-    @property
-    def extra_impls(self) -> tuple[str, ...]:
-        """Implementations 2:4 banks add to the dense ones (codegen/experts.py's ``rows``)."""
-        from sparsec.codegen.experts import ROWS_IMPLS
+    def rows_runs(self, x) -> bool:
+        """Whether codegen/experts.py's ``rows`` runs its own kernel on this bank for inputs like ``x``."""
+        from sparsec.codegen.experts import TwoFourWeights, rows_usable
 
-        return ROWS_IMPLS
+        return rows_usable(x, TwoFourWeights(self.gate_up_values, self.gate_up_meta),
+                           TwoFourWeights(self.down_values, self.down_meta))
 
     def stored(self) -> int:
         """Stored values, the position bytes counted at their share of a value of this dtype."""

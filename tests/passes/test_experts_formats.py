@@ -363,12 +363,19 @@ def test_a_forms_timing_stand_in_has_its_fits_shapes_and_structure_and_no_zeros(
 
 
 def test_sparse_experts_are_also_timed_row_by_row_at_a_few_rows_per_expert_and_run_so_when_fastest(monkeypatch):
+    from sparsec.codegen import experts as ex
+
     timed = {}
 
     def speed(bank, rewrite, impls, replay):
         timed[rewrite.label.split()[0]] = list(impls)
         return (1.0, "rows", 2.0) if "rows" in impls else (3.0, "grouped", 2.0)
     monkeypatch.setattr(experts_fx, "structured_speed", speed)
+    optimize(MoE(rank="2:4"), error_budget=0.01)
+    assert not any("rows" in impls for impls in timed.values())  # its kernels cannot run here: never timed
+    monkeypatch.setattr(ex, "rows_usable", lambda x, gate_up, down: True)  # as on a GPU
+    monkeypatch.setitem(ex._RUN, "rows", ex.experts_grouped)  # no GPU here to run its kernels
+    timed.clear()
     model = MoE(rank="2:4")
     # 32 tokens, top-2 over 8 experts: 8 rows an expert, within ROWS_MAX_PER_EXPERT
     result = sparsec.optimize(model, batches(1, 99, 32)[0], calibration=batches(4, 1, 32), fingerprint="cpu",
@@ -397,3 +404,21 @@ def test_a_form_that_runs_in_no_implementation_here_never_measures_faster(gen):
 
     us, impl, now = structured_speed(bank, types.SimpleNamespace(run=run), ["batched", "grouped"], False)
     assert us == float("inf") and impl == "batched" and now == 5.0
+
+
+def test_each_form_says_whether_the_rows_kernels_can_read_it(gen, monkeypatch):
+    from sparsec.codegen import experts as ex
+
+    monkeypatch.setattr(ex, "triton_usable", lambda x: True)  # as on a GPU
+    x = torch.randn(4, H, generator=gen).half()
+    index, weights = routed(4, gen)
+
+    def bank_of(rank):
+        gate_up, down = planted_bank(gen, rank)
+        return types.SimpleNamespace(gate_up=gate_up.half(), down=down.half(), inputs=(x, index, weights), pruning=None)
+
+    assert experts_block.standin(bank_of("block"), 0.25).rows_runs(x)
+    assert experts_lowrank.standin(bank_of(None), FRACTIONS[0]).rows_runs(x)
+    # down's 48 inputs are no whole number of the word kernel's 32-column words
+    assert not experts_twofour.standin(bank_of("2:4")).rows_runs(x)
+    assert not experts_block.standin(bank_of("block"), 0.25).rows_runs(x.float())  # 16-bit inputs only
