@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sparsec.codegen.experts import IMPLS
+from sparsec.codegen.experts import IMPLS, ROWS_IMPLS
 from sparsec.fingerprint import experts
 from sparsec.fingerprint.predict import load_fingerprint
 from sparsec.fingerprint.schema import SchemaViolation, validate_fingerprint
@@ -30,6 +30,13 @@ def test_the_tiny_grid_times_every_implementation_at_every_token_count():
     doc["experts"][0]["impl"] = "fused"
     with pytest.raises(SchemaViolation):
         validate_fingerprint(doc)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ROWS_IMPLS)
+def test_every_implementation_the_measurement_can_time_is_one_the_schema_accepts(impl):
+    doc = copy.deepcopy(load_fingerprint("cpu").data)
+    doc["experts"] = _curve(impl)
+    validate_fingerprint(doc)
 
 
 def _curve(impl="grouped", bank=(8, 2, 512, 256), points=((1, 10.0), (16, 20.0), (256, 200.0))):
