@@ -50,6 +50,15 @@ case "${1:-suite}" in
     step rows-gpu 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py -k "rows"
     TAIL=25 step moe-rows 300 python3 bench/moe.py --M 1,4,16 --only grouped,rows,2:4 --out "$OUT"
     ;;
+  planar)
+    step suite 300 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
+    grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
+    TAIL=20 step small-m 200 python3 bench/small_m.py --out "$OUT/small_m.json" --budget-s 180 --skip-cslt \
+      --paths 2:4:words,2:4:dot,2:4:dot_split --tokens 1,2,4,8,16
+    TAIL=12 step moe-twofour 150 python3 bench/moe.py --M 4,16 --only grouped,2:4 --out "$OUT"
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
+    ;;
   quick)  # the suite, and bench/moe.py at decode token counts only
     step suite 230 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short tests
     grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40

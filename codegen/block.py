@@ -14,7 +14,8 @@ blocks only; an empty row's programs just write the bias (or zeros), so no progr
 Two kernels share that work list: up to GEMV_MAX_M tokens (16-bit inputs) an MMA-free GEMV on
 narrow row slices and few warps that takes several kept blocks per step, so that many programs
 stream the weight at once, each with many loads in flight; above, the tensor-core kernel with
-16-token tiles and up.
+16-token tiles and up, which up to SPLIT_MAX_M tokens also splits each work item's kept blocks
+over several programs where the work items alone would leave SMs idle.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermedia
 # a program takes.
 GEMV_MAX_M = 4
 GEMV_BLOCK_M = 16
+# Above GEMV_MAX_M and up to SPLIT_MAX_M tokens (16-bit inputs) the MMA kernel splits each block
+# row's kept blocks over several programs ("dot_split") where a block row alone leaves SMs idle:
+# on an H100 (bf16, bench/small_m.py, 2026-12-05) at M = 8 and 16 it ran 1.40-2.20x of cuBLAS
+# against 0.94-2.0x unsplit (1.43x vs 0.96x on 4096x4096, 2.10x vs 1.09x on 4096x14336 at M = 16).
+SPLIT_MAX_M = 16
 GEMV_DTYPES = (torch.float16, torch.bfloat16)
 # The GEMV reads each kept block once: its weight loads ask the cache to evict them first, so the
 # input slices (read by every program of a block column) stay resident.
@@ -262,7 +268,7 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
                  gate_row: int = -1, up_row: int = -1, width: int = 0, lowrank=None):
     """``path``: "gemv" (small-M kernel), "dot" (MMA), "dot_split" (MMA, each block row's kept blocks
     split over several programs, ``split_for``; float32 partials summed after) or None (by M, see
-    GEMV_MAX_M).
+    GEMV_MAX_M and SPLIT_MAX_M).
 
     ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
     in the GEMV; ``order`` then lists the output's block rows (``gated_order``). The MMA kernel
@@ -273,7 +279,8 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
     B = values.shape[1]
     gated = gate_row >= 0
     if path is None:
-        path = "gemv" if (M <= GEMV_MAX_M and x.dtype in GEMV_DTYPES) else "dot"
+        small = x.dtype in GEMV_DTYPES
+        path = "gemv" if (M <= GEMV_MAX_M and small) else "dot_split" if (M <= SPLIT_MAX_M and small) else "dot"
     if lowrank is not None and (path != "gemv" or gated):
         low = (lowrank[0] @ lowrank[1].t()).to(x.dtype)
         residual = low if residual is None else residual + low

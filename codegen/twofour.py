@@ -14,8 +14,9 @@ Two implementations:
 - ``triton``: three kernels. At M <= GEMV_MAX_M (16-bit values), an MMA-free GEMV: the word
   kernel where x, values and metadata can all be read as int32 words (unit-stride x, K a
   multiple of 32), which picks each group's inputs out of its two x words in registers (values
-  and metadata through tensor descriptors on sm_90+ where ``tma_usable``); else a gathering
-  kernel that reads two metadata bytes and gathers two inputs per group. Above
+  and metadata through tensor descriptors on sm_90+ where ``tma_usable``); else, up to
+  GATHER_MAX_M, a gathering kernel that reads two metadata bytes and gathers two inputs per
+  group. Above
   GEMV_MAX_M, a kernel loads the packed tile, expands it to the dense tile in registers and feeds
   the tensor-core dot. All read about 56% of the dense weight bytes, so they serve the
   memory-bound regime (small M).
@@ -49,11 +50,14 @@ from .twofour_cslt import cslt_compressed, cslt_reason, twofour_cslt_op
 # cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
 # 14336x4096 layer on an H200 (docs/benchmarks.md; 128 on 4096x4096 and 4096x14336).
 DEFAULT_CROSSOVER_M = 1024
-# The MMA-free kernels serve M up to GEMV_MAX_M: on an H200 (bf16, docs/benchmarks.md) the word
-# kernel beat the expansion + MMA kernel at M = 1 on all three benchmark shapes (1.6-2.0x) and
-# lost at M = 2 on all three (by 1-14%: each token re-reads the weight). GEMV_BLOCK_M caps the
-# tokens a program of the gathering kernel takes.
-GEMV_MAX_M = 1
+# The MMA-free kernels serve M up to GEMV_MAX_M. On an H200 (bf16, docs/benchmarks.md, 2026-11) the
+# word kernel beat the expansion + MMA kernel at M = 1 on all three benchmark shapes (1.6-2.0x).
+# On an H100 (bf16, bench/small_m.py, 2026-12-05) it still won at M = 2 on all three (1.05-1.51x
+# of cuBLAS against the MMA kernel's 0.76-1.04x) and lost from M = 4; the gathering GEMV, used
+# where the word kernel cannot view its inputs, lost at M = 2 (0.80-0.99x), so it keeps M = 1
+# (GATHER_MAX_M). GEMV_BLOCK_M caps the tokens a program of the gathering kernel takes.
+GEMV_MAX_M = 2
+GATHER_MAX_M = 1
 GEMV_BLOCK_M = 16
 # The expansion kernel reads metadata as int32 words where K is a multiple of 32 (False: bytes).
 # On an H200 (bf16, M = 2 and 16, docs/history.md) words took from 1% more to 12%
@@ -104,7 +108,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
                     M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META_WORDS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False,
-                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False):
+                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False, PLANAR: tl.constexpr = False):
     """Expansion + MMA. Each quad's two metadata bytes are spread to its four groups in registers
     by shifting broadcast copies: ``META_WORDS``, of the int32 words holding two quads
     (``meta_ptr`` the metadata viewed as int32); otherwise of each byte. ``SWAP`` (a configuration's
@@ -112,7 +116,10 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     dequantising GEMMs feed their weights to the tensor cores straight from registers; else
     Y = X W^T. ``PARTIAL``: K is cut into SPLIT chunks of whole BLOCK_K tiles, a program each
     (grid axis 0 over N tiles times chunks), each writing its float32 partial product to
-    y_ptr + chunk * stride_ys (no bias) for the caller to sum."""
+    y_ptr + chunk * stride_ys (no bias) for the caller to sum. ``PLANAR`` (a configuration's choice):
+    the tile's columns taken as four planes (plane i: columns k0 + 4g + i), each expanded by one
+    select from the group's two values and multiplied by the matching strided slice of x, so the
+    expanded tile is never interleaved back into column order."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     chunk = pid_n % SPLIT
@@ -133,43 +140,71 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-                    mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
-        if META_WORDS:  # int32 words of two quads: one shifted copy per group, one reshape
-            offs_w = k0 // 32 + tl.arange(0, G // 8)
-            mw = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
-                         mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
-            slot = tl.arange(0, 8)
-            first = (slot // 4) * 16 + (slot % 4) * 2
-            mw3 = mw[:, :, None]
-            code = tl.reshape(((mw3 >> first[None, None, :]) & 3) | (((mw3 >> (first + 8)[None, None, :]) & 3) << 2),
-                              (BLOCK_N, G))
-            p0 = code & 3
-            p1 = code >> 2
+        if PLANAR:
+            offs_g = k0 // 4 + tl.arange(0, G)
+            mask_g = mask_n[:, None] & (offs_g[None, :] < K // 4)
+            pair = tl.arange(0, 2)
+            v3 = tl.load(v_ptr + offs_n[:, None, None] * stride_vn + (offs_g * 2)[None, :, None] + pair[None, None, :],
+                         mask=mask_g[:, :, None], other=0.0)
+            v0, v1 = tl.split(v3)
+            if META_WORDS:  # each group's word (two quads, 8 groups), its two 2-bit positions 8 bits apart
+                word = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (offs_g // 8)[None, :], mask=mask_g, other=0)
+                shift = ((offs_g % 8) // 4) * 16 + (offs_g % 4) * 2
+                p0 = (word >> shift[None, :]) & 3
+                p1 = (word >> (shift + 8)[None, :]) & 3
+            else:  # each quad's byte pair: first positions, then second positions, 2 bits a group
+                byte = meta_ptr + offs_n[:, None] * stride_mn + ((offs_g // 4) * 2)[None, :]
+                shift = ((offs_g % 4) * 2)[None, :]
+                p0 = (tl.load(byte, mask=mask_g, other=0).to(tl.int32) >> shift) & 3
+                p1 = (tl.load(byte + 1, mask=mask_g, other=0).to(tl.int32) >> shift) & 3
+            zero = tl.zeros_like(v0)
+            for i in tl.static_range(4):
+                cols = offs_g * 4 + i
+                xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
+                             mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
+                di = tl.where(p0 == i, v0, tl.where(p1 == i, v1, zero))
+                if SWAP:
+                    acc_t = tl.dot(di, tl.trans(xi), acc_t, input_precision=DOT_PREC)
+                else:
+                    acc = tl.dot(xi, tl.trans(di), acc, input_precision=DOT_PREC)
         else:
-            mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                         mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
-            b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
-            quad = tl.arange(0, 4)[None, None, :] * 2
-            p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
-            p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
-        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
-        zero = tl.zeros_like(v0)
-        # positions are ordered (p0 < p1), so column 0 can only be p0's and column 3 only p1's
-        d0 = tl.where(p0 == 0, v0, zero)
-        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-        d3 = tl.where(p1 == 3, v1, zero)
-        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
-        if SWAP:
-            acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PREC)
-        else:
-            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+            v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                        mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
+            if META_WORDS:  # int32 words of two quads: one shifted copy per group, one reshape
+                offs_w = k0 // 32 + tl.arange(0, G // 8)
+                mw = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
+                             mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
+                slot = tl.arange(0, 8)
+                first = (slot // 4) * 16 + (slot % 4) * 2
+                mw3 = mw[:, :, None]
+                code = tl.reshape(((mw3 >> first[None, None, :]) & 3) | (((mw3 >> (first + 8)[None, None, :]) & 3) << 2),
+                                  (BLOCK_N, G))
+                p0 = code & 3
+                p1 = code >> 2
+            else:
+                mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                             mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+                b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
+                quad = tl.arange(0, 4)[None, None, :] * 2
+                p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
+                p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
+            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+            zero = tl.zeros_like(v0)
+            # positions are ordered (p0 < p1), so column 0 can only be p0's and column 3 only p1's
+            d0 = tl.where(p0 == 0, v0, zero)
+            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+            d3 = tl.where(p1 == 3, v1, zero)
+            w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+            if SWAP:
+                acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PREC)
+            else:
+                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if SWAP:
         acc = tl.trans(acc_t)
     if PARTIAL:
@@ -415,6 +450,12 @@ def _configs():
                                  num_stages=4))
     for bm, bn, bk, w in ((32, 64, 128, 4), (64, 64, 128, 4), (64, 128, 64, 8), (128, 128, 64, 8), (128, 64, 64, 4)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3))
+    # the column planes (``PLANAR``), both orientations at small M and one large-M tile: not yet
+    # timed on a GPU; the autotuner keeps them only where they measure faster
+    for bm, bn, bk, swap, w in ((16, 16, 256, False, 4), (16, 32, 128, False, 4), (16, 32, 256, False, 4),
+                                (16, 64, 128, True, 4), (16, 64, 256, True, 4), (64, 64, 128, False, 4)):
+        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "PLANAR": True},
+                                 num_warps=w, num_stages=4 if bm == 16 else 3))
     return out
 
 
@@ -486,7 +527,7 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
     if path is None:
         path = "dot"
         if gemv_usable(x, values, M):
-            path = "words" if words_usable(x, values, meta) else "gemv"
+            path = "words" if words_usable(x, values, meta) else ("gemv" if M <= GATHER_MAX_M else "dot")
     if lowrank is not None and (path != "words" or gated):
         t, u = lowrank
         low = (t @ u.t()).to(x.dtype)

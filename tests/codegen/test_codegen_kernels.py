@@ -159,6 +159,74 @@ def test_twofour_gemv_only_for_16_bit_values(gen):
     assert not twofour.gemv_usable(x16, p16.tensors()["values"], twofour.GEMV_MAX_M + 1)
 
 
+def _path_taken(module, run) -> str:
+    """The path ``run`` took through the module's launcher, told by which kernel it reached."""
+    with pytest.MonkeyPatch.context() as mp:
+        return _spied(mp, module, run)
+
+
+def _spied(monkeypatch, module, run) -> str:
+    taken = []
+    spies = {"twofour": {"_words": "words", "_GEMV_KERNEL": "gemv", "_KERNEL": "dot"},
+             "block": {"_GEMV_KERNEL": "gemv", "_KERNEL": "dot"}}[module.__name__.rsplit(".", 1)[1]]
+    for attr, path in spies.items():
+        real = getattr(module, attr)
+        if attr.startswith("_KERNEL") or attr == "_GEMV_KERNEL":
+            class Spy:
+                def __init__(self, real, path):
+                    self.real, self.path = real, path
+
+                def __getitem__(self, grid):
+                    taken.append(self.path)
+                    return self.real[grid]
+            monkeypatch.setattr(module, attr, Spy(real, path))
+        else:
+            def spy(*a, _real=real, _path=path, **k):
+                taken.append(_path)
+                return _real(*a, **k)
+            monkeypatch.setattr(module, attr, spy)
+    real_split = module.split_for
+
+    def split_spy(*a):
+        taken.append("split")
+        return real_split(*a)
+    monkeypatch.setattr(module, "split_for", split_spy)
+    run()
+    return "dot_split" if "split" in taken else taken[-1]
+
+
+def test_twofour_path_by_token_count(gen):
+    """Word kernel up to GEMV_MAX_M tokens; the gathering GEMV only up to GATHER_MAX_M (where the
+    words cannot be read); the MMA kernel above."""
+    from sparsec.codegen import twofour
+
+    for K, words in ((64, True), (72, False)):
+        t = pack("2:4", torch.randn(16, K, generator=gen).half()).tensors()
+        for M in range(1, twofour.GEMV_MAX_M + 2):
+            x = torch.randn(M, K, generator=gen).half()
+            path = _path_taken(twofour, lambda: twofour.twofour_triton(x, t["values"], t["meta"], None))
+            want = ("dot" if M > twofour.GEMV_MAX_M else "words" if words
+                    else "gemv" if M <= twofour.GATHER_MAX_M else "dot")
+            assert path == want, (K, M, path)
+
+
+def test_block_path_by_token_count_and_dtype(gen):
+    """GEMV up to GEMV_MAX_M tokens, the split MMA kernel up to SPLIT_MAX_M, the plain one above;
+    fp32 inputs always take the MMA kernel unsplit (neither small-M path was timed for them)."""
+    from sparsec.codegen import block
+
+    w = torch.randn(64, 128, generator=gen)
+    for dtype in (torch.float16, torch.float32):
+        t = pack("block:16:0.5", w.to(dtype)).tensors()
+        for M in (1, block.GEMV_MAX_M, block.GEMV_MAX_M + 1, block.SPLIT_MAX_M, block.SPLIT_MAX_M + 1):
+            x = torch.randn(M, 128, generator=gen).to(dtype)
+            path = _path_taken(block, lambda: block.block_triton(
+                x, t["values"], t["col_idx"], t["row_ptr"], t["order"], None, 64))
+            want = ("dot" if dtype == torch.float32 or M > block.SPLIT_MAX_M else "gemv" if M <= block.GEMV_MAX_M
+                    else "dot_split")
+            assert path == want, (dtype, M, path)
+
+
 def test_block_gemv_empty_rows_write_bias(gen):
     """The GEMV path keeps the work-list contract: rows with no kept block get the bias."""
     from sparsec.codegen import block
