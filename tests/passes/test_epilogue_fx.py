@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import sparsec
+from sparsec.codegen import twofour
 from fx_models import GatedMlp
 from test_rewrite_fx_groups import planted_twofour, spy_on_rewrite
 
@@ -46,9 +47,7 @@ def test_gate_and_residual_fold_at_one_token_and_stay_exact(monkeypatch, caplog)
 
 
 def test_nothing_folds_where_the_format_does_not_fuse_at_that_token_count(monkeypatch):
-    """2:4 fuses at M = 1 only (its word kernel); at M = 2 gate and up stay one group, sliced."""
-    from sparsec.codegen import twofour
-
+    """2:4 fuses up to GEMV_MAX_M only (its word kernel); above, gate and up stay one group, sliced."""
     gen = torch.Generator().manual_seed(1)
     model = planted_twofour(GatedMlp(64, 128), gen).eval()
     x = torch.randn(twofour.GEMV_MAX_M + 1, 64, generator=gen)
@@ -117,5 +116,5 @@ def test_end_to_end_prediction_takes_the_folded_kernels_off_the_rest(monkeypatch
                 / (totals["predicted_us"] - e2e["predicted_us_stacked"]
                    + e2e["predicted_us_rest"] - e2e["predicted_us_fused"]))
     assert e2e["predicted_speedup"] == pytest.approx(expected)
-    unfused, _ = optimize(model, torch.randn(2, 64, generator=gen), monkeypatch)
+    unfused, _ = optimize(model, torch.randn(twofour.GEMV_MAX_M + 1, 64, generator=gen), monkeypatch)
     assert unfused.report.to_dict()["end_to_end"]["predicted_us_fused"] == 0.0
