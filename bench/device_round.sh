@@ -59,6 +59,11 @@ case "${1:-suite}" in
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
     ;;
+  smallm)
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=8 step fingerprint-smallm 400 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 380 \
+      --redo sparsec-triton-block --redo sparsec-triton-2:4 --redo-up-to 16
+    ;;
   quick)  # the suite, and bench/moe.py at decode token counts only
     step suite 230 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short tests
     grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40

@@ -128,6 +128,24 @@ def test_redo_measures_one_family_again_and_keeps_the_rest(tmp_path):
     assert sorted(after["grid"]["done"]) == sorted(before["grid"]["done"])
 
 
+def test_redo_works_on_a_file_measured_before_a_family_existed_and_leaves_that_family_out(tiny, tmp_path):
+    """A fingerprint from before ``act`` was a family: redoing block is not refused as "a different
+    grid", times block again, and does not start measuring act (that takes --redo act)."""
+    doc = json.loads(tiny.read_text())
+    assert doc["kernels"].get("act")
+    doc["kernels"].pop("act")
+    doc["grid"]["params"].pop("act")
+    doc["grid"]["done"] = [k for k in doc["grid"]["done"] if not k.startswith("act|")]
+    out = tmp_path / "old.json"
+    out.write_text(json.dumps(doc))
+    measure(out, grid="tiny", redo=["block"], console=quiet(), device="cpu")
+    after = json.loads(out.read_text())
+    assert after["complete"] is True and not after["kernels"].get("act") and "act" not in after["grid"]["params"]
+    assert after["kernels"]["block"] != doc["kernels"]["block"] and after["kernels"]["dense"] == doc["kernels"]["dense"]
+    measure(out, grid="tiny", redo=["act"], console=quiet(), device="cpu")
+    assert json.loads(out.read_text())["kernels"]["act"]
+
+
 def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_path):
     from sparsec.fingerprint.measure import _entry_key
 

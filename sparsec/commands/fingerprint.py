@@ -33,7 +33,8 @@ def register(subparsers) -> None:
     m.add_argument("--fresh", action="store_true", help="start over instead of resuming a partial file")
     m.add_argument("--redo", action="append", default=None, metavar="KERNEL",
                    help="measure this kernel (e.g. cusparselt, sparsec-triton-block) or family (e.g. block) "
-                        "again in an existing file, keeping the rest; repeatable")
+                        "again in an existing file, keeping the rest (a family the file predates is measured only "
+                        "when named); repeatable")
     m.add_argument("--redo-up-to", type=int, default=None, metavar="M",
                    help="with --redo: only the points at M <= this (e.g. after a small-M kernel changed)")
     m.add_argument("--extend", action="store_true",

@@ -459,6 +459,13 @@ def _reopen_cut_curves(doc: dict) -> int:
     return len(jobs)
 
 
+def _in_file(jobs: list[Job], doc: dict) -> list[Job]:
+    """The jobs of families the file's grid has (a redo adds the families it names): a family added
+    to sparsec after the file was measured is measured only when named (--redo FAMILY)."""
+    params = doc["grid"].get("params", {})
+    return [j for j in jobs if j.fam.family not in PARAM_GRID or j.fam.family in params]
+
+
 def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str] | None = None,
                   extend: bool = False, redo_up_to: int | None = None) -> dict | None:
     if (redo or extend) and not fresh and not out.exists():
@@ -492,6 +499,11 @@ def _load_partial(out: Path, grid: Grid, kind: str, fresh: bool, redo: list[str]
             f"{out} is a partial fingerprint of {doc['device']['name']}, not of this {here}; "
             "use another -o or pass --fresh")
     wanted = json.loads(json.dumps({**grid.describe(), "done": doc.get("grid", {}).get("done", [])}))
+    if redo and not extend:
+        # families this sparsec measures that the file never had stay unmeasured unless named
+        # (``_in_file``)
+        have = doc.get("grid", {}).get("params", {})
+        wanted["params"] = {f: v for f, v in wanted["params"].items() if f in have or f in redo}
     if doc.get("grid") != wanted:
         raise FingerprintError(f"{out} was measured with a different grid; pass --fresh to start over")
     return doc
@@ -568,6 +580,8 @@ def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float
     try:
         _probes(h)
         jobs = plan_jobs(fams, g)
+        if redo and not extend:
+            jobs = _in_file(jobs, doc)
         with quick_autotune() as how:
             if how:
                 doc["method"]["autotune"] = how
