@@ -2,9 +2,10 @@
 
 The threshold is the magnitude under which a fraction S of the layer's calibration inputs lie,
 one per layer, as TEAL calibrates it. The predicted error is that of the dropped inputs through
-the weight (``sparsec.activation.predicted_error``). The weight is never refitted (``refits``
-False): sequential recovery calibrates the threshold again on the inputs the layer receives once
-earlier layers run their rewrites (``sparsec.recovery``). The ONNX path has no form for it (no
+the weight (``sparsec.activation.predicted_error``). The format's own fit never changes the
+weight (``refits`` False): sequential recovery calibrates the threshold again on the inputs the
+layer receives once earlier layers run their rewrites, and ``full`` then refits the dense weight
+to the inputs the threshold keeps (``sparsec.recovery``; the kernel reads it as it read W). The ONNX path has no form for it (no
 standard operator skips weight rows by the values of its input).
 """
 

@@ -173,6 +173,35 @@ class FxFrontend:
                                                 stop_when_seen=stats), args)
         return (stats, products) if reference is not None else stats
 
+    def masked_products(self, thresholds: dict[str, float], replacements: dict[str, torch.Tensor]) -> dict:
+        """Per named site, ``MaskedProducts`` over the calibration data: X the inputs it receives
+        when ``replacements`` run in place of their layers' weights, S that X with every entry under
+        the site's threshold set to zero (what an ``act`` layer multiplies); one pass, float64. For
+        recovery's refit of ``act`` weights (sparsec.recovery)."""
+        from sparsec.activation import masked
+
+        keys = {self.sites[n].input_key for n in thresholds}
+        out: dict[str, MaskedProducts] = {}
+        with torch.no_grad():
+            for item in self.calibration:
+                advance_current()
+                gm, nodes, args = self._run_of(item)
+                inputs = dict.fromkeys(keys)
+                _run_until_seen(SiteInterpreter(gm, nodes, self.sites, inputs=inputs, replacements=replacements,
+                                                banks=self._banks_in(gm), stop_when_seen=keys), args)
+                for name, t in thresholds.items():
+                    x = inputs[self.sites[name].input_key]
+                    if x is None:
+                        continue
+                    x = x.to(torch.float64)
+                    sx = masked(x, t)
+                    if name not in out:
+                        K = x.shape[1]
+                        out[name] = MaskedProducts(x.new_zeros(K, K), x.new_zeros(K, K), x.new_zeros(K, K),
+                                                   x.new_zeros(K))
+                    out[name].add(x, sx)
+        return out
+
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
         data = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references
@@ -410,6 +439,24 @@ def last_compile_warning(graph: int) -> str | None:
             "shape or dtype will run eagerly, dense, without sparsec. Each instance compiled with sparsec is "
             "guarded on its own weights and compiles its own graph; for many instances use sparsec.optimize(model, "
             "...), which gives every call its own entry, or raise the limit")
+
+
+@dataclass
+class MaskedProducts:
+    """Sums over calibration rows of an ``act`` layer's inputs X and their kept part S."""
+
+    kept_gram: torch.Tensor  # S^T S
+    cross: torch.Tensor  # S^T X
+    gram: torch.Tensor  # X^T X
+    total: torch.Tensor  # the rows of X summed
+    rows: int = 0
+
+    def add(self, x: torch.Tensor, sx: torch.Tensor) -> None:
+        self.kept_gram.addmm_(sx.T, sx)
+        self.cross.addmm_(sx.T, x)
+        self.gram.addmm_(x.T, x)
+        self.total.add_(x.sum(0))
+        self.rows += int(x.shape[0])
 
 
 def _run_until_seen(interpreter, args) -> None:

@@ -40,8 +40,9 @@ def test_forced_act_runs_the_masked_layers_with_calibrated_thresholds(tmp_path):
     torch.manual_seed(0)
     model = ReluMLP().eval()
     calib = data(64, 1)
+    # one-shot: the thresholds as calibrated on the dense model's inputs, the weights untouched
     out = sparsec.optimize(model, calib[0], calibration=calib, fingerprint="cpu", plan={"layers": {"_default": "act:0.4"}},
-                           report=str(tmp_path / "r.json"))
+                           recovery="none", report=str(tmp_path / "r.json"))
     rep = json.loads((tmp_path / "r.json").read_text())
     layers = {l["name"]: l for l in rep["layers"]}
     assert {l["format"] for l in layers.values()} == {"act:0.4"}
@@ -117,6 +118,51 @@ def test_sequential_recovery_recalibrates_thresholds_to_the_inputs_layers_receiv
     skipped = float((h.abs() < fc2["calibrated"]["threshold"]).double().mean())
     assert skipped == pytest.approx(0.5, abs=0.03)
     assert fc2["calibrated"]["skipped_on_calibration"] == pytest.approx(skipped, abs=0.03)
+
+
+def correlated(n: int, rows: int, seed: int):
+    """Inputs of 64 features driven by 16 factors (plus a little noise): what an act layer drops
+    is largely predictable from what it keeps."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(16, 64, generator=torch.Generator().manual_seed(99))
+    return [(torch.randn(rows, 16, generator=gen) @ mix + 0.1 * torch.randn(rows, 64, generator=gen),)
+            for _ in range(n)]
+
+
+def test_full_recovery_refits_an_act_weight_to_the_inputs_it_keeps(tmp_path):
+    """``full`` fits W' = (W X^T S + lam W)(S^T S + lam I)^-1 (S: the kept inputs): the compiled
+    layer runs exactly that weight behind its threshold, its calibration error falls in the report,
+    and on held-out inputs it is closer to the dense layer than the sequential plan (W unchanged)."""
+    from sparsec.activation import masked
+    from sparsec.recovery import ACT_RIDGE
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32)).eval()
+    calib = correlated(64, 8, 1)
+    outs, reports = {}, {}
+    for mode in ("sequential", "full"):
+        outs[mode] = sparsec.optimize(model, calib[0], calibration=calib, fingerprint="cpu",
+                                      plan={"layers": {"_default": "act:0.5"}}, recovery=mode,
+                                      report=str(tmp_path / f"{mode}.json"))
+        reports[mode] = json.loads((tmp_path / f"{mode}.json").read_text())["layers"][0]
+    full = reports["full"]
+    t = full["calibrated"]["threshold"]
+    assert t == reports["sequential"]["calibrated"]["threshold"]
+    assert full["recovery"]["recovered_error"] < 0.9 * full["recovery"]["one_shot_error"]
+    X = torch.cat([x for (x,) in calib]).double()
+    S = masked(X, t)
+    W, b = model[0].weight.detach().double(), model[0].bias.detach().double()
+    G = S.T @ S
+    lam = ACT_RIDGE * float(G.diagonal().mean())
+    refit = torch.linalg.solve(G + lam * torch.eye(64, dtype=G.dtype), (W @ X.T @ S + lam * W).T).T
+    (x,) = correlated(1, 256, 7)[0]
+    with torch.no_grad():
+        dense = model(x).double()
+        got = outs["full"].module(x).double()
+        plain = outs["sequential"].module(x).double()
+    want = masked(x.double(), t) @ refit.T + b
+    assert float((got - want).norm() / want.norm()) < 1e-5
+    assert float((got - dense).norm()) < 0.9 * float((plain - dense).norm())
 
 
 def test_few_calibration_rows_are_warned_of_only_where_a_fit_reads_the_gram():
