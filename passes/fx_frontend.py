@@ -176,8 +176,9 @@ class FxFrontend:
     def masked_products(self, thresholds: dict[str, float], replacements: dict[str, torch.Tensor]) -> dict:
         """Per named site, ``MaskedProducts`` over the calibration data: X the inputs it receives
         when ``replacements`` run in place of their layers' weights, S that X with every entry under
-        the site's threshold set to zero (what an ``act`` layer multiplies); one pass, float64. For
-        recovery's refit of ``act`` weights (sparsec.recovery)."""
+        the site's threshold set to zero (what an ``act`` layer multiplies); one pass, float64 up to
+        8192 inputs (float32 above, as the Gram statistics). For recovery's refit of ``act``
+        weights (sparsec.recovery)."""
         from sparsec.activation import masked
 
         keys = {self.sites[n].input_key for n in thresholds}
@@ -193,7 +194,7 @@ class FxFrontend:
                     x = inputs[self.sites[name].input_key]
                     if x is None:
                         continue
-                    x = x.to(torch.float64)
+                    x = x.to(torch.float64 if x.shape[1] <= 8192 else torch.float32)  # as SiteStats.empty
                     sx = masked(x, t)
                     if name not in out:
                         K = x.shape[1]

@@ -259,13 +259,13 @@ def _refit_thresholded(frontend, layers: list[Layer], done: dict, summary: Recov
             continue
         approx = layer.chosen.approx
         ss, cross = p.kept_gram, p.cross
-        W = approx.weight.to(device=ss.device, dtype=torch.float64)
+        W = approx.weight.to(device=ss.device, dtype=ss.dtype)
         lam = ACT_RIDGE * float(torch.diagonal(ss).mean())
         eye = torch.eye(ss.shape[0], dtype=ss.dtype, device=ss.device)
         refit = torch.linalg.solve(ss + lam * eye, (W @ cross.T + lam * W).T).T
         energy = float((W @ p.gram * W).sum())
         if layer.site.bias is not None:
-            b = layer.site.bias.detach().to(device=ss.device, dtype=torch.float64)
+            b = layer.site.bias.detach().to(device=ss.device, dtype=ss.dtype)
             energy += 2.0 * float(b @ (W @ p.total)) + p.rows * float(b @ b)
 
         def error(w, W=W, p=p, energy=energy):
