@@ -146,6 +146,17 @@ def test_redo_works_on_a_file_measured_before_a_family_existed_and_leaves_that_f
     assert json.loads(out.read_text())["kernels"]["act"]
 
 
+def test_redo_of_a_name_nothing_here_measures_is_refused_and_the_file_left_as_it_was(tiny, tmp_path):
+    out = tmp_path / "fp.json"
+    out.write_text(tiny.read_text())
+    with pytest.raises(FingerprintError, match=r"--redo blok: no family or kernel of that name.*known here: .*block"):
+        measure(out, grid="tiny", redo=["blok"], console=quiet(), device="cpu")
+    with pytest.raises(FingerprintError, match=r"--redo sparsec-triton-block: it cannot be measured on this cpu "
+                                               r"device \(Triton kernels need a CUDA device\)"):
+        measure(out, grid="tiny", redo=["sparsec-triton-block"], console=quiet(), device="cpu")
+    assert out.read_text() == tiny.read_text()
+
+
 def test_extend_continues_a_curve_stopped_early_from_where_it_stopped(tiny, tmp_path):
     from sparsec.fingerprint.measure import _entry_key
 

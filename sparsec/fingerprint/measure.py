@@ -459,6 +459,28 @@ def _reopen_cut_curves(doc: dict) -> int:
     return len(jobs)
 
 
+def _check_redo_names(redo: list[str], fams: list[Family], skipped: dict[str, str], kind: str) -> None:
+    """Every --redo name is a family or kernel measurable here: a name that matches nothing would
+    otherwise rewrite the file having measured nothing."""
+    runnable = {f.family for f in fams} | {f.kernel for f in fams}
+    for name in redo:
+        if name in runnable:
+            continue
+        why = next((v for k, v in skipped.items() if name in _skipped_names(k)), None)
+        if why is not None:
+            raise FingerprintError(f"--redo {name}: it cannot be measured on this {kind} device ({why})")
+        raise FingerprintError(f"--redo {name}: no family or kernel of that name is measured on this {kind} device; "
+                               f"known here: {', '.join(sorted(runnable))}")
+
+
+def _skipped_names(key: str) -> set[str]:
+    """The family and kernel names a skipped entry (``"FAMILY [IMPL]"``) stands for: the kernel is
+    IMPL itself (cusparselt) or IMPL-FAMILY (sparsec-triton-block)."""
+    family, _, impl = key.partition(" [")
+    impl = impl.rstrip("]")
+    return {family, impl, f"{impl}-{family}"}
+
+
 def _in_file(jobs: list[Job], doc: dict) -> list[Job]:
     """The jobs of families the file's grid has (a redo adds the families it names): a family added
     to sparsec after the file was measured is measured only when named (--redo FAMILY)."""
@@ -565,6 +587,8 @@ def measure(out: Path | None = None, *, grid: str | None = None, budget_s: float
     out = Path(out) if out else default_output()
     budget_s = budget_s if budget_s is not None else (420.0 if kind == "cuda" else 600.0)
     fams, skipped = discover_families(torch.device(kind))
+    if redo:
+        _check_redo_names(redo, fams, skipped, kind)
     if kind == "cuda":
         torch.cuda.init()
     clock = Clock(torch.device(kind), g.policy)
