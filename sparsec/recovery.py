@@ -261,6 +261,8 @@ def _refit_thresholded(frontend, layers: list[Layer], done: dict, summary: Recov
         ss, cross = p.kept_gram, p.cross
         W = approx.weight.to(device=ss.device, dtype=ss.dtype)
         lam = ACT_RIDGE * float(torch.diagonal(ss).mean())
+        if not lam > 0.0:  # the threshold kept no calibration input: nothing to fit to
+            continue
         eye = torch.eye(ss.shape[0], dtype=ss.dtype, device=ss.device)
         refit = torch.linalg.solve(ss + lam * eye, (W @ cross.T + lam * W).T).T
         energy = float((W @ p.gram * W).sum())
