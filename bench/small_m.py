@@ -52,8 +52,8 @@ def path_call(spec: str, path: str, x: torch.Tensor, p: Packed):
                                       path=path)
 
 
-PATHS = [("2:4", "words"), ("2:4", "gemv"), ("2:4", "dot"), ("2:4", "dot_split"), ("block:64:0.25", "gemv"),
-         ("block:64:0.25", "dot"), ("block:64:0.25", "dot_split")]
+PATHS = [("2:4", "words"), ("2:4", "tokens"), ("2:4", "gemv"), ("2:4", "dot"), ("2:4", "dot_split"),
+         ("block:64:0.25", "gemv"), ("block:64:0.25", "dot"), ("block:64:0.25", "dot_split")]
 
 
 def correctness(device, paths=PATHS) -> list[dict]:
@@ -66,10 +66,11 @@ def correctness(device, paths=PATHS) -> list[dict]:
             for spec in ("2:4", "block:64:0.25", "block:16:0.3"):
                 p = make_packed(spec, N, K, dtype, device, gen)
                 dense = p.to_dense().double()
-                for path in ("words", "gemv", "dot", "dot_split") if spec == "2:4" else ("gemv", "dot", "dot_split"):
+                for path in (("words", "tokens", "gemv", "dot", "dot_split") if spec == "2:4"
+                             else ("gemv", "dot", "dot_split")):
                     if (spec.split(":")[0], path) not in {(s.split(":")[0], q) for s, q in paths}:
                         continue
-                    for M in (1, 2, 4) if path in ("words", "gemv") else (8, 16):
+                    for M in (1, 2, 4) if path in ("words", "gemv") else (3, 16) if path == "tokens" else (8, 16):
                         x = torch.randn(M, K, generator=gen, device=device).to(dtype)
                         call = path_call(spec, path, x, p)
                         try:
@@ -87,7 +88,8 @@ def correctness(device, paths=PATHS) -> list[dict]:
 
 def chosen_config(spec: str, path: str) -> str | None:
     lazy = {("2:4", "words"): twofour._WORDS_KERNEL, ("2:4", "gemv"): twofour._GEMV_KERNEL,
-            ("2:4", "dot"): twofour._KERNEL, ("2:4", "dot_split"): twofour._KERNEL}.get((spec, path))
+            ("2:4", "dot"): twofour._KERNEL, ("2:4", "dot_split"): twofour._KERNEL,
+            ("2:4", "tokens"): twofour._TOKENS_KERNEL}.get((spec, path))
     if lazy is None:
         lazy = block._GEMV_KERNEL if path == "gemv" else block._KERNEL
     kernel = lazy._built.get(False)

@@ -294,6 +294,37 @@ def test_every_small_m_config_matches_reference(module, kernel_name, index, gen)
                                rtol=TOL[torch.float16])
 
 
+@pytest.mark.parametrize("module,kernel_name,index", _gemv_config_cases("twofour", "_TOKENS_KERNEL"))
+def test_every_multi_token_word_config_matches_reference(module, kernel_name, index, gen):
+    """The word kernel's reads for several tokens a program ("tokens"): each configuration alone,
+    at a partial token tile, a full one and several tiles, K = 352 (eleven runs, a partial last run
+    tile), 40 rows (a partial row tile), against float64 with the bias."""
+    from sparsec.codegen import twofour
+
+    config = getattr(twofour, kernel_name).configs[index]
+    packed = pack("2:4", torch.randn(40, 352, generator=gen).half())
+    t = packed.tensors()
+    bias = torch.randn(40, generator=gen).half()
+    dense = packed.to_dense().double()
+    T = config.kwargs["TOKENS"]
+    for M in sorted({max(1, T - 1), T, 2 * T + 1}):
+        x = torch.randn(M, 352, generator=gen).half()
+        with twofour._TOKENS_KERNEL.only(config):
+            y = twofour.twofour_triton(x, t["values"], t["meta"], bias, path="tokens")
+        ref = x.double() @ dense.t() + bias.double()
+        # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
+        torch.testing.assert_close(y.double(), ref, atol=TOL[torch.float16] * ref.abs().max().item(),
+                                   rtol=TOL[torch.float16], msg=lambda m: f"M={M}: {m}")
+
+
+def test_the_multi_token_word_path_refuses_inputs_it_cannot_read_as_words(gen):
+    from sparsec.codegen import twofour
+
+    t = pack("2:4", torch.randn(8, 72, generator=gen).half()).tensors()   # K = 72: no whole metadata words
+    with pytest.raises(ValueError, match="K a multiple of 32"):
+        twofour.twofour_triton(torch.randn(4, 72, generator=gen).half(), t["values"], t["meta"], None, path="tokens")
+
+
 def test_device_only_launch_features_stay_off_where_they_cannot_run(monkeypatch):
     """Programmatic dependent launch and the byte permute are PTX: never asked of the CPU or the
     interpreter; descriptors are (the interpreter emulates them) unless SPARSEC_TMA=0."""
