@@ -173,19 +173,18 @@ class FxFrontend:
                                                 stop_when_seen=stats), args)
         return (stats, products) if reference is not None else stats
 
-    def masked_products(self, thresholds: dict[str, float], replacements: dict[str, torch.Tensor],
-                        folds: int = 1) -> dict:
-        """Per named site, ``folds`` ``MaskedProducts`` over the calibration data (call i in fold
-        i % folds): X the inputs it receives when ``replacements`` run in place of their layers'
-        weights, S that X with every entry under the site's threshold set to zero (what an ``act``
-        layer multiplies); one pass, float64 up to 8192 inputs (float32 above, as the Gram
-        statistics). For recovery's refit of ``act`` weights (sparsec.recovery)."""
+    def masked_products(self, thresholds: dict[str, float], replacements: dict[str, torch.Tensor]) -> dict:
+        """Per named site, ``MaskedProducts`` over the calibration data: X the inputs it receives
+        when ``replacements`` run in place of their layers' weights, S that X with every entry under
+        the site's threshold set to zero (what an ``act`` layer multiplies); one pass, float64 up to
+        8192 inputs (float32 above, as the Gram statistics). For recovery's refit of ``act``
+        weights (sparsec.recovery)."""
         from sparsec.activation import masked
 
         keys = {self.sites[n].input_key for n in thresholds}
-        out: dict[str, list[MaskedProducts]] = {}
+        out: dict[str, MaskedProducts] = {}
         with torch.no_grad():
-            for i, item in enumerate(self.calibration):
+            for item in self.calibration:
                 advance_current()
                 gm, nodes, args = self._run_of(item)
                 inputs = dict.fromkeys(keys)
@@ -198,8 +197,10 @@ class FxFrontend:
                     x = x.to(torch.float64 if x.shape[1] <= 8192 else torch.float32)  # as SiteStats.empty
                     sx = masked(x, t)
                     if name not in out:
-                        out[name] = [MaskedProducts.empty(x) for _ in range(folds)]
-                    out[name][i % folds].add(x, sx)
+                        K = x.shape[1]
+                        out[name] = MaskedProducts(x.new_zeros(K, K), x.new_zeros(K, K), x.new_zeros(K, K),
+                                                   x.new_zeros(K))
+                    out[name].add(x, sx)
         return out
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
@@ -450,15 +451,6 @@ class MaskedProducts:
     gram: torch.Tensor  # X^T X
     total: torch.Tensor  # the rows of X summed
     rows: int = 0
-
-    @classmethod
-    def empty(cls, like: torch.Tensor) -> "MaskedProducts":
-        K = like.shape[1]
-        return cls(like.new_zeros(K, K), like.new_zeros(K, K), like.new_zeros(K, K), like.new_zeros(K))
-
-    def __add__(self, other: "MaskedProducts") -> "MaskedProducts":
-        return MaskedProducts(self.kept_gram + other.kept_gram, self.cross + other.cross, self.gram + other.gram,
-                              self.total + other.total, self.rows + other.rows)
 
     def add(self, x: torch.Tensor, sx: torch.Tensor) -> None:
         self.kept_gram.addmm_(sx.T, sx)

@@ -46,15 +46,11 @@ from sparsec.candidates import Layer
 from sparsec.sites import as_weight, output_energy, relative_output_error
 
 DAMPING = 0.01  # of the Gram's mean diagonal, as every format's fit
-# an act layer's weight refitted to the inputs it keeps ("full") is pulled towards W by a share of
-# the kept inputs' mean Gram diagonal, chosen per layer among ACT_RIDGES by cross-validation over
-# ACT_FOLDS folds of the calibration calls; ACT_RIDGE where there are too few calls to split. On
-# SmolLM2-135M (act:0.4 on all 210 block layers, 8 x 128 calibration tokens, docs/accuracy.md) one
-# share for every layer gave held-out KL 0.416 at 0.01 (overfitted; 0.257 without the refit), 0.230
-# at 0.3 and 0.239 at 3
+# an act layer's weight refitted to the inputs it keeps ("full") is pulled towards W by this share
+# of the kept inputs' mean Gram diagonal: on SmolLM2-135M (act:0.4 on all 210 block layers, 8 x 128
+# calibration tokens, docs/accuracy.md) 0.01 overfitted (held-out KL 0.416 against 0.257 without
+# the refit), 0.3 gave 0.230 and 3 gave 0.239
 ACT_RIDGE = 0.3
-ACT_RIDGES = (0.03, 0.1, 0.3, 1.0, 3.0)
-ACT_FOLDS = 2
 # "full" makes up for the stage before only where calibration has at least this many rows per input;
 # with fewer the target is chased along directions the rows barely span: SmolLM2-135M's down
 # projections (1536 inputs) with 2:4 helped held-out KL at 2.7 rows per input and hurt it at 0.7
@@ -251,33 +247,33 @@ def _recalibrate(layer: Layer, handler, st, summary: RecoverySummary) -> None:
 def _refit_thresholded(frontend, layers: list[Layer], done: dict, summary: RecoverySummary) -> None:
     """``full`` for ``act`` layers (their thresholds already calibrated again on the inputs they
     receive): the weight fitted so that the inputs the layer keeps, S, give what all of them gave,
-    argmin ||X W^T - S W'^T||^2 + lam ||W' - W||^2 = (W X^T S + lam W)(S^T S + lam I)^-1, lam a
-    share of the mean diagonal of S^T S chosen per layer by two-fold cross-validation over the
-    calibration calls (``_act_ridge``); the kernel reads W' as it read W, so the speed is the
+    argmin ||X W^T - S W'^T||^2 + lam ||W' - W||^2 = (W X^T S + lam W)(S^T S + lam I)^-1, lam =
+    ACT_RIDGE x the mean diagonal of S^T S; the kernel reads W' as it read W, so the speed is the
     same. One more pass over the calibration data for the stage. Kept where it lowers the layer's
     error on the calibration inputs (the end-to-end checks after recovery still bind)."""
-    products = frontend.masked_products({l.name: l.chosen.approx.threshold for l in layers}, dict(done),
-                                        folds=ACT_FOLDS)
+    products = frontend.masked_products({l.name: l.chosen.approx.threshold for l in layers}, dict(done))
     summary.passes += 1
     for layer in layers:
-        folds = products.get(layer.name)
-        if not folds:
-            continue
-        p = sum(folds[1:], folds[0])
-        if p.rows == 0:
+        p = products.get(layer.name)
+        if p is None or p.rows == 0:
             continue
         approx = layer.chosen.approx
-        W = approx.weight.to(device=p.gram.device, dtype=p.gram.dtype)
-        refit = _ridge_fit(W, p, _act_ridge(W, folds))
-        if refit is None:  # the threshold kept no calibration input: nothing to fit to
+        ss, cross = p.kept_gram, p.cross
+        W = approx.weight.to(device=ss.device, dtype=ss.dtype)
+        lam = ACT_RIDGE * float(torch.diagonal(ss).mean())
+        if not lam > 0.0:  # the threshold kept no calibration input: nothing to fit to
             continue
+        eye = torch.eye(ss.shape[0], dtype=ss.dtype, device=ss.device)
+        refit = torch.linalg.solve(ss + lam * eye, (W @ cross.T + lam * W).T).T
         energy = float((W @ p.gram * W).sum())
         if layer.site.bias is not None:
-            b = layer.site.bias.detach().to(device=p.gram.device, dtype=p.gram.dtype)
+            b = layer.site.bias.detach().to(device=ss.device, dtype=ss.dtype)
             energy += 2.0 * float(b @ (W @ p.total)) + p.rows * float(b @ b)
 
         def error(w, W=W, p=p, energy=energy):
-            return math.sqrt(max(_kept_residual(W, w, p), 0.0) / energy) if energy > 0 else 0.0
+            # ||X W^T - S w^T||^2 = tr(W G W^T) - 2 tr(W X^T S w^T) + tr(w S^T S w^T)
+            num = float((W @ p.gram * W).sum() - 2.0 * (W @ p.cross.T * w).sum() + (w @ p.kept_gram * w).sum())
+            return math.sqrt(max(num, 0.0) / energy) if energy > 0 else 0.0
 
         before, after = error(W), error(refit)
         if math.isfinite(after) and after < before:
@@ -285,38 +281,6 @@ def _refit_thresholded(frontend, layers: list[Layer], done: dict, summary: Recov
                                               approx.threshold)
             first = layer.recovered[0] if layer.recovered else before
             layer.recovered = (first, after)
-
-
-def _ridge_fit(W: torch.Tensor, p, share: float) -> torch.Tensor | None:
-    """(W X^T S + lam W)(S^T S + lam I)^-1 with lam = ``share`` x the mean diagonal of S^T S; None
-    where that diagonal is zero."""
-    lam = share * float(torch.diagonal(p.kept_gram).mean())
-    if not lam > 0.0:
-        return None
-    eye = torch.eye(W.shape[1], dtype=W.dtype, device=W.device)
-    return torch.linalg.solve(p.kept_gram + lam * eye, (W @ p.cross.T + lam * W).T).T
-
-
-def _kept_residual(W: torch.Tensor, w: torch.Tensor, p) -> float:
-    """||X W^T - S w^T||^2 over p's rows = tr(W G W^T) - 2 tr(W X^T S w^T) + tr(w S^T S w^T)."""
-    return float((W @ p.gram * W).sum() - 2.0 * (W @ p.cross.T * w).sum() + (w @ p.kept_gram * w).sum())
-
-
-def _act_ridge(W: torch.Tensor, folds: list) -> float:
-    """The share of ACT_RIDGES whose fits to one fold's calls best predict the other fold's
-    (summed residual over both ways round); ACT_RIDGE where a fold is empty."""
-    if len(folds) < 2 or any(f.rows == 0 for f in folds):
-        return ACT_RIDGE
-
-    def held_out(share: float) -> float:
-        total = 0.0
-        for i, f in enumerate(folds):
-            rest = [g for j, g in enumerate(folds) if j != i]
-            fit = _ridge_fit(W, sum(rest[1:], rest[0]), share)
-            total += math.inf if fit is None else _kept_residual(W, fit, f)
-        return total
-
-    return min(ACT_RIDGES, key=held_out)
 
 
 def _reference_target(weight: torch.Tensor, cross: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
