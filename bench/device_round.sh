@@ -64,6 +64,13 @@ case "${1:-suite}" in
     TAIL=8 step fingerprint-smallm 400 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 380 \
       --redo sparsec-triton-block --redo sparsec-triton-2:4 --redo-up-to 16
     ;;
+  pending)
+    TAIL=20 step small-m-tokens 230 python3 bench/small_m.py --out "$OUT/small_m_tokens.json" --budget-s 220 \
+      --skip-cslt --paths 2:4:words,2:4:tokens,2:4:dot --tokens 2,4,8,16
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=8 step fingerprint-smallm 300 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 280 \
+      --redo sparsec-triton-block --redo sparsec-triton-2:4 --redo-up-to 16
+    ;;
   quick)  # the suite, and bench/moe.py at decode token counts only
     step suite 230 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short tests
     grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
