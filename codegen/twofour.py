@@ -372,15 +372,18 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-def _twofour_tokens_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8, stride_xm, stride_pn, stride_mn,
-                           stride_ym, stride_yn, M_BUCKET, HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr,
-                           USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr, TOKENS: tl.constexpr,
-                           BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+def _twofour_tokens_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, G8, GATE_ROW, UP_ROW,
+                           stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn, M_BUCKET,
+                           HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr,
+                           HAS_RES: tl.constexpr, USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr,
+                           TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
     """The word kernel's reads for TOKENS tokens a program (grid axis 1 over token tiles): each
     weight and metadata word is loaded and decoded once and multiplied into every token's
     accumulator, so M tokens read the weight cdiv(M, TOKENS) times instead of M. Each token's
     inputs are picked from its own input words as the word kernel picks them (USE_PRMT: one byte
-    permute). Plain product and bias; no epilogue, no descriptors, no experts."""
+    permute). The word kernel's GATED and HAS_RES epilogues; no low-rank term, no descriptors, no
+    experts."""
+    HALVES: tl.constexpr = 2 if GATED else 1
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -390,52 +393,63 @@ def _twofour_tokens_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, y_ptr, M, N, G8, st
     mask_n = offs_n < N
     mask_t = offs_t < M
     shift = ((offs_e // 4) * 16 + (offs_e % 4) * 2)[None, None, :]
-    acc = tl.zeros((TOKENS, BLOCK_N, BLOCK_J, 8), dtype=tl.float32)
-    p_ptrs = (pair_ptr + offs_n[:, None, None].to(tl.int64) * stride_pn
-              + offs_j[None, :, None] * 8 + offs_e[None, None, :])
-    m_ptrs = meta_ptr + offs_n[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
-    x_ptrs = (x_ptr + offs_t[:, None, None, None].to(tl.int64) * stride_xm
-              + (offs_j[None, :, None, None] * 16 + offs_e[None, None, :, None] * 2
-                 + tl.arange(0, 2)[None, None, None, :]))
     full: tl.constexpr = (TOKENS, BLOCK_N, BLOCK_J, 8)
-    for j0 in range(0, G8, BLOCK_J):
-        run = j0 + offs_j < G8
-        mask_nj = mask_n[:, None] & run[None, :]
-        pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0, eviction_policy=WEIGHT_EVICTION)
-        word = tl.load(m_ptrs, mask=mask_nj, other=0, eviction_policy=WEIGHT_EVICTION)
-        lo, hi = tl.split(tl.load(x_ptrs, mask=mask_t[:, None, None, None] & run[None, :, None, None], other=0))
-        lo = tl.broadcast_to(lo[:, None, :, :], full)   # each token's inputs (x0, x1) of each group
-        hi = tl.broadcast_to(hi[:, None, :, :], full)   # and (x2, x3)
-        both = tl.broadcast_to(((word[:, :, None] >> shift) & 0x0303)[None, :, :, :], full)  # p0 | p1 << 8
-        if USE_PRMT:
-            picked = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
-                                               [lo, hi, both * 0x22 + 0x1010], dtype=tl.int32,
-                                               is_pure=True, pack=1)
+    out = tl.zeros((TOKENS, BLOCK_N), dtype=tl.float32)
+    for h in tl.static_range(HALVES):
+        src = offs_n + GATE_ROW + h * (UP_ROW - GATE_ROW)
+        acc = tl.zeros(full, dtype=tl.float32)
+        p_ptrs = (pair_ptr + src[:, None, None].to(tl.int64) * stride_pn
+                  + offs_j[None, :, None] * 8 + offs_e[None, None, :])
+        m_ptrs = meta_ptr + src[:, None].to(tl.int64) * stride_mn + offs_j[None, :]
+        x_ptrs = (x_ptr + offs_t[:, None, None, None].to(tl.int64) * stride_xm
+                  + (offs_j[None, :, None, None] * 16 + offs_e[None, None, :, None] * 2
+                     + tl.arange(0, 2)[None, None, None, :]))
+        for j0 in range(0, G8, BLOCK_J):
+            run = j0 + offs_j < G8
+            mask_nj = mask_n[:, None] & run[None, :]
+            pair = tl.load(p_ptrs, mask=mask_nj[:, :, None], other=0, eviction_policy=WEIGHT_EVICTION)
+            word = tl.load(m_ptrs, mask=mask_nj, other=0, eviction_policy=WEIGHT_EVICTION)
+            lo, hi = tl.split(tl.load(x_ptrs, mask=mask_t[:, None, None, None] & run[None, :, None, None], other=0))
+            lo = tl.broadcast_to(lo[:, None, :, :], full)   # each token's inputs (x0, x1) of each group
+            hi = tl.broadcast_to(hi[:, None, :, :], full)   # and (x2, x3)
+            both = tl.broadcast_to(((word[:, :, None] >> shift) & 0x0303)[None, :, :, :], full)  # p0 | p1 << 8
+            if USE_PRMT:
+                picked = tl.inline_asm_elementwise("prmt.b32 $0, $1, $2, $3;", "=r,r,r,r",
+                                                   [lo, hi, both * 0x22 + 0x1010], dtype=tl.int32,
+                                                   is_pure=True, pack=1)
+            else:
+                p0 = both & 3
+                p1 = both >> 8
+                xa = tl.where(p0 >= 2, hi, lo)
+                xb = tl.where(p1 >= 2, hi, lo)
+                picked = ((xa >> ((p0 & 1) * 16)) & 0xFFFF) | (((xb >> ((p1 & 1) * 16)) & 0xFFFF) << 16)
+            if IS_BF16:
+                v0 = (pair << 16).to(tl.float32, bitcast=True)
+                v1 = (pair & -65536).to(tl.float32, bitcast=True)
+                x0 = (picked << 16).to(tl.float32, bitcast=True)
+                x1 = (picked & -65536).to(tl.float32, bitcast=True)
+            else:
+                v0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                x0 = (picked & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+                x1 = ((picked >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+            acc += x0 * v0[None, :, :, :] + x1 * v1[None, :, :, :]
+            p_ptrs += BLOCK_J * 8
+            m_ptrs += BLOCK_J
+            x_ptrs += BLOCK_J * 16
+        part = tl.sum(tl.sum(acc, axis=3), axis=2)
+        if HAS_BIAS:
+            part += tl.load(b_ptr + src, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if h == 0:
+            out = part
         else:
-            p0 = both & 3
-            p1 = both >> 8
-            xa = tl.where(p0 >= 2, hi, lo)
-            xb = tl.where(p1 >= 2, hi, lo)
-            picked = ((xa >> ((p0 & 1) * 16)) & 0xFFFF) | (((xb >> ((p1 & 1) * 16)) & 0xFFFF) << 16)
-        if IS_BF16:
-            v0 = (pair << 16).to(tl.float32, bitcast=True)
-            v1 = (pair & -65536).to(tl.float32, bitcast=True)
-            x0 = (picked << 16).to(tl.float32, bitcast=True)
-            x1 = (picked & -65536).to(tl.float32, bitcast=True)
-        else:
-            v0 = (pair & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            v1 = ((pair >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            x0 = (picked & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-            x1 = ((picked >> 16) & 0xFFFF).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
-        acc += x0 * v0[None, :, :, :] + x1 * v1[None, :, :, :]
-        p_ptrs += BLOCK_J * 8
-        m_ptrs += BLOCK_J
-        x_ptrs += BLOCK_J * 16
-    out = tl.sum(tl.sum(acc, axis=3), axis=2)
-    if HAS_BIAS:
-        out += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+            out = out * tl.sigmoid(out) * part
+    mask = mask_t[:, None] & mask_n[None, :]
+    if HAS_RES:
+        out += tl.load(r_ptr + offs_t[:, None].to(tl.int64) * stride_rm + offs_n[None, :] * stride_rn, mask=mask,
+                       other=0.0).to(tl.float32)
     tl.store(y_ptr + offs_t[:, None].to(tl.int64) * stride_ym + offs_n[None, :] * stride_yn,
-             out.to(y_ptr.dtype.element_ty), mask=mask_t[:, None] & mask_n[None, :])
+             out.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _tma_block_shapes(nargs) -> None:
@@ -507,8 +521,8 @@ def _tokens_keep(config, args) -> bool:
 
 
 # not yet timed on a GPU: no automatic path takes it (twofour_triton(path="tokens") forces it)
-_TOKENS_KERNEL = LazyKernel(_twofour_tokens_kernel, _tokens_configs(), key=["M_BUCKET", "N", "G8", "IS_BF16"],
-                            prune=_tokens_keep)
+_TOKENS_KERNEL = LazyKernel(_twofour_tokens_kernel, _tokens_configs(),
+                            key=["M_BUCKET", "N", "G8", "IS_BF16", "GATED", "HAS_RES"], prune=_tokens_keep)
 
 
 def _gemv_configs():
@@ -625,13 +639,13 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
         low = (t @ u.t()).to(x.dtype)
         residual = low if residual is None else residual + low
         lowrank = None
-    if path != "words" and (gated or residual is not None):
+    if path not in ("words", "tokens") and (gated or residual is not None):
         return epilogue.apply(twofour_triton(x, values, meta, bias, path), gate_row, up_row, width, residual)
     y = torch.empty(M, width if gated else N, device=x.device, dtype=x.dtype)
     if path == "words":
         return _words(x, values, meta, y, bias, residual, lowrank, gate_row, up_row)
     if path == "tokens":
-        return _tokens(x, values, meta, y, bias)
+        return _tokens(x, values, meta, y, bias, residual, gate_row, up_row)
     if path == "gemv":
         pairs = values.view(torch.int32)
         block_m = min(triton.next_power_of_2(M), GEMV_BLOCK_M)
@@ -705,8 +719,9 @@ def _words(x, values, meta, y, bias, residual, lowrank, gate_row: int, up_row: i
     return y
 
 
-def _tokens(x, values, meta, y, bias):
-    """Launch the multi-token word kernel into ``y`` (inputs as ``words_usable`` asks)."""
+def _tokens(x, values, meta, y, bias, residual, gate_row: int, up_row: int):
+    """Launch the multi-token word kernel into ``y`` (``twofour_triton``'s arguments; inputs as
+    ``words_usable`` asks)."""
     if not words_usable(x, values, meta):
         raise ValueError("the 2:4 'tokens' path reads x, values and metadata as int32 words: it needs 16-bit x "
                          "with unit stride along K, K a multiple of 32 and aligned contiguous values and metadata")
@@ -716,10 +731,12 @@ def _tokens(x, values, meta, y, bias):
     def grid(meta_):
         return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), triton.cdiv(M, meta_["TOKENS"]))
 
-    _TOKENS_KERNEL[grid](x32, pairs, meta32, y if bias is None else bias, y, M, y.shape[1], K // 32, x32.stride(0),
-                         pairs.stride(0), meta32.stride(0), y.stride(0), y.stride(1), m_bucket(M),
-                         HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, USE_PRMT=prmt_usable(x),
-                         WEIGHT_EVICTION=WEIGHT_EVICTION)
+    r = y if residual is None else residual
+    _TOKENS_KERNEL[grid](x32, pairs, meta32, y if bias is None else bias, r, y, M, y.shape[1], K // 32,
+                         max(gate_row, 0), max(up_row, 0), x32.stride(0), pairs.stride(0), meta32.stride(0),
+                         r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M),
+                         HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gate_row >= 0,
+                         HAS_RES=residual is not None, USE_PRMT=prmt_usable(x), WEIGHT_EVICTION=WEIGHT_EVICTION)
     return y
 
 

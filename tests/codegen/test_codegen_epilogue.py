@@ -88,6 +88,30 @@ def test_every_small_m_config_fuses_the_gate_and_residual(module, kernel_name, i
     close(y, gated_reference(x, dense[:N], dense[N:], bias[:N], bias[N:], residual), torch.float16)
 
 
+@pytest.mark.parametrize("module,kernel_name,index", _gemv_config_cases("twofour", "_TOKENS_KERNEL"))
+def test_every_multi_token_word_config_fuses_the_gate_and_residual(module, kernel_name, index, gen):
+    """The multi-token word kernel ("tokens") with both epilogues, each configuration alone, at a
+    partial token tile and several tiles: the stacked gate and up rows walked one after the other
+    per token tile, SiLU-multiplied, the residual added."""
+    from sparsec.codegen import twofour
+
+    config = getattr(twofour, kernel_name).configs[index]
+    N, K = 40, 352
+    gate_w, up_w = torch.randn(N, K, generator=gen), torch.randn(N, K, generator=gen)
+    stacked = stack_rows([pack("2:4", gate_w.half()), pack("2:4", up_w.half())])
+    t = stacked.tensors()
+    bias = torch.randn(2 * N, generator=gen).half()
+    dense = stacked.to_dense()
+    T = config.kwargs["TOKENS"]
+    for M in sorted({max(1, T - 1), 2 * T + 1}):
+        x = torch.randn(M, K, generator=gen).half()
+        residual = torch.randn(M, N, generator=gen).half()
+        with twofour._TOKENS_KERNEL.only(config):
+            y = twofour.twofour_triton(x, t["values"], t["meta"], bias, path="tokens", residual=residual,
+                                       gate_row=0, up_row=N, width=N)
+        close(y, gated_reference(x, dense[:N], dense[N:], bias[:N], bias[N:], residual), torch.float16)
+
+
 def test_block_gated_work_list_orders_pairs_by_their_blocks_together(gen):
     from sparsec.codegen.block import gated_order
 
