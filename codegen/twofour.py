@@ -58,6 +58,11 @@ DEFAULT_CROSSOVER_M = 1024
 # (GATHER_MAX_M). GEMV_BLOCK_M caps the tokens a program of the gathering kernel takes.
 GEMV_MAX_M = 2
 GATHER_MAX_M = 1
+# An expert bank's rows (``twofour_rows``) go one a program up to this many rows per expert on
+# average, in tiles of one expert's rows above: on an H100 (Mixtral bank, 2026-12-05) one row a
+# program won at 1 and 4 tokens (0.25 and 1 row an expert) and lost to the grouped kernel at 16
+# (4 rows an expert), re-reading each expert's weight once per row. The tiles are not yet timed.
+ROWS_TILES_FROM = 2
 GEMV_BLOCK_M = 16
 # The expansion kernel reads metadata as int32 words where K is a multiple of 32 (False: bytes).
 # On an H200 (bf16, M = 2 and 16, docs/history.md) words took from 1% more to 12%
@@ -372,31 +377,49 @@ def _twofour_words_kernel(x_ptr, pair_ptr, meta_ptr, pair_desc, meta_desc, b_ptr
     tl.store(y_ptr + pid_m.to(tl.int64) * stride_ym + offs_n * stride_yn, out.to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
-def _twofour_tokens_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, M, N, G8, GATE_ROW, UP_ROW,
+def _twofour_tokens_kernel(x_ptr, pair_ptr, meta_ptr, b_ptr, r_ptr, y_ptr, ends_ptr, tiles_ptr, tile_expert_ptr,
+                           M, N, G8, GATE_ROW, UP_ROW, E, E_ROWS, TILE,
                            stride_xm, stride_pn, stride_mn, stride_rm, stride_rn, stride_ym, stride_yn, M_BUCKET,
                            HAS_BIAS: tl.constexpr, IS_BF16: tl.constexpr, GATED: tl.constexpr,
-                           HAS_RES: tl.constexpr, USE_PRMT: tl.constexpr, WEIGHT_EVICTION: tl.constexpr,
-                           TOKENS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+                           HAS_RES: tl.constexpr, EXPERTS: tl.constexpr, USE_PRMT: tl.constexpr,
+                           WEIGHT_EVICTION: tl.constexpr, TOKENS: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_J: tl.constexpr):
     """The word kernel's reads for TOKENS tokens a program (grid axis 1 over token tiles): each
     weight and metadata word is loaded and decoded once and multiplied into every token's
     accumulator, so M tokens read the weight cdiv(M, TOKENS) times instead of M. Each token's
     inputs are picked from its own input words as the word kernel picks them (USE_PRMT: one byte
-    permute). The word kernel's GATED and HAS_RES epilogues; no low-rank term, no descriptors, no
-    experts."""
+    permute). The word kernel's GATED and HAS_RES epilogues; no low-rank term, no descriptors.
+
+    EXPERTS: the weight is a bank of experts stacked by rows, E_ROWS rows each; x's rows are sorted
+    by expert and a program serves one tile of TOKENS (= TILE) rows of one expert (the tile map of
+    ``codegen.experts.sorted_runs``: ``ends_ptr``, ``tiles_ptr``, ``tile_expert_ptr``), so an expert's
+    weight is read once per tile of its rows."""
     HALVES: tl.constexpr = 2 if GATED else 1
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_t = pid_m * TOKENS + tl.arange(0, TOKENS)
+    if EXPERTS:
+        e = tl.load(tile_expert_ptr + pid_m)
+        if e >= E:
+            return
+        run_start = tl.where(e > 0, tl.load(ends_ptr + e - 1, mask=e > 0, other=0), 0)
+        run_end = tl.load(ends_ptr + e)
+        first_tile = tl.where(e > 0, tl.load(tiles_ptr + e - 1, mask=e > 0, other=0), 0)
+        offs_t = run_start + (pid_m - first_tile) * TOKENS + tl.arange(0, TOKENS)
+        mask_t = offs_t < run_end
+        e_rows = e.to(tl.int64) * E_ROWS
+    else:
+        offs_t = pid_m * TOKENS + tl.arange(0, TOKENS)
+        mask_t = offs_t < M
+        e_rows = pid_m.to(tl.int64) * 0
     offs_j = tl.arange(0, BLOCK_J)
     offs_e = tl.arange(0, 8)
     mask_n = offs_n < N
-    mask_t = offs_t < M
     shift = ((offs_e // 4) * 16 + (offs_e % 4) * 2)[None, None, :]
     full: tl.constexpr = (TOKENS, BLOCK_N, BLOCK_J, 8)
     out = tl.zeros((TOKENS, BLOCK_N), dtype=tl.float32)
     for h in tl.static_range(HALVES):
-        src = offs_n + GATE_ROW + h * (UP_ROW - GATE_ROW)
+        src = offs_n + GATE_ROW + h * (UP_ROW - GATE_ROW) + e_rows
         acc = tl.zeros(full, dtype=tl.float32)
         p_ptrs = (pair_ptr + src[:, None, None].to(tl.int64) * stride_pn
                   + offs_j[None, :, None] * 8 + offs_e[None, None, :])
@@ -510,11 +533,14 @@ def _tokens_configs():
 
 def _tokens_keep(config, args) -> bool:
     """A token tile no larger than M's bucket (and at least half of it: smaller tiles read the
-    weight more often); TOKENS accumulators within 64 registers a thread; no run tile wider than
-    the row."""
+    weight more often), or for experts the tile the map was made for; TOKENS accumulators within 64
+    registers a thread; no run tile wider than the row."""
     kw = config.kwargs
     bucket = args["M_BUCKET"]
-    if not (kw["TOKENS"] <= max(2, bucket) and 2 * kw["TOKENS"] >= min(bucket, 16)):
+    if args["EXPERTS"]:
+        if kw["TOKENS"] != args["TILE"]:
+            return False
+    elif not (kw["TOKENS"] <= max(2, bucket) and 2 * kw["TOKENS"] >= min(bucket, 16)):
         return False
     per_thread = kw["TOKENS"] * kw["BLOCK_N"] * kw["BLOCK_J"] * 8 // (32 * config.num_warps)
     return kw["BLOCK_J"] <= max(8, triton.next_power_of_2(args["G8"])) and per_thread <= 64
@@ -522,7 +548,8 @@ def _tokens_keep(config, args) -> bool:
 
 # not yet timed on a GPU: no automatic path takes it (twofour_triton(path="tokens") forces it)
 _TOKENS_KERNEL = LazyKernel(_twofour_tokens_kernel, _tokens_configs(),
-                            key=["M_BUCKET", "N", "G8", "IS_BF16", "GATED", "HAS_RES"], prune=_tokens_keep)
+                            key=["M_BUCKET", "N", "G8", "IS_BF16", "GATED", "HAS_RES", "EXPERTS", "TILE"],
+                            prune=_tokens_keep)
 
 
 def _gemv_configs():
@@ -719,25 +746,48 @@ def _words(x, values, meta, y, bias, residual, lowrank, gate_row: int, up_row: i
     return y
 
 
-def _tokens(x, values, meta, y, bias, residual, gate_row: int, up_row: int):
+def _tokens(x, values, meta, y, bias, residual, gate_row: int, up_row: int, experts=None):
     """Launch the multi-token word kernel into ``y`` (``twofour_triton``'s arguments; inputs as
-    ``words_usable`` asks)."""
+    ``words_usable`` asks); ``experts``: (the expert of each row of x, sorted; rows per expert; the
+    number of experts; rows a tile) where values and metadata stack a bank's experts by rows."""
     if not words_usable(x, values, meta):
         raise ValueError("the 2:4 'tokens' path reads x, values and metadata as int32 words: it needs 16-bit x "
                          "with unit stride along K, K a multiple of 32 and aligned contiguous values and metadata")
     M, K = x.shape
     x32, pairs, meta32 = x.view(torch.int32), values.view(torch.int32), meta.view(torch.int32)
 
-    def grid(meta_):
-        return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), triton.cdiv(M, meta_["TOKENS"]))
-
     r = y if residual is None else residual
-    _TOKENS_KERNEL[grid](x32, pairs, meta32, y if bias is None else bias, r, y, M, y.shape[1], K // 32,
-                         max(gate_row, 0), max(up_row, 0), x32.stride(0), pairs.stride(0), meta32.stride(0),
-                         r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M),
+    if experts is None:
+        ends = tiles = tile_expert = y
+        E = E_ROWS = tile = 0
+    else:
+        expert_of_row, E_ROWS, E, tile = experts
+        ends, tiles, tile_expert = _tile_map(expert_of_row, E, tile)
+
+    def grid(meta_):
+        tiles_ = tile_expert.shape[0] if experts is not None else triton.cdiv(M, meta_["TOKENS"])
+        return (triton.cdiv(y.shape[1], meta_["BLOCK_N"]), tiles_)
+
+    _TOKENS_KERNEL[grid](x32, pairs, meta32, y if bias is None else bias, r, y, ends, tiles, tile_expert, M, y.shape[1],
+                         K // 32, max(gate_row, 0), max(up_row, 0), E, E_ROWS, tile, x32.stride(0), pairs.stride(0),
+                         meta32.stride(0), r.stride(0), r.stride(1), y.stride(0), y.stride(1), m_bucket(M),
                          HAS_BIAS=bias is not None, IS_BF16=x.dtype == torch.bfloat16, GATED=gate_row >= 0,
-                         HAS_RES=residual is not None, USE_PRMT=prmt_usable(x), WEIGHT_EVICTION=WEIGHT_EVICTION)
+                         HAS_RES=residual is not None, EXPERTS=experts is not None, USE_PRMT=prmt_usable(x),
+                         WEIGHT_EVICTION=WEIGHT_EVICTION)
     return y
+
+
+def _tile_map(expert_of_row: torch.Tensor, E: int, tile: int):
+    """Rows sorted by expert cut into tiles of ``tile`` rows of one expert: each expert's run end,
+    the cumulative tile counts and each tile's expert (E past the last), device ops only, the tile
+    count from the row count and E alone (as ``codegen.experts.sorted_runs``)."""
+    S = expert_of_row.shape[0]
+    e = expert_of_row.long()
+    counts = torch.zeros(E, dtype=torch.int64, device=e.device).scatter_add_(0, e, torch.ones_like(e))
+    ends = torch.cumsum(counts, 0)
+    tiles = torch.cumsum((counts + tile - 1) // tile, 0)
+    tile_expert = torch.searchsorted(tiles, torch.arange(-(-S // tile) + E, device=e.device), right=True)
+    return ends, tiles, tile_expert
 
 
 def twofour_rows(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, expert_of_row: torch.Tensor,
@@ -747,14 +797,20 @@ def twofour_rows(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, expe
     token and a tensor-core tile would be mostly padding. Each row reads its expert's packed weight
     once; rows of one expert run side by side in the launch, so their reads of it meet in L2.
     ``gate_row``, ``up_row``, ``width``: the fused SwiGLU epilogue (``twofour_triton``).
-    Needs ``words_usable`` (16-bit, K a multiple of 32)."""
+    Needs ``words_usable`` (16-bit, K a multiple of 32). Past ROWS_TILES_FROM rows per expert on
+    average the rows go in tiles of up to 16 rows of one expert to the multi-token word kernel,
+    which reads the expert's weight once per tile."""
     E, N, half = values.shape
     S = x.shape[0]
     y = torch.empty(S, width if gate_row >= 0 else N, device=x.device, dtype=x.dtype)
     if S == 0:
         return y
-    return _words(x, values.reshape(E * N, half), meta.reshape(E * N, meta.shape[2]), y, None, None, None,
-                  gate_row, up_row, experts=(expert_of_row.to(torch.int32), N))
+    flat_values, flat_meta = values.reshape(E * N, half), meta.reshape(E * N, meta.shape[2])
+    if S > ROWS_TILES_FROM * E:
+        tile = min(16, triton.next_power_of_2(-(-S // E)))
+        return _tokens(x, flat_values, flat_meta, y, None, None, gate_row, up_row, experts=(expert_of_row, N, E, tile))
+    return _words(x, flat_values, flat_meta, y, None, None, None, gate_row, up_row,
+                  experts=(expert_of_row.to(torch.int32), N))
 
 
 @torch.library.custom_op("sparsec::twofour_linear", mutates_args=())

@@ -331,6 +331,34 @@ def test_rows_of_experts_read_their_own_expert_even_when_the_routing_skips_some(
     torch.testing.assert_close(y.float(), want, rtol=2e-3, atol=2e-3)
 
 
+@pytest.mark.parametrize("rows_of", [[0, 5, 0, 4], [9, 1, 0, 7], [33, 2, 1, 0]], ids=["tile4", "tile8", "tile16"])
+def test_experts_with_several_rows_each_go_in_tiles_of_one_experts_rows(rows_of, gen, monkeypatch):
+    """Past ROWS_TILES_FROM rows an expert on average, rows go to the multi-token word kernel in
+    tiles of one expert's rows (uneven runs, an expert with none, runs longer than a tile), with
+    the SwiGLU fused as row by row; below, one row a program."""
+    from sparsec.codegen import twofour
+    from sparsec.codegen.twofour import expand, twofour_rows
+
+    E, I, K = 4, 40, 64
+    (v, m, _), _ = twofour_bank(E, I, K, gen, torch.float16)
+    expert_of_row = torch.repeat_interleave(torch.arange(E), torch.tensor(rows_of))
+    S = expert_of_row.shape[0]
+    assert S > twofour.ROWS_TILES_FROM * E
+    x = torch.randn(S, K, generator=gen).half()
+    launched = []
+    real_tokens, real_words = twofour._tokens, twofour._words
+    monkeypatch.setattr(twofour, "_tokens", lambda *a, **kw: launched.append(kw["experts"][3]) or real_tokens(*a, **kw))
+    monkeypatch.setattr(twofour, "_words", lambda *a, **kw: launched.append("words") or real_words(*a, **kw))
+    h = twofour_rows(x, v, m, expert_of_row, gate_row=0, up_row=I, width=I)
+    dense = [expand(v[e], m[e], K).float() for e in range(E)]
+    full = torch.stack([x[s].float() @ dense[e].t() for s, e in enumerate(expert_of_row.tolist())])
+    want = torch.nn.functional.silu(full[:, :I]) * full[:, I:]
+    torch.testing.assert_close(h.float(), want, rtol=4e-3, atol=4e-3 * want.abs().max().item())
+    assert launched == [min(16, 1 << (-(-S // E) - 1).bit_length())]
+    twofour_rows(x[: 2 * E], v, m, expert_of_row[: 2 * E].sort().values)
+    assert launched[-1] == "words"
+
+
 def block_bank(E, N, K, B, kept, gen, dtype=torch.float32):
     """(values, col_idx, row_ptr) of E experts each keeping ``kept`` random B x B blocks of N x K, the
     first block row always empty (a program with nothing to read), and their dense weights."""
