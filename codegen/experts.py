@@ -308,18 +308,14 @@ def sorted_runs(top_k_index, E: int, block_m: int):
 def _grouped_kernel(a_ptr, w_ptr, meta_ptr, rowptr_ptr, c_ptr, ends_ptr, tiles_ptr, tile_expert_ptr, N, K, E,
                     META_COLS, stride_am, stride_ak, stride_we, stride_wn, stride_wk, stride_me, stride_mn, stride_re,
                     stride_cm, stride_cn, TWOFOUR: tl.constexpr, BLOCK: tl.constexpr, DOT_PREC: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False,
-                    PLANAR: tl.constexpr = False):
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False):
     """C[rows of expert e] = A[rows of e] @ W[e]^T for the row tile this program serves. With
     ``TWOFOUR`` W[e] is 2:4: its kept values (E, N, K/2) and position bytes (``meta_ptr``), each read
     once per row tile and expanded to the dense tile in registers (as codegen/twofour.py's kernel).
     With ``BLOCK`` W[e] is block-sparse in BLOCK_K x BLOCK_K blocks (``BlockWeights``): the program's
     BLOCK_N output rows lie in one block row, whose kept blocks (``rowptr_ptr``, block columns at
     ``meta_ptr``) are the only weights it reads, each with the matching slice of A's columns.
-    ``SWAP`` (a configuration's choice): C^T = W A^T, the weight tile the MMA's first operand.
-    ``PLANAR`` (a configuration's choice, 2:4 only): the tile's columns as four planes (plane i:
-    columns k0 + 4g + i), each expanded by one select and multiplied by the matching strided
-    slice of A, as codegen/twofour.py's kernel does."""
+    ``SWAP`` (a configuration's choice): C^T = W A^T, the weight tile the MMA's first operand."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     e = tl.load(tile_expert_ptr + pid_m)
@@ -357,30 +353,6 @@ def _grouped_kernel(a_ptr, w_ptr, meta_ptr, rowptr_ptr, c_ptr, ends_ptr, tiles_p
                 acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
             w_ptrs += stride_wn
             c_ptrs += 1
-    elif TWOFOUR and PLANAR:
-        G4: tl.constexpr = BLOCK_K // 4
-        a_rows = a_ptr + offs_m[:, None].to(tl.int64) * stride_am
-        pair = tl.arange(0, 2)
-        for k0 in range(0, K, BLOCK_K):
-            offs_g = k0 // 4 + tl.arange(0, G4)
-            mask_g = mask_n[:, None] & (offs_g[None, :] < K // 4)
-            v3 = tl.load(w_base + offs_n[:, None, None] * stride_wn + (offs_g * 2)[None, :, None] + pair[None, None, :],
-                         mask=mask_g[:, :, None], other=0.0)
-            v0, v1 = tl.split(v3)
-            # each quad's byte pair: first positions, then second positions, 2 bits a group
-            byte = m_base + offs_n[:, None] * stride_mn + ((offs_g // 4) * 2)[None, :]
-            shift = ((offs_g % 4) * 2)[None, :]
-            p0 = (tl.load(byte, mask=mask_g, other=0).to(tl.int32) >> shift) & 3
-            p1 = (tl.load(byte + 1, mask=mask_g, other=0).to(tl.int32) >> shift) & 3
-            zero = tl.zeros_like(v0)
-            for i in tl.static_range(4):
-                cols = offs_g * 4 + i
-                a = tl.load(a_rows + cols[None, :] * stride_ak, mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
-                w = tl.where(p0 == i, v0, tl.where(p1 == i, v1, zero))
-                if SWAP:
-                    acc_t = tl.dot(w, tl.trans(a), acc_t, input_precision=DOT_PREC)
-                else:
-                    acc = tl.dot(a, tl.trans(w), acc, input_precision=DOT_PREC)
     else:
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -427,25 +399,15 @@ def grouped_block_m(pairs: int, E: int) -> int:
     return 16 if pairs <= 32 * E else 64
 
 
-def _planar_keep(config, args) -> bool:
-    """The column planes are a 2:4 expansion: dense banks skip those configurations."""
-    return args["TWOFOUR"] or not config.kwargs.get("PLANAR", False)
-
-
-# the weight-first orientation (SWAP) and the column planes (PLANAR) are offered to the autotuner
-# too; PLANAR not yet timed on a GPU
+# the weight-first orientation (SWAP) is offered to the autotuner too; not yet timed on a GPU
 _GROUPED = LazyKernel(_grouped_kernel, [triton.Config({"BLOCK_N": 64, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128}, num_warps=4, num_stages=3),
                                         triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SWAP": True}, num_warps=4,
                                                       num_stages=3),
                                         triton.Config({"BLOCK_N": 128, "BLOCK_K": 64, "SWAP": True}, num_warps=4,
-                                                      num_stages=3),
-                                        triton.Config({"BLOCK_N": 32, "BLOCK_K": 256, "PLANAR": True}, num_warps=4,
-                                                      num_stages=3),
-                                        triton.Config({"BLOCK_N": 64, "BLOCK_K": 128, "SWAP": True, "PLANAR": True},
-                                                      num_warps=4, num_stages=3)],
-                      key=["N", "K", "E", "BLOCK_M", "TWOFOUR"], prune=_planar_keep)
+                                                      num_stages=3)],
+                      key=["N", "K", "E", "BLOCK_M", "TWOFOUR"])
 
 
 def _block_keep(config, args) -> bool:

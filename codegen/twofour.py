@@ -113,7 +113,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
                     M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META_WORDS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False,
-                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False, PLANAR: tl.constexpr = False):
+                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False):
     """Expansion + MMA. Each quad's two metadata bytes are spread to its four groups in registers
     by shifting broadcast copies: ``META_WORDS``, of the int32 words holding two quads
     (``meta_ptr`` the metadata viewed as int32); otherwise of each byte. ``SWAP`` (a configuration's
@@ -121,10 +121,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     dequantising GEMMs feed their weights to the tensor cores straight from registers; else
     Y = X W^T. ``PARTIAL``: K is cut into SPLIT chunks of whole BLOCK_K tiles, a program each
     (grid axis 0 over N tiles times chunks), each writing its float32 partial product to
-    y_ptr + chunk * stride_ys (no bias) for the caller to sum. ``PLANAR`` (a configuration's choice):
-    the tile's columns taken as four planes (plane i: columns k0 + 4g + i), each expanded by one
-    select from the group's two values and multiplied by the matching strided slice of x, so the
-    expanded tile is never interleaved back into column order."""
+    y_ptr + chunk * stride_ys (no bias) for the caller to sum."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     chunk = pid_n % SPLIT
@@ -145,71 +142,43 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        if PLANAR:
-            offs_g = k0 // 4 + tl.arange(0, G)
-            mask_g = mask_n[:, None] & (offs_g[None, :] < K // 4)
-            pair = tl.arange(0, 2)
-            v3 = tl.load(v_ptr + offs_n[:, None, None] * stride_vn + (offs_g * 2)[None, :, None] + pair[None, None, :],
-                         mask=mask_g[:, :, None], other=0.0)
-            v0, v1 = tl.split(v3)
-            if META_WORDS:  # each group's word (two quads, 8 groups), its two 2-bit positions 8 bits apart
-                word = tl.load(meta_ptr + offs_n[:, None] * stride_mn + (offs_g // 8)[None, :], mask=mask_g, other=0)
-                shift = ((offs_g % 8) // 4) * 16 + (offs_g % 4) * 2
-                p0 = (word >> shift[None, :]) & 3
-                p1 = (word >> (shift + 8)[None, :]) & 3
-            else:  # each quad's byte pair: first positions, then second positions, 2 bits a group
-                byte = meta_ptr + offs_n[:, None] * stride_mn + ((offs_g // 4) * 2)[None, :]
-                shift = ((offs_g % 4) * 2)[None, :]
-                p0 = (tl.load(byte, mask=mask_g, other=0).to(tl.int32) >> shift) & 3
-                p1 = (tl.load(byte + 1, mask=mask_g, other=0).to(tl.int32) >> shift) & 3
-            zero = tl.zeros_like(v0)
-            for i in tl.static_range(4):
-                cols = offs_g * 4 + i
-                xi = tl.load(x_ptr + offs_m[:, None] * stride_xm + cols[None, :] * stride_xk,
-                             mask=mask_m[:, None] & (cols[None, :] < K), other=0.0)
-                di = tl.where(p0 == i, v0, tl.where(p1 == i, v1, zero))
-                if SWAP:
-                    acc_t = tl.dot(di, tl.trans(xi), acc_t, input_precision=DOT_PREC)
-                else:
-                    acc = tl.dot(xi, tl.trans(di), acc, input_precision=DOT_PREC)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                    mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
+        if META_WORDS:  # int32 words of two quads: one shifted copy per group, one reshape
+            offs_w = k0 // 32 + tl.arange(0, G // 8)
+            mw = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
+                         mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
+            slot = tl.arange(0, 8)
+            first = (slot // 4) * 16 + (slot % 4) * 2
+            mw3 = mw[:, :, None]
+            code = tl.reshape(((mw3 >> first[None, None, :]) & 3) | (((mw3 >> (first + 8)[None, None, :]) & 3) << 2),
+                              (BLOCK_N, G))
+            p0 = code & 3
+            p1 = code >> 2
         else:
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-            offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                        mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-            v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-                        mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
-            if META_WORDS:  # int32 words of two quads: one shifted copy per group, one reshape
-                offs_w = k0 // 32 + tl.arange(0, G // 8)
-                mw = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
-                             mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
-                slot = tl.arange(0, 8)
-                first = (slot // 4) * 16 + (slot % 4) * 2
-                mw3 = mw[:, :, None]
-                code = tl.reshape(((mw3 >> first[None, None, :]) & 3) | (((mw3 >> (first + 8)[None, None, :]) & 3) << 2),
-                                  (BLOCK_N, G))
-                p0 = code & 3
-                p1 = code >> 2
-            else:
-                mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                             mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
-                b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
-                quad = tl.arange(0, 4)[None, None, :] * 2
-                p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
-                p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
-            v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
-            zero = tl.zeros_like(v0)
-            # positions are ordered (p0 < p1), so column 0 can only be p0's and column 3 only p1's
-            d0 = tl.where(p0 == 0, v0, zero)
-            d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
-            d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
-            d3 = tl.where(p1 == 3, v1, zero)
-            w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
-            if SWAP:
-                acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PREC)
-            else:
-                acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
+            mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                         mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+            b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
+            quad = tl.arange(0, 4)[None, None, :] * 2
+            p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
+            p1 = tl.reshape((b1[:, :, None] >> quad) & 3, (BLOCK_N, G))
+        v0, v1 = tl.split(tl.reshape(v, (BLOCK_N, G, 2)))
+        zero = tl.zeros_like(v0)
+        # positions are ordered (p0 < p1), so column 0 can only be p0's and column 3 only p1's
+        d0 = tl.where(p0 == 0, v0, zero)
+        d1 = tl.where(p0 == 1, v0, tl.where(p1 == 1, v1, zero))
+        d2 = tl.where(p0 == 2, v0, tl.where(p1 == 2, v1, zero))
+        d3 = tl.where(p1 == 3, v1, zero)
+        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), (BLOCK_N, BLOCK_K))
+        if SWAP:
+            acc_t = tl.dot(w, tl.trans(x), acc_t, input_precision=DOT_PREC)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if SWAP:
         acc = tl.trans(acc_t)
     if PARTIAL:
@@ -582,12 +551,6 @@ def _configs():
                                  num_stages=4))
     for bm, bn, bk, w in ((32, 64, 128, 4), (64, 64, 128, 4), (64, 128, 64, 8), (128, 128, 64, 8), (128, 64, 64, 4)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3))
-    # the column planes (``PLANAR``), both orientations at small M and one large-M tile: not yet
-    # timed on a GPU; the autotuner keeps them only where they measure faster
-    for bm, bn, bk, swap, w in ((16, 16, 256, False, 4), (16, 32, 128, False, 4), (16, 32, 256, False, 4),
-                                (16, 64, 128, True, 4), (16, 64, 256, True, 4), (64, 64, 128, False, 4)):
-        out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "PLANAR": True},
-                                 num_warps=w, num_stages=4 if bm == 16 else 3))
     return out
 
 
@@ -761,8 +724,10 @@ def _tokens(x, values, meta, y, bias, residual, gate_row: int, up_row: int, expe
         ends = tiles = tile_expert = y
         E = E_ROWS = tile = 0
     else:
+        from .experts import sorted_runs
+
         expert_of_row, E_ROWS, E, tile = experts
-        ends, tiles, tile_expert = _tile_map(expert_of_row, E, tile)
+        _, ends, tiles, tile_expert = sorted_runs(expert_of_row, E, tile)  # rows already in expert order
 
     def grid(meta_):
         tiles_ = tile_expert.shape[0] if experts is not None else triton.cdiv(M, meta_["TOKENS"])
@@ -775,19 +740,6 @@ def _tokens(x, values, meta, y, bias, residual, gate_row: int, up_row: int, expe
                          HAS_RES=residual is not None, EXPERTS=experts is not None, USE_PRMT=prmt_usable(x),
                          WEIGHT_EVICTION=WEIGHT_EVICTION)
     return y
-
-
-def _tile_map(expert_of_row: torch.Tensor, E: int, tile: int):
-    """Rows sorted by expert cut into tiles of ``tile`` rows of one expert: each expert's run end,
-    the cumulative tile counts and each tile's expert (E past the last), device ops only, the tile
-    count from the row count and E alone (as ``codegen.experts.sorted_runs``)."""
-    S = expert_of_row.shape[0]
-    e = expert_of_row.long()
-    counts = torch.zeros(E, dtype=torch.int64, device=e.device).scatter_add_(0, e, torch.ones_like(e))
-    ends = torch.cumsum(counts, 0)
-    tiles = torch.cumsum((counts + tile - 1) // tile, 0)
-    tile_expert = torch.searchsorted(tiles, torch.arange(-(-S // tile) + E, device=e.device), right=True)
-    return ends, tiles, tile_expert
 
 
 def twofour_rows(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, expert_of_row: torch.Tensor,
