@@ -406,7 +406,7 @@ def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModu
     through ``route_kept`` where the bank was pruned too). The copy keeps what Dynamo's
     graph carried, so the lowered graph compiles as the rewritten one did."""
     from sparsec.codegen.experts import route_kept
-    from sparsec.passes.rewrite_fx import _keep_dynamo_metadata
+    from sparsec.passes.rewrite_fx import finish_rewrite
 
     graph = fx.Graph()
     node_map: dict[fx.Node, fx.Node] = {}
@@ -431,8 +431,5 @@ def apply_pruning(gm: fx.GraphModule, pruned: dict[str, object]) -> fx.GraphModu
                 weights = new_gm.graph.call_function(operator.getitem, (routed, 1))
         node.target = rewrite.op()
         node.args = (x, index, weights, *weights_in, rewrite.impl or impl)
-    new_gm.graph.eliminate_dead_code()
-    new_gm.delete_all_unused_submodules()
-    new_gm.recompile()
-    _keep_dynamo_metadata(gm, new_gm, node_map)
+    finish_rewrite(gm, new_gm, node_map)
     return new_gm

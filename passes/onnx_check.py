@@ -38,7 +38,7 @@ def check_lowered(frontend, lowered: onnx.ModelProto, layers, options):
             "calibration data: the plan fits the calibration data better than other inputs; calibrate on more "
             "(and more varied) samples, or lower --error-budget")
     original = session(frontend.model, frontend.provider, frontend.threads)
-    timing = time_end_to_end(original, new, frontend.calibration.runs[0], frontend.provider, frontend.threads)
+    timing = time_end_to_end(original, new, frontend.calibration.first_call(), frontend.provider, frontend.threads)
     checked = Check(measured_error=calib, heldout_error=held, measured_us_dense=timing.us[0], measured_us=timing.us[1],
                     timing=timing.describe(), warnings=warnings)
     if checked.speedup < 1.0 and not options.measure:

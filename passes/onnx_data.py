@@ -48,6 +48,14 @@ class Feeds:
     def count(self) -> int:
         return int(sum(self.calls))
 
+    def first_call(self) -> dict[str, np.ndarray]:
+        """The inputs of one call, the token count planning prices: the first run, cut to its first
+        call where it concatenates several along the batch axis."""
+        feed, calls = self.runs[0], self.calls[0]
+        if calls == 1:
+            return feed
+        return {name: np.ascontiguousarray(array[: array.shape[0] // calls]) for name, array in feed.items()}
+
 
 def graph_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     """Inputs a caller must feed (those shadowing an initializer have a default and are left out)."""

@@ -8,10 +8,11 @@ output and a rename, so a failure never leaves a partial model (or a model witho
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,7 @@ class LoadedModel:
     path: Path
     opset: int
     external_data: bool
+    notes: list[str] = field(default_factory=list)  # what was changed on reading, for the report's warnings
 
     @property
     def name(self) -> str:
@@ -84,6 +86,7 @@ def load_model(path) -> LoadedModel:
             f"{path}: opset {opset} is older than {MIN_OPSET}, the oldest sparsec reads; convert it first "
             f"with onnx.version_converter.convert_version(model, {MIN_OPSET})"
         )
+    notes = _readable_ir_version(model, path)
     external = _uses_external_data(model)
     if external:
         try:
@@ -93,7 +96,59 @@ def load_model(path) -> LoadedModel:
                 f"{path}: its external weight data cannot be read ({_first_line(exc)}); keep the data file(s) "
                 "next to the model, under the names the model records"
             ) from None
-    return LoadedModel(model=model, path=path, opset=opset, external_data=external)
+    return LoadedModel(model=model, path=path, opset=opset, external_data=external, notes=notes)
+
+
+def _readable_ir_version(model: onnx.ModelProto, path: Path) -> list[str]:
+    """Lower an IR version newer than onnxruntime reads to one it does, where the model's opsets allow.
+
+    Exporters stamp the newest IR version their onnx package knows, which can be newer than the
+    installed onnxruntime accepts although nothing in the model needs it: the IR version a model
+    needs follows from its operator sets."""
+    readable = ort_max_ir_version()
+    if model.ir_version <= readable:
+        return []
+    import onnxruntime as ort
+
+    try:
+        needed = onnx.helper.find_min_ir_version_for(list(model.opset_import), ignore_unknown=True)
+    except ValueError:  # an operator set newer than this onnx package knows
+        needed = model.ir_version
+    sets = ", ".join(f"{o.domain or 'ai.onnx'} {o.version}" for o in model.opset_import)
+    if needed > readable:
+        raise ModelError(
+            f"{path}: its operator sets ({sets}) need ONNX IR version {needed}, but onnxruntime {ort.__version__} "
+            f"reads up to IR version {readable}; upgrade onnxruntime, or convert the model to an older opset "
+            "with onnx.version_converter.convert_version")
+    was, model.ir_version = model.ir_version, max(needed, min(readable, model.ir_version))
+    return [f"{path.name} declares ONNX IR version {was}, newer than onnxruntime {ort.__version__} reads "
+            f"({readable}); its operator sets ({sets}) need only {needed}, so it is read and written as IR "
+            f"version {model.ir_version}"]
+
+
+@functools.lru_cache(maxsize=1)
+def ort_max_ir_version() -> int:
+    """The newest ONNX IR version the installed onnxruntime loads, found by loading a one-node model."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 4
+    for version in range(onnx.IR_VERSION, 6, -1):
+        probe = _identity_model(version)
+        try:
+            ort.InferenceSession(probe.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - onnxruntime's own exception types: too new for it
+            continue
+        return version
+    return 7
+
+
+def _identity_model(ir_version: int) -> onnx.ModelProto:
+    graph = onnx.helper.make_graph(
+        [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", MIN_OPSET)], ir_version=ir_version)
 
 
 def _unparsable(path: Path, head: bytes, exc: Exception) -> str:
@@ -301,15 +356,8 @@ def best_provider() -> str:
             return "CPUExecutionProvider"
     except ImportError:  # pragma: no cover - torch is a dependency
         return "CPUExecutionProvider"
-    probe = onnx.helper.make_model(
-        onnx.helper.make_graph(
-            [onnx.helper.make_node("Identity", ["x"], ["y"])], "probe",
-            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])]),
-        opset_imports=[onnx.helper.make_opsetid("", MIN_OPSET)])
-    probe.ir_version = 8
     try:
-        s = session(probe, "CUDAExecutionProvider")
+        s = session(_identity_model(8), "CUDAExecutionProvider")
     except ModelError:
         return "CPUExecutionProvider"
     return "CUDAExecutionProvider" if s.get_providers()[0] == "CUDAExecutionProvider" else "CPUExecutionProvider"

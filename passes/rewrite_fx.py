@@ -121,11 +121,26 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site
         original = {new: old for old, new in node_map.items()}
         notes["epilogues"] = lines
         notes["absorbed"] = [original[n] for n in absorbed if n in original]
-    new_gm.graph.eliminate_dead_code()
+    finish_rewrite(gm, new_gm, node_map)
+    return new_gm
+
+
+def finish_rewrite(gm: fx.GraphModule, new_gm: fx.GraphModule, node_map: dict[fx.Node, fx.Node]) -> None:
+    """Drop what the rewrite left unused (never a write to state), recompile, carry Dynamo's metadata."""
+    new_gm.graph.eliminate_dead_code(is_impure_node=_impure)
     new_gm.delete_all_unused_submodules()
     new_gm.recompile()
     _keep_dynamo_metadata(gm, new_gm, node_map)
-    return new_gm
+
+
+def _impure(node: fx.Node) -> bool:
+    """FX's own test, plus the in-place tensor methods it counts as pure: batch norm in training mode
+    counts its batches with ``num_batches_tracked.add_(1)``, whose result nothing reads."""
+    if node.op in ("call_method", "call_function"):
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+    return node.is_impure()
 
 
 def _row_major(gm: fx.GraphModule, x):

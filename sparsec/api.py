@@ -13,6 +13,7 @@ import torch
 
 from sparsec.errors import ModelError, OptionError, SparsecError, first_line
 from sparsec.options import parse_options
+from sparsec.state import state_kept, training_warning
 
 
 @dataclass
@@ -29,7 +30,8 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
 
     ``example_inputs`` is one call's positional arguments (a tuple) or a single tensor; it is the
     calibration data unless ``calibration=[...]`` is given. Options are those of the
-    torch.compile backend (DESIGN.md). The user's module and its parameters are never modified.
+    torch.compile backend (DESIGN.md). The user's module, its parameters and buffers and the
+    example inputs are left as they were, even where the model writes to them when it runs.
     """
     from sparsec.backend import Session
 
@@ -41,6 +43,30 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
         raise OptionError("example_inputs must be a tensor or a tuple of the model's positional arguments")
     session = Session(parse_options(options, lower=lower), entry="optimize")
     session.names = state_names(model)
+    with state_kept(model, [t for t in example_inputs if isinstance(t, torch.Tensor)]):
+        compiled = _plan_in_session(session, model, example_inputs)
+    if isinstance(model, torch.nn.Module):
+        from sparsec.experts import banks_outside_graphs
+
+        late = training_warning(model) + banks_outside_graphs(model, session.report.to_dict())
+        session.report.add_warnings(late)
+        if late and session.options.report:
+            session.report.save(session.options.report)
+    if session.options.plan is not None:
+        data = session.report.to_dict()
+        unmatched = session.options.plan.describe_unmatched(
+            [x["name"] for x in [*data["layers"], *data.get("skipped", [])]],
+            banks=[bank["name"] for bank in data.get("experts", [])])
+        if unmatched:
+            from sparsec.errors import PlanError
+
+            raise PlanError(unmatched)
+    return Result(module=Rewritten(model, compiled) if lower else None, plan=session.plan, report=session.report)
+
+
+def _plan_in_session(session, model, example_inputs):
+    """Capture, plan and (with ``lower``) build the model's graphs through the session's backend;
+    return the compiled entry that runs them."""
     if isinstance(session.options.output, str):
         session.output_probe = _named_output(model, example_inputs, session.options.output)
 
@@ -68,20 +94,7 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
         _model_fails(model, example_inputs, "example_inputs", exc)
     if session.report is None:
         raise ModelError("torch.compile captured no graph from this model; nothing to plan")
-    if isinstance(model, torch.nn.Module):
-        from sparsec.experts import banks_outside_graphs
-
-        session.report.add_warnings(banks_outside_graphs(model, session.report.to_dict()))
-    if session.options.plan is not None:
-        data = session.report.to_dict()
-        unmatched = session.options.plan.describe_unmatched(
-            [x["name"] for x in [*data["layers"], *data.get("skipped", [])]],
-            banks=[bank["name"] for bank in data.get("experts", [])])
-        if unmatched:
-            from sparsec.errors import PlanError
-
-            raise PlanError(unmatched)
-    return Result(module=Rewritten(model, compiled) if lower else None, plan=session.plan, report=session.report)
+    return compiled
 
 
 class Rewritten(torch.nn.Module):

@@ -57,19 +57,23 @@ class Session:
     def compile_graph(self, gm, example_inputs, *, raise_user_errors: bool = False):
         """``run_graph``, or the dense graph when it fails and the options are not strict.
 
-        A failure in any step falls back to the graph as traced (inductor on CUDA): one warning
+        Whatever state the graph writes in place while it is planned (batch-norm statistics in
+        training mode, caches, inputs) is put back as it was (``sparsec.state``). A failure in any
+        step falls back to the graph as traced (inductor on CUDA): one warning
         names the step and the cause, and the report records it under ``fallbacks``. With
         ``strict`` it is raised instead; ``raise_user_errors`` raises errors about the user's own
         input (``SparsecError``: a bad plan, inputs that do not fit) even when not strict.
         """
         from sparsec.errors import SparsecError
+        from sparsec.state import state_kept
 
-        try:
-            lowered = self.run_graph(gm, example_inputs)
-        except Exception as exc:  # noqa: BLE001 - a compile must not break on sparsec's account
-            if self.options.strict or (raise_user_errors and isinstance(exc, SparsecError)):
-                raise
-            return self.fall_back(gm, example_inputs, exc)
+        with state_kept(gm, example_inputs):
+            try:
+                lowered = self.run_graph(gm, example_inputs)
+            except Exception as exc:  # noqa: BLE001 - a compile must not break on sparsec's account
+                if self.options.strict or (raise_user_errors and isinstance(exc, SparsecError)):
+                    raise
+                return self.fall_back(gm, example_inputs, exc)
         return gm.forward if lowered is None else lowered
 
     def fall_back(self, gm, example_inputs, exc: BaseException):

@@ -34,3 +34,7 @@ class ReportError(SparsecError):
 
 class ModelError(SparsecError):
     """A model (ONNX file or torch module) cannot be read, traced or rewritten."""
+
+
+class DataError(SparsecError):
+    """Calibration or held-out data on which nothing can be fitted or measured."""

@@ -62,7 +62,7 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
     loaded = load_model(model)
     _check_input(loaded)
     executor = choose_executor(provider, options.fingerprint)
-    warnings = list(executor.warnings)
+    warnings = [*loaded.notes, *executor.warnings]
     if formats is None:
         options.formats, note = executor_formats(options.formats, executor)
         warnings += [note] if note else []

@@ -274,15 +274,31 @@ def calibrate(frontend: Frontend, sites: list[Site]) -> tuple[dict[str, SiteStat
     Also returns which inputs fell back and which are thinly sampled, (names, rows, inputs) by
     input key, for ``calibration_warnings`` to say once the candidates are known."""
     stats = frontend.calibrate(sites) if sites else {}
+    if stats and not any(st.rows for st in stats.values()):
+        from sparsec.errors import DataError
+
+        raise DataError("the calibration data give no layer any input rows (every call's inputs are empty); "
+                        "give calibration inputs with at least one token")
     facts: dict[str, list] = {"diagonal": [], "thin": []}
     for key, st in stats.items():
         K = st.gram.shape[0]
         names = ", ".join(s.name for s in sites if s.input_key == key)
+        _check_finite(st, names)
         if K <= st.rows < THIN_ROWS_PER_INPUT * K and not frontend.has_heldout():
             facts["thin"].append((key, names, st.rows, K))
         if st.fall_back_to_diagonal():
             facts["diagonal"].append((key, names, st.rows, K))
     return stats, facts
+
+
+def _check_finite(st: SiteStats, names: str) -> None:
+    """Refuse calibration data that give a layer non-finite inputs: nothing fits or measures on them."""
+    from sparsec.errors import DataError
+
+    if not bool(torch.isfinite(st.total).all()) or not bool(torch.isfinite(torch.diagonal(st.gram)).all()):
+        raise DataError(f"the inputs of layer(s) {names} hold NaN or infinite values on the calibration data, so no "
+                        "error can be fitted or measured on them; give calibration inputs on which the model computes "
+                        "finite values (check them with torch.isfinite)")
 
 
 def calibration_warnings(facts: dict[str, list], layers: list[Layer]) -> list[str]:

@@ -49,6 +49,8 @@ def test_arrays_of_the_input_rank_are_samples_along_a_dynamic_batch_run_several_
     assert feeds.calls == [RUN_BATCH, 3] and feeds.count == n
     assert feeds.runs[0]["ids"].shape == (RUN_BATCH, 8) and feeds.runs[0]["ids"].dtype == np.int32
     assert feeds.runs[1]["scale"].dtype == np.float32  # float64 in the file, cast to the input's type
+    one = feeds.first_call()  # what end-to-end timing runs: the call planning priced, not a run of several
+    assert one["ids"].shape == (1, 8) and np.array_equal(one["ids"], feeds.runs[0]["ids"][:1])
 
 
 def test_one_extra_axis_means_one_whole_input_per_sample(tmp_path):
@@ -57,6 +59,7 @@ def test_one_extra_axis_means_one_whole_input_per_sample(tmp_path):
              mask=np.ones((5, 2, 8), np.int64))
     feeds = load_npz(tmp_path / "d.npz", model)
     assert len(feeds.runs) == 5 and feeds.calls == [1] * 5 and feeds.runs[0]["ids"].shape == (2, 8)
+    assert feeds.first_call()["ids"].shape == (2, 8)
 
 
 @pytest.mark.parametrize("arrays, message", [

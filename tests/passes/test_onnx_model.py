@@ -10,7 +10,8 @@ import pytest
 from onnx_builders import lowrank_mlp
 
 from sparsec.errors import ModelError
-from sparsec.passes.onnx_model import check_writable, load_model, save_checked
+from sparsec.passes import onnx_model
+from sparsec.passes.onnx_model import check_writable, load_model, ort_max_ir_version, save_checked
 
 
 @pytest.fixture
@@ -55,6 +56,31 @@ def test_opset_older_than_13_is_refused(tmp_path):
     onnx.save_model(model, str(path))
     with pytest.raises(ModelError, match="opset 12 is older than 13.*convert_version"):
         load_model(path)
+
+
+def test_an_ir_version_newer_than_onnxruntime_reads_is_lowered_to_what_its_opsets_need(tmp_path):
+    model, _ = lowrank_mlp(d=8, rank=2, layers=1)
+    readable = ort_max_ir_version()
+    model.ir_version = readable + 1
+    path = tmp_path / "new.onnx"
+    onnx.save_model(model, str(path))
+    loaded = load_model(path)
+    assert loaded.model.ir_version == readable
+    (note,) = loaded.notes
+    assert f"declares ONNX IR version {readable + 1}" in note and f"as IR version {readable}" in note
+    import onnxruntime as ort
+
+    ort.InferenceSession(loaded.model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def test_an_opset_that_needs_an_ir_version_onnxruntime_cannot_read_is_refused(tmp_path, monkeypatch):
+    model, _ = lowrank_mlp(d=8, rank=2, layers=1)  # opset 17 needs IR version 8
+    monkeypatch.setattr(onnx_model, "ort_max_ir_version", lambda: 7)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(model, str(path))
+    with pytest.raises(ModelError, match="need ONNX IR version 8, but onnxruntime .* reads up to IR version 7"):
+        load_model(path)
+    assert onnx.load(str(path)).ir_version == model.ir_version  # the file is left as it was
 
 
 def test_external_data_is_loaded_and_missing_data_is_named(tmp_path):
