@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from sparsec.passes import unfuse_fx
 from sparsec.sites import Site, Skipped
 
 LINEAR_TARGETS = {F.linear, torch._C._nn.linear}
@@ -32,6 +33,14 @@ FOLDABLE_FUNCTIONS = {
     torch.zeros, torch.ones, torch.full, torch.squeeze, torch.unsqueeze,
 }
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CONV = "a convolution's weight: sparsec rewrites linear layers and matrix products, not convolutions"
+OTHER_WEIGHT_TARGETS = {
+    torch.einsum: "an einsum with a constant operand is not rewritten; write it as F.linear or a matmul to have it planned",
+    torch.bmm: "a batched product with a constant operand (one weight per batch entry) is not rewritten",
+    torch.baddbmm: "a batched product with a constant operand (one weight per batch entry) is not rewritten",
+    **{f: _CONV for f in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d,
+                          F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)},
+}
 
 
 class ConstantFolder:
@@ -178,6 +187,7 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
             ) -> tuple[list[Site], list[Skipped], dict[str, fx.Node]]:
     """Sites of ``gm`` (weights as real tensors), what was skipped, and each site's node; ``names``
     (see ``ConstantFolder``) names weights as the whole model does."""
+    unfuse_fx.expand(gm)
     folder = ConstantFolder(gm, example_inputs, names)
     sites: list[Site] = []
     skipped: list[Skipped] = []
@@ -186,6 +196,7 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
     for node in gm.graph.nodes:
         match = _match_linear(gm, node)
         if match is None:
+            skipped += _hidden_weights(folder, node)
             continue
         op, x, w_node, b_node, transposed = match
         ok_w, w = folder.resolve(w_node)
@@ -215,7 +226,7 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
             elif bias.dim() != 1 or bias.shape[0] != (w.shape[1] if transposed else w.shape[0]):
                 reason = f"bias of shape {tuple(bias.shape)} is broadcast, not one value per output"
         if reason is None and _activation_rank(x) not in (None, 2, 3, 4):
-            reason = "activation must be 2-D or 3-D (…, K)"
+            reason = f"activation is {_activation_rank(x)}-D; layers whose input has 2 to 4 dimensions (…, K) are rewritten"
         if reason is not None:
             skipped.append(Skipped(name, op, reason))
             continue
@@ -237,6 +248,23 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
         )
         nodes[unique] = node
     return sites, skipped, nodes
+
+
+def _hidden_weights(folder: ConstantFolder, node: fx.Node) -> list[Skipped]:
+    """The 2-D weights of a call capture cannot plan (a fused attention call left fused, an einsum,
+    a convolution), each listed as skipped with the reason, so none goes unmentioned."""
+    reason = unfuse_fx.refusal(node)
+    if reason is None and node.op == "call_function" and node.target in OTHER_WEIGHT_TARGETS:
+        reason = OTHER_WEIGHT_TARGETS[node.target]
+    if reason is None:
+        return []
+    out = []
+    for arg in node.all_input_nodes:
+        ok, w = folder.resolve(arg)
+        if ok and isinstance(w, torch.Tensor) and w.dim() >= 2:
+            out.append(Skipped(layer_name(folder.source(arg), node), getattr(node.target, "__name__", str(node.target)),
+                               reason))
+    return out
 
 
 def _is_tensor_valued(node) -> bool:
