@@ -28,7 +28,8 @@ class Result:
 def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
     """Plan (and with ``lower=True`` build) the rewrite of ``model``'s linear layers.
 
-    ``example_inputs`` is one call's positional arguments (a tuple) or a single tensor; it is the
+    ``example_inputs`` is one call's positional arguments (a tuple), a single tensor, or its keyword
+    arguments (a dict, as a tokenizer returns them: ``model(**example_inputs)``); it is the
     calibration data unless ``calibration=[...]`` is given. Options are those of the
     torch.compile backend (DESIGN.md). The user's module, its parameters and buffers and the
     example inputs are left as they were, even where the model writes to them when it runs.
@@ -39,11 +40,16 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
         raise ModelError(f"model must be a torch.nn.Module or callable, got {type(model).__name__}")
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
-    if not isinstance(example_inputs, (tuple, list)):
-        raise OptionError("example_inputs must be a tensor or a tuple of the model's positional arguments")
+    if hasattr(example_inputs, "keys") and not isinstance(example_inputs, dict):
+        example_inputs = dict(example_inputs)  # a tokenizer's BatchEncoding
+    if not isinstance(example_inputs, (tuple, list, dict)):
+        raise OptionError("example_inputs must be a tensor, a tuple of the model's positional arguments or a "
+                          f"dict of its keyword arguments; got {type(example_inputs).__name__}")
+    if isinstance(example_inputs, dict) and not all(isinstance(k, str) for k in example_inputs):
+        raise OptionError("example_inputs as a dict must map the model's argument names to values")
     session = Session(parse_options(options, lower=lower), entry="optimize")
     session.names = state_names(model)
-    with state_kept(model, [t for t in example_inputs if isinstance(t, torch.Tensor)]):
+    with state_kept(model, [t for t in _values(example_inputs) if isinstance(t, torch.Tensor)]):
         compiled = _plan_in_session(session, model, example_inputs)
     if isinstance(model, torch.nn.Module):
         from sparsec.experts import banks_outside_graphs
@@ -80,7 +86,7 @@ def _plan_in_session(session, model, example_inputs):
     compiled = _compiled_entry(model, backend)
     try:
         with torch.no_grad(), _room_to_compile():
-            compiled(*example_inputs)
+            _call(compiled, example_inputs)
     except torch._dynamo.exc.BackendCompilerFailed as exc:
         inner = getattr(exc, "inner_exception", None) or exc.__cause__
         if isinstance(inner, SparsecError):
@@ -166,7 +172,7 @@ def _trace_other_shapes(model, example_inputs, items, what: str, names: dict[int
             entry = _compiled_entry(model, collect)
             try:
                 with torch.no_grad(), _room_to_compile():
-                    entry(**item) if isinstance(item, dict) else entry(*item)
+                    _call(entry, item)
             except Exception as exc:  # noqa: BLE001 - the model's own failure on the user's input
                 _model_fails(model, item, f"{what} item {index}", exc)
             traces[shapes] = graphs
@@ -185,11 +191,20 @@ def _model_fails(model, inputs, what: str, exc: Exception):
     reports it, rather than Dynamo's account of it; Dynamo's error stands if the model runs."""
     try:
         with torch.no_grad():
-            model(**inputs) if isinstance(inputs, dict) else model(*inputs)
+            _call(model, inputs)
     except Exception as own:  # noqa: BLE001 - whatever the model raises is the user's to read
         raise ModelError(f"the model fails on {what} (shapes {_shown(inputs)}): "
                          f"{type(own).__name__}: {first_line(own)}") from None
     raise exc
+
+
+def _call(fn, inputs):
+    """``fn`` on one call's inputs: keyword arguments from a dict, else positional ones."""
+    return fn(**inputs) if isinstance(inputs, dict) else fn(*inputs)
+
+
+def _values(inputs):
+    return list(inputs.values()) if isinstance(inputs, dict) else list(inputs)
 
 
 def _shapes(item) -> tuple:
@@ -239,7 +254,7 @@ def _named_output(model, example_inputs, name: str) -> torch.Tensor:
     """The float tensor ``model`` returns under ``name`` (a key of a dict or a ``ModelOutput``)."""
     try:
         with torch.no_grad():
-            out = model(*example_inputs)
+            out = _call(model, example_inputs)
     except Exception as exc:  # noqa: BLE001 - the user's model failing on the user's inputs
         _model_fails(model, example_inputs, "example_inputs", exc)
     names = list(out.keys()) if hasattr(out, "keys") else []

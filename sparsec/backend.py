@@ -110,6 +110,15 @@ class Session:
         from sparsec.pipeline import optimize_graph, step
 
         graph = len(self.graph_errors)
+        if self.options.lower and self._built:
+            # a recompile (new shapes, grad mode) of a graph already planned needs no calibration:
+            # its calibration items were mapped to the graph it was planned as
+            again = FxFrontend(gm, example_inputs, [list(example_inputs)], graph=graph, entry=self.entry,
+                               mode=self.options.mode, names=self.names)
+            with step("lower"):
+                lowered = self._lower_again(again)
+            if lowered is not None:
+                return lowered
         with step("calibrate"):
             calibration, warning = calibration_inputs(gm, example_inputs, self.options.calibration,
                                                       self.traced.get("calibration"), graph)
@@ -121,11 +130,6 @@ class Session:
                               mode=self.options.mode, warnings=[f"graph {graph}: {warning}"] if warning else [],
                               earlier_names=frozenset(self._seen), names=self.names, metric=self.options.metric,
                               output=self._output())
-        if self.options.lower and self._built:
-            with step("lower"):
-                lowered = self._lower_again(frontend)
-            if lowered is not None:
-                return lowered
         outcome = optimize_graph(frontend, self.options, self.fingerprint, budget=self._budget_left())
         self._seen.update(l.name for l in outcome.layers)
         self._seen.update(s.name for s in outcome.skipped)

@@ -405,3 +405,37 @@ def test_layers_past_a_graph_break_in_repeated_blocks_are_each_planned_under_the
         got, ref = result.module(x), model(x)
     assert not torch.equal(got, ref)  # the 2:4 rewrite of the last block's second layer is what runs
     assert float((got - ref).norm() / ref.norm()) < 0.5
+
+
+class KeywordModel(nn.Module):
+    """Called as a tokenizer's output is passed: ``model(**batch)``."""
+
+    def __init__(self, d=128):
+        super().__init__()
+        self.up, self.down = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+
+    def forward(self, hidden, mask=None):
+        out = self.down(torch.relu(self.up(hidden)))
+        return out if mask is None else out * mask.unsqueeze(-1)
+
+
+def test_example_inputs_may_be_keyword_arguments_with_calibration_of_other_shapes(scenario_fp):
+    model = planted_lowrank_mlp(d=128, rank=8, layers=2).eval()
+    keyword = KeywordModel()
+    keyword.up, keyword.down = model[0], model[2]
+    example = {"hidden": torch.randn(2, 16, 128), "mask": torch.ones(2, 16)}
+    calibration = [{"hidden": torch.randn(4, 24, 128), "mask": torch.ones(4, 24)}]
+    result = sparsec.optimize(keyword, example, fingerprint=scenario_fp(), calibration=calibration,
+                              plan={"layers": {"_default": "lowrank:8"}})
+    assert [l["format"] for l in result.report["layers"]] == ["lowrank:8", "lowrank:8"]
+    with torch.no_grad():
+        want = keyword(**example)
+        got = result.module(**example)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)  # planted rank 8: lossless up to float32
+    again = result.module(**example)  # grad mode on: Dynamo compiles the graph again, with the layers built
+    torch.testing.assert_close(again.detach(), got)
+
+
+def test_keyword_example_inputs_must_be_named():
+    with pytest.raises(OptionError, match="must map the model's argument names"):
+        sparsec.optimize(KeywordModel(), {0: torch.randn(2, 128)}, fingerprint="cpu")
