@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from sparsec import paths
 from sparsec.errors import ModelError
 
 MIN_OPSET = 13
@@ -368,19 +369,7 @@ def best_provider() -> str:
 
 def check_writable(output) -> Path:
     """The output path, after checking its folder exists and can be written (before any work)."""
-    output = Path(output)
-    folder = output.parent if str(output.parent) else Path(".")
-    if not folder.is_dir():
-        raise ModelError(f"cannot write {output}: folder {folder} does not exist")
-    if output.is_dir():
-        raise ModelError(f"cannot write {output}: it is a folder; pass a file name such as model.sparsec.onnx")
-    try:  # a real probe: permission bits do not bind root, and read-only mounts ignore them
-        fd, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as exc:
-        raise ModelError(f"cannot write {output}: folder {folder} is not writable ({exc.strerror})") from None
-    return output
+    return paths.check_writable(output, ModelError, "model.sparsec.onnx")
 
 
 def save_checked(model: onnx.ModelProto, output, *, external_data: bool | None = None, check=None) -> list[Path]:

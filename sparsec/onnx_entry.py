@@ -123,14 +123,9 @@ def _refuse_overwriting_input(model, output: Path) -> None:
 
 def _options(fingerprint, error_budget, formats, plan, report, measure, metric=None, output=None, recovery=None):
     """Validated options; the report's folder and the plan file are checked before any work."""
-    from sparsec.passes.onnx_model import check_writable
-
     given = {"fingerprint": fingerprint, "error_budget": error_budget, "plan": plan, "report": report,
              "measure": measure, "formats": formats, "metric": metric, "output": output, "recovery": recovery}
-    options = parse_options({k: v for k, v in given.items() if v is not None})
-    if options.report:
-        check_writable(options.report)
-    return options
+    return parse_options({k: v for k, v in given.items() if v is not None})
 
 
 def _frontend(loaded, executor: "Executor", options, calibration, heldout, warnings: list[str], output: Path):

@@ -139,6 +139,9 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         rep = os.fspath(merged["report"])
         if not rep.endswith((".json", ".html")):
             raise OptionError(f"option 'report' must end in .json or .html, got {rep!r}")
+        from sparsec.paths import check_writable
+
+        check_writable(rep, OptionError, "report.json")  # before any work, not after the plan
         out.report = rep
     if "measure" in merged:
         out.measure = bool(merged["measure"])

@@ -436,6 +436,11 @@ def test_example_inputs_may_be_keyword_arguments_with_calibration_of_other_shape
     torch.testing.assert_close(again.detach(), got)
 
 
+def test_a_report_path_that_cannot_be_written_is_refused_before_planning(tmp_path):
+    with pytest.raises(OptionError, match="folder .* does not exist"):
+        sparsec.optimize(KeywordModel(), (torch.randn(2, 128),), fingerprint="cpu", report=str(tmp_path / "no" / "r.json"))
+
+
 def test_keyword_example_inputs_must_be_named():
     with pytest.raises(OptionError, match="must map the model's argument names"):
         sparsec.optimize(KeywordModel(), {0: torch.randn(2, 128)}, fingerprint="cpu")

@@ -108,6 +108,16 @@ def test_redo_up_to_alone_or_on_a_missing_file_is_refused_before_measuring(tmp_p
     assert not out.exists()
 
 
+@pytest.mark.parametrize("extra", [[], ["--onnxruntime"], ["--experts"]])
+def test_an_output_that_cannot_be_written_is_refused_before_measuring(tmp_path, extra):
+    from sparsec.errors import FingerprintError
+
+    with pytest.raises(FingerprintError, match="folder .* does not exist"):
+        run_cli("fingerprint", "measure", "-o", str(tmp_path / "nope" / "fp.json"), "--grid", "tiny", *extra)
+    with pytest.raises(FingerprintError, match="folder /proc is not writable"):
+        run_cli("fingerprint", "measure", "-o", "/proc/fp.json", "--grid", "tiny", *extra)
+
+
 def test_show_lists_the_fastest_expert_bank_implementation_per_token_count(capsys):
     assert run_cli("fingerprint", "show", "cpu") == 0
     out = capsys.readouterr().out

@@ -61,6 +61,11 @@ def register(subparsers) -> None:
 
 
 def _measure(args) -> int:
+    if args.output is not None:
+        from sparsec.errors import FingerprintError
+        from sparsec.paths import check_writable
+
+        check_writable(args.output, FingerprintError, "fingerprint.json")  # before minutes of measuring
     if args.onnxruntime:
         from sparsec.errors import FingerprintError
         from sparsec.fingerprint.ort import measure as measure_ort

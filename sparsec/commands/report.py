@@ -52,6 +52,9 @@ def _html(args: argparse.Namespace) -> int:
     output = Path(args.output) if args.output else Path(args.report).with_suffix(".html")
     if output.suffix.lower() not in (".html", ".htm"):
         raise ReportError(f"{output}: the page must be written to a .html file")
+    from sparsec.paths import check_writable
+
+    check_writable(output, ReportError, "report.html")
     report.save(output)
     print(f"wrote {output}")
     return 0

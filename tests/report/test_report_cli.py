@@ -43,6 +43,10 @@ def test_html_writes_the_page_next_to_the_report_or_where_asked(saved, tmp_path,
     assert f"wrote {target}" in capsys.readouterr().out
     with pytest.raises(ReportError, match=r"must be written to a \.html file"):
         _run(["report", "html", str(saved), "-o", str(tmp_path / "page.json")])
+    with pytest.raises(ReportError, match="folder .* does not exist"):
+        _run(["report", "html", str(saved), "-o", str(tmp_path / "nope" / "page.html")])
+    with pytest.raises(ReportError, match="folder /proc is not writable"):
+        _run(["report", "html", str(saved), "-o", "/proc/page.html"])
 
 
 def test_diff_text_json_and_exit_code(saved, report_dict, tmp_path, capsys):
