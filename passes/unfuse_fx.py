@@ -8,7 +8,7 @@ Transformer built from these modules would be planned as if it had no layers at 
 is replaced by the same computation written out as ``F.linear`` calls around one attention core
 (``attention_core``: scaled dot-product attention, masks merged as PyTorch merges them). A call
 using something the expansion does not cover (bias_k/bias_v, zero attention, static keys, dropout
-in training, unbatched inputs, a mask on the encoder fast path) is left as it is, and capture
+in training, unbatched inputs) is left as it is, and capture
 lists its weights as skipped with ``refusal``'s reason.
 """
 
@@ -50,6 +50,8 @@ def attention_core(q, k, v, num_heads: int, key_padding_mask=None, attn_mask=Non
         mask = _additive(attn_mask, q.dtype)
         if mask is not None and mask.dim() == 2:
             mask = mask.unsqueeze(0)
+        elif mask is not None and mask.dim() == 4:  # (N, heads, L, S), as the encoder's fast path merges masks
+            mask = mask.reshape(N * num_heads, L, S)
         padding = _additive(key_padding_mask, q.dtype)
         if padding is not None:
             padding = padding.view(N, 1, 1, S).expand(-1, num_heads, -1, -1).reshape(N * num_heads, 1, S)
@@ -176,9 +178,9 @@ def _encoder_args(node: fx.Node) -> dict:
 
 
 def _encoder_refusal(a: dict) -> str | None:
-    if a["mask"] is not None:
-        return ("nn.TransformerEncoderLayer's fused fast path with a mask is not expanded into its layers; "
-                "run it with grad enabled or without the fast path to have them planned")
+    if a["mask"] is not None and a["mask_type"] not in (1, 2):
+        return (f"nn.TransformerEncoderLayer's fused fast path with a mask of type {a['mask_type']} is not expanded "
+                "into its layers")
     if _rank(a["src"]) != 3:
         return "nn.TransformerEncoderLayer's fused fast path on unbatched input is not expanded into its layers"
     return None
@@ -195,7 +197,8 @@ def _expand_encoder(graph: fx.Graph, node: fx.Node) -> None:
     def attention(x):
         packed = emit(F.linear, x, a["qkv_weight"], a["qkv_bias"])
         q, k, v = (emit(operator.getitem, packed, (Ellipsis, slice(i * E, (i + 1) * E))) for i in range(3))
-        core = emit(attention_core, q, k, v, heads, None, None, False, True, False, True)
+        padding, mask = (a["mask"], None) if a["mask_type"] == 1 else (None, a["mask"])
+        core = emit(attention_core, q, k, v, heads, padding, mask, False, True, False, True)
         return emit(F.linear, emit(operator.getitem, core, 0), a["proj_weight"], a["proj_bias"])
 
     def feed_forward(x):

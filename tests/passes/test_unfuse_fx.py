@@ -122,3 +122,25 @@ def test_a_direct_functional_call_with_a_boolean_padding_mask_expands_to_the_sam
     assert seen["expanded"]
     with torch.no_grad():
         torch.testing.assert_close(out, fn(x), **TOL)
+
+
+@pytest.mark.parametrize("masks", ["padding", "causal"])
+def test_the_encoder_fast_path_with_a_mask_expands_to_the_same_outputs(masks):
+    torch.manual_seed(3)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(32, 4, 64, batch_first=True), 2,
+                                    enable_nested_tensor=False).eval()
+    x = torch.randn(3, 9, 32)
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[0, 6:] = True
+    kwargs = {"src_key_padding_mask": pad} if masks == "padding" else {
+        "mask": nn.Transformer.generate_square_subsequent_mask(9)}
+
+    def fn(src):
+        return encoder(src, **kwargs)
+
+    out, seen = through_expansion(fn, x)
+    assert seen["expanded"] and len(seen["sites"]) == 8 and not seen["skipped"]
+    with torch.no_grad():
+        want = fn(x)
+    keep = ~pad[..., None] if masks == "padding" else torch.ones(1, dtype=torch.bool)  # padded rows are don't-care
+    torch.testing.assert_close(out * keep, want * keep, **TOL)
