@@ -279,3 +279,39 @@ def test_expert_banks_match_float64_and_replay_in_a_cuda_graph(dtype, form, impl
     graph.replay()
     torch.cuda.synchronize()
     assert rel_err(out, ref(x, index, w)) <= REL_TOL[dtype], f"{form} {impl} replayed"
+
+
+@pytest.mark.parametrize("mode", [None, "reduce-overhead"])
+def test_a_transformer_encoder_runs_its_expanded_attention_through_inductor(mode, tmp_path):
+    """nn.TransformerEncoder's fused fast path, written out as its projections (passes/unfuse_fx.py),
+    planned with forced formats and compiled on the GPU: the attention core goes to inductor (and
+    into a CUDA graph) with the rest of the dense graph. The feed-forward weights are planted 2:4,
+    so the rewritten model must match the dense one to bf16 precision."""
+    import json
+
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(256, 4, 1024, batch_first=True), 2,
+                                    enable_nested_tensor=False).eval()
+    with torch.no_grad():
+        for layer in encoder.layers:
+            for lin in (layer.linear1, layer.linear2):
+                groups = lin.weight.view(lin.out_features, -1, 4)
+                drop = groups.abs().argsort(dim=-1)[..., :2]
+                groups.scatter_(-1, drop, 0.0)
+    reference = encoder.double()
+    x = torch.randn(4, 32, 256, dtype=torch.float64)
+    with torch.no_grad():
+        dense = reference(x)
+    model = encoder.to("cuda", torch.bfloat16)
+    options = {"fingerprint": "h200", "report": str(tmp_path / "r.json"),
+               "plan": {"layers": {"re:.*linear.*": "2:4", "_default": "dense"}}}
+    if mode:
+        options["mode"] = mode
+    compiled = torch.compile(model, backend="sparsec", options=options)
+    xb = x.to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        compiled(xb)
+        got = compiled(xb)  # a CUDA-graph replay under reduce-overhead
+    formats = sorted(l["format"] for l in json.loads((tmp_path / "r.json").read_text())["layers"])
+    assert formats == ["2:4"] * 4 + ["dense"] * 4
+    assert rel_err(got.cpu(), dense) < 3 * REL_TOL[torch.bfloat16]  # two blocks of products, norms, softmax
