@@ -11,6 +11,8 @@
 #           word kernel, the MMA kernel and cuBLAS at M = 2..16, then what smallm does
 #   smallm  block's and 2:4's small-M points of this card's fingerprint measured again (their paths
 #           changed: 2:4 words to M = 2, block dot_split to M = 16)
+#   profile Nsight Compute counters (DRAM bandwidth, throughput, occupancy, warp stalls) of the 2:4
+#           MMA and multi-token kernels and block's dot_split at 8 and 16 tokens, next to cuBLAS
 #   quick   the suite and bench/moe.py at 1 and 16 tokens
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
@@ -53,6 +55,10 @@ case "${1:-suite}" in
   rows)
     step rows-gpu 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py -k "rows"
     TAIL=25 step moe-rows 300 python3 bench/moe.py --M 1,4,16 --only grouped,rows,2:4 --out "$OUT"
+    ;;
+  profile)
+    TAIL=30 step profile 400 python3 bench/profile_small_m.py --out "$OUT/profile" \
+      --paths 2:4:dot,2:4:tokens,2:4:words,block:64:0.25:dot_split --tokens 8,16 --shapes 4096x14336,14336x4096
     ;;
   pending)
     TAIL=20 step small-m-tokens 230 python3 bench/small_m.py --out "$OUT/small_m_tokens.json" --budget-s 220 \
