@@ -249,6 +249,23 @@ def test_a_format_setting_the_fingerprint_never_timed_is_not_chosen():
     assert cands["block:64:0.75"].startswith("not measured on h200: kept fraction 0.75 above measured 0.5")
 
 
+def test_a_weight_far_smaller_than_any_timed_is_not_rewritten_automatically():
+    fp = sparsec.load_fingerprint("cpu")  # smallest weight timed: 512 x 512
+    tiny = fp.predict_detail("act:0.4", 64, 512, 3, "float32", "eager")
+    assert tiny.unmeasured == "weight 512x3 is over 64x smaller than any timed (262144 elements)"
+    assert fp.predict_detail("act:0.4", 64, 64, 256, "float32", "eager").unmeasured == ""  # 16x below: priced
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(3, 512), nn.ReLU(), nn.Linear(512, 256)).eval()
+    x = torch.randn(64, 3)
+    auto = sparsec.optimize(head, (x,), fingerprint="cpu", error_budget=0.5, lower=False)
+    first = auto.report.layers[0]
+    assert first["format"] == "dense"
+    assert any((c["rejected_because"] or "").startswith("not measured on cpu: weight 512x3 is over 64x smaller")
+               for c in first["candidates"])
+    forced = sparsec.optimize(head, (x,), fingerprint="cpu", plan={"layers": {"0": "lowrank:2"}}, lower=False)
+    assert forced.report.layers[0]["format"] == "lowrank:2"  # a forced plan still gets it, priced as noted
+
+
 @pytest.mark.parametrize("mode, regime", [("default", "eager"), ("reduce-overhead", "graph"),
                                           ("max-autotune", "graph"), ("max-autotune-no-cudagraphs", "eager")])
 def test_modes_that_replay_cuda_graphs_are_priced_as_graphs(mode, regime):

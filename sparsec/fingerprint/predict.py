@@ -245,7 +245,7 @@ class Fingerprint:
             return self._compose(spec, M, N, K, dtype, mode)
         edge: set[str] = set()
         log_us, kernel, unmeasured = self._interpolate(spec, table, M, N, K, edge, notes)
-        unmeasured = unmeasured or self._cut_short(M, edge)
+        unmeasured = unmeasured or self._cut_short(M, edge) or _far_below(N, K, edge)
         return Prediction(math.exp(log_us), kernel, "; ".join(notes + sorted(edge)), unmeasured)
 
     def _cut_short(self, M: int, edge: set[str]) -> str:
@@ -474,3 +474,18 @@ def list_fingerprints() -> list[dict]:
                 row["error"] = str(exc)
             rows.append(row)
     return rows
+
+
+FAR_BELOW = 64  # a weight this many times smaller than the smallest measured one is outside what was timed
+
+
+def _far_below(N: int, K: int, edge: set[str]) -> str:
+    """Non-empty when the weight is FAR_BELOW times smaller than any this kernel was timed on.
+
+    Below the grid's smallest weight a time is dominated by fixed costs that the curves' slopes,
+    read off larger weights, do not carry: the ratio of two such extrapolations (a 512 x 3 layer
+    against 512 x 512 measurements) is no measurement of which is faster."""
+    smallest = [int(n) * int(k) for note in edge for n, k in re.findall(r"extrapolated below N\*K=(\d+)x(\d+)", note)]
+    if not smallest or N * K * FAR_BELOW >= min(smallest):
+        return ""
+    return f"weight {N}x{K} is over {FAR_BELOW}x smaller than any timed ({min(smallest)} elements)"
