@@ -247,7 +247,9 @@ def elem_numpy_dtype(elem_type: int) -> np.dtype:
 
 
 class Constants:
-    """The constant tensors of a graph: initializers and ``Constant`` nodes, read lazily."""
+    """The constant tensors of a graph: initializers and ``Constant`` nodes, read lazily, and the
+    outputs of ``Identity`` nodes over them (exporters write a weight shared by copied layers, as
+    ``nn.TransformerEncoder``'s are at first, once, and hand the copies an Identity of it)."""
 
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
@@ -261,6 +263,10 @@ class Constants:
                 value = next((a for a in node.attribute if a.name == "value"), None)
                 if value is not None and value.HasField("t"):
                     self.constant_nodes[node.output[0]] = value.t
+        for node in graph.node:  # in order: a chain of Identities resolves to its first constant
+            if (node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS and len(node.input) == 1
+                    and len(node.output) == 1 and self.has(node.input[0]) and node.input[0] not in self.overridable):
+                self.constant_nodes[node.output[0]] = self.proto(node.input[0])
         self._cache: dict[str, np.ndarray] = {}
 
     def has(self, name: str) -> bool:

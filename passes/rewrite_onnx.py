@@ -119,17 +119,25 @@ def _subgraph(em: Emitter, node: onnx.NodeProto, info: OnnxLayer, layer: Layer, 
 
 
 def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    dead = {name for name in candidates if name not in used}
-    if not dead:
-        return
-    keep = [t for t in graph.initializer if t.name not in dead]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    nodes = [n for n in graph.node if not (n.op_type == "Constant" and len(n.output) == 1 and n.output[0] in dead)]
-    if len(nodes) != len(graph.node):
+    """Remove the replaced weights nothing reads any more: initializers, ``Constant`` nodes, and
+    ``Identity`` nodes over them (with what those read, when nothing else does)."""
+    candidates = set(candidates)
+    while True:
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        dead = {name for name in candidates if name not in used}
+        if not dead:
+            return
+        keep = [t for t in graph.initializer if t.name not in dead]
+        gone = [n for n in graph.node if n.op_type in ("Constant", "Identity") and len(n.output) == 1
+                and n.output[0] in dead]
+        if len(keep) == len(graph.initializer) and not gone:
+            return
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        nodes = [n for n in graph.node if not any(n is g for g in gone)]
         del graph.node[:]
         graph.node.extend(nodes)
+        candidates = {name for g in gone for name in g.input}
 
 
 def _record(model: onnx.ModelProto, chosen: list[Layer], provenance: dict | None) -> None:

@@ -142,6 +142,32 @@ def test_a_weight_shared_with_another_node_stays_for_it():
     np.testing.assert_allclose(y, expected(x, layers[0]), rtol=RTOL, atol=RTOL * 10)
 
 
+@pytest.mark.parametrize("rewritten", [("first", "second"), ("second",)])
+def test_a_weight_exported_once_and_handed_on_through_identity_is_captured_for_each_layer(rewritten):
+    """Exporters write identical weights once and give the copies an Identity of them (as
+    nn.TransformerEncoder's deep-copied layers come out): each product is a layer of its own, and
+    the dense weight leaves the file only once no product reads it, Identity and all."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((64, 64)).astype(np.float32)
+    nodes = [helper.make_node("Identity", ["w"], ["w_copy"], name="share"),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="first"),
+             helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w_copy"], ["y"], name="second")]
+    model = make_model(nodes, [vi("x", [4, 64])], [vi("y", [4, 64])], [tensor("w", w)])
+    sites, skipped, info = capture(model)
+    assert [s.name for s in sites] == ["first", "second"] and not skipped
+    layers = choose(sites, {name: "lowrank:4" for name in rewritten})
+    new = rewrite(model, info, layers)
+    onnx.checker.check_model(new, full_check=True)
+    left = {t.name for t in new.graph.initializer}
+    assert ("w" in left) == ("first" not in rewritten)
+    assert any(n.op_type == "Identity" for n in new.graph.node) == ("second" not in rewritten)
+    x = rng.standard_normal((4, 64)).astype(np.float32)
+    (y,) = run(new, {"x": x})
+    h = np.maximum(expected(x, layers[0]), 0.0).astype(np.float32)
+    np.testing.assert_allclose(y, expected(h, layers[1]), rtol=1e-4, atol=1e-3)
+
+
 def test_dense_choices_leave_the_graph_as_it_was_but_name_unnamed_nodes():
     model = matmul_add_model()
     model.graph.node[0].name = ""
