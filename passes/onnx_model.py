@@ -246,10 +246,14 @@ def elem_numpy_dtype(elem_type: int) -> np.dtype:
     return np.dtype(onnx.helper.tensor_dtype_to_np_dtype(elem_type))
 
 
+FOLDED_OPS = ("Identity", "Transpose", "Cast")
+
+
 class Constants:
-    """The constant tensors of a graph: initializers and ``Constant`` nodes, read lazily, and the
-    outputs of ``Identity`` nodes over them (exporters write a weight shared by copied layers, as
-    ``nn.TransformerEncoder``'s are at first, once, and hand the copies an Identity of it)."""
+    """The constant tensors of a graph: initializers and ``Constant`` nodes, read lazily, and what
+    ``Identity``, ``Transpose`` and ``Cast`` nodes make of them. Exporters write a weight shared by
+    copied layers (as ``nn.TransformerEncoder``'s are at first) once and hand the copies an Identity
+    of it; others store a weight transposed, or in float32 cast to the model's float16 at run time."""
 
     def __init__(self, model: onnx.ModelProto):
         graph = model.graph
@@ -263,17 +267,34 @@ class Constants:
                 value = next((a for a in node.attribute if a.name == "value"), None)
                 if value is not None and value.HasField("t"):
                     self.constant_nodes[node.output[0]] = value.t
-        for node in graph.node:  # in order: a chain of Identities resolves to its first constant
-            if (node.op_type == "Identity" and node.domain in DEFAULT_DOMAINS and len(node.input) == 1
-                    and len(node.output) == 1 and self.has(node.input[0]) and node.input[0] not in self.overridable):
-                self.constant_nodes[node.output[0]] = self.proto(node.input[0])
+        self.folded: dict[str, onnx.NodeProto] = {}  # output -> the node that makes it of a constant
+        for node in graph.node:  # in order: a chain resolves to its first constant
+            if (node.op_type in FOLDED_OPS and node.domain in DEFAULT_DOMAINS and len(node.input) == 1
+                    and len(node.output) == 1 and self.has(node.input[0]) and node.input[0] not in self.overridable
+                    and _foldable(node, self)):
+                self.folded[node.output[0]] = node
         self._cache: dict[str, np.ndarray] = {}
 
     def has(self, name: str) -> bool:
-        return name in self.initializers or name in self.constant_nodes
+        return name in self.initializers or name in self.constant_nodes or name in self.folded
 
     def proto(self, name: str) -> onnx.TensorProto | None:
-        return self.initializers.get(name) or self.constant_nodes.get(name)
+        found = self.initializers.get(name) or self.constant_nodes.get(name)
+        if found is None and name in self.folded:
+            node = self.folded[name]
+            source = self.proto(node.input[0])
+            if node.op_type == "Identity":
+                found = source
+            else:
+                array = numpy_helper.to_array(source)
+                if node.op_type == "Transpose":
+                    perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+                    array = np.transpose(array, perm)
+                else:
+                    array = array.astype(elem_numpy_dtype(_cast_to(node)))
+                found = numpy_helper.from_array(np.ascontiguousarray(array), name)
+            self.constant_nodes[name] = found  # made once
+        return found
 
     def dims(self, name: str) -> list[int] | None:
         t = self.proto(name)
@@ -287,6 +308,20 @@ class Constants:
         if name not in self._cache:
             self._cache[name] = numpy_helper.to_array(self.proto(name))
         return self._cache[name]
+
+
+def _cast_to(node: onnx.NodeProto) -> int | None:
+    return next((a.i for a in node.attribute if a.name == "to"), None)
+
+
+FLOAT_ELEMS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+def _foldable(node: onnx.NodeProto, constants: "Constants") -> bool:
+    """Identity and Transpose always; Cast between float types only (a weight changing precision)."""
+    if node.op_type != "Cast":
+        return True
+    return _cast_to(node) in FLOAT_ELEMS and constants.elem_type(node.input[0]) in FLOAT_ELEMS
 
 
 # -- onnxruntime --------------------------------------------------------------------------------

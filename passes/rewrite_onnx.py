@@ -20,7 +20,7 @@ from sparsec.candidates import Layer
 from sparsec.passes.capture_onnx import OnnxLayer, node_names
 from sparsec.passes.onnx_emit import FORMAT_KEY, LAYER_KEY, Emitter
 from sparsec.passes.onnx_forms import declared_format_note, emit_product, factors
-from sparsec.passes.onnx_model import Constants, elem_numpy_dtype
+from sparsec.passes.onnx_model import FOLDED_OPS, Constants, elem_numpy_dtype
 from sparsec.sites import as_weight
 
 MODEL_KEY = "sparsec"
@@ -120,7 +120,8 @@ def _subgraph(em: Emitter, node: onnx.NodeProto, info: OnnxLayer, layer: Layer, 
 
 def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
     """Remove the replaced weights nothing reads any more: initializers, ``Constant`` nodes, and
-    ``Identity`` nodes over them (with what those read, when nothing else does)."""
+    the ``Identity`` / ``Transpose`` / ``Cast`` nodes over them (with what those read, when nothing
+    else does)."""
     candidates = set(candidates)
     while True:
         used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
@@ -128,7 +129,7 @@ def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
         if not dead:
             return
         keep = [t for t in graph.initializer if t.name not in dead]
-        gone = [n for n in graph.node if n.op_type in ("Constant", "Identity") and len(n.output) == 1
+        gone = [n for n in graph.node if n.op_type in ("Constant", *FOLDED_OPS) and len(n.output) == 1
                 and n.output[0] in dead]
         if len(keep) == len(graph.initializer) and not gone:
             return

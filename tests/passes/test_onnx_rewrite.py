@@ -168,6 +168,37 @@ def test_a_weight_exported_once_and_handed_on_through_identity_is_captured_for_e
     np.testing.assert_allclose(y, expected(h, layers[1]), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("form", ["transposed", "cast"])
+def test_a_weight_stored_transposed_or_in_another_precision_is_captured_and_leaves_with_its_node(form):
+    """MatMul(x, Transpose(W)) with W stored [N, K], and a float32 weight Cast to the float16 the
+    model computes in: constants, so layers; the rewrite drops the node and the stored weight."""
+    rng = np.random.default_rng(6)
+    w = rng.standard_normal((32, 64)).astype(np.float32)  # [N, K]
+    elem = TensorProto.FLOAT16 if form == "cast" else TensorProto.FLOAT
+    if form == "transposed":
+        nodes = [helper.make_node("Transpose", ["w_nk"], ["w_kn"], perm=[1, 0]),
+                 helper.make_node("MatMul", ["x", "w_kn"], ["y"], name="proj")]
+        inits = [tensor("w_nk", w)]
+    else:
+        nodes = [helper.make_node("Cast", ["w_kn"], ["w_half"], to=TensorProto.FLOAT16),
+                 helper.make_node("MatMul", ["x", "w_half"], ["y"], name="proj")]
+        inits = [tensor("w_kn", np.ascontiguousarray(w.T))]
+    model = make_model(nodes, [vi("x", [4, 64], elem)], [vi("y", [4, 32], elem)], inits)
+    sites, skipped, info = capture(model)
+    assert [s.name for s in sites] == ["proj"] and not skipped
+    assert sites[0].dtype == (torch.float16 if form == "cast" else torch.float32)
+    np.testing.assert_allclose(sites[0].weight.float().numpy(), w, rtol=1e-3, atol=1e-3)
+    layers = choose(sites, {"proj": "lowrank:8"})
+    new = rewrite(model, info, layers)
+    onnx.checker.check_model(new, full_check=True)
+    assert not new.graph.initializer or all(t.name.startswith("proj") for t in new.graph.initializer)
+    assert [n.op_type for n in new.graph.node if n.op_type in ("Transpose", "Cast")] == []
+    x = rng.standard_normal((4, 64)).astype(np.float16 if form == "cast" else np.float32)
+    (y,) = run(new, {"x": x})
+    np.testing.assert_allclose(y.astype(np.float64), expected(x, layers[0]), rtol=2e-2 if form == "cast" else 1e-4,
+                               atol=5e-2 if form == "cast" else 1e-3)
+
+
 def test_dense_choices_leave_the_graph_as_it_was_but_name_unnamed_nodes():
     model = matmul_add_model()
     model.graph.node[0].name = ""
