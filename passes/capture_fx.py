@@ -207,6 +207,8 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
         else:
             source = folder.source(w_node) if isinstance(w_node, fx.Node) else None
         name = layer_name(source, node)
+        if isinstance(w_node, fx.Node) and unfuse_fx.PART in w_node.meta:
+            name = f"{name}.{w_node.meta[unfuse_fx.PART]}"
         if not ok_w or not isinstance(w, torch.Tensor):
             if _is_tensor_valued(w_node):
                 skipped.append(Skipped(name, op, "no constant weight: both operands are computed at run time"))

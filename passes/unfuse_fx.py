@@ -24,6 +24,7 @@ import torch.nn.functional as F
 MHA = F.multi_head_attention_forward
 ENCODER = getattr(torch, "_transformer_encoder_layer_fwd", None)
 _MHA_SIGNATURE = inspect.signature(MHA)
+PART = "sparsec_part"  # node meta: which part of a packed weight a slice is
 _ENCODER_ARGS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "use_gelu",
                  "norm_first", "eps", "norm_weight_1", "norm_bias_1", "norm_weight_2", "norm_bias_2",
                  "ffn_weight_1", "ffn_bias_1", "ffn_weight_2", "ffn_bias_2", "mask", "mask_type")
@@ -155,6 +156,8 @@ def _expand_mha(graph: fx.Graph, node: fx.Node) -> None:
     else:
         if weights is None:
             weights = [emit(operator.getitem, a["in_proj_weight"], slice(i * E, (i + 1) * E)) for i in range(3)]
+            for weight, part in zip(weights, "qkv"):
+                weight.meta[PART] = part  # capture names the layer after it: in_proj_weight.q, .k, .v
         q, k, v = (emit(F.linear, x, w, b) for x, w, b in zip((a["query"], a["key"], a["value"]), weights, biases))
     core = emit(attention_core, q, k, v, int(a["num_heads"]), a["key_padding_mask"], a["attn_mask"],
                 bool(a["need_weights"]), bool(a["average_attn_weights"]), bool(a["is_causal"]))
