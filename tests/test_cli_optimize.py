@@ -130,7 +130,7 @@ def test_a_rewritten_model_that_measures_slower_is_said_loudly_or_with_measure_n
     from sparsec.passes import onnx_check
     from sparsec.fingerprint.timing import Timing
 
-    monkeypatch.setattr(onnx_check, "time_end_to_end", lambda *args: Timing(us=[99.0, 100.0], rounds=1, inner=1))
+    monkeypatch.setattr(onnx_check, "time_end_to_end", lambda *args: Timing(us=[99.0, 100.0, 20.0, 21.0], rounds=1, inner=1))
     rc, out, report = run_planted(planted, "slow")
     assert rc == 0 and report["warnings"][0].startswith("SLOWER: the rewritten model measured 0.99x")
     assert [layer["format"] for layer in report["layers"]] == ["lowrank:16"] * 3
@@ -387,13 +387,37 @@ def test_calibration_token_ids_past_the_vocabulary_are_one_line(tmp_path, capsys
     assert "token ids must be below the vocabulary size" in lines[0] and not (tmp_path / "out.onnx").exists()
 
 
-def test_the_end_to_end_prediction_counts_the_rest_of_the_graph_from_the_original_models_time(planted_run):
+def test_the_end_to_end_prediction_adds_the_measured_rest_of_the_graph(planted_run):
     _, _, report = planted_run
     e2e, totals = report["end_to_end"], report["totals"]
     rest = e2e["predicted_us_rest"]
-    assert rest == pytest.approx(max(e2e["measured_us_dense"] - totals["predicted_us_dense"], 0.0))
+    assert e2e["predicted_us_rest_source"].startswith("measured: the original model with each layer's product cut")
+    assert 0.0 <= rest < e2e["measured_us_dense"]
     expected = (totals["predicted_us_dense"] + rest) / (totals["predicted_us"] + rest)
     assert e2e["predicted_speedup"] == pytest.approx(expected) and e2e["predicted_speedup"] <= totals["predicted_speedup"]
+
+
+def test_the_rest_of_the_graph_is_the_model_with_each_product_a_one_feature_stand_in():
+    from sparsec.passes import onnx_check
+    from sparsec.passes.capture_onnx import capture
+    from sparsec.passes.onnx_model import Constants
+
+    model, _ = lowrank_mlp(d=64, rank=4, layers=3, tokens=8, gemm_last=True)
+    feeds = {"x": np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)}
+    nodes = len(model.graph.node)
+    constants = Constants(model)
+    _, _, layers = capture(model, constants)
+    for copies in (1, 2):
+        rest = onnx_check.without_layers(model, layers.values(), constants, copies)
+        onnx.checker.check_model(rest, full_check=True)
+        products = [n for n in rest.graph.node if n.op_type in ("MatMul", "Gemm")]
+        assert len(products) == copies * len(layers)
+        zeros = {t.name: t for t in rest.graph.initializer if t.name.startswith("sparsec.rest/")}
+        assert all(list(zeros[n.input[1]].dims) == [1, 64] for n in products)
+        (y,) = run(rest, feeds)
+        (want,) = run(model, feeds)
+        assert y.shape == want.shape  # the same shapes; the products' values are gone (bias alone remains)
+    assert len(model.graph.node) == nodes  # the model itself is left as it was
 
 
 def test_an_output_whose_data_file_is_the_inputs_external_data_is_refused(tmp_path, capsys):
