@@ -98,6 +98,7 @@ def without_layers(model: onnx.ModelProto, layers, constants, copies: int = 1) -
     from onnx import helper, numpy_helper
 
     from sparsec.passes.onnx_model import elem_numpy_dtype
+    from sparsec.passes.rewrite_onnx import drop_unused
 
     out = onnx.ModelProto()
     out.CopyFrom(model)
@@ -129,4 +130,5 @@ def without_layers(model: onnx.ModelProto, layers, constants, copies: int = 1) -
     nodes = [n for i, node in enumerate(g.node) for n in (*before.get(i, ()), node)]
     del g.node[:]
     g.node.extend(nodes)
+    drop_unused(g, {info.weight for info in layers})  # the stand-ins need no weights
     return out

@@ -59,7 +59,7 @@ def rewrite(model: onnx.ModelProto, layers_info: dict[str, OnnxLayer], layers: l
     del graph.node[:]
     graph.node.extend(nodes)
     graph.initializer.extend(new_inits)
-    _drop_unused(graph, {layers_info[l.name].weight for l in chosen})
+    drop_unused(graph, {layers_info[l.name].weight for l in chosen})
     _record(new, chosen, provenance)
     return new
 
@@ -118,7 +118,7 @@ def _subgraph(em: Emitter, node: onnx.NodeProto, info: OnnxLayer, layer: Layer, 
     return em.nodes
 
 
-def _drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
+def drop_unused(graph: onnx.GraphProto, candidates: set[str]) -> None:
     """Remove the replaced weights nothing reads any more: initializers, ``Constant`` nodes, and
     the ``Identity`` / ``Transpose`` / ``Cast`` nodes over them (with what those read, when nothing
     else does)."""

@@ -417,6 +417,7 @@ def test_the_rest_of_the_graph_is_the_model_with_each_product_a_one_feature_stan
         (y,) = run(rest, feeds)
         (want,) = run(model, feeds)
         assert y.shape == want.shape  # the same shapes; the products' values are gone (bias alone remains)
+        assert not {f"w{i}" for i in range(3)} & {t.name for t in rest.graph.initializer}  # nor their weights
     assert len(model.graph.node) == nodes  # the model itself is left as it was
 
 
