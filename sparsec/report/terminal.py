@@ -79,7 +79,9 @@ def _totals(report) -> Text:
                 f"({v.fmt_speedup(t['predicted_speedup'])}), measured {v.fmt_speedup(t['measured_speedup'])}\n")
     text.append("end to end: ", style="bold")
     rest = e2e.get("predicted_us_rest")
-    how = "from the original model's measured time" if e2e.get("predicted_us_rest_source") else "predicted"
+    source = e2e.get("predicted_us_rest_source") or ""
+    how = ("measured" if source.startswith("measured") else
+           "from the original model's measured time" if source else "predicted")
     rest_text = f" (rest of graph {v.fmt_us(rest)} {how}{_fused_note(e2e)})" if rest is not None \
         else " (rest of graph not priced)"
     text.append(f"predicted {v.fmt_speedup(e2e['predicted_speedup'])}{rest_text}, measured "

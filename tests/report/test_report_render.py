@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from html.parser import HTMLParser
 
+import pytest
 from report_factory import HOSTILE_NAMES, make_report
 from rich.console import Console
 
@@ -225,3 +226,16 @@ def test_table_and_page_say_how_much_of_the_rest_the_launches_absorb(report_dict
     assert f"{v.fmt_us(4.5)} of it in the layers&#x27; epilogues" in render_html(Report(report_dict))
     report_dict["end_to_end"]["predicted_us_fused"] = 0.0
     assert "epilogues" not in _text(Report(report_dict))
+
+
+@pytest.mark.parametrize("source, said", [
+    ("measured: the original model with each layer's product cut to one input feature", "measured"),
+    ("the original model's measured time less its layers' predicted dense time", "from the original model's measured time"),
+    (None, "predicted"),
+])
+def test_the_table_says_where_the_rest_of_the_graph_came_from(report_dict, source, said):
+    report_dict["end_to_end"]["predicted_us_rest"] = 30.0
+    report_dict["end_to_end"].pop("predicted_us_rest_source", None)
+    if source:
+        report_dict["end_to_end"]["predicted_us_rest_source"] = source
+    assert f"rest of graph {v.fmt_us(30.0)} {said}" in _text(Report(report_dict))
