@@ -1053,10 +1053,6 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
         end_to_end.update(predicted_us_rest=rest_us, predicted_us_rest_source=(
             "measured: the original model with each layer's product cut to one input feature, less what "
             "that stand-in costs (timed with two of them)"))
-    elif rest_us is None and dense_total and chosen_total and checked.measured_us_dense:
-        rest_us = max(checked.measured_us_dense - dense_total, 0.0)
-        end_to_end.update(predicted_us_rest=rest_us, predicted_us_rest_source=(
-            "the original model's measured time less its layers' predicted dense time"))
     rest_dense = rest_us or 0.0
     end_to_end["predicted_speedup"] = _ratio(dense_total + rest_dense, chosen_total - stacked_us + rest_dense - fused_us)
     if kept_dense_speedup is not None:
