@@ -29,6 +29,9 @@ class Options:
     calibration: list | None = None
     heldout: list | None = None
     formats: tuple[str, ...] = STRUCTURED_FAMILIES
+    # formats named with their parameters ("lowrank:64", "block:64:0.25"): where a family is named
+    # only that way, its candidates are exactly these, not the family's grid
+    exact_formats: tuple[str, ...] = ()
     plan: Any = None  # a Plan once parsed
     report: str | None = None
     measure: bool = False
@@ -54,6 +57,16 @@ class Options:
         The modes are torch.compile's; the two that replay CUDA graphs are priced as graphs.
         """
         return "graph" if self.mode in ("reduce-overhead", "max-autotune") else "eager"
+
+
+def _exact_format(text: str) -> str:
+    """A format named with its parameters, in its canonical spelling; refused here if malformed."""
+    from sparsec.formats import FormatError, parse_spec
+
+    try:
+        return str(parse_spec(text))
+    except FormatError as exc:
+        raise OptionError(f"option 'formats' names {text!r}: {exc}") from None
 
 
 KNOWN = {
@@ -121,13 +134,17 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         fmts = merged["formats"]
         if isinstance(fmts, str):
             fmts = [fmts]
-        families = []
+        families, exact = [], []
         for f in fmts:
             fam = family_of(str(f))
             if fam not in STRUCTURED_FAMILIES:
                 raise OptionError(f"option 'formats' names {f!r}; allowed: {', '.join(STRUCTURED_FAMILIES)}")
             families.append(fam)
+            if str(f) != fam:
+                exact.append(_exact_format(str(f)))
         out.formats = tuple(dict.fromkeys(families))
+        bare = {family_of(str(f)) for f in fmts if family_of(str(f)) == str(f)}
+        out.exact_formats = tuple(dict.fromkeys(e for e in exact if family_of(e) not in bare))
     if merged.get("plan") is not None:
         plan = merged["plan"]
         if not isinstance(plan, (str, os.PathLike, dict)) and not hasattr(plan, "to_dict"):

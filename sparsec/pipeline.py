@@ -25,7 +25,7 @@ from typing import Any, Protocol
 import torch
 
 from sparsec.candidates import Candidate, Layer
-from sparsec.formats import Dense, parse_spec
+from sparsec.formats import Dense, family_of, parse_spec
 from sparsec.launches import LaunchGroup, price_groups
 from sparsec.options import Options
 from sparsec.plan import Plan
@@ -338,7 +338,7 @@ def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options,
         requested, key = forced.resolve(site.name) if forced is not None else ("auto", None)
         layer.requested, layer.forced_by = requested, key if requested != "auto" else None
         if requested == "auto":
-            specs = [s for fam in options.formats if fam in HANDLERS for s in HANDLERS[fam].grid(site.N, site.K)]
+            specs = _allowed_specs(site, options, HANDLERS)
         else:
             spec = parse_spec(requested)
             specs = [] if isinstance(spec, Dense) else [spec]
@@ -349,6 +349,21 @@ def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options,
             layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=why))
         layers.append(layer)
     return layers
+
+
+def _allowed_specs(site: Site, options: Options, handlers) -> list:
+    """The allowed families' grids, except that a family named only with its parameters
+    ("lowrank:64") weighs exactly those specs (refused with the reason where they do not fit)."""
+    exact = {}
+    for text in options.exact_formats:
+        exact.setdefault(family_of(text), []).append(parse_spec(text))
+    specs = []
+    for fam in options.formats:
+        if fam in exact:
+            specs.extend(exact[fam])
+        elif fam in handlers:
+            specs.extend(handlers[fam].grid(site.N, site.K))
+    return specs
 
 
 # -- cost -------------------------------------------------------------------------------------

@@ -461,3 +461,34 @@ def test_a_report_path_that_cannot_be_written_is_refused_before_planning(tmp_pat
 def test_keyword_example_inputs_must_be_named():
     with pytest.raises(OptionError, match="must map the model's argument names"):
         sparsec.optimize(KeywordModel(), {0: torch.randn(2, 128)}, fingerprint="cpu")
+
+
+def test_a_format_named_with_its_parameters_is_the_only_candidate_of_its_family(scenario_fp):
+    """``lowrank:48`` means rank 48, not the low-rank family: the grid would pick the planted rank 32."""
+    torch.manual_seed(3)
+    model = planted_lowrank_mlp(d=256, rank=32, layers=2)
+    x = torch.randn(1024, 256)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, lower=False,
+                              formats=["lowrank:48"])
+    for layer in result.report.layers:
+        assert layer["format"] == "lowrank:48", layer["format"]
+        assert [c["format"] for c in layer["candidates"]] == ["lowrank:48"]
+    # naming the family as well brings its grid back, where the planted rank wins
+    both = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, lower=False,
+                            formats=["lowrank:48", "lowrank"])
+    assert [l["format"] for l in both.report.layers] == ["lowrank:32", "lowrank:32"]
+
+
+def test_a_named_format_that_cannot_fit_a_layer_is_refused_with_the_reason(scenario_fp):
+    model = nn.Sequential(nn.Linear(64, 48))
+    result = sparsec.optimize(model, (torch.randn(512, 64),), fingerprint=scenario_fp(), error_budget=0.5,
+                              lower=False, formats=["block:64:0.25"])
+    layer = result.report.layers[0]
+    assert layer["format"] == "dense"
+    (cand,) = layer["candidates"]
+    assert cand["format"] == "block:64:0.25" and "64" in cand["rejected_because"], cand
+
+
+def test_a_malformed_named_format_is_refused_before_any_work():
+    with pytest.raises(OptionError, match="lowrank:x"):
+        sparsec.optimize(nn.Linear(8, 8), (torch.randn(4, 8),), formats=["lowrank:x"])

@@ -39,7 +39,9 @@ def register(subparsers) -> None:
                              "(default: inputs generated from the declared shapes, with a warning)")
     parser.add_argument("--heldout", default=None, help=".npz like --calibration; never fitted to, but the error budget must hold on it too")
     parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
-                        help="allowed formats: 2:4 block lowrank monarch (space or comma separated; default all)")
+                        help="allowed formats: 2:4 block lowrank monarch (space or comma separated; default all); "
+                             "one named with its parameters (lowrank:64, block:64:0.25) is then its family's only "
+                             "candidate")
     parser.add_argument("--plan", default=None, help="plan JSON forcing formats per layer (sparsec.plan/1)")
     parser.add_argument("--report", default=None,
                         help="report to write: .json, or .html (the JSON is written beside it too)")
