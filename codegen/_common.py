@@ -377,11 +377,3 @@ def split_count(items: int, device) -> int:
     ``SPLIT_PROGRAMS_PER_SM`` programs per SM of ``device`` (1 off CUDA), at most ``SPLIT_MAX``."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
     return max(1, min(SPLIT_MAX, -(-SPLIT_PROGRAMS_PER_SM * sms // max(items, 1))))
-
-
-def sum_partials(parts, bias, dtype):
-    """The output of a split launch: its float32 partials (chunks, M, N) summed, the bias added,
-    in ``dtype``."""
-    if bias is not None:
-        return (parts.sum(0) + bias.float()).to(dtype)
-    return parts.sum(0, dtype=dtype) if parts.is_cuda else parts.sum(0).to(dtype)

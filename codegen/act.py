@@ -35,6 +35,7 @@ from sparsec.errors import SparsecError
 from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, interpret_mode, m_bucket, match_dtype,
                       pdl_enabled, register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
+from .partials import sum_partials
 
 GEMV_MAX_M = 16
 # Output columns a program takes: at one token narrow slices (many programs, each with many
@@ -123,21 +124,6 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
              acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
-def _reduce_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
-                   PDL: tl.constexpr):
-    """y = sum over splits of the float32 partials p (SPLITS, M*N), plus bias, in y's dtype."""
-    if PDL:
-        tl.extra.cuda.gdc_wait()
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < MN
-    acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(0, SPLITS):
-        acc += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs % N, mask=mask, other=0.0).to(tl.float32)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-
-
 def _configs():
     out = []
     for bk, w, s in ((64, 4, 4), (32, 2, 4), (16, 1, 6), (32, 4, 6), (64, 2, 3), (128, 4, 3), (16, 2, 8),
@@ -156,7 +142,6 @@ def _keep(config, args) -> bool:
 
 
 _KERNEL = LazyKernel(_act_kernel, _configs(), key=["M_BUCKET", "N", "SPAN", "USE_DOT", "BLOCK_N"], prune=_keep)
-_REDUCE = LazyKernel(_reduce_kernel)
 _COMPACT = LazyKernel(_compact_kernel)
 
 
@@ -208,9 +193,7 @@ def act_triton(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
                   HAS_BIAS=bias is not None and splits == 1, USE_DOT=use_dot, DOT_PREC=tl_dot_precision(x.dtype),
                   EVEN_N=N % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, **launch)
     if splits > 1:
-        block = 1024
-        _REDUCE[(triton.cdiv(M * N, block),)](partial, bias if bias is not None else y, y, M * N, N, splits,
-                                              HAS_BIAS=bias is not None, BLOCK=block, PDL=pdl, **launch)
+        sum_partials(partial, bias, x.dtype, out=y, pdl=pdl)
     return y
 
 

@@ -31,8 +31,9 @@ from sparsec.errors import SparsecError
 
 from . import epilogue
 from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
-                      pdl_enabled, register_input_grad, split_count, sum_partials, tl_dot_precision)
+                      pdl_enabled, register_input_grad, split_count, tl_dot_precision)
 from .packed import FormatKernels, register
+from .partials import sum_partials
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
 # The MMA-free kernel serves 16-bit inputs up to GEMV_MAX_M tokens: on an H200 (bf16,

@@ -43,8 +43,9 @@ from sparsec.errors import SparsecError
 
 from . import epilogue
 from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, interpret_mode, m_bucket, match_dtype,
-                      pdl_enabled, register_input_grad, split_count, sum_partials, tl_dot_precision)
+                      pdl_enabled, register_input_grad, split_count, tl_dot_precision)
 from .packed import FormatKernels, register
+from .partials import sum_partials
 from .twofour_cslt import cslt_compressed, cslt_reason, twofour_cslt_op
 
 # cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
