@@ -29,7 +29,7 @@ SECTIONS = ("SpeedOfLight", "MemoryWorkloadAnalysis", "Occupancy", "LaunchStats"
 MARKER = "spin_kernel"  # torch.cuda._sleep's kernel
 SHOWN = {  # column in the table -> ncu metric (raw page), read where ncu reports it
     "us": "gpu__time_duration.sum",
-    "DRAM rd MB": "dram__bytes_read.sum",
+    "DRAM GB/s": "dram__bytes.sum.per_second",  # read and written: the sections name no read-only count
     "DRAM %": "gpu__dram_throughput.avg.pct_of_peak_sustained_elapsed",
     "SM %": "sm__throughput.avg.pct_of_peak_sustained_elapsed",
     "occ %": "sm__warps_active.avg.pct_of_peak_sustained_active",
@@ -98,7 +98,7 @@ def read_raw_csv(text: str) -> list[dict]:
         row = {}
         for name, unit, value in zip(header, units, values):
             number = _number(value)
-            row[name] = value if number is None else number / 1e3 if unit == "nsecond" else number  # -> us
+            row[name] = value if number is None else number / 1e3 if unit in ("ns", "nsecond") else number  # -> us
         rows.append(row)
     return rows
 
@@ -111,17 +111,15 @@ def _number(text: str):
 
 
 def table(kernels: list[dict]) -> str:
-    lines = [f"{'case':<40} {'kernel':<34} " + " ".join(f"{c:>10}" for c in SHOWN) + f" {'GB/s rd':>9}"]
+    lines = [f"{'case':<40} {'kernel':<34} " + " ".join(f"{c:>10}" for c in SHOWN)]
     for k in kernels:
         cells = []
         for column, metric in SHOWN.items():
             v = k.get(metric)
-            if isinstance(v, float) and column == "DRAM rd MB":
-                v = v / 1e6
+            if isinstance(v, float) and column == "DRAM GB/s":
+                v = v / 1e9
             cells.append(f"{v:>10.1f}" if isinstance(v, float) else f"{'-':>10}")
-        us, rd = k.get(SHOWN["us"]), k.get(SHOWN["DRAM rd MB"])
-        gbps = f"{rd / us / 1e3:>9.0f}" if isinstance(us, float) and isinstance(rd, float) and us else f"{'-':>9}"
-        lines.append(f"{k['case']:<40} {str(k.get('Kernel Name', ''))[:34]:<34} " + " ".join(cells) + " " + gbps)
+        lines.append(f"{k['case']:<40} {str(k.get('Kernel Name', ''))[:34]:<34} " + " ".join(cells))
     return "\n".join(lines)
 
 

@@ -3,8 +3,9 @@
 Kernels that cut K over several programs (2:4's and block's ``dot_split``, act's split loop) write
 one float32 partial product per chunk, (chunks, M, N). Summing them with torch took two or three
 launches (the reduction, the bias, the cast); on an H100 at 2 and 16 tokens the reduction alone ran
-7 µs next to the 18 µs product (bench/profile_small_m.py, 14336 x 4096). Here one launch reads each
-partial once and writes the output in its dtype, bias added.
+7 µs and the cast 3 µs next to block's 18 µs product (Nsight Compute, bench/profile_small_m.py,
+14336 x 4096, block:64:0.25). Here one launch reads each partial once and writes the output in its
+dtype, bias added.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import triton.language as tl
 
 from ._common import LazyKernel, triton_usable
 
-BLOCK = 1024
+# outputs a program sums: few enough that a one- or two-token output (a few thousand values)
+# still spreads over a hundred programs, the partials' loads of each in flight together
+BLOCK = 256
 
 
 def _sum_partials_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr,
@@ -51,5 +54,5 @@ def sum_partials(parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dt
         return y
     launch = {"launch_pdl": True} if pdl else {}
     _KERNEL[(triton.cdiv(M * N, BLOCK),)](parts, bias if bias is not None else y, y, M * N, N, splits,
-                                         HAS_BIAS=bias is not None, BLOCK=BLOCK, PDL=pdl, **launch)
+                                         HAS_BIAS=bias is not None, BLOCK=BLOCK, PDL=pdl, num_warps=2, **launch)
     return y
