@@ -610,7 +610,8 @@ def tma_usable(x, pairs, meta32, n_out: int | None = None) -> bool:
 def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None,
                    gate_row: int = -1, up_row: int = -1, width: int = 0, lowrank=None):
     """``path``: "words" or "gemv" (small-M kernels), "tokens" (the word kernel's reads, several
-    tokens a program: not yet timed, never chosen by None), "dot" (expansion + MMA), "dot_split" (the same
+    tokens a program: slower than the word and MMA kernels at every M on an H100, docs/benchmarks.md;
+    never chosen by None), "dot" (expansion + MMA), "dot_split" (the same
     with K cut over several programs, ``split_for``; float32 partials summed after) or None (by M,
     see GEMV_MAX_M; "words" where ``words_usable``).
 
