@@ -165,7 +165,8 @@ def generate(model: onnx.ModelProto, constants: Constants | None = None, calls: 
         for axis, d in enumerate(dims):
             if not isinstance(d, int) or d < 1:
                 label = f"{d!r}" if d is not None else "unnamed"
-                example = ", ".join("N" if not isinstance(x, int) else str(x) for x in dims)
+                example = ", ".join(str(x) if isinstance(x, int) else (x if isinstance(x, str) and x else "N")
+                                    for x in dims)
                 raise ModelError(
                     f"input {vi.name!r} has a dynamic dimension ({label}, axis {axis}), so sparsec cannot "
                     f"make up inputs for it: pass --calibration data.npz with an array named {vi.name!r} "
