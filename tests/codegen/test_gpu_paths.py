@@ -100,6 +100,45 @@ def test_input_gradients_through_rewritten_layers_match_dense(kind, fmt, M):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["2:4", "block:64:0.25"])
+@pytest.mark.parametrize("M", [2, 16])
+def test_split_paths_sum_their_partials_on_the_gpu_and_replay_in_a_cuda_graph(dtype, fmt, M):
+    """The "dot_split" paths (K cut over programs, float32 partials summed by codegen/partials.py)
+    on a weight with exactly the format's structure, with bias, against float64, then captured in
+    a CUDA graph and replayed on new inputs."""
+    from sparsec.codegen import block, twofour
+
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    N, K = 512, 4096
+    w = planted(fmt, N, K, gen).to(dtype)
+    packed = pack(fmt, w)
+    w = packed.to_dense()
+    t = packed.tensors()
+    bias = torch.randn(N, generator=gen, device="cuda").to(dtype)
+
+    def run(x):
+        if fmt == "2:4":
+            return twofour.twofour_triton(x, t["values"], t["meta"], bias, path="dot_split")
+        return block.block_triton(x, t["values"], t["col_idx"], t["row_ptr"], t["order"], bias, N, path="dot_split")
+
+    def ref(x):
+        return x.double() @ w.double().t() + bias.double()
+
+    x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+    assert rel_err(run(x), ref(x)) <= REL_TOL[dtype]
+    static = x.clone()
+    run(static)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run(static)
+    fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+    static.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert rel_err(out, ref(fresh)) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 2, 5, 16, 17])
 def test_act_kernel_matches_float64_and_replays_in_a_cuda_graph(dtype, M):
     """act:0.5 on a Llama-MLP-shaped weight: the masked product in float64 (every token masked on
