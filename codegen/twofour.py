@@ -516,7 +516,9 @@ def _tokens_keep(config, args) -> bool:
     return kw["BLOCK_J"] <= max(8, triton.next_power_of_2(args["G8"])) and per_thread <= 64
 
 
-# not yet timed on a GPU: no automatic path takes it (twofour_triton(path="tokens") forces it)
+# for one weight slower than the word and MMA kernels at every M on an H100 (docs/benchmarks.md): no
+# automatic path of a layer takes it (twofour_triton(path="tokens") forces it); expert banks' rows
+# implementation sends it tiles of one expert's rows (twofour_rows)
 _TOKENS_KERNEL = LazyKernel(_twofour_tokens_kernel, _tokens_configs(),
                             key=["M_BUCKET", "N", "G8", "IS_BF16", "GATED", "HAS_RES", "EXPERTS", "TILE"],
                             prune=_tokens_keep)
