@@ -203,7 +203,11 @@ class FxFrontend:
                     out[name].add(x, sx)
         return out
 
-    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
+    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False,
+                 per_layer: bool = True) -> tuple[float, dict[str, float]]:
+        """The metric on the calibration (or held-out) calls with ``replacements`` in place, and each
+        replaced layer's own relative output error; ``per_layer=False`` leaves the latter out (empty),
+        and with it the dense product each replaced layer would run beside its replacement."""
         data = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references
         local: dict[str, torch.Tensor] = {}  # per layer: [squared error, energy], summed over the calls
@@ -211,8 +215,8 @@ class FxFrontend:
         with torch.no_grad():
             for item in data:
                 gm, nodes, args = self._run_of(item)
-                out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements, local=local,
-                                      banks=self._banks_in(gm)).run(*args)
+                out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements,
+                                      local=local if per_layer else None, banks=self._banks_in(gm)).run(*args)
                 outs.append(flatten_outputs(out))
         sums = {name: acc.tolist() for name, acc in local.items()}
         per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in sums.items()}

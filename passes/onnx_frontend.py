@@ -152,7 +152,10 @@ class OnnxFrontend:
         the CPU."""
         return "cuda" if self.provider == "CUDAExecutionProvider" and torch.cuda.is_available() else "cpu"
 
-    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, "LayerErrors"]:
+    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False,
+                 per_layer: bool = True) -> tuple[float, "LayerErrors"]:
+        """The metric with ``replacements`` in place, and the layers' own errors (computed when read:
+        ``per_layer`` changes nothing here)."""
         feeds = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references
         weights = self._weights(replacements)

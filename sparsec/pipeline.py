@@ -45,7 +45,8 @@ class Frontend(Protocol):
 
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]: ...
 
-    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]: ...
+    def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False,
+                 per_layer: bool = True) -> tuple[float, dict[str, float]]: ...
 
     def has_heldout(self) -> bool: ...
 
@@ -695,7 +696,8 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, bef
 
     def evaluate(reps: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
         start = time.perf_counter()
-        result = frontend.evaluate(reps, heldout=heldout)
+        # each layer's own error is read on calibration data only (where the planner calibrates on it)
+        result = frontend.evaluate(reps, heldout=heldout, per_layer=not heldout)
         count["heldout" if heldout else "calibration"] += 1
         if not heldout:
             count["seconds"] += time.perf_counter() - start
@@ -726,7 +728,12 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, bef
     def measure_alone(choices: dict[str, Candidate]) -> float:
         advance_current()
         site_of = {l.name: l.site for l in layers}
-        return to_error(evaluate({n: c.weight().to(site_of[n].dtype) for n, c in choices.items()})[0])
+        reps = {n: c.weight().to(site_of[n].dtype) for n, c in choices.items()}
+        start = time.perf_counter()
+        error = frontend.evaluate(reps, per_layer=False)[0]
+        count["calibration"] += 1
+        count["seconds"] += time.perf_counter() - start
+        return to_error(error)
 
     knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
     for h in alloc.hulls:
@@ -765,7 +772,7 @@ def recover(frontend: Frontend, layers: list[Layer], options: Options, e2e: EndT
     while True:
         reps = {l.name: l.chosen.weight().to(l.site.dtype) for l in layers if l.chosen is not None and not l.chosen.is_dense}
         error, local = frontend.evaluate(reps)
-        held = frontend.evaluate(reps, heldout=True)[0] if frontend.has_heldout() else None
+        held = frontend.evaluate(reps, heldout=True, per_layer=False)[0] if frontend.has_heldout() else None
         counts["evaluations"] += 1
         counts["heldout_evaluations"] += held is not None
         if max(error, held or 0.0) <= worst_before:

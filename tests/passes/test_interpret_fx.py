@@ -93,3 +93,27 @@ def test_a_recovery_pass_stops_once_its_inputs_have_arrived():
     torch.testing.assert_close(dense_gram, full[key].gram)  # no replacements: the dense inputs are the same
     # two passes (dense and replaced), each ending at layers.1: layers 2 and 3 never ran
     assert executed.count("layers_1") == 2 and not [n for n in executed if n.startswith(("layers_2", "layers_3"))]
+
+
+def test_an_evaluation_without_per_layer_errors_runs_no_dense_product_beside_a_replacement(monkeypatch):
+    """The probes and held-out checks read only the metric: ``per_layer=False`` gives the same value
+    with no layer errors, and only the replaced product runs at the replaced site."""
+    import torch.nn as nn
+
+    from sparsec.passes import interpret_fx
+
+    gen = torch.Generator().manual_seed(9)
+    model = nn.Sequential(nn.Linear(16, 32, bias=False), nn.ReLU(), nn.Linear(32, 8)).eval()
+    fe, sites, _, _ = calibrated(model, torch.randn(40, 16, generator=gen))
+    name = sites[0].name
+    reps = {name: sites[0].weight.detach() * 0.9}
+    products = []
+    real = interpret_fx.F.linear
+    monkeypatch.setattr(interpret_fx.F, "linear", lambda *a, **kw: products.append(1) or real(*a, **kw))
+    error, local = fe.evaluate(reps)
+    with_layers = len(products)
+    products.clear()
+    error_only, nothing = fe.evaluate(reps, per_layer=False)
+    assert error_only == error and nothing == {} and set(local) == {name}
+    assert abs(local[name] - 0.1) < 1e-5  # 0.9 W against W, no bias: a tenth of the output, to rounding
+    assert len(products) == with_layers - 1
