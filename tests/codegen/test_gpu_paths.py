@@ -29,6 +29,20 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.double() - ref.double()).norm() / ref.double().norm())
 
 
+def replayed(call, x: torch.Tensor, fresh: torch.Tensor) -> torch.Tensor:
+    """``call`` on a copy of ``x`` captured in a CUDA graph (after one call outside it, which
+    compiles and tunes), the copy then overwritten with ``fresh`` and the graph replayed: its output."""
+    static = x.clone()
+    call(static)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call(static)
+    static.copy_(fresh)
+    graph.replay()
+    torch.cuda.synchronize()
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [1, 13, 2051])
 @pytest.mark.parametrize("layout", ["row", "col"])
@@ -126,16 +140,8 @@ def test_split_paths_sum_their_partials_on_the_gpu_and_replay_in_a_cuda_graph(dt
 
     x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
     assert rel_err(run(x), ref(x)) <= REL_TOL[dtype]
-    static = x.clone()
-    run(static)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = run(static)
     fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
-    static.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel_err(out, ref(fresh)) <= REL_TOL[dtype]
+    assert rel_err(replayed(run, x, fresh), ref(fresh)) <= REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -154,16 +160,8 @@ def test_act_kernel_matches_float64_and_replays_in_a_cuda_graph(dtype, M):
         return torch.where(xd.abs() >= 0.6, xd, 0.0) @ w.double().t()
 
     assert rel_err(linear(x, packed), ref(x)) <= REL_TOL[dtype]
-    static = x.clone()
-    linear(static, packed)  # compile and tune before capture
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear(static, packed)
     fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
-    static.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel_err(out, ref(fresh)) <= REL_TOL[dtype]
+    assert rel_err(replayed(lambda inp: linear(inp, packed), x, fresh), ref(fresh)) <= REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -195,15 +193,8 @@ def test_multi_token_word_kernel_matches_float64_and_replays_in_a_cuda_graph(dty
 
     x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
     assert rel_err(call(x), ref(x)) <= REL_TOL[dtype]
-    static = x.clone()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call(static)
     fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
-    static.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert rel_err(out, ref(fresh)) <= REL_TOL[dtype]
+    assert rel_err(replayed(call, x, fresh), ref(fresh)) <= REL_TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -219,15 +210,8 @@ def test_sparse_plus_lowrank_matches_float64_and_replays_in_a_cuda_graph(dtype, 
     x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
     bias = torch.randn(N, generator=gen, device="cuda").to(dtype)
     assert rel_err(linear(x, packed, bias), x.double() @ dense.t() + bias.double()) <= REL_TOL[dtype]
-    static = x.clone()
-    linear(static, packed, bias)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = linear(static, packed, bias)
     fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
-    static.copy_(fresh)
-    graph.replay()
-    torch.cuda.synchronize()
+    out = replayed(lambda inp: linear(inp, packed, bias), x, fresh)
     assert rel_err(out, fresh.double() @ dense.t() + bias.double()) <= REL_TOL[dtype]
 
 
