@@ -19,6 +19,7 @@ import datetime
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -147,7 +148,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         notes = frontend.notes(layers, skipped, planning, fingerprint)
         report = report_of(frontend, layers, skipped, e2e, fingerprint, planning, rest_us, fused_us, stacked_us,
                            checked=checked, kept_dense_speedup=kept, budget=options.error_budget)
-        report["warnings"] = _unique(warnings + notes + checked.warnings
+        report["warnings"] = _unique(warnings + notes + checked.warnings + shared_weight_warnings(layers)
                                      + ([_kept_dense_warning(frontend, kept)] if kept is not None else []))
         if checked.alarm:
             predicted = report["end_to_end"]["predicted_speedup"]
@@ -952,6 +953,36 @@ def check(frontend: Frontend, layers: list[Layer], lowered, options: Options) ->
         layer.kept_dense = why
         layer.chosen, layer.measured_error, layer.measured_us = layer.dense, 0.0, None
     return Check(warnings=checked.warnings, end_to_end=checked.end_to_end), speedup
+
+
+def shared_weight_warnings(layers: list[Layer]) -> list[str]:
+    """One weight called at several sites (a layer shared across depth, as ALBERT shares its blocks)
+    is planned per call, each call fitted to its own inputs: where any call is rewritten, the
+    rewritten model stores a weight per rewritten call beside the one the dense calls still read.
+    Where they store more values than the shared weight, says so with the count, so that a model
+    shared to save memory is not silently unshared."""
+    groups: dict[tuple, list[Layer]] = {}
+    for layer in layers:
+        w = layer.site.weight  # the same memory, whatever tensor object each site holds it by
+        key = (w.device, w.untyped_storage().data_ptr(), w.storage_offset(), tuple(w.shape), tuple(w.stride()))
+        groups.setdefault(key, []).append(layer)
+    out = []
+    for group in groups.values():
+        rewritten = [l for l in group if l.chosen is not None and not l.chosen.is_dense]
+        if len(group) < 2 or not rewritten:
+            continue
+        N, K = group[0].site.N, group[0].site.K
+        stored = sum(l.chosen.spec.stored_params(N, K) for l in rewritten)
+        stored += N * K if len(rewritten) < len(group) else 0
+        if stored <= N * K:
+            continue  # the fits together still store no more than the shared weight
+        formats = ", ".join(f"{fmt} x{n}" for fmt, n in Counter(l.chosen.fmt for l in rewritten).items())
+        out.append(f"{group[0].name}'s weight is called at {len(group)} sites ({', '.join(l.name for l in group[:3])}"
+                   f"{', ...' if len(group) > 3 else ''}); each rewritten call stores its own fit ({formats}"
+                   f"{'' if len(rewritten) == len(group) else f', {len(group) - len(rewritten)} dense'}): "
+                   f"{stored:,} values stored where the model shares {N * K:,}; where memory matters more, "
+                   f"keep them dense with a plan entry")
+    return out
 
 
 def _kept_dense_warning(frontend: Frontend, speedup: float) -> str:

@@ -492,3 +492,32 @@ def test_a_named_format_that_cannot_fit_a_layer_is_refused_with_the_reason(scena
 def test_a_malformed_named_format_is_refused_before_any_work():
     with pytest.raises(OptionError, match="lowrank:x"):
         sparsec.optimize(nn.Linear(8, 8), (torch.randn(4, 8),), formats=["lowrank:x"])
+
+
+class _SharedTwice(nn.Module):
+    """One linear layer called twice, as ALBERT calls its shared blocks."""
+
+    def __init__(self, rank: int):
+        super().__init__()
+        self.l = nn.Linear(128, 128)
+        g = torch.Generator().manual_seed(rank)
+        with torch.no_grad():
+            self.l.weight.copy_(torch.randn(128, rank, generator=g) @ torch.randn(rank, 128, generator=g) / 12)
+
+    def forward(self, x):
+        return self.l(torch.relu(self.l(x)))
+
+
+def test_a_weight_called_twice_and_stored_twice_over_its_size_is_named_in_a_warning(scenario_fp):
+    model = _SharedTwice(rank=48)
+    x = torch.randn(1024, 128)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, lower=False,
+                              plan={"layers": {"_default": "lowrank:48"}})
+    assert [l["name"] for l in result.report.layers] == ["l", "l#2"]
+    (warning,) = [w for w in result.report.warnings if "called at 2 sites" in w]
+    # two rank-48 fits of a 128 x 128 weight: 2 x 48 x 256 values against the 16,384 shared
+    assert "24,576 values stored where the model shares 16,384" in warning, warning
+    # fits that together store less than the shared weight are no cause for a warning
+    small = sparsec.optimize(_SharedTwice(rank=16), (x,), fingerprint=scenario_fp(), error_budget=0.01, lower=False,
+                             plan={"layers": {"_default": "lowrank:16"}})
+    assert not [w for w in small.report.warnings if "sites" in w]
