@@ -2,6 +2,8 @@
 # One call's worth of device work, step by step, each under its own time limit, everything under
 # $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
 #   suite   the whole test suite on the device's stack, the experts fingerprint section
+#   partials the split paths' one-launch sum of partials (codegen/partials.py) checked on the GPU and
+#           timed (2:4 and block dot_split at 2 and 16 tokens), then the whole suite
 #   moe     bench/moe.py at 1 and 16 tokens (baseline, grouped, auto, 2:4 pinned, block pinned), then 256
 #   kernels bench/small_m.py: every small-M path of the 2:4 and block layers at M = 1..16 against cuBLAS
 #           (the 2:4 MMA kernel's weight-first configurations and block's dot_split included)
@@ -43,6 +45,14 @@ case "${1:-suite}" in
     grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
+    ;;
+  partials)
+    step gpu-split 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py \
+      -k "split or act_kernel"
+    TAIL=10 step small-m-split 90 python3 bench/small_m.py --out "$OUT/small_m_split.json" --budget-s 70 --skip-cslt \
+      --paths 2:4:dot,2:4:dot_split,block:64:0.25:dot,block:64:0.25:dot_split --tokens 2,16
+    step suite 300 python3 -m pytest -q -n 16 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
+    grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
     ;;
   moe)  # at one token, baseline + grouped + auto + two pinned forms took 142 s on an H200 (2026-12-05)
     mkdir -p "$OUT/decode" "$OUT/prefill"
