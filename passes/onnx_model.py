@@ -82,12 +82,13 @@ def load_model(path) -> LoadedModel:
     opset = default_opset(model)
     if opset is None:
         raise ModelError(f"{path}: the model imports no version of the standard ONNX operator set")
+    notes = []
     if opset < MIN_OPSET:
-        raise ModelError(
-            f"{path}: opset {opset} is older than {MIN_OPSET}, the oldest sparsec reads; convert it first "
-            f"with onnx.version_converter.convert_version(model, {MIN_OPSET})"
-        )
-    notes = _readable_ir_version(model, path)
+        was = opset
+        model, opset = _upgraded(model, path, opset), MIN_OPSET
+        notes.append(f"{path.name} uses opset {was}, older than {MIN_OPSET}, the oldest sparsec reads: read as "
+                     f"opset {MIN_OPSET} (onnx.version_converter), and written so")
+    notes += _readable_ir_version(model, path)
     external = _uses_external_data(model)
     if external:
         try:
@@ -98,6 +99,21 @@ def load_model(path) -> LoadedModel:
                 "next to the model, under the names the model records"
             ) from None
     return LoadedModel(model=model, path=path, opset=opset, external_data=external, notes=notes)
+
+
+def _upgraded(model: onnx.ModelProto, path: Path, opset: int) -> onnx.ModelProto:
+    """The model converted to MIN_OPSET by onnx's version converter (old exporters wrote opsets 11
+    and 12, whose Split, Squeeze and Unsqueeze read their axes as attributes); ModelError where
+    the converter cannot."""
+    from onnx import version_converter
+
+    try:
+        return version_converter.convert_version(model, MIN_OPSET)
+    except Exception as exc:  # the converter's RuntimeError for ops it has no adapter for, and the like
+        raise ModelError(
+            f"{path}: opset {opset} is older than {MIN_OPSET}, the oldest sparsec reads, and onnx.version_converter "
+            f"could not convert it ({_first_line(exc)}); export the model again with opset {MIN_OPSET} or newer"
+        ) from None
 
 
 def _readable_ir_version(model: onnx.ModelProto, path: Path) -> list[str]:

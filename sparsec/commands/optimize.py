@@ -15,7 +15,8 @@ def register(subparsers) -> None:
         description="Plan each MatMul/Gemm with a constant weight against onnxruntime's measured costs, rewrite "
                     "it (low-rank and Monarch as standard ONNX subgraphs, 2:4 and block as pruned weights), check "
                     "the result with onnx.checker and onnxruntime, time both models and write a report.")
-    parser.add_argument("model", help="input .onnx file (opset >= 13; external data next to it)")
+    parser.add_argument("model", help="input .onnx file (opset 13 or newer, an older one converted on reading; "
+                        "external data next to it)")
     parser.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
     parser.add_argument("--fingerprint", default="auto",
                         help="shipped name, path to a JSON, or 'auto' (default: onnxruntime's fingerprint for the "

@@ -11,7 +11,7 @@ from onnx_builders import lowrank_mlp
 
 from sparsec.errors import ModelError
 from sparsec.passes import onnx_model
-from sparsec.passes.onnx_model import check_writable, load_model, ort_max_ir_version, save_checked
+from sparsec.passes.onnx_model import check_writable, default_opset, load_model, ort_max_ir_version, save_checked
 
 
 @pytest.fixture
@@ -49,12 +49,29 @@ def test_bad_files_are_refused_with_the_reason(tmp_path, model_file, case, expec
         load_model(path)
 
 
-def test_opset_older_than_13_is_refused(tmp_path):
+def test_opset_older_than_13_is_read_as_13_with_a_note(tmp_path):
+    model, _ = lowrank_mlp(d=8, rank=2, layers=1)
+    model.opset_import[0].version = 11
+    path = tmp_path / "old.onnx"
+    onnx.save_model(model, str(path))
+    loaded = load_model(path)
+    assert loaded.opset == 13 and default_opset(loaded.model) == 13
+    assert [n.name for n in loaded.model.graph.node] == [n.name for n in model.graph.node]
+    assert any("opset 11, older than 13" in note for note in loaded.notes), loaded.notes
+
+
+def test_an_old_opset_the_converter_cannot_convert_is_refused_with_its_reason(tmp_path, monkeypatch):
+    from onnx import version_converter
+
+    def fails(model, target):
+        raise RuntimeError("No Previous Version of Frobnicate exists")
+
+    monkeypatch.setattr(version_converter, "convert_version", fails)
     model, _ = lowrank_mlp(d=8, rank=2, layers=1)
     model.opset_import[0].version = 12
     path = tmp_path / "old.onnx"
     onnx.save_model(model, str(path))
-    with pytest.raises(ModelError, match="opset 12 is older than 13.*convert_version"):
+    with pytest.raises(ModelError, match="opset 12 is older than 13.*could not convert it.*Frobnicate"):
         load_model(path)
 
 
