@@ -219,8 +219,8 @@ class FxFrontend:
                                       local=local if per_layer else None, banks=self._banks_in(gm)).run(*args)
                 outs.append(flatten_outputs(out))
         sums = {name: acc.tolist() for name, acc in local.items()}
-        per_layer = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in sums.items()}
-        return output_error(outs, refs, self.metric, self.output_index()), per_layer
+        errors = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in sums.items()}
+        return output_error(outs, refs, self.metric, self.output_index()), errors
 
     def calibration_calls(self) -> int:
         return len(self.calibration)

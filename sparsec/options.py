@@ -134,17 +134,18 @@ def parse_options(options: dict | None = None, *, mode: str | None = None, lower
         fmts = merged["formats"]
         if isinstance(fmts, str):
             fmts = [fmts]
-        families, exact = [], []
+        families, exact, bare = [], [], set()
         for f in fmts:
             fam = family_of(str(f))
             if fam not in STRUCTURED_FAMILIES:
                 raise OptionError(f"option 'formats' names {f!r}; allowed: {', '.join(STRUCTURED_FAMILIES)}")
             families.append(fam)
-            if str(f) != fam:
-                exact.append(_exact_format(str(f)))
+            if str(f) == fam:
+                bare.add(fam)
+            else:
+                exact.append((fam, _exact_format(str(f))))
         out.formats = tuple(dict.fromkeys(families))
-        bare = {family_of(str(f)) for f in fmts if family_of(str(f)) == str(f)}
-        out.exact_formats = tuple(dict.fromkeys(e for e in exact if family_of(e) not in bare))
+        out.exact_formats = tuple(dict.fromkeys(text for fam, text in exact if fam not in bare))
     if merged.get("plan") is not None:
         plan = merged["plan"]
         if not isinstance(plan, (str, os.PathLike, dict)) and not hasattr(plan, "to_dict"):

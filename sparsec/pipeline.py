@@ -334,13 +334,16 @@ def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options,
     """Per site, the format specs worth weighing: the handlers' grids (or what the plan forces)."""
     from sparsec.passes.registry import HANDLERS
 
+    exact: dict[str, list] = {}
+    for text in options.exact_formats:
+        exact.setdefault(family_of(text), []).append(parse_spec(text))
     layers = []
     for site in sites:
         layer = Layer(site=site, stats=stats[site.input_key], dense=Candidate(Dense(), None, None, 0.0))
         requested, key = forced.resolve(site.name) if forced is not None else ("auto", None)
         layer.requested, layer.forced_by = requested, key if requested != "auto" else None
         if requested == "auto":
-            specs = _allowed_specs(site, options, HANDLERS)
+            specs = _allowed_specs(site, options, exact, HANDLERS)
         else:
             spec = parse_spec(requested)
             specs = [] if isinstance(spec, Dense) else [spec]
@@ -353,12 +356,10 @@ def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options,
     return layers
 
 
-def _allowed_specs(site: Site, options: Options, handlers) -> list:
+def _allowed_specs(site: Site, options: Options, exact: dict[str, list], handlers) -> list:
     """The allowed families' grids, except that a family named only with its parameters
-    ("lowrank:64") weighs exactly those specs (refused with the reason where they do not fit)."""
-    exact = {}
-    for text in options.exact_formats:
-        exact.setdefault(family_of(text), []).append(parse_spec(text))
+    ("lowrank:64", ``exact`` by family) weighs exactly those specs (refused with the reason where
+    they do not fit)."""
     specs = []
     for fam in options.formats:
         if fam in exact:
@@ -695,10 +696,11 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, bef
     count = {"calibration": before.evaluations, "heldout": before.heldout_evaluations,
              "seconds": before.evaluation_s * before.evaluations}
 
-    def evaluate(reps: dict[str, torch.Tensor], heldout: bool = False) -> tuple[float, dict[str, float]]:
+    def evaluate(reps: dict[str, torch.Tensor], heldout: bool = False,
+                 per_layer: bool = True) -> tuple[float, dict[str, float]]:
         start = time.perf_counter()
         # each layer's own error is read on calibration data only (where the planner calibrates on it)
-        result = frontend.evaluate(reps, heldout=heldout, per_layer=not heldout)
+        result = frontend.evaluate(reps, heldout=heldout, per_layer=per_layer and not heldout)
         count["heldout" if heldout else "calibration"] += 1
         if not heldout:
             count["seconds"] += time.perf_counter() - start
@@ -730,11 +732,7 @@ def verify(frontend: Frontend, layers: list[Layer], alloc, options: Options, bef
         advance_current()
         site_of = {l.name: l.site for l in layers}
         reps = {n: c.weight().to(site_of[n].dtype) for n, c in choices.items()}
-        start = time.perf_counter()
-        error = frontend.evaluate(reps, per_layer=False)[0]
-        count["calibration"] += 1
-        count["seconds"] += time.perf_counter() - start
-        return to_error(error)
+        return to_error(evaluate(reps, per_layer=False)[0])
 
     knapsack.fit_to_budget(alloc, measure_current, measure_alone=measure_alone)
     for h in alloc.hulls:
