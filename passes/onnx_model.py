@@ -84,10 +84,9 @@ def load_model(path) -> LoadedModel:
         raise ModelError(f"{path}: the model imports no version of the standard ONNX operator set")
     notes = []
     if opset < MIN_OPSET:
-        was = opset
-        model, opset = _upgraded(model, path, opset), MIN_OPSET
-        notes.append(f"{path.name} uses opset {was}, older than {MIN_OPSET}, the oldest sparsec reads: read as "
+        notes.append(f"{path.name} uses opset {opset}, older than {MIN_OPSET}, the oldest sparsec reads: read as "
                      f"opset {MIN_OPSET} (onnx.version_converter), and written so")
+        model, opset = _upgraded(model, path, opset), MIN_OPSET
     notes += _readable_ir_version(model, path)
     external = _uses_external_data(model)
     if external:
