@@ -284,6 +284,9 @@ def _with_helpers(fn: Callable, helpers: Sequence[Callable], jit: Callable) -> C
     scope = dict(fn.__globals__)
     scope.update({helper.__name__: jit(helper) for helper in helpers})
     out = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    # the annotations say which arguments are tl.constexpr: without them the compiler takes every
+    # argument for a runtime value
+    out.__annotations__ = dict(fn.__annotations__)
     out.__kwdefaults__, out.__doc__, out.__qualname__ = fn.__kwdefaults__, fn.__doc__, fn.__qualname__
     return out
 
