@@ -9,6 +9,8 @@ model) give two ways to skip a fraction S of the inputs:
   a rotation: one fitted to each layer's own inputs, its cost at run time ignored (an extra K x K
   product per token unless it can be folded into the layers before);
 * ``rotated-norm-fed``: the same, only for the layers fed by an RMSNorm (q, k, v, gate, up);
+* ``rotated-gate-up``: the same, only for the gate and up projections (where one product with Q,
+  shared by the two, costs less than the skipped inputs save);
 * ``residual-axes``: the layers fed by an RMSNorm, in one rotation R for the whole model (the
   principal axes of the residual stream's normalised states, pooled over every block, each norm's
   scale g divided out: x = z g, y = (z R)(W diag(g) R)^T). A rotation of the residual stream that
@@ -111,7 +113,8 @@ def main(argv=None) -> int:
             for name, lin in linears:
                 W = lin.weight.detach().double()
                 rotate = (mode == "rotated" or (mode == "rotated-norm-fed" and scales[name] is not None)
-                          or (mode == "residual-axes" and scales[name] is not None))
+                          or (mode == "residual-axes" and scales[name] is not None)
+                          or (mode == "rotated-gate-up" and name.endswith(("gate_proj", "up_proj"))))
                 if rotate:
                     # y = (x Q)(W Q)^T; with the residual stream's axes x = z * g: y = (z R)(W diag(g) R)^T
                     g = scales[name] if mode == "residual-axes" else torch.ones(W.shape[1], dtype=W.dtype)
