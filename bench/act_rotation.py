@@ -11,6 +11,8 @@ model) give two ways to skip a fraction S of the inputs:
 * ``rotated-norm-fed``: the same, only for the layers fed by an RMSNorm (q, k, v, gate, up);
 * ``rotated-gate-up``: the same, only for the gate and up projections (where one product with Q,
   shared by the two, costs less than the skipped inputs save);
+* ``rotated-gate-up+o-heads``: gate and up as above, and the o projections in a rotation per
+  key/value head that folds exactly into v's weight (free at run time);
 * ``residual-axes``: the layers fed by an RMSNorm, in one rotation R for the whole model (the
   principal axes of the residual stream's normalised states, pooled over every block, each norm's
   scale g divided out: x = z g, y = (z R)(W diag(g) R)^T). A rotation of the residual stream that
@@ -59,6 +61,28 @@ def layer_inputs(model, linears, batches):
     return {name: torch.cat(rows) for name, rows in got.items()}
 
 
+def head_rotations(model, X) -> dict:
+    """For each o projection, a block-diagonal rotation with one head_dim x head_dim block per key/value
+    head: the principal axes of the attention output slices of the query heads that share it. It
+    folds exactly into v's weight (P (V Q_g) = (P V) Q_g), so it costs nothing at run time."""
+    cfg = model.config
+    d = cfg.hidden_size // cfg.num_attention_heads
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    out = {}
+    for name, x in X.items():
+        if not name.endswith("o_proj"):
+            continue
+        Q = torch.zeros(x.shape[1], x.shape[1], dtype=x.dtype)
+        for kv in range(cfg.num_key_value_heads):
+            heads = range(kv * group, (kv + 1) * group)
+            pooled = sum(x[:, h * d:(h + 1) * d].T @ x[:, h * d:(h + 1) * d] for h in heads)
+            axes = torch.linalg.eigh(pooled).eigenvectors
+            for h in heads:
+                Q[h * d:(h + 1) * d, h * d:(h + 1) * d] = axes
+        out[name] = Q
+    return out
+
+
 def norm_scale(model, name: str):
     """The RMSNorm weight g whose output feeds layer ``name`` (q/k/v: the block's input norm, gate/up:
     its post-attention norm), float64; None for the layers fed otherwise (o, down)."""
@@ -104,6 +128,7 @@ def main(argv=None) -> int:
     pooled = sum((X[n] / scales[n]).T @ (X[n] / scales[n]) for n, _ in linears if scales[n] is not None)
     residual_axes = torch.linalg.eigh(pooled).eigenvectors
     figs = [smollm2.next_token_figures(d, d, ids) for d, ids in zip(dense, held)]
+    heads = head_rotations(model, X)
     rows = [{"skip": 0.0, "mode": "dense", **{k: sum(r[k] for r in figs) / len(figs) for k in figs[0]},
              "layer_error_mean": 0.0, "layer_error_median": 0.0}]
     print(json.dumps(rows[0]), flush=True)
@@ -115,10 +140,12 @@ def main(argv=None) -> int:
                 rotate = (mode == "rotated" or (mode == "rotated-norm-fed" and scales[name] is not None)
                           or (mode == "residual-axes" and scales[name] is not None)
                           or (mode == "rotated-gate-up" and name.endswith(("gate_proj", "up_proj"))))
+                by_head = mode == "rotated-gate-up+o-heads" and name.endswith("o_proj")
+                rotate = rotate or by_head or (mode == "rotated-gate-up+o-heads" and name.endswith(("gate_proj", "up_proj")))
                 if rotate:
                     # y = (x Q)(W Q)^T; with the residual stream's axes x = z * g: y = (z R)(W diag(g) R)^T
                     g = scales[name] if mode == "residual-axes" else torch.ones(W.shape[1], dtype=W.dtype)
-                    Q = residual_axes if mode == "residual-axes" else rotations[name]
+                    Q = residual_axes if mode == "residual-axes" else heads[name] if by_head else rotations[name]
                     t = threshold((X[name] / g) @ Q, skip)
                     Wq = W * g[None, :] @ Q
                     Wqf, Qf, gf = Wq.float(), Q.float(), g.float()
