@@ -51,13 +51,13 @@ case "${1:-suite}" in
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
     ;;
   finish)  # split launches' partials: summed by a launch after (launch) or by each tile's last program (fused)
-    step gpu-split 150 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py \
+    step gpu-split 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py \
       -k "split or act_kernel"
     for f in launch fused; do  # small_m.py times for --budget-s less 60 s, after its correctness checks (~45 s)
       TAIL=10 SPARSEC_SPLIT_FINISH=$f step small-m-split-$f 150 python3 bench/small_m.py --out "$OUT/small_m_split_$f.json" \
         --budget-s 130 --skip-cslt --paths 2:4:dot_split,block:64:0.25:dot_split --tokens 2,16
       mkdir -p "$OUT/act-$f"
-      TAIL=12 SPARSEC_SPLIT_FINISH=$f step act-$f 75 python3 bench/act.py --M 1,2,16 --skips 0.5 --out "$OUT/act-$f"
+      TAIL=12 SPARSEC_SPLIT_FINISH=$f step act-$f 60 python3 bench/act.py --M 1,2,16 --skips 0.5 --out "$OUT/act-$f"
     done
     ;;
   moe)  # at one token, baseline + grouped + auto + two pinned forms took 142 s on an H200 (2026-12-05)
