@@ -8,6 +8,9 @@ model) give two ways to skip a fraction S of the inputs:
   X^T X: y = (x Q)(W Q)^T), and it is the rotated inputs that are thresholded. The best case for
   a rotation: one fitted to each layer's own inputs, its cost at run time ignored (an extra K x K
   product per token unless it can be folded into the layers before);
+* ``rotated-gaussian``: as ``rotated``, the threshold taken from the Gram's eigenvalues alone (each
+  rotated input a centred Gaussian of its axis' variance), as a planner could without a pass over
+  the rotated inputs; every row gives the skip fraction realised on the held-out inputs;
 * ``rotated-norm-fed``: the same, only for the layers fed by an RMSNorm (q, k, v, gate, up);
 * ``rotated-gate-up``: the same, only for the gate and up projections (where one product with Q,
   shared by the two, costs less than the skipped inputs save);
@@ -20,10 +23,13 @@ model) give two ways to skip a fraction S of the inputs:
   exactly these inputs at no cost at run time.
 
 Each is applied to every layer at once and the model read on held-out text: perplexity, KL of the
-next-token distribution against the dense model, top-1 agreement; and each layer's relative output
-error on its held-out inputs (from the dense model), for both.
+next-token distribution against the dense model, top-1 agreement; each layer's relative output
+error on its held-out inputs (from the dense model); and the fraction of held-out inputs each
+threshold actually skips. Compare ways at the same skipped fraction (``--thresholds heldout``): a
+rotation fitted to the calibration rows concentrates their energy more than new text's, so a
+threshold calibrated on them skips far less than S of new inputs (docs/accuracy.md).
 
-    SPARSEC_MODEL_CACHE=... python bench/act_rotation.py --skips 0.25,0.4,0.5 --out act_rotation.json
+    SPARSEC_MODEL_CACHE=... python bench/act_rotation.py --skips 0.4,0.5 --thresholds heldout --out act_rotation.json
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -96,6 +103,20 @@ def norm_scale(model, name: str):
     return None
 
 
+def gaussian_threshold(variances: torch.Tensor, skip: float) -> float:
+    """The t at which inputs of these variances (one per rotated axis), each taken as a centred
+    Gaussian, fall under t in magnitude a fraction ``skip`` of the time on average (bisection)."""
+    sigma = variances.clamp_min(1e-30).sqrt()
+    lo, hi = 0.0, float(sigma.max()) * 10.0
+    for _ in range(100):
+        mid = 0.5 * (lo + hi)
+        if float(torch.erf(mid / (sigma * math.sqrt(2.0))).mean()) < skip:
+            lo = mid
+        else:
+            hi = mid
+    return 0.5 * (lo + hi)
+
+
 def threshold(values: torch.Tensor, skip: float) -> float:
     flat = values.abs().flatten()
     flat = flat[:: max(1, flat.numel() // 4_000_000)]
@@ -108,6 +129,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", default="8x128", help="BATCHESxLENGTH of calibration text")
     ap.add_argument("--heldout", default="4x128")
     ap.add_argument("--modes", default="plain,rotated,rotated-norm-fed,residual-axes")
+    ap.add_argument("--thresholds", default="calibration", choices=["calibration", "heldout"],
+                    help="the inputs each threshold is the S-quantile of (the rotations always come from calibration)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -122,31 +145,38 @@ def main(argv=None) -> int:
         dense = [model(ids).logits for ids in held]
     X = layer_inputs(model, linears, calib)
     Xh = layer_inputs(model, linears, held)
-    rotations = {name: torch.linalg.eigh(X[name].T @ X[name]).eigenvectors for name, _ in linears}  # columns: axes
+    eig = {name: torch.linalg.eigh(X[name].T @ X[name]) for name, _ in linears}
+    rotations = {name: e.eigenvectors for name, e in eig.items()}  # columns: the axes
     # the residual stream's own axes: every norm-fed input with its norm's scale divided out, pooled
     scales = {name: norm_scale(model, name) for name, _ in linears}
     pooled = sum((X[n] / scales[n]).T @ (X[n] / scales[n]) for n, _ in linears if scales[n] is not None)
     residual_axes = torch.linalg.eigh(pooled).eigenvectors
     figs = [smollm2.next_token_figures(d, d, ids) for d, ids in zip(dense, held)]
     heads = head_rotations(model, X)
+    # the inputs thresholds are calibrated on: the calibration text, or (``--thresholds heldout``) the
+    # held-out text itself, so that every way skips exactly S of the inputs it is judged on
+    T = Xh if args.thresholds == "heldout" else X
     rows = [{"skip": 0.0, "mode": "dense", **{k: sum(r[k] for r in figs) / len(figs) for k in figs[0]},
              "layer_error_mean": 0.0, "layer_error_median": 0.0}]
     print(json.dumps(rows[0]), flush=True)
     for skip in (float(s) for s in args.skips.split(",") if s):
         for mode in (m for m in args.modes.split(",") if m):
-            saved, errors = {}, []
+            saved, errors, skipped = {}, [], []
             for name, lin in linears:
                 W = lin.weight.detach().double()
-                rotate = (mode == "rotated" or (mode == "rotated-norm-fed" and scales[name] is not None)
-                          or (mode == "residual-axes" and scales[name] is not None)
-                          or (mode == "rotated-gate-up" and name.endswith(("gate_proj", "up_proj"))))
+                gate_up = name.endswith(("gate_proj", "up_proj"))
                 by_head = mode == "rotated-gate-up+o-heads" and name.endswith("o_proj")
-                rotate = rotate or by_head or (mode == "rotated-gate-up+o-heads" and name.endswith(("gate_proj", "up_proj")))
+                rotate = (mode in ("rotated", "rotated-gaussian") or by_head
+                          or (mode in ("rotated-norm-fed", "residual-axes") and scales[name] is not None)
+                          or (mode in ("rotated-gate-up", "rotated-gate-up+o-heads") and gate_up))
                 if rotate:
                     # y = (x Q)(W Q)^T; with the residual stream's axes x = z * g: y = (z R)(W diag(g) R)^T
                     g = scales[name] if mode == "residual-axes" else torch.ones(W.shape[1], dtype=W.dtype)
                     Q = residual_axes if mode == "residual-axes" else heads[name] if by_head else rotations[name]
-                    t = threshold((X[name] / g) @ Q, skip)
+                    if mode == "rotated-gaussian":  # from the Gram's eigenvalues alone: no pass over rotated inputs
+                        t = gaussian_threshold(eig[name].eigenvalues / X[name].shape[0], skip)
+                    else:
+                        t = threshold((T[name] / g) @ Q, skip)
                     Wq = W * g[None, :] @ Q
                     Wqf, Qf, gf = Wq.float(), Q.float(), g.float()
 
@@ -157,14 +187,16 @@ def main(argv=None) -> int:
                     xr = (Xh[name] / g) @ Q
                     kept = torch.where(xr.abs() >= t, xr, torch.zeros_like(xr))
                     err = ((xr - kept) @ Wq.T).norm() / (Xh[name] @ W.T).norm()
+                    skipped.append(float((xr.abs() < t).double().mean()))
                 else:
-                    t = threshold(X[name], skip)
+                    t = threshold(T[name], skip)
 
                     def fwd(x, t=t, w=lin.weight, b=lin.bias):
                         return F.linear(torch.where(x.abs() >= t, x, torch.zeros_like(x)), w, b)
 
                     xh = Xh[name]
                     err = ((xh - torch.where(xh.abs() >= t, xh, torch.zeros_like(xh))) @ W.T).norm() / (xh @ W.T).norm()
+                    skipped.append(float((xh.abs() < t).double().mean()))
                 errors.append(float(err))
                 saved[lin] = lin.forward
                 lin.forward = fwd
@@ -174,11 +206,14 @@ def main(argv=None) -> int:
                 lin.forward = f
             row = {"skip": skip, "mode": mode, **{k: sum(r[k] for r in figs) / len(figs) for k in figs[0]},
                    "layer_error_mean": sum(errors) / len(errors),
-                   "layer_error_median": sorted(errors)[len(errors) // 2]}
+                   "layer_error_median": sorted(errors)[len(errors) // 2],
+                   "heldout_skip_mean": sum(skipped) / len(skipped), "heldout_skip_min": min(skipped),
+                   "heldout_skip_max": max(skipped)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "calibration": args.calibration, "heldout": args.heldout,
+              "thresholds_from": args.thresholds,
               "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
