@@ -129,8 +129,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calibration", default="8x128", help="BATCHESxLENGTH of calibration text")
     ap.add_argument("--heldout", default="4x128")
     ap.add_argument("--modes", default="plain,rotated,rotated-norm-fed,residual-axes")
-    ap.add_argument("--thresholds", default="calibration", choices=["calibration", "heldout"],
-                    help="the inputs each threshold is the S-quantile of (the rotations always come from calibration)")
+    ap.add_argument("--thresholds", default="calibration", choices=["calibration", "heldout", "apart"],
+                    help="the inputs each threshold is the S-quantile of (the rotations always come from calibration); "
+                         "apart: calibration text the rotations were not fitted to (--apart)")
+    ap.add_argument("--apart", default="8x128", help="BATCHESxLENGTH of calibration text after --calibration's")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -140,6 +142,10 @@ def main(argv=None) -> int:
     nh, lh = (int(v) for v in args.heldout.split("x"))
     calib = smollm2.token_batches(tok, ctext, 1, lc)[:nc]
     held = smollm2.token_batches(tok, htext, 1, lh)[:nh]
+    na, la = (int(v) for v in args.apart.split("x"))
+    apart = smollm2.token_batches(tok, ctext, 1, la)[nc:nc + na] if args.thresholds == "apart" else []
+    if args.thresholds == "apart" and len(apart) < na:
+        ap.error(f"the calibration text holds {len(apart)} batches after the first {nc}, not {na}")
     linears = list(block_linears(model))
     with torch.no_grad():
         dense = [model(ids).logits for ids in held]
@@ -155,7 +161,7 @@ def main(argv=None) -> int:
     heads = head_rotations(model, X)
     # the inputs thresholds are calibrated on: the calibration text, or (``--thresholds heldout``) the
     # held-out text itself, so that every way skips exactly S of the inputs it is judged on
-    T = Xh if args.thresholds == "heldout" else X
+    T = Xh if args.thresholds == "heldout" else layer_inputs(model, linears, apart) if args.thresholds == "apart" else X
     rows = [{"skip": 0.0, "mode": "dense", **{k: sum(r[k] for r in figs) / len(figs) for k in figs[0]},
              "layer_error_mean": 0.0, "layer_error_median": 0.0}]
     print(json.dumps(rows[0]), flush=True)
@@ -213,7 +219,7 @@ def main(argv=None) -> int:
             print(json.dumps(row), flush=True)
     result = {"model": "SmolLM2-135M-Instruct", "dtype": "float32", "torch": torch.__version__,
               "date": datetime.date.today().isoformat(), "calibration": args.calibration, "heldout": args.heldout,
-              "thresholds_from": args.thresholds,
+              "thresholds_from": args.thresholds, "apart": args.apart if args.thresholds == "apart" else None,
               "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
