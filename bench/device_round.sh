@@ -2,9 +2,6 @@
 # One call's worth of device work, step by step, each under its own time limit, everything under
 # $OUT (a step that runs out of time leaves what it wrote). Usage: bash bench/device_round.sh ROUND
 #   suite   the whole test suite on the device's stack, the experts fingerprint section
-#   finish  the split paths' sum of partials (codegen/partials.py), by a launch after the product or by
-#           each output tile's last program (SPARSEC_SPLIT_FINISH=fused), checked on the GPU and timed both
-#           ways (2:4 and block dot_split at 2 and 16 tokens, act:0.5 at 1, 2 and 16)
 #   moe     bench/moe.py at 1 and 16 tokens (baseline, grouped, auto, 2:4 pinned, block pinned), then 256
 #   kernels bench/small_m.py: every small-M path of the 2:4 and block layers at M = 1..16 against cuBLAS
 #           (the 2:4 MMA kernel's weight-first configurations and block's dot_split included)
@@ -49,16 +46,6 @@ case "${1:-suite}" in
     grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
-    ;;
-  finish)  # split launches' partials: summed by a launch after (launch) or by each tile's last program (fused)
-    step gpu-split 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py \
-      -k "split or act_kernel"
-    for f in launch fused; do  # small_m.py times for --budget-s less 60 s, after its correctness checks (~45 s)
-      TAIL=10 SPARSEC_SPLIT_FINISH=$f step small-m-split-$f 150 python3 bench/small_m.py --out "$OUT/small_m_split_$f.json" \
-        --budget-s 130 --skip-cslt --paths 2:4:dot_split,block:64:0.25:dot_split --tokens 2,16
-      mkdir -p "$OUT/act-$f"
-      TAIL=12 SPARSEC_SPLIT_FINISH=$f step act-$f 60 python3 bench/act.py --M 1,2,16 --skips 0.5 --out "$OUT/act-$f"
-    done
     ;;
   moe)  # at one token, baseline + grouped + auto + two pinned forms took 142 s on an H200 (2026-12-05)
     mkdir -p "$OUT/decode" "$OUT/prefill"

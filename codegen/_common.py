@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import types
 import warnings
 from typing import Callable, Sequence
 
@@ -213,14 +212,11 @@ class LazyKernel:
     ``configs`` is None for a plain ``triton.jit`` kernel, else a list of ``triton.Config`` that
     ``prune`` (configs, named_args) filters for the launch's shape; under the interpreter (where
     timing measures nothing) or with SPARSEC_AUTOTUNE=0 only the first surviving config is kept.
-    ``helpers``: plain functions the kernel calls by name, decorated with it in the same mode (a
-    device function decorated for the GPU cannot be called from an interpreted kernel).
     """
 
     def __init__(self, fn: Callable, configs: Sequence | None = None, key: Sequence[str] = (),
-                 prune: Callable | None = None, reset_to_zero: Sequence[str] = (), helpers: Sequence[Callable] = ()):
+                 prune: Callable | None = None, reset_to_zero: Sequence[str] = ()):
         self.fn = fn
-        self.helpers = tuple(helpers)
         self.configs = configs
         self.key = list(key)
         self.prune = prune
@@ -264,7 +260,7 @@ class LazyKernel:
         if kernel is None:
             import triton
 
-            kernel = triton.jit(_with_helpers(self.fn, self.helpers, triton.jit))
+            kernel = triton.jit(self.fn)
             if self.configs is not None:
                 kwargs = dict(configs=list(self.configs), key=self.key,
                               prune_configs_by={"early_config_prune": self._prune})
@@ -275,20 +271,6 @@ class LazyKernel:
                 kernel = triton.autotune(**kwargs)(kernel)
             self._built[mode] = kernel
         return kernel
-
-
-def _with_helpers(fn: Callable, helpers: Sequence[Callable], jit: Callable) -> Callable:
-    """``fn`` seeing each helper, by its name, as ``jit(helper)``."""
-    if not helpers:
-        return fn
-    scope = dict(fn.__globals__)
-    scope.update({helper.__name__: jit(helper) for helper in helpers})
-    out = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
-    # the annotations say which arguments are tl.constexpr: without them the compiler takes every
-    # argument for a runtime value
-    out.__annotations__ = dict(fn.__annotations__)
-    out.__kwdefaults__, out.__doc__, out.__qualname__ = fn.__kwdefaults__, fn.__doc__, fn.__qualname__
-    return out
 
 
 FLUSH_BYTES = 256 << 20   # > 4x the L2 of an H100 or H200

@@ -35,7 +35,7 @@ from sparsec.errors import SparsecError
 from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, interpret_mode, m_bucket, match_dtype,
                       pdl_enabled, register_input_grad, tl_dot_precision)
 from .packed import FormatKernels, register
-from .partials import finish_split, fused_finish, sum_partials, tile_counters
+from .partials import sum_partials
 
 GEMV_MAX_M = 16
 # Output columns a program takes: at one token narrow slices (many programs, each with many
@@ -79,11 +79,10 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
                 stride_xm, stride_xk, stride_wk, stride_ys, stride_ym,
                 M_BUCKET, HAS_BIAS: tl.constexpr, USE_DOT: tl.constexpr, DOT_PREC: tl.constexpr,
                 EVEN_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                STAGES: tl.constexpr, PDL: tl.constexpr, p_ptr=None, ctr_ptr=None, FINISH: tl.constexpr = False):
+                STAGES: tl.constexpr, PDL: tl.constexpr):
     """Program (n, s, m): outputs n*BLOCK_N.. of tokens m*BLOCK_M.. over the kept inputs of split s
     (``_compact_kernel``'s list: the loop runs over kept rows only), written to y[s] (a float32
-    partial when K is split, the output itself when not; with ``FINISH`` the partials go to p_ptr and
-    the tile's last program sums them into y, ``partials.finish_split``). Each token masks its own inputs."""
+    partial when K is split, the output itself when not). Each token masks its own inputs."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -119,14 +118,10 @@ def _act_kernel(x_ptr, w_ptr, t_ptr, idx_ptr, cnt_ptr, b_ptr, y_ptr, M, N, SPAN,
         tl.extra.cuda.gdc_launch_dependents()
     if not USE_DOT:
         acc = tl.sum(acc3, axis=1)
-    if FINISH:
-        finish_split(acc, p_ptr, y_ptr, b_ptr, ctr_ptr, pid_m * tl.num_programs(0) + pid_n, pid_s, tl.num_programs(1),
-                     M * N, N, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], HAS_BIAS)
-    else:
-        if HAS_BIAS:
-            acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
-                 acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + pid_s * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :],
+             acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
 
 
 def _configs():
@@ -146,8 +141,7 @@ def _keep(config, args) -> bool:
     return per_thread <= 64
 
 
-_KERNEL = LazyKernel(_act_kernel, _configs(), key=["M_BUCKET", "N", "SPAN", "USE_DOT", "BLOCK_N", "FINISH"], prune=_keep,
-                     helpers=(finish_split,))
+_KERNEL = LazyKernel(_act_kernel, _configs(), key=["M_BUCKET", "N", "SPAN", "USE_DOT", "BLOCK_N"], prune=_keep)
 _COMPACT = LazyKernel(_compact_kernel)
 
 
@@ -193,14 +187,6 @@ def act_triton(x: torch.Tensor, weight_t: torch.Tensor, threshold: torch.Tensor,
                         BLOCK_M=min(block_m, 4), PDL=pdl, num_warps=8 if span >= 2048 else 4, **launch)
     block_n = _block_n(M)
     grid = (triton.cdiv(N, block_n), splits, triton.cdiv(M, block_m))
-    if splits > 1 and fused_finish():
-        counters = tile_counters(grid[0] * grid[2], x.device)
-        _KERNEL[grid](x, weight_t, threshold, idx, count, bias if bias is not None else y, y,
-                      M, N, span, x.stride(0), x.stride(1), weight_t.stride(0), 0, N, m_bucket(M),
-                      HAS_BIAS=bias is not None, USE_DOT=use_dot, DOT_PREC=tl_dot_precision(x.dtype),
-                      EVEN_N=N % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, PDL=pdl, p_ptr=partial,
-                      ctr_ptr=counters, FINISH=True, **launch)
-        return y
     _KERNEL[grid](x, weight_t, threshold, idx, count, bias if (bias is not None and splits == 1) else y, partial,
                   M, N, span, x.stride(0), x.stride(1), weight_t.stride(0),
                   0 if splits == 1 else partial.stride(0), N, m_bucket(M),

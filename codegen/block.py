@@ -33,7 +33,7 @@ from . import epilogue
 from ._common import (LazyKernel, check_input, compute_dtype, expect_tensor, grad_matmul, m_bucket, match_dtype,
                       pdl_enabled, register_input_grad, split_count, tl_dot_precision)
 from .packed import FormatKernels, register
-from .partials import finish_split, fused_finish, sum_partials, tile_counters
+from .partials import sum_partials
 
 _REFERENCE_CHUNK_ELEMS = 1 << 25  # bound on the reference's gathered intermediate (M x nnzb x B)
 # The MMA-free kernel serves 16-bit inputs up to GEMV_MAX_M tokens: on an H200 (bf16,
@@ -79,13 +79,11 @@ def work_order(row_ptr: torch.Tensor) -> torch.Tensor:
 def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, M, N, K,
                   stride_xm, stride_xk, stride_ym, stride_yn,
                   M_BUCKET, B: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr,
-                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False,
-                  p_ptr=None, ctr_ptr=None, FINISH: tl.constexpr = False):
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False):
     """Y = X W^T over a block row's kept blocks. With ``PARTIAL`` each block row's kept blocks are
     cut into SPLIT chunks, a program each, and each writes its float32 partial product to
     y_ptr + chunk * stride_ys (no bias), for the caller to sum: more programs streaming the weight
-    where block rows are few and long. With ``FINISH`` the partials go to p_ptr and the tile's last
-    program sums them into y (``partials.finish_split``)."""
+    where block rows are few and long."""
     SUB: tl.constexpr = B // BLOCK_N
     pid_w = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -115,10 +113,7 @@ def _block_kernel(x_ptr, val_ptr, col_ptr, rowptr_ptr, order_ptr, b_ptr, y_ptr, 
         w_ptrs += B * B
         c_ptr += 1
     offs_n = row * B + offs_r
-    if FINISH:
-        finish_split(acc, p_ptr, y_ptr, b_ptr, ctr_ptr, pid_m * (tl.num_programs(0) // SPLIT) + pid_w, chunk, SPLIT,
-                     M * N, N, offs_m, offs_n, mask_m[:, None] & (offs_n < N)[None, :], HAS_BIAS)
-    elif PARTIAL:
+    if PARTIAL:
         tl.store(y_ptr + chunk.to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
                  acc, mask=mask_m[:, None])
     else:
@@ -261,8 +256,7 @@ def _keep(config, args) -> bool:
     return kw["BLOCK_M"] == 16 if bucket <= 16 else 16 < kw["BLOCK_M"] <= max(64, bucket)
 
 
-_KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B", "PARTIAL", "FINISH"], prune=_keep,
-                     helpers=(finish_split,))
+_KERNEL = LazyKernel(_block_kernel, _configs(), key=["M_BUCKET", "N", "K", "B", "PARTIAL"], prune=_keep)
 
 
 def split_for(N: int, device) -> int:
@@ -321,14 +315,6 @@ def block_triton(x, values, col_idx, row_ptr, order, bias, N, path: str | None =
     def grid(meta):
         return (order.shape[0] * (B // meta["BLOCK_N"]) * split, triton.cdiv(M, meta["BLOCK_M"]))
 
-    if split > 1 and fused_finish():
-        parts = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-        _KERNEL[grid](x, values, col_idx, row_ptr, order, y if bias is None else bias, y, M, N, K,
-                      x.stride(0), x.stride(1), y.stride(0), y.stride(1), m_bucket(M), B=B,
-                      HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype), SPLIT=split, PARTIAL=True,
-                      p_ptr=parts, ctr_ptr=tile_counters(order.shape[0] * B // 16 * triton.cdiv(M, 16), x.device),
-                      FINISH=True)
-        return y
     if split > 1:
         parts = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
         _KERNEL[grid](x, values, col_idx, row_ptr, order, parts, parts, M, N, K,

@@ -5,13 +5,10 @@ one float32 partial product per chunk, (chunks, M, N). Summing them with torch t
 launches (the reduction, the bias, the cast); on an H100 at 2 and 16 tokens the reduction alone ran
 7 µs and the cast 3 µs next to block's 18 µs product (Nsight Compute, bench/profile_small_m.py,
 14336 x 4096, block:64:0.25). Here one launch reads each partial once and writes the output in its
-dtype, bias added; or, with ``fused_finish``, the split kernel's own last program of each output
-tile does it (``finish_split``), and no launch follows.
+dtype, bias added.
 """
 
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
@@ -40,42 +37,6 @@ def _sum_partials_kernel(p_ptr, b_ptr, y_ptr, MN, N, SPLITS, HAS_BIAS: tl.conste
 
 
 _KERNEL = LazyKernel(_sum_partials_kernel)
-
-
-def fused_finish() -> bool:
-    """Whether split launches sum their partials in their own last program (``finish_split``)
-    rather than in a launch after them (``sum_partials``): ``SPARSEC_SPLIT_FINISH=fused``. Off by
-    default: on an H100 it measured 0.9-3.3 µs slower than the launch after (docs/benchmarks.md),
-    the memset of its counters costing what the launch it saves did."""
-    return os.environ.get("SPARSEC_SPLIT_FINISH", "launch") == "fused"
-
-
-def tile_counters(tiles: int, device) -> torch.Tensor:
-    """Zeroed int32 counters, one per output tile of a split launch with ``finish_split``: made
-    for each call (a memset, in a CUDA graph one node), so no state outlives the launch and
-    launches on other streams never share one."""
-    return torch.zeros(max(tiles, 1), device=device, dtype=torch.int32)
-
-
-def finish_split(acc, p_ptr, y_ptr, b_ptr, ctr_ptr, tile, chunk, SPLITS, MN, N, offs_m, offs_n, mask,
-                 HAS_BIAS: tl.constexpr):
-    """Device function ending a program of a split launch (``LazyKernel(helpers=...)``): its float32
-    share ``acc`` of output tile ``tile`` stored as partial ``chunk`` of (SPLITS, M, N) at p_ptr; the
-    last of the tile's SPLITS programs to count itself in at ctr_ptr[tile] then sums the tile's
-    partials, adds the bias and writes y (contiguous M x N) in its dtype, and sets the count back
-    to zero. One launch instead of two; the partials are read from L2, where they were just written."""
-    offs = offs_m[:, None] * N + offs_n[None, :]
-    tl.store(p_ptr + chunk * MN + offs, acc, mask=mask)
-    tl.debug_barrier()  # every thread's share stored before the count includes it
-    ticket = tl.atomic_add(ctr_ptr + tile, 1, sem="acq_rel")
-    if ticket == SPLITS - 1:
-        total = tl.zeros_like(acc)
-        for s in range(0, SPLITS):
-            total += tl.load(p_ptr + s * MN + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        if HAS_BIAS:
-            total += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-        tl.store(y_ptr + offs, total.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.atomic_xchg(ctr_ptr + tile, 0)
 
 
 def sum_partials(parts: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype,

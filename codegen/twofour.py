@@ -45,7 +45,7 @@ from . import epilogue
 from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, interpret_mode, m_bucket, match_dtype,
                       pdl_enabled, register_input_grad, split_count, tl_dot_precision)
 from .packed import FormatKernels, register
-from .partials import finish_split, fused_finish, sum_partials, tile_counters
+from .partials import sum_partials
 from .twofour_cslt import cslt_compressed, cslt_reason, twofour_cslt_op
 
 # cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
@@ -114,8 +114,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
                     M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META_WORDS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False,
-                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False, p_ptr=None, ctr_ptr=None,
-                    FINISH: tl.constexpr = False):
+                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False):
     """Expansion + MMA. Each quad's two metadata bytes are spread to its four groups in registers
     by shifting broadcast copies: ``META_WORDS``, of the int32 words holding two quads
     (``meta_ptr`` the metadata viewed as int32); otherwise of each byte. ``SWAP`` (a configuration's
@@ -123,8 +122,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     dequantising GEMMs feed their weights to the tensor cores straight from registers; else
     Y = X W^T. ``PARTIAL``: K is cut into SPLIT chunks of whole BLOCK_K tiles, a program each
     (grid axis 0 over N tiles times chunks), each writing its float32 partial product to
-    y_ptr + chunk * stride_ys (no bias) for the caller to sum; with ``FINISH`` the partials go to
-    p_ptr and the tile's last program sums them into y (``partials.finish_split``)."""
+    y_ptr + chunk * stride_ys (no bias) for the caller to sum."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     chunk = pid_n % SPLIT
@@ -184,10 +182,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
             acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PREC)
     if SWAP:
         acc = tl.trans(acc_t)
-    if FINISH:
-        finish_split(acc, p_ptr, y_ptr, b_ptr, ctr_ptr, pid_m * tl.cdiv(N, BLOCK_N) + pid_n, chunk, SPLIT, M * N, N,
-                     offs_m, offs_n, mask_m[:, None] & mask_n[None, :], HAS_BIAS)
-    elif PARTIAL:
+    if PARTIAL:
         tl.store(y_ptr + chunk.to(tl.int64) * stride_ys + offs_m[:, None] * stride_ym + offs_n[None, :] * stride_yn,
                  acc, mask=mask_m[:, None] & mask_n[None, :])
     else:
@@ -573,8 +568,7 @@ def _keep(config, args) -> bool:
     return 16 < kw["BLOCK_M"] <= bucket
 
 
-_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K", "META_WORDS", "PARTIAL", "FINISH"],
-                     prune=_keep, helpers=(finish_split,))
+_KERNEL = LazyKernel(_twofour_kernel, _configs(), key=["M_BUCKET", "N", "K", "META_WORDS", "PARTIAL"], prune=_keep)
 
 
 def gemv_usable(x, values, M: int) -> bool:
@@ -666,14 +660,6 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
     words = (DOT_META_WORDS and K % 32 == 0 and meta.stride(1) == 1 and meta.stride(0) % 4 == 0
              and meta.storage_offset() % 4 == 0)
     m = meta.view(torch.int32) if words else meta
-    if split > 1 and fused_finish():
-        parts = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
-        _KERNEL[grid](x, values, m, y if bias is None else bias, y, M, N, K, m.shape[1],
-                      x.stride(0), x.stride(1), values.stride(0), m.stride(0), y.stride(0), y.stride(1),
-                      m_bucket(M), HAS_BIAS=bias is not None, DOT_PREC=tl_dot_precision(x.dtype), META_WORDS=words,
-                      SPLIT=split, PARTIAL=True, p_ptr=parts, ctr_ptr=tile_counters(triton.cdiv(N, 16) * triton.cdiv(M, 16),
-                                                                                    x.device), FINISH=True)
-        return y
     if split > 1:
         parts = torch.empty(split, M, N, device=x.device, dtype=torch.float32)
         _KERNEL[grid](x, values, m, parts, parts, M, N, K, m.shape[1],

@@ -25,12 +25,9 @@ def masked_product(x, w, t, bias=None):
     return y if bias is None else y + bias.double()
 
 
-@pytest.mark.parametrize("finish", ["launch", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M, N, K", [(1, 96, 300), (3, 128, 512), (8, 64, 1024), (16, 130, 520)])
-def test_kernel_matches_the_masked_product(dtype, M, N, K, finish, gen, monkeypatch):
-    """Split-K partials summed by a launch after the product, or by each tile's last program."""
-    monkeypatch.setenv("SPARSEC_SPLIT_FINISH", finish)
+def test_kernel_matches_the_masked_product(dtype, M, N, K, gen):
     w = torch.randn(N, K, generator=gen).to(dtype)
     b = torch.randn(N, generator=gen).to(dtype)
     x = torch.randn(M, K, generator=gen).to(dtype)

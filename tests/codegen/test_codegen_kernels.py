@@ -339,17 +339,14 @@ def test_device_only_launch_features_stay_off_where_they_cannot_run(monkeypatch)
     assert not twofour.tma_usable(x, pairs, meta, 16)
 
 
-@pytest.mark.parametrize("finish", ["launch", "fused"])
 @pytest.mark.parametrize("split", [2, 3, 8])
-def test_block_split_path_sums_its_chunks_to_the_product(split, finish, gen, monkeypatch):
+def test_block_split_path_sums_its_chunks_to_the_product(split, gen, monkeypatch):
     """The "dot_split" path: every block row's kept blocks cut into ``split`` chunks (8: more
-    chunks than some rows have blocks, so some programs sum nothing), the float32 partials summed
-    (by a launch after, or by each tile's last program), with and without bias; an empty block row
-    still gets its bias."""
+    chunks than some rows have blocks, so some programs sum nothing), the float32 partials summed,
+    with and without bias; an empty block row still gets its bias."""
     from sparsec.codegen import block
 
     monkeypatch.setattr(block, "split_for", lambda N, device: split)
-    monkeypatch.setenv("SPARSEC_SPLIT_FINISH", finish)
     w = torch.randn(48, 512, generator=gen)
     w[16:32] = 0.0  # block row 1 keeps nothing
     packed = pack("block:16:0.6", w.half())
@@ -382,17 +379,14 @@ def test_split_paths_aim_for_programs_per_sm_within_bounds(monkeypatch):
     assert twofour.split_for(4096, 512, cuda) == 1
 
 
-@pytest.mark.parametrize("finish", ["launch", "fused"])
 @pytest.mark.parametrize("split", [2, 3])
-def test_twofour_split_path_sums_its_chunks_to_the_product(split, finish, gen, monkeypatch):
+def test_twofour_split_path_sums_its_chunks_to_the_product(split, gen, monkeypatch):
     """The 2:4 "dot_split" path: K = 1152 is nine 128-column tiles, so three chunks of three or
     two of five and four (the autotuner's first config here takes 128 columns a tile); with and
-    without bias, a partial token tile and a full one; partials summed by a launch after or by
-    each tile's last program."""
+    without bias, a partial token tile and a full one."""
     from sparsec.codegen import twofour
 
     monkeypatch.setattr(twofour, "split_for", lambda N, K, device: split)
-    monkeypatch.setenv("SPARSEC_SPLIT_FINISH", finish)
     packed = pack("2:4", torch.randn(40, 1152, generator=gen).half())
     t = packed.tensors()
     dense = packed.to_dense().double()

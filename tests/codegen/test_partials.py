@@ -39,23 +39,3 @@ def test_partials_without_triton_fall_back_to_torch(gen, monkeypatch):
 
 def test_empty_partials_give_an_empty_output():
     assert sum_partials(torch.zeros(2, 0, 8), None, torch.float16).shape == (0, 8)
-
-
-def test_a_kernel_rebuilt_with_its_helpers_keeps_its_constexpr_annotations():
-    """The GPU compiler reads ``tl.constexpr`` from the kernel's annotations: a copy without them
-    took every constexpr argument for a runtime value and failed to launch on the device (the
-    interpreter, which ignores them, did not notice)."""
-    import triton
-
-    from sparsec.codegen import act, block, twofour
-    from sparsec.codegen._common import _with_helpers
-    from sparsec.codegen.partials import finish_split
-
-    for lazy in (act._KERNEL, block._KERNEL, twofour._KERNEL):
-        assert finish_split in lazy.helpers
-        built = _with_helpers(lazy.fn, lazy.helpers, triton.jit)
-        assert built is not lazy.fn and built.__annotations__ == lazy.fn.__annotations__
-        assert "tl.constexpr" in str(built.__annotations__["FINISH"])
-        assert built.__defaults__ == lazy.fn.__defaults__ and built.__code__ is lazy.fn.__code__
-        assert built.__globals__["finish_split"].fn is finish_split  # decorated (for the GPU or the interpreter)
-        assert lazy.fn.__globals__["finish_split"] is finish_split  # the module itself untouched

@@ -1,3 +1,4 @@
+# Run while the fused finish existed (commits 1fc9820 to 81d3881, SPARSEC_SPLIT_FINISH=fused); it was removed after this measurement.
 export PYTHONUNBUFFERED=1; python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; cd bench && timeout 230 python3 - <<'PY' 2>&1 | tee $OUT/finish.log
 import os, math, torch, json
 from kernel_bench import make_packed, time_calls, ROTATE_BYTES, MAX_COPIES
