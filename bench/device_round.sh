@@ -19,6 +19,7 @@
 #   smollm2-part, smollm2  two consecutive calls: SmolLM2's GGUF in two parts (.carry/smol-a with the first,
 #           the suite meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
+#   actrot  actrot's GPU tests, its fingerprint curve on this card (--redo actrot), the suite
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
 set -u
@@ -81,6 +82,13 @@ case "${1:-suite}" in
     cp "fingerprints/$card.json" "$OUT/$card.json"
     TAIL=10 step fingerprint-composite 540 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 500 \
       --redo 2:4+lowrank --redo block+lowrank
+    ;;
+  actrot)  # actrot's GPU tests, then its curve into this card's fingerprint, then what suite does
+    step actrot-gpu 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_gpu_paths.py -k "actrot or act_kernel"
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=10 step fingerprint-actrot 200 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 180 --redo actrot
+    step suite 240 python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
+    grep -E "^(FAILED|ERROR)" "$OUT/suite.log" | head -40
     ;;
   e2e)
     # forced plans only, planned without recovery (their speed is the question, on random weights):

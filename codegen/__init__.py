@@ -4,7 +4,7 @@ Public API: ``pack``, ``linear``, ``linear_epilogue``, ``check``, ``Packed``, ``
 Importing registers each format's handler and its ``torch.ops.sparsec.*`` custom ops.
 """
 
-from . import act, block, dense, experts, lowrank, monarch, plus_lowrank, twofour  # noqa: F401  (register the formats)
+from . import act, actrot, block, dense, experts, lowrank, monarch, plus_lowrank, twofour  # noqa: F401  (register the formats)
 from .api import check, linear, linear_epilogue, pack
 from .epilogue import Epilogue
 from .module import EpilogueLinear, GroupMember, PackedGroup, PackedLinear

@@ -34,7 +34,8 @@ def pack(spec: "str | FormatSpec", weight: torch.Tensor, **calibrated) -> Packed
     format's simplest rule (magnitude for 2:4 and block, truncated SVD for lowrank, per-block
     SVD for monarch). ``weight`` is never modified. ``calibrated``: what a format learns from
     data rather than from the weight; ``act:S`` takes ``threshold`` (the input magnitude under
-    which an input is skipped; default: the one that skips a fraction S of unit-normal inputs).
+    which an input is skipped; default: the one that skips a fraction S of unit-normal inputs),
+    ``actrot:S`` also ``rotation`` (the layer's axes Q, K x K, orthonormal; default: a random one).
     """
     spec = _spec(spec)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():

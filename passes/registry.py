@@ -7,11 +7,11 @@ reconstruction per spec that has exactly the format's structure, so codegen pack
 
 from __future__ import annotations
 
-from sparsec.passes import act, block, lowrank, monarch, plus_lowrank, twofour
+from sparsec.passes import act, actrot, block, lowrank, monarch, plus_lowrank, twofour
 
 HANDLERS = {
     handler.family: handler
-    for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER, act.HANDLER,
+    for handler in (twofour.HANDLER, block.HANDLER, lowrank.HANDLER, monarch.HANDLER, act.HANDLER, actrot.HANDLER,
                     *plus_lowrank.HANDLERS)
 }
 

@@ -75,6 +75,7 @@ class Layer:
             cand.approx = cand.remake = None
         self.stats.gram = self.stats.gram.new_empty(0)
         self.stats.magnitudes = None
+        self.stats.held = None
         self.received = None
 
     @property

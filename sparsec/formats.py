@@ -3,7 +3,8 @@
 A format spec is the single name a plan, a report, a fingerprint and a kernel all agree on:
 ``dense``, ``2:4``, ``block:B:D`` (BxB blocks, fraction D of blocks kept), ``lowrank:R``,
 ``monarch:NB`` (NB blocks per factor), ``act:S`` (the weight dense, a token's inputs under a
-calibrated magnitude skipped, a fraction S of them on calibration data) and the composites
+calibrated magnitude skipped, a fraction S of them on calibration data), ``actrot:S`` (the same on
+the inputs turned into the layer's principal axes first) and the composites
 ``2:4+lowrank:R`` and ``block:B:D+lowrank:R`` (a sparse weight plus a rank-R term fitted to what
 it leaves out). ``parse_spec`` turns the text into a frozen dataclass and
 ``str(spec)`` turns it back, so plans and reports round-trip exactly.
@@ -34,6 +35,7 @@ __all__ = [
     "LowRank",
     "Monarch",
     "Act",
+    "ActRot",
     "TwoFourPlusLowRank",
     "BlockPlusLowRank",
     "FAMILIES",
@@ -421,6 +423,36 @@ class Act(FormatSpec):
 
 
 @dataclass(frozen=True)
+class ActRot(Act):
+    """Activation sparsity on rotated inputs: each token's inputs first turned into the layer's
+    principal axes (Q, K x K, orthonormal, from the calibration Gram: y = (x Q)(W Q)^T, exact), and
+    it is the rotated inputs under the threshold that are skipped. The rotation gathers a token's
+    energy onto fewer axes, so skipping the same fraction drops less of the output; it costs one
+    K x K product per token, which layers reading one input share (gate and up), so it pays where
+    those layers are wide next to their input (S N > K)."""
+
+    family: ClassVar[str] = "actrot"
+    syntax: ClassVar[str] = "actrot:S"
+
+    def __post_init__(self):
+        if not (0.0 < self.skip < 1.0):
+            raise FormatError(f"skip fraction {self.skip} must be in (0, 1), e.g. 'actrot:0.4'")
+
+    def __str__(self) -> str:
+        return f"actrot:{_fmt_float(self.skip)}"
+
+    @classmethod
+    def parse_args(cls, args):
+        if len(args) != 1:
+            raise FormatError("rotated activation-sparsity format is 'actrot:S' (S the skipped fraction), "
+                              "e.g. 'actrot:0.4'")
+        return cls(skip=_parse_float(args[0], "skip fraction"))
+
+    def cost_note(self, M):
+        return "; the time includes the product with the K x K rotation" + super().cost_note(M)
+
+
+@dataclass(frozen=True)
 class PlusLowRank(FormatSpec):
     """A sparse weight plus a low-rank term: W ~= S + U V, S in the ``base`` format, U: N x R,
     V: R x K. The rank-R term is fitted to what the sparse part leaves out, so a small R buys back
@@ -552,7 +584,8 @@ class BlockPlusLowRank(PlusLowRank):
 
 
 FAMILIES: dict[str, type[FormatSpec]] = {
-    cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch, Act, TwoFourPlusLowRank, BlockPlusLowRank)
+    cls.family: cls for cls in (Dense, TwoFour, Block, LowRank, Monarch, Act, ActRot, TwoFourPlusLowRank,
+                                BlockPlusLowRank)
 }
 STRUCTURED_FAMILIES = tuple(f for f in FAMILIES if f != Dense.family)
 

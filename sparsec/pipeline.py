@@ -351,6 +351,8 @@ def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options,
             why = spec.check(site.N, site.K)
             if why is None and spec.family not in HANDLERS:
                 why = f"no pass implements {spec.family}"
+            if why is None and hasattr(HANDLERS[spec.family], "refusal"):
+                why = HANDLERS[spec.family].refusal(layer.stats, site.K)
             layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=why))
         layers.append(layer)
     return layers

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from sparsec.activation import Magnitudes
+from sparsec.rotation import HeldRows
 
 DIAGONAL_DAMPING = 0.01  # of the mean energy, so an input calibration never saw still weighs a little
 
@@ -65,6 +66,7 @@ class SiteStats:
     calls: list[int] = field(default_factory=list)
     uncorrelated: bool = False  # set by ``fall_back_to_diagonal``
     magnitudes: Magnitudes | None = None  # histogram of input magnitudes (activation sparsity)
+    held: HeldRows | None = None  # rows held apart from the Gram (rotated activation sparsity)
 
     def fall_back_to_diagonal(self) -> bool:
         """With fewer rows than inputs, fit as if the inputs were uncorrelated: keep each input's
@@ -104,6 +106,8 @@ class SiteStats:
     def add(self, x2d: torch.Tensor) -> None:
         if self.rows == 0 and self.gram.device != x2d.device:
             self.gram, self.total = self.gram.to(x2d.device), self.total.to(x2d.device)
+        if self.held is not None:
+            self.held.add(x2d, self.rows)
         x = x2d.to(self.gram.dtype)
         self.gram.addmm_(x.T, x)
         self.total.add_(x.sum(0))
@@ -116,7 +120,7 @@ class SiteStats:
     def empty(cls, K: int) -> "SiteStats":
         dtype = torch.float64 if K <= 8192 else torch.float32
         return cls(gram=torch.zeros(K, K, dtype=dtype), total=torch.zeros(K, dtype=dtype),
-                   magnitudes=Magnitudes.empty(K, dtype))
+                   magnitudes=Magnitudes.empty(K, dtype), held=HeldRows())
 
 
 def _gram_form(D: torch.Tensor, stats: SiteStats) -> float:

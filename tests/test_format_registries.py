@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("cpu_onnxruntime")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHAPE = (256, 512)
 # activation sparsity skips weight rows by its input's values: no standard ONNX operator does
-NO_ONNX_FORM = {"act"}
+NO_ONNX_FORM = {"act", "actrot"}
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -31,7 +31,7 @@ def test_every_family_describes_itself_for_fingerprints(family):
     assert cls.from_record({**record, "N": SHAPE[0], "K": SHAPE[1]}) == spec
     assert tuple(record) == FAMILY_PARAMS[family]
     settings = cls.settings(*SHAPE, {"block": ((32, 0.5),), "lowrank": (0.25,), "monarch": (4,),
-                                         "act": (0.5,), "2:4+lowrank": (({}, 1 / 16),),
+                                         "act": (0.5,), "actrot": (0.5,), "2:4+lowrank": (({}, 1 / 16),),
                                          "block+lowrank": (({"block": 32, "density": 0.5}, 1 / 16),)}.get(family, ()))
     assert settings and all(isinstance(s, cls) for s in settings)
     assert cls.from_label(spec.label(*SHAPE), *SHAPE) == spec
@@ -88,7 +88,7 @@ def test_each_onnx_form_computes_the_product_of_its_weight(family):
 
 def _family_files() -> set[str]:
     own = {"sparsec/formats.py", "passes/registry.py", "sparsec/report/chart.py"}
-    for module in ("twofour", "block", "lowrank", "monarch", "act", "plus_lowrank"):
+    for module in ("twofour", "block", "lowrank", "monarch", "act", "actrot", "plus_lowrank"):
         own |= {f"passes/{module}.py", f"codegen/{module}.py"}
     return own
 

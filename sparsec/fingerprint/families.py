@@ -33,6 +33,7 @@ PARAM_GRID = {
     "lowrank": [0.25, 0.125, 0.5, 0.0625],
     "monarch": [4, 16, 8],
     "act": [0.5, 0.4, 0.25, 0.6, 0.7],  # fraction of inputs skipped (of unit-normal timing inputs)
+    "actrot": [0.5, 0.4, 0.25, 0.6, 0.7],  # the same, of the rotated inputs
     # (the sparse part's parameters, rank as a fraction of min(N, K)): the ranks the planner tries
     "2:4+lowrank": [({}, 1 / 32), ({}, 1 / 16), ({}, 1 / 64), ({}, 1 / 8)],
     "block+lowrank": [({"block": 64, "density": 0.25}, 1 / 32), ({"block": 64, "density": 0.5}, 1 / 32),

@@ -18,7 +18,7 @@ from sparsec.report import views as v
 
 FAMILY_COLOURS = {
     "dense": "#6b7280", "2:4": "#2563eb", "block": "#ea580c", "lowrank": "#16a34a", "monarch": "#9333ea",
-    "act": "#db2777", "2:4+lowrank": "#0891b2", "block+lowrank": "#ca8a04",
+    "act": "#db2777", "actrot": "#9d174d", "2:4+lowrank": "#0891b2", "block+lowrank": "#ca8a04",
 }
 _OTHER_COLOUR = "#0f766e"
 

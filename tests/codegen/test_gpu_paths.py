@@ -165,6 +165,29 @@ def test_act_kernel_matches_float64_and_replays_in_a_cuda_graph(dtype, M):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("M", [1, 5, 16, 40])
+def test_actrot_matches_float64_and_replays_in_a_cuda_graph(dtype, M):
+    """actrot:0.5 with a random rotation: the rotated inputs (x Q, in the input's dtype, as the layer
+    computes them) masked and multiplied by (W Q)^T in float64; then captured in a CUDA graph."""
+    from sparsec.codegen.actrot import random_rotation
+
+    gen = torch.Generator(device="cuda").manual_seed(M)
+    N, K = 1024, 2048
+    w = (torch.randn(N, K, generator=gen, device="cuda") / K ** 0.5).to(dtype)
+    packed = pack("actrot:0.5", w, rotation=random_rotation(K, "cuda", seed=M), threshold=0.6)
+    q, wt = packed.tensors()["rotation"], packed.tensors()["weight_t"]
+
+    def ref(inp):
+        z = (inp @ q).double()
+        return torch.where(z.abs() >= 0.6, z, 0.0) @ wt.double()
+
+    x = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+    assert rel_err(linear(x, packed), ref(x)) <= REL_TOL[dtype]
+    fresh = torch.randn(M, K, generator=gen, device="cuda").to(dtype)
+    assert rel_err(replayed(lambda inp: linear(inp, packed), x, fresh), ref(fresh)) <= REL_TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("M", [2, 5, 16, 33])
 @pytest.mark.parametrize("gated", [False, True])
 def test_multi_token_word_kernel_matches_float64_and_replays_in_a_cuda_graph(dtype, M, gated):
