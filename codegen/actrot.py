@@ -90,7 +90,9 @@ class ActRotKernels(FormatKernels):
 
     def reference(self, x2d, packed, bias):
         t = packed.tensors()
-        z = x2d @ match_dtype(t["rotation"], x2d.dtype)
+        # the rotated inputs rounded to the packed dtype, as the layer computes them in it: a float32
+        # reference of a 16-bit layer otherwise flips the inputs within a rounding of the threshold
+        z = (x2d @ match_dtype(t["rotation"], x2d.dtype)).to(t["rotation"].dtype).to(x2d.dtype)
         return act_masked_gemm(z, match_dtype(t["weight_t"], x2d.dtype), t["threshold"].to(x2d.device),
                                None if bias is None else bias.to(x2d.dtype))
 

@@ -20,7 +20,7 @@ def candidate_rejections(layer: Layer, options, fingerprint) -> None:
             continue
         if layer.forced_by is not None:
             c.rejected_because = f"plan entry {layer.forced_by!r} forces {chosen.fmt}"
-        elif c.predicted_error > chosen.predicted_error:
+        elif c.predicted_error > chosen.predicted_error and c.predicted_error > left:
             c.rejected_because = f"over budget: {_pct(c.predicted_error)} error > {_pct(left)} left"
         else:
             c.rejected_because = (

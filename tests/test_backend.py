@@ -233,7 +233,8 @@ def test_a_recompile_for_new_shapes_reuses_the_plan_and_packed_layers(monkeypatc
             assert float((y - ref).norm() / ref.norm()) < 1e-4
     report = session_for(options, None).report
     assert len(calls) == 1  # planned once, lowered three times
-    assert [(l["name"], l["format"]) for l in report.layers] == [("0", "lowrank:16"), ("2", "dense")]
+    # which rank the fingerprint prices fastest is its business; the planted layer is low rank, the other not
+    assert [(l["name"], l["format"].split(":")[0]) for l in report.layers] == [("0", "lowrank"), ("2", "dense")]
 
 
 def test_options_shared_by_another_model_with_the_same_layer_names_plan_it_afresh():
@@ -285,7 +286,7 @@ def test_compiling_with_autograd_on_warns_that_rewritten_weights_are_frozen():
     from sparsec.backend import session_for
 
     report = session_for(options, None).report
-    assert [l["format"] for l in report.layers] == ["dense", "lowrank:8"]
+    assert [l["format"].split(":")[0] for l in report.layers] == ["dense", "lowrank"]  # the rank: the fingerprint's call
     assert any("autograd on" in w and "'2'" not in w and "2 get no gradient" in w for w in report.to_dict()["warnings"])
 
 
@@ -343,7 +344,7 @@ def test_the_last_compile_dynamo_allows_is_named():
         with torch.no_grad(), torch._dynamo.config.patch(recompile_limit=2):
             torch.compile(Net().eval(), backend="sparsec", options=options)(x)
         report = session_for(options, None).report
-        assert [l["format"] for l in report.layers] == ["lowrank:8"]
+        assert [l["format"].split(":")[0] for l in report.layers] == ["lowrank"]
         warned.append([w for w in report.to_dict()["warnings"] if "recompile_limit = 2" in w])
     assert warned[0] == [] and len(warned[1]) == 1 and "will run eagerly, dense, without sparsec" in warned[1][0]
 
