@@ -11,8 +11,10 @@ distribution, top-1 agreement):
 * ``actrot all``: every block layer at ``actrot:S`` (the accuracy bound; its products with Q cost
   more than they save on q/k/v, o and down).
 
-Each row reports the mean fraction of held-apart calibration inputs skipped per layer (what the
-thresholds were set to) and the planner's predicted speed-up on the fingerprint named.
+Each row reports the mean fraction of calibration inputs skipped per layer (for actrot, of the rows
+held apart: what the thresholds were set to), the fraction of the held-out text's inputs the
+rewritten layers skip (counted on their inputs as they run), and the planner's predicted speed-up
+on the fingerprint named.
 
     SPARSEC_MODEL_CACHE=... python bench/act_rotated_plan.py --skips 0.4 0.5 --out act_rotated_plan.json
 """
@@ -20,6 +22,7 @@ thresholds were set to) and the planner's predicted speed-up on the fingerprint 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import sys
@@ -44,6 +47,27 @@ PLANS = {
     "actrot gate/up": lambda s: {GATE_UP: f"actrot:{s}", BLOCK: f"act:{s}"},
     "actrot all": lambda s: {BLOCK: f"actrot:{s}"},
 }
+
+
+@contextlib.contextmanager
+def counting(counts):
+    """Count, while inside, the inputs act and actrot layers multiply on this machine (the masked
+    product both run where there is no Triton, on the rotated inputs for actrot) and how many of
+    them are under the threshold: counts[0] skipped of counts[1]."""
+    from sparsec.codegen import act, actrot
+
+    original = act.act_masked_gemm
+
+    def counted(z, weight_t, threshold, bias):
+        counts[0] += int((z.abs().float() < threshold.float()).sum())
+        counts[1] += z.numel()
+        return original(z, weight_t, threshold, bias)
+
+    act.act_masked_gemm = actrot.act_masked_gemm = counted
+    try:
+        yield
+    finally:
+        act.act_masked_gemm = actrot.act_masked_gemm = original
 
 
 def main(argv=None) -> int:
@@ -71,7 +95,7 @@ def main(argv=None) -> int:
     result = {"model": "SmolLM2-135M-Instruct", "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "calibration": f"{len(calib)} x {args.tokens}",
               "heldout": f"{len(held)} x {args.tokens}", "recovery": args.recovery, "rows": []}
-    print(f"{'skip':>5} {'plan':<16} {'ppl':>7} {'KL':>7} {'top-1':>7} {'skipped':>8} {'pred.':>6} {'s':>5}")
+    print(f"{'skip':>5} {'plan':<16} {'ppl':>7} {'KL':>7} {'top-1':>7} {'skip cal':>8} {'held-out':>8} {'pred.':>6} {'s':>5}")
     for skip in args.skips:
         for name in args.plans:
             torch._dynamo.reset()
@@ -81,8 +105,8 @@ def main(argv=None) -> int:
                                    plan={"layers": layers}, recovery=args.recovery, error_budget=100.0,
                                    metric="kl", output="logits")
             seconds = time.perf_counter() - start
-            figures = []
-            with torch.no_grad():
+            figures, counts = [], [0, 0]
+            with torch.no_grad(), counting(counts):
                 for (ids,), ref in zip(held, dense_logits):
                     figures.append(smollm2.next_token_figures(out.module(ids).logits, ref, ids))
             judged = {k: sum(f[k] for f in figures) / len(figures) for k in figures[0]}
@@ -93,11 +117,13 @@ def main(argv=None) -> int:
             row = {"skip": skip, "plan": name, **judged, "layers": len(chosen),
                    "formats": sorted({l["format"] for l in chosen}),
                    "skipped_mean": sum(skipped) / max(len(skipped), 1),
+                   "skipped_heldout": counts[0] / max(counts[1], 1),
                    "skipped_min": min(skipped, default=None), "skipped_max": max(skipped, default=None),
                    "predicted_speedup": report["end_to_end"].get("predicted_speedup"), "seconds": seconds}
             result["rows"].append(row)
             print(f"{skip:>5} {name:<16} {row['perplexity']:>7.2f} {row['kl']:>7.3f} {100 * row['top1_agreement']:>6.1f}% "
-                  f"{100 * row['skipped_mean']:>7.1f}% {row['predicted_speedup'] or 0:>6.2f} {seconds:>5.0f}", flush=True)
+                  f"{100 * row['skipped_mean']:>7.1f}% {100 * row['skipped_heldout']:>7.1f}% {row['predicted_speedup'] or 0:>6.2f} "
+                  f"{seconds:>5.0f}", flush=True)
             if args.out:
                 Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return 0

@@ -130,17 +130,11 @@ def normal_threshold(skip: float) -> float:
     return math.sqrt(2.0) * float(torch.erfinv(torch.tensor(skip, dtype=torch.float64)))
 
 
-class Thresholded:
-    """A dense weight whose layer treats inputs under ``threshold`` as zero (``act:S``)."""
+class WeightBacked:
+    """An approximation that keeps a dense ``weight``: it answers for its shape, device and size as
+    the weight does (what the planner's caches and moves ask of any approximation)."""
 
-    __slots__ = ("weight", "threshold")
-
-    def __init__(self, weight: torch.Tensor, threshold: float):
-        self.weight = weight
-        self.threshold = float(threshold)
-
-    def to(self, *args, **kwargs) -> "Thresholded":
-        return Thresholded(self.weight.to(*args, **kwargs), self.threshold)
+    __slots__ = ()
 
     @property
     def shape(self):
@@ -155,6 +149,19 @@ class Thresholded:
 
     def element_size(self) -> int:
         return self.weight.element_size()
+
+
+class Thresholded(WeightBacked):
+    """A dense weight whose layer treats inputs under ``threshold`` as zero (``act:S``)."""
+
+    __slots__ = ("weight", "threshold")
+
+    def __init__(self, weight: torch.Tensor, threshold: float):
+        self.weight = weight
+        self.threshold = float(threshold)
+
+    def to(self, *args, **kwargs) -> "Thresholded":
+        return Thresholded(self.weight.to(*args, **kwargs), self.threshold)
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(masked(x, self.threshold), self.weight.to(x.dtype), bias)

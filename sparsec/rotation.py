@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sparsec.activation import masked
+from sparsec.activation import WeightBacked, masked
 
 HELD_EVERY = 4        # one calibration row in this many is held apart for the thresholds
 MAX_HELD_ROWS = 1024  # enough for a quantile over K inputs each; the rest go to the axes
@@ -100,7 +100,7 @@ def rotated_threshold(z: torch.Tensor, skip: float) -> float:
     return 0.5 * (below + above)
 
 
-class Rotated:
+class Rotated(WeightBacked):
     """A dense weight W whose layer rotates its inputs by Q and treats rotated inputs under
     ``threshold`` as zero: y = masked(x Q) (W Q)^T + b (``actrot:S``)."""
 
@@ -114,19 +114,8 @@ class Rotated:
     def to(self, *args, **kwargs) -> "Rotated":
         return Rotated(self.weight.to(*args, **kwargs), self.rotation.to(*args, **kwargs), self.threshold)
 
-    @property
-    def shape(self):
-        return self.weight.shape
-
-    @property
-    def device(self):
-        return self.weight.device
-
     def numel(self) -> int:
         return self.weight.numel() + self.rotation.numel()
-
-    def element_size(self) -> int:
-        return self.weight.element_size()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         q = self.rotation.to(x.dtype)
