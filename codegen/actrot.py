@@ -37,6 +37,20 @@ def random_rotation(K: int, device, dtype=torch.float32, seed: int = 0) -> torch
     return q.to(dtype)
 
 
+def _check_orthonormal(q: torch.Tensor) -> None:
+    """Refuse a rotation that is not orthonormal (y = (x Q)(W Q)^T is W x only when Q Q^T = I), by
+    Q^T Q on random vectors: O(K^2), where forming Q^T Q would cost K^3. The tolerance admits a
+    rotation rounded to bf16 (each entry within 2^-8 of its value)."""
+    gen = torch.Generator(device=q.device).manual_seed(0)
+    v = torch.randn(q.shape[0], 4, generator=gen, device=q.device, dtype=torch.float32)
+    back = q.T @ (q @ v)
+    off = float((back - v).norm() / v.norm())
+    if not off <= 0.05:
+        raise SparsecError(f"actrot rotation must be orthonormal (Q^T Q = I); Q^T Q moves a random vector by "
+                           f"{100.0 * off:.3g}% of its length: pass the layer's axes as an orthonormal matrix "
+                           f"(e.g. eigenvectors of its input Gram)")
+
+
 class ActRotKernels(FormatKernels):
     family = "actrot"
     names = ("rotation", "weight_t", "threshold")
@@ -70,6 +84,7 @@ class ActRotKernels(FormatKernels):
         if tuple(q.shape) != (K, K):
             raise SparsecError(f"actrot rotation must be {K} x {K} for a weight of {K} inputs, got {tuple(q.shape)}")
         q32 = q.to(device=weight.device, dtype=torch.float32)
+        _check_orthonormal(q32)
         weight_t = (q32.T @ weight.to(torch.float32).T).to(weight.dtype).contiguous()
         return {"rotation": q32.to(weight.dtype).contiguous(), "weight_t": weight_t,
                 "threshold": torch.tensor([t], dtype=torch.float32, device=weight.device)}
@@ -81,6 +96,7 @@ class ActRotKernels(FormatKernels):
         t = expect_tensor(tensors, "threshold", (1,), floating=True).to(torch.float32)
         if not bool(torch.isfinite(t).all()) or float(t[0]) < 0.0:
             raise SparsecError("packed 'threshold' must be one finite non-negative value")
+        _check_orthonormal(q.to(torch.float32))
         return {"rotation": q.contiguous(), "weight_t": w.contiguous(), "threshold": t.contiguous()}
 
     def to_dense(self, spec, shape, tensors):

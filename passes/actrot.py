@@ -42,6 +42,7 @@ class ActRotHandler:
     family = "actrot"
     shares_work_across_specs = True
     refits = False
+    reads_held_rows = True  # its axes and thresholds need the rows held apart (``SiteStats.held``)
     methods = ("principal-axes",)
     default_method = "principal-axes"
 

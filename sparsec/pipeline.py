@@ -116,6 +116,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         stats, facts = calibrate(frontend, sites)
     with timed("candidates"):
         layers = candidates(sites, stats, planning, planning.plan)
+        drop_unread_rows(layers)
     warnings = list(getattr(frontend, "warnings", [])) + calibration_warnings(facts, layers) + shared
     with timed("cost"):
         cost(layers, fingerprint, planning)
@@ -356,6 +357,18 @@ def candidates(sites: list[Site], stats: dict[str, SiteStats], options: Options,
             layer.candidates.append(Candidate(spec, None, None, math.nan, rejected_because=why))
         layers.append(layer)
     return layers
+
+
+def drop_unread_rows(layers: list[Layer]) -> None:
+    """Free the calibration rows held apart (``SiteStats.held``) of every input no standing
+    candidate reads them for (a handler with ``reads_held_rows``): up to 1024 rows per input."""
+    from sparsec.passes.registry import HANDLERS
+
+    read = {id(l.stats) for l in layers for c in l.candidates
+            if c.rejected_because is None and getattr(HANDLERS.get(c.spec.family), "reads_held_rows", False)}
+    for layer in layers:
+        if id(layer.stats) not in read:
+            layer.stats.held = None
 
 
 def _allowed_specs(site: Site, options: Options, exact: dict[str, list], handlers) -> list:

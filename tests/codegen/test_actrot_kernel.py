@@ -100,5 +100,7 @@ def test_a_rotation_of_the_wrong_shape_is_refused_naming_it(gen):
     w = torch.randn(16, 32, generator=gen)
     with pytest.raises(SparsecError, match="rotation must be 32 x 32"):
         pack("actrot:0.5", w, rotation=torch.eye(16))
+    with pytest.raises(SparsecError, match="rotation must be orthonormal"):
+        pack("actrot:0.5", w, rotation=2.0 * torch.eye(32))
     with pytest.raises(SparsecError, match="threshold must be a finite non-negative"):
         pack("actrot:0.5", w, rotation=torch.eye(32), threshold=float("nan"))

@@ -170,3 +170,26 @@ def test_sequential_recovery_fits_axes_and_threshold_to_the_inputs_layers_receiv
     assert fc2["recovery"]["recovered_error"] < fc2["recovery"]["one_shot_error"]
     assert fc2["calibrated"]["skipped_on_calibration"] == pytest.approx(0.5, abs=0.02)
     assert fc2["measured_error"] == pytest.approx(fc2["recovery"]["recovered_error"], rel=0.05)
+
+
+def test_rows_held_apart_are_kept_only_for_inputs_an_actrot_candidate_reads():
+    """Calibration holds rows apart for every input; once the candidates are known, the inputs no
+    standing actrot candidate reads let them go (up to 1024 rows each)."""
+    from sparsec.options import parse_options
+    from sparsec.pipeline import candidates, drop_unread_rows
+    from sparsec.sites import Site
+
+    gen = torch.Generator().manual_seed(5)
+    stats = {}
+    for key in ("a", "b"):
+        stats[key] = SiteStats.empty(64)
+        stats[key].add(torch.randn(256, 64, generator=gen))
+        assert stats[key].held.count == 64
+    sites = [Site(name, "linear", torch.randn(32, 64, generator=gen), None, torch.float32, key)
+             for name, key in (("first", "a"), ("second", "b"))]
+    options = parse_options({"formats": ["act", "actrot"]})
+    plan = sparsec.Plan.from_dict({"layers": {"first": "actrot:0.5", "second": "act:0.5"}})
+    layers = candidates(sites, stats, options, plan)
+    drop_unread_rows(layers)
+    assert stats["a"].held is not None and stats["a"].held.count == 64
+    assert stats["b"].held is None
