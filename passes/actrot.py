@@ -12,6 +12,7 @@ form (no standard operator skips weight rows by the values of its input).
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -22,19 +23,23 @@ from sparsec.sites import SiteStats
 
 from .act import SKIPS
 
-_AXES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()  # (stats identity) -> Q, the last few inputs'
+# the axes of the last few inputs: gate and up read one input, so the second finds the first's Q.
+# Keyed by the statistics object itself (held weakly: an id can be reused once the object is gone)
+_AXES: "OrderedDict[int, tuple]" = OrderedDict()
 _AXES_KEPT = 2
 
 
 def _axes(stats: SiteStats) -> torch.Tensor:
-    key = (id(stats), stats.gram.data_ptr(), stats.rows, stats.held.count)
-    q = _AXES.get(key)
-    if q is None:
-        q = principal_axes(fit_gram(stats))
-        _AXES[key] = q
-        while len(_AXES) > _AXES_KEPT:
-            _AXES.popitem(last=False)
-    _AXES.move_to_end(key)
+    state = (stats.rows, stats.held.count)
+    hit = _AXES.get(id(stats))
+    if hit is not None and hit[0]() is stats and hit[1] == state:
+        _AXES.move_to_end(id(stats))
+        return hit[2]
+    q = principal_axes(fit_gram(stats))
+    _AXES[id(stats)] = (weakref.ref(stats), state, q)
+    _AXES.move_to_end(id(stats))
+    while len(_AXES) > _AXES_KEPT:
+        _AXES.popitem(last=False)
     return q
 
 

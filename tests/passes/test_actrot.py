@@ -193,3 +193,17 @@ def test_rows_held_apart_are_kept_only_for_inputs_an_actrot_candidate_reads():
     drop_unread_rows(layers)
     assert stats["a"].held is not None and stats["a"].held.count == 64
     assert stats["b"].held is None
+
+
+def test_axes_are_never_taken_from_other_statistics():
+    """Two inputs calibrated in turn (as recovery does, stage after stage, each with statistics of
+    its own): each gets the axes of its own rows, however the objects are made and freed."""
+    gen = torch.Generator().manual_seed(6)
+    w = torch.randn(16, 32, generator=gen)
+    for scale in (torch.logspace(0, -3, 32), torch.logspace(-3, 0, 32)):
+        stats = SiteStats.empty(32)
+        stats.add(torch.randn(512, 32, generator=gen) * scale)
+        (approx,) = HANDLER.approximate([HANDLER.grid(16, 32)[0]], w, stats)
+        loudest = int(approx.rotation[:, 0].abs().argmax())  # the first axis: the loudest input
+        assert loudest == int(scale.argmax())
+        del stats, approx
