@@ -120,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default="smollm2", choices=sorted(CASES))
     parser.add_argument("--skips", type=float, nargs="+", default=[0.4, 0.5])
     parser.add_argument("--plans", nargs="+", default=["act", "actrot wide", "actrot all"])
+    parser.add_argument("--rotate", default=None, help="plan pattern of the layers 'actrot wide' rotates "
+                        "(default: the model's layers wide next to their input), e.g. to find which carry the gain")
     parser.add_argument("--tokens", default="4x128", help="smollm2: BATCHxLENGTH of each call")
     parser.add_argument("--calib-batches", type=int, default=8)
     parser.add_argument("--recovery", default="none", choices=["none", "sequential", "full"])
@@ -129,7 +131,10 @@ def main(argv=None) -> int:
 
     torch.manual_seed(0)
     name, model, calib, held, judge, metric, plan_of = CASES[args.model](args)
-    result = {"model": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+    if args.rotate:
+        block = next(iter(plan_of["act"](0.5)))
+        plan_of["actrot wide"] = lambda s: {args.rotate: f"actrot:{s}", block: f"act:{s}"}
+    result = {"model": name, "date": datetime.date.today().isoformat(), "torch": torch.__version__, "rotate": args.rotate,
               "calibration_calls": len(calib), "heldout_calls": len(held), "recovery": args.recovery, "rows": []}
     for skip in args.skips:
         for plan in args.plans:
