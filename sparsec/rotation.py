@@ -118,8 +118,10 @@ class Rotated(WeightBacked):
         return self.weight.numel() + self.rotation.numel()
 
     def linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        # masked(x Q) (W Q)^T = (masked(x Q) Q^T) W^T: back to the input's axes, then the weight as
+        # it is, at M K (K + N) a call instead of forming W Q (N K^2) every call
         q = self.rotation.to(x.dtype)
-        return F.linear(masked(x @ q, self.threshold), (self.weight.to(x.dtype) @ q), bias)
+        return F.linear(masked(x @ q, self.threshold) @ q.T, self.weight.to(x.dtype), bias)
 
     def packed(self, spec):
         from sparsec.codegen import pack
@@ -135,7 +137,7 @@ def held_error(weight: torch.Tensor, approx: Rotated, stats, energy: float) -> f
     w = weight.to(device=held.device, dtype=torch.float32)
     q = approx.rotation.to(device=held.device, dtype=torch.float32)
     z = held @ q
-    err = (z - masked(z, approx.threshold)) @ (w @ q).T
+    err = ((z - masked(z, approx.threshold)) @ q.T) @ w.T  # (dropped Q^T) W^T = dropped (W Q)^T
     num = float((err.double() ** 2).sum())
     share = energy * held.shape[0] / max(stats.rows, 1)
     if share <= 0.0:
