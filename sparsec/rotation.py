@@ -55,11 +55,6 @@ class HeldRows:
             self.parts = [torch.cat(self.parts)]
         return self.parts[0]
 
-    def to(self, device) -> "HeldRows":
-        out = HeldRows()
-        out.parts, out.count = [p.to(device) for p in self.parts], self.count
-        return out
-
 
 def fit_gram(stats) -> torch.Tensor:
     """The Gram of the calibration rows that were not held apart (what the axes are fitted to)."""
@@ -93,10 +88,10 @@ def refusal(stats, K: int) -> str | None:
 
 def rotated_threshold(z: torch.Tensor, skip: float) -> float:
     """The magnitude under which a fraction ``skip`` of the entries of ``z`` lie."""
-    flat = z.abs().reshape(-1).to(torch.float32)
+    flat = z.abs().reshape(-1).to(device="cpu", dtype=torch.float32)
     k = min(max(int(round(skip * flat.numel())), 1), flat.numel())
-    below = float(torch.kthvalue(flat.cpu(), k).values)
-    above = float(torch.kthvalue(flat.cpu(), min(k + 1, flat.numel())).values)
+    below = float(torch.kthvalue(flat, k).values)
+    above = float(torch.kthvalue(flat, min(k + 1, flat.numel())).values)
     return 0.5 * (below + above)
 
 
