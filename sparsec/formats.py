@@ -69,6 +69,10 @@ class FormatSpec:
     # its candidate is fitted by least squares weighted with the calibration Gram (too few rows
     # make that fit fall back to a diagonal Gram, which the report then says)
     fits_to_gram: ClassVar[bool] = True
+    # part of its time is work on the input alone (actrot's product with the rotation), which layers
+    # reading one input do once in their stacked launch: the planner prices each such layer as its
+    # share of that launch (``sparsec.launches.price_shared``)
+    shares_input_work: ClassVar[bool] = False
 
     def __str__(self) -> str:  # pragma: no cover - every subclass overrides
         return self.family
@@ -433,6 +437,7 @@ class ActRot(Act):
 
     family: ClassVar[str] = "actrot"
     syntax: ClassVar[str] = "actrot:S"
+    shares_input_work: ClassVar[bool] = True
 
     def __post_init__(self):
         if not (0.0 < self.skip < 1.0):

@@ -19,6 +19,88 @@ class LaunchGroup:
     shape: tuple[int, int]      # the stacked weight: (sum of the layers' N, K)
 
 
+def siblings(layers) -> list[list]:
+    """Sets of two or more layers the lowering can run as one launch: one input, dtype, token count,
+    K, and all with or all without a bias."""
+    sets: dict[tuple, list] = {}
+    for layer in layers:
+        site = layer.site
+        sets.setdefault((site.input_key, site.dtype_name, max(layer.tokens or 1, 1), site.K, site.bias is None),
+                        []).append(layer)
+    return [members for members in sets.values() if len(members) > 1]
+
+
+def price_shared(layers, fingerprint, mode: str) -> None:
+    """Price the candidates of a format with work on the input alone (``shares_input_work``) as
+    their share of one launch with the sibling layers that have the same candidate.
+
+    Alone, each of gate and up would pay actrot's whole product with the rotation; run as one
+    launch they pay it once, and priced alone a layer that pays only so would be refused. The price
+    is a promise on the siblings' choices: ``settle_shared`` keeps it after selection."""
+    from sparsec.codegen.packed import handler_for
+
+    for members in siblings(layers):
+        fmts = {c.fmt: c.spec for layer in members for c in layer.candidates if c.spec.shares_input_work}
+        for fmt, spec in fmts.items():
+            group = [(layer, c) for layer in members for c in layer.candidates
+                     if c.fmt == fmt and c.rejected_because is None and c.predicted_us is not None]
+            if len(group) > 1 and handler_for(spec).stack_pays(max(group[0][0].tokens or 1, 1)):
+                _share(group, fingerprint, mode)
+
+
+def _share(group, fingerprint, mode: str) -> bool:
+    """Set each candidate's price to its rows' share of the group's stacked launch (False, prices
+    left alone, where the fingerprint cannot price that launch)."""
+    layer0, cand0 = group[0]
+    site, M = layer0.site, max(layer0.tokens or 1, 1)
+    rows = sum(layer.site.N for layer, _ in group)
+    pred = fingerprint.predict_detail(cand0.fmt, M, rows, site.K, dtype=site.dtype_name, mode=mode)
+    if not math.isfinite(pred.us) or getattr(pred, "unmeasured", ""):
+        return False
+    names = [layer.name for layer, _ in group]
+    for layer, cand in group:
+        if cand.alone_us is None:
+            cand.alone_us = cand.predicted_us
+        cand.predicted_us = pred.us * layer.site.N / rows
+        cand.shared_with = tuple(n for n in names if n != layer.name)
+        cand.kernel, cand.impl = pred.kernel, pred.impl
+        cand.note = (f"{pred.note}; " if pred.note else "") + (
+            f"priced as its {layer.site.N} of {rows} rows of one launch with {', '.join(cand.shared_with)} "
+            f"(alone {cand.alone_us:.1f} us)")
+    return True
+
+
+def settle_shared(layers, fingerprint, mode: str) -> list[tuple]:
+    """(layer, reason) for each chosen candidate priced as a share of a launch that its siblings'
+    choices no longer make: priced again on the siblings that chose the same setting (alone where
+    none did), refused where those layers together are then predicted no faster than dense."""
+    by_name = {layer.name: layer for layer in layers}
+    refused, seen = [], set()
+    for layer in layers:
+        cand = layer.chosen
+        if cand is None or not cand.shared_with or layer.name in seen:
+            continue
+        mates = [by_name[n] for n in cand.shared_with
+                 if n in by_name and by_name[n].chosen is not None and by_name[n].chosen.fmt == cand.fmt]
+        group = [(layer, cand)] + [(m, m.chosen) for m in mates]
+        seen.update(m.name for m, _ in group)
+        if len(mates) == len(cand.shared_with):
+            continue
+        left = [n for n in cand.shared_with if n not in {m.name for m in mates}]
+        if len(group) == 1 or not _share(group, fingerprint, mode):
+            for one, c in group:
+                c.predicted_us, c.shared_with = c.alone_us, ()
+                c.note = f"priced alone: {', '.join(left)} chose otherwise"
+        dense_us = sum(one.dense.predicted_us for one, _ in group)
+        chosen_us = sum(c.predicted_us for _, c in group)
+        if chosen_us >= dense_us:
+            with_whom = f" with {', '.join(m.name for m in mates)}" if mates else ""
+            why = (f"pays only in one launch with {', '.join(left)}, which chose otherwise: predicted "
+                   f"{dense_us / chosen_us:.2f}x of dense{with_whom} at M={max(layer.tokens or 1, 1)}")
+            refused += [(one, why) for one, _ in group]
+    return refused
+
+
 def price_groups(groups, layers, fingerprint, mode: str) -> tuple[float, list[str]]:
     """Microseconds the stacked launches save against their members' own predictions, and one
     planner-log line per group. A group the fingerprint cannot price saves nothing (said so)."""
@@ -30,6 +112,9 @@ def price_groups(groups, layers, fingerprint, mode: str) -> tuple[float, list[st
         line = f"{', '.join(group.names)}: one launch over their stacked {group.spec} weights ({N} x {K}, same input)"
         if not members:
             lines.append(line)
+            continue
+        if all(layer.chosen.shared_with for layer in members):
+            lines.append(f"{line}: priced so in selection ({sum(l.chosen.predicted_us for l in members):.1f} us)")
             continue
         apart = sum(layer.chosen.predicted_us for layer in members)
         M, dtype = max(members[0].tokens, 1), members[0].site.dtype_name

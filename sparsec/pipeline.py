@@ -27,7 +27,7 @@ import torch
 
 from sparsec.candidates import Candidate, Layer
 from sparsec.formats import Dense, family_of, parse_spec
-from sparsec.launches import LaunchGroup, price_groups
+from sparsec.launches import LaunchGroup, price_groups, price_shared, settle_shared
 from sparsec.options import Options
 from sparsec.plan import Plan
 from sparsec.rest import RestOfGraph, price_rest
@@ -127,7 +127,7 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("verify", shown_as="verify (model evaluations)"):
         e2e = verify(frontend, layers, alloc, planning)
     with timed("measure"):
-        while measure(frontend, layers, alloc, planning):
+        while settle(layers, alloc, fingerprint, planning) or measure(frontend, layers, alloc, planning):
             e2e = verify(frontend, layers, alloc, planning, before=e2e)
     with timed("recover", shown_as="recover (passes over the calibration data: per block, then per epoch)"):
         one_shot = e2e
@@ -411,6 +411,11 @@ def cost(layers: list[Layer], fingerprint, options: Options) -> None:
                     f"not measured on {fingerprint.name}: {unmeasured}; sparsec does not choose "
                     f"a setting its fingerprint has not timed"
                 )
+    price_shared(layers, fingerprint, mode)
+    for layer in layers:
+        M = max(layer.tokens, 1)
+        for cand in layer.candidates:
+            if cand.rejected_because:
                 continue
             if layer.requested == "auto" and cand.predicted_us >= layer.dense.predicted_us:
                 cand.rejected_because = (
@@ -645,6 +650,25 @@ def _forced_choice(layer: Layer) -> Candidate:
 # -- measure ----------------------------------------------------------------------------------
 
 
+def settle(layers: list[Layer], alloc, fingerprint, options: Options) -> bool:
+    """Keep the promise of shared prices (``sparsec.launches.price_shared``): a rewrite priced as its
+    share of one launch with sibling layers that chose otherwise is priced again on what they
+    chose, and refused, its layer stepping back along its hull, where it then no longer pays.
+    Returns whether anything was refused, so the pipeline verifies the new choice again."""
+    hulls = {h.layer.name: h for h in alloc.hulls}
+    refused = False
+    for layer, why in settle_shared(layers, fingerprint, options.cost_mode):
+        hull = hulls.get(layer.name)
+        if hull is None or hull.current is not layer.chosen:  # forced: priced again, kept
+            continue
+        layer.chosen.rejected_because = why
+        hull.points = hull.points[: hull.index]
+        hull.index -= 1
+        layer.chosen = hull.current
+        refused = True
+    return refused
+
+
 def measure(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> bool:
     """With ``measure: True``: time each chosen rewrite against dense on this device, at its M,
     with the front-end's own runtime (torch for FX, onnxruntime for ONNX).
@@ -667,11 +691,15 @@ def measure(frontend: Frontend, layers: list[Layer], alloc, options: Options) ->
             layer.measured_us_dense, cand.measured_us = frontend.time_layer(layer, cand, options)
         layer.measured_us = cand.measured_us
         hull = hulls.get(layer.name)
-        if hull is None or cand.measured_us < layer.measured_us_dense:
+        # timed alone; a layer priced as its share of a launch with its siblings is held to that
+        # share of what it measured (the launch's other work scaled as the fingerprint scales it)
+        shared = cand.predicted_us / cand.alone_us if cand.shared_with and cand.alone_us else 1.0
+        if hull is None or cand.measured_us * shared < layer.measured_us_dense:
             continue
+        as_share = f", {shared:.2f} of it as its share of one launch with its siblings" if shared != 1.0 else ""
         cand.rejected_because = (
             f"measured {layer.measured_us_dense / cand.measured_us:.2f}x of dense on this device at "
-            f"M={max(layer.tokens, 1)} (predicted {layer.speedup(cand):.2f}x): slower than dense"
+            f"M={max(layer.tokens, 1)}{as_share} (predicted {layer.speedup(cand):.2f}x): slower than dense"
         )
         hull.points = hull.points[: hull.index]
         hull.index -= 1
@@ -901,7 +929,7 @@ def replan(frontend: Frontend, layers: list[Layer], options: Options, fingerprin
         stretched = dataclasses.replace(options, error_budget=trial)
         trial_alloc = select(layers, stretched, fingerprint)
         trial_e2e = verify(frontend, layers, trial_alloc, stretched, before=e2e)
-        while measure(frontend, layers, trial_alloc, stretched):
+        while settle(layers, trial_alloc, fingerprint, stretched) or measure(frontend, layers, trial_alloc, stretched):
             trial_e2e = verify(frontend, layers, trial_alloc, stretched, before=trial_e2e)
         trial_one_shot = trial_e2e
         trial_recovery, trial_e2e = recover(frontend, layers, options, trial_e2e)

@@ -43,12 +43,13 @@ def layer_reason(layer: Layer, options, fingerprint) -> str:
             return f"kept dense: plan entry {layer.forced_by!r} says so"
         return (
             f"forced by plan entry {layer.forced_by!r}: {chosen.fmt} predicted {_x(layer.speedup(chosen))} "
-            f"at M={M} on {fp}, {_pct(chosen.predicted_error)} layer error"
+            f"at M={M} on {fp}{_shared(layer, chosen)}, {_pct(chosen.predicted_error)} layer error"
         )
     if not chosen.is_dense:
         return (
-            f"{chosen.fmt} predicted {_x(layer.speedup(chosen))} at M={M} on {fp} ({chosen.kernel}) "
-            f"for {_pct(chosen.predicted_error)} layer error: the most time saved within the budget"
+            f"{chosen.fmt} predicted {_x(layer.speedup(chosen))} at M={M} on {fp} ({chosen.kernel}"
+            f"{_shared(layer, chosen)}) for {_pct(chosen.predicted_error)} layer error: the most time saved "
+            f"within the budget"
         )
     vetoed = [c for c in layer.candidates if (c.rejected_because or "").startswith("measured")]
     if vetoed:
@@ -75,6 +76,14 @@ def layer_reason(layer: Layer, options, fingerprint) -> str:
         )
     first = layer.candidates[0].rejected_because
     return f"kept dense: no allowed format fits this layer ({first})"
+
+
+def _shared(layer: Layer, chosen) -> str:
+    """How a price shared with sibling layers (``sparsec.launches.price_shared``) was made."""
+    if not chosen.shared_with or not chosen.alone_us:
+        return ""
+    return (f", as its share of one launch with {', '.join(chosen.shared_with)}; alone "
+            f"{_x(layer.dense.predicted_us / chosen.alone_us)}")
 
 
 def _budget_left(layer: Layer, options) -> float:

@@ -1,5 +1,7 @@
 """A stacked launch is priced at its stacked shape, and the end-to-end prediction takes off what
-it saves against its members' own prices."""
+it saves against its members' own prices; a format with work on the input alone (actrot's
+rotation) is priced in selection as each layer's share of the launch, and that price is kept
+only while the siblings choose it too."""
 
 from __future__ import annotations
 
@@ -7,7 +9,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from sparsec.launches import LaunchGroup, price_groups
+import torch
+
+from sparsec.candidates import Candidate, Layer
+from sparsec.formats import Dense, parse_spec
+from sparsec.launches import LaunchGroup, price_groups, price_shared, settle_shared
+from sparsec.sites import Site
 
 
 class Prices:
@@ -24,7 +31,7 @@ class Prices:
 
 
 def layer(name, us, tokens=1):
-    chosen = SimpleNamespace(predicted_us=us)
+    chosen = SimpleNamespace(predicted_us=us, shared_with=())
     return SimpleNamespace(name=name, chosen=chosen, tokens=tokens, site=SimpleNamespace(dtype_name="bfloat16"))
 
 
@@ -47,3 +54,85 @@ def test_a_stacked_shape_the_fingerprint_cannot_price_saves_nothing_and_says_why
 
 def test_no_groups_no_saving():
     assert price_groups([], [layer("a", 1.0)], Prices(), "graph") == (0.0, [])
+
+
+class RotationPrices:
+    """A fingerprint double for actrot: dense reads N K values; actrot reads (1 - S) of them plus a
+    K x K rotation that one launch pays once, however many layers' rows it stacks."""
+
+    name = "double"
+
+    def can_predict(self, fmt, dtype, mode):
+        return None
+
+    def predict_detail(self, fmt, M, N, K, dtype, mode):
+        spec = parse_spec(fmt)
+        us = N * K * 1e-3 if isinstance(spec, Dense) else (1 - spec.skip) * N * K * 1e-3 + K * K * 1e-3
+        return SimpleNamespace(us=us, note="", unmeasured="", kernel="double", impl=None)
+
+
+def site_layer(name, N, K=64, key="x", tokens=1, specs=("actrot:0.5",)):
+    site = Site(name=name, op="linear", weight=torch.zeros(N, K), bias=None, dtype=torch.bfloat16, input_key=key,
+                tokens=tokens)
+    out = Layer(site=site, stats=None, dense=Candidate(Dense(), None, None, 0.0))
+    out.candidates = [Candidate(parse_spec(s), None, None, 0.01) for s in specs]
+    prices = RotationPrices()
+    out.dense.predicted_us = prices.predict_detail("dense", tokens, N, K, "bfloat16", "graph").us
+    for c in out.candidates:
+        c.predicted_us = prices.predict_detail(c.fmt, tokens, N, K, "bfloat16", "graph").us
+    return out
+
+
+def test_layers_reading_one_input_are_priced_as_their_share_of_one_launch():
+    """gate and up, 96 x 64 each, actrot:0.5: alone 3.07 + 4.10 = 7.17 us against dense's 6.14
+    (slower); stacked, one rotation for both: 6.14 + 4.10 = 10.24 us, 5.12 each (faster)."""
+    gate, up, other = site_layer("gate", 96), site_layer("up", 96), site_layer("o", 96, key="y")
+    price_shared([gate, up, other], RotationPrices(), "graph")
+    for one, mate in ((gate, "up"), (up, "gate")):
+        cand = one.candidates[0]
+        assert cand.predicted_us == pytest.approx(5.12)
+        assert cand.alone_us == pytest.approx(7.168)
+        assert cand.shared_with == (mate,)
+        assert "96 of 192 rows of one launch" in cand.note
+    assert other.candidates[0].shared_with == () and other.candidates[0].predicted_us == pytest.approx(7.168)
+
+
+def test_shares_follow_rows_and_need_the_same_setting_and_a_launch_that_stacks():
+    q, k, v = site_layer("q", 128), site_layer("k", 32, specs=("actrot:0.5", "actrot:0.4")), site_layer("v", 32)
+    price_shared([q, k, v], RotationPrices(), "graph")
+    total = 0.5 * 192 * 64e-3 + 64 * 64e-3
+    assert q.candidates[0].predicted_us == pytest.approx(total * 128 / 192)
+    assert k.candidates[0].predicted_us == pytest.approx(total * 32 / 192)
+    assert k.candidates[1].shared_with == ()           # actrot:0.4 has no sibling to share with
+    many = [site_layer(n, 96, tokens=64) for n in ("gate", "up")]  # past the stacking launch's tokens
+    price_shared(many, RotationPrices(), "graph")
+    assert all(l.candidates[0].shared_with == () for l in many)
+
+
+def test_a_shared_price_holds_while_the_siblings_choose_the_same():
+    gate, up = site_layer("gate", 96), site_layer("up", 96)
+    price_shared([gate, up], RotationPrices(), "graph")
+    gate.chosen, up.chosen = gate.candidates[0], up.candidates[0]
+    assert settle_shared([gate, up], RotationPrices(), "graph") == []
+    assert gate.chosen.predicted_us == pytest.approx(5.12)
+
+
+def test_a_layer_that_pays_only_with_a_sibling_that_chose_otherwise_is_refused_saying_why():
+    gate, up = site_layer("gate", 96), site_layer("up", 96)
+    price_shared([gate, up], RotationPrices(), "graph")
+    gate.chosen, up.chosen = gate.candidates[0], up.dense
+    refused = settle_shared([gate, up], RotationPrices(), "graph")
+    assert [l.name for l, _ in refused] == ["gate"]
+    why = refused[0][1]
+    assert why.startswith("pays only in one launch with up, which chose otherwise: predicted 0.86x of dense")
+    assert gate.chosen.predicted_us == pytest.approx(7.168) and gate.chosen.shared_with == ()
+
+
+def test_the_siblings_left_are_priced_again_as_one_launch_and_kept_where_that_pays():
+    """q, k, v all 96 rows: two of three still share one rotation (7.17 us for 2 x 6.14 dense)."""
+    q, k, v = site_layer("q", 96), site_layer("k", 96), site_layer("v", 96)
+    price_shared([q, k, v], RotationPrices(), "graph")
+    q.chosen, k.chosen, v.chosen = q.candidates[0], k.candidates[0], v.dense
+    assert settle_shared([q, k, v], RotationPrices(), "graph") == []
+    assert q.chosen.shared_with == ("k",) and k.chosen.shared_with == ("q",)
+    assert q.chosen.predicted_us == pytest.approx((0.5 * 192 * 64e-3 + 64 * 64e-3) / 2)

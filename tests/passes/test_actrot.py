@@ -4,6 +4,7 @@ automatic choice against act where a fingerprint says both pay."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -152,6 +153,60 @@ def test_the_automatic_plan_prefers_the_rotation_where_it_keeps_the_budget(tmp_p
     assert all("over budget" in c["rejected_because"] for c in fc2["candidates"] if c["format"].startswith("actrot:")
                and c["predicted_error"] is not None)
     assert out.report.to_dict()["end_to_end"]["measured_error"] <= 0.001
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, K: int = 64, N: int = 256):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(K, N, bias=False), nn.Linear(K, N, bias=False), nn.Linear(N, K)
+
+    def forward(self, x):
+        return self.down(torch.nn.functional.silu(self.gate(x)) * self.up(x))
+
+
+def rotation_priced(S: float, N: int = 256, K: int = 64):
+    """The CPU fingerprint, but actrot:S priced as (1 - S) of dense plus a rotation of fixed cost,
+    1.5 S of the N x K layer's dense time: alone (1 + S/2) of dense, slower; as gate and up's
+    stacked launch about (1 - S/4) of dense each, faster."""
+    from sparsec.fingerprint.predict import Fingerprint, load_fingerprint
+
+    base = load_fingerprint("cpu")
+    rotation = 1.5 * S * base.predict_detail("dense", 1, N, K, dtype="float32", mode="eager").us
+
+    class Priced(Fingerprint):
+        def predict_detail(self, format, M, N, K, dtype="bfloat16", mode="eager"):
+            pred = super().predict_detail("dense" if format.startswith("actrot:") else format, M, N, K, dtype, mode)
+            if format.startswith("actrot:"):
+                pred = dataclasses.replace(pred, us=(1 - float(format.split(":")[1])) * pred.us + rotation,
+                                           kernel="sparsec-triton-actrot")
+            return pred
+
+    return Priced(base.data, base.source)
+
+
+def test_gate_and_up_take_the_rotation_that_pays_only_in_their_one_launch(tmp_path):
+    """Priced alone, actrot:0.5 loses to dense on gate and on up; priced as their share of one
+    launch, it wins on both: the plan takes it on both, the lowering runs them as one launch, and
+    the report says how each was priced. down (a rotation four times its own reads) stays dense."""
+    torch.manual_seed(0)
+    model = SwiGLU().eval()
+    gen = torch.Generator().manual_seed(6)
+    calib = [(torch.randn(32, 64, generator=gen),) for _ in range(16)]
+    fp = rotation_priced(0.5)
+    alone = fp.predict_detail("actrot:0.5", 1, 256, 64, dtype="float32", mode="eager").us
+    dense = fp.predict_detail("dense", 1, 256, 64, dtype="float32", mode="eager").us
+    stacked = fp.predict_detail("actrot:0.5", 1, 512, 64, dtype="float32", mode="eager").us
+    assert alone > dense > stacked / 2                  # the premise: pays only stacked
+    out = sparsec.optimize(model, (torch.randn(1, 64, generator=gen),), calibration=calib, fingerprint=fp,
+                           formats=["actrot"], error_budget=0.9, recovery="none", report=str(tmp_path / "r.json"))
+    layers = layers_of(tmp_path / "r.json")
+    fmt = layers["gate"]["format"]
+    assert fmt.startswith("actrot:") and float(fmt.split(":")[1]) >= 0.4 and layers["up"]["format"] == fmt
+    assert layers["down"]["format"] == "dense"
+    assert "as its share of one launch with up; alone 0." in layers["gate"]["reason"]
+    log = out.report.to_dict()["planner_log"]
+    assert any(f"gate, up: one launch over their stacked {fmt} weights" in line and "priced so in selection" in line
+               for line in log)
 
 
 def test_sequential_recovery_fits_axes_and_threshold_to_the_inputs_layers_receive(tmp_path):
