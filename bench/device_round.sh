@@ -20,6 +20,9 @@
 #           the suite meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
 #   actrot  actrot's GPU tests, its fingerprint curve on this card (--redo actrot), the suite
+#   act     act's and actrot's fingerprint curves on this card (--redo act --redo actrot)
+#   e2e-act bench/e2e.py's MLP stack at one token with act:0.4, and actrot on gate/up with act on down
+#           (with the fingerprint the act round wrote copied into fingerprints/)
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
 set -u
@@ -89,6 +92,15 @@ case "${1:-suite}" in
     TAIL=10 step fingerprint-actrot 200 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 180 --redo actrot
     step suite 240 python3 -m pytest -v -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
     grep -E "FAILED|ERROR" "$OUT/suite.log" | grep -v "^tests/" | head -40
+    ;;
+  act)  # act's and actrot's curves into this card's fingerprint (--redo act --redo actrot)
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=12 step fingerprint-act 560 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 540 \
+      --redo act --redo actrot
+    ;;
+  e2e-act)  # the MLP stack at one token: act forced, and actrot on gate and up (one launch) with act on down
+    TAIL=30 step e2e-act 560 python3 bench/e2e.py --models mlp --M 1 --fingerprint "$card" \
+      --out "$OUT" --recovery none --only "sparsec act:0.5 +cg,sparsec act:0.4 +cg,sparsec actrot:0.5 gate/up+act:0.5 +cg,sparsec actrot:0.6 gate/up+act:0.6 +cg"
     ;;
   e2e)
     # forced plans only, planned without recovery (their speed is the question, on random weights):

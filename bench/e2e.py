@@ -223,6 +223,9 @@ def run_configs(name, model, inputs, calib, extra_sparsec, results, fingerprint,
         for ro in (False, True):
             if not wanted(f"sparsec {label}" + (" +cg" if ro else "")):
                 continue
+            if options.get("calibration") == "rotation":
+                x = inputs[0]
+                options = {**options, "calibration": [(torch.randn_like(x),) for _ in range(max(1, 8192 // x.shape[0]))]}
             compiled, opts = sparsec_compiled(model, {"fingerprint": fingerprint, "calibration": calib, "measure": True, **options}, ro)
             add(f"sparsec {label}" + (" +cg" if ro else ""), compiled, lambda o=opts: session_report(o), budget)
     # torch's 2:4 after sparsec's configurations: at M = 2048 the all-dense automatic plan, the
@@ -257,6 +260,11 @@ def mlp_bench(results, fingerprint, Ms, dims=(4096, 14336)):
         (f"lowrank:{d // 4}", {"plan": {"layers": {"_default": f"lowrank:{d // 4}"}}}, None),
         ("act:0.5", {"plan": {"layers": {"_default": "act:0.5"}}}, None),
         ("act:0.4", {"plan": {"layers": {"_default": "act:0.4"}}}, None),
+        # actrot on gate and up (one launch, one product with the rotation), act on down (a 14336 x
+        # 14336 rotation would cost four times its weight); its axes need more calibration rows
+        # than inputs: 8192 rows, in calls of the traced shape (as torch.compile requires)
+        *[(f"actrot:{S} gate/up+act:{S}", {"plan": {"layers": {r"re:.*\.(gate|up)": f"actrot:{S}", "_default": f"act:{S}"}},
+           "calibration": "rotation"}, None) for S in ("0.5", "0.6")],
         (f"2:4+lowrank:{d // 32}", {"plan": {"layers": {"_default": f"2:4+lowrank:{d // 32}"}}}, None),
         (f"block:64:0.25+lowrank:{d // 32}", {"plan": {"layers": {"_default": f"block:64:0.25+lowrank:{d // 32}"}}}, None),
     ]
