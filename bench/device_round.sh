@@ -99,8 +99,8 @@ case "${1:-suite}" in
       --redo act --redo actrot
     ;;
   e2e-act)  # the MLP stack at one token: act forced, and actrot on gate and up (one launch) with act on down
-    TAIL=30 step e2e-act 560 python3 bench/e2e.py --models mlp --M 1 --fingerprint "$card" \
-      --out "$OUT" --recovery none --only "sparsec act:0.5 +cg,sparsec act:0.4 +cg,sparsec actrot:0.5 gate/up+act:0.5 +cg,sparsec actrot:0.6 gate/up+act:0.6 +cg"
+    TAIL=30 step e2e-act 330 python3 bench/e2e.py --models mlp --M 1 --fingerprint "$card" \
+      --out "$OUT" --recovery none --only "sparsec act:0.4 +cg,sparsec actrot:0.5 gate/up+act:0.5 +cg,sparsec actrot:0.6 gate/up+act:0.6 +cg"
     ;;
   e2e)
     # forced plans only, planned without recovery (their speed is the question, on random weights):
