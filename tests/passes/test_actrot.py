@@ -209,6 +209,31 @@ def test_gate_and_up_take_the_rotation_that_pays_only_in_their_one_launch(tmp_pa
                for line in log)
 
 
+@pytest.mark.parametrize("alone_us, kept", [(10.5, True), (30.0, False)])
+def test_measured_alone_a_shared_layer_is_held_to_its_share_of_what_it_measured(alone_us, kept, monkeypatch):
+    """``measure: True`` times a layer alone; one priced as its share of a launch with its siblings
+    stays where that share of its measured time beats dense (10.5 us alone against 10 us dense:
+    kept), and is refused, saying so, where even its share does not (30 us)."""
+    from sparsec import measure
+
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, alone_us))
+    monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (20.0, 10.0))
+    torch.manual_seed(0)
+    model = SwiGLU().eval()
+    gen = torch.Generator().manual_seed(6)
+    calib = [(torch.randn(32, 64, generator=gen),) for _ in range(16)]
+    out = sparsec.optimize(model, (torch.randn(1, 64, generator=gen),), calibration=calib,
+                           fingerprint=rotation_priced(0.5), formats=["actrot"], error_budget=0.9, recovery="none",
+                           measure=True)
+    gate = next(l for l in out.report.to_dict()["layers"] if l["name"] == "gate")
+    if kept:
+        assert gate["format"].startswith("actrot:")
+    else:
+        assert gate["format"] == "dense"
+        assert any("as its share of one launch with its siblings" in (c["rejected_because"] or "")
+                   for c in gate["candidates"])
+
+
 def test_sequential_recovery_fits_axes_and_threshold_to_the_inputs_layers_receive(tmp_path):
     """fc2 reads what fc1 (itself skipping half its rotated inputs, at a cost: the inputs are not
     exactly in a subspace) gives; recovered, its axes and threshold come from those inputs, which
