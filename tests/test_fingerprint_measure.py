@@ -216,3 +216,22 @@ def test_redo_up_to_measures_only_small_m_and_keeps_a_cut_curve_cut(tiny, tmp_pa
     assert {key for key, _ in timed} == {k[0] for k in old} and all(M <= up_to for _, M in timed)
     assert f"{cut_key} M>{stop}" in after["skipped"]
     assert after["kernels"]["dense"] == doc["kernels"]["dense"]
+
+
+def test_a_format_that_rounds_before_its_threshold_is_checked_in_its_own_dtype():
+    """actrot rounds its rotated inputs to bfloat16, then skips those under the threshold: a float32
+    reference skips other inputs near it (over 2% of y at S = 0.7), so the check runs the reference
+    in the layer's dtype, where a right kernel agrees with it."""
+    from sparsec.fingerprint.families import _randn, codegen_families
+
+    family = next(f for f in codegen_families(torch.device("cpu"))[0] if f.family == "actrot")
+    variant = next(v for v in family.variants(512, 512) if v.spec == "actrot:0.7")
+    float32_errors = []
+    for seed in range(3):
+        w, dense = family.build(variant, 512, 512, torch.bfloat16, "cpu", torch.Generator().manual_seed(seed))
+        assert check_output(family, w, dense, 512, 512, torch.bfloat16, "cpu",
+                            torch.Generator().manual_seed(100 + seed)) is None
+        x = _randn((8, 512), torch.bfloat16, "cpu", torch.Generator().manual_seed(100 + seed))
+        y, ref = family.run(x, w).float(), family.reference(x.float(), w.to(dtype=torch.float32)).float()
+        float32_errors.append(float((y - ref).norm() / ref.norm()))
+    assert max(float32_errors) > 0.02  # the premise: a float32 reference would have refused it
