@@ -21,7 +21,7 @@
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
 #   actrot  actrot's GPU tests, its fingerprint curve on this card (--redo actrot), the suite
 #   act     act's and actrot's fingerprint curves on this card (--redo act --redo actrot)
-#   e2e-act bench/e2e.py's MLP stack at one token with act:0.4, and actrot on gate/up with act on down
+#   e2e-act bench/e2e.py's MLP stack at one token with act:0.5 and 0.4, and actrot on gate/up with act on down
 #           (with the fingerprint the act round wrote copied into fingerprints/)
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
@@ -99,8 +99,8 @@ case "${1:-suite}" in
       --redo act --redo actrot
     ;;
   e2e-act)  # the MLP stack at one token: act forced, and actrot on gate and up (one launch) with act on down
-    TAIL=30 step e2e-act 330 python3 bench/e2e.py --models mlp --M 1 --fingerprint "$card" \
-      --out "$OUT" --recovery none --only "sparsec act:0.4 +cg,sparsec actrot:0.5 gate/up+act:0.5 +cg,sparsec actrot:0.6 gate/up+act:0.6 +cg"
+    TAIL=30 step e2e-act 560 python3 bench/e2e.py --models mlp --M 1 --fingerprint "$card" \
+      --out "$OUT" --recovery none --only "sparsec act:0.5 +cg,sparsec act:0.4 +cg,sparsec actrot:0.5 gate/up+act:0.5 +cg,sparsec actrot:0.6 gate/up+act:0.6 +cg"
     ;;
   e2e)
     # forced plans only, planned without recovery (their speed is the question, on random weights):
