@@ -23,9 +23,11 @@ class Candidate:
     measured_us: float | None = None  # timed on this device by the measure step
     note: str = ""
     rejected_because: str | None = None
-    # priced as its share of one launch with these layers (same input, same setting), and alone
+    # priced as its share of one launch with these layers (same input, same setting), and alone;
+    # ``siblings``: every layer it was first priced with (``shared_with`` narrows to those that chose it)
     shared_with: tuple[str, ...] = ()
     alone_us: float | None = None
+    siblings: tuple[str, ...] = ()
     # the planner's candidates hold no reconstruction: this gives it from a bounded cache, or makes
     # it again (deterministic: the same tensor), so the model's weights are not held once per candidate
     remake: Callable[[], torch.Tensor] | None = field(default=None, repr=False, compare=False)

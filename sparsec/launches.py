@@ -44,8 +44,10 @@ def price_shared(layers, fingerprint, mode: str) -> None:
         for fmt, spec in fmts.items():
             group = [(layer, c) for layer in members for c in layer.candidates
                      if c.fmt == fmt and c.rejected_because is None and c.predicted_us is not None]
-            if len(group) > 1 and handler_for(spec).stack_pays(max(group[0][0].tokens or 1, 1)):
-                _share(group, fingerprint, mode)
+            if len(group) > 1 and handler_for(spec).stack_pays(max(group[0][0].tokens or 1, 1)) \
+                    and _share(group, fingerprint, mode):
+                for layer, cand in group:
+                    cand.siblings = cand.shared_with
 
 
 def _share(group, fingerprint, mode: str) -> bool:
@@ -71,22 +73,25 @@ def _share(group, fingerprint, mode: str) -> bool:
 
 
 def settle_shared(layers, fingerprint, mode: str) -> list[tuple]:
-    """(layer, reason) for each chosen candidate priced as a share of a launch that its siblings'
-    choices no longer make: priced again on the siblings that chose the same setting (alone where
-    none did), refused where those layers together are then predicted no faster than dense."""
+    """(layer, reason) for each chosen candidate priced with siblings: priced again on the siblings
+    that chose the same setting now (alone where none did; as first priced where all did), and
+    refused where those layers together are then predicted no faster than dense."""
     by_name = {layer.name: layer for layer in layers}
     refused, seen = [], set()
     for layer in layers:
         cand = layer.chosen
-        if cand is None or not cand.shared_with or layer.name in seen:
+        if cand is None or not cand.siblings or layer.name in seen:
             continue
-        mates = [by_name[n] for n in cand.shared_with
+        mates = [by_name[n] for n in cand.siblings
                  if n in by_name and by_name[n].chosen is not None and by_name[n].chosen.fmt == cand.fmt]
         group = [(layer, cand)] + [(m, m.chosen) for m in mates]
         seen.update(m.name for m, _ in group)
-        if len(mates) == len(cand.shared_with):
+        if set(cand.shared_with) == {m.name for m in mates}:
+            continue  # priced on just these already
+        left = [n for n in cand.siblings if n not in {m.name for m in mates}]
+        if not left:  # all of them again (a later selection): the first price holds
+            _share(group, fingerprint, mode)
             continue
-        left = [n for n in cand.shared_with if n not in {m.name for m in mates}]
         if len(group) == 1 or not _share(group, fingerprint, mode):
             for one, c in group:
                 c.predicted_us, c.shared_with = c.alone_us, ()

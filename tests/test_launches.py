@@ -136,3 +136,17 @@ def test_the_siblings_left_are_priced_again_as_one_launch_and_kept_where_that_pa
     assert settle_shared([q, k, v], RotationPrices(), "graph") == []
     assert q.chosen.shared_with == ("k",) and k.chosen.shared_with == ("q",)
     assert q.chosen.predicted_us == pytest.approx((0.5 * 192 * 64e-3 + 64 * 64e-3) / 2)
+
+
+def test_a_price_narrowed_to_the_siblings_left_comes_back_when_all_choose_it_again():
+    """A later selection (the re-plan) may take the setting on every sibling again: the first
+    price, as a third of one launch, holds again, not the narrowed one."""
+    q, k, v = site_layer("q", 96), site_layer("k", 96), site_layer("v", 96)
+    price_shared([q, k, v], RotationPrices(), "graph")
+    full = q.candidates[0].predicted_us
+    q.chosen, k.chosen, v.chosen = q.candidates[0], k.candidates[0], v.dense
+    settle_shared([q, k, v], RotationPrices(), "graph")
+    assert q.chosen.predicted_us > full
+    v.chosen = v.candidates[0]
+    assert settle_shared([q, k, v], RotationPrices(), "graph") == []
+    assert q.chosen.predicted_us == pytest.approx(full) and set(q.chosen.shared_with) == {"k", "v"}
