@@ -268,7 +268,14 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
         return
     by_name = {h.layer.name: h for hulls in roles.values() for h in hulls}
     target = max(alloc.budget, 1e-4)
-    if len(roles) <= MAX_PROBES:
+    # a later allocation of the same plan (verified again after a refusal, or re-planned at another
+    # budget) starts from what was probed before: a sensitivity is the layer's, not the budget's
+    known = all(h.layer.sensitivity is not None for h in by_name.values())
+    if known:
+        for h in by_name.values():
+            h.sensitivity, h.measured_alone = h.layer.sensitivity, h.layer.sensitivity_alone
+        alloc.history.append("end-to-end sensitivities as probed earlier in this plan")
+    elif len(roles) <= MAX_PROBES:
         found = []
         for role, hulls in roles.items():
             for h in hulls:
@@ -295,16 +302,17 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
     alloc.fill()
     alone: dict[int, float] = {}  # id(hull) -> measured over estimated sensitivity
     estimate = {id(h): h.sensitivity for h in alloc.hulls}
+    earlier = {id(h) for h in by_name.values() if h.measured_alone}  # probed alone before: counted, not again
     for _ in range(rounds):
-        if len(alone) >= MAX_ALONE:
+        if len(alone) + len(earlier) >= MAX_ALONE:
             break
         capacity = alloc.budget ** 2 / alloc.amplification - alloc.fixed
-        todo = [h for h in alloc.hulls if id(h) not in alone and h.sensitivity > 0.0 and len(h.points) > 1
-                and (h.index > 0 or h.cost(1) <= PROBE_MARGIN * capacity)]
+        todo = [h for h in alloc.hulls if id(h) not in alone and id(h) not in earlier and h.sensitivity > 0.0
+                and len(h.points) > 1 and (h.index > 0 or h.cost(1) <= PROBE_MARGIN * capacity)]
         if not todo:
             break
         todo.sort(key=lambda h: -h.layer.saving(h.current if h.index > 0 else h.points[1]))
-        for h in todo[: MAX_ALONE - len(alone)]:
+        for h in todo[: MAX_ALONE - len(alone) - len(earlier)]:
             cand = h.current if h.index > 0 else h.points[1]
             if cand.predicted_error <= 0.0:
                 continue
@@ -315,9 +323,10 @@ def probe_sensitivity(alloc: Allocation, measure_alone: MeasureAlone, rounds: in
             ratios = sorted(alone[id(h)] for h in hulls if id(h) in alone)
             if ratios:
                 for h in hulls:
-                    if id(h) not in alone:
+                    if id(h) not in alone and id(h) not in earlier:
                         h.sensitivity = estimate[id(h)] * ratios[len(ratios) // 2]
         alloc.fill()
+    _remember(alloc)
     if alone:
         layers = ", ".join(f"{h.layer.name} {h.sensitivity:.2g}" for h in alloc.hulls if id(h) in alone)
         alloc.history.append(f"end-to-end sensitivity of the layers picked (measured alone): {layers}")
@@ -331,7 +340,15 @@ def probe_unmeasured(alloc: Allocation, measure_alone: MeasureAlone, most: int) 
     for h in todo[:most]:
         h.sensitivity = measure_alone({h.layer.name: h.current}) ** 2 / h.current.predicted_error ** 2
         h.measured_alone = True
+    _remember(alloc)
     return todo[:most]
+
+
+def _remember(alloc: Allocation) -> None:
+    """Keep each layer's probed sensitivity on the layer, for later allocations of the same plan."""
+    for h in alloc.hulls:
+        if len(h.points) > 1:
+            h.layer.sensitivity, h.layer.sensitivity_alone = h.sensitivity, h.measured_alone
 
 
 def fit_to_budget(alloc: Allocation, measure: Measure, rounds: int = CALIBRATION_ROUNDS,

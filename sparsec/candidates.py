@@ -69,6 +69,10 @@ class Layer:
     recovered: tuple[float, float] | None = None
     # statistics of the inputs the layer receives once recovery ran (what act recalibrated on)
     received: SiteStats | None = None
+    # end-to-end squared error per unit of its own, as the planner last probed it (passes.select),
+    # and whether with this layer alone rewritten: later allocations of the same plan start from it
+    sensitivity: float | None = None
+    sensitivity_alone: bool = False
 
     @property
     def name(self) -> str:

@@ -203,6 +203,37 @@ def test_probed_sensitivities_weight_each_role_and_free_dead_layers():
     assert alloc.saving() > unprobed.saving()
 
 
+def test_a_later_allocation_of_the_same_plan_starts_from_the_sensitivities_probed():
+    """Verified again (after a refusal) or re-planned at a larger budget, the same layers are not
+    probed per role, per depth or alone again: a sensitivity is the layer's, not the allocation's."""
+    rng = random.Random(5)
+    layers, viable = [], {}
+    for i in range(3):
+        for role in ("block.#.query", "block.#.value"):
+            name = role.replace("#", str(i))
+            lay, cands = layer(name, [(rng.uniform(0.005, 0.3), rng.uniform(10.0, 99.0)) for _ in range(3)])
+            layers.append(lay)
+            viable[name] = cands
+    true = {"block.#.query": 0.05, "block.#.value": 1.0}
+
+    def true_error(choices):
+        return math.sqrt(sum(true[select.role_of(n)] * c.predicted_error ** 2 for n, c in choices.items()))
+
+    first_probes, later_probes = [], []
+    first = select.allocate(layers, viable, 0.03)
+    select.fit_to_budget(first, lambda: (true_error({h.layer.name: h.current for h in first.hulls if h.index}), {}),
+                         measure_alone=lambda c: (first_probes.append(set(c)), true_error(c))[1])
+    assert first_probes
+    for budget in (0.03, 0.06):
+        later = select.allocate(layers, viable, budget)
+        select.fit_to_budget(later, lambda: (true_error({h.layer.name: h.current for h in later.hulls if h.index}), {}),
+                             measure_alone=lambda c: (later_probes.append(set(c)), true_error(c))[1])
+        assert {h.layer.name: h.sensitivity for h in later.hulls} == {h.layer.name: h.sensitivity for h in first.hulls}
+        assert "end-to-end sensitivities as probed earlier in this plan" in later.history
+    alone_before = {frozenset(p) for p in first_probes if len(p) == 1}
+    assert all(len(p) == 1 and frozenset(p) not in alone_before for p in later_probes)
+
+
 def test_layers_picked_are_probed_alone_when_depth_matters_more_than_role():
     """Six blocks of one role; the first block's errors reach the output 40x more than the others'.
     The role probe averages that away; probing picked layers alone finds it before measuring."""
