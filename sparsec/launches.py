@@ -66,9 +66,6 @@ def _share(group, fingerprint, mode: str) -> bool:
         cand.predicted_us = pred.us * layer.site.N / rows
         cand.shared_with = tuple(n for n in names if n != layer.name)
         cand.kernel, cand.impl = pred.kernel, pred.impl
-        cand.note = (f"{pred.note}; " if pred.note else "") + (
-            f"priced as its {layer.site.N} of {rows} rows of one launch with {', '.join(cand.shared_with)} "
-            f"(alone {cand.alone_us:.1f} us)")
     return True
 
 
@@ -95,7 +92,6 @@ def settle_shared(layers, fingerprint, mode: str) -> list[tuple]:
         if len(group) == 1 or not _share(group, fingerprint, mode):
             for one, c in group:
                 c.predicted_us, c.shared_with = c.alone_us, ()
-                c.note = f"priced alone: {', '.join(left)} chose otherwise"
         dense_us = sum(one.dense.predicted_us for one, _ in group)
         chosen_us = sum(c.predicted_us for _, c in group)
         if chosen_us >= dense_us:

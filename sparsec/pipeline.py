@@ -661,12 +661,18 @@ def settle(layers: list[Layer], alloc, fingerprint, options: Options) -> bool:
         hull = hulls.get(layer.name)
         if hull is None or hull.current is not layer.chosen:  # forced: priced again, kept
             continue
-        layer.chosen.rejected_because = why
-        hull.points = hull.points[: hull.index]
-        hull.index -= 1
-        layer.chosen = hull.current
+        _step_back(hull, why)
         refused = True
     return refused
+
+
+def _step_back(hull, why: str) -> None:
+    """Refuse the hull's current candidate (and the costlier ones after it), saying why; its layer
+    takes the step before."""
+    hull.current.rejected_because = why
+    hull.points = hull.points[: hull.index]
+    hull.index -= 1
+    hull.layer.chosen = hull.current
 
 
 def measure(frontend: Frontend, layers: list[Layer], alloc, options: Options) -> bool:
@@ -697,13 +703,8 @@ def measure(frontend: Frontend, layers: list[Layer], alloc, options: Options) ->
         if hull is None or cand.measured_us * shared < layer.measured_us_dense:
             continue
         as_share = f", {shared:.2f} of it as its share of one launch with its siblings" if shared != 1.0 else ""
-        cand.rejected_because = (
-            f"measured {layer.measured_us_dense / cand.measured_us:.2f}x of dense on this device at "
-            f"M={max(layer.tokens, 1)}{as_share} (predicted {layer.speedup(cand):.2f}x): slower than dense"
-        )
-        hull.points = hull.points[: hull.index]
-        hull.index -= 1
-        layer.chosen = hull.current
+        _step_back(hull, f"measured {layer.measured_us_dense / cand.measured_us:.2f}x of dense on this device at "
+                         f"M={max(layer.tokens, 1)}{as_share} (predicted {layer.speedup(cand):.2f}x): slower than dense")
         layer.measured_us = None
         refused = True
     return refused

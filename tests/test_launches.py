@@ -93,7 +93,6 @@ def test_layers_reading_one_input_are_priced_as_their_share_of_one_launch():
         assert cand.predicted_us == pytest.approx(5.12)
         assert cand.alone_us == pytest.approx(7.168)
         assert cand.shared_with == (mate,)
-        assert "96 of 192 rows of one launch" in cand.note
     assert other.candidates[0].shared_with == () and other.candidates[0].predicted_us == pytest.approx(7.168)
 
 
