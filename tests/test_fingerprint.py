@@ -198,6 +198,17 @@ def test_beyond_the_grid_slope_is_clamped_and_noted():
     assert "aspect N/K=16 outside measured 0.25..4; nearest used" in thin.note
 
 
+def test_beyond_the_largest_weight_a_fixed_cost_is_not_scaled_up():
+    # a launch's fixed cost plus bytes streamed: beyond the largest measured weight only the bytes grow,
+    # so two stacked weights cost twice the bytes and one fixed cost (a log-log slope through the
+    # smaller shapes, where the fixed cost weighs more, would price them cheaper than that)
+    streamed = lambda M, N, K, f=1.0: 20.0 + (N * K + M * K) / 4e5  # noqa: E731
+    fp = Fingerprint(synthetic(streamed))
+    stacked = fp.predict_detail("dense", 1, 8192, 4096, "float32")
+    assert "extrapolated beyond N*K=4096x4096" in stacked.note
+    assert stacked.us == pytest.approx(streamed(1, 8192, 4096), rel=1e-3)
+
+
 def test_format_parameters_interpolate_and_extrapolate():
     fp = Fingerprint(synthetic(power_law(), families=("dense", "block", "lowrank", "monarch")))
     law = power_law()

@@ -120,6 +120,8 @@ class ShapeGrid:
             logs.append(t)
         t, edge = loglog(sizes, logs, size)
         if edge == "above":
+            if len(sizes) > 1:
+                t = _beyond_last_size(sizes, logs, size)
             notes.add(f"extrapolated beyond N*K={curves[-1].N}x{curves[-1].K}")
         elif edge == "below":
             notes.add(f"extrapolated below N*K={curves[0].N}x{curves[0].K}")
@@ -136,6 +138,18 @@ def _beyond_last_M(c: ShapeCurve, M: int) -> float:
     (m1, m2), (t1, t2) = c.Ms[-2:], (math.exp(c.log_us[-2]), math.exp(c.log_us[-1]))
     per_token = max(0.0, (t2 - t1) / (m2 - m1))
     return math.log(t2 + per_token * (M - m2))
+
+
+def _beyond_last_size(sizes: list[int], logs: list[float], size: int) -> float:
+    """log us beyond the largest measured weight: the last measured time plus a cost per weight
+    element read off the last two sizes (never negative). A weight streamed from memory costs in
+    proportion to its bytes once it is past the launch's fixed cost; a log-log slope through the
+    smaller shapes, where the fixed cost still weighs, predicted gate and up of Llama-3-8B stacked
+    (28672 x 4096) at 0.93x of two 14336 x 4096 launches for dense cuBLAS and 0.72x for a block
+    GEMV at four tokens, where an H100 measured 1.1x and 0.9x (docs/benchmarks.md)."""
+    (s1, s2), (t1, t2) = sizes[-2:], (math.exp(logs[-2]), math.exp(logs[-1]))
+    per_element = max(0.0, (t2 - t1) / (s2 - s1))
+    return math.log(t2 + per_element * (size - s2))
 
 
 def _aspect(N: int, K: int) -> float:
