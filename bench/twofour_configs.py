@@ -4,7 +4,10 @@ The autotuner keeps one configuration per shape and token count; this bench time
 the Llama-3-8B MLP shapes (bf16, CUDA-graph replay, median after warm-up, weights and inputs
 rotated past the L2, random normal data), each checked against float64 first, for both paths that
 use the kernel ("dot": one program per output tile; "dot_split": K cut over several programs), so
-a configuration family (e.g. ``PREFETCH``) is judged on every cell, not only where it won.
+a family of configurations under trial is judged on every cell, not only where it won. The summary
+compares the best configuration flagged ``PREFETCH`` (loading the next tile while this one expands:
+timed on an H100 on 2026-12-06, slower in every cell, and removed; docs/benchmarks.md) with the
+best of the others; configurations without that flag fill the first column only.
 
     python3 bench/twofour_configs.py --M 4,8,16 --out $OUT
 """

@@ -114,7 +114,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
                     stride_xm, stride_xk, stride_vn, stride_mn, stride_ym, stride_yn,
                     M_BUCKET, HAS_BIAS: tl.constexpr, DOT_PREC: tl.constexpr, META_WORDS: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWAP: tl.constexpr = False,
-                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False, PREFETCH: tl.constexpr = False):
+                    SPLIT=1, stride_ys=0, PARTIAL: tl.constexpr = False):
     """Expansion + MMA. Each quad's two metadata bytes are spread to its four groups in registers
     by shifting broadcast copies: ``META_WORDS``, of the int32 words holding two quads
     (``meta_ptr`` the metadata viewed as int32); otherwise of each byte. ``SWAP`` (a configuration's
@@ -122,10 +122,7 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
     dequantising GEMMs feed their weights to the tensor cores straight from registers; else
     Y = X W^T. ``PARTIAL``: K is cut into SPLIT chunks of whole BLOCK_K tiles, a program each
     (grid axis 0 over N tiles times chunks), each writing its float32 partial product to
-    y_ptr + chunk * stride_ys (no bias) for the caller to sum. ``PREFETCH`` (a configuration's
-    choice) issues the next tile's weight and metadata loads before expanding the current one,
-    so they are in flight while it expands: the compiler pipelines only loads that feed the dot
-    directly, and at a program or two an SM the expansion otherwise waits on each tile's loads."""
+    y_ptr + chunk * stride_ys (no bias) for the caller to sum."""
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
     chunk = pid_n % SPLIT
@@ -145,49 +142,18 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
         acc_t = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
     else:
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if PREFETCH:  # the first tile's weight and metadata; each step loads the next one's
-        offs_v = k_lo // 2 + tl.arange(0, BLOCK_K // 2)
-        v_next = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-                         mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
-        if META_WORDS:
-            offs_w = k_lo // 32 + tl.arange(0, G // 8)
-            m_next = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
-                             mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
-        else:
-            offs_b = k_lo // 8 + tl.arange(0, BLOCK_K // 8)
-            m_next = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                             mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         offs_v = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         offs_b = k0 // 8 + tl.arange(0, BLOCK_K // 8)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        if PREFETCH:  # the next tile's loads stop at this program's end of K (k_hi)
-            v = v_next
-            m_here = m_next
-            k1 = k0 + BLOCK_K
-            offs_v1 = k1 // 2 + tl.arange(0, BLOCK_K // 2)
-            v_next = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v1[None, :],
-                             mask=mask_n[:, None] & (offs_v1[None, :] < k_hi // 2), other=0.0)
-            if META_WORDS:
-                offs_w1 = k1 // 32 + tl.arange(0, G // 8)
-                m_next = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w1[None, :],
-                                 mask=mask_n[:, None] & (offs_w1[None, :] < k_hi // 32), other=0)
-            else:
-                offs_b1 = k1 // 8 + tl.arange(0, BLOCK_K // 8)
-                m_next = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b1[None, :],
-                                 mask=mask_n[:, None] & (offs_b1[None, :] < (k_hi + 15) // 16 * 2), other=0)
-        else:
-            v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
-                        mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
+        v = tl.load(v_ptr + offs_n[:, None] * stride_vn + offs_v[None, :],
+                    mask=mask_n[:, None] & (offs_v[None, :] < K // 2), other=0.0)
         if META_WORDS:  # int32 words of two quads: one shifted copy per group, one reshape
-            if PREFETCH:
-                mw = m_here
-            else:
-                offs_w = k0 // 32 + tl.arange(0, G // 8)
-                mw = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
-                             mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
+            offs_w = k0 // 32 + tl.arange(0, G // 8)
+            mw = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_w[None, :],
+                         mask=mask_n[:, None] & (offs_w[None, :] < META_COLS), other=0)
             slot = tl.arange(0, 8)
             first = (slot // 4) * 16 + (slot % 4) * 2
             mw3 = mw[:, :, None]
@@ -196,11 +162,8 @@ def _twofour_kernel(x_ptr, v_ptr, meta_ptr, b_ptr, y_ptr, M, N, K, META_COLS,
             p0 = code & 3
             p1 = code >> 2
         else:
-            if PREFETCH:
-                mb = m_here.to(tl.int32)
-            else:
-                mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
-                             mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
+            mb = tl.load(meta_ptr + offs_n[:, None] * stride_mn + offs_b[None, :],
+                         mask=mask_n[:, None] & (offs_b[None, :] < META_COLS), other=0).to(tl.int32)
             b0, b1 = tl.split(tl.reshape(mb, (BLOCK_N, G // 4, 2)))
             quad = tl.arange(0, 4)[None, None, :] * 2
             p0 = tl.reshape((b0[:, :, None] >> quad) & 3, (BLOCK_N, G))
@@ -589,10 +552,6 @@ def _configs():
     for bn, bk, w in ((64, 128, 4), (64, 256, 4), (128, 128, 8), (32, 256, 4)):
         out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": True}, num_warps=w,
                                  num_stages=4))
-    # small M with the next tile's weight and metadata loaded while this one expands (``PREFETCH``)
-    for bn, bk, w, swap in ((32, 256, 4, False), (64, 128, 4, False), (32, 128, 2, False), (64, 256, 4, True)):
-        out.append(triton.Config({"BLOCK_M": 16, "BLOCK_N": bn, "BLOCK_K": bk, "SWAP": swap, "PREFETCH": True},
-                                 num_warps=w, num_stages=3))
     for bm, bn, bk, w in ((32, 64, 128, 4), (64, 64, 128, 4), (64, 128, 64, 8), (128, 128, 64, 8), (128, 64, 64, 4)):
         out.append(triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=3))
     return out

@@ -115,28 +115,3 @@ def test_every_small_m_expansion_config_computes_the_product_in_either_orientati
                 y = twofour.twofour_triton(x, t["values"], t["meta"], None, path="dot")
                 torch.testing.assert_close(y.double(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3,
                                            msg=lambda m: f"{config}: {m}")
-
-
-@pytest.mark.parametrize("K,path", [(352, "dot"), (344, "dot"), (2048, "dot_split")],
-                         ids=["word-metadata", "byte-metadata", "split"])
-def test_prefetching_expansion_configs_compute_the_product_over_many_tiles(K, path, gen, monkeypatch):
-    """The configurations that load the next tile while expanding this one: several tiles, a
-    partial last tile (K = 352 and 344: metadata read as words and as bytes), and K cut over
-    programs (each chunk's prefetch must stop at its own end)."""
-    from sparsec.codegen import pack
-
-    configs = [c for c in twofour._KERNEL.configs if c.kwargs.get("PREFETCH")]
-    assert configs
-    packed = pack("2:4", torch.randn(72, K, generator=gen).to(torch.float16))
-    t = packed.tensors()
-    dense = packed.to_dense().double()
-    if path == "dot_split":  # off CUDA nothing is split: cut K in three chunks as a GPU would
-        monkeypatch.setattr(twofour, "split_for", lambda N, K, device: 3)
-    for config in configs:
-        with twofour._KERNEL.only(config):
-            x = torch.randn(5, K, generator=gen).to(torch.float16)
-            ref = x.double() @ dense.t()
-            y = twofour.twofour_triton(x, t["values"], t["meta"], None, path=path)
-            # fp16 inputs, fp32 accumulation, one fp16 rounding of the output
-            torch.testing.assert_close(y.double(), ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3,
-                                       msg=lambda m: f"{config}: {m}")
