@@ -23,6 +23,8 @@
 #   act     act's and actrot's fingerprint curves on this card (--redo act --redo actrot)
 #   e2e-act bench/e2e.py's MLP stack at one token with act:0.5 and 0.4, and actrot on gate/up with act on down
 #           (with the fingerprint the act round wrote copied into fingerprints/)
+#   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
+#           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
 set -u
@@ -129,6 +131,9 @@ case "${1:-suite}" in
     TAIL=20 step frontier-smollm2 560 python3 bench/frontier.py --model smollm2 --fingerprint "$card" \
       --dtype bfloat16 --tokens 4x128 --calib-batches 4 --example 1x1 --mode reduce-overhead --metric top1 \
       --budgets 0.1 --recovery full --measure --out "$OUT/frontier-smollm2-$card-top1.json" --reports "$OUT/reports"
+    ;;
+  probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
+    TAIL=20 step block-probe 240 python3 bench/block_gemv_probe.py --fingerprint "$card" --out "$OUT"
     ;;
   recover)
     TAIL=20 step frontier-minilm 560 python3 bench/frontier.py --model minilm --minilm .carry/minilm-st \
