@@ -126,14 +126,18 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         alloc = select(layers, planning, fingerprint)
     with timed("verify", shown_as="verify (model evaluations)"):
         e2e = verify(frontend, layers, alloc, planning)
+        timed.evaluated("verify", e2e)
     with timed("measure"):
         while settle(layers, alloc, fingerprint, planning) or measure(frontend, layers, alloc, planning):
             e2e = verify(frontend, layers, alloc, planning, before=e2e)
+        timed.evaluated("measure", e2e)
     with timed("recover", shown_as="recover (passes over the calibration data: per block, then per epoch)"):
         one_shot = e2e
         recovery, e2e = recover(frontend, layers, planning, e2e)
+        timed.evaluated("recover", e2e)
     with timed("replan", shown_as="replan (spend what the plan left of the budget)"):
         alloc, e2e, recovery, replans = replan(frontend, layers, planning, fingerprint, alloc, recovery, one_shot, e2e)
+        timed.evaluated("replan", e2e)
     with timed("lower"):
         lowered = lower(frontend, layers) if planning.lower else None
     with timed("check", shown_as="check (run and time the rewritten graph)"):
@@ -213,10 +217,21 @@ def step(name: str, total: int | None = None, shown_as: str | None = None):
 
 
 class StepClock:
-    """``step`` that also adds up each step's wall time, for the report's ``planning``."""
+    """``step`` that also adds up each step's wall time, and the whole-model evaluations each step
+    ran, for the report's ``planning``."""
 
     def __init__(self) -> None:
         self.seconds: dict[str, float] = {}
+        self.evaluations: dict[str, list[int]] = {}  # step -> [on calibration data, on held-out data]
+        self._counted = (0, 0)
+
+    def evaluated(self, name: str, e2e: "EndToEnd") -> None:
+        """Count the evaluations ``e2e`` holds beyond those counted before as ``name``'s."""
+        now = (e2e.evaluations, e2e.heldout_evaluations)
+        mine = self.evaluations.setdefault(name, [0, 0])
+        mine[0] += max(0, now[0] - self._counted[0])
+        mine[1] += max(0, now[1] - self._counted[1])
+        self._counted = now
 
     @contextlib.contextmanager
     def __call__(self, name: str, total: int | None = None, shown_as: str | None = None):
@@ -231,11 +246,13 @@ class StepClock:
 
 
 def planning_of(timed: StepClock, e2e: "EndToEnd") -> dict:
-    """What planning cost: whole-model evaluations run (on calibration and on held-out data), the
-    mean wall time of one on calibration data, and the seconds of each step (the report's own
-    rendering excluded)."""
+    """What planning cost: whole-model evaluations run (on calibration and on held-out data), in
+    all and by the step that ran them, the mean wall time of one on calibration data, and the
+    seconds of each step (the report's own rendering excluded)."""
     seconds = {name: round(s, 3) for name, s in timed.seconds.items() if name != "report"}
     return {"model_evaluations": e2e.evaluations, "heldout_evaluations": e2e.heldout_evaluations,
+            "evaluations_by_step": {name: {"calibration": n, "heldout": h}
+                                    for name, (n, h) in timed.evaluations.items() if n or h},
             "timing": {"evaluation_s": round(e2e.evaluation_s, 4) if e2e.evaluations else None,
                        "total_s": round(sum(seconds.values()), 3), "steps_s": seconds}}
 

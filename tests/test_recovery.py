@@ -212,6 +212,11 @@ def test_the_planner_spends_what_recovery_saves_and_stays_within_the_budget(monk
     assert kept and kept[-1]["one_shot_budget"] > budget and kept[-1]["one_shot_error"] > budget
     assert kept[-1]["error"] <= budget
     assert any("re-planned at a one-shot budget" in line for line in spent["planner_log"])
+    # every evaluation is counted against the step that ran it, re-planning's own among them
+    by_step = spent["planning"]["evaluations_by_step"]
+    assert sum(n["calibration"] for n in by_step.values()) == spent["planning"]["model_evaluations"]
+    assert sum(n["heldout"] for n in by_step.values()) == spent["planning"]["heldout_evaluations"]
+    assert by_step["verify"]["calibration"] > 0 and by_step["replan"]["calibration"] > 0
     # the report's recovery is the kept plan's, its passes counted over every plan recovered
     summary = spent["planning"]["recovery"]
     assert summary["refit"] + summary["kept_one_shot"] == len(rewritten(spent))

@@ -181,9 +181,17 @@ def combine_planning(mine: dict | None, theirs: dict | None) -> dict | None:
     steps = dict(a["steps_s"])
     for name, sec in b["steps_s"].items():
         steps[name] = round(steps.get(name, 0.0) + sec, 3)
-    return {"model_evaluations": n, "heldout_evaluations": mine["heldout_evaluations"] + theirs["heldout_evaluations"],
-            "timing": {"evaluation_s": (sum(k * t for k, t in weighted) / n) if weighted and n else None,
-                       "total_s": round(a["total_s"] + b["total_s"], 3), "steps_s": steps}}
+    by_step = copy.deepcopy(mine.get("evaluations_by_step") or {})
+    for name, counts in (theirs.get("evaluations_by_step") or {}).items():
+        into = by_step.setdefault(name, {"calibration": 0, "heldout": 0})
+        into["calibration"] += counts["calibration"]
+        into["heldout"] += counts["heldout"]
+    out = {"model_evaluations": n, "heldout_evaluations": mine["heldout_evaluations"] + theirs["heldout_evaluations"],
+           "timing": {"evaluation_s": (sum(k * t for k, t in weighted) / n) if weighted and n else None,
+                      "total_s": round(a["total_s"] + b["total_s"], 3), "steps_s": steps}}
+    if by_step:
+        out["evaluations_by_step"] = by_step
+    return out
 
 
 def _graph_shift(mine: dict, theirs: dict) -> int:

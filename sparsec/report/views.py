@@ -145,7 +145,10 @@ def planning_line(report) -> str | None:
     one = timing.get("evaluation_s")
     steps = sorted(timing["steps_s"].items(), key=lambda kv: -kv[1])[:3]
     held = planning["heldout_evaluations"]
+    by_step = planning.get("evaluations_by_step") or {}
+    where = ", ".join(f"{name} {n['calibration']}" for name, n in by_step.items() if n["calibration"])
     return (f"{planning['model_evaluations']} model evaluations on calibration data"
+            + (f" ({where})" if where and len(by_step) > 1 else "")
             + (f" and {held} on held-out data" if held else "")
             + (f" (one: {one:.3g} s)" if one else "")
             + f"; {timing['total_s']:.3g} s in all"

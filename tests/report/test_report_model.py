@@ -263,12 +263,17 @@ def _planning(calib: int, held: int, one_s: float | None, steps: dict) -> dict:
 def test_extend_adds_up_what_planning_cost():
     a_data = make_report(seed=1, blocks=1)
     a_data["planning"] = _planning(10, 2, 0.5, {"approximate": 3.0, "verify": 5.0})
+    a_data["planning"]["evaluations_by_step"] = {"verify": {"calibration": 8, "heldout": 2},
+                                                 "replan": {"calibration": 2, "heldout": 0}}
     a = Report(a_data)
     b_data = _fingerprint_like(a, make_report(seed=2, blocks=1))
     b_data["planning"] = _planning(30, 0, 0.1, {"verify": 3.0, "lower": 1.0})
+    b_data["planning"]["evaluations_by_step"] = {"verify": {"calibration": 30, "heldout": 0}}
     a.extend(Report(b_data))
     planning = a.get("planning")
     assert planning["model_evaluations"] == 40 and planning["heldout_evaluations"] == 2
+    assert planning["evaluations_by_step"] == {"verify": {"calibration": 38, "heldout": 2},
+                                               "replan": {"calibration": 2, "heldout": 0}}
     assert planning["timing"]["evaluation_s"] == pytest.approx((10 * 0.5 + 30 * 0.1) / 40)
     assert planning["timing"]["steps_s"] == {"approximate": 3.0, "verify": 8.0, "lower": 1.0}
     assert planning["timing"]["total_s"] == pytest.approx(12.0)
