@@ -20,7 +20,6 @@ weight in the same run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -33,6 +32,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
+from device_results import device_meta, write_rows  # noqa: E402
 from sparsec.activation import normal_threshold  # noqa: E402
 from sparsec.codegen import linear, pack  # noqa: E402
 from sparsec.fingerprint.timing import Clock, TimingPolicy, rotation_count  # noqa: E402
@@ -90,12 +90,8 @@ def main(argv=None):
                            "cublas_GBps": round(bw / 1e9, 1)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "date": datetime.date.today().isoformat(),
-            "mode": "CUDA-graph replay, median"}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "act.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta = device_meta("CUDA-graph replay, median")
+    write_rows(args.out, "act.json", meta, rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}")
     print(f"{'N x K':>12} {'S':>4} {'inputs':>11} " + " ".join(f"{'M=' + str(m):>14}" for m in Ms))
     for N, K in SHAPES:

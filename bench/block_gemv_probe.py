@@ -28,6 +28,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 ensure_sparsec_importable()
 
 import sparsec  # noqa: E402
+from device_results import device_meta, write_rows  # noqa: E402
 from e2e import MLPStack  # noqa: E402
 from sparsec.codegen import Packed, linear, pack  # noqa: E402
 from sparsec.codegen.module import PackedLinear  # noqa: E402
@@ -90,10 +91,8 @@ def main(argv=None):
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     os.environ.pop("SPARSEC_PDL", None)
-    os.makedirs(args.out, exist_ok=True)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": __import__("triton").__version__}
-    with open(os.path.join(args.out, "block_gemv_probe.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta = device_meta("CUDA-graph replay, median; weights rotated past the L2")
+    write_rows(args.out, "block_gemv_probe.json", meta, rows)
     print(f"\n{meta}")
     for r in rows:
         print(f"{r['N']:>6}x{r['K']:<6} M={r['M']} pdl={int(r['pdl'])} {r['weight']:>8}: {r['us']:>6.1f} us "

@@ -18,7 +18,6 @@ inputs rotated past the L2, random normal data; the SiLU-multiply in torch where
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -31,6 +30,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
+from device_results import device_meta, write_rows  # noqa: E402
 from sparsec.activation import normal_threshold  # noqa: E402
 from sparsec.codegen import linear, linear_epilogue, pack  # noqa: E402
 from sparsec.codegen.epilogue import Epilogue  # noqa: E402
@@ -109,12 +109,8 @@ def main(argv=None):
                 row[k] = round(row[k], 2)
             print(json.dumps(row), flush=True)
             rows.append(row)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "date": datetime.date.today().isoformat(),
-            "mode": "CUDA-graph replay, median; weights rotated past the L2"}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "stacked.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta = device_meta("CUDA-graph replay, median; weights rotated past the L2")
+    write_rows(args.out, "stacked.json", meta, rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}; gate+up {N}x{K} each, "
           "µs (x vs dense two cuBLAS calls + SiLU-multiply)")
     print(f"{'format':>14} {'M':>3} {'dense':>8} {'dense stk':>10} {'two':>14} {'stacked':>14} {'fused':>14}")

@@ -15,7 +15,6 @@ best of the others; configurations without that flag fill the first column only.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
+from device_results import device_meta, write_rows  # noqa: E402
 from kernel_bench import REL_TOL, make_packed, rel_err  # noqa: E402
 from sparsec.codegen import twofour  # noqa: E402
 from sparsec.fingerprint.timing import Clock, TimingPolicy, rotation_count  # noqa: E402
@@ -84,12 +84,8 @@ def main(argv=None):
                             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
                     print(json.dumps(row), flush=True)
                     rows.append(row)
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
-            "triton": __import__("triton").__version__, "date": datetime.date.today().isoformat(),
-            "mode": "CUDA-graph replay, median; weights rotated past the L2"}
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "twofour_configs.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+    meta = device_meta("CUDA-graph replay, median; weights rotated past the L2")
+    write_rows(args.out, "twofour_configs.json", meta, rows)
     print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}: "
           "best configuration with and without PREFETCH, x vs cuBLAS")
     for N, K in SHAPES:
