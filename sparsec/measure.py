@@ -2,8 +2,9 @@
 
 Each rewritten layer is timed against dense at its own token count (random activations, weights
 and inputs rotated past the L2, median after warm-up, CUDA-graph replay when the mode is
-``reduce-overhead``), and the whole subgraph is timed rewritten against its dense self compiled the same way (inductor on
-CUDA, eager on CPU) by the FX front-end's check. The report shows both beside the predictions.
+``reduce-overhead``), and the whole subgraph is timed rewritten against its dense self compiled
+the same way (inductor on CUDA, eager on CPU) by the FX front-end's check. The report shows both
+beside the predictions.
 """
 
 from __future__ import annotations
