@@ -146,11 +146,12 @@ def planning_line(report) -> str | None:
     steps = sorted(timing["steps_s"].items(), key=lambda kv: -kv[1])[:3]
     held = planning["heldout_evaluations"]
     by_step = planning.get("evaluations_by_step") or {}
-    where = ", ".join(f"{name} {n['calibration']}" for name, n in by_step.items() if n["calibration"])
+    runs = [(name, n["calibration"]) for name, n in by_step.items() if n["calibration"]]
+    where = (f"{runs[0][0]} ran {runs[0][1]}" + "".join(f", {name} {n}" for name, n in runs[1:])) if len(runs) > 1 else ""
+    said = "; ".join(part for part in (f"one: {one:.3g} s" if one else "", where) if part)
     return (f"{planning['model_evaluations']} model evaluations on calibration data"
-            + (f" ({where})" if where and len(by_step) > 1 else "")
             + (f" and {held} on held-out data" if held else "")
-            + (f" (one: {one:.3g} s)" if one else "")
+            + (f" ({said})" if said else "")
             + f"; {timing['total_s']:.3g} s in all"
             + (f" ({', '.join(f'{name} {sec:.3g} s' for name, sec in steps)})" if steps else ""))
 

@@ -71,6 +71,11 @@ def test_table_says_what_planning_cost_where_the_report_records_it():
     text = _text(data)
     assert "planning: 27 model evaluations on calibration data and 3 on held-out data (one: 0.25 s); 9.5 s in all" in text
     assert "(approximate 6 s, verify 3 s, calibrate 0.5 s)" in text
+    # where the report records which steps ran them, the line says so
+    data["planning"]["evaluations_by_step"] = {"verify": {"calibration": 20, "heldout": 2},
+                                               "replan": {"calibration": 7, "heldout": 1}}
+    assert ("planning: 27 model evaluations on calibration data and 3 on held-out data (one: 0.25 s; verify ran 20, "
+            "replan 7); 9.5 s in all") in " ".join(_text(data).split())
 
 
 def test_table_says_what_recovery_did_and_what_distillation_kept():
