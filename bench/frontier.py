@@ -200,6 +200,8 @@ def run(args) -> dict:
                "dense_layers": sum(1 for l in report["layers"] if l["format"] == "dense"),
                "layers": len(report["layers"]), "plan_s": plan_s, "one_eval_s": one_eval_s,
                "evaluations": report["planning"]["model_evaluations"] + report["planning"]["heldout_evaluations"],
+               "evaluations_by_step": {name: n["calibration"] + n["heldout"]
+                                       for name, n in (report["planning"].get("evaluations_by_step") or {}).items()},
                "steps_s": report["planning"]["timing"]["steps_s"], "recovery": args.recovery,
                "recovery_summary": report["planning"].get("recovery"), "replans": report["planning"].get("replans"),
                "fallbacks": report.get("fallbacks", [])}
@@ -261,7 +263,13 @@ def line(row: dict) -> str:
     return (f"budget {row['budget']:g}{on}: {held}{formats} "
             f"({row['dense_layers']} of {row['layers']} dense); predicted {row['predicted_speedup'] or 1.0:.2f}x"
             f"{measured}; planned in {row['plan_s']:.0f} s = {row['plan_s'] / row['one_eval_s']:.0f} evaluations' "
-            f"time, {row.get('evaluations', '?')} evaluations run")
+            f"time, {row.get('evaluations', '?')} evaluations run{_by_step(row)}")
+
+
+def _by_step(row: dict) -> str:
+    """" (verify 42, replan 12)": the evaluations (calibration and held-out) by the step that ran them."""
+    steps = [f"{name} {n}" for name, n in (row.get("evaluations_by_step") or {}).items() if n]
+    return f" ({', '.join(steps)})" if steps else ""
 
 
 def table(result: dict) -> str:
