@@ -32,7 +32,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
-from device_results import device_meta, write_rows  # noqa: E402
+from device_results import device_meta, heading, write_rows  # noqa: E402
 from sparsec.activation import normal_threshold  # noqa: E402
 from sparsec.codegen import linear, pack  # noqa: E402
 from sparsec.fingerprint.timing import Clock, TimingPolicy, rotation_count  # noqa: E402
@@ -92,7 +92,7 @@ def main(argv=None):
                     rows.append(row)
     meta = device_meta("CUDA-graph replay, median")
     write_rows(args.out, "act.json", meta, rows)
-    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}")
+    print(f"\n{heading(meta)}")
     print(f"{'N x K':>12} {'S':>4} {'inputs':>11} " + " ".join(f"{'M=' + str(m):>14}" for m in Ms))
     for N, K in SHAPES:
         for skip in skips:

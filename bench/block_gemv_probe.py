@@ -28,7 +28,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 ensure_sparsec_importable()
 
 import sparsec  # noqa: E402
-from device_results import device_meta, write_rows  # noqa: E402
+from device_results import device_meta, heading, write_rows  # noqa: E402
 from e2e import MLPStack  # noqa: E402
 from sparsec.codegen import Packed, linear, pack  # noqa: E402
 from sparsec.codegen.module import PackedLinear  # noqa: E402
@@ -93,7 +93,7 @@ def main(argv=None):
     os.environ.pop("SPARSEC_PDL", None)
     meta = device_meta("CUDA-graph replay, median; weights rotated past the L2")
     write_rows(args.out, "block_gemv_probe.json", meta, rows)
-    print(f"\n{meta}")
+    print(f"\n{heading(meta)}")
     for r in rows:
         print(f"{r['N']:>6}x{r['K']:<6} M={r['M']} pdl={int(r['pdl'])} {r['weight']:>8}: {r['us']:>6.1f} us "
               f"({r['x_vs_cublas']:.2f}x of {r['cublas_us']:.1f})")

@@ -1,5 +1,5 @@
 """What every device bench records beside its rows: the card, the versions, the date and how it
-timed; and the one JSON file it writes them to under ``--out``."""
+timed; the one JSON file it writes them to under ``--out``; and the line its summary starts with."""
 
 from __future__ import annotations
 
@@ -14,6 +14,11 @@ def device_meta(mode: str) -> dict:
     """The card and software a run measured on, today's date and the timing ``mode`` in words."""
     return {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
             "triton": __import__("triton").__version__, "date": datetime.date.today().isoformat(), "mode": mode}
+
+
+def heading(meta: dict) -> str:
+    """The line a summary table starts with: card, versions and date."""
+    return f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}"
 
 
 def write_rows(out_dir: str, name: str, meta: dict, rows: list[dict]) -> str:

@@ -27,7 +27,7 @@ from repo_import import ensure_sparsec_importable  # noqa: E402
 
 ensure_sparsec_importable()
 
-from device_results import device_meta, write_rows  # noqa: E402
+from device_results import device_meta, heading, write_rows  # noqa: E402
 from kernel_bench import REL_TOL, make_packed, rel_err  # noqa: E402
 from sparsec.codegen import twofour  # noqa: E402
 from sparsec.fingerprint.timing import Clock, TimingPolicy, rotation_count  # noqa: E402
@@ -86,7 +86,7 @@ def main(argv=None):
                     rows.append(row)
     meta = device_meta("CUDA-graph replay, median; weights rotated past the L2")
     write_rows(args.out, "twofour_configs.json", meta, rows)
-    print(f"\n{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}: "
+    print(f"\n{heading(meta)}: "
           "best configuration with and without PREFETCH, x vs cuBLAS")
     for N, K in SHAPES:
         for M in Ms:

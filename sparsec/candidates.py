@@ -21,7 +21,6 @@ class Candidate:
     kernel: str | None = None
     impl: str | None = None  # the codegen implementation the fingerprint priced (None: codegen decides)
     measured_us: float | None = None  # timed on this device by the measure step
-    note: str = ""
     rejected_because: str | None = None
     # priced as its share of one launch with these layers (same input, same setting), and alone;
     # ``siblings``: every layer it was first priced with (``shared_with`` narrows to those that chose it)

@@ -421,7 +421,7 @@ def cost(layers: list[Layer], fingerprint, options: Options) -> None:
                 cand.rejected_because = why
                 continue
             pred = fingerprint.predict_detail(cand.fmt, M, site.N, site.K, dtype=site.dtype_name, mode=mode)
-            cand.predicted_us, cand.kernel, cand.note, cand.impl = pred.us, pred.kernel, pred.note, pred.impl
+            cand.predicted_us, cand.kernel, cand.impl = pred.us, pred.kernel, pred.impl
             unmeasured = getattr(pred, "unmeasured", "")
             if layer.requested == "auto" and unmeasured:
                 cand.rejected_because = (
