@@ -21,6 +21,8 @@
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
 #   actrot  actrot's GPU tests, its fingerprint curve on this card (--redo actrot), the suite
 #   act     act's and actrot's fingerprint curves on this card (--redo act --redo actrot)
+#   act-quick act's curve alone on this card (--redo act, 240 s), then the MLP stack at one token with act:0.5
+#           and act:0.4 planned with it
 #   e2e-act bench/e2e.py's MLP stack at one token with act:0.5 and 0.4, and actrot on gate/up with act on down
 #           (with the fingerprint the act round wrote copied into fingerprints/)
 #   ort-part, ort, ort-bench  onnxruntime-gpu's cp312 wheel in five calls (.carry/ort-0 .. ort-3 with ort-part,
@@ -103,6 +105,15 @@ case "${1:-suite}" in
     TAIL=12 step fingerprint-act 560 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 540 \
       --redo act --redo actrot
     ;;
+  act-quick)  # act's curve alone into this card's fingerprint (240 s), copied into fingerprints/, then the
+    # MLP stack at one token with act:0.5 and act:0.4 forced (the two targets)
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=8 step fingerprint-act 270 sparsec fingerprint measure -o "$OUT/$card.json" --budget-s 240 --redo act
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['kernels'].get('act')" "$OUT/$card.json" \
+      && cp "$OUT/$card.json" "fingerprints/$card.json"
+    TAIL=12 step e2e-act 280 python3 bench/e2e.py --models mlp --M 1 --fingerprint "$card" \
+      --out "$OUT" --recovery none --only "sparsec act:0.5 +cg,sparsec act:0.4 +cg"
+    ;;
   e2e-act)  # the MLP stack at one token: act forced, and actrot on gate and up (one launch) with act on down
     TAIL=30 step e2e-act 560 python3 bench/e2e.py --models mlp --M 1 --fingerprint "$card" \
       --out "$OUT" --recovery none --only "sparsec act:0.5 +cg,sparsec act:0.4 +cg,sparsec actrot:0.5 gate/up+act:0.5 +cg,sparsec actrot:0.6 gate/up+act:0.6 +cg"
@@ -162,7 +173,7 @@ case "${1:-suite}" in
     python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" || exit 3
     fp=fingerprints/ort-cuda-$card.json; [ -f "$fp" ] || fp=/tmp/ort/ort-cuda-$card.json
     TAIL=25 step onnx-gpu 560 python3 bench/onnx_gpu.py --provider cuda --fingerprint "$fp" \
-      --minilm .carry/minilm-st --mlp-tokens 2048 16 --out "$OUT/onnx-gpu.json"
+      --minilm .carry/minilm-st --mlp-tokens 16 2048 --out "$OUT/onnx-gpu.json"
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
     TAIL=20 step block-probe 240 python3 bench/block_gemv_probe.py --fingerprint "$card" --out "$OUT"

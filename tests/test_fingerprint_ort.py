@@ -111,3 +111,23 @@ def test_the_cuda_provider_measures_with_device_resident_inputs(tmp_path, monkey
     assert fp.device["kind"] == "cuda" and "I/O binding" in fp.data["method"]["statistic"]
     assert fp.predict("dense", 16, 256, 256, dtype="float16") > 0
     assert set(fp.data["measured"]["peak_tflops"]) == {"float16", "float32"}
+
+
+def test_a_run_stopped_after_its_first_shape_leaves_that_shape_marked_incomplete(tmp_path):
+    from sparsec.fingerprint import ort as ort_fp
+
+    out = tmp_path / "ort-cut.json"
+    seen = []
+
+    def log(msg):  # called once per shape and dtype measured: stop after the first
+        seen.append(msg)
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        ort_fp.measure(out, grid="tiny", log=log)
+    doc = json.loads(out.read_text())
+    first = GRIDS["tiny"].shapes[0]
+    assert doc["complete"] is False
+    assert {(e["N"], e["K"]) for e in doc["kernels"]["dense"]} == {tuple(first)}
+    assert len(doc["kernels"]["dense"]) == len(GRIDS["tiny"].Ms)

@@ -246,20 +246,26 @@ def measure(out: Path, *, grid: str | None = None, provider: str = "CPUExecution
                     entry.update(spec.record())
                     kernels[spec.family].append(entry)
             log(f"[{time.monotonic() - start:6.1f} s] {N}x{K} {dtype}: {len(specs)} subgraphs x {len(g.Ms)} token counts")
+        # what is measured so far, marked incomplete, so a run stopped by a time limit keeps it
+        _write(out, doc, kernels, start, complete=False)
+    _write(out, doc, kernels, start, complete=True)
+    return out
+
+
+def _write(out: Path, doc: dict, kernels: dict, start: float, *, complete: bool) -> None:
+    from sparsec.fingerprint.measure import write_atomically
+
     doc["kernels"] = {family: entries for family, entries in kernels.items() if entries}
-    for dtype in g.dtypes:
-        dense = [e for e in doc["kernels"].get("dense", []) if e["dtype"] == dtype]
+    for dtype in sorted({e["dtype"] for e in doc["kernels"].get("dense", [])}):
+        dense = [e for e in doc["kernels"]["dense"] if e["dtype"] == dtype]
         if dense:
             best = max(2.0 * e["M"] * e["N"] * e["K"] / (e["us"] * 1e6) for e in dense)
             doc["measured"]["peak_tflops"][dtype] = round(best, 4)
-    doc["complete"] = True
+    doc["complete"] = complete
     doc["created"] = _now()
     doc["method"]["seconds"] = round(time.monotonic() - start, 1)
     validate_fingerprint(doc)
-    from sparsec.fingerprint.measure import write_atomically
-
     write_atomically(out, doc)
-    return out
 
 
 def _run_overhead(provider: str, threads: int) -> float:
