@@ -25,8 +25,8 @@
 #           and act:0.4 planned with it
 #   e2e-act bench/e2e.py's MLP stack at one token with act:0.5 and 0.4, and actrot on gate/up with act on down
 #           (with the fingerprint the act round wrote copied into fingerprints/)
-#   ort-part, ort, ort-bench  onnxruntime-gpu's cp312 wheel in five calls (.carry/ort-0 .. ort-3 with ort-part,
-#           then .carry/ort-4 and .whl with ort): its CUDA provider's fingerprint on this card; then, on the same
+#   ort-part, ort, ort-bench  onnxruntime-gpu's cp312 wheel in six calls (.carry/ort-0 .. ort-4 with ort-part,
+#           then .carry/ort-5 and .whl with ort): its CUDA provider's fingerprint on this card; then, on the same
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
 #           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
@@ -146,19 +146,20 @@ case "${1:-suite}" in
       --dtype bfloat16 --tokens 4x128 --calib-batches 4 --example 1x1 --mode reduce-overhead --metric top1 \
       --budgets 0.1 --recovery full --measure --out "$OUT/frontier-smollm2-$card-top1.json" --reports "$OUT/reports"
     ;;
-  ort-part)  # one of onnxruntime-gpu's five wheel parts (.carry/ort-N, made by split -n 5 -d of the cp312 wheel),
+  ort-part)  # one of onnxruntime-gpu's six wheel parts (.carry/ort-N, made by split -n 6 -d of the cp312 wheel:
+    # a part and the tracked tree must travel together under 64 MiB),
     # kept on the warm machine for the calls after it (the next must follow within its idle release)
     mkdir -p build/ort /tmp/ort
     for f in .carry/ort-*/ortpart.*; do [ -f "$f" ] && cp -n "$f" build/ort/ && cp -n "$f" /tmp/ort/; done
     ls -la build/ort
     ;;
-  ort)  # the last part (carry .carry/ort-4 and .whl): the wheel joined and checked, onnxruntime's CUDA provider
+  ort)  # the last part (carry .carry/ort-5 and .whl): the wheel joined and checked, onnxruntime's CUDA provider
     # loaded, then its fingerprint on this card (--onnxruntime CUDAExecutionProvider) and the MLP stack through it
     bash "$0" ort-part
-    d=build/ort; [ "$(ls $d/ortpart.0* 2>/dev/null | wc -l)" = 5 ] || d=/tmp/ort
-    [ "$(ls $d/ortpart.0* 2>/dev/null | wc -l)" = 5 ] || { echo "parts missing: $(ls $d)"; exit 3; }
+    d=build/ort; [ "$(ls $d/ortpart.0* 2>/dev/null | wc -l)" = 6 ] || d=/tmp/ort
+    [ "$(ls $d/ortpart.0* 2>/dev/null | wc -l)" = 6 ] || { echo "parts missing: $(ls $d)"; exit 3; }
     whl=/tmp/onnxruntime_gpu-1.31.1-cp312-cp312-manylinux_2_28_x86_64.whl
-    cat $d/ortpart.00 $d/ortpart.01 $d/ortpart.02 $d/ortpart.03 $d/ortpart.04 > $whl
+    cat $d/ortpart.0[0-5] > $whl
     echo "05d548956197b9d01f59b625de740e0d6be3593f874e241a12dc0362650ecdf7  $whl" | sha256sum -c - || exit 4
     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/ortsite $whl .whl/flatbuffers-*.whl \
       && export PYTHONPATH=/tmp/ortsite

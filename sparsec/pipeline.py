@@ -996,14 +996,23 @@ def lower(frontend: Frontend, layers: list[Layer]):
 
 def check(frontend: Frontend, layers: list[Layer], lowered, options: Options) -> tuple[Check, float | None]:
     """Run the lowered graph as the front-end's runtime does (its error, its time against the
-    original). With ``measure``, a rewritten graph that times slower than the original end to end
-    is not used: every layer is kept dense, saying why; returns the measured speed-up then."""
+    original). With ``measure``, an automatically planned graph that times slower than the original
+    end to end is not used: every layer is kept dense, saying why; returns the measured speed-up
+    then. A plan that forces a rewrite is timed, not vetoed, as each forced layer is: it is kept,
+    with a warning that gives the figure."""
     if not options.lower:
         return Check(), None
     checked = frontend.check(lowered, layers, options)
     rewritten = [l for l in layers if l.chosen is not None and not l.chosen.is_dense]
     speedup = checked.speedup
     if not (options.measure and rewritten and speedup is not None and speedup < 1.0):
+        return checked, None
+    forced = [l for l in rewritten if l.forced_by is not None]
+    if forced:
+        checked.warnings.append(
+            f"the rewritten model measured {speedup:.2f}x of the original end to end, slower; kept because the plan "
+            f"forces {len(forced)} of its {len(rewritten)} rewritten layers ({forced[0].name}: {forced[0].chosen.fmt}"
+            f"{', ...' if len(forced) > 1 else ''}); remove those entries to let --measure keep the model dense")
         return checked, None
     for layer in rewritten:
         why = (f"{layer.chosen.fmt} was planned, but the rewritten model measured {speedup:.2f}x of the "

@@ -73,6 +73,20 @@ def test_a_rewritten_graph_that_times_slower_end_to_end_runs_dense_saying_why(sc
         assert torch.equal(result.module(x), model(x))  # the dense graph, exactly
 
 
+def test_a_forced_rewrite_that_times_slower_end_to_end_is_kept_with_the_figure(scenario_fp, monkeypatch):
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
+    monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (10.0, 20.0))
+    model, x = rank8_layer()
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.5,
+                              plan={"layers": {"_default": "lowrank:8"}}, measure=True)
+    layer = result.report.layers[0]
+    assert layer["format"] == "lowrank:8"
+    assert any("measured 0.50x of the original end to end, slower; kept because the plan forces 1 of its 1" in w
+               for w in result.report.warnings)
+    assert "kept_dense_measured_speedup" not in result.report.end_to_end
+    assert result.report.end_to_end["measured_speedup"] == pytest.approx(0.5)
+
+
 def test_each_layer_timing_call_reads_its_own_weight_copy(monkeypatch):
     # a weight read again and again by one call after another sits in the L2 and times faster than a
     # model's forward reads it: the calls must cycle through copies past the L2, sparse and dense alike
