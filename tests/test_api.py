@@ -521,3 +521,19 @@ def test_a_weight_called_twice_and_stored_twice_over_its_size_is_named_in_a_warn
     small = sparsec.optimize(_SharedTwice(rank=16), (x,), fingerprint=scenario_fp(), error_budget=0.01, lower=False,
                              plan={"layers": {"_default": "lowrank:16"}})
     assert not [w for w in small.report.warnings if "sites" in w]
+
+
+def test_a_model_dynamo_cannot_capture_is_refused_naming_the_recurrent_module(scenario_fp):
+    from sparsec.errors import ModelError
+
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.GRU(16, 32, batch_first=True)
+            self.head = nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.head(self.rnn(x)[0])
+
+    with pytest.raises(ModelError, match=r"without capturing a graph.*holds rnn \(GRU\).*traceable part on its own"):
+        sparsec.optimize(Recurrent().eval(), (torch.randn(2, 5, 16),), fingerprint=scenario_fp())
