@@ -17,6 +17,7 @@
 #   composite the sparse-plus-low-rank families into this card's fingerprint (missing from h200.json)
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
 #   llama   bench/e2e.py: the transformers Llama model's forced plans alone
+#   llama-profile  the forced 2:4 Llama at 8 x 256 tokens with its kernels listed next to the baseline's
 #   smollm2-part, smollm2  two consecutive calls: SmolLM2's GGUF in two parts (.carry/smol-a with the first,
 #           the suite meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
 #           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
@@ -130,6 +131,11 @@ case "${1:-suite}" in
   llama)  # the transformers Llama model's forced plans alone (what e2e does second)
     TAIL=20 step e2e-llama 300 python3 bench/e2e.py --models llama --llama 8x256,1x16 --fingerprint "$card" \
       --out "$OUT" --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg"
+    ;;
+  llama-profile)  # where the forced 2:4 Llama loses end to end at 8 x 256 tokens: the kernels of its CUDA graph
+    # next to the baseline's (torch.profiler; bench/e2e.py --profile)
+    TAIL=60 step e2e-llama-profile 300 python3 bench/e2e.py --models llama --llama 8x256 --fingerprint "$card" \
+      --out "$OUT" --recovery none --only "sparsec 2:4 +cg" --profile "inductor-cg,sparsec 2:4 +cg"
     ;;
   smollm2-part)  # first of two calls: keep the GGUF's first part (carry .carry/smol-a) on the warm machine,
     # then what suite does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow

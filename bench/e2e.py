@@ -108,7 +108,7 @@ def profile_table(fn, inputs, row) -> None:
             for _ in range(5):
                 fn(*inputs)
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12)
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
     row["profile"] = table
     print(table, flush=True)
 
