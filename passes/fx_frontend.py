@@ -298,7 +298,7 @@ class FxFrontend:
         """(dense us, candidate us) of one layer at its token count, with torch on its weight's device."""
         from sparsec import measure
 
-        return measure.time_layer(layer, cand, options)
+        return measure.time_layer(layer, cand, options, measure.rotation_for(self.sites.values()))
 
     def check(self, lowered, layers: list[Layer], options):
         """With ``measure``: the lowered graph timed against its dense self compiled the same way

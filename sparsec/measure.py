@@ -14,12 +14,17 @@ import torch.nn.functional as F
 
 from sparsec.fingerprint.timing import Clock, TimingPolicy, rotation_count
 
-ROTATION_BYTES = 256 << 20  # each timed pass reads at least this much: several times any L2
-MAX_COPIES = 8
+ROTATION_BYTES = 256 << 20  # each timed pass reads at most this much: several times any L2
+MAX_COPIES = 96  # as many as the fingerprint's cuda grid cycles through
 
 
-def time_layer(layer, cand, options) -> tuple[float, float]:
-    """(dense us, candidate us) of one layer at its token count on the device its weight is on."""
+def time_layer(layer, cand, options, rotation_bytes: int = ROTATION_BYTES) -> tuple[float, float]:
+    """(dense us, candidate us) of one layer at its token count on the device its weight is on.
+
+    ``rotation_bytes``: what one pass of the timed calls reads, weights and inputs: the bytes of
+    weights the model's forward reads (``rotation_for``), so that a layer's weight comes from
+    where it comes from in the model: from memory in a model larger than the L2, from the L2 in
+    one that fits it."""
     from sparsec.activation import input_scale, pack_approximation
     from sparsec.codegen import linear
 
@@ -33,14 +38,20 @@ def time_layer(layer, cand, options) -> tuple[float, float]:
     impl = cand.impl if (device.type == "cuda" and cand.impl in packed.handler.impls) else "auto"
     M = max(layer.tokens, 1)
     x_bytes = M * site.K * w.element_size()
-    ws = _copies(w, rotation_count(x_bytes + w.numel() * w.element_size(), ROTATION_BYTES, cap=MAX_COPIES))
-    packs = _copies(packed, rotation_count(x_bytes + packed.nbytes, ROTATION_BYTES, cap=MAX_COPIES))
+    ws = _copies(w, rotation_count(x_bytes + w.numel() * w.element_size(), rotation_bytes, cap=MAX_COPIES))
+    packs = _copies(packed, rotation_count(x_bytes + packed.nbytes, rotation_bytes, cap=MAX_COPIES))
     scale = input_scale(cand.spec, packed)
     xs = [torch.randn(M, site.K, device=device, dtype=site.dtype) * scale for _ in range(max(len(ws), len(packs)))]
     with torch.no_grad():
         dense_us = _time(clock, [lambda x=x, w=w: F.linear(x, w, b) for x, w in zip(xs, ws)], graph_mode)
         us = _time(clock, [lambda x=x, p=p: linear(x, p, b, impl) for x, p in zip(xs, packs)], graph_mode)
     return dense_us, us
+
+
+def rotation_for(sites) -> int:
+    """The bytes a forward pass reads from the weights of ``sites`` (at most ``ROTATION_BYTES``)."""
+    total = sum(s.N * s.K * torch.empty((), dtype=s.dtype).element_size() for s in sites)
+    return max(1, min(ROTATION_BYTES, total))
 
 
 def _copies(weight, count: int) -> list:

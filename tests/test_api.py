@@ -163,7 +163,7 @@ def test_measure_fills_realised_speedups_next_to_predicted(scenario_fp, monkeypa
 
     # each layer's and the graph's timing is this machine's business; fixed here, the test checks
     # what is filled in (a graph timed slower end to end would run dense: tests/test_measure.py)
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 5.0))
     monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (30.0, 20.0))
     torch.manual_seed(8)
     model = planted_lowrank_mlp(d=256, rank=16, layers=2)
@@ -207,7 +207,7 @@ def test_measure_refuses_a_rewrite_that_times_slower_than_dense_here(scenario_fp
     # (fixed here, so that the decision, not this machine's load, is under test)
     from sparsec import measure
 
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 20.0))
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 20.0))
     torch.manual_seed(12)
     model = nn.Sequential(nn.Linear(512, 512))
     x = torch.randn(256, 512)

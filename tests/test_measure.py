@@ -47,7 +47,7 @@ def test_a_rewritten_graph_is_timed_against_its_dense_self(scenario_fp, monkeypa
     monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (20.0, 10.0))
     # the layer's own timing decides whether the rewrite stays; fixed here so that what is under
     # test (the graph timed against its dense twin) does not hang on this machine's speed
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 5.0))
     model, x = rank8_layer()
     result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"],
                               measure=True)
@@ -58,7 +58,7 @@ def test_a_rewritten_graph_is_timed_against_its_dense_self(scenario_fp, monkeypa
 
 
 def test_a_rewritten_graph_that_times_slower_end_to_end_runs_dense_saying_why(scenario_fp, monkeypatch):
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 5.0))
     monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (10.0, 20.0))
     model, x = rank8_layer()
     result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"],
@@ -74,7 +74,7 @@ def test_a_rewritten_graph_that_times_slower_end_to_end_runs_dense_saying_why(sc
 
 
 def test_a_forced_rewrite_that_times_slower_end_to_end_is_kept_with_the_figure(scenario_fp, monkeypatch):
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, 5.0))
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 5.0))
     monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (10.0, 20.0))
     model, x = rank8_layer()
     result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.5,
@@ -127,3 +127,19 @@ def test_each_layer_timing_call_reads_its_own_weight_copy(monkeypatch):
     assert all(torch.equal(t, w) for t in seen["dense"])
     first = seen["packed"][0].to_dense()
     assert all(torch.equal(p.to_dense(), first) for p in seen["packed"])
+
+    # a model whose weights all fit the cache reads them from it in its forward: so do the calls
+    seen["dense"].clear()
+    model_bytes = measure.rotation_for([site, site])  # two such layers: 64 KB
+    assert model_bytes == 2 * 64 * 128 * 4
+    measure.time_layer(layer, cand, SimpleNamespace(mode="default"), model_bytes)
+    assert len(seen["dense"]) == 2  # 32 KB of weight and 1 KB of input a call: two calls make 64 KB
+
+
+def test_the_rotation_is_the_models_weight_bytes_up_to_its_cap():
+    from types import SimpleNamespace
+
+    big = SimpleNamespace(N=14336, K=4096, dtype=torch.bfloat16)
+    small = SimpleNamespace(N=384, K=384, dtype=torch.float16)
+    assert measure.rotation_for([small] * 36) == 36 * 384 * 384 * 2
+    assert measure.rotation_for([big] * 8) == measure.ROTATION_BYTES

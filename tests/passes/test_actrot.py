@@ -216,7 +216,7 @@ def test_measured_alone_a_shared_layer_is_held_to_its_share_of_what_it_measured(
     kept), and is refused, saying so, where even its share does not (30 us)."""
     from sparsec import measure
 
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options: (10.0, alone_us))
+    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, alone_us))
     monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (20.0, 10.0))
     torch.manual_seed(0)
     model = SwiGLU().eval()
