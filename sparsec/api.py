@@ -105,15 +105,17 @@ def _plan_in_session(session, model, example_inputs):
 
 def _no_graph_message(model) -> str:
     """Why Dynamo may have run the forward without capturing anything, and what to do about it."""
-    recurrent = [name or type(model).__name__ for name, m in model.named_modules()
+    recurrent = [f"{name or 'the model itself'} ({type(m).__name__})" for name, m in model.named_modules()
                  if isinstance(m, torch.nn.RNNBase)] if isinstance(model, torch.nn.Module) else []
-    cause = (f"it does not trace torch.nn's recurrent modules, and the model holds {', '.join(recurrent[:3])}"
-             f"{', ...' if len(recurrent) > 3 else ''} ({type(dict(model.named_modules())[recurrent[0]]).__name__})"
-             if recurrent else "it skips a forward it cannot trace (e.g. one under torch._dynamo.disable, or a "
-             "function in its skip list)")
+    if recurrent:
+        cause = (f"it does not trace torch.nn's recurrent modules, here {', '.join(recurrent[:3])}"
+                 f"{', ...' if len(recurrent) > 3 else ''}. Pass the traceable part on its own (e.g. the layers "
+                 "after the recurrent one as a module of their own)")
+    else:
+        cause = ("it skips a forward it cannot trace (e.g. one under torch._dynamo.disable, or a function in its "
+                 "skip list). Pass the part it can trace on its own")
     return ("torch.compile ran the model without capturing a graph, so there is nothing to plan: " + cause
-            + ". Pass the traceable part on its own (e.g. the layers after the recurrent one as a module of "
-              "their own), or export the model to ONNX and use `sparsec optimize model.onnx`")
+            + ", or export the model to ONNX and use `sparsec optimize model.onnx`")
 
 
 class Rewritten(torch.nn.Module):

@@ -535,5 +535,5 @@ def test_a_model_dynamo_cannot_capture_is_refused_naming_the_recurrent_module(sc
         def forward(self, x):
             return self.head(self.rnn(x)[0])
 
-    with pytest.raises(ModelError, match=r"without capturing a graph.*holds rnn \(GRU\).*traceable part on its own"):
+    with pytest.raises(ModelError, match=r"without capturing a graph.*recurrent modules, here rnn \(GRU\).*traceable part on its own"):
         sparsec.optimize(Recurrent().eval(), (torch.randn(2, 5, 16),), fingerprint=scenario_fp())
