@@ -118,6 +118,14 @@ def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[to
     return cslt_matmul(x, compressed, bias, n_out)
 
 
+def row_major_output() -> bool:
+    """``SPARSEC_CSLT_OUTPUT=row``: have the library write the (M, N) product row-major
+    (``transpose_result``) instead of returning its (N, M) product transposed. Slower for the
+    product alone (1.2-1.9x on an H200), it spares what follows a strided read: an experiment
+    switch, read on every call so the fake and the kernel agree, for comparing whole models."""
+    return os.environ.get("SPARSEC_CSLT_OUTPUT", "column") == "row"
+
+
 def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor], n_out: int) -> torch.Tensor:
     """The body of ``twofour_cslt_op``, also what the fingerprint times as kernel "cusparselt"."""
     M, K = x.shape
@@ -129,6 +137,9 @@ def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.
     else:
         dense_t = x.contiguous().t()
     alg = _cslt_alg((n_out, K, M + pad, x.dtype), compressed, dense_t)
+    if row_major_output():
+        y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg, transpose_result=True)
+        return y.narrow(0, 0, M) if pad else y
     y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg)
     return (y.narrow(1, 0, M) if pad else y).t()
 
@@ -136,6 +147,8 @@ def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.
 @twofour_cslt_op.register_fake
 def twofour_cslt_fake(x, compressed, bias, n_out):
     M = x.shape[0]
+    if row_major_output():
+        return x.new_empty(M + (-M) % CSLT_M_ALIGN, n_out).narrow(0, 0, M)
     return x.new_empty(n_out, M + (-M) % CSLT_M_ALIGN).narrow(1, 0, M).t()
 
 

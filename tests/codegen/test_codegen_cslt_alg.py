@@ -70,3 +70,13 @@ def test_nothing_is_timed_during_graph_capture_or_when_switched_off(fresh_ids, m
         key = (4096, 4096, m, torch.bfloat16)
         assert twofour_cslt._cslt_alg(key, None, None) == twofour_cslt.default_cslt_alg(m)
     assert twofour_cslt._ALG_IDS == {}  # a default is not recorded: the next uncaptured call still times
+
+
+@pytest.mark.parametrize("M", [5, 16])
+def test_the_fake_lays_the_product_out_as_the_chosen_output_order_does(M, monkeypatch):
+    x = torch.empty(M, 64)
+    column = twofour_cslt.twofour_cslt_fake(x, None, None, 32)
+    assert column.shape == (M, 32) and column.stride(0) == 1  # the (N, M) product, transposed
+    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "row")
+    row = twofour_cslt.twofour_cslt_fake(x, None, None, 32)
+    assert row.shape == (M, 32) and row.stride() == (32, 1)

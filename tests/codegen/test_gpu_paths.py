@@ -65,6 +65,25 @@ def test_cusparselt_matches_float64(dtype, M, layout, with_bias):
     assert y.shape == ref.shape and rel_err(y, ref) <= REL_TOL[dtype]
 
 
+@pytest.mark.parametrize("M", [13, 2048])
+def test_cusparselt_row_major_output_matches_the_transposed_one(M, monkeypatch):
+    """``SPARSEC_CSLT_OUTPUT=row``: the same product, laid out row-major, as its fake says."""
+    from sparsec.codegen.twofour_cslt import cslt_reason, twofour_cslt_fake
+
+    why = cslt_reason(768, 1024, torch.bfloat16, "cuda")
+    if why:
+        pytest.skip(why)
+    gen = torch.Generator(device="cuda").manual_seed(2)
+    p = pack("2:4", torch.randn(768, 1024, generator=gen, device="cuda").to(torch.bfloat16))
+    x = torch.randn(M, 1024, generator=gen, device="cuda").to(torch.bfloat16)
+    column = linear(x, p, None, impl="cusparselt")
+    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "row")
+    row = linear(x, p, None, impl="cusparselt")
+    assert row.stride() == (768, 1) and column.stride() == (1, column.stride(1))
+    assert row.stride() == twofour_cslt_fake(x, None, None, 768).stride()
+    assert rel_err(row, column.double()) <= REL_TOL[torch.bfloat16]
+
+
 def planted(fmt: str, N: int, K: int, gen) -> torch.Tensor:
     """A weight with exactly the format's structure, so the forced rewrite is lossless."""
     if fmt.startswith("lowrank"):
