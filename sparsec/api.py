@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
+import logging
 import sys
 import types
 from dataclasses import dataclass
@@ -240,12 +242,22 @@ def _importable(model) -> bool:
     return bool(name) and name in sys.modules
 
 
+@contextlib.contextmanager
 def _room_to_compile():
-    """Dynamo's recompile limits, raised for this one capture (see ``_own_entry``)."""
+    """Dynamo's recompile limits, raised for this one capture (see ``_own_entry``); and the fake-tensor
+    logger quiet meanwhile: where the model cannot run on the user's inputs it logs a traceback of
+    its own before the error sparsec raises (``_model_fails``), which says it in one line."""
     config = torch._dynamo.config
     names = [n for n in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
                          "accumulated_cache_size_limit") if hasattr(config, n)]
-    return config.patch(**{n: getattr(config, n) + 4096 for n in names})
+    fake_log = logging.getLogger("torch._subclasses.fake_tensor")
+    level = fake_log.level
+    fake_log.setLevel(logging.CRITICAL)
+    try:
+        with config.patch(**{n: getattr(config, n) + 4096 for n in names}):
+            yield
+    finally:
+        fake_log.setLevel(level)
 
 
 def _own_entry():

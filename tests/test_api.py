@@ -537,3 +537,15 @@ def test_a_model_dynamo_cannot_capture_is_refused_naming_the_recurrent_module(sc
 
     with pytest.raises(ModelError, match=r"without capturing a graph.*recurrent modules, here rnn \(GRU\).*traceable part on its own"):
         sparsec.optimize(Recurrent().eval(), (torch.randn(2, 5, 16),), fingerprint=scenario_fp())
+
+
+def test_calibration_the_model_cannot_run_is_refused_in_one_line_without_torchs_traceback(scenario_fp, caplog):
+    import logging
+
+    from sparsec.errors import ModelError
+
+    model = nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 16)).eval()
+    with caplog.at_level(logging.INFO), \
+            pytest.raises(ModelError, match=r"fails on calibration item 0 \(shapes \(4, 20\)\).*cannot be multiplied"):
+        sparsec.optimize(model, (torch.randn(4, 32),), fingerprint=scenario_fp(), calibration=[(torch.randn(4, 20),)])
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("torch")]
