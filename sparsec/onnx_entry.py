@@ -143,10 +143,10 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
     sites, skipped = frontend.capture()  # kept by the front-end for the pipeline's capture step
     outputs = [o.name for o in loaded.model.graph.output]
     if isinstance(options.output, str) and options.output not in outputs:
-        raise OptionError(f"--metric-output names {options.output!r}, which is not an output of {loaded.path}; its "
+        raise OptionError(f"--output names {options.output!r}, which is not an output of {loaded.path}; its "
                           f"outputs: {', '.join(outputs)}")
     if isinstance(options.output, int) and options.output >= len(outputs):
-        raise OptionError(f"--metric-output is {options.output}, but {loaded.path} has {len(outputs)} output(s)")
+        raise OptionError(f"--output is {options.output}, but {loaded.path} has {len(outputs)} output(s)")
     if options.plan is not None:
         from sparsec.errors import PlanError
 

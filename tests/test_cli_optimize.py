@@ -442,3 +442,17 @@ def test_an_opset_11_model_is_read_as_13_rewritten_and_written_as_13(planted, tm
     assert [o.version for o in onnx.load(str(out)).opset_import if o.domain in ("", "ai.onnx")] == [13]
     assert any("opset 11, older than 13" in w for w in report["warnings"]), report["warnings"]
     assert [l["format"] for l in report["layers"]] == ["lowrank:16"] * 3
+
+
+def test_output_names_the_graph_output_the_metric_reads_and_o_the_file(planted, tmp_path, capsys):
+    # DESIGN.md's command line: -o is the file written, --output NAME the output the metric reads
+    out = tmp_path / "out.onnx"
+    rc, _, err = optimize(capsys, planted / "mlp.onnx", "-o", out, "--calibration", planted / "calib.npz",
+                          "--metric", "cosine", "--output", "y", "--recovery", "none", "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    assert out.exists() and not (Path.cwd() / "y").exists()
+    assert json.loads((tmp_path / "r.json").read_text())["end_to_end"]["metric"] == "cosine"
+    rc, _, err = optimize(capsys, planted / "mlp.onnx", "-o", tmp_path / "bad.onnx", "--calibration",
+                          planted / "calib.npz", "--metric", "kl", "--output", "logits")
+    assert rc != 0 and "--output names 'logits', which is not an output" in err
+    assert not (tmp_path / "bad.onnx").exists()

@@ -191,7 +191,7 @@ def test_the_onnx_entry_budgets_in_the_metric_of_the_output_named(tmp_path):
                            metric="top1", metric_output="logits", error_budget=0.05)
     e2e = result.report.to_dict()["end_to_end"]
     assert e2e["metric"] == "top1" and e2e["measured_error"] <= 0.05
-    with pytest.raises(OptionError, match="--metric-output names 'logit', which is not an output"):
+    with pytest.raises(OptionError, match="--output names 'logit', which is not an output"):
         optimize_onnx(path, tmp_path / "bad.onnx", calibration=tmp_path / "calib.npz", metric="kl",
                       metric_output="logit")
     assert onnx.load(str(tmp_path / "out.onnx")).graph.output[1].name == "logits"

@@ -17,7 +17,8 @@ def register(subparsers) -> None:
                     "the result with onnx.checker and onnxruntime, time both models and write a report.")
     parser.add_argument("model", help="input .onnx file (opset 13 or newer, an older one converted on reading; "
                         "external data next to it)")
-    parser.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    parser.add_argument("-o", dest="output", required=True, metavar="OUT.onnx",
+                        help="output .onnx file (written atomically)")
     parser.add_argument("--fingerprint", default="auto",
                         help="shipped name, path to a JSON, or 'auto' (default: onnxruntime's fingerprint for the "
                              "provider that runs the model, e.g. ort-cpu)")
@@ -28,9 +29,9 @@ def register(subparsers) -> None:
                         help="what the budget bounds: rel_l2 (raw outputs), cosine (1 - mean cosine similarity "
                              "along the last axis: embeddings), kl (mean KL divergence of the softmax over the last "
                              "axis, in nats: logits), top1 (fraction of positions whose argmax changes)")
-    parser.add_argument("--metric-output", default=None, metavar="NAME",
+    parser.add_argument("--output", "--metric-output", dest="metric_output", default=None, metavar="NAME",
                         help="the graph output the metric reads, by name or index (default: the first float "
-                             "output; for rel_l2 the worst of all)")
+                             "output; for rel_l2 the worst of all); the file written is -o")
     parser.add_argument("--recovery", default="full", choices=["none", "sequential", "full"],
                         help="after planning, refit the chosen rewrites to the inputs they receive once earlier "
                              "layers run theirs: sequential; full (default): and let a later stage of a block make "
