@@ -217,14 +217,24 @@ class Executor:
 PROVIDERS = {"auto": None, "cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+def provider_key(provider: str) -> str:
+    """``auto``, ``cpu`` or ``cuda``, from those or from onnxruntime's own provider names."""
+    if provider in PROVIDERS:
+        return provider
+    by_name = {name.lower(): key for key, name in PROVIDERS.items() if name}
+    if isinstance(provider, str) and provider.lower() in by_name:
+        return by_name[provider.lower()]
+    raise OptionError(f"provider {provider!r} is not one sparsec plans for; use auto, cpu or cuda (or "
+                      f"onnxruntime's names: {', '.join(n for n in PROVIDERS.values() if n)})")
+
+
 def choose_executor(provider: str, fingerprint) -> Executor:
     """The onnxruntime provider to run on, the fingerprint describing it, and the session threads."""
     from sparsec.fingerprint import Fingerprint, load_fingerprint
     from sparsec.fingerprint.device import current_device_name
     from sparsec.passes.onnx_model import best_provider
 
-    if provider not in PROVIDERS:
-        raise OptionError(f"provider {provider!r} is not one of {', '.join(PROVIDERS)}")
+    provider = provider_key(provider)
     warnings = []
     here = best_provider()
     wanted = PROVIDERS[provider] or here

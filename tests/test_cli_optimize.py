@@ -248,8 +248,19 @@ def test_a_provider_that_does_not_load_is_refused(tmp_path, capsys):
 
     if best_provider() == "CUDAExecutionProvider":
         pytest.skip("onnxruntime's CUDA provider loads here")
-    rc, _, err = optimize(capsys, SAMPLE, "-o", tmp_path / "out.onnx", "--provider", "cuda")
-    assert rc == 2 and "CUDAExecutionProvider does not load here" in err and not list(tmp_path.iterdir())
+    for name in ("cuda", "CUDAExecutionProvider"):  # sparsec's short name or onnxruntime's own
+        rc, _, err = optimize(capsys, SAMPLE, "-o", tmp_path / "out.onnx", "--provider", name)
+        assert rc == 2 and "CUDAExecutionProvider does not load here" in err and not list(tmp_path.iterdir())
+
+
+def test_providers_are_named_the_short_way_or_onnxruntimes_and_others_refused(tmp_path, capsys):
+    rc, _, err = optimize(capsys, SAMPLE, "-o", tmp_path / "out.onnx", "--provider", "CPUExecutionProvider",
+                          "--report", tmp_path / "r.json")
+    assert rc == 0, err
+    assert json.loads((tmp_path / "r.json").read_text())["executor"]["provider"] == "CPUExecutionProvider"
+    rc, _, err = optimize(capsys, SAMPLE, "-o", tmp_path / "other.onnx", "--provider", "TensorrtExecutionProvider")
+    assert rc == 2 and "'TensorrtExecutionProvider' is not one sparsec plans for" in err
+    assert not (tmp_path / "other.onnx").exists()
 
 
 def test_a_model_without_weight_bearing_ops_is_written_unchanged_with_a_report_saying_so(tmp_path, capsys):

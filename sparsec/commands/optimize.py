@@ -51,8 +51,9 @@ def register(subparsers) -> None:
                         help="also time each rewritten layer against its dense MatMul (the whole models are always timed)")
     parser.add_argument("--external-data", action="store_true",
                         help="write the weights to OUTPUT.data (done anyway above 1.8 GB)")
-    parser.add_argument("--provider", default="auto", choices=["auto", "cpu", "cuda"],
-                        help="onnxruntime execution provider (default: CUDA when it loads, else CPU)")
+    parser.add_argument("--provider", default="auto", metavar="{auto,cpu,cuda}",
+                        help="onnxruntime execution provider, also by onnxruntime's name (CUDAExecutionProvider); "
+                             "default: CUDA when it loads, else CPU")
     parser.add_argument("--quiet", action="store_true", help="print only the summary line (no table, no progress)")
     parser.add_argument("--strict", action="store_true",
                         help="stop with the error when a planning step fails, instead of writing the model unchanged")
