@@ -77,6 +77,7 @@ def _plan_in_session(session, model, example_inputs):
     return the compiled entry that runs them."""
     if isinstance(session.options.output, str):
         session.output_probe = _named_output(model, example_inputs, session.options.output)
+    session.positional_names = _forward_parameters(model)
 
     def backend(gm, inputs):
         return session.compile_graph(gm, inputs, raise_user_errors=True)
@@ -103,6 +104,20 @@ def _plan_in_session(session, model, example_inputs):
     if session.report is None:
         raise ModelError(_no_graph_message(model))
     return compiled
+
+
+def _forward_parameters(model) -> list[str] | None:
+    """The names of the model's forward parameters that positional inputs fill, in order: the
+    entry sparsec.optimize compiles passes the user's inputs on as ``*args``, so Dynamo names them
+    ``args_0``, ``args_1``..."""
+    import inspect
+
+    try:
+        params = inspect.signature(model.forward if isinstance(model, torch.nn.Module) else model).parameters
+    except (TypeError, ValueError):
+        return None
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return [name for name, p in params.items() if p.kind in kinds]
 
 
 def _no_graph_message(model) -> str:
@@ -168,6 +183,7 @@ def _trace_other_shapes(model, example_inputs, items, what: str, names: dict[int
     computes the same thing with the same parameters. One trace per distinct set of shapes."""
     from sparsec.backend import InputSlots
     from sparsec.passes import capture_fx
+    from sparsec.passes.interpret_fx import name_positional_inputs
     from sparsec.passes.fx_frontend import Traced
 
     wanted = _shapes(example_inputs)
@@ -181,6 +197,7 @@ def _trace_other_shapes(model, example_inputs, items, what: str, names: dict[int
             graphs: list = []
 
             def collect(gm, inputs, graphs=graphs):
+                name_positional_inputs(gm, _forward_parameters(model))
                 # read while Dynamo's metadata is on the graph: it is dropped once the compile is done
                 nodes = capture_fx.capture(gm, inputs, len(graphs), names)[2]
                 graphs.append((gm, list(inputs), InputSlots.of(gm), nodes))

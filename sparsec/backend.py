@@ -49,6 +49,7 @@ class Session:
         # knows the model (sparsec.optimize): graphs resumed after a graph break then name layers
         # as the model does
         self.names: dict[int, str] = {}
+        self.positional_names: list[str] | None = None  # the model's forward parameters, for sparsec.optimize's entry
         # site name -> (identity of the weight it was built from, a weak reference to its packed
         # linear or None if dense): the compiled graphs own the packed layers, the session only
         # finds them again while some compiled graph still holds them
@@ -65,7 +66,10 @@ class Session:
         input (``SparsecError``: a bad plan, inputs that do not fit) even when not strict.
         """
         from sparsec.errors import SparsecError
+        from sparsec.passes.interpret_fx import name_positional_inputs
         from sparsec.state import state_kept
+
+        name_positional_inputs(gm, self.positional_names)
 
         with state_kept(gm, example_inputs):
             try:

@@ -1,5 +1,6 @@
 """End-to-end error measurement of the FX front-end."""
 
+import pytest
 import torch
 
 from sparsec.output_error import relative_l2
@@ -117,3 +118,63 @@ def test_an_evaluation_without_per_layer_errors_runs_no_dense_product_beside_a_r
     assert error_only == error and nothing == {} and set(local) == {name}
     assert abs(local[name] - 0.1) < 1e-5  # 0.9 W against W, no bias: a tenth of the output, to rounding
     assert len(products) == with_layers - 1
+
+
+class _MaskedPooling(torch.nn.Module):
+    """One linear layer over positions, then the mean over the positions the mask keeps."""
+
+    def __init__(self, weight):
+        super().__init__()
+        self.proj = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            self.proj.weight.copy_(weight)
+
+    def forward(self, x, attention_mask):
+        m = attention_mask.unsqueeze(-1).to(x.dtype)
+        return (self.proj(x) * m).sum(1) / m.sum(1)
+
+
+def _padded_batches(n, basis, gen, B=4, T=12, real=4):
+    """Real positions in the span of ``basis``; the rest padding: large, full-rank, masked out."""
+    out = []
+    for _ in range(n):
+        coeffs = torch.randn(B, T, basis.shape[1], generator=gen)
+        x = coeffs @ basis.T
+        mask = torch.zeros(B, T, dtype=torch.long)
+        mask[:, :real] = 1
+        x[:, real:] = 30.0 * torch.randn(B, T - real, basis.shape[0], generator=gen)
+        out.append((x, mask))
+    return out
+
+
+@pytest.mark.parametrize("mask_name", ["attention_mask", "weights"])
+def test_padding_an_attention_mask_marks_is_left_out_of_the_statistics(scenario_fp, mask_name):
+    # the real positions' inputs lie in 4 of 32 directions: a rank-4 fit weighted by them is exact on
+    # what the output reads, whatever the weight; padding (30x larger, full rank) must not steer it
+    import sparsec
+
+    gen = torch.Generator().manual_seed(3)
+    basis = torch.linalg.qr(torch.randn(32, 4, generator=gen))[0]
+    model = _MaskedPooling(torch.randn(24, 32, generator=gen)).eval()
+    if mask_name != "attention_mask":  # the same model, its mask argument under another name
+        forward = model.forward
+        model.forward = lambda x, weights: forward(x, weights)
+    calib = _padded_batches(6, basis, gen)
+    result = sparsec.optimize(model, calib[0], fingerprint=scenario_fp(), calibration=calib,
+                              plan={"layers": {"_default": "lowrank:4"}}, recovery="none", error_budget=0.9)
+    error = result.report.end_to_end["measured_error"]
+    if mask_name == "attention_mask":  # exact but for the fit's small pull towards the weight
+        assert error < 5e-3 and result.report.layers[0]["measured_error"] < 5e-3
+    else:
+        assert error > 0.05  # fitted to the padding's directions: the real ones are lost
+
+
+def test_rows_are_dropped_only_where_the_activation_is_laid_out_over_the_mask():
+    from sparsec.passes.interpret_fx import kept_rows
+
+    keep = torch.tensor([[True, True, False], [True, False, False]])
+    x = torch.arange(2 * 3 * 2, dtype=torch.float32).reshape(2, 3, 2)
+    assert torch.equal(kept_rows(x, keep), x.reshape(-1, 2)[torch.tensor([0, 1, 3])])
+    assert kept_rows(x.transpose(0, 1), keep).shape == (6, 2)  # position-first: order unknown, all kept
+    assert kept_rows(x.reshape(6, 2), keep).shape == (6, 2)  # flattened: all kept
+    assert kept_rows(x, None).shape == (6, 2)
