@@ -110,8 +110,9 @@ class OnnxFrontend:
             advance_current()
             outs, acts = self._run_data(feed, "calibration", index)
             self._references.append(outs)
+            keep = token_keep(feed)
             for key, x in acts.items():
-                _accumulate(stats[key], x, calls, device)
+                _accumulate(stats[key], x, calls, device, keep)
         return stats
 
     def recalibrate(self, names: set[str], replacements: dict[str, torch.Tensor],
@@ -133,14 +134,15 @@ class OnnxFrontend:
         for feed, calls in zip(self.calibration.runs, self.calibration.calls):
             advance_current()
             _, acts = self._run(feed, weights)
+            keep = token_keep(feed)
             for key, st in stats.items():
-                _accumulate(st, acts[key], calls, device)
+                _accumulate(st, acts[key], calls, device, keep)
             if products is None:
                 continue
             _, reference_acts = self._run(feed, reference_weights)
             for key, (ref_gram, cross) in products.items():
-                x = _rows(acts[key], device).to(cross.dtype)
-                r = _rows(reference_acts[key], device).to(cross.dtype)
+                x = _rows(acts[key], device, keep).to(cross.dtype)
+                r = _rows(reference_acts[key], device, keep).to(cross.dtype)
                 ref_gram.addmm_(r.T, r)
                 cross.addmm_(r.T, x)
         return (stats, products) if reference is not None else stats
@@ -342,13 +344,40 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return np.float16 if dtype == torch.float16 else np.float32
 
 
-def _rows(x: np.ndarray, device: str = "cpu") -> torch.Tensor:
-    """A run's activations as (rows, inputs)."""
+def token_keep(feed: dict) -> np.ndarray | None:
+    """The positions a graph input named ``attention_mask`` keeps (bool, batch x position), when it
+    is a 0/1 matrix with some masked out: their activations are padding, which no output reads, and
+    stay out of the statistics as on the FX path (``passes/interpret_fx.py``)."""
+    for name, value in feed.items():
+        if "attention_mask" not in name.lower() or not isinstance(value, np.ndarray) or value.ndim != 2:
+            continue
+        if value.dtype.kind == "f" and not bool(np.isin(value, (0, 1)).all()):
+            continue  # an additive or soft mask: not a plain list of positions
+        keep = value != 0
+        if keep.all() or not keep.any():
+            continue
+        return keep
+    return None
+
+
+def _rows(x: np.ndarray, device: str = "cpu", keep: np.ndarray | None = None) -> torch.Tensor:
+    """A run's activations as (rows, inputs), less the masked positions where ``x`` is laid out
+    over ``keep``'s (batch, position)."""
+    if keep is not None and x.ndim == 3 and tuple(x.shape[:2]) == keep.shape:
+        x = x[keep]
     return torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, x.shape[-1] if x.ndim else 1).to(device)
 
 
-def _accumulate(stats: SiteStats, x: np.ndarray, calls: int, device: str = "cpu") -> None:
+def _accumulate(stats: SiteStats, x: np.ndarray, calls: int, device: str = "cpu", keep: np.ndarray | None = None) -> None:
     """Add a run's activations, split back into its calls when the run held several."""
+    if keep is not None and x.ndim == 3 and tuple(x.shape[:2]) == keep.shape:
+        if calls > 1 and x.shape[0] % calls == 0:  # one call is a slice of the batch axis
+            per = x.shape[0] // calls
+            for c in range(calls):
+                stats.add(_rows(x[c * per:(c + 1) * per], device, keep[c * per:(c + 1) * per]))
+        else:
+            stats.add(_rows(x, device, keep))
+        return
     x2 = _rows(x, device)
     rows = x2.shape[0]
     if calls > 1 and rows % calls == 0:
@@ -373,9 +402,10 @@ class LayerErrors(Mapping):
             sums = {name: [0.0, 0.0] for name in replacements}
             for feed in feeds.runs:
                 _, acts = frontend._run(feed, weights)
+                keep = token_keep(feed)
                 for name, w in replacements.items():
                     site = frontend.sites[name]
-                    num, den = _layer_error(acts[site.input_key], site, w)
+                    num, den = _layer_error(acts[site.input_key], site, w, keep)
                     sums[name][0] += num
                     sums[name][1] += den
             self._values = {name: relative(n, d) for name, (n, d) in sums.items()}
@@ -391,10 +421,10 @@ class LayerErrors(Mapping):
         return len(self._args[1])
 
 
-def _layer_error(x: np.ndarray, site: Site, w) -> tuple[float, float]:
+def _layer_error(x: np.ndarray, site: Site, w, keep: np.ndarray | None = None) -> tuple[float, float]:
     """This layer's squared output error and energy on the activations it received in this run."""
     w = as_weight(w)
-    x2 = torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, site.K).to(w.device, torch.float32)
+    x2 = _rows(x, "cpu", keep).reshape(-1, site.K).to(w.device, torch.float32)
     weight = site.weight.to(w.device, torch.float32)
     diff = x2 @ (w.to(torch.float32) - weight).T  # the error itself, not a difference of two outputs
     ref = x2 @ weight.T

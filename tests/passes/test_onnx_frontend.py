@@ -175,3 +175,27 @@ def test_under_the_cuda_provider_statistics_live_on_the_gpu_and_the_model_is_rew
     fe = frontend(model, [{"x": rng.standard_normal((64, 256)).astype(np.float32)}])
     fe.provider = "CUDAExecutionProvider"
     assert fe.statistics_device() == "cuda"
+
+
+@pytest.mark.parametrize("calls", [[1, 1], [2]])
+def test_positions_an_attention_mask_input_masks_stay_out_of_the_statistics(calls):
+    # x [B, T, 8] through one MatMul; the mask keeps 3 of 5 positions: only those rows are counted,
+    # also when two calls run as one (their batches stacked)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="proj"),
+             helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Unsqueeze", ["m", "axes"], ["m3"], name="unsq"),
+             helper.make_node("Mul", ["y", "m3"], ["out"], name="mul")]
+    model = make_model(nodes, [vi("x", ["B", 5, 8]), vi("attention_mask", ["B", 5], TensorProto.INT64)],
+                       [vi("out", ["B", 5, 6])], [tensor("w", w), tensor("axes", np.array([2], dtype=np.int64))])
+    xs = [rng.standard_normal((2, 5, 8)).astype(np.float32) for _ in range(2)]
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 0, 0, 1]], dtype=np.int64)
+    runs = [{"x": x, "attention_mask": mask} for x in xs] if calls == [1, 1] else \
+        [{"x": np.concatenate(xs), "attention_mask": np.concatenate([mask, mask])}]
+    fe = frontend(model, runs, calls=calls)
+    sites, _ = fe.capture()
+    st = fe.calibrate(sites)[sites[0].input_key]
+    kept = np.concatenate([x[mask != 0] for x in xs]).astype(np.float64)
+    assert st.rows == 12 and st.calls == [6, 6]
+    np.testing.assert_allclose(st.gram.numpy(), kept.T @ kept, rtol=1e-5, atol=1e-5)
