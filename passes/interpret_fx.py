@@ -51,7 +51,7 @@ class SiteInterpreter(fx.Interpreter):
         self.inputs = inputs
         self.pairs = pairs
         self._counted: set[str] = set()  # inputs already in the statistics this run (gate and up share one)
-        self.kept_positions: torch.Tensor | None = None  # per run: the attention mask's positions, flattened
+        self.kept_positions: torch.Tensor | None = None  # per run: the attention mask's kept (batch, position)
 
     def run(self, *args, **kwargs):
         self.kept_positions = token_mask(self.module, args)
@@ -121,21 +121,25 @@ def _input_name(gm, node: fx.Node) -> str:
     return name + " " + node.name.lower()
 
 
+def kept_positions(name: str, value) -> torch.Tensor | None:
+    """The positions an input keeps (bool, batch x position) when it is an attention mask: named
+    ``attention_mask``, a 2-D 0/1 tensor with some positions masked out; else None. The one rule
+    of both front-ends (the ONNX one passes its graph inputs' names and arrays)."""
+    if "attention_mask" not in name.lower() or not isinstance(value, torch.Tensor) or value.dim() != 2:
+        return None
+    if value.is_complex() or (value.is_floating_point() and not bool(((value == 0) | (value == 1)).all())):
+        return None  # an additive or soft mask: not a plain list of positions
+    keep = value.detach() != 0
+    return None if bool(keep.all()) or not bool(keep.any()) else keep
+
+
 def token_mask(gm: fx.GraphModule, args) -> torch.Tensor | None:
-    """The positions an ``attention_mask`` input keeps (bool, batch x position), when the graph
-    has one that is a 2-D 0/1 tensor with some positions masked out; else None."""
+    """``kept_positions`` of the graph's first input that is an attention mask, if any."""
     placeholders = [node for node in gm.graph.nodes if node.op == "placeholder"]
     for node, value in zip(placeholders, args):
-        if "attention_mask" not in _input_name(gm, node):
-            continue
-        if not isinstance(value, torch.Tensor) or value.dim() != 2 or value.is_complex():
-            continue
-        keep = value.detach() != 0
-        if value.is_floating_point() and not bool(((value == 0) | (value == 1)).all()):
-            continue  # an additive or soft mask: not a plain list of positions
-        if bool(keep.all()) or not bool(keep.any()):
-            continue
-        return keep
+        keep = kept_positions(_input_name(gm, node), value)
+        if keep is not None:
+            return keep
     return None
 
 

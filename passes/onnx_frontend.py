@@ -36,6 +36,7 @@ from sparsec.candidates import Layer
 from sparsec.passes import capture_onnx, rewrite_onnx
 from sparsec.passes.onnx_data import Feeds
 from sparsec.passes.onnx_model import Constants, LoadedModel, infer_shapes, session
+from sparsec.passes.interpret_fx import kept_positions, kept_rows
 from sparsec.output_error import OutputError, relative
 from sparsec.sites import Site, SiteStats, Skipped, as_weight
 
@@ -344,39 +345,29 @@ def _np_dtype(dtype: torch.dtype) -> np.dtype:
     return np.float16 if dtype == torch.float16 else np.float32
 
 
-def token_keep(feed: dict) -> np.ndarray | None:
-    """The positions a graph input named ``attention_mask`` keeps (bool, batch x position), when it
-    is a 0/1 matrix with some masked out: their activations are padding, which no output reads, and
-    stay out of the statistics as on the FX path (``passes/interpret_fx.py``)."""
+def token_keep(feed: dict) -> torch.Tensor | None:
+    """The positions a graph input that is an attention mask keeps (``kept_positions``, the FX
+    front-end's rule): their activations are padding, which no output reads, and stay out of the
+    statistics."""
     for name, value in feed.items():
-        if "attention_mask" not in name.lower() or not isinstance(value, np.ndarray) or value.ndim != 2:
-            continue
-        if value.dtype.kind == "f" and not bool(np.isin(value, (0, 1)).all()):
-            continue  # an additive or soft mask: not a plain list of positions
-        keep = value != 0
-        if keep.all() or not keep.any():
-            continue
-        return keep
+        keep = kept_positions(name, torch.from_numpy(value)) if isinstance(value, np.ndarray) else None
+        if keep is not None:
+            return keep
     return None
 
 
-def _rows(x: np.ndarray, device: str = "cpu", keep: np.ndarray | None = None) -> torch.Tensor:
-    """A run's activations as (rows, inputs), less the masked positions where ``x`` is laid out
-    over ``keep``'s (batch, position)."""
-    if keep is not None and x.ndim == 3 and tuple(x.shape[:2]) == keep.shape:
-        x = x[keep]
-    return torch.from_numpy(np.ascontiguousarray(x)).reshape(-1, x.shape[-1] if x.ndim else 1).to(device)
+def _rows(x: np.ndarray, device: str = "cpu", keep: torch.Tensor | None = None) -> torch.Tensor:
+    """A run's activations as (rows, inputs), less the positions ``keep`` masks (``kept_rows``)."""
+    t = torch.from_numpy(np.ascontiguousarray(x))
+    return (kept_rows(t, keep) if t.dim() else t.reshape(-1, 1)).to(device)
 
 
-def _accumulate(stats: SiteStats, x: np.ndarray, calls: int, device: str = "cpu", keep: np.ndarray | None = None) -> None:
+def _accumulate(stats: SiteStats, x: np.ndarray, calls: int, device: str = "cpu", keep: torch.Tensor | None = None) -> None:
     """Add a run's activations, split back into its calls when the run held several."""
-    if keep is not None and x.ndim == 3 and tuple(x.shape[:2]) == keep.shape:
-        if calls > 1 and x.shape[0] % calls == 0:  # one call is a slice of the batch axis
-            per = x.shape[0] // calls
-            for c in range(calls):
-                stats.add(_rows(x[c * per:(c + 1) * per], device, keep[c * per:(c + 1) * per]))
-        else:
-            stats.add(_rows(x, device, keep))
+    if keep is not None and tuple(x.shape[:-1]) == tuple(keep.shape):
+        per = x.shape[0] // calls if calls > 1 and x.shape[0] % calls == 0 else x.shape[0]
+        for start in range(0, x.shape[0], per):  # one call is a slice of the batch axis
+            stats.add(_rows(x[start:start + per], device, keep[start:start + per]))
         return
     x2 = _rows(x, device)
     rows = x2.shape[0]

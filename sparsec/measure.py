@@ -50,7 +50,7 @@ def time_layer(layer, cand, options, rotation_bytes: int = ROTATION_BYTES) -> tu
 
 def rotation_for(sites) -> int:
     """The bytes a forward pass reads from the weights of ``sites`` (at most ``ROTATION_BYTES``)."""
-    total = sum(s.N * s.K * torch.empty((), dtype=s.dtype).element_size() for s in sites)
+    total = sum(s.N * s.K * s.dtype.itemsize for s in sites)
     return max(1, min(ROTATION_BYTES, total))
 
 
