@@ -366,8 +366,8 @@ def grad_matmul(dy: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 # Split paths ("dot_split" of codegen/twofour.py and codegen/block.py) aim for this many programs per
-# SM: enough loads in flight where a layer has few, long output rows. Not yet timed on a GPU, so no
-# path chooses them by itself; bench/small_m.py times them against "dot".
+# SM: enough loads in flight where a layer has few, long output rows (bench/small_m.py times them
+# against "dot"; block.SPLIT_MAX_M and twofour.SPLIT_FROM say where each format takes them).
 SPLIT_PROGRAMS_PER_SM = 8
 SPLIT_MAX = 8
 

@@ -65,6 +65,15 @@ GATHER_MAX_M = 1
 # (4 rows an expert), re-reading each expert's weight once per row. The tiles are not yet timed.
 ROWS_TILES_FROM = 2
 GEMV_BLOCK_M = 16
+# Above GEMV_MAX_M and up to SPLIT_MAX_M tokens (16-bit inputs) the MMA kernel cuts K over
+# several programs ("dot_split") where its unsplit launch leaves most SMs idle, that is where
+# ``split_for`` asks for at least SPLIT_FROM chunks. On an H100 (bf16, bench/small_m.py,
+# 2026-12-05) at M = 4-16 the split kernel ran 0.89-0.90x of cuBLAS against 0.77x unsplit on
+# 4096x14336 (split 5) and 0.91-0.95x against 0.88-0.90x on 4096x4096 (5), and lost on 14336x4096
+# (split 2: 0.93-0.98x against 1.05-1.13x); in a transformers Llama at 16 tokens the unsplit
+# kernel ran the 1024x4096 down projection (16 programs of 64 rows) at 0.20x of cuBLAS.
+SPLIT_MAX_M = 16
+SPLIT_FROM = 3
 # The expansion kernel reads metadata as int32 words where K is a multiple of 32 (False: bytes).
 # On an H200 (bf16, M = 2 and 16, docs/history.md) words took from 1% more to 12%
 # less time than bytes on the Llama-3-8B shapes; one int16 word per group took 2-3x as long.
@@ -615,7 +624,7 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
     tokens a program: slower than the word and MMA kernels at every M on an H100, docs/benchmarks.md;
     never chosen by None), "dot" (expansion + MMA), "dot_split" (the same
     with K cut over several programs, ``split_for``; float32 partials summed after) or None (by M,
-    see GEMV_MAX_M; "words" where ``words_usable``).
+    see GEMV_MAX_M; "words" where ``words_usable``; "dot_split" where SPLIT_FROM says it pays).
 
     ``residual``, ``gate_row``, ``up_row``, ``width``: the epilogue (codegen/epilogue.py), fused
     in the word kernel; the other kernels write their product and the epilogue follows in torch.
@@ -628,6 +637,8 @@ def twofour_triton(x, values, meta, bias, path: str | None = None, residual=None
         path = "dot"
         if gemv_usable(x, values, M):
             path = "words" if words_usable(x, values, meta) else ("gemv" if M <= GATHER_MAX_M else "dot")
+        elif M <= SPLIT_MAX_M and x.dtype in (torch.float16, torch.bfloat16) and _chunks(N, K, x.device) >= SPLIT_FROM:
+            path = "dot_split"
     if lowrank is not None and (path != "words" or gated):
         t, u = lowrank
         low = (t @ u.t()).to(x.dtype)
@@ -679,6 +690,10 @@ SPLIT_MIN_K = 1024  # "dot_split" cuts no chunk of K shorter: a few tiles would 
 def split_for(N: int, K: int, device) -> int:
     """Chunks of K for the "dot_split" path: ``_common.split_count`` over 16-row tiles, no chunk
     under ``SPLIT_MIN_K`` columns."""
+    return _chunks(N, K, device)
+
+
+def _chunks(N: int, K: int, device) -> int:
     return max(1, min(split_count(-(-N // 16), device), K // SPLIT_MIN_K))
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from sparsec import paths
+from sparsec import interrupts, paths
 from sparsec.errors import ModelError
 
 MIN_OPSET = 13
@@ -463,6 +463,7 @@ def save_checked(model: onnx.ModelProto, output, *, external_data: bool | None =
         if check is not None:
             check(staged)
         written = []
+        interrupts.check()
         if use_external:
             os.replace(tmpdir / data_name, folder / data_name)
             written.append(folder / data_name)

@@ -44,13 +44,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from sparsec import interrupts
+
     try:
+        interrupts.install()
         logging.basicConfig(format="%(message)s")
         parser = build_parser()
         try:
             args = parser.parse_args(argv)
         except SystemExit as exc:  # --help, --version, or a bad argument already said in one line
             return exc.code if isinstance(exc.code, int) else 2
+        interrupts.check()  # one that arrived while the imports ran may have been swallowed there
         return int(args.func(args) or 0)
     except SparsecError as exc:
         print(f"sparsec: error: {exc}", file=sys.stderr)

@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from sparsec import interrupts
 from sparsec.errors import PlanError
 from sparsec.formats import FormatError, parse_spec
 
@@ -190,8 +191,11 @@ def _atomic_write(path: str, text: str) -> None:
     try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
+        interrupts.check()
         os.replace(tmp, path)
-    except OSError as exc:
+    except BaseException as exc:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise PlanError(f"cannot write {path!r}: {exc.strerror}") from None
+        if isinstance(exc, OSError):
+            raise PlanError(f"cannot write {path!r}: {exc.strerror}") from None
+        raise

@@ -52,3 +52,25 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
     err = proc.stderr.read().decode()
     proc.wait(timeout=120)
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_an_interrupt_the_interpreter_swallowed_still_stops_the_command_before_it_writes(tmp_path):
+    """SIGINT raised inside a finaliser is printed as "ignored" by Python and lost; the command line
+    remembers it and stops at its next file write with the one line, status 130, nothing written."""
+    code = ("import os, signal, sys, weakref\n"
+            "from sparsec.cli import main\n"
+            "import sparsec.interrupts as i\n"
+            "real = i.install\n"
+            "def install():\n"
+            "    real()\n"
+            "    class Held: pass\n"
+            "    held = Held()\n"
+            "    weakref.finalize(held, lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+            "    del held\n"  # the finaliser runs here, the KeyboardInterrupt it raises is swallowed
+            "i.install = install\n"
+            "sys.exit(main())\n")
+    proc = subprocess.run([sys.executable, "-c", code, "optimize", str(SAMPLE), "-o", str(tmp_path / "out.onnx")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == "sparsec: interrupted; nothing was written"
+    assert list(tmp_path.iterdir()) == []

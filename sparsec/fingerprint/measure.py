@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from sparsec import interrupts
 from sparsec.errors import FingerprintError
 from sparsec.fingerprint.device import describe_device, device_slug, software_versions, user_fingerprint_dir
 from sparsec.fingerprint.families import PARAM_GRID, Family, Variant, check_output, discover_families
@@ -161,6 +162,7 @@ def write_atomically(path: Path, doc: dict) -> None:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a fingerprint is not
+        interrupts.check()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterable
 
+from sparsec import interrupts
 from sparsec.errors import ReportError
 from sparsec.report.validate import SCHEMA_ID, schema_errors
 
@@ -280,6 +281,7 @@ def write_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        interrupts.check()
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -210,6 +210,30 @@ def test_twofour_path_by_token_count(gen):
             assert path == want, (K, M, path)
 
 
+def test_twofour_splits_k_at_small_m_where_the_unsplit_launch_would_leave_sms_idle(gen, monkeypatch):
+    """From GEMV_MAX_M + 1 to SPLIT_MAX_M tokens, 16-bit: the split MMA kernel where K would be cut
+    into at least SPLIT_FROM chunks, the unsplit one where fewer (the chunks are 1 off CUDA, so
+    the count is set here); fp32 and more tokens keep the unsplit kernel. Each result is checked
+    against the plain-torch reference."""
+    from sparsec.codegen import twofour
+
+    N, K = 32, 512
+    w = torch.randn(N, K, generator=gen)
+    for chunks in (twofour.SPLIT_FROM, twofour.SPLIT_FROM - 1):
+        monkeypatch.setattr(twofour, "_chunks", lambda n, k, device, c=chunks: c)
+        for dtype in (torch.float16, torch.float32):
+            packed = pack("2:4", w.to(dtype))
+            t = packed.tensors()
+            for M in (twofour.GEMV_MAX_M + 1, twofour.SPLIT_MAX_M, twofour.SPLIT_MAX_M + 1):
+                x = torch.randn(M, K, generator=gen).to(dtype)
+                out = {}
+                path = _path_taken(twofour, lambda: out.setdefault("y", twofour.twofour_triton(x, t["values"], t["meta"], None)))
+                split = chunks >= twofour.SPLIT_FROM and dtype == torch.float16 and M <= twofour.SPLIT_MAX_M
+                assert path == ("dot_split" if split else "dot"), (chunks, dtype, M, path)
+                ref = twofour.TwoFourKernels().reference(x.float(), packed, None)
+                torch.testing.assert_close(out["y"].float(), ref, atol=2e-2 if dtype == torch.float16 else 1e-3, rtol=1e-2)
+
+
 def test_block_path_by_token_count_and_dtype(gen):
     """GEMV up to GEMV_MAX_M tokens, the split MMA kernel up to SPLIT_MAX_M, the plain one above;
     fp32 inputs always take the MMA kernel unsplit (neither small-M path was timed for them)."""
