@@ -31,7 +31,7 @@ def set_cslt_algorithm(N: int, K: int, M: int, dtype: torch.dtype, alg_id: int) 
     _ALG_IDS[(N, K, M + (-M) % CSLT_M_ALIGN, dtype)] = int(alg_id)
 
 
-def _cslt_alg(key, compressed: torch.Tensor, dense_t: torch.Tensor) -> int:
+def _cslt_alg(key, compressed: torch.Tensor, dense_t: torch.Tensor, row_major: bool = False) -> int:
     """The algorithm id for this shape: the one recorded for it, else the faster of
     ``CSLT_TUNED_ALGS`` timed on this call's operands (first call of the shape only), else,
     where nothing can be timed (during CUDA-graph capture, or ``SPARSEC_CSLT_TUNE=0``),
@@ -45,12 +45,15 @@ def _cslt_alg(key, compressed: torch.Tensor, dense_t: torch.Tensor) -> int:
     (``_cslt_sparse_mm_search``) is not used: it reported an internal error on an H200 (torch
     2.11, CUDA 13.0) and left the device faulted.
     """
+    if row_major:  # timed apart: the library picks other kernels to write the transpose
+        key = key + ("row",)
     alg = _ALG_IDS.get(key)
     if alg is not None:
         return alg
     if torch.cuda.is_current_stream_capturing() or os.environ.get("SPARSEC_CSLT_TUNE", "1") == "0":
         return default_cslt_alg(key[2])
-    calls = {a: (lambda a=a: torch._cslt_sparse_mm(compressed, dense_t, alg_id=a)) for a in CSLT_TUNED_ALGS}
+    calls = {a: (lambda a=a: torch._cslt_sparse_mm(compressed, dense_t, alg_id=a, transpose_result=row_major))
+             for a in CSLT_TUNED_ALGS}
     times: dict = {}
     alg = fastest(calls, _cuda_round_timer(dense_t.device), CSLT_TUNE_ROUNDS, times)
     if alg is None:
@@ -107,26 +110,31 @@ def default_cslt_alg(m_padded: int) -> int:
 
 @torch.library.custom_op("sparsec::twofour_linear_cusparselt", mutates_args=())
 def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor],
-                    n_out: int) -> torch.Tensor:
+                    n_out: int, row_major: bool = False) -> torch.Tensor:
     """y = x @ W^T + bias through cuSPARSELt; ``compressed`` is ``torch._cslt_compress(W)``.
 
     cuSPARSELt computes W @ x^T, an (N, M) product; it is returned as its (M, N) transposed view
     rather than asking the library to write the transpose (``transpose_result=True``), which
     took 1.2-1.9x as long on an H200. The output is therefore column-major, and so is the fake's,
-    so compilers lay out what follows accordingly. A column-major x is passed as is (the library
-    reads either order)."""
-    return cslt_matmul(x, compressed, bias, n_out)
+    so compilers lay out what follows accordingly (the FX lowering then makes it row-major for
+    what reads it, passes/rewrite_fx.py). ``row_major``: have the library write the product
+    row-major instead (``row_major_output``); an argument of the op, so that a compiled graph,
+    and inductor's cache of it, records which layout it was traced with. A column-major x is
+    passed as is (the library reads either order)."""
+    return cslt_matmul(x, compressed, bias, n_out, row_major)
 
 
 def row_major_output() -> bool:
     """``SPARSEC_CSLT_OUTPUT=row``: have the library write the (M, N) product row-major
     (``transpose_result``) instead of returning its (N, M) product transposed. Slower for the
-    product alone (1.2-1.9x on an H200), it spares what follows a strided read: an experiment
-    switch, read on every call so the fake and the kernel agree, for comparing whole models."""
+    product alone (1.2-1.9x on an H200; 0.76x of cuBLAS against 1.01x in a Llama at 2048 tokens
+    on an H100, docs/benchmarks.md), it spares what follows a strided read: an experiment switch,
+    read when a layer is called (traced), for comparing whole models."""
     return os.environ.get("SPARSEC_CSLT_OUTPUT", "column") == "row"
 
 
-def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor], n_out: int) -> torch.Tensor:
+def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
+                row_major: bool = False) -> torch.Tensor:
     """The body of ``twofour_cslt_op``, also what the fingerprint times as kernel "cusparselt"."""
     M, K = x.shape
     pad = (-M) % CSLT_M_ALIGN
@@ -136,8 +144,8 @@ def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.
         dense_t = x.t()
     else:
         dense_t = x.contiguous().t()
-    alg = _cslt_alg((n_out, K, M + pad, x.dtype), compressed, dense_t)
-    if row_major_output():
+    alg = _cslt_alg((n_out, K, M + pad, x.dtype), compressed, dense_t, row_major)
+    if row_major:
         y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg, transpose_result=True)
         return y.narrow(0, 0, M) if pad else y
     y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg)
@@ -145,9 +153,9 @@ def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.
 
 
 @twofour_cslt_op.register_fake
-def twofour_cslt_fake(x, compressed, bias, n_out):
+def twofour_cslt_fake(x, compressed, bias, n_out, row_major=False):
     M = x.shape[0]
-    if row_major_output():
+    if row_major:
         return x.new_empty(M + (-M) % CSLT_M_ALIGN, n_out).narrow(0, 0, M)
     return x.new_empty(n_out, M + (-M) % CSLT_M_ALIGN).narrow(1, 0, M).t()
 

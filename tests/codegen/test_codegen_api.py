@@ -170,3 +170,14 @@ def test_a_kernel_configuration_that_fails_to_build_loses_the_tuning_with_a_warn
 
     with pytest.warns(UserWarning, match=r"left out of tuning \(RuntimeError: PassManager::run failed\)"):
         assert _common.cold_bench(broken, quantiles=(0.5, 0.2)) == [float("inf"), float("inf")]
+
+
+def test_the_cusparselt_layout_is_an_argument_of_the_op_so_a_compiled_graph_records_it():
+    """The fake lays the product out as the ``row_major`` argument says: traced into the graph (and
+    inductor's cache key) rather than read from the environment when the compiled code runs."""
+    with FakeTensorMode():
+        x = torch.empty(7, 32, dtype=torch.bfloat16)
+        column = torch.ops.sparsec.twofour_linear_cusparselt(x, torch.empty(400, dtype=x.dtype), None, 48)
+        row = torch.ops.sparsec.twofour_linear_cusparselt(x, torch.empty(400, dtype=x.dtype), None, 48, True)
+    assert column.shape == row.shape == (7, 48)
+    assert column.stride() == (1, 8) and row.stride() == (48, 1)

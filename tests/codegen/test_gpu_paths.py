@@ -80,7 +80,8 @@ def test_cusparselt_row_major_output_matches_the_transposed_one(M, monkeypatch):
     monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "row")
     row = linear(x, p, None, impl="cusparselt")
     assert row.stride() == (768, 1) and column.stride() == (1, column.stride(1))
-    assert row.stride() == twofour_cslt_fake(x, None, None, 768).stride()
+    assert row.stride() == twofour_cslt_fake(x, None, None, 768, True).stride()
+    assert column.stride() == twofour_cslt_fake(x, None, None, 768).stride()
     assert rel_err(row, column.double()) <= REL_TOL[torch.bfloat16]
 
 
