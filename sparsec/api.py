@@ -77,6 +77,8 @@ def _plan_in_session(session, model, example_inputs):
     return the compiled entry that runs them."""
     if isinstance(session.options.output, str):
         session.output_probe = _named_output(model, example_inputs, session.options.output)
+    else:
+        _runs_eagerly(model, example_inputs, "example_inputs")
     session.positional_names = _forward_parameters(model)
 
     def backend(gm, inputs):
@@ -194,6 +196,7 @@ def _trace_other_shapes(model, example_inputs, items, what: str, names: dict[int
         if shapes == wanted:
             continue
         if shapes not in traces:
+            _runs_eagerly(model, item, f"{what} item {index}")
             graphs: list = []
 
             def collect(gm, inputs, graphs=graphs):
@@ -223,13 +226,22 @@ def _trace_other_shapes(model, example_inputs, items, what: str, names: dict[int
 def _model_fails(model, inputs, what: str, exc: Exception):
     """Raise the model's own failure on ``inputs`` in one line (a ModelError), as running it eagerly
     reports it, rather than Dynamo's account of it; Dynamo's error stands if the model runs."""
+    _runs_eagerly(model, inputs, what)
+    raise exc
+
+
+def _runs_eagerly(model, inputs, what: str) -> None:
+    """Run the model once as it is, raising its failure on ``inputs`` in one line (a ModelError).
+
+    Done before any capture: a graph that fails when sparsec runs it has torch.fx print the
+    traceback and the generated code to stderr before any error can be raised, a page where one
+    line says it. The caller keeps the model's state (``state_kept``)."""
     try:
         with torch.no_grad():
             _call(model, inputs)
     except Exception as own:  # noqa: BLE001 - whatever the model raises is the user's to read
         raise ModelError(f"the model fails on {what} (shapes {_shown(inputs)}): "
                          f"{type(own).__name__}: {first_line(own)}") from None
-    raise exc
 
 
 def _call(fn, inputs):

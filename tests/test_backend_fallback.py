@@ -115,6 +115,18 @@ def test_optimize_raises_errors_about_the_users_input_and_falls_back_on_the_rest
         sparsec.optimize(model, (x,), fingerprint=Failing(), strict=True)
 
 
+def test_a_model_that_cannot_take_the_inputs_is_said_in_one_line_with_nothing_printed_before_it(capfd):
+    """The model is run as it is first: a graph failing in sparsec's hands would have torch.fx print
+    its traceback and generated code to stderr ahead of the error."""
+    model = small_model()
+    for example, calibration in (((torch.ones(16, 32, dtype=torch.long),), None),
+                                 ((torch.randn(16, 32),), [(torch.ones(16, 32, dtype=torch.long),)])):
+        with pytest.raises(sparsec.errors.ModelError, match="mat1 and mat2 must have the same dtype"):
+            sparsec.optimize(model, example, calibration=calibration, fingerprint="cpu")
+        err = capfd.readouterr().err
+        assert "Traceback" not in err and "FX-traced" not in err, err
+
+
 def test_a_failure_in_one_subgraph_leaves_the_others_rewritten_and_the_report_whole(monkeypatch):
     from sparsec.passes.fx_frontend import FxFrontend
 
