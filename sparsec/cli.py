@@ -46,8 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from sparsec import interrupts
 
+    with interrupts.installed():
+        return _main(argv)
+
+
+def _main(argv: list[str] | None) -> int:
+    from sparsec import interrupts
+
     try:
-        interrupts.install()
         logging.basicConfig(format="%(message)s")
         parser = build_parser()
         try:

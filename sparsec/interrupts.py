@@ -11,6 +11,7 @@ raises.
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -23,15 +24,23 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
-def install() -> None:
-    """Take SIGINT for the rest of the process (main thread only; elsewhere a no-op)."""
+@contextlib.contextmanager
+def installed():
+    """Take SIGINT while the body runs (main thread only; elsewhere nothing changes), then give
+    the previous handler back."""
     global _seen
     _seen = False
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, _on_sigint)
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def check() -> None:
-    """Raise ``KeyboardInterrupt`` if SIGINT arrived since ``install`` (even if it was swallowed)."""
+    """Raise ``KeyboardInterrupt`` if SIGINT arrived while ``installed`` (even if it was swallowed)."""
     if _seen:
         raise KeyboardInterrupt

@@ -56,21 +56,33 @@ def test_a_reader_that_stops_early_ends_the_command_quietly(tmp_path):
 
 def test_an_interrupt_the_interpreter_swallowed_still_stops_the_command_before_it_writes(tmp_path):
     """SIGINT raised inside a finaliser is printed as "ignored" by Python and lost; the command line
-    remembers it and stops at its next file write with the one line, status 130, nothing written."""
+    remembers it and stops at its next file write with the one line, status 130, nothing written;
+    and gives Python's handler back when it returns."""
     code = ("import os, signal, sys, weakref\n"
             "from sparsec.cli import main\n"
             "import sparsec.interrupts as i\n"
-            "real = i.install\n"
-            "def install():\n"
-            "    real()\n"
-            "    class Held: pass\n"
-            "    held = Held()\n"
-            "    weakref.finalize(held, lambda: os.kill(os.getpid(), signal.SIGINT))\n"
-            "    del held\n"  # the finaliser runs here, the KeyboardInterrupt it raises is swallowed
-            "i.install = install\n"
+            "import contextlib\n"
+            "real = i.installed\n"
+            "@contextlib.contextmanager\n"
+            "def installed():\n"
+            "    with real():\n"
+            "        class Held: pass\n"
+            "        held = Held()\n"
+            "        weakref.finalize(held, lambda: os.kill(os.getpid(), signal.SIGINT))\n"
+            "        del held\n"  # the finaliser runs here, the KeyboardInterrupt it raises is swallowed
+            "        yield\n"
+            "i.installed = installed\n"
             "sys.exit(main())\n")
     proc = subprocess.run([sys.executable, "-c", code, "optimize", str(SAMPLE), "-o", str(tmp_path / "out.onnx")],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == "sparsec: interrupted; nothing was written"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_command_line_gives_the_interrupt_handler_back():
+    from sparsec.cli import main
+
+    before = signal.getsignal(signal.SIGINT)
+    assert main(["report", "--help"]) == 0
+    assert signal.getsignal(signal.SIGINT) is before
