@@ -32,7 +32,7 @@
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
 #           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
-#   first   act-quick on an H200, llama-profile on an H100
+#   first   act-quick on an H200, llama on an H100
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
 set -u
@@ -192,8 +192,9 @@ case "${1:-suite}" in
     TAIL=25 step onnx-gpu "${ORT_BENCH_S:-560}" python3 bench/onnx_gpu.py --provider cuda --fingerprint "$fp" \
       --minilm .carry/minilm-st --mlp-tokens 16 2048 --out "$OUT/onnx-gpu.json"
     ;;
-  first)  # whichever card came: act-quick on an H200 (#21's targets are the H200's), llama-profile on an H100
-    if [ "$card" = h200 ]; then bash "$0" act-quick; else bash "$0" llama-profile; fi
+  first)  # whichever card came: act-quick on an H200 (#21's targets are the H200's); on an H100 the
+    # transformers Llama's forced plans (row-major packed outputs at 8 x 256, 2:4's split K at 1 x 16)
+    if [ "$card" = h200 ]; then bash "$0" act-quick; else bash "$0" llama; fi
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
     TAIL=20 step block-probe 240 python3 bench/block_gemv_probe.py --fingerprint "$card" --out "$OUT"

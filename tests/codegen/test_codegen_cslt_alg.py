@@ -77,6 +77,23 @@ def test_the_fake_lays_the_product_out_as_the_chosen_output_order_does(M, monkey
     x = torch.empty(M, 64)
     column = twofour_cslt.twofour_cslt_fake(x, None, None, 32)
     assert column.shape == (M, 32) and column.stride(0) == 1  # the (N, M) product, transposed
-    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "row")
-    row = twofour_cslt.twofour_cslt_fake(x, None, None, 32)
+    row = twofour_cslt.twofour_cslt_fake(x, None, None, 32, True)
     assert row.shape == (M, 32) and row.stride() == (32, 1)
+    # the op's argument, not the environment, decides: the switch is read where a layer is traced
+    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "row")
+    assert twofour_cslt.twofour_cslt_fake(x, None, None, 32).stride(0) == 1
+    assert twofour_cslt.row_major_output()
+    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "column")
+    assert not twofour_cslt.row_major_output()
+
+
+def test_the_row_major_product_is_timed_apart_from_the_column_major_one(fresh_ids, monkeypatch):
+    """The library writes the transpose with other kernels, so its algorithm is chosen on its own."""
+    chosen = iter([0, 1])
+    monkeypatch.setattr(twofour_cslt, "fastest", lambda calls, timer, rounds, times: next(chosen))
+    monkeypatch.setattr(twofour_cslt, "_cuda_round_timer", lambda device: None)
+    key = (4096, 4096, 2048, torch.bfloat16)
+    x = torch.empty(4096, 2048)
+    assert twofour_cslt._cslt_alg(key, None, x) == 0
+    assert twofour_cslt._cslt_alg(key, None, x, row_major=True) == 1
+    assert twofour_cslt._cslt_alg(key, None, x) == 0 and twofour_cslt._cslt_alg(key, None, x, True) == 1
