@@ -135,12 +135,16 @@ case "${1:-suite}" in
     ;;
   llama-profile)  # where the forced 2:4 Llama loses end to end at 8 x 256 tokens: the kernels of its CUDA graph
     # next to the baseline's (torch.profiler; bench/e2e.py --profile), with cuSPARSELt's product returned
-    # column-major (as shipped) and then written row-major (SPARSEC_CSLT_OUTPUT=row)
-    mkdir -p "$OUT/column" "$OUT/row"
-    TAIL=40 step e2e-llama-profile-column 270 python3 bench/e2e.py --models llama --llama 8x256 --fingerprint "$card" \
+    # column-major (as shipped: its readers transpose it as they read), written row-major by the library
+    # (SPARSEC_CSLT_OUTPUT=row), and copied row-major in a pass of its own (SPARSEC_CSLT_OUTPUT=copy)
+    mkdir -p "$OUT/column" "$OUT/row" "$OUT/copy"
+    TAIL=12 step e2e-llama-profile-column 200 python3 bench/e2e.py --models llama --llama 8x256 --fingerprint "$card" \
       --out "$OUT/column" --recovery none --only "sparsec 2:4 +cg" --profile "inductor-cg,sparsec 2:4 +cg"
-    SPARSEC_CSLT_OUTPUT=row TAIL=40 step e2e-llama-profile-row 270 python3 bench/e2e.py --models llama --llama 8x256 \
-      --fingerprint "$card" --out "$OUT/row" --recovery none --only "sparsec 2:4 +cg" --profile "sparsec 2:4 +cg"
+    for layout in row copy; do
+      SPARSEC_CSLT_OUTPUT=$layout TAIL=12 step e2e-llama-profile-$layout 150 python3 bench/e2e.py --models llama \
+        --llama 8x256 --fingerprint "$card" --out "$OUT/$layout" --recovery none --only "sparsec 2:4 +cg" \
+        --profile "sparsec 2:4 +cg"
+    done
     ;;
   smollm2-part)  # first of two calls: keep the GGUF's first part (carry .carry/smol-a) on the warm machine,
     # then what suite does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow

@@ -46,7 +46,7 @@ from ._common import (LazyKernel, check_input, expect_tensor, grad_matmul, inter
                       pdl_enabled, register_input_grad, split_count, tl_dot_precision)
 from .packed import FormatKernels, register
 from .partials import sum_partials
-from .twofour_cslt import cslt_compressed, cslt_reason, row_major_output, twofour_cslt_op
+from .twofour_cslt import cslt_compressed, cslt_reason, output_layout, twofour_cslt_op
 
 # cuSPARSELt from this M on when no planner set one: where it overtook the Triton kernel on the
 # 14336x4096 layer on an H200 (docs/benchmarks.md; 128 on 4096x4096 and 4096x14336).
@@ -914,7 +914,7 @@ class TwoFourKernels(FormatKernels):
                 raise SparsecError(f"impl 'cusparselt' cannot run: {reason}")
             if packed.dtype != x2d.dtype:
                 raise SparsecError(f"impl 'cusparselt' needs x in the weight's dtype {packed.dtype}, got {x2d.dtype}")
-            return twofour_cslt_op(x2d, cslt_compressed(packed), b, packed.shape[0], row_major_output())
+            return twofour_cslt_op(x2d, cslt_compressed(packed), b, packed.shape[0], output_layout())
         t = packed.tensors()
         return twofour_linear_op(x2d, match_dtype(t["values"], x2d.dtype), t["meta"], b)
 

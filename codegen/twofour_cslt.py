@@ -110,31 +110,43 @@ def default_cslt_alg(m_padded: int) -> int:
 
 @torch.library.custom_op("sparsec::twofour_linear_cusparselt", mutates_args=())
 def twofour_cslt_op(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor],
-                    n_out: int, row_major: bool = False) -> torch.Tensor:
+                    n_out: int, layout: str = "column") -> torch.Tensor:
     """y = x @ W^T + bias through cuSPARSELt; ``compressed`` is ``torch._cslt_compress(W)``.
 
     cuSPARSELt computes W @ x^T, an (N, M) product; it is returned as its (M, N) transposed view
     rather than asking the library to write the transpose (``transpose_result=True``), which
     took 1.2-1.9x as long on an H200. The output is therefore column-major, and so is the fake's,
     so compilers lay out what follows accordingly (the FX lowering then makes it row-major for
-    what reads it, passes/rewrite_fx.py). ``row_major``: have the library write the product
-    row-major instead (``row_major_output``); an argument of the op, so that a compiled graph,
-    and inductor's cache of it, records which layout it was traced with. A column-major x is
-    passed as is (the library reads either order)."""
-    return cslt_matmul(x, compressed, bias, n_out, row_major)
+    what reads it, passes/rewrite_fx.py). ``layout`` (``output_layout``) asks for another: an
+    argument of the op, so that a compiled graph, and inductor's cache of it, records which
+    layout it was traced with. A column-major x is passed as is (the library reads either order)."""
+    return cslt_matmul(x, compressed, bias, n_out, layout)
 
 
-def row_major_output() -> bool:
-    """``SPARSEC_CSLT_OUTPUT=row``: have the library write the (M, N) product row-major
-    (``transpose_result``) instead of returning its (N, M) product transposed. Slower for the
-    product alone (1.2-1.9x on an H200; 0.76x of cuBLAS against 1.01x in a Llama at 2048 tokens
-    on an H100, docs/benchmarks.md), it spares what follows a strided read: an experiment switch,
-    read when a layer is called (traced), for comparing whole models."""
-    return os.environ.get("SPARSEC_CSLT_OUTPUT", "column") == "row"
+CSLT_LAYOUTS = ("column", "row", "copy")
+
+
+def output_layout() -> str:
+    """``SPARSEC_CSLT_OUTPUT``, read when a layer is called (traced): an experiment switch for
+    comparing whole models.
+
+    - ``column`` (default): the library's (N, M) product returned as its transposed view.
+    - ``row``: the library writes the (M, N) product row-major (``transpose_result``). Slower for
+      the product alone (1.2-1.9x on an H200; 0.76x of cuBLAS against 1.01x in a Llama at 2048
+      tokens on an H100, docs/benchmarks.md).
+    - ``copy``: the column-major product copied row-major inside the op, one pass of its own,
+      where inductor would otherwise fold the transposing read into the kernels that read it.
+    """
+    layout = os.environ.get("SPARSEC_CSLT_OUTPUT", "column")
+    if layout not in CSLT_LAYOUTS:
+        from sparsec.errors import SparsecError
+
+        raise SparsecError(f"SPARSEC_CSLT_OUTPUT must be one of {', '.join(CSLT_LAYOUTS)}; got {layout!r}")
+    return layout
 
 
 def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.Tensor], n_out: int,
-                row_major: bool = False) -> torch.Tensor:
+                layout: str = "column") -> torch.Tensor:
     """The body of ``twofour_cslt_op``, also what the fingerprint times as kernel "cusparselt"."""
     M, K = x.shape
     pad = (-M) % CSLT_M_ALIGN
@@ -144,19 +156,22 @@ def cslt_matmul(x: torch.Tensor, compressed: torch.Tensor, bias: Optional[torch.
         dense_t = x.t()
     else:
         dense_t = x.contiguous().t()
-    alg = _cslt_alg((n_out, K, M + pad, x.dtype), compressed, dense_t, row_major)
-    if row_major:
+    alg = _cslt_alg((n_out, K, M + pad, x.dtype), compressed, dense_t, layout == "row")
+    if layout == "row":
         y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg, transpose_result=True)
         return y.narrow(0, 0, M) if pad else y
     y = torch._cslt_sparse_mm(compressed, dense_t, bias=bias, alg_id=alg)
-    return (y.narrow(1, 0, M) if pad else y).t()
+    y = (y.narrow(1, 0, M) if pad else y).t()
+    return y.contiguous() if layout == "copy" else y
 
 
 @twofour_cslt_op.register_fake
-def twofour_cslt_fake(x, compressed, bias, n_out, row_major=False):
+def twofour_cslt_fake(x, compressed, bias, n_out, layout="column"):
     M = x.shape[0]
-    if row_major:
+    if layout == "row":
         return x.new_empty(M + (-M) % CSLT_M_ALIGN, n_out).narrow(0, 0, M)
+    if layout == "copy":
+        return x.new_empty(M, n_out)
     return x.new_empty(n_out, M + (-M) % CSLT_M_ALIGN).narrow(1, 0, M).t()
 
 

@@ -178,6 +178,7 @@ def test_the_cusparselt_layout_is_an_argument_of_the_op_so_a_compiled_graph_reco
     with FakeTensorMode():
         x = torch.empty(7, 32, dtype=torch.bfloat16)
         column = torch.ops.sparsec.twofour_linear_cusparselt(x, torch.empty(400, dtype=x.dtype), None, 48)
-        row = torch.ops.sparsec.twofour_linear_cusparselt(x, torch.empty(400, dtype=x.dtype), None, 48, True)
-    assert column.shape == row.shape == (7, 48)
-    assert column.stride() == (1, 8) and row.stride() == (48, 1)
+        row = torch.ops.sparsec.twofour_linear_cusparselt(x, torch.empty(400, dtype=x.dtype), None, 48, "row")
+        copy = torch.ops.sparsec.twofour_linear_cusparselt(x, torch.empty(400, dtype=x.dtype), None, 48, "copy")
+    assert column.shape == row.shape == copy.shape == (7, 48)
+    assert column.stride() == (1, 8) and row.stride() == copy.stride() == (48, 1)

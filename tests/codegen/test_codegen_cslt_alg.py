@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from sparsec.codegen import twofour_cslt
+from sparsec.errors import SparsecError
 
 
 def test_fastest_takes_the_lower_median_and_alternates_the_order():
@@ -77,14 +78,18 @@ def test_the_fake_lays_the_product_out_as_the_chosen_output_order_does(M, monkey
     x = torch.empty(M, 64)
     column = twofour_cslt.twofour_cslt_fake(x, None, None, 32)
     assert column.shape == (M, 32) and column.stride(0) == 1  # the (N, M) product, transposed
-    row = twofour_cslt.twofour_cslt_fake(x, None, None, 32, True)
-    assert row.shape == (M, 32) and row.stride() == (32, 1)
+    for layout in ("row", "copy"):
+        row = twofour_cslt.twofour_cslt_fake(x, None, None, 32, layout)
+        assert row.shape == (M, 32) and row.stride() == (32, 1)
     # the op's argument, not the environment, decides: the switch is read where a layer is traced
     monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "row")
     assert twofour_cslt.twofour_cslt_fake(x, None, None, 32).stride(0) == 1
-    assert twofour_cslt.row_major_output()
-    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "column")
-    assert not twofour_cslt.row_major_output()
+    assert twofour_cslt.output_layout() == "row"
+    monkeypatch.delenv("SPARSEC_CSLT_OUTPUT")
+    assert twofour_cslt.output_layout() == "column"
+    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "rows")
+    with pytest.raises(SparsecError, match="SPARSEC_CSLT_OUTPUT must be one of column, row, copy; got 'rows'"):
+        twofour_cslt.output_layout()
 
 
 def test_the_row_major_product_is_timed_apart_from_the_column_major_one(fresh_ids, monkeypatch):

@@ -67,7 +67,7 @@ def test_cusparselt_matches_float64(dtype, M, layout, with_bias):
 
 @pytest.mark.parametrize("M", [13, 2048])
 def test_cusparselt_row_major_output_matches_the_transposed_one(M, monkeypatch):
-    """``SPARSEC_CSLT_OUTPUT=row``: the same product, laid out row-major, as its fake says."""
+    """``SPARSEC_CSLT_OUTPUT=row`` and ``copy``: the same product, laid out row-major, as its fake says."""
     from sparsec.codegen.twofour_cslt import cslt_reason, twofour_cslt_fake
 
     why = cslt_reason(768, 1024, torch.bfloat16, "cuda")
@@ -77,12 +77,12 @@ def test_cusparselt_row_major_output_matches_the_transposed_one(M, monkeypatch):
     p = pack("2:4", torch.randn(768, 1024, generator=gen, device="cuda").to(torch.bfloat16))
     x = torch.randn(M, 1024, generator=gen, device="cuda").to(torch.bfloat16)
     column = linear(x, p, None, impl="cusparselt")
-    monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", "row")
-    row = linear(x, p, None, impl="cusparselt")
-    assert row.stride() == (768, 1) and column.stride() == (1, column.stride(1))
-    assert row.stride() == twofour_cslt_fake(x, None, None, 768, True).stride()
-    assert column.stride() == twofour_cslt_fake(x, None, None, 768).stride()
-    assert rel_err(row, column.double()) <= REL_TOL[torch.bfloat16]
+    assert column.stride() == (1, column.stride(1)) == twofour_cslt_fake(x, None, None, 768).stride()
+    for layout in ("row", "copy"):
+        monkeypatch.setenv("SPARSEC_CSLT_OUTPUT", layout)
+        row = linear(x, p, None, impl="cusparselt")
+        assert row.stride() == (768, 1) == twofour_cslt_fake(x, None, None, 768, layout).stride()
+        assert rel_err(row, column.double()) <= REL_TOL[torch.bfloat16]
 
 
 def planted(fmt: str, N: int, K: int, gen) -> torch.Tensor:
