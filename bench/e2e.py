@@ -108,9 +108,47 @@ def profile_table(fn, inputs, row) -> None:
             for _ in range(5):
                 fn(*inputs)
             torch.cuda.synchronize()
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=25)
+    averages = prof.key_averages()
+    table = averages.table(sort_by="cuda_time_total", row_limit=25)
     row["profile"] = table
+    row["kernels"] = kernel_rows(averages, replays=5)
+    row["kernel_groups_us"] = kernel_groups(row["kernels"])
     print(table, flush=True)
+    print("µs per call by kind:", ", ".join(f"{k} {v:.1f}" for k, v in row["kernel_groups_us"].items()), flush=True)
+
+
+KERNEL_KINDS = (  # first match wins: a kernel's name -> what it does (inductor's kernels by their kind,
+    # whatever ops they fused: "triton_poi_fused__scaled_dot_product..." is attention's input, pointwise)
+    ("reductions", ("triton_per_", "triton_red_", "reduce")),
+    ("pointwise", ("triton_poi_", "elementwise", "vectorized")),
+    ("sparse products", ("sparse_gemm", "cusparselt", "twofour", "block_kernel", "_act_", "lowrank", "monarch")),
+    ("dense products", ("nvjet", "gemm", "cutlass", "xmma", "cublas")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "softmax")),
+    ("memsets and copies", ("memset", "memcpy", "copy")),
+)
+
+
+def kernel_rows(averages, replays: int) -> list[dict]:
+    """Every GPU kernel of the profiled replays: name, launches and µs per replay (the table above
+    shows 25)."""
+    rows = []
+    for event in averages:
+        us = getattr(event, "self_device_time_total", None)
+        if us is None:
+            us = getattr(event, "self_cuda_time_total", 0.0)
+        if us > 0:
+            rows.append({"name": event.key, "calls": event.count // replays, "us": us / replays})
+    return sorted(rows, key=lambda r: -r["us"])
+
+
+def kernel_groups(rows: list[dict]) -> dict[str, float]:
+    """µs per replay by kind of kernel (KERNEL_KINDS; the rest as 'other')."""
+    groups: dict[str, float] = {}
+    for r in rows:
+        name = r["name"].lower()
+        kind = next((k for k, keys in KERNEL_KINDS if any(key in name for key in keys)), "other")
+        groups[kind] = groups.get(kind, 0.0) + r["us"]
+    return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
 
 
 def median_us(fn, warmup_ms=50, rep_ms=300) -> float:
