@@ -249,7 +249,33 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
             )
         )
         nodes[unique] = node
+    linear_nodes = set(nodes.values())
+    for site in sites:
+        site.read_by_linears = read_by_linears(nodes[site.name], linear_nodes)
     return sites, skipped, nodes
+
+
+ELEMENTWISE_FUNCTIONS = {operator.add, operator.mul, operator.sub, operator.truediv, torch.add, torch.mul, torch.sub,
+                         torch.sigmoid, torch.tanh, torch.relu, F.silu, F.gelu, F.relu, F.sigmoid, F.tanh,
+                         operator.getitem}
+ELEMENTWISE_METHODS = {"add", "mul", "sub", "div", "sigmoid", "tanh", "relu", "contiguous", "to", "float", "half",
+                       "bfloat16", "type_as"}
+
+
+def read_by_linears(node: fx.Node, linears: set, depth: int = 6) -> bool:
+    """Whether every path from ``node``'s output ends in one of ``linears`` after at most ``depth``
+    elementwise ops (slices included): the readers a product's memory order does not slow."""
+    users = list(node.users)
+    if not users or depth == 0:
+        return False
+    for user in users:
+        if user in linears:
+            continue
+        elementwise = ((user.op == "call_function" and user.target in ELEMENTWISE_FUNCTIONS)
+                       or (user.op == "call_method" and user.target in ELEMENTWISE_METHODS))
+        if not elementwise or not read_by_linears(user, linears, depth - 1):
+            return False
+    return True
 
 
 def _hidden_weights(folder: ConstantFolder, node: fx.Node) -> list[Skipped]:

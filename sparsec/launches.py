@@ -30,6 +30,18 @@ def siblings(layers) -> list[list]:
     return [members for members in sets.values() if len(members) > 1]
 
 
+def transposed_output_us(kernel: str | None, site, M: int, fingerprint) -> float:
+    """What reading cuSPARSELt's column-major product row-major costs the layer's readers: one pass
+    over it (read and written at the fingerprint's copy bandwidth), unless only linear layers read
+    it (``Site.read_by_linears``). In a transformers Llama at 2048 tokens (H100, 2026-12-06,
+    docs/benchmarks.md) the transposing reads folded into RoPE and the RMSNorms cost about 590 µs
+    a replay over the 100 such projections; this prices them at 284 µs."""
+    gbps = fingerprint.measured.get("copy_GBps") if kernel == "cusparselt" and not site.read_by_linears else None
+    if not gbps:
+        return 0.0
+    return 2 * M * site.N * site.weight.element_size() / (gbps * 1e3)
+
+
 def price_shared(layers, fingerprint, mode: str) -> None:
     """Price the candidates of a format with work on the input alone (``shares_input_work``) as
     their share of one launch with the sibling layers that have the same candidate.
@@ -124,7 +136,9 @@ def price_groups(groups, layers, fingerprint, mode: str) -> tuple[float, list[st
         if pred is None or not math.isfinite(pred.us) or not math.isfinite(apart) or getattr(pred, "unmeasured", ""):
             lines.append(f"{line}; priced as {len(members)} launches (the fingerprint cannot price the stacked shape)")
             continue
-        saved += apart - pred.us
+        kernel = getattr(pred, "kernel", None)
+        stacked_us = pred.us + sum(transposed_output_us(kernel, layer.site, M, fingerprint) for layer in members)
+        saved += apart - stacked_us
         note = f" ({pred.note})" if getattr(pred, "note", "") else ""
-        lines.append(f"{line}: predicted {pred.us:.1f} us against {apart:.1f} us as {len(members)} launches{note}")
+        lines.append(f"{line}: predicted {stacked_us:.1f} us against {apart:.1f} us as {len(members)} launches{note}")
     return saved, lines

@@ -27,7 +27,7 @@ import torch
 
 from sparsec.candidates import Candidate, Layer
 from sparsec.formats import Dense, family_of, parse_spec
-from sparsec.launches import LaunchGroup, price_groups, price_shared, settle_shared
+from sparsec.launches import LaunchGroup, price_groups, price_shared, settle_shared, transposed_output_us
 from sparsec.options import Options
 from sparsec.plan import Plan
 from sparsec.rest import RestOfGraph, price_rest
@@ -422,6 +422,7 @@ def cost(layers: list[Layer], fingerprint, options: Options) -> None:
                 continue
             pred = fingerprint.predict_detail(cand.fmt, M, site.N, site.K, dtype=site.dtype_name, mode=mode)
             cand.predicted_us, cand.kernel, cand.impl = pred.us, pred.kernel, pred.impl
+            cand.predicted_us += transposed_output_us(pred.kernel, site, M, fingerprint)
             unmeasured = getattr(pred, "unmeasured", "")
             if layer.requested == "auto" and unmeasured:
                 cand.rejected_because = (

@@ -28,6 +28,9 @@ class Site:
     input_key: str
     graph: int = 0
     tokens: int | None = None  # rows per call at the shape the graph runs at, when the capture knows it
+    # whether what the layer writes reaches only other linear layers, through elementwise ops (an
+    # MLP's gate and up projections): there a column-major product costs its readers nothing
+    read_by_linears: bool = False
 
     @property
     def N(self) -> int:

@@ -149,3 +149,38 @@ def test_a_price_narrowed_to_the_siblings_left_comes_back_when_all_choose_it_aga
     v.chosen = v.candidates[0]
     assert settle_shared([q, k, v], RotationPrices(), "graph") == []
     assert q.chosen.predicted_us == pytest.approx(full) and set(q.chosen.shared_with) == {"k", "v"}
+
+
+class CslPrices(Prices):
+    """Prices whose kernel is cuSPARSELt, on a device that copies 1000 GB/s."""
+
+    measured = {"copy_GBps": 1000.0}
+
+    def predict_detail(self, fmt, M, N, K, dtype, mode):
+        return SimpleNamespace(us=self.fixed + self.per_row * N, note="", unmeasured="", kernel="cusparselt")
+
+
+def test_a_column_major_product_read_by_other_than_linear_layers_costs_one_pass_over_it():
+    """cuSPARSELt's column-major product costs its readers one pass (read and written at the copy
+    bandwidth) unless only linear layers read it; other kernels write rows and cost nothing more."""
+    from sparsec.launches import transposed_output_us
+
+    fp = CslPrices()
+    site = SimpleNamespace(N=1024, weight=torch.empty(1024, 8, dtype=torch.bfloat16), read_by_linears=False)
+    assert transposed_output_us("cusparselt", site, 2048, fp) == pytest.approx(2 * 2048 * 1024 * 2 / 1e6)
+    assert transposed_output_us("sparsec-triton-2:4", site, 2048, fp) == 0.0
+    site.read_by_linears = True
+    assert transposed_output_us("cusparselt", site, 2048, fp) == 0.0
+
+
+def test_a_stacked_launch_pays_the_pass_over_each_members_product_too():
+    fp = CslPrices()
+    members = [layer(n, 100.0, tokens=2048) for n in ("q", "k")]
+    for m in members:
+        m.site = SimpleNamespace(dtype_name="bfloat16", N=1000, read_by_linears=False,
+                                 weight=torch.empty(1000, 8, dtype=torch.bfloat16))
+    group = LaunchGroup(("q", "k"), "2:4", (2000, 64))
+    saved, lines = price_groups([group], members, fp, "eager")
+    each = 2 * 2048 * 1000 * 2 / 1e6
+    assert saved == pytest.approx(200.0 - (fp.fixed + 2.0 + 2 * each))
+    assert f"predicted {fp.fixed + 2.0 + 2 * each:.1f} us" in lines[0]
