@@ -60,7 +60,7 @@ class Session:
 
         Whatever state the graph writes in place while it is planned (batch-norm statistics in
         training mode, caches, inputs) is put back as it was (``sparsec.state``). A failure in any
-        step falls back to the graph as traced (inductor on CUDA): one warning
+        step falls back to the graph as traced (inductor on CUDA, plain torch on the CPU): one warning
         names the step and the cause, and the report records it under ``fallbacks``. With
         ``strict`` it is raised instead; ``raise_user_errors`` raises errors about the user's own
         input (``SparsecError``: a bad plan, inputs that do not fit) even when not strict.
@@ -220,8 +220,8 @@ class Session:
 
 
 def fallback_message(graph: int, exc: BaseException,
-                     outcome: str = "this graph runs dense, as traced (inductor on CUDA). Pass the option "
-                                    "strict=True to raise instead") -> str:
+                     outcome: str = "this graph runs dense, as traced (inductor on CUDA, plain torch on the CPU). "
+                                    "Pass the option strict=True to raise instead") -> str:
     """One line: which step failed on which graph, why, and what happens instead."""
     from sparsec.errors import first_line
     from sparsec.pipeline import failed_step
