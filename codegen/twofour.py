@@ -694,6 +694,7 @@ def split_for(N: int, K: int, device) -> int:
 
 
 def _chunks(N: int, K: int, device) -> int:
+    """``split_for``'s count, read where the path is chosen (``split_for`` is what the split path calls)."""
     return max(1, min(split_count(-(-N // 16), device), K // SPLIT_MIN_K))
 
 

@@ -117,7 +117,7 @@ def rewrite(gm: fx.GraphModule, nodes: dict[str, fx.Node], sites: dict[str, Site
         node.replace_all_uses_with(replacement)
         new_gm.graph.erase_node(node)
     lines, absorbed = fuse_epilogues(new_gm, layer_names)
-    _row_major_outputs(new_gm, set(layer_names))
+    _row_major_outputs(new_gm)
     if notes is not None:
         original = {new: old for old, new in node_map.items()}
         notes["epilogues"] = lines
@@ -157,7 +157,7 @@ def _row_major(gm: fx.GraphModule, x):
     return node
 
 
-def _row_major_outputs(gm: fx.GraphModule, attrs: set[str]) -> None:
+def _row_major_outputs(gm: fx.GraphModule) -> None:
     """Every packed call's output (each slice of a group's) made row-major before anything reads it.
 
     cuSPARSELt's product comes back column-major (codegen/twofour_cslt.py). A linear layer after it
@@ -167,24 +167,19 @@ def _row_major_outputs(gm: fx.GraphModule, attrs: set[str]) -> None:
     RMSNorms split into two kernels each: the model ran 0.62x of dense, where the product written
     row-major by the library ran 0.82x. ``x.contiguous()`` on a row-major output is nothing, and on
     a column-major one inductor writes the transposing copy into the pointwise kernel that reads it."""
-    from sparsec.codegen import PackedGroup
+    from sparsec.codegen import EpilogueLinear, PackedGroup, PackedLinear
 
     for node in list(gm.graph.nodes):
-        if node.op != "call_module" or not _is_packed_call(gm, node, attrs):
+        if node.op != "call_module":
             continue
-        outputs = list(node.users) if isinstance(gm.get_submodule(node.target), PackedGroup) else [node]
-        for out in outputs:
+        module = gm.get_submodule(node.target)
+        if not isinstance(module, (PackedLinear, PackedGroup, EpilogueLinear)):
+            continue
+        for out in (list(node.users) if isinstance(module, PackedGroup) else [node]):
             with gm.graph.inserting_after(out):
                 row = gm.graph.call_method("contiguous", (out,))
             row.meta = dict(out.meta)
             out.replace_all_uses_with(row, delete_user_cb=lambda user, row=row: user is not row)
-
-
-def _is_packed_call(gm: fx.GraphModule, node: fx.Node, attrs: set[str]) -> bool:
-    """A call of a module the rewrite put in the graph, or one the epilogue fold made of it
-    (named after it: ``<attr>_gated``, ``<attr>_residual``)."""
-    target = str(node.target)
-    return target in attrs or any(target.startswith(a + "_") for a in attrs)
 
 
 def _site_input(site: Site, node: fx.Node):

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 
+from sparsec import interrupts
 from sparsec.errors import SparsecError
 
 SUBCOMMANDS = ("optimize", "fingerprint", "report")
@@ -44,15 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from sparsec import interrupts
-
     with interrupts.installed():
         return _main(argv)
 
 
 def _main(argv: list[str] | None) -> int:
-    from sparsec import interrupts
-
     try:
         logging.basicConfig(format="%(message)s")
         parser = build_parser()

@@ -39,7 +39,7 @@ def transposed_output_us(kernel: str | None, site, M: int, fingerprint) -> float
     gbps = fingerprint.measured.get("copy_GBps") if kernel == "cusparselt" and not site.read_by_linears else None
     if not gbps:
         return 0.0
-    return 2 * M * site.N * site.weight.element_size() / (gbps * 1e3)
+    return 2 * M * site.N * site.dtype.itemsize / (gbps * 1e3)
 
 
 def price_shared(layers, fingerprint, mode: str) -> None:

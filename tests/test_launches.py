@@ -166,7 +166,7 @@ def test_a_column_major_product_read_by_other_than_linear_layers_costs_one_pass_
     from sparsec.launches import transposed_output_us
 
     fp = CslPrices()
-    site = SimpleNamespace(N=1024, weight=torch.empty(1024, 8, dtype=torch.bfloat16), read_by_linears=False)
+    site = SimpleNamespace(N=1024, dtype=torch.bfloat16, read_by_linears=False)
     assert transposed_output_us("cusparselt", site, 2048, fp) == pytest.approx(2 * 2048 * 1024 * 2 / 1e6)
     assert transposed_output_us("sparsec-triton-2:4", site, 2048, fp) == 0.0
     site.read_by_linears = True
@@ -177,8 +177,7 @@ def test_a_stacked_launch_pays_the_pass_over_each_members_product_too():
     fp = CslPrices()
     members = [layer(n, 100.0, tokens=2048) for n in ("q", "k")]
     for m in members:
-        m.site = SimpleNamespace(dtype_name="bfloat16", N=1000, read_by_linears=False,
-                                 weight=torch.empty(1000, 8, dtype=torch.bfloat16))
+        m.site = SimpleNamespace(dtype_name="bfloat16", dtype=torch.bfloat16, N=1000, read_by_linears=False)
     group = LaunchGroup(("q", "k"), "2:4", (2000, 64))
     saved, lines = price_groups([group], members, fp, "eager")
     each = 2 * 2048 * 1000 * 2 / 1e6

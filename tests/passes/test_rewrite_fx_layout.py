@@ -75,7 +75,7 @@ def test_without_the_row_major_step_the_column_major_product_would_reach_the_rea
     the column-major product."""
     from sparsec.passes import rewrite_fx
 
-    monkeypatch.setattr(rewrite_fx, "_row_major_outputs", lambda gm, attrs: None)
+    monkeypatch.setattr(rewrite_fx, "_row_major_outputs", lambda gm: None)
     gen = torch.Generator().manual_seed(1)
     model = planted(Projections(), gen).eval()
     x, h = torch.randn(8, 64, generator=gen), torch.randn(8, 64, generator=gen)
