@@ -95,13 +95,13 @@ def main(argv=None):
     ap.add_argument("--blocks", type=int, default=None, help="mixture-of-experts blocks in the stack (default 4)")
     ap.add_argument("--only", default=None,
                     help="comma-separated configurations to run besides the baseline: grouped, batched, dense_all, "
-                         "loop, rows, auto, and the pinned forms 2:4, block, lowrank (default all)")
+                         "loop, grouped_mm, rows, auto, and the pinned forms 2:4, block, lowrank (default all)")
     args = ap.parse_args(argv)
     only = None if args.only is None else set(args.only.split(","))
 
     def wanted(name: str) -> bool:
         return only is None or name in only
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, memory_reason
+    from sparsec.codegen.experts import ALL_IMPLS, memory_reason
     from sparsec.experts import use_sparsec_experts
     import sparsec.experts as sx
 
@@ -137,7 +137,7 @@ def main(argv=None):
             record({"M": M, "config": "transformers grouped_mm, inductor" + (" + CUDA graphs" if mode else ""),
                          "us": base, "x": 1.0, "error": 0.0})
             use_sparsec_experts(model)
-            for impl in [i for i in IMPLS + ROWS_IMPLS if wanted(i)]:
+            for impl in [i for i in ALL_IMPLS if wanted(i)]:
                 why = memory_reason(impl, E, k, h, d, M, device)
                 if why:
                     record({"M": M, "config": f"sparsec {impl}: not run, {why}", "us": None, "x": None, "error": None})

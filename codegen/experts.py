@@ -19,7 +19,14 @@ per expert, so the op takes it as an argument:
   sized by T k and E alone (CUDA-graph safe). Without Triton (a CPU without the interpreter) the
   same grouping runs as one GEMM per expert on its run.
 
-Every bank has a fifth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in ``grouped``,
+Where torch has a grouped GEMM (``torch.nn.functional.grouped_mm``, or ``torch._grouped_mm``:
+CUTLASS on CUDA, bf16), a bank of dense or factored experts also has ``grouped_mm``
+(``TORCH_IMPLS``): the same sorted runs through torch's grouped GEMM, the kernel transformers'
+default ``grouped_mm`` implementation calls. At a few hundred tokens and more it is the fastest
+form on an H100 (2.2x sparsec's Triton grouped GEMM at 2048 tokens on a Mixtral-shaped bank), so
+the planner must be able to keep it.
+
+Every bank has a sixth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in ``grouped``,
 then each row through its expert by a matrix-vector kernel, no tensor cores, the SwiGLU of the
 gate and up halves fused into the gate_up launch (``_rows_kernel`` for dense weights and for each
 factor of low-rank ones, codegen/twofour.py's word kernel for 2:4, codegen/block.py's GEMV for
@@ -217,7 +224,20 @@ def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Ten
     return torch.einsum("te,eth->th", R, h.float()).to(x.dtype)
 
 
+TORCH_IMPLS = ("grouped_mm",)  # timed besides IMPLS where ``grouped_mm_usable``
 ROWS_IMPLS = ("rows",)  # timed besides IMPLS where a bank's implementation is measured here
+ALL_IMPLS = IMPLS + TORCH_IMPLS + ROWS_IMPLS
+
+
+def extra_impls(x, k: int, gate_up, down) -> tuple:
+    """The implementations a bank runs here besides ``IMPLS``: ``grouped_mm`` where torch's grouped
+    GEMM takes its weights, ``rows`` where worth timing at these tokens and its kernel runs for them
+    (elsewhere each would run ``grouped`` under its own name)."""
+    E = _factors(gate_up)[0].shape[0]
+    out = TORCH_IMPLS if grouped_mm_usable(x, gate_up, down) else ()
+    if rows_worth_timing(int(x.shape[0]), k, E) and rows_usable(x, gate_up, down):
+        out += ROWS_IMPLS
+    return out
 # ``rows`` reads an expert's weight once per row it serves (where L2 does not keep it between them),
 # ``grouped`` once per 16 or 64 rows: past this many rows per expert on average it is not timed
 ROWS_MAX_PER_EXPERT = 16
@@ -479,6 +499,51 @@ def experts_grouped(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tenso
     return out.index_add_(0, order // k, y).to(x.dtype)
 
 
+def _torch_grouped_mm():
+    """torch's grouped GEMM (``grouped_mm(a (S, K), b (E, K, N), offs=ends)``), or None."""
+    return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def grouped_mm_usable(x, gate_up, down) -> bool:
+    """Whether ``grouped_mm`` can run a bank: torch has a grouped GEMM, every projection is dense or
+    factored (E, N, K) tensors, and on CUDA the inputs are bf16 (the dtype its kernel takes under
+    every torch that has it) with each factor's sides in whole 16-byte rows."""
+    if _torch_grouped_mm() is None or x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return False
+    factors = _factors(gate_up) + _factors(down)
+    if not all(isinstance(w, torch.Tensor) for w in factors):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and all(w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0 for w in factors)
+    return True
+
+
+def experts_grouped_mm(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """``grouped_mm`` (module docstring): the pairs sorted by expert, each projection's factors
+    through torch's grouped GEMM over the runs (float32 accumulation inside it, each product
+    rounded to x's dtype); ``grouped`` where ``grouped_mm_usable`` says it cannot run. Device ops
+    only, shapes from T, k and E alone: CUDA-graph safe."""
+    if not grouped_mm_usable(x, gate_up, down):
+        return experts_grouped(x, top_k_index, top_k_weights, gate_up, down)
+    gate_up, down = _factors(gate_up), _factors(down)
+    T, k = top_k_index.shape
+    flat = top_k_index.reshape(-1).long()
+    order = torch.sort(flat, stable=True).indices
+    counts = torch.zeros(gate_up[0].shape[0], dtype=torch.int64, device=flat.device)
+    offs = torch.cumsum(counts.scatter_add_(0, flat, torch.ones_like(flat)), 0).to(torch.int32)  # each run's end
+    mm = _torch_grouped_mm()
+
+    def project(a, factors):
+        for w in factors:
+            a = mm(a, w.to(a.dtype).transpose(-2, -1), offs=offs)
+        return a
+
+    h = _swiglu(project(x[order // k], gate_up).float()).to(x.dtype)
+    y = project(h, down).float() * top_k_weights.reshape(-1)[order].float()[:, None]
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    return out.index_add_(0, order // k, y).to(x.dtype)
+
+
 def rows_usable(x, gate_up, down) -> bool:
     """Whether a bank can run ``rows``: Triton usable here, and each projection dense (E, N, K)
     tensors with unit stride along K (one, or a low-rank chain of factors), one 2:4 weight the word
@@ -577,7 +642,7 @@ def memory_reason(impl: str, E: int, k: int, I: int, H: int, M: int, device) -> 
 
 
 _RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_dense_all, "grouped": experts_grouped,
-        "rows": experts_rows}
+        "grouped_mm": experts_grouped_mm, "rows": experts_rows}
 
 
 @torch.library.custom_op("sparsec::experts_swiglu", mutates_args=())
@@ -664,9 +729,9 @@ def experts(x, top_k_index, top_k_weights, gate_up, down, impl: str = "grouped")
     check_bank(x2d, idx, wts, gate_up, down)
     if impl == "reference":
         return experts_loop(x2d, idx, wts, gate_up, down).reshape(*lead, -1)
-    if impl not in IMPLS + ROWS_IMPLS:
+    if impl not in ALL_IMPLS:
         raise SparsecError(f"unknown experts implementation {impl!r}; use one of: "
-                           f"{', '.join(IMPLS + ROWS_IMPLS)}, reference")
+                           f"{', '.join(ALL_IMPLS)}, reference")
     return experts_op(x2d, idx, wts, gate_up, down, impl).reshape(*lead, -1)
 
 
@@ -678,6 +743,6 @@ def experts_lowrank(x, top_k_index, top_k_weights, gate_up_v, gate_up_u, down_v,
     x2d = x.reshape(-1, x.shape[-1])
     idx = top_k_index.reshape(x2d.shape[0], -1)
     wts = top_k_weights.reshape(x2d.shape[0], -1)
-    if impl not in IMPLS + ROWS_IMPLS:
-        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(IMPLS + ROWS_IMPLS)}")
+    if impl not in ALL_IMPLS:
+        raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(ALL_IMPLS)}")
     return experts_lowrank_op(x2d, idx, wts, gate_up_v, gate_up_u, down_v, down_u, impl).reshape(*lead, -1)

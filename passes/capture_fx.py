@@ -317,6 +317,19 @@ def _rows(x) -> int | None:
     return math.prod(sizes[:-1])
 
 
+def concrete_inputs(values) -> list:
+    """A graph's example inputs with every symbolic size (a dynamic dimension's SymInt, which
+    Dynamo passes for the graph's size inputs) replaced by the size it was traced with, so the
+    graph can be run on them; read from the hint, so Dynamo installs no guard."""
+    out = []
+    for v in values:
+        if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            hint = getattr(v.node, "hint", None)
+            v = hint if hint is not None else v
+        out.append(v)
+    return out
+
+
 def _size_hint(d) -> int | None:
     if isinstance(d, torch.SymInt):
         hint = getattr(d.node, "hint", None)

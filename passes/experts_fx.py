@@ -179,7 +179,7 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
     Measured here, on the bank's own inputs, when this is the device the fingerprint describes (or
     the fingerprint has no expert banks); predicted by the fingerprint when it describes another
     device (planning here for a deployment there). Both figures go in the row where both exist."""
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, memory_reason, rows_usable, rows_worth_timing
+    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, TORCH_IMPLS, extra_impls, memory_reason
 
     rows = []
     for bank in banks:
@@ -196,13 +196,12 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
                 refused[impl] = why
         usable = [i for i in IMPLS if i not in refused] or ["grouped"]
         elsewhere = _other_device(fingerprint, bank.inputs[0])
-        few = rows_worth_timing(int(x.shape[0]), int(bank.inputs[1].shape[1]), E)
-        if few and elsewhere is None and rows_usable(x, bank.gate_up, bank.down):
-            usable += list(ROWS_IMPLS)
-        asked = usable + (list(ROWS_IMPLS) if few and elsewhere is not None else [])
+        if elsewhere is None:
+            usable += list(extra_impls(x, int(bank.inputs[1].shape[1]), bank.gate_up, bank.down))
+        asked = usable + (list(TORCH_IMPLS + ROWS_IMPLS) if elsewhere is not None else [])
         predicted = _predictions(bank, asked, fingerprint, cost_mode)
-        if elsewhere is not None:  # rows where the other device's fingerprint measured it (its kernel ran there)
-            usable += [i for i in ROWS_IMPLS if i in predicted]
+        if elsewhere is not None:  # those the other device's fingerprint measured (their kernels ran there)
+            usable += [i for i in TORCH_IMPLS + ROWS_IMPLS if i in predicted]
         by_prediction = elsewhere is not None and len(predicted) == len(usable)
         failed: dict[str, str] = {}
         bank.timings = {} if by_prediction else time_impls(bank, usable, graph_replay, failed)
@@ -247,13 +246,13 @@ def _other_device(fingerprint, x: torch.Tensor) -> str | None:
 
 
 def _row(bank: Bank, traced: str, chosen: str, timings: dict, predicted: dict, refused: dict, reason: str) -> dict:
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS
+    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, TORCH_IMPLS
 
     x = bank.inputs[0] if bank.inputs is not None else None
     counts = bank.counts.tolist() if bank.counts is not None else None
     basis = timings or predicted
     candidates = []
-    for impl in IMPLS + tuple(i for i in ROWS_IMPLS if i in basis or i in refused):
+    for impl in IMPLS + tuple(i for i in TORCH_IMPLS + ROWS_IMPLS if i in basis or i in refused):
         why = refused.get(impl)
         if why is None and impl in basis and impl != chosen:
             how = "measured" if timings else "predicted"

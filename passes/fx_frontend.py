@@ -43,6 +43,7 @@ class FxFrontend:
         self.warnings = list(warnings or [])  # the entry's, about this graph's inputs
         self.earlier_names = earlier_names  # layers of the graphs of the same model compiled before this one
         self.example_inputs = list(example_inputs)
+        self.run_inputs = capture_fx.concrete_inputs(example_inputs)  # the example, runnable (sizes as traced)
         self.calibration = calibration
         self.heldout = heldout or []
         self.graph = graph
@@ -77,7 +78,7 @@ class FxFrontend:
         self.bank_names = [b.name for b in banks]
         if not banks:
             return [], skipped
-        for gm, _, args in map(self._run_of, self.calibration or [self.example_inputs]):
+        for gm, _, args in map(self._run_of, self.calibration or [self.run_inputs]):
             experts_fx.record(gm, banks, [args])
         replay = self.mode == "reduce-overhead"
         rows = experts_fx.choose(self.gm, banks, graph_replay=replay, fingerprint=fingerprint, cost_mode=cost_mode)
@@ -242,7 +243,7 @@ class FxFrontend:
         if self.output is None or isinstance(self.output, int):
             return self.output
         if self._output_index is None:
-            self._output_index = find_output(self.gm, self.example_inputs, self.output)
+            self._output_index = find_output(self.gm, self.run_inputs, self.output)
         return self._output_index
 
     def has_heldout(self) -> bool:
@@ -311,7 +312,7 @@ class FxFrontend:
 
         rewritten = any(l.chosen is not None and not l.chosen.is_dense for l in layers)
         dense = self.original() if rewritten else None
-        dense_us, us = measure.time_graph(lowered, dense, self.example_inputs)
+        dense_us, us = measure.time_graph(lowered, dense, self.run_inputs)
         return Check(measured_us=us, measured_us_dense=dense_us)
 
     def original(self):

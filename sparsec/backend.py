@@ -110,6 +110,7 @@ class Session:
 
     def run_graph(self, gm, example_inputs):
         """Plan, verify and lower one subgraph; return its compiled callable (None with lower=False)."""
+        from sparsec.passes.capture_fx import concrete_inputs
         from sparsec.passes.fx_frontend import FxFrontend
         from sparsec.pipeline import optimize_graph, step
 
@@ -117,7 +118,7 @@ class Session:
         if self.options.lower and self._built:
             # a recompile (new shapes, grad mode) of a graph already planned needs no calibration:
             # its calibration items were mapped to the graph it was planned as
-            again = FxFrontend(gm, example_inputs, [list(example_inputs)], graph=graph, entry=self.entry,
+            again = FxFrontend(gm, example_inputs, [concrete_inputs(example_inputs)], graph=graph, entry=self.entry,
                                mode=self.options.mode, names=self.names)
             with step("lower"):
                 lowered = self._lower_again(again)
@@ -289,11 +290,13 @@ def _guard_weight_identity(gm, example_inputs) -> None:
 
 def calibration_inputs(gm, example_inputs, items, traced=None, graph: int = 0) -> tuple[list, str | None]:
     """Full placeholder lists for each calibration item, or the first call's inputs (and why)."""
+    from sparsec.passes.capture_fx import concrete_inputs
+
     if not items:
-        return [list(example_inputs)], None
+        return [concrete_inputs(example_inputs)], None
     mapped = _map_items(gm, example_inputs, items, traced=traced, graph=graph)
     if mapped is None:
-        return [list(example_inputs)], (
+        return [concrete_inputs(example_inputs)], (
             "calibration inputs could not be matched to this subgraph's inputs (it follows a graph "
             "break); it was calibrated on the inputs of its first call"
         )
@@ -347,10 +350,11 @@ class InputSlots:
         dynamic dimensions read from them. Raises ModelError when a value cannot go there, or
         returns None when the item lacks a value the graph takes (the graph is not the model's)."""
         from sparsec.errors import ModelError
+        from sparsec.passes.capture_fx import concrete_inputs
 
         positional = list(item) if isinstance(item, (tuple, list)) else []
         named = dict(item) if isinstance(item, dict) else dict(zip(self.argnames, positional))
-        args = list(example_inputs)
+        args = concrete_inputs(example_inputs)
         filled: dict[str, torch.Tensor] = {}
         for i, (kind, key) in self.wanted.items():
             if kind == "pos":

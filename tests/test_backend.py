@@ -273,6 +273,40 @@ def test_a_dynamic_recompile_is_not_specialised_back_to_one_size(monkeypatch):
     assert len(sizes) == 2  # the first size, then one dynamic graph for every other
 
 
+class _ReadsItsSizes(nn.Module):
+    """Reshapes by its input's sizes, so a dynamic graph takes them as symbolic size inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        h = torch.relu(self.up(x.reshape(b * t, -1)))
+        return self.down(h).view(b, t, -1)
+
+
+def test_a_graph_dynamic_from_its_first_compile_is_calibrated_on_the_sizes_it_was_traced_with():
+    # Dynamo hands such a graph its sizes as SymInts; running the graph on them to calibrate failed
+    # deep inside aten ("SymIntArrayRef expected to contain only concrete integers") and fell back
+    torch.manual_seed(5)
+    model = _ReadsItsSizes().eval()
+    with torch.no_grad():
+        model.up.weight.copy_(torch.randn(128, 8) @ torch.randn(8, 64) / 8)  # planted rank 8
+    options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01, "strict": True}
+    compiled = torch.compile(model, backend="sparsec", options=options, dynamic=True)
+    from sparsec.backend import session_for
+
+    with torch.no_grad():
+        for b, t in ((2, 16), (3, 12), (1, 5)):
+            x = torch.randn(b, t, 64)
+            y, ref = compiled(x), model(x)
+            assert y.shape == ref.shape and float((y - ref).norm() / ref.norm()) < 1e-4
+    layers = session_for(options, None).report.layers
+    assert [(l["name"], l["format"].split(":")[0]) for l in layers] == [("up", "lowrank"), ("down", "dense")]
+    assert layers[0]["tokens"] == 32  # the rows it was traced with: 2 x 16
+
+
 def test_compiling_with_autograd_on_warns_that_rewritten_weights_are_frozen():
     torch.manual_seed(4)
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()

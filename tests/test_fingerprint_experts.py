@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from sparsec.codegen.experts import IMPLS, ROWS_IMPLS
+from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, TORCH_IMPLS, grouped_mm_usable
 from sparsec.fingerprint import experts
 from sparsec.fingerprint.predict import load_fingerprint
 from sparsec.fingerprint.schema import SchemaViolation, validate_fingerprint
@@ -21,7 +21,9 @@ FAST = TimingPolicy(repeats=3, min_repeats=2, warmup=1, min_sample_s=1e-4, point
 def test_the_tiny_grid_times_every_implementation_at_every_token_count():
     entries = experts.measure(torch.device("cpu"), "tiny", FAST, torch.float32)
     (E, k, I, H), = experts.GRIDS["tiny"]["banks"]
-    assert {(e["impl"], e["M"]) for e in entries} == {(i, m) for i in IMPLS for m in experts.GRIDS["tiny"]["M"]}
+    # grouped_mm where this torch has a grouped GEMM; rows needs Triton's GPU kernel
+    timed = IMPLS + (TORCH_IMPLS if grouped_mm_usable(torch.ones(1, H), torch.ones(E, 2 * I, H), torch.ones(E, H, I)) else ())
+    assert {(e["impl"], e["M"]) for e in entries} == {(i, m) for i in timed for m in experts.GRIDS["tiny"]["M"]}
     assert all(e["us"] > 0 and e["mode"] == "eager" and e["dtype"] == "float32" for e in entries)
     assert all((e["experts"], e["top_k"], e["I"], e["H"]) == (E, k, I, H) for e in entries)
     doc = copy.deepcopy(load_fingerprint("cpu").data)
@@ -32,7 +34,7 @@ def test_the_tiny_grid_times_every_implementation_at_every_token_count():
         validate_fingerprint(doc)
 
 
-@pytest.mark.parametrize("impl", IMPLS + ROWS_IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + TORCH_IMPLS + ROWS_IMPLS)
 def test_every_implementation_the_measurement_can_time_is_one_the_schema_accepts(impl):
     doc = copy.deepcopy(load_fingerprint("cpu").data)
     doc["experts"] = _curve(impl)

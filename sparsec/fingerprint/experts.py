@@ -39,7 +39,7 @@ def _bank(E: int, k: int, I: int, H: int, M: int, device, dtype, gen):
 
 def measure(device: torch.device, grid: str, policy, dtype: torch.dtype, progress=None) -> list[dict]:
     """Every implementation over ``GRIDS[grid]`` on ``device``, eager and (on CUDA) graph-replayed."""
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, experts_op, memory_reason, rows_usable, rows_worth_timing
+    from sparsec.codegen.experts import IMPLS, experts_op, extra_impls, memory_reason
     from sparsec.fingerprint.timing import Clock
 
     clock = Clock(device, policy)
@@ -51,9 +51,8 @@ def measure(device: torch.device, grid: str, policy, dtype: torch.dtype, progres
         for E, k, I, H in GRIDS[grid]["banks"]:
             for M in GRIDS[grid]["M"]:
                 x, index, weights, gate_up, down = _bank(E, k, I, H, M, device, dtype, gen)
-                # rows only where its kernel runs (elsewhere it would time grouped under its name)
-                extra = ROWS_IMPLS if rows_worth_timing(M, k, E) and rows_usable(x, gate_up, down) else ()
-                for impl in IMPLS + extra:
+                # grouped_mm and rows only where their kernels run (elsewhere each would time grouped)
+                for impl in IMPLS + extra_impls(x, k, gate_up, down):
                     if memory_reason(impl, E, k, I, H, M, device):
                         continue  # e.g. batched at thousands of tokens: terabytes of gathered weights
                     calls = [lambda impl=impl: experts_op(x, index, weights, gate_up, down, impl)]

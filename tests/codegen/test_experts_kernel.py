@@ -38,7 +38,7 @@ def float64_reference(x, index, weights, gate_up, down):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ("grouped_mm",))
 @pytest.mark.parametrize("T,E,k", [(1, 4, 1), (3, 8, 2), (37, 8, 2), (20, 16, 4), (150, 4, 1)])  # the last: 64-row tiles
 def test_every_implementation_matches_float64(impl, T, E, k, dtype, gen):
     H, I = 48, 40   # tails in every tile of the grouped kernel
@@ -63,7 +63,7 @@ def test_experts_no_token_chose_cost_nothing_and_break_nothing(gen):
     order, ends, tiles, tile_expert = sorted_runs(index, E, 16)
     assert ends.tolist() == [0, 0, 9, 9, 9, 9] and tile_expert.tolist() == [2] + [E] * (len(tile_expert) - 1)
     ref = float64_reference(x, index, weights, gate_up, down)
-    for impl in IMPLS:
+    for impl in IMPLS + ("grouped_mm",):
         assert float((experts(x, index, weights, gate_up, down, impl=impl).double() - ref).norm() / ref.norm()) < 1e-5
 
 
@@ -126,7 +126,7 @@ def factored_bank(E, I, H, r1, r2, gen, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("impl", IMPLS + ("rows",))
+@pytest.mark.parametrize("impl", IMPLS + ("grouped_mm", "rows"))
 @pytest.mark.parametrize("T,E,k", [(1, 4, 1), (37, 8, 2), (150, 4, 1)])
 def test_a_factored_bank_computes_the_bank_its_factors_multiply_to(impl, T, E, k, dtype, gen):
     from sparsec.codegen.experts import experts_lowrank
@@ -465,3 +465,17 @@ def test_the_block_sparse_op_compiles_through_inductor_on_its_fake(gen):
     torch._dynamo.reset()
     want = 2.0 * float64_reference(x + 1.0, index, weights, gate_up, down)
     torch.testing.assert_close(torch.compile(f, fullgraph=True)(x).double(), want, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_mm_runs_dense_and_factored_banks_and_hands_packed_ones_to_grouped(gen):
+    from sparsec.codegen.experts import TwoFourWeights, grouped_mm_usable
+
+    if not (hasattr(torch.nn.functional, "grouped_mm") or hasattr(torch, "_grouped_mm")):
+        pytest.skip("this torch has no grouped GEMM")
+    gate_up, down = bank(4, 8, 16, gen)
+    x = torch.randn(3, 16, generator=gen)
+    assert grouped_mm_usable(x, gate_up, down)
+    assert grouped_mm_usable(x, (gate_up[:, :, :4], gate_up[:, :4, :]), down)
+    packed = TwoFourWeights(torch.zeros(4, 16, 8), torch.zeros(4, 16, 2, dtype=torch.uint8))
+    assert not grouped_mm_usable(x, packed, down)
+    assert not grouped_mm_usable(x.to(torch.int32), gate_up, down)
