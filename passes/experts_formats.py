@@ -99,16 +99,18 @@ def choose(banks, candidates, evaluate, allowed: float, speed, graph_replay: boo
     is of another device, or None. ``forced``: bank name -> (label, fit), or None for dense, of the
     banks a plan names: those run as it says (timed, not vetoed), the others are chosen for;
     ``refused``: why those others stay dense without being tried (no ``evaluate`` then)."""
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, rows_worth_timing
+    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, TORCH_IMPLS, rows_worth_timing
 
     forced = forced or {}
     impls = [i for i in IMPLS if not (graph_replay and i == "loop")]
 
-    def extra(bank, rewrite) -> list[str]:  # rows, where worth timing and its kernel runs for the form
+    def extra(bank, rewrite) -> list[str]:  # torch's grouped GEMM where it takes the form; rows where worth timing
         x, index, _ = bank.inputs
         few = rows_worth_timing(int(x.shape[0]), int(index.shape[1]), int(bank.gate_up.shape[0]))
         runs = getattr(rewrite, "rows_runs", None)
-        return list(ROWS_IMPLS) if few and runs is not None and runs(x) else []
+        mm = getattr(rewrite, "grouped_mm_runs", None)
+        return ((list(TORCH_IMPLS) if mm is not None and mm(x) else [])
+                + (list(ROWS_IMPLS) if few and runs is not None and runs(x) else []))
     everything = [b for b in banks if b.inputs is not None]
     out = {b.name: {"format": None, "allowed_error": allowed, "tried": []} for b in everything}
     for bank in everything:

@@ -63,6 +63,12 @@ class Factoring:
 
         return rows_usable(x, (self.gate_up_v, self.gate_up_u), (self.down_v, self.down_u))
 
+    def grouped_mm_runs(self, x) -> bool:
+        """Whether torch's grouped GEMM (codegen/experts.py's ``grouped_mm``) takes these factors."""
+        from sparsec.codegen.experts import grouped_mm_usable
+
+        return grouped_mm_usable(x, (self.gate_up_v, self.gate_up_u), (self.down_v, self.down_u))
+
     def stored(self) -> int:
         return sum(t.numel() for t in self.factors)
 

@@ -391,6 +391,25 @@ def test_sparse_experts_are_also_timed_row_by_row_at_a_few_rows_per_expert_and_r
     assert "rows" not in timed["2:4"]
 
 
+def test_factored_experts_are_also_timed_through_torchs_grouped_gemm_and_sparse_ones_are_not(monkeypatch):
+    from sparsec.codegen import experts as ex
+
+    timed = {}
+
+    def speed(bank, rewrite, impls, replay):
+        timed[rewrite.label.split()[0]] = list(impls)
+        return (3.0, "grouped", 2.0)
+    monkeypatch.setattr(experts_fx, "structured_speed", speed)
+    monkeypatch.setattr(ex, "_torch_grouped_mm", lambda: torch.nn.functional.linear)  # a torch that has one
+    optimize(MoE(rank="2:4"), error_budget=0.01)
+    assert "grouped_mm" in timed["lowrank"]
+    assert "grouped_mm" not in timed["2:4"] and "grouped_mm" not in timed["block:16:0.25"]
+    monkeypatch.setattr(ex, "_torch_grouped_mm", lambda: None)  # one that has none
+    timed.clear()
+    optimize(MoE(rank="2:4"), error_budget=0.01)
+    assert not any("grouped_mm" in impls for impls in timed.values())
+
+
 def test_a_form_that_runs_in_no_implementation_here_never_measures_faster(gen):
     from sparsec.passes.experts_fx import structured_speed
 
