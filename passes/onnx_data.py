@@ -153,23 +153,33 @@ def _check_dims(shape, dims, name, path, what, declared, offset=0):
 
 
 def generate(model: onnx.ModelProto, constants: Constants | None = None, calls: int = GENERATED_CALLS,
-             seed: int = 0) -> Feeds:
-    """Random inputs of the declared shapes; ModelError names any input with a dynamic dimension."""
+             seed: int = 0, sizes: dict[str, int] | None = None) -> Feeds:
+    """Random inputs of the declared shapes, each named dynamic dimension at its size in ``sizes``
+    (``--dims``); ModelError names any other dynamic dimension, and any name in ``sizes`` that is
+    no dynamic dimension of the inputs."""
     constants = constants or Constants(model)
     rng = np.random.default_rng(seed)
     inputs = graph_inputs(model)
+    sizes = dict(sizes or {})
+    named = {d for vi in inputs for d in value_info_dims(vi) if isinstance(d, str)}
+    unknown = sorted(set(sizes) - named)
+    if unknown:
+        raise ModelError(f"--dims names {', '.join(map(repr, unknown))}, which is no dynamic dimension of the "
+                         f"model's inputs (" + (f"theirs: {', '.join(sorted(named))}" if named else "they have none")
+                         + ")")
     notes = []
     makers = []
     for vi in inputs:
-        dims = value_info_dims(vi)
+        dims = [sizes.get(d, d) if isinstance(d, str) else d for d in value_info_dims(vi)]
         for axis, d in enumerate(dims):
             if not isinstance(d, int) or d < 1:
                 label = f"{d!r}" if d is not None else "unnamed"
                 example = ", ".join(str(x) if isinstance(x, int) else (x if isinstance(x, str) and x else "N")
                                     for x in dims)
+                fix = f"pass --dims {d}=SIZE to make up inputs of that size, or " if isinstance(d, str) else "pass "
                 raise ModelError(
                     f"input {vi.name!r} has a dynamic dimension ({label}, axis {axis}), so sparsec cannot "
-                    f"make up inputs for it: pass --calibration data.npz with an array named {vi.name!r} "
+                    f"make up inputs for it: {fix}--calibration data.npz with an array named {vi.name!r} "
                     f"of shape [samples, {example}] (numpy.savez('data.npz', {_identifier(vi.name)}=array))")
         dtype = elem_numpy_dtype(vi.type.tensor_type.elem_type)
         if np.issubdtype(dtype, np.floating):

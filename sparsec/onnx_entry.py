@@ -50,11 +50,16 @@ class OnnxResult:
 def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.01, calibration=None,
                   heldout=None, formats=None, plan=None, report=None, measure: bool = False,
                   external_data: bool | None = None, provider: str = "auto", strict: bool = False,
-                  metric=None, metric_output: str | int | None = None, recovery: str | None = None) -> OnnxResult:
-    """Plan, rewrite, verify and write ``model`` (an .onnx path) to ``output``; see the module doc."""
+                  metric=None, metric_output: str | int | None = None, recovery: str | None = None,
+                  dims: dict[str, int] | None = None) -> OnnxResult:
+    """Plan, rewrite, verify and write ``model`` (an .onnx path) to ``output``; see the module doc.
+    ``dims``: sizes of the inputs' named dynamic dimensions for inputs made up without ``calibration``."""
     from sparsec.passes.onnx_model import check_writable, load_model, save_checked
     from sparsec.pipeline import optimize_graph
 
+    if dims and calibration:
+        raise OptionError("--dims sizes the inputs sparsec makes up, and --calibration's arrays give their own "
+                          "sizes: pass one of them")
     output = check_writable(output)
     _refuse_overwriting_input(model, output)
     options = _options(fingerprint, error_budget, formats, plan, report, measure, metric, metric_output, recovery)
@@ -66,7 +71,7 @@ def optimize_onnx(model, output, *, fingerprint="auto", error_budget: float = 0.
     if formats is None:
         options.formats, note = executor_formats(options.formats, executor)
         warnings += [note] if note else []
-    frontend = _frontend(loaded, executor, options, calibration, heldout, warnings, output)
+    frontend = _frontend(loaded, executor, options, calibration, heldout, warnings, output, dims)
     try:
         outcome = optimize_graph(frontend, options, executor.fingerprint)
     except SparsecError:
@@ -128,7 +133,8 @@ def _options(fingerprint, error_budget, formats, plan, report, measure, metric=N
     return parse_options({k: v for k, v in given.items() if v is not None})
 
 
-def _frontend(loaded, executor: "Executor", options, calibration, heldout, warnings: list[str], output: Path):
+def _frontend(loaded, executor: "Executor", options, calibration, heldout, warnings: list[str], output: Path,
+              dims: dict[str, int] | None = None):
     """The ONNX front-end with its inputs: the .npz files, or inputs generated when there is something to calibrate."""
     from sparsec.passes.onnx_data import Feeds, generate, load_npz
     from sparsec.passes.onnx_frontend import OnnxFrontend
@@ -154,7 +160,7 @@ def _frontend(loaded, executor: "Executor", options, calibration, heldout, warni
         if unmatched:
             raise PlanError(unmatched)
     if sites:
-        feeds = load_npz(calibration, loaded.model) if calibration else generate(loaded.model)
+        feeds = load_npz(calibration, loaded.model) if calibration else generate(loaded.model, sizes=dims)
     else:
         feeds = Feeds(runs=[], calls=[], source="none (nothing to calibrate)")
     frontend.calibration = feeds

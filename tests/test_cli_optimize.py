@@ -322,6 +322,23 @@ def test_bad_input_gets_one_line_a_nonzero_exit_and_nothing_written(tmp_path, ca
     assert sorted(p.name for p in tmp_path.iterdir()) == before and stdout == ""
 
 
+def test_dims_size_a_dynamic_models_made_up_inputs_and_do_not_mix_with_calibration(tmp_path, capsys):
+    model, _ = lowrank_mlp(d=64, rank=8, layers=2)
+    dyn = make_model(model.graph.node, [vi("x", ["tokens", 64])], [vi("y", ["tokens", 64])], model.graph.initializer)
+    onnx.save_model(dyn, str(tmp_path / "dyn.onnx"))
+    rc, _, err = optimize(capsys, tmp_path / "dyn.onnx", "-o", tmp_path / "out.onnx", "--dims", "tokens=64",
+                          "--report", tmp_path / "r.json", "--quiet")
+    assert rc == 0, err
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["layers"] and all(layer["tokens"] == 64 for layer in report["layers"])
+    np.savez(tmp_path / "calib.npz", x=np.ones((2, 64, 64), np.float32))
+    for extra, message in ((["--calibration", tmp_path / "calib.npz"], "pass one of them"),
+                           ([], "'tokens=0' is not NAME=SIZE")):
+        rc, _, err = optimize(capsys, tmp_path / "dyn.onnx", "-o", tmp_path / "out2.onnx", "--dims",
+                              "tokens=64" if extra else "tokens=0", *extra)
+        assert rc == 2 and message in err and not (tmp_path / "out2.onnx").exists()
+
+
 def test_a_failing_step_writes_the_model_unchanged_and_says_so_unless_strict(planted, tmp_path, monkeypatch, capsys):
     from sparsec import pipeline
 

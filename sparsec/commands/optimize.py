@@ -39,6 +39,10 @@ def register(subparsers) -> None:
     parser.add_argument("--calibration", default=None,
                         help=".npz with one array per graph input, named like it, first axis = samples "
                              "(default: inputs generated from the declared shapes, with a warning)")
+    parser.add_argument("--dims", type=_dims, default=None, metavar="NAME=SIZE[,NAME=SIZE...]",
+                        help="without --calibration: the size of each named dynamic dimension of the inputs "
+                             "sparsec makes up (e.g. batch=1,sequence=128); they are also the token counts it "
+                             "plans for")
     parser.add_argument("--heldout", default=None, help=".npz like --calibration; never fitted to, but the error budget must hold on it too")
     parser.add_argument("--formats", nargs="+", default=None, metavar="FORMAT",
                         help="allowed formats: 2:4 block lowrank monarch (space or comma separated; default all); "
@@ -73,6 +77,18 @@ def _budget(text: str) -> float:
     return value
 
 
+def _dims(text: str) -> dict[str, int]:
+    """NAME=SIZE pairs, comma separated: the sizes of named dynamic input dimensions."""
+    out = {}
+    for item in (t.strip() for t in text.split(",")):
+        name, eq, size = item.partition("=")
+        if not eq or not name.strip() or not size.strip().isdigit() or int(size) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not NAME=SIZE with a positive whole SIZE; give e.g. "
+                                             "--dims batch=1,sequence=128")
+        out[name.strip()] = int(size)
+    return out
+
+
 def _output_ref(text: str | None) -> str | int | None:
     """An output's index when the text is a number, else its name."""
     return int(text) if text is not None and text.isdigit() else text
@@ -95,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
             calibration=args.calibration, heldout=args.heldout, formats=formats, plan=args.plan, report=args.report,
             measure=args.measure, external_data=True if args.external_data else None, provider=args.provider,
             strict=args.strict, metric=args.metric, metric_output=_output_ref(args.metric_output),
-            recovery=args.recovery)
+            recovery=args.recovery, dims=args.dims)
     if not args.quiet:
         from sparsec.report import render_table
 

@@ -42,6 +42,15 @@ def test_dynamic_dimension_without_data_names_the_input_and_the_fix():
     assert "of shape [samples, batch, " in text, text
 
 
+def test_named_dynamic_dimensions_take_the_sizes_given_and_a_name_no_input_has_is_refused():
+    feeds = generate(embedding_model(batch="batch", seq="seq"), calls=2, sizes={"batch": 3, "seq": 5})
+    assert feeds.runs[0]["ids"].shape == (3, 5) and feeds.runs[0]["scale"].shape == (3, 1)
+    with pytest.raises(ModelError, match=r"input 'ids' has a dynamic dimension \('seq', axis 1\).*--dims seq=SIZE"):
+        generate(embedding_model(batch="batch", seq="seq"), sizes={"batch": 3})
+    with pytest.raises(ModelError, match=r"--dims names 'batc', which is no dynamic dimension .*theirs: batch, seq"):
+        generate(embedding_model(batch="batch", seq="seq"), sizes={"batc": 3, "seq": 5})
+
+
 def test_arrays_of_the_input_rank_are_samples_along_a_dynamic_batch_run_several_at_a_time(tmp_path):
     model = embedding_model(batch="b")
     n = RUN_BATCH + 3
