@@ -645,11 +645,18 @@ _RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_d
         "grouped_mm": experts_grouped_mm, "rows": experts_rows}
 
 
+def _run(impl: str, x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """``impl`` on the bank; no tokens (an empty batch) give an empty output without a launch."""
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape)
+    return _RUN[impl](x, top_k_index, top_k_weights, gate_up, down)
+
+
 @torch.library.custom_op("sparsec::experts_swiglu", mutates_args=())
 def experts_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor, gate_up: torch.Tensor,
                down: torch.Tensor, impl: str) -> torch.Tensor:
     """One expert bank (module docstring) with implementation ``impl``."""
-    return _RUN[impl](x, top_k_index, top_k_weights, (gate_up,), (down,))
+    return _run(impl, x, top_k_index, top_k_weights, (gate_up,), (down,))
 
 
 @experts_op.register_fake
@@ -665,7 +672,7 @@ def experts_lowrank_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     ((E, 2I, R1) @ (E, R1, H)) and its down down_u[e] @ down_v[e] ((E, H, R2) @ (E, R2, I)); each
     projection runs as two products on the R-wide middle, so a token reads R (N + K) weight values
     of an expert instead of N K. The same four implementations, two launches per projection."""
-    return _RUN[impl](x, top_k_index, top_k_weights, (gate_up_v, gate_up_u), (down_v, down_u))
+    return _run(impl, x, top_k_index, top_k_weights, (gate_up_v, gate_up_u), (down_v, down_u))
 
 
 @experts_lowrank_op.register_fake
@@ -681,7 +688,7 @@ def experts_twofour_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights
     bytes (E, N, meta bytes), as codegen/twofour.py packs one weight. ``grouped`` and ``rows`` read
     the packed experts (about 9/16 of the dense bytes at 16 bits); the other implementations expand
     them first (the reference paths)."""
-    return _RUN[impl](x, top_k_index, top_k_weights, TwoFourWeights(gate_up_values, gate_up_meta),
+    return _run(impl, x, top_k_index, top_k_weights, TwoFourWeights(gate_up_values, gate_up_meta),
                       TwoFourWeights(down_values, down_meta))
 
 
@@ -700,7 +707,7 @@ def experts_block_op(x: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: 
     kept share of the dense bytes); the other implementations expand them first (the reference paths)."""
     gate_up = BlockWeights(gate_up_values, gate_up_cols, gate_up_row_ptr, x.shape[1])
     down = BlockWeights(down_values, down_cols, down_row_ptr, gate_up.shape[1] // 2)
-    return _RUN[impl](x, top_k_index, top_k_weights, gate_up, down)
+    return _run(impl, x, top_k_index, top_k_weights, gate_up, down)
 
 
 @experts_block_op.register_fake
@@ -722,27 +729,25 @@ def check_factors(gate_up_v, gate_up_u, down_v, down_u) -> None:
 
 def experts(x, top_k_index, top_k_weights, gate_up, down, impl: str = "grouped") -> torch.Tensor:
     """The bank's output for ``x`` (..., H), checked; ``impl`` one of IMPLS or "reference"."""
-    lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    idx = top_k_index.reshape(x2d.shape[0], -1)
-    wts = top_k_weights.reshape(x2d.shape[0], -1)
+    idx = top_k_index.reshape(x2d.shape[0], top_k_index.shape[-1])  # (no tokens: still k slots)
+    wts = top_k_weights.reshape(x2d.shape[0], top_k_weights.shape[-1])
     check_bank(x2d, idx, wts, gate_up, down)
     if impl == "reference":
-        return experts_loop(x2d, idx, wts, gate_up, down).reshape(*lead, -1)
+        return _run("loop", x2d, idx, wts, gate_up, down).reshape(x.shape)
     if impl not in ALL_IMPLS:
         raise SparsecError(f"unknown experts implementation {impl!r}; use one of: "
                            f"{', '.join(ALL_IMPLS)}, reference")
-    return experts_op(x2d, idx, wts, gate_up, down, impl).reshape(*lead, -1)
+    return experts_op(x2d, idx, wts, gate_up, down, impl).reshape(x.shape)
 
 
 def experts_lowrank(x, top_k_index, top_k_weights, gate_up_v, gate_up_u, down_v, down_u,
                     impl: str = "grouped") -> torch.Tensor:
     """The factored bank's output for ``x`` (..., H), checked (``experts_lowrank_op``)."""
     check_factors(gate_up_v, gate_up_u, down_v, down_u)
-    lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    idx = top_k_index.reshape(x2d.shape[0], -1)
-    wts = top_k_weights.reshape(x2d.shape[0], -1)
+    idx = top_k_index.reshape(x2d.shape[0], top_k_index.shape[-1])  # (no tokens: still k slots)
+    wts = top_k_weights.reshape(x2d.shape[0], top_k_weights.shape[-1])
     if impl not in ALL_IMPLS:
         raise SparsecError(f"unknown experts implementation {impl!r}; use one of: {', '.join(ALL_IMPLS)}")
-    return experts_lowrank_op(x2d, idx, wts, gate_up_v, gate_up_u, down_v, down_u, impl).reshape(*lead, -1)
+    return experts_lowrank_op(x2d, idx, wts, gate_up_v, gate_up_u, down_v, down_u, impl).reshape(x.shape)

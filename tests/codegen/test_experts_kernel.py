@@ -479,3 +479,11 @@ def test_grouped_mm_runs_dense_and_factored_banks_and_hands_packed_ones_to_group
     packed = TwoFourWeights(torch.zeros(4, 16, 8), torch.zeros(4, 16, 2, dtype=torch.uint8))
     assert not grouped_mm_usable(x, packed, down)
     assert not grouped_mm_usable(x.to(torch.int32), gate_up, down)
+
+
+@pytest.mark.parametrize("impl", IMPLS + ("grouped_mm", "rows"))
+def test_a_batch_without_tokens_gives_an_empty_output(impl, gen):
+    gate_up, down = bank(4, 8, 16, gen)
+    x = torch.randn(2, 0, 16, generator=gen)
+    y = experts(x, torch.zeros(2, 0, 2, dtype=torch.long), torch.zeros(2, 0, 2), gate_up, down, impl=impl)
+    assert y.shape == (2, 0, 16)
