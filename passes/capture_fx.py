@@ -174,13 +174,32 @@ def _fetch_attr(gm: fx.GraphModule, target: str):
     return obj
 
 
-def layer_name(weight_source: str | None, node: fx.Node) -> str:
+def layer_name(weight_source: str | None, node: fx.Node, frame_relative: bool = False) -> str:
+    """The layer's name: its weight's, less ``.weight``; else the module that ran it; else the node's.
+    ``frame_relative``: the weight's name is Dynamo's (relative to the traced frame, as the module
+    stack's paths are), so a ``torch.nn.Linear`` that runs a weight another module owns (a head
+    tied to the embedding table) is named as that linear layer, as the whole model's names do."""
     if weight_source:
-        return weight_source[: -len(".weight")] if weight_source.endswith(".weight") else weight_source
+        name = weight_source[: -len(".weight")] if weight_source.endswith(".weight") else weight_source
+        if frame_relative:
+            module = _running_linear(node)
+            return module if module is not None else name
+        return name
     stack = node.meta.get("nn_module_stack")
     if stack:
         return qualified_name(list(stack.values())[-1][0])
     return node.name
+
+
+def _running_linear(node: fx.Node) -> str | None:
+    """The qualified path of the ``torch.nn.Linear`` whose call the node is, if it is one."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return None
+    path, kind = list(stack.values())[-1]
+    if isinstance(kind, type) and issubclass(kind, torch.nn.Linear):
+        return qualified_name(path)
+    return None
 
 
 def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int, str] | None = None,
@@ -206,7 +225,7 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
             source = f"{node.target}.weight"
         else:
             source = folder.source(w_node) if isinstance(w_node, fx.Node) else None
-        name = layer_name(source, node)
+        name = layer_name(source, node, frame_relative=not folder.names)
         if isinstance(w_node, fx.Node) and unfuse_fx.PART in w_node.meta:
             name = f"{name}.{w_node.meta[unfuse_fx.PART]}"
         if not ok_w or not isinstance(w, torch.Tensor):

@@ -167,12 +167,26 @@ def _compiled_entry(model, backend):
 
 
 def state_names(model) -> dict[int, str]:
-    """The id of each parameter and buffer of ``model`` -> its qualified name (the first, if shared)."""
+    """The id of each parameter and buffer of ``model`` -> its qualified name: the first, or for a
+    tensor several modules share, the first a ``torch.nn.Linear`` owns (a language model's head tied
+    to its embedding table is a linear layer named ``lm_head``, not ``model.embed_tokens``)."""
     if not isinstance(model, torch.nn.Module):
         return {}
     names: dict[int, str] = {}
+    owned_by_linear: set[int] = set()
     for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
-        names.setdefault(id(tensor), name)
+        key = id(tensor)
+        if key in owned_by_linear:
+            continue
+        owner = name.rpartition(".")[0]
+        try:
+            linear = isinstance(model.get_submodule(owner), torch.nn.Linear)
+        except AttributeError:
+            linear = False
+        if key not in names or linear:
+            names[key] = name
+        if linear:
+            owned_by_linear.add(key)
     return names
 
 

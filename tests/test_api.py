@@ -549,3 +549,26 @@ def test_calibration_the_model_cannot_run_is_refused_in_one_line_without_torchs_
             pytest.raises(ModelError, match=r"fails on calibration item 0 \(shapes \(4, 20\)\).*cannot be multiplied"):
         sparsec.optimize(model, (torch.randn(4, 32),), fingerprint=scenario_fp(), calibration=[(torch.randn(4, 20),)])
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("torch")]
+
+
+class _TiedHead(nn.Module):
+    """An embedding table reused as the output projection, as language models tie their head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(96, 64)
+        self.mix = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 96, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.mix(self.embed(ids))))
+
+
+def test_a_head_tied_to_the_embedding_table_is_named_as_the_linear_layer_it_is():
+    torch.manual_seed(6)
+    model = _TiedHead().eval()
+    ids = torch.randint(0, 96, (4, 16))
+    result = sparsec.optimize(model, (ids,), fingerprint="cpu", lower=False, recovery="none",
+                              plan={"layers": {"_default": "dense"}})
+    assert [layer["name"] for layer in result.report.layers] == ["mix", "head"]

@@ -414,3 +414,24 @@ def test_sessions_are_bounded_so_old_calibration_data_is_let_go(monkeypatch):
     gc.collect()
     assert alive() is None and len(backend._SESSIONS) == 3
     assert backend.session_for(kept[0], None) is sessions[0]  # the ones kept are found again
+
+
+def test_under_torch_compile_a_head_tied_to_the_embedding_table_is_named_as_its_linear_layer():
+    from sparsec.backend import session_for
+
+    class TiedHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(96, 64)
+            self.mix = nn.Linear(64, 64)
+            self.head = nn.Linear(64, 96, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mix(self.embed(ids))))
+
+    torch.manual_seed(7)
+    options = {"fingerprint": "cpu", "plan": {"layers": {"_default": "dense"}}, "recovery": "none", "strict": True}
+    with torch.no_grad():
+        torch.compile(TiedHead().eval(), backend="sparsec", options=options)(torch.randint(0, 96, (4, 16)))
+    assert [layer["name"] for layer in session_for(options, None).report.layers] == ["mix", "head"]
