@@ -551,7 +551,7 @@ def test_calibration_the_model_cannot_run_is_refused_in_one_line_without_torchs_
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR and r.name.startswith("torch")]
 
 
-class _TiedHead(nn.Module):
+class TiedHead(nn.Module):
     """An embedding table reused as the output projection, as language models tie their head."""
 
     def __init__(self):
@@ -567,7 +567,7 @@ class _TiedHead(nn.Module):
 
 def test_a_head_tied_to_the_embedding_table_is_named_as_the_linear_layer_it_is():
     torch.manual_seed(6)
-    model = _TiedHead().eval()
+    model = TiedHead().eval()
     ids = torch.randint(0, 96, (4, 16))
     result = sparsec.optimize(model, (ids,), fingerprint="cpu", lower=False, recovery="none",
                               plan={"layers": {"_default": "dense"}})

@@ -417,18 +417,9 @@ def test_sessions_are_bounded_so_old_calibration_data_is_let_go(monkeypatch):
 
 
 def test_under_torch_compile_a_head_tied_to_the_embedding_table_is_named_as_its_linear_layer():
+    from test_api import TiedHead
+
     from sparsec.backend import session_for
-
-    class TiedHead(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.Embedding(96, 64)
-            self.mix = nn.Linear(64, 64)
-            self.head = nn.Linear(64, 96, bias=False)
-            self.head.weight = self.embed.weight
-
-        def forward(self, ids):
-            return self.head(torch.relu(self.mix(self.embed(ids))))
 
     torch.manual_seed(7)
     options = {"fingerprint": "cpu", "plan": {"layers": {"_default": "dense"}}, "recovery": "none", "strict": True}
