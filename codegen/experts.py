@@ -41,6 +41,8 @@ Every implementation accumulates in float32 and returns x's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -515,7 +517,18 @@ def grouped_mm_usable(x, gate_up, down) -> bool:
         return False
     if x.is_cuda:
         return x.dtype == torch.bfloat16 and all(w.shape[1] % 8 == 0 and w.shape[2] % 8 == 0 for w in factors)
-    return True
+    return x.device.type == "cpu" and _grouped_mm_runs_on_cpu(_torch_grouped_mm(), x.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _grouped_mm_runs_on_cpu(mm, dtype: torch.dtype) -> bool:
+    """Whether the grouped GEMM ``mm`` has a CPU kernel for ``dtype`` (some torch releases have none)."""
+    try:
+        a, b = torch.ones(3, 8, dtype=dtype), torch.ones(2, 8, 8, dtype=dtype)
+        mm(a, b, offs=torch.tensor([1, 3], dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
 
 
 def experts_grouped_mm(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:

@@ -481,6 +481,16 @@ def test_grouped_mm_runs_dense_and_factored_banks_and_hands_packed_ones_to_group
     assert not grouped_mm_usable(x.to(torch.int32), gate_up, down)
 
 
+def test_a_grouped_gemm_without_a_cpu_kernel_is_not_offered_on_the_cpu(gen, monkeypatch):
+    from sparsec.codegen import experts as ex
+
+    def no_cpu_kernel(a, b, offs):
+        raise NotImplementedError("no CPU kernel")
+    monkeypatch.setattr(ex, "_torch_grouped_mm", lambda: no_cpu_kernel)
+    gate_up, down = bank(4, 8, 16, gen)
+    assert not ex.grouped_mm_usable(torch.randn(3, 16, generator=gen), gate_up, down)
+
+
 @pytest.mark.parametrize("impl", IMPLS + ("grouped_mm", "rows"))
 def test_a_batch_without_tokens_gives_an_empty_output(impl, gen):
     gate_up, down = bank(4, 8, 16, gen)

@@ -400,11 +400,11 @@ def test_factored_experts_are_also_timed_through_torchs_grouped_gemm_and_sparse_
         timed[rewrite.label.split()[0]] = list(impls)
         return (3.0, "grouped", 2.0)
     monkeypatch.setattr(experts_fx, "structured_speed", speed)
-    monkeypatch.setattr(ex, "_torch_grouped_mm", lambda: torch.nn.functional.linear)  # a torch that has one
+    monkeypatch.setattr(ex, "grouped_mm_usable", lambda x, gate_up, down: True)  # a torch that has one
     optimize(MoE(rank="2:4"), error_budget=0.01)
     assert "grouped_mm" in timed["lowrank"]
     assert "grouped_mm" not in timed["2:4"] and "grouped_mm" not in timed["block:16:0.25"]
-    monkeypatch.setattr(ex, "_torch_grouped_mm", lambda: None)  # one that has none
+    monkeypatch.setattr(ex, "grouped_mm_usable", lambda x, gate_up, down: False)  # one that has none
     timed.clear()
     optimize(MoE(rank="2:4"), error_budget=0.01)
     assert not any("grouped_mm" in impls for impls in timed.values())
