@@ -3,8 +3,9 @@
 Dynamo lifts parameters into graph inputs: placeholders whose example value is an
 ``nn.Parameter``. Those, ``get_attr`` tensors, and pure view/cast chains over them (``w.T``,
 ``w.t()[:, :k]``) count as constants. Every ``F.linear`` / ``nn.Linear`` / ``addmm`` / ``mm`` /
-``matmul`` whose weight folds to a constant 2-D tensor becomes a Site; everything else that looks
-like one is listed as skipped with the reason, and left as it was.
+``matmul``, and every ``einsum`` that is a linear layer (``"...k,nk->...n"`` and its spellings),
+whose weight folds to a constant 2-D tensor becomes a Site; everything else that looks like one is
+listed as skipped with the reason, and left as it was.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ FOLDABLE_FUNCTIONS = {
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CONV = "a convolution's weight: sparsec rewrites linear layers and matrix products, not convolutions"
 OTHER_WEIGHT_TARGETS = {
-    torch.einsum: "an einsum with a constant operand is not rewritten; write it as F.linear or a matmul to have it planned",
+    torch.einsum: ("an einsum with a constant operand is rewritten only where it is a linear layer (one operand "
+                   "'...k' or 'k...', the weight 'nk' or 'kn', out '...n'); write it as F.linear to have it planned"),
     torch.bmm: "a batched product with a constant operand (one weight per batch entry) is not rewritten",
     torch.baddbmm: "a batched product with a constant operand (one weight per batch entry) is not rewritten",
     **{f: _CONV for f in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d,
@@ -363,8 +365,50 @@ def _activation_rank(x) -> int | None:
     return val.dim() if isinstance(val, torch.Tensor) else None
 
 
+def linear_input(node: fx.Node):
+    """The activation operand of a node ``_match_linear`` matched."""
+    if (node.op == "call_function" and node.target in ADDMM_TARGETS) or (node.op == "call_method" and node.target == "addmm"):
+        return node.args[1]
+    if node.op == "call_function" and node.target is torch.einsum:
+        return _einsum_linear(node)[0]
+    return node.args[0]
+
+
+def _einsum_linear(node: fx.Node):
+    """(x, weight, weight_is_K_by_N) where the einsum is a linear layer, else None: two operands, one
+    of two letters (the weight: ``nk`` or ``kn``), the other ending in the contracted letter ``k``
+    (its leading letters or ``...`` kept in order), the output those leading letters then ``n``."""
+    args = list(node.args)
+    if len(args) == 2 and isinstance(args[1], (list, tuple)):
+        args = [args[0], *args[1]]
+    if len(args) != 3 or not isinstance(args[0], str) or node.kwargs:
+        return None
+    equation = args[0].replace(" ", "")
+    if equation.count("->") != 1:
+        return None
+    left, out = equation.split("->")
+    subs = left.split(",")
+    if len(subs) != 2:
+        return None
+    for xi, wi in ((0, 1), (1, 0)):
+        x_sub, w_sub = subs[xi], subs[wi]
+        if len(w_sub) != 2 or not w_sub.isalpha() or w_sub[0] == w_sub[1] or not x_sub:
+            continue
+        k = x_sub[-1]
+        lead = x_sub[:-1]
+        if k not in w_sub or any(c in lead for c in w_sub):
+            continue
+        n = w_sub.replace(k, "")
+        if out == lead + n and len(set(lead.replace(".", ""))) == len(lead.replace(".", "")):
+            return args[1 + xi], args[1 + wi], w_sub == k + n
+    return None
+
+
 def _match_linear(gm: fx.GraphModule, node: fx.Node):
     """(op, x, weight, bias, weight_is_K_by_N) for a linear-like node, else None."""
+    if node.op == "call_function" and node.target is torch.einsum:
+        found = _einsum_linear(node)
+        return None if found is None else ("einsum", found[0], found[1], None, found[2])
     if node.op == "call_function" and node.target in LINEAR_TARGETS:
         x = node.args[0]
         w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")

@@ -21,6 +21,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from sparsec.activation import apply_linear
+from sparsec.passes.capture_fx import linear_input
 from sparsec.sites import Site, SiteStats
 
 
@@ -98,7 +99,7 @@ class SiteInterpreter(fx.Interpreter):
         return out
 
     def _activation(self, n: fx.Node) -> torch.Tensor:
-        x_node = n.args[1] if (n.op == "call_function" and n.target in (torch.addmm,)) or (n.op == "call_method" and n.target == "addmm") else n.args[0]
+        x_node = linear_input(n)
         return self.env[x_node] if isinstance(x_node, fx.Node) else x_node
 
 

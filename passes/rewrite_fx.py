@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from sparsec.candidates import Layer
+from sparsec.passes import capture_fx
 from sparsec.sites import Site
 
 
@@ -183,7 +184,7 @@ def _row_major_outputs(gm: fx.GraphModule) -> None:
 
 
 def _site_input(site: Site, node: fx.Node):
-    return node.args[1] if site.op == "addmm" else node.args[0]
+    return capture_fx.linear_input(node)
 
 
 def _groups_in_graph(modules: dict, sites: dict, nodes: dict, node_map: dict) -> dict:

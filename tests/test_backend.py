@@ -124,6 +124,46 @@ def test_every_linear_spelling_is_captured_with_its_weight_orientation(scenario_
     }
 
 
+class Einsums(nn.Module):
+    """Linear layers written as einsums, each weight of exact rank 8, and one einsum that is not a
+    linear layer (its output's letters reordered)."""
+
+    def __init__(self):
+        super().__init__()
+        def planted(n, k):
+            return torch.randn(n, 8) @ torch.randn(8, k) / 8
+        self.a = nn.Parameter(planted(48, 32))               # (N, K)
+        self.b = nn.Parameter(planted(40, 48).T.contiguous())  # (K, N)
+        self.c = nn.Parameter(planted(40, 40))
+        self.d = nn.Parameter(planted(24, 40))
+
+    def forward(self, x):
+        h = torch.einsum("bsk,nk->bsn", x, self.a)
+        h = torch.einsum("...k,kn->...n", h, self.b)
+        h = torch.einsum("nk,bsk->bsn", self.c, h)
+        return torch.einsum("bsk,nk->bns", h, self.d)
+
+
+def test_an_einsum_that_is_a_linear_layer_is_planned_and_others_are_skipped_saying_why():
+    torch.manual_seed(3)
+    model = Einsums().eval()
+    x = torch.randn(2, 8, 32)
+    options = {"fingerprint": "cpu", "plan": {"layers": {"_default": "lowrank:8"}}, "recovery": "none",
+               "strict": True}
+    with torch.no_grad():
+        y = torch.compile(model, backend="sparsec", options=options)(x)
+        ref = model(x)
+    from sparsec.backend import session_for
+
+    report = session_for(options, None).report
+    assert {l["name"]: (l["op"], l["shape"], l["format"]) for l in report.layers} == {
+        "a": ("einsum", [48, 32], "lowrank:8"), "b": ("einsum", [40, 48], "lowrank:8"),
+        "c": ("einsum", [40, 40], "lowrank:8")}
+    (skipped,) = report.to_dict()["skipped"]
+    assert skipped["name"] == "d" and "only where it is a linear layer" in skipped["reason"]
+    assert float((y - ref).norm() / ref.norm()) < 1e-4  # rank 8 kept exactly: lossless
+
+
 def test_backend_called_directly_returns_callable_matching_graph(scenario_fp):
     gm = torch.fx.symbolic_trace(nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 8)))
     x = torch.randn(10, 16)
