@@ -23,8 +23,9 @@ Where torch has a grouped GEMM (``torch.nn.functional.grouped_mm``, or ``torch._
 CUTLASS on CUDA, bf16), a bank of dense or factored experts also has ``grouped_mm``
 (``TORCH_IMPLS``): the same sorted runs through torch's grouped GEMM, the kernel transformers'
 default ``grouped_mm`` implementation calls. At a few hundred tokens and more it is the fastest
-form on an H100 (2.2x sparsec's Triton grouped GEMM at 2048 tokens on a Mixtral-shaped bank), so
-the planner must be able to keep it.
+form on an H100 (transformers' ``grouped_mm`` ran a Mixtral-shaped stack 2.3x faster than
+sparsec's Triton grouped GEMM at 2048 tokens, docs/benchmarks.md), so the planner must be able to
+keep it.
 
 Every bank has a sixth, ``rows`` (``ROWS_IMPLS``): the pairs sorted by expert as in ``grouped``,
 then each row through its expert by a matrix-vector kernel, no tensor cores, the SwiGLU of the
@@ -240,6 +241,8 @@ def extra_impls(x, k: int, gate_up, down) -> tuple:
     if rows_worth_timing(int(x.shape[0]), k, E) and rows_usable(x, gate_up, down):
         out += ROWS_IMPLS
     return out
+
+
 # ``rows`` reads an expert's weight once per row it serves (where L2 does not keep it between them),
 # ``grouped`` once per 16 or 64 rows: past this many rows per expert on average it is not timed
 ROWS_MAX_PER_EXPERT = 16
