@@ -99,6 +99,10 @@ def capture(model: onnx.ModelProto, constants: Constants | None = None, graph: i
         if node.op_type in CONV_OPS:
             skipped.append(Skipped(name, node.op_type, "convolutions are not rewritten; only MatMul and Gemm are"))
             continue
+        if node.op_type == "Einsum" and any(constants.has(t) and len(constants.dims(t) or ()) == 2 for t in node.input):
+            skipped.append(Skipped(name, "Einsum", "an Einsum with a constant weight is not rewritten; export the layer "
+                                   "as a MatMul (F.linear, or x @ W.T) to have it planned"))
+            continue
         nested = list(_subgraph_layers(node, name))
         if nested:
             skipped.extend(nested)

@@ -77,11 +77,13 @@ def test_refusals_name_their_reason():
         helper.make_node("Gemm", ["x", "w2"], ["e"], name="trans_a", transA=1),
         helper.make_node("MatMul", ["x", "w_over"], ["g"], name="overridable"),
         helper.make_node("MatMulInteger", ["xq", "wq"], ["h"], name="quantized"),
+        helper.make_node("Einsum", ["x", "w_ein"], ["i"], name="einsum", equation="bk,nk->bn"),
     ]
     inits = [tensor("w_left", f(4, 4)), tensor("w3d", f(2, 4, 4)), tensor("w_int", np.ones((4, 4), np.int32)),
-             tensor("w2", f(4, 4)), tensor("w_over", f(4, 4)), tensor("wq", np.ones((4, 4), np.int8))]
+             tensor("w2", f(4, 4)), tensor("w_over", f(4, 4)), tensor("wq", np.ones((4, 4), np.int8)),
+             tensor("w_ein", f(4, 4))]
     inputs = [vi("x", [4, 4]), vi("x_t", [4, 4]), vi("w_over", [4, 4]), vi("xq", [4, 4], TensorProto.INT8)]
-    outs = [vi(n, None) for n in "abcdegh"]
+    outs = [vi(n, None) for n in "abcdeghi"]
     sites, skipped, _ = capture(make_model(nodes, inputs, outs, inits))
     reasons = {s.name: s.reason for s in skipped}
     assert not sites
@@ -92,6 +94,7 @@ def test_refusals_name_their_reason():
     assert "transA=1" in reasons["trans_a"]
     assert "graph input with a default" in reasons["overridable"]
     assert "quantized MatMulInteger" in reasons["quantized"]
+    assert "an Einsum with a constant weight is not rewritten" in reasons["einsum"]
 
 
 def test_an_add_that_is_not_a_per_output_bias_is_not_taken_as_one():
