@@ -36,8 +36,8 @@ FOLDABLE_FUNCTIONS = {
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CONV = "a convolution's weight: sparsec rewrites linear layers and matrix products, not convolutions"
 OTHER_WEIGHT_TARGETS = {
-    torch.einsum: ("an einsum with a constant operand is rewritten only where it is a linear layer (one operand "
-                   "'...k' or 'k...', the weight 'nk' or 'kn', out '...n'); write it as F.linear to have it planned"),
+    torch.einsum: ("an einsum with a constant operand is rewritten only where it is a linear layer (the input "
+                   "'...k', the weight 'nk' or 'kn', the output '...n'); write it so, or as F.linear, to have it planned"),
     torch.bmm: "a batched product with a constant operand (one weight per batch entry) is not rewritten",
     torch.baddbmm: "a batched product with a constant operand (one weight per batch entry) is not rewritten",
     **{f: _CONV for f in (torch.conv1d, torch.conv2d, torch.conv3d, F.conv1d, F.conv2d, F.conv3d,

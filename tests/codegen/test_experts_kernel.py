@@ -475,7 +475,7 @@ def test_grouped_mm_runs_dense_and_factored_banks_and_hands_packed_ones_to_group
     gate_up, down = bank(4, 8, 16, gen)
     x = torch.randn(3, 16, generator=gen)
     assert grouped_mm_usable(x, gate_up, down)
-    assert grouped_mm_usable(x, (gate_up[:, :, :4], gate_up[:, :4, :]), down)
+    assert grouped_mm_usable(x, (gate_up[:, :4, :], gate_up[:, :, :4]), down)  # factors (E, R, H), (E, 2I, R)
     packed = TwoFourWeights(torch.zeros(4, 16, 8), torch.zeros(4, 16, 2, dtype=torch.uint8))
     assert not grouped_mm_usable(x, packed, down)
     assert not grouped_mm_usable(x.to(torch.int32), gate_up, down)
