@@ -32,7 +32,9 @@
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
 #           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
-#   first   act-quick on an H200, llama on an H100
+#   moe-mm  torch's grouped GEMM for expert banks: GPU tests, bench/moe.py at 2048, 256, 16 and 1 tokens
+#           (transformers' default, grouped, grouped_mm, auto), the experts section of this card's fingerprint
+#   first   act-quick on an H200, moe-mm on an H100
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
 set -u
@@ -198,7 +200,16 @@ case "${1:-suite}" in
     ;;
   first)  # whichever card came: act-quick on an H200 (#21's targets are the H200's); on an H100 the
     # transformers Llama's forced plans (row-major packed outputs at 8 x 256, 2:4's split K at 1 x 16)
-    if [ "$card" = h200 ]; then bash "$0" act-quick; else bash "$0" llama; fi
+    if [ "$card" = h200 ]; then bash "$0" act-quick; else bash "$0" moe-mm; fi
+    ;;
+  moe-mm)  # torch's grouped GEMM as an expert implementation: its GPU tests, then bench/moe.py against
+    # transformers' default at prefill and decode token counts, then the experts section of this card's
+    # fingerprint measured again (grouped_mm points were missing from it)
+    step experts-gpu 120 python3 -m pytest -q -p no:cacheprovider --tb=short tests/codegen/test_experts_kernel.py \
+      tests/codegen/test_gpu_paths.py -k "grouped or experts or rows"
+    TAIL=25 step moe-mm 330 python3 bench/moe.py --M 2048,256,16,1 --only grouped,grouped_mm,auto --out "$OUT"
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    step fingerprint-experts 90 sparsec fingerprint measure --experts -o "$OUT/$card.json"
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
     TAIL=20 step block-probe 240 python3 bench/block_gemv_probe.py --fingerprint "$card" --out "$OUT"
