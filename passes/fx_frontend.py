@@ -205,11 +205,13 @@ class FxFrontend:
         return out
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False,
-                 per_layer: bool = True) -> tuple[float, dict[str, float]]:
+                 per_layer: bool = True, calls: int | None = None) -> tuple[float, dict[str, float]]:
         """The metric on the calibration (or held-out) calls with ``replacements`` in place, and each
         replaced layer's own relative output error; ``per_layer=False`` leaves the latter out (empty),
-        and with it the dense product each replaced layer would run beside its replacement."""
+        and with it the dense product each replaced layer would run beside its replacement.
+        ``calls``: only the first that many calls."""
         data = self.heldout if heldout else self.calibration
+        data = data if calls is None else data[:calls]
         refs = self._heldout_refs() if heldout else self._references
         local: dict[str, torch.Tensor] = {}  # per layer: [squared error, energy], summed over the calls
         outs = []

@@ -49,7 +49,7 @@ class LowRankHandler:
 
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
-        return [(u @ v).float() for u, v in self._factors(specs, weight, stats, method)]
+        return [u.float() @ v.float() for u, v in self._factors(specs, weight, stats, method)]
 
     def factored(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """Per spec, the factors (U (N x R), V (R x K), float32) of ``approximate``'s reconstruction,
@@ -75,18 +75,20 @@ class LowRankHandler:
                 def unwhiten(v):
                     return v / root
             else:
-                root, inv_root = whitening(stats)
-                root, inv_root = root.to(W.device), inv_root.to(W.device)
+                root, _ = calibrate.damped_cholesky(G, DAMPING)
+                root = root.to(W.device)
                 A = W @ root
 
-                def unwhiten(v):
-                    return v @ inv_root
-        basis = top_basis(A)
-        out = []
-        for spec in specs:
-            U, V = truncated_factors(A, basis, spec.rank)
-            out.append(balanced(U, V if unwhiten is None else unwhiten(V)))
-        return out
+                def unwhiten(v):  # v S^-1, by a triangular solve (R K^2, where S^-1 itself costs K^3)
+                    return torch.linalg.solve_triangular(root, v, upper=False, left=False)
+        if not specs:
+            return []
+        # every rank's factors are the trailing columns / rows of the largest rank's: made (and
+        # unwhitened, a K x K product) once for the whole chain
+        U_all, V_all = truncated_factors(A, top_basis(A), max(spec.rank for spec in specs))
+        if unwhiten is not None:
+            V_all = unwhiten(V_all)
+        return [balanced(U_all[:, -spec.rank:], V_all[-spec.rank:]) for spec in specs]
 
 
 def top_basis(A: torch.Tensor) -> torch.Tensor:

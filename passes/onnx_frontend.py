@@ -156,17 +156,21 @@ class OnnxFrontend:
         return "cuda" if self.provider == "CUDAExecutionProvider" and torch.cuda.is_available() else "cpu"
 
     def evaluate(self, replacements: dict[str, torch.Tensor], heldout: bool = False,
-                 per_layer: bool = True) -> tuple[float, "LayerErrors"]:
+                 per_layer: bool = True, calls: int | None = None) -> tuple[float, "LayerErrors"]:
         """The metric with ``replacements`` in place, and the layers' own errors (computed when read:
-        ``per_layer`` changes nothing here)."""
+        ``per_layer`` changes nothing here). ``calls``: only the first that many runs."""
         feeds = self.heldout if heldout else self.calibration
         refs = self._heldout_refs() if heldout else self._references
         weights = self._weights(replacements)
         error = OutputError(self.metric, self.output_index())
-        for feed, ref in zip(feeds.runs, refs):
+        for feed, ref in zip(feeds.runs[:calls], refs):
             outs, _ = self._run(feed, weights)
             error.add(outs, ref)
         return error.value(), LayerErrors(self, dict(replacements), weights, feeds)
+
+    def calibration_calls(self) -> int:
+        """The runs the calibration data makes (calls of one shape are batched into one run)."""
+        return len(self.calibration.runs)
 
     def output_index(self) -> int | None:
         """The metric's output among the float graph outputs (None: the metric's default)."""
