@@ -58,6 +58,7 @@ class FxFrontend:
         self.pruned: dict = {}  # expert-bank node name -> the experts it keeps (passes/experts_prune.py)
         self.bank_names: list[str] = []  # the expert banks this graph holds
         self._references_of_experts = False  # the dense outputs were taken before banks dropped experts
+        self._prefixes = None  # the dense graph's state before some layers, per calibration call (prefix_fx)
 
     # -- protocol ---------------------------------------------------------------------------
 
@@ -134,14 +135,24 @@ class FxFrontend:
         self.pruned = rewritten()
 
     def calibrate(self, sites: list[Site]) -> dict[str, SiteStats]:
+        from sparsec.passes.prefix_fx import Prefixes
+
         stats = empty_stats(sites)
         references = []
+        # graphs with expert banks are left out: a bank that drops experts changes what comes after it
+        prefixes = Prefixes(self.gm, [self.nodes[s.name] for s in sites if s.name in self.nodes],
+                            len(self.calibration)) if not self.bank_names else None
         with torch.no_grad():
             for item in self.calibration:
                 advance_current()
                 gm, nodes, args = self._run_of(item)
-                out = SiteInterpreter(gm, nodes, self.sites, stats=stats, banks=self._banks_in(gm)).run(*args)
+                wanted = prefixes.wanted() if prefixes is not None and gm is self.gm else {}
+                out = SiteInterpreter(gm, nodes, self.sites, stats=stats, banks=self._banks_in(gm),
+                                      prefixes=wanted or None).run(*args)
+                if prefixes is not None:
+                    prefixes.keep(wanted)
                 references.append(flatten_outputs(out))
+        self._prefixes = prefixes
         if not self._references_of_experts:  # else the outputs before banks dropped experts stand
             self._references = references
         return stats
@@ -215,11 +226,17 @@ class FxFrontend:
         refs = self._heldout_refs() if heldout else self._references
         local: dict[str, torch.Tensor] = {}  # per layer: [squared error, energy], summed over the calls
         outs = []
+        # the dense graph's state kept before the first replaced layer, where one was (calibration only)
+        prefixes = self._prefixes if not heldout and replacements and not self.pruned else None
         with torch.no_grad():
-            for item in data:
+            for index, item in enumerate(data):
                 gm, nodes, args = self._run_of(item)
+                env = None
+                if prefixes is not None and gm is self.gm:
+                    first = min((nodes[n] for n in replacements if n in nodes), key=prefixes.order.__getitem__, default=None)
+                    env = prefixes.start(index, first) if first is not None else None
                 out = SiteInterpreter(gm, nodes, self.sites, replacements=replacements,
-                                      local=local if per_layer else None, banks=self._banks_in(gm)).run(*args)
+                                      local=local if per_layer else None, banks=self._banks_in(gm)).run(*args, initial_env=env)
                 outs.append(flatten_outputs(out))
         sums = {name: acc.tolist() for name, acc in local.items()}
         errors = {name: (num / den) ** 0.5 if den > 0 else 0.0 for name, (num, den) in sums.items()}

@@ -49,7 +49,7 @@ class LowRankHandler:
 
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
-        return [u.float() @ v.float() for u, v in self._factors(specs, weight, stats, method)]
+        return [(u @ v).float() for u, v in self._factors(specs, weight, stats, method)]
 
     def factored(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """Per spec, the factors (U (N x R), V (R x K), float32) of ``approximate``'s reconstruction,
