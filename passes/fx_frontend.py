@@ -146,11 +146,10 @@ class FxFrontend:
             for item in self.calibration:
                 advance_current()
                 gm, nodes, args = self._run_of(item)
-                wanted = prefixes.wanted() if prefixes is not None and gm is self.gm else {}
-                out = SiteInterpreter(gm, nodes, self.sites, stats=stats, banks=self._banks_in(gm),
-                                      prefixes=wanted or None).run(*args)
                 if prefixes is not None:
-                    prefixes.keep(wanted)
+                    prefixes.record()  # a call of other shapes runs another graph: nothing kept for it
+                out = SiteInterpreter(gm, nodes, self.sites, stats=stats, banks=self._banks_in(gm),
+                                      prefixes=prefixes if gm is self.gm else None).run(*args)
                 references.append(flatten_outputs(out))
         self._prefixes = prefixes
         if not self._references_of_experts:  # else the outputs before banks dropped experts stand

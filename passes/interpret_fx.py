@@ -35,8 +35,8 @@ class SiteInterpreter(fx.Interpreter):
 
     ``stop_when_seen``: a set of input keys; the run stops (``Seen``) once each has been recorded,
     so a recovery pass over an early block costs the graph up to that block, not the whole graph.
-    ``prefixes``: node -> None, filled with the interpreter's state just before each of those nodes
-    runs (``passes.prefix_fx``); a later run may start there (``run(..., initial_env=...)``).
+    ``prefixes``: a ``passes.prefix_fx.Prefixes`` recording this call: it keeps the interpreter's
+    state just before the nodes it wants; a later run may start there (``run(..., initial_env=...)``).
     """
 
     def __init__(self, gm, nodes: dict[str, fx.Node], sites: dict[str, Site], *, stats=None, replacements=None, local=None,
@@ -62,10 +62,8 @@ class SiteInterpreter(fx.Interpreter):
         return super().run(*args, **kwargs)
 
     def run_node(self, n):
-        if self.prefixes is not None and n in self.prefixes and self.prefixes[n] is None:
-            from sparsec.passes.prefix_fx import Prefixes
-
-            self.prefixes[n] = Prefixes.take(self.env)
+        if self.prefixes is not None and self.prefixes.wants(n):
+            self.prefixes.take(n, self.env)
         site = self.by_node.get(n)
         if site is None:
             pruning = self.banks.get(n)

@@ -46,33 +46,38 @@ class Prefixes:
         if len(ordered) > MAX_CUTS:
             ordered = [ordered[round(i * (len(ordered) - 1) / (MAX_CUTS - 1))] for i in range(MAX_CUTS)]
         self.cuts = list(dict.fromkeys(ordered))
+        self._cut_set = set(self.cuts)  # asked of every node a calibration run runs
         self.calls = calls
         self.budget = BUDGET_BYTES if budget is None else budget
-        self.states: list[dict[fx.Node, dict]] = []
+        self.states: list[dict[fx.Node, dict]] = []  # per calibration call: cut -> state
         self._sized = False
 
-    def wanted(self) -> dict[fx.Node, None]:
-        """What a calibration run fills (``SiteInterpreter(prefixes=...)``): one entry per cut."""
-        return dict.fromkeys(self.cuts)
+    def record(self) -> None:
+        """Start keeping the states of the next calibration call (in call order)."""
+        self.states.append({})
 
-    @staticmethod
-    def take(env: dict) -> dict:
-        """A copy of the computed values; the graph's inputs and attributes (the call's arguments,
-        the weights) as they are, since the graph reads them again from the same call."""
-        return {node: value if _given(node) else _copy(value) for node, value in env.items()}
+    def wants(self, node: fx.Node) -> bool:
+        return node in self._cut_set and bool(self.states) and node not in self.states[-1]
 
-    def keep(self, taken: dict[fx.Node, dict | None]) -> None:
-        """Keep one call's states (in call order); thinned to the budget after the first call."""
-        taken = {cut: state for cut, state in taken.items() if state is not None}
-        if not self._sized and taken:
+    def take(self, node: fx.Node, env: dict) -> None:
+        """Keep the state before ``node`` for the call being recorded: a copy of the computed
+        values, the graph's inputs and attributes (the call's arguments, the weights) as they are,
+        since the graph reads them again from the same call. The first state taken sizes the rest:
+        the cuts are thinned, evenly, to what the budget holds for every call before another is
+        copied."""
+        state = {n: value if _given(n) else _copy(value) for n, value in env.items()}
+        if not self._sized:
             self._sized = True
-            per_cut = sum(_nbytes(v) for s in taken.values() for n, v in s.items() if not _given(n)) / len(taken)
-            fits = int(self.budget // max(per_cut * self.calls, 1.0))
+            size = sum(_nbytes(v) for n, v in state.items() if not _given(n))
+            fits = int(self.budget // max(size * self.calls, 1))
             if fits < len(self.cuts):
                 cuts = self.cuts
                 self.cuts = [] if fits <= 0 else list(dict.fromkeys(
                     cuts[round(i * (len(cuts) - 1) / max(fits - 1, 1))] for i in range(fits)))
-        self.states.append({cut: taken[cut] for cut in self.cuts if cut in taken})
+                self._cut_set = set(self.cuts)
+            if node not in self.cuts:
+                return
+        self.states[-1][node] = state
 
     def start(self, call: int, first: fx.Node) -> dict | None:
         """The environment to start call ``call`` from when ``first`` is the first layer that runs

@@ -2,7 +2,6 @@
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from sparsec.passes import prefix_fx
 from sparsec.passes.fx_frontend import FxFrontend
@@ -43,7 +42,7 @@ def replacements_from(fe, names, seed=1):
     return {n: fe.sites[n].weight + 0.05 * torch.randn(fe.sites[n].weight.shape, generator=gen) for n in names}
 
 
-def test_an_evaluation_from_a_kept_state_equals_one_from_the_top(monkeypatch):
+def test_an_evaluation_from_a_kept_state_equals_one_from_the_top():
     fe, sites = frontend()
     assert fe._prefixes is not None and fe._prefixes.cuts
     for names in (["layers.4"], ["layers.2", "layers.4"], ["layers.0"], ["layers.3"]):
@@ -84,6 +83,7 @@ def test_the_kept_states_stay_within_their_byte_budget(monkeypatch):
     monkeypatch.setattr(prefix_fx, "BUDGET_BYTES", 0)
     fe, _ = frontend()
     assert fe._prefixes.cuts == [] and fe._prefixes.start(0, fe.nodes["layers.4"]) is None
+    assert fe._prefixes.states == [{}, {}, {}]  # the one state that sized the rest was not kept either
     reps = replacements_from(fe, ["layers.4"])
     error = fe.evaluate(reps)[0]
     assert error > 0.0
@@ -91,8 +91,9 @@ def test_the_kept_states_stay_within_their_byte_budget(monkeypatch):
     fe, _ = frontend()
     states = fe._prefixes.states[0]
     assert len(states) == 4  # before every layer but the first
-    per_state = sum(prefix_fx._nbytes(v) for s in states.values() for n, v in s.items() if not prefix_fx._given(n)) / 4
-    # room for two states a call: two cuts are kept, the first and the last
+    first = states[fe.nodes["layers.1"]]
+    per_state = sum(prefix_fx._nbytes(v) for n, v in first.items() if not prefix_fx._given(n))
+    # the first state taken sizes the rest; room for two a call: two cuts are kept, the first and the last
     monkeypatch.setattr(prefix_fx, "BUDGET_BYTES", int(3 * 2 * per_state) + 1)
     fe, _ = frontend()
     assert [c.name for c in fe._prefixes.cuts] == [fe.nodes["layers.1"].name, fe.nodes["layers.4"].name]
