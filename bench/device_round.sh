@@ -58,7 +58,7 @@ step() {  # step NAME SECONDS COMMAND... (the environment of the call passes on:
 case "${1:-suite}" in
   suite)
     # 250 s reached 96% of the suite on an H100 (2026-12-05)
-    step suite 380 python3 -m pytest -v -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
+    step suite "${SUITE_S:-380}" python3 -m pytest -v -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
     grep -E "FAILED|ERROR" "$OUT/suite.log" | grep -v "^tests/" | head -40
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 70 sparsec fingerprint measure --experts -o "$OUT/$card.json"
