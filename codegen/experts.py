@@ -37,6 +37,13 @@ expert run side by side, so their reads of it meet in L2. The planner times it w
 where it plans on this device (``rows_worth_timing``), or reads it from a fingerprint that
 measured it.
 
+On CUDA a dense bank also has ``inline`` (``INLINE_IMPLS``): ``grouped_mm``'s ops written into the
+graph in place of the op (``passes/experts_fx.py`` ``inline_banks``), so that inductor compiles the
+sort, gathers and weighted sum around the grouped GEMMs with the rest of the graph, as it does
+transformers' own forward. At prefill this is what the model as it came runs (an H100 ran
+transformers' default 1.35x faster than the same GEMMs inside the op at 2048 tokens), so with it
+among the candidates the planner's choice is never slower than the bank as traced by transformers.
+
 Every implementation accumulates in float32 and returns x's dtype.
 """
 
@@ -229,7 +236,8 @@ def experts_dense_all(x, top_k_index, top_k_weights, gate_up, down) -> torch.Ten
 
 TORCH_IMPLS = ("grouped_mm",)  # timed besides IMPLS where ``grouped_mm_usable``
 ROWS_IMPLS = ("rows",)  # timed besides IMPLS where a bank's implementation is measured here
-ALL_IMPLS = IMPLS + TORCH_IMPLS + ROWS_IMPLS
+INLINE_IMPLS = ("inline",)  # timed besides IMPLS where ``inline_usable``, compiled as the graph will be
+ALL_IMPLS = IMPLS + TORCH_IMPLS + ROWS_IMPLS + INLINE_IMPLS
 
 
 def extra_impls(x, k: int, gate_up, down) -> tuple:
@@ -560,6 +568,20 @@ def experts_grouped_mm(x, top_k_index, top_k_weights, gate_up, down) -> torch.Te
     return out.index_add_(0, order // k, y).to(x.dtype)
 
 
+def inline_usable(x, gate_up, down) -> bool:
+    """Whether a bank can run ``inline``: its graph is compiled by inductor (on CUDA), and torch's
+    grouped GEMM takes its dense weights."""
+    return x.is_cuda and isinstance(gate_up, torch.Tensor) and grouped_mm_usable(x, gate_up, down)
+
+
+def experts_inline(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:
+    """``inline``: ``grouped_mm``'s plain torch ops (sort, gather, two grouped GEMMs, weighted sum),
+    called from the graph itself rather than through the op, so that inductor compiles them with
+    the ops around the bank (the gathers and the combine fused into their neighbours), as it
+    compiles transformers' own ``grouped_mm`` forward. Outside a compiled graph it is ``grouped_mm``."""
+    return experts_grouped_mm(x, top_k_index, top_k_weights, (gate_up,), (down,))
+
+
 def rows_usable(x, gate_up, down) -> bool:
     """Whether a bank can run ``rows``: Triton usable here, and each projection dense (E, N, K)
     tensors with unit stride along K (one, or a low-rank chain of factors), one 2:4 weight the word
@@ -658,7 +680,7 @@ def memory_reason(impl: str, E: int, k: int, I: int, H: int, M: int, device) -> 
 
 
 _RUN = {"loop": experts_loop, "batched": experts_batched, "dense_all": experts_dense_all, "grouped": experts_grouped,
-        "grouped_mm": experts_grouped_mm, "rows": experts_rows}
+        "grouped_mm": experts_grouped_mm, "rows": experts_rows, "inline": experts_grouped_mm}
 
 
 def _run(impl: str, x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor:

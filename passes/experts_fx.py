@@ -10,7 +10,9 @@ choice is measured, never assumed. Planning here for another device (a fingerpri
 another one and has expert banks, ``sparsec fingerprint measure --experts``), the fingerprint's
 predictions decide instead; the row gives whichever figures exist. Under CUDA-graph replay
 (``mode="reduce-overhead"``) the ``loop`` implementation is not a candidate: it reads which
-experts were hit on the host. Every implementation computes the same function (float32
+experts were hit on the host. On CUDA a dense bank is also timed ``inline`` (its ops compiled by
+inductor, as ``inline_banks`` leaves them in the lowered graph), so that the choice is never slower
+than the bank's own grouped GEMM forward compiled with the graph. Every implementation computes the same function (float32
 accumulation), so the choice spends no error budget.
 
 A bank traced through transformers' own implementations (3-D expert weights used by
@@ -142,8 +144,65 @@ def time_impls(bank: Bank, impls, graph_replay: bool, failed: dict | None = None
 
     x, idx, wts = bank.inputs
     gate_up, down = bank.gate_up.to(x.device), bank.down.to(x.device)
-    return _time_each({impl: (lambda impl=impl: experts_op(x, idx, wts, gate_up, down, impl)) for impl in impls},
-                      x.device, graph_replay, failed)
+    calls = {}
+    for impl in impls:
+        if impl == "inline":  # compiled on its first (warm-up) call, as the graph will compile it
+            calls[impl] = lambda: compiled_inline(x, idx, wts, gate_up, down)(x, idx, wts, gate_up, down)
+        else:
+            calls[impl] = lambda impl=impl: experts_op(x, idx, wts, gate_up, down, impl)
+    return _time_each(calls, x.device, graph_replay, failed)
+
+
+_INLINE_COMPILED: dict[tuple, object] = {}
+
+
+def compiled_inline(x, idx, wts, gate_up, down):
+    """``experts_inline`` compiled by inductor for these inputs' shapes (once per shape in a
+    process; weights are inputs, so banks of one shape share it): the bank as ``inline_banks``
+    leaves it in the graph, timed on its own."""
+    key = tuple((tuple(t.shape), t.dtype, str(t.device)) for t in (x, idx, wts, gate_up, down))
+    fn = _INLINE_COMPILED.get(key)
+    if fn is None:
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        from sparsec.codegen.experts import experts_inline
+
+        graph = fx.Graph()
+        args = tuple(graph.placeholder(name) for name in ("x", "top_k_index", "top_k_weights", "gate_up", "down"))
+        graph.output(graph.call_function(experts_inline, args))
+        with _outside_tracing():  # not the graph being planned's compile context (its fake tensors)
+            fn = compile_fx(fx.GraphModule(torch.nn.Module(), graph), [x, idx, wts, gate_up, down],
+                            config_patches=list_mode_options("default"))
+        _INLINE_COMPILED[key] = fn
+    return fn
+
+
+def _outside_tracing():
+    import contextlib
+
+    tracing = getattr(torch._guards, "tracing", None)
+    return tracing(None) if tracing is not None else contextlib.nullcontext()
+
+
+def inline_banks(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm`` with every bank whose implementation is ``inline`` calling ``experts_inline`` from the
+    graph instead of the op (a new graph over the same module; ``gm`` itself unchanged), for
+    inductor to compile with its neighbours; ``gm`` itself where there is none."""
+    from sparsec.codegen.experts import experts_inline
+    from sparsec.passes.rewrite_fx import finish_rewrite
+
+    if not any(is_experts_op(n) and n.args[5] == "inline" for n in gm.graph.nodes):
+        return gm
+    graph = fx.Graph()
+    node_map: dict[fx.Node, fx.Node] = {}
+    graph.output(graph.graph_copy(gm.graph, node_map))
+    for node in graph.nodes:
+        if is_experts_op(node) and node.args[5] == "inline":
+            node.target, node.args, node.kwargs = experts_inline, tuple(node.args[:5]), {}
+    out = fx.GraphModule(gm, graph)
+    finish_rewrite(gm, out, node_map)
+    return out
 
 
 def _time_each(calls: dict, device, graph_replay: bool, failed: dict | None = None) -> dict[str, float]:
@@ -179,7 +238,7 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
     Measured here, on the bank's own inputs, when this is the device the fingerprint describes (or
     the fingerprint has no expert banks); predicted by the fingerprint when it describes another
     device (planning here for a deployment there). Both figures go in the row where both exist."""
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, TORCH_IMPLS, extra_impls, memory_reason
+    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, TORCH_IMPLS, extra_impls, inline_usable, memory_reason
 
     rows = []
     for bank in banks:
@@ -198,6 +257,8 @@ def choose(gm: fx.GraphModule, banks: list[Bank], graph_replay: bool, fingerprin
         elsewhere = _other_device(fingerprint, bank.inputs[0])
         if elsewhere is None:
             usable += list(extra_impls(x, int(bank.inputs[1].shape[1]), bank.gate_up, bank.down))
+            if inline_usable(x, bank.gate_up, bank.down):
+                usable.append("inline")
         asked = usable + (list(TORCH_IMPLS + ROWS_IMPLS) if elsewhere is not None else [])
         predicted = _predictions(bank, asked, fingerprint, cost_mode)
         if elsewhere is not None:  # those the other device's fingerprint measured (their kernels ran there)
@@ -246,13 +307,13 @@ def _other_device(fingerprint, x: torch.Tensor) -> str | None:
 
 
 def _row(bank: Bank, traced: str, chosen: str, timings: dict, predicted: dict, refused: dict, reason: str) -> dict:
-    from sparsec.codegen.experts import IMPLS, ROWS_IMPLS, TORCH_IMPLS
+    from sparsec.codegen.experts import IMPLS, INLINE_IMPLS, ROWS_IMPLS, TORCH_IMPLS
 
     x = bank.inputs[0] if bank.inputs is not None else None
     counts = bank.counts.tolist() if bank.counts is not None else None
     basis = timings or predicted
     candidates = []
-    for impl in IMPLS + tuple(i for i in TORCH_IMPLS + ROWS_IMPLS if i in basis or i in refused):
+    for impl in IMPLS + tuple(i for i in TORCH_IMPLS + ROWS_IMPLS + INLINE_IMPLS if i in basis or i in refused):
         why = refused.get(impl)
         if why is None and impl in basis and impl != chosen:
             how = "measured" if timings else "predicted"

@@ -310,7 +310,9 @@ class FxFrontend:
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            return compile_fx(rewritten, self.example_inputs, config_patches=list_mode_options(self.mode))
+            from sparsec.passes.experts_fx import inline_banks
+
+            return compile_fx(inline_banks(rewritten), self.example_inputs, config_patches=list_mode_options(self.mode))
         return rewritten
 
     def time_layer(self, layer: Layer, cand, options) -> tuple[float, float]:
@@ -437,7 +439,9 @@ def dense_graph(gm, example_inputs, mode: str | None):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
-    return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode or "default"))
+    from sparsec.passes.experts_fx import inline_banks
+
+    return compile_fx(inline_banks(gm), example_inputs, config_patches=list_mode_options(mode or "default"))
 
 
 def last_compile_warning(graph: int) -> str | None:

@@ -38,7 +38,7 @@ def float64_reference(x, index, weights, gate_up, down):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("impl", IMPLS + ("grouped_mm",))
+@pytest.mark.parametrize("impl", IMPLS + ("grouped_mm", "inline"))
 @pytest.mark.parametrize("T,E,k", [(1, 4, 1), (3, 8, 2), (37, 8, 2), (20, 16, 4), (150, 4, 1)])  # the last: 64-row tiles
 def test_every_implementation_matches_float64(impl, T, E, k, dtype, gen):
     H, I = 48, 40   # tails in every tile of the grouped kernel

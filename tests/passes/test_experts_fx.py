@@ -31,9 +31,9 @@ def ids(seed: int, shape=(2, 12)):
 DENSE = {"layers": {"_default": "dense"}}  # linear layers kept: the banks alone change
 
 
-def recorded_banks(x):
+def recorded_banks(x, with_inputs: bool = False):
     """The graph Dynamo traces for a one-block Mixtral running sparsec's op, and its one bank with
-    the routing of ``x`` recorded."""
+    the routing of ``x`` recorded (and the graph's inputs, ``with_inputs``)."""
     from sparsec.passes import experts_fx
 
     model = use_sparsec_experts(mixtral(layers=1))
@@ -50,7 +50,7 @@ def recorded_banks(x):
     banks, skipped = experts_fx.find_banks(gm, inputs)
     assert len(banks) == 1 and not skipped
     experts_fx.record(gm, banks, [inputs])
-    return gm, banks
+    return (gm, banks, inputs) if with_inputs else (gm, banks)
 
 
 def test_each_bank_runs_the_implementation_measured_fastest_and_computes_the_same(monkeypatch):
@@ -234,3 +234,90 @@ def test_a_qwen2_moe_with_shared_experts_compiles_and_the_report_names_every_ban
         assert b["shape"] == [8, 48, 64] and b["top_k"] == 2 and sum(b["tokens_per_expert"]) == 3 * 24 * 2
         # 48 routed pairs per call, 144 in all (over the 97 needed to tell): no expert is that rare here
         assert b["pruning"]["dropped"] == [] and "no expert dropped" in b["pruning"]["reason"]
+
+
+def test_inline_is_timed_as_compiled_and_lowered_into_the_graph_in_place_of_the_op(monkeypatch):
+    """Where the graph is compiled by inductor (CUDA), a dense bank is also timed ``inline``: its ops
+    compiled as the lowered graph will hold them. Chosen, the bank's node becomes a call of those
+    ops from the graph (a new graph: the traced one keeps the op), computing the same."""
+    from sparsec.codegen import experts as ex
+    from sparsec.passes import experts_fx
+
+    compiled = []
+
+    def compile_here(x, idx, wts, gate_up, down):  # stands in for inductor (no GPU here)
+        compiled.append(tuple(x.shape))
+        return ex.experts_inline
+
+    monkeypatch.setattr(ex, "inline_usable", lambda x, gate_up, down: True)
+    monkeypatch.setattr(experts_fx, "compiled_inline", compile_here)
+    gm, banks, inputs = recorded_banks(ids(0), with_inputs=True)
+    with torch.no_grad():
+        expected = gm(*inputs)
+    before = [n.target for n in gm.graph.nodes]
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False)
+    inline = next(c for c in row["candidates"] if c["implementation"] == "inline")
+    assert inline["measured_us"] > 0 and compiled and compiled[0] == (24, 64)
+
+    banks[0].node.args = (*banks[0].node.args[:5], "inline")  # as if measured fastest
+    gm.recompile()
+    lowered = experts_fx.inline_banks(gm)
+    assert not any(experts_fx.is_experts_op(n) for n in lowered.graph.nodes)
+    assert [n for n in lowered.graph.nodes if n.target is ex.experts_inline]
+    assert [n.target for n in gm.graph.nodes] == before  # the traced graph still runs the op
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(*inputs), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_inline_banks_leaves_a_graph_without_inline_banks_as_it_is():
+    from sparsec.passes import experts_fx
+
+    gm, banks = recorded_banks(ids(0))
+    assert experts_fx.inline_banks(gm) is gm
+    assert banks[0].node.args[5] != "inline"
+
+
+def test_inline_is_not_a_candidate_where_the_graph_runs_as_plain_torch():
+    """On the CPU the rewritten graph is not compiled: ``inline`` would be ``grouped_mm`` under
+    another name, so it is not timed."""
+    from sparsec.codegen import experts as ex
+    from sparsec.passes import experts_fx
+
+    gm, banks = recorded_banks(ids(0))
+    assert not ex.inline_usable(banks[0].inputs[0], banks[0].gate_up, banks[0].down)
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False)
+    assert "inline" not in [c["implementation"] for c in row["candidates"]]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_inline_is_compiled_timed_and_the_lowered_model_computes_the_same(monkeypatch):
+    """On a GPU ``inline`` is timed compiled by inductor; made the fastest, every bank runs it from
+    the lowered graph, which matches the model as it came within bf16's rounding."""
+    from sparsec.passes import experts_fx
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # inductor's kernels run on the GPU
+    monkeypatch.setattr(experts_fx, "_other_device", lambda fingerprint, x: None)
+    timed = experts_fx._time_each
+
+    def inline_fastest(calls, device, graph_replay, failed=None):
+        out = timed(calls, device, graph_replay, failed)
+        if "inline" in out:
+            assert out["inline"] > 0
+            out["inline"] = 1e-3
+        return out
+
+    monkeypatch.setattr(experts_fx, "_time_each", inline_fastest)
+    model = mixtral().to("cuda", torch.bfloat16)
+    x = ids(0).cuda()
+    with torch.no_grad():
+        reference = model(x).logits.float()
+    use_sparsec_experts(model)
+    card = "h200" if "H200" in torch.cuda.get_device_name() else "h100"
+    result = sparsec.optimize(model, (x,), calibration=[(ids(s).cuda(),) for s in (1, 2)], fingerprint=card,
+                              plan=DENSE, output="logits")
+    banks = result.report.to_dict()["experts"]
+    assert len(banks) == 2 and all(b["implementation"] == "inline" for b in banks)
+    with torch.no_grad():
+        y = result.module(x).logits.float()
+    err = float((y - reference).norm() / reference.norm())
+    assert err < 2e-2, f"relative error {err:.2e}"  # bf16: a few 1e-3 a product, two blocks
