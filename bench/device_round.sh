@@ -35,6 +35,8 @@
 #   moe-mm  torch's grouped GEMM for expert banks: GPU tests, bench/moe.py at 2048, 256, 16 and 1 tokens
 #           (transformers' default, grouped, grouped_mm, auto), the experts section of this card's fingerprint
 #   first   act-quick on an H200, moe-mm on an H100
+#   inline  bench/moe.py's automatic choice with the "inline" expert implementation at 2048, 256 and 1 tokens,
+#           then the whole suite
 #   recover MiniLM's frontier with recovery, planned and timed on this device (bench/frontier.py;
 #           carry .carry/minilm-st, made by bench/frontier.py --export-minilm)
 set -u
@@ -211,6 +213,13 @@ case "${1:-suite}" in
     TAIL=25 step moe-mm 330 python3 bench/moe.py --M 2048,256,16,1 --only grouped,grouped_mm,auto --out "$OUT"
     cp "fingerprints/$card.json" "$OUT/$card.json"
     step fingerprint-experts 90 sparsec fingerprint measure --experts -o "$OUT/$card.json"
+    ;;
+  inline)  # expert banks with the "inline" implementation among the candidates: the automatic choice
+    # against transformers' default at 2048, 256 and 1 tokens, then the whole suite in what is left
+    TAIL=20 step moe-inline 300 python3 bench/moe.py --M 2048,256,1 --only auto --out "$OUT"
+    step suite "${SUITE_S:-270}" python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider \
+      --tb=short -rf tests
+    grep -E "FAILED|ERROR" "$OUT/suite.log" | head -20
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
     TAIL=20 step block-probe 240 python3 bench/block_gemv_probe.py --fingerprint "$card" --out "$OUT"

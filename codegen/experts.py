@@ -549,7 +549,11 @@ def experts_grouped_mm(x, top_k_index, top_k_weights, gate_up, down) -> torch.Te
     only, shapes from T, k and E alone: CUDA-graph safe."""
     if not grouped_mm_usable(x, gate_up, down):
         return experts_grouped(x, top_k_index, top_k_weights, gate_up, down)
-    gate_up, down = _factors(gate_up), _factors(down)
+    return _grouped_mm_runs(x, top_k_index, top_k_weights, _factors(gate_up), _factors(down))
+
+
+def _grouped_mm_runs(x, top_k_index, top_k_weights, gate_up: tuple, down: tuple) -> torch.Tensor:
+    """``grouped_mm``'s ops on factor tuples, without asking whether torch's grouped GEMM takes them."""
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1).long()
     order = torch.sort(flat, stable=True).indices
@@ -578,8 +582,9 @@ def experts_inline(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor
     """``inline``: ``grouped_mm``'s plain torch ops (sort, gather, two grouped GEMMs, weighted sum),
     called from the graph itself rather than through the op, so that inductor compiles them with
     the ops around the bank (the gathers and the combine fused into their neighbours), as it
-    compiles transformers' own ``grouped_mm`` forward. Outside a compiled graph it is ``grouped_mm``."""
-    return experts_grouped_mm(x, top_k_index, top_k_weights, (gate_up,), (down,))
+    compiles transformers' own ``grouped_mm`` forward. Outside a compiled graph it is ``grouped_mm``.
+    Only where ``inline_usable``: traced, it cannot ask (a probe run on fake tensors proves nothing)."""
+    return _grouped_mm_runs(x, top_k_index, top_k_weights, (gate_up,), (down,))
 
 
 def rows_usable(x, gate_up, down) -> bool:
