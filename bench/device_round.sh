@@ -216,7 +216,7 @@ case "${1:-suite}" in
     ;;
   inline)  # expert banks with the "inline" implementation among the candidates: the automatic choice
     # against transformers' default at 2048, 256 and 1 tokens, then the whole suite in what is left
-    TAIL=20 step moe-inline 300 python3 bench/moe.py --M 2048,256,1 --only auto --out "$OUT"
+    TAIL=20 step moe-inline "${MOE_S:-300}" python3 bench/moe.py --M "${MOE_M:-2048,256,1}" --only auto --out "$OUT"
     step suite "${SUITE_S:-270}" python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider \
       --tb=short -rf tests
     grep -E "FAILED|ERROR" "$OUT/suite.log" | head -20
