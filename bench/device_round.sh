@@ -218,7 +218,7 @@ case "${1:-suite}" in
     # against transformers' default at 2048, 256 and 1 tokens, then the whole suite in what is left
     TAIL=20 step moe-inline "${MOE_S:-300}" python3 bench/moe.py --M "${MOE_M:-2048,256,1}" --only auto --out "$OUT"
     step suite "${SUITE_S:-270}" python3 -m pytest -q -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider \
-      --tb=short -rf tests
+      --tb=short -rf ${TESTS:-tests}
     grep -E "FAILED|ERROR" "$OUT/suite.log" | head -20
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
