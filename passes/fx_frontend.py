@@ -310,9 +310,8 @@ class FxFrontend:
             from torch._inductor import list_mode_options
             from torch._inductor.compile_fx import compile_fx
 
-            from sparsec.passes.experts_fx import inline_banks
-
-            return compile_fx(inline_banks(rewritten), self.example_inputs, config_patches=list_mode_options(self.mode))
+            patches = list_mode_options(self.mode)
+            return compile_inlined(rewritten, lambda g: compile_fx(g, self.example_inputs, config_patches=patches))
         return rewritten
 
     def time_layer(self, layer: Layer, cand, options) -> tuple[float, float]:
@@ -439,9 +438,28 @@ def dense_graph(gm, example_inputs, mode: str | None):
     from torch._inductor import list_mode_options
     from torch._inductor.compile_fx import compile_fx
 
+    patches = list_mode_options(mode or "default")
+    return compile_inlined(gm, lambda g: compile_fx(g, example_inputs, config_patches=patches))
+
+
+def compile_inlined(gm, compile):
+    """``compile(gm)`` with its ``inline`` expert banks' ops in the graph (``inline_banks``); where
+    that does not compile, ``compile(gm)`` as traced (the banks run inside the op, as ``grouped_mm``)
+    with a warning: the dense fallback must compile whatever went wrong before it."""
     from sparsec.passes.experts_fx import inline_banks
 
-    return compile_fx(inline_banks(gm), example_inputs, config_patches=list_mode_options(mode or "default"))
+    inlined = inline_banks(gm)
+    if inlined is not gm:
+        try:
+            return compile(inlined)
+        except Exception as exc:  # noqa: BLE001 - any failure: the op computes the same
+            import warnings
+
+            first = str(exc).splitlines()[0] if str(exc) else ""
+            warnings.warn(f"expert banks chosen 'inline' run inside sparsec's op instead (grouped_mm): the "
+                          f"graph with their ops inlined did not compile ({type(exc).__name__}: {first})",
+                          stacklevel=2)
+    return compile(gm)
 
 
 def last_compile_warning(graph: int) -> str | None:

@@ -321,3 +321,26 @@ def test_on_cuda_inline_is_compiled_timed_and_the_lowered_model_computes_the_sam
         y = result.module(x).logits.float()
     err = float((y - reference).norm() / reference.norm())
     assert err < 2e-2, f"relative error {err:.2e}"  # bf16: a few 1e-3 a product, two blocks
+
+
+def test_a_graph_whose_inlined_banks_do_not_compile_compiles_as_traced_and_says_so():
+    """The dense fallback must compile whatever went wrong before it: inlining that fails leaves the
+    banks inside the op (which computes the same), with a warning naming the failure."""
+    from sparsec.passes import experts_fx
+    from sparsec.passes.fx_frontend import compile_inlined
+
+    gm, banks = recorded_banks(ids(0))
+    banks[0].node.args = (*banks[0].node.args[:5], "inline")
+    gm.recompile()
+    tried = []
+
+    def compile(g):
+        tried.append(any(experts_fx.is_experts_op(n) for n in g.graph.nodes))
+        if not tried[-1]:
+            raise RuntimeError("no grouped GEMM for this dtype\nmore")
+        return g
+
+    with pytest.warns(UserWarning, match=r"did not compile \(RuntimeError: no grouped GEMM for this dtype\)"):
+        assert compile_inlined(gm, compile) is gm
+    assert tried == [False, True]
+    assert compile_inlined(recorded_banks(ids(0))[0], lambda g: "compiled") == "compiled"
