@@ -57,35 +57,11 @@ class LowRankHandler:
         and row of V scaled to equal norms so that neither underflows in 16 bits."""
         return [(u.float(), v.float()) for u, v in self._factors(specs, weight, stats, method)]
 
-    def basis(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
-        """What every rank up to the largest of ``specs`` is sliced from: (U, V) of that rank,
-        float64, unwhitened. ``from_basis`` makes any of those ranks from it at the cost of one
-        product, as ``approximate`` would have (the planner keeps it where an evicted
-        reconstruction is needed again)."""
-        return self._basis(specs, weight, stats, method)
-
-    def from_basis(self, basis, spec) -> torch.Tensor | None:
-        """``approximate``'s reconstruction for ``spec`` from ``basis``; None where its rank is larger."""
-        U_all, V_all = basis
-        if spec.rank > U_all.shape[1]:
-            return None
-        u, v = balanced(U_all[:, -spec.rank:], V_all[-spec.rank:])
-        return (u @ v).float()
-
     def _factors(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None):
         """``factored``'s factors in float64."""
-        basis = self._basis(specs, weight, stats, method)
-        if basis is None:
-            return []
-        U_all, V_all = basis
-        return [balanced(U_all[:, -spec.rank:], V_all[-spec.rank:]) for spec in specs]
-
-    def _basis(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None):
         method = method or self.default_method
         if method not in self.methods:
             raise ValueError(f"unknown low-rank method {method!r}; known: {', '.join(self.methods)}")
-        if not specs:
-            return None
         W = weight.detach().to(torch.float64)
         if method == "plain" or stats is None:
             A, unwhiten = W, None
@@ -105,12 +81,14 @@ class LowRankHandler:
 
                 def unwhiten(v):  # v S^-1, by a triangular solve (R K^2, where S^-1 itself costs K^3)
                     return torch.linalg.solve_triangular(root, v, upper=False, left=False)
+        if not specs:
+            return []
         # every rank's factors are the trailing columns / rows of the largest rank's: made (and
         # unwhitened, a K x K product) once for the whole chain
         U_all, V_all = truncated_factors(A, top_basis(A), max(spec.rank for spec in specs))
         if unwhiten is not None:
             V_all = unwhiten(V_all)
-        return U_all, V_all
+        return [balanced(U_all[:, -spec.rank:], V_all[-spec.rank:]) for spec in specs]
 
 
 def top_basis(A: torch.Tensor) -> torch.Tensor:

@@ -501,7 +501,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
             for i in range(0, len(chain), step):
                 batch = chain[i : i + step]
                 todo = [c for c in batch if (key, c.fmt) not in _APPROXIMATIONS]
-                made = dict(zip((c.fmt for c in todo), _made(handler, [c.spec for c in todo], weight, st, key))) if todo else {}
+                made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st))) if todo else {}
                 for cand in batch:
                     cand.remake = _remaker(layer, cand, (key, cand.fmt))
                     w_hat = made.get(cand.fmt)
@@ -522,17 +522,6 @@ def approximate(layers: list[Layer], options: Options) -> None:
                         )
                     break
         forget_layer_work()
-
-
-def _made(handler, specs, weight, st: SiteStats, key: tuple) -> list:
-    """``handler.approximate(specs, ...)``; for a handler whose specs share one basis (``from_basis``),
-    the basis is kept in the bounded cache too, so that a reconstruction evicted meanwhile is made
-    again from it at the cost of a product (``_remaker``)."""
-    if getattr(handler, "from_basis", None) is None:
-        return handler.approximate(specs, weight, st)
-    basis = handler.basis(specs, weight, st)
-    _APPROXIMATIONS.put((key, "basis"), basis)
-    return [handler.from_basis(basis, spec) for spec in specs]
 
 
 def _error(handler, weight, approx, st: SiteStats, bias, energy: float) -> float:
@@ -559,17 +548,9 @@ def _remaker(layer: Layer, cand: Candidate, key: tuple):
         except KeyError:
             pass
         site, st = layer.site, layer.stats
-        handler = HANDLERS[cand.spec.family]
-        w_hat = None
-        if getattr(handler, "from_basis", None) is not None:
-            try:
-                w_hat = handler.from_basis(_APPROXIMATIONS.get_recent((key[0], "basis")), cand.spec)
-            except KeyError:
-                pass
-        if w_hat is None:
-            weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
-            (w_hat,) = handler.approximate([cand.spec], weight, st)
-            forget_layer_work()
+        weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+        (w_hat,) = HANDLERS[cand.spec.family].approximate([cand.spec], weight, st)
+        forget_layer_work()
         w_hat = _beside(w_hat.to(site.dtype), site.weight)
         _APPROXIMATIONS.put(key, w_hat)
         return w_hat
@@ -638,11 +619,8 @@ class _BoundedCache(dict):
         raise KeyError(key)
 
 
-def _nbytes(entry) -> int:
-    """Bytes of a cached tensor, or of a tuple of them (a basis)."""
-    if isinstance(entry, (tuple, list)):
-        return sum(_nbytes(t) for t in entry)
-    return entry.numel() * entry.element_size()
+def _nbytes(tensor) -> int:
+    return tensor.numel() * tensor.element_size()
 
 
 _APPROXIMATIONS = _BoundedCache()

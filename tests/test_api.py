@@ -397,45 +397,6 @@ def test_approximations_are_let_go_and_made_again_identically(scenario_fp, monke
     assert seen and all(let_go and can_remake and same for let_go, can_remake, same in seen)
 
 
-def test_an_evicted_low_rank_reconstruction_is_made_again_from_its_kept_basis(scenario_fp, monkeypatch):
-    """The low-rank basis (largest rank's factors) stays in the cache beside the reconstructions; one
-    evicted is the product of its basis again, identical, without a new factorisation."""
-    from sparsec import pipeline
-    from sparsec.passes.registry import HANDLERS
-
-    cache = pipeline._BoundedCache()
-    monkeypatch.setattr(pipeline, "_APPROXIMATIONS", cache)
-    handler = HANDLERS["lowrank"]
-    seen, factorised = [], []
-    real, real_basis = pipeline.approximate, handler.basis
-    assert "basis" not in vars(handler) and "approximate" not in vars(handler)
-
-    def counted(*args, **kwargs):
-        factorised.append(1)
-        return real_basis(*args, **kwargs)
-
-    def spy(layers, options):
-        real(layers, options)
-        made = {id(c): c.weight() for layer in layers for c in layer.candidates
-                if c.rejected_because is None and c.spec.family == "lowrank"}
-        for key in [k for k in cache if k[1] != "basis"]:
-            cache._drop(key)
-        assert any(k[1] == "basis" for k in cache)
-        handler.basis, handler.approximate = counted, lambda *a, **k: pytest.fail("factorised again")
-        try:
-            for layer in layers:
-                for c in layer.candidates:
-                    if id(c) in made:
-                        seen.append(torch.equal(c.weight(), made[id(c)]))
-        finally:
-            del handler.basis, handler.approximate  # the class's methods again
-
-    monkeypatch.setattr(pipeline, "approximate", spy)
-    model = planted_lowrank_mlp(d=64, rank=4, layers=2)
-    sparsec.optimize(model, (torch.randn(128, 64),), fingerprint=scenario_fp(), formats=["lowrank"], lower=False)
-    assert len(seen) >= 4 and all(seen) and not factorised
-
-
 class _BrokenBlock(nn.Module):
     """A block whose forward breaks the graph between its two layers, so the second layer is
     traced in a frame that resumes inside the block (Dynamo names its weight ``b.weight`` there)."""
