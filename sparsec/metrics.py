@@ -106,9 +106,11 @@ class KL(Metric):
 
     def call(self, out, ref):
         o, r = _rows(out), _rows(ref)
-        log_p, log_q = torch.log_softmax(r, dim=-1), torch.log_softmax(o, dim=-1)
-        kl = (log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0)
-        return float(kl.sum(dtype=torch.float64)), float(kl.numel())
+        total = 0.0
+        for rows in _cache_sized(o):
+            log_p, log_q = torch.log_softmax(r[rows], dim=-1), torch.log_softmax(o[rows], dim=-1)
+            total += float((log_p.exp() * (log_p - log_q)).sum(dim=-1).clamp_min(0.0).sum(dtype=torch.float64))
+        return total, float(o.shape[0])
 
     def loss(self, out, ref):
         return kl_loss(out, ref)
@@ -237,6 +239,19 @@ def _sum_sq(x: torch.Tensor) -> float:
     """Sum of squares, each row summed in the tensor's precision, the rows in float64."""
     rows = _rows(x)
     return float((rows * rows).sum(dim=-1).sum(dtype=torch.float64))
+
+
+CHUNK_VALUES = 1 << 17  # 512 KB of float32 a tensor: a core's L2 holds the softmax's passes over a chunk
+
+
+def _cache_sized(rows: torch.Tensor):
+    """Slices of ``rows`` (2-D) to compute a row-wise metric over: on the CPU a few rows at a time, so
+    that the several passes over each stay in cache (an LLM's 49152 logits a row: the KL of 256 rows
+    took 0.16 s whole, 0.048 s two rows at a time, 0.12 s ten at a time, medians of 7 on 2 EPYC
+    cores with 1 MB of L2 each); elsewhere all at once."""
+    n, width = rows.shape
+    step = n if rows.device.type != "cpu" else max(1, CHUNK_VALUES // max(width, 1))
+    return [slice(i, i + step) for i in range(0, n, step)] or [slice(0, 0)]
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:

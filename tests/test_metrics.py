@@ -37,6 +37,25 @@ def test_kl_is_the_mean_divergence_of_the_softmax_in_nats():
     assert value("kl", [[out]], [[ref]]) == pytest.approx(by_hand, rel=1e-9)
 
 
+def test_kl_over_chunks_of_rows_equals_kl_over_all_rows_at_once(monkeypatch):
+    """On the CPU KL runs a few rows at a time (cache-sized); the rows' sum is the same, whatever the
+    chunk and a last one shorter than the others."""
+    from sparsec import metrics
+
+    gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ())))
+    out = torch.randn(3, 7, 50, generator=gen) * 3
+    ref = out + 0.3 * torch.randn(3, 7, 50, generator=gen)
+    p = torch.log_softmax(ref.double(), -1)
+    expected = float((p.exp() * (p - torch.log_softmax(out.double(), -1))).sum())
+    for values in (50, 200, 1 << 17):  # one row, four rows (21 = 5 x 4 + 1), all 21 at once
+        monkeypatch.setattr(metrics, "CHUNK_VALUES", values)
+        total, count = metric_of("kl").call(out, ref)
+        assert count == 21.0 and total == pytest.approx(expected, rel=1e-5)  # float32 softmax
+    assert len(metrics._cache_sized(torch.zeros(5, 50))) == 1
+    monkeypatch.setattr(metrics, "CHUNK_VALUES", 100)
+    assert [(s.start, s.stop) for s in metrics._cache_sized(torch.zeros(5, 50))] == [(0, 2), (2, 4), (4, 6)]
+
+
 def test_top1_counts_positions_whose_argmax_changed_over_all_calls():
     ref = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     out = torch.tensor([[[1.0, 0.0, 0.0], [1.0, 0.0, 0.0]]])
