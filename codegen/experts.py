@@ -42,7 +42,7 @@ graph in place of the op (``passes/experts_fx.py`` ``inline_banks``), so that in
 sort, gathers and weighted sum around the grouped GEMMs with the rest of the graph, as it does
 transformers' own forward. At prefill this is what the model as it came runs (an H100 ran
 transformers' default 1.35x faster than the same GEMMs inside the op at 2048 tokens), so with it
-among the candidates the planner's choice is never slower than the bank as traced by transformers.
+among the candidates the planner can keep the form the model came with (not yet timed on a GPU).
 
 Every implementation accumulates in float32 and returns x's dtype.
 """

@@ -11,8 +11,8 @@ another one and has expert banks, ``sparsec fingerprint measure --experts``), th
 predictions decide instead; the row gives whichever figures exist. Under CUDA-graph replay
 (``mode="reduce-overhead"``) the ``loop`` implementation is not a candidate: it reads which
 experts were hit on the host. On CUDA a dense bank is also timed ``inline`` (its ops compiled by
-inductor, as ``inline_banks`` leaves them in the lowered graph), so that the choice is never slower
-than the bank's own grouped GEMM forward compiled with the graph. Every implementation computes the same function (float32
+inductor, as ``inline_banks`` leaves them in the lowered graph), so that the form transformers'
+own forward takes, compiled with the graph, is among the choices. Every implementation computes the same function (float32
 accumulation), so the choice spends no error budget.
 
 A bank traced through transformers' own implementations (3-D expert weights used by

@@ -54,6 +54,9 @@ def test_kl_over_chunks_of_rows_equals_kl_over_all_rows_at_once(monkeypatch):
     assert len(metrics._cache_sized(torch.zeros(5, 50))) == 1
     monkeypatch.setattr(metrics, "CHUNK_VALUES", 100)
     assert [(s.start, s.stop) for s in metrics._cache_sized(torch.zeros(5, 50))] == [(0, 2), (2, 4), (4, 6)]
+    # off the CPU all rows at once, none included (a device's empty batch)
+    assert [(s.start, s.stop) for s in metrics._cache_sized(torch.zeros(5, 50, device="meta"))] == [(0, 5)]
+    assert metrics._cache_sized(torch.zeros(0, 50, device="meta")) == [slice(0, 0)]
 
 
 def test_top1_counts_positions_whose_argmax_changed_over_all_calls():
