@@ -20,6 +20,10 @@ Methods:
   output chunk at once. Each step is the exact minimiser for its block, so the damped objective
   never increases from the projection it starts at; since the projection minimises the damping
   term alone, the calibration error of the result is never above the projection's.
+
+A fit can be abandoned after its first sweep (``abandon``): the planner asks whether a candidate
+already fitted and predicted faster is so much more accurate that the rest of the sweeps could
+not make this one worth choosing (``pipeline.approximate``).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ class MonarchHandler:
     family = "monarch"
     methods = ("als", "projection")
     default_method = "als"
+    can_abandon = True  # ``approximate(..., abandon=)``: a fit may stop after its first sweep
 
     def grid(self, N: int, K: int) -> list[Monarch]:
         """NB = 4, 8, ... up to sqrt(K) with NB^2 | K and NB | N, storing fewer values than W."""
@@ -59,8 +64,13 @@ class MonarchHandler:
 
         return BlockFactored(to_blocks(approx.detach().float(), spec.nblocks), rank_of(spec, approx.shape[1]), from_blocks)
 
-    def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
-        """One float32 N x K weight per spec whose every Monarch sub-block has rank <= K/NB^2."""
+    def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None,
+                    abandon=None):
+        """One float32 N x K weight per spec whose every Monarch sub-block has rank <= K/NB^2.
+
+        ``abandon(spec, approx) -> bool``, asked once per alternating-least-squares fit with the weight
+        after its first sweep: where it says yes, that spec's entry is None (the fit is not finished,
+        and no unfinished fit is returned as if it were)."""
         method = method or self.default_method
         if method not in self.methods:
             raise ValueError(f"unknown monarch method {method!r}; known: {', '.join(self.methods)}")
@@ -84,7 +94,12 @@ class MonarchHandler:
             blocks = project(to_blocks(W, spec.nblocks), rank_of(spec, K))
             if method == "als":
                 # float32 sweeps: the same fits to five digits on SmolLM2's layers, in about 60% of the time
-                blocks = refine(to_blocks(W.float(), spec.nblocks), blocks.float(), Gd.float(), rank_of(spec, K))
+                first = None if abandon is None else (lambda b, spec=spec: abandon(spec, from_blocks(b).to(torch.float32)))
+                blocks = refine(to_blocks(W.float(), spec.nblocks), blocks.float(), Gd.float(), rank_of(spec, K),
+                                after_first=first)
+                if blocks is None:
+                    out.append(None)
+                    continue
             out.append(from_blocks(blocks).to(torch.float32))
         return out
 
@@ -124,8 +139,9 @@ def project(blocks: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def refine(target: torch.Tensor, blocks: torch.Tensor, Gd: torch.Tensor, r: int,
-           sweeps: int | None = None, tolerance: float | None = None) -> torch.Tensor:
-    """Alternating least squares over input blocks on ||(W - W_hat) S||, from ``blocks``."""
+           sweeps: int | None = None, tolerance: float | None = None, after_first=None) -> torch.Tensor | None:
+    """Alternating least squares over input blocks on ||(W - W_hat) S||, from ``blocks``; None where
+    ``after_first(blocks)``, asked after the first sweep, says to give up."""
     sweeps = SWEEPS if sweeps is None else sweeps
     tolerance = TOLERANCE if tolerance is None else tolerance
     nb, _, n, p = blocks.shape
@@ -140,7 +156,9 @@ def refine(target: torch.Tensor, blocks: torch.Tensor, Gd: torch.Tensor, r: int,
     G_inv = (C_inv.mT @ C_inv).to(blocks.dtype)
     C, C_inv = C.to(blocks.dtype), C_inv.to(blocks.dtype)
     objective = float(torch.sum(RG * residual, dtype=torch.float64))
-    for _ in range(sweeps):
+    for sweep in range(sweeps):
+        if sweep == 1 and after_first is not None and after_first(blocks):
+            return None
         for b in range(nb):
             cols = slice(b * p, (b + 1) * p)
             rg_b = RG[:, cols].reshape(nb, n, p)  # per output chunk c

@@ -477,6 +477,10 @@ def approximate(layers: list[Layer], options: Options) -> None:
     than twice the whole error budget, the lossier ones of that chain could never be chosen and are
     refused without being computed. Handlers whose grid shares one factorisation
     (``shares_work_across_specs``) are asked for their whole chain at once.
+
+    Families whose fits iterate (``can_abandon``) come last, and an automatic layer's fit stops after
+    its first sweep where a candidate already made and predicted at least as fast is more accurate
+    by over ``ABANDON_MARGIN``: the candidate is then refused as dominated.
     """
     from sparsec.passes.registry import HANDLERS, forget_layer_work
     from sparsec.progress import advance_current
@@ -492,7 +496,7 @@ def approximate(layers: list[Layer], options: Options) -> None:
         for cand in layer.candidates:
             if cand.rejected_because is None:
                 chains.setdefault(_chain_key(cand.spec, site.N, site.K), []).append(cand)
-        for chain in chains.values():
+        for chain in sorted(chains.values(), key=lambda ch: _can_abandon(HANDLERS[ch[0].spec.family])):
             # least lossy first: most values kept, then (act) fewest inputs skipped
             chain.sort(key=lambda c: (-c.spec.stored_params(site.N, site.K), c.spec.curve_key(site.N, site.K)))
             handler = HANDLERS[chain[0].spec.family]
@@ -501,8 +505,21 @@ def approximate(layers: list[Layer], options: Options) -> None:
             for i in range(0, len(chain), step):
                 batch = chain[i : i + step]
                 todo = [c for c in batch if (key, c.fmt) not in _APPROXIMATIONS]
-                made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st))) if todo else {}
+                abandoned: dict[str, tuple[float, Candidate]] = {}
+                extra = {}
+                if todo and layer.requested == "auto" and _can_abandon(handler):
+                    extra["abandon"] = _dominated(layer, handler, weight, st, energy, abandoned)
+                made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st, **extra))) if todo else {}
                 for cand in batch:
+                    if cand.fmt in abandoned:
+                        error, rival = abandoned[cand.fmt]
+                        cand.predicted_error = error
+                        cand.rejected_because = (
+                            f"dominated: after one sweep of its fit its error is {100.0 * error:.2f}%, over "
+                            f"{ABANDON_MARGIN:g}x the {100.0 * rival.predicted_error:.2f}% of {rival.fmt}, which is "
+                            f"predicted at least as fast ({layer.speedup(rival):.2f}x against {layer.speedup(cand):.2f}x)"
+                        )
+                        continue
                     cand.remake = _remaker(layer, cand, (key, cand.fmt))
                     w_hat = made.get(cand.fmt)
                     if w_hat is None:  # cached (or, evicted meanwhile, made again)
@@ -513,7 +530,10 @@ def approximate(layers: list[Layer], options: Options) -> None:
                         _APPROXIMATIONS.put((key, cand.fmt), _beside(w_hat, site.weight))
                     cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
                     cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
-                worst = max(batch, key=lambda c: c.predicted_error)
+                fitted = [c for c in batch if c.fmt not in abandoned]
+                if not fitted:  # an unfinished fit's error says nothing of the lossier ones
+                    continue
+                worst = max(fitted, key=lambda c: c.predicted_error)
                 if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:
                     for rest in chain[i + step :]:
                         rest.rejected_because = (
@@ -522,6 +542,40 @@ def approximate(layers: list[Layer], options: Options) -> None:
                         )
                     break
         forget_layer_work()
+
+
+# After one sweep Monarch's fit had at most 1.35x the error it ends with after the planner's four (and
+# 1.48x that of twelve) on SmolLM2-135M's q and o projections, NB 4 and 8 (docs/frontier.md): a fit
+# still this far above a rival after one sweep would not end below it.
+ABANDON_MARGIN = 1.5
+
+
+def _can_abandon(handler) -> bool:
+    return bool(getattr(handler, "can_abandon", False))
+
+
+def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict):
+    """``abandon`` for an iterative handler's fits of ``layer``: yes where a candidate of the layer
+    already made, still standing and predicted at least as fast has under 1 / ABANDON_MARGIN of the
+    error the fit has after its first sweep (recorded in ``abandoned``: fmt -> (error, rival))."""
+
+    def abandon(spec, approx) -> bool:
+        cand = next(c for c in layer.candidates if c.spec == spec)
+        if cand.predicted_us is None:
+            return False
+        rivals = [c for c in layer.candidates
+                  if c is not cand and c.rejected_because is None and not math.isnan(c.predicted_error)
+                  and c.predicted_us is not None and c.predicted_us <= cand.predicted_us]
+        if not rivals:
+            return False
+        rival = min(rivals, key=lambda c: c.predicted_error)
+        error = _error(handler, weight, approx, st, layer.site.bias, energy)
+        if error > ABANDON_MARGIN * rival.predicted_error:
+            abandoned[cand.fmt] = (error, rival)
+            return True
+        return False
+
+    return abandon
 
 
 def _error(handler, weight, approx, st: SiteStats, bias, energy: float) -> float:

@@ -99,3 +99,37 @@ def test_unknown_method_and_impossible_spec_are_refused_with_the_reason():
         HANDLER.approximate([Monarch(4)], weight(16, 16, seed=0), None, method="svd")
     with pytest.raises(ValueError, match="K=40 not divisible by 4x4=16"):
         HANDLER.approximate([Monarch(4)], weight(16, 40, seed=0), None)
+
+
+def test_a_fit_abandoned_after_its_first_sweep_returns_none_and_one_kept_is_unchanged():
+    N, K = 64, 64
+    W = weight(N, K, seed=11)
+    st = stats_of(activations(K, 1024, seed=12))
+    asked = []
+
+    def abandon(spec, approx):
+        asked.append((spec, approx.clone()))
+        return spec.nblocks == 8
+
+    given = HANDLER.approximate([Monarch(4), Monarch(8)], W, st, abandon=abandon)
+    plain = HANDLER.approximate([Monarch(4), Monarch(8)], W, st)
+    assert given[1] is None
+    torch.testing.assert_close(given[0], plain[0], rtol=0, atol=0)
+    # asked once per fit, with a weight of the format's structure whose error lies above the finished fit's
+    assert [s.nblocks for s, _ in asked] == [4, 8]
+    spec, first = asked[0]
+    r = K // (spec.nblocks ** 2)
+    sv = sub_block_singular_values(first, spec.nblocks)
+    assert float(sv[..., r:].max()) < 1e-5 * float(sv.max())
+    assert relative_output_error(W, first, st) > relative_output_error(W, plain[0], st)
+
+
+def test_refine_gives_up_only_when_asked_after_the_first_sweep():
+    W = weight(64, 64, seed=13)
+    st = stats_of(activations(64, 1024, seed=14))
+    G = damped(st.gram, monarch_pass.DAMPING).float()
+    target = monarch_pass.to_blocks(W, 4)
+    start = monarch_pass.project(target, 4)
+    assert monarch_pass.refine(target, start, G, 4, after_first=lambda b: True) is None
+    kept = monarch_pass.refine(target, start, G, 4, after_first=lambda b: False)
+    torch.testing.assert_close(kept, monarch_pass.refine(target, start, G, 4), rtol=0, atol=0)

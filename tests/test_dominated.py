@@ -1,0 +1,79 @@
+"""The planner stops fitting a candidate that a faster, already fitted one of its layer dominates."""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent / "passes"))
+from accuracy_data import activations, stats_of  # noqa: E402
+
+from sparsec import pipeline  # noqa: E402
+from sparsec.candidates import Candidate, Layer  # noqa: E402
+from sparsec.formats import Dense, LowRank, Monarch  # noqa: E402
+from sparsec.options import Options  # noqa: E402
+from sparsec.sites import Site  # noqa: E402
+
+
+def planted_low_rank(N: int, K: int, rank: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(N, rank, generator=g) @ torch.randn(rank, K, generator=g)) / K ** 0.5
+
+
+def layer_of(W: torch.Tensor, requested: str, times: dict[str, float]) -> Layer:
+    K = W.shape[1]
+    site = Site("fc", "linear", W, None, torch.float32, "x")
+    layer = Layer(site=site, stats=stats_of(activations(K, 1024, seed=21)),
+                  dense=Candidate(Dense(), None, None, 0.0, predicted_us=100.0), requested=requested)
+    for spec in (LowRank(8), LowRank(16), Monarch(4), Monarch(8)):
+        layer.candidates.append(Candidate(spec, None, None, math.nan, predicted_us=times[str(spec)]))
+    return layer
+
+
+@pytest.fixture(autouse=True)
+def fresh_cache(monkeypatch):
+    monkeypatch.setattr(pipeline, "_APPROXIMATIONS", pipeline._BoundedCache())
+
+
+def by_fmt(layer: Layer) -> dict[str, Candidate]:
+    return {c.fmt: c for c in layer.candidates}
+
+
+def test_a_fit_a_faster_exact_candidate_dominates_is_refused_as_dominated_with_the_figures():
+    W = planted_low_rank(64, 64, 8, seed=20)  # lowrank:8 fits exactly
+    layer = layer_of(W, "auto", {"lowrank:8": 20.0, "lowrank:16": 45.0, "monarch:4": 40.0, "monarch:8": 25.0})
+    pipeline.approximate([layer], Options(error_budget=0.5))
+    c = by_fmt(layer)
+    assert c["lowrank:8"].rejected_because is None and c["lowrank:8"].predicted_error < 1e-5
+    for fmt in ("monarch:4", "monarch:8"):
+        why = c[fmt].rejected_because
+        assert why is not None and why.startswith("dominated: after one sweep of its fit"), why
+        assert "of lowrank:8, which is predicted at least as fast (5.00x against" in why
+        assert c[fmt].predicted_error > pipeline.ABANDON_MARGIN * c["lowrank:8"].predicted_error
+
+
+def test_no_rival_at_least_as_fast_or_a_forced_layer_keeps_the_fit_whole():
+    W = planted_low_rank(64, 64, 8, seed=20)
+    slow_rivals = {"lowrank:8": 60.0, "lowrank:16": 70.0, "monarch:4": 40.0, "monarch:8": 25.0}
+    for layer in (layer_of(W, "auto", slow_rivals),
+                  layer_of(W, "monarch:8", {"lowrank:8": 20.0, "lowrank:16": 30.0, "monarch:4": 40.0, "monarch:8": 25.0})):
+        pipeline.approximate([layer], Options(error_budget=0.5))
+        c = by_fmt(layer)
+        assert not any((x.rejected_because or "").startswith("dominated") for x in layer.candidates)
+        assert not math.isnan(c["monarch:8"].predicted_error)
+        assert c["monarch:8"].predicted_error > 0.0
+
+
+def test_a_fit_within_the_margin_of_its_rival_is_finished():
+    g = torch.Generator().manual_seed(22)
+    W = torch.randn(64, 64, generator=g) / 8.0  # full rank: lowrank:8 is far worse than Monarch
+    layer = layer_of(W, "auto", {"lowrank:8": 20.0, "lowrank:16": 50.0, "monarch:4": 40.0, "monarch:8": 25.0})
+    pipeline.approximate([layer], Options(error_budget=0.5))
+    c = by_fmt(layer)
+    for fmt in ("monarch:4", "monarch:8"):
+        assert c[fmt].rejected_because is None
+        assert c[fmt].predicted_error < pipeline.ABANDON_MARGIN * c["lowrank:8"].predicted_error
