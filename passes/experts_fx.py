@@ -156,26 +156,46 @@ def time_impls(bank: Bank, impls, graph_replay: bool, failed: dict | None = None
 _INLINE_COMPILED: dict[tuple, object] = {}
 
 
-def compiled_inline(x, idx, wts, gate_up, down):
+def compiled_inline(x, idx, wts, gate_up, down, remap=None):
     """``experts_inline`` compiled by inductor for these inputs' shapes (once per shape in a
     process; weights are inputs, so banks of one shape share it): the bank as ``inline_banks``
-    leaves it in the graph, timed on its own."""
-    key = tuple((tuple(t.shape), t.dtype, str(t.device)) for t in (x, idx, wts, gate_up, down))
+    leaves it in the graph, timed on its own. With ``remap`` (a pruned bank, ``apply_pruning``) the
+    routing through ``route_kept`` is compiled with it, as the lowered graph holds both; the
+    function then takes ``remap`` as its last argument."""
+    inputs = (x, idx, wts, gate_up, down) + ((remap,) if remap is not None else ())
+    key = tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs)
     fn = _INLINE_COMPILED.get(key)
     if fn is None:
         from torch._inductor import list_mode_options
         from torch._inductor.compile_fx import compile_fx
 
-        from sparsec.codegen.experts import experts_inline
+        from sparsec.codegen.experts import experts_inline, route_kept
 
         graph = fx.Graph()
-        args = tuple(graph.placeholder(name) for name in ("x", "top_k_index", "top_k_weights", "gate_up", "down"))
-        graph.output(graph.call_function(experts_inline, args))
+        names = ("x", "top_k_index", "top_k_weights", "gate_up", "down") + (("remap",) if remap is not None else ())
+        args = tuple(graph.placeholder(name) for name in names)
+        index, weights = args[1], args[2]
+        if remap is not None:
+            routed = graph.call_function(route_kept, (index, weights, args[5]))
+            index = graph.call_function(operator.getitem, (routed, 0))
+            weights = graph.call_function(operator.getitem, (routed, 1))
+        graph.output(graph.call_function(experts_inline, (args[0], index, weights, args[3], args[4])))
         with _outside_tracing():  # not the graph being planned's compile context (its fake tensors)
-            fn = compile_fx(fx.GraphModule(torch.nn.Module(), graph), [x, idx, wts, gate_up, down],
+            fn = compile_fx(fx.GraphModule(torch.nn.Module(), graph), list(inputs),
                             config_patches=list_mode_options("default"))
         _INLINE_COMPILED[key] = fn
     return fn
+
+
+def pruned_call(pruning, x, idx, wts, impl: str):
+    """A call running ``pruning``'s bank as the lowered graph will: routed through ``route_kept``,
+    then its kept experts in ``impl``; for ``inline``, the two compiled together by inductor, so
+    that it is timed as the bank it would replace is (``time_impls``)."""
+    if impl != "inline":
+        return lambda: pruning.run(x, idx, wts, impl)
+    gate_up, down = pruning.gate_up.to(x.device), pruning.down.to(x.device)
+    remap = pruning.remap.to(x.device)
+    return lambda: compiled_inline(x, idx, wts, gate_up, down, remap)(x, idx, wts, gate_up, down, remap)
 
 
 def _outside_tracing():
@@ -368,7 +388,7 @@ def pruned_speed(bank: Bank, pruning, graph_replay: bool, fingerprint=None,
     now = bank.timings.get(impl)
     if now is None:
         now = time_impls(bank, [impl], graph_replay)[impl]
-    after = _time(lambda: pruning.run(x, idx, wts, impl), x.device, graph_replay)
+    after = _time(pruned_call(pruning, x, idx, wts, impl), x.device, graph_replay)
     return after, now, "measured"
 
 
@@ -434,7 +454,7 @@ def structured_speed(bank, rewrite, impls, graph_replay: bool) -> tuple[float, s
     impl = bank.node.args[5]
     pruning = getattr(bank, "pruning", None)
     if pruning is not None:
-        now = _time(lambda: pruning.run(x, idx, wts, impl), x.device, graph_replay)
+        now = _time(pruned_call(pruning, x, idx, wts, impl), x.device, graph_replay)
     else:
         now = bank.timings.get(impl) or time_impls(bank, [impl], graph_replay)[impl]
     failed: dict[str, str] = {}

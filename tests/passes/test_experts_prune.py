@@ -4,6 +4,8 @@ call an expert rare, or when the bank runs no faster without them), and the lowe
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 import torch.nn as nn
@@ -206,3 +208,35 @@ def test_calibration_of_other_shapes_counts_and_checks_the_pruned_banks_in_their
     assert sum(row["tokens_per_expert"]) == 2 * (4 * 128 + 4 * 64) and row["calibration_calls"] == 8
     assert row["pruning"]["dropped"] == RARE
     assert report["end_to_end"]["measured_error"] == pytest.approx(row["pruning"]["measured_error"], rel=1e-6)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("c++") is None,
+                    reason="inductor compiles C++ on the CPU: no C++ compiler here")
+def test_a_pruned_bank_running_inline_is_timed_compiled_with_its_routing(monkeypatch):
+    """A bank running ``inline`` is timed compiled by inductor; without its rare experts it must be
+    timed the same way (routing included, as the lowered graph holds both), not eagerly against the
+    compiled bank, which no pruning could ever beat."""
+    _, _, bank = captured_bank(RoutedMoE())
+    x, idx, wts = bank.inputs
+    bank.inputs = x, idx, wts = x.bfloat16(), idx, wts.bfloat16()  # torch's grouped GEMM takes bf16
+    pruning = Pruning.of(bank.gate_up.bfloat16(), bank.down.bfloat16(), set(RARE))
+    compiled = []
+    real = experts_fx.compiled_inline
+
+    def counted(*args):
+        compiled.append(len(args))
+        return real(*args)
+
+    monkeypatch.setattr(experts_fx, "compiled_inline", counted)
+    bank.node.args = (*bank.node.args[:5], "inline")
+    bank.timings["inline"] = 1.0
+    after, now, how = experts_fx.pruned_speed(bank, pruning, False)
+    assert how == "measured" and after > 0 and now == 1.0
+    assert 6 in compiled  # the routing's remap went into the compiled function
+    with torch.no_grad():
+        got = experts_fx.pruned_call(pruning, x, idx, wts, "inline")()
+        want = pruning.run(x, idx, wts, "loop")
+    # bf16 products, float32 accumulation both ways: a few units of bf16's last place
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    index, _ = route_kept(idx, wts, pruning.remap)
+    assert int(index.max()) < len(pruning.keep)
