@@ -244,7 +244,8 @@ def test_a_format_setting_the_fingerprint_never_timed_is_not_chosen():
     torch.manual_seed(13)
     model = nn.Sequential(nn.Linear(768, 3072)).to(torch.bfloat16)
     result = sparsec.optimize(model, (torch.randn(1024, 768, dtype=torch.bfloat16),), fingerprint="h200",
-                              error_budget=0.9, formats=["block"], mode="reduce-overhead", lower=False)
+                              error_budget=0.9, formats=["block:64:0.75", "block:64:0.5"], mode="reduce-overhead",
+                              lower=False)
     cands = {c["format"]: c["rejected_because"] for c in result.report.layers[0]["candidates"]}
     assert cands["block:64:0.75"].startswith("not measured on h200: kept fraction 0.75 above measured 0.5")
 
