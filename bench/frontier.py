@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from collections import Counter
@@ -150,17 +151,9 @@ def run(args) -> dict:
     except Exception as exc:  # noqa: BLE001 - a missing optional package: say which, skip
         print(f"frontier: {args.model} skipped: {type(exc).__name__}: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    passes = []
     with torch.no_grad():
         model(*calib[0])  # warm-up
-        for _ in range(3):
-            _sync(device)
-            start = time.perf_counter()
-            for item in calib:
-                model(*item)
-            _sync(device)
-            passes.append(time.perf_counter() - start)
-    one_eval_s = sorted(passes)[1]  # one model evaluation: a forward pass over the calibration data (median of 3)
+    passes = evaluation_passes(model, calib, device)
     mode = args.mode or ("reduce-overhead" if device.type == "cuda" else "default")
     dense = torch.compile(model, mode=mode) if device.type == "cuda" else model
     dense_us = timed(dense, example, device) if args.measure else None
@@ -192,6 +185,10 @@ def run(args) -> dict:
                                   error_budget=budget, metric=args.metric, output=output, formats=args.formats,
                                   mode=mode, lower=not args.plan_only, recovery=args.recovery)
         plan_s = time.perf_counter() - start
+        # the machine's speed drifts over minutes: one evaluation is the median of passes timed just
+        # before the first plan and just after this one
+        after = evaluation_passes(model, calib, device)
+        one_eval_s = statistics.median(passes + after)
         if args.reports:
             Path(args.reports).mkdir(parents=True, exist_ok=True)
             optimized.report.save(str(Path(args.reports) / f"{args.model}-{fingerprint}-{shape(example)}-{budget:g}.json"))
@@ -202,6 +199,7 @@ def run(args) -> dict:
                "formats": dict(Counter(l["format"] for l in report["layers"] if l["format"] != "dense")),
                "dense_layers": sum(1 for l in report["layers"] if l["format"] == "dense"),
                "layers": len(report["layers"]), "plan_s": plan_s, "one_eval_s": one_eval_s,
+               "one_eval_s_before_after": [statistics.median(passes), statistics.median(after)],
                "evaluations": report["planning"]["model_evaluations"] + report["planning"]["heldout_evaluations"],
                "evaluations_by_step": {name: n["calibration"] + n["heldout"]
                                        for name, n in (report["planning"].get("evaluations_by_step") or {}).items()},
@@ -232,6 +230,21 @@ def run(args) -> dict:
         if args.out:  # after every row: a run stopped by its time limit keeps what it measured
             Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     return result
+
+
+def evaluation_passes(model, calib, device: torch.device, passes: int = 3) -> list[float]:
+    """Seconds of each of ``passes`` forward passes of the plain model over the calibration data:
+    what "one model evaluation" means in planning cost."""
+    out = []
+    with torch.no_grad():
+        for _ in range(passes):
+            _sync(device)
+            start = time.perf_counter()
+            for item in calib:
+                model(*item)
+            _sync(device)
+            out.append(time.perf_counter() - start)
+    return out
 
 
 def _sync(device: torch.device) -> None:
