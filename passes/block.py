@@ -40,6 +40,7 @@ class BlockHandler:
     family = "block"
     methods = ("least-squares", "activation", "magnitude")
     default_method = "least-squares"
+    can_abandon = True  # ``approximate(..., abandon=)``: a fit may stop after its first mask's refit
 
     def grid(self, N: int, K: int) -> list[Block]:
         """Every kernel block size that tiles N x K into at least 2 x 2 blocks, at each kept fraction."""
@@ -56,8 +57,12 @@ class BlockHandler:
 
         return Masked(approx)
 
-    def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
-        """One float32 N x K weight per spec, nonzero only in exactly its kept blocks."""
+    def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None,
+                    abandon=None):
+        """One float32 N x K weight per spec, nonzero only in exactly its kept blocks.
+
+        ``abandon(spec, approx) -> bool``, asked with the refit of the activation-scored mask before
+        the OBS-scored one is made: where it says yes, that spec's entry is None."""
         method = method or self.default_method
         if method not in self.methods:
             raise ValueError(f"unknown block method {method!r}; known: {', '.join(self.methods)}")
@@ -77,6 +82,9 @@ class BlockHandler:
             keep = kept_block_mask(score, spec.block, spec.kept_blocks(N, K))
             if method == "least-squares":
                 by_activation = refit(keep, spec.block)
+                if abandon is not None and abandon(spec, by_activation):
+                    out.append(None)
+                    continue
                 by_obs = refit(kept_block_mask(refit.obs_scores(spec.block), 1, spec.kept_blocks(N, K)), spec.block)
                 out.append(min(by_activation, by_obs, key=refit.error))
             else:

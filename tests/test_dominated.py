@@ -51,7 +51,7 @@ def test_a_fit_a_faster_exact_candidate_dominates_is_refused_as_dominated_with_t
     assert c["lowrank:8"].rejected_because is None and c["lowrank:8"].predicted_error < 1e-5
     for fmt in ("monarch:4", "monarch:8"):
         why = c[fmt].rejected_because
-        assert why is not None and why.startswith("dominated: after one sweep of its fit"), why
+        assert why is not None and why.startswith("dominated: after the first step of its fit"), why
         assert "of lowrank:8, which is predicted at least as fast (5.00x against" in why
         assert c[fmt].predicted_error > pipeline.ABANDON_MARGIN * c["lowrank:8"].predicted_error
 

@@ -160,3 +160,27 @@ def test_a_layers_refit_serves_its_specs_until_forgotten():
     assert HANDLER._last is None
     alone = block_pass.BlockHandler()
     torch.testing.assert_close(alone.approximate([Block(16, 0.25)], W, stats_of(activations(96, 2048, seed=32)))[0], b)
+
+
+def test_a_fit_abandoned_after_its_activation_mask_returns_none_and_one_kept_is_unchanged():
+    N, K = 64, 128
+    W = weight(N, K, seed=31)
+    st = stats_of(activations(K, 1024, seed=32))
+    specs = [Block(16, 0.25), Block(16, 0.5)]
+    asked = []
+
+    def abandon(spec, approx):
+        asked.append((spec, approx.clone()))
+        return spec.density == 0.25
+
+    given = HANDLER.approximate(specs, W, st, abandon=abandon)
+    HANDLER.forget()
+    plain = HANDLER.approximate(specs, W, st)
+    HANDLER.forget()
+    assert given[0] is None
+    torch.testing.assert_close(given[1], plain[1], rtol=0, atol=0)
+    # asked with the activation mask's refit: exactly the kept blocks, no better than what is returned
+    spec, first = asked[1]
+    nonzero = first.reshape(N // 16, 16, K // 16, 16).abs().sum(dim=(1, 3)) > 0
+    assert int(nonzero.sum()) == spec.kept_blocks(N, K)
+    assert relative_output_error(W, first, st) >= relative_output_error(W, plain[1], st)
