@@ -552,8 +552,13 @@ def experts_grouped_mm(x, top_k_index, top_k_weights, gate_up, down) -> torch.Te
     return _grouped_mm_runs(x, top_k_index, top_k_weights, _factors(gate_up), _factors(down))
 
 
-def _grouped_mm_runs(x, top_k_index, top_k_weights, gate_up: tuple, down: tuple) -> torch.Tensor:
-    """``grouped_mm``'s ops on factor tuples, without asking whether torch's grouped GEMM takes them."""
+def _grouped_mm_runs(x, top_k_index, top_k_weights, gate_up: tuple, down: tuple, gather: bool = False) -> torch.Tensor:
+    """``grouped_mm``'s ops on factor tuples, without asking whether torch's grouped GEMM takes them.
+
+    The weighted pairs are summed back into their tokens by an atomic ``index_add_``, or, with
+    ``gather``, by putting the pairs back in token order and summing each token's k rows: one
+    reduction inductor fuses with the weighting and the cast (no float32 buffer zeroed, then added
+    to atomically, then cast), as transformers' own ``grouped_mm`` forward combines."""
     T, k = top_k_index.shape
     flat = top_k_index.reshape(-1).long()
     order = torch.sort(flat, stable=True).indices
@@ -568,6 +573,10 @@ def _grouped_mm_runs(x, top_k_index, top_k_weights, gate_up: tuple, down: tuple)
 
     h = _swiglu(project(x[order // k], gate_up).float()).to(x.dtype)
     y = project(h, down).float() * top_k_weights.reshape(-1)[order].float()[:, None]
+    if gather:
+        back = torch.empty_like(order)
+        back[order] = torch.arange(order.numel(), device=order.device)
+        return y[back].view(T, k, -1).sum(dim=1).to(x.dtype)
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     return out.index_add_(0, order // k, y).to(x.dtype)
 
@@ -584,7 +593,7 @@ def experts_inline(x, top_k_index, top_k_weights, gate_up, down) -> torch.Tensor
     the ops around the bank (the gathers and the combine fused into their neighbours), as it
     compiles transformers' own ``grouped_mm`` forward. Outside a compiled graph it is ``grouped_mm``.
     Only where ``inline_usable``: traced, it cannot ask (a probe run on fake tensors proves nothing)."""
-    return _grouped_mm_runs(x, top_k_index, top_k_weights, (gate_up,), (down,))
+    return _grouped_mm_runs(x, top_k_index, top_k_weights, (gate_up,), (down,), gather=True)
 
 
 def rows_usable(x, gate_up, down) -> bool:
