@@ -77,3 +77,12 @@ def test_a_fit_within_the_margin_of_its_rival_is_finished():
     for fmt in ("monarch:4", "monarch:8"):
         assert c[fmt].rejected_because is None
         assert c[fmt].predicted_error < pipeline.ABANDON_MARGIN * c["lowrank:8"].predicted_error
+
+
+def test_without_a_price_for_dense_the_reason_gives_the_predicted_times():
+    W = planted_low_rank(64, 64, 8, seed=20)
+    layer = layer_of(W, "auto", {"lowrank:8": 20.0, "lowrank:16": 45.0, "monarch:4": 40.0, "monarch:8": 25.0})
+    layer.dense.predicted_us = None
+    pipeline.approximate([layer], Options(error_budget=0.5))
+    why = by_fmt(layer)["monarch:8"].rejected_because
+    assert why is not None and why.endswith("(20.0 us against 25.0 us)"), why
