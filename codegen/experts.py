@@ -42,7 +42,8 @@ graph in place of the op (``passes/experts_fx.py`` ``inline_banks``), so that in
 sort, gathers and weighted sum around the grouped GEMMs with the rest of the graph, as it does
 transformers' own forward. At prefill this is what the model as it came runs (an H100 ran
 transformers' default 1.35x faster than the same GEMMs inside the op at 2048 tokens), so with it
-among the candidates the planner can keep the form the model came with (not yet timed on a GPU).
+among the candidates the planner can keep the form the model came with: on an H100 the automatic
+choice took it at 256 and 2048 tokens and measured 0.99x and 0.98x of transformers' own (docs/experts.md).
 
 Every implementation accumulates in float32 and returns x's dtype.
 """

@@ -566,9 +566,9 @@ def _can_abandon(handler) -> bool:
 
 
 def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict):
-    """``abandon`` for an iterative handler's fits of ``layer``: yes where a candidate of the layer
+    """``abandon`` for a multi-step handler's fits of ``layer``: yes where a candidate of the layer
     already made, still standing and predicted at least as fast has under 1 / ABANDON_MARGIN of the
-    error the fit has after its first sweep (recorded in ``abandoned``: fmt -> (error, rival))."""
+    error the fit has after its first step (recorded in ``abandoned``: fmt -> (error, rival))."""
 
     def abandon(spec, approx) -> bool:
         cand = next(c for c in layer.candidates if c.spec == spec)
