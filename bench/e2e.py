@@ -325,24 +325,36 @@ class CausalLM(nn.Module):
         return self.lm(input_ids=input_ids, use_cache=False).logits
 
 
-def llama_bench(results, fingerprint, shapes, smoke=False):
-    """transformers' LlamaForCausalLM with random weights, about 400M parameters (hidden 1024, 20
-    layers, MLP 4096, vocabulary 32000), bf16, at BATCHxLENGTH tokens: the automatic plan and every
-    decoder layer forced to 2:4 and to block:64:0.25 (the LM head dense)."""
+LLAMA_DIMS = {
+    # about 400M parameters
+    "400m": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16,
+                 num_key_value_heads=16, vocab_size=32000),
+    # SmolLM2-135M's shapes (random weights: for timing only)
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
+}
+
+
+def llama_bench(results, fingerprint, shapes, smoke=False, dims_name="400m"):
+    """transformers' LlamaForCausalLM with random weights (``LLAMA_DIMS``: about 400M parameters by
+    default, or SmolLM2-135M's shapes), bf16, at BATCHxLENGTH tokens: the automatic plan, every
+    layer forced dense through sparsec's own lowering, every decoder layer forced to 2:4 and to
+    block:64:0.25, and 2:4 on the attention's q, k and o projections alone (the LM head dense)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
     dims = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=4, vocab_size=128) if smoke else \
-        dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=20, num_attention_heads=16,
-             num_key_value_heads=16, vocab_size=32000)
+                num_key_value_heads=4, vocab_size=128) if smoke else LLAMA_DIMS[dims_name]
     config = LlamaConfig(max_position_embeddings=4096, **dims)
     config._attn_implementation = "sdpa"
     dtype = torch.bfloat16 if DEVICE == "cuda" else torch.float32
     model = CausalLM(LlamaForCausalLM(config)).to(DEVICE, dtype).eval()
     decoder = r"re:.*layers\..*"
-    plans = [("auto 1%", {"error_budget": 0.01}, 0.01)] + [
-        (form, {"plan": {"layers": {decoder: form, "_default": "dense"}}}, None) for form in ("2:4", "block:64:0.25")]
+    attention = r"re:.*layers\..*\.(q|k|o)_proj"
+    plans = [("auto 1%", {"error_budget": 0.01}, 0.01),
+             ("dense", {"plan": {"layers": {"_default": "dense"}}}, None)] + [
+        (form, {"plan": {"layers": {decoder: form, "_default": "dense"}}}, None) for form in ("2:4", "block:64:0.25")] + [
+        ("2:4 qko", {"plan": {"layers": {attention: "2:4", "_default": "dense"}}}, None)]
     for shape in shapes:
         batch, length = (int(v) for v in shape.split("x"))
         ids = lambda: torch.randint(0, config.vocab_size, (batch, length), device=DEVICE)
@@ -467,6 +479,7 @@ def main(argv=None):
     ap.add_argument("--fingerprint", default="auto")
     ap.add_argument("--minilm", default=".carry/minilm")
     ap.add_argument("--llama", default="8x256,1x16", help="BATCHxLENGTH token shapes of the llama model")
+    ap.add_argument("--llama-dims", default="400m", choices=sorted(LLAMA_DIMS), help="the llama model's shapes")
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--export-minilm", metavar="DIR")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script, times nothing real")
@@ -507,7 +520,7 @@ def main(argv=None):
         elif name == "vit":
             vit_bench(results, fp.name)
         elif name == "llama":
-            llama_bench(results, fp.name, args.llama.split(","), args.smoke)
+            llama_bench(results, fp.name, args.llama.split(","), args.smoke, args.llama_dims)
         print(f"# {name} done at {time.time() - t0:.0f}s", flush=True)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, f"e2e-{args.models.replace(',', '-')}.json"), "w") as fh:
