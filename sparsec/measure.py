@@ -43,8 +43,8 @@ def time_layer(layer, cand, options, rotation_bytes: int = ROTATION_BYTES) -> tu
     scale = input_scale(cand.spec, packed)
     xs = [torch.randn(M, site.K, device=device, dtype=site.dtype) * scale for _ in range(max(len(ws), len(packs)))]
     with torch.no_grad():
-        dense_us = _time(clock, [lambda x=x, w=w: F.linear(x, w, b) for x, w in zip(xs, ws)], graph_mode)
-        us = _time(clock, [lambda x=x, p=p: linear(x, p, b, impl) for x, p in zip(xs, packs)], graph_mode)
+        dense_us = _time(clock, [lambda x=x, w=w: F.linear(x, w, b) for x, w in zip(xs, ws)], graph_mode, lead=True)
+        us = _time(clock, [lambda x=x, p=p: linear(x, p, b, impl) for x, p in zip(xs, packs)], graph_mode, lead=True)
     return dense_us, us
 
 
@@ -80,6 +80,6 @@ def time_graph(lowered, dense, example_inputs) -> tuple[float, float]:
     return dense_us, us
 
 
-def _time(clock: Clock, calls, graph_mode: bool) -> float:
+def _time(clock: Clock, calls, graph_mode: bool, lead: bool = False) -> float:
     single = clock.warm(calls)
-    return clock.graph(calls, single) if graph_mode else clock.eager(calls, single)
+    return clock.graph(calls, single, lead=lead) if graph_mode else clock.eager(calls, single)

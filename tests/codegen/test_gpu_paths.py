@@ -381,3 +381,16 @@ def test_a_transformer_encoder_runs_its_expanded_attention_through_inductor(mode
     formats = sorted(l["format"] for l in json.loads((tmp_path / "r.json").read_text())["layers"])
     assert formats == ["2:4"] * 4 + ["dense"] * 4
     assert rel_err(got.cpu(), dense) < 3 * REL_TOL[torch.bfloat16]  # two blocks of products, norms, softmax
+
+
+def test_a_call_timed_behind_a_lead_kernel_is_timed_without_the_lead():
+    # the lead's own time comes off: an elementwise kernel timed behind another of its kind measures
+    # about what it measures back to back with itself (twice that if the lead were left in)
+    from sparsec.fingerprint.timing import Clock, TimingPolicy
+
+    clock = Clock(torch.device("cuda"), TimingPolicy())
+    y = torch.randn(1 << 16, device="cuda")
+    calls = [lambda: y.mul_(1.0)]
+    single = clock.warm(calls)
+    alone, behind = clock.graph(calls, single), clock.graph(calls, single, lead=True)
+    assert 0 < behind and 0.6 * alone < behind < 1.5 * alone, (alone, behind)
