@@ -338,26 +338,6 @@ class FxFrontend:
         """The graph as traced: inductor's compile on CUDA, the FX graph itself on the CPU."""
         return dense_graph(self.gm, self.example_inputs, self.mode)
 
-    def dense_lowering(self, layers: list[Layer]):
-        """The graph lowered with every layer dense. The lowering changes the dense graph's time
-        too (siblings stacked into one launch, epilogues folded), so a plan must also beat this to
-        be worth running. The plan's own lowering state (modules, folded epilogues) is kept."""
-        saved, chosen = (self.modules, self.fused), [l.chosen for l in layers]
-        try:
-            for layer in layers:
-                layer.chosen = layer.dense
-            return self.lower(layers)
-        finally:
-            for layer, cand in zip(layers, chosen):
-                layer.chosen = cand
-            self.modules, self.fused = saved
-
-    def time_pair(self, lowered, other) -> tuple[float, float]:
-        """(other us, lowered us): two lowerings of this graph timed on its inputs, in this process."""
-        from sparsec import measure
-
-        return measure.time_graph(lowered, other, self.run_inputs)
-
     def notes(self, layers: list[Layer], skipped, options, fingerprint) -> list[str]:
         """Plan entries no layer compiled so far matches; frozen weights under autograd; the last
         compile Dynamo allows; a fingerprint of another device."""

@@ -155,7 +155,8 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
         notes = frontend.notes(layers, skipped, planning, fingerprint)
         report = report_of(frontend, layers, skipped, e2e, fingerprint, planning, rest_us, fused_us, stacked_us,
                            checked=checked, kept_dense_speedup=kept, budget=options.error_budget)
-        report["warnings"] = _unique(warnings + notes + checked.warnings + shared_weight_warnings(layers))
+        report["warnings"] = _unique(warnings + notes + checked.warnings + shared_weight_warnings(layers)
+                                     + ([_kept_dense_warning(frontend, kept)] if kept is not None else []))
         if checked.alarm:
             predicted = report["end_to_end"]["predicted_speedup"]
             report["warnings"].insert(0, checked.alarm.replace("{predicted}", f"{predicted or float('nan'):.2f}x"))
@@ -1089,42 +1090,23 @@ def check(frontend: Frontend, layers: list[Layer], lowered, options: Options) ->
         return Check(), None
     checked = frontend.check(lowered, layers, options)
     rewritten = [l for l in layers if l.chosen is not None and not l.chosen.is_dense]
-    speedup, against = checked.speedup, "the original"
-    if options.measure and rewritten and speedup is not None and speedup >= 1.0:
-        own = _over_dense_lowering(frontend, layers, lowered)
-        if own is not None:
-            checked.end_to_end["measured_speedup_over_dense_lowering"] = own
-            if own < 1.0:
-                speedup, against = own, "the same graph lowered with every layer dense"
+    speedup = checked.speedup
     if not (options.measure and rewritten and speedup is not None and speedup < 1.0):
         return checked, None
     forced = [l for l in rewritten if l.forced_by is not None]
     if forced:
         checked.warnings.append(
-            f"the rewritten model measured {speedup:.2f}x of {against} end to end, slower; kept because the plan "
+            f"the rewritten model measured {speedup:.2f}x of the original end to end, slower; kept because the plan "
             f"forces {len(forced)} of its {len(rewritten)} rewritten layers ({forced[0].name}: {forced[0].chosen.fmt}"
             f"{', ...' if len(forced) > 1 else ''}); remove those entries to let --measure keep the model dense")
         return checked, None
     for layer in rewritten:
-        why = (f"{layer.chosen.fmt} was planned, but the rewritten model measured {speedup:.2f}x of {against} "
-               "end to end, so with --measure every layer was kept dense")
+        why = (f"{layer.chosen.fmt} was planned, but the rewritten model measured {speedup:.2f}x of the "
+               "original end to end, so with --measure every layer was kept dense")
         layer.chosen.rejected_because = why
         layer.kept_dense = why
         layer.chosen, layer.measured_error, layer.measured_us = layer.dense, 0.0, None
-    kept = (f"the rewritten model measured {speedup:.2f}x of {against} end to end, slower: with --measure the "
-            f"{frontend.kept_as}")
-    return Check(warnings=checked.warnings + [kept], end_to_end=checked.end_to_end), speedup
-
-
-def _over_dense_lowering(frontend: Frontend, layers: list[Layer], lowered) -> float | None:
-    """The plan's measured speed-up over the same graph lowered with every layer dense, where the
-    front-end's lowering of a dense graph is not the original (the FX path: stacked launches and
-    folded epilogues make it faster than inductor's compile on small layers); None elsewhere."""
-    dense_lowering = getattr(frontend, "dense_lowering", None)
-    if dense_lowering is None:
-        return None
-    dense_us, us = frontend.time_pair(lowered, dense_lowering(layers))
-    return _ratio(dense_us, us)
+    return Check(warnings=checked.warnings, end_to_end=checked.end_to_end), speedup
 
 
 def shared_weight_warnings(layers: list[Layer]) -> list[str]:
@@ -1155,6 +1137,11 @@ def shared_weight_warnings(layers: list[Layer]) -> list[str]:
                    f"{stored:,} values stored where the model shares {N * K:,}; where memory matters more, "
                    f"keep them dense with a plan entry")
     return out
+
+
+def _kept_dense_warning(frontend: Frontend, speedup: float) -> str:
+    return (f"the rewritten model measured {speedup:.2f}x of the original end to end, slower: with --measure the "
+            f"{frontend.kept_as}")
 
 
 # -- rest -------------------------------------------------------------------------------------

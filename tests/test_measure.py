@@ -73,66 +73,6 @@ def test_a_rewritten_graph_that_times_slower_end_to_end_runs_dense_saying_why(sc
         assert torch.equal(result.module(x), model(x))  # the dense graph, exactly
 
 
-def test_a_plan_faster_than_the_original_but_slower_than_its_dense_lowering_runs_dense(scenario_fp, monkeypatch):
-    # sparsec's own lowering of the all-dense graph can beat inductor's compile of the original
-    # (stacked launches, folded epilogues): a plan must beat both, or it is not worth running
-    timings = iter([(20.0, 10.0), (8.0, 10.0)])  # against the original, then against the dense lowering
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 5.0))
-    monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: next(timings))
-    model, x = rank8_layer()
-    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"],
-                              measure=True)
-    layer = result.report.layers[0]
-    assert layer["format"] == "dense"
-    assert "measured 0.80x of the same graph lowered with every layer dense end to end" in layer["reason"]
-    assert any("0.80x of the same graph lowered with every layer dense end to end, slower" in w
-               for w in result.report.warnings)
-    e2e = result.report.end_to_end
-    assert e2e["kept_dense_measured_speedup"] == pytest.approx(0.8)
-    assert e2e["measured_speedup_over_dense_lowering"] == pytest.approx(0.8)
-    with torch.no_grad():
-        assert torch.equal(result.module(x), model(x))
-
-
-def test_a_plan_faster_than_both_is_kept_with_both_figures(scenario_fp, monkeypatch):
-    timings = iter([(20.0, 10.0), (15.0, 10.0)])
-    monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 5.0))
-    monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: next(timings))
-    model, x = rank8_layer()
-    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.01, formats=["lowrank"],
-                              measure=True)
-    assert result.report.layers[0]["format"].startswith("lowrank:")
-    e2e = result.report.end_to_end
-    assert e2e["measured_speedup"] == pytest.approx(2.0)
-    assert e2e["measured_speedup_over_dense_lowering"] == pytest.approx(1.5)
-    assert "kept_dense_measured_speedup" not in e2e
-
-
-def test_the_dense_lowering_leaves_the_plan_and_its_lowering_state_as_they_were(scenario_fp):
-    model, x = rank8_layer()
-    frontend_seen = {}
-    real = FxFrontend.dense_lowering
-
-    def spy(self, layers):
-        before = ([l.chosen for l in layers], self.modules, self.fused)
-        out = real(self, layers)
-        frontend_seen["same"] = before == ([l.chosen for l in layers], self.modules, self.fused)
-        frontend_seen["dense"] = lambda: out(*self.run_inputs)
-        frontend_seen["original"] = lambda: self.original()(*self.run_inputs)
-        return out
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(FxFrontend, "dense_lowering", spy)
-        result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), error_budget=0.5,
-                                  plan={"layers": {"_default": "lowrank:8"}}, measure=True)
-    assert frontend_seen["same"] is True
-    assert result.report.layers[0]["format"] == "lowrank:8"
-    with torch.no_grad():  # the dense lowering computes what the graph as traced does
-        dense, original = frontend_seen["dense"](), frontend_seen["original"]()
-    dense, original = (t[0] if isinstance(t, (tuple, list)) else t for t in (dense, original))
-    assert torch.allclose(dense, original, rtol=1e-5, atol=1e-5)
-
-
 def test_a_forced_rewrite_that_times_slower_end_to_end_is_kept_with_the_figure(scenario_fp, monkeypatch):
     monkeypatch.setattr(measure, "time_layer", lambda layer, cand, options, rotation=None: (10.0, 5.0))
     monkeypatch.setattr(measure, "time_graph", lambda lowered, dense, inputs: (10.0, 20.0))
