@@ -235,3 +235,27 @@ def test_a_format_that_rounds_before_its_threshold_is_checked_in_its_own_dtype()
         y, ref = family.run(x, w).float(), family.reference(x.float(), w.to(dtype=torch.float32)).float()
         float32_errors.append(float((y - ref).norm() / ref.norm()))
     assert max(float32_errors) > 0.02  # the premise: a float32 reference would have refused it
+
+
+@pytest.mark.parametrize("lead", [True, False])
+def test_graph_points_are_timed_behind_a_lead_kernel_as_the_document_was(tiny, tmp_path, lead):
+    # a document measured with each graph-replayed call behind a kernel of its own is extended that
+    # way, and one measured back to back stays back to back: the points of one file agree
+    from types import SimpleNamespace
+
+    from sparsec.fingerprint.measure import Harness, Job
+
+    doc = json.loads(tiny.read_text())
+    doc["method"].pop("graph_lead", None)
+    if lead:
+        doc["method"]["graph_lead"] = "each call behind a kernel of its own"
+    h = Harness(tmp_path / "x.json", GRIDS["tiny"], 60.0, doc, quiet())
+    asked = []
+    h.clock = SimpleNamespace(cuda=True, warm=lambda calls: 1e-5, eager=lambda calls, single: 1.0,
+                              graph=lambda calls, single, lead=False: asked.append(lead) or 1.0)
+    fam = dense_family(torch.device("cpu"))
+    job = Job(fam, "float32", fam.variants(64, 64)[0], (64, 64), 0)
+    gen = torch.Generator().manual_seed(0)
+    weights = [fam.build(job.variant, 64, 64, torch.float32, torch.device("cpu"), gen)[0]]
+    assert h._point(job, weights, 2, gen) == {"eager": 1.0, "graph": 1.0}
+    assert asked == [lead]
