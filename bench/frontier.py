@@ -183,7 +183,8 @@ def run(args) -> dict:
         start = time.perf_counter()
         optimized = sparsec.optimize(model, example, calibration=calib, heldout=held, fingerprint=fingerprint,
                                   error_budget=budget, metric=args.metric, output=output, formats=args.formats,
-                                  mode=mode, lower=not args.plan_only, recovery=args.recovery)
+                                  mode=mode, lower=not args.plan_only, recovery=args.recovery,
+                                  measure=args.plan_measure and not args.plan_only)
         plan_s = time.perf_counter() - start
         # the machine's speed drifts over minutes: one evaluation is the median of passes timed just
         # before the first plan and just after this one
@@ -206,6 +207,13 @@ def run(args) -> dict:
                "steps_s": report["planning"]["timing"]["steps_s"], "recovery": args.recovery,
                "recovery_summary": report["planning"].get("recovery"), "replans": report["planning"].get("replans"),
                "fallbacks": report.get("fallbacks", [])}
+        if args.plan_measure and not args.plan_only:  # what the measure option found, and whether it kept it dense
+            row["planned_with_measure"] = True
+            row["plan_measured_speedup"] = e2e.get("measured_speedup")
+            row["kept_dense_measured_speedup"] = e2e.get("kept_dense_measured_speedup")
+            row["layers_refused_as_measured_slower"] = sum(
+                1 for l in report["layers"] for c in l.get("candidates", [])
+                if "slower than dense" in (c.get("rejected_because") or "") and "measured" in c["rejected_because"])
         if not args.plan_only and example is calib[0]:
             # at another shape the rewritten module would be compiled (and planned) anew: the
             # report's held-out metric is then the quality figure
@@ -351,6 +359,9 @@ def main(argv=None) -> int:
                         help="torch.compile mode the plan is priced for (default: reduce-overhead on CUDA, "
                              "else default); reduce-overhead on the CPU with --plan-only reproduces a GPU plan there")
     parser.add_argument("--measure", action="store_true", help="also time each rewritten model against dense")
+    parser.add_argument("--plan-measure", action="store_true",
+                        help="plan with sparsec's measure option: each chosen layer timed here against dense and "
+                             "refused if slower, the rewritten graph timed against the original and kept dense if slower")
     parser.add_argument("--plan-only", action="store_true", help="plan without lowering (lower=False): planning cost")
     parser.add_argument("--judge", action="store_true", help="with --example: apply each plan at the calibration "
                         "shape and read perplexity, KL and top-1 agreement (or cosines) on held-out data")
