@@ -143,3 +143,26 @@ def test_the_rotation_is_the_models_weight_bytes_up_to_its_cap():
     small = SimpleNamespace(N=384, K=384, dtype=torch.float16)
     assert measure.rotation_for([small] * 36) == 36 * 384 * 384 * 2
     assert measure.rotation_for([big] * 8) == measure.ROTATION_BYTES
+
+
+def test_a_whole_graph_on_a_cpu_is_timed_against_its_dense_twin_in_alternation():
+    # two graphs of known cost: the ratio comes out right and the right way round, each side its
+    # fastest interleaved round
+    import time as _time
+
+    calls = []
+
+    def slow(*args):
+        calls.append("dense")
+        _time.sleep(0.004)
+
+    def fast(*args):
+        calls.append("lowered")
+        _time.sleep(0.002)
+
+    dense_us, us = measure.time_graph(fast, slow, (torch.zeros(1),))
+    assert 1.5 < dense_us / us < 2.5, (dense_us, us)
+    firsts = [calls[i] for i in range(len(calls) - 1) if calls[i] != calls[i + 1]]
+    assert len(firsts) >= 8  # alternated round after round, not one graph's samples then the other's
+    only_us = measure.time_graph(fast, None, (torch.zeros(1),))
+    assert only_us[0] == only_us[1] and 1500 < only_us[0] < 4000
