@@ -118,6 +118,8 @@ def test_each_layer_timing_call_reads_its_own_weight_copy(monkeypatch):
     monkeypatch.setattr(codegen, "linear", spy_linear)
     monkeypatch.setattr(measure, "F", SimpleNamespace(linear=spy_f_linear))
     monkeypatch.setattr(measure, "_time", lambda clock, calls, graph_mode, lead=False: [c() for c in calls] and 1.0)
+    # on a CPU the two sides alternate in rounds: one round here, each call once
+    monkeypatch.setattr(measure, "interleaved", lambda runs, **kw: SimpleNamespace(us=[r() and 1.0 for r in runs]))
     measure.time_layer(layer, cand, SimpleNamespace(mode="default"))
 
     dense_ptrs = {t.data_ptr() for t in seen["dense"]}
