@@ -124,3 +124,21 @@ def test_show_lists_the_fastest_expert_bank_implementation_per_token_count(capsy
     assert "expert banks (float32): the fastest implementation per token count (eager)" in out
     rows = [ln for ln in out.splitlines() if ln.startswith("│ 8, 2, 256 -> 512")]
     assert len(rows) == 5 and all(any(impl in r for impl in ("loop", "batched", "dense_all", "grouped")) for r in rows)
+
+
+@pytest.mark.parametrize("lead", [True, False])
+def test_show_says_how_a_gpu_fingerprints_graph_points_were_timed(lead, capsys, tmp_path):
+    from sparsec.fingerprint import load_fingerprint
+
+    shipped = load_fingerprint("h200")
+    doc = json.loads(json.dumps(shipped.data))
+    if lead:
+        doc["method"]["graph_lead"] = "each call behind a small kernel of its own"
+    else:
+        doc["method"].pop("graph_lead", None)
+    path = tmp_path / "gpu.json"
+    path.write_text(json.dumps(doc))
+    assert run_cli("fingerprint", "show", str(path)) == 0
+    out = capsys.readouterr().out
+    assert ("behind a small kernel of its own, taken off" in out) == lead
+    assert ("graph points: back to back" in out) == (not lead)

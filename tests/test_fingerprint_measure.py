@@ -259,3 +259,19 @@ def test_graph_points_are_timed_behind_a_lead_kernel_as_the_document_was(tiny, t
     weights = [fam.build(job.variant, 64, 64, torch.float32, torch.device("cpu"), gen)[0]]
     assert h._point(job, weights, 2, gen) == {"eager": 1.0, "graph": 1.0}
     assert asked == [lead]
+
+
+def test_a_fresh_gpu_document_says_how_graph_points_are_timed_and_validates(monkeypatch):
+    # a CUDA fingerprint begun afresh records graph_lead in its method, and the schema admits it
+    import sparsec.fingerprint.measure as fm
+    from sparsec.fingerprint.schema import validate_fingerprint
+    from sparsec.fingerprint.timing import TimingPolicy
+
+    shipped = load_fingerprint("h200").data
+    monkeypatch.setattr(fm, "describe_device", lambda kind: dict(shipped["device"]))
+    monkeypatch.setattr(fm, "software_versions", lambda kind: dict(shipped["software"]))
+    doc = fm._new_document("gpu", GRIDS["tiny"], "cuda", TimingPolicy(), "torch.cuda.Event")
+    assert "behind a small elementwise kernel" in doc["method"]["graph_lead"]
+    validate_fingerprint(doc)
+    cpu = fm._new_document("cpu", GRIDS["tiny"], "cpu", TimingPolicy(), "time.perf_counter")
+    assert "graph_lead" not in cpu["method"]

@@ -176,6 +176,11 @@ def _show(args) -> int:
     launch = m["launch_us"]
     console.print(f"copy {m['copy_GBps']} GB/s; peak TFLOP/s: {peaks or '-'}; launch {launch['eager']} us eager, "
                   f"{launch['graph'] if launch['graph'] is not None else '-'} us graph")
+    if d["kind"] == "cuda":
+        lead = fp.data.get("method", {}).get("graph_lead")
+        console.print("graph points: " + ("each call behind a small kernel of its own, taken off" if lead else
+                                          "back to back (a kernel launched programmatically overlaps copies of "
+                                          "itself there; measure afresh to time each behind a small kernel)"))
     tile = g.get("tile", {})
     console.print(f"granules: cache line {g.get('cache_line_bytes')} B; tile M/N/K "
                   f"{tile.get('M')}/{tile.get('N')}/{tile.get('K')}; dispatch M {g.get('dispatch_M', {})}")
