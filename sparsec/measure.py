@@ -32,7 +32,6 @@ def time_layer(layer, cand, options, rotation_bytes: int = ROTATION_BYTES) -> tu
 
     site = layer.site
     device = site.weight.device
-    clock = Clock(device, TimingPolicy())
     graph_mode = device.type == "cuda" and options.mode == "reduce-overhead"
     w = site.weight.detach().to(dtype=site.dtype)
     b = None if site.bias is None else site.bias.detach().to(device=device, dtype=site.dtype)
@@ -51,6 +50,7 @@ def time_layer(layer, cand, options, rotation_bytes: int = ROTATION_BYTES) -> tu
             found = interleaved([lambda: [c() for c in dense_calls], lambda: [c() for c in calls]],
                                 budget_s=LAYER_BUDGET_S, min_rounds=5)
             return found.us[0] / len(dense_calls), found.us[1] / len(calls)
+        clock = Clock(device, TimingPolicy())
         dense_us = _time(clock, dense_calls, graph_mode, lead=True)
         us = _time(clock, calls, graph_mode, lead=True)
     return dense_us, us
@@ -75,7 +75,6 @@ def _copies(weight, count: int) -> list:
     else:
         make = weight.clone
     return [weight] + [make() for _ in range(count - 1)]
-
 
 
 def time_graph(lowered, dense, example_inputs) -> tuple[float, float]:
