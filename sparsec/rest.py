@@ -29,8 +29,11 @@ class RestOfGraph:
 def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None:
     """Predicted microseconds of ``rest`` on the fingerprint's device in ``mode`` ("eager" or
     "graph"): per kernel its launch overhead plus the longer of moving its bytes at the measured
-    copy bandwidth and doing its FLOPs at the measured peak. None when the rest or a needed
-    figure is unknown, so that no guess stands in for a measurement."""
+    copy bandwidth and doing its FLOPs at the measured peak; a library kernel (attention, batched
+    matmul) never less than the fastest dense product the fingerprint timed in that mode: at one
+    token such kernels cost their fixed latency (an H100 ran SmolLM2-shaped attention at 5.3 us a
+    launch in a CUDA graph, which launch plus work priced at 1.3 us, docs/benchmarks.md). None when
+    the rest or a needed figure is unknown, so that no guess stands in for a measurement."""
     if rest is None:
         return None
     measured = fingerprint.measured
@@ -43,6 +46,7 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     if not bandwidth or launch is None:
         return None
     peaks = measured.get("peak_tflops") or {}
+    floor = getattr(fingerprint, "fastest_dense_us", lambda mode: None)(mode) or 0.0
     total = 0.0
     for k in rest.kernels:
         us = k.bytes / (bandwidth * 1e3)
@@ -51,5 +55,7 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
             if not peak:
                 return None
             us = max(us, k.flops / (peak * 1e6))
+            total += max(launch + us, floor)
+            continue
         total += launch + us
     return total

@@ -350,16 +350,16 @@ def test_each_optimized_module_keeps_running_its_rewrite_at_new_shapes(monkeypat
     original = PackedLinear.forward
     monkeypatch.setattr(PackedLinear, "forward", lambda self, x: calls.append(1) or original(self, x))
     torch.manual_seed(16)
-    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    model = nn.Sequential(nn.Linear(512, 512)).eval()  # a weight the fingerprint timed: low rank pays
     with torch.no_grad():
-        model[0].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
-    results = [sparsec.optimize(model, (torch.randn(128, 64),), fingerprint="cpu", formats=["lowrank"],
+        model[0].weight.copy_(torch.randn(512, 8) @ torch.randn(8, 512) / 8)
+    results = [sparsec.optimize(model, (torch.randn(128, 512),), fingerprint="cpu", formats=["lowrank"],
                                 error_budget=0.01) for _ in range(9)]
     assert all(isinstance(r.module, nn.Module) and r.module.original is model for r in results)
     for r in results:
         for M in (3, 50, 7):
             calls.clear()
-            x = torch.randn(M, 64)
+            x = torch.randn(M, 512)
             with torch.no_grad():
                 torch.testing.assert_close(r.module(x), model(x), rtol=1e-4, atol=1e-4)
             assert calls, "the rewritten graph did not run"

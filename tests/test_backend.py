@@ -318,7 +318,7 @@ class _ReadsItsSizes(nn.Module):
 
     def __init__(self):
         super().__init__()
-        self.up, self.down = nn.Linear(64, 128), nn.Linear(128, 64)
+        self.up, self.down = nn.Linear(512, 1024), nn.Linear(1024, 512)
 
     def forward(self, x):
         b, t, _ = x.shape
@@ -332,14 +332,14 @@ def test_a_graph_dynamic_from_its_first_compile_is_calibrated_on_the_sizes_it_wa
     torch.manual_seed(5)
     model = _ReadsItsSizes().eval()
     with torch.no_grad():
-        model.up.weight.copy_(torch.randn(128, 8) @ torch.randn(8, 64) / 8)  # planted rank 8
+        model.up.weight.copy_(torch.randn(1024, 8) @ torch.randn(8, 512) / 8)  # planted rank 8
     options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01, "strict": True}
     compiled = torch.compile(model, backend="sparsec", options=options, dynamic=True)
     from sparsec.backend import session_for
 
     with torch.no_grad():
         for b, t in ((2, 16), (3, 12), (1, 5)):
-            x = torch.randn(b, t, 64)
+            x = torch.randn(b, t, 512)
             y, ref = compiled(x), model(x)
             assert y.shape == ref.shape and float((y - ref).norm() / ref.norm()) < 1e-4
     layers = session_for(options, None).report.layers
@@ -349,11 +349,11 @@ def test_a_graph_dynamic_from_its_first_compile_is_calibrated_on_the_sizes_it_wa
 
 def test_compiling_with_autograd_on_warns_that_rewritten_weights_are_frozen():
     torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64)).eval()
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 512)).eval()
     with torch.no_grad():
-        model[2].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+        model[2].weight.copy_(torch.randn(512, 8) @ torch.randn(8, 512) / 8)
     options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
-    x = torch.randn(128, 64)
+    x = torch.randn(128, 512)
     y = torch.compile(model, backend="sparsec", options=options)(x)
     y.sum().backward()  # the gradient reaches the dense first layer through the rewritten one
     assert model[0].weight.grad is not None and model[2].weight.grad is None
@@ -368,13 +368,13 @@ def test_packed_layers_live_only_as_long_as_a_compiled_graph_holds_them():
     import gc
 
     torch.manual_seed(5)
-    model = nn.Sequential(nn.Linear(64, 64)).eval()
+    model = nn.Sequential(nn.Linear(512, 512)).eval()
     with torch.no_grad():
-        model[0].weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+        model[0].weight.copy_(torch.randn(512, 8) @ torch.randn(8, 512) / 8)
     options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}
     compiled = torch.compile(model, backend="sparsec", options=options)
     with torch.no_grad():
-        compiled(torch.randn(128, 64))
+        compiled(torch.randn(128, 512))
     from sparsec.backend import session_for
 
     refs = [ref for _, ref in session_for(options, None)._built.values() if ref is not None]
@@ -401,9 +401,9 @@ def test_the_last_compile_dynamo_allows_is_named():
     class Net(nn.Module):  # a class of its own: its forward's compile count starts here
         def __init__(self):
             super().__init__()
-            self.fc = nn.Linear(64, 64)
+            self.fc = nn.Linear(512, 512)
             with torch.no_grad():
-                self.fc.weight.copy_(torch.randn(64, 8) @ torch.randn(8, 64) / 8)
+                self.fc.weight.copy_(torch.randn(512, 8) @ torch.randn(8, 512) / 8)
 
         def forward(self, x):
             return self.fc(x)
@@ -411,7 +411,7 @@ def test_the_last_compile_dynamo_allows_is_named():
     from sparsec.backend import session_for
 
     torch.manual_seed(7)
-    x = torch.randn(128, 64)
+    x = torch.randn(128, 512)
     warned = []
     for _ in range(2):
         options = {"fingerprint": "cpu", "formats": ["lowrank"], "error_budget": 0.01}

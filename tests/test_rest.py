@@ -26,6 +26,30 @@ def test_each_kernel_pays_its_launch_and_the_longer_of_its_bytes_and_its_flops()
     assert price_rest(rest, Figures(FIGURES), "eager") == pytest.approx(10 + 1 + 10 + 100)
 
 
+def test_a_library_kernel_costs_at_least_the_fastest_dense_product_timed():
+    """At one token attention costs its fixed latency, not its few bytes and FLOPs: priced no lower
+    than the fastest dense product the fingerprint timed in the mode asked; pointwise kernels unchanged."""
+    class Timed(Figures):
+        def fastest_dense_us(self, mode):
+            return {"graph": 7.0, "eager": 30.0}[mode]
+
+    tiny = RestOfGraph([RestKernel(bytes=1e6), RestKernel(bytes=1e3, flops=1e3, dtype="float32")])
+    assert price_rest(tiny, Timed(FIGURES), "graph") == pytest.approx(2 + 1 + 7)
+    assert price_rest(tiny, Timed(FIGURES), "eager") == pytest.approx(10 + 1 + 30)
+    big = RestOfGraph([RestKernel(bytes=1e3, flops=1e9, dtype="float32")])  # its work is above the floor
+    assert price_rest(big, Timed(FIGURES), "graph") == pytest.approx(2 + 100)
+
+
+def test_the_fastest_dense_product_is_read_from_the_fingerprint_by_mode():
+    from sparsec.fingerprint.predict import load_fingerprint
+
+    fp = load_fingerprint("h100")
+    graph = [e["us"] for e in fp.data["kernels"]["dense"] if e["mode"] == "graph"]
+    assert fp.fastest_dense_us("graph") == min(graph)
+    assert fp.fastest_dense_us("graph") < fp.fastest_dense_us("eager")
+    assert load_fingerprint("cpu").fastest_dense_us("graph") is None  # a CPU times no CUDA graphs
+
+
 def test_unknown_figures_leave_the_rest_unpriced_rather_than_guessed():
     rest = RestOfGraph([RestKernel(bytes=1e6)])
     assert price_rest(None, Figures(FIGURES), "graph") is None
@@ -50,9 +74,9 @@ def test_end_to_end_prediction_counts_the_rest_of_the_graph():
     """The report's end-to-end speedup is (layers dense + rest) / (layers chosen + rest), not the
     layers' own ratio; the rest is the CPU fingerprint's price of the GELU and the residual add."""
     torch.manual_seed(0)
-    model = Mlp().eval()
-    x = torch.randn(128, 64)
-    options = {"fingerprint": "cpu", "plan": {"layers": {"_default": "lowrank:16"}}, "error_budget": 0.9}
+    model = Mlp(d=512, h=2048).eval()  # weights the fingerprint timed: low rank pays there
+    x = torch.randn(128, 512)
+    options = {"fingerprint": "cpu", "plan": {"layers": {"_default": "lowrank:64"}}, "error_budget": 0.9}
     data = sparsec.optimize(model, x, **options).report.to_dict()
     t, e2e = data["totals"], data["end_to_end"]
     rest_us = e2e["predicted_us_rest"]

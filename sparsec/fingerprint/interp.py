@@ -8,9 +8,11 @@ shapes N x K. A query (M, N, K) is answered in three steps, all piecewise linear
 3. linearly in log(N/K) between the two nearest measured aspects.
 
 Beyond the largest measured M, time is a fixed cost plus a cost per token read off the last two
-measured points. Outside the measured range on the other axes the last measured segment is extended with its
-log-log slope clamped to [0, 1]: time never falls when a size grows and never grows faster than
-in proportion to it. A single measured point is scaled in proportion. Aspects outside the measured
+measured points; likewise beyond the largest and below the smallest measured weight, a fixed cost
+plus a cost per weight element read off the two nearest sizes (below: never less than the time
+scaled in proportion). Outside the measured range of M below its first point the segment is
+extended with its log-log slope clamped to [0, 1]: time never falls when a size grows and never
+grows faster than in proportion to it. A single measured point is scaled in proportion. Aspects outside the measured
 ones use the nearest aspect (size still scales as above). Every such step is named in the notes.
 """
 
@@ -124,6 +126,8 @@ class ShapeGrid:
                 t = _beyond_last_size(sizes, logs, size)
             notes.add(f"extrapolated beyond N*K={curves[-1].N}x{curves[-1].K}")
         elif edge == "below":
+            if len(sizes) > 1:
+                t = _below_first_size(sizes, logs, size)
             notes.add(f"extrapolated below N*K={curves[0].N}x{curves[0].K}")
         return t
 
@@ -150,6 +154,18 @@ def _beyond_last_size(sizes: list[int], logs: list[float], size: int) -> float:
     (s1, s2), (t1, t2) = sizes[-2:], (math.exp(logs[-2]), math.exp(logs[-1]))
     per_element = max(0.0, (t2 - t1) / (s2 - s1))
     return math.log(t2 + per_element * (size - s2))
+
+
+def _below_first_size(sizes: list[int], logs: list[float], size: int) -> float:
+    """log us below the smallest measured weight: the smallest measured time less a cost per weight
+    element read off the two smallest sizes (never negative), never below the time scaled in
+    proportion to the weight. A launch keeps its fixed cost however small its weight: a log-log
+    slope through two bandwidth-bound sizes carried below them priced SmolLM2's 576 x 576 2:4
+    layers at 1.7 us against 2.6 us measured at 2048 x 512, 2.17x dense where an H100 measured 1.62x
+    alone and about 3 us a launch in the model's CUDA graph (docs/benchmarks.md)."""
+    (s1, s2), (t1, t2) = sizes[:2], (math.exp(logs[0]), math.exp(logs[1]))
+    per_element = max(0.0, (t2 - t1) / (s2 - s1))
+    return math.log(max(t1 - per_element * (s1 - size), t1 * size / s1))
 
 
 def _aspect(N: int, K: int) -> float:

@@ -163,6 +163,12 @@ class Fingerprint:
         }
 
     # ------------------------------------------------------------- questions
+    def fastest_dense_us(self, mode: str) -> float | None:
+        """The fastest dense product timed in ``mode`` (any shape, dtype and token count): the least
+        a library matmul kernel has been seen to cost on this device; None if none was timed."""
+        times = [e["us"] for e in self.data["kernels"].get("dense", []) if e["mode"] == mode]
+        return min(times) if times else None
+
     def families(self) -> list[str]:
         """Kernel families with at least one measurement."""
         return sorted(self._tables)

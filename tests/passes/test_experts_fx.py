@@ -269,6 +269,32 @@ def test_inline_is_timed_as_compiled_and_lowered_into_the_graph_in_place_of_the_
         torch.testing.assert_close(lowered(*inputs), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grouped_faster_by, chosen", [(0.02, "inline"), (0.10, "grouped")])
+def test_another_form_replaces_inline_only_when_it_times_clearly_faster(monkeypatch, grouped_faster_by, chosen):
+    """``inline`` is what the model's own forward compiles to: a form timed alone within the margin
+    of it is not taken (its gain did not survive into a whole graph on an H200), one clearly faster is."""
+    from sparsec.codegen import experts as ex
+    from sparsec.passes import experts_fx
+
+    monkeypatch.setattr(ex, "inline_usable", lambda x, gate_up, down: True)
+    monkeypatch.setattr(experts_fx, "compiled_inline", lambda *a, **k: ex.experts_inline)
+
+    def timed(calls, device, graph_replay, failed=None):
+        out = {name: 100.0 + i for i, name in enumerate(calls)}  # every other form slower than both
+        out["inline"] = 50.0
+        out["grouped"] = 50.0 / (1 + grouped_faster_by)
+        return out
+
+    monkeypatch.setattr(experts_fx, "_time_each", timed)
+    gm, banks = recorded_banks(ids(0))
+    (row,) = experts_fx.choose(gm, banks, graph_replay=False)
+    assert row["implementation"] == chosen and banks[0].node.args[5] == chosen
+    if chosen == "inline":
+        assert "inline kept" in row["reason"] and "grouped measured" in row["reason"]
+    else:
+        assert "grouped measured fastest" in row["reason"]
+
+
 def test_inline_banks_leaves_a_graph_without_inline_banks_as_it_is():
     from sparsec.passes import experts_fx
 
