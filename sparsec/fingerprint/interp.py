@@ -8,11 +8,13 @@ shapes N x K. A query (M, N, K) is answered in three steps, all piecewise linear
 3. linearly in log(N/K) between the two nearest measured aspects.
 
 Beyond the largest measured M, time is a fixed cost plus a cost per token read off the last two
-measured points; likewise beyond the largest and below the smallest measured weight, a fixed cost
-plus a cost per weight element read off the two nearest sizes (below: never less than the time
-scaled in proportion). Outside the measured range of M below its first point the segment is
-extended with its log-log slope clamped to [0, 1]: time never falls when a size grows and never
-grows faster than in proportion to it. A single measured point is scaled in proportion. Aspects outside the measured
+measured points; likewise beyond the largest measured weight, a fixed cost plus a cost per weight
+element read off the last two sizes. Elsewhere outside the measured range the last measured
+segment is extended with its log-log slope clamped to [0, 1]: time never falls when a size grows
+and never grows faster than in proportion to it. Below the smallest measured weight the time is
+never less than the fastest weight of any shape timed at that M: a launch keeps its fixed cost
+(a slope read off bandwidth-bound sizes carried towards zero priced a 128 x 128 low-rank:8 layer on
+an H200 at 18.9x dense, and SmolLM2's 192 x 576 layers below what a CUDA graph ran them in). A single measured point is scaled in proportion. Aspects outside the measured
 ones use the nearest aspect (size still scales as above). Every such step is named in the notes.
 """
 
@@ -106,14 +108,14 @@ class ShapeGrid:
         t1 = self._along_size(self.aspects[v1], M, N * K, notes)
         return t0 * (1 - w) + t1 * w
 
-    @staticmethod
-    def _along_size(curves: list[ShapeCurve], M: int, size: int, notes: set[str]) -> float:
+    def _fastest(self, M: int) -> float:
+        """log us of the fastest weight timed, of any shape, at M tokens."""
+        return min(_along_M(c, M)[0] for c in self.curves)
+
+    def _along_size(self, curves: list[ShapeCurve], M: int, size: int, notes: set[str]) -> float:
         sizes, logs = [], []
         for c in curves:
-            if M > c.Ms[-1]:
-                t, edge = _beyond_last_M(c, M), "above"
-            else:
-                t, edge = loglog(c.Ms, c.log_us, M)
+            t, edge = _along_M(c, M)
             if edge == "above":
                 notes.add(f"extrapolated beyond M={c.Ms[-1]}")
             elif edge == "below":
@@ -126,10 +128,15 @@ class ShapeGrid:
                 t = _beyond_last_size(sizes, logs, size)
             notes.add(f"extrapolated beyond N*K={curves[-1].N}x{curves[-1].K}")
         elif edge == "below":
-            if len(sizes) > 1:
-                t = _below_first_size(sizes, logs, size)
             notes.add(f"extrapolated below N*K={curves[0].N}x{curves[0].K}")
+            t = max(t, self._fastest(M))  # a launch keeps its fixed cost
         return t
+
+
+def _along_M(c: ShapeCurve, M: int) -> tuple[float, str | None]:
+    if M > c.Ms[-1]:
+        return _beyond_last_M(c, M), "above"
+    return loglog(c.Ms, c.log_us, M)
 
 
 def _beyond_last_M(c: ShapeCurve, M: int) -> float:
@@ -154,18 +161,6 @@ def _beyond_last_size(sizes: list[int], logs: list[float], size: int) -> float:
     (s1, s2), (t1, t2) = sizes[-2:], (math.exp(logs[-2]), math.exp(logs[-1]))
     per_element = max(0.0, (t2 - t1) / (s2 - s1))
     return math.log(t2 + per_element * (size - s2))
-
-
-def _below_first_size(sizes: list[int], logs: list[float], size: int) -> float:
-    """log us below the smallest measured weight: the smallest measured time less a cost per weight
-    element read off the two smallest sizes (never negative), never below the time scaled in
-    proportion to the weight. A launch keeps its fixed cost however small its weight: a log-log
-    slope through two bandwidth-bound sizes carried below them priced SmolLM2's 576 x 576 2:4
-    layers at 1.7 us against 2.6 us measured at 2048 x 512, 2.17x dense where an H100 measured 1.62x
-    alone and about 3 us a launch in the model's CUDA graph (docs/benchmarks.md)."""
-    (s1, s2), (t1, t2) = sizes[:2], (math.exp(logs[0]), math.exp(logs[1]))
-    per_element = max(0.0, (t2 - t1) / (s2 - s1))
-    return math.log(max(t1 - per_element * (s1 - size), t1 * size / s1))
 
 
 def _aspect(N: int, K: int) -> float:
