@@ -31,7 +31,9 @@
 #   ort-part, ort, ort-bench  onnxruntime-gpu's cp312 wheel in six calls (.carry/ort-0 .. ort-4 with ort-part,
 #           then .carry/ort-5 and .whl with ort): its CUDA provider's fingerprint on this card; then, on the same
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
-#   smol-shape  a SmolLM2-shaped Llama at one token: dense and 2:4 on q, k, o profiled, then PDL off
+#   smol-shape  a SmolLM2-shaped Llama at one token: one forced plan (SMOL_ONLY, default 2:4 everywhere) profiled
+#           (SMOL_PDL=0: programmatic dependent launch off)
+#   fingerprint-lead  this card's fingerprint afresh with lead-timed graph points, 540 s a call, resumable
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
 #           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
 #   moe-mm  torch's grouped GEMM for expert banks: GPU tests, bench/moe.py at 2048, 256, 16 and 1 tokens
@@ -230,17 +232,20 @@ case "${1:-suite}" in
       --tb=short -rf ${TESTS:-tests}
     grep -E "FAILED|ERROR" "$OUT/suite.log" | head -20
     ;;
-  smol-shape)  # where SmolLM2's small 2:4 layers lose at one token (planned 1.08x, measured 0.96x of sparsec's
-    # dense lowering on an H200, 2026-12-07): a SmolLM2-shaped Llama (random weights) with its kernels listed,
-    # dense and with 2:4 on q, k and o, then the 2:4 plan again with programmatic dependent launch off
-    TAIL=12 step e2e-smol 300 python3 bench/e2e.py --models llama --llama-dims smollm2 --llama 1x1 \
-      --fingerprint "$card" --recovery none --out "$OUT" \
-      --only "inductor-cg,sparsec dense +cg,sparsec 2:4 qko +cg,sparsec 2:4 +cg" \
-      --profile "inductor-cg,sparsec dense +cg,sparsec 2:4 qko +cg"
-    grep -E "per call by kind" "$OUT/e2e-smol.log"
-    mkdir -p "$OUT/nopdl"
-    SPARSEC_PDL=0 TAIL=8 step e2e-smol-nopdl 150 python3 bench/e2e.py --models llama --llama-dims smollm2 --llama 1x1 \
-      --fingerprint "$card" --recovery none --out "$OUT/nopdl" --only "inductor-cg,sparsec dense +cg,sparsec 2:4 qko +cg"
+  smol-shape)  # a SmolLM2-shaped Llama (random weights) at one token, 2:4 on every decoder layer, its kernels
+    # listed (SMOL_PDL=0: with programmatic dependent launch off). One forced plan took 330-410 s on an H100
+    # (2026-12-07): a plan a call. Dense, q/k/o and every layer on an H100: bench/results/2026-12-07-h100-smol/
+    SPARSEC_PDL=${SMOL_PDL:-1} TAIL=12 step e2e-smol 560 python3 bench/e2e.py --models llama --llama-dims smollm2 \
+      --llama 1x1 --fingerprint "$card" --recovery none --out "$OUT" --only "${SMOL_ONLY:-sparsec 2:4 +cg}" \
+      --profile "${SMOL_ONLY:-sparsec 2:4 +cg}"
+    grep -E "per call by kind|^llama" "$OUT/e2e-smol.log"
+    ;;
+  fingerprint-lead)  # this card's fingerprint measured afresh, its graph points each timed behind a dependent
+    # lead kernel (method.graph_lead); resumable: the partial file comes back under $OUT, and a later call
+    # carrying it as .carry/fp/$card-lead.json goes on from it (a whole H100 grid took 2374 s, 2026-12-05)
+    f=".carry/fp/$card-lead.json"; [ -f "$f" ] && cp "$f" "$OUT/$card-lead.json"
+    TAIL=10 step fingerprint-lead 570 sparsec fingerprint measure -o "$OUT/$card-lead.json" --name "$card" \
+      --budget-s "${FP_BUDGET_S:-540}"
     ;;
   probe)  # the planned block GEMV next to a random one of its shape, PDL on and off (bench/block_gemv_probe.py)
     TAIL=20 step block-probe 240 python3 bench/block_gemv_probe.py --fingerprint "$card" --out "$OUT"
