@@ -46,16 +46,14 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     if not bandwidth or launch is None:
         return None
     peaks = measured.get("peak_tflops") or {}
-    floor = getattr(fingerprint, "fastest_dense_us", lambda mode: None)(mode) or 0.0
+    floor = fingerprint.fastest_dense_us(mode) or 0.0
     total = 0.0
     for k in rest.kernels:
-        us = k.bytes / (bandwidth * 1e3)
+        cost = launch + k.bytes / (bandwidth * 1e3)
         if k.flops:
             peak = peaks.get(k.dtype)
             if not peak:
                 return None
-            us = max(us, k.flops / (peak * 1e6))
-            total += max(launch + us, floor)
-            continue
-        total += launch + us
+            cost = max(cost, launch + k.flops / (peak * 1e6), floor)
+        total += cost
     return total

@@ -12,10 +12,11 @@ measured points; likewise beyond the largest measured weight, a fixed cost plus 
 element read off the last two sizes. Elsewhere outside the measured range the last measured
 segment is extended with its log-log slope clamped to [0, 1]: time never falls when a size grows
 and never grows faster than in proportion to it. Below the smallest measured weight the time is
-never less than the fastest weight of any shape timed at that M: a launch keeps its fixed cost
-(a slope read off bandwidth-bound sizes carried towards zero priced a 128 x 128 low-rank:8 layer on
-an H200 at 18.9x dense, and SmolLM2's 192 x 576 layers below what a CUDA graph ran them in). A single measured point is scaled in proportion. Aspects outside the measured
-ones use the nearest aspect (size still scales as above). Every such step is named in the notes.
+never less than the fastest weight of any shape timed at that M: a launch keeps its fixed cost (a
+slope read off bandwidth-bound sizes, carried towards zero, priced a 128 x 128 low-rank:8 layer on
+an H200 at 18.9x dense). A single measured point is scaled in proportion. Aspects outside the
+measured ones use the nearest aspect (size still scales as above). Every such step is named in the
+notes.
 """
 
 from __future__ import annotations
