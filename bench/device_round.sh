@@ -33,6 +33,8 @@
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   smol-shape  a SmolLM2-shaped Llama at one token: one forced plan (SMOL_ONLY, default 2:4 everywhere) profiled
 #           (SMOL_PDL=0: programmatic dependent launch off)
+#   rest    the rest-of-graph probes (smallest reduction and attention) into this card's fingerprint, then
+#           the whole suite
 #   fingerprint-lead  this card's fingerprint afresh with lead-timed graph points, 540 s a call, resumable
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
 #           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
@@ -239,6 +241,12 @@ case "${1:-suite}" in
       --llama 1x1 --fingerprint "$card" --recovery none --out "$OUT" --only "${SMOL_ONLY:-sparsec 2:4 +cg}" \
       --profile "${SMOL_ONLY:-sparsec 2:4 +cg}"
     grep -E "per call by kind|^llama" "$OUT/e2e-smol.log"
+    ;;
+  rest)
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=3 step fingerprint-rest 120 sparsec fingerprint measure --rest -o "$OUT/$card.json"
+    step suite "${SUITE_S:-380}" python3 -m pytest -v -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
+    grep -E "FAILED|ERROR" "$OUT/suite.log" | grep -v "^tests/" | head -40
     ;;
   fingerprint-lead)  # this card's fingerprint measured afresh, its graph points each timed behind a dependent
     # lead kernel (method.graph_lead); resumable: the partial file comes back under $OUT, and a later call

@@ -34,6 +34,12 @@ MATMUL_FUNCTIONS = {torch.bmm, torch.matmul, operator.matmul, torch.Tensor.matmu
                     torch.mm, torch.addmm, F.linear}
 MATMUL_METHODS = {"bmm", "matmul", "__matmul__", "mm", "baddbmm"}
 MATMUL_MODULES = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Linear, torch.nn.MultiheadAttention)
+# ops whose kernel reduces along a dimension: a region holding one runs as a reduction kernel
+REDUCTIONS = {"sum", "mean", "var", "std", "var_mean", "std_mean", "amax", "amin", "max", "min", "prod",
+              "softmax", "log_softmax", "layer_norm", "rms_norm", "group_norm", "batch_norm", "instance_norm",
+              "norm", "logsumexp", "cumsum", "cumprod", "argmax", "argmin", "all", "any", "normalize"}
+REDUCTION_MODULES = (torch.nn.LayerNorm, torch.nn.GroupNorm, torch.nn.Softmax, torch.nn.LogSoftmax,
+                     torch.nn.modules.batchnorm._BatchNorm) + ((torch.nn.RMSNorm,) if hasattr(torch.nn, "RMSNorm") else ())
 
 
 def rest_of_graph(gm: fx.GraphModule, example_inputs, site_nodes, absorbed=()) -> RestOfGraph | None:
@@ -67,7 +73,8 @@ def rest_of_graph(gm: fx.GraphModule, example_inputs, site_nodes, absorbed=()) -
             continue                                  # sizes and other scalars: no kernel
         (library if _is_matmul(gm, node) else compute).append(node)
     kernels = [RestKernel(bytes=sum(_bytes(i) for i in node.all_input_nodes) + _bytes(node),
-                          flops=_flops(gm, node), dtype=_dtype(node)) for node in library]
+                          flops=_flops(gm, node), dtype=_dtype(node), kind=_library_kind(gm, node))
+               for node in library]
     # A region cannot span a site or library kernel: a node after one (its stage counts them on
     # the longest path from the inputs) only fuses with nodes of its own stage.
     stage: dict[fx.Node, int] = {}
@@ -91,7 +98,9 @@ def rest_of_graph(gm: fx.GraphModule, example_inputs, site_nodes, absorbed=()) -
                     entering[b] = max(entering.get(b, 0), _bytes(i))
         leaving = sum(_bytes(n) for n in region if any(base.get(u, u) not in region or _leaves(u, region, base)
                                                        for u in n.users))
-        kernels.append(RestKernel(bytes=sum(entering.values()) + leaving, dtype=_dtype(next(iter(region)))))
+        kind = "reduction" if any(_is_reduction(gm, n) for n in region) else "pointwise"
+        kernels.append(RestKernel(bytes=sum(entering.values()) + leaving, dtype=_dtype(next(iter(region))),
+                                  kind=kind))
     return RestOfGraph(kernels)
 
 
@@ -158,6 +167,27 @@ def _is_matmul(gm, node: fx.Node) -> bool:
         return node.target in MATMUL_METHODS
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), MATMUL_MODULES)
+    return False
+
+
+def _library_kind(gm, node: fx.Node) -> str:
+    """"attention" (or "attention_masked", given a mask) for scaled-dot-product or multi-head
+    attention, else "matmul"."""
+    if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
+        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
+        return "attention_masked" if mask is not None else "attention"
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.MultiheadAttention):
+        return "attention"
+    return "matmul"
+
+
+def _is_reduction(gm, node: fx.Node) -> bool:
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), REDUCTION_MODULES)
+    if node.op == "call_method":
+        return node.target in REDUCTIONS
+    if node.op == "call_function":
+        return getattr(node.target, "__name__", None) in REDUCTIONS
     return False
 
 

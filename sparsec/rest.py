@@ -12,13 +12,26 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+KINDS = ("pointwise", "reduction", "matmul", "attention", "attention_masked")
+
+
 @dataclass(frozen=True)
 class RestKernel:
-    """One kernel of the dense rest: the bytes it reads and writes, its FLOPs (0 when pointwise)."""
+    """One kernel of the dense rest: the bytes it reads and writes, its FLOPs (0 when pointwise),
+    and its kind (one of ``KINDS``; by default a library matmul when it has FLOPs, else pointwise):
+    a fused region with a reduction in it, or attention with or without a mask, has a measured
+    least time of its own (the fingerprint's ``measured.rest_us``)."""
 
     bytes: float
     flops: float = 0.0
     dtype: str = "float32"
+    kind: str = ""
+
+    def __post_init__(self):
+        if not self.kind:
+            object.__setattr__(self, "kind", "matmul" if self.flops else "pointwise")
+        if self.kind not in KINDS:
+            raise ValueError(f"rest kernel kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
 
 @dataclass
@@ -29,11 +42,13 @@ class RestOfGraph:
 def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None:
     """Predicted microseconds of ``rest`` on the fingerprint's device in ``mode`` ("eager" or
     "graph"): per kernel its launch overhead plus the longer of moving its bytes at the measured
-    copy bandwidth and doing its FLOPs at the measured peak; a library kernel (attention, batched
-    matmul) never less than the fastest dense product the fingerprint timed in that mode: at one
-    token such kernels cost their fixed latency (an H100 ran SmolLM2-shaped attention at 5.3 us a
-    launch in a CUDA graph, which launch plus work priced at 1.3 us, docs/benchmarks.md). None when
-    the rest or a needed figure is unknown, so that no guess stands in for a measurement."""
+    copy bandwidth and doing its FLOPs at the measured peak, and never less than the least time
+    the fingerprint measured for a kernel of its kind in that mode: a reduction or attention its
+    probe's (``measured.rest_us``), a library matmul (and attention where no probe was run) the
+    fastest dense product timed. At one token such kernels cost their fixed latency (an H100 ran
+    SmolLM2-shaped attention at 5.5 us a launch in a CUDA graph and a norm's reduction at 1.5 us,
+    which launch plus work priced at 1.3 us, docs/benchmarks.md). None when the rest or a needed
+    figure is unknown, so that no guess stands in for a measurement."""
     if rest is None:
         return None
     measured = fingerprint.measured
@@ -46,7 +61,12 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     if not bandwidth or launch is None:
         return None
     peaks = measured.get("peak_tflops") or {}
-    floor = fingerprint.fastest_dense_us(mode) or 0.0
+    probes = measured.get("rest_us") or {}
+    library = fingerprint.fastest_dense_us(mode) or 0.0
+    floors = {"pointwise": 0.0, "matmul": library}
+    for kind in ("reduction", "attention", "attention_masked"):
+        timed = (probes.get(kind) or {}).get(mode)
+        floors[kind] = timed if timed is not None else (0.0 if kind == "reduction" else library)
     total = 0.0
     for k in rest.kernels:
         cost = launch + k.bytes / (bandwidth * 1e3)
@@ -54,6 +74,6 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
             peak = peaks.get(k.dtype)
             if not peak:
                 return None
-            cost = max(cost, launch + k.flops / (peak * 1e6), floor)
-        total += cost
+            cost = max(cost, launch + k.flops / (peak * 1e6))
+        total += max(cost, floors[k.kind])
     return total

@@ -108,7 +108,7 @@ def test_redo_up_to_alone_or_on_a_missing_file_is_refused_before_measuring(tmp_p
     assert not out.exists()
 
 
-@pytest.mark.parametrize("extra", [[], ["--onnxruntime"], ["--experts"]])
+@pytest.mark.parametrize("extra", [[], ["--onnxruntime"], ["--experts"], ["--rest"]])
 def test_an_output_that_cannot_be_written_is_refused_before_measuring(tmp_path, extra):
     from sparsec.errors import FingerprintError
 
@@ -142,3 +142,27 @@ def test_show_says_how_a_gpu_fingerprints_graph_points_were_timed(lead, capsys, 
     out = capsys.readouterr().out
     assert ("behind a small kernel of its own, taken off" in out) == lead
     assert ("graph points: back to back" in out) == (not lead)
+
+
+def test_experts_and_rest_together_are_refused_before_measuring(tmp_path):
+    from sparsec.errors import FingerprintError
+
+    out = tmp_path / "fp.json"
+    with pytest.raises(FingerprintError, match="--experts and --rest each add one section"):
+        run_cli("fingerprint", "measure", "-o", str(out), "--experts", "--rest")
+    assert not out.exists()
+
+
+def test_show_says_whether_the_rest_kernels_were_measured(capsys, tmp_path):
+    from sparsec.fingerprint import load_fingerprint
+
+    doc = json.loads(json.dumps(load_fingerprint("cpu").data))
+    doc["measured"].pop("rest_us", None)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(doc))
+    assert run_cli("fingerprint", "show", str(path)) == 0
+    assert "rest kernels: not measured (add them with 'sparsec fingerprint measure --rest')" in capsys.readouterr().out
+    doc["measured"]["rest_us"] = {"reduction": {"eager": 4.5, "graph": None}}
+    path.write_text(json.dumps(doc))
+    assert run_cli("fingerprint", "show", str(path)) == 0
+    assert "rest kernels: reduction 4.5 us eager, - us graph" in capsys.readouterr().out

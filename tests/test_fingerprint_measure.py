@@ -40,6 +40,8 @@ def test_tiny_measurement_is_a_complete_valid_fingerprint(tiny):
     assert "2:4 [cusparselt]" in fp.data["skipped"]
     m = fp.data["measured"]
     assert m["copy_GBps"] > 0 and m["peak_tflops"]["float32"] > 0 and m["launch_us"]["graph"] is None
+    assert set(m["rest_us"]) == {"reduction", "attention", "attention_masked"}
+    assert all(v["eager"] > 0 and v["graph"] is None for v in m["rest_us"].values())  # a CPU has no CUDA graphs
     assert set(fp.data["granules"]["tile"]) == {"M", "N", "K"}
     assert fp.data["method"]["statistic"].startswith("min over")
     # predictions on grid points give back the measurement
@@ -275,3 +277,31 @@ def test_a_fresh_gpu_document_says_how_graph_points_are_timed_and_validates(monk
     validate_fingerprint(doc)
     cpu = fm._new_document("cpu", GRIDS["tiny"], "cpu", TimingPolicy(), "time.perf_counter")
     assert "graph_lead" not in cpu["method"]
+
+
+def test_rest_probes_are_measured_into_an_existing_fingerprint_and_nothing_else_changes(tiny, tmp_path):
+    from sparsec.fingerprint.measure import measure_rest
+
+    doc = json.loads(tiny.read_text())
+    del doc["measured"]["rest_us"]                       # as a fingerprint measured before the probes
+    out = tmp_path / "old.json"
+    out.write_text(json.dumps(doc))
+    measure_rest(out, device="cpu", console=quiet())
+    after = json.loads(out.read_text())
+    assert set(after["measured"].pop("rest_us")) == {"reduction", "attention", "attention_masked"}
+    assert after == doc
+
+
+def test_rest_probes_are_refused_for_a_missing_file_or_another_devices(tiny, tmp_path):
+    from sparsec.fingerprint.measure import measure_rest
+
+    with pytest.raises(FingerprintError, match="does not exist: measure the device's fingerprint first"):
+        measure_rest(tmp_path / "none.json", device="cpu", console=quiet())
+    doc = json.loads(tiny.read_text())
+    doc["device"]["name"] = "another CPU"
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(doc))
+    before = other.read_text()
+    with pytest.raises(FingerprintError, match="rest kernels are measured into the fingerprint of the device"):
+        measure_rest(other, device="cpu", console=quiet())
+    assert other.read_text() == before

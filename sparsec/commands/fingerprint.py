@@ -46,6 +46,10 @@ def register(subparsers) -> None:
     m.add_argument("--experts", action="store_true",
                    help="measure the expert-bank implementations (mixture of experts) into an existing fingerprint "
                         "of this device, replacing its 'experts' section")
+    m.add_argument("--rest", action="store_true",
+                   help="measure the smallest reduction and attention kernels (what a model's dense rest costs "
+                        "at decode sizes) into an existing fingerprint of this device, replacing its "
+                        "'measured.rest_us'")
     m.add_argument("--threads", type=int, default=None,
                    help="with --onnxruntime: intra-op threads (0: its default pool; default: the grid's, 1 on 'cpu')")
     m.set_defaults(func=_measure)
@@ -76,10 +80,15 @@ def _measure(args) -> int:
                            threads=args.threads)
         print(f"wrote {path}")
         return 0
-    from sparsec.fingerprint.measure import measure, measure_experts
+    from sparsec.fingerprint.measure import measure, measure_experts, measure_rest
 
-    if args.experts:
-        path = measure_experts(args.output, grid=args.grid, device=args.device)
+    if args.experts and args.rest:
+        from sparsec.errors import FingerprintError
+
+        raise FingerprintError("--experts and --rest each add one section: run them one after the other")
+    if args.experts or args.rest:
+        path = (measure_experts(args.output, grid=args.grid, device=args.device) if args.experts
+                else measure_rest(args.output, device=args.device))
         print(f"wrote {path}")
         return 0
     if args.redo_up_to is not None and not args.redo:
@@ -176,6 +185,11 @@ def _show(args) -> int:
     launch = m["launch_us"]
     console.print(f"copy {m['copy_GBps']} GB/s; peak TFLOP/s: {peaks or '-'}; launch {launch['eager']} us eager, "
                   f"{launch['graph'] if launch['graph'] is not None else '-'} us graph")
+    rest = m.get("rest_us")
+    console.print("rest kernels: " + ("; ".join(
+        f"{k.replace('_', ' ')} {v['eager']} us eager, {v['graph'] if v['graph'] is not None else '-'} us graph"
+        for k, v in rest.items()) if rest else "not measured (add them with 'sparsec fingerprint measure --rest')"),
+        markup=False)
     if d["kind"] == "cuda":
         lead = fp.data.get("method", {}).get("graph_lead")
         console.print("graph points: " + ("each call behind a small kernel of its own, taken off" if lead else

@@ -33,6 +33,7 @@ from sparsec.fingerprint.probes import (
     dispatch_granule,
     launch_overhead,
     peak_tflops,
+    rest_kernels,
     sig,
     tile_granules,
 )
@@ -550,6 +551,7 @@ def _probes(h: Harness) -> None:
     m["peak_tflops"] = peak_tflops(clock, list(grid.peak_sizes),
                                    ["bfloat16", "float16", "float32", "tf32"] if cuda else ["float32", "bfloat16"])
     m["launch_us"] = launch_overhead(clock)
+    m["rest_us"] = rest_kernels(clock)
     tile, tile_probe = tile_granules(clock, grid.granule_base, torch.bfloat16 if cuda else torch.float32)
     probe = {"tile": tile_probe}
     line = None
@@ -652,18 +654,7 @@ def measure_experts(out: Path | None = None, *, grid: str | None = None, device:
     console = console or Console(stderr=True)
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     out = Path(out) if out is not None else default_output()
-    if not out.exists():
-        raise FingerprintError(f"{out} does not exist: measure the device's fingerprint first "
-                               "('sparsec fingerprint measure'), then add its expert banks with --experts")
-    try:
-        doc = json.loads(out.read_text())
-        validate_fingerprint(doc)
-    except (json.JSONDecodeError, SchemaViolation, OSError) as exc:
-        raise FingerprintError(f"{out} is not a readable fingerprint ({exc}); measure it again") from None
-    here = describe_device(kind)["name"]
-    if doc["device"]["name"] != here:
-        raise FingerprintError(f"{out} is a fingerprint of {doc['device']['name']}, not of this {here}; "
-                               "expert banks are measured into the fingerprint of the device they run on")
+    doc = _this_devices(out, kind, "expert banks", "--experts")
     name = grid or kind
     g = GRIDS[name]
     dtype = torch.bfloat16 if kind == "cuda" else torch.float32
@@ -675,3 +666,41 @@ def measure_experts(out: Path | None = None, *, grid: str | None = None, device:
     write_atomically(out, doc)
     console.print(f"expert banks written to {out} ({len(doc['experts'])} points, {time.perf_counter() - started:.1f} s)")
     return out
+
+
+def measure_rest(out: Path | None = None, *, device: str | None = None, console=None) -> Path:
+    """Time the rest-of-graph probes (``probes.rest_kernels``) on this device into the existing
+    fingerprint ``out`` (this device's own by default), replacing ``measured.rest_us``: a
+    fingerprint measured before the probes existed gains them without its grid measured again."""
+    from rich.console import Console
+
+    console = console or Console(stderr=True)
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    out = Path(out) if out is not None else default_output()
+    doc = _this_devices(out, kind, "rest kernels", "--rest")
+    started = time.perf_counter()
+    clock = Clock(torch.device(kind), GRIDS[kind].policy)
+    doc["measured"]["rest_us"] = rest_kernels(clock)
+    validate_fingerprint(doc)
+    write_atomically(out, doc)
+    console.print(f"rest kernels written to {out} ({time.perf_counter() - started:.1f} s): "
+                  + "; ".join(f"{k} {v['eager']} us eager, {v['graph']} us graph"
+                              for k, v in doc["measured"]["rest_us"].items()), markup=False)
+    return out
+
+
+def _this_devices(out: Path, kind: str, what: str, flag: str) -> dict:
+    """The fingerprint at ``out``, checked to be readable and of this device, for adding ``what``."""
+    if not out.exists():
+        raise FingerprintError(f"{out} does not exist: measure the device's fingerprint first "
+                               f"('sparsec fingerprint measure'), then add its {what} with {flag}")
+    try:
+        doc = json.loads(out.read_text())
+        validate_fingerprint(doc)
+    except (json.JSONDecodeError, SchemaViolation, OSError) as exc:
+        raise FingerprintError(f"{out} is not a readable fingerprint ({exc}); measure it again") from None
+    here = describe_device(kind)["name"]
+    if doc["device"]["name"] != here:
+        raise FingerprintError(f"{out} is a fingerprint of {doc['device']['name']}, not of this {here}; "
+                               f"{what} are measured into the fingerprint of the device they run on")
+    return doc

@@ -11,6 +11,12 @@
 * cache-line granule: reading ``w`` bytes from each of many rows far apart; the largest ``w``
   that costs no more than reading the smallest one. Zeros inside such a granule are free too:
   skipping them saves no memory traffic.
+* rest kernels: the smallest row reduction (a softmax over one row of 1024) and the smallest
+  attention call (one query against one key, 8 heads of 64; and the same with a mask, which
+  moves the library to another kernel), each back to back, eager and replayed from a CUDA
+  graph: the least such a kernel of a model's dense rest costs, which its bytes and FLOPs
+  alone understate at decode sizes (an H100 ran a norm's fused reduction at about 2 us and
+  SDPA at about 6 us in a CUDA graph, where an empty launch costs 1.3 us).
 * dispatch granule (derived from the dense grid afterwards): the largest M whose dense time is
   within 10% of M=1, i.e. how many tokens ride along for free on a launch-bound layer.
 """
@@ -24,7 +30,8 @@ import torch.nn.functional as F
 from sparsec.fingerprint.timing import Clock
 
 __all__ = [
-    "copy_bandwidth", "peak_tflops", "launch_overhead", "tile_granules", "cache_line_granule", "dispatch_granule",
+    "copy_bandwidth", "peak_tflops", "launch_overhead", "rest_kernels", "tile_granules", "cache_line_granule",
+    "dispatch_granule",
 ]
 
 FREE_WITHIN = 0.03  # a step counts as free if it costs < 3% more (above run-to-run noise)
@@ -78,6 +85,29 @@ def launch_overhead(clock: Clock) -> dict[str, float | None]:
     eager = clock.eager([fn], single)
     graph = clock.graph([fn] * 64, single) if clock.cuda else None
     return {"eager": sig(eager), "graph": None if graph is None else sig(graph)}
+
+
+def rest_kernels(clock: Clock) -> dict[str, dict[str, float | None]]:
+    """Microseconds of the smallest reduction and attention kernels, eager and in a CUDA graph
+    (None on a CPU), in the dtype models run there (bfloat16 on a GPU, float32 on a CPU)."""
+    dev = clock.device
+    dtype = torch.bfloat16 if clock.cuda else torch.float32
+    gen = torch.Generator(device=dev).manual_seed(11)
+    row = torch.randn(1, 1024, device=dev, dtype=dtype, generator=gen)
+    q, k, v = (torch.randn(1, 8, 1, 64, device=dev, dtype=dtype, generator=gen) for _ in range(3))
+    mask = torch.ones(1, 1, 1, 1, device=dev, dtype=torch.bool)
+    calls = {
+        "reduction": lambda: torch.softmax(row, dim=-1),
+        "attention": lambda: F.scaled_dot_product_attention(q, k, v),
+        "attention_masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+    }
+    out = {}
+    for name, fn in calls.items():
+        single = clock.warm([fn])
+        eager = clock.eager([fn], single)
+        graph = clock.graph([fn] * 64, single) if clock.cuda else None
+        out[name] = {"eager": sig(eager), "graph": None if graph is None else sig(graph)}
+    return out
 
 
 def tile_granules(clock: Clock, base: int, dtype: torch.dtype, steps=(8, 16, 32, 64, 128, 256)) -> tuple[dict, dict]:

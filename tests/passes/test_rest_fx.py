@@ -102,3 +102,32 @@ def test_residual_adds_of_successive_blocks_are_separate_kernels():
     rest, sites = rest_of(Stack(), torch.randn(8, 16))
     assert sites == 12
     assert sorted(k.bytes for k in rest.kernels) == [3 * 8 * 16 * 4] * 4 + [3 * 8 * 32 * 4] * 4
+
+
+def test_each_kernel_carries_its_kind_pointwise_reduction_matmul_or_attention():
+    """A region with a norm or softmax in it runs as a reduction kernel; scaled-dot-product
+    attention is attention, with a mask a kind of its own (the library moves to another kernel)."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(16)
+
+        def forward(self, q, k, v, mask):
+            a = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+            b = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            s = torch.softmax(torch.matmul(q, k.transpose(-1, -2)), dim=-1)
+            return self.norm(a + b).relu() * 2, s
+
+    q, k, v = (torch.randn(1, 2, 4, 16) for _ in range(3))
+    mask = torch.rand(1, 1, 4, 4) > 0.3
+    mask[..., 0] = True
+    rest, _ = rest_of(Block(), q, k, v, mask)
+    kinds = sorted(k.kind for k in rest.kernels)
+    assert kinds == ["attention", "attention_masked", "matmul", "reduction", "reduction"]
+    for kernel in rest.kernels:
+        assert (kernel.flops > 0) == (kernel.kind in ("attention", "attention_masked", "matmul"))
+
+
+def test_a_pointwise_region_is_not_a_reduction():
+    rest, _ = rest_of(GatedMlp(16, 32), torch.randn(4, 16))
+    assert [k.kind for k in rest.kernels] == ["pointwise", "pointwise"]
