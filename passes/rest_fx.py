@@ -171,11 +171,9 @@ def _is_matmul(gm, node: fx.Node) -> bool:
 
 
 def _library_kind(gm, node: fx.Node) -> str:
-    """"attention" (or "attention_masked", given a mask) for scaled-dot-product or multi-head
-    attention, else "matmul"."""
+    """"attention" for scaled-dot-product or multi-head attention, else "matmul"."""
     if node.op == "call_function" and node.target is F.scaled_dot_product_attention:
-        mask = node.kwargs.get("attn_mask", node.args[3] if len(node.args) > 3 else None)
-        return "attention_masked" if mask is not None else "attention"
+        return "attention"
     if node.op == "call_module" and isinstance(gm.get_submodule(node.target), torch.nn.MultiheadAttention):
         return "attention"
     return "matmul"

@@ -12,15 +12,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-KINDS = ("pointwise", "reduction", "matmul", "attention", "attention_masked")
+KINDS = ("pointwise", "reduction", "matmul", "attention")
+# the fingerprint probe (``measured.rest_us``) whose time is the least a kernel of each kind costs
+PROBE_OF = {"reduction": "norm", "attention": "attention"}
 
 
 @dataclass(frozen=True)
 class RestKernel:
     """One kernel of the dense rest: the bytes it reads and writes, its FLOPs (0 when pointwise),
     and its kind (one of ``KINDS``; by default a library matmul when it has FLOPs, else pointwise):
-    a fused region with a reduction in it, or attention with or without a mask, has a measured
-    least time of its own (the fingerprint's ``measured.rest_us``)."""
+    a fused region with a reduction in it, and attention, have a measured least time of their own
+    (the fingerprint's ``measured.rest_us``)."""
 
     bytes: float
     flops: float = 0.0
@@ -43,11 +45,11 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     """Predicted microseconds of ``rest`` on the fingerprint's device in ``mode`` ("eager" or
     "graph"): per kernel its launch overhead plus the longer of moving its bytes at the measured
     copy bandwidth and doing its FLOPs at the measured peak, and never less than the least time
-    the fingerprint measured for a kernel of its kind in that mode: a reduction or attention its
-    probe's (``measured.rest_us``), a library matmul (and attention where no probe was run) the
-    fastest dense product timed. At one token such kernels cost their fixed latency (an H100 ran
-    SmolLM2-shaped attention at 5.5 us a launch in a CUDA graph and a norm's reduction at 1.5 us,
-    which launch plus work priced at 1.3 us, docs/benchmarks.md). None when the rest or a needed
+    the fingerprint measured for a kernel of its kind in that mode: a reduction the smallest norm's,
+    attention the smallest attention call's (``measured.rest_us``), a library matmul (and attention
+    where no probe was run) the fastest dense product timed. At one token such kernels cost their
+    fixed latency (an H100 ran SmolLM2-shaped attention at 5.5 us a launch in a CUDA graph, which
+    launch plus work priced at 1.3 us, docs/benchmarks.md). None when the rest or a needed
     figure is unknown, so that no guess stands in for a measurement."""
     if rest is None:
         return None
@@ -64,8 +66,8 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     probes = measured.get("rest_us") or {}
     library = fingerprint.fastest_dense_us(mode) or 0.0
     floors = {"pointwise": 0.0, "matmul": library}
-    for kind in ("reduction", "attention", "attention_masked"):
-        timed = (probes.get(kind) or {}).get(mode)
+    for kind, probe in PROBE_OF.items():
+        timed = (probes.get(probe) or {}).get(mode)
         floors[kind] = timed if timed is not None else (0.0 if kind == "reduction" else library)
     total = 0.0
     for k in rest.kernels:

@@ -40,7 +40,7 @@ def test_tiny_measurement_is_a_complete_valid_fingerprint(tiny):
     assert "2:4 [cusparselt]" in fp.data["skipped"]
     m = fp.data["measured"]
     assert m["copy_GBps"] > 0 and m["peak_tflops"]["float32"] > 0 and m["launch_us"]["graph"] is None
-    assert set(m["rest_us"]) == {"reduction", "attention", "attention_masked"}
+    assert set(m["rest_us"]) == {"norm", "attention"}
     assert all(v["eager"] > 0 and v["graph"] is None for v in m["rest_us"].values())  # a CPU has no CUDA graphs
     assert set(fp.data["granules"]["tile"]) == {"M", "N", "K"}
     assert fp.data["method"]["statistic"].startswith("min over")
@@ -288,7 +288,7 @@ def test_rest_probes_are_measured_into_an_existing_fingerprint_and_nothing_else_
     out.write_text(json.dumps(doc))
     measure_rest(out, device="cpu", console=quiet())
     after = json.loads(out.read_text())
-    assert set(after["measured"].pop("rest_us")) == {"reduction", "attention", "attention_masked"}
+    assert set(after["measured"].pop("rest_us")) == {"norm", "attention"}
     assert after == doc
 
 

@@ -25,14 +25,13 @@ FIGURES = {"copy_GBps": 1000.0, "launch_us": {"eager": 10.0, "graph": 2.0}, "pea
 def test_a_reduction_or_attention_costs_at_least_its_probe_in_that_mode():
     """The probes' least times stand in for bytes and FLOPs that price a decode-sized kernel below
     what it costs; above them, bytes and FLOPs decide."""
-    probes = {"reduction": {"eager": 12.0, "graph": 3.0}, "attention": {"eager": 40.0, "graph": 5.0},
-              "attention_masked": {"eager": 45.0, "graph": 7.0}}
+    probes = {"norm": {"eager": 12.0, "graph": 3.0}, "attention": {"eager": 40.0, "graph": 5.0}}
     fp = Figures({**FIGURES, "rest_us": probes})
     small = RestOfGraph([RestKernel(bytes=1e3, kind="reduction"), RestKernel(bytes=1e3, kind="pointwise"),
                          RestKernel(bytes=1e3, flops=1e3, kind="attention"),
-                         RestKernel(bytes=1e3, flops=1e3, kind="attention_masked")])
-    assert price_rest(small, fp, "graph") == pytest.approx(3 + 2.001 + 5 + 7)
-    assert price_rest(small, fp, "eager") == pytest.approx(12 + 10.001 + 40 + 45)
+                         RestKernel(bytes=1e3, flops=1e3, kind="attention")])
+    assert price_rest(small, fp, "graph") == pytest.approx(3 + 2.001 + 5 + 5)
+    assert price_rest(small, fp, "eager") == pytest.approx(12 + 10.001 + 40 + 40)
     big = RestOfGraph([RestKernel(bytes=1e7, kind="reduction"), RestKernel(bytes=1e3, flops=1e9, kind="attention")])
     assert price_rest(big, fp, "graph") == pytest.approx(2 + 10 + 2 + 100)
     # a fingerprint without the probes prices a reduction as pointwise work and attention as a library matmul

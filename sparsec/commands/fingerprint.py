@@ -47,7 +47,7 @@ def register(subparsers) -> None:
                    help="measure the expert-bank implementations (mixture of experts) into an existing fingerprint "
                         "of this device, replacing its 'experts' section")
     m.add_argument("--rest", action="store_true",
-                   help="measure the smallest reduction and attention kernels (what a model's dense rest costs "
+                   help="measure the smallest norm and attention kernels (what a model's dense rest costs "
                         "at decode sizes) into an existing fingerprint of this device, replacing its "
                         "'measured.rest_us'")
     m.add_argument("--threads", type=int, default=None,

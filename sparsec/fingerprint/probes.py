@@ -11,12 +11,13 @@
 * cache-line granule: reading ``w`` bytes from each of many rows far apart; the largest ``w``
   that costs no more than reading the smallest one. Zeros inside such a granule are free too:
   skipping them saves no memory traffic.
-* rest kernels: the smallest row reduction (a softmax over one row of 1024) and the smallest
-  attention call (one query against one key, 8 heads of 64; and the same with a mask, which
-  moves the library to another kernel), each back to back, eager and replayed from a CUDA
-  graph: the least such a kernel of a model's dense rest costs, which its bytes and FLOPs
-  alone understate at decode sizes (an H100 ran a norm's fused reduction at about 2 us and
-  SDPA at about 6 us in a CUDA graph, where an empty launch costs 1.3 us).
+* rest kernels: the smallest norm (layer norm of one row of 1024: one fused reduction kernel,
+  as inductor makes of a model's norms) and the smallest attention call (one query against one
+  key, 8 heads of 64), each back to back, eager and replayed from a CUDA graph: the least such a
+  kernel of a model's dense rest costs, which its bytes and FLOPs understate at decode sizes (an
+  H100 ran SmolLM2-shaped attention at 5.5 us a launch in a CUDA graph, where an empty launch
+  costs 1.3 us). A softmax was the first reduction probed and was not kept: torch's own softmax
+  kernel took 4.5 us a call in a graph on an H100, where inductor's fused norm took about 2.
 * dispatch granule (derived from the dense grid afterwards): the largest M whose dense time is
   within 10% of M=1, i.e. how many tokens ride along for free on a launch-bound layer.
 """
@@ -88,18 +89,17 @@ def launch_overhead(clock: Clock) -> dict[str, float | None]:
 
 
 def rest_kernels(clock: Clock) -> dict[str, dict[str, float | None]]:
-    """Microseconds of the smallest reduction and attention kernels, eager and in a CUDA graph
-    (None on a CPU), in the dtype models run there (bfloat16 on a GPU, float32 on a CPU)."""
+    """Microseconds of the smallest norm and attention kernels, eager and in a CUDA graph (None on
+    a CPU), in the dtype models run there (bfloat16 on a GPU, float32 on a CPU)."""
     dev = clock.device
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     gen = torch.Generator(device=dev).manual_seed(11)
     row = torch.randn(1, 1024, device=dev, dtype=dtype, generator=gen)
     q, k, v = (torch.randn(1, 8, 1, 64, device=dev, dtype=dtype, generator=gen) for _ in range(3))
-    mask = torch.ones(1, 1, 1, 1, device=dev, dtype=torch.bool)
+    weight, bias = (torch.randn(1024, device=dev, dtype=dtype, generator=gen) for _ in range(2))
     calls = {
-        "reduction": lambda: torch.softmax(row, dim=-1),
+        "norm": lambda: F.layer_norm(row, (1024,), weight, bias),
         "attention": lambda: F.scaled_dot_product_attention(q, k, v),
-        "attention_masked": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
     }
     out = {}
     for name, fn in calls.items():

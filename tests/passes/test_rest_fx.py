@@ -106,7 +106,7 @@ def test_residual_adds_of_successive_blocks_are_separate_kernels():
 
 def test_each_kernel_carries_its_kind_pointwise_reduction_matmul_or_attention():
     """A region with a norm or softmax in it runs as a reduction kernel; scaled-dot-product
-    attention is attention, with a mask a kind of its own (the library moves to another kernel)."""
+    attention, with a mask or without, is attention."""
     class Block(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -123,9 +123,9 @@ def test_each_kernel_carries_its_kind_pointwise_reduction_matmul_or_attention():
     mask[..., 0] = True
     rest, _ = rest_of(Block(), q, k, v, mask)
     kinds = sorted(k.kind for k in rest.kernels)
-    assert kinds == ["attention", "attention_masked", "matmul", "reduction", "reduction"]
+    assert kinds == ["attention", "attention", "matmul", "reduction", "reduction"]
     for kernel in rest.kernels:
-        assert (kernel.flops > 0) == (kernel.kind in ("attention", "attention_masked", "matmul"))
+        assert (kernel.flops > 0) == (kernel.kind in ("attention", "matmul"))
 
 
 def test_a_pointwise_region_is_not_a_reduction():
