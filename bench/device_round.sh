@@ -35,6 +35,7 @@
 #           (SMOL_PDL=0: programmatic dependent launch off)
 #   rest    the rest-of-graph probes (smallest reduction and attention) into this card's fingerprint, then
 #           the whole suite
+#   lead-finish  fingerprint-lead resumed; once the file is complete, its rest probes (--rest) too
 #   fingerprint-lead  this card's fingerprint afresh with lead-timed graph points, 540 s a call, resumable
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random
 #           one: the lowering's packed layers timed next to random packs of their shapes, PDL on and off
@@ -247,6 +248,12 @@ case "${1:-suite}" in
     TAIL=3 step fingerprint-rest 120 sparsec fingerprint measure --rest -o "$OUT/$card.json"
     step suite "${SUITE_S:-380}" python3 -m pytest -v -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
     grep -E "FAILED|ERROR" "$OUT/suite.log" | grep -v "^tests/" | head -40
+    ;;
+  lead-finish)  # carry .carry/fp: the partial resumed, and when it completes the rest probes measured into it
+    bash "$0" fingerprint-lead
+    if python3 -c "import json, sys; sys.exit(not json.load(open('$OUT/$card-lead.json'))['complete'])"; then
+      TAIL=3 step fingerprint-lead-rest 120 sparsec fingerprint measure --rest -o "$OUT/$card-lead.json"
+    fi
     ;;
   fingerprint-lead)  # this card's fingerprint measured afresh, its graph points each timed behind a dependent
     # lead kernel (method.graph_lead); resumable: the partial file comes back under $OUT, and a later call
