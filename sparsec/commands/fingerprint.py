@@ -185,10 +185,13 @@ def _show(args) -> int:
     launch = m["launch_us"]
     console.print(f"copy {m['copy_GBps']} GB/s; peak TFLOP/s: {peaks or '-'}; launch {launch['eager']} us eager, "
                   f"{launch['graph'] if launch['graph'] is not None else '-'} us graph")
-    rest = m.get("rest_us")
-    console.print("rest kernels: " + ("; ".join(
-        f"{k.replace('_', ' ')} {v['eager']} us eager, {v['graph'] if v['graph'] is not None else '-'} us graph"
-        for k, v in rest.items()) if rest else "not measured (add them with 'sparsec fingerprint measure --rest')"),
+    rest = m.get("rest_us") or {}
+    from sparsec.rest import PROBE_OF
+
+    missing = [p for p in PROBE_OF.values() if p not in rest]
+    console.print("rest kernels: " + "; ".join(
+        [f"{k} {v['eager']} us eager, {v['graph'] if v['graph'] is not None else '-'} us graph" for k, v in rest.items()]
+        + ([f"{' and '.join(missing)} not measured (add with 'sparsec fingerprint measure --rest')"] if missing else [])),
         markup=False)
     if d["kind"] == "cuda":
         lead = fp.data.get("method", {}).get("graph_lead")
