@@ -305,3 +305,17 @@ def test_rest_probes_are_refused_for_a_missing_file_or_another_devices(tiny, tmp
     with pytest.raises(FingerprintError, match="rest kernels are measured into the fingerprint of the device"):
         measure_rest(other, device="cpu", console=quiet())
     assert other.read_text() == before
+
+
+def test_a_rest_probe_that_cannot_run_is_left_out_with_its_reason(monkeypatch):
+    from sparsec.fingerprint import probes
+    from sparsec.fingerprint.timing import Clock
+
+    def no_attention(*args, **kwargs):
+        raise RuntimeError("no kernel for this dtype\nmore detail")
+
+    monkeypatch.setattr(probes.F, "scaled_dot_product_attention", no_attention)
+    skipped = {}
+    out = probes.rest_kernels(Clock(torch.device("cpu"), GRIDS["tiny"].policy), skipped)
+    assert set(out) == {"norm"} and out["norm"]["eager"] > 0
+    assert skipped == {"rest_us.attention": "RuntimeError: no kernel for this dtype"}

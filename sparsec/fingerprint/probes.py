@@ -88,9 +88,11 @@ def launch_overhead(clock: Clock) -> dict[str, float | None]:
     return {"eager": sig(eager), "graph": None if graph is None else sig(graph)}
 
 
-def rest_kernels(clock: Clock) -> dict[str, dict[str, float | None]]:
+def rest_kernels(clock: Clock, skipped: dict[str, str] | None = None) -> dict[str, dict[str, float | None]]:
     """Microseconds of the smallest norm and attention kernels, eager and in a CUDA graph (None on
-    a CPU), in the dtype models run there (bfloat16 on a GPU, float32 on a CPU)."""
+    a CPU), in the dtype models run there (bfloat16 on a GPU, float32 on a CPU). A probe this
+    device or torch cannot run is left out, its reason in ``skipped`` (the rest then priced
+    without it), rather than failing the measurement around it."""
     dev = clock.device
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     gen = torch.Generator(device=dev).manual_seed(11)
@@ -103,9 +105,14 @@ def rest_kernels(clock: Clock) -> dict[str, dict[str, float | None]]:
     }
     out = {}
     for name, fn in calls.items():
-        single = clock.warm([fn])
-        eager = clock.eager([fn], single)
-        graph = clock.graph([fn] * 64, single) if clock.cuda else None
+        try:
+            single = clock.warm([fn])
+            eager = clock.eager([fn], single)
+            graph = clock.graph([fn] * 64, single) if clock.cuda else None
+        except RuntimeError as exc:
+            if skipped is not None:
+                skipped[f"rest_us.{name}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            continue
         out[name] = {"eager": sig(eager), "graph": None if graph is None else sig(graph)}
     return out
 
