@@ -236,10 +236,10 @@ case "${1:-suite}" in
     grep -E "FAILED|ERROR" "$OUT/suite.log" | head -20
     ;;
   smol-shape)  # a SmolLM2-shaped Llama (random weights) at one token, 2:4 on every decoder layer, its kernels
-    # listed (SMOL_PDL=0: with programmatic dependent launch off). One forced plan took 330-410 s on an H100
+    # listed (SMOL_PDL=0: with programmatic dependent launch off; SMOL_FP=path: priced by another fingerprint). One forced plan took 330-410 s on an H100
     # (2026-12-07): a plan a call. Dense, q/k/o and every layer on an H100: bench/results/2026-12-07-h100-smol/
     SPARSEC_PDL=${SMOL_PDL:-1} TAIL=12 step e2e-smol 560 python3 bench/e2e.py --models llama --llama-dims smollm2 \
-      --llama 1x1 --fingerprint "$card" --recovery none --out "$OUT" --only "${SMOL_ONLY:-sparsec 2:4 +cg}" \
+      --llama 1x1 --fingerprint "${SMOL_FP:-$card}" --recovery none --out "$OUT" --only "${SMOL_ONLY:-sparsec 2:4 +cg}" \
       --profile "${SMOL_ONLY:-sparsec 2:4 +cg}"
     grep -E "per call by kind|^llama" "$OUT/e2e-smol.log"
     ;;
