@@ -33,7 +33,7 @@
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   smol-shape  a SmolLM2-shaped Llama at one token: one forced plan (SMOL_ONLY, default 2:4 everywhere) profiled
 #           (SMOL_PDL=0: programmatic dependent launch off)
-#   rest    the rest-of-graph probes (smallest reduction and attention) into this card's fingerprint, then
+#   rest    the rest-of-graph probes (smallest norm and attention) into this card's fingerprint, then
 #           the whole suite
 #   lead-finish  fingerprint-lead resumed; once the file is complete, its rest probes (--rest) too
 #   fingerprint-lead  this card's fingerprint afresh with lead-timed graph points, 540 s a call, resumable
@@ -236,8 +236,8 @@ case "${1:-suite}" in
     grep -E "FAILED|ERROR" "$OUT/suite.log" | head -20
     ;;
   smol-shape)  # a SmolLM2-shaped Llama (random weights) at one token, 2:4 on every decoder layer, its kernels
-    # listed (SMOL_PDL=0: with programmatic dependent launch off; SMOL_FP=path: priced by another fingerprint). One forced plan took 330-410 s on an H100
-    # (2026-12-07): a plan a call. Dense, q/k/o and every layer on an H100: bench/results/2026-12-07-h100-smol/
+    # listed (SMOL_PDL=0: with programmatic dependent launch off; SMOL_FP=path: priced by another fingerprint).
+    # One forced plan took 330-410 s on an H100 (2026-12-07): a plan a call. Dense, q/k/o and every layer on an H100: bench/results/2026-12-07-h100-smol/
     SPARSEC_PDL=${SMOL_PDL:-1} TAIL=12 step e2e-smol 560 python3 bench/e2e.py --models llama --llama-dims smollm2 \
       --llama 1x1 --fingerprint "${SMOL_FP:-$card}" --recovery none --out "$OUT" --only "${SMOL_ONLY:-sparsec 2:4 +cg}" \
       --profile "${SMOL_ONLY:-sparsec 2:4 +cg}"

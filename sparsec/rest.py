@@ -36,6 +36,17 @@ class RestKernel:
             raise ValueError(f"rest kernel kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
 
+def describe_probes(rest_us: dict | None) -> str:
+    """One line of a fingerprint's ``measured.rest_us``: each probe's times, and those missing."""
+    rest_us = rest_us or {}
+    missing = [p for p in PROBE_OF.values() if p not in rest_us]
+    shown = [f"{name} {t['eager']} us eager, {t['graph'] if t['graph'] is not None else '-'} us graph"
+             for name, t in rest_us.items()]
+    if missing:
+        shown.append(f"{' and '.join(missing)} not measured (add with 'sparsec fingerprint measure --rest')")
+    return "; ".join(shown)
+
+
 @dataclass
 class RestOfGraph:
     kernels: list[RestKernel] = field(default_factory=list)

@@ -185,14 +185,9 @@ def _show(args) -> int:
     launch = m["launch_us"]
     console.print(f"copy {m['copy_GBps']} GB/s; peak TFLOP/s: {peaks or '-'}; launch {launch['eager']} us eager, "
                   f"{launch['graph'] if launch['graph'] is not None else '-'} us graph")
-    rest = m.get("rest_us") or {}
-    from sparsec.rest import PROBE_OF
+    from sparsec.rest import describe_probes
 
-    missing = [p for p in PROBE_OF.values() if p not in rest]
-    console.print("rest kernels: " + "; ".join(
-        [f"{k} {v['eager']} us eager, {v['graph'] if v['graph'] is not None else '-'} us graph" for k, v in rest.items()]
-        + ([f"{' and '.join(missing)} not measured (add with 'sparsec fingerprint measure --rest')"] if missing else [])),
-        markup=False)
+    console.print("rest kernels: " + describe_probes(m.get("rest_us")), markup=False)
     if d["kind"] == "cuda":
         lead = fp.data.get("method", {}).get("graph_lead")
         console.print("graph points: " + ("each call behind a small kernel of its own, taken off" if lead else

@@ -685,9 +685,10 @@ def measure_rest(out: Path | None = None, *, device: str | None = None, console=
     doc["measured"]["rest_us"] = rest_kernels(clock, doc["skipped"])
     validate_fingerprint(doc)
     write_atomically(out, doc)
+    from sparsec.rest import describe_probes
+
     console.print(f"rest kernels written to {out} ({time.perf_counter() - started:.1f} s): "
-                  + "; ".join(f"{k} {v['eager']} us eager, {v['graph']} us graph"
-                              for k, v in doc["measured"]["rest_us"].items()), markup=False)
+                  + describe_probes(doc["measured"]["rest_us"]), markup=False)
     return out
 
 
