@@ -127,10 +127,10 @@ def factored_bank(E, I, H, r1, r2, gen, dtype=torch.float32):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("impl,T,E,k", [(impl, *shape) for impl in IMPLS + ("grouped_mm", "rows")
-                                        for shape in [(1, 4, 1), (37, 8, 2), (150, 4, 1)]
-                                        # rows runs a program per routed pair: 150 tokens test nothing
-                                        # 37 do not, at minutes under the interpreter
-                                        if not (impl == "rows" and shape[0] == 150)])
+                                        for shape in ([(1, 4, 1), (9, 8, 2)] if impl == "rows" else
+                                                      [(1, 4, 1), (37, 8, 2), (150, 4, 1)])])
+                                        # rows runs a program per routed pair under the interpreter: 9 tokens
+                                        # over 8 experts already make uneven runs and empty experts
 def test_a_factored_bank_computes_the_bank_its_factors_multiply_to(impl, T, E, k, dtype, gen):
     from sparsec.codegen.experts import experts_lowrank
 
@@ -205,7 +205,7 @@ def test_a_two_four_bank_computes_the_bank_its_kept_values_make(impl, T, E, k, d
     assert err < TOL[dtype], f"{impl} T={T}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("T", [1, 3, 11])  # 11 tokens x 2 experts: uneven runs over 8 experts
+@pytest.mark.parametrize("T", [1, 3, 7])  # 7 tokens x 2 experts: uneven runs over 8 experts
 def test_a_two_four_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, gen, monkeypatch):
     from sparsec.codegen import experts as ex, twofour
 
@@ -228,7 +228,7 @@ def test_a_two_four_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, g
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("T", [1, 3, 11])  # 11 tokens x 2 experts: uneven runs over 8 experts
+@pytest.mark.parametrize("T", [1, 3, 7])  # 7 tokens x 2 experts: uneven runs over 8 experts
 def test_a_dense_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, dtype, gen, monkeypatch):
     from sparsec.codegen import experts as ex
 
@@ -293,7 +293,7 @@ def test_a_factored_bank_run_row_by_row_goes_through_each_factor_with_the_swiglu
                      ((8, 16, 40), {"up_row": -1}), ((8, 48, 16), {"up_row": -1})]
 
 
-@pytest.mark.parametrize("T", [1, 3, 11])  # 11 tokens x 2 experts: uneven runs over 8 experts
+@pytest.mark.parametrize("T", [1, 3, 7])  # 7 tokens x 2 experts: uneven runs over 8 experts
 def test_a_block_sparse_bank_run_row_by_row_computes_the_bank_with_swiglu_fused(T, gen, monkeypatch):
     from sparsec.codegen import block as blk
 
