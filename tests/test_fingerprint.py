@@ -221,6 +221,22 @@ def test_below_the_smallest_weight_no_time_falls_under_the_fastest_timed():
     assert fp.predict("dense", 1, 1024, 1024, "float32") == pytest.approx(streamed(1, 1024, 1024), rel=EXACT)
 
 
+def test_a_weight_never_costs_more_than_a_measured_weight_that_contains_it():
+    # a library slow at one exact shape (cuBLAS at 512 x 2048 and one token on an H100): the aspects
+    # interpolated around it must not carry that into a smaller weight, which could run padded as
+    # any measured weight at least as large in both dimensions
+    streamed = lambda M, N, K, f=1.0: 3.0 + (N * K + M * K) / 4e5  # noqa: E731
+    slow_at = lambda M, N, K, f=1.0: streamed(M, N, K) * (3.0 if (N, K) == (512, 2048) else 1.0)  # noqa: E731
+    fp = Fingerprint(synthetic(slow_at))
+    assert fp.predict("dense", 1, 512, 2048, "float32") == pytest.approx(slow_at(1, 512, 2048), rel=EXACT)  # measured: kept
+    p = fp.predict_detail("dense", 1, 192, 576, "float32")
+    assert "capped at the time of the larger measured weight 1024x1024" in p.note
+    assert p.us == pytest.approx(streamed(1, 1024, 1024), rel=EXACT)
+    # where the interpolation is already under every containing weight, nothing is capped
+    q = fp.predict_detail("dense", 1, 1024, 2048, "float32")
+    assert "capped" not in q.note and q.us < streamed(1, 2048, 2048)
+
+
 def test_format_parameters_interpolate_and_extrapolate():
     fp = Fingerprint(synthetic(power_law(), families=("dense", "block", "lowrank", "monarch")))
     law = power_law()
