@@ -33,8 +33,8 @@
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   smol-shape  a SmolLM2-shaped Llama at one token: one forced plan (SMOL_ONLY, default 2:4 everywhere) profiled
 #           (SMOL_PDL=0: programmatic dependent launch off)
-#   rest    the rest-of-graph probes (smallest norm and attention) into this card's fingerprint, then
-#           the whole suite
+#   rest    the rest-of-graph probes (smallest norm and attention, inductor's fused norm and activation)
+#           into this card's fingerprint, then the whole suite
 #   lead-finish  fingerprint-lead resumed; once the file is complete, its rest probes (--rest) too
 #   fingerprint-lead  this card's fingerprint afresh with lead-timed graph points, 540 s a call, resumable
 #   probe   why the planned block down projection's GEMV at 4 tokens ran slower than the fingerprint's random

@@ -15,6 +15,9 @@ from dataclasses import dataclass, field
 KINDS = ("pointwise", "reduction", "matmul", "attention")
 # the fingerprint probe (``measured.rest_us``) whose time is the least a kernel of each kind costs
 PROBE_OF = {"reduction": "norm", "attention": "attention"}
+# where measured (in a CUDA graph), the kernels inductor makes of the rest answer for their kinds
+# instead: a lowered graph's norms and activations are such kernels, not torch's own
+FUSED_PROBE_OF = {"reduction": "fused_norm", "pointwise": "fused_pointwise"}
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,8 @@ def describe_probes(rest_us: dict | None) -> str:
     """One line of a fingerprint's ``measured.rest_us``: each probe's times, and those missing."""
     rest_us = rest_us or {}
     missing = [p for p in PROBE_OF.values() if p not in rest_us]
-    shown = [f"{name} {t['eager']} us eager, {t['graph'] if t['graph'] is not None else '-'} us graph"
-             for name, t in rest_us.items()]
+    shown = [f"{name} {t['eager'] if t['eager'] is not None else '-'} us eager, "
+             f"{t['graph'] if t['graph'] is not None else '-'} us graph" for name, t in rest_us.items()]
     if missing:
         shown.append(f"{' and '.join(missing)} not measured (add with 'sparsec fingerprint measure --rest')")
     return "; ".join(shown)
@@ -56,7 +59,8 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     """Predicted microseconds of ``rest`` on the fingerprint's device in ``mode`` ("eager" or
     "graph"): per kernel its launch overhead plus the longer of moving its bytes at the measured
     copy bandwidth and doing its FLOPs at the measured peak, and never less than the least time
-    the fingerprint measured for a kernel of its kind in that mode: a reduction the smallest norm's,
+    the fingerprint measured for a kernel of its kind in that mode: a reduction the smallest norm's
+    (inductor's fused norm where that was timed, and a pointwise kernel inductor's fused activation),
     attention the smallest attention call's (``measured.rest_us``), a library matmul (and attention
     where no probe was run) the fastest dense product timed. At one token such kernels cost their
     fixed latency (an H100 ran SmolLM2-shaped attention at 5.5 us a launch in a CUDA graph, which
@@ -80,6 +84,10 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     for kind, probe in PROBE_OF.items():
         timed = (probes.get(probe) or {}).get(mode)
         floors[kind] = timed if timed is not None else (0.0 if kind == "reduction" else library)
+    for kind, probe in FUSED_PROBE_OF.items():
+        timed = (probes.get(probe) or {}).get(mode)
+        if timed is not None:
+            floors[kind] = timed
     total = 0.0
     for k in rest.kernels:
         cost = launch + k.bytes / (bandwidth * 1e3)

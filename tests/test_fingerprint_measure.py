@@ -319,3 +319,45 @@ def test_a_rest_probe_that_cannot_run_is_left_out_with_its_reason(monkeypatch):
     out = probes.rest_kernels(Clock(torch.device("cpu"), GRIDS["tiny"].policy), skipped)
     assert set(out) == {"norm"} and out["norm"]["eager"] > 0
     assert skipped == {"rest_us.attention": "RuntimeError: no kernel for this dtype"}
+
+
+def _cpu_clock_with_graph_as_eager(monkeypatch):
+    """A CPU clock whose ``graph`` times the calls eagerly: the fused probes' compile-and-call path
+    runs here, where no CUDA graph can."""
+    from sparsec.fingerprint.timing import Clock
+
+    clock = Clock(torch.device("cpu"), GRIDS["tiny"].policy)
+    monkeypatch.setattr(clock, "graph", lambda calls, single=None: clock.eager(calls, single))
+    return clock
+
+
+def test_the_fused_probes_time_what_inductor_makes_of_a_norm_and_an_activation(monkeypatch):
+    import shutil
+
+    from sparsec.fingerprint import probes
+
+    if shutil.which("cc") is None and shutil.which("gcc") is None:
+        pytest.skip("inductor needs a C compiler on a CPU")
+    torch._dynamo.reset()
+    skipped = {}
+    out = probes.fused_rest_kernels(_cpu_clock_with_graph_as_eager(monkeypatch), skipped)
+    assert skipped == {}
+    assert set(out) == {"fused_norm", "fused_pointwise"}
+    assert all(v["eager"] is None and v["graph"] > 0 for v in out.values())
+    # a CPU's own measurement leaves them out: its lowering runs the rest eagerly
+    from sparsec.fingerprint.timing import Clock
+
+    assert not set(probes.rest_kernels(Clock(torch.device("cpu"), GRIDS["tiny"].policy))) & set(out)
+
+
+def test_a_fused_probe_inductor_cannot_compile_is_left_out_with_its_reason(monkeypatch):
+    from sparsec.fingerprint import probes
+
+    def no_compiler(*args, **kwargs):
+        raise OSError("no C compiler found\nmore detail")
+
+    monkeypatch.setattr(probes.torch, "compile", no_compiler)
+    skipped = {}
+    assert probes.fused_rest_kernels(_cpu_clock_with_graph_as_eager(monkeypatch), skipped) == {}
+    assert skipped == {"rest_us.fused_norm": "OSError: no C compiler found",
+                       "rest_us.fused_pointwise": "OSError: no C compiler found"}

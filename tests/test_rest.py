@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import sparsec
+from sparsec.errors import FingerprintError
 from sparsec.rest import RestKernel, RestOfGraph, price_rest
 
 
@@ -36,6 +39,34 @@ def test_a_reduction_or_attention_costs_at_least_its_probe_in_that_mode():
     assert price_rest(big, fp, "graph") == pytest.approx(2 + 10 + 2 + 100)
     # a fingerprint without the probes prices a reduction as pointwise work and attention as a library matmul
     assert price_rest(small, Figures(FIGURES), "graph") == pytest.approx(4 * 2.001)  # launch and bytes each
+
+
+def test_inductors_fused_kernels_answer_for_reductions_and_pointwise_work_in_a_graph_where_timed():
+    """A lowered graph's norms and activations are kernels inductor made: where the fingerprint
+    timed such kernels (graph mode only), they price their kinds instead of torch's own norm
+    kernel (which costs about twice as much at decode sizes) and of a bare launch."""
+    probes = {"norm": {"eager": 12.0, "graph": 3.0}, "attention": {"eager": 40.0, "graph": 5.0},
+              "fused_norm": {"eager": None, "graph": 2.5}, "fused_pointwise": {"eager": None, "graph": 2.25}}
+    fp = Figures({**FIGURES, "rest_us": probes})
+    small = RestOfGraph([RestKernel(bytes=1e3, kind="reduction"), RestKernel(bytes=1e3, kind="pointwise")])
+    assert price_rest(small, fp, "graph") == pytest.approx(2.5 + 2.25)
+    assert price_rest(small, fp, "eager") == pytest.approx(12 + 10.001)  # no eager times: as before
+    big = RestOfGraph([RestKernel(bytes=1e7, kind="reduction"), RestKernel(bytes=1e7, kind="pointwise")])
+    assert price_rest(big, fp, "graph") == pytest.approx(2 * (2 + 10))  # bytes above the floor decide
+
+
+def test_a_fingerprint_with_fused_probes_validates_and_shows_them():
+    from sparsec.fingerprint import Fingerprint, load_fingerprint
+    from sparsec.rest import describe_probes
+
+    doc = json.loads(json.dumps(load_fingerprint("cpu").data))
+    doc["measured"]["rest_us"] = {"norm": {"eager": 4.5, "graph": None}, "attention": {"eager": 9.0, "graph": None},
+                                  "fused_norm": {"eager": None, "graph": 2.5}}
+    Fingerprint(doc)
+    assert describe_probes(doc["measured"]["rest_us"]).endswith("fused_norm - us eager, 2.5 us graph")
+    doc["measured"]["rest_us"]["fused_sum"] = {"eager": None, "graph": 1.0}
+    with pytest.raises(FingerprintError, match="rest_us"):
+        Fingerprint(doc)
 
 
 def test_an_unknown_kind_is_refused_with_the_kinds_there_are():

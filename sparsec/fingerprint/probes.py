@@ -11,13 +11,15 @@
 * cache-line granule: reading ``w`` bytes from each of many rows far apart; the largest ``w``
   that costs no more than reading the smallest one. Zeros inside such a granule are free too:
   skipping them saves no memory traffic.
-* rest kernels: the smallest norm (layer norm of one row of 1024: one fused reduction kernel,
-  as inductor makes of a model's norms) and the smallest attention call (one query against one
-  key, 8 heads of 64), each back to back, eager and replayed from a CUDA graph: the least such a
+* rest kernels: the smallest norm (torch's layer norm of one row of 1024: one reduction kernel)
+  and the smallest attention call (one query against one key, 8 heads of 64), each back to back,
+  eager and replayed from a CUDA graph, and on a GPU what inductor makes of a norm and a gated
+  activation, replayed from a CUDA graph (``fused_rest_kernels``): the least such a
   kernel of a model's dense rest costs, which its bytes and FLOPs understate at decode sizes (an
   H100 ran SmolLM2-shaped attention at 5.5 us a launch in a CUDA graph, where an empty launch
   costs 1.3 us). A softmax was the first reduction probed and was not kept: torch's own softmax
-  kernel took 4.5 us a call in a graph on an H100, where inductor's fused norm took about 2.
+  kernel took 4.5 us a call in a graph on an H100, its layer norm 3.07 us, where inductor's fused
+  norms took about 2 with the gap between kernels.
 * dispatch granule (derived from the dense grid afterwards): the largest M whose dense time is
   within 10% of M=1, i.e. how many tokens ride along for free on a launch-bound layer.
 """
@@ -90,9 +92,11 @@ def launch_overhead(clock: Clock) -> dict[str, float | None]:
 
 def rest_kernels(clock: Clock, skipped: dict[str, str] | None = None) -> dict[str, dict[str, float | None]]:
     """Microseconds of the smallest norm and attention kernels, eager and in a CUDA graph (None on
-    a CPU), in the dtype models run there (bfloat16 on a GPU, float32 on a CPU). A probe this
-    device or torch cannot run is left out, its reason in ``skipped`` (the rest then priced
-    without it), rather than failing the measurement around it."""
+    a CPU), in the dtype models run there (bfloat16 on a GPU, float32 on a CPU), and on a GPU the
+    fused kernels inductor makes of the rest (``fused_rest_kernels``; a CPU lowering runs the rest
+    eagerly, so there are none to time). A probe this device or torch cannot run is left out, its
+    reason in ``skipped`` (the rest then priced without it), rather than failing the measurement
+    around it."""
     dev = clock.device
     dtype = torch.bfloat16 if clock.cuda else torch.float32
     gen = torch.Generator(device=dev).manual_seed(11)
@@ -110,11 +114,51 @@ def rest_kernels(clock: Clock, skipped: dict[str, str] | None = None) -> dict[st
             eager = clock.eager([fn], single)
             graph = clock.graph([fn] * 64, single) if clock.cuda else None
         except RuntimeError as exc:
-            if skipped is not None:
-                skipped[f"rest_us.{name}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _skip(skipped, name, exc)
             continue
         out[name] = {"eager": sig(eager), "graph": None if graph is None else sig(graph)}
+    if clock.cuda:
+        out.update(fused_rest_kernels(clock, skipped))
     return out
+
+
+def fused_rest_kernels(clock: Clock, skipped: dict[str, str] | None = None) -> dict[str, dict[str, float | None]]:
+    """The kernels inductor makes of a decode-sized norm (an RMS norm of one row of 1024: one fused
+    reduction) and of a gated activation (SiLU times a row of 1536: one pointwise kernel), timed in
+    a CUDA graph, where a lowered model's rest runs them. torch's own layer norm kernel, the
+    ``norm`` probe, took 3.07 us a call on an H100 where inductor's fused norms of a SmolLM2-shaped
+    model took about 1.5 (docs/benchmarks.md). Graph times only: called eagerly a compiled
+    function pays its guards and wrapper, which the lowered graph pays once, not per kernel. A
+    probe inductor cannot compile is left out, its reason in ``skipped``."""
+    dev, dtype = clock.device, torch.bfloat16
+    gen = torch.Generator(device=dev).manual_seed(13)
+    row, weight = (torch.randn(1, 1024, device=dev, dtype=dtype, generator=gen) for _ in range(2))
+    gate, up = (torch.randn(1, 1536, device=dev, dtype=dtype, generator=gen) for _ in range(2))
+
+    def rms_norm(x, w):
+        h = x.float()
+        return (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * w
+
+    def gated(a, b):
+        return F.silu(a) * b
+
+    out = {}
+    for name, fn, args in (("fused_norm", rms_norm, (row, weight)), ("fused_pointwise", gated, (gate, up))):
+        try:
+            compiled = torch.compile(fn, fullgraph=True, dynamic=False)
+            call = lambda compiled=compiled, args=args: compiled(*args)  # noqa: E731
+            single = clock.warm([call])
+            graph = clock.graph([call] * 64, single)
+        except Exception as exc:  # inductor's and triton's compile errors share no base class
+            _skip(skipped, name, exc)
+            continue
+        out[name] = {"eager": None, "graph": sig(graph)}
+    return out
+
+
+def _skip(skipped: dict[str, str] | None, name: str, exc: BaseException) -> None:
+    if skipped is not None:
+        skipped[f"rest_us.{name}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def tile_granules(clock: Clock, base: int, dtype: torch.dtype, steps=(8, 16, 32, 64, 128, 256)) -> tuple[dict, dict]:

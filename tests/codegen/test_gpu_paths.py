@@ -404,8 +404,12 @@ def test_the_rest_probes_time_every_kernel_in_both_modes_above_an_empty_launch()
 
     clock = Clock(torch.device("cuda"), TimingPolicy())
     launch = launch_overhead(clock)
-    rest = rest_kernels(clock)
-    assert set(rest) == {"norm", "attention"}
+    skipped = {}
+    rest = rest_kernels(clock, skipped)
+    assert set(rest) == {"norm", "attention", "fused_norm", "fused_pointwise"}, skipped
     for name, times in rest.items():
         assert times["graph"] > 0.8 * launch["graph"], (name, times, launch)
-        assert times["eager"] > 0 and times["graph"] < times["eager"] * 5, (name, times)
+        if name.startswith("fused_"):  # graph times only: a compiled call's guards are not a kernel's
+            assert times["eager"] is None
+        else:
+            assert times["eager"] > 0 and times["graph"] < times["eager"] * 5, (name, times)
