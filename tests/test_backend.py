@@ -238,9 +238,10 @@ def test_rewritten_graph_keeps_weights_static_for_cuda_graphs(monkeypatch):
     model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128)).eval()
     x = torch.randn(16, 128)
     options = {"plan": {"layers": {"0": "lowrank:32"}}, "fingerprint": "cpu"}
-    monkeypatch.setattr(torch._inductor.config, "fx_graph_cache", False)
-    monkeypatch.setattr(torch._functorch.config, "enable_autograd_cache", False)
-    with torch.no_grad():
+    # the configs' own patch (monkeypatch's undo deletes a config entry it did not see in the
+    # module's __dict__, which breaks every later compile in the process)
+    with torch._inductor.config.patch(fx_graph_cache=False), \
+            torch._functorch.config.patch(enable_autograd_cache=False), torch.no_grad():
         y = torch.compile(model, backend="sparsec", options=options)(x)
     from sparsec.backend import session_for
 

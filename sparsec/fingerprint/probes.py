@@ -158,7 +158,13 @@ def fused_rest_kernels(clock: Clock, skipped: dict[str, str] | None = None) -> d
 
 def _skip(skipped: dict[str, str] | None, name: str, exc: BaseException) -> None:
     if skipped is not None:
-        skipped[f"rest_us.{name}"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        reason = _first_line(exc)
+        cause = getattr(exc, "inner_exception", None) or exc.__cause__  # a compiler's own error, wrapped
+        skipped[f"rest_us.{name}"] = reason if cause is None else f"{reason} {_first_line(cause)}"
+
+
+def _first_line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
 def tile_granules(clock: Clock, base: int, dtype: torch.dtype, steps=(8, 16, 32, 64, 128, 256)) -> tuple[dict, dict]:
