@@ -30,7 +30,7 @@ from sparsec.formats import Dense, family_of, parse_spec
 from sparsec.launches import LaunchGroup, price_groups, price_shared, settle_shared, transposed_output_us
 from sparsec.options import Options
 from sparsec.plan import Plan
-from sparsec.rest import RestOfGraph, price_rest
+from sparsec.rest import RestOfGraph, price_rest, price_rest_by_kind
 from sparsec.sites import Site, SiteStats, Skipped, output_energy, relative_output_error
 
 log = logging.getLogger("sparsec")
@@ -149,12 +149,13 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
             error, held = _error_as_given(frontend)
             e2e = dataclasses.replace(e2e, measured_error=error, heldout_error=held, local={})
     with timed("report"):
-        rest_us, fused_us = rest(frontend, fingerprint, planning)
+        rest_us, fused_us, rest_kinds = rest(frontend, fingerprint, planning)
         stacked_us, stacked_lines = price_groups(frontend.launch_groups(), layers, fingerprint, planning.cost_mode)
         plan = plan_of(layers, fingerprint, options, banks)
         notes = frontend.notes(layers, skipped, planning, fingerprint)
         report = report_of(frontend, layers, skipped, e2e, fingerprint, planning, rest_us, fused_us, stacked_us,
-                           checked=checked, kept_dense_speedup=kept, budget=options.error_budget)
+                           checked=checked, kept_dense_speedup=kept, budget=options.error_budget,
+                           rest_kinds=rest_kinds)
         report["warnings"] = _unique(warnings + notes + checked.warnings + shared_weight_warnings(layers)
                                      + ([_kept_dense_warning(frontend, kept)] if kept is not None else []))
         if checked.alarm:
@@ -1147,21 +1148,23 @@ def _kept_dense_warning(frontend: Frontend, speedup: float) -> str:
 # -- rest -------------------------------------------------------------------------------------
 
 
-def rest(frontend: Frontend, fingerprint, options: Options) -> tuple[float | None, float]:
-    """Predicted time of the graph outside its linear layers in the dense plan, and how much of it
-    the lowered layers' launches absorb (their fused epilogues: 0 when nothing was folded). An
-    estimate only: an op it cannot read leaves the rest unpriced (logged), never the compile failed."""
+def rest(frontend: Frontend, fingerprint, options: Options) -> tuple[float | None, float, dict[str, float] | None]:
+    """Predicted time of the graph outside its linear layers in the dense plan, how much of it
+    the lowered layers' launches absorb (their fused epilogues: 0 when nothing was folded), and the
+    first by kind of kernel. An estimate only: an op it cannot read leaves the rest unpriced
+    (logged), never the compile failed."""
     try:
         found = frontend.rest_of_graph()
         lowered = frontend.rest_of_graph(fused=True) if frontend.lowering_notes() else found
     except Exception as exc:  # noqa: BLE001 - a graph the estimate cannot read still compiles
         log.warning("graph %s: the rest of the graph was not priced (%s: %s); the end-to-end prediction "
                     "counts the linear layers only", frontend.graph, type(exc).__name__, exc)
-        return None, 0.0
-    rest_us = price_rest(found, fingerprint, options.cost_mode)
+        return None, 0.0, None
+    by_kind = price_rest_by_kind(found, fingerprint, options.cost_mode)
+    rest_us = None if by_kind is None else sum(by_kind.values(), 0.0)
     left_us = price_rest(lowered, fingerprint, options.cost_mode)
     fused_us = max(rest_us - left_us, 0.0) if rest_us is not None and left_us is not None else 0.0
-    return rest_us, fused_us
+    return rest_us, fused_us, by_kind
 
 
 # -- plan and report --------------------------------------------------------------------------
@@ -1181,7 +1184,7 @@ def plan_of(layers: list[Layer], fingerprint, options: Options, banks: list[dict
 def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, options: Options,
               rest_us: float | None = None, fused_us: float = 0.0, stacked_us: float = 0.0, *,
               checked: Check | None = None, kept_dense_speedup: float | None = None,
-              budget: float | None = None) -> dict:
+              budget: float | None = None, rest_kinds: dict[str, float] | None = None) -> dict:
     """The report of one graph, from what the steps found (``budget``: the user's, where the graph
     was planned within a share of it)."""
     from sparsec.reasons import candidate_rejections, layer_reason
@@ -1245,6 +1248,8 @@ def report_of(frontend: Frontend, layers, skipped, e2e: EndToEnd, fingerprint, o
         "heldout_error": _num(e2e.heldout_error if checked.heldout_error is None else checked.heldout_error),
         "predicted_speedup": None,
         "predicted_us_rest": _num(rest_us),
+        "predicted_us_rest_by_kind": ({kind: _num(us) for kind, us in sorted(rest_kinds.items())}
+                                      if rest_kinds is not None and rest_us is not None else None),
         "predicted_us_fused": _num(fused_us) if rest_us is not None else None,
         "predicted_us_stacked": _num(stacked_us),
         "measured_speedup": checked.speedup,

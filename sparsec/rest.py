@@ -56,6 +56,12 @@ class RestOfGraph:
 
 
 def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None:
+    """The sum of ``price_rest_by_kind``."""
+    kinds = price_rest_by_kind(rest, fingerprint, mode)
+    return None if kinds is None else sum(kinds.values(), 0.0)
+
+
+def price_rest_by_kind(rest: RestOfGraph | None, fingerprint, mode: str) -> dict[str, float] | None:
     """Predicted microseconds of ``rest`` on the fingerprint's device in ``mode`` ("eager" or
     "graph"): per kernel its launch overhead plus the longer of moving its bytes at the measured
     copy bandwidth and doing its FLOPs at the measured peak, and never less than the least time
@@ -64,8 +70,9 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     attention the smallest attention call's (``measured.rest_us``), a library matmul (and attention
     where no probe was run) the fastest dense product timed. At one token such kernels cost their
     fixed latency (an H100 ran SmolLM2-shaped attention at 5.5 us a launch in a CUDA graph, which
-    launch plus work priced at 1.3 us, docs/benchmarks.md). None when the rest or a needed
-    figure is unknown, so that no guess stands in for a measurement."""
+    launch plus work priced at 1.3 us, docs/benchmarks.md). By kind (``KINDS``, those present), so
+    that a profile of the graph can be set against each; None when the rest or a needed figure is
+    unknown, so that no guess stands in for a measurement."""
     if rest is None:
         return None
     measured = fingerprint.measured
@@ -74,7 +81,7 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
     if launch is None:
         launch = (measured.get("launch_us") or {}).get("eager")
     if not rest.kernels:
-        return 0.0
+        return {}
     if not bandwidth or launch is None:
         return None
     peaks = measured.get("peak_tflops") or {}
@@ -88,7 +95,7 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
         timed = (probes.get(probe) or {}).get(mode)
         if timed is not None:
             floors[kind] = timed
-    total = 0.0
+    by_kind: dict[str, float] = {}
     for k in rest.kernels:
         cost = launch + k.bytes / (bandwidth * 1e3)
         if k.flops:
@@ -96,5 +103,5 @@ def price_rest(rest: RestOfGraph | None, fingerprint, mode: str) -> float | None
             if not peak:
                 return None
             cost = max(cost, launch + k.flops / (peak * 1e6))
-        total += max(cost, floors[k.kind])
-    return total
+        by_kind[k.kind] = by_kind.get(k.kind, 0.0) + max(cost, floors[k.kind])
+    return by_kind

@@ -69,6 +69,20 @@ def test_a_fingerprint_with_fused_probes_validates_and_shows_them():
         Fingerprint(doc)
 
 
+def test_the_rest_is_priced_by_kind_and_the_kinds_add_up_to_it():
+    from sparsec.rest import price_rest_by_kind
+
+    probes = {"norm": {"eager": 12.0, "graph": 3.0}, "attention": {"eager": 40.0, "graph": 5.0}}
+    fp = Figures({**FIGURES, "rest_us": probes})
+    rest = RestOfGraph([RestKernel(bytes=1e3, kind="reduction"), RestKernel(bytes=1e3, kind="pointwise"),
+                        RestKernel(bytes=1e3, kind="pointwise"), RestKernel(bytes=1e3, flops=1e3, kind="attention")])
+    kinds = price_rest_by_kind(rest, fp, "graph")
+    assert kinds == pytest.approx({"reduction": 3.0, "pointwise": 2 * 2.001, "attention": 5.0})
+    assert price_rest(rest, fp, "graph") == pytest.approx(sum(kinds.values()))
+    assert price_rest_by_kind(RestOfGraph(), fp, "graph") == {}
+    assert price_rest_by_kind(rest, Figures({"launch_us": {"graph": 2.0}}), "graph") is None  # no bandwidth
+
+
 def test_an_unknown_kind_is_refused_with_the_kinds_there_are():
     with pytest.raises(ValueError, match="pointwise, reduction"):
         RestKernel(bytes=1.0, kind="gather")
@@ -132,7 +146,11 @@ def test_end_to_end_prediction_counts_the_rest_of_the_graph():
     model = Mlp(d=512, h=2048).eval()  # weights the fingerprint timed: low rank pays there
     x = torch.randn(128, 512)
     options = {"fingerprint": "cpu", "plan": {"layers": {"_default": "lowrank:64"}}, "error_budget": 0.9}
-    data = sparsec.optimize(model, x, **options).report.to_dict()
+    result = sparsec.optimize(model, x, **options)
+    data = result.report.to_dict()
+    kinds = data["end_to_end"]["predicted_us_rest_by_kind"]
+    assert set(kinds) == {"pointwise"}  # the GELU and the residual add: two pointwise regions, no reduction
+    assert sum(kinds.values()) == pytest.approx(data["end_to_end"]["predicted_us_rest"], rel=1e-3)
     t, e2e = data["totals"], data["end_to_end"]
     rest_us = e2e["predicted_us_rest"]
     assert rest_us is not None and rest_us > 0

@@ -236,6 +236,10 @@ def combine_end_to_end(a: dict, a_totals: dict, b: dict, b_totals: dict) -> dict
     rests = (a.get("predicted_us_rest"), b.get("predicted_us_rest"))
     if "predicted_us_rest" in a or "predicted_us_rest" in b:
         out["predicted_us_rest"] = None if None in rests else rests[0] + rests[1]
+    if "predicted_us_rest_by_kind" in a or "predicted_us_rest_by_kind" in b:
+        kinds = (a.get("predicted_us_rest_by_kind"), b.get("predicted_us_rest_by_kind"))
+        out["predicted_us_rest_by_kind"] = None if None in kinds else {
+            k: kinds[0].get(k, 0.0) + kinds[1].get(k, 0.0) for k in sorted({*kinds[0], *kinds[1]})}
     if "predicted_us_stacked" in a or "predicted_us_stacked" in b:
         stacked = (a.get("predicted_us_stacked"), b.get("predicted_us_stacked"))
         out["predicted_us_stacked"] = None if None in stacked else stacked[0] + stacked[1]

@@ -82,7 +82,9 @@ def _totals(report) -> Text:
     source = e2e.get("predicted_us_rest_source") or ""
     how = ("measured" if source.startswith("measured") else
            "from the original model's measured time" if source else "predicted")
-    rest_text = f" (rest of graph {v.fmt_us(rest)} {how}{_fused_note(e2e)})" if rest is not None \
+    kinds = e2e.get("predicted_us_rest_by_kind") or {}
+    by_kind = (": " + ", ".join(f"{kind} {v.fmt_us(us)}" for kind, us in kinds.items())) if len(kinds) > 1 else ""
+    rest_text = f" (rest of graph {v.fmt_us(rest)} {how}{by_kind}{_fused_note(e2e)})" if rest is not None \
         else " (rest of graph not priced)"
     text.append(f"predicted {v.fmt_speedup(e2e['predicted_speedup'])}{rest_text}, measured "
                 f"{v.fmt_speedup(e2e['measured_speedup'])}; error {v.fmt_error(e2e['measured_error'])} "

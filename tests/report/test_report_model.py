@@ -255,6 +255,17 @@ def test_extend_adds_what_each_graph_folded_into_its_launches():
     assert Report(a).extend(Report(b)).end_to_end["predicted_us_fused"] is None
 
 
+def test_extend_adds_the_rest_kind_by_kind():
+    a, b = make_report(seed=11, blocks=1, tokens=1), make_report(seed=12, blocks=1, tokens=1)
+    b["fingerprint"] = a["fingerprint"]
+    a["end_to_end"].update(predicted_us_rest=9.0, predicted_us_rest_by_kind={"pointwise": 4.0, "reduction": 5.0})
+    b["end_to_end"].update(predicted_us_rest=7.0, predicted_us_rest_by_kind={"attention": 6.0, "pointwise": 1.0})
+    combined = Report(a).extend(Report(b)).end_to_end
+    assert combined["predicted_us_rest_by_kind"] == pytest.approx({"attention": 6.0, "pointwise": 5.0, "reduction": 5.0})
+    b["end_to_end"]["predicted_us_rest_by_kind"] = None
+    assert Report(a).extend(Report(b)).end_to_end["predicted_us_rest_by_kind"] is None
+
+
 def _planning(calib: int, held: int, one_s: float | None, steps: dict) -> dict:
     return {"model_evaluations": calib, "heldout_evaluations": held,
             "timing": {"evaluation_s": one_s, "total_s": sum(steps.values()), "steps_s": steps}}

@@ -223,6 +223,15 @@ def test_speedups_off_the_scale_are_drawn_on_its_edge(report_dict):
     assert not elements.with_class("mark", "layer", "predicted", "clipped")
 
 
+def test_the_table_gives_the_rest_by_kind_where_it_has_several(report_dict):
+    report_dict["end_to_end"].update(predicted_us_rest=12.0, predicted_us_fused=0.0,
+                                     predicted_us_rest_by_kind={"attention": 5.0, "pointwise": 7.0})
+    text = _text(Report(report_dict))
+    assert f"rest of graph {v.fmt_us(12.0)} predicted: attention {v.fmt_us(5.0)}, pointwise {v.fmt_us(7.0)})" in text
+    report_dict["end_to_end"]["predicted_us_rest_by_kind"] = {"pointwise": 12.0}  # one kind: the total says it
+    assert f"rest of graph {v.fmt_us(12.0)} predicted)" in _text(Report(report_dict))
+
+
 def test_table_and_page_say_how_much_of_the_rest_the_launches_absorb(report_dict):
     report_dict["end_to_end"]["predicted_us_rest"] = 12.0
     report_dict["end_to_end"]["predicted_us_fused"] = 4.5
