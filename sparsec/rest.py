@@ -39,10 +39,12 @@ class RestKernel:
             raise ValueError(f"rest kernel kind {self.kind!r} is not one of {', '.join(KINDS)}")
 
 
-def describe_probes(rest_us: dict | None) -> str:
-    """One line of a fingerprint's ``measured.rest_us``: each probe's times, and those missing."""
+def describe_probes(rest_us: dict | None, gpu: bool = False) -> str:
+    """One line of a fingerprint's ``measured.rest_us``: each probe's times, and those missing
+    (on a GPU's fingerprint the fused ones too: a CPU's lowering runs no fused kernel to time)."""
     rest_us = rest_us or {}
-    missing = [p for p in PROBE_OF.values() if p not in rest_us]
+    expected = [*PROBE_OF.values(), *(FUSED_PROBE_OF.values() if gpu else ())]
+    missing = [p for p in expected if p not in rest_us]
     shown = [f"{name} {t['eager'] if t['eager'] is not None else '-'} us eager, "
              f"{t['graph'] if t['graph'] is not None else '-'} us graph" for name, t in rest_us.items()]
     if missing:

@@ -64,6 +64,9 @@ def test_a_fingerprint_with_fused_probes_validates_and_shows_them():
                                   "fused_norm": {"eager": None, "graph": 2.5}}
     Fingerprint(doc)
     assert describe_probes(doc["measured"]["rest_us"]).endswith("fused_norm - us eager, 2.5 us graph")
+    # a GPU's fingerprint names the fused probe it lacks; a CPU's has none to time
+    assert describe_probes(doc["measured"]["rest_us"], gpu=True).endswith(
+        "fused_pointwise not measured (add with 'sparsec fingerprint measure --rest')")
     doc["measured"]["rest_us"]["fused_sum"] = {"eager": None, "graph": 1.0}
     with pytest.raises(FingerprintError, match="rest_us"):
         Fingerprint(doc)

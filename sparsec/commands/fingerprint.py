@@ -187,7 +187,7 @@ def _show(args) -> int:
                   f"{launch['graph'] if launch['graph'] is not None else '-'} us graph")
     from sparsec.rest import describe_probes
 
-    console.print("rest kernels: " + describe_probes(m.get("rest_us")), markup=False)
+    console.print("rest kernels: " + describe_probes(m.get("rest_us"), gpu=d["kind"] == "cuda"), markup=False)
     if d["kind"] == "cuda":
         lead = fp.data.get("method", {}).get("graph_lead")
         console.print("graph points: " + ("each call behind a small kernel of its own, taken off" if lead else

@@ -688,7 +688,7 @@ def measure_rest(out: Path | None = None, *, device: str | None = None, console=
     from sparsec.rest import describe_probes
 
     console.print(f"rest kernels written to {out} ({time.perf_counter() - started:.1f} s): "
-                  + describe_probes(doc["measured"]["rest_us"]), markup=False)
+                  + describe_probes(doc["measured"]["rest_us"], gpu=kind == "cuda"), markup=False)
     return out
 
 
