@@ -475,14 +475,16 @@ def approximate(layers: list[Layer], options: Options) -> None:
     Runs after ``cost`` so that no time is spent pruning or factoring into a format the
     fingerprint already says would be slower than dense. Within a family (and block size), the
     candidates are made from the least lossy (most values kept) down; once one already costs more
-    than twice the whole error budget, the lossier ones of that chain could never be chosen and are
+    than ``OVER_BUDGET`` times the whole error budget, the lossier ones of that chain could never be chosen and are
     refused without being computed. Handlers whose grid shares one factorisation
     (``shares_work_across_specs``) are asked for their whole chain at once.
 
     Families whose fits take several steps (``can_abandon``: Monarch's sweeps, block's two masks) come
     last, and an automatic layer's fit stops after its first step where a candidate already made and
     predicted at least as fast is more accurate by over ``ABANDON_MARGIN``: the candidate is then
-    refused as dominated.
+    refused as dominated. It stops too where its error after that step is over ``ABANDON_MARGIN``
+    times what the chain allows (``OVER_BUDGET`` times the budget): it is refused as over budget, with
+    the lossier ones of its chain.
     """
     from sparsec.passes.registry import HANDLERS, forget_layer_work
     from sparsec.progress import advance_current
@@ -507,16 +509,20 @@ def approximate(layers: list[Layer], options: Options) -> None:
             for i in range(0, len(chain), step):
                 batch = chain[i : i + step]
                 todo = [c for c in batch if (key, c.fmt) not in _APPROXIMATIONS]
-                abandoned: dict[str, tuple[float, Candidate]] = {}
+                abandoned: dict[str, tuple[float, Candidate | None]] = {}
                 extra = {}
                 if todo and layer.requested == "auto" and _can_abandon(handler):
-                    extra["abandon"] = _dominated(layer, handler, weight, st, energy, abandoned)
+                    extra["abandon"] = _dominated(layer, handler, weight, st, energy, abandoned, options.error_budget)
                 made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st, **extra))) if todo else {}
                 for cand in batch:
                     if cand.fmt in abandoned:
                         error, rival = abandoned[cand.fmt]
                         cand.predicted_error = error
                         cand.rejected_because = (
+                            f"over budget: after the first step of its fit its error is {100.0 * error:.2f}%, over "
+                            f"{ABANDON_MARGIN:g}x the {100.0 * OVER_BUDGET * options.error_budget:.2f}% "
+                            f"({OVER_BUDGET:g}x the budget) past which a candidate is not weighed"
+                            if rival is None else
                             f"dominated: after the first step of its fit its error is {100.0 * error:.2f}%, over "
                             f"{ABANDON_MARGIN:g}x the {100.0 * rival.predicted_error:.2f}% of {rival.fmt}, which is "
                             f"predicted at least as fast ({_faster(layer, rival, cand)})"
@@ -532,19 +538,25 @@ def approximate(layers: list[Layer], options: Options) -> None:
                         _APPROXIMATIONS.put((key, cand.fmt), _beside(w_hat, site.weight))
                     cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
                     cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
+                over = [c for c in batch if c.fmt in abandoned and abandoned[c.fmt][1] is None]
                 fitted = [c for c in batch if c.fmt not in abandoned]
-                if not fitted:  # an unfinished fit's error says nothing of the lossier ones
+                if not fitted and not over:  # a fit stopped as dominated says nothing of the lossier ones
                     continue
-                worst = max(fitted, key=lambda c: c.predicted_error)
-                if layer.requested == "auto" and worst.predicted_error > 2.0 * options.error_budget:
+                worst = max(over or fitted, key=lambda c: c.predicted_error)
+                if layer.requested == "auto" and worst.predicted_error > OVER_BUDGET * options.error_budget:
                     for rest in chain[i + step :]:
                         rest.rejected_because = (
                             f"over budget: the less lossy {worst.fmt} already costs "
-                            f"{100.0 * worst.predicted_error:.2f}% error (budget {100.0 * options.error_budget:.2f}%)"
+                            f"{'over ' if over else ''}{100.0 * worst.predicted_error / (ABANDON_MARGIN if over else 1.0):.2f}% "
+                            f"error (budget {100.0 * options.error_budget:.2f}%)"
                         )
                     break
         forget_layer_work()
 
+
+# A candidate whose layer error is over this many times the whole error budget is not weighed, nor
+# are the lossier ones of its chain: no allocation would spend the budget on it.
+OVER_BUDGET = 2.0
 
 # A fit's first step against where it ends, on SmolLM2-135M (docs/frontier.md): Monarch after one sweep
 # had at most 1.35x the error of the planner's four sweeps (1.48x that of twelve) on the q and o
@@ -566,24 +578,26 @@ def _can_abandon(handler) -> bool:
     return bool(getattr(handler, "can_abandon", False))
 
 
-def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict):
-    """``abandon`` for a multi-step handler's fits of ``layer``: yes where a candidate of the layer
-    already made, still standing and predicted at least as fast has under 1 / ABANDON_MARGIN of the
-    error the fit has after its first step (recorded in ``abandoned``: fmt -> (error, rival))."""
+def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict, budget: float):
+    """``abandon`` for a multi-step handler's fits of ``layer``: yes where the error the fit has after
+    its first step is over ABANDON_MARGIN times OVER_BUDGET times ``budget`` (it would end over
+    budget), or where a candidate of the layer already made, still standing and predicted at least as
+    fast has under 1 / ABANDON_MARGIN of it (recorded in ``abandoned``: fmt -> (error, the rival, or
+    None when over budget))."""
 
     def abandon(spec, approx) -> bool:
         cand = next(c for c in layer.candidates if c.spec == spec)
-        if cand.predicted_us is None:
-            return False
+        error = _error(handler, weight, approx, st, layer.site.bias, energy)
         rivals = [c for c in layer.candidates
                   if c is not cand and c.rejected_because is None and not math.isnan(c.predicted_error)
-                  and c.predicted_us is not None and c.predicted_us <= cand.predicted_us]
-        if not rivals:
-            return False
-        rival = min(rivals, key=lambda c: c.predicted_error)
-        error = _error(handler, weight, approx, st, layer.site.bias, energy)
-        if error > ABANDON_MARGIN * rival.predicted_error:
+                  and c.predicted_us is not None and cand.predicted_us is not None
+                  and c.predicted_us <= cand.predicted_us]
+        rival = min(rivals, key=lambda c: c.predicted_error) if rivals else None
+        if rival is not None and error > ABANDON_MARGIN * rival.predicted_error:
             abandoned[cand.fmt] = (error, rival)
+            return True
+        if error > ABANDON_MARGIN * OVER_BUDGET * budget:
+            abandoned[cand.fmt] = (error, None)
             return True
         return False
 

@@ -86,3 +86,25 @@ def test_without_a_price_for_dense_the_reason_gives_the_predicted_times():
     pipeline.approximate([layer], Options(error_budget=0.5))
     why = by_fmt(layer)["monarch:8"].rejected_because
     assert why is not None and why.endswith("(20.0 us against 25.0 us)"), why
+
+
+def test_a_fit_over_budget_after_its_first_step_stops_and_the_lossier_ones_are_not_fitted():
+    g = torch.Generator().manual_seed(23)
+    W = torch.randn(64, 64, generator=g) / 8.0  # full rank: Monarch at 4 blocks loses most of it
+    slow_rivals = {"lowrank:8": 60.0, "lowrank:16": 70.0, "monarch:4": 40.0, "monarch:8": 25.0}
+    budget = 0.05
+    layer = layer_of(W, "auto", slow_rivals)
+    pipeline.approximate([layer], Options(error_budget=budget))
+    c = by_fmt(layer)
+    why = c["monarch:4"].rejected_because
+    assert why is not None and why.startswith("over budget: after the first step of its fit"), why
+    assert c["monarch:4"].predicted_error > pipeline.ABANDON_MARGIN * pipeline.OVER_BUDGET * budget
+    # monarch:8 keeps fewer values than monarch:4: refused with it, never fitted
+    assert c["monarch:8"].rejected_because.startswith("over budget: the less lossy monarch:4 already costs over")
+    assert math.isnan(c["monarch:8"].predicted_error)
+
+    # the same weight with a budget its first step is within: the fit is finished and weighed
+    roomy = layer_of(W, "auto", slow_rivals)
+    pipeline.approximate([roomy], Options(error_budget=c["monarch:4"].predicted_error))
+    assert by_fmt(roomy)["monarch:4"].rejected_because is None
+    assert by_fmt(roomy)["monarch:4"].predicted_error < c["monarch:4"].predicted_error
