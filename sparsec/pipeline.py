@@ -1,7 +1,7 @@
 """The pass order, as one flat function of named steps (DESIGN.md, "The pipeline").
 
-    capture -> experts -> calibrate -> candidates -> cost -> approximate -> select -> verify -> [measure] -> lower
-      -> check -> report
+    capture -> experts -> calibrate -> candidates -> cost -> approximate -> select -> verify -> deferred
+      -> [measure] -> recover -> replan -> lower -> check -> report
 
 The pipeline knows neither FX nor ONNX. A front-end supplies the graph-specific parts through
 the small ``Frontend`` protocol: what the sites are, their calibration statistics, the end-to-end
@@ -123,12 +123,15 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     with timed("cost"):
         cost(layers, fingerprint, planning)
     with timed("approximate", total=len(layers)):
-        approximate(layers, planning)
+        approximate(layers, planning, defer=True)
     with timed("select"):
         alloc = select(layers, planning, fingerprint)
     with timed("verify", shown_as="verify (model evaluations)"):
         e2e = verify(frontend, layers, alloc, planning)
         timed.evaluated("verify", e2e)
+    with timed("deferred", shown_as="deferred (multi-step fits where the measured sensitivities leave room)"):
+        alloc, e2e = fit_deferred(frontend, layers, planning, fingerprint, alloc, e2e)
+        timed.evaluated("deferred", e2e)
     with timed("measure"):
         while settle(layers, alloc, fingerprint, planning) or measure(frontend, layers, alloc, planning):
             e2e = verify(frontend, layers, alloc, planning, before=e2e)
@@ -469,89 +472,181 @@ def experts(frontend: Frontend, fingerprint, options: Options) -> tuple[list[dic
 # -- approximate ------------------------------------------------------------------------------
 
 
-def approximate(layers: list[Layer], options: Options) -> None:
+def approximate(layers: list[Layer], options: Options, defer: bool = False) -> None:
     """For candidates still standing: a weight with the format's exact structure, and its error.
 
     Runs after ``cost`` so that no time is spent pruning or factoring into a format the
     fingerprint already says would be slower than dense. Within a family (and block size), the
     candidates are made from the least lossy (most values kept) down; once one already costs more
-    than ``OVER_BUDGET`` times the whole error budget, the lossier ones of that chain could never be chosen and are
-    refused without being computed. Handlers whose grid shares one factorisation
-    (``shares_work_across_specs``) are asked for their whole chain at once.
+    than a layer can carry (``OVER_BUDGET`` times the whole error budget), the lossier ones of that
+    chain could never be chosen and are refused without being computed. Handlers whose grid shares
+    one factorisation (``shares_work_across_specs``) are asked for their whole chain at once.
 
     Families whose fits take several steps (``can_abandon``: Monarch's sweeps, block's two masks) come
     last, and an automatic layer's fit stops after its first step where a candidate already made and
     predicted at least as fast is more accurate by over ``ABANDON_MARGIN``: the candidate is then
     refused as dominated. It stops too where its error after that step is over ``ABANDON_MARGIN``
-    times what the chain allows (``OVER_BUDGET`` times the budget): it is refused as over budget, with
-    the lossier ones of its chain.
+    times what the layer can carry: it is refused as over budget, with the lossier ones of its chain.
+    With ``defer``, an automatic layer's multi-step fits wait (``DEFERRED``) for ``fit_deferred``,
+    which knows from the measured sensitivities how much error each layer can carry.
     """
-    from sparsec.passes.registry import HANDLERS, forget_layer_work
     from sparsec.progress import advance_current
 
     _APPROXIMATIONS.reserve(sum(l.site.weight.numel() * torch.empty((), dtype=l.site.dtype).element_size()
                                 for l in layers))
+    cap = OVER_BUDGET * options.error_budget
     for layer in layers:
         advance_current()
-        site, st = layer.site, layer.stats
-        weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
-        energy = output_energy(weight, st, site.bias)
-        chains: dict[tuple, list[Candidate]] = {}
-        for cand in layer.candidates:
-            if cand.rejected_because is None:
-                chains.setdefault(_chain_key(cand.spec, site.N, site.K), []).append(cand)
-        for chain in sorted(chains.values(), key=lambda ch: _can_abandon(HANDLERS[ch[0].spec.family])):
-            # least lossy first: most values kept, then (act) fewest inputs skipped
-            chain.sort(key=lambda c: (-c.spec.stored_params(site.N, site.K), c.spec.curve_key(site.N, site.K)))
-            handler = HANDLERS[chain[0].spec.family]
-            key = (_identity(site.weight), _identity_stats(st), handler.default_method)
-            step = len(chain) if getattr(handler, "shares_work_across_specs", False) else 1
-            for i in range(0, len(chain), step):
-                batch = chain[i : i + step]
-                todo = [c for c in batch if (key, c.fmt) not in _APPROXIMATIONS]
-                abandoned: dict[str, tuple[float, Candidate | None]] = {}
-                extra = {}
-                if todo and layer.requested == "auto" and _can_abandon(handler):
-                    extra["abandon"] = _dominated(layer, handler, weight, st, energy, abandoned, options.error_budget)
-                made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st, **extra))) if todo else {}
-                for cand in batch:
-                    if cand.fmt in abandoned:
-                        error, rival = abandoned[cand.fmt]
-                        cand.predicted_error = error
-                        cand.rejected_because = (
-                            f"over budget: after the first step of its fit its error is {100.0 * error:.2f}%, over "
-                            f"{ABANDON_MARGIN:g}x the {100.0 * OVER_BUDGET * options.error_budget:.2f}% "
-                            f"({OVER_BUDGET:g}x the budget) past which a candidate is not weighed"
-                            if rival is None else
-                            f"dominated: after the first step of its fit its error is {100.0 * error:.2f}%, over "
-                            f"{ABANDON_MARGIN:g}x the {100.0 * rival.predicted_error:.2f}% of {rival.fmt}, which is "
-                            f"predicted at least as fast ({_faster(layer, rival, cand)})"
-                        )
-                        continue
-                    cand.remake = _remaker(layer, cand, (key, cand.fmt))
-                    w_hat = made.get(cand.fmt)
-                    if w_hat is None:  # cached (or, evicted meanwhile, made again)
-                        w_hat = cand.weight()
-                    else:
-                        # what will run, where the weight lives; half the memory of float32 in 16-bit models
-                        w_hat = w_hat.to(site.dtype)
-                        _APPROXIMATIONS.put((key, cand.fmt), _beside(w_hat, site.weight))
-                    cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
-                    cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
-                over = [c for c in batch if c.fmt in abandoned and abandoned[c.fmt][1] is None]
-                fitted = [c for c in batch if c.fmt not in abandoned]
-                if not fitted and not over:  # a fit stopped as dominated says nothing of the lossier ones
+        _approximate_layer(layer, options, cap, f"{OVER_BUDGET:g}x the budget", defer=defer)
+
+
+# A deferred candidate is weighed only if its saving per unit of weighted squared error, from dense, is
+# at least 1 / RATE_MARGIN of the least the allocation took (a candidate's rate along its layer's hull is
+# at least the rate of every step up to it, and the greedy allocation stops taking steps near that rate).
+RATE_MARGIN = 2.0
+
+# Why a multi-step fit has not been made yet: ``approximate(defer=True)`` left it for ``fit_deferred``.
+DEFERRED = "deferred: fitted once the end-to-end sensitivities are measured"
+
+
+def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str, defer: bool = False,
+                       worth=None) -> None:
+    """``approximate`` for one layer's candidates not yet made, a candidate over ``cap`` (layer error;
+    ``cap_note`` says what it is) ending its chain. ``worth(candidate) -> (error, note)``, where
+    given, is the error past which a candidate would not be worth its saving: a multi-step fit over
+    ``ABANDON_MARGIN`` times it after its first step stops too."""
+    from sparsec.passes.registry import HANDLERS, forget_layer_work
+
+    site, st = layer.site, layer.stats
+    weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
+    energy = output_energy(weight, st, site.bias)
+    auto = layer.requested == "auto"
+    chains: dict[tuple, list[Candidate]] = {}
+    for cand in layer.candidates:
+        if cand.rejected_because is None and math.isnan(cand.predicted_error):
+            chains.setdefault(_chain_key(cand.spec, site.N, site.K), []).append(cand)
+    for chain in sorted(chains.values(), key=lambda ch: _can_abandon(HANDLERS[ch[0].spec.family])):
+        # least lossy first: most values kept, then (act) fewest inputs skipped
+        chain.sort(key=lambda c: (-c.spec.stored_params(site.N, site.K), c.spec.curve_key(site.N, site.K)))
+        handler = HANDLERS[chain[0].spec.family]
+        if defer and auto and _can_abandon(handler):
+            for cand in chain:
+                cand.rejected_because = DEFERRED
+            continue
+        key = (_identity(site.weight), _identity_stats(st), handler.default_method)
+        step = len(chain) if getattr(handler, "shares_work_across_specs", False) else 1
+        for i in range(0, len(chain), step):
+            batch = chain[i : i + step]
+            todo = [c for c in batch if (key, c.fmt) not in _APPROXIMATIONS]
+            abandoned: dict[str, tuple[float, Candidate | None]] = {}
+            extra = {}
+            if todo and auto and _can_abandon(handler):
+                extra["abandon"] = _dominated(layer, handler, weight, st, energy, abandoned, cap, cap_note, worth)
+            made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st, **extra))) if todo else {}
+            for cand in batch:
+                if cand.fmt in abandoned:
+                    error, rival, limit, note = abandoned[cand.fmt]
+                    cand.predicted_error = error
+                    cand.rejected_because = (
+                        f"over budget: after the first step of its fit its error is {100.0 * error:.2f}%, over "
+                        f"{ABANDON_MARGIN:g}x the {100.0 * limit:.2f}% ({note}) past which a candidate is not weighed"
+                        if rival is None else
+                        f"dominated: after the first step of its fit its error is {100.0 * error:.2f}%, over "
+                        f"{ABANDON_MARGIN:g}x the {100.0 * rival.predicted_error:.2f}% of {rival.fmt}, which is "
+                        f"predicted at least as fast ({_faster(layer, rival, cand)})"
+                    )
                     continue
-                worst = max(over or fitted, key=lambda c: c.predicted_error)
-                if layer.requested == "auto" and worst.predicted_error > OVER_BUDGET * options.error_budget:
-                    for rest in chain[i + step :]:
-                        rest.rejected_because = (
-                            f"over budget: the less lossy {worst.fmt} already costs "
-                            f"{'over ' if over else ''}{100.0 * worst.predicted_error / (ABANDON_MARGIN if over else 1.0):.2f}% "
-                            f"error (budget {100.0 * options.error_budget:.2f}%)"
-                        )
-                    break
-        forget_layer_work()
+                cand.remake = _remaker(layer, cand, (key, cand.fmt))
+                w_hat = made.get(cand.fmt)
+                if w_hat is None:  # cached (or, evicted meanwhile, made again)
+                    w_hat = cand.weight()
+                else:
+                    # what will run, where the weight lives; half the memory of float32 in 16-bit models
+                    w_hat = w_hat.to(site.dtype)
+                    _APPROXIMATIONS.put((key, cand.fmt), _beside(w_hat, site.weight))
+                cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
+                cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
+            # stopped over what the layer can carry (not over what one candidate is worth): so are the lossier ones
+            over = [c for c in batch if c.fmt in abandoned and abandoned[c.fmt][1] is None and abandoned[c.fmt][2] == cap]
+            fitted = [c for c in batch if c.fmt not in abandoned]
+            if not fitted and not over:  # a fit stopped as dominated says nothing of the lossier ones
+                continue
+            worst = max(over or fitted, key=lambda c: c.predicted_error)
+            if auto and worst.predicted_error > cap:
+                for rest in chain[i + step :]:
+                    rest.rejected_because = (
+                        f"over budget: the less lossy {worst.fmt} already costs "
+                        f"{'over ' if over else ''}{100.0 * worst.predicted_error / (ABANDON_MARGIN if over else 1.0):.2f}% "
+                        f"error, over the {100.0 * cap:.2f}% ({cap_note}) past which a candidate is not weighed"
+                    )
+                break
+    forget_layer_work()
+
+
+def fit_deferred(frontend: Frontend, layers: list[Layer], options: Options, fingerprint, alloc,
+                 e2e: EndToEnd):
+    """The multi-step fits ``approximate`` deferred, made now that verification measured how much of
+    each layer's error reaches the output: a layer with the whole budget to itself can carry
+    budget / sqrt(amplification x sensitivity), and a fit over ``ABANDON_MARGIN`` times that after
+    its first step stops (a layer whose sensitivity was not measured keeps ``OVER_BUDGET`` times the
+    budget). Most Monarch and block fits of a model whose budget binds end far above what their
+    layer can carry, and their later steps were most of the planning time (SmolLM2-135M:
+    docs/frontier.md). Where a fit made here is still standing, the budget is allocated again, with
+    the sensitivities and amplification measured, and verified only if that allocation takes one of them.
+    Returns the allocation and end-to-end measurement that stand."""
+    from sparsec.progress import advance_current
+
+    waiting = [l for l in layers if any(c.rejected_because == DEFERRED for c in l.candidates)]
+    if not waiting:
+        return alloc, e2e
+    hull_of = {h.layer.name: h for h in alloc.hulls}
+    # the least saving per unit of (sensitivity-weighted squared) error the allocation took anywhere:
+    # a candidate is chosen only if its own rate, from dense, is not far under it
+    rates = [h.gain() / h.cost() for h in alloc.hulls if h.index > 0 and h.cost() > 0.0]
+    least_rate = min(rates) if rates else None
+    made: set[int] = set()  # the candidates fitted here and still standing
+    for layer in waiting:
+        advance_current()
+        for cand in layer.candidates:
+            if cand.rejected_because == DEFERRED:
+                cand.rejected_because = None
+        hull = hull_of.get(layer.name)
+        if hull is not None and len(hull.points) > 1 and hull.sensitivity > 0.0 and alloc.amplification > 0.0:
+            cap = options.error_budget / math.sqrt(alloc.amplification * hull.sensitivity)
+            note = f"the whole budget on this layer alone, its end-to-end sensitivity {hull.sensitivity:.2g} measured"
+        elif hull is not None and len(hull.points) > 1 and hull.sensitivity <= 0.0:
+            cap, note = math.inf, "no error of this layer reaches the output"
+        else:
+            cap, note = OVER_BUDGET * options.error_budget, f"{OVER_BUDGET:g}x the budget"
+        fresh = [c for c in layer.candidates if c.rejected_because is None and math.isnan(c.predicted_error)]
+        worth = None
+        if least_rate is not None and hull is not None and len(hull.points) > 1 and hull.sensitivity > 0.0:
+            left = alloc.budget_left_for(hull)  # what the layer could take without displacing another's choice
+
+            def worth(cand, layer=layer, sensitivity=hull.sensitivity, left=left):
+                limit = math.sqrt(RATE_MARGIN * max(layer.saving(cand), 0.0) / (sensitivity * least_rate))
+                if left >= limit:
+                    return left, "the budget the allocation left this layer"
+                return limit, (f"where its saving would buy its error at {1.0 / RATE_MARGIN:g}x the least rate "
+                               f"the allocation took, {least_rate:.3g} us per unit of weighted squared error, "
+                               f"above the {100.0 * left:.2f}% of budget left to this layer")
+        _approximate_layer(layer, options, cap, note, worth=worth)
+        made.update(id(c) for c in fresh if c.rejected_because is None)
+    if not made:
+        return alloc, e2e
+    trial = select(layers, options, fingerprint)
+    for h in trial.hulls:
+        if h.layer.sensitivity is not None:
+            h.sensitivity, h.measured_alone = h.layer.sensitivity, h.layer.sensitivity_alone
+    trial.fill(alloc.amplification)
+    if not any(id(h.current) in made for h in trial.hulls):
+        # no fit made here is chosen, at the sensitivities and amplification measured: the plan verified stands
+        for h in alloc.hulls:
+            h.layer.chosen = h.current
+        return alloc, e2e
+    trial.history[:0] = alloc.history + ["multi-step fits made where the measured sensitivities left room: "
+                                         "the budget allocated again"]
+    return trial, verify(frontend, layers, trial, options, before=e2e)
 
 
 # A candidate whose layer error is over this many times the whole error budget is not weighed, nor
@@ -578,10 +673,11 @@ def _can_abandon(handler) -> bool:
     return bool(getattr(handler, "can_abandon", False))
 
 
-def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict, budget: float):
+def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict, cap: float,
+               cap_note: str, worth=None):
     """``abandon`` for a multi-step handler's fits of ``layer``: yes where the error the fit has after
-    its first step is over ABANDON_MARGIN times OVER_BUDGET times ``budget`` (it would end over
-    budget), or where a candidate of the layer already made, still standing and predicted at least as
+    its first step is over ABANDON_MARGIN times ``cap``, the most error the layer can carry, or times
+    what ``worth`` says the candidate's saving is worth (it would end over budget), or where a candidate of the layer already made, still standing and predicted at least as
     fast has under 1 / ABANDON_MARGIN of it (recorded in ``abandoned``: fmt -> (error, the rival, or
     None when over budget))."""
 
@@ -594,10 +690,13 @@ def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, aban
                   and c.predicted_us <= cand.predicted_us]
         rival = min(rivals, key=lambda c: c.predicted_error) if rivals else None
         if rival is not None and error > ABANDON_MARGIN * rival.predicted_error:
-            abandoned[cand.fmt] = (error, rival)
+            abandoned[cand.fmt] = (error, rival, None, None)
             return True
-        if error > ABANDON_MARGIN * OVER_BUDGET * budget:
-            abandoned[cand.fmt] = (error, None)
+        limit, note = cap, cap_note
+        if worth is not None:
+            limit, note = min((cap, cap_note), worth(cand))
+        if error > ABANDON_MARGIN * limit:
+            abandoned[cand.fmt] = (error, None, limit, note)
             return True
         return False
 
