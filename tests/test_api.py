@@ -382,8 +382,8 @@ def test_approximations_are_let_go_and_made_again_identically(scenario_fp, monke
     seen = []
     real = pipeline.approximate
 
-    def spy(layers, options):
-        real(layers, options)
+    def spy(layers, options, **kwargs):
+        real(layers, options, **kwargs)
         for layer in layers:
             for c in layer.candidates:
                 if c.rejected_because is None:
