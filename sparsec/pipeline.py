@@ -538,18 +538,20 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
         for i in range(0, len(chain), step):
             batch = chain[i : i + step]
             todo = [c for c in batch if (key, c.fmt) not in _APPROXIMATIONS]
-            abandoned: dict[str, tuple[float, Candidate | None]] = {}
+            abandoned: dict[str, _Stopped] = {}
             extra = {}
             if todo and auto and _can_abandon(handler):
                 extra["abandon"] = _dominated(layer, handler, weight, st, energy, abandoned, cap, cap_note, worth)
             made = dict(zip((c.fmt for c in todo), handler.approximate([c.spec for c in todo], weight, st, **extra))) if todo else {}
             for cand in batch:
                 if cand.fmt in abandoned:
-                    error, rival, limit, note = abandoned[cand.fmt]
+                    stopped = abandoned[cand.fmt]
+                    error, rival = stopped.error, stopped.rival
                     cand.predicted_error = error
                     cand.rejected_because = (
                         f"over budget: after the first step of its fit its error is {100.0 * error:.2f}%, over "
-                        f"{ABANDON_MARGIN:g}x the {100.0 * limit:.2f}% ({note}) past which a candidate is not weighed"
+                        f"{ABANDON_MARGIN:g}x the {100.0 * stopped.limit:.2f}% ({stopped.note}) past which a "
+                        f"candidate is not weighed"
                         if rival is None else
                         f"dominated: after the first step of its fit its error is {100.0 * error:.2f}%, over "
                         f"{ABANDON_MARGIN:g}x the {100.0 * rival.predicted_error:.2f}% of {rival.fmt}, which is "
@@ -567,7 +569,7 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
                 cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
                 cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
             # stopped over what the layer can carry (not over what one candidate is worth): so are the lossier ones
-            over = [c for c in batch if c.fmt in abandoned and abandoned[c.fmt][1] is None and abandoned[c.fmt][2] == cap]
+            over = [c for c in batch if c.fmt in abandoned and abandoned[c.fmt].whole_layer]
             fitted = [c for c in batch if c.fmt not in abandoned]
             if not fitted and not over:  # a fit stopped as dominated says nothing of the lossier ones
                 continue
@@ -669,17 +671,30 @@ def _faster(layer: Layer, rival: Candidate, cand: Candidate) -> str:
     return f"{a:.2f}x against {b:.2f}x"
 
 
+@dataclasses.dataclass(frozen=True)
+class _Stopped:
+    """A fit stopped after its first step: its error then, and the rival more accurate and at least
+    as fast, or (``rival`` None) the limit it was over and what that limit is; ``whole_layer`` where
+    the limit is what the layer can carry (the lossier ones of its chain are then over it too)."""
+
+    error: float
+    rival: Candidate | None = None
+    limit: float = math.inf
+    note: str = ""
+    whole_layer: bool = False
+
+
 def _can_abandon(handler) -> bool:
     return bool(getattr(handler, "can_abandon", False))
 
 
 def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict, cap: float,
                cap_note: str, worth=None):
-    """``abandon`` for a multi-step handler's fits of ``layer``: yes where the error the fit has after
-    its first step is over ABANDON_MARGIN times ``cap``, the most error the layer can carry, or times
-    what ``worth`` says the candidate's saving is worth (it would end over budget), or where a candidate of the layer already made, still standing and predicted at least as
-    fast has under 1 / ABANDON_MARGIN of it (recorded in ``abandoned``: fmt -> (error, the rival, or
-    None when over budget))."""
+    """``abandon`` for a multi-step handler's fits of ``layer``: yes where a candidate of the layer
+    already made, still standing and predicted at least as fast has under 1 / ABANDON_MARGIN of the
+    error the fit has after its first step, or where that error is over ABANDON_MARGIN times ``cap``
+    (the most the layer can carry) or times what ``worth`` says the candidate's saving pays for (it
+    would end over budget). Recorded in ``abandoned``: fmt -> ``_Stopped``."""
 
     def abandon(spec, approx) -> bool:
         cand = next(c for c in layer.candidates if c.spec == spec)
@@ -690,13 +705,15 @@ def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, aban
                   and c.predicted_us <= cand.predicted_us]
         rival = min(rivals, key=lambda c: c.predicted_error) if rivals else None
         if rival is not None and error > ABANDON_MARGIN * rival.predicted_error:
-            abandoned[cand.fmt] = (error, rival, None, None)
+            abandoned[cand.fmt] = _Stopped(error, rival)
             return True
-        limit, note = cap, cap_note
+        limit, note, whole_layer = cap, cap_note, True
         if worth is not None:
-            limit, note = min((cap, cap_note), worth(cand))
+            paid, why = worth(cand)
+            if paid < cap:
+                limit, note, whole_layer = paid, why, False
         if error > ABANDON_MARGIN * limit:
-            abandoned[cand.fmt] = (error, None, limit, note)
+            abandoned[cand.fmt] = _Stopped(error, None, limit, note, whole_layer)
             return True
         return False
 

@@ -108,3 +108,42 @@ def test_a_fit_over_budget_after_its_first_step_stops_and_the_lossier_ones_are_n
     pipeline.approximate([roomy], Options(error_budget=c["monarch:4"].predicted_error))
     assert by_fmt(roomy)["monarch:4"].rejected_because is None
     assert by_fmt(roomy)["monarch:4"].predicted_error < c["monarch:4"].predicted_error
+
+
+def test_a_deferred_fit_its_saving_would_not_pay_for_at_the_allocations_rate_stops_naming_that_rate():
+    from sparsec.passes import select as knapsack
+
+    def layer(name, W, times):
+        site = Site(name, "linear", W, None, torch.float32, "x")
+        out = Layer(site=site, stats=stats_of(activations(W.shape[1], 1024, seed=24)),
+                    dense=Candidate(Dense(), None, None, 0.0, predicted_us=100.0))
+        for fmt, us in times.items():
+            spec = LowRank(int(fmt.split(":")[1])) if fmt.startswith("lowrank") else Monarch(int(fmt.split(":")[1]))
+            out.candidates.append(Candidate(spec, None, None, math.nan, predicted_us=us))
+        return out
+
+    g = torch.Generator().manual_seed(25)
+    near = planted_low_rank(64, 64, 8, seed=26) + 0.02 * torch.randn(64, 64, generator=g)
+    a = layer("a", near, {"lowrank:8": 10.0})  # saves 90 us
+    # Monarch saves 1-2 us here; low rank is slower than it, so no rival makes it dominated
+    b = layer("b", torch.randn(64, 64, generator=g) / 8.0,
+              {"lowrank:8": 99.5, "lowrank:16": 99.8, "monarch:4": 99.0, "monarch:8": 98.0})
+    options = Options(error_budget=1.0)
+    pipeline.approximate([a, b], options, defer=True)
+    assert all(c.rejected_because == pipeline.DEFERRED for c in b.candidates if c.fmt.startswith("monarch"))
+    # a budget lowrank:8 of the first layer spends to the last hair: the second layer has almost none left
+    options = Options(error_budget=a.candidates[0].predicted_error * 1.0001)
+    alloc = knapsack.allocate([a, b], {l.name: [c for c in l.candidates if c.rejected_because is None]
+                                       for l in (a, b)}, options.error_budget)
+    assert [h.current.fmt for h in alloc.hulls] == ["lowrank:8", "dense"]
+    before = pipeline.EndToEnd(measured_error=0.0)
+    kept, e2e = pipeline.fit_deferred(None, [a, b], options, None, alloc, before)
+    assert kept is alloc and e2e is before  # nothing fitted stands: no allocation again, no evaluation
+    for c in b.candidates:
+        if c.fmt.startswith("monarch"):
+            assert c.rejected_because.startswith("over budget: after the first step"), c.rejected_because
+            assert "least rate the allocation took" in c.rejected_because
+            # over 1.5x sqrt(2 x its saving / the least rate), under what the whole budget allows the layer
+            rate = 90.0 / a.candidates[0].predicted_error ** 2
+            limit = math.sqrt(2.0 * (100.0 - c.predicted_us) / rate)
+            assert c.predicted_error > pipeline.ABANDON_MARGIN * limit
