@@ -13,12 +13,14 @@ error held-out inputs then pay.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sparsec.formats import LowRank
 from sparsec.passes import calibrate
 from sparsec.passes.onnx_emit import MatMulForm, randn
-from sparsec.sites import SiteStats
+from sparsec.sites import SiteStats, relative_output_error
 
 DAMPING = 0.01  # relative to the mean diagonal, as the other passes
 
@@ -47,9 +49,38 @@ class LowRankHandler:
 
         return Factored(approx, spec.rank)
 
+    def __init__(self) -> None:
+        # per reconstruction ``approximate`` returned for the layer at hand: (it, the statistics it
+        # was fitted to, the numerator of its error on them)
+        self._numerators: dict[int, tuple[torch.Tensor, SiteStats, float]] = {}
+
+    def forget(self) -> None:
+        self._numerators.clear()
+
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
-        return [(u @ v).float() for u, v in self._factors(specs, weight, stats, method)]
+        factors, tails, damping = self._factors(specs, weight, stats, method, with_tails=True)
+        W = weight.detach().to(device=damping.device, dtype=torch.float64) if damping is not None else None
+        out = []
+        for (u, v), tail in zip(factors, tails):
+            w_hat = (u @ v).float()
+            if damping is not None:
+                # ||D S||^2 = tr(D G D^T) + sum_j damping_j ||D_j||^2, S S^T the damped Gram, D = W - w_hat
+                D = W - w_hat.to(damping.device)
+                self._numerators[id(w_hat)] = (w_hat, stats, tail - float(D.pow(2).sum(dim=0) @ damping))
+            out.append(w_hat)
+        return out
+
+    def output_error(self, weight: torch.Tensor, approx: torch.Tensor, stats: SiteStats, energy: float) -> float:
+        """``relative_output_error``, its numerator tr(D G D^T) (D = W - approx) read off the
+        factorisation where ``approximate`` just made this reconstruction: the whitened truncation's
+        tail less the damping's share, O(N K) where the product with the Gram is O(N K^2)."""
+        memo = self._numerators.get(id(approx))
+        if memo is None or memo[0] is not approx or memo[1] is not stats:
+            return relative_output_error(weight, approx, stats, None, energy)
+        if energy <= 0.0:
+            return 0.0 if memo[2] <= 0.0 else math.inf
+        return math.sqrt(max(memo[2], 0.0) / energy)
 
     def factored(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """Per spec, the factors (U (N x R), V (R x K), float32) of ``approximate``'s reconstruction,
@@ -57,38 +88,52 @@ class LowRankHandler:
         and row of V scaled to equal norms so that neither underflows in 16 bits."""
         return [(u.float(), v.float()) for u, v in self._factors(specs, weight, stats, method)]
 
-    def _factors(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None):
-        """``factored``'s factors in float64."""
+    def _factors(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None,
+                 with_tails: bool = False):
+        """``factored``'s factors in float64; ``with_tails``: (them, per spec the squared norm of what
+        the truncation left of the whitened weight, the damped Gram less the Gram as a vector (its
+        diagonal), or None where the weight was not whitened by the Gram)."""
         method = method or self.default_method
         if method not in self.methods:
             raise ValueError(f"unknown low-rank method {method!r}; known: {', '.join(self.methods)}")
         W = weight.detach().to(torch.float64)
+        damping = None  # the whitened Gram less the Gram: a diagonal
         if method == "plain" or stats is None:
             A, unwhiten = W, None
         else:
             G = calibrate.gram(stats, W.shape[1])
             diag = calibrate.diagonal_of(G)
             if diag is not None:  # whitening by a diagonal is a column scaling
-                root = calibrate.damped_diagonal(diag, DAMPING).sqrt().to(W.device)
+                damped = calibrate.damped_diagonal(diag, DAMPING)
+                root = damped.sqrt().to(W.device)
+                damping = (damped - diag).to(W.device)
                 A = W * root
 
                 def unwhiten(v):
                     return v / root
             else:
-                root, _ = calibrate.damped_cholesky(G, DAMPING)
+                root, H = calibrate.damped_cholesky(G, DAMPING)
                 root = root.to(W.device)
+                damping = (torch.diagonal(H) - torch.diagonal(G)).to(W.device)
                 A = W @ root
 
                 def unwhiten(v):  # v S^-1, by a triangular solve (R K^2, where S^-1 itself costs K^3)
                     return torch.linalg.solve_triangular(root, v, upper=False, left=False)
         if not specs:
-            return []
+            return ([], [], damping) if with_tails else []
         # every rank's factors are the trailing columns / rows of the largest rank's: made (and
         # unwhitened, a K x K product) once for the whole chain
         U_all, V_all = truncated_factors(A, top_basis(A), max(spec.rank for spec in specs))
+        # ||A - A_R||^2 = ||A||^2 - ||A_R||^2 (an orthogonal projection), A_R's energy that of the
+        # factor on the larger side, taken before unwhitening
+        kept = (V_all if A.shape[0] <= A.shape[1] else U_all.T).pow(2).sum(dim=1)
+        whole = float(A.pow(2).sum())
         if unwhiten is not None:
             V_all = unwhiten(V_all)
-        return [balanced(U_all[:, -spec.rank:], V_all[-spec.rank:]) for spec in specs]
+        factors = [balanced(U_all[:, -spec.rank:], V_all[-spec.rank:]) for spec in specs]
+        if not with_tails:
+            return factors
+        return factors, [whole - float(kept[-spec.rank:].sum()) for spec in specs], damping
 
 
 def top_basis(A: torch.Tensor) -> torch.Tensor:

@@ -72,6 +72,9 @@ class Layer:
     # and whether with this layer alone rewritten: later allocations of the same plan start from it
     sensitivity: float | None = None
     sensitivity_alone: bool = False
+    # what the planner computed from the weight and statistics and asks for again (keyed by what it
+    # was computed from)
+    memo: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def name(self) -> str:

@@ -519,7 +519,7 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
 
     site, st = layer.site, layer.stats
     weight = site.weight.detach().to(device=st.gram.device, dtype=torch.float32)
-    energy = output_energy(weight, st, site.bias)
+    energy = _layer_energy(layer, weight)
     auto = layer.requested == "auto"
     chains: dict[tuple, list[Candidate]] = {}
     for cand in layer.candidates:
@@ -533,7 +533,7 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
             for cand in chain:
                 cand.rejected_because = DEFERRED
             continue
-        key = (_identity(site.weight), _identity_stats(st), handler.default_method)
+        key = (_weight_identity(layer), _identity_stats(st), handler.default_method)
         step = len(chain) if getattr(handler, "shares_work_across_specs", False) else 1
         for i in range(0, len(chain), step):
             batch = chain[i : i + step]
@@ -567,7 +567,13 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
                     w_hat = w_hat.to(site.dtype)
                     _APPROXIMATIONS.put((key, cand.fmt), _beside(w_hat, site.weight))
                 cand.method = handler.default_method + (", inputs as if uncorrelated (too few calibration rows)" if st.uncorrelated else "")
-                cand.predicted_error = _error(handler, weight, w_hat, st, site.bias, energy)
+                # kept with the approximation: a handler may read a fresh fit's error off the fit itself,
+                # and a plan made again from the cache must predict the same, to the last digit
+                error_key = (key, cand.fmt, None if site.bias is None else _identity(site.bias))
+                error = _APPROXIMATIONS.errors.get(error_key)
+                if error is None:
+                    error = _APPROXIMATIONS.errors[error_key] = _error(handler, weight, w_hat, st, site.bias, energy)
+                cand.predicted_error = error
             # stopped over what the layer can carry (not over what one candidate is worth): so are the lossier ones
             over = [c for c in batch if c.fmt in abandoned and abandoned[c.fmt].whole_layer]
             fitted = [c for c in batch if c.fmt not in abandoned]
@@ -661,6 +667,27 @@ OVER_BUDGET = 2.0
 # and the OBS-scored one, over 540 specs. A fit still this far above a rival after its first step
 # would not end below it.
 ABANDON_MARGIN = 1.5
+
+
+def _layer_energy(layer: Layer, weight: torch.Tensor) -> float:
+    """``output_energy`` of the layer on its statistics, once per statistics (``approximate`` and
+    ``fit_deferred`` both ask)."""
+    st, memo = layer.stats, layer.memo.get("energy")
+    if memo is None or memo[0] is not st or memo[1] != st.rows:
+        memo = layer.memo["energy"] = (st, st.rows, output_energy(weight, st, layer.site.bias))
+    return memo[2]
+
+
+def _weight_identity(layer: Layer) -> tuple:
+    """``_identity`` of the layer's weight, once per version of it (an in-place change makes it anew)."""
+    w, memo = layer.site.weight, layer.memo.get("identity")
+    try:
+        version = w._version
+    except RuntimeError:  # an inference tensor keeps no version: nothing to key a memo by
+        return _identity(w)
+    if memo is None or memo[0] is not w or memo[1] != version:
+        memo = layer.memo["identity"] = (w, version, _identity(w))
+    return memo[2]
 
 
 def _faster(layer: Layer, rival: Candidate, cand: Candidate) -> str:
@@ -779,6 +806,10 @@ class _BoundedCache(dict):
 
     floor = 0
     held = 0  # bytes of the entries
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: dict = {}  # each approximation's predicted error, by the same key (plus the bias): floats, kept
 
     def reserve(self, nbytes: int) -> None:
         self.floor = int(1.5 * nbytes)

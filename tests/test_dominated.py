@@ -147,3 +147,17 @@ def test_a_deferred_fit_its_saving_would_not_pay_for_at_the_allocations_rate_sto
             rate = 90.0 / a.candidates[0].predicted_error ** 2
             limit = math.sqrt(2.0 * (100.0 - c.predicted_us) / rate)
             assert c.predicted_error > pipeline.ABANDON_MARGIN * limit
+
+
+def test_what_a_layer_memoises_is_made_again_when_weight_or_statistics_change():
+    W = torch.randn(48, 64, generator=torch.Generator().manual_seed(30))
+    layer = layer_of(W.clone(), "auto", {"lowrank:8": 10.0, "lowrank:16": 20.0, "monarch:4": 30.0, "monarch:8": 20.0})
+    first = pipeline._weight_identity(layer)
+    energy = pipeline._layer_energy(layer, layer.site.weight)
+    assert pipeline._weight_identity(layer) == first and pipeline._layer_energy(layer, layer.site.weight) == energy
+    layer.site.weight.mul_(2.0)  # in place: a new version of the same tensor
+    assert pipeline._weight_identity(layer) != first
+    layer.stats = stats_of(activations(64, 1024, seed=31))
+    again = pipeline._layer_energy(layer, layer.site.weight)
+    assert again != energy
+    assert again == pytest.approx(pipeline.output_energy(layer.site.weight, layer.stats, None), rel=1e-12)

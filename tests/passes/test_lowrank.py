@@ -75,3 +75,36 @@ def test_factors_multiply_to_the_reconstruction_balanced_and_representable_in_fp
         torch.testing.assert_close(U.norm(dim=0), V.norm(dim=1), rtol=1e-4, atol=0)
         half = U.half().double() @ V.half().double()  # 16-bit factors keep the product to fp16 rounding
         assert float((half - approx.double()).norm() / approx.double().norm()) < 3e-3
+
+
+@pytest.mark.parametrize("shape", [(96, 160), (160, 96)])
+@pytest.mark.parametrize("rows", [1024, 48], ids=["gram", "too-few-rows-diagonal"])
+def test_error_read_off_the_factorisation_is_the_gram_form(shape, rows, monkeypatch):
+    import sparsec.passes.lowrank as lowrank
+
+    gram_forms = []
+    monkeypatch.setattr(lowrank, "relative_output_error", lambda *a: gram_forms.append(a) or relative_output_error(*a))
+    N, K = shape
+    W = weight(N, K, seed=11)
+    st = stats_of(activations(K, rows, seed=12))
+    st.fall_back_to_diagonal()  # only below K rows
+    assert st.uncorrelated == (rows < K)
+    energy = float(torch.sum((W.double() @ st.gram.double()) * W.double()))
+    specs = [LowRank(8), LowRank(24), LowRank(40)]
+    approx = HANDLER.approximate(specs, W, st)
+    try:
+        for a in approx:
+            read = HANDLER.output_error(W, a, st, energy)
+            direct = relative_output_error(W, a, st, None, energy)
+            assert 0.0 < direct < 1.0
+            # float64 on both sides; they differ by the float32 rounding of the reconstruction alone
+            assert abs(read - direct) <= 1e-7 * direct
+        assert not gram_forms  # read off the factorisation, not through the Gram
+        # another tensor of the same values, or other statistics: the Gram form itself
+        other = stats_of(activations(K, 1024, seed=13))
+        assert HANDLER.output_error(W, approx[0], other, energy) == relative_output_error(W, approx[0], other, None, energy)
+        copy = approx[0].clone()
+        assert HANDLER.output_error(W, copy, st, energy) == relative_output_error(W, copy, st, None, energy)
+        assert len(gram_forms) == 2
+    finally:
+        HANDLER.forget()
