@@ -33,6 +33,7 @@
 #           warm machine, bench/onnx_gpu.py through it (carry .carry/minilm-st)
 #   smol-shape  a SmolLM2-shaped Llama at one token: one forced plan (SMOL_ONLY, default 2:4 everywhere) profiled
 #           (SMOL_PDL=0: programmatic dependent launch off)
+#   rest-e2e  what rest measures, then (no suite) the MLP stack's forced plans at 1 and 16 tokens priced with it
 #   rest    the rest-of-graph probes (smallest norm and attention, inductor's fused norm and activation)
 #           into this card's fingerprint, then the whole suite
 #   lead-finish  fingerprint-lead resumed; once the file is complete, its rest probes (--rest) too
@@ -248,6 +249,15 @@ case "${1:-suite}" in
     TAIL=3 step fingerprint-rest 120 sparsec fingerprint measure --rest -o "$OUT/$card.json"
     step suite "${SUITE_S:-380}" python3 -m pytest -v -n 8 --timeout 200 -p no:benchmark -p no:cacheprovider --tb=short -rf tests
     grep -E "FAILED|ERROR" "$OUT/suite.log" | grep -v "^tests/" | head -40
+    ;;
+  rest-e2e)  # the rest-of-graph probes into this card's fingerprint, copied into fingerprints/, then the MLP stack's
+    # forced plans priced with it (is every forced plan predicted within 10% once the rest is measured? issue 23)
+    cp "fingerprints/$card.json" "$OUT/$card.json"
+    TAIL=3 step fingerprint-rest 120 sparsec fingerprint measure --rest -o "$OUT/$card.json"
+    python3 -c "import json,sys; d=json.load(open(sys.argv[1])); assert d['measured'].get('rest_us')" "$OUT/$card.json" \
+      && cp "$OUT/$card.json" "fingerprints/$card.json"
+    TAIL=30 step e2e-mlp 400 python3 bench/e2e.py --models mlp --M 1,16 --fingerprint "$card" --out "$OUT" \
+      --recovery none --only "sparsec 2:4 +cg,sparsec block:64:0.25 +cg,sparsec act:0.5 +cg"
     ;;
   lead-finish)  # carry .carry/fp: the partial resumed, and when it completes the rest probes measured into it
     bash "$0" fingerprint-lead
