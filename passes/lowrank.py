@@ -50,9 +50,9 @@ class LowRankHandler:
         return Factored(approx, spec.rank)
 
     def __init__(self) -> None:
-        # per reconstruction ``approximate`` returned for the layer at hand: (it, the statistics it
-        # was fitted to, the numerator of its error on them)
-        self._numerators: dict[int, tuple[torch.Tensor, SiteStats, float]] = {}
+        # per reconstruction ``approximate`` returned for the layer at hand: (it, the weight and the
+        # statistics it was fitted to, the numerator of its error on them)
+        self._numerators: dict[int, tuple[torch.Tensor, torch.Tensor, SiteStats, float]] = {}
 
     def forget(self) -> None:
         self._numerators.clear()
@@ -67,20 +67,21 @@ class LowRankHandler:
             if damping is not None:
                 # ||D S||^2 = tr(D G D^T) + sum_j damping_j ||D_j||^2, S S^T the damped Gram, D = W - w_hat
                 D = W - w_hat.to(damping.device)
-                self._numerators[id(w_hat)] = (w_hat, stats, tail - float(D.pow(2).sum(dim=0) @ damping))
+                self._numerators[id(w_hat)] = (w_hat, weight, stats, tail - float(D.pow(2).sum(dim=0) @ damping))
             out.append(w_hat)
         return out
 
     def output_error(self, weight: torch.Tensor, approx: torch.Tensor, stats: SiteStats, energy: float) -> float:
         """``relative_output_error``, its numerator tr(D G D^T) (D = W - approx) read off the
-        factorisation where ``approximate`` just made this reconstruction: the whitened truncation's
-        tail less the damping's share, O(N K) where the product with the Gram is O(N K^2)."""
+        factorisation where ``approximate`` just made this reconstruction from this very weight and
+        statistics: the whitened truncation's tail less the damping's share, O(N K) where the product
+        with the Gram is O(N K^2)."""
         memo = self._numerators.get(id(approx))
-        if memo is None or memo[0] is not approx or memo[1] is not stats:
+        if memo is None or memo[0] is not approx or memo[1] is not weight or memo[2] is not stats:
             return relative_output_error(weight, approx, stats, None, energy)
         if energy <= 0.0:
-            return 0.0 if memo[2] <= 0.0 else math.inf
-        return math.sqrt(max(memo[2], 0.0) / energy)
+            return 0.0 if memo[3] <= 0.0 else math.inf
+        return math.sqrt(max(memo[3], 0.0) / energy)
 
     def factored(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """Per spec, the factors (U (N x R), V (R x K), float32) of ``approximate``'s reconstruction,

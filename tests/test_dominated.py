@@ -161,3 +161,19 @@ def test_what_a_layer_memoises_is_made_again_when_weight_or_statistics_change():
     again = pipeline._layer_energy(layer, layer.site.weight)
     assert again != energy
     assert again == pytest.approx(pipeline.output_energy(layer.site.weight, layer.stats, None), rel=1e-12)
+
+
+def test_low_rank_errors_in_approximate_are_read_off_the_fit_not_the_gram(monkeypatch):
+    import sparsec.passes.lowrank as lowrank
+
+    gram_forms = []
+    original = lowrank.relative_output_error
+    monkeypatch.setattr(lowrank, "relative_output_error", lambda *a: gram_forms.append(a) or original(*a))
+    W = planted_low_rank(64, 128, 8, seed=32) + 0.01 * torch.randn(64, 128, generator=torch.Generator().manual_seed(33))
+    layer = layer_of(W, "auto", {"lowrank:8": 10.0, "lowrank:16": 20.0, "monarch:4": 30.0, "monarch:8": 20.0})
+    pipeline._approximate_layer(layer, Options(), 1.0, "test cap")
+    made = by_fmt(layer)
+    assert not gram_forms
+    for fmt in ("lowrank:8", "lowrank:16"):
+        direct = pipeline.relative_output_error(W, made[fmt].weight(), layer.stats, None)
+        assert made[fmt].predicted_error == pytest.approx(direct, rel=1e-7)
