@@ -137,7 +137,9 @@ def test_an_implementation_that_fails_here_is_refused_with_its_error_and_plannin
     rows = next(c for c in row["candidates"] if c["implementation"] == "rows")
     assert rows["measured_us"] is None
     assert rows["rejected_because"] == "failed to run here (RuntimeError: PassManager::run failed)"
-    assert row["implementation"] in ("batched", "dense_all", "grouped", "loop") and row["measured_us"] > 0
+    # whichever of the others measured fastest on this machine (which one is its business, not the test's)
+    timed = {c["implementation"] for c in row["candidates"] if c["measured_us"] is not None}
+    assert "rows" not in timed and row["implementation"] in timed and row["measured_us"] > 0
 
 
 def test_under_cuda_graph_replay_the_host_synchronising_loop_is_not_a_candidate():
