@@ -59,6 +59,7 @@ class LowRankHandler:
 
     def approximate(self, specs, weight: torch.Tensor, stats: SiteStats | None, method: str | None = None):
         """One dense reconstruction (float32, N x K, exactly rank R) per spec."""
+        self._numerators = {}  # a caller that never calls ``forget`` holds one call's reconstructions at most
         factors, tails, damping = self._factors(specs, weight, stats, method, with_tails=True)
         W = weight.detach().to(device=damping.device, dtype=torch.float64) if damping is not None else None
         out = []
@@ -125,16 +126,17 @@ class LowRankHandler:
         # every rank's factors are the trailing columns / rows of the largest rank's: made (and
         # unwhitened, a K x K product) once for the whole chain
         U_all, V_all = truncated_factors(A, top_basis(A), max(spec.rank for spec in specs))
-        # ||A - A_R||^2 = ||A||^2 - ||A_R||^2 (an orthogonal projection), A_R's energy that of the
-        # factor on the larger side, taken before unwhitening
-        kept = (V_all if A.shape[0] <= A.shape[1] else U_all.T).pow(2).sum(dim=1)
-        whole = float(A.pow(2).sum())
+        tails = None
+        if with_tails:
+            # ||A - A_R||^2 = ||A||^2 - ||A_R||^2 (an orthogonal projection), A_R's energy that of the
+            # factor on the larger side, taken before unwhitening
+            kept = (V_all if A.shape[0] <= A.shape[1] else U_all.T).pow(2).sum(dim=1)
+            whole = float(A.pow(2).sum())
+            tails = [whole - float(kept[-spec.rank:].sum()) for spec in specs]
         if unwhiten is not None:
             V_all = unwhiten(V_all)
         factors = [balanced(U_all[:, -spec.rank:], V_all[-spec.rank:]) for spec in specs]
-        if not with_tails:
-            return factors
-        return factors, [whole - float(kept[-spec.rank:].sum()) for spec in specs], damping
+        return (factors, tails, damping) if with_tails else factors
 
 
 def top_basis(A: torch.Tensor) -> torch.Tensor:

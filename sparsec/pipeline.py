@@ -670,24 +670,30 @@ ABANDON_MARGIN = 1.5
 
 
 def _layer_energy(layer: Layer, weight: torch.Tensor) -> float:
-    """``output_energy`` of the layer on its statistics, once per statistics (``approximate`` and
-    ``fit_deferred`` both ask)."""
-    st, memo = layer.stats, layer.memo.get("energy")
-    if memo is None or memo[0] is not st or memo[1] != st.rows:
-        memo = layer.memo["energy"] = (st, st.rows, output_energy(weight, st, layer.site.bias))
-    return memo[2]
+    """``output_energy`` of the layer (``weight``: its weight as the fits take it) on its statistics,
+    once per statistics and version of the weight (``approximate`` and ``fit_deferred`` both ask)."""
+    st = layer.stats
+    return _memo(layer, "energy", (st, st.rows), lambda: output_energy(weight, st, layer.site.bias))
 
 
 def _weight_identity(layer: Layer) -> tuple:
     """``_identity`` of the layer's weight, once per version of it (an in-place change makes it anew)."""
-    w, memo = layer.site.weight, layer.memo.get("identity")
+    return _memo(layer, "identity", (), lambda: _identity(layer.site.weight))
+
+
+def _memo(layer: Layer, name: str, of: tuple, make):
+    """``make()``, kept on the layer while the objects ``of`` and its weight (and the weight's version)
+    are the same; made each time for an inference tensor, which keeps no version."""
+    w = layer.site.weight
     try:
         version = w._version
-    except RuntimeError:  # an inference tensor keeps no version: nothing to key a memo by
-        return _identity(w)
-    if memo is None or memo[0] is not w or memo[1] != version:
-        memo = layer.memo["identity"] = (w, version, _identity(w))
-    return memo[2]
+    except RuntimeError:
+        return make()
+    key, memo = (w, version, *of), layer.memo.get(name)
+    # objects by identity, counts (versions, rows) by value
+    if memo is None or any(not (a is b or (type(a) is int and a == b)) for a, b in zip(memo[0], key)):
+        memo = layer.memo[name] = (key, make())
+    return memo[1]
 
 
 def _faster(layer: Layer, rival: Candidate, cand: Candidate) -> str:

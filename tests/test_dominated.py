@@ -157,9 +157,11 @@ def test_what_a_layer_memoises_is_made_again_when_weight_or_statistics_change():
     assert pipeline._weight_identity(layer) == first and pipeline._layer_energy(layer, layer.site.weight) == energy
     layer.site.weight.mul_(2.0)  # in place: a new version of the same tensor
     assert pipeline._weight_identity(layer) != first
+    doubled = pipeline._layer_energy(layer, layer.site.weight)
+    assert doubled == pytest.approx(4.0 * energy, rel=1e-9)
     layer.stats = stats_of(activations(64, 1024, seed=31))
     again = pipeline._layer_energy(layer, layer.site.weight)
-    assert again != energy
+    assert again != doubled
     assert again == pytest.approx(pipeline.output_energy(layer.site.weight, layer.stats, None), rel=1e-12)
 
 
