@@ -21,9 +21,11 @@ Methods:
   never increases from the projection it starts at; since the projection minimises the damping
   term alone, the calibration error of the result is never above the projection's.
 
-A fit can be abandoned after its first sweep (``abandon``): the planner asks whether a candidate
-already fitted and predicted faster is so much more accurate that the rest of the sweeps could
-not make this one worth choosing (``pipeline.approximate``).
+A fit can be abandoned after any sweep but its last (``abandon``): the planner asks whether a
+candidate already fitted and predicted faster is so much more accurate that the rest of the sweeps
+could not make this one worth choosing, or whether it is too far over what the layer can carry
+(``pipeline.approximate``). Its error then is read off the sweep's own running objective, so that
+asking costs no product with the Gram.
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ class MonarchHandler:
     family = "monarch"
     methods = ("als", "projection")
     default_method = "als"
-    can_abandon = True  # ``approximate(..., abandon=)``: a fit may stop after its first sweep
+    can_abandon = True  # ``approximate(..., abandon=)``: a fit may stop after any sweep but its last
 
     def grid(self, N: int, K: int) -> list[Monarch]:
         """NB = 4, 8, ... up to sqrt(K) with NB^2 | K and NB | N, storing fewer values than W."""
@@ -68,9 +70,10 @@ class MonarchHandler:
                     abandon=None):
         """One float32 N x K weight per spec whose every Monarch sub-block has rank <= K/NB^2.
 
-        ``abandon(spec, approx) -> bool``, asked once per alternating-least-squares fit with the weight
-        after its first sweep: where it says yes, that spec's entry is None (the fit is not finished,
-        and no unfinished fit is returned as if it were)."""
+        ``abandon(spec, approx, step=, numerator=) -> bool``, asked during each alternating-least-squares
+        fit after every sweep but the last, with the weight so far, the number of sweeps made and
+        tr((W - approx) G (W - approx)^T) on the calibration Gram: where it says yes, that spec's entry
+        is None (the fit is not finished, and no unfinished fit is returned as if it were)."""
         method = method or self.default_method
         if method not in self.methods:
             raise ValueError(f"unknown monarch method {method!r}; known: {', '.join(self.methods)}")
@@ -95,9 +98,10 @@ class MonarchHandler:
                 # float32 start and sweeps: the same fits to five digits on SmolLM2's layers, in about 60%
                 # of the time
                 target = to_blocks(W.float(), spec.nblocks)
-                first = None if abandon is None else (lambda b, spec=spec: abandon(spec, from_blocks(b).to(torch.float32)))
+                ask = None if abandon is None else (
+                    lambda sweep, b, numerator, spec=spec: abandon(spec, from_blocks(b), step=sweep, numerator=numerator))
                 blocks = refine(target, project(target, rank_of(spec, K)), Gd.float(), rank_of(spec, K),
-                                after_first=first)
+                                after_sweep=ask, damping=torch.diagonal(Gd) - torch.diagonal(G))
                 if blocks is None:
                     out.append(None)
                     continue
@@ -142,9 +146,12 @@ def project(blocks: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def refine(target: torch.Tensor, blocks: torch.Tensor, Gd: torch.Tensor, r: int,
-           sweeps: int | None = None, tolerance: float | None = None, after_first=None) -> torch.Tensor | None:
+           sweeps: int | None = None, tolerance: float | None = None, after_sweep=None,
+           damping: torch.Tensor | None = None) -> torch.Tensor | None:
     """Alternating least squares over input blocks on ||(W - W_hat) S||, from ``blocks``; None where
-    ``after_first(blocks)``, asked after the first sweep, says to give up."""
+    ``after_sweep(sweep, blocks, numerator)``, asked after every sweep that another would follow,
+    says to give up. ``numerator``: the objective less the damping's share (``damping``, the damped
+    Gram's diagonal less the Gram's; none given, none taken), tr(D G D^T) for D = W - W_hat."""
     sweeps = SWEEPS if sweeps is None else sweeps
     tolerance = TOLERANCE if tolerance is None else tolerance
     nb, _, n, p = blocks.shape
@@ -160,8 +167,10 @@ def refine(target: torch.Tensor, blocks: torch.Tensor, Gd: torch.Tensor, r: int,
     C, C_inv = C.to(blocks.dtype), C_inv.to(blocks.dtype)
     objective = float(torch.sum(RG * residual, dtype=torch.float64))
     for sweep in range(sweeps):
-        if sweep == 1 and after_first is not None and after_first(blocks):
-            return None
+        if sweep > 0 and after_sweep is not None:
+            share = 0.0 if damping is None else float(residual.pow(2).sum(dim=0, dtype=torch.float64) @ damping.double())
+            if after_sweep(sweep, blocks, objective - share):
+                return None
         for b in range(nb):
             cols = slice(b * p, (b + 1) * p)
             rg_b = RG[:, cols].reshape(nb, n, p)  # per output chunk c

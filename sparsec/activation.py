@@ -51,14 +51,14 @@ class Magnitudes:
             self.counts, self.energy = self.counts.to(x2d.device), self.energy.to(x2d.device)
         x = x2d.detach().to(torch.float32)
         mag = x.abs()
-        log = torch.log2(mag.clamp_min(2.0 ** (LOW_EXP - 1)))
-        b = torch.floor((log - LOW_EXP) * BINS_PER_OCTAVE).to(torch.int64) + 1
-        b = b.clamp_(0, BINS - 1)
-        b[mag < 2.0 ** LOW_EXP] = 0
+        # in place on one temporary: calibration histograms every site's inputs, batch after batch
+        b = mag.clamp_min(2.0 ** (LOW_EXP - 1)).log2_().sub_(LOW_EXP).mul_(BINS_PER_OCTAVE).floor_().add_(1)
+        # clamped as integers: a non-finite input (refused later, naming its layer) still lands in a bin
+        b = b.to(torch.int64).clamp_(0, BINS - 1).masked_fill_(mag < 2.0 ** LOW_EXP, 0)
         self.counts += torch.bincount(b.reshape(-1), minlength=BINS).to(self.counts.dtype)
         K = x.shape[1]
-        flat = (torch.arange(K, device=x.device)[None, :] * BINS + b).reshape(-1)
-        sq = (x.to(self.energy.dtype) ** 2).reshape(-1)
+        flat = b.add_(torch.arange(0, K * BINS, BINS, device=x.device)).reshape(-1)
+        sq = x.to(self.energy.dtype).square().reshape(-1)
         self.energy += torch.bincount(flat, weights=sq, minlength=K * BINS).reshape(K, BINS)
 
     @property

@@ -483,17 +483,18 @@ def approximate(layers: list[Layer], options: Options, defer: bool = False) -> N
     one factorisation (``shares_work_across_specs``) are asked for their whole chain at once.
 
     Families whose fits take several steps (``can_abandon``: Monarch's sweeps, block's two masks) come
-    last, and an automatic layer's fit stops after its first step where a candidate already made and
-    predicted at least as fast is more accurate by over ``ABANDON_MARGIN``: the candidate is then
-    refused as dominated. It stops too where its error after that step is over ``ABANDON_MARGIN``
-    times what the layer can carry: it is refused as over budget, with the lossier ones of its chain.
+    last, and an automatic layer's fit stops after a step (any but its last) where a candidate already
+    made and predicted at least as fast is more accurate by over ``abandon_margin`` (``ABANDON_MARGIN``
+    after the first step, less after each later one): the candidate is then refused as dominated. It
+    stops too where its error after that step is over the margin times what the layer can carry: it
+    is refused as over budget, with the lossier ones of its chain.
     With ``defer``, an automatic layer's multi-step fits wait (``DEFERRED``) for ``fit_deferred``,
     which knows from the measured sensitivities how much error each layer can carry.
     """
     from sparsec.progress import advance_current
 
     _APPROXIMATIONS.reserve(sum(l.site.weight.numel() * torch.empty((), dtype=l.site.dtype).element_size()
-                                for l in layers))
+                                for l in layers), layers[0].site.weight.device if layers else None)
     cap = OVER_BUDGET * options.error_budget
     for layer in layers:
         advance_current()
@@ -514,7 +515,7 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
     """``approximate`` for one layer's candidates not yet made, a candidate over ``cap`` (layer error;
     ``cap_note`` says what it is) ending its chain. ``worth(candidate) -> (error, note)``, where
     given, is the error past which a candidate would not be worth its saving: a multi-step fit over
-    ``ABANDON_MARGIN`` times it after its first step stops too."""
+    ``abandon_margin`` times it after a step stops too."""
     from sparsec.passes.registry import HANDLERS, forget_layer_work
 
     site, st = layer.site, layer.stats
@@ -548,14 +549,13 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
                     stopped = abandoned[cand.fmt]
                     error, rival = stopped.error, stopped.rival
                     cand.predicted_error = error
+                    after = f"after {_STEP_NAMES.get(stopped.step, f'{stopped.step} steps')} of its fit its error is {100.0 * error:.2f}%"
                     cand.rejected_because = (
-                        f"over budget: after the first step of its fit its error is {100.0 * error:.2f}%, over "
-                        f"{ABANDON_MARGIN:g}x the {100.0 * stopped.limit:.2f}% ({stopped.note}) past which a "
-                        f"candidate is not weighed"
+                        f"over budget: {after}, over {stopped.margin:g}x the {100.0 * stopped.limit:.2f}% "
+                        f"({stopped.note}) past which a candidate is not weighed"
                         if rival is None else
-                        f"dominated: after the first step of its fit its error is {100.0 * error:.2f}%, over "
-                        f"{ABANDON_MARGIN:g}x the {100.0 * rival.predicted_error:.2f}% of {rival.fmt}, which is "
-                        f"predicted at least as fast ({_faster(layer, rival, cand)})"
+                        f"dominated: {after}, over {stopped.margin:g}x the {100.0 * rival.predicted_error:.2f}% of "
+                        f"{rival.fmt}, which is predicted at least as fast ({_faster(layer, rival, cand)})"
                     )
                     continue
                 cand.remake = _remaker(layer, cand, (key, cand.fmt))
@@ -581,10 +581,11 @@ def _approximate_layer(layer: Layer, options: Options, cap: float, cap_note: str
                 continue
             worst = max(over or fitted, key=lambda c: c.predicted_error)
             if auto and worst.predicted_error > cap:
+                floor = worst.predicted_error / (abandoned[worst.fmt].margin if over else 1.0)
                 for rest in chain[i + step :]:
                     rest.rejected_because = (
                         f"over budget: the less lossy {worst.fmt} already costs "
-                        f"{'over ' if over else ''}{100.0 * worst.predicted_error / (ABANDON_MARGIN if over else 1.0):.2f}% "
+                        f"{'over ' if over else ''}{100.0 * floor:.2f}% "
                         f"error, over the {100.0 * cap:.2f}% ({cap_note}) past which a candidate is not weighed"
                     )
                 break
@@ -595,8 +596,8 @@ def fit_deferred(frontend: Frontend, layers: list[Layer], options: Options, fing
                  e2e: EndToEnd):
     """The multi-step fits ``approximate`` deferred, made now that verification measured how much of
     each layer's error reaches the output: a layer with the whole budget to itself can carry
-    budget / sqrt(amplification x sensitivity), and a fit over ``ABANDON_MARGIN`` times that after
-    its first step stops (a layer whose sensitivity was not measured keeps ``OVER_BUDGET`` times the
+    budget / sqrt(amplification x sensitivity), and a fit over ``abandon_margin`` times that after
+    a step stops (a layer whose sensitivity was not measured keeps ``OVER_BUDGET`` times the
     budget). Most Monarch and block fits of a model whose budget binds end far above what their
     layer can carry, and their later steps were most of the planning time (SmolLM2-135M:
     docs/frontier.md). Where a fit made here is still standing, the budget is allocated again, with
@@ -665,8 +666,17 @@ OVER_BUDGET = 2.0
 # had at most 1.35x the error of the planner's four sweeps (1.48x that of twelve) on the q and o
 # projections, NB 4 and 8; block's refit of its activation-scored mask at most 1.06x the better of it
 # and the OBS-scored one, over 540 specs. A fit still this far above a rival after its first step
-# would not end below it.
+# would not end below it. After each later step what is left to gain halves in the margin
+# (``abandon_margin``): Monarch after two and three sweeps had at most 1.11x and 1.04x the error of
+# four, on 132 fits of every third layer of SmolLM2-135M, NB 4 and 8.
 ABANDON_MARGIN = 1.5
+
+_STEP_NAMES = {1: "the first step", 2: "two steps", 3: "three steps"}
+
+
+def abandon_margin(step: int) -> float:
+    """How far over a rival or a limit a fit may be after ``step`` steps and still be finished."""
+    return 1.0 + (ABANDON_MARGIN - 1.0) / 2.0 ** (max(step, 1) - 1)
 
 
 def _layer_energy(layer: Layer, weight: torch.Tensor) -> float:
@@ -706,15 +716,18 @@ def _faster(layer: Layer, rival: Candidate, cand: Candidate) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class _Stopped:
-    """A fit stopped after its first step: its error then, and the rival more accurate and at least
+    """A fit stopped after ``step`` steps: its error then, and the rival more accurate and at least
     as fast, or (``rival`` None) the limit it was over and what that limit is; ``whole_layer`` where
-    the limit is what the layer can carry (the lossier ones of its chain are then over it too)."""
+    the limit is what the layer can carry (the lossier ones of its chain are then over it too);
+    ``margin`` the factor it was over them by."""
 
     error: float
     rival: Candidate | None = None
     limit: float = math.inf
     note: str = ""
     whole_layer: bool = False
+    step: int = 1
+    margin: float = ABANDON_MARGIN
 
 
 def _can_abandon(handler) -> bool:
@@ -724,29 +737,35 @@ def _can_abandon(handler) -> bool:
 def _dominated(layer: Layer, handler, weight, st: SiteStats, energy: float, abandoned: dict, cap: float,
                cap_note: str, worth=None):
     """``abandon`` for a multi-step handler's fits of ``layer``: yes where a candidate of the layer
-    already made, still standing and predicted at least as fast has under 1 / ABANDON_MARGIN of the
-    error the fit has after its first step, or where that error is over ABANDON_MARGIN times ``cap``
-    (the most the layer can carry) or times what ``worth`` says the candidate's saving pays for (it
-    would end over budget). Recorded in ``abandoned``: fmt -> ``_Stopped``."""
+    already made, still standing and predicted at least as fast has under 1 / ``abandon_margin`` of
+    the error the fit has after the steps made so far, or where that error is over that margin times
+    ``cap`` (the most the layer can carry) or times what ``worth`` says the candidate's saving pays
+    for (it would end over budget). The handler passes the number of steps made (``step``) and, where
+    its fit knows it, the error's numerator tr(D G D^T) (``numerator``); else the error is taken
+    through the Gram. Recorded in ``abandoned``: fmt -> ``_Stopped``."""
 
-    def abandon(spec, approx) -> bool:
+    def abandon(spec, approx, step: int = 1, numerator: float | None = None) -> bool:
         cand = next(c for c in layer.candidates if c.spec == spec)
-        error = _error(handler, weight, approx, st, layer.site.bias, energy)
+        if numerator is None:
+            error = _error(handler, weight, approx, st, layer.site.bias, energy)
+        else:
+            error = 0.0 if numerator <= 0.0 else (math.inf if energy <= 0.0 else math.sqrt(numerator / energy))
+        margin = abandon_margin(step)
         rivals = [c for c in layer.candidates
                   if c is not cand and c.rejected_because is None and not math.isnan(c.predicted_error)
                   and c.predicted_us is not None and cand.predicted_us is not None
                   and c.predicted_us <= cand.predicted_us]
         rival = min(rivals, key=lambda c: c.predicted_error) if rivals else None
-        if rival is not None and error > ABANDON_MARGIN * rival.predicted_error:
-            abandoned[cand.fmt] = _Stopped(error, rival)
+        if rival is not None and error > margin * rival.predicted_error:
+            abandoned[cand.fmt] = _Stopped(error, rival, step=step, margin=margin)
             return True
         limit, note, whole_layer = cap, cap_note, True
         if worth is not None:
             paid, why = worth(cand)
             if paid < cap:
                 limit, note, whole_layer = paid, why, False
-        if error > ABANDON_MARGIN * limit:
-            abandoned[cand.fmt] = _Stopped(error, None, limit, note, whole_layer)
+        if error > margin * limit:
+            abandoned[cand.fmt] = _Stopped(error, None, limit, note, whole_layer, step=step, margin=margin)
             return True
         return False
 
@@ -806,7 +825,10 @@ class _BoundedCache(dict):
     times the weights of the graph being planned (``reserve``): verification and sensitivity probing
     revisit about one approximation per layer again and again, and with a bound under that working
     set each revisit missed and was computed again (SmolLM2-135M: 410 of 621 truncated SVDs, 53 s of
-    a 400 s plan). The least recently used entries go first. An entry evicted is computed again when
+    a 400 s plan). Where the weights' device has the memory free, up to four times the weights
+    (``ROOMY``; a quarter of what is free at most): the candidates verification weighs, a few per
+    layer, then fit (SmolLM2-135M: 127 low-rank fits made again with one and a half times, none with
+    four). The least recently used entries go first. An entry evicted is computed again when
     needed (``Candidate.remake``).
     """
 
@@ -817,8 +839,11 @@ class _BoundedCache(dict):
         super().__init__()
         self.errors: dict = {}  # each approximation's predicted error, by the same key (plus the bias): floats, kept
 
-    def reserve(self, nbytes: int) -> None:
-        self.floor = int(1.5 * nbytes)
+    ROOMY = 4.0
+
+    def reserve(self, nbytes: int, device: torch.device | None = None) -> None:
+        roomy = min(self.ROOMY * nbytes, free_memory(device) / 4.0) if device is not None else 0.0
+        self.floor = int(max(1.5 * nbytes, roomy))
 
     def limit(self) -> float:
         import os
@@ -854,6 +879,25 @@ class _BoundedCache(dict):
 
 def _nbytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
+
+
+def free_memory(device: torch.device) -> float:
+    """Bytes free on ``device`` now (a GPU's, or on the CPU what the system says is available); 0
+    where it cannot tell."""
+    try:
+        if device.type == "cuda":
+            return float(torch.cuda.mem_get_info(device)[0])
+        if device.type == "cpu":
+            with open("/proc/meminfo") as info:
+                for line in info:
+                    if line.startswith("MemAvailable:"):
+                        return float(line.split()[1]) * 1024.0
+            import os
+
+            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (OSError, ValueError, RuntimeError, AttributeError):
+        pass
+    return 0.0
 
 
 _APPROXIMATIONS = _BoundedCache()

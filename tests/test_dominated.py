@@ -16,7 +16,7 @@ from sparsec import pipeline  # noqa: E402
 from sparsec.candidates import Candidate, Layer  # noqa: E402
 from sparsec.formats import Dense, LowRank, Monarch  # noqa: E402
 from sparsec.options import Options  # noqa: E402
-from sparsec.sites import Site  # noqa: E402
+from sparsec.sites import Site, relative_output_error  # noqa: E402
 
 
 def planted_low_rank(N: int, K: int, rank: int, seed: int) -> torch.Tensor:
@@ -179,3 +179,56 @@ def test_low_rank_errors_in_approximate_are_read_off_the_fit_not_the_gram(monkey
     for fmt in ("lowrank:8", "lowrank:16"):
         direct = pipeline.relative_output_error(W, made[fmt].weight(), layer.stats, None)
         assert made[fmt].predicted_error == pytest.approx(direct, rel=1e-7)
+
+
+def test_the_margin_a_fit_is_given_shrinks_with_each_step_it_has_made():
+    assert [pipeline.abandon_margin(s) for s in (1, 2, 3)] == [pipeline.ABANDON_MARGIN, 1.25, 1.125]
+    g = torch.Generator().manual_seed(24)
+    W = torch.randn(64, 64, generator=g) / 8.0
+    layer = layer_of(W, "auto", {"lowrank:8": 20.0, "lowrank:16": 50.0, "monarch:4": 40.0, "monarch:8": 25.0})
+    rival = layer.candidates[0]
+    rival.predicted_error = 0.1  # lowrank:8, faster than both Monarch candidates
+    energy = pipeline._layer_energy(layer, W)
+    abandoned = {}
+    abandon = pipeline._dominated(layer, None, W, layer.stats, energy, abandoned, cap=10.0, cap_note="")
+    # 1.3x the rival's error, given as the numerator a sweep reads off its objective (no Gram product)
+    numerator = (1.3 * 0.1) ** 2 * energy
+    assert not abandon(Monarch(4), None, step=1, numerator=numerator)  # under 1.5x: the fit goes on
+    assert abandon(Monarch(4), None, step=2, numerator=numerator)  # over 1.25x after two sweeps: it stops
+    stopped = abandoned["monarch:4"]
+    assert stopped.rival is rival and stopped.step == 2 and stopped.margin == 1.25
+    assert stopped.error == pytest.approx(0.13)
+
+
+def test_a_fit_within_the_margin_after_its_early_sweeps_but_not_a_later_one_stops_there():
+    from sparsec.passes import monarch as monarch_pass
+    from sparsec.passes.calibrate import damped
+
+    g = torch.Generator().manual_seed(25)
+    # near a Monarch matrix, where each sweep gains less than the one before (a Gaussian weight's
+    # sweeps gain too evenly for any margin to stop one)
+    near = monarch_pass.from_blocks(monarch_pass.project(monarch_pass.to_blocks(torch.randn(64, 64, generator=g), 4), 4))
+    W = (near + 0.2 * torch.randn(64, 64, generator=g)) / 8.0
+    layer = layer_of(W, "auto", {"lowrank:8": 20.0, "lowrank:16": 50.0, "monarch:4": 40.0, "monarch:8": 25.0})
+    # the fit's errors after each sweep but the last, as the planner's would be
+    target = monarch_pass.to_blocks(W, 4)
+    Gd = damped(layer.stats.gram, monarch_pass.DAMPING).float()
+    blocks = monarch_pass.project(target, 4)
+    errors = []
+    for _ in range(monarch_pass.SWEEPS - 1):
+        blocks = monarch_pass.refine(target, blocks, Gd, 4, sweeps=1, tolerance=0.0)
+        errors.append(relative_output_error(W, monarch_pass.from_blocks(blocks), layer.stats))
+    # the first later sweep whose limit a rival can sit under while every earlier sweep is within its own
+    step = next(k for k in range(2, len(errors) + 1)
+                if errors[k - 1] / pipeline.abandon_margin(k) > max(errors[j - 1] / pipeline.abandon_margin(j) for j in range(1, k)))
+    rival = layer.candidates[0]  # lowrank:8, faster, fitted already
+    earlier = max(errors[j - 1] / pipeline.abandon_margin(j) for j in range(1, step))
+    rival.predicted_error = 0.5 * (earlier + errors[step - 1] / pipeline.abandon_margin(step))
+    layer.candidates[1].rejected_because = "not this test's"
+    pipeline.approximate([layer], Options(error_budget=10.0))
+    c = by_fmt(layer)
+    why = c["monarch:4"].rejected_because
+    names = {2: "two steps", 3: "three steps"}
+    assert why is not None and why.startswith(f"dominated: after {names[step]} of its fit its error is "), why
+    assert f"over {pipeline.abandon_margin(step):g}x the {100.0 * rival.predicted_error:.2f}% of lowrank:8" in why
+    assert c["monarch:4"].predicted_error == pytest.approx(errors[step - 1], rel=1e-3)

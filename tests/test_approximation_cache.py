@@ -1,0 +1,42 @@
+"""The planner's bounded cache of approximations: least recently used first, bounded by the memory free."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsec import pipeline
+
+MB = 2 ** 20
+
+
+def one_mb(seed: int) -> torch.Tensor:
+    return torch.randn(MB // 4, generator=torch.Generator().manual_seed(seed))  # float32
+
+
+def test_the_least_recently_used_entry_goes_first(monkeypatch):
+    monkeypatch.setenv("SPARSEC_CACHE_MB", "3")
+    cache = pipeline._BoundedCache()
+    for key in "abc":
+        cache.put(key, one_mb(ord(key)))
+    cache.get_recent("a")
+    cache.put("d", one_mb(4))
+    assert list(cache) == ["c", "a", "d"] and cache.held == 3 * MB
+
+
+@pytest.mark.parametrize("free_mb, bound_mb", [(100_000, 400), (800, 200), (80, 150), (0, 150)])
+def test_the_bound_grows_with_the_memory_free_beside_the_weights(monkeypatch, free_mb, bound_mb):
+    # 100 MB of weights: 1.5x of them always, up to 4x where a quarter of the free memory holds it
+    monkeypatch.delenv("SPARSEC_CACHE_MB", raising=False)
+    monkeypatch.setattr(pipeline, "free_memory", lambda device: free_mb * MB)
+    cache = pipeline._BoundedCache()
+    cache.reserve(100 * MB, torch.device("cpu"))
+    assert cache.limit() == max(256 * MB, bound_mb * MB)
+    cache.floor = 0
+    cache.reserve(1000 * MB, torch.device("cpu"))
+    assert cache.limit() == max(1500, min(4000, free_mb / 4)) * MB
+
+
+def test_the_free_memory_of_this_machine_is_read():
+    assert pipeline.free_memory(torch.device("cpu")) > 0
+    assert pipeline.free_memory(torch.device("meta")) == 0
