@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 
 from sparsec.candidates import Candidate, Layer
+from sparsec.fingerprint.device import free_memory_bytes
 from sparsec.formats import Dense, family_of, parse_spec
 from sparsec.launches import LaunchGroup, price_groups, price_shared, settle_shared, transposed_output_us
 from sparsec.options import Options
@@ -842,7 +843,7 @@ class _BoundedCache(dict):
     ROOMY = 4.0
 
     def reserve(self, nbytes: int, device: torch.device | None = None) -> None:
-        roomy = min(self.ROOMY * nbytes, free_memory(device) / 4.0) if device is not None else 0.0
+        roomy = min(self.ROOMY * nbytes, free_memory_bytes(device) / 4.0) if device is not None else 0.0
         self.floor = int(max(1.5 * nbytes, roomy))
 
     def limit(self) -> float:
@@ -880,24 +881,6 @@ class _BoundedCache(dict):
 def _nbytes(tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
-
-def free_memory(device: torch.device) -> float:
-    """Bytes free on ``device`` now (a GPU's, or on the CPU what the system says is available); 0
-    where it cannot tell."""
-    try:
-        if device.type == "cuda":
-            return float(torch.cuda.mem_get_info(device)[0])
-        if device.type == "cpu":
-            with open("/proc/meminfo") as info:
-                for line in info:
-                    if line.startswith("MemAvailable:"):
-                        return float(line.split()[1]) * 1024.0
-            import os
-
-            return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
-    except (OSError, ValueError, RuntimeError, AttributeError):
-        pass
-    return 0.0
 
 
 _APPROXIMATIONS = _BoundedCache()

@@ -390,3 +390,11 @@ def test_prediction_names_the_codegen_impl():
     assert Prediction(1.0, "sparsec-triton-2:4").impl == "triton"
     assert Prediction(1.0, "cusparselt").impl == "cusparselt"
     assert Prediction(1.0, "cublas").impl is None and Prediction(1.0, "cublas x2").impl is None
+
+
+def test_the_free_memory_beside_the_weights_is_read_on_this_machine():
+    from sparsec.fingerprint.device import _cpu_memory_bytes, free_memory_bytes
+
+    free = free_memory_bytes(torch.device("cpu"))
+    assert 0 < free <= _cpu_memory_bytes()  # what is available, not what is installed
+    assert free_memory_bytes(torch.device("meta")) == 0  # a device it cannot ask

@@ -22,6 +22,7 @@ __all__ = [
     "slugify",
     "device_slug",
     "user_fingerprint_dir",
+    "free_memory_bytes",
 ]
 
 
@@ -56,13 +57,31 @@ def _cpu_cores() -> int:
 
 
 def _cpu_memory_bytes() -> int | None:
+    return _meminfo_bytes("MemTotal")
+
+
+def _meminfo_bytes(field: str) -> int | None:
+    """A field of Linux's /proc/meminfo in bytes; None where there is none."""
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Bytes free on ``device`` now: a GPU's free memory, on the CPU what the system says is
+    available; 0 where it cannot tell."""
+    if device.type == "cuda":
+        try:
+            return int(torch.cuda.mem_get_info(device)[0])
+        except RuntimeError:
+            return 0
+    if device.type == "cpu":
+        return _meminfo_bytes("MemAvailable") or 0
+    return 0
 
 
 def _cpu_l2_bytes() -> int | None:
