@@ -107,7 +107,15 @@ def optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: fl
     ``budget``: the share of ``options.error_budget`` this graph may spend (what earlier,
     separately compiled graphs of the same model left). An exception escaping a step carries the
     step's name (``failed_step``), so that an entry falling back to the dense graph can say where
-    planning broke."""
+    planning broke. However it ends, the approximations planning held beyond the resting bound
+    are let go."""
+    try:
+        return _optimize_graph(frontend, options, fingerprint, budget)
+    finally:
+        _APPROXIMATIONS.release()
+
+
+def _optimize_graph(frontend: Frontend, options: Options, fingerprint, budget: float | None) -> Outcome:
     planning, checking, shared = _graph_options(frontend, options, budget)
     timed = StepClock()
     with timed("capture"):
@@ -831,8 +839,12 @@ class _BoundedCache(dict):
     layer, then fit (SmolLM2-135M: 127 low-rank fits made again with one and a half times, none with
     four). The least recently used entries go first. An entry evicted is computed again when
     needed (``Candidate.remake``).
+
+    Once a graph is planned the bound falls back to ``BASE`` (``release``): the memory the working
+    set took, a quarter of a GPU's at most, goes back to the model it was planned for.
     """
 
+    BASE = 256 * 2 ** 20
     floor = 0
     held = 0  # bytes of the entries
 
@@ -846,13 +858,20 @@ class _BoundedCache(dict):
         roomy = min(self.ROOMY * nbytes, free_memory_bytes(device) / 4.0) if device is not None else 0.0
         self.floor = int(max(1.5 * nbytes, roomy))
 
+    def release(self) -> None:
+        """Back to the resting bound, least recently used entries dropped first."""
+        self.floor = 0
+        limit = self.limit()
+        while self and self.held > limit:
+            self._drop(next(iter(self)))
+
     def limit(self) -> float:
         import os
 
         given = os.environ.get("SPARSEC_CACHE_MB")
         if given is not None:
             return float(given) * 2 ** 20
-        return max(256.0 * 2 ** 20, float(self.floor))
+        return float(max(self.BASE, self.floor))
 
     def put(self, key, tensor) -> None:
         limit = self.limit()
