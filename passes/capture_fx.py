@@ -267,6 +267,7 @@ def capture(gm: fx.GraphModule, example_inputs, graph: int = 0, names: dict[int,
                 input_key=f"g{graph}:{x.name}" if isinstance(x, fx.Node) else f"g{graph}:{unique}",
                 graph=graph,
                 tokens=_rows(x),
+                tokens_vary=_rows_vary(x),
             )
         )
         nodes[unique] = node
@@ -349,6 +350,12 @@ def concrete_inputs(values) -> list:
             v = hint if hint is not None else v
         out.append(v)
     return out
+
+
+def _rows_vary(x) -> bool:
+    """Whether the rows of the flattened activation are a dynamic dimension of the graph."""
+    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+    return isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape[:-1])
 
 
 def _size_hint(d) -> int | None:

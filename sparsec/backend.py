@@ -18,6 +18,7 @@ import dataclasses
 import math
 import re
 import weakref
+from typing import NamedTuple
 
 import torch
 
@@ -50,10 +51,9 @@ class Session:
         # as the model does
         self.names: dict[int, str] = {}
         self.positional_names: list[str] | None = None  # the model's forward parameters, for sparsec.optimize's entry
-        # site name -> (identity of the weight it was built from, a weak reference to its packed
-        # linear or None if dense): the compiled graphs own the packed layers, the session only
-        # finds them again while some compiled graph still holds them
-        self._built: dict[str, tuple[tuple, object]] = {}
+        # site name -> what was built for it (``Built``): the compiled graphs own the packed layers,
+        # the session only finds them again while some compiled graph still holds them
+        self._built: dict[str, Built] = {}
 
     def compile_graph(self, gm, example_inputs, *, raise_user_errors: bool = False):
         """``run_graph``, or the dense graph when it fails and the options are not strict.
@@ -141,7 +141,9 @@ class Session:
         if self.options.lower:
             for layer in outcome.layers:
                 module = frontend.modules.get(layer.name)
-                self._built[layer.name] = (_weight_identity(layer.site.weight), None if module is None else weakref.ref(module))
+                self._built[layer.name] = Built(_weight_identity(layer.site.weight),
+                                                None if module is None else weakref.ref(module),
+                                                layer.chosen.fmt if layer.chosen is not None else "dense", layer.tokens)
             if frontend.modules:
                 outcome.lowered = _holding(outcome.lowered, frontend.modules)
         if frontend.modules or (self.entry == "optimize" and outcome.layers):
@@ -185,19 +187,78 @@ class Session:
         modules = {}
         for site in sites:
             built = self._built.get(site.name)
-            if built is None or built[0] != _weight_identity(site.weight):
+            if built is None or built.identity != _weight_identity(site.weight):
                 return None
-            if built[1] is not None:
-                module = built[1]()
+            if built.module is not None:
+                module = built.module()
                 if module is None:  # every graph that held it is gone: plan afresh
                     return None
                 modules[site.name] = module
         from sparsec.logs import logger
 
         logger.info("recompiled graph with %d planned layers: lowered again with the packed layers already built", len(sites))
+        lines = self._slower_here(sites, modules)
+        if lines:
+            for line in lines:
+                logger.info(line)
+            if self.report is not None:
+                self.report.add_warnings(lines)
+                if self.options.report:
+                    self.report.save(self.options.report)
         if modules:
             _guard_weight_identity(frontend.gm, frontend.example_inputs)
         return _holding(frontend.lower_modules(modules), modules)
+
+    def _slower_here(self, sites, modules: dict) -> list[str]:
+        """Where a recompile runs planned layers at another token count than they were planned at
+        (a generation loop's one-token steps after its prompt), the launches the fingerprint predicts
+        slower than dense there run dense, on the model's own weights, which it still holds (the
+        error can only shrink); they are taken out of ``modules``. One line per such launch.
+
+        A graph that runs at any token count (a dynamic dimension, as Dynamo makes it on a second
+        shape) keeps its plan: the line then gives the prediction at the count it was traced with.
+        A stacked launch (layers reading one input in one launch) is weighed as one: its members'
+        predicted times summed, each priced alone."""
+        from sparsec.codegen import GroupMember
+
+        by_launch: dict[int, list] = {}
+        for site in sites:
+            if site.name in modules:
+                module = modules[site.name]
+                key = id(module.group) if isinstance(module, GroupMember) else id(module)
+                by_launch.setdefault(key, []).append(site)
+        fp, mode, lines = self.fingerprint, self.options.cost_mode, []
+        for members in by_launch.values():
+            planned = {self._built[s.name].tokens for s in members}
+            tokens = {s.tokens for s in members}
+            if len(tokens) != 1 or None in tokens or tokens == planned:
+                continue
+            (M,) = tokens
+            dense = fmt = 0.0
+            for site in members:
+                chosen = self._built[site.name].format
+                if fp.can_predict(chosen, site.dtype_name, mode) or fp.can_predict("dense", site.dtype_name, mode):
+                    break  # not priced for this dtype or mode: the plan stands
+                dense += fp.predict_detail("dense", M, site.N, site.K, dtype=site.dtype_name, mode=mode).us
+                fmt += fp.predict_detail(chosen, M, site.N, site.K, dtype=site.dtype_name, mode=mode).us
+            else:
+                if fmt < dense:
+                    continue
+                names = ", ".join(s.name for s in members)
+                formats = ", ".join(sorted({self._built[s.name].format for s in members}))
+                at = ", ".join(str(t) for t in sorted(planned, key=lambda t: (t is None, t)))
+                them = "them" if len(members) > 1 else "it"
+                if any(s.tokens_vary for s in members):
+                    outcome = (f"this graph runs any token count and keeps {them} as planned; to plan for "
+                               f"{M} token(s), make the first call (or sparsec.optimize's example) that size")
+                else:
+                    outcome = (f"so this graph runs {them} dense; to rewrite at this shape, plan with inputs "
+                               f"of {M} token(s) first (sparsec.optimize, or the first call)")
+                    for site in members:
+                        del modules[site.name]
+                lines.append(f"{names}: recompiled for {M} token(s), planned at {at}; {formats} is predicted "
+                             f"{dense / fmt:.2f}x of dense at M={M} on {fp.name}, {outcome}")
+        return lines
 
     def _budget_left(self) -> float:
         """The budget left after the subgraphs already planned, so the whole model stays within it
@@ -243,6 +304,15 @@ def warn_fallback(message: str) -> None:
 
     logger.warning("%s", message)
     warnings.warn(f"sparsec: {message}", FallbackWarning, stacklevel=2)
+
+
+class Built(NamedTuple):
+    """What a session built for one planned site."""
+
+    identity: tuple  # of the weight it was built from (``_weight_identity``)
+    module: object  # a weak reference to its packed linear, None if dense
+    format: str  # the format chosen
+    tokens: int | None  # the token count it was planned (priced) at
 
 
 def _holding(fn, modules: dict):

@@ -28,6 +28,7 @@ class Site:
     input_key: str
     graph: int = 0
     tokens: int | None = None  # rows per call at the shape the graph runs at, when the capture knows it
+    tokens_vary: bool = False  # the graph runs at any number of rows (a dynamic dimension): ``tokens`` is one of them
     # whether what the layer writes reaches only other linear layers, through elementwise ops (an
     # MLP's gate and up projections): there a column-major product costs its readers nothing
     read_by_linears: bool = False

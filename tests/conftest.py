@@ -38,10 +38,11 @@ class ScaledFingerprint:
     hash = "scenario"
     measured: dict = {}   # no device figures: the rest of a graph stays unpriced
 
-    def __init__(self, name="scenario", factors=None, launch_us=2.0):
+    def __init__(self, name="scenario", factors=None, launch_us=2.0, launches=None):
         self.name = name
         self.factors = factors or {}
         self.launch_us = launch_us
+        self.launches = launches or {}  # per family, microseconds more a launch
 
     def can_predict(self, fmt, dtype="float32", mode="eager"):
         return None
@@ -56,7 +57,8 @@ class ScaledFingerprint:
             return Prediction(sum(p.us for p in parts), f"scenario-{spec.family}")
         work = M * spec.stored_params(N, K) + spec.stored_params(N, K)
         factor = self.factors.get(spec.family, 1.0)
-        return Prediction(self.launch_us + factor * work / 1e4, f"scenario-{spec.family}")
+        return Prediction(self.launch_us + self.launches.get(spec.family, 0.0) + factor * work / 1e4,
+                          f"scenario-{spec.family}")
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -278,6 +279,54 @@ def test_a_recompile_for_new_shapes_reuses_the_plan_and_packed_layers(monkeypatc
     assert [(l["name"], l["format"].split(":")[0]) for l in report.layers] == [("0", "lowrank"), ("2", "dense")]
 
 
+@pytest.mark.parametrize("dynamic, M", [(False, 1), (None, 1), (None, 5)])
+def test_a_recompile_where_the_plan_is_predicted_slower_runs_those_layers_dense_or_says_so(scenario_fp, tmp_path,
+                                                                                          dynamic, M):
+    # low rank pays a launch of 100 us more here: faster than dense at 128 tokens, slower at a few (a
+    # generation loop's prompt, then its one-token steps). A static recompile runs both layers dense, on
+    # the model's weights (Dynamo never makes a dimension of size 1 dynamic); a dynamic one (Dynamo's
+    # second shape otherwise) keeps the plan and says so
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(256, 256), nn.GELU(), nn.Linear(256, 256)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[2]):
+            layer.weight.copy_(torch.randn(256, 16) @ torch.randn(16, 256) / 16 + 0.002 * torch.randn(256, 256))
+    report = tmp_path / "report.json"
+    options = {"fingerprint": scenario_fp(name="launchy", launches={"lowrank": 100.0}), "formats": ["lowrank"],
+               "error_budget": 0.05, "report": str(report)}
+    compiled = torch.compile(model, backend="sparsec", options=options, dynamic=dynamic)
+    with torch.no_grad():
+        x = torch.randn(128, 256)
+        assert not torch.equal(compiled(x), model(x))  # planned: both layers low rank, lossy
+        few = torch.randn(M, 256)
+        y, ref = compiled(few), model(few)
+    saved = json.loads(report.read_text())
+    assert [l["format"].split(":")[0] for l in saved["layers"]] == ["lowrank", "lowrank"]
+    lines = [w for w in saved["warnings"] if f"recompiled for {M} token(s), planned at 128" in w]
+    assert [w.split(":")[0] for w in lines] == ["0", "2"]
+    if M == 1 or dynamic is False:
+        assert torch.equal(y, ref)  # both run dense: the model's own arithmetic
+        assert all("runs it dense" in w for w in lines), lines
+    else:
+        assert not torch.equal(y, ref) and float((y - ref).norm() / ref.norm()) < 0.05
+        assert all("keeps it as planned" in w for w in lines), lines
+
+
+def test_a_recompile_where_the_plan_still_pays_keeps_it_without_a_word(scenario_fp, tmp_path):
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(256, 256)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(256, 16) @ torch.randn(16, 256) / 16 + 0.002 * torch.randn(256, 256))
+    report = tmp_path / "report.json"
+    options = {"fingerprint": scenario_fp(), "formats": ["lowrank"], "error_budget": 0.05, "report": str(report)}
+    compiled = torch.compile(model, backend="sparsec", options=options, dynamic=False)
+    with torch.no_grad():
+        compiled(torch.randn(128, 256))
+        one = torch.randn(1, 256)
+        assert not torch.equal(compiled(one), model(one))  # still low rank at one token
+    assert not [w for w in json.loads(report.read_text())["warnings"] if "recompiled" in w]
+
+
 def test_options_shared_by_another_model_with_the_same_layer_names_plan_it_afresh():
     torch.manual_seed(2)
     first = nn.Sequential(nn.Linear(128, 128)).eval()
@@ -378,7 +427,7 @@ def test_packed_layers_live_only_as_long_as_a_compiled_graph_holds_them():
         compiled(torch.randn(128, 512))
     from sparsec.backend import session_for
 
-    refs = [ref for _, ref in session_for(options, None)._built.values() if ref is not None]
+    refs = [b.module for b in session_for(options, None)._built.values() if b.module is not None]
     assert len(refs) == 1 and refs[0]() is not None
     del compiled
     torch._dynamo.reset()
