@@ -197,23 +197,25 @@ class Session:
         from sparsec.logs import logger
 
         logger.info("recompiled graph with %d planned layers: lowered again with the packed layers already built", len(sites))
-        lines = self._slower_here(sites, modules)
-        if lines:
-            for line in lines:
-                logger.info(line)
+        changed = self._slower_here(sites, modules)
+        if changed:
+            from sparsec.reasons import recompile_line
+
+            for entry in changed:
+                logger.info(recompile_line(entry))
             if self.report is not None:
-                self.report.add_warnings(lines)
+                self.report.add_recompiles(changed)
                 if self.options.report:
                     self.report.save(self.options.report)
         if modules:
             _guard_weight_identity(frontend.gm, frontend.example_inputs)
         return _holding(frontend.lower_modules(modules), modules)
 
-    def _slower_here(self, sites, modules: dict) -> list[str]:
+    def _slower_here(self, sites, modules: dict) -> list[dict]:
         """Where a recompile runs planned layers at another token count than they were planned at
         (a generation loop's one-token steps after its prompt), the launches the fingerprint predicts
         slower than dense there run dense, on the model's own weights, which it still holds (the
-        error can only shrink); they are taken out of ``modules``. One line per such launch.
+        error can only shrink); they are taken out of ``modules``. One report entry per such launch.
 
         A graph that runs at any token count (a dynamic dimension, as Dynamo makes it on a second
         shape) keeps its plan: the line then gives the prediction at the count it was traced with.
@@ -227,7 +229,7 @@ class Session:
                 module = modules[site.name]
                 key = id(module.group) if isinstance(module, GroupMember) else id(module)
                 by_launch.setdefault(key, []).append(site)
-        fp, mode, lines = self.fingerprint, self.options.cost_mode, []
+        fp, mode, changed = self.fingerprint, self.options.cost_mode, []
         for members in by_launch.values():
             planned = {self._built[s.name].tokens for s in members}
             tokens = {s.tokens for s in members}
@@ -244,21 +246,16 @@ class Session:
             else:
                 if fmt < dense:
                     continue
-                names = ", ".join(s.name for s in members)
-                formats = ", ".join(sorted({self._built[s.name].format for s in members}))
-                at = ", ".join(str(t) for t in sorted(planned, key=lambda t: (t is None, t)))
-                them = "them" if len(members) > 1 else "it"
-                if any(s.tokens_vary for s in members):
-                    outcome = (f"this graph runs any token count and keeps {them} as planned; to plan for "
-                               f"{M} token(s), make the first call (or sparsec.optimize's example) that size")
-                else:
-                    outcome = (f"so this graph runs {them} dense; to rewrite at this shape, plan with inputs "
-                               f"of {M} token(s) first (sparsec.optimize, or the first call)")
+                dynamic = any(s.tokens_vary for s in members)
+                if not dynamic:
                     for site in members:
                         del modules[site.name]
-                lines.append(f"{names}: recompiled for {M} token(s), planned at {at}; {formats} is predicted "
-                             f"{dense / fmt:.2f}x of dense at M={M} on {fp.name}, {outcome}")
-        return lines
+                changed.append({"layers": [s.name for s in members],
+                                "formats": sorted({self._built[s.name].format for s in members}),
+                                "tokens": M, "planned_tokens": sorted(t for t in planned if t is not None),
+                                "dynamic": dynamic, "predicted_speedup": dense / fmt, "fingerprint": fp.name,
+                                "runs": "as planned" if dynamic else "dense"})
+        return changed
 
     def _budget_left(self) -> float:
         """The budget left after the subgraphs already planned, so the whole model stays within it

@@ -98,3 +98,20 @@ def _pct(v) -> str:
 
 def _x(v) -> str:
     return "n/a" if v is None else f"{v:.2f}x"
+
+
+def recompile_line(entry: dict) -> str:
+    """What a recompile at another token count did with a launch predicted slower than dense there
+    (a report's ``recompiles`` entry)."""
+    M = entry["tokens"]
+    them = "them" if len(entry["layers"]) > 1 else "it"
+    if entry["runs"] == "dense":
+        outcome = (f"so this graph runs {them} dense; to rewrite at this shape, plan with inputs of {M} "
+                   "token(s) first (sparsec.optimize, or the first call)")
+    else:
+        outcome = (f"this graph runs any token count and keeps {them} as planned; to plan for {M} token(s), "
+                   "make the first call (or sparsec.optimize's example) that size")
+    planned = ", ".join(str(t) for t in entry["planned_tokens"]) or "an unknown count"
+    return (f"{', '.join(entry['layers'])}: recompiled for {M} token(s), planned at {planned}; "
+            f"{', '.join(entry['formats'])} is predicted {_x(entry['predicted_speedup'])} of dense at M={M} "
+            f"on {entry['fingerprint']}, {outcome}")

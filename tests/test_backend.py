@@ -304,12 +304,17 @@ def test_a_recompile_where_the_plan_is_predicted_slower_runs_those_layers_dense_
     assert [l["format"].split(":")[0] for l in saved["layers"]] == ["lowrank", "lowrank"]
     lines = [w for w in saved["warnings"] if f"recompiled for {M} token(s), planned at 128" in w]
     assert [w.split(":")[0] for w in lines] == ["0", "2"]
+    entries = saved["recompiles"]
+    assert [(e["layers"], e["tokens"], e["planned_tokens"]) for e in entries] == [(["0"], M, [128]), (["2"], M, [128])]
+    assert all(e["predicted_speedup"] < 1.0 and e["fingerprint"] == "launchy" for e in entries)
     if M == 1 or dynamic is False:
         assert torch.equal(y, ref)  # both run dense: the model's own arithmetic
         assert all("runs it dense" in w for w in lines), lines
+        assert [e["runs"] for e in entries] == ["dense", "dense"]
     else:
         assert not torch.equal(y, ref) and float((y - ref).norm() / ref.norm()) < 0.05
         assert all("keeps it as planned" in w for w in lines), lines
+        assert [(e["runs"], e["dynamic"]) for e in entries] == [("as planned", True)] * 2
 
 
 def test_a_recompile_where_the_plan_still_pays_keeps_it_without_a_word(scenario_fp, tmp_path):
@@ -324,7 +329,8 @@ def test_a_recompile_where_the_plan_still_pays_keeps_it_without_a_word(scenario_
         compiled(torch.randn(128, 256))
         one = torch.randn(1, 256)
         assert not torch.equal(compiled(one), model(one))  # still low rank at one token
-    assert not [w for w in json.loads(report.read_text())["warnings"] if "recompiled" in w]
+    saved = json.loads(report.read_text())
+    assert not [w for w in saved["warnings"] if "recompiled" in w] and "recompiles" not in saved
 
 
 def test_options_shared_by_another_model_with_the_same_layer_names_plan_it_afresh():

@@ -52,6 +52,15 @@ class Report:
     def warnings(self) -> list[str]:
         return self._data.get("warnings", [])
 
+    def add_recompiles(self, entries: list[dict]) -> None:
+        """Record what recompiles at other token counts did with launches predicted slower than dense
+        there (``recompiles``), each said among the warnings too."""
+        from sparsec.reasons import recompile_line
+
+        if entries:
+            self._data["recompiles"] = [*self._data.get("recompiles", []), *entries]
+            self.add_warnings([recompile_line(e) for e in entries])
+
     def add_warnings(self, lines: list[str]) -> None:
         """Append warnings an entry learns after the graphs are planned (without repeats)."""
         if lines:
@@ -130,7 +139,7 @@ class Report:
           it: the report then shows that rather than hiding it.
         - planning: evaluation counts and step seconds are summed, the time of one evaluation is
           the mean weighted by evaluations.
-        - ``skipped``, ``experts``, ``fallbacks`` and ``warnings`` are joined (warnings without repeats); entry,
+        - ``skipped``, ``experts``, ``fallbacks``, ``recompiles`` and ``warnings`` are joined (warnings without repeats); entry,
           fingerprint, device and error budget must agree, since one compilation uses one of
           each.
         """
@@ -157,6 +166,8 @@ class Report:
             combined["planner_log"] = list(combined.get("planner_log", [])) + list(other.get("planner_log", []))
         if "planning" in combined or "planning" in other._data:
             combined["planning"] = combine_planning(combined.get("planning"), other.get("planning"))
+        if "recompiles" in other._data:
+            combined["recompiles"] = [*combined.get("recompiles", []), *copy.deepcopy(other["recompiles"])]
         if "fallbacks" in combined or "fallbacks" in other._data:
             combined["fallbacks"] = ([dict(x) for x in combined.get("fallbacks", [])]
                                      + [dict(x, graph=shift + x.get("graph", 0)) for x in other.get("fallbacks", [])])

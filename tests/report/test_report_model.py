@@ -160,6 +160,23 @@ def test_extend_appends_layers_and_numbers_graphs():
     assert a.totals["layers"] == len(a.layers) == 3 * len(names_a)
 
 
+def test_recompiles_are_recorded_said_among_the_warnings_and_kept_by_extend():
+    a = _graph(1)
+    entry = {"layers": ["blocks.0.up"], "formats": ["2:4"], "tokens": 1, "planned_tokens": [64], "dynamic": False,
+             "predicted_speedup": 0.8, "fingerprint": "h200", "runs": "dense"}
+    a.add_recompiles([entry])
+    assert a["recompiles"] == [entry]
+    assert any(w.startswith("blocks.0.up: recompiled for 1 token(s), planned at 64; 2:4 is predicted 0.80x")
+               and "runs it dense" in w for w in a.warnings)
+    b = Report(_fingerprint_like(a, make_report(seed=2, blocks=1, tokens=64)))
+    a.extend(b)
+    assert a["recompiles"] == [entry]
+    c = Report(_fingerprint_like(a, make_report(seed=3, blocks=1, tokens=64)))
+    c.add_recompiles([dict(entry, dynamic=True, runs="as planned")])
+    a.extend(c)
+    assert [e["runs"] for e in a["recompiles"]] == ["dense", "as planned"]
+
+
 def test_extend_keeps_graph_indices_the_backend_already_set():
     first = make_report(seed=1, blocks=1)
     second = make_report(seed=2, blocks=1)
