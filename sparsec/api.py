@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import itertools
 import logging
 import sys
@@ -69,7 +70,7 @@ def optimize(model, example_inputs, *, lower: bool = True, **options) -> Result:
             from sparsec.errors import PlanError
 
             raise PlanError(unmatched)
-    return Result(module=Rewritten(model, compiled) if lower else None, plan=session.plan, report=session.report)
+    return Result(module=rewritten(model, compiled) if lower else None, plan=session.plan, report=session.report)
 
 
 def _plan_in_session(session, model, example_inputs):
@@ -137,10 +138,33 @@ def _no_graph_message(model) -> str:
             + ", or export the model to ONNX and use `sparsec optimize model.onnx`")
 
 
+class _ReadsThrough(type):
+    """The class of a ``Rewritten`` reads what it lacks from the model's class (a generation loop looks
+    its decoding method up on ``type(self)``)."""
+
+    def __getattr__(cls, name: str):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(cls.__dict__.get("_model_class", object), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _rewritten_class(model_class: type) -> type:
+    return _ReadsThrough(f"Rewritten{model_class.__name__}", (Rewritten,), {"_model_class": model_class})
+
+
+def rewritten(model, compiled) -> "Rewritten":
+    """``Rewritten`` around ``model``, of a class that reads through to the model's own."""
+    return (_rewritten_class(type(model)) if isinstance(model, torch.nn.Module) else Rewritten)(model, compiled)
+
+
 class Rewritten(torch.nn.Module):
     """The user's model behind its own compiled entry: calling it runs the rewritten graph.
 
     ``original`` is the user's model, unchanged (its parameters are this module's parameters).
+    What the model's class defines and this one does not (``generate``, ``config``, a property) is
+    read through to it, with this module as ``self``: a method that calls ``self(...)`` (a
+    language model's generation loop) runs the rewritten graph, not the original one.
     """
 
     def __init__(self, model, compiled):
@@ -150,9 +174,35 @@ class Rewritten(torch.nn.Module):
         else:
             object.__setattr__(self, "original", model)
         object.__setattr__(self, "_compiled", compiled)
+        try:  # callers that read which arguments ``forward`` takes (a generation loop) read the model's
+            signature = inspect.signature(getattr(model, "forward", model))
+        except (TypeError, ValueError):
+            signature = None
+        if signature is not None:
+            def forward(*args, **kwargs):
+                return compiled(*args, **kwargs)
+
+            forward.__signature__ = signature
+            object.__setattr__(self, "forward", forward)
 
     def forward(self, *args, **kwargs):
         return self._compiled(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)  # parameters, buffers and submodules (``original``)
+        except AttributeError:
+            pass
+        original = self.__dict__.get("_modules", {}).get("original") or self.__dict__.get("original")
+        if original is None or name.startswith("__"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        for klass in type(original).__mro__:
+            if name in vars(klass) and klass not in type(self).__mro__:
+                found = vars(klass)[name]
+                if hasattr(found, "__get__") and not isinstance(found, (torch.Tensor, torch.nn.Module)):
+                    return found.__get__(self, type(original))  # a method or property, with this module as self
+                break
+        return getattr(original, name)
 
 
 _ENTRIES = itertools.count()

@@ -573,3 +573,48 @@ def test_a_head_tied_to_the_embedding_table_is_named_as_the_linear_layer_it_is()
     result = sparsec.optimize(model, (ids,), fingerprint="cpu", lower=False, recovery="none",
                               plan={"layers": {"_default": "dense"}})
     assert [layer["name"] for layer in result.report.layers] == ["mix", "head"]
+
+
+class _Looping(nn.Module):
+    """A model with methods of its own that call it, as a language model's generation loop does."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(256, 256)
+        self.steps_taken = 0
+
+    def forward(self, x, scale: float = 1.0):
+        return self.fc(x) * scale
+
+    def iterate(self, x, steps: int):
+        for _ in range(steps):
+            x = torch.tanh(self(x))
+            self.steps_taken += 1
+        return x
+
+    @property
+    def width(self) -> int:
+        return self.fc.in_features
+
+
+def test_the_models_own_methods_run_the_rewritten_graph_through_the_result(scenario_fp):
+    import inspect
+
+    torch.manual_seed(7)
+    model = _Looping().eval()
+    with torch.no_grad():
+        model.fc.weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 16 + 0.01 * torch.randn(256, 256))
+    x = torch.randn(64, 256)
+    result = sparsec.optimize(model, (x,), fingerprint=scenario_fp(), formats=["lowrank"], error_budget=0.05)
+    assert result.report.layers[0]["format"].startswith("lowrank:")
+    with torch.no_grad():
+        got, dense = result.module.iterate(x, 3), model.iterate(x, 3)
+        by_hand = x
+        for _ in range(3):
+            by_hand = torch.tanh(result.module(by_hand))
+    assert torch.equal(got, by_hand) and not torch.equal(got, dense)  # the rewritten layer, not the model's
+    assert result.module.width == 256 and type(result.module).iterate is _Looping.iterate
+    assert list(inspect.signature(result.module.forward).parameters) == ["x", "scale"]
+    assert result.module.steps_taken == 3 and model.steps_taken == 3  # state written by a method stays on the result
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        result.module.no_such_thing

@@ -82,3 +82,36 @@ def test_torch_compile_runs_a_real_architecture_without_falling_back(build):
         ref = first_tensor(model(*x))
     assert not [str(w.message) for w in caught if issubclass(w.category, FallbackWarning)]
     assert float((y - ref).norm() / ref.norm()) <= 1.5 * BUDGET
+
+
+def test_a_language_model_planned_at_one_token_generates_through_the_rewritten_graph(monkeypatch):
+    # plan for decoding (one token, calibrated on whole prompts), then the model's own generation loop
+    # on the result: every step goes through the rewritten graph
+    import sparsec.api
+
+    calls = []
+    original_entry = sparsec.api._compiled_entry
+
+    def counted(model, backend):
+        entry = original_entry(model, backend)
+        return lambda *a, **k: calls.append(1) or entry(*a, **k)
+
+    monkeypatch.setattr(sparsec.api, "_compiled_entry", counted)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = transformers.LlamaForCausalLM(config).eval()
+    prompts = [{"input_ids": torch.randint(0, 128, (2, 48))} for _ in range(3)]
+    ids = torch.randint(0, 128, (1, 9))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FallbackWarning)
+        result = sparsec.optimize(model, {"input_ids": ids[:, :1]}, calibration=prompts, fingerprint="cpu",
+                                  metric="kl", error_budget=BUDGET, formats=["lowrank"])
+        assert {layer["tokens"] for layer in result.report.layers} == {1}  # priced at one token a step
+        before = len(calls)
+        with torch.no_grad():
+            out = result.module.generate(ids, max_new_tokens=6, do_sample=False)
+    assert out.shape == (1, 15) and torch.equal(out[:, :9], ids)
+    assert len(calls) - before == 6  # the prompt, then five one-token steps, each through the rewritten graph
+    assert any(layer["format"] != "dense" for layer in result.report.layers)
+    assert result.module.config is model.config and result.module.device == model.device
