@@ -26,6 +26,14 @@ class Traced:
     nodes: dict  # site name -> node, captured while Dynamo's metadata was on the graph
 
 
+@dataclass
+class FirstReturned:
+    """The first float tensor the user's model returned on the example: the output a metric reads
+    when none is named, found among a graph's outputs (which Dynamo may order otherwise)."""
+
+    probe: torch.Tensor
+
+
 class FxFrontend:
     kept_as = "graph runs dense, as traced"
 
@@ -260,6 +268,15 @@ class FxFrontend:
         """The float output the metric reads (None: its default)."""
         if self.output is None or isinstance(self.output, int):
             return self.output
+        if isinstance(self.output, FirstReturned):
+            if self._output_index is None:
+                from sparsec.errors import OptionError
+
+                try:
+                    self._output_index = find_output(self.gm, self.run_inputs, self.output.probe)
+                except OptionError:  # a subgraph before the model's last: what it hands on
+                    self._output_index = 0
+            return self._output_index
         if self._output_index is None:
             self._output_index = find_output(self.gm, self.run_inputs, self.output)
         return self._output_index
@@ -364,7 +381,25 @@ class FxFrontend:
         mismatch = fingerprint.matches_current_device(self.device_kind())
         if mismatch:
             notes.append(mismatch)
+        guessed = self._output_guessed(options)
+        if guessed:
+            notes.append(guessed)
         return notes
+
+    def _output_guessed(self, options) -> str | None:
+        """Where the metric reads one output, none was named and the entry could not run the model to
+        find its first: which graph output that is, among several of other shapes."""
+        metric = options.metric
+        if self.output is not None or metric is None or metric.reads_every_output or not self._references:
+            return None
+        shapes = [tuple(t.shape) for t in self._references[0]]
+        if len(set(shapes)) < 2:
+            return None
+        listed = ", ".join(f"{i}: {tuple(s)}" for i, s in enumerate(shapes[:8])) + (", ..." if len(shapes) > 8 else "")
+        return (f"graph {self.graph}: metric {metric.name} reads this graph's first float output, of shape "
+                f"{shapes[0]}, one of {len(shapes)} ({listed}); a graph traced by torch.compile can list other "
+                "outputs (a language model's updated key/value cache) before the model's own. Name the one to read "
+                "with option output=<index>, or use sparsec.optimize, which finds the model's first output itself")
 
     def describe(self) -> dict:
         return {}

@@ -79,7 +79,9 @@ def _plan_in_session(session, model, example_inputs):
     if isinstance(session.options.output, str):
         session.output_probe = _named_output(model, example_inputs, session.options.output)
     else:
-        _runs_eagerly(model, example_inputs, "example_inputs")
+        returned = _runs_eagerly(model, example_inputs, "example_inputs")
+        if session.options.output is None and not session.options.metric.reads_every_output:
+            session.output_probe = first_float_tensor(returned)
     session.positional_names = _forward_parameters(model)
 
     def backend(gm, inputs):
@@ -294,18 +296,35 @@ def _model_fails(model, inputs, what: str, exc: Exception):
     raise exc
 
 
-def _runs_eagerly(model, inputs, what: str) -> None:
-    """Run the model once as it is, raising its failure on ``inputs`` in one line (a ModelError).
+def _runs_eagerly(model, inputs, what: str):
+    """Run the model once as it is, raising its failure on ``inputs`` in one line (a ModelError);
+    return what it returns.
 
     Done before any capture: a graph that fails when sparsec runs it has torch.fx print the
     traceback and the generated code to stderr before any error can be raised, a page where one
     line says it. The caller keeps the model's state (``state_kept``)."""
     try:
         with torch.no_grad():
-            _call(model, inputs)
+            return _call(model, inputs)
     except Exception as own:  # noqa: BLE001 - whatever the model raises is the user's to read
         raise ModelError(f"the model fails on {what} (shapes {_shown(inputs)}): "
                          f"{type(own).__name__}: {first_line(own)}") from None
+
+
+def first_float_tensor(returned) -> torch.Tensor | None:
+    """The first floating-point tensor of what a model returns, in the order it returns them (a
+    ``ModelOutput``'s fields, a dict's keys as inserted, a tuple's items): the output a metric reads
+    by default. A graph Dynamo traces may list other outputs first (a language model's updated
+    key/value cache before its logits)."""
+    if isinstance(returned, torch.Tensor):
+        return returned.detach() if returned.is_floating_point() else None
+    values = returned.values() if hasattr(returned, "keys") and hasattr(returned, "values") else \
+        returned if isinstance(returned, (list, tuple)) else ()
+    for value in values:
+        found = first_float_tensor(value)
+        if found is not None:
+            return found
+    return None
 
 
 def _call(fn, inputs):

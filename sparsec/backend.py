@@ -164,8 +164,13 @@ class Session:
         return outcome.lowered
 
     def _output(self):
-        """Which graph output the metric reads: an index, the named output's tensor, or None."""
+        """Which graph output the metric reads: an index, the named output's tensor, the first float
+        tensor the model returns (``FirstReturned``, where the entry ran the model), or None."""
         output = self.options.output
+        if output is None and self.output_probe is not None:
+            from sparsec.passes.fx_frontend import FirstReturned
+
+            return FirstReturned(self.output_probe)
         if not isinstance(output, str):
             return output
         if self.output_probe is None:

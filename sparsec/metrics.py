@@ -38,6 +38,7 @@ __all__ = ["Metric", "metric_of", "MetricSum", "METRICS"]
 
 class Metric:
     name = ""
+    reads_every_output = False  # without an output named: True, the worst of every output; False, the first
     order = 1  # the metric grows as (relative output error) ** order when that error is small
     ceiling = 1.0  # budgets lie in [0, ceiling): a fraction unless the metric has its own units
 
@@ -68,6 +69,7 @@ class Metric:
 
 class RelL2(Metric):
     name = "rel_l2"
+    reads_every_output = True
 
     def call(self, out, ref):
         return _sum_sq(out - ref), _sum_sq(ref)

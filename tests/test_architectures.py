@@ -115,3 +115,45 @@ def test_a_language_model_planned_at_one_token_generates_through_the_rewritten_g
     assert len(calls) - before == 6  # the prompt, then five one-token steps, each through the rewritten graph
     assert any(layer["format"] != "dense" for layer in result.report.layers)
     assert result.module.config is model.config and result.module.device == model.device
+
+
+def _tiny_llama():
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def _kl(reference: torch.Tensor, logits: torch.Tensor) -> float:
+    p, q = torch.log_softmax(reference.double(), -1), torch.log_softmax(logits.double(), -1)
+    return float((p.exp() * (p - q)).sum(-1).mean())
+
+
+def test_the_metric_reads_the_logits_a_language_model_returns_first_not_its_graphs_first_output():
+    # Dynamo's graph of a transformers causal LM lists the updated key/value cache before the logits;
+    # a metric read off the first of those measured a cache tensor (KL 0.0 with every layer rewritten)
+    model = _tiny_llama()
+    calls = [{"input_ids": torch.randint(0, 128, (2, 48))} for _ in range(3)]
+    result = sparsec.optimize(model, calls[0], calibration=calls, fingerprint="cpu", metric="kl",
+                              error_budget=BUDGET, formats=["lowrank"], recovery="none")
+    assert any(layer["format"] != "dense" for layer in result.report.layers)
+    with torch.no_grad():
+        by_hand = sum(_kl(model(**c).logits, result.module(**c).logits) for c in calls) / len(calls)
+    measured = result.report.end_to_end["measured_error"]
+    assert by_hand > 1e-4 and measured == pytest.approx(by_hand, rel=0.05), (measured, by_hand)
+
+
+@pytest.mark.parametrize("output, warned", [(None, True), (4, False)])
+def test_torch_compile_says_which_output_the_metric_reads_where_it_cannot_know_the_models_first(tmp_path, output,
+                                                                                                warned):
+    import json
+
+    report = tmp_path / "report.json"
+    options = {"fingerprint": "cpu", "metric": "kl", "error_budget": BUDGET, "formats": ["lowrank"],
+               "report": str(report), "recovery": "none", "output": output}
+    with torch.no_grad():
+        torch.compile(_tiny_llama(), backend="sparsec", options=options)(torch.randint(0, 128, (2, 48)))
+    lines = [w for w in json.loads(report.read_text())["warnings"] if "reads this graph's first float output" in w]
+    assert bool(lines) == warned
+    if warned:
+        assert "4: (2, 48, 128)" in lines[0] and "option output=<index>" in lines[0]
