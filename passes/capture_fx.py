@@ -330,7 +330,7 @@ def _rows(x) -> int | None:
     A dynamic dimension counts at the size it was traced with; its hint is read without
     ``int()``, which would install a guard and make Dynamo specialise the graph to that size.
     """
-    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+    val = _traced_value(x)
     if not isinstance(val, torch.Tensor) or val.dim() < 1:
         return None
     sizes = [_size_hint(d) for d in val.shape]
@@ -354,7 +354,7 @@ def concrete_inputs(values) -> list:
 
 def _rows_vary(x) -> bool:
     """Whether the rows of the flattened activation are a dynamic dimension of the graph."""
-    val = x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
+    val = _traced_value(x)
     return isinstance(val, torch.Tensor) and any(isinstance(d, torch.SymInt) for d in val.shape[:-1])
 
 
@@ -366,10 +366,13 @@ def _size_hint(d) -> int | None:
 
 
 def _activation_rank(x) -> int | None:
-    if not isinstance(x, fx.Node):
-        return None
-    val = x.meta.get("example_value", x.meta.get("val"))
+    val = _traced_value(x)
     return val.dim() if isinstance(val, torch.Tensor) else None
+
+
+def _traced_value(x):
+    """The example value Dynamo (or tracing) recorded for a node, None for a constant."""
+    return x.meta.get("example_value", x.meta.get("val")) if isinstance(x, fx.Node) else None
 
 
 def linear_input(node: fx.Node):

@@ -195,7 +195,9 @@ class Rewritten(torch.nn.Module):
             return super().__getattr__(name)  # parameters, buffers and submodules (``original``)
         except AttributeError:
             pass
-        original = self.__dict__.get("_modules", {}).get("original") or self.__dict__.get("original")
+        original = self.__dict__.get("_modules", {}).get("original")
+        if original is None:  # a plain callable, not a module
+            original = self.__dict__.get("original")
         if original is None or name.startswith("__"):
             raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
         for klass in type(original).__mro__:
